@@ -1,0 +1,135 @@
+/* SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0) */
+/*
+ * splitrelay: the single definition of every map key/value and counter that the
+ * XDP programs and the Python agent share.  Python never re-declares these
+ * structs: it takes the ctypes types bcc derives from this file (table.Key /
+ * table.Leaf), and it reads the counter names from the SR_STATS X-macro below.
+ *
+ * Byte order: every address and port field is in network byte order (as on the
+ * wire), so the data path copies them without conversion.  Times are
+ * CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns == time.monotonic_ns()).
+ */
+#ifndef SPLITRELAY_H
+#define SPLITRELAY_H
+
+#define SR_UFRAG_MAX      32   /* RFC 8445 allows 4..256; we route on at most 32 */
+#define SR_UFRAG_MIN      4
+#define SR_STUN_MAX_ATTRS 16   /* bounded attribute walk before USERNAME */
+#define SR_MAX_BACKENDS   1024
+#define SR_MAX_SESSIONS   65536
+#define SR_MAX_FLOWS      1048576
+#define SR_MAX_TX_PORTS   64   /* devmap slots: 0 = public interface, 1.. = internal */
+
+#define SR_FAMILY_V4 4
+#define SR_FAMILY_V6 6
+
+/* sr_config.policy */
+#define SR_POLICY_STRICT 0     /* only ufrags registered in the session map create flows */
+#define SR_POLICY_HINT   1     /* a routing hint naming a registered backend may too */
+
+/* Routing hint inside the server ufrag (see edge/hint.py for the encoder).
+ * ufrag alphabet is the ice-char set A-Z a-z 0-9 + /, one char = 6 bits in
+ * base64 order.  Version 1 is exactly 16 chars:
+ *   [0]      version char, value 1 ('B')
+ *   [1..3]   backend id, 18 bits big-endian (0 is reserved = "no backend")
+ *   [4..15]  72 random bits
+ */
+#define SR_HINT_V1        1
+#define SR_HINT_V1_LEN    16
+#define SR_HINT_ID_BITS   18
+
+/* sr_backend.flags */
+#define SR_BACKEND_V4 0x1
+#define SR_BACKEND_V6 0x2
+
+struct sr_config {                  /* array map "config", single slot 0 */
+	__be32 public_ip4;              /* relay's public IPv4 (SNAT source), 0 if none */
+	__be32 public_ip6[4];           /* relay's public IPv6, all-zero if none */
+	__be16 relay_port;              /* the one public UDP port */
+	__u8   policy;                  /* SR_POLICY_* */
+	__u8   enabled;                 /* 0 until the agent has written the config */
+	__u8   public_mac[6];           /* source MAC for frames leaving the public iface */
+	__u8   gateway_mac[6];          /* public next hop when no flow has learned one */
+	__u32  public_slot;             /* devmap slot of the public interface */
+	__u32  pad;
+};
+
+struct sr_backend {                 /* hash "backends": __u32 backend id -> value */
+	__be32 addr4;                   /* transceiver IPv4 (its one UDP mux port) */
+	__be32 addr6[4];                /* transceiver IPv6, if SR_BACKEND_V6 */
+	__be16 port;                    /* transceiver UDP mux port */
+	__u8   flags;                   /* SR_BACKEND_* */
+	__u8   pad;
+	__u8   dmac[6];                 /* next-hop MAC toward the transceiver */
+	__u8   smac[6];                 /* relay MAC on the internal iface */
+	__u32  tx_slot;                 /* devmap slot of the internal iface */
+};
+
+struct sr_addr_key {                /* an (address, port) endpoint; v4 uses addr[0] only */
+	__be32 addr[4];
+	__be16 port;
+	__u8   family;                  /* SR_FAMILY_* */
+	__u8   pad;
+};
+
+struct sr_ufrag_key {               /* hash "sessions" key: server ufrag, zero padded */
+	char ufrag[SR_UFRAG_MAX];
+};
+
+struct sr_session {                 /* hash "sessions" value */
+	__u32 backend_id;
+	__u32 pad;
+	__u64 created_ns;
+};
+
+struct sr_flow {                    /* lru hash "flows": client sr_addr_key -> value */
+	__u32 backend_id;
+	__u8  client_mac[6];            /* source MAC the client's frames arrived with */
+	__u8  pad[2];
+	__u64 created_ns;
+	__u64 last_seen_ns;             /* refreshed by every forwarded packet */
+	__u64 packets;                  /* client -> transceiver */
+	__u64 bytes;
+	__u64 rx_packets;               /* transceiver -> client */
+	__u64 rx_bytes;
+	struct sr_ufrag_key ufrag;      /* session that created it, for cleanup */
+};
+
+struct sr_counter {                 /* per-CPU array "stats", index = enum sr_stat */
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Every counter: X(enum suffix, direction, verdict, reason).  Python parses these
+ * lines (edge/counters.py) to name the per-CPU slots; add new ones at the end. */
+#define SR_STATS(X) \
+	X(IN_FWD_STUN_UFRAG,   "ingress", "forwarded", "stun_ufrag")        \
+	X(IN_FWD_STUN_HINT,    "ingress", "forwarded", "stun_hint")         \
+	X(IN_FWD_FLOW,         "ingress", "forwarded", "flow")              \
+	X(IN_DROP_NO_FLOW,     "ingress", "dropped",   "no_flow")           \
+	X(IN_DROP_UNKNOWN_UFRAG, "ingress", "dropped", "unknown_ufrag")     \
+	X(IN_DROP_NO_BACKEND,  "ingress", "dropped",   "unregistered_backend") \
+	X(IN_DROP_BAD_STUN,    "ingress", "dropped",   "bad_stun")          \
+	X(IN_DROP_NO_USERNAME, "ingress", "dropped",   "no_username")       \
+	X(IN_DROP_BAD_USERNAME, "ingress", "dropped",  "bad_username")      \
+	X(IN_DROP_UNKNOWN_CLASS, "ingress", "dropped", "unknown_class")     \
+	X(IN_DROP_FRAGMENT,    "ingress", "dropped",   "fragment")          \
+	X(IN_DROP_MALFORMED,   "ingress", "dropped",   "malformed")         \
+	X(IN_DROP_FAMILY,      "ingress", "dropped",   "family_mismatch")   \
+	X(IN_DROP_FLOW_FULL,   "ingress", "dropped",   "flow_table_full")   \
+	X(IN_DROP_REDIRECT,    "ingress", "dropped",   "redirect_failed")   \
+	X(IN_PASS_OTHER,       "ingress", "passed",    "not_relay_port")    \
+	X(OUT_FWD,             "egress",  "forwarded", "backend")           \
+	X(OUT_FWD_NO_FLOW,     "egress",  "forwarded", "backend_no_flow")   \
+	X(OUT_DROP_FAMILY,     "egress",  "dropped",   "family_mismatch")   \
+	X(OUT_DROP_REDIRECT,   "egress",  "dropped",   "redirect_failed")   \
+	X(OUT_PASS_OTHER,      "egress",  "passed",    "not_backend")
+
+#define SR_STAT_ENUM(name, dir, verdict, reason) SR_STAT_##name,
+enum sr_stat {
+	SR_STATS(SR_STAT_ENUM)
+	SR_STAT__MAX
+};
+#undef SR_STAT_ENUM
+
+#endif /* SPLITRELAY_H */
