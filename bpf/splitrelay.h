@@ -15,6 +15,7 @@
 #define SR_UFRAG_MAX      32   /* RFC 8445 allows 4..256; we route on at most 32 */
 #define SR_UFRAG_MIN      4
 #define SR_STUN_MAX_ATTRS 16   /* bounded attribute walk before USERNAME */
+#define SR_STUN_MAX_MSG   2048 /* longest Binding Request body routed by ufrag (ICE sends ~100 B) */
 #define SR_MAX_BACKENDS   1024
 #define SR_MAX_SESSIONS   65536
 #define SR_MAX_FLOWS      1048576

@@ -1,0 +1,508 @@
+"""The XDP data plane of one relay instance, as Python sees it.
+
+Loads ``bpf/relay.c`` through bcc, keeps every map pinned under
+``/sys/fs/bpf/splitrelay/<instance>`` so an agent restart or a program reload
+keeps all sessions and flows, attaches the two programs, and reads and writes
+the maps with the ctypes types bcc derives from ``bpf/splitrelay.h`` (never a
+second copy of the structs).  Policy (what to register, when to age) is the
+caller's; this module only moves values in and out of the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitrelay.bpf import SOURCE_DIR
+from splitrelay.edge import counters as counters_mod
+from splitrelay.edge.hint import MAX_BACKEND_ID
+from splitrelay.edge.wire import addr_from_words, be16, be32_words, from_be16, mac_bytes, mac_str
+
+log = logging.getLogger(__name__)
+
+PIN_ROOT = "/sys/fs/bpf/splitrelay"
+FORBIDDEN_IFACES = {"eth0", "lo"}
+POLICIES = {"strict": 0, "hint": 1}
+PUBLIC_SLOT = 0
+INTERNAL_SLOT = 1
+UFRAG_MAX = 32
+MAP_NAMES = ("config", "backends", "backend_addrs", "sessions", "flows", "stats")
+
+# linux/if_link.h
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+
+
+class DatapathError(Exception):
+    """The data plane could not do what was asked (one-line reason)."""
+
+
+class VerifierError(DatapathError):
+    """The kernel verifier rejected a program; the full log is saved at ``log_path``."""
+
+    def __init__(self, program: str, log_path: str) -> None:
+        super().__init__(f"the BPF verifier rejected {program}; log saved to {log_path}")
+        self.log_path = log_path
+
+
+@dataclass
+class RelayConfig:
+    relay_port: int
+    public_mac: str
+    gateway_mac: str
+    public_ip4: str | None = None
+    public_ip6: str | None = None
+    policy: str = "strict"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.relay_port <= 65535:
+            raise DatapathError(f"relay port must be 1..65535, got {self.relay_port}")
+        if self.policy not in POLICIES:
+            raise DatapathError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if self.public_ip4 is None and self.public_ip6 is None:
+            raise DatapathError("a relay needs a public IPv4 or IPv6 address")
+
+
+@dataclass
+class Backend:
+    backend_id: int
+    port: int
+    dmac: str
+    smac: str
+    ip4: str | None = None
+    ip6: str | None = None
+    tx_slot: int = INTERNAL_SLOT
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.backend_id <= MAX_BACKEND_ID:
+            raise DatapathError(f"backend id must be 1..{MAX_BACKEND_ID}, got {self.backend_id}")
+        if not 1 <= self.port <= 65535:
+            raise DatapathError(f"backend port must be 1..65535, got {self.port}")
+        if self.ip4 is None and self.ip6 is None:
+            raise DatapathError("a backend needs an IPv4 or IPv6 address")
+
+
+@dataclass
+class Session:
+    ufrag: str
+    backend_id: int
+    created_ns: int
+
+
+@dataclass
+class Flow:
+    client_ip: str
+    client_port: int
+    backend_id: int
+    ufrag: str
+    client_mac: str
+    created_ns: int
+    last_seen_ns: int
+    packets: int
+    bytes: int
+    rx_packets: int
+    rx_bytes: int
+
+    @property
+    def client(self) -> str:
+        host = f"[{self.client_ip}]" if ":" in self.client_ip else self.client_ip
+        return f"{host}:{self.client_port}"
+
+
+@dataclass
+class Attachment:
+    ifname: str
+    ifindex: int
+    program: str
+    mode: str
+
+
+def _validate_ufrag(ufrag: str) -> bytes:
+    raw = ufrag.encode("ascii", "replace")
+    if not 4 <= len(raw) <= UFRAG_MAX:
+        raise DatapathError(f"ufrag must be 4..{UFRAG_MAX} characters, got {len(raw)}")
+    return raw
+
+
+@dataclass
+class Datapath:
+    instance: str = "default"
+    pin_root: str = PIN_ROOT
+    attachments: list[Attachment] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.instance or "/" in self.instance or self.instance.startswith("."):
+            raise DatapathError(f"bad instance name {self.instance!r}")
+        self._bpf = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def pin_dir(self) -> Path:
+        return Path(self.pin_root) / self.instance
+
+    @property
+    def bpf(self):  # noqa: ANN201 - bcc.BPF
+        if self._bpf is None:
+            self.load()
+        return self._bpf
+
+    def _compile(self):  # noqa: ANN202
+        try:
+            from bcc import BPF
+        except ImportError as exc:
+            raise DatapathError("bcc is not importable: run `make setup`") from exc
+        if not Path("/sys/fs/bpf").is_mount():
+            raise DatapathError("bpffs is not mounted on /sys/fs/bpf: run `make setup`")
+        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        cflags = [
+            f"-I{SOURCE_DIR}",
+            f'-DSR_PIN_DIR="{self.pin_dir}"',
+            "-Wno-compare-distinct-pointer-types",
+        ]
+        try:
+            bpf = BPF(src_file=str(SOURCE_DIR / "relay.c"), cflags=cflags)
+        except Exception as exc:  # bcc raises bare Exception for compile errors
+            raise DatapathError(f"cannot compile {SOURCE_DIR / 'relay.c'}: {exc}") from exc
+        programs = {}
+        for name in ("xdp_public", "xdp_internal"):
+            programs[name] = self._load_program(bpf, name)
+        return bpf, programs
+
+    @staticmethod
+    def _load_program(bpf, name: str):  # noqa: ANN001, ANN205
+        from bcc import BPF
+
+        try:
+            return bpf.load_func(name, BPF.XDP)
+        except Exception as exc:
+            # bcc prints the verifier log to stderr; load again to capture it in a file
+            fd, path = tempfile.mkstemp(prefix=f"splitrelay-verifier-{name}-", suffix=".log")
+            with os.fdopen(fd, "w") as out:
+                out.write(f"{exc}\n")
+                try:
+                    bpf.load_func(name, BPF.XDP, log_level=2)
+                except Exception as again:  # noqa: BLE001 - we only want its message
+                    out.write(str(again))
+            raise VerifierError(name, path) from exc
+
+    def load(self) -> None:
+        """Compile and load the programs; adopt the pinned maps if they exist."""
+        self._bpf, self._programs = self._compile()
+
+    def _ifindex(self, ifname: str) -> int:
+        try:
+            return ct.CDLL(None).if_nametoindex(ifname.encode()) or self._no_iface(ifname)
+        except OSError:
+            return self._no_iface(ifname)
+
+    @staticmethod
+    def _no_iface(ifname: str) -> int:
+        raise DatapathError(f"no interface named {ifname!r} in this network namespace")
+
+    def _set_slot(self, slot: int, ifindex: int) -> None:
+        self.bpf["tx_ports"][ct.c_int(slot)] = ct.c_int(ifindex)
+
+    def attach(self, public: str, internal: str | None = None, mode: str = "auto") -> str:
+        """Attach xdp_public (and xdp_internal) and fill the redirect ports; returns the mode used."""
+        if mode not in ("auto", "native", "generic"):
+            raise DatapathError(f"mode must be auto, native or generic, got {mode!r}")
+        ifaces = [(public, "xdp_public", PUBLIC_SLOT)]
+        if internal and internal != public:
+            ifaces.append((internal, "xdp_internal", INTERNAL_SLOT))
+        for ifname, _, _ in ifaces:
+            if ifname in FORBIDDEN_IFACES:
+                raise DatapathError(f"refusing to attach XDP to {ifname}: it is this host's own link")
+        indexes = {ifname: self._ifindex(ifname) for ifname, _, _ in ifaces}
+        self._set_slot(PUBLIC_SLOT, indexes[public])
+        self._set_slot(INTERNAL_SLOT, indexes[internal] if internal else indexes[public])
+        used = mode
+        attached: list[Attachment] = []
+        for ifname, program, _ in ifaces:
+            used = self._attach_one(ifname, program, mode)
+            attached.append(Attachment(ifname, indexes[ifname], program, used))
+        self.attachments = attached
+        return used
+
+    def _attach_one(self, ifname: str, program: str, mode: str) -> str:
+        from bcc import BPF
+
+        fn = self._programs[program]
+        if mode in ("auto", "native"):
+            try:
+                BPF.attach_xdp(ifname, fn, XDP_FLAGS_DRV_MODE)
+                return "native"
+            except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception
+                if mode == "native":
+                    raise DatapathError(f"native XDP attach to {ifname} failed: {exc}") from exc
+                log.warning("native XDP unavailable on %s (%s); using generic XDP", ifname, exc)
+        try:
+            BPF.attach_xdp(ifname, fn, XDP_FLAGS_SKB_MODE)
+        except Exception as exc:  # noqa: BLE001
+            raise DatapathError(f"generic XDP attach to {ifname} failed: {exc}") from exc
+        return "generic"
+
+    def reload(self) -> None:
+        """Load the programs again and swap them in atomically; maps stay (pinned)."""
+        if not self.attachments:
+            raise DatapathError("nothing attached to reload")
+        old = list(self.attachments)
+        self._bpf, self._programs = self._compile()
+        public = next(a for a in old if a.program == "xdp_public")
+        internal = next((a for a in old if a.program == "xdp_internal"), None)
+        self._set_slot(PUBLIC_SLOT, public.ifindex)
+        self._set_slot(INTERNAL_SLOT, internal.ifindex if internal else public.ifindex)
+        for a in old:
+            self._attach_one(a.ifname, a.program, a.mode)
+
+    def detach(self, ifnames: list[str] | None = None) -> None:
+        """Remove the programs from the interfaces (maps stay pinned)."""
+        from bcc import BPF
+
+        names = ifnames or [a.ifname for a in self.attachments]
+        for ifname in names:
+            if ifname in FORBIDDEN_IFACES:
+                continue
+            for flags in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
+                try:
+                    BPF.remove_xdp(ifname, flags)
+                except Exception:  # noqa: BLE001 - not attached in that mode
+                    pass
+        self.attachments = []
+
+    def destroy(self, ifnames: list[str] | None = None) -> None:
+        """Detach and remove every pinned map of this instance."""
+        self.detach(ifnames)
+        self._bpf = None
+        unpin(self.instance, self.pin_root)
+
+    # -- config and tables ---------------------------------------------------------
+
+    def configure(self, cfg: RelayConfig) -> None:
+        table = self.bpf["config"]
+        leaf = table.Leaf()
+        if cfg.public_ip4:
+            leaf.public_ip4 = be32_words(ipaddress.IPv4Address(cfg.public_ip4))[0]
+        if cfg.public_ip6:
+            for i, word in enumerate(be32_words(ipaddress.IPv6Address(cfg.public_ip6))):
+                leaf.public_ip6[i] = word
+        leaf.relay_port = be16(cfg.relay_port)
+        leaf.policy = POLICIES[cfg.policy]
+        leaf.enabled = 1
+        ct.memmove(leaf.public_mac, mac_bytes(cfg.public_mac), 6)
+        ct.memmove(leaf.gateway_mac, mac_bytes(cfg.gateway_mac), 6)
+        leaf.public_slot = PUBLIC_SLOT
+        table[ct.c_uint32(0)] = leaf
+
+    def config(self) -> RelayConfig | None:
+        leaf = self.bpf["config"][ct.c_uint32(0)]
+        if not leaf.enabled:
+            return None
+        ip6 = addr_from_words(list(leaf.public_ip6), 6)
+        return RelayConfig(
+            relay_port=from_be16(leaf.relay_port),
+            public_mac=mac_str(leaf.public_mac),
+            gateway_mac=mac_str(leaf.gateway_mac),
+            public_ip4=str(addr_from_words([leaf.public_ip4], 4)) if leaf.public_ip4 else None,
+            public_ip6=str(ip6) if int(ip6) else None,
+            policy={v: k for k, v in POLICIES.items()}[leaf.policy],
+        )
+
+    def _addr_key(self, table_name: str, ip: str, port: int):  # noqa: ANN202
+        addr = ipaddress.ip_address(ip)
+        key = self.bpf[table_name].Key()
+        for i, word in enumerate(be32_words(addr)):
+            key.addr[i] = word
+        key.port = be16(port)
+        key.family = addr.version
+        return key
+
+    def set_backend(self, b: Backend) -> None:
+        table = self.bpf["backends"]
+        leaf = table.Leaf()
+        old = self.backend(b.backend_id)
+        if b.ip4:
+            leaf.addr4 = be32_words(ipaddress.IPv4Address(b.ip4))[0]
+            leaf.flags |= 1
+        if b.ip6:
+            for i, word in enumerate(be32_words(ipaddress.IPv6Address(b.ip6))):
+                leaf.addr6[i] = word
+            leaf.flags |= 2
+        leaf.port = be16(b.port)
+        ct.memmove(leaf.dmac, mac_bytes(b.dmac), 6)
+        ct.memmove(leaf.smac, mac_bytes(b.smac), 6)
+        leaf.tx_slot = b.tx_slot
+        table[ct.c_uint32(b.backend_id)] = leaf
+        addrs = self.bpf["backend_addrs"]
+        if old:
+            for ip in (old.ip4, old.ip6):
+                if ip:
+                    self._delete(addrs, self._addr_key("backend_addrs", ip, old.port))
+        for ip in (b.ip4, b.ip6):
+            if ip:
+                addrs[self._addr_key("backend_addrs", ip, b.port)] = ct.c_uint32(b.backend_id)
+
+    @staticmethod
+    def _delete(table, key) -> bool:  # noqa: ANN001
+        try:
+            del table[key]
+            return True
+        except KeyError:
+            return False
+
+    def _backend_from_leaf(self, backend_id: int, leaf) -> Backend:  # noqa: ANN001
+        return Backend(
+            backend_id=backend_id,
+            port=from_be16(leaf.port),
+            dmac=mac_str(leaf.dmac),
+            smac=mac_str(leaf.smac),
+            ip4=str(addr_from_words([leaf.addr4], 4)) if leaf.flags & 1 else None,
+            ip6=str(addr_from_words(list(leaf.addr6), 6)) if leaf.flags & 2 else None,
+            tx_slot=leaf.tx_slot,
+        )
+
+    def backend(self, backend_id: int) -> Backend | None:
+        try:
+            leaf = self.bpf["backends"][ct.c_uint32(backend_id)]
+        except KeyError:
+            return None
+        return self._backend_from_leaf(backend_id, leaf)
+
+    def backends(self) -> list[Backend]:
+        return sorted(
+            (self._backend_from_leaf(k.value, v) for k, v in self.bpf["backends"].items()),
+            key=lambda b: b.backend_id,
+        )
+
+    def del_backend(self, backend_id: int) -> bool:
+        """Remove a backend with its sessions and flows; False if it was not there."""
+        old = self.backend(backend_id)
+        if old is None:
+            return False
+        for session in self.sessions():
+            if session.backend_id == backend_id:
+                self.del_session(session.ufrag)
+        for flow in self.flows():
+            if flow.backend_id == backend_id:
+                self.del_flow((flow.client_ip, flow.client_port))
+        addrs = self.bpf["backend_addrs"]
+        for ip in (old.ip4, old.ip6):
+            if ip:
+                self._delete(addrs, self._addr_key("backend_addrs", ip, old.port))
+        return self._delete(self.bpf["backends"], ct.c_uint32(backend_id))
+
+    def _ufrag_key(self, ufrag: str):  # noqa: ANN202
+        key = self.bpf["sessions"].Key()
+        raw = _validate_ufrag(ufrag)
+        key.ufrag = raw
+        return key
+
+    def set_session(self, ufrag: str, backend_id: int) -> None:
+        table = self.bpf["sessions"]
+        key = self._ufrag_key(ufrag)
+        leaf = table.Leaf()
+        leaf.backend_id = backend_id
+        leaf.created_ns = time.monotonic_ns()
+        table[key] = leaf
+
+    def session(self, ufrag: str) -> Session | None:
+        try:
+            leaf = self.bpf["sessions"][self._ufrag_key(ufrag)]
+        except KeyError:
+            return None
+        return Session(ufrag, leaf.backend_id, leaf.created_ns)
+
+    def sessions(self) -> list[Session]:
+        return [
+            Session(bytes(k.ufrag).rstrip(b"\0").decode("ascii", "replace"), v.backend_id, v.created_ns)
+            for k, v in self.bpf["sessions"].items()
+        ]
+
+    def del_session(self, ufrag: str) -> bool:
+        """Remove a session and the flows it created; False if it was not there."""
+        removed = self._delete(self.bpf["sessions"], self._ufrag_key(ufrag))
+        for flow in self.flows():
+            if flow.ufrag == ufrag:
+                self.del_flow((flow.client_ip, flow.client_port))
+        return removed
+
+    def _flow_from(self, key, leaf) -> Flow:  # noqa: ANN001
+        return Flow(
+            client_ip=str(addr_from_words(list(key.addr), key.family)),
+            client_port=from_be16(key.port),
+            backend_id=leaf.backend_id,
+            ufrag=bytes(leaf.ufrag.ufrag).rstrip(b"\0").decode("ascii", "replace"),
+            client_mac=mac_str(leaf.client_mac),
+            created_ns=leaf.created_ns,
+            last_seen_ns=leaf.last_seen_ns,
+            packets=leaf.packets,
+            bytes=leaf.bytes,
+            rx_packets=leaf.rx_packets,
+            rx_bytes=leaf.rx_bytes,
+        )
+
+    def flows(self, limit: int | None = None) -> list[Flow]:
+        out = []
+        for key, leaf in self.bpf["flows"].items():
+            out.append(self._flow_from(key, leaf))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def flow(self, client: tuple[str, int]) -> Flow | None:
+        key = self._addr_key("flows", *client)
+        try:
+            return self._flow_from(key, self.bpf["flows"][key])
+        except KeyError:
+            return None
+
+    def del_flow(self, client: tuple[str, int]) -> bool:
+        return self._delete(self.bpf["flows"], self._addr_key("flows", *client))
+
+    def age_flows(self, idle_s: float) -> int:
+        """Remove flows idle for longer than idle_s; returns how many went."""
+        cutoff = time.monotonic_ns() - int(idle_s * 1e9)
+        table = self.bpf["flows"]
+        stale = [key for key, leaf in table.items() if leaf.last_seen_ns < cutoff]
+        return sum(1 for key in stale if self._delete(table, key))
+
+    def map_fill(self) -> dict[str, tuple[int, int]]:
+        """Entries and capacity of each hash map."""
+        out = {}
+        for name in ("backends", "backend_addrs", "sessions", "flows"):
+            table = self.bpf[name]
+            out[name] = (sum(1 for _ in table.keys()), table.max_entries)
+        return out
+
+    def counters(self) -> dict[str, counters_mod.Counter]:
+        """Every per-CPU counter summed over the CPUs, keyed by its enum name."""
+        table = self.bpf["stats"]
+        out = {}
+        for spec in counters_mod.counter_specs():
+            packets, bytes_ = counters_mod.sum_per_cpu(table.getvalue(ct.c_uint32(spec.index)))
+            out[spec.name] = counters_mod.Counter(spec, packets, bytes_)
+        return out
+
+    def reset_counters(self) -> None:
+        self.bpf["stats"].clear()
+
+
+def unpin(instance: str, pin_root: str = PIN_ROOT) -> bool:
+    """Remove an instance's pinned maps; False if there was nothing."""
+    path = Path(pin_root) / instance
+    if not path.exists():
+        return False
+    shutil.rmtree(path)
+    return True
+
+
+def pinned_instances(pin_root: str = PIN_ROOT) -> list[str]:
+    root = Path(pin_root)
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.exists() else []
