@@ -168,7 +168,7 @@ class Datapath:
             "-Wno-compare-distinct-pointer-types",
         ]
         try:
-            bpf = BPF(src_file=str(SOURCE_DIR / "relay.c"), cflags=cflags)
+            bpf = BPF(src_file=str(SOURCE_DIR / "relay.c").encode(), cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for compile errors
             raise DatapathError(f"cannot compile {SOURCE_DIR / 'relay.c'}: {exc}") from exc
         programs = {}
@@ -181,14 +181,14 @@ class Datapath:
         from bcc import BPF
 
         try:
-            return bpf.load_func(name, BPF.XDP)
+            return bpf.load_func(name.encode(), BPF.XDP)
         except Exception as exc:
             # bcc prints the verifier log to stderr; load again to capture it in a file
             fd, path = tempfile.mkstemp(prefix=f"splitrelay-verifier-{name}-", suffix=".log")
             with os.fdopen(fd, "w") as out:
                 out.write(f"{exc}\n")
                 try:
-                    bpf.load_func(name, BPF.XDP, log_level=2)
+                    bpf.load_func(name.encode(), BPF.XDP, log_level=2)
                 except Exception as again:  # noqa: BLE001 - we only want its message
                     out.write(str(again))
             raise VerifierError(name, path) from exc
@@ -208,7 +208,7 @@ class Datapath:
         raise DatapathError(f"no interface named {ifname!r} in this network namespace")
 
     def _set_slot(self, slot: int, ifindex: int) -> None:
-        self.bpf["tx_ports"][ct.c_int(slot)] = ct.c_int(ifindex)
+        self.bpf[b"tx_ports"][ct.c_int(slot)] = ct.c_int(ifindex)
 
     def attach(self, public: str, internal: str | None = None, mode: str = "auto") -> str:
         """Attach xdp_public (and xdp_internal) and fill the redirect ports; returns the mode used."""
@@ -286,7 +286,7 @@ class Datapath:
     # -- config and tables ---------------------------------------------------------
 
     def configure(self, cfg: RelayConfig) -> None:
-        table = self.bpf["config"]
+        table = self.bpf[b"config"]
         leaf = table.Leaf()
         if cfg.public_ip4:
             leaf.public_ip4 = be32_words(ipaddress.IPv4Address(cfg.public_ip4))[0]
@@ -302,7 +302,7 @@ class Datapath:
         table[ct.c_uint32(0)] = leaf
 
     def config(self) -> RelayConfig | None:
-        leaf = self.bpf["config"][ct.c_uint32(0)]
+        leaf = self.bpf[b"config"][ct.c_uint32(0)]
         if not leaf.enabled:
             return None
         ip6 = addr_from_words(list(leaf.public_ip6), 6)
@@ -317,7 +317,7 @@ class Datapath:
 
     def _addr_key(self, table_name: str, ip: str, port: int):  # noqa: ANN202
         addr = ipaddress.ip_address(ip)
-        key = self.bpf[table_name].Key()
+        key = self.bpf[table_name.encode()].Key()
         for i, word in enumerate(be32_words(addr)):
             key.addr[i] = word
         key.port = be16(port)
@@ -325,7 +325,7 @@ class Datapath:
         return key
 
     def set_backend(self, b: Backend) -> None:
-        table = self.bpf["backends"]
+        table = self.bpf[b"backends"]
         leaf = table.Leaf()
         old = self.backend(b.backend_id)
         if b.ip4:
@@ -340,7 +340,7 @@ class Datapath:
         ct.memmove(leaf.smac, mac_bytes(b.smac), 6)
         leaf.tx_slot = b.tx_slot
         table[ct.c_uint32(b.backend_id)] = leaf
-        addrs = self.bpf["backend_addrs"]
+        addrs = self.bpf[b"backend_addrs"]
         if old:
             for ip in (old.ip4, old.ip6):
                 if ip:
@@ -370,14 +370,14 @@ class Datapath:
 
     def backend(self, backend_id: int) -> Backend | None:
         try:
-            leaf = self.bpf["backends"][ct.c_uint32(backend_id)]
+            leaf = self.bpf[b"backends"][ct.c_uint32(backend_id)]
         except KeyError:
             return None
         return self._backend_from_leaf(backend_id, leaf)
 
     def backends(self) -> list[Backend]:
         return sorted(
-            (self._backend_from_leaf(k.value, v) for k, v in self.bpf["backends"].items()),
+            (self._backend_from_leaf(k.value, v) for k, v in self.bpf[b"backends"].items()),
             key=lambda b: b.backend_id,
         )
 
@@ -392,20 +392,20 @@ class Datapath:
         for flow in self.flows():
             if flow.backend_id == backend_id:
                 self.del_flow((flow.client_ip, flow.client_port))
-        addrs = self.bpf["backend_addrs"]
+        addrs = self.bpf[b"backend_addrs"]
         for ip in (old.ip4, old.ip6):
             if ip:
                 self._delete(addrs, self._addr_key("backend_addrs", ip, old.port))
-        return self._delete(self.bpf["backends"], ct.c_uint32(backend_id))
+        return self._delete(self.bpf[b"backends"], ct.c_uint32(backend_id))
 
     def _ufrag_key(self, ufrag: str):  # noqa: ANN202
-        key = self.bpf["sessions"].Key()
+        key = self.bpf[b"sessions"].Key()
         raw = _validate_ufrag(ufrag)
         key.ufrag = raw
         return key
 
     def set_session(self, ufrag: str, backend_id: int) -> None:
-        table = self.bpf["sessions"]
+        table = self.bpf[b"sessions"]
         key = self._ufrag_key(ufrag)
         leaf = table.Leaf()
         leaf.backend_id = backend_id
@@ -414,7 +414,7 @@ class Datapath:
 
     def session(self, ufrag: str) -> Session | None:
         try:
-            leaf = self.bpf["sessions"][self._ufrag_key(ufrag)]
+            leaf = self.bpf[b"sessions"][self._ufrag_key(ufrag)]
         except KeyError:
             return None
         return Session(ufrag, leaf.backend_id, leaf.created_ns)
@@ -422,12 +422,12 @@ class Datapath:
     def sessions(self) -> list[Session]:
         return [
             Session(bytes(k.ufrag).rstrip(b"\0").decode("ascii", "replace"), v.backend_id, v.created_ns)
-            for k, v in self.bpf["sessions"].items()
+            for k, v in self.bpf[b"sessions"].items()
         ]
 
     def del_session(self, ufrag: str) -> bool:
         """Remove a session and the flows it created; False if it was not there."""
-        removed = self._delete(self.bpf["sessions"], self._ufrag_key(ufrag))
+        removed = self._delete(self.bpf[b"sessions"], self._ufrag_key(ufrag))
         for flow in self.flows():
             if flow.ufrag == ufrag:
                 self.del_flow((flow.client_ip, flow.client_port))
@@ -450,7 +450,7 @@ class Datapath:
 
     def flows(self, limit: int | None = None) -> list[Flow]:
         out = []
-        for key, leaf in self.bpf["flows"].items():
+        for key, leaf in self.bpf[b"flows"].items():
             out.append(self._flow_from(key, leaf))
             if limit is not None and len(out) >= limit:
                 break
@@ -459,17 +459,17 @@ class Datapath:
     def flow(self, client: tuple[str, int]) -> Flow | None:
         key = self._addr_key("flows", *client)
         try:
-            return self._flow_from(key, self.bpf["flows"][key])
+            return self._flow_from(key, self.bpf[b"flows"][key])
         except KeyError:
             return None
 
     def del_flow(self, client: tuple[str, int]) -> bool:
-        return self._delete(self.bpf["flows"], self._addr_key("flows", *client))
+        return self._delete(self.bpf[b"flows"], self._addr_key("flows", *client))
 
     def age_flows(self, idle_s: float) -> int:
         """Remove flows idle for longer than idle_s; returns how many went."""
         cutoff = time.monotonic_ns() - int(idle_s * 1e9)
-        table = self.bpf["flows"]
+        table = self.bpf[b"flows"]
         stale = [key for key, leaf in table.items() if leaf.last_seen_ns < cutoff]
         return sum(1 for key in stale if self._delete(table, key))
 
@@ -477,13 +477,13 @@ class Datapath:
         """Entries and capacity of each hash map."""
         out = {}
         for name in ("backends", "backend_addrs", "sessions", "flows"):
-            table = self.bpf[name]
+            table = self.bpf[name.encode()]
             out[name] = (sum(1 for _ in table.keys()), table.max_entries)
         return out
 
     def counters(self) -> dict[str, counters_mod.Counter]:
         """Every per-CPU counter summed over the CPUs, keyed by its enum name."""
-        table = self.bpf["stats"]
+        table = self.bpf[b"stats"]
         out = {}
         for spec in counters_mod.counter_specs():
             packets, bytes_ = counters_mod.sum_per_cpu(table.getvalue(ct.c_uint32(spec.index)))
@@ -491,7 +491,7 @@ class Datapath:
         return out
 
     def reset_counters(self) -> None:
-        self.bpf["stats"].clear()
+        self.bpf[b"stats"].clear()
 
 
 def unpin(instance: str, pin_root: str = PIN_ROOT) -> bool:
