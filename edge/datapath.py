@@ -237,14 +237,14 @@ class Datapath:
         fn = self._programs[program]
         if mode in ("auto", "native"):
             try:
-                BPF.attach_xdp(ifname, fn, XDP_FLAGS_DRV_MODE)
+                BPF.attach_xdp(ifname.encode(), fn, XDP_FLAGS_DRV_MODE)
                 return "native"
             except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception
                 if mode == "native":
                     raise DatapathError(f"native XDP attach to {ifname} failed: {exc}") from exc
                 log.warning("native XDP unavailable on %s (%s); using generic XDP", ifname, exc)
         try:
-            BPF.attach_xdp(ifname, fn, XDP_FLAGS_SKB_MODE)
+            BPF.attach_xdp(ifname.encode(), fn, XDP_FLAGS_SKB_MODE)
         except Exception as exc:  # noqa: BLE001
             raise DatapathError(f"generic XDP attach to {ifname} failed: {exc}") from exc
         return "generic"
@@ -272,7 +272,7 @@ class Datapath:
                 continue
             for flags in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
                 try:
-                    BPF.remove_xdp(ifname, flags)
+                    BPF.remove_xdp(ifname.encode(), flags)
                 except Exception:  # noqa: BLE001 - not attached in that mode
                     pass
         self.attachments = []
