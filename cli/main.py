@@ -1,5 +1,430 @@
+"""The `splitrelay` command: attach, inspect and run the relay, and build labs.
+
+Every error is one line on stderr and a stable exit code (cli/errors.py);
+every read command takes --json for scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
 import click
 
-@click.group()
-def main():
-    """splitrelay."""
+from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError, require_bcc, require_root
+
+DEFAULT_CONTROL = os.environ.get("SPLITRELAY_CONTROL", "http://127.0.0.1:8470")
+
+
+def _emit(data, as_json: bool, human) -> None:  # noqa: ANN001
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        human(data)
+
+
+def _table(rows: list[dict], columns: list[str]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for r in rows:
+        click.echo("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+def _library_errors():  # noqa: ANN202
+    from splitrelay.edge.control_client import ControlError
+    from splitrelay.edge.datapath import DatapathError
+    from splitrelay.edge.lab import LabError
+    from splitrelay.edge.neighbours import NeighbourError
+
+    return (DatapathError, LabError, NeighbourError, ControlError)
+
+
+class Main(click.Group):
+    """Turns typed library errors into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201
+        try:
+            return super().invoke(ctx)
+        except _library_errors() as exc:
+            code = EXIT_UNREACHABLE if getattr(exc, "status", None) == 0 else 1
+            path = getattr(exc, "log_path", None)
+            raise CliError(str(exc) + (f" (verifier log: {path})" if path and str(path) not in str(exc) else ""),
+                           code) from None
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Log what the daemons do.")
+def main(verbose: bool) -> None:
+    """splitrelay: an XDP edge relay for real-time voice AI over WebRTC.
+
+    \b
+    Quick start (root):
+      splitrelay lab up --json          # a relay lab on this machine
+      splitrelay stats --control URL    # counters from its edge agent
+      splitrelay lab down
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+# -- edge ------------------------------------------------------------------------------
+
+@main.group()
+def edge() -> None:
+    """Attach, detach, inspect and run the XDP relay on this host."""
+
+
+def _agent_options(f):  # noqa: ANN001, ANN202
+    options = [
+        click.argument("public_iface"),
+        click.option("--internal", "internal_iface", required=True, help="Interface toward the transceivers."),
+        click.option("--port", "relay_port", default=3478, show_default=True, type=click.IntRange(1, 65535),
+                     help="The one public UDP port."),
+        click.option("--public-ip", "public_ips", multiple=True, required=True,
+                     help="Relay public address (repeat for IPv4 and IPv6)."),
+        click.option("--gateway-ip", help="Public next hop (its MAC is read from the neighbour table)."),
+        click.option("--gateway-mac", help="Public next hop MAC, instead of --gateway-ip."),
+        click.option("--policy", type=click.Choice(["strict", "hint"]), default="strict", show_default=True,
+                     help="strict: only registered ufrags open flows; hint: the ufrag's routing hint may."),
+        click.option("--mode", type=click.Choice(["auto", "native", "generic"]), default="auto",
+                     show_default=True, help="XDP mode; auto falls back to generic with a warning."),
+        click.option("--instance", default="default", show_default=True,
+                     help="Names the pinned maps: /sys/fs/bpf/splitrelay/<instance>."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _agent_config(**kw):  # noqa: ANN003, ANN202
+    from ipaddress import ip_address
+
+    from splitrelay.edge.agent import AgentConfig
+
+    ips = kw.pop("public_ips")
+    try:
+        parsed = [ip_address(ip) for ip in ips]
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    kw["public_ip4"] = next((str(a) for a in parsed if a.version == 4), None)
+    kw["public_ip6"] = next((str(a) for a in parsed if a.version == 6), None)
+    return AgentConfig(**kw)
+
+
+@edge.command("attach")
+@_agent_options
+def edge_attach(**kw) -> None:  # noqa: ANN003
+    """Attach the XDP programs and configure the relay, then exit (they stay attached).
+
+    \b
+    Example:
+      splitrelay edge attach pub0 --internal int0 --public-ip 203.0.113.1 --gateway-ip 203.0.113.254
+    """
+    require_root("attaching XDP")
+    require_bcc()
+    from splitrelay.edge.agent import EdgeAgent
+
+    agent = EdgeAgent(_agent_config(**kw))
+    mode = agent.attach()
+    click.echo(f"attached ({mode}) to {kw['public_iface']} and {kw['internal_iface']}; "
+               f"maps pinned at {agent.datapath.pin_dir}")
+
+
+@edge.command("detach")
+@click.argument("ifaces", nargs=-1, required=True)
+@click.option("--instance", default="default", show_default=True)
+@click.option("--keep-maps", is_flag=True, help="Keep the pinned maps (sessions, flows) for a later attach.")
+def edge_detach(ifaces: tuple[str, ...], instance: str, keep_maps: bool) -> None:
+    """Remove the XDP programs from IFACES (and the pinned maps unless --keep-maps).
+
+    \b
+    Example:
+      splitrelay edge detach pub0 int0
+    """
+    require_root("detaching XDP")
+    require_bcc()
+    from splitrelay.edge.datapath import Datapath, unpin
+
+    Datapath(instance=instance).detach(list(ifaces))
+    removed = False if keep_maps else unpin(instance)
+    click.echo(f"detached from {', '.join(ifaces)}" + ("; pinned maps removed" if removed else ""))
+
+
+def _xdp_attachments() -> list[dict]:
+    from pyroute2 import IPRoute
+
+    out = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            xdp = link.get_attr("IFLA_XDP")
+            if not xdp:
+                continue
+            attached = xdp.get_attr("IFLA_XDP_ATTACHED")
+            if attached:
+                modes = {1: "native", 2: "generic", 3: "offload", 4: "multi"}
+                out.append({"iface": link.get_attr("IFLA_IFNAME"), "mode": modes.get(attached, str(attached)),
+                            "prog_id": xdp.get_attr("IFLA_XDP_PROG_ID")})
+    return out
+
+
+@edge.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def edge_status(as_json: bool) -> None:
+    """XDP programs attached in this network namespace and pinned relay instances with their map fill."""
+    require_root("reading BPF maps")
+    from splitrelay.edge.datapath import Datapath, pinned_instances
+
+    data = {"attached": _xdp_attachments(), "instances": []}
+    for name in pinned_instances():
+        dp = Datapath(instance=name)
+        fill = dp.map_fill()
+        cfg = dp.config()
+        data["instances"].append({
+            "instance": name, "pin_dir": str(dp.pin_dir),
+            "relay_port": cfg.relay_port if cfg else None, "policy": cfg.policy if cfg else None,
+            "maps": {k: {"entries": v[0], "capacity": v[1]} for k, v in fill.items()},
+        })
+
+    def human(d: dict) -> None:
+        click.echo("attached XDP programs:")
+        _table(d["attached"], ["iface", "mode", "prog_id"])
+        for inst in d["instances"]:
+            maps = ", ".join(f"{k} {v['entries']}/{v['capacity']}" for k, v in inst["maps"].items())
+            click.echo(f"instance {inst['instance']} (port {inst['relay_port']}, {inst['policy']}): {maps}")
+
+    _emit(data, as_json, human)
+
+
+@edge.command("serve")
+@_agent_options
+@click.option("--listen", default="127.0.0.1:8470", show_default=True,
+              help="host:port of the control API and /metrics (use the internal address).")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
+              help="File holding the control API bearer token (or set SPLITRELAY_TOKEN).")
+@click.option("--idle-timeout", "idle_timeout_s", default=30.0, show_default=True,
+              help="Seconds before an idle flow is aged out (>= 15).")
+@click.option("--detach-on-exit", is_flag=True,
+              help="Remove programs and maps on exit (default: keep them so calls survive a restart).")
+def edge_serve(listen: str, token_file: str | None, **kw) -> None:  # noqa: ANN003
+    """Run the edge agent: attach, serve the control API and metrics, age flows.
+
+    \b
+    Example:
+      splitrelay edge serve pub0 --internal int0 --public-ip 203.0.113.1 \\
+          --gateway-ip 203.0.113.254 --listen 10.0.0.1:8470 --token-file /etc/splitrelay/token
+    """
+    require_root("the edge agent")
+    require_bcc()
+    from splitrelay.edge.agent import EdgeAgent
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise CliError(f"--listen must be host:port, got {listen!r}")
+    token = open(token_file).read().strip() if token_file else os.environ.get("SPLITRELAY_TOKEN")
+    agent = EdgeAgent(_agent_config(listen_host=host.strip("[]"), listen_port=int(port), token=token, **kw))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await agent.start()
+        except OSError as exc:
+            raise CliError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        click.echo(f"edge agent ready: control http://{listen} boot_id {agent.boot_id}", err=True)
+        try:
+            await stop.wait()
+        finally:
+            await agent.stop()
+
+    asyncio.run(run())
+
+
+# -- control API readers ------------------------------------------------------------------
+
+def _control_options(f):  # noqa: ANN001, ANN202
+    f = click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token (env SPLITRELAY_TOKEN).")(f)
+    return click.option("--control", default=DEFAULT_CONTROL, show_default=True, envvar="SPLITRELAY_CONTROL",
+                        help="Edge agent control URL (env SPLITRELAY_CONTROL).")(f)
+
+
+def _client(control: str, token: str | None):  # noqa: ANN202
+    from splitrelay.edge.control_client import ControlClient
+
+    return ControlClient(control, token)
+
+
+@main.group()
+def backends() -> None:
+    """Register, remove and list transceivers (backends) on an edge agent."""
+
+
+@backends.command("add")
+@click.argument("backend_id", type=click.IntRange(1, 262143))
+@click.argument("address")
+@_control_options
+@click.option("--ip6", help="The backend's IPv6 address, for IPv6 clients.")
+def backends_add(backend_id: int, address: str, control: str, token: str | None, ip6: str | None) -> None:
+    """Register BACKEND_ID at ADDRESS (ip:port of its UDP mux).
+
+    \b
+    Example:
+      splitrelay backends add 1 10.0.0.11:5000 --control http://10.0.0.1:8470
+    """
+    ip, _, port = address.rpartition(":")
+    if not ip or not port.isdigit():
+        raise CliError(f"ADDRESS must be ip:port, got {address!r}")
+    b = _client(control, token).put_backend(backend_id, ip or None, int(port), ip6)
+    click.echo(f"backend {b['id']} -> {b['ip']}:{b['port']} via {b['mac']}")
+
+
+@backends.command("rm")
+@click.argument("backend_id", type=click.IntRange(1, 262143))
+@_control_options
+def backends_rm(backend_id: int, control: str, token: str | None) -> None:
+    """Remove a backend with its sessions and flows."""
+    _client(control, token).delete_backend(backend_id)
+    click.echo(f"backend {backend_id} removed")
+
+
+@backends.command("list")
+@_control_options
+@click.option("--json", "as_json", is_flag=True)
+def backends_list(control: str, token: str | None, as_json: bool) -> None:
+    """Registered backends."""
+    _emit(_client(control, token).backends(), as_json, lambda d: _table(d, ["id", "ip", "ip6", "port", "mac"]))
+
+
+@main.group()
+def sessions() -> None:
+    """Sessions (server ufrag -> backend) on an edge agent."""
+
+
+@sessions.command("list")
+@_control_options
+@click.option("--json", "as_json", is_flag=True)
+def sessions_list(control: str, token: str | None, as_json: bool) -> None:
+    """Registered sessions with their age and flow count."""
+    _emit(_client(control, token).sessions(), as_json,
+          lambda d: _table(d, ["ufrag", "backend", "age_s", "flows"]))
+
+
+@main.group()
+def flows() -> None:
+    """Client flows the XDP program learned."""
+
+
+@flows.command("list")
+@_control_options
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--json", "as_json", is_flag=True)
+def flows_list(control: str, token: str | None, limit: int, as_json: bool) -> None:
+    """Flows: client 5-tuple -> backend, age, idle time, packets and bytes each way."""
+    _emit(_client(control, token).flows(limit), as_json, lambda d: _table(
+        d, ["client", "backend", "ufrag", "age_s", "idle_s", "packets", "bytes", "rx_packets", "rx_bytes"]))
+
+
+@main.command()
+@_control_options
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--watch", type=float, default=None, metavar="SECONDS",
+              help="Print rates every SECONDS until interrupted.")
+def stats(control: str, token: str | None, as_json: bool, watch: float | None) -> None:
+    """Data-plane counters by direction, verdict and reason (rates with --watch).
+
+    \b
+    Example:
+      splitrelay stats --watch 1
+    """
+    client = _client(control, token)
+    previous = None
+    while True:
+        counters = [c for c in client.stats()["counters"]]
+        now = time.monotonic()
+        if watch is None:
+            _emit({"counters": counters}, as_json, lambda d: _table(
+                [c for c in d["counters"] if c["packets"]] or d["counters"][:0],
+                ["direction", "verdict", "reason", "packets", "bytes"]))
+            return
+        if previous:
+            dt = now - previous[0]
+            rates = [{**c, "pps": round((c["packets"] - p["packets"]) / dt, 1)}
+                     for c, p in zip(counters, previous[1]) if c["packets"]]
+            _emit({"interval_s": round(dt, 3), "counters": rates}, as_json, lambda d: (
+                click.echo(time.strftime("%H:%M:%S")), _table(d["counters"], ["direction", "verdict", "reason",
+                                                                               "pps", "packets"])))
+        previous = (now, counters)
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
+
+
+# -- lab ---------------------------------------------------------------------------
+
+@main.group()
+def lab() -> None:
+    """A relay lab on this machine: client, relay and transceiver hosts in network namespaces."""
+
+
+@lab.command("up")
+@click.option("--transceivers", default=2, show_default=True, type=click.IntRange(1, 50))
+@click.option("--name", help="Lab name (default: a fresh random one).")
+@click.option("--policy", type=click.Choice(["strict", "hint"]), default="strict", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool) -> None:
+    """Build the namespaces, attach XDP in the relay and start its edge agent.
+
+    \b
+    Example:
+      splitrelay lab up --transceivers 2 --json
+      ip netns exec <client_netns> your-webrtc-client ...
+    """
+    require_root("a lab")
+    require_bcc()
+    from splitrelay.cli.labstack import start_lab
+
+    info = start_lab(transceivers=transceivers, name=name, policy=policy)
+    _emit(info, as_json, lambda d: click.echo(
+        f"lab {d['name']} up: relay {d['relay_public']} (client netns {d['client_netns']}), "
+        f"control {d['control_url']}\ntear down with: splitrelay lab down --name {d['name']}"))
+
+
+@lab.command("down")
+@click.option("--name", help="Lab to remove (default: every lab that is up).")
+def lab_down(name: str | None) -> None:
+    """Stop the lab's processes and delete its namespaces, veths and pinned maps."""
+    require_root("a lab")
+    from splitrelay.cli.labstack import stop_lab
+    from splitrelay.edge.lab import Lab
+
+    names = [name] if name else Lab.names()
+    if not names:
+        click.echo("no lab is up")
+    for n in names:
+        stop_lab(n)
+        click.echo(f"lab {n} removed")
+
+
+@lab.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def lab_status(as_json: bool) -> None:
+    """Labs that are up, with their addresses."""
+    from splitrelay.cli.labstack import lab_info
+    from splitrelay.edge.lab import Lab
+
+    data = [lab_info(Lab.load(n)) for n in Lab.names()]
+    _emit(data, as_json, lambda d: _table(d, ["name", "relay_public", "client_netns", "control_url"]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -211,10 +211,15 @@ class Lab:
     # -- processes -----------------------------------------------------------------
 
     def popen(self, netns: str, argv: list[str], **kwargs: Any) -> subprocess.Popen:
-        """Start a process inside one of the lab's namespaces; destroy() kills it by PID."""
+        """Start a process inside one of the lab's network namespaces; destroy() kills it by PID.
+
+        nsenter switches only the network namespace: `ip netns exec` would also give the
+        process a private /sys without /sys/fs/bpf, and pins made there die with it.
+        """
         if netns not in self.namespaces():
             raise LabError(f"{netns} is not a namespace of lab {self.name}")
-        proc = subprocess.Popen(["ip", "netns", "exec", netns, *argv], start_new_session=True, **kwargs)
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", "--", *argv],
+                                start_new_session=True, **kwargs)
         self.pids.append(proc.pid)
         self.save()
         return proc

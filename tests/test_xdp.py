@@ -279,6 +279,14 @@ def test_maps_survive_a_reload_through_pins(relay):
     assert again.flow((P.CLIENT_IP4, P.CLIENT_PORT)).backend_id == BACKEND_ID
 
 
+def test_ageing_removes_only_idle_flows(relay):
+    public(relay, P.udp_frame(V["2.1"], sport=40001))
+    assert relay.age_flows(idle_s=60) == 0
+    assert relay.age_flows(idle_s=0) == 1
+    assert relay.flows() == []
+    assert [s.ufrag for s in relay.sessions()] == ["evtj"]  # ageing never touches sessions
+
+
 def test_refuses_hosts_own_interfaces(dp):
     with pytest.raises(DatapathError, match="eth0"):
         dp.attach("eth0")

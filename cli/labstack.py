@@ -1,0 +1,100 @@
+"""A running lab: the namespaces from edge/lab.py plus the daemons inside them.
+
+`splitrelay lab up`, the demo and the end-to-end tests all start the same
+stack this way, each daemon as a real process in its own namespace.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from splitrelay.edge.control_client import ControlClient
+from splitrelay.edge.datapath import unpin
+from splitrelay.edge.lab import STATE_DIR, Lab, LabError, in_netns
+
+CONTROL_PORT = 8470
+BACKEND_PORT = 5000
+READY_TIMEOUT = 30.0
+
+
+def control_url(lab: Lab) -> str:
+    return f"http://{lab.relay_internal.ip4}:{CONTROL_PORT}"
+
+
+def lab_info(lab: Lab) -> dict:
+    return {
+        "name": lab.name,
+        "client_netns": lab.client.netns,
+        "relay_netns": lab.relay_public.netns,
+        "relay_public": f"{lab.relay_public.ip4}:{lab.relay_port}",
+        "relay_public6": f"[{lab.relay_public.ip6}]:{lab.relay_port}",
+        "control_url": control_url(lab),
+        "metrics_urls": [control_url(lab) + "/metrics"],
+        "transceivers": [
+            {"netns": t.netns, "backend_id": t.backend_id, "backend": f"{t.ip4}:{BACKEND_PORT}",
+             "signal_ip": t.signal_ip4}
+            for t in lab.transceivers
+        ],
+    }
+
+
+def wait_ready(proc: subprocess.Popen, log_path: Path, marker: str, what: str,
+               timeout: float = READY_TIMEOUT) -> None:
+    """Follow a daemon's log until it prints ``marker``; fail with its last words if it dies first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log_path.read_text() if log_path.exists() else ""
+        if marker in text:
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    lines = (log_path.read_text() if log_path.exists() else "").strip().splitlines()
+    tail = " | ".join(lines[-3:]) or "no output"
+    raise LabError(f"{what} did not become ready (exit {proc.poll()}): {tail}; log: {log_path}")
+
+
+def log_file(lab: Lab, daemon: str) -> Path:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    return STATE_DIR / f"{lab.name}-{daemon}.log"
+
+
+def start_agent(lab: Lab, policy: str = "strict") -> subprocess.Popen:
+    argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "edge", "serve", lab.relay_public.ifname,
+            "--internal", lab.relay_internal.ifname, "--public-ip", lab.relay_public.ip4,
+            "--public-ip", lab.relay_public.ip6, "--gateway-ip", lab.client.ip4,
+            "--listen", f"{lab.relay_internal.ip4}:{CONTROL_PORT}", "--instance", lab.name,
+            "--policy", policy, "--port", str(lab.relay_port), "--detach-on-exit"]
+    path = log_file(lab, "agent")
+    with path.open("w") as log:  # the daemon outlives `lab up`: its output goes to a file, not a pipe
+        proc = lab.popen(lab.relay_public.netns, argv, stderr=log, stdout=log, stdin=subprocess.DEVNULL)
+    wait_ready(proc, path, "edge agent ready", "edge agent")
+    return proc
+
+
+def control(lab: Lab, fn):  # noqa: ANN001, ANN201
+    """Call the lab agent's control API from inside the relay namespace."""
+    return in_netns(lab.relay_public.netns, lambda: fn(ControlClient(control_url(lab))))
+
+
+def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict") -> dict:
+    lab = Lab.create(transceivers=transceivers, name=name)
+    try:
+        start_agent(lab, policy)
+        for t in lab.transceivers:
+            control(lab, lambda c, t=t: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6))
+    except BaseException:
+        stop_lab(lab.name)
+        raise
+    return lab_info(lab)
+
+
+def stop_lab(name: str) -> None:
+    lab = Lab.load(name)
+    lab.destroy()
+    unpin(lab.name)
+    for path in STATE_DIR.glob(f"{name}-*.log"):
+        path.unlink()
