@@ -426,5 +426,42 @@ def lab_status(as_json: bool) -> None:
     _emit(data, as_json, lambda d: _table(d, ["name", "relay_public", "client_netns", "control_url"]))
 
 
+@main.command()
+@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(1, 300))
+@click.option("--json", "as_json", is_flag=True, help="Print only the summary as JSON.")
+def demo(seconds: float, as_json: bool) -> None:
+    """Build a lab, run one media session through XDP with a live status line, summarise, tear down.
+
+    \b
+    Example:
+      sudo splitrelay demo --seconds 5
+    """
+    require_root("the demo")
+    require_bcc()
+    from splitrelay.cli.demo import run_demo
+
+    def status(line: str) -> None:
+        if not as_json:
+            click.echo("\r" + line.ljust(100), nl=False, err=True)
+
+    if not as_json:
+        click.echo("building lab: client, relay (XDP), 2 transceivers ...", err=True)
+    report = run_demo(seconds, status)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    click.echo("", err=True)
+    click.echo(f"relay {report.relay_public}: first STUN request routed by ufrag in "
+               f"{report.first_packet_rtt_ms} ms (round trip)")
+    click.echo(f"media: {report.packets_echoed}/{report.packets_sent} packets echoed, "
+               f"RTT p50 {report.rtt_ms_p50} ms, p99 {report.rtt_ms_p99} ms")
+    click.echo(f"the transceiver saw the client as {report.transceiver_saw_client}; "
+               f"the client only saw {report.relay_public}")
+    click.echo("XDP counters: " + ", ".join(f"{k} {v}" for k, v in report.counters.items()))
+    lost = report.packets_sent - report.packets_echoed
+    if lost:
+        raise CliError(f"{lost} packets were lost")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

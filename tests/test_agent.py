@@ -146,3 +146,14 @@ def test_cli_errors_are_one_line(agent_lab):
                            "02:00:00:00:00:01", "--instance", "clitest"], capture_output=True, text=True)
     assert proc.returncode == 1 and "refusing to attach XDP to eth0" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_demo_runs_a_session_through_xdp_and_cleans_up():
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "demo", "--seconds", "1", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["packets_sent"] >= 40 and report["packets_echoed"] == report["packets_sent"]
+    assert report["counters"]["ingress/forwarded/flow"] == report["packets_sent"]
+    assert report["transceiver_saw_client"].startswith("172.31.0.2:")
+    assert report["lab"] not in Lab.names()
