@@ -12,8 +12,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from splitrelay.cli.labstack import BACKEND_PORT, control, start_lab, stop_lab
 from splitrelay.edge import hint, stun

@@ -25,7 +25,7 @@ class CliError(click.ClickException):
         super().__init__(message)
         self.exit_code = exit_code
 
-    def show(self, file=None) -> None:  # noqa: ANN001 - click's signature
+    def show(self, file=None) -> None:
         click.echo(f"splitrelay: error: {self.format_message()}", err=True, file=file)
 
 

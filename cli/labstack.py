@@ -75,7 +75,7 @@ def start_agent(lab: Lab, policy: str = "strict") -> subprocess.Popen:
     return proc
 
 
-def control(lab: Lab, fn):  # noqa: ANN001, ANN201
+def control(lab: Lab, fn):
     """Call the lab agent's control API from inside the relay namespace."""
     return in_netns(lab.relay_public.netns, lambda: fn(ControlClient(control_url(lab))))
 

@@ -15,13 +15,12 @@ import sys
 import time
 
 import click
-
 from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError, require_bcc, require_root
 
 DEFAULT_CONTROL = os.environ.get("SPLITRELAY_CONTROL", "http://127.0.0.1:8470")
 
 
-def _emit(data, as_json: bool, human) -> None:  # noqa: ANN001
+def _emit(data, as_json: bool, human) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
     else:
@@ -38,7 +37,7 @@ def _table(rows: list[dict], columns: list[str]) -> None:
         click.echo("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
 
 
-def _library_errors():  # noqa: ANN202
+def _library_errors():
     from splitrelay.edge.control_client import ControlError
     from splitrelay.edge.datapath import DatapathError
     from splitrelay.edge.lab import LabError
@@ -50,7 +49,7 @@ def _library_errors():  # noqa: ANN202
 class Main(click.Group):
     """Turns typed library errors into one line and an exit code."""
 
-    def invoke(self, ctx: click.Context):  # noqa: ANN201
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except _library_errors() as exc:
@@ -82,7 +81,7 @@ def edge() -> None:
     """Attach, detach, inspect and run the XDP relay on this host."""
 
 
-def _agent_options(f):  # noqa: ANN001, ANN202
+def _agent_options(f):
     options = [
         click.argument("public_iface"),
         click.option("--internal", "internal_iface", required=True, help="Interface toward the transceivers."),
@@ -104,7 +103,7 @@ def _agent_options(f):  # noqa: ANN001, ANN202
     return f
 
 
-def _agent_config(**kw):  # noqa: ANN003, ANN202
+def _agent_config(**kw):
     from ipaddress import ip_address
 
     from splitrelay.edge.agent import AgentConfig
@@ -121,7 +120,7 @@ def _agent_config(**kw):  # noqa: ANN003, ANN202
 
 @edge.command("attach")
 @_agent_options
-def edge_attach(**kw) -> None:  # noqa: ANN003
+def edge_attach(**kw) -> None:
     """Attach the XDP programs and configure the relay, then exit (they stay attached).
 
     \b
@@ -213,7 +212,7 @@ def edge_status(as_json: bool) -> None:
               help="Seconds before an idle flow is aged out (>= 15).")
 @click.option("--detach-on-exit", is_flag=True,
               help="Remove programs and maps on exit (default: keep them so calls survive a restart).")
-def edge_serve(listen: str, token_file: str | None, **kw) -> None:  # noqa: ANN003
+def edge_serve(listen: str, token_file: str | None, **kw) -> None:
     """Run the edge agent: attach, serve the control API and metrics, age flows.
 
     \b
@@ -251,13 +250,13 @@ def edge_serve(listen: str, token_file: str | None, **kw) -> None:  # noqa: ANN0
 
 # -- control API readers ------------------------------------------------------------------
 
-def _control_options(f):  # noqa: ANN001, ANN202
+def _control_options(f):
     f = click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token (env SPLITRELAY_TOKEN).")(f)
     return click.option("--control", default=DEFAULT_CONTROL, show_default=True, envvar="SPLITRELAY_CONTROL",
                         help="Edge agent control URL (env SPLITRELAY_CONTROL).")(f)
 
 
-def _client(control: str, token: str | None):  # noqa: ANN202
+def _client(control: str, token: str | None):
     from splitrelay.edge.control_client import ControlClient
 
     return ControlClient(control, token)
@@ -358,7 +357,7 @@ def stats(control: str, token: str | None, as_json: bool, watch: float | None) -
         if previous:
             dt = now - previous[0]
             rates = [{**c, "pps": round((c["packets"] - p["packets"]) / dt, 1)}
-                     for c, p in zip(counters, previous[1]) if c["packets"]]
+                     for c, p in zip(counters, previous[1], strict=True) if c["packets"]]
             _emit({"interval_s": round(dt, 3), "counters": rates}, as_json, lambda d: (
                 click.echo(time.strftime("%H:%M:%S")), _table(d["counters"], ["direction", "verdict", "reason",
                                                                                "pps", "packets"])))

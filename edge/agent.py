@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from splitrelay.edge import neighbours
 from splitrelay.edge.control import ControlAPI
 from splitrelay.edge.datapath import FORBIDDEN_IFACES, Datapath, DatapathError, RelayConfig
@@ -99,7 +98,7 @@ class EdgeAgent:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.listen_host, self.config.listen_port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
+        self.port = site._server.sockets[0].getsockname()[1]
         self._ageing = asyncio.create_task(self._age_forever())
         log.info("edge agent %s: XDP %s on %s/%s, %d sessions and %d flows adopted, control on %s:%d",
                  self.config.instance, mode, self.config.public_iface, self.config.internal_iface,

@@ -13,10 +13,10 @@ import ipaddress
 import json
 import re
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
-
 from splitrelay.edge.datapath import Backend, Datapath, DatapathError
 from splitrelay.edge.hint import MAX_BACKEND_ID
 
@@ -93,7 +93,7 @@ class ControlAPI:
         self.resolve_mac = resolve_mac
         self.relay_mac = relay_mac
         self.token = token
-        self.health_info = health or (lambda: {})
+        self.health_info = health or (dict)
         self.observe = observe
 
     def app(self, extra_routes: list[web.RouteDef] | None = None) -> web.Application:

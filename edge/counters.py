@@ -45,7 +45,7 @@ def counter_specs() -> tuple[CounterSpec, ...]:
     return specs
 
 
-def sum_per_cpu(per_cpu_values) -> tuple[int, int]:  # noqa: ANN001 - bcc leaf list
+def sum_per_cpu(per_cpu_values) -> tuple[int, int]:
     """Sum one slot of the per-CPU stats array over all CPUs."""
     packets = bytes_ = 0
     for value in per_cpu_values:

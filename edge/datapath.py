@@ -149,12 +149,12 @@ class Datapath:
         return Path(self.pin_root) / self.instance
 
     @property
-    def bpf(self):  # noqa: ANN201 - bcc.BPF
+    def bpf(self):
         if self._bpf is None:
             self.load()
         return self._bpf
 
-    def _compile(self):  # noqa: ANN202
+    def _compile(self):
         try:
             from bcc import BPF
         except ImportError as exc:
@@ -177,7 +177,7 @@ class Datapath:
         return bpf, programs
 
     @staticmethod
-    def _load_program(bpf, name: str):  # noqa: ANN001, ANN205
+    def _load_program(bpf, name: str):
         from bcc import BPF
 
         try:
@@ -239,13 +239,13 @@ class Datapath:
             try:
                 BPF.attach_xdp(ifname.encode(), fn, XDP_FLAGS_DRV_MODE)
                 return "native"
-            except Exception as exc:  # noqa: BLE001 - bcc raises bare Exception
+            except Exception as exc:
                 if mode == "native":
                     raise DatapathError(f"native XDP attach to {ifname} failed: {exc}") from exc
                 log.warning("native XDP unavailable on %s (%s); using generic XDP", ifname, exc)
         try:
             BPF.attach_xdp(ifname.encode(), fn, XDP_FLAGS_SKB_MODE)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise DatapathError(f"generic XDP attach to {ifname} failed: {exc}") from exc
         return "generic"
 
@@ -315,7 +315,7 @@ class Datapath:
             policy={v: k for k, v in POLICIES.items()}[leaf.policy],
         )
 
-    def _addr_key(self, table_name: str, ip: str, port: int):  # noqa: ANN202
+    def _addr_key(self, table_name: str, ip: str, port: int):
         addr = ipaddress.ip_address(ip)
         key = self.bpf[table_name.encode()].Key()
         for i, word in enumerate(be32_words(addr)):
@@ -350,14 +350,14 @@ class Datapath:
                 addrs[self._addr_key("backend_addrs", ip, b.port)] = ct.c_uint32(b.backend_id)
 
     @staticmethod
-    def _delete(table, key) -> bool:  # noqa: ANN001
+    def _delete(table, key) -> bool:
         try:
             del table[key]
             return True
         except KeyError:
             return False
 
-    def _backend_from_leaf(self, backend_id: int, leaf) -> Backend:  # noqa: ANN001
+    def _backend_from_leaf(self, backend_id: int, leaf) -> Backend:
         return Backend(
             backend_id=backend_id,
             port=from_be16(leaf.port),
@@ -398,7 +398,7 @@ class Datapath:
                 self._delete(addrs, self._addr_key("backend_addrs", ip, old.port))
         return self._delete(self.bpf[b"backends"], ct.c_uint32(backend_id))
 
-    def _ufrag_key(self, ufrag: str):  # noqa: ANN202
+    def _ufrag_key(self, ufrag: str):
         key = self.bpf[b"sessions"].Key()
         raw = _validate_ufrag(ufrag)
         key.ufrag = raw
@@ -433,7 +433,7 @@ class Datapath:
                 self.del_flow((flow.client_ip, flow.client_port))
         return removed
 
-    def _flow_from(self, key, leaf) -> Flow:  # noqa: ANN001
+    def _flow_from(self, key, leaf) -> Flow:
         return Flow(
             client_ip=str(addr_from_words(list(key.addr), key.family)),
             client_port=from_be16(key.port),

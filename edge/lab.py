@@ -33,9 +33,10 @@ import secrets
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 STATE_DIR = Path(os.environ.get("SPLITRELAY_LAB_DIR", "/run/splitrelay/labs"))
 CLONE_NEWNET = 0x40000000
@@ -110,7 +111,7 @@ class Lab:
     # -- building ------------------------------------------------------------------
 
     @classmethod
-    def create(cls, transceivers: int = 2, name: str | None = None, relay_port: int = 3478) -> "Lab":
+    def create(cls, transceivers: int = 2, name: str | None = None, relay_port: int = 3478) -> Lab:
         if os.geteuid() != 0:
             raise LabError("a lab needs root (network namespaces, veth, XDP)")
         if not 1 <= transceivers <= 50:
@@ -242,7 +243,7 @@ class Lab:
         tmp.replace(STATE_DIR / f"{self.name}.json")
 
     @classmethod
-    def load(cls, name: str) -> "Lab":
+    def load(cls, name: str) -> Lab:
         path = STATE_DIR / f"{name}.json"
         if not path.exists():
             raise LabError(f"no lab named {name!r} is up")
@@ -275,7 +276,7 @@ class Lab:
                 _run(["ip", "netns", "delete", ns], check=False)
         (STATE_DIR / f"{self.name}.json").unlink(missing_ok=True)
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:

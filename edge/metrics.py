@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
 from splitrelay.edge.datapath import Datapath
 
 
@@ -36,7 +35,7 @@ class EdgeCollector:
         self.attach_info = attach_info
         self.totals = MonotonicCounters()
 
-    def collect(self):  # noqa: ANN201 - prometheus_client protocol
+    def collect(self):
         labels = ["direction", "verdict", "reason"]
         packets = CounterMetricFamily("splitrelay_edge_packets", "Packets the XDP programs decided on",
                                       labels=labels)

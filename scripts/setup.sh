@@ -17,7 +17,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 [ -e /sys/kernel/btf/vmlinux ] || say "warning: kernel has no BTF (/sys/kernel/btf/vmlinux); bcc still works without it"
 
 apt_pkgs=(python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 ethtool python3-venv python3-dev
-          gcc make libc6-dev prometheus tcpdump)
+          gcc make libc6-dev util-linux)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -39,7 +39,7 @@ fi
 # Kernel headers for bcc.
 kver=$(uname -r)
 moddir=/lib/modules/$kver
-if [ -e "$moddir/build/include/uapi/linux/bpf.h" ] || [ -e "$moddir/build/include/linux/bpf.h" ]; then
+if [ -e "$moddir/build/Makefile" ] && [ -e "$moddir/source/include/uapi/linux/bpf.h" -o -e "$moddir/build/include/uapi/linux/bpf.h" ]; then
   say "kernel headers for $kver present ($moddir/build)"
 else
   common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1 || true)

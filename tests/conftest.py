@@ -6,7 +6,6 @@ import os
 import subprocess
 
 import pytest
-
 from splitrelay.edge.datapath import Backend, Datapath, RelayConfig, pinned_instances, unpin
 from splitrelay.edge.lab import Lab, in_netns
 

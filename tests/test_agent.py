@@ -9,10 +9,9 @@ import sys
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from splitrelay.cli.labstack import control, control_url, start_lab, stop_lab
 from splitrelay.edge import stun
-from splitrelay.edge.control_client import ControlClient, ControlError
+from splitrelay.edge.control_client import ControlError
 from splitrelay.edge.lab import Lab, in_netns
 
 from .conftest import needs_root

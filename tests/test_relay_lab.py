@@ -7,12 +7,11 @@ import threading
 import time
 
 import pytest
-
 from splitrelay.edge import stun
 from splitrelay.edge.datapath import Datapath
 from splitrelay.edge.lab import in_netns
 
-from .conftest import attach_relay, needs_root
+from .conftest import needs_root
 
 pytestmark = needs_root
 BACKEND_PORT = 5000
@@ -152,7 +151,7 @@ def test_reload_and_agent_restart_lose_no_packet(relay_lab):
             restarted = Datapath(instance=dp.instance)  # what a restarted agent does
             in_netns(lab.relay_public.netns, restarted.load)
             in_netns(lab.relay_public.netns,
-                     lambda: restarted.attach(lab.relay_public.ifname, lab.relay_internal.ifname, "native"))
+                     lambda r=restarted: r.attach(lab.relay_public.ifname, lab.relay_internal.ifname, "native"))
             swaps += 1
         before = sent
         while sent < before + 200 and worker.is_alive():

@@ -6,7 +6,6 @@ import pytest
 from aioice import stun as aioice_stun
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from splitrelay.edge import hint, stun
 
 from .vectors import hint_v1, rfc5769, rfc7983

@@ -9,7 +9,6 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
-
 from splitrelay.edge import hint, stun
 from splitrelay.edge.datapath import Backend, Datapath, DatapathError, RelayConfig
 from splitrelay.edge.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, run_xdp

@@ -18,8 +18,8 @@ import json
 import math
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -257,9 +257,9 @@ async def run_probe(
         bad.cancel()
         if up not in done:
             raise ProbeError(
-                "session did not connect within %.0f s (ice: %s, connection: %s)"
-                % (connect_timeout, "→".join(report.ice_states) or "new",
-                   "→".join(report.connection_states) or "new")
+                f"session did not connect within {connect_timeout:.0f} s "
+                f"(ice: {'→'.join(report.ice_states) or 'new'}, "
+                f"connection: {'→'.join(report.connection_states) or 'new'})"
             )
         deadline = time.monotonic() + duration
         seq = 0
@@ -286,7 +286,7 @@ async def run_probe(
             report.error = "session failed" if failed.is_set() else "no audio came back"
     except ProbeError as exc:
         report.error = str(exc)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         report.error = f"WHIP request to {whip_url} failed: {exc.__class__.__name__}: {exc}".rstrip(": ")
     finally:
         if report.location:
@@ -294,7 +294,7 @@ async def run_probe(
                 headers = {"Authorization": f"Bearer {token}"} if token else {}
                 async with http.delete(report.location, headers=headers) as resp:
                     await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
         await http.close()
         for task in tasks:
