@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/splitrelay demo
 
 bench: $(STAMP)
-	$(VENV)/bin/splitrelay bench --write BENCHMARKS.md
+	@echo "make bench: the benchmark suite is not built yet (issue: Benchmarks)"; exit 2
 
 fuzz: $(STAMP)
 	$(PY) -m pytest -q tests/test_fuzz.py --hypothesis-profile=long

@@ -253,6 +253,59 @@ static __always_inline void flow_touch(struct sr_flow *f, __u32 bytes, __u64 now
 	__sync_fetch_and_add(&f->bytes, bytes);
 }
 
+/*
+ * A reply from a registered backend: SNAT to the relay's public address and
+ * port and send it out of the public interface.  Returns -1 when the packet is
+ * not from a backend (the caller passes it).
+ */
+static __always_inline int backend_reply(struct xdp_md *ctx, struct sr_config *cfg, struct pkt *pp)
+{
+	struct pkt p = *pp;
+	struct sr_addr_key bkey;
+	client_key(&p, &bkey, 1);
+	__u32 *backend_id = backend_addrs.lookup(&bkey);
+	if (!backend_id)
+		return -1;
+
+	__u32 delta = 0;
+	if (p.ip4) {
+		if (!cfg->public_ip4)
+			return count(SR_STAT_OUT_DROP_FAMILY, p.bytes, XDP_DROP);
+		__u32 ipdelta = csum_delta32(0, p.ip4->saddr, cfg->public_ip4);
+		delta = ipdelta;
+		p.ip4->saddr = cfg->public_ip4;
+		p.ip4->check = csum_apply(p.ip4->check, ipdelta);
+	} else if (p.ip6) {
+		if (!(cfg->public_ip6[0] | cfg->public_ip6[1] | cfg->public_ip6[2] | cfg->public_ip6[3]))
+			return count(SR_STAT_OUT_DROP_FAMILY, p.bytes, XDP_DROP);
+		delta = csum_delta_addr6(0, p.ip6->saddr.in6_u.u6_addr32, cfg->public_ip6);
+		__builtin_memcpy(p.ip6->saddr.in6_u.u6_addr32, cfg->public_ip6, 16);
+	} else {
+		return XDP_PASS;
+	}
+	delta = csum_delta16(delta, p.udp->source, cfg->relay_port);
+	p.udp->source = cfg->relay_port;
+	udp_csum_update(&p.udp->check, delta, p.ip6 != NULL);
+
+	struct sr_addr_key ckey;
+	client_key(&p, &ckey, 0);
+	__u32 stat = SR_STAT_OUT_FWD_NO_FLOW;
+	struct sr_flow *f = flows.lookup(&ckey);
+	if (f && f->backend_id == *backend_id) {
+		__builtin_memcpy(p.eth->h_dest, f->client_mac, ETH_ALEN);
+		__sync_fetch_and_add(&f->rx_packets, 1);
+		__sync_fetch_and_add(&f->rx_bytes, p.bytes);
+		stat = SR_STAT_OUT_FWD;
+	} else {
+		__builtin_memcpy(p.eth->h_dest, cfg->gateway_mac, ETH_ALEN);
+	}
+	__builtin_memcpy(p.eth->h_source, cfg->public_mac, ETH_ALEN);
+	int act = tx_ports.redirect_map(cfg->public_slot, 0);
+	if (act != XDP_REDIRECT)
+		return count(SR_STAT_OUT_DROP_REDIRECT, p.bytes, XDP_DROP);
+	return count(stat, p.bytes, XDP_REDIRECT);
+}
+
 int xdp_public(struct xdp_md *ctx)
 {
 	__u32 zero = 0;
@@ -270,8 +323,13 @@ int xdp_public(struct xdp_md *ctx)
 			return XDP_PASS;
 		return count(r, p.bytes, XDP_DROP);
 	}
-	if (p.udp->dest != cfg->relay_port)
+	if (p.udp->dest != cfg->relay_port) {
+		/* One interface may serve both sides: a backend's reply is SNATed here too. */
+		int reply = backend_reply(ctx, cfg, &p);
+		if (reply >= 0)
+			return reply;
 		return count(SR_STAT_IN_PASS_OTHER, p.bytes, XDP_PASS);
+	}
 
 	void *data_end = (void *)(long)ctx->data_end;
 	if (p.payload_len < 1 || (void *)(p.payload + 1) > data_end)
@@ -356,48 +414,8 @@ int xdp_internal(struct xdp_md *ctx)
 	int r = parse_packet(ctx, &p, SR_STAT_OUT_PASS_OTHER, SR_STAT_OUT_PASS_OTHER);
 	if (r != 0)
 		return XDP_PASS;
-
-	struct sr_addr_key bkey;
-	client_key(&p, &bkey, 1);
-	__u32 *backend_id = backend_addrs.lookup(&bkey);
-	if (!backend_id)
+	r = backend_reply(ctx, cfg, &p);
+	if (r < 0)
 		return count(SR_STAT_OUT_PASS_OTHER, p.bytes, XDP_PASS);
-
-	__u32 delta = 0;
-	if (p.ip4) {
-		if (!cfg->public_ip4)
-			return count(SR_STAT_OUT_DROP_FAMILY, p.bytes, XDP_DROP);
-		__u32 ipdelta = csum_delta32(0, p.ip4->saddr, cfg->public_ip4);
-		delta = ipdelta;
-		p.ip4->saddr = cfg->public_ip4;
-		p.ip4->check = csum_apply(p.ip4->check, ipdelta);
-	} else if (p.ip6) {
-		if (!(cfg->public_ip6[0] | cfg->public_ip6[1] | cfg->public_ip6[2] | cfg->public_ip6[3]))
-			return count(SR_STAT_OUT_DROP_FAMILY, p.bytes, XDP_DROP);
-		delta = csum_delta_addr6(0, p.ip6->saddr.in6_u.u6_addr32, cfg->public_ip6);
-		__builtin_memcpy(p.ip6->saddr.in6_u.u6_addr32, cfg->public_ip6, 16);
-	} else {
-		return XDP_PASS;
-	}
-	delta = csum_delta16(delta, p.udp->source, cfg->relay_port);
-	p.udp->source = cfg->relay_port;
-	udp_csum_update(&p.udp->check, delta, p.ip6 != NULL);
-
-	struct sr_addr_key ckey;
-	client_key(&p, &ckey, 0);
-	__u32 stat = SR_STAT_OUT_FWD_NO_FLOW;
-	struct sr_flow *f = flows.lookup(&ckey);
-	if (f && f->backend_id == *backend_id) {
-		__builtin_memcpy(p.eth->h_dest, f->client_mac, ETH_ALEN);
-		__sync_fetch_and_add(&f->rx_packets, 1);
-		__sync_fetch_and_add(&f->rx_bytes, p.bytes);
-		stat = SR_STAT_OUT_FWD;
-	} else {
-		__builtin_memcpy(p.eth->h_dest, cfg->gateway_mac, ETH_ALEN);
-	}
-	__builtin_memcpy(p.eth->h_source, cfg->public_mac, ETH_ALEN);
-	int act = tx_ports.redirect_map(cfg->public_slot, 0);
-	if (act != XDP_REDIRECT)
-		return count(SR_STAT_OUT_DROP_REDIRECT, p.bytes, XDP_DROP);
-	return count(stat, p.bytes, XDP_REDIRECT);
+	return r;
 }

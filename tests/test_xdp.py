@@ -257,6 +257,18 @@ def test_backend_may_send_before_any_flow_exists(relay):
     assert counts(relay) == {"OUT_FWD_NO_FLOW": 1}
 
 
+def test_one_interface_serves_both_directions(relay):
+    """With a single interface, xdp_public itself SNATs the backends' replies."""
+    public(relay, P.udp_frame(V["2.1"]))
+    reply = P.udp_frame(b"\x80" * 60, src=P.BACKEND_IP4, dst=P.CLIENT_IP4, sport=P.BACKEND_PORT,
+                        dport=P.CLIENT_PORT, src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC)
+    result = public(relay, reply)
+    assert result.verdict == XDP_REDIRECT
+    pkt = Ether(result.data)
+    assert pkt[IP].src == P.PUBLIC_IP4 and pkt[UDP].sport == P.RELAY_PORT and pkt.dst == P.CLIENT_MAC
+    assert P.checksums_valid(result.data)
+
+
 def test_internal_traffic_that_is_not_a_backend_passes_untouched(relay):
     frame = P.udp_frame(b"GET /", src=P.BACKEND_IP4, sport=8080, dst="10.1.0.1", dport=8470)
     result = internal(relay, frame)
