@@ -45,7 +45,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def run_demo(seconds: float = 10.0, on_status: Callable[[str], None] | None = None) -> DemoReport:
-    info = start_lab(transceivers=2)
+    info = start_lab(transceivers=2, handler=None)
     lab = Lab.load(info["name"])
     try:
         return _session(lab, info, seconds, on_status or (lambda line: None))

@@ -6,6 +6,7 @@ stack this way, each daemon as a real process in its own namespace.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from splitrelay.edge.lab import STATE_DIR, Lab, LabError, in_netns
 
 CONTROL_PORT = 8470
 BACKEND_PORT = 5000
+WHIP_PORT = 8080
 READY_TIMEOUT = 30.0
 
 
@@ -24,8 +26,14 @@ def control_url(lab: Lab) -> str:
     return f"http://{lab.relay_internal.ip4}:{CONTROL_PORT}"
 
 
+def whip_url(t) -> str:  # noqa: ANN001
+    return f"http://{t.signal_ip4}:{WHIP_PORT}/whip"
+
+
 def lab_info(lab: Lab) -> dict:
     return {
+        "whip_url": whip_url(lab.transceivers[0]),
+        "whip_urls": [whip_url(t) for t in lab.transceivers],
         "name": lab.name,
         "client_netns": lab.client.netns,
         "relay_netns": lab.relay_public.netns,
@@ -35,7 +43,7 @@ def lab_info(lab: Lab) -> dict:
         "metrics_urls": [control_url(lab) + "/metrics"],
         "transceivers": [
             {"netns": t.netns, "backend_id": t.backend_id, "backend": f"{t.ip4}:{BACKEND_PORT}",
-             "signal_ip": t.signal_ip4}
+             "whip_url": whip_url(t)}
             for t in lab.transceivers
         ],
     }
@@ -75,17 +83,34 @@ def start_agent(lab: Lab, policy: str = "strict") -> subprocess.Popen:
     return proc
 
 
+def start_transceiver(lab: Lab, t, handler: str = "echo") -> subprocess.Popen:  # noqa: ANN001
+    argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
+            "--backend-id", str(t.backend_id), "--bind", f"{t.ip4}:{BACKEND_PORT}", "--ip6", t.ip6,
+            "--relay", f"{lab.relay_public.ip4}:{lab.relay_port}", "--relay-control", control_url(lab),
+            "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler]
+    path = log_file(lab, f"t{t.index}")
+    with path.open("w") as log:
+        proc = lab.popen(t.netns, argv, stderr=log, stdout=log, stdin=subprocess.DEVNULL)
+    wait_ready(proc, path, "transceiver ready", f"transceiver {t.index}")
+    return proc
+
+
 def control(lab: Lab, fn):
     """Call the lab agent's control API from inside the relay namespace."""
     return in_netns(lab.relay_public.netns, lambda: fn(ControlClient(control_url(lab))))
 
 
-def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict") -> dict:
+def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
+              handler: str | None = "echo") -> dict:
+    """Namespaces, the edge agent and (unless handler is None) one transceiver per host."""
     lab = Lab.create(transceivers=transceivers, name=name)
     try:
         start_agent(lab, policy)
         for t in lab.transceivers:
-            control(lab, lambda c, t=t: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6))
+            if handler is None:
+                control(lab, lambda c, t=t: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6))
+            else:
+                start_transceiver(lab, t, handler)
     except BaseException:
         stop_lab(lab.name)
         raise
@@ -98,3 +123,18 @@ def stop_lab(name: str) -> None:
     unpin(lab.name)
     for path in STATE_DIR.glob(f"{name}-*.log"):
         path.unlink()
+
+
+def probe(lab: Lab, whip_urls: list[str], duration: float, sessions: int = 1) -> subprocess.Popen:
+    """Start WHIP voice probes (plain aiortc clients) in the lab's client namespace."""
+    argv = [sys.executable, "-m", "splitrelay.transceiver.probe", *whip_urls, "--duration", str(duration),
+            "--sessions", str(sessions)]
+    return lab.popen(lab.client.netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def probe_result(proc: subprocess.Popen, timeout: float) -> list[dict]:
+    out, err = proc.communicate(timeout=timeout)
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        raise LabError(f"probe failed (exit {proc.returncode}): {err.strip().splitlines()[-1:] or out}") from None

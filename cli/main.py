@@ -368,6 +368,81 @@ def stats(control: str, token: str | None, as_json: bool, watch: float | None) -
             return
 
 
+# -- transceiver ----------------------------------------------------------------------
+
+def _hostport(value: str, what: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise CliError(f"{what} must be host:port, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+@main.group()
+def transceiver() -> None:
+    """Run the WebRTC endpoint (aiortc) that owns sessions behind a relay."""
+
+
+@transceiver.command("serve")
+@click.option("--backend-id", type=click.IntRange(1, 262143), required=True,
+              help="This transceiver's id at the relay (carried in every session's ufrag).")
+@click.option("--bind", default="127.0.0.1:5000", show_default=True,
+              help="host:port of the one UDP socket serving every session (the backend address).")
+@click.option("--relay", "relay_public", help="The relay's public ip:port, the only candidate clients see. "
+              "Omit for direct mode (the bind address is advertised).")
+@click.option("--relay-control", help="Edge agent control URL to register sessions with.")
+@click.option("--whip-listen", default="127.0.0.1:8080", show_default=True, help="host:port of WHIP signaling.")
+@click.option("--handler", default="echo", show_default=True, type=click.Choice(["echo", "tone"]),
+              help="What answers the caller.")
+@click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token of the edge control API.")
+@click.option("--whip-token", envvar="SPLITRELAY_WHIP_TOKEN", help="Bearer token clients must send to WHIP.")
+@click.option("--ip6", help="The backend address's IPv6 twin, for IPv6 clients.")
+def transceiver_serve(backend_id: int, bind: str, relay_public: str | None, relay_control: str | None,
+                      whip_listen: str, handler: str, token: str | None, whip_token: str | None,
+                      ip6: str | None) -> None:
+    """Serve WHIP and every session on one UDP port, registering sessions with the relay.
+
+    \b
+    Example:
+      splitrelay transceiver serve --backend-id 1 --bind 10.0.0.11:5000 \\
+          --relay 203.0.113.1:3478 --relay-control http://10.0.0.1:8470 --whip-listen 0.0.0.0:8080
+    """
+    from splitrelay.transceiver.mux import MuxError
+    from splitrelay.transceiver.registration import RegistrationError
+    from splitrelay.transceiver.service import Transceiver, TransceiverConfig
+
+    bind_host, bind_port = _hostport(bind, "--bind")
+    whip_host, whip_port = _hostport(whip_listen, "--whip-listen")
+    config = TransceiverConfig(
+        backend_id=backend_id, bind_host=bind_host, bind_port=bind_port,
+        public_address=_hostport(relay_public, "--relay") if relay_public else None,
+        whip_host=whip_host, whip_port=whip_port, relay_control=relay_control, relay_token=token,
+        whip_token=whip_token, handler=handler, backend_ip6=ip6,
+    )
+    service = Transceiver(config)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await service.start()
+        except (MuxError, RegistrationError) as exc:
+            await service.stop()
+            raise CliError(str(exc)) from None
+        except OSError as exc:
+            await service.stop()
+            raise CliError(f"cannot listen on {whip_listen}: {exc.strerror or exc}") from None
+        click.echo(f"transceiver ready: WHIP {service.whip_url} backend {backend_id} "
+                   f"on {bind_host}:{service.mux.local_address[1]}", err=True)
+        try:
+            await stop.wait()
+        finally:
+            await service.stop()
+
+    asyncio.run(run())
+
+
 # -- lab ---------------------------------------------------------------------------
 
 @main.group()

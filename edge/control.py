@@ -104,8 +104,8 @@ class ControlAPI:
             web.put("/v1/backends/{id}", self.put_backend),
             web.delete("/v1/backends/{id}", self.delete_backend),
             web.get("/v1/sessions", self.list_sessions),
-            web.put("/v1/sessions/{ufrag}", self.put_session),
-            web.delete("/v1/sessions/{ufrag}", self.delete_session),
+            web.put("/v1/sessions/{ufrag:.+}", self.put_session),
+            web.delete("/v1/sessions/{ufrag:.+}", self.delete_session),
             web.get("/v1/flows", self.list_flows),
             web.get("/v1/stats", self.stats),
         ] + (extra_routes or []))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from urllib.parse import quote
 from typing import Any
 
 
@@ -55,10 +56,10 @@ class ControlClient:
         return self._call("GET", "/v1/backends")
 
     def put_session(self, ufrag: str, backend_id: int) -> dict:
-        return self._call("PUT", f"/v1/sessions/{ufrag}", {"backend": backend_id})
+        return self._call("PUT", f"/v1/sessions/{quote(ufrag, safe='')}", {"backend": backend_id})
 
     def delete_session(self, ufrag: str) -> None:
-        self._call("DELETE", f"/v1/sessions/{ufrag}")
+        self._call("DELETE", f"/v1/sessions/{quote(ufrag, safe='')}")
 
     def sessions(self) -> list[dict]:
         return self._call("GET", "/v1/sessions")

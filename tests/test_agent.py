@@ -21,7 +21,7 @@ pytestmark = needs_root
 
 @pytest.fixture(scope="module")
 def agent_lab():
-    info = start_lab(transceivers=2)
+    info = start_lab(transceivers=2, handler=None)
     try:
         yield Lab.load(info["name"]), info
     finally:
@@ -81,6 +81,15 @@ def test_not_json_is_refused(agent_lab):
         return 200
 
     assert in_netns(lab.relay_public.netns, raw_put) == 400
+
+
+def test_ufrags_with_slash_and_plus_round_trip(agent_lab):
+    lab, _ = agent_lab
+    for ufrag in ("BAAB+/xY0123+/ab", "a/b+", "////"):
+        assert call(lab, lambda c, u=ufrag: c.put_session(u, 1))["ufrag"] == ufrag
+        assert ufrag in [s["ufrag"] for s in call(lab, lambda c: c.sessions())]
+        call(lab, lambda c, u=ufrag: c.delete_session(u))
+        assert ufrag not in [s["ufrag"] for s in call(lab, lambda c: c.sessions())]
 
 
 def test_session_lifecycle_with_real_packets(agent_lab):

@@ -320,17 +320,26 @@ async def _collect_stats(pc: RTCPeerConnection, report: ProbeReport) -> None:
                 report.packets_received = item.packetsReceived
 
 
-def main() -> None:  # pragma: no cover - thin wrapper used inside lab namespaces
+async def run_probes(whip_urls: list[str], sessions: int, duration: float,
+                     token: str | None = None) -> list[ProbeReport]:
+    """``sessions`` concurrent probes spread round-robin over ``whip_urls``."""
+    return list(await asyncio.gather(*(
+        run_probe(whip_urls[i % len(whip_urls)], duration=duration, token=token) for i in range(sessions)
+    )))
+
+
+def main() -> None:  # pragma: no cover - thin wrapper run inside lab namespaces
     import argparse
 
-    parser = argparse.ArgumentParser(description="splitrelay probe: one measured WHIP voice session")
-    parser.add_argument("whip_url")
+    parser = argparse.ArgumentParser(description="splitrelay probe: measured WHIP voice sessions")
+    parser.add_argument("whip_url", nargs="+")
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--sessions", type=int, default=1)
     parser.add_argument("--token")
     args = parser.parse_args()
-    report = asyncio.run(run_probe(args.whip_url, duration=args.duration, token=args.token))
-    print(json.dumps(report.to_dict()))
-    raise SystemExit(0 if report.ok else 1)
+    reports = asyncio.run(run_probes(args.whip_url, args.sessions, args.duration, args.token))
+    print(json.dumps([r.to_dict() for r in reports]))
+    raise SystemExit(0 if all(r.ok for r in reports) else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,103 @@
+"""Real WebRTC through the relay: aiortc clients in the client namespace, transceivers behind XDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from splitrelay.cli.labstack import control, probe, probe_result, start_agent, start_lab, stop_lab
+from splitrelay.edge import hint
+from splitrelay.edge.lab import Lab
+
+from .conftest import needs_root
+
+pytestmark = needs_root
+
+
+@pytest.fixture(scope="module")
+def voice_lab():
+    info = start_lab(transceivers=2, handler="echo")
+    try:
+        yield Lab.load(info["name"]), info
+    finally:
+        stop_lab(info["name"])
+
+
+def wait_for(condition, timeout: float, what: str, proc=None):
+    """Poll a cheap read (the agent's API) until it holds; bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    detail = ""
+    if proc is not None and proc.poll() is not None:
+        out, err = proc.communicate()
+        detail = f": probe exited {proc.returncode}: {err.strip()[-500:] or out[-500:]}"
+    raise AssertionError(f"timed out waiting for {what}{detail}")
+
+
+def assert_clean_call(report: dict) -> None:
+    assert report["ok"], report["error"]
+    states = report["ice_states"]
+    assert states[0] == "checking" and states[-1] == "closed", states
+    assert {"connected", "completed"} & set(states[1:-1]), states
+    assert "failed" not in states and "failed" not in report["connection_states"]
+    assert report["connection_states"][:2] == ["connecting", "connected"]
+    assert report["beeps_sent"] >= 3
+    assert report["beeps_heard"] == report["beeps_sent"], "echoed audio lost beeps"
+    assert report["datachannel_rtt_ms"], "no data-channel round trip"
+
+
+def test_voice_session_through_xdp(voice_lab):
+    lab, info = voice_lab
+    before = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats())["counters"]}
+    proc = probe(lab, [info["whip_urls"][1]], duration=3)
+    flows = wait_for(lambda: control(lab, lambda c: c.flows()), 20, "the session's flow", proc)
+    assert [f["backend"] for f in flows] == [2]
+    assert hint.decode(flows[0]["ufrag"]) == 2                # the ufrag carries its owner
+    assert flows[0]["client"].startswith(lab.client.ip4 + ":")
+    [report] = probe_result(proc, 60)
+    assert_clean_call(report)
+    after = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats())["counters"]}
+    assert after["IN_FWD_STUN_UFRAG"] > before["IN_FWD_STUN_UFRAG"]
+    assert after["IN_FWD_FLOW"] - before["IN_FWD_FLOW"] > 100    # media went through XDP
+    # DELETE ended the session: registration and flows are gone from the relay
+    assert control(lab, lambda c: c.sessions()) == []
+    assert control(lab, lambda c: c.flows()) == []
+
+
+def test_ten_sessions_across_two_transceivers_each_on_its_owner(voice_lab):
+    lab, info = voice_lab
+    proc = probe(lab, info["whip_urls"], duration=4, sessions=10)
+    flows = wait_for(lambda: (lambda f: f if len(f) == 10 else None)(control(lab, lambda c: c.flows())),
+                     30, "ten flows")
+    for flow in flows:
+        assert flow["backend"] == hint.decode(flow["ufrag"])    # every flow on its session's owner
+    assert sorted(f["backend"] for f in flows) == [1] * 5 + [2] * 5
+    reports = probe_result(proc, 120)
+    assert len(reports) == 10
+    for report in reports:
+        assert_clean_call(report)
+    assert control(lab, lambda c: c.sessions()) == []
+
+
+def test_edge_agent_kill_and_restart_mid_call(voice_lab):
+    lab, info = voice_lab
+    agent_pid = lab.pids[0]
+    proc = probe(lab, [info["whip_urls"][0]], duration=6)
+    wait_for(lambda: control(lab, lambda c: c.flows()), 20, "the call's flow")
+    boot_id = control(lab, lambda c: c.health())["boot_id"]
+    os.kill(agent_pid, signal.SIGKILL)                        # no cleanup runs: XDP and pins stay
+    os.waitpid(agent_pid, 0)
+    start_agent(lab)
+    lab.save()
+    assert control(lab, lambda c: c.health())["boot_id"] != boot_id
+    sessions = wait_for(lambda: control(lab, lambda c: c.sessions()), 10, "the session after restart")
+    assert len(sessions) == 1
+    [report] = probe_result(proc, 60)
+    assert_clean_call(report)                                 # the call never noticed

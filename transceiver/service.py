@@ -1,0 +1,173 @@
+"""The transceiver daemon: WHIP signaling (RFC 9725), the UDP mux, sessions and their registration.
+
+A standard WebRTC client POSTs its offer and gets back an answer whose only
+candidate is the relay's public address; the session is registered with the
+edge agent before that answer leaves, and unregistered when it ends however
+it ends (DELETE, ICE failure, consent expiry, shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from splitrelay.transceiver.handlers import handler_factory
+from splitrelay.transceiver.mux import UdpMux
+from splitrelay.transceiver.registration import Registrar, RegistrationError
+from splitrelay.transceiver.session import Session, answer_offer
+
+log = logging.getLogger(__name__)
+
+MAX_OFFER = 64 * 1024
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Expose-Headers": "Location",
+}
+
+
+@dataclass
+class TransceiverConfig:
+    backend_id: int
+    bind_host: str = "127.0.0.1"
+    bind_port: int = 5000
+    public_address: tuple[str, int] | None = None   # the relay's ip:port; None = direct mode
+    whip_host: str = "127.0.0.1"
+    whip_port: int = 8080
+    relay_control: str | None = None                # edge agent URL; None = no relay
+    relay_token: str | None = None
+    whip_token: str | None = None
+    handler: str = "echo"
+    backend_ip6: str | None = None
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=message + "\n", headers=CORS)
+
+
+class Transceiver:
+    def __init__(self, config: TransceiverConfig) -> None:
+        self.config = config
+        self.make_handler = handler_factory(config.handler)
+        self.sessions: dict[str, Session] = {}
+        self.mux: UdpMux | None = None
+        self.registrar: Registrar | None = None
+        self.draining = False
+        self._runner: web.AppRunner | None = None
+        self.whip_port: int | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_OFFER)
+        app.add_routes([
+            web.post("/whip", self.post_offer),
+            web.options("/whip", self.options),
+            web.delete("/whip/sessions/{id}", self.delete_session),
+            web.options("/whip/sessions/{id}", self.options),
+            web.get("/sessions", self.list_sessions),
+        ])
+        return app
+
+    async def start(self) -> None:
+        c = self.config
+        self.mux = await UdpMux.bind(c.bind_host, c.bind_port, c.public_address)
+        if c.relay_control:
+            host, port = self.mux.local_address
+            self.registrar = Registrar(c.relay_control, c.backend_id, host, port, c.relay_token, c.backend_ip6)
+            await self.registrar.start()
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, c.whip_host, c.whip_port)
+        await site.start()
+        self.whip_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
+
+    @property
+    def whip_url(self) -> str:
+        return f"http://{self.config.whip_host}:{self.whip_port}/whip"
+
+    def _authorized(self, request: web.Request) -> bool:
+        if not self.config.whip_token:
+            return True
+        offered = request.headers.get("Authorization", "").encode()
+        return hmac.compare_digest(offered, f"Bearer {self.config.whip_token}".encode())
+
+    async def options(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers=CORS)
+
+    async def post_offer(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        if self.draining:
+            return _error(503, "this transceiver is draining; try another")
+        if request.content_type != "application/sdp":
+            return _error(415, "the offer must be Content-Type: application/sdp")
+        if request.content_length and request.content_length > MAX_OFFER:
+            return _error(413, f"offer larger than {MAX_OFFER} bytes")
+        try:
+            sdp = await request.text()
+        except (web.HTTPRequestEntityTooLarge, UnicodeDecodeError):
+            return _error(413, f"offer larger than {MAX_OFFER} bytes or not text")
+        if not sdp.startswith("v=0"):
+            return _error(400, "the body is not an SDP offer (no v=0)")
+        if "\nm=audio " not in sdp.replace("\r\n", "\n"):
+            return _error(400, "the offer has no audio m-line")
+        if "a=ice-ufrag:" not in sdp or "a=ice-pwd:" not in sdp:
+            return _error(400, "the offer has no ICE credentials")
+
+        async def register(session: Session) -> None:
+            if self.registrar:
+                await self.registrar.register(session.ufrag)
+
+        try:
+            session, answer = await answer_offer(
+                sdp, self.mux, self.config.backend_id, self.make_handler,
+                before_answer=register, on_end=self._ended,
+            )
+        except RegistrationError as exc:
+            return _error(503, f"the relay did not accept the session: {exc}")
+        except ValueError as exc:
+            return _error(400, f"bad offer: {exc}")
+        self.sessions[session.session_id] = session
+        location = f"/whip/sessions/{session.session_id}"
+        return web.Response(status=201, text=answer, content_type="application/sdp",
+                            headers={"Location": location, **CORS})
+
+    def _ended(self, session: Session) -> None:
+        asyncio.ensure_future(self.end_session(session.session_id))
+
+    async def end_session(self, session_id: str) -> bool:
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return False
+        if self.registrar:
+            await self.registrar.unregister(session.ufrag)
+        await session.close()
+        return True
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _error(401, "missing or wrong bearer token")
+        if not await self.end_session(request.match_info["id"]):
+            return _error(404, "no such session")
+        return web.Response(status=200, headers=CORS)
+
+    async def list_sessions(self, request: web.Request) -> web.Response:
+        out = []
+        for session in list(self.sessions.values()):
+            out.append({**session.to_dict(), "stats": await session.stats()})
+        return web.json_response(out)
+
+    async def stop(self) -> None:
+        self.draining = True
+        for session_id in list(self.sessions):
+            await self.end_session(session_id)
+        if self.registrar:
+            await self.registrar.stop()
+        if self._runner:
+            await self._runner.cleanup()
+        if self.mux:
+            self.mux.close()
