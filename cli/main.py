@@ -501,10 +501,11 @@ def lab_status(as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(1, 300))
+@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(2, 300),
+              help="How long the client talks.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary as JSON.")
 def demo(seconds: float, as_json: bool) -> None:
-    """Build a lab, run one media session through XDP with a live status line, summarise, tear down.
+    """Lab up, one real WebRTC voice session through XDP with a live status line, summary, teardown.
 
     \b
     Example:
@@ -516,25 +517,27 @@ def demo(seconds: float, as_json: bool) -> None:
 
     def status(line: str) -> None:
         if not as_json:
-            click.echo("\r" + line.ljust(100), nl=False, err=True)
+            click.echo("\r" + line.ljust(90), nl=False, err=True)
 
     if not as_json:
-        click.echo("building lab: client, relay (XDP), 2 transceivers ...", err=True)
+        click.echo("building lab: client, relay (XDP, ip_forward=0), 2 transceivers (aiortc, echo) ...", err=True)
     report = run_demo(seconds, status)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
-        return
-    click.echo("", err=True)
-    click.echo(f"relay {report.relay_public}: first STUN request routed by ufrag in "
-               f"{report.first_packet_rtt_ms} ms (round trip)")
-    click.echo(f"media: {report.packets_echoed}/{report.packets_sent} packets echoed, "
-               f"RTT p50 {report.rtt_ms_p50} ms, p99 {report.rtt_ms_p99} ms")
-    click.echo(f"the transceiver saw the client as {report.transceiver_saw_client}; "
-               f"the client only saw {report.relay_public}")
-    click.echo("XDP counters: " + ", ".join(f"{k} {v}" for k, v in report.counters.items()))
-    lost = report.packets_sent - report.packets_echoed
-    if lost:
-        raise CliError(f"{lost} packets were lost")
+    else:
+        click.echo("", err=True)
+        click.echo(f"session via relay {report.relay_public} (WHIP {report.whip_url}):")
+        click.echo(f"  answer {report.offer_to_answer_ms:.1f} ms, ICE connected {report.ice_connected_ms:.1f} ms, "
+                   f"DTLS connected {report.dtls_connected_ms:.1f} ms after the offer"
+                   if report.dtls_connected_ms else "  the session did not connect")
+        if report.audio_rtt_ms is not None:
+            click.echo(f"  audio round trip (mouth to ear, echo) {report.audio_rtt_ms:.0f} ms; "
+                       f"data channel {report.datachannel_rtt_ms:.2f} ms; "
+                       f"beeps heard {report.beeps_heard}/{report.beeps_sent}")
+        click.echo(f"  XDP: {report.xdp_forwarded} packets forwarded, {report.xdp_dropped} dropped")
+        click.echo("  " + ", ".join(f"{k} {v}" for k, v in report.counters.items()))
+    if not report.ok:
+        raise CliError(f"the demo session failed: {report.error}")
 
 
 if __name__ == "__main__":  # pragma: no cover

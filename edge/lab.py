@@ -197,6 +197,13 @@ class Lab:
             self._addr(t)
             self._ns(t.netns, "ip", "route", "add", "172.31.0.0/24", "via", self.relay_internal.ip4)
             self._ns(t.netns, "ip", "-6", "route", "add", "fd00:31::/64", "via", self.relay_internal.ip6)
+            # the backend address reaches clients only through the relay, never over signaling
+            for family, own, net, relay in (("-4", t.ip4, "172.31.1.0/24", self.relay_internal.ip4),
+                                            ("-6", t.ip6, "fd00:32::/64", self.relay_internal.ip6)):
+                client_net = "172.31.0.0/24" if family == "-4" else "fd00:31::/64"
+                self._ns(t.netns, "ip", family, "rule", "add", "from", own, "lookup", "100", "priority", "100")
+                self._ns(t.netns, "ip", family, "route", "add", net, "dev", "eth1", "table", "100")
+                self._ns(t.netns, "ip", family, "route", "add", client_net, "via", relay, "table", "100")
             self._veth(t.netns, "sig0", sw, f"t{t.index}s")
             self._ns(sw, "ip", "link", "set", f"t{t.index}s", "master", "sig")
             self._ns(t.netns, "ip", "addr", "add", f"{t.signal_ip4}/24", "dev", "sig0")

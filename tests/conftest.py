@@ -58,15 +58,40 @@ def relay_lab(lab):
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
-    """Fail the run if a lab namespace, lab state file or pinned test map outlives the tests."""
-    before_ns = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    before_pins = set(pinned_instances()) if os.geteuid() == 0 else set()
-    yield
+    """Fail the run if a namespace or pinned map this test run created outlives it.
+
+    Only what this process created counts (other runs may share the machine): every
+    lab and data-plane instance is recorded as it is made.
+    """
+    labs: list[Lab] = []
+    instances: set[str] = set()
+    original_create = Lab.create.__func__
+    original_load = Datapath.load
+
+    def create(cls, *args, **kwargs):
+        lab = original_create(cls, *args, **kwargs)
+        labs.append(lab)
+        instances.add(lab.name)
+        return lab
+
+    def load(self):
+        instances.add(self.instance)
+        return original_load(self)
+
+    Lab.create = classmethod(create)
+    Datapath.load = load
+    try:
+        yield
+    finally:
+        Lab.create = classmethod(original_create)
+        Datapath.load = original_load
     if os.geteuid() != 0:
         return
-    after_ns = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    leaked_ns = {ns for ns in after_ns - before_ns if ns.startswith("sr")}
-    leaked_pins = set(pinned_instances()) - before_pins
+    existing = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    leaked_ns = {ns for lab in labs for ns in lab.namespaces() if ns in existing}
+    leaked_pins = instances & set(pinned_instances())
+    for lab in labs:
+        lab.destroy()
     for name in leaked_pins:
         unpin(name)
     assert not leaked_ns and not leaked_pins, f"left behind: namespaces {leaked_ns}, pins {leaked_pins}"

@@ -48,6 +48,7 @@ class ProbeReport:
     connection_states: list[str] = field(default_factory=list)
     beeps_sent: int = 0
     beeps_heard: int = 0
+    beep_echoed: list[bool] = field(default_factory=list)  # per beep sent, in order
     audio_rtt_ms: list[float] = field(default_factory=list)
     datachannel_rtt_ms: list[float] = field(default_factory=list)
     frames_received: int = 0
@@ -279,6 +280,7 @@ async def run_probe(
         # beeps sent in the last RTT cannot have come back yet: do not count them as sent
         horizon = time.monotonic() - (max(detector.rtts_ms) / 1000.0 if detector.rtts_ms else 1.0) - 0.1
         report.beeps_sent = sum(1 for t in track.sent_at if t <= horizon)
+        report.beep_echoed = [i in detector.matched for i in range(report.beeps_sent)]
         report.beeps_heard = len(detector.rtts_ms)
         report.audio_rtt_ms = list(detector.rtts_ms)
         report.ok = not failed.is_set() and report.beeps_heard > 0
