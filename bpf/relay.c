@@ -4,7 +4,8 @@
  *
  * xdp_public   public interface: steer every WebRTC packet for the relay port to
  *              the transceiver that owns its session (STUN ufrag, routing hint,
- *              then the learned 5-tuple flow), DNAT + redirect.
+ *              then the learned 5-tuple flow), DNAT + redirect (XDP_TX when the backend
+ *              sits behind the same interface).
  * xdp_internal internal interface(s): SNAT transceiver replies to the relay's
  *              public address and port, redirect out of the public interface.
  *
@@ -27,6 +28,24 @@
 #define STUN_BINDING_REQ    0x0001
 #define STUN_ATTR_USERNAME  0x0006
 
+/*
+ * bcc 0.26 has no pinned devmap macro: BPF_TABLE_PINNED("devmap", ...) gives a
+ * table without redirect_map(), BPF_DEVMAP() one that is never pinned.  bcc
+ * reads "maps/<type>:<pin path>" from the section name and rewrites .lookup()
+ * and .redirect_map() by member name, so this declares both on a pinned devmap
+ * (the value the program reads back is the slot's ifindex).
+ */
+#define SR_DEVMAP_PINNED(_name, _max_entries, _path)                       \
+	struct _name##_table_t {                                           \
+		__u32 key;                                                 \
+		__u32 leaf;                                                \
+		__u32 *(*lookup)(__u32 *);                                 \
+		__u64 (*redirect_map)(int, int);                           \
+		__u32 max_entries;                                         \
+	};                                                                 \
+	__attribute__((section("maps/devmap:" _path)))                     \
+	struct _name##_table_t _name = { .max_entries = (_max_entries) }
+
 BPF_TABLE_PINNED("array", __u32, struct sr_config, config, 1, SR_PIN_DIR "/config");
 BPF_TABLE_PINNED("hash", __u32, struct sr_backend, backends, SR_MAX_BACKENDS, SR_PIN_DIR "/backends");
 BPF_TABLE_PINNED("hash", struct sr_addr_key, __u32, backend_addrs, SR_MAX_BACKENDS * 2,
@@ -35,7 +54,7 @@ BPF_TABLE_PINNED("hash", struct sr_ufrag_key, struct sr_session, sessions, SR_MA
 		 SR_PIN_DIR "/sessions");
 BPF_TABLE_PINNED("lru_hash", struct sr_addr_key, struct sr_flow, flows, SR_MAX_FLOWS, SR_PIN_DIR "/flows");
 BPF_TABLE_PINNED("percpu_array", __u32, struct sr_counter, stats, SR_STAT__MAX, SR_PIN_DIR "/stats");
-BPF_DEVMAP(tx_ports, SR_MAX_TX_PORTS);
+SR_DEVMAP_PINNED(tx_ports, SR_MAX_TX_PORTS, SR_PIN_DIR "/tx_ports");
 
 struct stun_hdr {
 	__be16 type;
@@ -69,6 +88,26 @@ static __always_inline int count(__u32 stat, __u32 bytes, int verdict)
 		c->bytes += bytes;
 	}
 	return verdict;
+}
+
+/*
+ * Send the frame out of devmap slot `slot`: XDP_TX when that is the interface it
+ * came in on, else bpf_redirect_map.  Anything else (an empty slot gives
+ * XDP_ABORTED) is a failure the caller counts and drops.
+ */
+static __always_inline int redirect_slot(struct xdp_md *ctx, __u32 slot)
+{
+	__u32 *ifindex = tx_ports.lookup(&slot);
+	if (!ifindex)
+		return XDP_ABORTED;
+	if (*ifindex == ctx->ingress_ifindex)
+		return XDP_TX;
+	return tx_ports.redirect_map(slot, 0);
+}
+
+static __always_inline int sent(int act)
+{
+	return act == XDP_REDIRECT || act == XDP_TX;
 }
 
 /*
@@ -240,10 +279,10 @@ static __always_inline int forward_to_backend(struct xdp_md *ctx, struct pkt *p,
 		if (bpf_xdp_adjust_head(ctx, (int)sizeof(struct vlan_hdr_sr)))
 			return count(SR_STAT_IN_DROP_MALFORMED, p->bytes, XDP_DROP);
 	}
-	int act = tx_ports.redirect_map(b->tx_slot, 0);
-	if (act != XDP_REDIRECT)
+	int act = redirect_slot(ctx, b->tx_slot);
+	if (!sent(act))
 		return count(SR_STAT_IN_DROP_REDIRECT, p->bytes, XDP_DROP);
-	return count(stat, p->bytes, XDP_REDIRECT);
+	return count(stat, p->bytes, act);
 }
 
 static __always_inline void flow_touch(struct sr_flow *f, __u32 bytes, __u64 now)
@@ -300,27 +339,28 @@ static __always_inline int backend_reply(struct xdp_md *ctx, struct sr_config *c
 		__builtin_memcpy(p.eth->h_dest, cfg->gateway_mac, ETH_ALEN);
 	}
 	__builtin_memcpy(p.eth->h_source, cfg->public_mac, ETH_ALEN);
-	int act = tx_ports.redirect_map(cfg->public_slot, 0);
-	if (act != XDP_REDIRECT)
+	int act = redirect_slot(ctx, cfg->public_slot);
+	if (!sent(act))
 		return count(SR_STAT_OUT_DROP_REDIRECT, p.bytes, XDP_DROP);
-	return count(stat, p.bytes, XDP_REDIRECT);
+	return count(stat, p.bytes, act);
 }
 
 int xdp_public(struct xdp_md *ctx)
 {
 	__u32 zero = 0;
 	struct sr_config *cfg = config.lookup(&zero);
+	__u32 bytes = ctx->data_end - ctx->data;
 	if (!cfg || !cfg->enabled)
-		return XDP_PASS;
+		return count(SR_STAT_IN_PASS_DISABLED, bytes, XDP_PASS);
 
 	struct pkt p = {};
 	int r = parse_packet(ctx, &p, SR_STAT_IN_DROP_FRAGMENT, SR_STAT_IN_DROP_MALFORMED);
-	if (r < 0)
-		return XDP_PASS;
+	if (r < 0)  /* not IP/UDP, a later IPv4 fragment, IPv6 with extension headers */
+		return count(SR_STAT_IN_PASS_OTHER, bytes, XDP_PASS);
 	if (r > 0) {
 		/* A first fragment or a lying UDP length: ours to drop only if it is for the relay port. */
 		if (p.udp->dest != cfg->relay_port)
-			return XDP_PASS;
+			return count(SR_STAT_IN_PASS_OTHER, bytes, XDP_PASS);
 		return count(r, p.bytes, XDP_DROP);
 	}
 	if (p.udp->dest != cfg->relay_port) {
@@ -368,8 +408,10 @@ int xdp_public(struct xdp_md *ctx)
 
 			struct sr_flow *f = flows.lookup(&fkey);
 			if (f && f->backend_id == backend_id) {
+				/* consent check (or ICE restart on the same 5-tuple): refresh */
 				flow_touch(f, p.bytes, now);
 				__builtin_memcpy(f->client_mac, p.eth->h_source, ETH_ALEN);
+				f->ufrag = ukey;
 			} else {
 				struct sr_flow nf = {};
 				nf.backend_id = backend_id;
@@ -407,13 +449,14 @@ int xdp_internal(struct xdp_md *ctx)
 {
 	__u32 zero = 0;
 	struct sr_config *cfg = config.lookup(&zero);
+	__u32 bytes = ctx->data_end - ctx->data;
 	if (!cfg || !cfg->enabled)
-		return XDP_PASS;
+		return count(SR_STAT_OUT_PASS_DISABLED, bytes, XDP_PASS);
 
 	struct pkt p = {};
 	int r = parse_packet(ctx, &p, SR_STAT_OUT_PASS_OTHER, SR_STAT_OUT_PASS_OTHER);
 	if (r != 0)
-		return XDP_PASS;
+		return count(SR_STAT_OUT_PASS_OTHER, bytes, XDP_PASS);
 	r = backend_reply(ctx, cfg, &p);
 	if (r < 0)
 		return count(SR_STAT_OUT_PASS_OTHER, p.bytes, XDP_PASS);

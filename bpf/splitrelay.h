@@ -124,7 +124,9 @@ struct sr_counter {                 /* per-CPU array "stats", index = enum sr_st
 	X(OUT_FWD_NO_FLOW,     "egress",  "forwarded", "backend_no_flow")   \
 	X(OUT_DROP_FAMILY,     "egress",  "dropped",   "family_mismatch")   \
 	X(OUT_DROP_REDIRECT,   "egress",  "dropped",   "redirect_failed")   \
-	X(OUT_PASS_OTHER,      "egress",  "passed",    "not_backend")
+	X(OUT_PASS_OTHER,      "egress",  "passed",    "not_backend")       \
+	X(IN_PASS_DISABLED,    "ingress", "passed",    "not_configured")    \
+	X(OUT_PASS_DISABLED,   "egress",  "passed",    "not_configured")
 
 #define SR_STAT_ENUM(name, dir, verdict, reason) SR_STAT_##name,
 enum sr_stat {

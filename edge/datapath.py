@@ -11,6 +11,7 @@ caller's; this module only moves values in and out of the kernel.
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import ipaddress
 import logging
 import os
@@ -33,7 +34,14 @@ POLICIES = {"strict": 0, "hint": 1}
 PUBLIC_SLOT = 0
 INTERNAL_SLOT = 1
 UFRAG_MAX = 32
-MAP_NAMES = ("config", "backends", "backend_addrs", "sessions", "flows", "stats")
+# bcc table name -> BPF map type (linux/bpf.h enum bpf_map_type); all pinned under pin_dir
+MAP_TYPES = {"config": 2, "backends": 1, "backend_addrs": 1, "sessions": 1, "flows": 9,
+             "stats": 6, "tx_ports": 14}
+MAP_NAMES = tuple(MAP_TYPES)
+VERIFIER_LOG_SIZE = 1 << 24
+
+# The counters' dataclass lives next to their single definition's parser; re-exported here.
+Counter = counters_mod.Counter
 
 # linux/if_link.h
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -47,9 +55,15 @@ class DatapathError(Exception):
 class VerifierError(DatapathError):
     """The kernel verifier rejected a program; the full log is saved at ``log_path``."""
 
-    def __init__(self, program: str, log_path: str) -> None:
-        super().__init__(f"the BPF verifier rejected {program}; log saved to {log_path}")
+    def __init__(self, program: str, log_path: str, reason: str = "") -> None:
+        detail = f" ({reason})" if reason else ""
+        super().__init__(f"the BPF verifier rejected {program}{detail}; log saved to {log_path}")
+        self.program = program
         self.log_path = log_path
+
+
+class PinnedMapMismatch(DatapathError):
+    """A map pinned by an older build has another layout than the source being loaded."""
 
 
 @dataclass
@@ -171,27 +185,57 @@ class Datapath:
             bpf = BPF(src_file=str(SOURCE_DIR / "relay.c").encode(), cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for compile errors
             raise DatapathError(f"cannot compile {SOURCE_DIR / 'relay.c'}: {exc}") from exc
+        self._check_pinned_layout(bpf)
         programs = {}
         for name in ("xdp_public", "xdp_internal"):
             programs[name] = self._load_program(bpf, name)
         return bpf, programs
 
+    def _check_pinned_layout(self, bpf) -> None:
+        """bcc adopts a pinned map by path without comparing it to the source: do it here.
+
+        A key or value size that differs (an older build of splitrelay.h) would make the
+        program and the agent read garbage, so refuse it; a different capacity only warns.
+        """
+        for name, map_type in MAP_TYPES.items():
+            table = bpf[name.encode()]
+            leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: one CPU's value
+            info = map_info(table.map_fd)
+            want = (map_type, ct.sizeof(table.Key), ct.sizeof(leaf))
+            have = (info.type, info.key_size, info.value_size)
+            if have != want:
+                raise PinnedMapMismatch(
+                    f"pinned map {self.pin_dir / name} has (type, key, value) = {have}, this build "
+                    f"needs {want}: destroy instance {self.instance!r} or use another instance name")
+            if info.max_entries != table.max_entries:
+                log.warning("pinned map %s holds %d entries, this build declares %d; keeping the pinned one",
+                            self.pin_dir / name, info.max_entries, table.max_entries)
+
     @staticmethod
     def _load_program(bpf, name: str):
         from bcc import BPF
+        from bcc.libbcc import lib
 
         try:
             return bpf.load_func(name.encode(), BPF.XDP)
         except Exception as exc:
-            # bcc prints the verifier log to stderr; load again to capture it in a file
+            # bcc only prints the verifier log to stderr: load again into our own buffer
+            buf = ct.create_string_buffer(VERIFIER_LOG_SIZE)
+            fn = name.encode()
+            rc = lib.bcc_func_load(bpf.module, BPF.XDP, fn, lib.bpf_function_start(bpf.module, fn),
+                                   lib.bpf_function_size(bpf.module, fn), lib.bpf_module_license(bpf.module),
+                                   lib.bpf_module_kern_version(bpf.module), 1, buf, VERIFIER_LOG_SIZE,
+                                   None, -1)
+            if rc >= 0:  # accepted the second time (should not happen): use it
+                os.close(rc)
             fd, path = tempfile.mkstemp(prefix=f"splitrelay-verifier-{name}-", suffix=".log")
             with os.fdopen(fd, "w") as out:
-                out.write(f"{exc}\n")
-                try:
-                    bpf.load_func(name.encode(), BPF.XDP, log_level=2)
-                except Exception as again:  # noqa: BLE001 - we only want its message
-                    out.write(str(again))
-            raise VerifierError(name, path) from exc
+                out.write(f"# {exc}\n")
+                out.write(buf.value.decode("utf-8", "replace"))
+            lines = [ln for ln in buf.value.decode("utf-8", "replace").splitlines() if ln.strip()]
+            tail = [ln for ln in lines if not ln.startswith(("processed ", "verification time"))][-2:]
+            reason = "; ".join(tail) or str(exc)
+            raise VerifierError(name, path, reason) from exc
 
     def load(self) -> None:
         """Compile and load the programs; adopt the pinned maps if they exist."""
@@ -208,7 +252,8 @@ class Datapath:
         raise DatapathError(f"no interface named {ifname!r} in this network namespace")
 
     def _set_slot(self, slot: int, ifindex: int) -> None:
-        self.bpf[b"tx_ports"][ct.c_int(slot)] = ct.c_int(ifindex)
+        table = self.bpf[b"tx_ports"]
+        table[table.Key(slot)] = table.Leaf(ifindex)
 
     def attach(self, public: str, internal: str | None = None, mode: str = "auto") -> str:
         """Attach xdp_public (and xdp_internal) and fill the redirect ports; returns the mode used."""
@@ -223,13 +268,17 @@ class Datapath:
         indexes = {ifname: self._ifindex(ifname) for ifname, _, _ in ifaces}
         self._set_slot(PUBLIC_SLOT, indexes[public])
         self._set_slot(INTERNAL_SLOT, indexes[internal] if internal else indexes[public])
-        used = mode
         attached: list[Attachment] = []
-        for ifname, program, _ in ifaces:
-            used = self._attach_one(ifname, program, mode)
-            attached.append(Attachment(ifname, indexes[ifname], program, used))
+        try:
+            for ifname, program, _ in ifaces:
+                used = self._attach_one(ifname, program, mode)
+                attached.append(Attachment(ifname, indexes[ifname], program, used))
+        except DatapathError:
+            self.detach([a.ifname for a in attached])
+            raise
         self.attachments = attached
-        return used
+        modes = {a.mode for a in attached}
+        return modes.pop() if len(modes) == 1 else "mixed"
 
     def _attach_one(self, ifname: str, program: str, mode: str) -> str:
         from bcc import BPF
@@ -250,11 +299,16 @@ class Datapath:
         return "generic"
 
     def reload(self) -> None:
-        """Load the programs again and swap them in atomically; maps stay (pinned)."""
-        if not self.attachments:
-            raise DatapathError("nothing attached to reload")
+        """Compile and load the programs again and attach each new fd over the old one.
+
+        The kernel swaps an attached XDP program atomically when a new one is set
+        in the same mode, so no packet meets a detached interface; every map,
+        tx_ports included, is the pinned one.  Unattached, this only reloads.
+        """
         old = list(self.attachments)
         self._bpf, self._programs = self._compile()
+        if not old:
+            return
         public = next(a for a in old if a.program == "xdp_public")
         internal = next((a for a in old if a.program == "xdp_internal"), None)
         self._set_slot(PUBLIC_SLOT, public.ifindex)
@@ -492,6 +546,31 @@ class Datapath:
 
     def reset_counters(self) -> None:
         self.bpf[b"stats"].clear()
+
+
+class _MapInfo(ct.Structure):  # the head of linux/bpf.h struct bpf_map_info
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32),
+                ("name", ct.c_char * 16)]
+
+
+class _InfoAttr(ct.Structure):
+    _fields_ = [("bpf_fd", ct.c_uint32), ("info_len", ct.c_uint32), ("info", ct.c_uint64)]
+
+
+_BPF_OBJ_GET_INFO_BY_FD = 15
+_NR_BPF = {"x86_64": 321, "aarch64": 280}[os.uname().machine]
+
+
+def map_info(fd: int) -> _MapInfo:
+    """bpf(BPF_OBJ_GET_INFO_BY_FD) on a map: type, key/value size, max_entries."""
+    info = _MapInfo()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info), info=ct.addressof(info))
+    libc = ct.CDLL(None, use_errno=True)
+    if libc.syscall(_NR_BPF, _BPF_OBJ_GET_INFO_BY_FD, ct.byref(attr), ct.sizeof(attr)) != 0:
+        err = ct.get_errno()
+        raise DatapathError(f"cannot read map info: {os.strerror(err or errno.EINVAL)}")
+    return info
 
 
 def unpin(instance: str, pin_root: str = PIN_ROOT) -> bool:

@@ -4,6 +4,13 @@ The kernel executes the loaded program on a buffer we hand it and returns the
 verdict and the (possibly rewritten) bytes, with no network at all: this is
 how the data plane's decisions are unit-tested.  bcc has no wrapper for it, so
 this calls bpf(2) directly through ctypes.
+
+What the kernel does (no BPF_F_TEST_XDP_LIVE_FRAMES): the program runs on a
+copy of the frame with the loopback device as its ingress (ctx->ingress_ifindex
+is lo's, 1), and the verdict is only reported, never acted on: XDP_REDIRECT and
+XDP_TX send nothing.  bpf_redirect_map() still looks up its devmap, so it
+returns XDP_REDIRECT only for a populated slot and XDP_ABORTED (the default
+flags) for an empty one.  Tests therefore fill tx_ports with real ifindexes.
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ class RunResult:
     @property
     def name(self) -> str:
         return VERDICTS.get(self.verdict, str(self.verdict))
+
+    def __iter__(self):
+        """``verdict, data = run_xdp(fd, frame)``."""
+        return iter((self.verdict, self.data))
 
 
 _libc = ct.CDLL(None, use_errno=True)

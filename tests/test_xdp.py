@@ -1,45 +1,99 @@
-"""The XDP programs on crafted packets, through BPF_PROG_TEST_RUN: verdicts, bytes and counters."""
+"""The XDP programs on crafted packets, through BPF_PROG_TEST_RUN: verdicts, bytes and counters.
+
+No packet leaves the host: test_run only reports the verdict.  The module runs
+in a private network namespace whose veth pair gives the tx_ports devmap real
+ifindexes (slot 0 "public", slot 1 "internal"); test_run's ingress is that
+namespace's loopback (ifindex 1), so a slot holding lo is "the ingress
+interface" and turns a redirect into XDP_TX.
+"""
 
 from __future__ import annotations
 
+import ctypes as ct
 import os
+import shutil
 import uuid
+from pathlib import Path
 
 import pytest
-from scapy.layers.inet import IP, UDP
-from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import Dot1Q, Ether
+from scapy.layers.inet import IP, TCP, UDP, IPOption_RR
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+from splitrelay.bpf import SOURCE_DIR
 from splitrelay.edge import hint, stun
-from splitrelay.edge.datapath import Backend, Datapath, DatapathError, RelayConfig
-from splitrelay.edge.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, run_xdp
+from splitrelay.edge.counters import counter_specs
+from splitrelay.edge.datapath import (
+    MAP_NAMES,
+    Backend,
+    Datapath,
+    DatapathError,
+    PinnedMapMismatch,
+    RelayConfig,
+)
+from splitrelay.edge.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, run_xdp
 
 from . import packets as P
+from .netns import private_netns
 from .vectors import hint_v1, rfc5769, rfc7983
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="BPF needs root")
 
 V = rfc5769()
 BACKEND_ID = 7
+LO_IFINDEX = 1  # test_run's ingress device
+VETH = ("srApub", "srAint")
+
+
+def instance_name() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")
-def dp():
-    datapath = Datapath(instance=f"test-{uuid.uuid4().hex[:8]}")
+def pin_root():
+    """A pin root of this module's own: no other run's leak sweep of /sys/fs/bpf/splitrelay can unpin it."""
+    root = Path(f"/sys/fs/bpf/srtest-{uuid.uuid4().hex[:8]}")
+    try:
+        yield str(root)
+    finally:
+        leaked = sorted(p.name for p in root.iterdir()) if root.exists() else []
+        shutil.rmtree(root, ignore_errors=True)
+        assert not leaked, f"pinned instances left behind: {leaked}"
+
+
+@pytest.fixture(scope="module")
+def links():
+    with private_netns(VETH) as ifindexes:
+        yield ifindexes
+
+
+@pytest.fixture(scope="module")
+def dp(links, pin_root):
+    datapath = Datapath(instance=instance_name(), pin_root=pin_root)
     try:
         datapath.load()
-        # test_run never transmits, but redirect_map needs a live device in the slot
-        datapath._set_slot(0, 1)
-        datapath._set_slot(1, 1)
         yield datapath
     finally:
         datapath.destroy()
 
 
+def set_slots(dp, links, **slots):
+    """Fill tx_ports: slot 0 = public veth, slot 1 = internal veth unless overridden; others empty."""
+    table = dp.bpf[b"tx_ports"]
+    wanted = {0: links[VETH[0]], 1: links[VETH[1]]}
+    wanted.update({int(k[4:]): v for k, v in slots.items()})  # slot2=..., slot0=...
+    for slot in range(4):
+        if wanted.get(slot):
+            dp._set_slot(slot, wanted[slot])
+        else:
+            dp._delete(table, table.Key(slot))
+
+
 @pytest.fixture
-def relay(dp):
+def relay(dp, links):
     """A configured relay with one dual-stack backend and session 'evtj', fresh maps and counters."""
     for table in ("flows", "sessions", "backend_addrs", "backends"):
         dp.bpf[table.encode()].clear()
+    set_slots(dp, links)
     dp.reset_counters()
     dp.configure(RelayConfig(P.RELAY_PORT, P.RELAY_PUB_MAC, P.GATEWAY_MAC,
                              public_ip4=P.PUBLIC_IP4, public_ip6=P.PUBLIC_IP6))
@@ -284,7 +338,7 @@ def test_unconfigured_relay_passes_everything(dp):
 
 def test_maps_survive_a_reload_through_pins(relay):
     public(relay, P.udp_frame(V["2.1"]))
-    again = Datapath(instance=relay.instance)
+    again = Datapath(instance=relay.instance, pin_root=relay.pin_root)
     again.load()
     assert [s.ufrag for s in again.sessions()] == ["evtj"]
     assert again.flow((P.CLIENT_IP4, P.CLIENT_PORT)).backend_id == BACKEND_ID
@@ -301,3 +355,272 @@ def test_ageing_removes_only_idle_flows(relay):
 def test_refuses_hosts_own_interfaces(dp):
     with pytest.raises(DatapathError, match="eth0"):
         dp.attach("eth0")
+
+
+# -- added coverage: every decision has its counter, XDP_TX, redirect failures, edge cases ----------
+
+
+def test_forward_counts_packets_and_bytes(relay):
+    frame = P.udp_frame(V["2.1"])
+    public(relay, frame)
+    c = relay.counters()["IN_FWD_STUN_UFRAG"]
+    assert (c.packets, c.bytes) == (1, len(frame))
+    assert (c.spec.direction, c.spec.verdict, c.spec.reason) == ("ingress", "forwarded", "stun_ufrag")
+
+
+def test_result_unpacks_to_verdict_and_bytes(relay):
+    frame = P.udp_frame(b"x", dport=53)
+    verdict, data = public(relay, frame)
+    assert verdict == XDP_PASS and data == frame
+
+
+def test_backend_behind_the_ingress_interface_gets_xdp_tx(relay, links):
+    """One interface for both sides: the slot holds the ingress device, so XDP_TX, not a redirect."""
+    set_slots(relay, links, slot1=LO_IFINDEX)
+    result = public(relay, P.udp_frame(V["2.1"]))
+    assert result.verdict == XDP_TX
+    pkt = Ether(result.data)
+    assert pkt.dst == P.BACKEND_MAC and pkt[IP].dst == P.BACKEND_IP4 and pkt[UDP].dport == P.BACKEND_PORT
+    assert P.checksums_valid(result.data)
+    assert counts(relay) == {"IN_FWD_STUN_UFRAG": 1}
+
+
+def test_reply_out_of_the_ingress_interface_gets_xdp_tx(relay, links):
+    set_slots(relay, links, slot0=LO_IFINDEX)
+    public(relay, P.udp_frame(V["2.1"]))
+    result = internal(relay, backend_reply_frame(b"\x80" * 40))
+    assert result.verdict == XDP_TX
+    assert Ether(result.data)[IP].src == P.PUBLIC_IP4
+
+
+def test_empty_backend_slot_is_a_counted_redirect_failure(relay, links):
+    set_slots(relay, links, slot1=0)
+    assert public(relay, P.udp_frame(V["2.1"])).verdict == XDP_DROP
+    assert counts(relay) == {"IN_DROP_REDIRECT": 1}
+
+
+def test_empty_public_slot_is_a_counted_redirect_failure(relay, links):
+    set_slots(relay, links, slot0=0)
+    assert internal(relay, backend_reply_frame(b"\x80" * 40)).verdict == XDP_DROP
+    assert counts(relay) == {"OUT_DROP_REDIRECT": 1}
+
+
+def backend_reply_frame(payload, *, v6=False, **kw):
+    return P.udp_frame(payload, v6=v6, src=P.BACKEND_IP6 if v6 else P.BACKEND_IP4,
+                       dst=P.CLIENT_IP6 if v6 else P.CLIENT_IP4, sport=P.BACKEND_PORT, dport=P.CLIENT_PORT,
+                       src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC, **kw)
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_vlan_tagged_media_after_the_flow(relay, v6):
+    public(relay, P.udp_frame(V["2.1"], v6=v6, vlan=7))
+    frame = P.udp_frame(b"\x90" + bytes(99), v6=v6, vlan=7)
+    result = public(relay, frame)
+    assert_forwarded_to_backend(result, v6=v6)
+    assert len(result.data) == len(frame) - 4
+    assert counts(relay) == {"IN_FWD_STUN_UFRAG": 1, "IN_FWD_FLOW": 1}
+
+
+def test_ipv4_options_are_skipped_and_kept(relay):
+    frame = Ether(src=P.CLIENT_MAC, dst=P.RELAY_PUB_MAC) / IP(
+        src=P.CLIENT_IP4, dst=P.PUBLIC_IP4, options=[IPOption_RR(routers=["192.0.2.1", "192.0.2.2"])]
+    ) / UDP(sport=P.CLIENT_PORT, dport=P.RELAY_PORT) / V["2.1"]
+    result = public(relay, bytes(frame))
+    pkt = assert_forwarded_to_backend(result)
+    assert pkt[IP].ihl > 5 and bytes(pkt[UDP].payload) == V["2.1"]
+
+
+def test_ipv4_udp_checksum_never_becomes_zero(relay):
+    """A rewrite whose true checksum is 0 must send 0xffff (RFC 768); find such a payload by search."""
+    base = P.udp_frame(b"\x80\x00" + bytes(30))
+    public(relay, P.udp_frame(V["2.1"]))
+    # the forwarded checksum is base's minus a fixed delta: pick the payload word that makes it 0
+    out = Ether(public(relay, base).data)
+    word = out[UDP].chksum  # adding ~sum to the sum gives 0xffff: a true checksum of 0
+    payload = b"\x80\x00" + bytes(28) + word.to_bytes(2, "big")
+    result = public(relay, P.udp_frame(payload))
+    pkt = assert_forwarded_to_backend(result)
+    assert pkt[UDP].chksum == 0xFFFF
+
+
+def test_ipv6_client_to_ipv4_only_backend_is_a_family_mismatch(relay):
+    relay.set_backend(Backend(BACKEND_ID, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC, ip4=P.BACKEND_IP4))
+    assert public(relay, P.udp_frame(V["2.1"], v6=True)).verdict == XDP_DROP
+    assert counts(relay) == {"IN_DROP_FAMILY": 1}
+
+
+def test_reply_without_a_public_address_of_its_family_is_dropped(relay):
+    relay.configure(RelayConfig(P.RELAY_PORT, P.RELAY_PUB_MAC, P.GATEWAY_MAC, public_ip4=P.PUBLIC_IP4))
+    assert internal(relay, backend_reply_frame(b"\x80" * 20, v6=True)).verdict == XDP_DROP
+    assert counts(relay) == {"OUT_DROP_FAMILY": 1}
+
+
+@pytest.mark.parametrize("username,reason", [
+    ("abc:x", "IN_DROP_BAD_USERNAME"),                    # 3 chars: too short
+    ("a" * 33 + ":x", "IN_DROP_BAD_USERNAME"),            # 33 chars: too long to route on
+    ("ab-cd:x", "IN_DROP_BAD_USERNAME"),                  # '-' is not an ice-char
+    ("abcdef", "IN_DROP_BAD_USERNAME"),                   # no ':'
+    ("a" * 32 + ":x", "IN_DROP_UNKNOWN_UFRAG"),           # 32 chars: routable, just unknown
+    ("Ab+/9:x", "IN_DROP_UNKNOWN_UFRAG"),
+])
+def test_ufrag_syntax(relay, username, reason):
+    assert public(relay, P.udp_frame(stun.build_binding_request(username))).verdict == XDP_DROP
+    assert counts(relay) == {reason: 1}
+
+
+def test_longest_ufrag_routes(relay):
+    ufrag = "Zz09+/" * 5 + "ab"
+    relay.set_session(ufrag, BACKEND_ID)
+    assert_forwarded_to_backend(public(relay, P.udp_frame(stun.build_binding_request(ufrag + ":c"))))
+    assert relay.flow((P.CLIENT_IP4, P.CLIENT_PORT)).ufrag == ufrag
+
+
+def test_stun_without_username_and_with_bad_cookie(relay):
+    req = bytearray(stun.build_binding_request("evtj:x"))
+    req[4] ^= 0xFF  # magic cookie
+    assert public(relay, P.udp_frame(bytes(req))).verdict == XDP_DROP
+    # a Binding Request with only a PRIORITY attribute
+    body = bytes.fromhex("002400046e0001ff")
+    no_user = bytes.fromhex("00010008 2112a442") + os.urandom(12) + body
+    assert public(relay, P.udp_frame(no_user)).verdict == XDP_DROP
+    assert counts(relay) == {"IN_DROP_BAD_STUN": 1, "IN_DROP_NO_USERNAME": 1}
+
+
+@pytest.mark.parametrize("first", [16, 19, 64, 79, 4, 100, 200, 255])
+def test_zrtp_turn_and_unassigned_classes_are_dropped_even_with_a_flow(relay, first):
+    public(relay, P.udp_frame(V["2.1"]))
+    assert public(relay, P.udp_frame(bytes([first]) + bytes(20))).verdict == XDP_DROP
+    assert counts(relay) == {"IN_FWD_STUN_UFRAG": 1, "IN_DROP_UNKNOWN_CLASS": 1}
+
+
+def test_session_wins_over_a_hint_and_hint_flow_remembers_its_ufrag(relay):
+    cfg = relay.config()
+    cfg.policy = "hint"
+    relay.configure(cfg)
+    relay.set_backend(Backend(8, P.BACKEND_PORT + 1, P.BACKEND_MAC, P.RELAY_INT_MAC, ip4="10.1.0.8"))
+    ufrag = hint.encode(8)
+    relay.set_session(ufrag, BACKEND_ID)  # registered sessions are authoritative
+    assert_forwarded_to_backend(public(relay, P.udp_frame(stun.build_binding_request(ufrag + ":c"))))
+    other = hint.encode(8)
+    result = public(relay, P.udp_frame(stun.build_binding_request(other + ":c"), sport=40002))
+    assert Ether(result.data)[IP].dst == "10.1.0.8"
+    assert relay.flow((P.CLIENT_IP4, 40002)).ufrag == other
+    assert counts(relay) == {"IN_FWD_STUN_UFRAG": 1, "IN_FWD_STUN_HINT": 1}
+
+
+def test_new_session_on_the_same_client_port_moves_the_flow(relay):
+    relay.set_backend(Backend(8, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC, ip4="10.1.0.8"))
+    relay.set_session("moved", 8)
+    public(relay, P.udp_frame(V["2.1"]))
+    result = public(relay, P.udp_frame(stun.build_binding_request("moved:c")))
+    assert Ether(result.data)[IP].dst == "10.1.0.8"
+    flow = relay.flow((P.CLIENT_IP4, P.CLIENT_PORT))
+    assert (flow.backend_id, flow.ufrag, flow.packets) == (8, "moved", 1)
+
+
+def test_lying_udp_length_is_malformed(relay):
+    frame = bytearray(P.udp_frame(V["2.1"]))
+    frame[14 + 20 + 4:14 + 20 + 6] = (len(V["2.1"]) + 100).to_bytes(2, "big")
+    assert public(relay, bytes(frame)).verdict == XDP_DROP
+    assert counts(relay) == {"IN_DROP_MALFORMED": 1}
+
+
+def test_non_udp_and_extension_headers_pass_untouched_and_counted(relay):
+    arp = bytes(Ether(src=P.CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=P.CLIENT_IP4, pdst=P.PUBLIC_IP4))
+    tcp = bytes(Ether() / IP(src=P.CLIENT_IP4, dst=P.PUBLIC_IP4) / TCP(dport=P.RELAY_PORT))
+    ext = bytes(Ether() / IPv6(src=P.CLIENT_IP6, dst=P.PUBLIC_IP6) / IPv6ExtHdrDestOpt()
+                / UDP(sport=P.CLIENT_PORT, dport=P.RELAY_PORT) / V["2.1"])
+    for frame in (arp, tcp, ext):
+        result = public(relay, frame)
+        assert result.verdict == XDP_PASS and result.data == frame
+    assert counts(relay) == {"IN_PASS_OTHER": 3}
+
+
+def test_unconfigured_relay_counts_what_it_passes(dp):
+    dp.bpf[b"config"].clear()
+    dp.reset_counters()
+    frame = P.udp_frame(V["2.1"])
+    assert public(dp, frame).verdict == XDP_PASS
+    assert internal(dp, frame).verdict == XDP_PASS
+    assert counts(dp) == {"IN_PASS_DISABLED": 1, "OUT_PASS_DISABLED": 1}
+
+
+def test_reply_counts_rx_on_the_flow(relay):
+    public(relay, P.udp_frame(V["2.1"]))
+    reply = backend_reply_frame(b"\x80" * 100)
+    internal(relay, reply)
+    internal(relay, reply)
+    flow = relay.flow((P.CLIENT_IP4, P.CLIENT_PORT))
+    assert (flow.rx_packets, flow.rx_bytes) == (2, 2 * len(reply))
+    c = relay.counters()["OUT_FWD"]
+    assert (c.packets, c.bytes) == (2, 2 * len(reply))
+
+
+def test_reply_to_a_client_of_another_backend_uses_the_gateway(relay):
+    """A flow owned by backend 7 does not lend its client MAC to backend 8's packets."""
+    relay.set_backend(Backend(8, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC, ip4="10.1.0.8"))
+    public(relay, P.udp_frame(V["2.1"]))
+    reply = P.udp_frame(b"\x80" * 20, src="10.1.0.8", dst=P.CLIENT_IP4, sport=P.BACKEND_PORT,
+                        dport=P.CLIENT_PORT, src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC)
+    result = internal(relay, reply)
+    assert Ether(result.data).dst == P.GATEWAY_MAC
+    assert counts(relay) == {"IN_FWD_STUN_UFRAG": 1, "OUT_FWD_NO_FLOW": 1}
+
+
+def test_reload_keeps_maps_and_the_new_program_uses_them(relay):
+    public(relay, P.udp_frame(V["2.1"]))
+    old_fd = relay._programs["xdp_public"].fd
+    relay.reload()  # nothing attached: compiles and loads again over the same pinned maps
+    assert relay._programs["xdp_public"].fd != old_fd
+    assert_forwarded_to_backend(public(relay, P.udp_frame(b"\x80" * 40)))  # the learned flow routes
+    assert counts(relay) == {"IN_FWD_STUN_UFRAG": 1, "IN_FWD_FLOW": 1}
+    assert {p.name for p in (relay.pin_dir).iterdir()} == set(MAP_NAMES)
+
+
+def test_pinned_map_of_another_layout_is_refused(dp):
+    """bcc adopts pinned maps blindly; a stale layout must be an error, not garbage."""
+    other = Datapath(instance=instance_name(), pin_root=dp.pin_root)
+    try:
+        other.pin_dir.mkdir(parents=True)
+        pin_map(other.pin_dir / "stats", map_type=6, key_size=4, value_size=8, max_entries=4)
+        with pytest.raises(PinnedMapMismatch, match="stats"):
+            other.load()
+    finally:
+        other.destroy()
+    assert not other.pin_dir.exists()
+
+
+def pin_map(path, *, map_type, key_size, value_size, max_entries):
+    """BPF_MAP_CREATE + BPF_OBJ_PIN through bpf(2) (a map from an 'older build')."""
+    libc = ct.CDLL(None, use_errno=True)
+    nr_bpf = {"x86_64": 321, "aarch64": 280}[os.uname().machine]
+    create = (ct.c_uint32 * 32)(map_type, key_size, value_size, max_entries)  # rest of union bpf_attr: 0
+    fd = libc.syscall(nr_bpf, 0, create, ct.sizeof(create))
+    assert fd >= 0, os.strerror(ct.get_errno())
+    name = ct.create_string_buffer(str(path).encode())
+
+    class PinAttr(ct.Structure):
+        _fields_ = [("pathname", ct.c_uint64), ("bpf_fd", ct.c_uint32), ("file_flags", ct.c_uint32)]
+
+    attr = PinAttr(ct.addressof(name), fd, 0)
+    try:
+        assert libc.syscall(nr_bpf, 6, ct.byref(attr), ct.sizeof(attr)) == 0, os.strerror(ct.get_errno())
+    finally:
+        os.close(fd)
+
+
+def test_counters_are_parsed_from_the_x_macro_in_order():
+    specs = counter_specs()
+    header = (SOURCE_DIR / "splitrelay.h").read_text()
+    assert [s.index for s in specs] == list(range(len(specs)))
+    assert len(specs) == header.split("#define SR_STATS(X)")[1].split("#define SR_STAT_ENUM")[0].count("X(")
+    assert specs[0].name == "IN_FWD_STUN_UFRAG"
+    assert all(s.direction in ("ingress", "egress") for s in specs)
+    assert all(s.verdict in ("forwarded", "dropped", "passed") for s in specs)
+
+
+def test_internal_interface_slot_must_exist(dp):
+    with pytest.raises(DatapathError, match="no interface"):
+        dp.attach("srA-does-not-exist")
+    with pytest.raises(DatapathError, match="lo"):
+        dp.attach(VETH[0], "lo")
