@@ -40,7 +40,8 @@ def lab_info(lab: Lab) -> dict:
         "relay_public": f"{lab.relay_public.ip4}:{lab.relay_port}",
         "relay_public6": f"[{lab.relay_public.ip6}]:{lab.relay_port}",
         "control_url": control_url(lab),
-        "metrics_urls": [control_url(lab) + "/metrics"],
+        "metrics_urls": [control_url(lab) + "/metrics"] + [
+            whip_url(t).replace("/whip", "/metrics") for t in lab.transceivers],
         "transceivers": [
             {"netns": t.netns, "backend_id": t.backend_id, "backend": f"{t.ip4}:{BACKEND_PORT}",
              "whip_url": whip_url(t)}

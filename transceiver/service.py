@@ -14,8 +14,10 @@ import logging
 from dataclasses import dataclass
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from splitrelay.transceiver.handlers import handler_factory
+from splitrelay.transceiver.metrics import TransceiverMetrics
 from splitrelay.transceiver.mux import UdpMux
 from splitrelay.transceiver.registration import Registrar, RegistrationError
 from splitrelay.transceiver.session import Session, answer_offer
@@ -60,6 +62,8 @@ class Transceiver:
         self.draining = False
         self._runner: web.AppRunner | None = None
         self.whip_port: int | None = None
+        self.metrics = TransceiverMetrics()
+        self._exported: dict[str, dict[str, float]] = {}  # per session: what metrics already counted
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_OFFER)
@@ -69,6 +73,7 @@ class Transceiver:
             web.delete("/whip/sessions/{id}", self.delete_session),
             web.options("/whip/sessions/{id}", self.options),
             web.get("/sessions", self.list_sessions),
+            web.get("/metrics", self.scrape),
         ])
         return app
 
@@ -99,6 +104,12 @@ class Transceiver:
         return web.Response(status=204, headers=CORS)
 
     async def post_offer(self, request: web.Request) -> web.Response:
+        response = await self._answer(request)
+        if response.status >= 400:
+            self.metrics.offers_rejected.labels(str(response.status)).inc()
+        return response
+
+    async def _answer(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return _error(401, "missing or wrong bearer token")
         if self.draining:
@@ -132,6 +143,9 @@ class Transceiver:
         except ValueError as exc:
             return _error(400, f"bad offer: {exc}")
         self.sessions[session.session_id] = session
+        self.metrics.sessions_started.inc()
+        self.metrics.sessions.set(len(self.sessions))
+        self.metrics.phase("answer", session.timings.answer_ms)
         location = f"/whip/sessions/{session.session_id}"
         return web.Response(status=201, text=answer, content_type="application/sdp",
                             headers={"Location": location, **CORS})
@@ -140,9 +154,13 @@ class Transceiver:
         asyncio.ensure_future(self.end_session(session.session_id))
 
     async def end_session(self, session_id: str) -> bool:
-        session = self.sessions.pop(session_id, None)
+        session = self.sessions.get(session_id)
         if session is None:
             return False
+        self._export(session)
+        del self.sessions[session_id]
+        self._exported.pop(session_id, None)
+        self.metrics.sessions.set(len(self.sessions))
         if self.registrar:
             await self.registrar.unregister(session.ufrag)
         await session.close()
@@ -160,6 +178,35 @@ class Transceiver:
         for session in list(self.sessions.values()):
             out.append({**session.to_dict(), "stats": await session.stats()})
         return web.json_response(out)
+
+    def _export(self, session: Session) -> None:
+        """Move what a session did since the last scrape into the counters."""
+        seen = self._exported.setdefault(session.session_id, {})
+        t = session.timings
+        for phase, value in (("ice_connected", t.ice_connected_ms), ("dtls_connected", t.dtls_connected_ms)):
+            if value is not None and phase not in seen:
+                self.metrics.phase(phase, value)
+                seen[phase] = 1
+        for name, counter, value in (("in", self.metrics.frames_in, session.frames_in),
+                                     ("out", self.metrics.frames_out, session.outbound.frames_out),
+                                     ("errors", self.metrics.handler_errors, session.handler_errors)):
+            counter.inc(value - seen.get(name, 0))
+            seen[name] = value
+
+    async def scrape(self, request: web.Request) -> web.Response:
+        lost = 0
+        for session in list(self.sessions.values()):
+            self._export(session)
+            stats = await session.stats()
+            if stats["rtt_ms"] is not None:
+                self.metrics.rtt.observe(stats["rtt_ms"] / 1000.0)
+            if stats["jitter_ms"] is not None:
+                self.metrics.jitter.observe(stats["jitter_ms"] / 1000.0)
+            lost += stats["packets_lost"]
+        self.metrics.lost.set(lost)
+        self.metrics.mux_dropped.set(self.mux.dropped if self.mux else 0)
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def stop(self) -> None:
         self.draining = True

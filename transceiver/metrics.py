@@ -1,0 +1,43 @@
+"""Prometheus metrics of a transceiver: sessions, setup time by phase, media quality, handler health.
+
+No per-session labels (cardinality stays flat however many calls there are):
+quality figures are summaries over the live sessions, sampled at scrape time
+from aiortc's stats.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
+
+SETUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class TransceiverMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.sessions = Gauge("splitrelay_transceiver_sessions", "Live WebRTC sessions", registry=r)
+        self.sessions_started = Counter("splitrelay_transceiver_sessions_started", "Sessions answered",
+                                        registry=r)
+        self.offers_rejected = Counter("splitrelay_transceiver_offers_rejected", "WHIP offers refused",
+                                       ["code"], registry=r)
+        self.setup = Histogram("splitrelay_transceiver_session_setup_seconds",
+                               "Time from the offer to each setup phase", ["phase"], buckets=SETUP_BUCKETS,
+                               registry=r)
+        self.rtt = Summary("splitrelay_transceiver_rtt_seconds", "RTCP round-trip time of live sessions",
+                           registry=r)
+        self.jitter = Summary("splitrelay_transceiver_jitter_seconds", "Inbound audio jitter of live sessions",
+                              registry=r)
+        self.lost = Gauge("splitrelay_transceiver_packets_lost", "Inbound RTP packets lost, live sessions",
+                          registry=r)
+        self.frames_in = Counter("splitrelay_transceiver_audio_frames_in", "Decoded audio frames to handlers",
+                                 registry=r)
+        self.frames_out = Counter("splitrelay_transceiver_audio_frames_out", "Audio frames sent to clients",
+                                  registry=r)
+        self.handler_errors = Counter("splitrelay_transceiver_handler_errors", "Exceptions raised by handlers",
+                                      registry=r)
+        self.mux_dropped = Gauge("splitrelay_transceiver_mux_unrouted_datagrams",
+                                 "Datagrams the UDP mux could not match to a session", registry=r)
+
+    def phase(self, name: str, milliseconds: float | None) -> None:
+        if milliseconds is not None:
+            self.setup.labels(name).observe(milliseconds / 1000.0)
