@@ -165,3 +165,27 @@ def test_demo_runs_a_webrtc_session_through_xdp_and_cleans_up():
     assert report["beeps_heard"] >= 1 and report["audio_rtt_ms"] > 0
     assert report["counters"]["ingress/forwarded/flow"] > 100
     assert report["lab"] not in Lab.names()
+
+
+def test_exported_counters_never_go_backwards():
+    """A recreated stats map restarts at zero; the exported series must keep counting up."""
+    from splitrelay.edge.metrics import MonotonicCounters
+
+    totals = MonotonicCounters()
+    assert [totals.update("x", raw) for raw in (5, 9, 2, 4, 0, 3)] == [5, 9, 11, 13, 13, 16]
+    assert totals.update("y", 7) == 7  # independent per counter
+
+
+def test_shipped_prometheus_config_and_dashboard_parse():
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "deploy"
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "config", str(root / "prometheus.yml")],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    dashboard = json.loads((root / "grafana" / "splitrelay.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in ("splitrelay_edge_packets_total", "splitrelay_transceiver_session_setup_seconds_bucket"):
+        assert metric in exprs
