@@ -443,6 +443,34 @@ def transceiver_serve(backend_id: int, bind: str, relay_public: str | None, rela
     asyncio.run(run())
 
 
+@transceiver.command("sessions")
+@click.argument("whip_url")
+@click.option("--json", "as_json", is_flag=True)
+def transceiver_sessions(whip_url: str, as_json: bool) -> None:
+    """Live sessions of a transceiver with aiortc's stats (RTT, jitter, loss, packets).
+
+    \b
+    Example:
+      splitrelay transceiver sessions http://10.0.0.11:8080/whip --json
+    """
+    import urllib.error
+    import urllib.request
+
+    url = whip_url.rstrip("/").removesuffix("/whip") + "/sessions"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            data = json.loads(resp.read())
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"transceiver at {url} is unreachable: {getattr(exc, 'reason', exc)}",
+                       EXIT_UNREACHABLE) from None
+    rows = [{"id": d["id"], "ufrag": d["ufrag"], "state": (d["connection_states"] or ["new"])[-1],
+             "dtls_ms": round(d["dtls_connected_ms"] or 0, 1), "rtt_ms": d["stats"]["rtt_ms"],
+             "jitter_ms": d["stats"]["jitter_ms"], "lost": d["stats"]["packets_lost"],
+             "rx": d["stats"]["packets_received"], "tx": d["stats"]["packets_sent"]} for d in data]
+    _emit(data, as_json, lambda _: _table(rows, ["id", "ufrag", "state", "dtls_ms", "rtt_ms", "jitter_ms",
+                                                 "lost", "rx", "tx"]))
+
+
 # -- lab ---------------------------------------------------------------------------
 
 @main.group()

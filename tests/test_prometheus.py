@@ -75,7 +75,11 @@ def prom_lab():
 
 def test_prometheus_sees_what_the_data_plane_counted(prom_lab):
     lab, info, netns = prom_lab
-    [report] = probe_result(probe(lab, [info["whip_urls"][1]], duration=3), 60)
+    proc = probe(lab, [info["whip_urls"][1]], duration=3)
+    # mid-call, the transceiver's scrape (which samples live sessions' stats) still succeeds
+    eventually(lambda: value(lab, netns, "sum(splitrelay_transceiver_sessions)") == 1, 15, "a live session")
+    assert value(lab, netns, "min(up)") == 1
+    [report] = probe_result(proc, 60)
     assert report["ok"], report["error"]
     counted = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats())["counters"]}
     assert counted["IN_FWD_FLOW"] > 100

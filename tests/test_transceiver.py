@@ -81,7 +81,8 @@ async def test_answer_carries_only_the_public_candidate_and_a_hint_ufrag():
 @pytest.mark.parametrize("body,content_type,status", [
     (b"v=0\r\n", "text/plain", 415),
     (b"hello", "application/sdp", 400),
-    (b"v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n", "application/sdp", 400),
+    (b"v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n",
+     "application/sdp", 400),
     (b"x" * (70 * 1024), "application/sdp", 413),
 ])
 async def test_bad_offers_get_4xx_and_create_nothing(transceiver, body, content_type, status):

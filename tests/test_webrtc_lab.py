@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import signal
 import time
 
@@ -61,6 +64,15 @@ def test_voice_session_through_xdp(voice_lab):
     assert [f["backend"] for f in flows] == [2]
     assert hint.decode(flows[0]["ufrag"]) == 2                # the ufrag carries its owner
     assert flows[0]["client"].startswith(lab.client.ip4 + ":")
+
+    def live_sessions() -> list[dict]:
+        cli = subprocess.run(["ip", "netns", "exec", lab.client.netns, sys.executable, "-m",
+                              "splitrelay.cli.main", "transceiver", "sessions", info["whip_urls"][1], "--json"],
+                             capture_output=True, text=True, check=True)
+        return [s for s in json.loads(cli.stdout) if s["stats"]["packets_received"] > 0]
+
+    [live] = wait_for(live_sessions, 10, "per-session stats from the CLI", proc)
+    assert live["ufrag"] == flows[0]["ufrag"] and live["stats"]["packets_sent"] > 0
     [report] = probe_result(proc, 60)
     assert_clean_call(report)
     after = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats())["counters"]}

@@ -149,7 +149,7 @@ class Session:
             for item in (await receiver.getStats()).values():
                 if item.type == "inbound-rtp":
                     out["packets_received"] += item.packetsReceived
-                    out["bytes_received"] += item.bytesReceived
+                    out["bytes_received"] += getattr(item, "bytesReceived", 0)  # aiortc 1.16 has none
                     out["packets_lost"] += item.packetsLost
                     out["jitter_ms"] = item.jitter * 1000 / SAMPLE_RATE if item.jitter is not None else None
         return out
