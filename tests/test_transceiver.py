@@ -151,3 +151,16 @@ async def test_port_in_use_is_one_clear_error():
             await UdpMux.bind("127.0.0.1", busy.getsockname()[1])
     finally:
         busy.close()
+
+
+async def test_tone_handler_speaks_and_answers_text():
+    service = Transceiver(TransceiverConfig(backend_id=BACKEND_ID, bind_port=0, whip_port=0, handler="tone"))
+    await service.start()
+    try:
+        report = await run_probe(service.whip_url, duration=1.5)
+        assert report.frames_received > 30                    # audio flowed toward the client
+        assert report.beeps_heard == 0                        # ...and it was the tone, not our beeps
+        assert not report.datachannel_rtt_ms                  # text was answered with "tone", not echoed
+        assert report.error == "no audio came back"
+    finally:
+        await service.stop()

@@ -11,7 +11,15 @@ import time
 
 import pytest
 
-from splitrelay.cli.labstack import control, probe, probe_result, start_agent, start_lab, stop_lab
+from splitrelay.cli.labstack import (
+    control,
+    probe,
+    probe_result,
+    start_agent,
+    start_lab,
+    start_transceiver,
+    stop_lab,
+)
 from splitrelay.edge import hint
 from splitrelay.edge.lab import Lab
 
@@ -117,3 +125,25 @@ def test_edge_agent_kill_and_restart_mid_call(voice_lab):
     assert report["ok"] and "failed" not in report["ice_states"] + report["connection_states"]
     assert "disconnected" not in report["ice_states"]
     assert all(report["beep_echoed"][-3:]), report["beep_echoed"]
+
+
+def test_transceiver_shutdown_unregisters_its_sessions(voice_lab):
+    lab, info = voice_lab
+    t2 = lab.transceivers[1]
+    proc = probe(lab, [info["whip_urls"][1]], duration=4)
+    wait_for(lambda: [f for f in control(lab, lambda c: c.flows()) if f["rx_packets"] > 50], 20,
+             "media flowing both ways", proc)
+    pid = next(pid for pid in lab.pids[1:] if f"--backend-id {t2.backend_id}" in
+               open(f"/proc/{pid}/cmdline").read().replace("\0", " "))
+    os.kill(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
+    lab.pids.remove(pid)
+    assert control(lab, lambda c: c.sessions()) == []          # unregistered on the way out
+    assert control(lab, lambda c: c.flows()) == []
+    [report] = probe_result(proc, 60)
+    # the client's call ends with it: the transceiver closed DTLS, so the client's sender stopped
+    # (a 4 s call that went on would have sent 6 beeps), or its voice stopped coming back
+    stopped = report["beeps_sent"] <= 3 or not all(report["beep_echoed"])
+    assert stopped or "failed" in report["connection_states"], report
+    start_transceiver(lab, t2)
+    lab.save()
