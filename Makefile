@@ -23,7 +23,8 @@ bench: $(STAMP)
 	@echo "make bench: the benchmark suite is not built yet (issue: Benchmarks)"; exit 2
 
 fuzz: $(STAMP)
-	$(PY) -m pytest -q tests/test_fuzz.py --hypothesis-profile=long
+	SPLITRELAY_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-50000} $(PY) -m pytest -q tests/test_xdp.py -k differential \
+		--hypothesis-show-statistics
 
 lint: $(STAMP)
 	$(PY) -m ruff check bpf edge transceiver cli tests
