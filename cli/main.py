@@ -377,14 +377,31 @@ def _hostport(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _backend_id(value: str, bind_host: str) -> int:
+    from ipaddress import IPv4Address, ip_address
+
+    if value == "from-ip":
+        try:
+            addr = ip_address(bind_host)
+        except ValueError:
+            raise CliError(f"--backend-id from-ip needs an IPv4 --bind address, got {bind_host!r}") from None
+        if not isinstance(addr, IPv4Address) or not int(addr) & 0x3FFFF:
+            raise CliError(f"--backend-id from-ip: {bind_host} gives no usable id (needs IPv4, low 18 bits != 0)")
+        return int(addr) & 0x3FFFF
+    if not value.isdigit() or not 1 <= int(value) <= 262143:
+        raise CliError(f"--backend-id must be 1..262143 or from-ip, got {value!r}", 2)
+    return int(value)
+
+
 @main.group()
 def transceiver() -> None:
     """Run the WebRTC endpoint (aiortc) that owns sessions behind a relay."""
 
 
 @transceiver.command("serve")
-@click.option("--backend-id", type=click.IntRange(1, 262143), required=True,
-              help="This transceiver's id at the relay (carried in every session's ufrag).")
+@click.option("--backend-id", required=True, metavar="ID|from-ip",
+              help="This transceiver's id at the relay, 1..262143 (carried in every session's ufrag); "
+                   "'from-ip' takes the low 18 bits of the --bind IPv4 address (for Deployments).")
 @click.option("--bind", default="127.0.0.1:5000", show_default=True,
               help="host:port of the one UDP socket serving every session (the backend address).")
 @click.option("--relay", "relay_public", help="The relay's public ip:port, the only candidate clients see. "
@@ -396,9 +413,11 @@ def transceiver() -> None:
 @click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token of the edge control API.")
 @click.option("--whip-token", envvar="SPLITRELAY_WHIP_TOKEN", help="Bearer token clients must send to WHIP.")
 @click.option("--ip6", help="The backend address's IPv6 twin, for IPv6 clients.")
-def transceiver_serve(backend_id: int, bind: str, relay_public: str | None, relay_control: str | None,
+@click.option("--drain-timeout", default=0.0, show_default=True, type=click.FloatRange(0, 86400),
+              help="On SIGTERM, refuse new offers and let live sessions end for up to this many seconds.")
+def transceiver_serve(backend_id: str, bind: str, relay_public: str | None, relay_control: str | None,
                       whip_listen: str, handler: str, token: str | None, whip_token: str | None,
-                      ip6: str | None) -> None:
+                      ip6: str | None, drain_timeout: float) -> None:
     """Serve WHIP and every session on one UDP port, registering sessions with the relay.
 
     \b
@@ -412,6 +431,7 @@ def transceiver_serve(backend_id: int, bind: str, relay_public: str | None, rela
 
     bind_host, bind_port = _hostport(bind, "--bind")
     whip_host, whip_port = _hostport(whip_listen, "--whip-listen")
+    backend_id = _backend_id(backend_id, bind_host)
     config = TransceiverConfig(
         backend_id=backend_id, bind_host=bind_host, bind_port=bind_port,
         public_address=_hostport(relay_public, "--relay") if relay_public else None,
@@ -437,6 +457,11 @@ def transceiver_serve(backend_id: int, bind: str, relay_public: str | None, rela
                    f"on {bind_host}:{service.mux.local_address[1]}", err=True)
         try:
             await stop.wait()
+            if drain_timeout:
+                click.echo(f"draining: no new offers, {len(service.sessions)} live sessions, "
+                           f"up to {drain_timeout:.0f} s", err=True)
+                left = await service.drain(drain_timeout)
+                click.echo(f"drained ({left} sessions cut at the deadline)", err=True)
         finally:
             await service.stop()
 

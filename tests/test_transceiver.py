@@ -164,3 +164,24 @@ async def test_tone_handler_speaks_and_answers_text():
         assert report.error == "no audio came back"
     finally:
         await service.stop()
+
+
+async def test_drain_refuses_offers_and_waits_for_live_sessions(transceiver):
+    call = asyncio.ensure_future(run_probe(transceiver.whip_url, duration=2.0))
+    for _ in range(200):  # bounded: until the call is up
+        if any(s.connected.is_set() for s in transceiver.sessions.values()):
+            break
+        await asyncio.sleep(0.02)
+    drained = asyncio.ensure_future(transceiver.drain(deadline_s=20))
+    await asyncio.sleep(0)
+    async with aiohttp.ClientSession() as http:
+        base = transceiver.whip_url.rsplit("/", 1)[0]
+        async with http.get(base + "/readyz") as resp:
+            assert resp.status == 503                         # out of the Service's endpoints
+        async with http.post(transceiver.whip_url, data=await offer_sdp(),
+                             headers={"Content-Type": "application/sdp"}) as resp:
+            assert resp.status == 503                         # no new sessions
+    assert not drained.done()                                 # the live call is not cut
+    report = await call
+    assert report.ok and report.beeps_heard == report.beeps_sent
+    assert await asyncio.wait_for(drained, 20) == 0           # and the drain ends when it does

@@ -74,6 +74,8 @@ class Transceiver:
             web.options("/whip/sessions/{id}", self.options),
             web.get("/sessions", self.list_sessions),
             web.get("/metrics", self.scrape),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
         ])
         return app
 
@@ -207,6 +209,29 @@ class Transceiver:
         self.metrics.mux_dropped.set(self.mux.dropped if self.mux else 0)
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "sessions": len(self.sessions)})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready for new offers: a draining transceiver drops out of its Service's endpoints."""
+        if self.draining:
+            return web.json_response({"status": "draining", "sessions": len(self.sessions)}, status=503)
+        return web.json_response({"status": "ready", "sessions": len(self.sessions)})
+
+    async def drain(self, deadline_s: float) -> int:
+        """Refuse new offers and wait for live sessions to end, at most deadline_s; returns how many remain."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline_s
+        while self.sessions and loop.time() < end:
+            waits = [asyncio.ensure_future(s.ended.wait()) for s in self.sessions.values()]
+            await asyncio.wait(waits, timeout=max(0.0, end - loop.time()), return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            for session_id in [k for k, v in self.sessions.items() if v.ended.is_set()]:
+                await self.end_session(session_id)
+        return len(self.sessions)
 
     async def stop(self) -> None:
         self.draining = True

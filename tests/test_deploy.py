@@ -1,0 +1,55 @@
+"""Deployment files are checked by real validators so they never rot."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+VALIDATE = [sys.executable, "-m", "kubernetes_validate", "--strict"]
+
+
+def run(argv, **kw):
+    return subprocess.run(argv, capture_output=True, text=True, **kw)
+
+
+def test_kubernetes_manifests_validate():
+    manifests = sorted(str(p) for p in (DEPLOY / "k8s").glob("*.yaml"))
+    assert len(manifests) == 3
+    result = run(VALIDATE + manifests)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_validator_rejects_a_broken_manifest(tmp_path):
+    broken = (DEPLOY / "k8s" / "transceiver.yaml").read_text().replace("replicas: 2", 'replicas: "two"')
+    (tmp_path / "broken.yaml").write_text(broken)
+    assert run(VALIDATE + [str(tmp_path / "broken.yaml")]).returncode != 0
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize("unit", ["splitrelay-edge.service", "splitrelay-transceiver@.service"])
+def test_systemd_units_verify(tmp_path, unit):
+    # point ExecStart at this checkout's command so verify can check it exists
+    text = (DEPLOY / "systemd" / unit).read_text().replace("/opt/splitrelay/.venv/bin/splitrelay",
+                                                           str(Path(sys.executable).parent / "splitrelay"))
+    name = unit.replace("@.", "@test.")
+    (tmp_path / name).write_text(text)
+    result = run(["systemd-analyze", "verify", "--man=no", str(tmp_path / name)])
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if unit.split("@")[0] in line and "EnvironmentFile" not in line]
+    assert not problems, problems
+
+
+@pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant is installed by make setup")
+def test_vagrantfile_validates():
+    result = run(["vagrant", "validate", "--ignore-provider"], cwd=ROOT / "vagrant", timeout=300)
+    assert result.returncode == 0 and "validated successfully" in result.stdout, result.stdout + result.stderr
+
+
+def test_e2e_script_parses():
+    assert run(["bash", "-n", str(ROOT / "vagrant" / "run-e2e.sh")]).returncode == 0
