@@ -71,12 +71,12 @@ def log_file(lab: Lab, daemon: str) -> Path:
     return STATE_DIR / f"{lab.name}-{daemon}.log"
 
 
-def start_agent(lab: Lab, policy: str = "strict") -> subprocess.Popen:
+def start_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "edge", "serve", lab.relay_public.ifname,
             "--internal", lab.relay_internal.ifname, "--public-ip", lab.relay_public.ip4,
             "--public-ip", lab.relay_public.ip6, "--gateway-ip", lab.client.ip4,
             "--listen", f"{lab.relay_internal.ip4}:{CONTROL_PORT}", "--instance", lab.name,
-            "--policy", policy, "--port", str(lab.relay_port), "--detach-on-exit"]
+            "--policy", policy, "--port", str(lab.relay_port), "--detach-on-exit", *(extra_args or [])]
     path = log_file(lab, "agent")
     with path.open("w") as log:  # the daemon outlives `lab up`: its output goes to a file, not a pipe
         proc = lab.popen(lab.relay_public.netns, argv, stderr=log, stdout=log, stdin=subprocess.DEVNULL)
@@ -102,12 +102,14 @@ def control(lab: Lab, fn):
 
 
 def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
-              handler: str | None = "echo") -> dict:
+              handler: str | None = "echo", agent_args: list[str] | None = None) -> dict:
     """Namespaces, the edge agent and (unless handler is None) one transceiver per host."""
     lab = Lab.create(transceivers=transceivers, name=name)
     try:
-        start_agent(lab, policy)
+        start_agent(lab, policy, agent_args)
         for t in lab.transceivers:
+            if agent_args and any(a in agent_args for a in ("--backends-file", "--k8s-service")):
+                break  # the agent follows its own backend source
             if handler is None:
                 control(lab, lambda c, t=t: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6))
             else:

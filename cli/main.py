@@ -212,7 +212,14 @@ def edge_status(as_json: bool) -> None:
               help="Seconds before an idle flow is aged out (>= 15).")
 @click.option("--detach-on-exit", is_flag=True,
               help="Remove programs and maps on exit (default: keep them so calls survive a restart).")
-def edge_serve(listen: str, token_file: str | None, **kw) -> None:
+@click.option("--backends-file", type=click.Path(dir_okay=False),
+              help='Follow a JSON backend table ([{"id":1,"ip":"10.0.0.11","port":5000}]), reloaded on change.')
+@click.option("--k8s-service", metavar="NAMESPACE/NAME",
+              help="Follow the endpoints of the transceivers' Kubernetes Service (port named 'media').")
+@click.option("--k8s-api", help="Kubernetes API URL when not running in a pod.")
+@click.option("--k8s-token-file", type=click.Path(exists=True, dir_okay=False),
+              help="Bearer token for --k8s-api.")
+def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, **kw) -> None:
     """Run the edge agent: attach, serve the control API and metrics, age flows.
 
     \b
@@ -228,7 +235,9 @@ def edge_serve(listen: str, token_file: str | None, **kw) -> None:
     if not host or not port.isdigit():
         raise CliError(f"--listen must be host:port, got {listen!r}")
     token = open(token_file).read().strip() if token_file else os.environ.get("SPLITRELAY_TOKEN")
-    agent = EdgeAgent(_agent_config(listen_host=host.strip("[]"), listen_port=int(port), token=token, **kw))
+    k8s_token = open(k8s_token_file).read().strip() if k8s_token_file else None
+    agent = EdgeAgent(_agent_config(listen_host=host.strip("[]"), listen_port=int(port), token=token,
+                                    k8s_token=k8s_token, **kw))
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from splitrelay.edge import neighbours
+from splitrelay.edge.backend_sources import BackendFollower, BackendSpec, file_reader, kubernetes_reader
 from splitrelay.edge.control import ControlAPI
-from splitrelay.edge.datapath import FORBIDDEN_IFACES, Datapath, DatapathError, RelayConfig
+from splitrelay.edge.datapath import FORBIDDEN_IFACES, Backend, Datapath, DatapathError, RelayConfig
 from splitrelay.edge.metrics import EdgeMetrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class AgentConfig:
     ageing_interval_s: float = 2.0
     mode: str = "auto"
     detach_on_exit: bool = False
+    backends_file: str | None = None      # follow a JSON backend table
+    k8s_service: str | None = None        # follow the endpoints of namespace/service
+    k8s_api: str | None = None            # API URL when not in a pod (tests, out-of-cluster)
+    k8s_token: str | None = None
 
     def __post_init__(self) -> None:
         if self.idle_timeout_s < MIN_IDLE_S:
@@ -100,10 +105,31 @@ class EdgeAgent:
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         self._ageing = asyncio.create_task(self._age_forever())
+        self._followers = [asyncio.create_task(f.run()) for f in await self._backend_followers(internal_mac)]
         log.info("edge agent %s: XDP %s on %s/%s, %d sessions and %d flows adopted, control on %s:%d",
                  self.config.instance, mode, self.config.public_iface, self.config.internal_iface,
                  len(self.datapath.sessions()), len(self.datapath.flows()),
                  self.config.listen_host, self.port)
+
+    async def _backend_followers(self, internal_mac: str) -> list[BackendFollower]:
+        c = self.config
+        loop = asyncio.get_running_loop()
+
+        async def apply(spec: BackendSpec) -> None:
+            mac = await loop.run_in_executor(None, neighbours.resolve, spec.ip or spec.ip6, c.internal_iface)
+            self.datapath.set_backend(Backend(spec.backend_id, spec.port, mac, internal_mac,
+                                              ip4=spec.ip, ip6=spec.ip6))
+
+        async def remove(backend_id: int) -> None:
+            self.datapath.del_backend(backend_id)
+
+        followers = []
+        if c.backends_file:
+            followers.append(BackendFollower(file_reader(c.backends_file), apply, remove, name=c.backends_file))
+        if c.k8s_service:
+            reader = kubernetes_reader(c.k8s_service, api=c.k8s_api, token=c.k8s_token)
+            followers.append(BackendFollower(reader, apply, remove, name=f"kubernetes {c.k8s_service}"))
+        return followers
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
@@ -121,6 +147,8 @@ class EdgeAgent:
     async def stop(self) -> None:
         if self._ageing:
             self._ageing.cancel()
+        for task in getattr(self, "_followers", []):
+            task.cancel()
         if self._runner:
             await self._runner.cleanup()
         if self.config.detach_on_exit:
