@@ -52,7 +52,9 @@ BPF_TABLE_PINNED("hash", struct sr_addr_key, __u32, backend_addrs, SR_MAX_BACKEN
 		 SR_PIN_DIR "/backend_addrs");
 BPF_TABLE_PINNED("hash", struct sr_ufrag_key, struct sr_session, sessions, SR_MAX_SESSIONS,
 		 SR_PIN_DIR "/sessions");
-BPF_TABLE_PINNED("lru_hash", struct sr_addr_key, struct sr_flow, flows, SR_MAX_FLOWS, SR_PIN_DIR "/flows");
+/* A plain hash, not LRU: when it is full, new flows are refused and counted and no live call
+ * is ever evicted to make room for a flood. */
+BPF_TABLE_PINNED("hash", struct sr_addr_key, struct sr_flow, flows, SR_MAX_FLOWS, SR_PIN_DIR "/flows");
 BPF_TABLE_PINNED("percpu_array", __u32, struct sr_counter, stats, SR_STAT__MAX, SR_PIN_DIR "/stats");
 SR_DEVMAP_PINNED(tx_ports, SR_MAX_TX_PORTS, SR_PIN_DIR "/tx_ports");
 
@@ -413,6 +415,10 @@ int xdp_public(struct xdp_md *ctx)
 				__builtin_memcpy(f->client_mac, p.eth->h_source, ETH_ALEN);
 				f->ufrag = ukey;
 			} else {
+				/* a new 5-tuple for a registered session: within the session's allowance */
+				if (sess && !f && cfg->max_session_flows &&
+				    sess->flows >= cfg->max_session_flows)
+					return count(SR_STAT_IN_DROP_SESSION_FLOWS, p.bytes, XDP_DROP);
 				struct sr_flow nf = {};
 				nf.backend_id = backend_id;
 				__builtin_memcpy(nf.client_mac, p.eth->h_source, ETH_ALEN);
@@ -423,6 +429,8 @@ int xdp_public(struct xdp_md *ctx)
 				nf.ufrag = ukey;
 				if (flows.update(&fkey, &nf))
 					return count(SR_STAT_IN_DROP_FLOW_FULL, p.bytes, XDP_DROP);
+				if (sess && !f)
+					__sync_fetch_and_add(&sess->flows, 1);
 			}
 			return forward_to_backend(ctx, &p, b, stat);
 		}

@@ -18,7 +18,10 @@
 #define SR_STUN_MAX_MSG   2048 /* longest Binding Request body routed by ufrag (ICE sends ~100 B) */
 #define SR_MAX_BACKENDS   1024
 #define SR_MAX_SESSIONS   65536
-#define SR_MAX_FLOWS      1048576
+#ifndef SR_MAX_FLOWS
+#define SR_MAX_FLOWS      1048576 /* the agent may compile a smaller table (-DSR_MAX_FLOWS=) */
+#endif
+#define SR_DEFAULT_SESSION_FLOWS 4 /* client 5-tuples one session may open (ICE needs 1-2) */
 #define SR_MAX_TX_PORTS   64   /* devmap slots: 0 = public interface, 1.. = internal */
 
 #define SR_FAMILY_V4 4
@@ -52,7 +55,8 @@ struct sr_config {                  /* array map "config", single slot 0 */
 	__u8   public_mac[6];           /* source MAC for frames leaving the public iface */
 	__u8   gateway_mac[6];          /* public next hop when no flow has learned one */
 	__u32  public_slot;             /* devmap slot of the public interface */
-	__u32  pad;
+	__u16  max_session_flows;       /* 0 = unlimited; new 5-tuples beyond it are refused */
+	__u16  pad;
 };
 
 struct sr_backend {                 /* hash "backends": __u32 backend id -> value */
@@ -79,7 +83,7 @@ struct sr_ufrag_key {               /* hash "sessions" key: server ufrag, zero p
 
 struct sr_session {                 /* hash "sessions" value */
 	__u32 backend_id;
-	__u32 pad;
+	__u32 flows;                    /* flows it opened; the agent recounts when it removes any */
 	__u64 created_ns;
 };
 
@@ -126,7 +130,8 @@ struct sr_counter {                 /* per-CPU array "stats", index = enum sr_st
 	X(OUT_DROP_REDIRECT,   "egress",  "dropped",   "redirect_failed")   \
 	X(OUT_PASS_OTHER,      "egress",  "passed",    "not_backend")       \
 	X(IN_PASS_DISABLED,    "ingress", "passed",    "not_configured")    \
-	X(OUT_PASS_DISABLED,   "egress",  "passed",    "not_configured")
+	X(OUT_PASS_DISABLED,   "egress",  "passed",    "not_configured")    \
+	X(IN_DROP_SESSION_FLOWS, "ingress", "dropped", "session_flow_limit")
 
 #define SR_STAT_ENUM(name, dir, verdict, reason) SR_STAT_##name,
 enum sr_stat {

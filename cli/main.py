@@ -97,6 +97,8 @@ def _agent_options(f):
                      show_default=True, help="XDP mode; auto falls back to generic with a warning."),
         click.option("--instance", default="default", show_default=True,
                      help="Names the pinned maps: /sys/fs/bpf/splitrelay/<instance>."),
+        click.option("--max-session-flows", default=4, show_default=True, type=click.IntRange(0, 65535),
+                     help="Client 5-tuples one session may open (0 = unlimited): caps stolen-ufrag floods."),
     ]
     for option in reversed(options):
         f = option(f)

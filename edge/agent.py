@@ -45,6 +45,7 @@ class AgentConfig:
     ageing_interval_s: float = 2.0
     mode: str = "auto"
     detach_on_exit: bool = False
+    max_session_flows: int = 4
     backends_file: str | None = None      # follow a JSON backend table
     k8s_service: str | None = None        # follow the endpoints of namespace/service
     k8s_api: str | None = None            # API URL when not in a pod (tests, out-of-cluster)
@@ -78,6 +79,7 @@ class EdgeAgent:
         self.datapath.configure(RelayConfig(
             relay_port=c.relay_port, public_mac=neighbours.interface_mac(c.public_iface),
             gateway_mac=gateway_mac, public_ip4=c.public_ip4, public_ip6=c.public_ip6, policy=c.policy,
+            max_session_flows=c.max_session_flows,
         ))
         return mode
 

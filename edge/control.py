@@ -177,7 +177,7 @@ class ControlAPI:
             flows[f.ufrag] = flows.get(f.ufrag, 0) + 1
         return web.json_response([
             {"ufrag": s.ufrag, "backend": s.backend_id, "age_s": round((now - s.created_ns) / 1e9, 3),
-             "flows": flows.get(s.ufrag, 0)}
+             "flows": flows.get(s.ufrag, 0), "flows_opened": s.flows}
             for s in self.dp.sessions()
         ])
 

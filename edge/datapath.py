@@ -34,10 +34,8 @@ POLICIES = {"strict": 0, "hint": 1}
 PUBLIC_SLOT = 0
 INTERNAL_SLOT = 1
 UFRAG_MAX = 32
-# bcc table name -> BPF map type (linux/bpf.h enum bpf_map_type); all pinned under pin_dir
-MAP_TYPES = {"config": 2, "backends": 1, "backend_addrs": 1, "sessions": 1, "flows": 9,
-             "stats": 6, "tx_ports": 14}
-MAP_NAMES = tuple(MAP_TYPES)
+# every bcc table of relay.c, all pinned under pin_dir (their types come from the source, via bcc)
+MAP_NAMES = ("config", "backends", "backend_addrs", "sessions", "flows", "stats", "tx_ports")
 VERIFIER_LOG_SIZE = 1 << 24
 
 # The counters' dataclass lives next to their single definition's parser; re-exported here.
@@ -74,8 +72,11 @@ class RelayConfig:
     public_ip4: str | None = None
     public_ip6: str | None = None
     policy: str = "strict"
+    max_session_flows: int = 4    # client 5-tuples one session may open; 0 = unlimited
 
     def __post_init__(self) -> None:
+        if not 0 <= self.max_session_flows <= 65535:
+            raise DatapathError(f"max session flows must be 0..65535, got {self.max_session_flows}")
         if not 1 <= self.relay_port <= 65535:
             raise DatapathError(f"relay port must be 1..65535, got {self.relay_port}")
         if self.policy not in POLICIES:
@@ -108,6 +109,7 @@ class Session:
     ufrag: str
     backend_id: int
     created_ns: int
+    flows: int = 0
 
 
 @dataclass
@@ -150,6 +152,7 @@ class Datapath:
     instance: str = "default"
     pin_root: str = PIN_ROOT
     attachments: list[Attachment] = field(default_factory=list)
+    max_flows: int | None = None   # flow table size (default SR_MAX_FLOWS); fixed when first pinned
 
     def __post_init__(self) -> None:
         if not self.instance or "/" in self.instance or self.instance.startswith("."):
@@ -180,7 +183,7 @@ class Datapath:
             f"-I{SOURCE_DIR}",
             f'-DSR_PIN_DIR="{self.pin_dir}"',
             "-Wno-compare-distinct-pointer-types",
-        ]
+        ] + ([f"-DSR_MAX_FLOWS={int(self.max_flows)}"] if self.max_flows else [])
         try:
             bpf = BPF(src_file=str(SOURCE_DIR / "relay.c").encode(), cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for compile errors
@@ -197,8 +200,11 @@ class Datapath:
         A key or value size that differs (an older build of splitrelay.h) would make the
         program and the agent read garbage, so refuse it; a different capacity only warns.
         """
-        for name, map_type in MAP_TYPES.items():
+        from bcc.libbcc import lib
+
+        for name in MAP_NAMES:
             table = bpf[name.encode()]
+            map_type = lib.bpf_table_type_id(bpf.module, table.map_id)  # as declared in relay.c
             leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: one CPU's value
             info = map_info(table.map_fd)
             want = (map_type, ct.sizeof(table.Key), ct.sizeof(leaf))
@@ -353,6 +359,7 @@ class Datapath:
         ct.memmove(leaf.public_mac, mac_bytes(cfg.public_mac), 6)
         ct.memmove(leaf.gateway_mac, mac_bytes(cfg.gateway_mac), 6)
         leaf.public_slot = PUBLIC_SLOT
+        leaf.max_session_flows = cfg.max_session_flows
         table[ct.c_uint32(0)] = leaf
 
     def config(self) -> RelayConfig | None:
@@ -367,6 +374,7 @@ class Datapath:
             public_ip4=str(addr_from_words([leaf.public_ip4], 4)) if leaf.public_ip4 else None,
             public_ip6=str(ip6) if int(ip6) else None,
             policy={v: k for k, v in POLICIES.items()}[leaf.policy],
+            max_session_flows=leaf.max_session_flows,
         )
 
     def _addr_key(self, table_name: str, ip: str, port: int):
@@ -471,11 +479,11 @@ class Datapath:
             leaf = self.bpf[b"sessions"][self._ufrag_key(ufrag)]
         except KeyError:
             return None
-        return Session(ufrag, leaf.backend_id, leaf.created_ns)
+        return Session(ufrag, leaf.backend_id, leaf.created_ns, leaf.flows)
 
     def sessions(self) -> list[Session]:
         return [
-            Session(bytes(k.ufrag).rstrip(b"\0").decode("ascii", "replace"), v.backend_id, v.created_ns)
+            Session(bytes(k.ufrag).rstrip(b"\0").decode("ascii", "replace"), v.backend_id, v.created_ns, v.flows)
             for k, v in self.bpf[b"sessions"].items()
         ]
 
@@ -518,14 +526,38 @@ class Datapath:
             return None
 
     def del_flow(self, client: tuple[str, int]) -> bool:
-        return self._delete(self.bpf[b"flows"], self._addr_key("flows", *client))
+        removed = self._delete(self.bpf[b"flows"], self._addr_key("flows", *client))
+        if removed:
+            self.recount_session_flows()
+        return removed
 
     def age_flows(self, idle_s: float) -> int:
         """Remove flows idle for longer than idle_s; returns how many went."""
         cutoff = time.monotonic_ns() - int(idle_s * 1e9)
         table = self.bpf[b"flows"]
         stale = [key for key, leaf in table.items() if leaf.last_seen_ns < cutoff]
-        return sum(1 for key in stale if self._delete(table, key))
+        removed = sum(1 for key in stale if self._delete(table, key))
+        if removed:
+            self.recount_session_flows()
+        return removed
+
+    def recount_session_flows(self) -> None:
+        """Give each session back the allowance of the flows that went.
+
+        XDP only counts up (it cannot see deletions); the flow map is the truth, so
+        the agent recounts from it after removing flows.  A packet that opens a flow
+        during the recount is seen at the next one.
+        """
+        live: dict[bytes, int] = {}
+        for leaf in self.bpf[b"flows"].values():
+            key = bytes(leaf.ufrag.ufrag)
+            live[key] = live.get(key, 0) + 1
+        table = self.bpf[b"sessions"]
+        for key, leaf in table.items():
+            count = live.get(bytes(key.ufrag), 0)
+            if leaf.flows != count:
+                leaf.flows = count
+                table[key] = leaf
 
     def map_fill(self) -> dict[str, tuple[int, int]]:
         """Entries and capacity of each hash map."""

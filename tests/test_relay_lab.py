@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from splitrelay.edge import stun
+from splitrelay.edge import hint, stun
 from splitrelay.edge.datapath import Datapath
 from splitrelay.edge.lab import in_netns
 
@@ -163,3 +163,44 @@ def test_reload_and_agent_restart_lose_no_packet(relay_lab):
         client.close()
     assert swaps == 6 and sent > 1000
     assert received == sent, f"lost {sent - received} of {sent} packets across {swaps} program swaps"
+
+
+def test_stolen_ufrag_flood_cannot_crowd_out_a_live_call(relay_lab):
+    """A bounded flood of Binding Requests with a live session's ufrag from many ports, and of
+    forged routing hints, while the real client keeps talking."""
+    lab, dp = relay_lab
+    t1 = lab.transceivers[0]
+    server = EchoServer(t1.netns, t1.ip4)
+    relay = (lab.relay_public.ip4, lab.relay_port)
+    dp.set_session("victimSess", t1.backend_id)
+    client = client_socket(lab)
+    flooders = [client_socket(lab) for _ in range(100)]
+    try:
+        ping(client, stun.build_binding_request("victimSess:cli1"), relay)
+        stolen = stun.build_binding_request("victimSess:evil")
+        forged = stun.build_binding_request(hint.encode(t1.backend_id) + ":evil")
+        lost = 0
+        for round_ in range(20):                       # 20 x 100 stolen + 20 x 100 forged requests
+            for s in flooders:
+                s.sendto(stolen, relay)
+                s.sendto(forged, relay)
+            packet = bytes([0x80, 0x6F]) + round_.to_bytes(4, "big") + b"\0" * 100
+            try:
+                data, _ = ping(client, packet, relay)
+                lost += data != packet
+            except TimeoutError:
+                lost += 1
+        assert lost == 0
+        victim_flows = [f for f in dp.flows() if f.ufrag == "victimSess"]
+        assert len(victim_flows) <= 4                  # the session's allowance, real flow included
+        assert dp.flow((lab.client.ip4, client.getsockname()[1])) is not None
+        counters = dp.counters()
+        admitted = len(victim_flows) - 1               # flooders that got one of the spare slots
+        assert counters["IN_DROP_SESSION_FLOWS"].packets == 20 * (100 - admitted)
+        assert counters["IN_DROP_UNKNOWN_UFRAG"].packets == 2000   # strict: forged hints open nothing
+        assert len(dp.flows()) == 1 + admitted                     # and nothing else entered the table
+    finally:
+        server.close()
+        client.close()
+        for s in flooders:
+            s.close()

@@ -677,3 +677,44 @@ def test_differential_fuzz_c_vs_python_reference(relay, payload):
     assert (result.verdict == XDP_REDIRECT) == (expected == "IN_FWD_STUN_UFRAG")
     if result.verdict != XDP_REDIRECT:
         assert result.data == P.udp_frame(payload)  # a dropped packet is not rewritten
+
+
+def test_a_session_may_open_only_its_allowance_of_flows(relay):
+    """A flood of Binding Requests with a stolen ufrag cannot fill the flow table."""
+    cfg = relay.config()
+    cfg.max_session_flows = 2
+    relay.configure(cfg)
+    for port in (41001, 41002):
+        assert_forwarded_to_backend(public(relay, P.udp_frame(V["2.1"], sport=port)), sport=port)
+    for port in range(41003, 41053):  # the flood: 50 more 5-tuples
+        assert public(relay, P.udp_frame(V["2.1"], sport=port)).verdict == XDP_DROP
+    assert counts(relay)["IN_DROP_SESSION_FLOWS"] == 50
+    assert len(relay.flows()) == 2 and relay.session("evtj").flows == 2
+    # the session's own flows still work, consent checks included
+    assert_forwarded_to_backend(public(relay, P.udp_frame(b"\x80" * 60, sport=41001)), sport=41001)
+    assert_forwarded_to_backend(public(relay, P.udp_frame(V["2.1"], sport=41002)), sport=41002)
+    # a flow that goes (ageing, NAT rebinding) gives its slot back
+    assert relay.del_flow((P.CLIENT_IP4, 41001))
+    assert relay.session("evtj").flows == 1
+    assert_forwarded_to_backend(public(relay, P.udp_frame(V["2.1"], sport=41060)), sport=41060)
+
+
+def test_full_flow_table_refuses_new_flows_and_keeps_live_ones(links, pin_root):
+    small = Datapath(instance=instance_name(), pin_root=pin_root, max_flows=8)
+    try:
+        small.load()
+        set_slots(small, links)
+        small.configure(RelayConfig(P.RELAY_PORT, P.RELAY_PUB_MAC, P.GATEWAY_MAC, public_ip4=P.PUBLIC_IP4,
+                                    max_session_flows=0))
+        small.set_backend(Backend(BACKEND_ID, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC, ip4=P.BACKEND_IP4))
+        small.set_session("evtj", BACKEND_ID)
+        for port in range(42000, 42008):
+            assert public(small, P.udp_frame(V["2.1"], sport=port)).verdict == XDP_REDIRECT
+        for port in range(42008, 42020):
+            assert public(small, P.udp_frame(V["2.1"], sport=port)).verdict == XDP_DROP
+        assert counts(small)["IN_DROP_FLOW_FULL"] == 12
+        for port in range(42000, 42008):  # nothing live was evicted to make room
+            assert public(small, P.udp_frame(b"\x80" * 40, sport=port)).verdict == XDP_REDIRECT
+        assert len(small.flows()) == 8
+    finally:
+        small.destroy()
