@@ -95,6 +95,7 @@ class ControlAPI:
         self.token = token
         self.health_info = health or (dict)
         self.observe = observe
+        self.instances: dict[int, str] = {}  # backend id -> the process that registered it last
 
     def app(self, extra_routes: list[web.RouteDef] | None = None) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
@@ -155,6 +156,9 @@ class ControlAPI:
         if not ip4 and not ip6:
             raise BadRequest(400, "a backend needs 'ip' (IPv4) or 'ip6'")
         port = _int_field(body, "port", 1, 65535)
+        instance = body.get("instance")
+        if instance is not None and (not isinstance(instance, str) or not 1 <= len(instance) <= 64):
+            raise BadRequest(400, "'instance' must be a string of 1..64 characters")
         try:
             # neighbour resolution blocks (and pyroute2 runs its own loop): keep it off ours
             mac = await asyncio.get_running_loop().run_in_executor(None, self.resolve_mac, ip4 or ip6)
@@ -162,8 +166,22 @@ class ControlAPI:
             raise BadRequest(422, f"cannot reach backend {ip4 or ip6}: {exc}") from None
         backend = Backend(backend_id, port, mac, self.relay_mac, ip4=ip4, ip6=ip6)
         existed = self.dp.backend(backend_id) is not None
+        previous = self.instances.get(backend_id)
+        if existed and instance and previous and previous != instance:
+            # a new process behind the same backend: the old one died with its sessions
+            self._drop_sessions_of(backend_id)
+        if instance:
+            self.instances[backend_id] = instance
         self.dp.set_backend(backend)
         return web.json_response(self._backend_json(backend), status=200 if existed else 201)
+
+    def _drop_sessions_of(self, backend_id: int) -> None:
+        for session in self.dp.sessions():
+            if session.backend_id == backend_id:
+                self.dp.del_session(session.ufrag)
+        for flow in self.dp.flows():
+            if flow.backend_id == backend_id:
+                self.dp.del_flow((flow.client_ip, flow.client_port))
 
     async def delete_backend(self, request: web.Request) -> web.Response:
         if not self.dp.del_backend(_backend_id(request.match_info["id"])):

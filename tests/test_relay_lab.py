@@ -161,6 +161,7 @@ def test_reload_and_agent_restart_lose_no_packet(relay_lab):
         worker.join()
         server.close()
         client.close()
+    print(f"\nreload/restart: {sent} packets sent, {received} echoed, across {swaps} program swaps")
     assert swaps == 6 and sent > 1000
     assert received == sent, f"lost {sent - received} of {sent} packets across {swaps} program swaps"
 

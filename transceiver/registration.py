@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from urllib.parse import quote
 
 import aiohttp
@@ -25,7 +26,10 @@ class Registrar:
     def __init__(self, control_url: str, backend_id: int, backend_ip: str, backend_port: int,
                  token: str | None = None, backend_ip6: str | None = None, watch_interval: float = 1.0) -> None:
         self.base = control_url.rstrip("/")
-        self.backend = {"ip": backend_ip, "ip6": backend_ip6, "port": backend_port}
+        # "instance" tells the agent when a new process took over this backend id (a restart
+        # after a crash): the old process's sessions are gone, so the agent drops them
+        self.backend = {"ip": backend_ip, "ip6": backend_ip6, "port": backend_port,
+                        "instance": secrets.token_hex(8)}
         self.backend_id = backend_id
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.sessions: set[str] = set()
