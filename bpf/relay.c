@@ -395,9 +395,12 @@ int xdp_public(struct xdp_md *ctx)
 			if (sess) {
 				backend_id = sess->backend_id;
 			} else {
-				backend_id = hint_decode(&ukey, ulen);
-				if (!backend_id)
+				int hinted = hint_decode(&ukey, ulen, cfg);
+				if (hinted == HINT_FORGED)
+					return count(SR_STAT_IN_DROP_FORGED_HINT, p.bytes, XDP_DROP);
+				if (hinted <= 0)
 					return count(SR_STAT_IN_DROP_UNKNOWN_UFRAG, p.bytes, XDP_DROP);
+				backend_id = hinted;
 				if (!backends.lookup(&backend_id))
 					return count(SR_STAT_IN_DROP_NO_BACKEND, p.bytes, XDP_DROP);
 				if (cfg->policy != SR_POLICY_HINT)

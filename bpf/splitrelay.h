@@ -41,6 +41,12 @@
 #define SR_HINT_V1        1
 #define SR_HINT_V1_LEN    16
 #define SR_HINT_ID_BITS   18
+/* Version 2 ('C'), keyed, also 16 chars:
+ *   [0] version 2, [1..3] backend id (18 bits), [4..11] 48 random bits,
+ *   [12..15] tag: low 24 bits of SipHash-2-4(hint_key, the 12 ASCII bytes [0..11]), big-endian.
+ * A relay with a key routes only v2 hints whose tag checks, so a forged ufrag costs nothing. */
+#define SR_HINT_V2        2
+#define SR_HINT_MSG_LEN   12
 
 /* sr_backend.flags */
 #define SR_BACKEND_V4 0x1
@@ -56,7 +62,9 @@ struct sr_config {                  /* array map "config", single slot 0 */
 	__u8   gateway_mac[6];          /* public next hop when no flow has learned one */
 	__u32  public_slot;             /* devmap slot of the public interface */
 	__u16  max_session_flows;       /* 0 = unlimited; new 5-tuples beyond it are refused */
-	__u16  pad;
+	__u8   hint_key_set;            /* 1: only keyed (v2) hints route, and only if their tag checks */
+	__u8   pad;
+	__u8   hint_key[16];            /* SipHash-2-4 key shared by relays and transceivers */
 };
 
 struct sr_backend {                 /* hash "backends": __u32 backend id -> value */
@@ -131,7 +139,8 @@ struct sr_counter {                 /* per-CPU array "stats", index = enum sr_st
 	X(OUT_PASS_OTHER,      "egress",  "passed",    "not_backend")       \
 	X(IN_PASS_DISABLED,    "ingress", "passed",    "not_configured")    \
 	X(OUT_PASS_DISABLED,   "egress",  "passed",    "not_configured")    \
-	X(IN_DROP_SESSION_FLOWS, "ingress", "dropped", "session_flow_limit")
+	X(IN_DROP_SESSION_FLOWS, "ingress", "dropped", "session_flow_limit") \
+	X(IN_DROP_FORGED_HINT, "ingress", "dropped",   "forged_hint")
 
 #define SR_STAT_ENUM(name, dir, verdict, reason) SR_STAT_##name,
 enum sr_stat {

@@ -84,11 +84,12 @@ def start_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None =
     return proc
 
 
-def start_transceiver(lab: Lab, t, handler: str = "echo") -> subprocess.Popen:  # noqa: ANN001
+def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
+                      extra_args: list[str] | None = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
             "--backend-id", str(t.backend_id), "--bind", f"{t.ip4}:{BACKEND_PORT}", "--ip6", t.ip6,
             "--relay", f"{lab.relay_public.ip4}:{lab.relay_port}", "--relay-control", control_url(lab),
-            "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler]
+            "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler, *(extra_args or [])]
     path = log_file(lab, f"t{t.index}")
     with path.open("w") as log:
         proc = lab.popen(t.netns, argv, stderr=log, stdout=log, stdin=subprocess.DEVNULL)
@@ -102,18 +103,20 @@ def control(lab: Lab, fn):
 
 
 def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
-              handler: str | None = "echo", agent_args: list[str] | None = None) -> dict:
+              handler: str | None = "echo", agent_args: list[str] | None = None,
+              hint_key_file: str | None = None) -> dict:
     """Namespaces, the edge agent and (unless handler is None) one transceiver per host."""
     lab = Lab.create(transceivers=transceivers, name=name)
     try:
-        start_agent(lab, policy, agent_args)
+        key_args = ["--hint-key-file", hint_key_file] if hint_key_file else []
+        start_agent(lab, policy, (agent_args or []) + key_args)
         for t in lab.transceivers:
             if agent_args and any(a in agent_args for a in ("--backends-file", "--k8s-service")):
                 break  # the agent follows its own backend source
             if handler is None:
                 control(lab, lambda c, t=t: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6))
             else:
-                start_transceiver(lab, t, handler)
+                start_transceiver(lab, t, handler, key_args)
     except BaseException:
         stop_lab(lab.name)
         raise

@@ -99,6 +99,9 @@ def _agent_options(f):
                      help="Names the pinned maps: /sys/fs/bpf/splitrelay/<instance>."),
         click.option("--max-session-flows", default=4, show_default=True, type=click.IntRange(0, 65535),
                      help="Client 5-tuples one session may open (0 = unlimited): caps stolen-ufrag floods."),
+        click.option("--hint-key-file", type=click.Path(exists=True, dir_okay=False),
+                     help="32 hex digits shared with the transceivers: only hints with a valid SipHash tag "
+                          "route (makes --policy hint safe on the open internet)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -111,6 +114,14 @@ def _agent_config(**kw):
     from splitrelay.edge.agent import AgentConfig
 
     ips = kw.pop("public_ips")
+    key_file = kw.pop("hint_key_file", None)
+    if key_file:
+        from splitrelay.edge.hint import HintError, load_key
+
+        try:
+            kw["hint_key"] = load_key(key_file)
+        except HintError as exc:
+            raise CliError(str(exc)) from None
     try:
         parsed = [ip_address(ip) for ip in ips]
     except ValueError as exc:
@@ -426,9 +437,11 @@ def transceiver() -> None:
 @click.option("--ip6", help="The backend address's IPv6 twin, for IPv6 clients.")
 @click.option("--drain-timeout", default=0.0, show_default=True, type=click.FloatRange(0, 86400),
               help="On SIGTERM, refuse new offers and let live sessions end for up to this many seconds.")
+@click.option("--hint-key-file", type=click.Path(exists=True, dir_okay=False),
+              help="The relays' hint key (32 hex digits): ufrags carry a keyed (v2) routing hint.")
 def transceiver_serve(backend_id: str, bind: str, relay_public: str | None, relay_control: str | None,
                       whip_listen: str, handler: str, token: str | None, whip_token: str | None,
-                      ip6: str | None, drain_timeout: float) -> None:
+                      ip6: str | None, drain_timeout: float, hint_key_file: str | None) -> None:
     """Serve WHIP and every session on one UDP port, registering sessions with the relay.
 
     \b
@@ -443,11 +456,17 @@ def transceiver_serve(backend_id: str, bind: str, relay_public: str | None, rela
     bind_host, bind_port = _hostport(bind, "--bind")
     whip_host, whip_port = _hostport(whip_listen, "--whip-listen")
     backend_id = _backend_id(backend_id, bind_host)
+    from splitrelay.edge.hint import HintError, load_key
+
+    try:
+        hint_key = load_key(hint_key_file) if hint_key_file else None
+    except HintError as exc:
+        raise CliError(str(exc)) from None
     config = TransceiverConfig(
         backend_id=backend_id, bind_host=bind_host, bind_port=bind_port,
         public_address=_hostport(relay_public, "--relay") if relay_public else None,
         whip_host=whip_host, whip_port=whip_port, relay_control=relay_control, relay_token=token,
-        whip_token=whip_token, handler=handler, backend_ip6=ip6,
+        whip_token=whip_token, handler=handler, backend_ip6=ip6, hint_key=hint_key,
     )
     service = Transceiver(config)
 

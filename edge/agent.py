@@ -46,6 +46,7 @@ class AgentConfig:
     mode: str = "auto"
     detach_on_exit: bool = False
     max_session_flows: int = 4
+    hint_key: bytes | None = None
     backends_file: str | None = None      # follow a JSON backend table
     k8s_service: str | None = None        # follow the endpoints of namespace/service
     k8s_api: str | None = None            # API URL when not in a pod (tests, out-of-cluster)
@@ -79,7 +80,7 @@ class EdgeAgent:
         self.datapath.configure(RelayConfig(
             relay_port=c.relay_port, public_mac=neighbours.interface_mac(c.public_iface),
             gateway_mac=gateway_mac, public_ip4=c.public_ip4, public_ip6=c.public_ip6, policy=c.policy,
-            max_session_flows=c.max_session_flows,
+            max_session_flows=c.max_session_flows, hint_key=c.hint_key,
         ))
         return mode
 

@@ -73,8 +73,11 @@ class RelayConfig:
     public_ip6: str | None = None
     policy: str = "strict"
     max_session_flows: int = 4    # client 5-tuples one session may open; 0 = unlimited
+    hint_key: bytes | None = None  # with a key only keyed (v2) routing hints route
 
     def __post_init__(self) -> None:
+        if self.hint_key is not None and len(self.hint_key) != 16:
+            raise DatapathError(f"hint key must be 16 bytes, got {len(self.hint_key)}")
         if not 0 <= self.max_session_flows <= 65535:
             raise DatapathError(f"max session flows must be 0..65535, got {self.max_session_flows}")
         if not 1 <= self.relay_port <= 65535:
@@ -360,6 +363,9 @@ class Datapath:
         ct.memmove(leaf.gateway_mac, mac_bytes(cfg.gateway_mac), 6)
         leaf.public_slot = PUBLIC_SLOT
         leaf.max_session_flows = cfg.max_session_flows
+        if cfg.hint_key:
+            leaf.hint_key_set = 1
+            ct.memmove(leaf.hint_key, cfg.hint_key, 16)
         table[ct.c_uint32(0)] = leaf
 
     def config(self) -> RelayConfig | None:
@@ -375,6 +381,7 @@ class Datapath:
             public_ip6=str(ip6) if int(ip6) else None,
             policy={v: k for k, v in POLICIES.items()}[leaf.policy],
             max_session_flows=leaf.max_session_flows,
+            hint_key=bytes(leaf.hint_key) if leaf.hint_key_set else None,
         )
 
     def _addr_key(self, table_name: str, ip: str, port: int):

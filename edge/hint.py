@@ -12,6 +12,16 @@ Version 1, 16 ice-chars, base64 order ``A-Z a-z 0-9 + /`` (one char = 6 bits)::
     [0]      version (1 -> 'B')
     [1..3]   backend id, 18 bits big-endian, 1..262143 (0 is reserved)
     [4..15]  72 random bits
+
+Version 2 (keyed, for relays that accept hints from anyone on the internet)::
+
+    [0]      version (2 -> 'C')
+    [1..3]   backend id
+    [4..11]  48 random bits
+    [12..15] tag: low 24 bits of SipHash-2-4(key, ASCII bytes [0..11]), big-endian
+
+A relay holding the key routes only v2 hints whose tag checks: a forged ufrag is
+dropped before it costs a flow entry.  Without a key, v1 hints route.
 """
 
 from __future__ import annotations
@@ -23,7 +33,11 @@ ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/
 _VALUE = {c: i for i, c in enumerate(ALPHABET)}
 
 VERSION_1 = 1
+VERSION_2 = 2
 V1_LENGTH = 16
+KEY_LENGTH = 16
+MSG_LENGTH = 12
+V2_RANDOM_CHARS = 8
 ID_BITS = 18
 MAX_BACKEND_ID = (1 << ID_BITS) - 1
 RANDOM_CHARS = 12  # 72 bits, well above RFC 8445's 24-bit minimum
@@ -33,23 +47,81 @@ class HintError(ValueError):
     """A backend id that cannot be carried in a routing hint."""
 
 
-def encode(backend_id: int, random_part: str | None = None) -> str:
-    """Return a fresh version-1 ufrag that routes to ``backend_id``.
+def siphash24(key: bytes, message: bytes) -> int:
+    """SipHash-2-4 (Aumasson and Bernstein), the keyed hash the C side computes in XDP."""
+    if len(key) != KEY_LENGTH:
+        raise HintError(f"hint key must be {KEY_LENGTH} bytes, got {len(key)}")
+    mask = (1 << 64) - 1
 
-    ``random_part`` (12 ice-chars) is only for reproducible test vectors.
+    def rotl(x: int, b: int) -> int:
+        return ((x << b) | (x >> (64 - b))) & mask
+
+    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+    v = [0x736F6D6570736575 ^ k0, 0x646F72616E646F6D ^ k1, 0x6C7967656E657261 ^ k0, 0x7465646279746573 ^ k1]
+
+    def rounds(n: int) -> None:
+        for _ in range(n):
+            v[0] = (v[0] + v[1]) & mask
+            v[1] = rotl(v[1], 13) ^ v[0]
+            v[0] = rotl(v[0], 32)
+            v[2] = (v[2] + v[3]) & mask
+            v[3] = rotl(v[3], 16) ^ v[2]
+            v[0] = (v[0] + v[3]) & mask
+            v[3] = rotl(v[3], 21) ^ v[0]
+            v[2] = (v[2] + v[1]) & mask
+            v[1] = rotl(v[1], 17) ^ v[2]
+            v[2] = rotl(v[2], 32)
+
+    tail = len(message) % 8
+    blocks = [int.from_bytes(message[i:i + 8], "little") for i in range(0, len(message) - tail, 8)]
+    blocks.append(((len(message) & 0xFF) << 56) | int.from_bytes(message[len(message) - tail:], "little"))
+    for b in blocks:
+        v[3] ^= b
+        rounds(2)
+        v[0] ^= b
+    v[2] ^= 0xFF
+    rounds(4)
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
+
+
+def _chars(value: int, count: int) -> str:
+    return "".join(ALPHABET[(value >> (6 * (count - 1 - i))) & 0x3F] for i in range(count))
+
+
+def _value(chars: str) -> int:
+    out = 0
+    for c in chars:
+        out = (out << 6) | _VALUE[c]
+    return out
+
+
+def _random_chars(count: int, given: str | None) -> str:
+    if given is None:
+        return "".join(secrets.choice(ALPHABET) for _ in range(count))
+    if len(given) != count or any(c not in _VALUE for c in given):
+        raise HintError(f"random part must be {count} ice-chars")
+    return given
+
+
+def encode(backend_id: int, random_part: str | None = None, key: bytes | None = None) -> str:
+    """Return a fresh ufrag that routes to ``backend_id``: v2 (tagged) with a key, else v1.
+
+    ``random_part`` (12 ice-chars for v1, 8 for v2) is only for reproducible test vectors.
     """
     if not isinstance(backend_id, int) or not 1 <= backend_id <= MAX_BACKEND_ID:
         raise HintError(f"backend id must be 1..{MAX_BACKEND_ID}, got {backend_id!r}")
-    if random_part is None:
-        random_part = "".join(secrets.choice(ALPHABET) for _ in range(RANDOM_CHARS))
-    elif len(random_part) != RANDOM_CHARS or any(c not in _VALUE for c in random_part):
-        raise HintError(f"random part must be {RANDOM_CHARS} ice-chars")
-    id_chars = "".join(ALPHABET[(backend_id >> shift) & 0x3F] for shift in (12, 6, 0))
-    return ALPHABET[VERSION_1] + id_chars + random_part
+    if key is None:
+        return ALPHABET[VERSION_1] + _chars(backend_id, 3) + _random_chars(RANDOM_CHARS, random_part)
+    head = ALPHABET[VERSION_2] + _chars(backend_id, 3) + _random_chars(V2_RANDOM_CHARS, random_part)
+    return head + _chars(siphash24(key, head.encode()) & 0xFFFFFF, 4)
 
 
-def decode(ufrag: str | bytes) -> int | None:
-    """Return the backend id a ufrag's hint names, or None if it carries no valid hint."""
+FORGED = "forged"
+
+
+def inspect(ufrag: str | bytes, key: bytes | None = None) -> int | str | None:
+    """The backend id a ufrag's hint names, None when it carries no hint this relay accepts,
+    or FORGED for a v2 hint whose tag does not check (exactly the XDP program's decision)."""
     if isinstance(ufrag, bytes):
         try:
             ufrag = ufrag.decode("ascii")
@@ -57,7 +129,30 @@ def decode(ufrag: str | bytes) -> int | None:
             return None
     if len(ufrag) != V1_LENGTH or any(c not in _VALUE for c in ufrag):
         return None
-    if _VALUE[ufrag[0]] != VERSION_1:
+    version, backend_id = _VALUE[ufrag[0]], _value(ufrag[1:4])
+    if not backend_id:
         return None
-    backend_id = (_VALUE[ufrag[1]] << 12) | (_VALUE[ufrag[2]] << 6) | _VALUE[ufrag[3]]
-    return backend_id or None
+    if version == VERSION_1:
+        return None if key else backend_id
+    if version != VERSION_2 or not key:
+        return None
+    tag = siphash24(key, ufrag[:MSG_LENGTH].encode()) & 0xFFFFFF
+    return backend_id if _value(ufrag[12:]) == tag else FORGED
+
+
+def decode(ufrag: str | bytes, key: bytes | None = None) -> int | None:
+    """Return the backend id a ufrag's hint names, or None if it carries no valid hint."""
+    found = inspect(ufrag, key)
+    return found if isinstance(found, int) else None
+
+
+def load_key(path: str) -> bytes:
+    """A hint key file: 32 hex digits (16 bytes), shared by every relay and transceiver."""
+    try:
+        text = open(path).read().strip()
+        key = bytes.fromhex(text)
+    except (OSError, ValueError) as exc:
+        raise HintError(f"cannot read hint key {path}: {exc}") from None
+    if len(key) != KEY_LENGTH:
+        raise HintError(f"hint key {path} must hold {2 * KEY_LENGTH} hex digits")
+    return key

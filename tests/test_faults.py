@@ -27,11 +27,17 @@ def wait_for(fn, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.parametrize("policy", ["hint", "strict"])
-def test_wiped_relay_recovers_on_the_next_consent_check(policy):
-    """A fresh relay (maps gone) mid-call: the call recovers from the ufrag hint (hint policy) or the
-    transceivers' re-registration (strict), at the client's next consent check."""
-    info = start_lab(transceivers=1, handler="echo", policy=policy)
+@pytest.mark.parametrize("policy,keyed", [("hint", False), ("hint", True), ("strict", False)],
+                         ids=["hint", "hint-keyed", "strict"])
+def test_wiped_relay_recovers_on_the_next_consent_check(policy, keyed, tmp_path):
+    """A fresh relay (maps gone) mid-call: the call recovers from the ufrag hint (hint policy, with
+    or without a key) or the transceivers' re-registration (strict), at the next consent check."""
+    key_file = None
+    if keyed:
+        key_file = tmp_path / "hint.key"
+        key_file.write_text(os.urandom(16).hex())
+    info = start_lab(transceivers=1, handler="echo", policy=policy,
+                     hint_key_file=str(key_file) if key_file else None)
     lab = Lab.load(info["name"])
     try:
         proc = probe(lab, info["whip_urls"], duration=14)
@@ -43,11 +49,12 @@ def test_wiped_relay_recovers_on_the_next_consent_check(policy):
         lab.pids.remove(agent)
         in_netns(lab.relay_public.netns, lambda: Datapath(instance=lab.name).destroy(["pub0", "int0"]))
         wiped = time.monotonic()
-        start_agent(lab, policy)                      # a fresh relay: no backend, session or flow
+        # a fresh relay: no backend, session or flow
+        start_agent(lab, policy, ["--hint-key-file", str(key_file)] if key_file else None)
         up = time.monotonic()
         flow = wait_for(lambda: control(lab, lambda c: c.flows()), 15, "the call's flow to come back")
         recovered_s = time.monotonic() - up
-        print(f"\nwiped relay, policy {policy}: relay up after {up - wiped:.2f} s, "
+        print(f"\nwiped relay, policy {policy}{' keyed' if keyed else ''}: relay up after {up - wiped:.2f} s, "
               f"call's flow back {recovered_s:.2f} s later")
         # one consent interval plus the transceiver noticing the new agent (1 s)
         assert recovered_s <= 7.5  # consent checks come every 5 s +-20% (RFC 7675)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from splitrelay.edge import hint, stun
 
-from .vectors import hint_v1, rfc5769, rfc7983
+from .vectors import HINT_V2_KEY, hint_v1, hint_v2, rfc5769, rfc7983
 
 V = rfc5769()
 
@@ -106,3 +106,24 @@ def test_truncation_only_raises_typed_errors(data):
         assert err.reason in {"bad_stun", "no_username", "bad_username"}
     else:
         assert ufrag == "evtj"
+
+
+def test_siphash_matches_the_published_vectors():
+    key = bytes(range(16))
+    assert hint.siphash24(key, b"") == 0x726FDB47DD0E0E31
+    assert hint.siphash24(key, bytes(range(15))) == 0xA129CA6149BE45E5
+
+
+@pytest.mark.parametrize("ufrag,expected,comment", hint_v2())
+def test_keyed_hint_vectors(ufrag, expected, comment):
+    assert hint.inspect(ufrag, HINT_V2_KEY) == expected, comment
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=1, max_value=hint.MAX_BACKEND_ID), st.binary(min_size=16, max_size=16))
+def test_keyed_hint_round_trip_and_tamper(backend_id, key):
+    ufrag = hint.encode(backend_id, key=key)
+    assert len(ufrag) == 16 and hint.decode(ufrag, key) == backend_id
+    assert hint.decode(ufrag) is None                       # a relay without the key ignores v2
+    tampered = ufrag[:5] + ("A" if ufrag[5] != "A" else "B") + ufrag[6:]
+    assert hint.inspect(tampered, key) == hint.FORGED

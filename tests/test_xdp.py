@@ -36,7 +36,7 @@ from splitrelay.edge.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, ru
 
 from . import packets as P
 from .netns import private_netns
-from .vectors import hint_v1, rfc5769, rfc7983
+from .vectors import HINT_V2_KEY, hint_v1, hint_v2, rfc5769, rfc7983
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="BPF needs root")
 
@@ -250,6 +250,7 @@ def test_c_and_python_stun_parsers_agree_on_truncations(relay):
     for cut in range(1, len(raw) + 1):
         relay.reset_counters()
         relay.bpf[b"flows"].clear()
+        relay.recount_session_flows()  # give the session its allowance back
         payload = raw[:cut]
         try:
             ufrag = stun.server_ufrag(payload)
@@ -671,6 +672,7 @@ def client_payloads(draw):
 def test_differential_fuzz_c_vs_python_reference(relay, payload):
     relay.reset_counters()
     relay.bpf[b"flows"].clear()
+    relay.recount_session_flows()  # give the session its allowance back
     result = public(relay, P.udp_frame(payload))
     expected = reference_ingress_stat(payload)
     assert counts(relay) == {expected: 1}, payload.hex()
@@ -718,3 +720,34 @@ def test_full_flow_table_refuses_new_flows_and_keeps_live_ones(links, pin_root):
         assert len(small.flows()) == 8
     finally:
         small.destroy()
+
+
+def test_c_and_python_agree_on_keyed_hints(relay):
+    """The SipHash tag check in XDP decides exactly as edge/hint.py on the v2 vectors."""
+    cfg = relay.config()
+    cfg.policy, cfg.hint_key = "hint", HINT_V2_KEY
+    relay.configure(cfg)
+    assert relay.config().hint_key == HINT_V2_KEY
+    relay.del_session("evtj")
+    for backend_id in {e for _, e, _ in hint_v2() if isinstance(e, int)}:
+        relay.set_backend(Backend(backend_id, P.BACKEND_PORT + 1, P.BACKEND_MAC, P.RELAY_INT_MAC,
+                                  ip4=P.BACKEND_IP4))
+    for ufrag, expected, comment in hint_v2():
+        relay.reset_counters()
+        result = public(relay, P.udp_frame(stun.build_binding_request(ufrag + ":cli1"), sport=43000))
+        want = {"forged": "IN_DROP_FORGED_HINT", None: "IN_DROP_UNKNOWN_UFRAG"}.get(expected, "IN_FWD_STUN_HINT")
+        assert counts(relay) == {want: 1}, comment
+        assert (result.verdict == XDP_REDIRECT) == isinstance(expected, int), comment
+
+
+def test_forged_keyed_hints_cost_no_flow(relay):
+    cfg = relay.config()
+    cfg.policy, cfg.hint_key = "hint", HINT_V2_KEY
+    relay.configure(cfg)
+    genuine = hint.encode(BACKEND_ID, key=HINT_V2_KEY)
+    for n in range(200):  # forgeries: right format and backend, random tags
+        forged = hint.encode(BACKEND_ID, key=bytes(16 - len(str(n))) + str(n).encode())
+        public(relay, P.udp_frame(stun.build_binding_request(forged + ":x"), sport=44000 + n))
+    assert relay.flows() == []
+    assert counts(relay)["IN_DROP_FORGED_HINT"] == 200   # 24-bit tags: a collision is ~1e-5 here
+    assert_forwarded_to_backend(public(relay, P.udp_frame(stun.build_binding_request(genuine + ":x"))))

@@ -22,14 +22,27 @@ def rfc5769() -> dict[str, bytes]:
     return out
 
 
-def hint_v1() -> list[tuple[str, int | None, str]]:
+HINT_V2_KEY = bytes.fromhex("000102030405060708090a0b0c0d0e0f")
+
+
+def _hint_rows(name: str) -> list[tuple[str, int | str | None, str]]:
     rows = []
-    for line in (VECTORS / "hint_v1.txt").read_text().splitlines():
+    for line in (VECTORS / name).read_text().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         ufrag, expected, *comment = line.split()
-        rows.append((ufrag, None if expected == "none" else int(expected), " ".join(comment)))
+        value = None if expected == "none" else expected if expected == "forged" else int(expected)
+        rows.append((ufrag, value, " ".join(comment)))
     return rows
+
+
+def hint_v1() -> list[tuple[str, int | None, str]]:
+    return _hint_rows("hint_v1.txt")
+
+
+def hint_v2() -> list[tuple[str, int | str | None, str]]:
+    """Keyed hints under HINT_V2_KEY; the expectation is a backend id, None, or "forged"."""
+    return _hint_rows("hint_v2.txt")
 
 
 def rfc7983() -> dict[int, str]:

@@ -46,6 +46,7 @@ class TransceiverConfig:
     whip_token: str | None = None
     handler: str = "echo"
     backend_ip6: str | None = None
+    hint_key: bytes | None = None                   # keyed (v2) routing hints, shared with the relays
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -138,7 +139,7 @@ class Transceiver:
         try:
             session, answer = await answer_offer(
                 sdp, self.mux, self.config.backend_id, self.make_handler,
-                before_answer=register, on_end=self._ended,
+                before_answer=register, on_end=self._ended, hint_key=self.config.hint_key,
             )
         except RegistrationError as exc:
             return _error(503, f"the relay did not accept the session: {exc}")

@@ -170,13 +170,14 @@ async def answer_offer(
     make_handler: Callable[[Session], Handler],
     before_answer: Callable[[Session], asyncio.Future | None] | None = None,
     on_end: Callable[[Session], None] | None = None,
+    hint_key: bytes | None = None,
 ) -> tuple[Session, str]:
     """Create a session for an offer; returns it with the SDP answer.
 
     ``before_answer`` runs once the ufrag is known and before the answer leaves
     (that is where the session is registered with the relay).
     """
-    ufrag = hint.encode(backend_id)
+    ufrag = hint.encode(backend_id, key=hint_key)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     session = Session(session_id=secrets.token_urlsafe(12), ufrag=ufrag, pc=pc)
     session.handler = make_handler(session)
