@@ -185,3 +185,20 @@ async def test_drain_refuses_offers_and_waits_for_live_sessions(transceiver):
     report = await call
     assert report.ok and report.beeps_heard == report.beeps_sent
     assert await asyncio.wait_for(drained, 20) == 0           # and the drain ends when it does
+
+
+async def test_slow_client_gets_408_and_leaves_nothing_behind():
+    service = Transceiver(TransceiverConfig(backend_id=BACKEND_ID, bind_port=0, whip_port=0, body_timeout=0.5))
+    await service.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.whip_port)
+        writer.write(b"POST /whip HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\n"
+                     b"Content-Length: 1000\r\n\r\nv=0\r\n")          # and then nothing more
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 10)
+        assert status.startswith(b"HTTP/1.1 408")
+        writer.close()
+        assert service.sessions == {} and service.mux.by_ufrag == {}
+        assert service.metrics.offers_rejected.labels("408")._value.get() == 1
+    finally:
+        await service.stop()

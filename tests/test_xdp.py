@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import shutil
+import struct
 import uuid
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP, IPOption_RR
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
 from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.packet import raw
 from splitrelay.bpf import SOURCE_DIR
 from splitrelay.edge import hint, stun
 from splitrelay.edge.counters import counter_specs
@@ -679,6 +681,13 @@ def test_differential_fuzz_c_vs_python_reference(relay, payload):
     assert (result.verdict == XDP_REDIRECT) == (expected == "IN_FWD_STUN_UFRAG")
     if result.verdict != XDP_REDIRECT:
         assert result.data == P.udp_frame(payload)  # a dropped packet is not rewritten
+    else:  # the reference rewrite: DNAT + MACs, checksums computed from scratch by scapy
+        want = Ether(P.udp_frame(payload))
+        want.src, want.dst = P.RELAY_INT_MAC, P.BACKEND_MAC
+        want[IP].dst, want[UDP].dport = P.BACKEND_IP4, P.BACKEND_PORT
+        del want[IP].chksum
+        del want[UDP].chksum
+        assert result.data == raw(want)
 
 
 def test_a_session_may_open_only_its_allowance_of_flows(relay):
@@ -751,3 +760,69 @@ def test_forged_keyed_hints_cost_no_flow(relay):
     assert relay.flows() == []
     assert counts(relay)["IN_DROP_FORGED_HINT"] == 200   # 24-bit tags: a collision is ~1e-5 here
     assert_forwarded_to_backend(public(relay, P.udp_frame(stun.build_binding_request(genuine + ":x"))))
+
+
+def _stun_with(attrs: bytes, msg_type: int = 1, length: int | None = None) -> bytes:
+    body_len = len(attrs) if length is None else length
+    return struct.pack("!HHI", msg_type, body_len, stun.MAGIC_COOKIE) + b"\x07" * 12 + attrs
+
+
+def _attr(t: int, value: bytes) -> bytes:
+    return struct.pack("!HH", t, len(value)) + value + b"\0" * (-len(value) % 4)
+
+
+def _corpus():
+    """name -> (frame, verdict, counter or None when nothing is counted beyond a plain pass)."""
+    ok = P.udp_frame(V["2.1"])
+    eth_ip = len(Ether()) + 20
+    filler = b"".join(_attr(0x8022, b"abcd") for _ in range(stun.MAX_ATTRS))
+    user = _attr(6, b"evtj:h6vY")
+    qinq = raw(Ether(src=P.CLIENT_MAC, dst=P.RELAY_PUB_MAC, type=0x88A8) / Dot1Q(vlan=10) / Dot1Q(vlan=20)
+               / IP(src=P.CLIENT_IP4, dst=P.PUBLIC_IP4) / UDP(sport=P.CLIENT_PORT, dport=P.RELAY_PORT) / V["2.1"])
+    later_fragment = Ether(ok)
+    later_fragment[IP].frag = 10
+    del later_fragment[IP].chksum
+    return {
+        # (a frame shorter than an Ethernet header never reaches XDP: test_run refuses it too)
+        "truncated vlan tag": (P.udp_frame(V["2.1"], vlan=5)[:16], XDP_PASS, "IN_PASS_OTHER"),
+        "truncated ipv4 header": (ok[:len(Ether()) + 12], XDP_PASS, "IN_PASS_OTHER"),
+        "truncated udp header": (ok[:eth_ip + 5], XDP_PASS, "IN_PASS_OTHER"),
+        "truncated stun header": (P.udp_frame(V["2.1"][:12]), XDP_DROP, "IN_DROP_BAD_STUN"),
+        "stun length lies (too long)": (P.udp_frame(_stun_with(user, length=len(user) + 40)), XDP_DROP,
+                                        "IN_DROP_BAD_STUN"),
+        "stun length not a multiple of 4": (P.udp_frame(_stun_with(user, length=len(user) - 2)), XDP_DROP,
+                                            "IN_DROP_BAD_STUN"),
+        "attribute length overflows the message": (
+            P.udp_frame(_stun_with(struct.pack("!HH", 6, 200) + b"evtj:x\0\0")), XDP_DROP, "IN_DROP_BAD_STUN"),
+        "username missing": (P.udp_frame(_stun_with(_attr(0x8022, b"client"))), XDP_DROP,
+                             "IN_DROP_NO_USERNAME"),
+        "username empty": (P.udp_frame(_stun_with(_attr(6, b""))), XDP_DROP, "IN_DROP_BAD_USERNAME"),
+        "username without colon": (P.udp_frame(_stun_with(_attr(6, b"evtjh6vY"))), XDP_DROP,
+                                   "IN_DROP_BAD_USERNAME"),
+        "username over-long": (P.udp_frame(_stun_with(_attr(6, b"a" * 40 + b":x"))), XDP_DROP,
+                               "IN_DROP_BAD_USERNAME"),
+        "username non-ice-char": (P.udp_frame(_stun_with(_attr(6, b"ev-j:x"))), XDP_DROP,
+                                  "IN_DROP_BAD_USERNAME"),
+        "more attributes than the walk bound": (P.udp_frame(_stun_with(filler + user)), XDP_DROP,
+                                                "IN_DROP_NO_USERNAME"),
+        "username just inside the walk bound": (P.udp_frame(_stun_with(filler[8:] + user)), XDP_REDIRECT,
+                                                "IN_FWD_STUN_UFRAG"),
+        "later ipv4 fragment": (raw(later_fragment), XDP_PASS, "IN_PASS_OTHER"),
+        "vlan in vlan": (qinq, XDP_PASS, "IN_PASS_OTHER"),
+        "empty udp payload": (P.udp_frame(b""), XDP_DROP, "IN_DROP_UNKNOWN_CLASS"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_corpus()))
+def test_named_corpus(relay, name):
+    frame, verdict, counter = _corpus()[name]
+    result = public(relay, frame)
+    assert result.verdict == verdict, result.name
+    assert counts(relay) == {counter: 1}
+    if verdict != XDP_REDIRECT:
+        assert result.data == frame  # passed and dropped packets are never rewritten
+    payload = bytes(Ether(frame)[UDP].payload) if UDP in Ether(frame) and verdict != XDP_PASS else None
+    if payload is not None and counter.startswith("IN_DROP_") and stun.classify(payload) == "stun":
+        with pytest.raises(stun.StunError) as err:  # the reference parser says the same
+            stun.server_ufrag(payload)
+        assert counter.endswith(err.value.reason.upper())

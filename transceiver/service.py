@@ -47,6 +47,7 @@ class TransceiverConfig:
     handler: str = "echo"
     backend_ip6: str | None = None
     hint_key: bytes | None = None                   # keyed (v2) routing hints, shared with the relays
+    body_timeout: float = 5.0                       # a client must send its whole offer within this
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -87,7 +88,8 @@ class Transceiver:
             host, port = self.mux.local_address
             self.registrar = Registrar(c.relay_control, c.backend_id, host, port, c.relay_token, c.backend_ip6)
             await self.registrar.start()
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        # a client that stops sending must not hold a connection (or our shutdown) for long
+        self._runner = web.AppRunner(self.app(), access_log=None, lingering_time=1.0, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, c.whip_host, c.whip_port)
         await site.start()
@@ -122,7 +124,11 @@ class Transceiver:
         if request.content_length and request.content_length > MAX_OFFER:
             return _error(413, f"offer larger than {MAX_OFFER} bytes")
         try:
-            sdp = await request.text()
+            sdp = await asyncio.wait_for(request.text(), self.config.body_timeout)
+        except asyncio.TimeoutError:
+            response = _error(408, f"the offer did not arrive within {self.config.body_timeout:g} s")
+            response.force_close()  # the rest of its body is not worth waiting for
+            return response
         except (web.HTTPRequestEntityTooLarge, UnicodeDecodeError):
             return _error(413, f"offer larger than {MAX_OFFER} bytes or not text")
         if not sdp.startswith("v=0"):
