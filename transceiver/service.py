@@ -125,7 +125,7 @@ class Transceiver:
             return _error(413, f"offer larger than {MAX_OFFER} bytes")
         try:
             sdp = await asyncio.wait_for(request.text(), self.config.body_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             response = _error(408, f"the offer did not arrive within {self.config.body_timeout:g} s")
             response.force_close()  # the rest of its body is not worth waiting for
             return response
