@@ -81,6 +81,15 @@ def edge() -> None:
     """Attach, detach, inspect and run the XDP relay on this host."""
 
 
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM: a daemon's cue to shut down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 def _agent_options(f):
     options = [
         click.argument("public_iface"),
@@ -253,10 +262,7 @@ def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, 
                                     k8s_token=k8s_token, **kw))
 
     async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signals()
         try:
             await agent.start()
         except OSError as exc:
@@ -471,10 +477,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_public: str | None, rela
     service = Transceiver(config)
 
     async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signals()
         try:
             await service.start()
         except (MuxError, RegistrationError) as exc:

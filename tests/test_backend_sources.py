@@ -23,6 +23,7 @@ from splitrelay.edge.backend_sources import (
 from splitrelay.edge.lab import Lab, in_netns
 
 from .conftest import needs_root
+from .waiting import wait_for
 
 
 def test_backend_id_from_ip_matches_the_transceivers_rule():
@@ -45,16 +46,6 @@ def test_endpoints_give_only_ready_addresses_on_the_media_port():
     doc = {"subsets": [{"addresses": [{"ip": "10.0.0.11"}], "notReadyAddresses": [{"ip": "10.0.0.12"}],
                         "ports": [{"name": "whip", "port": 8080}, {"name": "media", "port": 5000}]}]}
     assert parse_endpoints(doc, "media") == [BackendSpec(backend_id_from_ip("10.0.0.11"), "10.0.0.11", 5000)]
-
-
-def wait_for(fn, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def backend_ids(lab):

@@ -13,18 +13,9 @@ from splitrelay.edge.datapath import Datapath
 from splitrelay.edge.lab import Lab, in_netns
 
 from .conftest import needs_root
+from .waiting import wait_for
 
 pytestmark = needs_root
-
-
-def wait_for(fn, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("policy,keyed", [("hint", False), ("hint", True), ("strict", False)],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -16,6 +15,7 @@ from splitrelay.cli.labstack import control, probe, probe_result, start_lab, sto
 from splitrelay.edge.lab import Lab, in_netns
 
 from .conftest import needs_root
+from .waiting import wait_for
 
 pytestmark = [needs_root, pytest.mark.skipif(shutil.which("prometheus") is None,
                                              reason="Debian's prometheus is installed by make setup")]
@@ -31,20 +31,6 @@ def query(lab: Lab, netns: str, expr: str) -> list[dict]:
 def value(lab: Lab, netns: str, expr: str) -> float | None:
     result = query(lab, netns, expr)
     return float(result[0]["value"][1]) if result else None
-
-
-def eventually(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-            if last:
-                return last
-        except OSError as exc:  # Prometheus still starting
-            last = exc
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what} (last: {last})")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +52,8 @@ def prom_lab():
             lab.popen(netns, ["prometheus", f"--config.file={workdir / 'prometheus.yml'}",
                               f"--storage.tsdb.path={workdir / 'data'}", "--web.listen-address=127.0.0.1:9090"],
                       stdout=log, stderr=log)
-        eventually(lambda: value(lab, netns, "count(up == 1)") == len(targets), 30, "every target up")
+        wait_for(lambda: value(lab, netns, "count(up == 1)") == len(targets), 30, "every target up",
+                 tolerate=(OSError,))  # Prometheus is still starting
         yield lab, info, netns
     finally:
         stop_lab(info["name"])
@@ -77,7 +64,7 @@ def test_prometheus_sees_what_the_data_plane_counted(prom_lab):
     lab, info, netns = prom_lab
     proc = probe(lab, [info["whip_urls"][1]], duration=3)
     # mid-call, the transceiver's scrape (which samples live sessions' stats) still succeeds
-    eventually(lambda: value(lab, netns, "sum(splitrelay_transceiver_sessions)") == 1, 15, "a live session")
+    wait_for(lambda: value(lab, netns, "sum(splitrelay_transceiver_sessions)") == 1, 15, "a live session")
     assert value(lab, netns, "min(up)") == 1
     [report] = probe_result(proc, 60)
     assert report["ok"], report["error"]
@@ -86,14 +73,14 @@ def test_prometheus_sees_what_the_data_plane_counted(prom_lab):
     # the session is over, so the counter no longer moves: Prometheus must converge to it exactly
     for name, reason, direction in (("IN_FWD_FLOW", "flow", "ingress"), ("OUT_FWD", "backend", "egress")):
         expr = f'splitrelay_edge_packets_total{{direction="{direction}",reason="{reason}"}}'
-        eventually(lambda e=expr, n=name: value(lab, netns, e) == counted[n], 15, f"{expr} == {counted[name]}")
-    started = eventually(lambda: value(lab, netns, "sum(splitrelay_transceiver_sessions_started_total)"),
+        wait_for(lambda e=expr, n=name: value(lab, netns, e) == counted[n], 15, f"{expr} == {counted[name]}")
+    started = wait_for(lambda: value(lab, netns, "sum(splitrelay_transceiver_sessions_started_total)"),
                          15, "a started session")
     assert started == 1
-    phases = eventually(lambda: {r["metric"]["phase"]: float(r["value"][1]) for r in query(
+    phases = wait_for(lambda: {r["metric"]["phase"]: float(r["value"][1]) for r in query(
         lab, netns, "sum by (phase) (splitrelay_transceiver_session_setup_seconds_count)")} or None,
         15, "setup phases")
     assert phases == {"answer": 1.0, "ice_connected": 1.0, "dtls_connected": 1.0}
     frames = value(lab, netns, "sum(splitrelay_transceiver_audio_frames_in_total)")
     assert frames and frames >= 100   # 3 s of 20 ms frames reached the handler
-    eventually(lambda: value(lab, netns, "sum(splitrelay_transceiver_sessions)") == 0, 15, "no live session")
+    wait_for(lambda: value(lab, netns, "sum(splitrelay_transceiver_sessions)") == 0, 15, "no live session")

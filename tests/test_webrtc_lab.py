@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import signal
-import time
 
 import pytest
 
@@ -24,6 +23,7 @@ from splitrelay.edge import hint
 from splitrelay.edge.lab import Lab
 
 from .conftest import needs_root
+from .waiting import wait_for
 
 pytestmark = needs_root
 
@@ -35,21 +35,6 @@ def voice_lab():
         yield Lab.load(info["name"]), info
     finally:
         stop_lab(info["name"])
-
-
-def wait_for(condition, timeout: float, what: str, proc=None):
-    """Poll a cheap read (the agent's API) until it holds; bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    detail = ""
-    if proc is not None and proc.poll() is not None:
-        out, err = proc.communicate()
-        detail = f": probe exited {proc.returncode}: {err.strip()[-500:] or out[-500:]}"
-    raise AssertionError(f"timed out waiting for {what}{detail}")
 
 
 def assert_clean_call(report: dict) -> None:
