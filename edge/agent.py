@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -62,6 +63,14 @@ class AgentConfig:
             raise DatapathError("the public side needs a next hop: give a gateway IP or MAC")
 
 
+def _iface_exists(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
+
+
 class EdgeAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -74,6 +83,9 @@ class EdgeAgent:
 
     def attach(self) -> str:
         c = self.config
+        for iface in (c.public_iface, c.internal_iface):  # before anything is loaded or pinned
+            if not _iface_exists(iface):
+                raise DatapathError(f"no interface named {iface!r} in this network namespace")
         self.datapath.load()
         mode = self.datapath.attach(c.public_iface, c.internal_iface, mode=c.mode)
         gateway_mac = c.gateway_mac or neighbours.resolve(c.gateway_ip, c.public_iface)

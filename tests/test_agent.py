@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -155,6 +156,12 @@ def test_cli_errors_are_one_line(agent_lab):
                            "02:00:00:00:00:01", "--instance", "clitest"], capture_output=True, text=True)
     assert proc.returncode == 1 and "refusing to attach XDP to eth0" in proc.stderr
     assert proc.stderr.count("\n") == 1
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "edge", "attach", "nosuch0",
+                           "--internal", "nosuch1", "--public-ip", "10.9.9.9", "--gateway-mac",
+                           "02:00:00:00:00:01", "--instance", "clitest"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr == "splitrelay: error: no interface named 'nosuch0' in this network namespace\n"
+    assert not Path("/sys/fs/bpf/splitrelay/clitest").exists()   # nothing pinned on the way to the error
 
 
 def test_demo_runs_a_webrtc_session_through_xdp_and_cleans_up():
