@@ -55,6 +55,11 @@ BPF_TABLE_PINNED("hash", struct sr_ufrag_key, struct sr_session, sessions, SR_MA
 /* A plain hash, not LRU: when it is full, new flows are refused and counted and no live call
  * is ever evicted to make room for a flood. */
 BPF_TABLE_PINNED("hash", struct sr_addr_key, struct sr_flow, flows, SR_MAX_FLOWS, SR_PIN_DIR "/flows");
+struct sr_scratch {
+	__u32 off;
+	__u32 len;
+};
+BPF_PERCPU_ARRAY(scratch, struct sr_scratch, 1);   /* per-packet working space, not state */
 BPF_TABLE_PINNED("percpu_array", __u32, struct sr_counter, stats, SR_STAT__MAX, SR_PIN_DIR "/stats");
 SR_DEVMAP_PINNED(tx_ports, SR_MAX_TX_PORTS, SR_PIN_DIR "/tx_ports");
 
@@ -166,11 +171,11 @@ enum stun_result {
 };
 
 /*
- * Validate a STUN message and, for a Binding Request, copy the server ufrag
- * (USERNAME up to ':') into key.  Returns enum stun_result, or -stat on a drop.
+ * Validate a STUN message and, for a Binding Request, find its USERNAME value.
+ * Returns STUN_ROUTE_BY_FLOW for valid STUN that is not a Binding Request,
+ * STUN_HAVE_UFRAG with *off/*value_len set, or -stat on a drop.
  */
-static __always_inline int stun_server_ufrag(struct pkt *p, void *data_end, struct sr_ufrag_key *key,
-					     __u32 *ufrag_len)
+static __always_inline int stun_find_username(struct pkt *p, void *data_end, __u32 *off_out, __u32 *len_out)
 {
 	struct stun_hdr *h = (void *)p->payload;
 	if ((void *)(h + 1) > data_end || p->payload_len < STUN_HDR_LEN)
@@ -186,8 +191,6 @@ static __always_inline int stun_server_ufrag(struct pkt *p, void *data_end, stru
 		return -SR_STAT_IN_DROP_BAD_STUN;
 	__u32 end_off = STUN_HDR_LEN + msg_len;   /* <= payload_len, <= 20 + SR_STUN_MAX_MSG */
 	__u32 off = STUN_HDR_LEN;
-	__u32 value_len = 0;
-	int found = 0;
 
 	for (int i = 0; i < SR_STUN_MAX_ATTRS; i++) {
 		if (off + sizeof(struct stun_attr) > end_off)
@@ -202,40 +205,110 @@ static __always_inline int stun_server_ufrag(struct pkt *p, void *data_end, stru
 			return -SR_STAT_IN_DROP_BAD_STUN;
 		if (a->type == bpf_htons(STUN_ATTR_USERNAME)) {
 			off += sizeof(*a);
-			value_len = alen;
-			found = 1;
-			break;
+			if (off > STUN_HDR_LEN + SR_STUN_MAX_MSG)
+				return -SR_STAT_IN_DROP_BAD_STUN;
+			*off_out = off;
+			*len_out = alen;
+			return STUN_HAVE_UFRAG;
 		}
 		off += sizeof(*a) + ((alen + 3) & ~3U);
 	}
-	if (!found)
-		return -SR_STAT_IN_DROP_NO_USERNAME;
-	if (off > STUN_HDR_LEN + SR_STUN_MAX_MSG)
-		return -SR_STAT_IN_DROP_BAD_STUN;
+	return -SR_STAT_IN_DROP_NO_USERNAME;
+}
 
-	unsigned char *v = p->payload + off;
+/*
+ * Copy the ufrag that starts at v[from] into key: ice-chars up to a ':' (ends_at_colon)
+ * or up to the value's end.  Returns its length (SR_UFRAG_MIN..SR_UFRAG_MAX) or -1.
+ */
+static __always_inline int copy_ufrag(unsigned char *v, __u32 from, __u32 value_len, void *data_end,
+				      struct sr_ufrag_key *key, int ends_at_colon)
+{
 	__u32 len = 0;
 	int colon = 0;
+	if (from > SR_UFRAG_MAX + 1)
+		return -1;
 #pragma unroll
 	for (int j = 0; j < SR_UFRAG_MAX + 1; j++) {
-		if (j >= value_len)
+		__u32 at = from + j;
+		if (at >= value_len)
 			break;
-		if ((void *)(v + j + 1) > data_end)
-			return -SR_STAT_IN_DROP_BAD_STUN;
-		unsigned char ch = v[j];
+		if ((void *)(v + at + 1) > data_end)
+			return -1;
+		unsigned char ch = v[at];
 		if (ch == ':') {
 			colon = 1;
 			break;
 		}
 		if (j >= SR_UFRAG_MAX || ice_char_value(ch) < 0)
-			return -SR_STAT_IN_DROP_BAD_USERNAME;
+			return -1;
 		key->ufrag[j] = ch;
 		len = j + 1;
 	}
-	if (!colon || len < SR_UFRAG_MIN)
+	if (colon != ends_at_colon || len < SR_UFRAG_MIN)
+		return -1;
+	return len;
+}
+
+/* For a client's Binding Request: the server ufrag, before the ':' of USERNAME. */
+static __always_inline int stun_server_ufrag(struct pkt *p, void *data_end, struct sr_ufrag_key *key,
+					     __u32 *ufrag_len)
+{
+	__u32 off = 0, value_len = 0;
+	int s = stun_find_username(p, data_end, &off, &value_len);
+	if (s != STUN_HAVE_UFRAG)
+		return s;
+	int len = copy_ufrag(p->payload + off, 0, value_len, data_end, key, 1);
+	if (len < 0)
 		return -SR_STAT_IN_DROP_BAD_USERNAME;
 	*ufrag_len = len;
 	return STUN_HAVE_UFRAG;
+}
+
+/*
+ * For a transceiver's own connectivity check toward a client (USERNAME is
+ * "client:server"): the server ufrag after the ':'.  Returns its length or -1.
+ */
+static __always_inline int stun_check_ufrag_of_backend(struct pkt *p, void *data_end, struct sr_ufrag_key *key)
+{
+	__u32 off = 0, value_len = 0;
+	if (p->payload_len < 1 || (void *)(p->payload + 1) > data_end || p->payload[0] > 3)
+		return -1;
+	if (stun_find_username(p, data_end, &off, &value_len) != STUN_HAVE_UFRAG)
+		return -1;
+	/* Round-trip the offsets through a scratch slot: the verifier then sees one unknown
+	 * (re-checked) offset instead of one state per attribute the walk stopped at. */
+	__u32 zero = 0;
+	struct sr_scratch *sc = scratch.lookup(&zero);
+	if (!sc)
+		return -1;
+	*(volatile __u32 *)&sc->off = off;
+	*(volatile __u32 *)&sc->len = value_len;
+	off = *(volatile __u32 *)&sc->off;
+	value_len = *(volatile __u32 *)&sc->len;
+	if (off > STUN_HDR_LEN + SR_STUN_MAX_MSG || value_len > SR_STUN_MAX_MSG)
+		return -1;
+	unsigned char *v = p->payload + off;
+	__u32 colon = 0;
+	int found = 0;
+#pragma unroll
+	for (int j = 0; j < SR_UFRAG_MAX + 1; j++) {
+		if (j >= value_len)
+			break;
+		if ((void *)(v + j + 1) > data_end)
+			return -1;
+		if (v[j] == ':') {
+			colon = j;
+			found = 1;
+			break;
+		}
+	}
+	if (!found)
+		return -1;
+	*(volatile __u32 *)&sc->off = colon;   /* the same, for where the colon was */
+	colon = *(volatile __u32 *)&sc->off;
+	if (colon > SR_UFRAG_MAX)
+		return -1;
+	return copy_ufrag(v, colon + 1, value_len, data_end, key, 0);
 }
 
 /* DNAT toward the backend, rewrite MACs, drop a VLAN tag, and redirect. */
@@ -299,7 +372,8 @@ static __always_inline void flow_touch(struct sr_flow *f, __u32 bytes, __u64 now
  * port and send it out of the public interface.  Returns -1 when the packet is
  * not from a backend (the caller passes it).
  */
-static __always_inline int backend_reply(struct xdp_md *ctx, struct sr_config *cfg, struct pkt *pp)
+static __always_inline int backend_reply(struct xdp_md *ctx, struct sr_config *cfg, struct pkt *pp,
+					 const int learn_flows)
 {
 	struct pkt p = *pp;
 	struct sr_addr_key bkey;
@@ -339,6 +413,24 @@ static __always_inline int backend_reply(struct xdp_md *ctx, struct sr_config *c
 		stat = SR_STAT_OUT_FWD;
 	} else {
 		__builtin_memcpy(p.eth->h_dest, cfg->gateway_mac, ETH_ALEN);
+		/*
+		 * The transceiver checks a client candidate before the client's own request
+		 * arrived: learn the flow now, so the client's answer is routed at once instead
+		 * of being dropped until a retransmission (~500 ms of setup time).
+		 */
+		struct sr_ufrag_key ukey = {};
+		if (learn_flows && !f && stun_check_ufrag_of_backend(&p, (void *)(long)ctx->data_end, &ukey) > 0) {
+			struct sr_flow nf = {};
+			__u64 now = bpf_ktime_get_ns();
+			nf.backend_id = *backend_id;
+			__builtin_memcpy(nf.client_mac, cfg->gateway_mac, ETH_ALEN);
+			nf.created_ns = now;
+			nf.last_seen_ns = now;
+			nf.rx_packets = 1;
+			nf.rx_bytes = p.bytes;
+			nf.ufrag = ukey;
+			flows.update(&ckey, &nf);  /* full table: just no shortcut */
+		}
 	}
 	__builtin_memcpy(p.eth->h_source, cfg->public_mac, ETH_ALEN);
 	int act = redirect_slot(ctx, cfg->public_slot);
@@ -367,7 +459,7 @@ int xdp_public(struct xdp_md *ctx)
 	}
 	if (p.udp->dest != cfg->relay_port) {
 		/* One interface may serve both sides: a backend's reply is SNATed here too. */
-		int reply = backend_reply(ctx, cfg, &p);
+		int reply = backend_reply(ctx, cfg, &p, 0);
 		if (reply >= 0)
 			return reply;
 		return count(SR_STAT_IN_PASS_OTHER, p.bytes, XDP_PASS);
@@ -468,7 +560,7 @@ int xdp_internal(struct xdp_md *ctx)
 	int r = parse_packet(ctx, &p, SR_STAT_OUT_PASS_OTHER, SR_STAT_OUT_PASS_OTHER);
 	if (r != 0)
 		return count(SR_STAT_OUT_PASS_OTHER, bytes, XDP_PASS);
-	r = backend_reply(ctx, cfg, &p);
+	r = backend_reply(ctx, cfg, &p, 1);
 	if (r < 0)
 		return count(SR_STAT_OUT_PASS_OTHER, p.bytes, XDP_PASS);
 	return r;

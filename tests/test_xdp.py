@@ -826,3 +826,26 @@ def test_named_corpus(relay, name):
         with pytest.raises(stun.StunError) as err:  # the reference parser says the same
             stun.server_ufrag(payload)
         assert counter.endswith(err.value.reason.upper())
+
+
+def test_transceivers_own_check_teaches_the_flow_for_the_clients_answer(relay):
+    """The transceiver may check a client candidate first: the client's answer (a STUN success
+    response, which carries no USERNAME) must then be routed at once, not dropped."""
+    check = stun.build_binding_request("cliX:evtj")          # client ufrag : server ufrag
+    out = P.udp_frame(check, src=P.BACKEND_IP4, dst=P.CLIENT_IP4, sport=P.BACKEND_PORT, dport=P.CLIENT_PORT,
+                      src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC)
+    assert internal(relay, out).verdict == XDP_REDIRECT
+    flow = relay.flow((P.CLIENT_IP4, P.CLIENT_PORT))
+    assert flow and flow.backend_id == BACKEND_ID and flow.ufrag == "evtj"
+    assert_forwarded_to_backend(public(relay, P.udp_frame(V["2.2"])))   # the answer goes straight in
+    assert relay.session("evtj").flows == 0           # learned from the backend: no client allowance used
+    relay.del_session("evtj")
+    assert relay.flows() == []                        # and it goes with its session
+
+
+@pytest.mark.parametrize("username", ["cliX", "cliX:", "cliX:ev", "cliX:ev-j", "cliX:evtj:more"])
+def test_backend_check_without_a_clean_server_ufrag_teaches_nothing(relay, username):
+    out = P.udp_frame(stun.build_binding_request(username), src=P.BACKEND_IP4, dst=P.CLIENT_IP4,
+                      sport=P.BACKEND_PORT, dport=P.CLIENT_PORT, src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC)
+    assert internal(relay, out).verdict == XDP_REDIRECT   # still sent
+    assert relay.flows() == []
