@@ -1,9 +1,15 @@
 """Make aiortc's ICE gatherers use the transceiver's mux, for the peer connections we create.
 
-aiortc builds its ICE ``Connection`` inside ``RTCIceGatherer``; we swap in a
-factory that, only while a session context is set (a ContextVar, so other
-peer connections in the process are untouched), returns a ``MuxedConnection``
-with the session's hint-carrying ufrag and a 144-bit password.
+aiortc builds its ICE ``Connection`` inside ``RTCIceGatherer``, which
+``RTCPeerConnection`` creates privately (``__createDtlsTransport``) during
+``setRemoteDescription``; there is no public way to hand it a Connection.  We
+swap the ``Connection`` name in ``aiortc.rtcicetransport`` (once, at import)
+for a factory that, only while a session context is set (a ContextVar, so
+other peer connections in the process, such as test clients, are untouched),
+returns a ``MuxedConnection`` with the session's hint-carrying ufrag and a
+144-bit password.  aiortc passes the first transport's ufrag/password to any
+later gatherer of the same peer connection, so every transport of a session
+shares them (with BUNDLE there is only one).
 """
 
 from __future__ import annotations
@@ -11,15 +17,16 @@ from __future__ import annotations
 import contextlib
 import secrets
 from contextvars import ContextVar
-from typing import Any
 from collections.abc import Iterator
+from typing import Any
 
 import aiortc.rtcicetransport as _rtcicetransport
 
 from splitrelay.edge.hint import ALPHABET
 from splitrelay.transceiver.mux import MuxedConnection, UdpMux
 
-_session: ContextVar[tuple[UdpMux, str, str] | None] = ContextVar("splitrelay_ice_session", default=None)
+_session: ContextVar[tuple[UdpMux, str, str, list[MuxedConnection]] | None] = ContextVar(
+    "splitrelay_ice_session", default=None)
 _original_connection = _rtcicetransport.Connection
 
 
@@ -32,20 +39,24 @@ def _connection_factory(*args: Any, **kwargs: Any):  # noqa: ANN202 - mirrors ai
     current = _session.get()
     if current is None:
         return _original_connection(*args, **kwargs)
-    mux, ufrag, password = current
+    mux, ufrag, password, created = current
     if kwargs.get("local_username") is None:
         kwargs["local_username"], kwargs["local_password"] = ufrag, password
-    return MuxedConnection(*args, mux=mux, **kwargs)
+    connection = MuxedConnection(*args, mux=mux, **kwargs)
+    created.append(connection)
+    return connection
 
 
 _rtcicetransport.Connection = _connection_factory
 
 
 @contextlib.contextmanager
-def session_ice(mux: UdpMux, ufrag: str, password: str) -> Iterator[None]:
-    """Peer connections that create ICE transports inside this block use the mux and this ufrag."""
-    token = _session.set((mux, ufrag, password))
+def session_ice(mux: UdpMux, ufrag: str, password: str) -> Iterator[list[MuxedConnection]]:
+    """Peer connections that create ICE transports inside this block use the mux and this ufrag;
+    yields the list of the ICE connections so created."""
+    created: list[MuxedConnection] = []
+    token = _session.set((mux, ufrag, password, created))
     try:
-        yield
+        yield created
     finally:
         _session.reset(token)

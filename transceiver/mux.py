@@ -2,24 +2,50 @@
 
 The relay steers each session to a transceiver's single *backend address*,
 so the transceiver cannot bind a socket per session.  ``UdpMux`` owns that
-one socket and demultiplexes: a datagram from a source address it already
-knows goes to that address's session; one from a new address must be a STUN
-Binding Request, routed by the local (server) ufrag in its USERNAME (the
-Pion UDPMux / mediasoup WebRtcServer pattern).  Each aioice ``StunProtocol``
-gets a ``MuxTransport`` that sends through the shared socket instead of
-owning one, so sessions come and go without binding anything.
+one socket and demultiplexes (the Pion UDPMux / mediasoup WebRtcServer
+pattern):
+
+* a datagram from a source address the mux already knows goes to the session
+  that address belongs to;
+* a datagram from a new address must be a STUN Binding Request; it is routed
+  by the local (server) ufrag, the part of its USERNAME before the ':', parsed
+  with exactly the relay's rules (``splitrelay.edge.stun``).  Anything else
+  from a new address is dropped and counted by reason.
+
+Each session's aioice ``StunProtocol`` gets a ``MuxTransport``, a per-session
+view of the shared socket: sending through it also teaches the mux that the
+destination belongs to that session (the transceiver's own checks reach the
+client first when the relay learned the flow from them).
 
 ``MuxedConnection`` is the seam into aioice: it replaces candidate gathering
-(binding per-interface sockets) with one host candidate per session that
-carries the relay's public address, so no transceiver address ever reaches
-the SDP.  It relies on aioice's ``StunProtocol`` and ``Connection._protocols``
-(aioice 0.10).
+(binding one socket per interface) with one host candidate per *public
+candidate* (the relay's address or addresses, IPv4 and/or IPv6), all on the
+mux, so no transceiver address ever reaches the SDP and a session costs no
+socket.  It relies on these aioice internals (checked by ``check_aioice()``;
+tested with aioice 0.9 to 0.13):
+
+* ``Connection.get_component_candidates(component, addresses, timeout)`` is
+  what ``gather_candidates`` awaits per component (overridden here);
+* ``Connection._protocols``, the list of StunProtocols pairing, checks,
+  consent and ``close()`` walk;
+* ``Connection._query_consent_task`` / ``_closing``, only to tell a consent
+  expiry (aioice closing the connection itself) from our own close;
+* ``StunProtocol(receiver)``, its ``local_candidate`` attribute and the
+  ``DatagramProtocol`` methods it implements.
+
+A dual-stack socket (bound to ``::``) carries IPv4 clients as v4-mapped
+addresses; the mux hands aioice plain IPv4 addresses and maps them back when
+sending, so an IPv4 public candidate pairs with IPv4 clients as it should.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from aioice import Candidate
@@ -30,9 +56,37 @@ from splitrelay.edge import stun as ref_stun
 
 log = logging.getLogger(__name__)
 
+Address = tuple[str, int]
+
+# drop reasons (UdpMux.drops keys)
+NOT_STUN = "not_stun"            # first datagram from a new address is not STUN (DTLS, RTP, noise)
+NOT_BINDING = "not_binding"      # STUN but not a Binding Request (a stray response, an indication)
+BAD_STUN = "bad_stun"            # a Binding Request the relay would drop too (no/bad USERNAME...)
+UNKNOWN_UFRAG = "unknown_ufrag"  # no live session has that server ufrag
+NO_ROUTE = "no_route"            # a session sent to an address family the socket cannot reach
+
 
 class MuxError(Exception):
     """The mux could not bind or route (one-line reason)."""
+
+
+def check_aioice() -> None:
+    """Fail loudly, at start, if the aioice internals the mux depends on have moved."""
+    missing = [name for name, ok in (
+        ("Connection.get_component_candidates", hasattr(Connection, "get_component_candidates")),
+        ("Connection._protocols", "_protocols" in Connection.__init__.__code__.co_names),
+        ("StunProtocol.datagram_received", hasattr(StunProtocol, "datagram_received")),
+        ("Connection._query_consent_task", "_query_consent_task" in Connection.__init__.__code__.co_names),
+    ) if not ok]
+    if missing:
+        import aioice
+
+        raise MuxError(f"aioice {getattr(aioice, '__version__', '?')} lacks {', '.join(missing)}; "
+                       "the transceiver's mux needs aioice 0.9..0.13")
+
+
+def _family(host: str) -> int:
+    return ipaddress.ip_address(host).version
 
 
 class MuxTransport(asyncio.DatagramTransport):
@@ -45,16 +99,18 @@ class MuxTransport(asyncio.DatagramTransport):
         self.ufrag = ufrag
         self._closed = False
 
-    def sendto(self, data: bytes, addr: Any = None) -> None:
-        if self._closed or self.mux.transport is None:
+    def sendto(self, data: bytes, addr: Any = None) -> None:  # noqa: ANN401 - asyncio's signature
+        if self._closed:
             return
         addr = (addr[0], addr[1])
         self.mux.learn(addr, self.protocol)
-        self.mux.transport.sendto(data, addr)
+        self.mux.send(data, addr)
 
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
+    def get_extra_info(self, name: str, default: Any = None) -> Any:  # noqa: ANN401
         if name == "sockname":
-            return self.mux.public_address
+            return (self.protocol.local_candidate.host, self.protocol.local_candidate.port)
+        if name == "peername":
+            return None
         return default
 
     def is_closing(self) -> bool:
@@ -67,68 +123,152 @@ class MuxTransport(asyncio.DatagramTransport):
         self.mux.forget(self.protocol)
         asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
 
+    def abort(self) -> None:
+        self.close()
+
 
 class UdpMux(asyncio.DatagramProtocol):
     """The transceiver's one UDP socket, shared by all sessions."""
 
-    def __init__(self, public_address: tuple[str, int]) -> None:
-        self.public_address = public_address
+    def __init__(self, public_candidates: Sequence[Address]) -> None:
+        self.public_candidates: list[Address] = [(h, int(p)) for h, p in public_candidates]
         self.transport: asyncio.DatagramTransport | None = None
-        self.by_ufrag: dict[str, StunProtocol] = {}
-        self.by_addr: dict[tuple[str, int], StunProtocol] = {}
-        self.dropped = 0
+        self.by_ufrag: dict[str, list[StunProtocol]] = {}
+        self.by_addr: dict[Address, StunProtocol] = {}
+        self.drops: Counter[str] = Counter()
+        self.datagrams_in = 0
+        self._v6_socket = False
 
     @classmethod
-    async def bind(cls, host: str, port: int, public_address: tuple[str, int] | None = None) -> UdpMux:
+    async def bind(cls, host: str, port: int,
+                   public: Address | Sequence[Address] | None = None) -> UdpMux:
+        """Bind the socket.  ``public``: the candidate(s) clients are told (the relay's address, or
+        its IPv4 and IPv6 addresses); None = direct mode, the socket's own address is advertised."""
+        if public and isinstance(public[0], str):
+            public = [public]  # type: ignore[list-item] - one (host, port)
+        check_aioice()
         loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            _, mux = await loop.create_datagram_endpoint(lambda: cls(public_address or (host, port)),
-                                                         local_addr=(host, port))
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "::" takes IPv4 clients too
+            sock.bind((host, port))
+            sock.setblocking(False)
         except OSError as exc:
+            sock.close()
             raise MuxError(f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from None
-        if public_address is None:  # direct mode: advertise the socket itself (port may be ephemeral)
-            mux.public_address = mux.transport.get_extra_info("sockname")[:2]
+        _, mux = await loop.create_datagram_endpoint(lambda: cls(list(public or [])), sock=sock)
+        mux._v6_socket = family == socket.AF_INET6
+        if not mux.public_candidates:  # direct mode: advertise the socket itself (port may be ephemeral)
+            mux.public_candidates = [mux.local_address]
         return mux
 
+    # -- addresses -------------------------------------------------------------
+
     @property
-    def local_address(self) -> tuple[str, int]:
-        return self.transport.get_extra_info("sockname")[:2]
+    def local_address(self) -> Address:
+        assert self.transport is not None
+        host, port = self.transport.get_extra_info("sockname")[:2]
+        return host, port
+
+    @property
+    def public_address(self) -> Address:
+        """The first public candidate (what a single-address relay advertises)."""
+        return self.public_candidates[0]
+
+    def _from_socket(self, addr: tuple[Any, ...]) -> Address:
+        host = addr[0]
+        if self._v6_socket and host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        return host, addr[1]
+
+    def send(self, data: bytes, addr: Address) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        host = addr[0]
+        if ":" in host:
+            if not self._v6_socket:
+                self.drops[NO_ROUTE] += 1
+                return
+        elif self._v6_socket:
+            host = "::ffff:" + host
+        self.transport.sendto(data, (host, addr[1]))
+
+    # -- sessions --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def register(self, ufrag: str, protocol: StunProtocol) -> None:
-        # aiortc gives every transport of one peer connection the same ufrag; with BUNDLE the
-        # first one carries everything, so the first registration keeps the ufrag.
-        self.by_ufrag.setdefault(ufrag, protocol)
+        """Route new addresses whose Binding Request names ``ufrag`` to ``protocol`` (one per public
+        candidate of a session; the one of the request's address family is chosen)."""
+        protocols = self.by_ufrag.setdefault(ufrag, [])
+        if protocol not in protocols:
+            protocols.append(protocol)
 
-    def learn(self, addr: tuple[str, int], protocol: StunProtocol) -> None:
+    def unregister(self, ufrag: str) -> None:
+        """Forget a session entirely (its ufrag and every address it talked to)."""
+        for protocol in self.by_ufrag.pop(ufrag, []):
+            self.forget(protocol)
+
+    def learn(self, addr: Address, protocol: StunProtocol) -> None:
         self.by_addr.setdefault(addr, protocol)
 
     def forget(self, protocol: StunProtocol) -> None:
-        for table in (self.by_ufrag, self.by_addr):
-            for key in [k for k, v in table.items() if v is protocol]:
-                del table[key]
+        for ufrag in [u for u, ps in self.by_ufrag.items() if protocol in ps]:
+            self.by_ufrag[ufrag].remove(protocol)
+            if not self.by_ufrag[ufrag]:
+                del self.by_ufrag[ufrag]
+        for addr in [a for a, p in self.by_addr.items() if p is protocol]:
+            del self.by_addr[addr]
+
+    @property
+    def sessions(self) -> int:
+        return len(self.by_ufrag)
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.values())
+
+    # -- receiving -------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        addr = (addr[0], addr[1])
-        protocol = self.by_addr.get(addr)
+        self.datagrams_in += 1
+        source = self._from_socket(addr)
+        protocol = self.by_addr.get(source)
         if protocol is None:
-            protocol = self._route_new(data)
+            protocol = self._route_new(data, source)
             if protocol is None:
-                self.dropped += 1
                 return
-            self.by_addr[addr] = protocol
-        protocol.datagram_received(data, addr)
+            self.by_addr[source] = protocol
+        protocol.datagram_received(data, source)
 
-    def _route_new(self, data: bytes) -> StunProtocol | None:
+    def _route_new(self, data: bytes, source: Address) -> StunProtocol | None:
         if ref_stun.classify(data) != ref_stun.STUN:
+            self.drops[NOT_STUN] += 1
             return None
         try:
             ufrag = ref_stun.server_ufrag(data)
         except ref_stun.StunError:
+            self.drops[BAD_STUN] += 1
             return None
-        return self.by_ufrag.get(ufrag) if ufrag else None
+        if ufrag is None:
+            self.drops[NOT_BINDING] += 1
+            return None
+        protocols = self.by_ufrag.get(ufrag)
+        if not protocols:
+            self.drops[UNKNOWN_UFRAG] += 1
+            return None
+        family = _family(source[0])
+        for protocol in protocols:
+            if _family(protocol.local_candidate.host) == family:
+                return protocol
+        return protocols[0]
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a client that went away: consent checks will notice
+        log.debug("mux socket error: %s", exc)
 
     def close(self) -> None:
         if self.transport:
@@ -136,21 +276,37 @@ class UdpMux(asyncio.DatagramProtocol):
 
 
 class MuxedConnection(Connection):
-    """An aioice Connection whose only candidate is the relay's public address, on the mux."""
+    """An aioice Connection whose only candidates are the public candidates, all on the mux."""
 
-    def __init__(self, *args: Any, mux: UdpMux, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, mux: UdpMux, **kwargs: Any) -> None:  # noqa: ANN401
         super().__init__(*args, **kwargs)
         self.mux = mux
+        self.consent_expired = False  # closed by aioice's own consent check (RFC 7675), not by us
+        self._consent_running = False
+
+    async def connect(self) -> None:
+        await super().connect()
+        self._consent_running = True  # connect() has just started the consent task
+
+    async def close(self) -> None:
+        # aioice's consent check drops its task handle just before it closes the connection itself
+        if self._consent_running and self._query_consent_task is None and not self._closing:
+            self.consent_expired = True
+        self._consent_running = False
+        await super().close()
 
     async def get_component_candidates(self, component: int, addresses: list[str],
                                        timeout: int = 5) -> list[Candidate]:
-        protocol = StunProtocol(self)
-        protocol.connection_made(MuxTransport(self.mux, protocol, self.local_username))
-        host, port = self.mux.public_address
-        protocol.local_candidate = Candidate(
-            foundation=candidate_foundation("host", "udp", host), component=component, transport="udp",
-            priority=candidate_priority(component, "host"), host=host, port=port, type="host",
-        )
-        self.mux.register(self.local_username, protocol)
-        self._protocols.append(protocol)
-        return [protocol.local_candidate]
+        candidates = []
+        for index, (host, port) in enumerate(self.mux.public_candidates):
+            protocol = StunProtocol(self)
+            protocol.local_candidate = Candidate(
+                foundation=candidate_foundation("host", "udp", host), component=component, transport="udp",
+                priority=candidate_priority(component, "host", local_pref=65535 - index),  # first preferred
+                host=host, port=port, type="host",
+            )
+            protocol.connection_made(MuxTransport(self.mux, protocol, self.local_username))
+            self.mux.register(self.local_username, protocol)
+            self._protocols.append(protocol)
+            candidates.append(protocol.local_candidate)
+        return candidates

@@ -1,17 +1,21 @@
-"""The transceiver daemon: WHIP signaling (RFC 9725), the UDP mux, sessions and their registration.
+"""The transceiver daemon: WHIP signaling, the UDP mux, sessions and their registration.
 
 A standard WebRTC client POSTs its offer and gets back an answer whose only
-candidate is the relay's public address; the session is registered with the
-edge agent before that answer leaves, and unregistered when it ends however
-it ends (DELETE, ICE failure, consent expiry, shutdown).
+candidates are the relay's public address(es); the session is registered with
+the edge agent before that answer leaves, and unregistered when it ends however
+it ends (DELETE, ICE failure, consent expiry, client hang-up, connect timeout,
+shutdown).  Without a relay (``relay_control`` unset) it runs in direct mode:
+nothing is registered and, unless public candidates are given, the mux's own
+address is the candidate.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,38 +24,42 @@ from splitrelay.transceiver.handlers import handler_factory
 from splitrelay.transceiver.metrics import TransceiverMetrics
 from splitrelay.transceiver.mux import UdpMux
 from splitrelay.transceiver.registration import Registrar, RegistrationError
-from splitrelay.transceiver.session import Session, answer_offer
+from splitrelay.transceiver.session import DELETED, SHUTDOWN, OfferError, Session, answer_offer
+from splitrelay.transceiver.whip import MAX_OFFER, OfferRejected, WhipConfig, WhipEndpoint
 
 log = logging.getLogger(__name__)
 
-MAX_OFFER = 64 * 1024
-CORS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
-    "Access-Control-Allow-Headers": "Authorization, Content-Type",
-    "Access-Control-Expose-Headers": "Location",
-}
+ENDED_KEPT = 256  # finished sessions whose record stays readable (tests, /sessions?ended=1)
 
 
 @dataclass
 class TransceiverConfig:
-    backend_id: int
-    bind_host: str = "127.0.0.1"
+    backend_id: int                                  # 1..262143, carried in every session's ufrag
+    bind_host: str = "127.0.0.1"                     # the mux socket ("::" = dual stack)
     bind_port: int = 5000
-    public_address: tuple[str, int] | None = None   # the relay's ip:port; None = direct mode
+    public_candidates: list[tuple[str, int]] = field(default_factory=list)  # the relay's ip:port(s)
+    public_address: tuple[str, int] | None = None    # shorthand for one public candidate
     whip_host: str = "127.0.0.1"
     whip_port: int = 8080
-    relay_control: str | None = None                # edge agent URL; None = no relay
-    relay_token: str | None = None
+    whip_path: str = "/whip"
     whip_token: str | None = None
-    handler: str = "echo"
-    backend_ip6: str | None = None
-    hint_key: bytes | None = None                   # keyed (v2) routing hints, shared with the relays
-    body_timeout: float = 5.0                       # a client must send its whole offer within this
+    relay_control: str | None = None                 # edge agent URL; None = direct mode, no registration
+    relay_token: str | None = None
+    backend_ip: str | None = None                    # address the relay forwards to (default: bind_host)
+    backend_ip6: str | None = None                   # its IPv6 twin, for IPv6 clients
+    handler: str = "echo"                            # registered name, options after ':' ("tone:frequency=880")
+    hint_key: bytes | None = None                    # keyed (v2) routing hints, shared with the relays
+    body_timeout: float = 5.0                        # a client must send its whole offer within this
+    connect_timeout: float = 30.0                    # an answered session must connect within this
+    max_sessions: int = 0                            # 0 = no limit; beyond it offers get 503
+    watch_interval: float = 1.0                      # how often the agent's boot_id is checked
 
-
-def _error(status: int, message: str) -> web.Response:
-    return web.Response(status=status, text=message + "\n", headers=CORS)
+    def candidates(self) -> list[tuple[str, int]]:
+        """The public candidates, [] for direct mode."""
+        found = list(self.public_candidates)
+        if self.public_address and self.public_address not in found:
+            found.insert(0, self.public_address)
+        return found
 
 
 class Transceiver:
@@ -59,6 +67,7 @@ class Transceiver:
         self.config = config
         self.make_handler = handler_factory(config.handler)
         self.sessions: dict[str, Session] = {}
+        self.ended: deque[dict[str, Any]] = deque(maxlen=ENDED_KEPT)  # to_dict() of finished sessions
         self.mux: UdpMux | None = None
         self.registrar: Registrar | None = None
         self.draining = False
@@ -66,14 +75,13 @@ class Transceiver:
         self.whip_port: int | None = None
         self.metrics = TransceiverMetrics()
         self._exported: dict[str, dict[str, float]] = {}  # per session: what metrics already counted
+        self.whip = WhipEndpoint(self, WhipConfig(config.whip_path, config.whip_token, MAX_OFFER,
+                                                  config.body_timeout),
+                                 on_rejected=lambda status: self.metrics.offers_rejected.labels(str(status)).inc())
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_OFFER)
-        app.add_routes([
-            web.post("/whip", self.post_offer),
-            web.options("/whip", self.options),
-            web.delete("/whip/sessions/{id}", self.delete_session),
-            web.options("/whip/sessions/{id}", self.options),
+        app.add_routes(self.whip.routes() + [
             web.get("/sessions", self.list_sessions),
             web.get("/metrics", self.scrape),
             web.get("/healthz", self.healthz),
@@ -82,11 +90,16 @@ class Transceiver:
         return app
 
     async def start(self) -> None:
+        """Bind the mux, register the backend (if a relay is configured), then accept offers."""
         c = self.config
-        self.mux = await UdpMux.bind(c.bind_host, c.bind_port, c.public_address)
+        self.mux = await UdpMux.bind(c.bind_host, c.bind_port, c.candidates() or None)
         if c.relay_control:
             host, port = self.mux.local_address
-            self.registrar = Registrar(c.relay_control, c.backend_id, host, port, c.relay_token, c.backend_ip6)
+            backend_ip = c.backend_ip or (host if host not in ("0.0.0.0", "::") else None)
+            if backend_ip is None and c.backend_ip6 is None:
+                raise RegistrationError(f"bound to {host}: set backend_ip, the address the relay forwards to")
+            self.registrar = Registrar(c.relay_control, c.backend_id, backend_ip, port, c.relay_token,
+                                       c.backend_ip6, watch_interval=c.watch_interval)
             await self.registrar.start()
         # a client that stops sending must not hold a connection (or our shutdown) for long
         self._runner = web.AppRunner(self.app(), access_log=None, lingering_time=1.0, shutdown_timeout=2.0)
@@ -97,95 +110,86 @@ class Transceiver:
 
     @property
     def whip_url(self) -> str:
-        return f"http://{self.config.whip_host}:{self.whip_port}/whip"
+        return f"http://{self.config.whip_host}:{self.whip_port}{self.whip.path}"
 
-    def _authorized(self, request: web.Request) -> bool:
-        if not self.config.whip_token:
-            return True
-        offered = request.headers.get("Authorization", "").encode()
-        return hmac.compare_digest(offered, f"Bearer {self.config.whip_token}".encode())
+    # -- sessions (the WHIP endpoint's SessionHost) -----------------------------------
 
-    async def options(self, request: web.Request) -> web.Response:
-        return web.Response(status=204, headers=CORS)
+    async def open_session(self, sdp: str, offer_at: float) -> tuple[str, str]:
+        assert self.mux is not None
+        if self.config.max_sessions and len(self.sessions) >= self.config.max_sessions:
+            raise OfferRejected(503, f"this transceiver is full ({self.config.max_sessions} sessions)")
 
-    async def post_offer(self, request: web.Request) -> web.Response:
-        response = await self._answer(request)
-        if response.status >= 400:
-            self.metrics.offers_rejected.labels(str(response.status)).inc()
-        return response
-
-    async def _answer(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return _error(401, "missing or wrong bearer token")
-        if self.draining:
-            return _error(503, "this transceiver is draining; try another")
-        if request.content_type != "application/sdp":
-            return _error(415, "the offer must be Content-Type: application/sdp")
-        if request.content_length and request.content_length > MAX_OFFER:
-            return _error(413, f"offer larger than {MAX_OFFER} bytes")
-        try:
-            sdp = await asyncio.wait_for(request.text(), self.config.body_timeout)
-        except TimeoutError:
-            response = _error(408, f"the offer did not arrive within {self.config.body_timeout:g} s")
-            response.force_close()  # the rest of its body is not worth waiting for
-            return response
-        except (web.HTTPRequestEntityTooLarge, UnicodeDecodeError):
-            return _error(413, f"offer larger than {MAX_OFFER} bytes or not text")
-        if not sdp.startswith("v=0"):
-            return _error(400, "the body is not an SDP offer (no v=0)")
-        if "\nm=audio " not in sdp.replace("\r\n", "\n"):
-            return _error(400, "the offer has no audio m-line")
-        if "a=ice-ufrag:" not in sdp or "a=ice-pwd:" not in sdp:
-            return _error(400, "the offer has no ICE credentials")
+        registered: list[str] = []
 
         async def register(session: Session) -> None:
             if self.registrar:
                 await self.registrar.register(session.ufrag)
+                registered.append(session.ufrag)
 
         try:
             session, answer = await answer_offer(
                 sdp, self.mux, self.config.backend_id, self.make_handler,
                 before_answer=register, on_end=self._ended, hint_key=self.config.hint_key,
+                offer_at=offer_at, connect_timeout=self.config.connect_timeout,
             )
-        except RegistrationError as exc:
-            return _error(503, f"the relay did not accept the session: {exc}")
-        except ValueError as exc:
-            return _error(400, f"bad offer: {exc}")
+        except BaseException as exc:
+            for ufrag in registered:  # registered, then failed before the answer: take it back
+                await self.registrar.unregister(ufrag)  # type: ignore[union-attr]
+            if isinstance(exc, RegistrationError):
+                raise OfferRejected(503, f"the relay did not accept the session: {exc}") from None
+            if isinstance(exc, OfferError):
+                raise OfferRejected(400, f"bad offer: {exc}") from None
+            raise
         self.sessions[session.session_id] = session
         self.metrics.sessions_started.inc()
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.phase("answer", session.timings.answer_ms)
-        location = f"/whip/sessions/{session.session_id}"
-        return web.Response(status=201, text=answer, content_type="application/sdp",
-                            headers={"Location": location, **CORS})
+        return session.session_id, answer
+
+    async def close_session(self, session_id: str) -> bool:
+        return await self.end_session(session_id, DELETED)
 
     def _ended(self, session: Session) -> None:
-        asyncio.ensure_future(self.end_session(session.session_id))
+        asyncio.ensure_future(self.end_session(session.session_id, session.end_reason or DELETED))
 
-    async def end_session(self, session_id: str) -> bool:
-        session = self.sessions.get(session_id)
+    async def end_session(self, session_id: str, reason: str = DELETED) -> bool:
+        """Close a session and unregister it from the mux and the relay; False if it is unknown."""
+        session = self.sessions.pop(session_id, None)
         if session is None:
             return False
         self._export(session)
-        del self.sessions[session_id]
         self._exported.pop(session_id, None)
         self.metrics.sessions.set(len(self.sessions))
+        await session.close(reason)
+        if self.mux:
+            self.mux.unregister(session.ufrag)  # the peer connection's close already did; be sure
         if self.registrar:
             await self.registrar.unregister(session.ufrag)
-        await session.close()
+        self.ended.append(session.to_dict())
+        log.info("session %s ended (%s)", session_id, session.end_reason)
         return True
 
-    async def delete_session(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return _error(401, "missing or wrong bearer token")
-        if not await self.end_session(request.match_info["id"]):
-            return _error(404, "no such session")
-        return web.Response(status=200, headers=CORS)
+    def find(self, session_id: str) -> dict[str, Any] | None:
+        """A live or recently ended session's record (states, history, timings, end reason)."""
+        if session_id in self.sessions:
+            return self.sessions[session_id].to_dict()
+        return next((d for d in reversed(self.ended) if d["id"] == session_id), None)
+
+    async def session_stats(self, session_id: str) -> dict[str, Any] | None:
+        """aiortc's media figures for one live session (RTT, jitter, loss, packets, bytes)."""
+        session = self.sessions.get(session_id)
+        return await session.stats() if session else None
+
+    async def stats(self) -> dict[str, dict[str, Any]]:
+        """Every live session's record with its media figures, by session id."""
+        return {sid: {**s.to_dict(), "stats": await s.stats()} for sid, s in list(self.sessions.items())}
+
+    # -- other routes -----------------------------------------------------------------
 
     async def list_sessions(self, request: web.Request) -> web.Response:
-        out = []
-        for session in list(self.sessions.values()):
-            out.append({**session.to_dict(), "stats": await session.stats()})
+        out = list((await self.stats()).values())
+        if request.query.get("ended"):
+            out += list(self.ended)
         return web.json_response(out)
 
     def _export(self, session: Session) -> None:
@@ -226,6 +230,8 @@ class Transceiver:
             return web.json_response({"status": "draining", "sessions": len(self.sessions)}, status=503)
         return web.json_response({"status": "ready", "sessions": len(self.sessions)})
 
+    # -- shutdown ---------------------------------------------------------------------
+
     async def drain(self, deadline_s: float) -> int:
         """Refuse new offers and wait for live sessions to end, at most deadline_s; returns how many remain."""
         self.draining = True
@@ -237,13 +243,17 @@ class Transceiver:
             for w in waits:
                 w.cancel()
             for session_id in [k for k, v in self.sessions.items() if v.ended.is_set()]:
-                await self.end_session(session_id)
+                session = self.sessions.get(session_id)
+                if session is not None:
+                    await self.end_session(session_id, session.end_reason or DELETED)
         return len(self.sessions)
 
     async def stop(self) -> None:
+        """Graceful: refuse offers, end every session (unregistering it), stop the registrar, the
+        HTTP server and the mux."""
         self.draining = True
         for session_id in list(self.sessions):
-            await self.end_session(session_id)
+            await self.end_session(session_id, SHUTDOWN)
         if self.registrar:
             await self.registrar.stop()
         if self._runner:

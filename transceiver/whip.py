@@ -1,0 +1,179 @@
+"""WHIP signaling (RFC 9725) on aiohttp.
+
+* ``POST <path>`` with an ``application/sdp`` offer answers ``201 Created``, the
+  session resource in ``Location`` and the complete SDP answer (no trickle: the
+  candidates are known before the answer is written);
+* ``DELETE <path>/sessions/<id>`` ends the session (``200``);
+* ``OPTIONS`` on both answers CORS pre-flights (and ``Accept-Post``), so a web page
+  on another origin can call the endpoint; ``PATCH`` (trickle ICE, ICE restart)
+  is not supported and answers ``405`` as RFC 9725 asks;
+* with a token configured every POST and DELETE must carry ``Authorization:
+  Bearer <token>`` (``401`` otherwise).
+
+A bad offer is refused with a 4xx and a one-line reason before anything is
+created: wrong content type (415), too large (413), too slow to arrive (408),
+not SDP, no audio m-line, no ICE credentials, no DTLS fingerprint, not BUNDLEd, or rejected by aiortc
+(400).  What to do with a good offer is the ``SessionHost``'s business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiohttp import web
+
+MAX_OFFER = 64 * 1024
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+    "Access-Control-Expose-Headers": "Location, Accept-Post",
+    "Access-Control-Max-Age": "600",
+}
+_ICE_UFRAG = re.compile(r"^a=ice-ufrag:\S+", re.M)
+_ICE_PWD = re.compile(r"^a=ice-pwd:\S+", re.M)
+_FINGERPRINT = re.compile(r"^a=fingerprint:\S+ \S+", re.M)
+
+
+class OfferRejected(Exception):
+    """A request the endpoint refuses: an HTTP status and a one-line reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = " ".join(reason.split())
+
+
+def check_offer(sdp: str) -> None:
+    """The checks every offer passes before aiortc sees it (raises OfferRejected 400)."""
+    text = sdp.replace("\r\n", "\n")
+    if not text.startswith("v=0\n"):
+        raise OfferRejected(400, "the body is not an SDP offer (no v=0)")
+    if "\nm=audio " not in text:
+        raise OfferRejected(400, "the offer has no audio m-line")
+    if not _ICE_UFRAG.search(text) or not _ICE_PWD.search(text):
+        raise OfferRejected(400, "the offer has no ICE credentials (a=ice-ufrag / a=ice-pwd)")
+    if not _FINGERPRINT.search(text):
+        raise OfferRejected(400, "the offer has no DTLS fingerprint (a=fingerprint)")
+
+
+class SessionHost(Protocol):
+    """What the endpoint drives (the Transceiver)."""
+
+    draining: bool
+
+    async def open_session(self, sdp: str, offer_at: float) -> tuple[str, str]:
+        """Create a session; returns (session id, SDP answer); raises OfferRejected."""
+
+    async def close_session(self, session_id: str) -> bool:
+        """End a session on the client's request; False if there is no such session."""
+
+
+@dataclass
+class WhipConfig:
+    path: str = "/whip"
+    token: str | None = None
+    max_offer: int = MAX_OFFER
+    body_timeout: float = 5.0      # a client must send its whole offer within this
+
+
+class WhipEndpoint:
+    def __init__(self, host: SessionHost, config: WhipConfig | None = None,
+                 on_rejected: Callable[[int], None] | None = None) -> None:
+        self.host = host
+        self.config = config or WhipConfig()
+        self.on_rejected = on_rejected
+
+    @property
+    def path(self) -> str:
+        return self.config.path.rstrip("/")
+
+    def resource(self, session_id: str) -> str:
+        return f"{self.path}/sessions/{session_id}"
+
+    def routes(self) -> list[web.RouteDef]:
+        resource = self.path + "/sessions/{id}"
+        return [
+            web.post(self.path, self._guarded(self.post_offer)),
+            web.options(self.path, self.options),
+            web.delete(resource, self._guarded(self.delete_session)),
+            web.options(resource, self.options),
+            web.patch(resource, self.patch),
+        ]
+
+    def _guarded(self, handler: Callable[[web.Request], Awaitable[web.Response]]):  # noqa: ANN202
+        async def run(request: web.Request) -> web.Response:
+            try:
+                if not self._authorized(request):
+                    raise OfferRejected(401, "missing or wrong bearer token")
+                return await handler(request)
+            except OfferRejected as exc:
+                if self.on_rejected and request.method == "POST":
+                    self.on_rejected(exc.status)
+                response = web.Response(status=exc.status, text=exc.reason + "\n", headers=CORS)
+                if exc.status == 401:
+                    response.headers["WWW-Authenticate"] = "Bearer"
+                if exc.status == 408:
+                    response.force_close()  # the rest of its body is not worth waiting for
+                return response
+        return run
+
+    def _authorized(self, request: web.Request) -> bool:
+        if not self.config.token:
+            return True
+        offered = request.headers.get("Authorization", "").encode("utf-8", "replace")
+        return hmac.compare_digest(offered, f"Bearer {self.config.token}".encode())
+
+    async def options(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
+
+    async def patch(self, request: web.Request) -> web.Response:
+        return web.Response(status=405, text="trickle ICE and ICE restarts are not supported\n",
+                            headers={**CORS, "Allow": "DELETE, OPTIONS"})
+
+    async def _read_offer(self, request: web.Request) -> str:
+        c = self.config
+        if request.content_type != "application/sdp":
+            raise OfferRejected(415, "the offer must be Content-Type: application/sdp")
+        if request.content_length and request.content_length > c.max_offer:
+            raise OfferRejected(413, f"offer larger than {c.max_offer} bytes")
+        async def body() -> bytes:
+            raw = bytearray()
+            while len(raw) <= c.max_offer:
+                chunk = await request.content.read(c.max_offer + 1 - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
+            return bytes(raw)
+
+        try:
+            raw = await asyncio.wait_for(body(), c.body_timeout)
+        except TimeoutError:
+            raise OfferRejected(408, f"the offer did not arrive within {c.body_timeout:g} s") from None
+        if len(raw) > c.max_offer:
+            raise OfferRejected(413, f"offer larger than {c.max_offer} bytes")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise OfferRejected(400, "the offer is not UTF-8 text") from None
+
+    async def post_offer(self, request: web.Request) -> web.Response:
+        offer_at = time.monotonic()
+        if self.host.draining:
+            raise OfferRejected(503, "this transceiver is draining; try another")
+        sdp = await self._read_offer(request)
+        check_offer(sdp)
+        session_id, answer = await self.host.open_session(sdp, offer_at)
+        return web.Response(status=201, text=answer, content_type="application/sdp",
+                            headers={"Location": self.resource(session_id), **CORS})
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        if not await self.host.close_session(request.match_info["id"]):
+            raise OfferRejected(404, "no such session")
+        return web.Response(status=200, headers=CORS)
