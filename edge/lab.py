@@ -1,83 +1,301 @@
 """A relay network on one machine: client, relay and transceiver hosts as network namespaces.
 
 One module serves the tests, ``splitrelay lab`` and the demo, so all three
-exercise the same topology::
+exercise the same topology (``P`` is the lab's random prefix, e.g. ``sr3fa9c1``)::
 
-    client ns  c0 ──veth── pub0  relay ns  int0 ──veth── bridge (switch ns) ── t1 ns, t2 ns, ...
-    172.31.0.2               172.31.0.1    172.31.1.1                          172.31.1.11, .12, ...
-    fd00:31::2               fd00:31::1    fd00:32::1                          fd00:32::11, ...
+    P-cli            P-rly                     P-sw                          P-tN (N = 1, 2, ...)
+    c0 --- veth --- pub0
+                    int0 ----- veth ----- rint --+-- bridge br0 -- tNm --- veth --- eth1
+    s0 ----------------- veth ----------- scli --+-- bridge sig -- tNs --- veth --- sig0
 
-    client ns  s0 ──veth── bridge "sig" (switch ns) ── t1 ns, ... (signaling only: 172.31.2.0/24)
+Address plan (every lab uses the same addresses; namespaces keep labs apart):
 
-Media: the client routes everything via the relay's public address; transceivers
-route the client network via the relay's internal address.  The relay forwards
-nothing in its kernel (ip_forward=0, IPv6 forwarding=0), so media crosses only
-through XDP.  Signaling (WHIP over HTTP) has its own network with other
-addresses, as a load balancer would give it in production, so it can never
-carry media around the relay.  The edge agent's control API listens on the
-relay's internal address, which transceivers reach directly.
+=============  ===============  ============  =============================================
+network        IPv4             IPv6 (ULA)    members
+=============  ===============  ============  =============================================
+public         172.31.0.0/24    fd00:31::/64  client c0 .2 ::2, relay pub0 .1 ::1
+internal       172.31.1.0/24    fd00:32::/64  relay int0 .1 ::1, transceiver N eth1 .(10+N) ::(10+N, hex)
+signaling      172.31.2.0/24    fd00:33::/64  client s0 .2 ::2, transceiver N sig0 .(10+N) ::(10+N, hex)
+=============  ===============  ============  =============================================
+
+Media.  The client routes everything (default, v4 and v6) via the relay's
+public address; transceivers route the public network via the relay's internal
+address.  The relay forwards nothing in its kernel (``ip_forward=0``, IPv6
+``forwarding=0``), so media crosses the relay only through XDP.  Each
+transceiver's backend addresses are policy-routed (``from <backend addr> lookup
+100``, table 100 = internal net on eth1, public net via the relay, *unreachable*
+for the rest), so a packet sourced from a backend address can never leave by
+another path (e.g. towards the client's signaling address), whatever ICE
+candidates the transceiver learns.
+
+Signaling.  WHIP (HTTP) runs over its own network: the client's ``s0`` and each
+transceiver's ``sig0`` on the bridge ``sig`` in the switch namespace, with
+addresses of their own, as a load balancer would give it in production.  The
+relay is not on it and nothing routes between it and the media networks, so it
+cannot carry media around the relay (media to a backend address from the client
+goes via its default route, i.e. to the relay).  The edge agent's control API
+listens on the relay's internal address, which transceivers reach directly on
+the internal network (local delivery in the relay, no forwarding).  The relay
+drops packets that arrive on ``pub0`` for its internal addresses (a
+``prohibit`` rule ahead of the local table; silently, as the relay sends no
+ICMP errors for what it does not forward), as a host firewall would: the
+control API is not reachable from the public side.  Packets from the client to
+a transceiver's address reach the relay (default route) and die there
+(counted as ``InAddrErrors``), as they would on a real relay host.
 
 Known veth facts built in: a frame XDP-redirected into a veth is silently
-dropped unless the receiving peer has GRO on (or an XDP program), so GRO is
-turned on at the peers of pub0 and int0; veth senders emit partial UDP
-checksums, so tx checksum offload is off on every lab veth.  Nothing here ever
-touches an interface the lab did not create.
+dropped unless the receiving peer has GRO on (or an XDP program), so GRO is on
+at ``c0`` and ``rint`` (the peers of ``pub0`` and ``int0``); veth senders emit
+partial UDP checksums, so tx checksum offload is off on every lab veth.  The
+switch namespace has IPv6 disabled, so the bridges forward frames but never
+talk themselves.
+
+Everything is created inside the lab's namespaces (veths are created with both
+ends already in their namespaces), so nothing is ever made in, attached to or
+changed on the host's own namespace or its interfaces.  Deleting the
+namespaces removes every veth.  Names are unique per lab: ``<stem><6 hex>``
+with the stem ``sr`` (or ``$SPLITRELAY_LAB_STEM``; the tests use a per-session
+stem to find their own leftovers), namespace names ``<prefix>-cli``,
+``-rly``, ``-sw``, ``-tN`` (at most 15 characters); interface names are fixed and
+short inside each namespace.  The lab is recorded in
+``/run/splitrelay/labs/<name>.json`` (``$SPLITRELAY_LAB_DIR``) before anything is
+built, so ``splitrelay lab down``/``status`` from another process, or a
+half-built lab, can always be found and torn down.
+
+Running code inside a namespace: ``lab.popen``/``lab.run``/``lab.exec_py`` start
+processes (``nsenter --net``, so the process keeps the host's /sys and
+/sys/fs/bpf); ``in_netns(ns, fn)`` runs a Python callable in a worker thread that
+has entered the namespace (sockets it creates stay in that namespace; for
+asyncio: ``in_netns(ns, lambda: asyncio.run(main()))`` or ``await
+in_netns_async(ns, fn)``); ``netns_socket(ns, ...)`` makes one socket there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import errno
 import json
+import logging
 import os
+import re
 import secrets
+import select
 import signal
+import socket
 import subprocess
+import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pyroute2 import IPRoute, netns as pnetns
+
+log = logging.getLogger(__name__)
+
 STATE_DIR = Path(os.environ.get("SPLITRELAY_LAB_DIR", "/run/splitrelay/labs"))
+NETNS_DIR = Path("/run/netns")
+DEFAULT_STEM = "sr"
+STEM_ENV = "SPLITRELAY_LAB_STEM"
 CLONE_NEWNET = 0x40000000
+BACKEND_TABLE = 100
+MAX_TRANSCEIVERS = 50
+
+NETWORKS = {
+    "public": ("172.31.0.0/24", "fd00:31::/64"),
+    "internal": ("172.31.1.0/24", "fd00:32::/64"),
+    "signaling": ("172.31.2.0/24", "fd00:33::/64"),
+}
+AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
+IFA_F_NODAD = 0x02
+IFF_LOWER_UP = 1 << 16
+
 T = TypeVar("T")
+_libc = ctypes.CDLL(None, use_errno=True)
+_POPENS: dict[int, subprocess.Popen] = {}  # processes this Python process started, by PID
 
 
 class LabError(Exception):
     """The lab could not be built, found or torn down (one-line reason)."""
 
 
-def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise LabError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.returncode}")
-    return proc
+# -- namespaces from Python ------------------------------------------------------------------
+
+def _netns_path(netns: str) -> str:
+    if not netns or "/" in netns:
+        raise LabError(f"bad namespace name {netns!r}")
+    return str(NETNS_DIR / netns)
 
 
-def in_netns(netns: str, fn: Callable[[], T]) -> T:
-    """Run fn in a thread that has entered ``netns``; sockets it creates stay in that namespace."""
+def _setns(fd: int, what: str) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        raise LabError(f"setns({what}): {os.strerror(ctypes.get_errno())}")
+
+
+@contextmanager
+def netns_context(netns: str) -> Iterator[None]:
+    """Switch the *calling thread* into ``netns`` for the body, then back.
+
+    Sockets and netlink handles made in the body stay in ``netns``.  Only for
+    threads you own: an asyncio loop or a thread pool running on this thread
+    would follow it into the namespace.  ``in_netns`` is the safer default.
+    """
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = os.open(_netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise LabError(f"no network namespace {netns!r}") from None
+        try:
+            _setns(fd, netns)
+        finally:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            _setns(home, "home")
+    finally:
+        os.close(home)
+
+
+def in_netns(netns: str, fn: Callable[[], T], timeout: float | None = None) -> T:
+    """Run ``fn()`` in a fresh thread that has entered ``netns``; return its value or raise its error.
+
+    The caller's thread never changes namespace.  Sockets ``fn`` creates stay in
+    ``netns`` and may be used from any thread afterwards.  With ``timeout``, a
+    call still running after that many seconds raises LabError (the daemon
+    thread is abandoned).
+    """
+    def entered() -> T:
+        with netns_context(netns):
+            return fn()
+
+    return in_thread(entered, timeout, what=f"call in namespace {netns}")
+
+
+def in_thread(fn: Callable[[], T], timeout: float | None = None, what: str = "call") -> T:
+    """``fn()`` in a fresh thread of this namespace (for pyroute2 calls from asyncio code)."""
     box: dict[str, Any] = {}
-    libc = ctypes.CDLL(None, use_errno=True)
 
     def worker() -> None:
         try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise LabError(f"setns({netns}): {os.strerror(ctypes.get_errno())}")
-            finally:
-                os.close(fd)
             box["value"] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             box["error"] = exc
 
-    thread = threading.Thread(target=worker, name=f"netns-{netns}")
+    thread = threading.Thread(target=worker, name=f"lab {what}", daemon=True)
     thread.start()
-    thread.join()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise LabError(f"{what} still running after {timeout} s")
     if "error" in box:
         raise box["error"]
     return box["value"]
 
+
+async def in_netns_async(netns: str, fn: Callable[[], T]) -> T:
+    """``in_netns`` without blocking the running event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, in_netns, netns, fn)
+
+
+def netns_socket(netns: str, family: int = AF_INET, type: int = socket.SOCK_DGRAM,  # noqa: A002
+                 proto: int = 0) -> socket.socket:
+    """A socket that lives in ``netns`` (usable from any thread, e.g. with asyncio's sock_* calls)."""
+    return in_netns(netns, lambda: socket.socket(family, type, proto))
+
+
+def nsenter_argv(netns: str, argv: list[str]) -> list[str]:
+    """``argv`` run in ``netns``: only the network namespace changes, so /sys/fs/bpf stays the host's
+    (``ip netns exec`` would mount a private /sys, and pins made there die with the process)."""
+    return ["nsenter", f"--net={_netns_path(netns)}", "--", *argv]
+
+
+def list_namespaces() -> list[str]:
+    try:
+        return sorted(p.name for p in NETNS_DIR.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _run(argv: list[str], check: bool = True, timeout: float = 60.0, **kwargs: Any) -> subprocess.CompletedProcess:
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    try:
+        proc = subprocess.run(argv, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired:
+        raise LabError(f"{' '.join(argv)}: no answer after {timeout} s") from None
+    except FileNotFoundError as exc:
+        raise LabError(f"{argv[0]}: {exc.strerror}") from None
+    if check and proc.returncode != 0:
+        err = proc.stderr.strip() if isinstance(proc.stderr, str) else ""
+        raise LabError(f"{' '.join(argv)}: {err or f'exit {proc.returncode}'}")
+    return proc
+
+
+# -- processes -------------------------------------------------------------------------------
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (PID-reuse guard), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _reap(pid: int) -> bool:
+    """Reap ``pid`` if it is our exited child; True when it is gone (or not ours and exited)."""
+    popen = _POPENS.get(pid)
+    if popen is not None:
+        if popen.poll() is None:
+            return False
+        _POPENS.pop(pid, None)
+        return True
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:
+        return _start_time(pid) is None or _is_zombie(pid)
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait (on a pidfd, no polling) until ``pid`` exits; reap it when it is our child."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        _reap(pid)
+        return True
+    try:
+        select.select([fd], [], [], max(timeout, 0.0))
+    finally:
+        os.close(fd)
+    return _reap(pid)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    except PermissionError:
+        pass
+
+
+# -- the lab ---------------------------------------------------------------------------------
 
 @dataclass
 class Host:
@@ -93,6 +311,9 @@ class Transceiver(Host):
     index: int = 0
     backend_id: int = 0
     signal_ip4: str = ""
+    signal_ip6: str = ""
+    signal_ifname: str = "sig0"
+    signal_mac: str = ""
 
 
 @dataclass
@@ -104,43 +325,79 @@ class Lab:
     relay_internal: Host
     switch_netns: str
     transceivers: list[Transceiver] = field(default_factory=list)
-    client_signal_ip4: str = "172.31.2.2"
+    client_signal: Host | None = None
     pids: list[int] = field(default_factory=list)
+    pid_starts: dict[str, int] = field(default_factory=dict)
     relay_port: int = 3478
+    networks: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in NETWORKS.items()})
+    created_at: float = 0.0
 
-    # -- building ------------------------------------------------------------------
+    # -- building ------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, transceivers: int = 2, name: str | None = None, relay_port: int = 3478) -> Lab:
+    def create(cls, transceivers: int = 2, name: str | None = None, relay_port: int = 3478,
+               stem: str | None = None) -> Lab:
+        """Build a lab with ``transceivers`` transceiver hosts; on any failure nothing is left behind."""
         if os.geteuid() != 0:
             raise LabError("a lab needs root (network namespaces, veth, XDP)")
-        if not 1 <= transceivers <= 50:
-            raise LabError(f"transceivers must be 1..50, got {transceivers}")
-        prefix = "sr" + secrets.token_hex(3)
-        name = name or prefix
-        if (STATE_DIR / f"{name}.json").exists():
-            raise LabError(f"a lab named {name!r} is already up (splitrelay lab down --name {name})")
+        if not 1 <= transceivers <= MAX_TRANSCEIVERS:
+            raise LabError(f"transceivers must be 1..{MAX_TRANSCEIVERS}, got {transceivers}")
+        if not 1 <= relay_port <= 65535:
+            raise LabError(f"relay_port must be 1..65535, got {relay_port}")
+        stem = stem if stem is not None else os.environ.get(STEM_ENV) or DEFAULT_STEM
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,4}", stem):
+            raise LabError(f"lab stem must be 1..5 lowercase letters/digits starting with a letter, got {stem!r}")
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}", name):
+            raise LabError(f"lab name must be 1..32 of A-Z a-z 0-9 _ . - (not starting with . or -), got {name!r}")
+        lab = cls._claim(stem, name, transceivers, relay_port)
+        try:
+            lab._build()
+        except BaseException as exc:
+            lab.destroy()
+            if isinstance(exc, Exception) and not isinstance(exc, LabError):
+                raise LabError(f"building lab {lab.name} failed: {exc}") from exc
+            raise
+        lab.save()
+        return lab
+
+    @classmethod
+    def _claim(cls, stem: str, name: str | None, transceivers: int, relay_port: int) -> Lab:
+        """Pick a free prefix and claim the name with an exclusive state file (runs may overlap)."""
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        for _ in range(32):
+            prefix = stem + secrets.token_hex(3)
+            if any(ns.startswith(prefix + "-") for ns in list_namespaces()):
+                continue
+            lab = cls._plan(prefix, name or prefix, transceivers, relay_port)
+            try:
+                fd = os.open(STATE_DIR / f"{lab.name}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if name is not None:
+                    raise LabError(f"a lab named {name!r} is already up (splitrelay lab down --name {name})") \
+                        from None
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(lab.to_json(), f, indent=2)
+            return lab
+        raise LabError("could not find a free lab prefix")
+
+    @classmethod
+    def _plan(cls, prefix: str, name: str, transceivers: int, relay_port: int) -> Lab:
+        rly = f"{prefix}-rly"
         lab = cls(
-            name=name,
-            prefix=prefix,
+            name=name, prefix=prefix,
             client=Host(f"{prefix}-cli", "c0", "172.31.0.2", "fd00:31::2"),
-            relay_public=Host(f"{prefix}-rly", "pub0", "172.31.0.1", "fd00:31::1"),
-            relay_internal=Host(f"{prefix}-rly", "int0", "172.31.1.1", "fd00:32::1"),
+            relay_public=Host(rly, "pub0", "172.31.0.1", "fd00:31::1"),
+            relay_internal=Host(rly, "int0", "172.31.1.1", "fd00:32::1"),
             switch_netns=f"{prefix}-sw",
-            relay_port=relay_port,
+            client_signal=Host(f"{prefix}-cli", "s0", "172.31.2.2", "fd00:33::2"),
+            relay_port=relay_port, created_at=time.time(),
         )
         for i in range(1, transceivers + 1):
             lab.transceivers.append(Transceiver(
                 f"{prefix}-t{i}", "eth1", f"172.31.1.{10 + i}", f"fd00:32::{10 + i:x}",
-                index=i, backend_id=i, signal_ip4=f"172.31.2.{10 + i}",
+                index=i, backend_id=i, signal_ip4=f"172.31.2.{10 + i}", signal_ip6=f"fd00:33::{10 + i:x}",
             ))
-        lab.save()  # before building, so a half-built lab can still be torn down
-        try:
-            lab._build()
-        except BaseException:
-            lab.destroy()
-            raise
-        lab.save()
         return lab
 
     def namespaces(self) -> list[str]:
@@ -148,118 +405,223 @@ class Lab:
             t.netns for t in self.transceivers
         ]
 
-    def _ns(self, netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-        return _run(["ip", "netns", "exec", netns, *argv], check=check)
+    @property
+    def client_signal_ip4(self) -> str:
+        return self.signal_host.ip4
 
-    def _veth(self, a_ns: str, a: str, b_ns: str, b: str) -> None:
-        tmp_a, tmp_b = f"{self.prefix}a", f"{self.prefix}b"
-        _run(["ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b])
-        _run(["ip", "link", "set", tmp_a, "netns", a_ns, "name", a])
-        _run(["ip", "link", "set", tmp_b, "netns", b_ns, "name", b])
-        for ns, dev in ((a_ns, a), (b_ns, b)):
-            self._ns(ns, "ethtool", "-K", dev, "tx", "off")
-            self._ns(ns, "ip", "link", "set", dev, "up")
+    @property
+    def signal_host(self) -> Host:
+        return self.client_signal or Host(self.client.netns, "s0", "172.31.2.2", "")
 
-    def _addr(self, host: Host, prefix4: int = 24, prefix6: int = 64) -> None:
-        self._ns(host.netns, "ip", "addr", "add", f"{host.ip4}/{prefix4}", "dev", host.ifname)
-        self._ns(host.netns, "ip", "-6", "addr", "add", f"{host.ip6}/{prefix6}", "dev", host.ifname, "nodad")
+    def veths(self) -> list[tuple[str, str]]:
+        """Every (namespace, ifname) veth end the lab made."""
+        sw = self.switch_netns
+        ends = [(self.client.netns, "c0"), (self.relay_public.netns, "pub0"),
+                (self.relay_internal.netns, "int0"), (sw, "rint"),
+                (self.client.netns, "s0"), (sw, "scli")]
+        for t in self.transceivers:
+            ends += [(t.netns, t.ifname), (sw, f"t{t.index}m"), (t.netns, t.signal_ifname), (sw, f"t{t.index}s")]
+        return ends
 
     def _build(self) -> None:
         for ns in self.namespaces():
-            _run(["ip", "netns", "add", ns])
-            self._ns(ns, "ip", "link", "set", "lo", "up")
-        rly, sw, cli = self.relay_public.netns, self.switch_netns, self.client.netns
-        self._ns(rly, "sysctl", "-qw", "net.ipv4.ip_forward=0")
-        self._ns(rly, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=0")
-        for bridge in ("br0", "sig"):
-            self._ns(sw, "ip", "link", "add", bridge, "type", "bridge")
-            self._ns(sw, "ip", "link", "set", bridge, "up")
+            try:
+                pnetns.create(ns)
+            except FileExistsError:
+                raise LabError(f"namespace {ns} already exists") from None
+        cli, rly, sw = self.client.netns, self.relay_public.netns, self.switch_netns
 
+        # kernel settings before any interface exists, so per-interface defaults follow them
+        _sysctls(sw, {"net/ipv6/conf/all/disable_ipv6": "1", "net/ipv6/conf/default/disable_ipv6": "1"})
+        _sysctls(rly, {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0",
+                       "net/ipv6/conf/default/forwarding": "0"})
+
+        def switch_bridges(ipr: IPRoute) -> None:
+            _up(ipr, "lo")
+            for bridge in ("br0", "sig"):
+                ipr.link("add", ifname=bridge, kind="bridge", br_forward_delay=0, br_stp_state=0,
+                         br_mcast_snooping=0)  # a plain switch: flood, learn unicast MACs
+
+        _netlink(sw, switch_bridges)
+        # every veth is created with both ends already in their namespaces
         self._veth(cli, "c0", rly, "pub0")
         self._veth(rly, "int0", sw, "rint")
-        self._ns(sw, "ip", "link", "set", "rint", "master", "br0")
-        # frames XDP redirects into pub0/int0 arrive at these peers: GRO keeps them alive
-        self._ns(cli, "ethtool", "-K", "c0", "gro", "on")
-        self._ns(sw, "ethtool", "-K", "rint", "gro", "on")
-        self._addr(Host(cli, "c0", self.client.ip4, self.client.ip6))
-        self._addr(self.relay_public)
-        self._addr(self.relay_internal)
-        self._ns(cli, "ip", "route", "add", "default", "via", self.relay_public.ip4)
-        self._ns(cli, "ip", "-6", "route", "add", "default", "via", self.relay_public.ip6)
-
         self._veth(cli, "s0", sw, "scli")
-        self._ns(sw, "ip", "link", "set", "scli", "master", "sig")
-        self._ns(cli, "ip", "addr", "add", f"{self.client_signal_ip4}/24", "dev", "s0")
+        for t in self.transceivers:
+            self._veth(t.netns, t.ifname, sw, f"t{t.index}m")
+            self._veth(t.netns, t.signal_ifname, sw, f"t{t.index}s")
+
+        def switch_ports(ipr: IPRoute) -> None:
+            ports = {"rint": "br0", "scli": "sig"}
+            for t in self.transceivers:
+                ports[f"t{t.index}m"] = "br0"
+                ports[f"t{t.index}s"] = "sig"
+            for port, bridge in ports.items():
+                ipr.link("set", index=_index(ipr, port), master=_index(ipr, bridge))
+            for dev in ("br0", "sig", *ports):
+                _up(ipr, dev)
+
+        _netlink(sw, switch_ports)
+        pub4, pub6 = NETWORKS["public"]
+        int4, int6 = NETWORKS["internal"]
+
+        def client(ipr: IPRoute) -> None:
+            _up(ipr, "lo")
+            _addresses(ipr, self.client, 24, 64)
+            _addresses(ipr, self.signal_host, 24, 64)
+            ipr.route("add", dst="0.0.0.0/0", gateway=self.relay_public.ip4)
+            ipr.route("add", family=AF_INET6, dst="::/0", gateway=self.relay_public.ip6)
+            self.client.mac = _mac(ipr, "c0")
+            self.signal_host.mac = _mac(ipr, "s0")
+
+        _netlink(cli, client)
+
+        def relay(ipr: IPRoute) -> None:
+            _up(ipr, "lo")
+            _addresses(ipr, self.relay_public, 24, 64)
+            _addresses(ipr, self.relay_internal, 24, 64)
+            # host firewall: the internal side (control API) is not reachable from the public side
+            for family, own, bits in ((AF_INET, self.relay_internal.ip4, 32),
+                                      (AF_INET6, self.relay_internal.ip6, 128)):
+                ipr.rule("add", family=family, priority=10, iifname=self.relay_public.ifname, dst=own,
+                         dst_len=bits, action="FR_ACT_PROHIBIT")
+                ipr.rule("add", family=family, priority=20, table=255)   # local, after the firewall rule
+                ipr.rule("del", family=family, priority=0, table=255)
+            self.relay_public.mac = _mac(ipr, "pub0")
+            self.relay_internal.mac = _mac(ipr, "int0")
+
+        _netlink(rly, relay)
+
+        def transceiver(ipr: IPRoute, t: Transceiver) -> None:
+            _up(ipr, "lo")
+            _addresses(ipr, t, 24, 64)
+            _addresses(ipr, Host(t.netns, t.signal_ifname, t.signal_ip4, t.signal_ip6), 24, 64)
+            eth = _index(ipr, t.ifname)
+            ipr.route("add", dst=pub4, gateway=self.relay_internal.ip4)
+            ipr.route("add", family=AF_INET6, dst=pub6, gateway=self.relay_internal.ip6)
+            # a backend address leaves only through the relay (or to the internal net), never otherwise
+            for family, own, bits, net, gateway, pub, default in (
+                    (AF_INET, t.ip4, 32, int4, self.relay_internal.ip4, pub4, "0.0.0.0/0"),
+                    (AF_INET6, t.ip6, 128, int6, self.relay_internal.ip6, pub6, "::/0")):
+                ipr.rule("add", family=family, priority=BACKEND_TABLE, src=own, src_len=bits,
+                         table=BACKEND_TABLE)
+                ipr.route("add", family=family, dst=net, oif=eth, table=BACKEND_TABLE)
+                ipr.route("add", family=family, dst=pub, gateway=gateway, table=BACKEND_TABLE)
+                ipr.route("add", family=family, dst=default, type="unreachable", table=BACKEND_TABLE)
+            t.mac = _mac(ipr, t.ifname)
+            t.signal_mac = _mac(ipr, t.signal_ifname)
 
         for t in self.transceivers:
-            self._veth(t.netns, "eth1", sw, f"t{t.index}m")
-            self._ns(sw, "ip", "link", "set", f"t{t.index}m", "master", "br0")
-            self._addr(t)
-            self._ns(t.netns, "ip", "route", "add", "172.31.0.0/24", "via", self.relay_internal.ip4)
-            self._ns(t.netns, "ip", "-6", "route", "add", "fd00:31::/64", "via", self.relay_internal.ip6)
-            # the backend address reaches clients only through the relay, never over signaling
-            for family, own, net, relay in (("-4", t.ip4, "172.31.1.0/24", self.relay_internal.ip4),
-                                            ("-6", t.ip6, "fd00:32::/64", self.relay_internal.ip6)):
-                client_net = "172.31.0.0/24" if family == "-4" else "fd00:31::/64"
-                self._ns(t.netns, "ip", family, "rule", "add", "from", own, "lookup", "100", "priority", "100")
-                self._ns(t.netns, "ip", family, "route", "add", net, "dev", "eth1", "table", "100")
-                self._ns(t.netns, "ip", family, "route", "add", client_net, "via", relay, "table", "100")
-            self._veth(t.netns, "sig0", sw, f"t{t.index}s")
-            self._ns(sw, "ip", "link", "set", f"t{t.index}s", "master", "sig")
-            self._ns(t.netns, "ip", "addr", "add", f"{t.signal_ip4}/24", "dev", "sig0")
-            t.mac = self.mac(t.netns, "eth1")
-        self.client.mac = self.mac(cli, "c0")
-        self.relay_public.mac = self.mac(rly, "pub0")
-        self.relay_internal.mac = self.mac(rly, "int0")
+            _netlink(t.netns, lambda ipr, t=t: transceiver(ipr, t))
+
+        # offloads (ethtool has no netlink equivalent in pyroute2 that we rely on)
+        for ns, dev in self.veths():
+            argv = ["ethtool", "-K", dev, "tx", "off"]
+            if (ns, dev) in ((cli, "c0"), (sw, "rint")):
+                argv += ["gro", "on"]  # frames XDP redirects into pub0/int0 arrive here
+            _run(nsenter_argv(ns, argv))
+        self._check_carrier()
+
+    def _veth(self, a_ns: str, a: str, b_ns: str, b: str) -> None:
+        peer_ns = os.open(_netns_path(b_ns), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _netlink(a_ns, lambda ipr: ipr.link("add", ifname=a, kind="veth",
+                                                peer={"ifname": b, "net_ns_fd": peer_ns}))
+        finally:
+            os.close(peer_ns)
+
+    def _check_carrier(self) -> None:
+        """Every lab veth has carrier (veth raises it synchronously when both ends are up)."""
+        missing = []
+        for ns in dict.fromkeys(ns for ns, _ in self.veths()):
+            up = _netlink(ns, lambda ipr: {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
+                                           if link["flags"] & IFF_LOWER_UP})
+            missing += [(n, dev) for n, dev in self.veths() if n == ns and dev not in up]
+        if missing:
+            raise LabError(f"no carrier on {missing}")
 
     def mac(self, netns: str, ifname: str) -> str:
-        out = self._ns(netns, "cat", f"/sys/class/net/{ifname}/address").stdout
-        return out.strip()
+        return _netlink(netns, lambda ipr: _mac(ipr, ifname))
 
-    # -- processes -----------------------------------------------------------------
+    # -- processes -----------------------------------------------------------------------
 
-    def popen(self, netns: str, argv: list[str], **kwargs: Any) -> subprocess.Popen:
-        """Start a process inside one of the lab's network namespaces; destroy() kills it by PID.
-
-        nsenter switches only the network namespace: `ip netns exec` would also give the
-        process a private /sys without /sys/fs/bpf, and pins made there die with it.
-        """
+    def _check_ns(self, netns: str) -> None:
         if netns not in self.namespaces():
             raise LabError(f"{netns} is not a namespace of lab {self.name}")
-        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{netns}", "--", *argv],
-                                start_new_session=True, **kwargs)
+
+    def popen(self, netns: str, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        """Start a process (its own session/process group) in one of the lab's namespaces.
+
+        destroy() stops it (SIGTERM to its group, SIGKILL after a grace period), by PID,
+        checked against its start time, also from another process via the state file.
+        """
+        self._check_ns(netns)
+        kwargs.setdefault("start_new_session", True)
+        proc = subprocess.Popen(nsenter_argv(netns, argv), **kwargs)
+        _POPENS[proc.pid] = proc
         self.pids.append(proc.pid)
+        start = _start_time(proc.pid)
+        if start is not None:
+            self.pid_starts[str(proc.pid)] = start
         self.save()
         return proc
 
-    def run(self, netns: str, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
-        return self._ns(netns, *argv, check=check)
+    def run(self, netns: str, argv: list[str], check: bool = True, timeout: float = 60.0,
+            **kwargs: Any) -> subprocess.CompletedProcess:
+        """Run a command to completion in a lab namespace (output captured as text unless overridden)."""
+        self._check_ns(netns)
+        return _run(nsenter_argv(netns, argv), check=check, timeout=timeout, **kwargs)
 
-    def in_netns(self, netns: str, fn: Callable[[], T]) -> T:
-        return in_netns(netns, fn)
+    def exec_py(self, netns: str, code: str, *args: str, check: bool = True, timeout: float = 60.0,
+                **kwargs: Any) -> subprocess.CompletedProcess:
+        """Run a Python snippet (this interpreter, so the venv's packages) in a lab namespace."""
+        return self.run(netns, [sys.executable, "-c", code, *args], check=check, timeout=timeout, **kwargs)
 
-    # -- state ---------------------------------------------------------------------
+    def in_netns(self, netns: str, fn: Callable[[], T], timeout: float | None = None) -> T:
+        self._check_ns(netns)
+        return in_netns(netns, fn, timeout)
+
+    def socket_in(self, netns: str, family: int = AF_INET,
+                  type: int = socket.SOCK_DGRAM) -> socket.socket:  # noqa: A002
+        """A socket living in one of the lab's namespaces."""
+        self._check_ns(netns)
+        return netns_socket(netns, family, type)
+
+    # -- state ---------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     def save(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = STATE_DIR / f".{self.name}.json.tmp"
+        tmp = STATE_DIR / f".{self.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_text(json.dumps(self.to_json(), indent=2))
         tmp.replace(STATE_DIR / f"{self.name}.json")
 
     @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Lab:
+        data = dict(data)
+        legacy_signal = data.pop("client_signal_ip4", None)  # state files of older versions
+        for key in ("client", "relay_public", "relay_internal"):
+            data[key] = Host(**data[key])
+        if data.get("client_signal"):
+            data["client_signal"] = Host(**data["client_signal"])
+        elif legacy_signal:
+            data["client_signal"] = Host(data["client"].netns, "s0", legacy_signal, "")
+        data["transceivers"] = [Transceiver(**t) for t in data.get("transceivers", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
     def load(cls, name: str) -> Lab:
         path = STATE_DIR / f"{name}.json"
-        if not path.exists():
-            raise LabError(f"no lab named {name!r} is up")
-        data = json.loads(path.read_text())
-        data["client"] = Host(**data["client"])
-        data["relay_public"] = Host(**data["relay_public"])
-        data["relay_internal"] = Host(**data["relay_internal"])
-        data["transceivers"] = [Transceiver(**t) for t in data["transceivers"]]
-        return cls(**data)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LabError(f"no lab named {name!r} is up") from None
+        except json.JSONDecodeError as exc:
+            raise LabError(f"lab state {path} is unreadable: {exc}") from None
+        return cls.from_json(data)
 
     @staticmethod
     def names() -> list[str]:
@@ -267,21 +629,43 @@ class Lab:
             return []
         return sorted(p.stem for p in STATE_DIR.glob("*.json"))
 
+    # -- teardown ------------------------------------------------------------------------
+
+    def stop_processes(self, grace: float = 5.0) -> None:
+        """SIGTERM each process the lab started (its group), SIGKILL what is left after ``grace``."""
+        live = []
+        for pid in self.pids:
+            recorded = self.pid_starts.get(str(pid))
+            start = _start_time(pid)
+            if start is None or (recorded is not None and start != recorded):
+                _reap(pid)
+                continue  # gone, or the PID now belongs to someone else
+            _signal_group(pid, signal.SIGTERM)
+            live.append(pid)
+        deadline = time.monotonic() + grace
+        for pid in live:
+            if not _wait_exit(pid, deadline - time.monotonic()):
+                _signal_group(pid, signal.SIGKILL)
+                _wait_exit(pid, 2.0)
+        self.pids.clear()
+        self.pid_starts.clear()
+
     def destroy(self) -> None:
-        """Kill the lab's processes and delete its namespaces (and so its veths); idempotent."""
-        for pid in self.pids:
+        """Stop the lab's processes, delete its namespaces (and so its veths) and its state; idempotent."""
+        self.stop_processes()
+        ours = set(self.namespaces()) | {ns for ns in list_namespaces() if ns.startswith(self.prefix + "-")}
+        errors = []
+        for ns in sorted(ours):
+            if not (NETNS_DIR / ns).exists():
+                continue
             try:
-                os.killpg(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for pid in self.pids:
-            _wait_gone(pid)
-        existing = set(_run(["ip", "netns", "list"]).stdout.split())
-        for ns in self.namespaces():
-            if ns in existing:
-                _run(["ip", "netns", "pids", ns], check=False)
-                _run(["ip", "netns", "delete", ns], check=False)
+                pnetns.remove(ns)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    errors.append(f"{ns}: {exc}")
         (STATE_DIR / f"{self.name}.json").unlink(missing_ok=True)
+        if errors:
+            raise LabError(f"tearing down lab {self.name}: {'; '.join(errors)}")
 
     def __enter__(self) -> Lab:
         return self
@@ -290,22 +674,54 @@ class Lab:
         self.destroy()
 
 
-def _wait_gone(pid: int, timeout: float = 5.0) -> None:
-    """Reap our child or wait for a foreign PID to vanish; SIGKILL its group after the timeout."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return
-        except ChildProcessError:
-            if not Path(f"/proc/{pid}").exists():
-                return
-        time.sleep(0.05)
+def destroy(name: str) -> bool:
+    """Tear down the lab recorded under ``name`` (from any process); False if no such lab is up."""
     try:
-        os.killpg(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError, PermissionError):
-        pass
+        lab = Lab.load(name)
+    except LabError:
+        return False
+    lab.destroy()
+    return True
+
+
+# -- netlink helpers -------------------------------------------------------------------------
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise LabError(f"no interface {ifname}")
+    return found[0]
+
+
+def _up(ipr: IPRoute, ifname: str) -> None:
+    ipr.link("set", index=_index(ipr, ifname), state="up")
+
+
+def _mac(ipr: IPRoute, ifname: str) -> str:
+    return ipr.get_links(_index(ipr, ifname))[0].get_attr("IFLA_ADDRESS")
+
+
+def _addresses(ipr: IPRoute, host: Host, prefix4: int, prefix6: int) -> None:
+    index = _index(ipr, host.ifname)
+    ipr.addr("add", index=index, address=host.ip4, prefixlen=prefix4)
+    if host.ip6:
+        # no DAD: the address is usable at once and nobody else on the link can hold it
+        ipr.addr("add", index=index, address=host.ip6, prefixlen=prefix6, flags=IFA_F_NODAD)
+    _up(ipr, host.ifname)
+
+
+def _netlink(netns: str, fn: Callable[[IPRoute], T]) -> T:
+    """Run ``fn(ipr)`` with an IPRoute opened inside ``netns``, in a worker thread: pyroute2's
+    synchronous API refuses to run on a thread whose asyncio loop is running (async callers)."""
+    def call() -> T:
+        with IPRoute() as ipr:
+            return fn(ipr)
+    return in_netns(netns, call)
+
+
+def _sysctls(netns: str, values: dict[str, str]) -> None:
+    """Write /proc/sys/<key> as seen from ``netns`` (net.* sysctls are per namespace)."""
+    def write() -> None:
+        for key, value in values.items():
+            Path("/proc/sys", key).write_text(value)
+    in_netns(netns, write)

@@ -3,81 +3,185 @@
 XDP rewrites Ethernet headers itself, so the agent must know the MAC of every
 next hop: each transceiver on the internal side and the gateway on the public
 side.  The kernel already resolves them; we read its table and, when an entry
-is missing, provoke resolution with one datagram and wait (bounded).
+is missing, provoke resolution with one datagram to the discard port and wait
+for the kernel's neighbour notification (bounded, re-probing once a second
+while the kernel gives up on an entry).
+
+Every function takes ``netns``: the name of a network namespace (as in
+``/run/netns``) to look in instead of the caller's own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import select
 import socket
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 
-NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
+NUD_INCOMPLETE, NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = (
+    0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80)
+NUD_VALID = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_NOARP | NUD_PERMANENT
+DISCARD_PORT = 9
+REPROBE_S = 1.0
+
+T = TypeVar("T")
 
 
 class NeighbourError(Exception):
     """A next hop's MAC could not be found (one-line reason)."""
 
 
-def interface_index(ifname: str) -> int:
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
+def _in(netns: str | None, fn: Callable[[], T]) -> T:
+    """fn() in ``netns`` (a worker thread that entered it) or here; pyroute2's synchronous API cannot run
+    on a thread with a running asyncio loop, so such callers get a worker thread too."""
+    if netns is None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn()
+    from splitrelay.edge.lab import LabError, in_netns, in_thread  # lab imports nothing from here
+
+    try:
+        return in_netns(netns, fn) if netns is not None else in_thread(fn)
+    except LabError as exc:
+        raise NeighbourError(str(exc)) from None
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
     if not found:
         raise NeighbourError(f"no interface named {ifname!r} in this network namespace")
     return found[0]
 
 
-def interface_mac(ifname: str) -> str:
-    with IPRoute() as ipr:
-        links = ipr.get_links(interface_index(ifname))
-    return links[0].get_attr("IFLA_ADDRESS")
+def interface_index(ifname: str, netns: str | None = None) -> int:
+    def get() -> int:
+        with IPRoute() as ipr:
+            return _index(ipr, ifname)
+    return _in(netns, get)
 
 
-def interface_for(ip: str) -> str:
-    """The interface the kernel would use to reach ``ip``."""
-    with IPRoute() as ipr:
-        routes = ipr.route("get", dst=ip)
-        if not routes:
-            raise NeighbourError(f"no route to {ip}")
-        index = routes[0].get_attr("RTA_OIF")
-        return ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
+def interface_mac(ifname: str, netns: str | None = None) -> str:
+    def get() -> str:
+        with IPRoute() as ipr:
+            return ipr.get_links(_index(ipr, ifname))[0].get_attr("IFLA_ADDRESS")
+    return _in(netns, get)
 
 
-def _lookup(ipr: IPRoute, ip: str, index: int) -> str | None:
-    family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
-    for entry in ipr.get_neighbours(family=family, ifindex=index):
-        if entry.get_attr("NDA_DST") == ip and entry["state"] & NUD_VALID:
-            mac = entry.get_attr("NDA_LLADDR")
-            if mac:
-                return mac
-    return None
-
-
-def resolve(ip: str, ifname: str | None = None, timeout: float = 3.0) -> str:
-    """MAC of ``ip`` on ``ifname`` (default: the interface its route uses)."""
+def _parse(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
-        addr = ipaddress.ip_address(ip)
+        return ipaddress.ip_address(ip)
     except ValueError:
         raise NeighbourError(f"not an IP address: {ip!r}") from None
+
+
+def _family(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+    return socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+
+
+def interface_for(ip: str, netns: str | None = None) -> str:
+    """The interface the kernel would use to reach ``ip``."""
+    addr = _parse(ip)
+
+    def get() -> str:
+        with IPRoute() as ipr:
+            try:
+                routes = ipr.route("get", dst=str(addr), family=_family(addr))
+            except Exception as exc:  # noqa: BLE001 - netlink errors (ENETUNREACH, ...) become one line
+                raise NeighbourError(f"no route to {ip}: {exc}") from None
+            if not routes:
+                raise NeighbourError(f"no route to {ip}")
+            index = routes[0].get_attr("RTA_OIF")
+            return ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
+    return _in(netns, get)
+
+
+def _lookup(ipr: IPRoute, ip: str, family: int, index: int) -> tuple[str | None, int]:
+    """(MAC or None, NUD state or 0) of the entry for ``ip`` on ``index``."""
+    for entry in ipr.get_neighbours(family=family, ifindex=index):
+        dst = entry.get_attr("NDA_DST")
+        if dst and ipaddress.ip_address(dst) == ipaddress.ip_address(ip):
+            mac = entry.get_attr("NDA_LLADDR")
+            if entry["state"] & NUD_VALID and mac:
+                return mac, entry["state"]
+            return None, entry["state"]
+    return None, 0
+
+
+def _check_on_link(ipr: IPRoute, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, ifname: str,
+                   index: int) -> None:
+    """The kernel's own route to ``addr`` must be a direct one out of ``ifname``."""
+    if addr.is_link_local:
+        return
+    try:
+        routes = ipr.route("get", dst=str(addr))
+    except Exception as exc:  # noqa: BLE001 - netlink errors (ENETUNREACH, ...) become one line
+        raise NeighbourError(f"{addr} is not reachable: {exc}") from None
+    if not routes:
+        raise NeighbourError(f"no route to {addr}")
+    gateway = routes[0].get_attr("RTA_GATEWAY")
+    if gateway:
+        raise NeighbourError(f"{addr} is not on-link on {ifname} (reached via gateway {gateway}): "
+                             f"resolve the gateway instead")
+    oif = routes[0].get_attr("RTA_OIF")
+    if oif != index:
+        other = ipr.get_links(oif)[0].get_attr("IFLA_IFNAME") if oif else "?"
+        raise NeighbourError(f"{addr} is not on-link on {ifname} (the kernel reaches it via {other})")
+
+
+def _probe(sock: socket.socket, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, index: int) -> None:
+    target = (str(addr), DISCARD_PORT, 0, index) if addr.version == 6 else (str(addr), DISCARD_PORT)
+    try:
+        sock.sendto(b"", target)  # only the neighbour lookup it causes matters
+    except OSError:
+        pass  # e.g. EHOSTUNREACH after a failed resolution: the next probe retries
+
+
+def _resolve_here(ip: str, ifname: str | None, timeout: float) -> str:
+    addr = _parse(ip)
+    family = _family(addr)
     ifname = ifname or interface_for(ip)
-    index = interface_index(ifname)
     deadline = time.monotonic() + timeout
-    with IPRoute() as ipr:
-        mac = _lookup(ipr, ip, index)
+    with IPRoute() as ipr, IPRoute() as monitor:
+        index = _index(ipr, ifname)
+        monitor.bind(groups=RTMGRP_NEIGH)  # before the first look: no notification can slip between
+        mac, _ = _lookup(ipr, ip, family, index)
         if mac:
             return mac
-        family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-            while time.monotonic() < deadline:
-                try:
-                    probe.sendto(b"", (ip, 9))  # discard port: only the neighbour lookup matters
-                except OSError:
-                    pass
-                time.sleep(0.05)
-                mac = _lookup(ipr, ip, index)
+        _check_on_link(ipr, addr, ifname, index)
+        state = 0
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+            next_probe = 0.0
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if now >= next_probe:
+                    _probe(sock, addr, index)
+                    next_probe = now + REPROBE_S
+                ready, _, _ = select.select([monitor], [], [], max(0.0, min(deadline, next_probe) - now))
+                if ready:
+                    monitor.get()  # drain; the table below is the authority
+                mac, state = _lookup(ipr, ip, family, index)
                 if mac:
                     return mac
-    raise NeighbourError(f"no neighbour entry for {ip} on {ifname} after {timeout:.1f} s (host down?)")
+    what = "resolution failed" if state & NUD_FAILED else "no answer"
+    raise NeighbourError(f"no neighbour entry for {ip} on {ifname} after {timeout:.1f} s ({what}; host down?)")
+
+
+def resolve(ip: str, ifname: str | None = None, timeout: float = 3.0, netns: str | None = None) -> str:
+    """MAC of the on-link host ``ip`` on ``ifname`` (default: the interface its route uses).
+
+    Raises NeighbourError when ``ip`` is not an address, the interface is missing, ``ip`` is
+    only reachable via a gateway, or nobody answered within ``timeout`` seconds.
+    """
+    if timeout <= 0:
+        raise NeighbourError(f"timeout must be positive, got {timeout}")
+    return _in(netns, lambda: _resolve_here(ip, ifname, timeout))

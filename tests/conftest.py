@@ -2,30 +2,55 @@
 
 from __future__ import annotations
 
+import json
 import os
-import subprocess
+import secrets
 
 import pytest
+from pyroute2 import IPRoute
+from pyroute2 import netns as pnetns
 from splitrelay.edge.datapath import Backend, Datapath, RelayConfig, pinned_instances, unpin
-from splitrelay.edge.lab import Lab, in_netns
+from splitrelay.edge.lab import STATE_DIR, STEM_ENV, Lab, in_netns, list_namespaces
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
+def _free_stem() -> str:
+    """A lab-name stem no namespace or lab state on this machine uses yet: every lab of this test
+    run (in this process or in the daemons and CLIs it starts, via the environment) is named
+    ``<stem><6 hex>``, so the leak check below finds exactly this run's leftovers."""
+    taken = set(list_namespaces()) | ({p.stem for p in STATE_DIR.glob("*.json")} if STATE_DIR.exists() else set())
+    for _ in range(64):
+        stem = "srt" + secrets.token_hex(1)
+        if not any(n.startswith(stem) for n in taken):
+            return stem
+    raise RuntimeError("no free lab stem")
+
+
+TEST_STEM = os.environ[STEM_ENV] = _free_stem()
+
+
 @pytest.fixture
 def lab():
+    """Factory: ``lab(transceivers=N)`` builds a lab; every lab it built is destroyed, pass or fail."""
     labs: list[Lab] = []
 
-    def make(transceivers: int = 1) -> Lab:
-        created = Lab.create(transceivers=transceivers)
+    def make(transceivers: int = 1, **kwargs) -> Lab:
+        created = Lab.create(transceivers=transceivers, **kwargs)
         labs.append(created)
         return created
 
     try:
         yield make
     finally:
+        errors = []
         for created in labs:
-            created.destroy()
+            try:
+                created.destroy()
+            except Exception as exc:  # noqa: BLE001 - destroy the others, then report
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
 
 def attach_relay(lab: Lab, policy: str = "strict", instance: str | None = None) -> Datapath:
@@ -58,10 +83,12 @@ def relay_lab(lab):
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
-    """Fail the run if a namespace or pinned map this test run created outlives it.
+    """Fail the run loudly if a namespace, host link, lab state file or pinned map it made outlives it.
 
-    Only what this process created counts (other runs may share the machine): every
-    lab and data-plane instance is recorded as it is made.
+    Only what this run created counts (other runs and helpers may share the machine):
+    every lab this process makes and every data-plane instance it loads is recorded,
+    and every lab made anywhere under this run (daemons, CLIs) carries its stem.
+    Leftovers are removed, then reported as a failure.
     """
     labs: list[Lab] = []
     instances: set[str] = set()
@@ -87,11 +114,41 @@ def nothing_left_behind():
         Datapath.load = original_load
     if os.geteuid() != 0:
         return
-    existing = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
-    leaked_ns = {ns for lab in labs for ns in lab.namespaces() if ns in existing}
+    leaked = leftovers(TEST_STEM, labs)
     leaked_pins = instances & set(pinned_instances())
     for lab in labs:
         lab.destroy()
+    for state in leaked["state files"]:
+        try:
+            Lab.from_json(json.loads((STATE_DIR / f"{state}.json").read_text())).destroy()
+        except (OSError, ValueError, KeyError, TypeError):
+            (STATE_DIR / f"{state}.json").unlink(missing_ok=True)
+    for stray in leftovers(TEST_STEM, [])["namespaces"]:
+        pnetns.remove(stray)
     for name in leaked_pins:
         unpin(name)
-    assert not leaked_ns and not leaked_pins, f"left behind: namespaces {leaked_ns}, pins {leaked_pins}"
+    found = {k: v for k, v in leaked.items() if v}
+    if leaked_pins:
+        found["pinned maps"] = sorted(leaked_pins)
+    assert not found, f"this test run left behind: {found}"
+
+
+def leftovers(stem: str, labs: list[Lab]) -> dict[str, list[str]]:
+    """Namespaces, host links and lab state files named with this run's stem (or of labs it made)."""
+    names = set(list_namespaces())
+    with IPRoute() as ipr:
+        links = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    prefixes = (stem, *(lab.prefix for lab in labs))
+    states = []
+    for path in STATE_DIR.glob("*.json") if STATE_DIR.exists() else []:
+        try:
+            prefix = json.loads(path.read_text()).get("prefix", "")
+        except (OSError, ValueError):
+            continue  # another run's file, being replaced
+        if prefix.startswith(prefixes):
+            states.append(path.stem)
+    return {
+        "namespaces": sorted(n for n in names if n.startswith(prefixes)),
+        "host links": sorted(n for n in links if n.startswith(prefixes)),
+        "state files": sorted(states),
+    }
