@@ -1,31 +1,52 @@
 """The edge agent daemon: owns one relay instance's data plane for its whole life.
 
 It attaches (or re-attaches over) the XDP programs, adopts whatever the pinned
-maps already hold, serves the control API and /metrics, and ages idle flows.
-Stopping it leaves the programs attached and the maps pinned by default, so a
-restart (or a crash) never interrupts a call; ``detach_on_exit`` is for labs
-and tests that want the host clean.
+maps already hold (backends, sessions, flows, counters: no other persistence),
+serves the control API and /metrics, and ages idle flows.  Stopping it leaves
+the programs attached and the maps pinned by default, so a restart (or a
+crash) never interrupts a call; ``detach_on_exit`` is for labs and tests that
+want the host clean.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import secrets
 import socket
 from dataclasses import dataclass
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from splitrelay.edge import neighbours
 from splitrelay.edge.backend_sources import BackendFollower, BackendSpec, file_reader, kubernetes_reader
 from splitrelay.edge.control import ControlAPI
-from splitrelay.edge.datapath import FORBIDDEN_IFACES, Backend, Datapath, DatapathError, RelayConfig
+from splitrelay.edge.datapath import (
+    FORBIDDEN_IFACES,
+    PIN_ROOT,
+    POLICIES,
+    Backend,
+    Datapath,
+    DatapathError,
+    RelayConfig,
+)
 from splitrelay.edge.metrics import EdgeMetrics
 
 log = logging.getLogger(__name__)
 
 MIN_IDLE_S = 15.0  # consent checks come every ~5 s (RFC 7675): never age a live flow
+MIN_AGEING_INTERVAL_S = 0.05
+
+
+def next_hop_mac(ip: str, ifname: str, timeout: float) -> str:
+    """MAC of the next hop ``ip`` on ``ifname``: the one place the agent asks for a neighbour.
+
+    Raises with a one-line reason (``neighbours.NeighbourError``) when the host does
+    not answer within ``timeout``.
+    """
+    return neighbours.resolve(ip, ifname, timeout=timeout)
 
 
 @dataclass
@@ -39,11 +60,14 @@ class AgentConfig:
     gateway_mac: str | None = None
     policy: str = "strict"
     instance: str = "default"
+    pin_root: str = PIN_ROOT
     listen_host: str = "127.0.0.1"
-    listen_port: int = 8470
+    listen_port: int = 8470                 # 0 = an ephemeral port (read EdgeAgent.port after start)
     token: str | None = None
     idle_timeout_s: float = 30.0
     ageing_interval_s: float = 2.0
+    neighbour_timeout_s: float = 1.5        # a backend PUT answers 422 before a 2 s client gives up
+    gateway_timeout_s: float = 3.0
     mode: str = "auto"
     detach_on_exit: bool = False
     max_session_flows: int = 4
@@ -56,11 +80,31 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.idle_timeout_s < MIN_IDLE_S:
             raise DatapathError(f"idle timeout must be >= {MIN_IDLE_S:.0f} s (consent checks every 5 s)")
+        if not MIN_AGEING_INTERVAL_S <= self.ageing_interval_s <= self.idle_timeout_s / 2:
+            raise DatapathError(f"ageing interval must be {MIN_AGEING_INTERVAL_S}..{self.idle_timeout_s / 2:g} s "
+                                f"(half the idle timeout), got {self.ageing_interval_s}")
         for iface in (self.public_iface, self.internal_iface):
             if iface in FORBIDDEN_IFACES:
                 raise DatapathError(f"refusing to attach XDP to {iface}: it is this host's own link")
         if not (self.gateway_ip or self.gateway_mac):
             raise DatapathError("the public side needs a next hop: give a gateway IP or MAC")
+        if self.policy not in POLICIES:
+            raise DatapathError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if not 1 <= self.relay_port <= 65535:
+            raise DatapathError(f"relay port must be 1..65535, got {self.relay_port}")
+        if not 0 <= self.listen_port <= 65535:
+            raise DatapathError(f"listen port must be 0..65535, got {self.listen_port}")
+        if not (self.public_ip4 or self.public_ip6):
+            raise DatapathError("a relay needs a public IPv4 or IPv6 address")
+        for value, version in ((self.public_ip4, 4), (self.public_ip6, 6), (self.gateway_ip, None)):
+            if value is None:
+                continue
+            try:
+                addr = ipaddress.ip_address(value)
+            except ValueError:
+                raise DatapathError(f"not an IP address: {value!r}") from None
+            if version and addr.version != version:
+                raise DatapathError(f"{value} is not an IPv{version} address")
 
 
 def _iface_exists(name: str) -> bool:
@@ -72,28 +116,48 @@ def _iface_exists(name: str) -> bool:
 
 
 class EdgeAgent:
+    """One relay instance: ``attach()`` alone (``edge attach``) or ``start()``/``stop()`` (``edge serve``)."""
+
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.boot_id = secrets.token_hex(8)
-        self.datapath = Datapath(instance=config.instance)
+        self.boot_id = secrets.token_hex(8)  # new on every start: transceivers re-register when it changes
+        self.datapath = Datapath(instance=config.instance, pin_root=config.pin_root)
         self.metrics: EdgeMetrics | None = None
-        self._runner: web.AppRunner | None = None
-        self._ageing: asyncio.Task | None = None
+        self.api: ControlAPI | None = None
         self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._attached = False  # this agent attached the programs (so detach_on_exit may remove them)
 
-    def attach(self) -> str:
+    # -- data plane --------------------------------------------------------------------
+
+    def relay_config(self) -> RelayConfig:
+        """The relay's config from the interfaces and the neighbour table (blocking)."""
         c = self.config
-        for iface in (c.public_iface, c.internal_iface):  # before anything is loaded or pinned
-            if not _iface_exists(iface):
-                raise DatapathError(f"no interface named {iface!r} in this network namespace")
-        self.datapath.load()
-        mode = self.datapath.attach(c.public_iface, c.internal_iface, mode=c.mode)
-        gateway_mac = c.gateway_mac or neighbours.resolve(c.gateway_ip, c.public_iface)
-        self.datapath.configure(RelayConfig(
+        gateway_mac = c.gateway_mac or next_hop_mac(c.gateway_ip, c.public_iface, c.gateway_timeout_s)
+        return RelayConfig(
             relay_port=c.relay_port, public_mac=neighbours.interface_mac(c.public_iface),
             gateway_mac=gateway_mac, public_ip4=c.public_ip4, public_ip6=c.public_ip6, policy=c.policy,
             max_session_flows=c.max_session_flows, hint_key=c.hint_key,
-        ))
+        )
+
+    def attach(self) -> str:
+        """Load (adopting pinned maps), configure and attach; returns the XDP mode used.
+
+        Everything that can fail for a reason the operator can fix (a missing
+        interface, an unresolvable gateway, a bad config) fails before anything is
+        loaded, pinned or attached; the config is written before the programs are
+        attached, so they never run on a half-configured relay.
+        """
+        c = self.config
+        for iface in (c.public_iface, c.internal_iface):
+            if not _iface_exists(iface):
+                raise DatapathError(f"no interface named {iface!r} in this network namespace")
+        relay = self.relay_config()
+        self.datapath.load()
+        self.datapath.configure(relay)
+        mode = self.datapath.attach(c.public_iface, c.internal_iface, mode=c.mode)
+        self._attached = True
         return mode
 
     def health(self) -> dict:
@@ -101,37 +165,50 @@ class EdgeAgent:
         return {"boot_id": self.boot_id, "instance": c.instance, "relay_port": c.relay_port,
                 "public_ip": c.public_ip4 or c.public_ip6, "policy": c.policy}
 
+    def resolve_backend_mac(self, ip: str) -> str:
+        return next_hop_mac(ip, self.config.internal_iface, self.config.neighbour_timeout_s)
+
+    # -- daemon ------------------------------------------------------------------------
+
     async def start(self) -> None:
+        """Attach, serve the control API and /metrics, start ageing. On failure nothing keeps running."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        c = self.config
         loop = asyncio.get_running_loop()
         mode = await loop.run_in_executor(None, self.attach)
         info = [(a.ifname, a.program, a.mode) for a in self.datapath.attachments]
         self.metrics = EdgeMetrics(self.datapath, info)
-        internal_mac = await loop.run_in_executor(None, neighbours.interface_mac, self.config.internal_iface)
-        api = ControlAPI(
-            self.datapath,
-            resolve_mac=lambda ip: neighbours.resolve(ip, self.config.internal_iface),
-            relay_mac=internal_mac, token=self.config.token, health=self.health,
-            observe=self.metrics.observe_request,
+        internal_mac = await loop.run_in_executor(None, neighbours.interface_mac, c.internal_iface)
+        self.api = ControlAPI(
+            self.datapath, resolve_mac=self.resolve_backend_mac, relay_mac=internal_mac, token=c.token,
+            health=self.health, observe=self.metrics.observe_request,
         )
-        app = api.app([web.get("/metrics", self._metrics)])
-        self._runner = web.AppRunner(app, access_log=None)
+        app = self.api.app([web.get("/metrics", self._metrics)])
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.listen_host, self.config.listen_port)
+        site = web.TCPSite(self._runner, c.listen_host, c.listen_port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
-        self._ageing = asyncio.create_task(self._age_forever())
-        self._followers = [asyncio.create_task(f.run()) for f in await self._backend_followers(internal_mac)]
-        log.info("edge agent %s: XDP %s on %s/%s, %d sessions and %d flows adopted, control on %s:%d",
-                 self.config.instance, mode, self.config.public_iface, self.config.internal_iface,
-                 len(self.datapath.sessions()), len(self.datapath.flows()),
-                 self.config.listen_host, self.port)
+        self.port = self._runner.addresses[0][1]
+        self._tasks.append(asyncio.create_task(self._age_forever(), name="flow-ageing"))
+        for follower in self._backend_followers(internal_mac):
+            self._tasks.append(asyncio.create_task(follower.run(), name=f"backends {follower.name}"))
+        log.info("edge agent %s (boot %s): XDP %s on %s/%s; adopted %d backends, %d sessions, %d flows; "
+                 "control on %s:%d", c.instance, self.boot_id, mode, c.public_iface, c.internal_iface,
+                 len(self.datapath.backends()), len(self.datapath.sessions()), len(self.datapath.flows()),
+                 c.listen_host, self.port)
 
-    async def _backend_followers(self, internal_mac: str) -> list[BackendFollower]:
+    def _backend_followers(self, internal_mac: str) -> list[BackendFollower]:
         c = self.config
         loop = asyncio.get_running_loop()
 
         async def apply(spec: BackendSpec) -> None:
-            mac = await loop.run_in_executor(None, neighbours.resolve, spec.ip or spec.ip6, c.internal_iface)
+            mac = await loop.run_in_executor(None, self.resolve_backend_mac, spec.ip or spec.ip6)
             self.datapath.set_backend(Backend(spec.backend_id, spec.port, mac, internal_mac,
                                               ip4=spec.ip, ip6=spec.ip6))
 
@@ -147,28 +224,47 @@ class EdgeAgent:
         return followers
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def age_once(self) -> int:
+        """One ageing pass: remove flows idle longer than the idle timeout; returns how many went."""
+        try:
+            removed = self.datapath.age_flows(self.config.idle_timeout_s)
+        except Exception:
+            self.metrics.ageing_errors.inc()
+            raise
+        self.metrics.ageing_runs.inc()
+        self.metrics.aged_flows.inc(removed)
+        return removed
 
     async def _age_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.ageing_interval_s)
-            removed = self.datapath.age_flows(self.config.idle_timeout_s)
-            self.metrics.ageing_runs.inc()
-            self.metrics.aged_flows.inc(removed)
+            try:
+                removed = self.age_once()  # on the loop: never concurrent with a control request
+            except Exception as exc:  # noqa: BLE001 - one bad pass must not end ageing for good
+                log.warning("flow ageing failed: %s", exc)
+                continue
             if removed:
                 log.info("aged out %d idle flows", removed)
 
     async def stop(self) -> None:
-        if self._ageing:
-            self._ageing.cancel()
-        for task in getattr(self, "_followers", []):
+        """Stop serving and ageing; idempotent. The data plane keeps running unless detach_on_exit."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self._runner:
-            await self._runner.cleanup()
-        if self.config.detach_on_exit:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        if self.config.detach_on_exit and self._attached:
+            # only what this agent attached: a failed start (say, maps pinned by another build)
+            # must not wipe a relay it never owned
+            self._attached = False
             self.datapath.destroy([self.config.public_iface, self.config.internal_iface])
             log.info("detached XDP and removed pinned maps of %s", self.config.instance)
-        else:
+        elif self._attached:
             log.info("left XDP attached and maps pinned (%s): a restarted agent adopts them",
                      self.datapath.pin_dir)

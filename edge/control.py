@@ -1,8 +1,12 @@
 """The edge agent's control API: how transceivers and operators change the relay's maps.
 
 Every request is validated completely before anything is written, so a bad
-request answers 4xx with one line and never alters a registered backend or
-session.  Routes are listed in docs/DESIGN.md.
+request answers 4xx ``{"error": "<one line>"}`` and never alters a registered
+backend or session.  Routes are listed in docs/DESIGN.md.
+
+The handlers run on the event loop and touch the maps without awaiting between
+the check and the write (the only await, next-hop resolution, comes before the
+checks that depend on the maps), so two requests never interleave halfway.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -20,65 +25,104 @@ from aiohttp import web
 from splitrelay.edge.datapath import Backend, Datapath, DatapathError
 from splitrelay.edge.hint import MAX_BACKEND_ID
 
-UFRAG_RE = re.compile(r"^[A-Za-z0-9+/]{4,32}$")
+log = logging.getLogger(__name__)
+
+UFRAG_RE = re.compile(r"[A-Za-z0-9+/]{4,32}")
+DIGITS_RE = re.compile(r"[0-9]{1,7}")  # ASCII only: str.isdigit() also takes '١' and 5000-digit strings
 OPEN_PATHS = {"/metrics", "/v1/health"}
 MAX_BODY = 16 * 1024
+MAX_INSTANCE_LEN = 64
+DEFAULT_FLOW_LIMIT = 1000
+MAX_FLOW_LIMIT = 1_000_000
+BACKEND_FIELDS = {"ip", "ip6", "port", "instance"}
+SESSION_FIELDS = {"backend"}
 
 
-class BadRequest(web.HTTPException):
-    def __init__(self, status: int, message: str) -> None:
+class ApiError(web.HTTPException):
+    """An answer with a JSON body ``{"error": message}``; raised anywhere in a handler."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         self.status_code = status
-        super().__init__(text=json.dumps({"error": message}), content_type="application/json")
+        message = " ".join(str(message).split()) or "error"  # one line, always
+        super().__init__(text=json.dumps({"error": message}), content_type="application/json",
+                         headers=headers)
+
+
+BadRequest = ApiError  # the name earlier code used
 
 
 def _backend_id(raw: str) -> int:
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_BACKEND_ID:
-        raise BadRequest(400, f"backend id must be an integer 1..{MAX_BACKEND_ID}")
+    if not DIGITS_RE.fullmatch(raw) or not 1 <= int(raw) <= MAX_BACKEND_ID:
+        raise ApiError(400, f"backend id must be an integer 1..{MAX_BACKEND_ID}")
     return int(raw)
 
 
 def _ufrag(raw: str) -> str:
-    if not UFRAG_RE.match(raw):
-        raise BadRequest(400, "ufrag must be 4..32 ice-chars (A-Z a-z 0-9 + /)")
+    if not UFRAG_RE.fullmatch(raw):
+        raise ApiError(400, "ufrag must be 4..32 ice-chars (A-Z a-z 0-9 + /)")
     return raw
 
 
-async def _json_object(request: web.Request) -> dict[str, Any]:
+async def _json_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
     if request.content_length and request.content_length > MAX_BODY:
-        raise BadRequest(413, f"body larger than {MAX_BODY} bytes")
+        raise ApiError(413, f"body larger than {MAX_BODY} bytes")
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest(400, "body is not valid JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # JSONDecodeError is a ValueError
+        raise ApiError(400, "body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise BadRequest(400, "body must be a JSON object")
+        raise ApiError(400, "body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
     return body
 
 
-def _int_field(body: dict, name: str, low: int, high: int, required: bool = True) -> int | None:
+def _int_field(body: dict, name: str, low: int, high: int) -> int:
     value = body.get(name)
-    if value is None and not required:
-        return None
-    if type(value) is not int or not low <= value <= high:
-        raise BadRequest(400, f"'{name}' must be an integer {low}..{high}")
+    if type(value) is not int or not low <= value <= high:  # bool is an int subclass: refused too
+        raise ApiError(400, f"'{name}' must be an integer {low}..{high}")
     return value
 
 
-def _ip_field(body: dict, name: str, version: int, required: bool) -> str | None:
+def _ip_field(body: dict, name: str, version: int) -> str | None:
+    """An optional unicast address of one family (null or absent = not given)."""
     value = body.get(name)
-    if value is None and not required:
+    if value is None:
         return None
     try:
         addr = ipaddress.ip_address(value) if isinstance(value, str) else None
     except ValueError:
         addr = None
-    if addr is None or addr.version != version:
-        raise BadRequest(400, f"'{name}' must be an IPv{version} address")
+    if addr is None or addr.version != version or (version == 6 and addr.scope_id):
+        raise ApiError(400, f"'{name}' must be an IPv{version} address")
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback or (
+            version == 4 and addr == ipaddress.IPv4Address("255.255.255.255")):
+        raise ApiError(400, f"'{name}' must be a unicast address a relay can forward to, not {addr}")
     return str(addr)
 
 
+def _instance_field(body: dict) -> str | None:
+    value = body.get("instance")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_INSTANCE_LEN or not value.isprintable():
+        raise ApiError(400, f"'instance' must be a printable string of 1..{MAX_INSTANCE_LEN} characters")
+    return value
+
+
+def _age_s(now_ns: int, then_ns: int) -> float:
+    return round(max(0, now_ns - then_ns) / 1e9, 3)
+
+
 class ControlAPI:
-    """Routes of the control API over one Datapath; ``resolve_mac(ip)`` finds next hops."""
+    """Routes of the control API over one Datapath.
+
+    ``resolve_mac(ip)`` returns the next-hop MAC of a backend (blocking; it runs in
+    an executor and may raise with a one-line reason), ``relay_mac`` is the relay's
+    own MAC on the internal side, ``health()`` the agent's identity for /v1/health and
+    ``observe(method, route, code, seconds)`` records each request's latency.
+    """
 
     def __init__(
         self,
@@ -92,8 +136,8 @@ class ControlAPI:
         self.dp = datapath
         self.resolve_mac = resolve_mac
         self.relay_mac = relay_mac
-        self.token = token
-        self.health_info = health or (dict)
+        self._expected_token = token.encode() if token else None
+        self.health_info = health or dict
         self.observe = observe
         self.instances: dict[int, str] = {}  # backend id -> the process that registered it last
 
@@ -105,6 +149,7 @@ class ControlAPI:
             web.put("/v1/backends/{id}", self.put_backend),
             web.delete("/v1/backends/{id}", self.delete_backend),
             web.get("/v1/sessions", self.list_sessions),
+            # ufrags may hold '/': the client percent-encodes it, aiohttp matches on the decoded path
             web.put("/v1/sessions/{ufrag:.+}", self.put_session),
             web.delete("/v1/sessions/{ufrag:.+}", self.delete_session),
             web.get("/v1/flows", self.list_flows),
@@ -112,31 +157,46 @@ class ControlAPI:
         ] + (extra_routes or []))
         return app
 
+    def _authorized(self, request: web.Request) -> bool:
+        if self._expected_token is None or request.path in OPEN_PATHS:
+            return True
+        scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+        offered = credentials.strip().encode("utf-8", "replace")
+        # the scheme is case-insensitive (RFC 7235); the token is compared in constant time
+        return scheme.lower() == "bearer" and hmac.compare_digest(offered, self._expected_token)
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]):
         start = time.perf_counter()
         status = 500
         try:
-            if self.token and request.path not in OPEN_PATHS:
-                offered = request.headers.get("Authorization", "")
-                if not hmac.compare_digest(offered.encode(), f"Bearer {self.token}".encode()):
-                    raise BadRequest(401, "missing or wrong bearer token")
+            if not self._authorized(request):
+                raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
             response = await handler(request)
             status = response.status
             return response
-        except web.HTTPException as exc:
+        except ApiError as exc:
             status = exc.status
-            if not isinstance(exc, BadRequest) and exc.status >= 400:
-                raise BadRequest(exc.status, exc.reason) from None
             raise
+        except web.HTTPException as exc:  # aiohttp's own 404/405/413...: same JSON shape as ours
+            status = exc.status
+            if exc.status < 400:
+                raise
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            raise ApiError(exc.status, exc.reason, headers) from None
         except DatapathError as exc:
             status = 422
-            raise BadRequest(422, str(exc)) from None
+            raise ApiError(422, str(exc)) from None
+        except Exception as exc:  # a map operation failed: one line to the caller, the trace to the log
+            log.exception("control API %s %s failed", request.method, request.path)
+            raise ApiError(500, f"internal error: {type(exc).__name__}: {exc}") from None
         finally:
             if self.observe:
-                route = request.match_info.route.resource
-                template = route.canonical if route is not None else "unmatched"
-                self.observe(request.method, template, status, time.perf_counter() - start)
+                resource = request.match_info.route.resource
+                route = resource.canonical if resource is not None else "unmatched"
+                self.observe(request.method, route, status, time.perf_counter() - start)
+
+    # -- routes ----------------------------------------------------------------------
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", **self.health_info()})
@@ -150,42 +210,53 @@ class ControlAPI:
 
     async def put_backend(self, request: web.Request) -> web.Response:
         backend_id = _backend_id(request.match_info["id"])
-        body = await _json_object(request)
-        ip4 = _ip_field(body, "ip", 4, required=False)
-        ip6 = _ip_field(body, "ip6", 6, required=False)
+        body = await _json_object(request, BACKEND_FIELDS)
+        ip4 = _ip_field(body, "ip", 4)
+        ip6 = _ip_field(body, "ip6", 6)
         if not ip4 and not ip6:
-            raise BadRequest(400, "a backend needs 'ip' (IPv4) or 'ip6'")
+            raise ApiError(400, "a backend needs 'ip' (IPv4) or 'ip6'")
         port = _int_field(body, "port", 1, 65535)
-        instance = body.get("instance")
-        if instance is not None and (not isinstance(instance, str) or not 1 <= len(instance) <= 64):
-            raise BadRequest(400, "'instance' must be a string of 1..64 characters")
+        instance = _instance_field(body)
+        next_hop = ip4 or ip6
         try:
             # neighbour resolution blocks (and pyroute2 runs its own loop): keep it off ours
-            mac = await asyncio.get_running_loop().run_in_executor(None, self.resolve_mac, ip4 or ip6)
+            mac = await asyncio.get_running_loop().run_in_executor(None, self.resolve_mac, next_hop)
         except Exception as exc:  # noqa: BLE001 - NeighbourError and friends, one line to the caller
-            raise BadRequest(422, f"cannot reach backend {ip4 or ip6}: {exc}") from None
+            raise ApiError(422, f"cannot reach backend {next_hop}: {exc}") from None
         backend = Backend(backend_id, port, mac, self.relay_mac, ip4=ip4, ip6=ip6)
+        # from here on no await: nothing else runs between these checks and the writes
         existed = self.dp.backend(backend_id) is not None
         previous = self.instances.get(backend_id)
+        try:
+            self.dp.set_backend(backend)
+        except DatapathError:
+            raise
+        except Exception as exc:  # backends map full (E2BIG)
+            raise ApiError(503, f"cannot store backend {backend_id}: {exc}") from None
         if existed and instance and previous and previous != instance:
             # a new process behind the same backend: the old one died with its sessions
-            self._drop_sessions_of(backend_id)
+            dropped = self._drop_sessions_of(backend_id)
+            log.info("backend %d restarted (instance %s -> %s): dropped its %d sessions",
+                     backend_id, previous, instance, dropped)
         if instance:
             self.instances[backend_id] = instance
-        self.dp.set_backend(backend)
         return web.json_response(self._backend_json(backend), status=200 if existed else 201)
 
-    def _drop_sessions_of(self, backend_id: int) -> None:
+    def _drop_sessions_of(self, backend_id: int) -> int:
+        dropped = 0
         for session in self.dp.sessions():
             if session.backend_id == backend_id:
-                self.dp.del_session(session.ufrag)
-        for flow in self.dp.flows():
+                dropped += bool(self.dp.del_session(session.ufrag))  # its flows go too
+        for flow in self.dp.flows():  # flows opened by a routing hint have no session
             if flow.backend_id == backend_id:
                 self.dp.del_flow((flow.client_ip, flow.client_port))
+        return dropped
 
     async def delete_backend(self, request: web.Request) -> web.Response:
-        if not self.dp.del_backend(_backend_id(request.match_info["id"])):
-            raise BadRequest(404, "no such backend")
+        backend_id = _backend_id(request.match_info["id"])
+        if not self.dp.del_backend(backend_id):  # its sessions and flows go too
+            raise ApiError(404, f"no backend {backend_id}")
+        self.instances.pop(backend_id, None)
         return web.Response(status=204)
 
     async def list_sessions(self, request: web.Request) -> web.Response:
@@ -194,38 +265,43 @@ class ControlAPI:
         for f in self.dp.flows():
             flows[f.ufrag] = flows.get(f.ufrag, 0) + 1
         return web.json_response([
-            {"ufrag": s.ufrag, "backend": s.backend_id, "age_s": round((now - s.created_ns) / 1e9, 3),
+            {"ufrag": s.ufrag, "backend": s.backend_id, "age_s": _age_s(now, s.created_ns),
              "flows": flows.get(s.ufrag, 0), "flows_opened": s.flows}
             for s in self.dp.sessions()
         ])
 
     async def put_session(self, request: web.Request) -> web.Response:
         ufrag = _ufrag(request.match_info["ufrag"])
-        body = await _json_object(request)
+        body = await _json_object(request, SESSION_FIELDS)
         backend_id = _int_field(body, "backend", 1, MAX_BACKEND_ID)
         if self.dp.backend(backend_id) is None:
-            raise BadRequest(409, f"backend {backend_id} is not registered")
+            raise ApiError(409, f"backend {backend_id} is not registered")
         existing = self.dp.session(ufrag)
         if existing is not None:
             if existing.backend_id != backend_id:
-                raise BadRequest(409, f"ufrag is owned by backend {existing.backend_id}")
+                raise ApiError(409, f"ufrag is owned by backend {existing.backend_id}")
             return web.json_response({"ufrag": ufrag, "backend": backend_id}, status=200)
-        self.dp.set_session(ufrag, backend_id)
+        try:
+            self.dp.set_session(ufrag, backend_id)
+        except DatapathError:
+            raise
+        except Exception as exc:  # sessions map full (E2BIG)
+            raise ApiError(503, f"cannot store session: {exc}") from None
         return web.json_response({"ufrag": ufrag, "backend": backend_id}, status=201)
 
     async def delete_session(self, request: web.Request) -> web.Response:
-        if not self.dp.del_session(_ufrag(request.match_info["ufrag"])):
-            raise BadRequest(404, "no such session")
+        if not self.dp.del_session(_ufrag(request.match_info["ufrag"])):  # its flows go too
+            raise ApiError(404, "no such session")
         return web.Response(status=204)
 
     async def list_flows(self, request: web.Request) -> web.Response:
-        raw = request.query.get("limit", "1000")
-        if not raw.isdigit() or not 1 <= int(raw) <= 1_000_000:
-            raise BadRequest(400, "limit must be an integer 1..1000000")
+        raw = request.query.get("limit", str(DEFAULT_FLOW_LIMIT))
+        if not DIGITS_RE.fullmatch(raw) or not 1 <= int(raw) <= MAX_FLOW_LIMIT:
+            raise ApiError(400, f"limit must be an integer 1..{MAX_FLOW_LIMIT}")
         now = time.monotonic_ns()
         return web.json_response([
             {"client": f.client, "backend": f.backend_id, "ufrag": f.ufrag,
-             "age_s": round((now - f.created_ns) / 1e9, 3), "idle_s": round((now - f.last_seen_ns) / 1e9, 3),
+             "age_s": _age_s(now, f.created_ns), "idle_s": _age_s(now, f.last_seen_ns),
              "packets": f.packets, "bytes": f.bytes, "rx_packets": f.rx_packets, "rx_bytes": f.rx_bytes}
             for f in self.dp.flows(limit=int(raw))
         ])

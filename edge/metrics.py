@@ -1,86 +1,132 @@
 """Prometheus metrics of the edge agent, read from the data plane at scrape time.
 
 The per-CPU counters live in a pinned map and survive restarts, but a map that
-is recreated (upgrade with a changed layout, `edge detach --purge`) starts at
-zero again; exporting that as-is would look like a counter reset to Prometheus
-and corrupt rate().  ``MonotonicCounters`` keeps an offset per counter so the
-exported series never decreases.
+is recreated (upgrade with a changed layout, `edge detach --purge`, a reload of
+an unpinned build) starts at zero again; exporting that as-is would look like a
+counter reset to Prometheus and corrupt rate().  ``MonotonicCounters`` keeps an
+offset per counter so the exported series never decreases.
+
+Every agent has its own ``CollectorRegistry`` (never the global one), so several
+agents in one process — tests — do not collide.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 from splitrelay.edge.datapath import Datapath
+
+log = logging.getLogger(__name__)
+
+COUNTER_LABELS = ["direction", "verdict", "reason"]
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5)
 
 
 class MonotonicCounters:
-    """Turns raw counter readings that may restart from zero into never-decreasing totals."""
+    """Turns raw counter readings that may restart from zero into never-decreasing totals.
+
+    A reading below the previous one means the source was reset: everything counted
+    up to the previous reading is kept as an offset.  (Increments between the last
+    reading and the reset are lost; nothing can recover them.)
+    """
 
     def __init__(self) -> None:
         self._last: dict[str, int] = {}
         self._offset: dict[str, int] = {}
+        self.resets = 0
 
     def update(self, key: str, raw: int) -> int:
         last = self._last.get(key)
         if last is not None and raw < last:
             self._offset[key] = self._offset.get(key, 0) + last
+            self.resets += 1
         self._last[key] = raw
         return raw + self._offset.get(key, 0)
 
 
-class EdgeCollector:
-    def __init__(self, datapath: Datapath, attach_info: list[tuple[str, str]]) -> None:
+def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
+    return {
+        "packets": CounterMetricFamily("splitrelay_edge_packets", "Packets the XDP programs decided on",
+                                       labels=COUNTER_LABELS),
+        "bytes": CounterMetricFamily("splitrelay_edge_bytes", "Bytes the XDP programs decided on",
+                                     labels=COUNTER_LABELS),
+        "entries": GaugeMetricFamily("splitrelay_edge_map_entries", "Entries in each BPF hash map",
+                                     labels=["map"]),
+        "capacity": GaugeMetricFamily("splitrelay_edge_map_capacity_entries", "Capacity of each BPF hash map",
+                                      labels=["map"]),
+        "flows": GaugeMetricFamily("splitrelay_edge_flows", "Client flows in the flow map"),
+        "sessions": GaugeMetricFamily("splitrelay_edge_sessions", "Registered sessions"),
+        "backends": GaugeMetricFamily("splitrelay_edge_backends", "Registered backends"),
+        "info": GaugeMetricFamily("splitrelay_edge_xdp_info", "XDP programs attached by this agent",
+                                  labels=["iface", "program", "mode"]),
+        "up": GaugeMetricFamily("splitrelay_edge_datapath_up",
+                                "1 if the last scrape could read the data plane's maps, else 0"),
+    }
+
+
+class EdgeCollector(Collector):
+    """Reads the data plane on every scrape: counters (made monotonic), map fill, attachments."""
+
+    def __init__(self, datapath: Datapath, attach_info: Iterable[tuple[str, str, str]]) -> None:
         self.dp = datapath
-        self.attach_info = attach_info
+        self.attach_info = list(attach_info)  # (iface, program, mode)
         self.totals = MonotonicCounters()
 
+    def describe(self):
+        # names only: registering must not read (or lazily compile) the data plane
+        return list(_families().values())
+
     def collect(self):
-        labels = ["direction", "verdict", "reason"]
-        packets = CounterMetricFamily("splitrelay_edge_packets", "Packets the XDP programs decided on",
-                                      labels=labels)
-        bytes_ = CounterMetricFamily("splitrelay_edge_bytes", "Bytes the XDP programs decided on",
-                                     labels=labels)
-        for name, c in self.dp.counters().items():
-            values = [c.spec.direction, c.spec.verdict, c.spec.reason]
-            packets.add_metric(values, self.totals.update(name + ":p", c.packets))
-            bytes_.add_metric(values, self.totals.update(name + ":b", c.bytes))
-        yield packets
-        yield bytes_
-        fill = self.dp.map_fill()
-        entries = GaugeMetricFamily("splitrelay_edge_map_entries", "Entries in each BPF map", labels=["map"])
-        capacity = GaugeMetricFamily("splitrelay_edge_map_capacity_entries", "Capacity of each BPF map",
-                                     labels=["map"])
+        f = _families()
+        try:
+            counters = self.dp.counters()
+            fill = self.dp.map_fill()
+        except Exception as exc:  # noqa: BLE001 - a scrape must still answer
+            log.warning("cannot read the data plane for /metrics: %s", exc)
+            f["up"].add_metric([], 0)
+            yield f["up"]
+            return
+        for name, c in counters.items():
+            labels = [c.spec.direction, c.spec.verdict, c.spec.reason]
+            f["packets"].add_metric(labels, self.totals.update(name + ":packets", c.packets))
+            f["bytes"].add_metric(labels, self.totals.update(name + ":bytes", c.bytes))
         for name, (used, cap) in fill.items():
-            entries.add_metric([name], used)
-            capacity.add_metric([name], cap)
-        yield entries
-        yield capacity
-        yield GaugeMetricFamily("splitrelay_edge_flows", "Client flows in the flow map", value=fill["flows"][0])
-        yield GaugeMetricFamily("splitrelay_edge_sessions", "Registered sessions", value=fill["sessions"][0])
-        yield GaugeMetricFamily("splitrelay_edge_backends", "Registered backends", value=fill["backends"][0])
-        info = GaugeMetricFamily("splitrelay_edge_xdp_info", "XDP programs attached by this agent",
-                                 labels=["iface", "program", "mode"])
+            f["entries"].add_metric([name], used)
+            f["capacity"].add_metric([name], cap)
+        for key in ("flows", "sessions", "backends"):
+            f[key].add_metric([], fill.get(key, (0, 0))[0])
         for iface, program, mode in self.attach_info:
-            info.add_metric([iface, program, mode], 1)
-        yield info
+            f["info"].add_metric([iface, program, mode], 1)
+        f["up"].add_metric([], 1)
+        yield from f.values()
 
 
 class EdgeMetrics:
-    """The agent's registry: data-plane collector plus the agent's own instruments."""
+    """The agent's registry: the data-plane collector plus the agent's own instruments."""
 
-    def __init__(self, datapath: Datapath, attach_info: list[tuple[str, str, str]]) -> None:
+    def __init__(self, datapath: Datapath, attach_info: Iterable[tuple[str, str, str]]) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(EdgeCollector(datapath, attach_info))
+        self.collector = EdgeCollector(datapath, attach_info)
+        self.registry.register(self.collector)
         self.requests = Histogram(
-            "splitrelay_edge_control_request_duration_seconds", "Control API request latency",
-            ["method", "route", "code"], registry=self.registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            "splitrelay_edge_control_request_duration_seconds", "Control API request latency by route template",
+            ["method", "route", "code"], registry=self.registry, buckets=REQUEST_BUCKETS,
         )
         self.ageing_runs = Counter("splitrelay_edge_flow_ageing_runs", "Flow ageing passes",
                                    registry=self.registry)
         self.aged_flows = Counter("splitrelay_edge_flows_aged", "Idle flows removed by ageing",
                                   registry=self.registry)
+        self.ageing_errors = Counter("splitrelay_edge_flow_ageing_errors", "Flow ageing passes that failed",
+                                     registry=self.registry)
 
     def observe_request(self, method: str, route: str, code: int, seconds: float) -> None:
         self.requests.labels(method, route, str(code)).observe(seconds)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)

@@ -64,7 +64,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 say "installing splitrelay (editable) and its Python dependencies"
-"$venv/bin/python" -m pip install -q -e "$here[dev]" || die "pip install failed"
+"$venv/bin/python" -m pip install -q -e "$here[dev,bench]" || die "pip install failed"
 
 # The load generator used by the benchmarks.
 if [ -f "$here/bench/Makefile" ]; then make -s -C "$here/bench" >/dev/null; fi
