@@ -71,12 +71,15 @@ def log_file(lab: Lab, daemon: str) -> Path:
     return STATE_DIR / f"{lab.name}-{daemon}.log"
 
 
-def start_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None = None) -> subprocess.Popen:
+def start_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None = None,
+                datapath: str = "xdp") -> subprocess.Popen:
+    """The edge agent in the relay namespace, on the XDP data plane or the userspace relay."""
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "edge", "serve", lab.relay_public.ifname,
             "--internal", lab.relay_internal.ifname, "--public-ip", lab.relay_public.ip4,
             "--public-ip", lab.relay_public.ip6, "--gateway-ip", lab.client.ip4,
             "--listen", f"{lab.relay_internal.ip4}:{CONTROL_PORT}", "--instance", lab.name,
-            "--policy", policy, "--port", str(lab.relay_port), "--detach-on-exit", *(extra_args or [])]
+            "--policy", policy, "--port", str(lab.relay_port), "--detach-on-exit", "--datapath", datapath,
+            *(extra_args or [])]
     path = log_file(lab, "agent")
     with path.open("w") as log:  # the daemon outlives `lab up`: its output goes to a file, not a pipe
         proc = lab.popen(lab.relay_public.netns, argv, stderr=log, stdout=log, stdin=subprocess.DEVNULL)

@@ -224,8 +224,27 @@ def edge_status(as_json: bool) -> None:
     _emit(data, as_json, human)
 
 
+DATAPATH_HELP = (
+    "xdp: the relay runs in the kernel's XDP hook (needs root, bcc and `make setup`); packets never enter "
+    "the relay's network stack, the transceiver sees each client's own address, and calls survive agent "
+    "restarts (maps stay pinned). userspace: an asyncio relay on plain UDP sockets in this process, for hosts "
+    "without XDP or bcc and as the benchmark baseline: same routing, counters and control API, but each flow "
+    "uses a socket on the internal address (the transceiver sees the relay's internal address:port, which ICE "
+    "takes as a peer-reflexive candidate), costs CPU per packet, and its state (and so every call) ends with "
+    "the agent (--gateway-ip/--gateway-mac, --mode and --detach-on-exit do not apply).")
+
+
 @edge.command("serve")
 @_agent_options
+@click.option("--datapath", type=click.Choice(["xdp", "userspace"]), default="xdp", show_default=True,
+              help=DATAPATH_HELP)
+@click.option("--internal-ip", "internal_ips", multiple=True,
+              help="userspace: the relay's address on the internal side that flow sockets bind to (repeat for "
+                   "IPv4 and IPv6); default: the --internal interface's first global address of each family. "
+                   "Give it when that interface holds several.")
+@click.option("--max-flows", type=click.IntRange(1, 1 << 24),
+              help="Flow table size. xdp: default 1048576, fixed when the maps are first pinned. userspace: one "
+                   "socket per flow, default min(65536, open-file limit - 256).")
 @click.option("--listen", default="127.0.0.1:8470", show_default=True,
               help="host:port of the control API and /metrics (use the internal address).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
@@ -241,17 +260,32 @@ def edge_status(as_json: bool) -> None:
 @click.option("--k8s-api", help="Kubernetes API URL when not running in a pod.")
 @click.option("--k8s-token-file", type=click.Path(exists=True, dir_okay=False),
               help="Bearer token for --k8s-api.")
-def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, **kw) -> None:
-    """Run the edge agent: attach, serve the control API and metrics, age flows.
+def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, internal_ips: tuple[str, ...],
+               **kw) -> None:
+    """Run the edge agent: attach (or start the userspace relay), serve the control API and metrics, age flows.
 
     \b
-    Example:
+    Examples:
       splitrelay edge serve pub0 --internal int0 --public-ip 203.0.113.1 \\
           --gateway-ip 203.0.113.254 --listen 10.0.0.1:8470 --token-file /etc/splitrelay/token
+      splitrelay edge serve eth1 --internal eth2 --public-ip 203.0.113.1 \\
+          --datapath userspace --listen 10.0.0.1:8470     # no XDP on this host
     """
-    require_root("the edge agent")
-    require_bcc()
+    from ipaddress import ip_address
+
+    if kw["datapath"] == "xdp":
+        require_root("the edge agent")
+        require_bcc()
+        if internal_ips:
+            raise CliError("--internal-ip is for --datapath userspace (XDP forwards with the client's address)", 2)
     from splitrelay.edge.agent import EdgeAgent
+
+    try:
+        parsed = [ip_address(ip) for ip in internal_ips]
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+    kw["internal_ip4"] = next((str(a) for a in parsed if a.version == 4), None)
+    kw["internal_ip6"] = next((str(a) for a in parsed if a.version == 6), None)
 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():

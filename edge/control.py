@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 from splitrelay.edge.datapath import Backend, Datapath, DatapathError
 from splitrelay.edge.hint import MAX_BACKEND_ID
+from splitrelay.edge.userspace import UserspaceDatapath
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def _age_s(now_ns: int, then_ns: int) -> float:
 
 
 class ControlAPI:
-    """Routes of the control API over one Datapath.
+    """Routes of the control API over one data plane (XDP ``Datapath`` or ``UserspaceDatapath``).
 
     ``resolve_mac(ip)`` returns the next-hop MAC of a backend (blocking; it runs in
     an executor and may raise with a one-line reason), ``relay_mac`` is the relay's
@@ -126,7 +127,7 @@ class ControlAPI:
 
     def __init__(
         self,
-        datapath: Datapath,
+        datapath: Datapath | UserspaceDatapath,
         resolve_mac: Callable[[str], str],
         relay_mac: str,
         token: str | None = None,

@@ -1,5 +1,10 @@
 """Prometheus metrics of the edge agent, read from the data plane at scrape time.
 
+The data plane is the XDP one (``datapath.Datapath``) or the userspace relay
+(``userspace.UserspaceDatapath``): both answer ``counters()`` and ``map_fill()``
+with the same names, so every series below means the same for either, and
+``splitrelay_edge_datapath_info{kind}`` says which one is running.
+
 The per-CPU counters live in a pinned map and survive restarts, but a map that
 is recreated (upgrade with a changed layout, `edge detach --purge`, a reload of
 an unpinned build) starts at zero again; exporting that as-is would look like a
@@ -19,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.userspace import UserspaceDatapath
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +56,22 @@ class MonotonicCounters:
 
 def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
     return {
-        "packets": CounterMetricFamily("splitrelay_edge_packets", "Packets the XDP programs decided on",
+        "packets": CounterMetricFamily("splitrelay_edge_packets", "Packets the data plane decided on",
                                        labels=COUNTER_LABELS),
-        "bytes": CounterMetricFamily("splitrelay_edge_bytes", "Bytes the XDP programs decided on",
+        "bytes": CounterMetricFamily("splitrelay_edge_bytes", "Bytes (Ethernet frames) the data plane decided on",
                                      labels=COUNTER_LABELS),
-        "entries": GaugeMetricFamily("splitrelay_edge_map_entries", "Entries in each BPF hash map",
+        "entries": GaugeMetricFamily("splitrelay_edge_map_entries",
+                                     "Entries in each table (BPF hash map, or its userspace counterpart)",
                                      labels=["map"]),
-        "capacity": GaugeMetricFamily("splitrelay_edge_map_capacity_entries", "Capacity of each BPF hash map",
+        "capacity": GaugeMetricFamily("splitrelay_edge_map_capacity_entries", "Capacity of each table",
                                       labels=["map"]),
         "flows": GaugeMetricFamily("splitrelay_edge_flows", "Client flows in the flow map"),
         "sessions": GaugeMetricFamily("splitrelay_edge_sessions", "Registered sessions"),
         "backends": GaugeMetricFamily("splitrelay_edge_backends", "Registered backends"),
         "info": GaugeMetricFamily("splitrelay_edge_xdp_info", "XDP programs attached by this agent",
                                   labels=["iface", "program", "mode"]),
+        "datapath": GaugeMetricFamily("splitrelay_edge_datapath_info",
+                                      "The data plane this agent runs (kind: xdp or userspace)", labels=["kind"]),
         "up": GaugeMetricFamily("splitrelay_edge_datapath_up",
                                 "1 if the last scrape could read the data plane's maps, else 0"),
     }
@@ -71,9 +80,11 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
 class EdgeCollector(Collector):
     """Reads the data plane on every scrape: counters (made monotonic), map fill, attachments."""
 
-    def __init__(self, datapath: Datapath, attach_info: Iterable[tuple[str, str, str]]) -> None:
+    def __init__(self, datapath: Datapath | UserspaceDatapath, attach_info: Iterable[tuple[str, str, str]],
+                 kind: str = "xdp") -> None:
         self.dp = datapath
         self.attach_info = list(attach_info)  # (iface, program, mode)
+        self.kind = kind
         self.totals = MonotonicCounters()
 
     def describe(self):
@@ -101,6 +112,7 @@ class EdgeCollector(Collector):
             f[key].add_metric([], fill.get(key, (0, 0))[0])
         for iface, program, mode in self.attach_info:
             f["info"].add_metric([iface, program, mode], 1)
+        f["datapath"].add_metric([self.kind], 1)
         f["up"].add_metric([], 1)
         yield from f.values()
 
@@ -108,9 +120,10 @@ class EdgeCollector(Collector):
 class EdgeMetrics:
     """The agent's registry: the data-plane collector plus the agent's own instruments."""
 
-    def __init__(self, datapath: Datapath, attach_info: Iterable[tuple[str, str, str]]) -> None:
+    def __init__(self, datapath: Datapath | UserspaceDatapath, attach_info: Iterable[tuple[str, str, str]],
+                 kind: str = "xdp") -> None:
         self.registry = CollectorRegistry()
-        self.collector = EdgeCollector(datapath, attach_info)
+        self.collector = EdgeCollector(datapath, attach_info, kind)
         self.registry.register(self.collector)
         self.requests = Histogram(
             "splitrelay_edge_control_request_duration_seconds", "Control API request latency by route template",

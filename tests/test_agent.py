@@ -198,7 +198,8 @@ asyncio_module = pytest.mark.asyncio(loop_scope="module")
 async def test_health_is_open_and_names_the_agent(agent, anonymous):
     health = await anonymous.health()
     assert health == {"status": "ok", "boot_id": agent.boot_id, "instance": agent.config.instance,
-                      "relay_port": P.RELAY_PORT, "public_ip": P.PUBLIC_IP4, "policy": "strict"}
+                      "relay_port": P.RELAY_PORT, "public_ip": P.PUBLIC_IP4, "policy": "strict",
+                      "datapath": "xdp"}
     assert len(health["boot_id"]) == 16 and EdgeAgent(agent.config).boot_id != agent.boot_id
 
 
