@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup test demo bench lint fuzz clean
+.PHONY: setup test demo bench bench-smoke lint fuzz clean
 
 $(STAMP): scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
@@ -20,7 +20,13 @@ demo: $(STAMP)
 	$(VENV)/bin/splitrelay demo
 
 bench: $(STAMP)
-	@echo "make bench: the benchmark suite is not built yet (issue: Benchmarks)"; exit 2
+	$(MAKE) -s -C bench
+	$(VENV)/bin/splitrelay bench --markdown BENCHMARKS.md --plots docs/bench --results docs/bench/results.json \
+		--analysis docs/bench/analysis.md
+
+bench-smoke: $(STAMP)
+	$(MAKE) -s -C bench
+	$(VENV)/bin/splitrelay bench --smoke
 
 fuzz: $(STAMP)
 	SPLITRELAY_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-50000} $(PY) -m pytest -q tests/test_xdp.py -k differential \

@@ -173,7 +173,7 @@ enum stun_result {
 /*
  * Validate a STUN message and, for a Binding Request, find its USERNAME value.
  * Returns STUN_ROUTE_BY_FLOW for valid STUN that is not a Binding Request,
- * STUN_HAVE_UFRAG with *off/*value_len set, or -stat on a drop.
+ * STUN_HAVE_UFRAG with *off and *value_len set, or -stat on a drop.
  */
 static __always_inline int stun_find_username(struct pkt *p, void *data_end, __u32 *off_out, __u32 *len_out)
 {

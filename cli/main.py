@@ -660,5 +660,13 @@ def demo(seconds: float, as_json: bool) -> None:
         raise CliError(f"the demo session failed: {report.error}")
 
 
+def _add_bench() -> None:
+    from splitrelay.cli.bench import bench
+
+    main.add_command(bench)
+
+
+_add_bench()
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

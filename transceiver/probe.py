@@ -8,6 +8,25 @@ long its own voice took to come back.  The probe speaks a beep pattern
 it receives, so with the transceiver's ``echo`` handler the measured delay is
 the real mouth-to-ear round trip of the media path (network + jitter buffer +
 codec), and a lost echo is visible as a missing beep.
+
+For benchmarks it can also
+
+* measure only session setup (``setup_only``: close with DELETE as soon as the
+  session is connected) and open sessions one after another in one process
+  (``run_sequence``, ``--sequential N``), so many setups cost one Python start;
+* count lost audio frame by frame (``carrier``): a quiet continuous tone at
+  ``CARRIER_HZ`` under the beeps, so every 20 ms frame the probe sends carries
+  it.  At the end the probe falls silent, waits for the echo's tail, and counts
+  the received frames that carry the carrier at half its amplitude or more:
+  ``audio_loss`` = 1 - echoed / sent.  The transceiver pads with silence when it
+  has nothing to send, so packet counts alone would not show a lost echo; this
+  does, wherever it was lost (uplink, the transceiver, downlink, a jitter buffer).
+
+Times: ``offer_sent_ms``, ``ice_connected_ms`` and ``dtls_connected_ms`` count
+from the creation of the peer connection (before createOffer and candidate
+gathering); ``offer_to_answer_ms`` counts from the moment the offer is POSTed.
+The offer → connected times are ``ice_connected_ms - offer_sent_ms`` and
+``dtls_connected_ms - offer_sent_ms``.
 """
 
 from __future__ import annotations
@@ -20,15 +39,23 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
+try:  # optional: the same sums vectorised, which keeps a client of many sessions cheap
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy is not a dependency
+    _np = None
+
 SAMPLE_RATE = 48000
 FRAME_SAMPLES = 960  # 20 ms
 BEEP_HZ = 1000.0
+CARRIER_HZ = 400.0        # 8 whole periods per 20 ms frame (the beep has 20): the two do not mix
+CARRIER_AMPLITUDE = 3000  # of 32767; with a beep on top the frame peaks at 15000
 
 
 class ProbeError(Exception):
@@ -55,6 +82,17 @@ class ProbeReport:
     rtcp_rtt_ms: float | None = None
     packets_sent: int = 0
     packets_received: int = 0
+    # peer connection created -> offer POSTed (createOffer + setLocalDescription, i.e. candidate gathering)
+    offer_sent_ms: float | None = None
+    # the talk phase (connected -> end of duration) in CLOCK_MONOTONIC seconds, shared by all processes
+    talk_started_mono: float | None = None
+    talk_ended_mono: float | None = None
+    frames_sent: int = 0                      # audio frames handed to the encoder (20 ms each)
+    carrier_frames_sent: int = 0              # with carrier: frames sent carrying it
+    carrier_frames_echoed: int = 0            # with carrier: frames received carrying it (>= half amplitude)
+    audio_loss: float | None = None           # with carrier: 1 - echoed / sent (clamped to 0..1)
+    packets_lost_uplink: int | None = None    # RTP lost client -> peer, from the peer's RTCP receiver reports
+    packets_lost_downlink: int | None = None  # RTP lost peer -> client (inbound-rtp packetsLost)
 
     @staticmethod
     def _median(values: list[float]) -> float | None:
@@ -92,23 +130,58 @@ def goertzel_power(samples: tuple[int, ...], freq: float = BEEP_HZ, rate: int = 
     return power / (n * n * 32768.0 * 32768.0 / 4.0)
 
 
+_BASES: dict[tuple[float, int, int], Any] = {}
+
+
+def tone_power(samples: Any, freq: float = BEEP_HZ, rate: int = SAMPLE_RATE) -> float:  # noqa: ANN401
+    """``goertzel_power`` (the same value up to rounding), vectorised when ``samples`` is a numpy array."""
+    if _np is None or not isinstance(samples, _np.ndarray):
+        return goertzel_power(samples, freq, rate)
+    n = len(samples)
+    if n == 0:
+        return 0.0
+    basis = _BASES.get((freq, rate, n))
+    if basis is None:
+        phase = 2.0 * math.pi * freq / rate * _np.arange(n)
+        basis = _BASES[(freq, rate, n)] = _np.stack([_np.cos(phase), _np.sin(phase)])
+    re, im = basis @ samples
+    return float(re * re + im * im) / (n * n * 32768.0 * 32768.0 / 4.0)
+
+
+def _sine(freq: float, amplitude: int) -> list[int]:
+    return [int(amplitude * math.sin(2 * math.pi * freq * i / SAMPLE_RATE)) for i in range(FRAME_SAMPLES)]
+
+
+def _pack(samples: list[int]) -> bytes:
+    return struct.pack(f"<{FRAME_SAMPLES}h", *samples)
+
+
 class BeepTrack(MediaStreamTrack):
-    """48 kHz mono audio: a 1 kHz burst of ``beep_ms`` every ``interval`` seconds, silence between."""
+    """48 kHz mono audio: a 1 kHz burst of ``beep_ms`` every ``interval`` seconds, silence between.
+
+    With ``carrier``, a quiet ``CARRIER_HZ`` tone runs under everything (every frame carries it) until
+    ``quiet`` is set; ``quiet`` silences the track (no beeps, no carrier).
+    """
 
     kind = "audio"
 
-    def __init__(self, interval: float = 0.5, beep_ms: int = 60) -> None:
+    def __init__(self, interval: float = 0.5, beep_ms: int = 60, carrier: bool = False) -> None:
         super().__init__()
         self.interval_frames = max(2, round(interval / 0.02))
         self.beep_frames = max(1, beep_ms // 20)
         self.sent_at: list[float] = []  # wall-clock time each beep's first frame left recv()
+        self.carrier = carrier
+        self.quiet = False
+        self.frames = 0           # frames returned by recv()
+        self.carrier_frames = 0   # of which carried the carrier
         self._index = 0
         self._start: float | None = None
-        tone = [
-            int(12000 * math.sin(2 * math.pi * BEEP_HZ * i / SAMPLE_RATE)) for i in range(FRAME_SAMPLES)
-        ]
-        self._tone = struct.pack(f"<{FRAME_SAMPLES}h", *tone)
+        tone = _sine(BEEP_HZ, 12000)
+        self._tone = _pack(tone)
         self._silence = bytes(2 * FRAME_SAMPLES)
+        carrier_wave = _sine(CARRIER_HZ, CARRIER_AMPLITUDE)
+        self._carrier = _pack(carrier_wave)
+        self._tone_carrier = _pack([a + b for a, b in zip(tone, carrier_wave, strict=True)])
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
@@ -121,16 +194,63 @@ class BeepTrack(MediaStreamTrack):
                 await asyncio.sleep(wait)
         phase = self._index % self.interval_frames
         # the first beep starts after a short lead-in so ICE/DTLS are surely up
-        beeping = self._index >= self.interval_frames and phase < self.beep_frames
+        beeping = not self.quiet and self._index >= self.interval_frames and phase < self.beep_frames
         if beeping and phase == 0:
             self.sent_at.append(time.monotonic())
+        if self.carrier and not self.quiet:
+            pcm = self._tone_carrier if beeping else self._carrier
+            self.carrier_frames += 1
+        else:
+            pcm = self._tone if beeping else self._silence
         frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(self._tone if beeping else self._silence)
+        frame.planes[0].update(pcm)
         frame.pts = self._index * FRAME_SAMPLES
         frame.sample_rate = SAMPLE_RATE
         frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
         self._index += 1
+        self.frames += 1
         return frame
+
+
+def mono_samples(frame: AudioFrame) -> Any:  # noqa: ANN401
+    """The first channel of a decoded s16 frame (a float numpy array when numpy is there, else a tuple)."""
+    pcm = bytes(frame.planes[0])
+    channels = len(frame.layout.channels)
+    count = frame.samples * channels
+    if _np is not None:
+        return _np.frombuffer(pcm, dtype="<i2", count=count)[::channels].astype(_np.float64)
+    return struct.unpack(f"<{count}h", pcm[: 2 * count])[::channels]
+
+
+class CarrierCounter:
+    """Counts received frames that carry the probe's carrier: at least half of its echoed level.
+
+    The echoed level is not the sent one (each Opus mono -> stereo pass costs 3 dB: the echo comes
+    back at about half the amplitude), so it is taken from the frames themselves: the median
+    amplitude of the frames that carry the carrier clearly (above a tenth of the sent amplitude).
+    A frame only partly covered by the echo (the first and last of a stretch, the echo being shifted
+    by codec delay) counts when more than half of it is: of the two edge frames of an unbroken
+    stretch one counts, so an unbroken echo counts exactly the frames that were sent.
+    """
+
+    def __init__(self, freq: float = CARRIER_HZ, amplitude: int = CARRIER_AMPLITUDE) -> None:
+        self.freq = freq
+        self.floor = 0.1 * amplitude
+        self.amplitudes: list[float] = []  # the carrier's amplitude in every received frame
+
+    def feed_samples(self, samples: Any, rate: int) -> None:  # noqa: ANN401 - see mono_samples
+        self.amplitudes.append(math.sqrt(tone_power(samples, self.freq, rate)) * 32768.0)
+
+    @property
+    def level(self) -> float | None:
+        """The echoed carrier's amplitude (median over the frames that clearly carry it)."""
+        present = sorted(a for a in self.amplitudes if a >= self.floor)
+        return present[len(present) // 2] if present else None
+
+    @property
+    def frames(self) -> int:
+        level = self.level
+        return 0 if level is None else sum(1 for a in self.amplitudes if a >= 0.5 * level)
 
 
 class BeepDetector:
@@ -145,11 +265,10 @@ class BeepDetector:
         self._in_beep = False
 
     def feed(self, frame: AudioFrame, now: float) -> None:
-        pcm = bytes(frame.planes[0])
-        channels = len(frame.layout.channels)
-        count = frame.samples * channels
-        samples = struct.unpack(f"<{count}h", pcm[: 2 * count])[::channels]
-        loud = goertzel_power(samples, rate=frame.sample_rate) > self.THRESHOLD
+        self.feed_samples(mono_samples(frame), frame.sample_rate, now)
+
+    def feed_samples(self, samples: Any, rate: int, now: float) -> None:  # noqa: ANN401 - see mono_samples
+        loud = tone_power(samples, rate=rate) > self.THRESHOLD
         if loud and not self._in_beep:
             self._onset(now)
         self._in_beep = loud
@@ -180,6 +299,40 @@ async def _post_offer(
         return body, location
 
 
+class TalkGate:
+    """Holds the talk phase of ``count`` concurrent probes until each is connected or has failed
+    (then ``settle`` seconds more, for the last handshakes' work to drain), so that all of them talk
+    in the same window and none of the measured audio overlaps another session's setup."""
+
+    def __init__(self, count: int, settle: float = 0.5) -> None:
+        self.left = count
+        self.settle = settle
+        self.open = asyncio.Event()
+        self._counted: set[int] = set()
+
+    def _arrive(self) -> None:
+        task = asyncio.current_task()
+        key = id(task)
+        if key in self._counted:
+            return
+        self._counted.add(key)
+        self.left -= 1
+        if self.left <= 0 and not self.open.is_set():
+            asyncio.get_running_loop().call_later(self.settle, self.open.set)
+
+    def failed(self) -> None:
+        """This session will not talk (each session counts once, whichever it calls first)."""
+        self._arrive()
+
+    async def connected(self, timeout: float) -> None:
+        """This session is connected: wait (at most ``timeout`` + settle) until the gate opens."""
+        self._arrive()
+        try:
+            await asyncio.wait_for(self.open.wait(), timeout + self.settle)
+        except TimeoutError:
+            pass
+
+
 async def run_probe(
     whip_url: str,
     duration: float = 10.0,
@@ -187,12 +340,25 @@ async def run_probe(
     connect_timeout: float = 15.0,
     beep_interval: float = 0.5,
     on_progress: Callable[[ProbeReport], None] | None = None,
+    setup_only: bool = False,
+    carrier: bool = False,
+    max_drain: float = 3.0,
+    gate: TalkGate | None = None,
 ) -> ProbeReport:
-    """Open one WHIP session, talk for ``duration`` seconds, close it, return what was measured."""
+    """Open one WHIP session, talk for ``duration`` seconds, close it, return what was measured.
+
+    ``setup_only``: close (DELETE) as soon as the session is connected; ``ok`` means it connected.
+    ``carrier``: count lost audio (see the module docstring); after ``duration`` the probe is silent
+    for up to ``max_drain`` seconds (0.5 s plus twice the slowest beep round trip) while the echo's
+    tail comes back.
+    ``gate``: a ``TalkGate`` shared by concurrent probes; the talk phase (and the ``duration``) starts
+    when every session of the gate is connected or has failed.
+    """
     report = ProbeReport(whip_url=whip_url)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    track = BeepTrack(interval=beep_interval)
+    track = BeepTrack(interval=beep_interval)  # the carrier starts with the talk phase
     detector = BeepDetector(track.sent_at)
+    counter = CarrierCounter() if carrier else None
     t0 = time.monotonic()
     ice_up = asyncio.Event()
     dtls_up = asyncio.Event()
@@ -224,7 +390,10 @@ async def run_probe(
             while True:
                 frame = await remote.recv()
                 report.frames_received += 1
-                detector.feed(frame, time.monotonic())
+                samples = mono_samples(frame)
+                detector.feed_samples(samples, frame.sample_rate, time.monotonic())
+                if counter is not None:
+                    counter.feed_samples(samples, frame.sample_rate)
         except MediaStreamError:
             return
 
@@ -248,6 +417,7 @@ async def run_probe(
     try:
         await pc.setLocalDescription(await pc.createOffer())
         t_offer = time.monotonic()
+        report.offer_sent_ms = (t_offer - t0) * 1000.0
         answer, report.location = await _post_offer(http, whip_url, pc.localDescription.sdp, token)
         report.offer_to_answer_ms = (time.monotonic() - t_offer) * 1000.0
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
@@ -262,6 +432,13 @@ async def run_probe(
                 f"(ice: {'→'.join(report.ice_states) or 'new'}, "
                 f"connection: {'→'.join(report.connection_states) or 'new'})"
             )
+        if setup_only:
+            report.ok = True
+            return report
+        if gate is not None:
+            await gate.connected(timeout=connect_timeout)
+        track.carrier = carrier
+        report.talk_started_mono = time.monotonic()
         deadline = time.monotonic() + duration
         seq = 0
         while time.monotonic() < deadline and not failed.is_set():
@@ -276,6 +453,21 @@ async def run_probe(
             if on_progress:
                 on_progress(report)
             await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        report.talk_ended_mono = time.monotonic()
+        if counter is not None:
+            # fall silent and let the echo's tail come back (a deadline, not a condition: a lagging
+            # peer pads with silence, so no received frame proves that the tail is complete)
+            track.quiet = True
+            slowest = max(detector.rtts_ms) / 1000.0 if detector.rtts_ms else 1.0
+            try:
+                await asyncio.wait_for(failed.wait(), timeout=min(max_drain, 0.5 + 2.0 * slowest))
+            except TimeoutError:
+                pass
+            echoed = counter.frames
+            report.carrier_frames_sent = track.carrier_frames
+            report.carrier_frames_echoed = echoed
+            if track.carrier_frames:
+                report.audio_loss = min(1.0, max(0.0, 1.0 - echoed / track.carrier_frames))
         await _collect_stats(pc, report)
         # beeps sent in the last RTT cannot have come back yet: do not count them as sent
         horizon = time.monotonic() - (max(detector.rtts_ms) / 1000.0 if detector.rtts_ms else 1.0) - 0.1
@@ -288,9 +480,14 @@ async def run_probe(
             report.error = "session failed" if failed.is_set() else "no audio came back"
     except ProbeError as exc:
         report.error = str(exc)
+        if gate is not None:
+            gate.failed()
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         report.error = f"WHIP request to {whip_url} failed: {exc.__class__.__name__}: {exc}".rstrip(": ")
+        if gate is not None:
+            gate.failed()
     finally:
+        report.frames_sent = track.frames
         if report.location:
             try:
                 headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -313,21 +510,39 @@ async def _collect_stats(pc: RTCPeerConnection, report: ProbeReport) -> None:
         for item in stats.values():
             if item.type == "outbound-rtp":
                 report.packets_sent = item.packetsSent
-            elif item.type == "remote-inbound-rtp" and item.roundTripTime is not None:
-                report.rtcp_rtt_ms = item.roundTripTime * 1000.0
+            elif item.type == "remote-inbound-rtp":
+                report.packets_lost_uplink = item.packetsLost
+                if item.roundTripTime is not None:
+                    report.rtcp_rtt_ms = item.roundTripTime * 1000.0
     for receiver in pc.getReceivers():
         stats = await receiver.getStats()
         for item in stats.values():
             if item.type == "inbound-rtp":
                 report.packets_received = item.packetsReceived
+                report.packets_lost_downlink = item.packetsLost
 
 
 async def run_probes(whip_urls: list[str], sessions: int, duration: float,
-                     token: str | None = None) -> list[ProbeReport]:
-    """``sessions`` concurrent probes spread round-robin over ``whip_urls``."""
+                     token: str | None = None, carrier: bool = False, together: bool = False) -> list[ProbeReport]:
+    """``sessions`` concurrent probes spread round-robin over ``whip_urls``; with ``together`` they all
+    start talking once all are connected (a ``TalkGate``)."""
+    gate = TalkGate(sessions) if together else None
     return list(await asyncio.gather(*(
-        run_probe(whip_urls[i % len(whip_urls)], duration=duration, token=token) for i in range(sessions)
+        run_probe(whip_urls[i % len(whip_urls)], duration=duration, token=token, carrier=carrier, gate=gate)
+        for i in range(sessions)
     )))
+
+
+async def run_sequence(whip_urls: list[str], rounds: int, duration: float = 0.0, token: str | None = None,
+                       setup_only: bool = True, carrier: bool = False) -> list[ProbeReport]:
+    """One session at a time: ``rounds`` rounds of one session per URL in the order given (A B A B ...),
+    each closed (DELETE) before the next is offered; reports in the order the sessions ran."""
+    reports = []
+    for _ in range(rounds):
+        for url in whip_urls:
+            reports.append(await run_probe(url, duration=duration, token=token, setup_only=setup_only,
+                                           carrier=carrier))
+    return reports
 
 
 def main() -> None:  # pragma: no cover - thin wrapper run inside lab namespaces
@@ -336,12 +551,32 @@ def main() -> None:  # pragma: no cover - thin wrapper run inside lab namespaces
     parser = argparse.ArgumentParser(description="splitrelay probe: measured WHIP voice sessions")
     parser.add_argument("whip_url", nargs="+")
     parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--sessions", type=int, default=1)
+    parser.add_argument("--sessions", type=int, default=1, help="concurrent sessions (round-robin over the URLs)")
+    parser.add_argument("--sequential", type=int, metavar="N",
+                        help="instead: N rounds of one session per URL, one session at a time (A B A B ...)")
+    parser.add_argument("--setup-only", action="store_true",
+                        help="close each session as soon as it is connected (only setup times are measured)")
+    parser.add_argument("--carrier", action="store_true",
+                        help="count lost audio frame by frame (a quiet carrier tone under the beeps)")
+    parser.add_argument("--together", action="store_true",
+                        help="concurrent sessions start talking when all are connected (one common window)")
     parser.add_argument("--token")
     args = parser.parse_args()
-    reports = asyncio.run(run_probes(args.whip_url, args.sessions, args.duration, args.token))
+    if args.sequential is not None and args.sequential < 1:
+        parser.error("--sequential must be at least 1")
+    reports = asyncio.run(_run(args))
     print(json.dumps([r.to_dict() for r in reports]))
     raise SystemExit(0 if all(r.ok for r in reports) else 1)
+
+
+async def _run(args: Any) -> list[ProbeReport]:  # noqa: ANN401 - argparse.Namespace
+    urls = args.whip_url
+    if args.sequential is not None:
+        return await run_sequence(urls, args.sequential, args.duration, args.token, args.setup_only, args.carrier)
+    if args.setup_only:
+        return list(await asyncio.gather(*(run_probe(urls[i % len(urls)], token=args.token, setup_only=True)
+                                           for i in range(args.sessions))))
+    return await run_probes(urls, args.sessions, args.duration, args.token, args.carrier, args.together)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,188 @@
+"""The benchmark run: every figure of BENCHMARKS.md, side by side, in one lab, in one process.
+
+Order matters on a 2-core machine, so it is fixed: the quiet measurements
+(latency, first packet) come before the floods, and each path gets the same
+sequence: the kernel-routing floor first (no relay program attached, the relay
+namespace forwarding), then the XDP relay (the edge agent daemon, as deployed),
+then the userspace relay (the same daemon with ``--datapath userspace``), then
+the flow-table scale runs (XDP loaded in-process, no daemon), then the WebRTC
+session figures in a lab of their own with a real transceiver.
+
+A *profile* says how long each part runs: ``full`` for BENCHMARKS.md, ``smoke``
+for CI (seconds; proves every part still runs, asserts nothing about speed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from splitrelay.bench import control, forwarding, scale, system
+from splitrelay.cli import labstack
+from splitrelay.edge.lab import Lab
+
+PARTS = ("floor", "xdp", "userspace", "scale", "sessions")
+
+
+class BenchError(Exception):
+    """The benchmark could not run a part (one-line reason)."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    ping_count: int
+    ping_interval_us: int
+    first_packet_count: int
+    rate_flows: int
+    rate_duration_s: float
+    scale_sizes: tuple[int, ...]
+    scale_duration_s: float
+    registrations: int
+    setup_runs: int
+    capacity_steps: tuple[int, ...]
+    capacity_duration_s: float
+    notes: list[str] = field(default_factory=list)
+
+
+PROFILES = {
+    "full": Profile("full", ping_count=5000, ping_interval_us=200, first_packet_count=500, rate_flows=64,
+                    rate_duration_s=3.0, scale_sizes=(1000, 100_000, 1_000_000), scale_duration_s=3.0,
+                    registrations=2000, setup_runs=20, capacity_steps=(1, 8, 16, 24, 32, 36, 40, 48),
+                    capacity_duration_s=10.0),
+    "smoke": Profile("smoke", ping_count=200, ping_interval_us=200, first_packet_count=20, rate_flows=8,
+                     rate_duration_s=0.5, scale_sizes=(1000, 10_000), scale_duration_s=0.5,
+                     registrations=100, setup_runs=1, capacity_steps=(1,), capacity_duration_s=3.0),
+}
+
+
+def _agent(lab: Lab, datapath: str) -> subprocess.Popen:
+    args = ["--idle-timeout", "600"]  # flows of a benchmark must not age out between its parts
+    return labstack.start_agent(lab, "strict", args, datapath=datapath)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def _relay(lab: Lab, datapath: str) -> Iterator[subprocess.Popen]:
+    proc = _agent(lab, datapath)
+    try:
+        t = lab.transceivers[0]
+        labstack.control(lab, lambda c: c.put_backend(t.backend_id, t.ip4, forwarding.SINK_PORT))
+        yield proc
+    finally:
+        _stop(proc)
+
+
+def _session_names(p: Profile) -> list[str]:
+    """The sessions a relay path routes by: one per first-packet probe and per flow of each rate run."""
+    return (["ping0000"] + [f"fp{i:06d}" for i in range(p.first_packet_count)]
+            + [f"rt{i:06d}" for i in range(p.rate_flows)] + [f"rp{i:06d}" for i in range(p.rate_flows)])
+
+
+def _path_figures(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path, say: Callable[[str], None],
+                  samples_dir: Path) -> dict:
+    """Latency, first packet and forwarding rate (sender free, then pinned) of one path."""
+    name = route.name
+    out: dict = {}
+    say(f"UDP ping-pong x{p.ping_count}")
+    out["latency"] = forwarding.latency(lab, route, p.ping_count, p.ping_interval_us,
+                                        f"ping0000:{forwarding.CLIENT_UFRAG}",
+                                        samples=samples_dir / f"rtt-{name}.txt")
+    say(f"first-packet (STUN) round trips x{p.first_packet_count}")
+    fp_names = forwarding.usernames_file([f"fp{i:06d}" for i in range(p.first_packet_count)], tmp)
+    out["first_packet"] = forwarding.first_packet(lab, route, p.first_packet_count, fp_names)
+    rates = []
+    for pinned in (False, True):
+        say(f"forwarding {p.rate_flows} flows for {p.rate_duration_s:g} s"
+            + (", sender on CPU 0, relay on CPU 1" if pinned else ", unpinned"))
+        rate_names = None
+        if route.needs_session:  # each run opens fresh flows, from other source ports
+            prefix = "rp" if pinned else "rt"
+            rate_names = forwarding.usernames_file([f"{prefix}{i:06d}" for i in range(p.rate_flows)], tmp)
+        rates.append(forwarding.forwarding_rate(lab, route, p.rate_flows, p.rate_duration_s, rate_names,
+                                                pinned=pinned, src_port=30000 if pinned else 20000))
+    out["rate"] = rates
+    return out
+
+
+def _relay_part(lab: Lab, p: Profile, datapath: str, tmp: Path, say: Callable[[str], None],
+                samples_dir: Path) -> dict:
+    with _relay(lab, datapath) as proc:
+        url = labstack.control_url(lab)
+        say(f"{datapath}: registering and removing {p.registrations} sessions through the control API")
+        reg = control.registration_rate(lab, url, p.registrations, prefix="rg")
+        control.register(lab, url, _session_names(p))
+        route = forwarding.relay_path(lab, datapath, relay_pid=proc.pid if datapath == "userspace" else None)
+        out = _path_figures(lab, p, route, tmp, lambda m: say(f"{datapath}: {m}"), samples_dir)
+        out["registration"] = reg
+        return out
+
+
+def run(profile: str = "full", parts: tuple[str, ...] = PARTS, samples_dir: Path | None = None,
+        say: Callable[[str], None] = lambda _: None) -> dict:
+    """Run the benchmark parts of ``profile``; returns every figure (JSON-serialisable)."""
+    p = PROFILES[profile]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise BenchError(f"unknown part {sorted(unknown)[0]!r} (parts: {', '.join(PARTS)})")
+    results: dict = {"profile": profile, "parameters": asdict(p), "machine": system.machine(), "parts": {}}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="srbench-") as tmp_name:
+        tmp = Path(tmp_name)
+        samples = samples_dir or tmp
+        samples.mkdir(parents=True, exist_ok=True)
+        if set(parts) & {"floor", "xdp", "userspace", "scale"}:
+            say("building the lab (client, relay, transceiver namespaces)")
+            with Lab.create(transceivers=1) as lab, system.bpf_run_time_stats():
+                if "floor" in parts:
+                    with forwarding.kernel_forwarding(lab):
+                        results["parts"]["kernel"] = _path_figures(
+                            lab, p, forwarding.kernel_path(lab), tmp, lambda m: say(f"kernel routing: {m}"),
+                            samples)
+                for datapath in ("xdp", "userspace"):
+                    if datapath in parts:
+                        results["parts"][datapath] = _relay_part(lab, p, datapath, tmp, say, samples)
+                if "scale" in parts:
+                    results["parts"]["scale"] = scale.scale(lab, list(p.scale_sizes), p.scale_duration_s,
+                                                              progress=say)
+        if "sessions" in parts:
+            results["parts"]["sessions"] = _sessions_part(p, say)
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    return results
+
+
+def _sessions_part(p: Profile, say: Callable[[str], None]) -> dict:
+    from splitrelay.bench import sessions
+
+    say("sessions: a lab with an echo transceiver")
+    info = labstack.start_lab(transceivers=1, handler="echo")
+    try:
+        say(f"sessions: {p.setup_runs} setups through the relay and {p.setup_runs} direct")
+        setup = sessions.measure_setup(info["name"], runs=p.setup_runs)
+        say(f"sessions: capacity, steps {list(p.capacity_steps)}")
+        capacity = sessions.measure_capacity(info["name"], steps=list(p.capacity_steps),
+                                             duration=p.capacity_duration_s, progress=say)
+        return {"setup": setup, "capacity": capacity}
+    finally:
+        labstack.stop_lab(info["name"])
+
+
+def save(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,98 @@
+"""`splitrelay bench`: measure the XDP relay against the userspace relay and kernel routing, in one run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+from splitrelay.cli.errors import EXIT_DEPENDENCY, CliError, require_bcc, require_root
+
+PARTS_HELP = ("floor: kernel routing (the latency floor); xdp / userspace: rate, latency, first packet, "
+              "registration through each relay; scale: 1k/100k/1M flows; sessions: WebRTC setup time and "
+              "transceiver capacity.")
+
+
+@click.command("bench")
+@click.option("--smoke", is_flag=True,
+              help="Seconds instead of minutes: every part runs briefly (what CI runs); figures are not "
+                   "meaningful.")
+@click.option("--part", "parts", multiple=True, metavar="PART",
+              type=click.Choice(["floor", "xdp", "userspace", "scale", "sessions"]),
+              help="Run only these parts (repeat). Default: all. " + PARTS_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON on stdout.")
+@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the report (e.g. BENCHMARKS.md).")
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path),
+              help="Write PNG plots into this directory (linked from the report).")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also save the raw figures as JSON here.")
+@click.option("--analysis", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Hand-written analysis (markdown) appended to the report.")
+def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | None, plots: Path | None,
+          results: Path | None, analysis: Path | None) -> None:
+    """Benchmark the relay paths side by side and print the ratios.
+
+    \b
+    Builds its own lab (network namespaces and veths, removed after), runs the
+    C load generator (bench/udpgen, built by `make setup`) and real aiortc
+    clients, and prints XDP ÷ userspace ratios and the performance targets.
+    Progress goes to stderr.
+
+    \b
+    Examples:
+      splitrelay bench --smoke --json                  # CI: seconds
+      splitrelay bench --part xdp --part userspace     # just the two relays
+      make bench                                       # all of it, writes BENCHMARKS.md
+    """
+    require_root("benchmarking (namespaces, XDP)")
+    require_bcc()
+    from splitrelay.bench import loadgen, report, suite
+
+    try:
+        loadgen.udpgen_path()
+    except loadgen.LoadgenError as exc:
+        raise CliError(str(exc), EXIT_DEPENDENCY) from None
+
+    def say(message: str) -> None:
+        click.echo(f"bench: {message}", err=True)
+
+    with tempfile.TemporaryDirectory(prefix="srbench-samples-") as samples_name:
+        samples = Path(samples_name)
+        try:
+            figures = suite.run("smoke" if smoke else "full", tuple(parts) or suite.PARTS, samples, say)
+        except (suite.BenchError, loadgen.LoadgenError) as exc:
+            raise CliError(str(exc)) from None
+        figures["ratios"] = report.ratios(figures)
+        figures["targets"] = report.targets(figures)
+        written: list[Path] = []
+        if plots:
+            written = report.plots(figures, samples, plots)
+        if results:
+            suite.save(figures, results)
+        if markdown:
+            rel = None
+            if plots:
+                try:
+                    rel = str(plots.resolve().relative_to(markdown.resolve().parent))
+                except ValueError:
+                    rel = str(plots.resolve())
+            text = report.markdown(figures, written, rel, analysis.read_text() if analysis else None)
+            markdown.write_text(text)
+            say(f"wrote {markdown}" + (f" and {len(written)} plots in {plots}" if plots else ""))
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+    else:
+        _summary(figures)
+
+
+def _summary(figures: dict) -> None:
+    out = sys.stdout
+    for name, value in figures["ratios"].items():
+        if value is not None:
+            out.write(f"{name:40s} {value:10.3f}\n")
+    for t in figures["targets"]:
+        verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        out.write(f"{verdict:6s} {t['target']} (measured {t['measured']})\n")
