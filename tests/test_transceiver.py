@@ -166,6 +166,19 @@ async def test_port_in_use_is_one_clear_error():
         busy.close()
 
 
+async def test_the_shared_socket_buffers_seconds_of_media():
+    """One socket carries every session: a stall of the loop must not overflow the kernel's default buffer."""
+    from splitrelay.transceiver.mux import RECV_BUFFER_BYTES, UdpMux
+
+    mux = await UdpMux.bind("127.0.0.1", 0)
+    try:
+        sock = mux.transport.get_extra_info("socket")
+        # the kernel reports twice what was set (bookkeeping overhead); as root the force option applies
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= RECV_BUFFER_BYTES
+    finally:
+        mux.transport.close()
+
+
 async def test_tone_handler_speaks_and_answers_text():
     service = Transceiver(TransceiverConfig(backend_id=BACKEND_ID, bind_port=0, whip_port=0, handler="tone"))
     await service.start()

@@ -59,6 +59,12 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 
 # drop reasons (UdpMux.drops keys)
+# One socket carries every session's media: at ~50 packets/s per call, the kernel's default receive
+# buffer (~208 KiB, ~250 small datagrams) covers only a few hundred ms of a busy transceiver's
+# traffic, so one event-loop stall (a GC pause, a burst of new sessions) loses audio.  4 MiB holds
+# seconds of it.  As root SO_RCVBUFFORCE passes net.core.rmem_max; otherwise the kernel caps it.
+RECV_BUFFER_BYTES = 4 * 1024 * 1024
+
 NOT_STUN = "not_stun"            # first datagram from a new address is not STUN (DTLS, RTP, noise)
 NOT_BINDING = "not_binding"      # STUN but not a Binding Request (a stray response, an indication)
 BAD_STUN = "bad_stun"            # a Binding Request the relay would drop too (no/bad USERNAME...)
@@ -127,6 +133,13 @@ class MuxTransport(asyncio.DatagramTransport):
         self.close()
 
 
+def _grow_receive_buffer(sock: socket.socket, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, size)
+    except (OSError, AttributeError):  # not CAP_NET_ADMIN: as much as rmem_max allows
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
 class UdpMux(asyncio.DatagramProtocol):
     """The transceiver's one UDP socket, shared by all sessions."""
 
@@ -155,6 +168,7 @@ class UdpMux(asyncio.DatagramProtocol):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "::" takes IPv4 clients too
             sock.bind((host, port))
             sock.setblocking(False)
+            _grow_receive_buffer(sock, RECV_BUFFER_BYTES)
         except OSError as exc:
             sock.close()
             raise MuxError(f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from None
