@@ -162,17 +162,21 @@ def plots(results: dict, samples_dir: Path, out_dir: Path) -> list[Path]:
     if runs:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         flows = [r["flows"] for r in runs]
-        ax.plot(flows, [r["delivered_pps"] / 1e3 for r in runs], "o-", label="delivered kpkt/s")
+        ax.plot(flows, [r["delivered_pps"] / 1e3 for r in runs], "o-", label="kpkt/s, every flow active")
+        if all(r.get("active_subset") for r in runs):
+            ax.plot(flows, [r["active_subset"]["delivered_pps"] / 1e3 for r in runs], "o:",
+                    label="kpkt/s, 1,000 flows active")
         ax.set_xscale("log")
-        ax.set_xlabel("flows in the map (all of them carrying traffic)")
+        ax.set_xlabel("flows in the map")
         ax.set_ylabel("delivered kpkt/s")
         ax.set_ylim(bottom=0)
         ax2 = ax.twinx()
         ax2.plot(flows, [r.get("xdp_ns_per_packet") or 0 for r in runs], "s--", color="tab:red",
-                 label="XDP ns/packet")
-        ax2.set_ylabel("XDP ns per packet", color="tab:red")
+                 label="XDP ns/packet, every flow active")
+        ax2.set_ylabel("XDP program ns per packet", color="tab:red")
         ax2.set_ylim(bottom=0)
-        ax.set_title("Flow-table scale")
+        ax.legend(fontsize=8, loc="lower left")
+        ax.set_title("Flow-table scale (XDP relay on its own core)")
         save(fig, "scale.png")
     setup = _get(results, "parts", "sessions", "setup")
     if setup and _get(setup, "paths", "relay") and _get(setup, "paths", "direct"):
@@ -231,8 +235,10 @@ def markdown(results: dict, written: list[Path] | None = None, plot_dir_rel: str
         "Every figure below comes from that one run: the paths are measured side by side, by the same "
         "load generator (`bench/udpgen.c`: sendmmsg/recvmmsg and AF_PACKET), in the same lab "
         "(`edge/lab.py`: client, relay and transceiver network namespaces joined by veth pairs).\n",
-        "Reproduce: `make bench` (all parts, ~10 min) or `splitrelay bench --part xdp --part userspace` "
-        "(a subset); `splitrelay bench --smoke --json` is the seconds-long CI version.\n",
+        "Reproduce: `make bench` (all parts, about 4 minutes on this machine), `splitrelay bench --part xdp "
+        "--part userspace` (a subset), `splitrelay bench --smoke --json` (the seconds-long version CI runs); "
+        "the raw figures are in `docs/bench/results.json` (`splitrelay bench --from-results` re-renders "
+        "this page from them).\n",
         "## Machine\n",
         _table(["", ""], [["CPUs", m.get("cpus")], ["CPU model", m.get("cpu_model")],
                           ["memory", f"{_fmt(m.get('memory_gib'))} GiB"], ["kernel", m.get("kernel")],

@@ -31,8 +31,11 @@ PARTS_HELP = ("floor: kernel routing (the latency floor); xdp / userspace: rate,
               help="Also save the raw figures as JSON here.")
 @click.option("--analysis", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Hand-written analysis (markdown) appended to the report.")
+@click.option("--from-results", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Measure nothing: render the report (and the plots, but for the RTT distribution, which "
+                   "needs the raw samples) from figures saved earlier with --results.")
 def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | None, plots: Path | None,
-          results: Path | None, analysis: Path | None) -> None:
+          results: Path | None, analysis: Path | None, from_results: Path | None) -> None:
     """Benchmark the relay paths side by side and print the ratios.
 
     \b
@@ -47,9 +50,24 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
       splitrelay bench --part xdp --part userspace     # just the two relays
       make bench                                       # all of it, writes BENCHMARKS.md
     """
+    from splitrelay.bench import report
+
+    if from_results:
+        try:
+            figures = json.loads(from_results.read_text())
+        except ValueError as exc:
+            raise CliError(f"{from_results} is not a results file: {exc}") from None
+        figures["ratios"] = report.ratios(figures)      # the report's current rules, on the old figures
+        figures["targets"] = report.targets(figures)
+        if plots:  # redraw what the figures hold; the RTT distribution needs the raw samples: kept as drawn
+            report.plots(figures, from_results.parent / "no-samples", plots)
+        written = sorted(plots.glob("*.png")) if plots and plots.is_dir() else []
+        _write_report(figures, markdown, plots, written, analysis)
+        _emit(figures, as_json)
+        return
     require_root("benchmarking (namespaces, XDP)")
     require_bcc()
-    from splitrelay.bench import loadgen, report, suite
+    from splitrelay.bench import loadgen, suite
 
     try:
         loadgen.udpgen_path()
@@ -72,16 +90,28 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
             written = report.plots(figures, samples, plots)
         if results:
             suite.save(figures, results)
-        if markdown:
-            rel = None
-            if plots:
-                try:
-                    rel = str(plots.resolve().relative_to(markdown.resolve().parent))
-                except ValueError:
-                    rel = str(plots.resolve())
-            text = report.markdown(figures, written, rel, analysis.read_text() if analysis else None)
-            markdown.write_text(text)
-            say(f"wrote {markdown}" + (f" and {len(written)} plots in {plots}" if plots else ""))
+        _write_report(figures, markdown, plots, written, analysis)
+    _emit(figures, as_json)
+
+
+def _write_report(figures: dict, markdown: Path | None, plots: Path | None, written: list[Path],
+                  analysis: Path | None) -> None:
+    from splitrelay.bench import report
+
+    if not markdown:
+        return
+    rel = None
+    if plots:
+        try:
+            rel = str(plots.resolve().relative_to(markdown.resolve().parent))
+        except ValueError:
+            rel = str(plots.resolve())
+    markdown.write_text(report.markdown(figures, written, rel, analysis.read_text() if analysis else None))
+    linked = f" linking {len(written)} plots in {plots}" if plots else ""
+    click.echo(f"bench: wrote {markdown}{linked}", err=True)
+
+
+def _emit(figures: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(figures, indent=2))
     else:
