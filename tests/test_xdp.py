@@ -13,6 +13,7 @@ import ctypes as ct
 import os
 import shutil
 import struct
+import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from splitrelay.edge.datapath import (
     Backend,
     Datapath,
     DatapathError,
+    WALK_CHUNK,
     PinnedMapMismatch,
     RelayConfig,
 )
@@ -849,3 +851,42 @@ def test_backend_check_without_a_clean_server_ufrag_teaches_nothing(relay, usern
                       sport=P.BACKEND_PORT, dport=P.CLIENT_PORT, src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC)
     assert internal(relay, out).verdict == XDP_REDIRECT   # still sent
     assert relay.flows() == []
+
+
+def _filler_flows(dp, count: int, ufrag: bytes, last_seen_ns: int) -> None:
+    """``count`` flows of session ``ufrag`` written straight into the map (clients 10.200.x.y:1000+)."""
+    table = dp.bpf[b"flows"]
+    keys, leaves = (table.Key * count)(), (table.Leaf * count)()
+    for i in range(count):
+        key = dp._addr_key("flows", f"10.200.{i // 250}.{i % 250 + 1}", 1000 + i % 50000)
+        ct.memmove(ct.byref(keys, i * ct.sizeof(table.Key)), ct.byref(key), ct.sizeof(table.Key))
+        leaves[i].backend_id = BACKEND_ID
+        leaves[i].ufrag.ufrag = ufrag
+        leaves[i].created_ns = leaves[i].last_seen_ns = last_seen_ns
+    table.items_update_batch(keys, leaves)
+
+
+def test_the_agents_table_walks_see_every_flow_across_batches(relay):
+    """The agent reads the flow map in batches of WALK_CHUNK: deleting, ageing and counting must miss none."""
+    now = time.monotonic_ns()
+    relay.set_session("othr", BACKEND_ID)
+    _filler_flows(relay, WALK_CHUNK * 2 + 100, b"othr", now)                  # three batches and a bit
+    for port in (40000, 40001):                                               # two flows XDP learns itself
+        assert_forwarded_to_backend(public(relay, P.udp_frame(V["2.1"], sport=port)), sport=port)
+    total = WALK_CHUNK * 2 + 102
+    assert len(relay.flows()) == total and relay.map_fill()["flows"][0] == total
+    assert len(relay.flows(limit=WALK_CHUNK + 1)) == WALK_CHUNK + 1
+
+    assert relay.del_session("evtj")                                          # exactly its two flows go
+    assert len(relay.flows()) == total - 2 and not any(f.ufrag == "evtj" for f in relay.flows())
+
+    stale = relay.flows()[:WALK_CHUNK]                                        # make one batch' worth idle
+    table = relay.bpf[b"flows"]
+    for f in stale:
+        key = relay._addr_key("flows", f.client_ip, f.client_port)
+        leaf = table[key]
+        leaf.last_seen_ns = now - 3600 * 10**9
+        table[key] = leaf
+    assert relay.age_flows(60.0) == WALK_CHUNK
+    assert len(relay.flows()) == total - 2 - WALK_CHUNK
+    assert relay.session("othr").flows == total - 2 - WALK_CHUNK             # the allowance recounted
