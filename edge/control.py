@@ -116,6 +116,52 @@ def _age_s(now_ns: int, then_ns: int) -> float:
     return round(max(0, now_ns - then_ns) / 1e9, 3)
 
 
+class SessionDeletions:
+    """Session DELETEs that arrive together share one pass over the flow table.
+
+    Finding a session's flows means reading the whole flow map (XDP learns flows
+    without telling the agent); at tens of thousands of flows one read takes
+    milliseconds, so deleting calls one by one would cap hang-ups per second.  A
+    DELETE joins the pending set and waits; one sweep at a time removes the whole
+    set with ``del_sessions`` (one read), and the requests that arrived while it
+    ran form the next.  The answer still comes after the flows are gone.
+    """
+
+    WINDOW_S = 0.001  # how long a sweep waits for the DELETEs already on their way
+
+    def __init__(self, datapath: Datapath) -> None:
+        self.dp = datapath
+        self._pending: dict[str, asyncio.Future[bool]] = {}
+        self._sweeper: asyncio.Task | None = None
+
+    def pending(self, ufrag: str) -> bool:
+        return ufrag in self._pending
+
+    async def delete(self, ufrag: str) -> bool:
+        """Remove the session and its flows; False if there was no such session."""
+        future = self._pending.get(ufrag)
+        if future is None:
+            future = self._pending[ufrag] = asyncio.get_running_loop().create_future()
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="session-deletions")
+        return await asyncio.shield(future)  # a client that hangs up does not cancel the others' sweep
+
+    async def _sweep(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self.WINDOW_S)
+            batch, self._pending = self._pending, {}
+            try:
+                removed = self.dp.del_sessions(list(batch))
+            except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
+                for future in batch.values():
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for ufrag, future in batch.items():
+                if not future.done():
+                    future.set_result(removed[ufrag])
+
+
 class ControlAPI:
     """Routes of the control API over one data plane (XDP ``Datapath`` or ``UserspaceDatapath``).
 
@@ -141,6 +187,7 @@ class ControlAPI:
         self.health_info = health or dict
         self.observe = observe
         self.instances: dict[int, str] = {}  # backend id -> the process that registered it last
+        self.deletions = SessionDeletions(datapath)
 
     def app(self, extra_routes: list[web.RouteDef] | None = None) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
@@ -244,10 +291,8 @@ class ControlAPI:
         return web.json_response(self._backend_json(backend), status=200 if existed else 201)
 
     def _drop_sessions_of(self, backend_id: int) -> int:
-        dropped = 0
-        for session in self.dp.sessions():
-            if session.backend_id == backend_id:
-                dropped += bool(self.dp.del_session(session.ufrag))  # its flows go too
+        doomed = [s.ufrag for s in self.dp.sessions() if s.backend_id == backend_id]
+        dropped = sum(self.dp.del_sessions(doomed).values()) if doomed else 0  # their flows go too
         for flow in self.dp.flows():  # flows opened by a routing hint have no session
             if flow.backend_id == backend_id:
                 self.dp.del_flow((flow.client_ip, flow.client_port))
@@ -277,6 +322,8 @@ class ControlAPI:
         backend_id = _int_field(body, "backend", 1, MAX_BACKEND_ID)
         if self.dp.backend(backend_id) is None:
             raise ApiError(409, f"backend {backend_id} is not registered")
+        if self.deletions.pending(ufrag):
+            raise ApiError(409, "session is being deleted")
         existing = self.dp.session(ufrag)
         if existing is not None:
             if existing.backend_id != backend_id:
@@ -291,7 +338,7 @@ class ControlAPI:
         return web.json_response({"ufrag": ufrag, "backend": backend_id}, status=201)
 
     async def delete_session(self, request: web.Request) -> web.Response:
-        if not self.dp.del_session(_ufrag(request.match_info["ufrag"])):  # its flows go too
+        if not await self.deletions.delete(_ufrag(request.match_info["ufrag"])):  # its flows go too
             raise ApiError(404, "no such session")
         return web.Response(status=204)
 

@@ -502,17 +502,24 @@ class Datapath:
         ]
 
     def del_session(self, ufrag: str) -> bool:
-        """Remove a session and the flows it created; False if it was not there.
+        """Remove a session and the flows it created; False if it was not there."""
+        return self.del_sessions([ufrag])[ufrag]
 
-        One batched read of the flow table, comparing raw ufrag bytes (no Flow
-        objects), then a delete per matching flow: no recount is needed, the flows
-        that went belonged to the session that went.
+    def del_sessions(self, ufrags: list[str]) -> dict[str, bool]:
+        """Remove sessions and the flows they created; for each, whether it was there.
+
+        The flows are found in one batched read of the flow table for all of them
+        (comparing raw ufrag bytes, no Flow objects): the control API gathers the
+        DELETEs that arrive together into one call, so the cost of the walk is shared.
+        No recount is needed: the flows that went belonged to the sessions that went.
         """
-        key = self._ufrag_key(ufrag)
-        removed = self._delete(self.bpf[b"sessions"], key)
-        raw = bytes(key.ufrag)
+        sessions = self.bpf[b"sessions"]
+        keys = {ufrag: self._ufrag_key(ufrag) for ufrag in ufrags}
+        removed = {ufrag: self._delete(sessions, key) for ufrag, key in keys.items()}
+        raws = {bytes(key.ufrag) for key in keys.values()}
         table = self.bpf[b"flows"]
-        doomed = [table.Key.from_buffer_copy(k) for k, leaf in self._walk(table) if bytes(leaf.ufrag.ufrag) == raw]
+        doomed = [table.Key.from_buffer_copy(k) for k, leaf in self._walk(table)
+                  if bytes(leaf.ufrag.ufrag) in raws]
         for k in doomed:
             self._delete(table, k)
         return removed

@@ -656,6 +656,10 @@ class UserspaceDatapath:
                 self._remove(flow)
         return removed
 
+    def del_sessions(self, ufrags: list[str]) -> dict[str, bool]:
+        """``del_session`` for several (the XDP datapath reads its flow table once for all)."""
+        return {ufrag: self.del_session(ufrag) for ufrag in ufrags}
+
     # -- stats -------------------------------------------------------------------------
 
     def map_fill(self) -> dict[str, tuple[int, int]]:

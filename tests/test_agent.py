@@ -291,6 +291,32 @@ async def test_deleting_a_session_removes_its_flows(agent, client, state):
 
 
 @asyncio_module
+async def test_deletes_that_arrive_together_share_one_pass_over_the_flows(agent, client, state):
+    """Hang-ups at scale: concurrent DELETEs are answered one by one but cost one flow-table read."""
+    names = [f"many{i:04d}" for i in range(120)]
+    await asyncio.gather(*(client.put_session(n, 2) for n in names))
+    for i, name in enumerate(names[:10]):
+        open_flow(agent, name, client_port=42000 + i)
+    passes = []
+    real = agent.datapath.del_sessions
+
+    def counted(ufrags):
+        passes.append(len(ufrags))
+        return real(ufrags)
+
+    agent.datapath.del_sessions = counted
+    try:
+        answers = await asyncio.gather(*(client.request("DELETE", f"/v1/sessions/{n}")
+                                         for n in names + ["neverThere", "missing2"]))
+    finally:
+        del agent.datapath.del_sessions
+    assert [status for status, _ in answers] == [204] * len(names) + [404, 404]
+    assert sum(passes) == len(names) + 2 and len(passes) < len(names) / 4    # batched, nobody left out
+    assert [s["ufrag"] for s in await client.sessions()] == ["existing1"]
+    assert [f["ufrag"] for f in await client.flows()] == ["existing1"]      # the ten sessions' flows went
+
+
+@asyncio_module
 async def test_deleting_a_backend_removes_its_sessions_and_flows_only(agent, client, state):
     await client.put_session("otherSess", 2)
     open_flow(agent, "otherSess", client_port=41000)

@@ -59,6 +59,9 @@ class MemoryDatapath:
     def del_session(self, ufrag: str) -> bool:
         return self.session_map.pop(ufrag, None) is not None
 
+    def del_sessions(self, ufrags: list[str]) -> dict[str, bool]:
+        return {ufrag: self.del_session(ufrag) for ufrag in ufrags}
+
     def flows(self, limit: int | None = None) -> list:
         return []
 
