@@ -190,6 +190,7 @@ class Datapath:
             f"-I{SOURCE_DIR}",
             f'-DSR_PIN_DIR="{self.pin_dir}"',
             "-Wno-compare-distinct-pointer-types",
+            "-Wno-pass-failed",  # a `#pragma unroll` clang leaves rolled is a bounded loop the verifier takes
         ] + ([f"-DSR_MAX_FLOWS={int(self.max_flows)}"] if self.max_flows else [])
         try:
             bpf = BPF(src_file=str(SOURCE_DIR / "relay.c").encode(), cflags=cflags)
