@@ -817,6 +817,22 @@ static void json_num_or_null(const char *key, double v, bool valid, bool last)
 /* ---------------------------------------------------------------- sink -- */
 
 /* Distinct source addresses: open addressing over 64-bit keys (0 = empty), grown by doubling. */
+/* How many data packets the next batch may carry: at most `batch`, no more than --count leaves,
+ * as many as the pacer allows before the deadline; 0 when the run is over. */
+static long next_batch(const struct cfg *c, uint64_t sent, struct pacer *pc, long batch, uint64_t deadline)
+{
+	long want = batch;
+	if (c->count) {
+		if (sent >= (uint64_t)c->count)
+			return 0;
+		if ((uint64_t)want > (uint64_t)c->count - sent)
+			want = (long)((uint64_t)c->count - sent);
+	}
+	if (now_ns() >= deadline)
+		return 0;
+	return pace(pc, want, deadline);
+}
+
 struct flowset {
 	uint64_t *slot;
 	size_t cap, n;
@@ -1177,16 +1193,7 @@ static int run_send_sockets(const struct cfg *c, uint64_t deadline)
 	long flow = 0;
 	r.t0 = now_ns();
 	while (!g_stop) {
-		long want = batch;
-		if (c->count) {
-			if (r.sent >= (uint64_t)c->count)
-				break;
-			if ((uint64_t)want > (uint64_t)c->count - r.sent)
-				want = (long)((uint64_t)c->count - r.sent);
-		}
-		if (now_ns() >= deadline)
-			break;
-		long n = pace(&pc, want, deadline);
+		long n = next_batch(c, r.sent, &pc, batch, deadline);
 		if (n <= 0)
 			break;
 		uint64_t ts = now_ns();
@@ -1412,16 +1419,7 @@ static int run_send_packets(const struct cfg *c, uint64_t deadline)
 	long pos = 0;
 	r.t0 = now_ns();
 	while (!g_stop) {
-		long want = batch;
-		if (c->count) {
-			if (r.sent >= (uint64_t)c->count)
-				break;
-			if ((uint64_t)want > (uint64_t)c->count - r.sent)
-				want = (long)((uint64_t)c->count - r.sent);
-		}
-		if (now_ns() >= deadline)
-			break;
-		long n = pace(&pc, want, deadline);
+		long n = next_batch(c, r.sent, &pc, batch, deadline);
 		if (n <= 0)
 			break;
 		uint64_t ts = now_ns();
