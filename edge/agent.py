@@ -22,13 +22,14 @@ import ipaddress
 import logging
 import secrets
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from splitrelay.edge import neighbours
 from splitrelay.edge.backend_sources import BackendFollower, BackendSpec, file_reader, kubernetes_reader
-from splitrelay.edge.control import ControlAPI
+from splitrelay.edge.control import ControlAPI, off_loop
 from splitrelay.edge.datapath import (
     FORBIDDEN_IFACES,
     PIN_ROOT,
@@ -154,6 +155,7 @@ class EdgeAgent:
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
+        self._walker: ThreadPoolExecutor | None = None  # XDP: whole-table reads run here, off the loop
         self._attached = False  # this agent attached the programs (so detach_on_exit may remove them)
 
     # -- data plane --------------------------------------------------------------------
@@ -253,9 +255,11 @@ class EdgeAgent:
             internal_mac = NO_MAC
         else:
             internal_mac = await loop.run_in_executor(None, neighbours.interface_mac, c.internal_iface)
+        if not c.userspace:  # the userspace relay's tables live on the loop: they are read there
+            self._walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flow-table")
         self.api = ControlAPI(
             self.datapath, resolve_mac=self.resolve_backend_mac, relay_mac=internal_mac, token=c.token,
-            health=self.health, observe=self.metrics.observe_request,
+            health=self.health, observe=self.metrics.observe_request, walker=self._walker,
         )
         app = self.api.app([web.get("/metrics", self._metrics)])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -292,7 +296,8 @@ class EdgeAgent:
         return followers
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = await off_loop(self._walker, self.metrics.exposition)  # it counts the flows: a table read
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def age_once(self) -> int:
         """One ageing pass: remove flows idle longer than the idle timeout; returns how many went."""
@@ -309,7 +314,7 @@ class EdgeAgent:
         while True:
             await asyncio.sleep(self.config.ageing_interval_s)
             try:
-                removed = self.age_once()  # on the loop: never concurrent with a control request
+                removed = await off_loop(self._walker, self.age_once)  # the table-walker thread, not the loop
             except Exception as exc:  # noqa: BLE001 - one bad pass must not end ageing for good
                 log.warning("flow ageing failed: %s", exc)
                 continue
@@ -327,6 +332,9 @@ class EdgeAgent:
         if self._runner:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        if self._walker is not None:  # a walk in progress finishes before the maps may go
+            walker, self._walker = self._walker, None
+            await asyncio.get_running_loop().run_in_executor(None, walker.shutdown)
         if self.config.userspace:
             # the relay lives in this process: its sockets close with it, whatever detach_on_exit says
             if self._attached:

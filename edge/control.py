@@ -7,6 +7,10 @@ backend or session.  Routes are listed in docs/DESIGN.md.
 The handlers run on the event loop and touch the maps without awaiting between
 the check and the write (the only await, next-hop resolution, comes before the
 checks that depend on the maps), so two requests never interleave halfway.
+What reads the whole flow table (listing, and finding a deleted session's flows)
+runs in the agent's table-walker thread instead (``off_loop``), so a large table
+never holds up a registration; a PUT of a ufrag whose DELETE is in progress
+answers 409.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 from aiohttp import web
 from splitrelay.edge.datapath import Backend, Datapath, DatapathError
@@ -27,6 +32,7 @@ from splitrelay.edge.hint import MAX_BACKEND_ID
 from splitrelay.edge.userspace import UserspaceDatapath
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 UFRAG_RE = re.compile(r"[A-Za-z0-9+/]{4,32}")
 DIGITS_RE = re.compile(r"[0-9]{1,7}")  # ASCII only: str.isdigit() also takes '١' and 5000-digit strings
@@ -116,6 +122,19 @@ def _age_s(now_ns: int, then_ns: int) -> float:
     return round(max(0, now_ns - then_ns) / 1e9, 3)
 
 
+async def off_loop(walker: Executor | None, fn: Callable[..., T], *args: Any) -> T:
+    """Run a call that reads a whole map in the agent's table-walker thread (or here, when it has none).
+
+    A read of a large flow table takes milliseconds to seconds; on the event loop it
+    would hold up every registration (a new call's setup) behind it.  The XDP agent
+    gives one single-thread executor, so walks never overlap each other; the
+    userspace relay's tables live on the loop, so it gives none.
+    """
+    if walker is None:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(walker, fn, *args)
+
+
 class SessionDeletions:
     """Session DELETEs that arrive together share one pass over the flow table.
 
@@ -129,13 +148,15 @@ class SessionDeletions:
     answer still comes after the flows are gone.
     """
 
-    def __init__(self, datapath: Datapath) -> None:
+    def __init__(self, datapath: Datapath, walker: Executor | None = None) -> None:
         self.dp = datapath
+        self.walker = walker
         self._pending: dict[str, asyncio.Future[bool]] = {}
+        self._sweeping: set[str] = set()
         self._sweeper: asyncio.Task | None = None
 
     def pending(self, ufrag: str) -> bool:
-        return ufrag in self._pending
+        return ufrag in self._pending or ufrag in self._sweeping
 
     async def delete(self, ufrag: str) -> bool:
         """Remove the session and its flows; False if there was no such session."""
@@ -150,13 +171,16 @@ class SessionDeletions:
         while self._pending:
             await asyncio.sleep(0)  # the DELETEs whose handlers are already running join this batch
             batch, self._pending = self._pending, {}
+            self._sweeping = set(batch)
             try:
-                removed = self.dp.del_sessions(list(batch))
+                removed = await off_loop(self.walker, self.dp.del_sessions, list(batch))
             except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
                 for future in batch.values():
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            finally:
+                self._sweeping = set()
             for ufrag, future in batch.items():
                 if not future.done():
                     future.set_result(removed[ufrag])
@@ -179,15 +203,17 @@ class ControlAPI:
         token: str | None = None,
         health: Callable[[], dict] | None = None,
         observe: Callable[[str, str, int, float], None] | None = None,
+        walker: Executor | None = None,
     ) -> None:
         self.dp = datapath
+        self.walker = walker
         self.resolve_mac = resolve_mac
         self.relay_mac = relay_mac
         self._expected_token = token.encode() if token else None
         self.health_info = health or dict
         self.observe = observe
         self.instances: dict[int, str] = {}  # backend id -> the process that registered it last
-        self.deletions = SessionDeletions(datapath)
+        self.deletions = SessionDeletions(datapath, walker)
 
     def app(self, extra_routes: list[web.RouteDef] | None = None) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
@@ -306,14 +332,18 @@ class ControlAPI:
         return web.Response(status=204)
 
     async def list_sessions(self, request: web.Request) -> web.Response:
+        def read() -> tuple[dict[str, int], list]:
+            flows: dict[str, int] = {}
+            for f in self.dp.flows():
+                flows[f.ufrag] = flows.get(f.ufrag, 0) + 1
+            return flows, self.dp.sessions()
+
+        flows, sessions = await off_loop(self.walker, read)
         now = time.monotonic_ns()
-        flows: dict[str, int] = {}
-        for f in self.dp.flows():
-            flows[f.ufrag] = flows.get(f.ufrag, 0) + 1
         return web.json_response([
             {"ufrag": s.ufrag, "backend": s.backend_id, "age_s": _age_s(now, s.created_ns),
              "flows": flows.get(s.ufrag, 0), "flows_opened": s.flows}
-            for s in self.dp.sessions()
+            for s in sessions
         ])
 
     async def put_session(self, request: web.Request) -> web.Response:
@@ -346,12 +376,13 @@ class ControlAPI:
         raw = request.query.get("limit", str(DEFAULT_FLOW_LIMIT))
         if not DIGITS_RE.fullmatch(raw) or not 1 <= int(raw) <= MAX_FLOW_LIMIT:
             raise ApiError(400, f"limit must be an integer 1..{MAX_FLOW_LIMIT}")
+        flows = await off_loop(self.walker, self.dp.flows, int(raw))
         now = time.monotonic_ns()
         return web.json_response([
             {"client": f.client, "backend": f.backend_id, "ufrag": f.ufrag,
              "age_s": _age_s(now, f.created_ns), "idle_s": _age_s(now, f.last_seen_ns),
              "packets": f.packets, "bytes": f.bytes, "rx_packets": f.rx_packets, "rx_bytes": f.rx_bytes}
-            for f in self.dp.flows(limit=int(raw))
+            for f in flows
         ])
 
     async def stats(self, request: web.Request) -> web.Response:

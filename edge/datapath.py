@@ -47,6 +47,7 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 
 
 WALK_CHUNK = 4096  # map entries per BPF_MAP_LOOKUP_BATCH when the agent reads a whole table
+_BPF_EXIST = 2    # bpf_map_update_elem flag: only replace an entry that is there
 _ENOTSUPP = 524   # the kernel's "operation not supported" (no batch ops for this map), not in errno
 
 
@@ -627,12 +628,16 @@ class Datapath:
 
     def _set_session_flows(self, live: dict[bytes, int]) -> None:
         """Write each session's live flow count (``live``: raw ufrag key -> flows) where it differs."""
+        from bcc import libbcc
+
         table = self.bpf[b"sessions"]
         for key, leaf in table.items():
             count = live.get(bytes(key.ufrag), 0)
             if leaf.flows != count:
                 leaf.flows = count
-                table[key] = leaf
+                # BPF_EXIST: a session deleted meanwhile (this may run in the table-walker thread
+                # while the loop serves a DELETE) must stay deleted, not come back with a count
+                libbcc.lib.bpf_update_elem(table.map_fd, ct.byref(key), ct.byref(leaf), _BPF_EXIST)
 
     def map_fill(self) -> dict[str, tuple[int, int]]:
         """Entries and capacity of each hash map."""
