@@ -102,6 +102,12 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _trials(run: dict | None) -> str:
+    """Every trial's delivered rate, in kpkt/s (the row shows the median one)."""
+    rates = (run or {}).get("trials_pps") or []
+    return " / ".join(f"{r / 1e3:,.0f}" for r in rates) if len(rates) > 1 else ""
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
@@ -256,7 +262,9 @@ def markdown(results: dict, written: list[Path] | None = None, plot_dir_rel: str
             "## 1. Forwarding rate, established flows\n",
             f"Method: {prm.get('rate_flows')} flows are opened with one STUN Binding Request each (a registered "
             f"ufrag per flow), then udpgen writes {prm.get('rate_duration_s')} s of 200-byte RTP-class packets "
-            "round-robin over them as fast as it can (AF_PACKET on the client's veth, no socket layer). "
+            "round-robin over them as fast as it can (AF_PACKET on the client's veth, no socket layer), "
+            f"{prm.get('trials', 1)} times: each row is the trial with the median delivered rate, and *trials* "
+            "lists them all. "
             "*Delivered* is counted where the relay hands packets on: an XDP counter at the far end of the "
             "relay's internal link (`bench/egress.c`), the same point for every path, so the bridge and UDP "
             "stack behind it cost nothing and the relay is what saturates; loss is 1 − delivered/sent.\n\n"
@@ -268,10 +276,10 @@ def markdown(results: dict, written: list[Path] | None = None, plot_dir_rel: str
             "*Relay CPU ns/pkt* (pinned runs) is that thread's or process's CPU time per delivered packet: "
             "the relay's whole cost on its core. *XDP ns/pkt* is the program's own run time from the kernel's "
             "BPF statistics (`BPF_ENABLE_STATS`), without the redirect and veth transmit around it.\n",
-            _table(["path", "sender", "offered kpkt/s", "delivered kpkt/s", "loss", "relay CPU ns/pkt",
-                    "XDP ns/pkt (prog run time)"],
+            _table(["path", "sender", "offered kpkt/s", "delivered kpkt/s", "trials kpkt/s", "loss",
+                    "relay CPU ns/pkt", "XDP ns/pkt (prog run time)"],
                    [[LABELS[p], "sender CPU 0, relay CPU 1" if r.get("pinned") else "unpinned",
-                     _fmt(r.get("offered_pps", 0) / 1e3), _fmt(r.get("delivered_pps", 0) / 1e3),
+                     _fmt(r.get("offered_pps", 0) / 1e3), _fmt(r.get("delivered_pps", 0) / 1e3), _trials(r),
                      _fmt(100 * r["loss"], 2) + " %" if r.get("loss") is not None else "n/a",
                      _fmt(r.get("relay_cpu_ns_per_packet")), _fmt(r.get("xdp_ns_per_packet"))]
                     for p in paths for r in _get(parts, p, "rate") or []]),
@@ -318,16 +326,18 @@ def markdown(results: dict, written: list[Path] | None = None, plot_dir_rel: str
             "sender visits *every* flow in a fixed shuffled order (AF_PACKET, one source address per 50,000 "
             "flows; every packet a different flow, the whole table is the working set: the worst case), and "
             "then only 1,000 of them (same table, a working set that fits in cache). *Ageing pass* is the "
-            "agent's `age_flows` over the whole table (it reads every flow in Python), timed once per size.\n",
-            _table(["flows in map", "active flows", "delivered kpkt/s", "loss", "relay CPU ns/pkt", "XDP ns/pkt",
-                    "fill s", "ageing pass s"],
+            "agent's `age_flows` over the whole table (batched reads), timed once per size. Each rate is the "
+            f"median of {prm.get('trials', 1)} trials.\n",
+            _table(["flows in map", "active flows", "delivered kpkt/s", "trials kpkt/s", "loss",
+                    "relay CPU ns/pkt", "XDP ns/pkt", "fill s", "ageing pass s"],
                    [row for r in sc["runs"] for row in (
-                       [r.get("flows_in_map", r["flows"]), "all", _fmt(r["delivered_pps"] / 1e3),
+                       [r.get("flows_in_map", r["flows"]), "all", _fmt(r["delivered_pps"] / 1e3), _trials(r),
                         _fmt(100 * r["loss"], 2) + " %" if r.get("loss") is not None else "n/a",
                         r.get("relay_cpu_ns_per_packet"), r.get("xdp_ns_per_packet"), r.get("fill_s"),
                         r.get("walk_s")],
                        [r.get("flows_in_map", r["flows"]), _get(r, "active_subset", "flows"),
                         _fmt((_get(r, "active_subset", "delivered_pps") or 0) / 1e3),
+                        _trials(r.get("active_subset")),
                         _fmt(100 * _get(r, "active_subset", "loss"), 2) + " %"
                         if _get(r, "active_subset", "loss") is not None else "n/a",
                         _get(r, "active_subset", "relay_cpu_ns_per_packet"),

@@ -75,7 +75,7 @@ def fill_flows(table, start: int, end: int, backend_id: int, client_mac: bytes) 
 
 
 def scale(lab: Lab, sizes: list[int], duration: float, pinned: bool = True,
-          progress: Callable[[str], None] = lambda _: None) -> dict:
+          progress: Callable[[str], None] = lambda _: None, trials: int = 1) -> dict:
     """Rate and XDP ns/packet at each table size (filled cumulatively), memory per flow, ageing walk time."""
     relay, t = lab.relay_public, lab.transceivers[0]
     config = AgentConfig(public_iface=relay.ifname, internal_iface=lab.relay_internal.ifname,
@@ -102,20 +102,21 @@ def scale(lab: Lab, sizes: list[int], duration: float, pinned: bool = True,
             fill_s = time.perf_counter() - t0
             filled = size
             progress(f"scale: {size:,} flows, sending for {duration:g} s over all of them")
-            rate = forwarding.forwarding_rate(
+            rate = forwarding.median_of(trials, lambda size=size: forwarding.forwarding_rate(
                 lab, forwarding.relay_path(lab, "xdp"), flows=size, duration=duration, usernames=None,
-                pinned=pinned, src_ip=FIRST_IP, src_port=BASE_PORT, shuffle=True)
+                pinned=pinned, src_ip=FIRST_IP, src_port=BASE_PORT, shuffle=True))
             active = min(size, ACTIVE_FLOWS)
             progress(f"scale: {size:,} flows, sending for {duration:g} s over {active:,} of them")
-            hot = forwarding.forwarding_rate(
+            hot = forwarding.median_of(trials, lambda active=active: forwarding.forwarding_rate(
                 lab, forwarding.relay_path(lab, "xdp"), flows=active, duration=duration, usernames=None,
-                pinned=pinned, src_ip=FIRST_IP, src_port=BASE_PORT, shuffle=True)
+                pinned=pinned, src_ip=FIRST_IP, src_port=BASE_PORT, shuffle=True))
             t0 = time.perf_counter()
             aged = dp.age_flows(idle_s=86400.0)  # the agent's ageing pass: reads every flow, removes none here
             walk_s = time.perf_counter() - t0
             runs.append({**rate, "flows_in_map": len(table), "aged": aged, "fill_s": round(fill_s, 2),
                          "walk_s": round(walk_s, 2), "active_subset": {
                              "flows": active, "delivered_pps": hot["delivered_pps"], "loss": hot["loss"],
+                             "trials_pps": hot["trials_pps"],
                              "xdp_ns_per_packet": hot.get("xdp_ns_per_packet"),
                              "relay_cpu_ns_per_packet": hot.get("relay_cpu_ns_per_packet")}})
         return {"runs": runs, "flow_map_entries": table.max_entries, "flow_map_memlock_bytes": memlock,

@@ -49,6 +49,7 @@ class Profile:
     setup_runs: int
     capacity_steps: tuple[int, ...]
     capacity_duration_s: float
+    trials: int = 1               # rate runs repeated; the median trial is reported
     notes: list[str] = field(default_factory=list)
 
 
@@ -56,7 +57,7 @@ PROFILES = {
     "full": Profile("full", ping_count=5000, ping_interval_us=200, first_packet_count=500, rate_flows=64,
                     rate_duration_s=3.0, scale_sizes=(1000, 100_000, 1_000_000), scale_duration_s=3.0,
                     registrations=2000, setup_runs=20, capacity_steps=(1, 8, 16, 24, 32, 36, 40, 48),
-                    capacity_duration_s=10.0),
+                    capacity_duration_s=10.0, trials=3),
     "smoke": Profile("smoke", ping_count=200, ping_interval_us=200, first_packet_count=20, rate_flows=8,
                      rate_duration_s=0.5, scale_sizes=(1000, 10_000), scale_duration_s=0.5,
                      registrations=100, setup_runs=1, capacity_steps=(1,), capacity_duration_s=3.0),
@@ -109,14 +110,17 @@ def _path_figures(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path, say:
     out["first_packet"] = forwarding.first_packet(lab, route, p.first_packet_count, fp_names)
     rates = []
     for pinned in (False, True):
-        say(f"forwarding {p.rate_flows} flows for {p.rate_duration_s:g} s"
+        say(f"forwarding {p.rate_flows} flows for {p.rate_duration_s:g} s x{p.trials}"
             + (", sender on CPU 0, relay on CPU 1" if pinned else ", unpinned"))
         rate_names = None
         if route.needs_session:  # each run opens fresh flows, from other source ports
             prefix = "rp" if pinned else "rt"
             rate_names = forwarding.usernames_file([f"{prefix}{i:06d}" for i in range(p.rate_flows)], tmp)
-        rates.append(forwarding.forwarding_rate(lab, route, p.rate_flows, p.rate_duration_s, rate_names,
-                                                pinned=pinned, src_port=30000 if pinned else 20000))
+        def one_run(names: Path | None = rate_names, pinned: bool = pinned) -> dict:
+            return forwarding.forwarding_rate(lab, route, p.rate_flows, p.rate_duration_s, names, pinned=pinned,
+                                              src_port=30000 if pinned else 20000)
+
+        rates.append(forwarding.median_of(p.trials, one_run))
     out["rate"] = rates
     return out
 
@@ -160,7 +164,7 @@ def run(profile: str = "full", parts: tuple[str, ...] = PARTS, samples_dir: Path
                         results["parts"][datapath] = _relay_part(lab, p, datapath, tmp, say, samples)
                 if "scale" in parts:
                     results["parts"]["scale"] = scale.scale(lab, list(p.scale_sizes), p.scale_duration_s,
-                                                              progress=say)
+                                                              progress=say, trials=p.trials)
         if "sessions" in parts:
             results["parts"]["sessions"] = _sessions_part(p, say)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
