@@ -594,14 +594,30 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool) -> N
 
 
 @lab.command("down")
-@click.option("--name", help="Lab to remove (default: every lab that is up).")
-def lab_down(name: str | None) -> None:
-    """Stop the lab's processes and delete its namespaces, veths and pinned maps."""
+@click.option("--name", help="Lab to remove (default: the one lab that is up).")
+@click.option("--all", "all_labs", is_flag=True,
+              help="Remove every lab that is up on this host (a test run's and other checkouts' too).")
+def lab_down(name: str | None, all_labs: bool) -> None:
+    """Stop the lab's processes and delete its namespaces, veths and pinned maps.
+
+    \b
+    With several labs up, name the one to remove (`splitrelay lab status` lists
+    them) or say --all: a bare `lab down` never removes a lab it was not sure of.
+    """
     require_root("a lab")
+    from splitrelay.cli.errors import EXIT_USAGE
     from splitrelay.cli.labstack import stop_lab
     from splitrelay.edge.lab import Lab
 
-    names = [name] if name else Lab.names()
+    if name and all_labs:
+        raise CliError("give --name or --all, not both", EXIT_USAGE)
+    up = Lab.names()
+    if name:
+        names = [name]
+    elif len(up) > 1 and not all_labs:
+        raise CliError(f"{len(up)} labs are up ({', '.join(up)}): say which with --name, or --all", EXIT_USAGE)
+    else:
+        names = up
     if not names:
         click.echo("no lab is up")
     for n in names:

@@ -429,3 +429,28 @@ def test_bad_arguments_build_nothing():
         with pytest.raises(LabError):
             Lab.create(**kwargs)
     assert {ns for ns in set(list_namespaces()) - before if ns.startswith(TEST_STEM)} == set()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "splitrelay.cli.main", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_lab_down_removes_only_the_lab_it_is_told_to():
+    """With several labs up (a test run's, another checkout's), a bare `lab down` must not guess."""
+    first, second = Lab.create(transceivers=1), Lab.create(transceivers=1)
+    try:
+        refused = _cli("lab", "down")
+        assert refused.returncode == 2, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and first.name in refused.stderr
+        assert {first.name, second.name} <= set(Lab.names())              # nothing was removed
+        both = _cli("lab", "down", "--name", first.name, "--all")
+        assert both.returncode == 2 and "not both" in both.stderr
+        removed = _cli("lab", "down", "--name", first.name)
+        assert removed.returncode == 0 and f"lab {first.name} removed" in removed.stdout
+        assert first.name not in Lab.names() and second.name in Lab.names()
+        assert not any(ns in list_namespaces() for ns in first.namespaces())
+    finally:
+        for lab in (first, second):
+            if lab.name in Lab.names():
+                lab.destroy()
