@@ -760,6 +760,27 @@ static void raise_nofile(long need)
 /* Token bucket on CLOCK_MONOTONIC: `rate` tokens a second, at most `burst` banked.
  * pace() returns how many of `want` packets may go now (sleeping when none may),
  * or 0 once the deadline passed or a stop signal came. */
+/* Send msg[0..n) in order: what the kernel pushes back (full buffers) is retried and counted in
+ * *errors, the deadline or a signal stops it, anything else is fatal.  Returns how many went out. */
+static long send_in_order(int fd, struct mmsghdr *msg, long n, uint64_t deadline, uint64_t *errors,
+			  const char *iface)
+{
+	long off = 0;
+	while (off < n) {
+		int k = sendmmsg(fd, msg + off, (unsigned int)(n - off), 0);
+		if (k > 0) {
+			off += k;
+			continue;
+		}
+		if (k < 0 && !transient(errno))
+			die("sendmmsg%s%s: %s", iface ? " on " : "", iface ? iface : "", strerror(errno));
+		(*errors)++;
+		if (g_stop || now_ns() >= deadline)
+			break;
+	}
+	return off;
+}
+
 struct pacer {
 	double rate, tokens, burst, chunk;
 	uint64_t last;
@@ -1199,19 +1220,7 @@ static int run_send_sockets(const struct cfg *c, uint64_t deadline)
 		uint64_t ts = now_ns();
 		for (long j = 0; j < n; j++)
 			data_stamp(bufs + j * c->size, seq + (uint32_t)j, ts);
-		long off = 0;
-		while (off < n) {
-			int k = sendmmsg(fds[flow], msg + off, (unsigned int)(n - off), 0);
-			if (k > 0) {
-				off += k;
-				continue;
-			}
-			if (k < 0 && !transient(errno))
-				die("sendmmsg: %s", strerror(errno));
-			r.errors++;
-			if (g_stop || now_ns() >= deadline)
-				break;
-		}
+		long off = send_in_order(fds[flow], msg, n, deadline, &r.errors, NULL);
 		/* only what went out consumed sequence numbers: a partial batch never fakes a gap */
 		seq += (uint32_t)off;
 		r.sent += (uint64_t)off;
@@ -1381,19 +1390,7 @@ static int run_send_packets(const struct cfg *c, uint64_t deadline)
 					frame_finish(f, ip, port, plen);
 					iov[j] = (struct iovec){ f, PAY_OFF + plen };
 				}
-				long off = 0;
-				while (off < n) {
-					int k = sendmmsg(fd, msg + off, (unsigned int)(n - off), 0);
-					if (k > 0) {
-						off += k;
-						continue;
-					}
-					if (k < 0 && !transient(errno))
-						die("sendmmsg on %s: %s", c->iface, strerror(errno));
-					r.errors++;
-					if (g_stop || now_ns() >= deadline)
-						break;
-				}
+				long off = send_in_order(fd, msg, n, deadline, &r.errors, c->iface);
 				r.stun_sent += (uint64_t)off;
 				pacer_spend(&pc, off);
 				pos += off;
@@ -1441,19 +1438,7 @@ static int run_send_packets(const struct cfg *c, uint64_t deadline)
 			uint16_t ck = (uint16_t)~fold((uint64_t)udp_const + ipw + port + (s >> 16) + (s & 0xFFFF) + ts_sum);
 			put16(f + UDP_OFF + 6, ck ? ck : 0xFFFF);
 		}
-		long off = 0;
-		while (off < n) {
-			int k = sendmmsg(fd, msg + off, (unsigned int)(n - off), 0);
-			if (k > 0) {
-				off += k;
-				continue;
-			}
-			if (k < 0 && !transient(errno))
-				die("sendmmsg on %s: %s", c->iface, strerror(errno));
-			r.errors++;
-			if (g_stop || now_ns() >= deadline)
-				break;
-		}
+		long off = send_in_order(fd, msg, n, deadline, &r.errors, c->iface);
 		/* flows and sequence numbers advance by what went out: the unsent tail is rebuilt next round */
 		seq += (uint32_t)off;
 		r.sent += (uint64_t)off;
