@@ -80,6 +80,16 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
+def _lab() -> Iterator[Lab]:
+    """A one-transceiver lab, removed after with its pinned maps and its daemons' logs."""
+    lab = Lab.create(transceivers=1)
+    try:
+        yield lab
+    finally:
+        labstack.stop_lab(lab.name)
+
+
+@contextlib.contextmanager
 def _relay(lab: Lab, datapath: str) -> Iterator[subprocess.Popen]:
     proc = _agent(lab, datapath)
     try:
@@ -153,7 +163,7 @@ def run(profile: str = "full", parts: tuple[str, ...] = PARTS, samples_dir: Path
         samples.mkdir(parents=True, exist_ok=True)
         if set(parts) & {"floor", "xdp", "userspace", "scale"}:
             say("building the lab (client, relay, transceiver namespaces)")
-            with Lab.create(transceivers=1) as lab, system.bpf_run_time_stats():
+            with _lab() as lab, system.bpf_run_time_stats():
                 if "floor" in parts:
                     with forwarding.kernel_forwarding(lab):
                         results["parts"]["kernel"] = _path_figures(

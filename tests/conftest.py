@@ -125,6 +125,8 @@ def nothing_left_behind():
             (STATE_DIR / f"{state}.json").unlink(missing_ok=True)
     for stray in leftovers(TEST_STEM, [])["namespaces"]:
         pnetns.remove(stray)
+    for log_name in leaked["daemon logs"]:
+        (STATE_DIR / log_name).unlink(missing_ok=True)
     for name in leaked_pins:
         unpin(name)
     found = {k: v for k, v in leaked.items() if v}
@@ -134,7 +136,7 @@ def nothing_left_behind():
 
 
 def leftovers(stem: str, labs: list[Lab]) -> dict[str, list[str]]:
-    """Namespaces, host links and lab state files named with this run's stem (or of labs it made)."""
+    """Namespaces, host links, lab state files and daemon logs named with this run's stem (or of its labs)."""
     names = set(list_namespaces())
     with IPRoute() as ipr:
         links = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
@@ -147,8 +149,11 @@ def leftovers(stem: str, labs: list[Lab]) -> dict[str, list[str]]:
             continue  # another run's file, being replaced
         if prefix.startswith(prefixes):
             states.append(path.stem)
+    logs = sorted(p.name for p in STATE_DIR.glob("*.log") if p.name.startswith(prefixes)) \
+        if STATE_DIR.exists() else []
     return {
         "namespaces": sorted(n for n in names if n.startswith(prefixes)),
         "host links": sorted(n for n in links if n.startswith(prefixes)),
         "state files": sorted(states),
+        "daemon logs": logs,
     }
