@@ -30,12 +30,13 @@ from splitrelay.bench.system import (
     xdp_prog_id,
 )
 from splitrelay.bench.system import pinned as pin_process
-from splitrelay.edge.lab import Lab, _sysctls, nsenter_argv
+from splitrelay.edge.lab import Lab, _sysctls, in_netns, nsenter_argv
 
 SINK_PORT = 5000          # the transceiver's mux port: where the relay sends flows
 FLOOR_PORT = 5001         # kernel-routed floor: a port no relay program touches
 DATA_SIZE = 200           # bytes of UDP payload: an Opus 20 ms frame plus SRTP overhead, roughly
 CLIENT_UFRAG = "bcli"
+IP_FORWARD = "net/ipv4/ip_forward"
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,14 @@ def usernames_file(ufrags: list[str], directory: Path) -> Path:
 
 @contextlib.contextmanager
 def kernel_forwarding(lab: Lab) -> Iterator[None]:
-    """Let the relay namespace forward IPv4 for the block (the floor path); always turned off after."""
+    """Let the relay namespace forward IPv4 for the block (the floor, a direct path); restored after, always."""
     relay = lab.relay_public.netns
-    _sysctls(relay, {"net/ipv4/ip_forward": "1"})
+    saved = in_netns(relay, lambda: Path("/proc/sys", IP_FORWARD).read_text().strip())
+    _sysctls(relay, {IP_FORWARD: "1"})
     try:
         yield
     finally:
-        _sysctls(relay, {"net/ipv4/ip_forward": "0"})
+        _sysctls(relay, {IP_FORWARD: saved})
 
 
 @contextlib.contextmanager

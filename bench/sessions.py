@@ -43,6 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from splitrelay.bench import forwarding
+from splitrelay.bench.system import process_cpu_ticks
 from splitrelay.cli import labstack
 from splitrelay.edge.lab import Lab, Transceiver, in_netns
 
@@ -137,15 +139,6 @@ def _stop(lab: Lab, proc: subprocess.Popen, grace: float = 10.0) -> None:
         lab.save()
 
 
-def _cpu_ticks(pid: int) -> int | None:
-    """utime + stime of a process (all its threads), in clock ticks; None once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return int(fields[11]) + int(fields[12])
-
-
 class _Probe:
     """One run of the probe in the client namespace: output in files (no pipe to fill), bounded."""
 
@@ -195,10 +188,6 @@ class _Probe:
 
 def _read_sysctl(netns: str, key: str) -> str:
     return in_netns(netns, lambda: Path("/proc/sys", key).read_text().strip())
-
-
-def _write_sysctl(netns: str, key: str, value: str) -> None:
-    in_netns(netns, lambda: Path("/proc/sys", key).write_text(value))
 
 
 def _snmp(netns: str, proto: str, field: str) -> int:
@@ -303,25 +292,21 @@ def measure_setup(lab_name: str, runs: int = 20, transceiver: int = 1, warmup: i
     bound = timeout if timeout is not None else 60.0 + rounds * 2 * (CONNECT_TIMEOUT_S + 5.0)
 
     direct, log = _start_transceiver(lab, t, "direct", t.backend_id, direct_port, direct_whip_port, relay=False)
-    forward_key = "net/ipv4/ip_forward"
-    saved = None
     try:
-        saved = _read_sysctl(rly, forward_key)
-        _write_sysctl(rly, forward_key, "1")
-        forwarded = _forwarded_datagrams(rly)
-        cpu_before = _cpu_times()
-        probe = _Probe(lab, [relay_url, direct_url, "--sequential", str(rounds), "--setup-only"])
-        reports = probe.wait(bound)
-        host["cpu_busy_pct"] = _busy_pct(cpu_before, _cpu_times())
-        forwarded = _forwarded_datagrams(rly) - forwarded
+        saved = _read_sysctl(rly, forwarding.IP_FORWARD)
+        with forwarding.kernel_forwarding(lab):
+            forwarded = _forwarded_datagrams(rly)
+            cpu_before = _cpu_times()
+            probe = _Probe(lab, [relay_url, direct_url, "--sequential", str(rounds), "--setup-only"])
+            reports = probe.wait(bound)
+            host["cpu_busy_pct"] = _busy_pct(cpu_before, _cpu_times())
+            forwarded = _forwarded_datagrams(rly) - forwarded
     except SessionBenchError as exc:
         raise SessionBenchError(f"{exc} (direct transceiver: {_log_tail(log)})") from None
     finally:
-        if saved is not None:
-            _write_sysctl(rly, forward_key, saved)
         _stop(lab, direct)
         log.unlink(missing_ok=True)
-    restored = _read_sysctl(rly, forward_key) == saved
+    restored = _read_sysctl(rly, forwarding.IP_FORWARD) == saved
     if len(reports) != 2 * rounds:
         raise SessionBenchError(f"the probe reported {len(reports)} sessions, expected {2 * rounds}")
 
@@ -414,7 +399,7 @@ class _Sampler:
         self.samples: list[tuple[float, dict[str, int | None], CpuTimes]] = []
 
     def sample(self) -> None:
-        self.samples.append((time.monotonic(), {k: _cpu_ticks(pid) for k, pid in self.pids.items()},
+        self.samples.append((time.monotonic(), {k: process_cpu_ticks(pid) for k, pid in self.pids.items()},
                              _cpu_times()))
 
     def _ends(self, start: float, end: float) -> tuple[Any, Any] | None:

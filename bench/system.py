@@ -120,10 +120,21 @@ def xdp_prog_id(nsenter_prefix: list[str], ifname: str) -> int:
         raise BenchSystemError(0, f"no XDP program attached to {ifname}") from None
 
 
+def process_cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process (all its threads) in clock ticks; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+
+
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+    """User + system CPU seconds of a live process so far (all its threads)."""
+    ticks = process_cpu_ticks(pid)
+    if ticks is None:
+        raise BenchSystemError(0, f"process {pid} is gone")
+    return ticks / CLK_TCK
 
 
 def softirq_cpu_s() -> float:
