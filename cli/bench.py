@@ -57,6 +57,8 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
             figures = json.loads(from_results.read_text())
         except ValueError as exc:
             raise CliError(f"{from_results} is not a results file: {exc}") from None
+        if not isinstance(figures, dict) or not isinstance(figures.get("parts"), dict):
+            raise CliError(f"{from_results} is not a results file: no \"parts\" object (save one with --results)")
         figures["ratios"] = report.ratios(figures)      # the report's current rules, on the old figures
         figures["targets"] = report.targets(figures)
         if plots:  # redraw what the figures hold; the RTT distribution needs the raw samples: kept as drawn

@@ -80,3 +80,13 @@ def test_smoke_bench_measures_every_part(tmp_path):
                     "## 5. Session setup", "## 6. Transceiver capacity", "## Targets"):
         assert heading in text
     assert {p.name for p in plots.iterdir()} >= {"forwarding-rate.png", "latency-ccdf.png", "scale.png"}
+
+
+@pytest.mark.parametrize("content", ["not json", "[]", '{"parts": 3}'])
+def test_from_results_refuses_what_is_not_a_results_file(tmp_path, content):
+    bad = tmp_path / "results.json"
+    bad.write_text(content)
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "bench", "--from-results", str(bad),
+                           "--markdown", str(tmp_path / "B.md")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "is not a results file" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "B.md").exists()
