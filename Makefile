@@ -33,7 +33,7 @@ fuzz: $(STAMP)
 		--hypothesis-show-statistics
 
 lint: $(STAMP)
-	$(PY) -m ruff check bpf edge transceiver cli tests
+	$(PY) -m ruff check splitrelay wire bpf edge transceiver client lab cli bench tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -11,7 +11,8 @@ import asyncio
 import time
 
 from splitrelay.edge.control_client import AsyncControlClient
-from splitrelay.edge.lab import Lab, in_netns
+from splitrelay.lab.topology import Lab
+from splitrelay.lab.netns import in_netns
 
 
 def ufrags(prefix: str, count: int) -> list[str]:

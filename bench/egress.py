@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from splitrelay.edge.lab import Lab
+from splitrelay.lab.topology import Lab
 
 SOURCE = Path(__file__).with_name("egress.c")
-SWITCH_PORT = "rint"   # edge/lab.py: the switch's end of the relay's internal veth
+SWITCH_PORT = "rint"   # lab/topology.py: the switch's end of the relay's internal veth
 
 
 class EgressCounter:

@@ -30,7 +30,8 @@ from splitrelay.bench.system import (
     xdp_prog_id,
 )
 from splitrelay.bench.system import pinned as pin_process
-from splitrelay.edge.lab import Lab, _sysctls, in_netns, nsenter_argv
+from splitrelay.lab.topology import Lab, set_sysctls
+from splitrelay.lab.netns import in_netns, nsenter_argv
 
 SINK_PORT = 5000          # the transceiver's mux port: where the relay sends flows
 FLOOR_PORT = 5001         # kernel-routed floor: a port no relay program touches
@@ -78,11 +79,11 @@ def kernel_forwarding(lab: Lab) -> Iterator[None]:
     """Let the relay namespace forward IPv4 for the block (the floor, a direct path); restored after, always."""
     relay = lab.relay_public.netns
     saved = in_netns(relay, lambda: Path("/proc/sys", IP_FORWARD).read_text().strip())
-    _sysctls(relay, {IP_FORWARD: "1"})
+    set_sysctls(relay, {IP_FORWARD: "1"})
     try:
         yield
     finally:
-        _sysctls(relay, {IP_FORWARD: saved})
+        set_sysctls(relay, {IP_FORWARD: saved})
 
 
 @contextlib.contextmanager

@@ -240,7 +240,7 @@ def markdown(results: dict, written: list[Path] | None = None, plot_dir_rel: str
         f"{_fmt(results.get('elapsed_s'))} s) on {m.get('date')} at commit `{m.get('commit')}`. "
         "Every figure below comes from that one run: the paths are measured side by side, by the same "
         "load generator (`bench/udpgen.c`: sendmmsg/recvmmsg and AF_PACKET), in the same lab "
-        "(`edge/lab.py`: client, relay and transceiver network namespaces joined by veth pairs).\n",
+        "(`lab/topology.py`: client, relay and transceiver network namespaces joined by veth pairs).\n",
         "Reproduce: `make bench` (all parts, about 5 minutes on this machine), `splitrelay bench --part xdp "
         "--part userspace` (a subset), `splitrelay bench --smoke --json` (the seconds-long version CI runs); "
         "the raw figures are in `docs/bench/results.json` (`splitrelay bench --from-results` re-renders "

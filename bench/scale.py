@@ -29,7 +29,7 @@ from pathlib import Path
 from splitrelay.bench import forwarding
 from splitrelay.edge.agent import AgentConfig, EdgeAgent
 from splitrelay.edge.datapath import Backend
-from splitrelay.edge.lab import Lab
+from splitrelay.lab.topology import Lab
 
 PORTS_PER_IP = 50000
 BASE_PORT = 10000

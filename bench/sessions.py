@@ -1,8 +1,8 @@
 """WebRTC session figures: setup time through the relay vs direct, and echo sessions per transceiver core.
 
-Both run in a lab the caller started (``labstack.start_lab(transceivers=1 or 2, handler="echo")``: the
+Both run in a lab the caller started (``stack.start_lab(transceivers=1 or 2, handler="echo")``: the
 edge agent attached with XDP, policy strict, an echo transceiver per host) with the project's own
-client, ``splitrelay.transceiver.probe`` (a plain aiortc WHIP client), in the lab's client namespace.
+client, ``splitrelay.client.probe`` (a plain aiortc WHIP client), in the lab's client namespace.
 
 Setup (``measure_setup``).  One probe process opens sessions one at a time, alternating between two
 transceivers in the same namespace, run by the same code with the same flags:
@@ -45,8 +45,9 @@ from typing import Any
 
 from splitrelay.bench import forwarding
 from splitrelay.bench.system import process_cpu_ticks
-from splitrelay.cli import labstack
-from splitrelay.edge.lab import Lab, Transceiver, in_netns
+from splitrelay.lab import stack
+from splitrelay.lab.topology import Lab, Transceiver
+from splitrelay.lab.netns import in_netns
 
 DIRECT_BACKEND_PORT = 5001
 DIRECT_WHIP_PORT = 8081
@@ -97,21 +98,21 @@ def _log_tail(path: Path, lines: int = 3) -> str:
 
 def _start_transceiver(lab: Lab, t: Transceiver, tag: str, backend_id: int, backend_port: int,
                        whip_port: int, relay: bool, cpu: int | None = None) -> tuple[subprocess.Popen, Path]:
-    """A ``splitrelay transceiver serve`` (echo) in ``t``'s namespace, as labstack starts the lab's
+    """A ``splitrelay transceiver serve`` (echo) in ``t``'s namespace, as the lab stack starts the lab's
     (same flags), in relay mode (registered with the lab's agent) or direct mode; pinned to ``cpu``."""
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
             "--backend-id", str(backend_id), "--bind", f"{t.ip4}:{backend_port}",
             "--whip-listen", f"{t.signal_ip4}:{whip_port}", "--handler", "echo"]
     if relay:
         argv += ["--relay", f"{lab.relay_public.ip4}:{lab.relay_port}",
-                 "--relay-control", labstack.control_url(lab)]
+                 "--relay-control", stack.control_url(lab)]
     if cpu is not None:
         argv = ["taskset", "-c", str(cpu), *argv]
-    path = labstack.log_file(lab, f"bench-{tag}")
+    path = stack.log_file(lab, f"bench-{tag}")
     with path.open("w") as log:
         proc = lab.popen(t.netns, argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     try:
-        labstack.wait_ready(proc, path, "transceiver ready", f"{tag} transceiver")
+        stack.wait_ready(proc, path, "transceiver ready", f"{tag} transceiver")
     except BaseException:
         _stop(lab, proc)
         raise
@@ -146,7 +147,7 @@ class _Probe:
         self.lab = lab
         self.out = tempfile.TemporaryFile(mode="w+")
         self.err = tempfile.TemporaryFile(mode="w+")
-        argv = [sys.executable, "-m", "splitrelay.transceiver.probe", *args]
+        argv = [sys.executable, "-m", "splitrelay.client.probe", *args]
         if cpus:
             argv = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *argv]
         self.proc = lab.popen(lab.client.netns, argv, stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL)
@@ -240,7 +241,7 @@ def _busy_pct(a: CpuTimes, b: CpuTimes) -> dict[str, float]:
 SETUP_METRICS = ("offer_to_answer_ms", "ice_connected_ms", "dtls_connected_ms")
 
 SETUP_METHOD = (
-    "One aiortc WHIP client process (splitrelay.transceiver.probe --sequential --setup-only) in the lab's "
+    "One aiortc WHIP client process (splitrelay.client.probe --sequential --setup-only) in the lab's "
     "client namespace opens sessions one at a time, alternating relay, direct, relay, direct, ...; each "
     "session carries one Opus audio track and one data channel (as a voice call does), is closed with WHIP "
     "DELETE as soon as the client's peer connection is 'connected', and the next one is offered. "
@@ -283,10 +284,10 @@ def measure_setup(lab_name: str, runs: int = 20, transceiver: int = 1, warmup: i
     if not 1 <= transceiver <= len(lab.transceivers):
         raise SessionBenchError(f"lab {lab_name} has no transceiver {transceiver}")
     t = lab.transceivers[transceiver - 1]
-    relay_url = labstack.whip_url(t)
+    relay_url = stack.whip_url(t)
     direct_url = _whip_url(t.signal_ip4, direct_whip_port)
     rly = lab.relay_public.netns
-    health = labstack.control(lab, lambda c: c.health())
+    health = stack.control(lab, lambda c: c.health())
     rounds = runs + warmup
     host: dict[str, Any] = {"cpus": os.cpu_count(), "loadavg_before": [round(v, 2) for v in os.getloadavg()]}
     bound = timeout if timeout is not None else 60.0 + rounds * 2 * (CONNECT_TIMEOUT_S + 5.0)
@@ -357,7 +358,7 @@ def measure_setup(lab_name: str, runs: int = 20, transceiver: int = 1, warmup: i
 CAPACITY_METHOD = (
     "A splitrelay transceiver (echo handler, relay mode: registered with the lab's edge agent, so every "
     "packet crosses the XDP relay) is started pinned with taskset to one CPU; the client "
-    "(splitrelay.transceiver.probe --sessions N --carrier --together: plain aiortc, one Python process) is "
+    "(splitrelay.client.probe --sessions N --carrier --together: plain aiortc, one Python process) is "
     "pinned to the other CPU(s) of the same machine. For each step N it opens N concurrent sessions (Opus "
     "audio + a data channel pinged every 250 ms); once all N are connected (+0.5 s) they all talk for the "
     "step's duration, then stay silent while the echo's tail comes back (0.5 s + twice the slowest beep "
@@ -384,7 +385,7 @@ CONTENDED_PCT = 20.0
 
 
 def _free_backend_id(lab: Lab, first: int) -> int:
-    taken = {b["id"] for b in labstack.control(lab, lambda c: c.backends())}
+    taken = {b["id"] for b in stack.control(lab, lambda c: c.backends())}
     backend_id = first
     while backend_id in taken:
         backend_id += 1
@@ -578,7 +579,7 @@ def measure_capacity(lab_name: str, steps: list[int], duration: float = 10.0, cp
         _stop(lab, proc)
         log.unlink(missing_ok=True)
         try:
-            labstack.control(lab, lambda c: c.delete_backend(backend_id))
+            stack.control(lab, lambda c: c.delete_backend(backend_id))
         except Exception:  # noqa: BLE001 - the agent may be gone; nothing else to undo
             pass
 

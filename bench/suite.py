@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from splitrelay.bench import control, forwarding, scale, system
-from splitrelay.cli import labstack
-from splitrelay.edge.lab import Lab
+from splitrelay.lab import stack
+from splitrelay.lab.topology import Lab
 
 PARTS = ("floor", "xdp", "userspace", "scale", "sessions")
 
@@ -66,7 +66,7 @@ PROFILES = {
 
 def _agent(lab: Lab, datapath: str) -> subprocess.Popen:
     args = ["--idle-timeout", "600"]  # flows of a benchmark must not age out between its parts
-    return labstack.start_agent(lab, "strict", args, datapath=datapath)
+    return stack.start_agent(lab, "strict", args, datapath=datapath)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -86,7 +86,7 @@ def _lab() -> Iterator[Lab]:
     try:
         yield lab
     finally:
-        labstack.stop_lab(lab.name)
+        stack.stop_lab(lab.name)
 
 
 @contextlib.contextmanager
@@ -94,7 +94,7 @@ def _relay(lab: Lab, datapath: str) -> Iterator[subprocess.Popen]:
     proc = _agent(lab, datapath)
     try:
         t = lab.transceivers[0]
-        labstack.control(lab, lambda c: c.put_backend(t.backend_id, t.ip4, forwarding.SINK_PORT))
+        stack.control(lab, lambda c: c.put_backend(t.backend_id, t.ip4, forwarding.SINK_PORT))
         yield proc
     finally:
         _stop(proc)
@@ -138,7 +138,7 @@ def _path_figures(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path, say:
 def _relay_part(lab: Lab, p: Profile, datapath: str, tmp: Path, say: Callable[[str], None],
                 samples_dir: Path) -> dict:
     with _relay(lab, datapath) as proc:
-        url = labstack.control_url(lab)
+        url = stack.control_url(lab)
         say(f"{datapath}: registering and removing {p.registrations} sessions through the control API")
         reg = control.registration_rate(lab, url, p.registrations, prefix="rg")
         control.register(lab, url, _session_names(p))
@@ -185,7 +185,7 @@ def _sessions_part(p: Profile, say: Callable[[str], None]) -> dict:
     from splitrelay.bench import sessions
 
     say("sessions: a lab with an echo transceiver")
-    info = labstack.start_lab(transceivers=1, handler="echo")
+    info = stack.start_lab(transceivers=1, handler="echo")
     try:
         say(f"sessions: {p.setup_runs} setups through the relay and {p.setup_runs} direct")
         setup = sessions.measure_setup(info["name"], runs=p.setup_runs)
@@ -194,7 +194,7 @@ def _sessions_part(p: Profile, say: Callable[[str], None]) -> dict:
                                              duration=p.capacity_duration_s, progress=say)
         return {"setup": setup, "capacity": capacity}
     finally:
-        labstack.stop_lab(info["name"])
+        stack.stop_lab(info["name"])
 
 
 def save(results: dict, path: Path) -> None:

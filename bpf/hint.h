@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0) */
 /*
- * Routing hint decoder (format in splitrelay.h; encoder in edge/hint.py).
+ * Routing hint decoder (format in splitrelay.h; encoder in wire/hint.py).
  * Lets a relay with no session state route a session's first STUN request.
  */
 #ifndef SPLITRELAY_HINT_H

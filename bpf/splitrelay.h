@@ -31,7 +31,7 @@
 #define SR_POLICY_STRICT 0     /* only ufrags registered in the session map create flows */
 #define SR_POLICY_HINT   1     /* a routing hint naming a registered backend may too */
 
-/* Routing hint inside the server ufrag (see edge/hint.py for the encoder).
+/* Routing hint inside the server ufrag (see wire/hint.py for the encoder).
  * ufrag alphabet is the ice-char set A-Z a-z 0-9 + /, one char = 6 bits in
  * base64 order.  Version 1 is exactly 16 chars:
  *   [0]      version char, value 1 ('B')

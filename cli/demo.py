@@ -12,8 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
 
-from splitrelay.cli.labstack import control, probe, probe_result, start_lab, stop_lab
-from splitrelay.edge.lab import Lab
+from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab
+from splitrelay.lab.topology import Lab
 
 
 @dataclass

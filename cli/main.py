@@ -40,7 +40,7 @@ def _table(rows: list[dict], columns: list[str]) -> None:
 def _library_errors():
     from splitrelay.edge.control_client import ControlError
     from splitrelay.edge.datapath import DatapathError
-    from splitrelay.edge.lab import LabError
+    from splitrelay.lab.netns import LabError
     from splitrelay.edge.neighbours import NeighbourError
 
     return (DatapathError, LabError, NeighbourError, ControlError)
@@ -125,7 +125,7 @@ def _agent_config(**kw):
     ips = kw.pop("public_ips")
     key_file = kw.pop("hint_key_file", None)
     if key_file:
-        from splitrelay.edge.hint import HintError, load_key
+        from splitrelay.wire.hint import HintError, load_key
 
         try:
             kw["hint_key"] = load_key(key_file)
@@ -496,7 +496,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_public: str | None, rela
     bind_host, bind_port = _hostport(bind, "--bind")
     whip_host, whip_port = _hostport(whip_listen, "--whip-listen")
     backend_id = _backend_id(backend_id, bind_host)
-    from splitrelay.edge.hint import HintError, load_key
+    from splitrelay.wire.hint import HintError, load_key
 
     try:
         hint_key = load_key(hint_key_file) if hint_key_file else None
@@ -585,7 +585,7 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool) -> N
     """
     require_root("a lab")
     require_bcc()
-    from splitrelay.cli.labstack import start_lab
+    from splitrelay.lab.stack import start_lab
 
     info = start_lab(transceivers=transceivers, name=name, policy=policy)
     _emit(info, as_json, lambda d: click.echo(
@@ -606,8 +606,8 @@ def lab_down(name: str | None, all_labs: bool) -> None:
     """
     require_root("a lab")
     from splitrelay.cli.errors import EXIT_USAGE
-    from splitrelay.cli.labstack import stop_lab
-    from splitrelay.edge.lab import Lab
+    from splitrelay.lab.stack import stop_lab
+    from splitrelay.lab.topology import Lab
 
     if name and all_labs:
         raise CliError("give --name or --all, not both", EXIT_USAGE)
@@ -629,8 +629,8 @@ def lab_down(name: str | None, all_labs: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def lab_status(as_json: bool) -> None:
     """Labs that are up, with their addresses."""
-    from splitrelay.cli.labstack import lab_info
-    from splitrelay.edge.lab import Lab
+    from splitrelay.lab.stack import lab_info
+    from splitrelay.lab.topology import Lab
 
     data = [lab_info(Lab.load(n)) for n in Lab.names()]
     _emit(data, as_json, lambda d: _table(d, ["name", "relay_public", "client_netns", "control_url"]))

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from splitrelay.edge.hint import MAX_BACKEND_ID
+from splitrelay.wire.hint import MAX_BACKEND_ID
 
 log = logging.getLogger(__name__)
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 from splitrelay.edge.datapath import Backend, Datapath, DatapathError
-from splitrelay.edge.hint import MAX_BACKEND_ID
+from splitrelay.wire.hint import MAX_BACKEND_ID
 from splitrelay.edge.userspace import UserspaceDatapath
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from splitrelay.bpf import SOURCE_DIR
 from splitrelay.edge import counters as counters_mod
-from splitrelay.edge.hint import MAX_BACKEND_ID
-from splitrelay.edge.wire import addr_from_words, be16, be32_words, from_be16, mac_bytes, mac_str
+from splitrelay.wire.hint import MAX_BACKEND_ID
+from splitrelay.wire.byteorder import addr_from_words, be16, be32_words, from_be16, mac_bytes, mac_str
 
 log = logging.getLogger(__name__)
 

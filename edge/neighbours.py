@@ -7,13 +7,14 @@ is missing, provoke resolution with one datagram to the discard port and wait
 for the kernel's neighbour notification (bounded, re-probing once a second
 while the kernel gives up on an entry).
 
-Every function takes ``netns``: the name of a network namespace (as in
-``/run/netns``) to look in instead of the caller's own.
+Every function looks in the caller's own network namespace; a test that needs
+another runs the call there (``splitrelay.lab.netns.in_netns``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import select
 import socket
@@ -37,20 +38,15 @@ class NeighbourError(Exception):
     """A next hop's MAC could not be found (one-line reason)."""
 
 
-def _in(netns: str | None, fn: Callable[[], T]) -> T:
-    """fn() in ``netns`` (a worker thread that entered it) or here; pyroute2's synchronous API cannot run
-    on a thread with a running asyncio loop, so such callers get a worker thread too."""
-    if netns is None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return fn()
-    from splitrelay.edge.lab import LabError, in_netns, in_thread  # lab imports nothing from here
-
+def _off_loop(fn: Callable[[], T]) -> T:
+    """fn() here, or in a worker thread when this thread runs an asyncio loop: pyroute2's synchronous
+    API refuses to run on such a thread."""
     try:
-        return in_netns(netns, fn) if netns is not None else in_thread(fn)
-    except LabError as exc:
-        raise NeighbourError(str(exc)) from None
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="neighbours") as pool:
+        return pool.submit(fn).result()
 
 
 def _index(ipr: IPRoute, ifname: str) -> int:
@@ -60,18 +56,18 @@ def _index(ipr: IPRoute, ifname: str) -> int:
     return found[0]
 
 
-def interface_index(ifname: str, netns: str | None = None) -> int:
+def interface_index(ifname: str) -> int:
     def get() -> int:
         with IPRoute() as ipr:
             return _index(ipr, ifname)
-    return _in(netns, get)
+    return _off_loop(get)
 
 
-def interface_mac(ifname: str, netns: str | None = None) -> str:
+def interface_mac(ifname: str) -> str:
     def get() -> str:
         with IPRoute() as ipr:
             return ipr.get_links(_index(ipr, ifname))[0].get_attr("IFLA_ADDRESS")
-    return _in(netns, get)
+    return _off_loop(get)
 
 
 def _parse(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -85,7 +81,7 @@ def _family(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
     return socket.AF_INET6 if addr.version == 6 else socket.AF_INET
 
 
-def interface_for(ip: str, netns: str | None = None) -> str:
+def interface_for(ip: str) -> str:
     """The interface the kernel would use to reach ``ip``."""
     addr = _parse(ip)
 
@@ -99,7 +95,7 @@ def interface_for(ip: str, netns: str | None = None) -> str:
                 raise NeighbourError(f"no route to {ip}")
             index = routes[0].get_attr("RTA_OIF")
             return ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
-    return _in(netns, get)
+    return _off_loop(get)
 
 
 def _lookup(ipr: IPRoute, ip: str, family: int, index: int) -> tuple[str | None, int]:
@@ -176,7 +172,7 @@ def _resolve_here(ip: str, ifname: str | None, timeout: float) -> str:
     raise NeighbourError(f"no neighbour entry for {ip} on {ifname} after {timeout:.1f} s ({what}; host down?)")
 
 
-def resolve(ip: str, ifname: str | None = None, timeout: float = 3.0, netns: str | None = None) -> str:
+def resolve(ip: str, ifname: str | None = None, timeout: float = 3.0) -> str:
     """MAC of the on-link host ``ip`` on ``ifname`` (default: the interface its route uses).
 
     Raises NeighbourError when ``ip`` is not an address, the interface is missing, ``ip`` is
@@ -184,4 +180,4 @@ def resolve(ip: str, ifname: str | None = None, timeout: float = 3.0, netns: str
     """
     if timeout <= 0:
         raise NeighbourError(f"timeout must be positive, got {timeout}")
-    return _in(netns, lambda: _resolve_here(ip, ifname, timeout))
+    return _off_loop(lambda: _resolve_here(ip, ifname, timeout))

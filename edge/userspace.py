@@ -11,7 +11,7 @@ dicts, and relays on the running asyncio loop:
   ``xdp_public`` judges it (``bpf/relay.c``): RFC 7983 class by the first byte;
   a STUN Binding Request is routed by its server ufrag (the session table, or a
   routing hint under policy ``hint``, keyed v2 hints and ``forged_hint`` as in
-  XDP), parsed by the reference parser ``edge/stun.py`` so every drop reason is
+  XDP), parsed by the reference parser ``wire/stun.py`` so every drop reason is
   the same; every other STUN, DTLS and SRTP/SRTCP packet follows the flow of the
   client's (ip, port); the per-session allowance (``max_session_flows``) and the
   flow table size are enforced the same way (refuse and count, never evict).
@@ -71,9 +71,9 @@ from functools import lru_cache
 from splitrelay.bpf import SOURCE_DIR
 from splitrelay.edge import counters as counters_mod
 from splitrelay.edge.datapath import Backend, DatapathError, Flow, RelayConfig, Session
-from splitrelay.edge.hint import FORGED
-from splitrelay.edge.hint import inspect as hint_inspect
-from splitrelay.edge.stun import StunError, server_ufrag
+from splitrelay.wire.hint import FORGED
+from splitrelay.wire.hint import inspect as hint_inspect
+from splitrelay.wire.stun import StunError, server_ufrag
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ C_SESSION_FLOWS = _IDX["IN_DROP_SESSION_FLOWS"]
 C_FORGED = _IDX["IN_DROP_FORGED_HINT"]
 C_OUT_FWD = _IDX["OUT_FWD"]
 C_OUT_REDIRECT = _IDX["OUT_DROP_REDIRECT"]
-# a StunError's reason is its counter's reason (edge/stun.py mirrors relay.c)
+# a StunError's reason is its counter's reason (wire/stun.py mirrors relay.c)
 C_STUN_DROP = {spec.reason: spec.index for spec in counters_mod.counter_specs()
                if spec.direction == "ingress" and spec.verdict == "dropped"}
 

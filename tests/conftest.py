@@ -10,7 +10,8 @@ import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as pnetns
 from splitrelay.edge.datapath import Backend, Datapath, RelayConfig, pinned_instances, unpin
-from splitrelay.edge.lab import STATE_DIR, STEM_ENV, Lab, in_netns, list_namespaces
+from splitrelay.lab.topology import STATE_DIR, STEM_ENV, Lab
+from splitrelay.lab.netns import in_netns, list_namespaces
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

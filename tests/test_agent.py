@@ -26,15 +26,16 @@ from urllib.parse import quote
 import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
-from splitrelay.cli.labstack import control, control_url, start_lab, stop_lab
-from splitrelay.edge import stun
+from splitrelay.lab.stack import control, control_url, start_lab, stop_lab
+from splitrelay.wire import stun
 from splitrelay.edge.agent import AgentConfig, EdgeAgent
 from splitrelay.edge.control_client import AsyncControlClient, ControlError
 from splitrelay.edge.counters import counter_specs
 from splitrelay.edge.datapath import DatapathError
-from splitrelay.edge.lab import Lab, in_netns
+from splitrelay.lab.topology import Lab
+from splitrelay.lab.netns import in_netns
 from splitrelay.edge.neighbours import NeighbourError
-from splitrelay.edge.testrun import XDP_REDIRECT, run_xdp
+from splitrelay.bpf.testrun import XDP_REDIRECT, run_xdp
 
 from . import packets as P
 from .conftest import needs_root

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from splitrelay.cli.labstack import control, start_agent, start_lab, stop_lab
+from splitrelay.lab.stack import control, start_agent, start_lab, stop_lab
 from splitrelay.edge.backend_sources import (
     BackendSourceError,
     BackendSpec,
@@ -20,7 +20,8 @@ from splitrelay.edge.backend_sources import (
     parse_backend_file,
     parse_endpoints,
 )
-from splitrelay.edge.lab import Lab, in_netns
+from splitrelay.lab.topology import Lab
+from splitrelay.lab.netns import in_netns
 
 from .conftest import needs_root
 from .waiting import wait_for

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from splitrelay.bench import sessions
-from splitrelay.cli.labstack import control, start_lab, stop_lab
-from splitrelay.edge.lab import NETNS_DIR, Lab, in_netns
+from splitrelay.lab.stack import control, start_lab, stop_lab
+from splitrelay.lab.topology import Lab
+from splitrelay.lab.netns import NETNS_DIR, in_netns
 
 from .conftest import needs_root
 

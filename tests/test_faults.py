@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from splitrelay.cli.labstack import control, probe, probe_result, start_agent, start_lab, stop_lab
+from splitrelay.lab.stack import control, probe, probe_result, start_agent, start_lab, stop_lab
 from splitrelay.edge.datapath import Datapath
-from splitrelay.edge.lab import Lab, in_netns
+from splitrelay.lab.topology import Lab
+from splitrelay.lab.netns import in_netns
 
 from .conftest import needs_root
 from .waiting import wait_for
@@ -62,7 +63,7 @@ def test_client_nat_rebinding_moves_the_call_to_the_new_port():
     new flow for the same session (within its allowance); the old flow goes idle and ages out."""
     import socket
 
-    from splitrelay.edge import stun
+    from splitrelay.wire import stun
 
     info = start_lab(transceivers=1, handler=None)
     lab = Lab.load(info["name"])
@@ -117,7 +118,7 @@ def test_transceiver_crash_drops_its_sessions_and_spares_the_others():
         os.waitpid(t1_pid, 0)
         lab.pids.remove(t1_pid)
         assert {s["backend"] for s in control(lab, lambda c: c.sessions())} == {1, 2}
-        from splitrelay.cli.labstack import start_transceiver
+        from splitrelay.lab.stack import start_transceiver
 
         start_transceiver(lab, lab.transceivers[0])    # its replacement registers the backend again
         lab.save()

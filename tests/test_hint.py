@@ -1,4 +1,4 @@
-"""Routing hints: edge/hint.py and bpf/hint.h on the shared vector files.
+"""Routing hints: wire/hint.py and bpf/hint.h on the shared vector files.
 
 The C decoder is compiled here as plain userspace C (no BPF, no root) and reads
 the vector files itself, so the files' format is proven parseable from C and
@@ -17,8 +17,8 @@ from aioice.utils import random_string
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from splitrelay.bpf import SOURCE_DIR
-from splitrelay.edge import hint, stun
-from splitrelay.edge.vectors import FORGED, VECTOR_DIR, hint_key, load_hints
+from splitrelay.wire import hint, stun
+from .vector_files import FORGED, VECTOR_DIR, hint_key, load_hints
 
 V1 = load_hints("hint_v1.txt")
 V2 = load_hints("hint_v2.txt")

@@ -19,16 +19,8 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 from splitrelay.edge import neighbours
-from splitrelay.edge.lab import (
-    STATE_DIR,
-    Lab,
-    LabError,
-    destroy,
-    in_netns,
-    in_netns_async,
-    list_namespaces,
-    netns_socket,
-)
+from splitrelay.lab.topology import STATE_DIR, Lab, destroy
+from splitrelay.lab.netns import LabError, in_netns, in_netns_async, list_namespaces, netns_socket
 from splitrelay.edge.neighbours import NeighbourError
 
 from .conftest import TEST_STEM, needs_root
@@ -271,33 +263,35 @@ def test_neighbour_resolution(lab):
             return {n.get_attr("NDA_DST") for n in ipr.get_neighbours()}
 
     assert net.transceivers[0].ip4 not in in_netns(rly, entries)  # resolution must be triggered
-    for t in net.transceivers:
-        assert neighbours.resolve(t.ip4, "int0", netns=rly) == t.mac
-        assert neighbours.resolve(t.ip6, "int0", netns=rly) == t.mac
-    assert neighbours.resolve(net.client.ip4, "pub0", netns=rly) == net.client.mac
-    assert neighbours.resolve(net.client.ip6, netns=rly) == net.client.mac          # interface from the route
-    assert neighbours.resolve(net.relay_public.ip4, "c0", netns=net.client.netns) == net.relay_public.mac
-    # also from inside the namespace, without naming it
-    assert in_netns(rly, lambda: neighbours.resolve(net.transceivers[0].ip4, "int0")) == net.transceivers[0].mac
+    def in_relay(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - the agent runs inside the relay's namespace
+        return in_netns(rly, lambda: fn(*args, **kwargs))
 
-    assert neighbours.interface_mac("pub0", netns=rly) == net.relay_public.mac
-    assert neighbours.interface_index("int0", netns=rly) == in_netns(rly, lambda: socket.if_nametoindex("int0"))
-    assert neighbours.interface_for(net.transceivers[1].ip4, netns=rly) == "int0"
+    for t in net.transceivers:
+        assert in_relay(neighbours.resolve, t.ip4, "int0") == t.mac
+        assert in_relay(neighbours.resolve, t.ip6, "int0") == t.mac
+    assert in_relay(neighbours.resolve, net.client.ip4, "pub0") == net.client.mac
+    assert in_relay(neighbours.resolve, net.client.ip6) == net.client.mac          # interface from the route
+    client_ns = net.client.netns
+    assert in_netns(client_ns, lambda: neighbours.resolve(net.relay_public.ip4, "c0")) == net.relay_public.mac
+
+    assert in_relay(neighbours.interface_mac, "pub0") == net.relay_public.mac
+    assert in_relay(neighbours.interface_index, "int0") == in_relay(socket.if_nametoindex, "int0")
+    assert in_relay(neighbours.interface_for, net.transceivers[1].ip4) == "int0"
 
     started = time.monotonic()
     with pytest.raises(NeighbourError, match="172.31.1.99"):
-        neighbours.resolve("172.31.1.99", "int0", timeout=1.0, netns=rly)         # nobody there
+        in_relay(neighbours.resolve, "172.31.1.99", "int0", timeout=1.0)         # nobody there
     assert 0.9 < time.monotonic() - started < 2.5
     with pytest.raises(NeighbourError, match="not on-link on int0.*via pub0"):
-        neighbours.resolve(net.client.ip4, "int0", timeout=1.0, netns=rly)        # wrong link
+        in_relay(neighbours.resolve, net.client.ip4, "int0", timeout=1.0)        # wrong link
     with pytest.raises(NeighbourError, match="gateway"):
-        neighbours.resolve(net.transceivers[0].ip4, "c0", netns=net.client.netns)  # behind the relay
+        in_netns(net.client.netns, lambda: neighbours.resolve(net.transceivers[0].ip4, "c0"))  # behind the relay
     with pytest.raises(NeighbourError, match="no interface"):
-        neighbours.resolve(net.client.ip4, "eth9", netns=rly)
+        in_relay(neighbours.resolve, net.client.ip4, "eth9")
     with pytest.raises(NeighbourError, match="not an IP"):
-        neighbours.resolve("relay", "pub0", netns=rly)
-    with pytest.raises(NeighbourError, match="namespace"):
-        neighbours.interface_mac("pub0", netns=net.prefix + "-nope")
+        in_relay(neighbours.resolve, "relay", "pub0")
+    with pytest.raises(LabError, match="no network namespace"):
+        in_netns(net.prefix + "-nope", lambda: neighbours.interface_mac("pub0"))
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -350,7 +344,7 @@ def test_teardown_removes_everything_even_from_another_process():
         names = net.namespaces()
         assert set(names) <= set(list_namespaces())
         down = subprocess.run(
-            [sys.executable, "-c", "import sys; from splitrelay.edge.lab import destroy; "
+            [sys.executable, "-c", "import sys; from splitrelay.lab.topology import destroy; "
                                    "sys.exit(0 if destroy(sys.argv[1]) else 1)", net.name],
             capture_output=True, text=True, timeout=30)
         assert down.returncode == 0, down.stderr

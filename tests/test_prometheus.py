@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from splitrelay.cli.labstack import control, probe, probe_result, start_lab, stop_lab
-from splitrelay.edge.lab import Lab, in_netns
+from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab
+from splitrelay.lab.topology import Lab
+from splitrelay.lab.netns import in_netns
 
 from .conftest import needs_root
 from .waiting import wait_for

@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
-from splitrelay.edge import hint, stun
+from splitrelay.wire import hint, stun
 from splitrelay.edge.datapath import Datapath
-from splitrelay.edge.lab import in_netns
+from splitrelay.lab.netns import in_netns
 
 from .conftest import needs_root
 

@@ -15,10 +15,10 @@ import pytest
 from aioice import stun as aioice_stun
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from splitrelay.edge import stun
+from splitrelay.wire import stun
 from splitrelay.edge.counters import counter_specs
-from splitrelay.edge.hint import ALPHABET
-from splitrelay.edge.vectors import load_classes, load_hex
+from splitrelay.wire.hint import ALPHABET
+from .vector_files import load_classes, load_hex
 
 V = {name: vec.data for name, vec in load_hex("rfc5769.txt").items()}
 TID = bytes.fromhex("b7e7a701bc34d686fa87dfae")

@@ -16,11 +16,11 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 from yarl import URL
 
-from splitrelay.edge import hint, stun
+from splitrelay.wire import hint, stun
 from splitrelay.transceiver.handlers import (
     FRAME_SAMPLES, SAMPLE_RATE, PcmFrame, handler_factory, parse_handler_spec,
 )
-from splitrelay.transceiver.probe import goertzel_power, run_probe, run_probes
+from splitrelay.client.probe import goertzel_power, run_probe, run_probes
 from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 from splitrelay.transceiver.session import OutboundAudio
 

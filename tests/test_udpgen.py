@@ -27,8 +27,8 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pnetns
 from splitrelay.bench import loadgen
 from splitrelay.bench.loadgen import LoadgenError
-from splitrelay.edge import stun
-from splitrelay.edge.lab import in_netns, netns_socket
+from splitrelay.wire import stun
+from splitrelay.lab.netns import in_netns, netns_socket
 
 from .conftest import TEST_STEM, needs_root
 from .packets import checksums_valid, udp_frame

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from splitrelay.cli.labstack import (
+from splitrelay.lab.stack import (
     BACKEND_PORT,
     control,
     control_url,
@@ -32,11 +32,11 @@ from splitrelay.cli.labstack import (
     wait_ready,
     whip_url,
 )
-from splitrelay.edge import hint, stun
+from splitrelay.wire import hint, stun
 from splitrelay.edge.control_client import ControlError
 from splitrelay.edge.counters import counter_specs
 from splitrelay.edge.datapath import Backend, DatapathError, RelayConfig
-from splitrelay.edge.lab import Lab
+from splitrelay.lab.topology import Lab
 from splitrelay.edge.userspace import NO_MAC, OVERHEAD, TableFullError, UserspaceDatapath
 
 from .conftest import needs_root

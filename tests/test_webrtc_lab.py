@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from splitrelay.cli.labstack import (
+from splitrelay.lab.stack import (
     control,
     probe,
     probe_result,
@@ -19,8 +19,8 @@ from splitrelay.cli.labstack import (
     start_transceiver,
     stop_lab,
 )
-from splitrelay.edge import hint
-from splitrelay.edge.lab import Lab
+from splitrelay.wire import hint
+from splitrelay.lab.topology import Lab
 
 from .conftest import needs_root
 from .waiting import wait_for
@@ -110,6 +110,9 @@ def test_edge_agent_kill_and_restart_mid_call(voice_lab):
     assert report["ok"] and "failed" not in report["ice_states"] + report["connection_states"]
     assert "disconnected" not in report["ice_states"]
     assert all(report["beep_echoed"][-3:]), report["beep_echoed"]
+    # the hang-up may have reached the transceiver while the agent was down (its DELETE refused): the
+    # restarted agent adopts the pinned session, and the transceiver drops it when it sees the new boot_id
+    wait_for(lambda: not control(lab, lambda c: c.sessions()), 10, "the ended call's session gone")
 
 
 def test_transceiver_shutdown_unregisters_its_sessions(voice_lab):

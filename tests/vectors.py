@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from splitrelay.edge.vectors import VECTOR_DIR, hint_key, load_classes, load_hex, load_hints
+from .vector_files import VECTOR_DIR, hint_key, load_classes, load_hex, load_hints
 
 VECTORS = VECTOR_DIR
 HINT_V2_KEY = hint_key("hint_v2.txt")

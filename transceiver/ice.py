@@ -22,7 +22,7 @@ from typing import Any
 
 import aiortc.rtcicetransport as _rtcicetransport
 
-from splitrelay.edge.hint import ALPHABET
+from splitrelay.wire.hint import ALPHABET
 from splitrelay.transceiver.mux import MuxedConnection, UdpMux
 
 _session: ContextVar[tuple[UdpMux, str, str, list[MuxedConnection]] | None] = ContextVar(

@@ -9,7 +9,7 @@ pattern):
   that address belongs to;
 * a datagram from a new address must be a STUN Binding Request; it is routed
   by the local (server) ufrag, the part of its USERNAME before the ':', parsed
-  with exactly the relay's rules (``splitrelay.edge.stun``).  Anything else
+  with exactly the relay's rules (``splitrelay.wire.stun``).  Anything else
   from a new address is dropped and counted by reason.
 
 Each session's aioice ``StunProtocol`` gets a ``MuxTransport``, a per-session
@@ -52,7 +52,7 @@ from aioice import Candidate
 from aioice.candidate import candidate_foundation, candidate_priority
 from aioice.ice import Connection, StunProtocol
 
-from splitrelay.edge import stun as ref_stun
+from splitrelay.wire import stun as ref_stun
 
 log = logging.getLogger(__name__)
 

@@ -124,15 +124,20 @@ class Registrar:
             self.sessions.add(ufrag)
 
     async def unregister(self, ufrag: str) -> None:
-        """Best effort: the agent may already have dropped it (restart, its own ageing)."""
-        self.sessions.discard(ufrag)
-        try:
-            await self._call("DELETE", self._session_path(ufrag))
-        except AgentRefused as exc:
-            if exc.status != 404:
+        """Best effort: the agent may already have dropped it (restart, its own ageing).
+
+        Under the lock, like re-registration: a hang-up that raced a re-registration pass
+        after an agent restart had its DELETE land before the pass's PUT, and the dead
+        session stayed registered (seen in the lab suite on a loaded machine)."""
+        async with self._lock:
+            self.sessions.discard(ufrag)
+            try:
+                await self._call("DELETE", self._session_path(ufrag))
+            except AgentRefused as exc:
+                if exc.status != 404:
+                    log.warning("unregistering %s: %s", ufrag, exc)
+            except RegistrationError as exc:
                 log.warning("unregistering %s: %s", ufrag, exc)
-        except RegistrationError as exc:
-            log.warning("unregistering %s: %s", ufrag, exc)
 
     async def check(self) -> bool:
         """One look at the agent's boot_id; re-register everything if it changed.  True if it did."""
@@ -147,12 +152,29 @@ class Registrar:
                 except SessionConflict as exc:  # another backend took it meanwhile: not ours anymore
                     log.warning("re-registering %s: %s", ufrag, exc)
                     self.sessions.discard(ufrag)
+            await self._drop_stale_sessions()
             self.boot_id = health["boot_id"]
             self.reregistrations += 1
         log.info("edge agent restarted: re-registered backend %d and %d sessions",
                  self.backend_id, len(self.sessions))
         self.boot_changed.set()
         return True
+
+    async def _drop_stale_sessions(self) -> None:
+        """Delete the agent's sessions of this backend that no longer live here.
+
+        A restarted agent adopts its pinned maps, so a session that ended while the
+        agent was down (its DELETE refused) comes back with it and would stay
+        registered forever (seen in the lab: a call hung up during an agent restart)."""
+        listed = await self._call("GET", "/v1/sessions")
+        for entry in listed if isinstance(listed, list) else []:
+            ufrag = entry.get("ufrag") if isinstance(entry, dict) else None
+            if entry.get("backend") == self.backend_id and isinstance(ufrag, str) and ufrag not in self.sessions:
+                try:
+                    await self._call("DELETE", self._session_path(ufrag))
+                except AgentRefused as exc:
+                    if exc.status != 404:
+                        log.warning("dropping stale session %s: %s", ufrag, exc)
 
     async def _watch_agent(self) -> None:
         while True:

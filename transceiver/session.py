@@ -24,7 +24,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
-from splitrelay.edge import hint
+from splitrelay.wire import hint
 from splitrelay.transceiver.handlers import FRAME_SAMPLES, SAMPLE_RATE, Handler, PcmFrame
 from splitrelay.transceiver.ice import new_password, session_ice
 from splitrelay.transceiver.mux import MuxedConnection, UdpMux

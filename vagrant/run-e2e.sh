@@ -29,7 +29,7 @@ for _ in $(seq 1 60); do
 done
 say "running $sessions sessions for $seconds s from the client VM"
 set +e
-report=$(on client "$py -m splitrelay.transceiver.probe http://192.168.58.11:8080/whip \
+report=$(on client "$py -m splitrelay.client.probe http://192.168.58.11:8080/whip \
   http://192.168.58.12:8080/whip --sessions $sessions --duration $seconds")
 status=$?
 set -e

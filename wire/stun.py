@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
 
-from splitrelay.edge.hint import ALPHABET
+from splitrelay.wire.hint import ALPHABET
 
 MAGIC_COOKIE = 0x2112A442
 HEADER_LEN = 20

@@ -471,7 +471,9 @@ async def run_probe(
         await _collect_stats(pc, report)
         # beeps sent in the last RTT cannot have come back yet: do not count them as sent
         horizon = time.monotonic() - (max(detector.rtts_ms) / 1000.0 if detector.rtts_ms else 1.0) - 0.1
-        report.beeps_sent = sum(1 for t in track.sent_at if t <= horizon)
+        # ...unless it did come back (a fast last echo under a slow earlier maximum RTT)
+        report.beeps_sent = max(sum(1 for t in track.sent_at if t <= horizon),
+                                max(detector.matched, default=-1) + 1)
         report.beep_echoed = [i in detector.matched for i in range(report.beeps_sent)]
         report.beeps_heard = len(detector.rtts_ms)
         report.audio_rtt_ms = list(detector.rtts_ms)

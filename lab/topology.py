@@ -72,36 +72,34 @@ in_netns_async(ns, fn)``); ``netns_socket(ns, ...)`` makes one socket there.
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import errno
 import json
 import logging
 import os
 import re
 import secrets
-import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute, netns as pnetns
 
+from splitrelay.lab import procs
+from splitrelay.lab.netns import (AF_INET, AF_INET6, NETNS_DIR, LabError, in_netns, list_namespaces, netns_path,
+                                  netns_socket, nsenter_argv)
+
 log = logging.getLogger(__name__)
 
 STATE_DIR = Path(os.environ.get("SPLITRELAY_LAB_DIR", "/run/splitrelay/labs"))
-NETNS_DIR = Path("/run/netns")
 DEFAULT_STEM = "sr"
 STEM_ENV = "SPLITRELAY_LAB_STEM"
-CLONE_NEWNET = 0x40000000
 BACKEND_TABLE = 100
 MAX_TRANSCEIVERS = 50
 
@@ -110,189 +108,10 @@ NETWORKS = {
     "internal": ("172.31.1.0/24", "fd00:32::/64"),
     "signaling": ("172.31.2.0/24", "fd00:33::/64"),
 }
-AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
 IFA_F_NODAD = 0x02
 IFF_LOWER_UP = 1 << 16
 
 T = TypeVar("T")
-_libc = ctypes.CDLL(None, use_errno=True)
-_POPENS: dict[int, subprocess.Popen] = {}  # processes this Python process started, by PID
-
-
-class LabError(Exception):
-    """The lab could not be built, found or torn down (one-line reason)."""
-
-
-# -- namespaces from Python ------------------------------------------------------------------
-
-def _netns_path(netns: str) -> str:
-    if not netns or "/" in netns:
-        raise LabError(f"bad namespace name {netns!r}")
-    return str(NETNS_DIR / netns)
-
-
-def _setns(fd: int, what: str) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        raise LabError(f"setns({what}): {os.strerror(ctypes.get_errno())}")
-
-
-@contextmanager
-def netns_context(netns: str) -> Iterator[None]:
-    """Switch the *calling thread* into ``netns`` for the body, then back.
-
-    Sockets and netlink handles made in the body stay in ``netns``.  Only for
-    threads you own: an asyncio loop or a thread pool running on this thread
-    would follow it into the namespace.  ``in_netns`` is the safer default.
-    """
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            fd = os.open(_netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise LabError(f"no network namespace {netns!r}") from None
-        try:
-            _setns(fd, netns)
-        finally:
-            os.close(fd)
-        try:
-            yield
-        finally:
-            _setns(home, "home")
-    finally:
-        os.close(home)
-
-
-def in_netns(netns: str, fn: Callable[[], T], timeout: float | None = None) -> T:
-    """Run ``fn()`` in a fresh thread that has entered ``netns``; return its value or raise its error.
-
-    The caller's thread never changes namespace.  Sockets ``fn`` creates stay in
-    ``netns`` and may be used from any thread afterwards.  With ``timeout``, a
-    call still running after that many seconds raises LabError (the daemon
-    thread is abandoned).
-    """
-    def entered() -> T:
-        with netns_context(netns):
-            return fn()
-
-    return in_thread(entered, timeout, what=f"call in namespace {netns}")
-
-
-def in_thread(fn: Callable[[], T], timeout: float | None = None, what: str = "call") -> T:
-    """``fn()`` in a fresh thread of this namespace (for pyroute2 calls from asyncio code)."""
-    box: dict[str, Any] = {}
-
-    def worker() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=worker, name=f"lab {what}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise LabError(f"{what} still running after {timeout} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-async def in_netns_async(netns: str, fn: Callable[[], T]) -> T:
-    """``in_netns`` without blocking the running event loop."""
-    return await asyncio.get_running_loop().run_in_executor(None, in_netns, netns, fn)
-
-
-def netns_socket(netns: str, family: int = AF_INET, type: int = socket.SOCK_DGRAM,  # noqa: A002
-                 proto: int = 0) -> socket.socket:
-    """A socket that lives in ``netns`` (usable from any thread, e.g. with asyncio's sock_* calls)."""
-    return in_netns(netns, lambda: socket.socket(family, type, proto))
-
-
-def nsenter_argv(netns: str, argv: list[str]) -> list[str]:
-    """``argv`` run in ``netns``: only the network namespace changes, so /sys/fs/bpf stays the host's
-    (``ip netns exec`` would mount a private /sys, and pins made there die with the process)."""
-    return ["nsenter", f"--net={_netns_path(netns)}", "--", *argv]
-
-
-def list_namespaces() -> list[str]:
-    try:
-        return sorted(p.name for p in NETNS_DIR.iterdir())
-    except FileNotFoundError:
-        return []
-
-
-def _run(argv: list[str], check: bool = True, timeout: float = 60.0, **kwargs: Any) -> subprocess.CompletedProcess:
-    kwargs.setdefault("capture_output", True)
-    kwargs.setdefault("text", True)
-    try:
-        proc = subprocess.run(argv, timeout=timeout, **kwargs)
-    except subprocess.TimeoutExpired:
-        raise LabError(f"{' '.join(argv)}: no answer after {timeout} s") from None
-    except FileNotFoundError as exc:
-        raise LabError(f"{argv[0]}: {exc.strerror}") from None
-    if check and proc.returncode != 0:
-        err = proc.stderr.strip() if isinstance(proc.stderr, str) else ""
-        raise LabError(f"{' '.join(argv)}: {err or f'exit {proc.returncode}'}")
-    return proc
-
-
-# -- processes -------------------------------------------------------------------------------
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (PID-reuse guard), None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-
-
-def _reap(pid: int) -> bool:
-    """Reap ``pid`` if it is our exited child; True when it is gone (or not ours and exited)."""
-    popen = _POPENS.get(pid)
-    if popen is not None:
-        if popen.poll() is None:
-            return False
-        _POPENS.pop(pid, None)
-        return True
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == pid
-    except ChildProcessError:
-        return _start_time(pid) is None or _is_zombie(pid)
-
-
-def _wait_exit(pid: int, timeout: float) -> bool:
-    """Wait (on a pidfd, no polling) until ``pid`` exits; reap it when it is our child."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        _reap(pid)
-        return True
-    try:
-        select.select([fd], [], [], max(timeout, 0.0))
-    finally:
-        os.close(fd)
-    return _reap(pid)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-    except PermissionError:
-        pass
 
 
 # -- the lab ---------------------------------------------------------------------------------
@@ -432,8 +251,8 @@ class Lab:
         cli, rly, sw = self.client.netns, self.relay_public.netns, self.switch_netns
 
         # kernel settings before any interface exists, so per-interface defaults follow them
-        _sysctls(sw, {"net/ipv6/conf/all/disable_ipv6": "1", "net/ipv6/conf/default/disable_ipv6": "1"})
-        _sysctls(rly, {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0",
+        set_sysctls(sw, {"net/ipv6/conf/all/disable_ipv6": "1", "net/ipv6/conf/default/disable_ipv6": "1"})
+        set_sysctls(rly, {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0",
                        "net/ipv6/conf/default/forwarding": "0"})
 
         def switch_bridges(ipr: IPRoute) -> None:
@@ -519,11 +338,11 @@ class Lab:
             argv = ["ethtool", "-K", dev, "tx", "off"]
             if (ns, dev) in ((cli, "c0"), (sw, "rint")):
                 argv += ["gro", "on"]  # frames XDP redirects into pub0/int0 arrive here
-            _run(nsenter_argv(ns, argv))
+            procs.run(nsenter_argv(ns, argv))
         self._check_carrier()
 
     def _veth(self, a_ns: str, a: str, b_ns: str, b: str) -> None:
-        peer_ns = os.open(_netns_path(b_ns), os.O_RDONLY | os.O_CLOEXEC)
+        peer_ns = os.open(netns_path(b_ns), os.O_RDONLY | os.O_CLOEXEC)
         try:
             _netlink(a_ns, lambda ipr: ipr.link("add", ifname=a, kind="veth",
                                                 peer={"ifname": b, "net_ns_fd": peer_ns}))
@@ -558,9 +377,9 @@ class Lab:
         self._check_ns(netns)
         kwargs.setdefault("start_new_session", True)
         proc = subprocess.Popen(nsenter_argv(netns, argv), **kwargs)
-        _POPENS[proc.pid] = proc
+        procs.track(proc)
         self.pids.append(proc.pid)
-        start = _start_time(proc.pid)
+        start = procs.start_time(proc.pid)
         if start is not None:
             self.pid_starts[str(proc.pid)] = start
         self.save()
@@ -570,7 +389,7 @@ class Lab:
             **kwargs: Any) -> subprocess.CompletedProcess:
         """Run a command to completion in a lab namespace (output captured as text unless overridden)."""
         self._check_ns(netns)
-        return _run(nsenter_argv(netns, argv), check=check, timeout=timeout, **kwargs)
+        return procs.run(nsenter_argv(netns, argv), check=check, timeout=timeout, **kwargs)
 
     def exec_py(self, netns: str, code: str, *args: str, check: bool = True, timeout: float = 60.0,
                 **kwargs: Any) -> subprocess.CompletedProcess:
@@ -636,17 +455,17 @@ class Lab:
         live = []
         for pid in self.pids:
             recorded = self.pid_starts.get(str(pid))
-            start = _start_time(pid)
+            start = procs.start_time(pid)
             if start is None or (recorded is not None and start != recorded):
-                _reap(pid)
+                procs.reap(pid)
                 continue  # gone, or the PID now belongs to someone else
-            _signal_group(pid, signal.SIGTERM)
+            procs.signal_group(pid, signal.SIGTERM)
             live.append(pid)
         deadline = time.monotonic() + grace
         for pid in live:
-            if not _wait_exit(pid, deadline - time.monotonic()):
-                _signal_group(pid, signal.SIGKILL)
-                _wait_exit(pid, 2.0)
+            if not procs.wait_exit(pid, deadline - time.monotonic()):
+                procs.signal_group(pid, signal.SIGKILL)
+                procs.wait_exit(pid, 2.0)
         self.pids.clear()
         self.pid_starts.clear()
 
@@ -719,7 +538,7 @@ def _netlink(netns: str, fn: Callable[[IPRoute], T]) -> T:
     return in_netns(netns, call)
 
 
-def _sysctls(netns: str, values: dict[str, str]) -> None:
+def set_sysctls(netns: str, values: dict[str, str]) -> None:
     """Write /proc/sys/<key> as seen from ``netns`` (net.* sysctls are per namespace)."""
     def write() -> None:
         for key, value in values.items():

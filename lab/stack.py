@@ -1,4 +1,4 @@
-"""A running lab: the namespaces from edge/lab.py plus the daemons inside them.
+"""A running lab: the namespaces from lab/topology.py plus the daemons inside them.
 
 `splitrelay lab up`, the demo and the end-to-end tests all start the same
 stack this way, each daemon as a real process in its own namespace.
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from splitrelay.edge.control_client import ControlClient
 from splitrelay.edge.datapath import unpin
-from splitrelay.edge.lab import STATE_DIR, Lab, LabError, in_netns
+from splitrelay.lab.topology import STATE_DIR, Lab
+from splitrelay.lab.netns import LabError, in_netns
 
 CONTROL_PORT = 8470
 BACKEND_PORT = 5000
@@ -136,7 +137,7 @@ def stop_lab(name: str) -> None:
 
 def probe(lab: Lab, whip_urls: list[str], duration: float, sessions: int = 1) -> subprocess.Popen:
     """Start WHIP voice probes (plain aiortc clients) in the lab's client namespace."""
-    argv = [sys.executable, "-m", "splitrelay.transceiver.probe", *whip_urls, "--duration", str(duration),
+    argv = [sys.executable, "-m", "splitrelay.client.probe", *whip_urls, "--duration", str(duration),
             "--sessions", str(sessions)]
     return lab.popen(lab.client.netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -1,4 +1,4 @@
-"""Loaders for the shared test-vector files in ``tests/vectors/``.
+"""Loaders for the shared test-vector files in ``tests/vectors/`` (a test shim, not library code).
 
 The XDP program (through its C tests) and the Python reference are held to the
 same files, so the formats are plain text a C test reads with ``fgets`` and
@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitrelay.edge.stun import PacketClass
+from splitrelay.wire.stun import PacketClass
 
-VECTOR_DIR = Path(__file__).resolve().parent.parent / "tests" / "vectors"
+VECTOR_DIR = Path(__file__).resolve().parent / "vectors"
 FORGED = "forged"
 
 
