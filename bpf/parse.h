@@ -3,6 +3,11 @@
  * Header cursor and parse helpers.  Every read is preceded by a bounds check
  * against data_end, in a form the verifier can follow: the cursor only moves
  * forward by constant or explicitly bounded amounts.
+ *
+ * parse_eth/ipv4/ipv6/udp read one header each and return what they found;
+ * parse_packet, the one the programs call, is a decision helper (an action or
+ * FURTHER_PROCESSING, consts.h).  build_addr_key makes the (address, port) keys
+ * of the flow and backend tables from a parsed packet.
  */
 #ifndef SPLITRELAY_PARSE_H
 #define SPLITRELAY_PARSE_H
@@ -13,19 +18,12 @@
 #include <linux/udp.h>
 #include <linux/in.h>
 
-#define SR_ETH_P_8021Q  0x8100
-#define SR_ETH_P_8021AD 0x88A8
-#define SR_IP_MF        0x2000
-#define SR_IP_OFFSET    0x1FFF
+#include "consts.h"
+#include "structs.h"
 
 struct cursor {
 	void *pos;
 	void *end;
-};
-
-struct vlan_hdr_sr {
-	__be16 tci;
-	__be16 proto;
 };
 
 /* Advance over len bytes and return where they start, or NULL if the packet is shorter. */
@@ -122,6 +120,61 @@ static __always_inline int parse_udp(struct cursor *c, struct udphdr **udph, __u
 		return 1;
 	*payload_len = len;
 	return 0;
+}
+
+/*
+ * Parse Eth/VLAN/IP/UDP into p.  FURTHER_PROCESSING once p->udp is readable:
+ * then p->broken is 0 for a whole datagram (p->payload set), or the drop counter
+ * of a first IPv4 fragment or of a UDP length that lies, for the caller to apply
+ * only to what is addressed to the relay port.  XDP_PASS, counted as pass_stat,
+ * for what the relay cannot judge: not IP/UDP, a later IPv4 fragment (no port:
+ * the kernel reassembles or drops it), IPv6 with extension headers.
+ */
+static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p, __u32 pass_stat)
+{
+	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
+	p->data_end = c.end;
+	int proto = parse_eth(&c, &p->eth, &p->vlan);
+	int r;
+
+	if (proto == ETH_P_IP)
+		r = parse_ipv4(&c, &p->ip4);
+	else if (proto == ETH_P_IPV6)
+		r = parse_ipv6(&c, &p->ip6);
+	else
+		return verdict(p, pass_stat, XDP_PASS);
+	if (r == L3_NOT_UDP || r == L3_SHORT)
+		return verdict(p, pass_stat, XDP_PASS);
+	if (r == L3_FRAGMENT && (p->ip4->frag_off & bpf_htons(SR_IP_OFFSET)))
+		return verdict(p, pass_stat, XDP_PASS);
+	int u = parse_udp(&c, &p->udp, &p->payload_len);
+	if (u < 0)
+		return verdict(p, pass_stat, XDP_PASS);
+	if (r == L3_FRAGMENT)
+		p->broken = SR_STAT_IN_DROP_FRAGMENT;
+	else if (u > 0)
+		p->broken = SR_STAT_IN_DROP_MALFORMED;
+	else
+		p->payload = c.pos;
+	return FURTHER_PROCESSING;
+}
+
+#define ADDR_OF_SOURCE 1
+#define ADDR_OF_DEST   0
+
+/* The (address, port) the packet comes from (ADDR_OF_SOURCE) or goes to: a flow or backend key. */
+static __always_inline void build_addr_key(const struct pkt *p, struct sr_addr_key *k, const int of_source)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	if (p->ip4) {
+		k->family = SR_FAMILY_V4;
+		k->addr[0] = of_source ? p->ip4->saddr : p->ip4->daddr;
+	} else if (p->ip6) {
+		k->family = SR_FAMILY_V6;
+		__builtin_memcpy(k->addr, of_source ? p->ip6->saddr.in6_u.u6_addr32 : p->ip6->daddr.in6_u.u6_addr32,
+				 16);
+	}
+	k->port = of_source ? p->udp->source : p->udp->dest;
 }
 
 #endif /* SPLITRELAY_PARSE_H */

@@ -1,0 +1,96 @@
+/* SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0) */
+/*
+ * Rewriting one side of the NAT, with incremental checksums (csum.h), and the
+ * frame around it: MACs and the VLAN tag.  Decision helpers (an action or
+ * FURTHER_PROCESSING, consts.h); no map calls here (see maps.h).
+ */
+#ifndef SPLITRELAY_NAT_H
+#define SPLITRELAY_NAT_H
+
+#include "consts.h"
+#include "structs.h"
+#include "csum.h"
+
+/* DNAT: the destination becomes the backend's (address, port) of the packet's family. */
+static __always_inline int rewrite_dst_to_backend(struct pkt *p, const struct sr_backend *b)
+{
+	__u32 delta = 0;
+	if (p->ip4) {
+		if (!(b->flags & SR_BACKEND_V4))
+			return verdict(p, SR_STAT_IN_DROP_FAMILY, XDP_DROP);
+		__u32 ipdelta = csum_delta32(0, p->ip4->daddr, b->addr4);
+		delta = ipdelta;
+		p->ip4->daddr = b->addr4;
+		p->ip4->check = csum_apply(p->ip4->check, ipdelta);
+	} else if (p->ip6) {
+		if (!(b->flags & SR_BACKEND_V6))
+			return verdict(p, SR_STAT_IN_DROP_FAMILY, XDP_DROP);
+		delta = csum_delta_addr6(0, p->ip6->daddr.in6_u.u6_addr32, b->addr6);
+		__builtin_memcpy(p->ip6->daddr.in6_u.u6_addr32, b->addr6, 16);
+	} else {
+		return verdict(p, SR_STAT_IN_DROP_MALFORMED, XDP_DROP);
+	}
+	delta = csum_delta16(delta, p->udp->dest, b->port);
+	p->udp->dest = b->port;
+	udp_csum_update(&p->udp->check, delta, p->ip6 != NULL);
+	return FURTHER_PROCESSING;
+}
+
+/* SNAT: the source becomes the relay's public (address, port) of the packet's family. */
+static __always_inline int rewrite_src_to_relay(struct pkt *p, const struct sr_config *cfg)
+{
+	__u32 delta = 0;
+	if (p->ip4) {
+		if (!cfg->public_ip4)
+			return verdict(p, SR_STAT_OUT_DROP_FAMILY, XDP_DROP);
+		__u32 ipdelta = csum_delta32(0, p->ip4->saddr, cfg->public_ip4);
+		delta = ipdelta;
+		p->ip4->saddr = cfg->public_ip4;
+		p->ip4->check = csum_apply(p->ip4->check, ipdelta);
+	} else if (p->ip6) {
+		if (!(cfg->public_ip6[0] | cfg->public_ip6[1] | cfg->public_ip6[2] | cfg->public_ip6[3]))
+			return verdict(p, SR_STAT_OUT_DROP_FAMILY, XDP_DROP);
+		delta = csum_delta_addr6(0, p->ip6->saddr.in6_u.u6_addr32, cfg->public_ip6);
+		__builtin_memcpy(p->ip6->saddr.in6_u.u6_addr32, cfg->public_ip6, 16);
+	} else {
+		return verdict(p, SR_STAT_OUT_PASS_OTHER, XDP_PASS);
+	}
+	delta = csum_delta16(delta, p->udp->source, cfg->relay_port);
+	p->udp->source = cfg->relay_port;
+	udp_csum_update(&p->udp->check, delta, p->ip6 != NULL);
+	return FURTHER_PROCESSING;
+}
+
+static __always_inline void set_macs(struct ethhdr *eth, const __u8 *dst, const __u8 *src)
+{
+	__builtin_memcpy(eth->h_dest, dst, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, src, ETH_ALEN);
+}
+
+/*
+ * The internal network is untagged: slide the MACs over the frame's one VLAN tag
+ * and drop it.  Every packet pointer in p is stale afterwards (only p->bytes and
+ * p->stat may be used).
+ */
+static __always_inline int strip_vlan_tag(struct xdp_md *ctx, struct pkt *p)
+{
+	if (!p->vlan)
+		return FURTHER_PROCESSING;
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *e = data;
+	if ((void *)e + sizeof(*e) + sizeof(struct vlan_hdr_sr) > data_end)
+		return verdict(p, SR_STAT_IN_DROP_MALFORMED, XDP_DROP);
+	struct vlan_hdr_sr *vh = (void *)(e + 1);
+	__be16 inner = vh->proto;
+	unsigned char macs[2 * ETH_ALEN];
+	__builtin_memcpy(macs, e, sizeof(macs));
+	struct ethhdr *ne = (void *)e + sizeof(struct vlan_hdr_sr);
+	__builtin_memcpy(ne, macs, sizeof(macs));
+	ne->h_proto = inner;
+	if (bpf_xdp_adjust_head(ctx, (int)sizeof(struct vlan_hdr_sr)))
+		return verdict(p, SR_STAT_IN_DROP_MALFORMED, XDP_DROP);
+	return FURTHER_PROCESSING;
+}
+
+#endif /* SPLITRELAY_NAT_H */
