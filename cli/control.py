@@ -8,20 +8,25 @@ import time
 import click
 from splitrelay.cli.common import emit, table
 from splitrelay.cli.errors import CliError
+from splitrelay.cli.reach import InNamespace, lab_option, resolve
 
 DEFAULT_CONTROL = os.environ.get("SPLITRELAY_CONTROL", "http://127.0.0.1:8470")
 
 
 def _control_options(f):
+    f = lab_option("the edge agent")(f)
     f = click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token (env SPLITRELAY_TOKEN).")(f)
     return click.option("--control", default=DEFAULT_CONTROL, show_default=True, envvar="SPLITRELAY_CONTROL",
                         help="Edge agent control URL (env SPLITRELAY_CONTROL).")(f)
 
 
 def _client(control: str, token: str | None):
+    """The agent's control client; with --lab, each request is made inside the lab's relay namespace."""
     from splitrelay.edge.control_client import ControlClient
+    from splitrelay.lab import reach
 
-    return ControlClient(control, token)
+    where = resolve(control, "control", reach.control)
+    return InNamespace(ControlClient(where.url, token), where)
 
 
 @click.group()
@@ -103,8 +108,9 @@ def stats(control: str, token: str | None, as_json: bool, watch: float | None) -
     """Data-plane counters by direction, verdict and reason (rates with --watch).
 
     \b
-    Example:
+    Examples:
       splitrelay stats --watch 1
+      splitrelay stats --lab mylab        # the agent of lab mylab, from inside its relay namespace
     """
     client = _client(control, token)
     previous = None

@@ -32,7 +32,8 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool) -> N
     info = start_lab(transceivers=transceivers, name=name, policy=policy)
     emit(info, as_json, lambda d: click.echo(
         f"lab {d['name']} up: relay {d['relay_public']} (client netns {d['client_netns']}), "
-        f"control {d['control_url']}\ntear down with: splitrelay lab down --name {d['name']}"))
+        f"control {d['control_url']}\ninspect with: splitrelay stats --lab {d['name']}\n"
+        f"tear down with: splitrelay lab down --name {d['name']}"))
 
 
 @lab.command("down")

@@ -44,9 +44,9 @@ def main(verbose: bool) -> None:
 
     \b
     Quick start (root):
-      splitrelay lab up --json          # a relay lab on this machine
-      splitrelay stats --control URL    # counters from its edge agent
-      splitrelay lab down
+      splitrelay lab up --name mylab    # a relay lab on this machine
+      splitrelay stats --lab mylab      # counters from its edge agent
+      splitrelay lab down --name mylab
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -8,6 +8,7 @@ import json
 import click
 from splitrelay.cli.common import emit, stop_on_signals, table
 from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError
+from splitrelay.cli.reach import lab_option, refuse_lab_address, resolve
 
 
 def _hostport(value: str, what: str) -> tuple[str, int]:
@@ -67,6 +68,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_public: str | None, rela
       splitrelay transceiver serve --backend-id 1 --bind 10.0.0.11:5000 \\
           --relay 203.0.113.1:3478 --relay-control http://10.0.0.1:8470 --whip-listen 0.0.0.0:8080
     """
+    refuse_lab_address(relay_control)
     from splitrelay.transceiver.mux import MuxError
     from splitrelay.transceiver.registration import RegistrationError
     from splitrelay.transceiver.service import Transceiver, TransceiverConfig
@@ -114,22 +116,31 @@ def transceiver_serve(backend_id: str, bind: str, relay_public: str | None, rela
 
 
 @transceiver.command("sessions")
-@click.argument("whip_url")
+@click.argument("whip_url", required=False)
 @click.option("--json", "as_json", is_flag=True)
-def transceiver_sessions(whip_url: str, as_json: bool) -> None:
+@lab_option("the transceiver (WHIP_URL, default the lab's first)")
+def transceiver_sessions(whip_url: str | None, as_json: bool) -> None:
     """Live sessions of a transceiver with aiortc's stats (RTT, jitter, loss, packets).
 
     \b
-    Example:
+    Examples:
       splitrelay transceiver sessions http://10.0.0.11:8080/whip --json
+      splitrelay transceiver sessions --lab mylab
     """
     import urllib.error
     import urllib.request
 
-    url = whip_url.rstrip("/").removesuffix("/whip") + "/sessions"
-    try:
+    from splitrelay.lab import reach
+
+    where = resolve(whip_url, "whip_url", reach.whip)
+    url = where.url.rstrip("/").removesuffix("/whip") + "/sessions"
+
+    def fetch() -> bytes:
         with urllib.request.urlopen(url, timeout=5) as resp:
-            data = json.loads(resp.read())
+            return resp.read()
+
+    try:
+        data = json.loads(where.call(fetch))
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"transceiver at {url} is unreachable: {getattr(exc, 'reason', exc)}",
                        EXIT_UNREACHABLE) from None

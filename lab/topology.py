@@ -8,15 +8,15 @@ exercise the same topology (``P`` is the lab's random prefix, e.g. ``sr3fa9c1``)
                     int0 ----- veth ----- rint --+-- bridge br0 -- tNm --- veth --- eth1
     s0 ----------------- veth ----------- scli --+-- bridge sig -- tNs --- veth --- sig0
 
-Address plan (every lab uses the same addresses; namespaces keep labs apart):
+Addresses (lab/addresses.py): IPv4 from 198.18.0.0/15 (benchmarking, routed
+nowhere), IPv6 from a random ULA /48 per lab, never a range the host uses::
 
-=============  ===============  ============  =============================================
-network        IPv4             IPv6 (ULA)    members
-=============  ===============  ============  =============================================
-public         172.31.0.0/24    fd00:31::/64  client c0 .2 ::2, relay pub0 .1 ::1
-internal       172.31.1.0/24    fd00:32::/64  relay int0 .1 ::1, transceiver N eth1 .(10+N) ::(10+N, hex)
-signaling      172.31.2.0/24    fd00:33::/64  client s0 .2 ::2, transceiver N sig0 .(10+N) ::(10+N, hex)
-=============  ===============  ============  =============================================
+    public     B.0.0/24  P::/64    client c0 .2 ::2, relay pub0 .1 ::1
+    internal   B.1.0/24  P:1::/64  relay int0 .1 ::1, transceiver N eth1 .(10+N) ::(10+N, hex)
+    signaling  B.2.0/24  P:2::/64  client s0 .2 ::2, transceiver N sig0 .(10+N) ::(10+N, hex)
+
+Nothing routes these on the host: commands reach a lab by entering its
+namespaces (``splitrelay stats --lab NAME``), never through the host's default route.
 
 Media.  The client routes everything (default, v4 and v6) via the relay's
 public address; transceivers route the public network via the relay's internal
@@ -91,7 +91,7 @@ from typing import Any, TypeVar
 
 from pyroute2 import IPRoute, netns as pnetns
 
-from splitrelay.lab import procs
+from splitrelay.lab import addresses, procs
 from splitrelay.lab.netns import (AF_INET, AF_INET6, NETNS_DIR, LabError, in_netns, list_namespaces, netns_path,
                                   netns_socket, nsenter_argv)
 
@@ -103,11 +103,6 @@ STEM_ENV = "SPLITRELAY_LAB_STEM"
 BACKEND_TABLE = 100
 MAX_TRANSCEIVERS = 50
 
-NETWORKS = {
-    "public": ("172.31.0.0/24", "fd00:31::/64"),
-    "internal": ("172.31.1.0/24", "fd00:32::/64"),
-    "signaling": ("172.31.2.0/24", "fd00:33::/64"),
-}
 IFA_F_NODAD = 0x02
 IFF_LOWER_UP = 1 << 16
 
@@ -148,7 +143,7 @@ class Lab:
     pids: list[int] = field(default_factory=list)
     pid_starts: dict[str, int] = field(default_factory=dict)
     relay_port: int = 3478
-    networks: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in NETWORKS.items()})
+    networks: dict[str, list[str]] = field(default_factory=dict)
     created_at: float = 0.0
 
     # -- building ------------------------------------------------------------------------
@@ -183,11 +178,12 @@ class Lab:
     def _claim(cls, stem: str, name: str | None, transceivers: int, relay_port: int) -> Lab:
         """Pick a free prefix and claim the name with an exclusive state file (runs may overlap)."""
         STATE_DIR.mkdir(parents=True, exist_ok=True)
+        plan = addresses.choose()
         for _ in range(32):
             prefix = stem + secrets.token_hex(3)
             if any(ns.startswith(prefix + "-") for ns in list_namespaces()):
                 continue
-            lab = cls._plan(prefix, name or prefix, transceivers, relay_port)
+            lab = cls._plan(prefix, name or prefix, transceivers, relay_port, plan)
             try:
                 fd = os.open(STATE_DIR / f"{lab.name}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
@@ -201,22 +197,23 @@ class Lab:
         raise LabError("could not find a free lab prefix")
 
     @classmethod
-    def _plan(cls, prefix: str, name: str, transceivers: int, relay_port: int) -> Lab:
+    def _plan(cls, prefix: str, name: str, transceivers: int, relay_port: int,
+              plan: addresses.AddressPlan) -> Lab:
         rly = f"{prefix}-rly"
         lab = cls(
             name=name, prefix=prefix,
-            client=Host(f"{prefix}-cli", "c0", "172.31.0.2", "fd00:31::2"),
-            relay_public=Host(rly, "pub0", "172.31.0.1", "fd00:31::1"),
-            relay_internal=Host(rly, "int0", "172.31.1.1", "fd00:32::1"),
+            client=Host(f"{prefix}-cli", "c0", *plan.host("public", 2)),
+            relay_public=Host(rly, "pub0", *plan.host("public", 1)),
+            relay_internal=Host(rly, "int0", *plan.host("internal", 1)),
             switch_netns=f"{prefix}-sw",
-            client_signal=Host(f"{prefix}-cli", "s0", "172.31.2.2", "fd00:33::2"),
-            relay_port=relay_port, created_at=time.time(),
+            client_signal=Host(f"{prefix}-cli", "s0", *plan.host("signaling", 2)),
+            relay_port=relay_port, networks=plan.networks(), created_at=time.time(),
         )
         for i in range(1, transceivers + 1):
-            lab.transceivers.append(Transceiver(
-                f"{prefix}-t{i}", "eth1", f"172.31.1.{10 + i}", f"fd00:32::{10 + i:x}",
-                index=i, backend_id=i, signal_ip4=f"172.31.2.{10 + i}", signal_ip6=f"fd00:33::{10 + i:x}",
-            ))
+            ip4, ip6 = plan.host("internal", 10 + i)
+            signal_ip4, signal_ip6 = plan.host("signaling", 10 + i)
+            lab.transceivers.append(Transceiver(f"{prefix}-t{i}", "eth1", ip4, ip6, index=i, backend_id=i,
+                                                signal_ip4=signal_ip4, signal_ip6=signal_ip6))
         return lab
 
     def namespaces(self) -> list[str]:
@@ -230,7 +227,7 @@ class Lab:
 
     @property
     def signal_host(self) -> Host:
-        return self.client_signal or Host(self.client.netns, "s0", "172.31.2.2", "")
+        return self.client_signal or Host(self.client.netns, "s0", "", "")
 
     def veths(self) -> list[tuple[str, str]]:
         """Every (namespace, ifname) veth end the lab made."""
@@ -281,8 +278,8 @@ class Lab:
                 _up(ipr, dev)
 
         _netlink(sw, switch_ports)
-        pub4, pub6 = NETWORKS["public"]
-        int4, int6 = NETWORKS["internal"]
+        pub4, pub6 = self.networks["public"]
+        int4, int6 = self.networks["internal"]
 
         def client(ipr: IPRoute) -> None:
             _up(ipr, "lo")
