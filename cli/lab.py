@@ -17,19 +17,34 @@ def lab() -> None:
 @click.option("--name", help="Lab name (default: a fresh random one).")
 @click.option("--policy", type=click.Choice(["strict", "hint"]), default="strict", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool) -> None:
+@click.option("--delay-ms", type=click.FloatRange(0, 10000), default=0.0,
+              help="One-way delay added to UDP on the client's link, each way (the round trip grows twice this).")
+@click.option("--jitter-ms", type=click.FloatRange(0, 10000), default=0.0,
+              help="Uniform +- variation of that delay (frames keep their order).")
+@click.option("--loss", type=click.FloatRange(0, 1), default=0.0,
+              help="Probability (0..1) that a UDP frame on the client's link is dropped, each way.")
+def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, delay_ms: float, jitter_ms: float,
+           loss: float) -> None:
     """Build the namespaces, attach XDP in the relay and start its edge agent.
 
     \b
-    Example:
+    The client's link can be made slow and lossy (this kernel has no netem: a
+    small forwarder, lab/impair.py, sits on the link); ARP and ND are never
+    delayed or dropped.
+
+    \b
+    Examples:
       splitrelay lab up --transceivers 2 --json
       ip netns exec <client_netns> your-webrtc-client ...
+      splitrelay lab up --name lossy --loss 0.02 --jitter-ms 20 --delay-ms 20
     """
     require_root("a lab")
     require_bcc()
+    from splitrelay.lab.impair import Impairment
     from splitrelay.lab.stack import start_lab
 
-    info = start_lab(transceivers=transceivers, name=name, policy=policy)
+    impair = Impairment(delay_ms, jitter_ms, loss) if delay_ms or jitter_ms or loss else None
+    info = start_lab(transceivers=transceivers, name=name, policy=policy, impair=impair)
     emit(info, as_json, lambda d: click.echo(
         f"lab {d['name']} up: relay {d['relay_public']} (client netns {d['client_netns']}), "
         f"control {d['control_url']}\ninspect with: splitrelay stats --lab {d['name']}\n"
