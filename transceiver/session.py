@@ -24,6 +24,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from splitrelay.wire import hint
 from splitrelay.transceiver.audio import OutboundAudio, RtpArrivals, StageTimes, VoiceReceiver
 from splitrelay.transceiver.handlers import SAMPLE_RATE, Handler, PcmFrame
+from splitrelay.transceiver.history import StateChange, StateHistory
 from splitrelay.transceiver.ice import new_password, session_ice
 from splitrelay.transceiver.mux import MuxedConnection, UdpMux
 
@@ -56,13 +57,6 @@ class SessionTimings:
         return (time.monotonic() - self.offer_at) * 1000.0
 
 
-@dataclass(frozen=True)
-class StateChange:
-    at_ms: float   # since the offer arrived
-    kind: str      # "ice", "dtls", "connection" or "gathering"
-    state: str
-
-
 @dataclass
 class Session:
     """A live session; ``ufrag`` is its server ICE ufrag (with the routing hint)."""
@@ -72,11 +66,7 @@ class Session:
     pc: RTCPeerConnection
     handler: Handler | None = None
     timings: SessionTimings = field(default_factory=lambda: SessionTimings(time.monotonic()))
-    history: list[StateChange] = field(default_factory=list)
-    ice_states: list[str] = field(default_factory=lambda: ["new"])
-    dtls_states: list[str] = field(default_factory=lambda: ["new"])
-    connection_states: list[str] = field(default_factory=lambda: ["new"])
-    gathering_states: list[str] = field(default_factory=lambda: ["new"])
+    states: StateHistory = field(default_factory=StateHistory)
     end_reason: str | None = None
     frames_in: int = 0
     handler_errors: int = 0
@@ -115,11 +105,11 @@ class Session:
     # -- state -----------------------------------------------------------------------
 
     def record(self, kind: str, state: str) -> None:
-        states = {"ice": self.ice_states, "dtls": self.dtls_states, "connection": self.connection_states,
-                  "gathering": self.gathering_states}[kind]
-        if states[-1] != state:
-            states.append(state)
-            self.history.append(StateChange(round(self.timings.since_offer(), 3), kind, state))
+        self.states.record(kind, state)
+
+    @property
+    def history(self) -> list[StateChange]:
+        return self.states.changes
 
     def end(self, reason: str) -> bool:
         """Mark the session over (the first reason wins); True if this call ended it."""
@@ -139,6 +129,7 @@ class Session:
 
     def __post_init__(self) -> None:
         self.outbound.stages = self.stages
+        self.states.origin = self.timings.offer_at  # state times count from the offer, like the phases
 
     async def _consume(self, voice: VoiceReceiver) -> None:
         assert self.handler is not None
@@ -185,9 +176,8 @@ class Session:
 
     def to_dict(self) -> dict[str, Any]:
         t = self.timings
-        return {"id": self.session_id, "ufrag": self.ufrag, "ice_states": list(self.ice_states),
-                "dtls_states": list(self.dtls_states), "connection_states": list(self.connection_states),
-                "gathering_states": list(self.gathering_states),
+        return {"id": self.session_id, "ufrag": self.ufrag,
+                **{f"{kind}_states": list(states) for kind, states in self.states.states.items()},
                 "history": [asdict(change) for change in self.history], "end_reason": self.end_reason,
                 "answer_ms": t.answer_ms, "ice_connected_ms": t.ice_connected_ms,
                 "dtls_connected_ms": t.dtls_connected_ms, "ended_ms": t.ended_ms,
