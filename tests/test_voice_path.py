@@ -144,3 +144,24 @@ async def test_outbound_sends_pushed_audio_at_once_and_paces_a_burst_by_rtp_time
     assert (await asyncio.wait_for(pending, 1)).pts == (ahead + 1) * FRAME_SAMPLES
     assert out.clear() == pytest.approx((10 - ahead - 2) * FRAME_SECONDS)
     out.stop()
+
+
+async def test_a_queue_of_live_audio_sheds_its_quiet_frames_but_never_a_tone_or_a_reply():
+    out = OutboundAudio()
+    out.push(PcmFrame(bytes(FRAME_BYTES), received=0.0))
+    await asyncio.wait_for(out.recv(), 1)
+    loud = b"\x40\x1f" * FRAME_SAMPLES                        # 8000: a tone
+    for _ in range(20):                                      # a caller's catch-up burst: 400 ms at once
+        out.push(PcmFrame(bytes(FRAME_BYTES), received=0.0))
+    out.push(PcmFrame(loud, received=0.0))
+    out.push(PcmFrame(bytes(FRAME_BYTES)))                   # generated audio (no arrival time) after it
+    decoder, peaks = OpusDecoder(), []
+    for _ in range(30):                                      # bounded: until the queue is empty
+        if out.backlog == 0:
+            break
+        pcm = decoder.decode(bytes(await asyncio.wait_for(out.recv(), 1)))
+        peaks.append(max(abs(x) for x in struct.unpack(f"<{len(pcm) // 2}h", pcm)))
+    assert out.backlog == 0 and out.skipped_frames >= 10     # most of the quiet burst was shed...
+    assert out.frames_out + out.skipped_frames == 23         # ...and nothing else was lost
+    assert max(peaks) > 4000                                 # the tone went out
+    out.stop()

@@ -7,8 +7,7 @@ frame crossed two thread hops (decoder thread, encoder executor).  Here:
 
 * ``VoiceReceiver`` takes over an aiortc ``RTCRtpReceiver``'s audio after SRTP: its
   packets go to an ``AdaptiveJitterBuffer`` (jitter.py) and are decoded on the loop
-  with libopus (opus.py), lost ones concealed (FEC or PLC) and counted, quiet ones
-  dropped while a burst is waiting behind them.  aiortc has no
+  with libopus (opus.py), lost ones concealed (FEC or PLC) and counted.  aiortc has no
   public hook for its receiver's buffer, so this replaces the private one (see
   ``check_aiortc``); RTCP, statistics and SRTP stay aiortc's.
 * ``OutboundAudio`` sends the handler's audio as soon as it is pushed, paced by RTP
@@ -79,16 +78,16 @@ def check_aiortc() -> None:
                              "the transceiver's voice path needs aiortc 1.9..1.16")
 
 
-# A sender that stalled and caught up delivers its frames in a burst; delivered as they are, the burst
-# becomes a queue on the send side that an echo carries for the rest of the call (measured: the stock
-# aiortc client on this busy machine left 47 ms p50 in the outbound queue).  While at least this many
-# frames wait behind the one just decoded, a quiet one is dropped (like NetEq's accelerate, which also
-# picks low-energy audio); speech and tones are never dropped.
-CATCH_UP_DEPTH = 2
+# A caller that stalled and caught up delivers its frames in a burst; passed through as they are (an
+# echo, a handler forwarding live audio), the part beyond the lead becomes a queue the call carries to
+# its end (measured on this busy machine: 47-109 ms p50 in the outbound queue).  Live audio (frames
+# that carry their packet's arrival time) waiting for its RTP time with another frame behind it is
+# dropped when quiet (like NetEq's accelerate, which also picks low-energy audio); speech and tones are
+# never dropped, and generated audio (a TTS reply, no arrival time) is paced whole.
 QUIET_PEAK = 1000  # of 32767, about -30 dBFS
 
 
-def _quiet(pcm: bytes) -> bool:
+def _quiet(pcm: bytes | bytearray) -> bool:
     samples = array("h", pcm)
     return not samples or max(max(samples), -min(samples)) < QUIET_PEAK
 
@@ -164,7 +163,6 @@ class VoiceReceiver:
         self.decoder = OpusDecoder()
         self.arrivals = arrivals
         self.stages = stages
-        self.skipped = 0
         self._waiter: asyncio.Future | None = None
         if receiver is not None:
             check_aiortc()
@@ -194,9 +192,6 @@ class VoiceReceiver:
                 decoded = time.monotonic()
                 if self.stages:
                     self.stages.add("decode", decoded - now)
-                if self.buffer.depth >= CATCH_UP_DEPTH and out.payload is not None and _quiet(pcm):
-                    self.skipped += 1  # behind after a burst: drop a quiet frame to catch up
-                    continue
                 return PcmFrame(pcm, 1, SAMPLE_RATE, pts=out.timestamp, time=decoded, received=out.arrival)
             self._waiter = loop.create_future()
             deadline = self.buffer.next_deadline()
@@ -212,7 +207,7 @@ class VoiceReceiver:
         b = self.buffer
         return {"frames_concealed": b.concealed, "frames_late": b.late, "frames_released": b.released,
                 "receive_delay_ms": round(b.delay * 1000, 3), "receive_jitter_ms": round(b.jitter * 1000, 3),
-                "receive_resets": b.resets, "frames_skipped": self.skipped}
+                "receive_resets": b.resets}
 
 
 class OutboundAudio(MediaStreamTrack):
@@ -229,6 +224,7 @@ class OutboundAudio(MediaStreamTrack):
         self.silent_frames = 0
         self.overflow_frames = 0  # dropped because the handler ran more than 1 s ahead
         self.cleared_frames = 0   # dropped by clear_audio()
+        self.skipped_frames = 0   # quiet live audio dropped to catch up after a burst
         self._encoder: OpusEncoder | None = None
         self._anchor: float | None = None
         self._index = 0
@@ -264,6 +260,10 @@ class OutboundAudio(MediaStreamTrack):
         while self._marks and self._marks[0][0] < self._taken:
             self._marks.popleft()
 
+    def _live_head(self) -> bool:
+        """The next frame to send starts a push of live audio (one that carries its arrival time)."""
+        return bool(self._marks) and self._marks[0][0] == self._taken and self._marks[0][2] is not None
+
     def clear(self) -> float:
         """Drop everything waiting to be sent (barge-in); the seconds dropped."""
         dropped = self.backlog
@@ -295,6 +295,10 @@ class OutboundAudio(MediaStreamTrack):
                 self._idle = False
             due = self._anchor + self._index * FRAME_SECONDS - LEAD
             if now < due:
+                if self._live_head() and len(self.buffer) >= 2 * FRAME_BYTES and _quiet(self.buffer[:FRAME_BYTES]):
+                    self._drop(FRAME_BYTES)
+                    self.skipped_frames += 1
+                    return None, now
                 return None, due
             pcm = bytes(self.buffer[:FRAME_BYTES])
             # the push that starts in this frame, if any: its timing follows the frame to the wire

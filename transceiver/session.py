@@ -189,7 +189,8 @@ class Session:
         """The media path's own figures: receive buffer, concealment, pacing, per-stage times (ms)."""
         out = self.voice.to_dict() if self.voice else {}
         out.update(frames_silent=self.outbound.silent_frames, frames_cleared=self.outbound.cleared_frames,
-                   frames_overflow=self.outbound.overflow_frames, stages=self.stages.summary())
+                   frames_overflow=self.outbound.overflow_frames,
+                   frames_skipped=self.outbound.skipped_frames, stages=self.stages.summary())
         return out
 
 
