@@ -25,7 +25,7 @@ import aiortc.rtcicetransport as _rtcicetransport
 from splitrelay.wire.hint import ALPHABET
 from splitrelay.transceiver.mux import MuxedConnection, UdpMux
 
-_session: ContextVar[tuple[UdpMux, str, str, list[MuxedConnection]] | None] = ContextVar(
+_session: ContextVar[tuple[UdpMux, str, str, list, list[MuxedConnection]] | None] = ContextVar(
     "splitrelay_ice_session", default=None)
 _original_connection = _rtcicetransport.Connection
 
@@ -39,10 +39,10 @@ def _connection_factory(*args: Any, **kwargs: Any):  # noqa: ANN202 - mirrors ai
     current = _session.get()
     if current is None:
         return _original_connection(*args, **kwargs)
-    mux, ufrag, password, created = current
+    mux, ufrag, password, candidates, created = current
     if kwargs.get("local_username") is None:
         kwargs["local_username"], kwargs["local_password"] = ufrag, password
-    connection = MuxedConnection(*args, mux=mux, **kwargs)
+    connection = MuxedConnection(*args, mux=mux, public_candidates=candidates, **kwargs)
     created.append(connection)
     return connection
 
@@ -51,11 +51,13 @@ _rtcicetransport.Connection = _connection_factory
 
 
 @contextlib.contextmanager
-def session_ice(mux: UdpMux, ufrag: str, password: str) -> Iterator[list[MuxedConnection]]:
-    """Peer connections that create ICE transports inside this block use the mux and this ufrag;
+def session_ice(mux: UdpMux, ufrag: str, password: str,
+                candidates: list[tuple[tuple[str, int], int]] | None = None) -> Iterator[list[MuxedConnection]]:
+    """Peer connections that create ICE transports inside this block use the mux and this ufrag,
+    and advertise ``candidates`` ((address, local preference), see relays.py; default: the mux's);
     yields the list of the ICE connections so created."""
     created: list[MuxedConnection] = []
-    token = _session.set((mux, ufrag, password, created))
+    token = _session.set((mux, ufrag, password, list(candidates or []), created))
     try:
         yield created
     finally:

@@ -325,9 +325,12 @@ class UdpMux(asyncio.DatagramProtocol):
 class MuxedConnection(Connection):
     """An aioice Connection whose only candidates are the public candidates, all on the mux."""
 
-    def __init__(self, *args: Any, mux: UdpMux, **kwargs: Any) -> None:  # noqa: ANN401
+    def __init__(self, *args: Any, mux: UdpMux,  # noqa: ANN401
+                 public_candidates: Sequence[tuple[Address, int]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mux = mux
+        # (address, ICE local preference) of this session's candidates; default: the mux's, in order
+        self.public_candidates = list(public_candidates or [])
         self.consent_expired = False  # closed by aioice's own consent check (RFC 7675), not by us
         self._consent_running = False
 
@@ -345,11 +348,12 @@ class MuxedConnection(Connection):
     async def get_component_candidates(self, component: int, addresses: list[str],
                                        timeout: int = 5) -> list[Candidate]:
         candidates = []
-        for index, (host, port) in enumerate(self.mux.public_candidates):
+        public = self.public_candidates or [(a, 65535 - i) for i, a in enumerate(self.mux.public_candidates)]
+        for (host, port), local_pref in public:
             protocol = StunProtocol(self)
             protocol.local_candidate = Candidate(
                 foundation=candidate_foundation("host", "udp", host), component=component, transport="udp",
-                priority=candidate_priority(component, "host", local_pref=65535 - index),  # first preferred
+                priority=candidate_priority(component, "host", local_pref=local_pref),  # see relays.py
                 host=host, port=port, type="host",
             )
             protocol.connection_made(MuxTransport(self.mux, protocol, self.local_username))

@@ -6,7 +6,9 @@ the edge agent before that answer leaves, and unregistered when it ends however
 it ends (DELETE, ICE failure, consent expiry, client hang-up, connect timeout,
 shutdown).  Without a relay (``relay_control`` unset) it runs in direct mode:
 nothing is registered and, unless public candidates are given, the mux's own
-address is the candidate.
+address is the candidate.  With several relays (``relays``) the answer names all of
+them, the one chosen for this client first (relays.py), and every relay's agent
+gets every session (registration.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from splitrelay.transceiver.handlers import handler_factory
 from splitrelay.transceiver.metrics import TransceiverMetrics
 from splitrelay.transceiver.mux import UdpMux
-from splitrelay.transceiver.registration import Registrar, RegistrationError
+from splitrelay.transceiver.registration import Registrar, RegistrationError, RelayRegistrars
+from splitrelay.transceiver.relays import Relay, RelayChooser, SignalingFacts, choose, ordered_candidates
 from splitrelay.transceiver.session import DELETED, SHUTDOWN, OfferError, Session, answer_offer
 from splitrelay.transceiver.whip import MAX_OFFER, OfferRejected, WhipConfig, WhipEndpoint
 
@@ -53,6 +56,8 @@ class TransceiverConfig:
     connect_timeout: float = 30.0                    # an answered session must connect within this
     max_sessions: int = 0                            # 0 = no limit; beyond it offers get 503
     watch_interval: float = 1.0                      # how often the agent's boot_id is checked
+    relays: list[Relay] = field(default_factory=list)  # several relays (overrides the three fields above)
+    choosers: list[RelayChooser] = field(default_factory=list)  # who picks a client's preferred relay
 
     def candidates(self) -> list[tuple[str, int]]:
         """The public candidates, [] for direct mode."""
@@ -60,6 +65,14 @@ class TransceiverConfig:
         if self.public_address and self.public_address not in found:
             found.insert(0, self.public_address)
         return found
+
+    def all_relays(self) -> list[Relay]:
+        """``relays``, or the one relay that public_address/public_candidates/relay_control describe."""
+        if self.relays:
+            return list(self.relays)
+        if self.candidates() or self.relay_control:
+            return [Relay("relay1", tuple(self.candidates()), self.relay_control)]
+        return []
 
 
 class Transceiver:
@@ -69,7 +82,7 @@ class Transceiver:
         self.sessions: dict[str, Session] = {}
         self.ended: deque[dict[str, Any]] = deque(maxlen=ENDED_KEPT)  # to_dict() of finished sessions
         self.mux: UdpMux | None = None
-        self.registrar: Registrar | None = None
+        self.registrars: RelayRegistrars | None = None
         self.draining = False
         self._runner: web.AppRunner | None = None
         self.whip_port: int | None = None
@@ -89,18 +102,27 @@ class Transceiver:
         ])
         return app
 
+    @property
+    def registrar(self) -> Registrar | None:
+        """The first relay's registrar (None in direct mode)."""
+        return self.registrars.registrars[0] if self.registrars else None
+
     async def start(self) -> None:
-        """Bind the mux, register the backend (if a relay is configured), then accept offers."""
+        """Bind the mux, register the backend (if relays are configured), then accept offers."""
         c = self.config
-        self.mux = await UdpMux.bind(c.bind_host, c.bind_port, c.candidates() or None)
-        if c.relay_control:
+        relays = c.all_relays()
+        public = [a for r in relays for a in r.candidates]
+        self.mux = await UdpMux.bind(c.bind_host, c.bind_port, public or None)
+        controlled = [r for r in relays if r.control_url]
+        if controlled:
             host, port = self.mux.local_address
             backend_ip = c.backend_ip or (host if host not in ("0.0.0.0", "::") else None)
             if backend_ip is None and c.backend_ip6 is None:
                 raise RegistrationError(f"bound to {host}: set backend_ip, the address the relay forwards to")
-            self.registrar = Registrar(c.relay_control, c.backend_id, backend_ip, port, c.relay_token,
-                                       c.backend_ip6, watch_interval=c.watch_interval)
-            await self.registrar.start()
+            self.registrars = RelayRegistrars([
+                Registrar(r.control_url, c.backend_id, backend_ip, port, c.relay_token, c.backend_ip6,
+                          watch_interval=c.watch_interval, name=r.name) for r in controlled])
+            await self.registrars.start()
         # a client that stops sending must not hold a connection (or our shutdown) for long
         self._runner = web.AppRunner(self.app(), access_log=None, lingering_time=1.0, shutdown_timeout=2.0)
         await self._runner.setup()
@@ -114,7 +136,16 @@ class Transceiver:
 
     # -- sessions (the WHIP endpoint's SessionHost) -----------------------------------
 
-    async def open_session(self, sdp: str, offer_at: float) -> tuple[str, str]:
+    def candidates_for(self, facts: SignalingFacts | None) -> list[tuple[tuple[str, int], int]] | None:
+        """This client's candidates with their priorities: its preferred relay first (relays.py)."""
+        relays = [r for r in self.config.all_relays() if r.candidates]
+        if not relays:
+            return None  # direct mode: the mux's own address
+        preferred = choose(self.config.choosers, facts or SignalingFacts(), relays)
+        return ordered_candidates(relays, preferred)
+
+    async def open_session(self, sdp: str, offer_at: float,
+                           facts: SignalingFacts | None = None) -> tuple[str, str]:
         assert self.mux is not None
         if self.config.max_sessions and len(self.sessions) >= self.config.max_sessions:
             raise OfferRejected(503, f"this transceiver is full ({self.config.max_sessions} sessions)")
@@ -122,8 +153,8 @@ class Transceiver:
         registered: list[str] = []
 
         async def register(session: Session) -> None:
-            if self.registrar:
-                await self.registrar.register(session.ufrag)
+            if self.registrars:
+                await self.registrars.register(session.ufrag)
                 registered.append(session.ufrag)
 
         try:
@@ -131,10 +162,11 @@ class Transceiver:
                 sdp, self.mux, self.config.backend_id, self.make_handler,
                 before_answer=register, on_end=self._ended, hint_key=self.config.hint_key,
                 offer_at=offer_at, connect_timeout=self.config.connect_timeout,
+                candidates=self.candidates_for(facts),
             )
         except BaseException as exc:
             for ufrag in registered:  # registered, then failed before the answer: take it back
-                await self.registrar.unregister(ufrag)  # type: ignore[union-attr]
+                await self.registrars.unregister(ufrag)  # type: ignore[union-attr]
             if isinstance(exc, RegistrationError):
                 raise OfferRejected(503, f"the relay did not accept the session: {exc}") from None
             if isinstance(exc, OfferError):
@@ -163,8 +195,8 @@ class Transceiver:
         await session.close(reason)
         if self.mux:
             self.mux.unregister(session.ufrag)  # the peer connection's close already did; be sure
-        if self.registrar:
-            await self.registrar.unregister(session.ufrag)
+        if self.registrars:
+            await self.registrars.unregister(session.ufrag)
         self.ended.append(session.to_dict())
         log.info("session %s ended (%s)", session_id, session.end_reason)
         return True
@@ -254,8 +286,8 @@ class Transceiver:
         self.draining = True
         for session_id in list(self.sessions):
             await self.end_session(session_id, SHUTDOWN)
-        if self.registrar:
-            await self.registrar.stop()
+        if self.registrars:
+            await self.registrars.stop()
         if self._runner:
             await self._runner.cleanup()
         if self.mux:

@@ -277,6 +277,7 @@ async def answer_offer(
     hint_key: bytes | None = None,
     offer_at: float | None = None,
     connect_timeout: float | None = 30.0,
+    candidates: list[tuple[tuple[str, int], int]] | None = None,
 ) -> tuple[Session, str]:
     """Create a session for an offer; returns it with the complete SDP answer.
 
@@ -285,7 +286,9 @@ async def answer_offer(
     session is torn down and the exception propagates.  ``on_end`` is called once
     when the session ends on its own (failure, consent expiry, client hang-up,
     connect timeout); ``end_reason`` says which.  ``offer_at`` (time.monotonic())
-    is when the offer arrived, the origin of the setup timings.
+    is when the offer arrived, the origin of the setup timings.  ``candidates``: the
+    (address, ICE local preference) pairs to advertise (relays.ordered_candidates), default
+    the mux's public candidates.
     """
     if not _bundled(offer_sdp):
         raise OfferError("the offer's m-lines are not all in one BUNDLE group (WHIP requires BUNDLE)")
@@ -341,7 +344,7 @@ async def answer_offer(
             session._tasks.append(asyncio.ensure_future(session._guard(coro)))
 
     try:
-        with session_ice(mux, ufrag, new_password()) as session.ice_connections:
+        with session_ice(mux, ufrag, new_password(), candidates) as session.ice_connections:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds on bad SDP

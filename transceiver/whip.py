@@ -28,6 +28,8 @@ from typing import Protocol
 
 from aiohttp import web
 
+from splitrelay.transceiver.relays import SignalingFacts
+
 MAX_OFFER = 64 * 1024
 CORS = {
     "Access-Control-Allow-Origin": "*",
@@ -68,8 +70,9 @@ class SessionHost(Protocol):
 
     draining: bool
 
-    async def open_session(self, sdp: str, offer_at: float) -> tuple[str, str]:
-        """Create a session; returns (session id, SDP answer); raises OfferRejected."""
+    async def open_session(self, sdp: str, offer_at: float, facts: SignalingFacts) -> tuple[str, str]:
+        """Create a session; returns (session id, SDP answer); raises OfferRejected.  ``facts``: the
+        request's source address and headers, which choose the client's preferred relay."""
 
     async def close_session(self, session_id: str) -> bool:
         """End a session on the client's request; False if there is no such session."""
@@ -169,7 +172,8 @@ class WhipEndpoint:
             raise OfferRejected(503, "this transceiver is draining; try another")
         sdp = await self._read_offer(request)
         check_offer(sdp)
-        session_id, answer = await self.host.open_session(sdp, offer_at)
+        facts = SignalingFacts(remote=request.remote, headers=dict(request.headers))
+        session_id, answer = await self.host.open_session(sdp, offer_at, facts)
         return web.Response(status=201, text=answer, content_type="application/sdp",
                             headers={"Location": self.resource(session_id), **CORS})
 
