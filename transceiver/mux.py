@@ -259,6 +259,11 @@ class UdpMux(asyncio.DatagramProtocol):
         for protocol in self.by_ufrag.pop(ufrag, []):
             self.forget(protocol)
 
+    def drop_ufrag(self, ufrag: str) -> None:
+        """Stop routing new addresses by ``ufrag`` (an ICE restart retired it); the session's
+        protocols and the addresses it talks to stay."""
+        self.by_ufrag.pop(ufrag, None)
+
     def learn(self, addr: Address, protocol: StunProtocol) -> None:
         self.by_addr.setdefault(addr, protocol)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,13 +23,19 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from aioice import Candidate
+
 from splitrelay.transceiver.handlers import handler_factory
+from splitrelay.transceiver.ice import new_password, restart_ice
+from splitrelay.transceiver.ice_restart import IceRestartFailed
 from splitrelay.transceiver.metrics import TransceiverMetrics
 from splitrelay.transceiver.mux import UdpMux
 from splitrelay.transceiver.registration import Registrar, RegistrationError, RelayRegistrars
 from splitrelay.transceiver.relays import Relay, RelayChooser, SignalingFacts, choose, ordered_candidates
 from splitrelay.transceiver.session import DELETED, SHUTDOWN, OfferError, Session, answer_offer
 from splitrelay.transceiver.whip import MAX_OFFER, OfferRejected, WhipConfig, WhipEndpoint
+from splitrelay.wire import hint
+from splitrelay.wire.sdpfrag import IceFragment, SdpFragError
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +185,63 @@ class Transceiver:
         self.metrics.phase("answer", session.timings.answer_ms)
         return session.session_id, answer
 
+    def etag(self, session_id: str) -> str | None:
+        session = self.sessions.get(session_id)
+        return session.etag if session else None
+
+    async def restart_session_ice(self, session_id: str, if_match: str, fragment: IceFragment) -> tuple[str, str]:
+        """ICE restart (RFC 9725 4.3.2): returns (our SDP fragment, the new ETag); raises OfferRejected
+        (404, 412, 400, 422, 503) and then the call goes on untouched on its current pair."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise OfferRejected(404, "no such session")
+        if if_match.strip() != "*" and if_match.strip() != f'"{session.etag}"':
+            raise OfferRejected(412, "If-Match does not name this session's current ETag")
+        try:
+            remote_ufrag, remote_pwd = fragment.check_credentials()
+            remote_candidates = [Candidate.from_sdp(c[len("candidate:"):]) for c in fragment.candidates]
+        except SdpFragError as exc:
+            raise OfferRejected(400, str(exc)) from None
+        except (ValueError, IndexError):
+            raise OfferRejected(400, "the fragment has an a=candidate line that is not a candidate") from None
+        async with session.restart_lock:
+            connections = [c for c in session.ice_connections if not c._closing]  # BUNDLE closed the others
+            if not connections or session.ended.is_set():
+                raise OfferRejected(409, "the session has no ICE transport to restart")
+            if remote_ufrag == connections[0].remote_username:
+                raise OfferRejected(422, "the fragment's ICE ufrag is the current one: trickle ICE is not "
+                                         "supported, an ICE restart needs a new ufrag and password")
+            ufrag, password = hint.encode(self.config.backend_id, key=self.config.hint_key), new_password()
+            if self.registrars:
+                try:
+                    await self.registrars.register(ufrag)
+                except RegistrationError as exc:
+                    raise OfferRejected(503, f"the relay did not accept the new ufrag: {exc}") from None
+            assert self.mux is not None
+            restarted_at = asyncio.get_running_loop().time()
+            local, generation = restart_ice(connections, self.mux, ufrag, password, remote_ufrag, remote_pwd,
+                                            remote_candidates)
+            session.retired_ufrags.append(session.ufrag)
+            session.ufrag = ufrag
+            session.etag = secrets.token_urlsafe(12)
+            session._tasks.append(asyncio.ensure_future(self._retire_after(session, generation, restarted_at)))
+        answer = IceFragment(ufrag=ufrag, pwd=password, candidates=[f"candidate:{c.to_sdp()}" for c in local],
+                             mid=fragment.mid, media=fragment.media, end_of_candidates=True)
+        return answer.serialize(), session.etag
+
+    async def _retire_after(self, session: Session, generation: asyncio.Task, restarted_at: float) -> None:
+        """Once the new generation is nominated, the relays forget the old ufrag(s)."""
+        try:
+            pair = await generation
+        except IceRestartFailed as exc:
+            log.warning("session %s: ICE restart failed: %s", session.session_id, exc)
+            return
+        took = (asyncio.get_running_loop().time() - restarted_at) * 1000.0
+        session.record("ice", f"restarted ({pair.remote_addr[0]}:{pair.remote_addr[1]}, {took:.0f} ms)")
+        if self.registrars:
+            for ufrag in session.retired_ufrags:
+                await self.registrars.unregister(ufrag)
+
     async def close_session(self, session_id: str) -> bool:
         return await self.end_session(session_id, DELETED)
 
@@ -196,7 +260,8 @@ class Transceiver:
         if self.mux:
             self.mux.unregister(session.ufrag)  # the peer connection's close already did; be sure
         if self.registrars:
-            await self.registrars.unregister(session.ufrag)
+            for ufrag in [*session.retired_ufrags, session.ufrag]:  # an ICE restart leaves one per generation
+                await self.registrars.unregister(ufrag)
         self.ended.append(session.to_dict())
         log.info("session %s ended (%s)", session_id, session.end_reason)
         return True

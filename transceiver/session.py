@@ -153,6 +153,9 @@ class Session:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     ice_connections: list[MuxedConnection] = field(default_factory=list)
+    etag: str = field(default_factory=lambda: secrets.token_urlsafe(12))  # this ICE generation (RFC 9725)
+    retired_ufrags: list[str] = field(default_factory=list)  # earlier generations' ufrags (ICE restarts)
+    restart_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _channel: Any = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _closed: bool = False
