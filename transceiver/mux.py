@@ -51,8 +51,9 @@ from typing import Any
 
 from aioice import Candidate
 from aioice.candidate import candidate_foundation, candidate_priority
-from aioice.ice import Connection, StunProtocol
+from aioice.ice import CandidatePair, Connection, StunProtocol
 
+from splitrelay.transceiver.paths import MuxProtocol, PathFollower
 from splitrelay.wire import stun as ref_stun
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,6 @@ SUPPORTED_AIOICE = "0.13"  # the pinned range, for the error message
 def missing_internals() -> list[str]:
     """Names of the aioice/aiortc internals we use that this install lacks ([] = all present)."""
     import aiortc.rtcicetransport as rtcicetransport
-    from aioice.ice import CandidatePair
 
     missing = [f"Connection.{name}" for name in CONNECTION_METHODS if not hasattr(Connection, name)]
     probe = Connection(ice_controlling=False)
@@ -338,6 +338,12 @@ class MuxedConnection(Connection):
         self.public_candidates = list(public_candidates or [])
         self.consent_expired = False  # closed by aioice's own consent check (RFC 7675), not by us
         self._consent_running = False
+        self.paths = PathFollower(self)  # follows the client to a new path (paths.py)
+
+    def check_complete(self, pair: CandidatePair) -> None:
+        before = self._nominated.get(pair.component)
+        super().check_complete(pair)
+        self.paths.check_completed(pair, before)
 
     async def connect(self) -> None:
         await super().connect()
@@ -355,7 +361,7 @@ class MuxedConnection(Connection):
         candidates = []
         public = self.public_candidates or [(a, 65535 - i) for i, a in enumerate(self.mux.public_candidates)]
         for (host, port), local_pref in public:
-            protocol = StunProtocol(self)
+            protocol = MuxProtocol(self)
             protocol.local_candidate = Candidate(
                 foundation=candidate_foundation("host", "udp", host), component=component, transport="udp",
                 priority=candidate_priority(component, "host", local_pref=local_pref),  # see relays.py

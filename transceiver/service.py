@@ -28,6 +28,7 @@ from aioice import Candidate
 from splitrelay.transceiver.handlers import handler_factory
 from splitrelay.transceiver.ice import new_password, restart_ice
 from splitrelay.transceiver.ice_restart import IceRestartFailed
+from splitrelay.transceiver.paths import RESTARTED
 from splitrelay.transceiver.metrics import TransceiverMetrics
 from splitrelay.transceiver.mux import UdpMux
 from splitrelay.transceiver.registration import Registrar, RegistrationError, RelayRegistrars
@@ -237,7 +238,8 @@ class Transceiver:
             log.warning("session %s: ICE restart failed: %s", session.session_id, exc)
             return
         took = (asyncio.get_running_loop().time() - restarted_at) * 1000.0
-        session.record("ice", f"restarted ({pair.remote_addr[0]}:{pair.remote_addr[1]}, {took:.0f} ms)")
+        pair.protocol.receiver.paths.note(RESTARTED, pair.remote_addr)
+        log.info("session %s: ICE restarted in %.0f ms", session.session_id, took)
         if self.registrars:
             for ufrag in session.retired_ufrags:
                 await self.registrars.unregister(ufrag)

@@ -257,7 +257,13 @@ class Session:
                 "dtls_connected_ms": t.dtls_connected_ms, "ended_ms": t.ended_ms,
                 "frames_in": self.frames_in, "frames_out": self.outbound.frames_out,
                 "messages_in": self.messages_in, "messages_out": self.messages_out,
-                "handler_errors": self.handler_errors}
+                "handler_errors": self.handler_errors, "paths": self.path_changes()}
+
+    def path_changes(self) -> list[dict[str, Any]]:
+        """Each time the media moved to another client address (paths.py): when, why, where."""
+        return [{"at_ms": round((at - self.timings.offer_at) * 1000.0, 3), "reason": reason,
+                 "remote": f"{addr[0]}:{addr[1]}"}
+                for c in self.ice_connections for at, reason, addr in c.paths.changes]
 
 
 def _bundled(sdp: str) -> bool:
