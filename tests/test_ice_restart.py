@@ -81,6 +81,8 @@ async def test_an_ice_restart_onto_a_new_network_keeps_the_call_and_its_dtls(tra
         assert session.dtls_states == dtls_before == ["new", "connecting", "connected"]   # same association
         assert old_ufrag not in transceiver.mux.by_ufrag and session.ufrag in transceiver.mux.by_ufrag
         assert [p["reason"] for p in session.to_dict()["paths"]] == ["nominated", "restarted"]
+        assert transceiver.metrics.path_changes.labels("restarted")._value.get() == 1
+        assert transceiver.metrics.ice_restart._sum.get() > 0
         assert session.to_dict()["paths"][-1]["remote"] == f"127.0.0.1:{new_network[0].port}"
         await caller.hangup(http)
 

@@ -181,6 +181,8 @@ class Transceiver:
                 raise OfferRejected(400, f"bad offer: {exc}") from None
             raise
         self.sessions[session.session_id] = session
+        for connection in session.ice_connections:
+            connection.paths.on_change = lambda reason, addr: self.metrics.path_changes.labels(reason).inc()
         self.metrics.sessions_started.inc()
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.phase("answer", session.timings.answer_ms)
@@ -239,6 +241,7 @@ class Transceiver:
             return
         took = (asyncio.get_running_loop().time() - restarted_at) * 1000.0
         pair.protocol.receiver.paths.note(RESTARTED, pair.remote_addr)
+        self.metrics.ice_restart.observe(took / 1000.0)
         log.info("session %s: ICE restarted in %.0f ms", session.session_id, took)
         if self.registrars:
             for ufrag in session.retired_ufrags:
