@@ -14,18 +14,11 @@ from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 from splitrelay.wire import hint
 from splitrelay.wire.sdpfrag import MEDIA_TYPE, IceFragment
 
+from . import test_transceiver
 from .test_transceiver import BACKEND_ID, Caller, until
 from .test_transceiver_registration import BACKEND_IP, TOKEN, Agent
 
-
-@pytest.fixture
-async def transceiver():
-    service = Transceiver(TransceiverConfig(backend_id=BACKEND_ID, bind_port=0, whip_port=0))
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop()
+transceiver = test_transceiver.transceiver  # the direct-mode transceiver fixture
 
 
 async def connected_caller(service: Transceiver, http: aiohttp.ClientSession, freq: float = 700.0) -> Caller:

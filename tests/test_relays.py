@@ -75,6 +75,14 @@ async def two_agents():
             await a.stop()
 
 
+async def post_offer(service: Transceiver) -> tuple[int, str]:
+    """A WHIP POST of a fresh offer: (status, body)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(service.whip_url, data=await offer_sdp(),
+                             headers={"Content-Type": "application/sdp"}) as resp:
+            return resp.status, await resp.text()
+
+
 def candidate_lines(answer: str) -> list[tuple[str, int, int]]:
     """(host, port, priority) of each a=candidate line, in the answer's order."""
     out = []
@@ -93,11 +101,8 @@ async def test_one_answer_names_every_relay_in_both_families_the_clients_relay_f
         choosers=[ByClientPrefix([("127.0.0.0/8", "far")])]))   # this test's client is on loopback
     await service.start()
     try:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(service.whip_url, data=await offer_sdp(),
-                                 headers={"Content-Type": "application/sdp"}) as resp:
-                assert resp.status == 201
-                answer = await resp.text()
+        status, answer = await post_offer(service)
+        assert status == 201
         found = candidate_lines(answer)
         assert [(h, p) for h, p, _ in found] == [("203.0.113.1", 3478), ("198.51.100.1", 3478),
                                                  ("2001:db8::1", 3478)]
@@ -119,10 +124,7 @@ async def test_a_relay_that_missed_the_registration_gets_it_on_its_next_tick(two
         relays=[Relay("up", NEAR.candidates, up.url), Relay("down", FAR.candidates, down.url)]))
     await service.start()                                # one relay reachable is enough to start
     try:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(service.whip_url, data=await offer_sdp(),
-                                 headers={"Content-Type": "application/sdp"}) as resp:
-                assert resp.status == 201                # one relay accepted: the call goes on
+        assert (await post_offer(service))[0] == 201     # one relay accepted: the call goes on
         (ufrag,) = up.ufrags()
         late = service.registrars.registrars[1]
         assert late.missed == {ufrag}
@@ -143,10 +145,8 @@ async def test_no_relay_reachable_refuses_the_offer(two_agents):
     try:
         for a in two_agents:
             await a.stop()
-        async with aiohttp.ClientSession() as http:
-            async with http.post(service.whip_url, data=await offer_sdp(),
-                                 headers={"Content-Type": "application/sdp"}) as resp:
-                assert resp.status == 503 and "unreachable" in await resp.text()
+        status, text = await post_offer(service)
+        assert status == 503 and "unreachable" in text
         assert service.sessions == {} and service.mux.by_ufrag == {}
     finally:
         await service.stop()
