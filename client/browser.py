@@ -114,23 +114,30 @@ class AudioGap:
         return 0.0 if self.stopped_after is None else self.flowing_after
 
 
+def stopped_at(samples: list[dict], mark: float) -> float | None:
+    """The start (page ms) of the first sample interval after ``mark`` without audio, or None."""
+    after = [s for s in samples if s["t"] >= mark]
+    for before, now in pairwise(after):
+        if not audio_flowing(before, now):
+            return before["t"]
+    return None
+
+
 def audio_gap(samples: list[dict], mark: float, settle: float = 2.0) -> AudioGap | None:
     """Judge the audio after ``mark`` (page ms): None while undecided.
 
     Decided when audio stopped and then flowed again, or when it flowed for ``settle``
-    seconds after the mark without a break (gap 0; the resolution is the page's 100 ms
-    sampling interval).
+    seconds after the mark without a break (gap 0).  The resolution is the page's
+    100 ms sampling interval.
     """
-    after = [s for s in samples if s["t"] >= mark]
-    stopped = None
+    stopped = stopped_at(samples, mark)
+    if stopped is None:
+        last = samples[-1]["t"] if samples else mark
+        return AudioGap(None, 0.0) if (last - mark) / 1000 >= settle else None
+    after = [s for s in samples if s["t"] >= stopped]
     for before, now in pairwise(after):
-        flowing = audio_flowing(before, now)
-        if stopped is None and not flowing:
-            stopped = before["t"]
-        elif stopped is not None and flowing:
+        if audio_flowing(before, now):
             return AudioGap((stopped - mark) / 1000, (now["t"] - mark) / 1000)
-        elif stopped is None and (now["t"] - mark) / 1000 >= settle:
-            return AudioGap(None, 0.0)
     return None
 
 
@@ -269,6 +276,10 @@ class BrowserCall:
             start = flowing_since(samples)
             return samples[-1] if start is not None and samples[-1]["t"] - start >= seconds * 1000 else None
         return self._wait(judge, timeout, f"{seconds} s of audio coming back")
+
+    def wait_silence(self, mark: float, timeout: float) -> float:
+        """Wait until the audio stops after ``mark``; returns when (page ms)."""
+        return self._wait(lambda: stopped_at(self.samples(mark), mark), timeout, "the audio to stop")
 
     def wait_gap(self, mark: float, timeout: float, settle: float = 2.0) -> AudioGap:
         """Wait until the audio after ``mark`` (from ``now()``) is judged: the failover-gap hook."""

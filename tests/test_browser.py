@@ -101,3 +101,36 @@ def test_chromium_calls_through_xdp_and_hears_its_own_voice_echoed(browser_lab):
     assert after["IN_FWD_FLOW"] - before["IN_FWD_FLOW"] > 100     # the browser's media went through XDP
     assert control(lab, lambda c: c.sessions()) == []             # DELETE ended it on the relay too
     assert transceiver_sessions(lab, info["whip_url"]) == []
+
+
+def bridge_port(lab: Lab, port: str, state: str) -> None:
+    """Set a lab switch port's forwarding state: 'disabled' drops every frame silently, both ways,
+    with no carrier change anywhere (so neither ICE agent sees a network event, only silence)."""
+    code = {"disabled": "0", "forwarding": "3"}[state]
+    lab.run(lab.switch_netns, ["bridge", "link", "set", "dev", port, "state", code])
+
+
+@needs_root
+@needs_browser
+def test_a_blackout_behind_the_relay_is_measured_as_the_audio_gap(browser_lab):
+    lab, info, browser = browser_lab
+    port = f"t{lab.transceivers[0].index}m"      # the transceiver's port on the internal switch
+    call = browser.call(info["whip_url"])
+    try:
+        call.wait_audio(seconds=1.0)
+        mark = call.now()
+        bridge_port(lab, port, "disabled")
+        try:
+            call.wait_silence(mark, timeout=10)
+            call.page.wait_for_timeout(1000)      # the blackout itself: a deliberate second of silence
+            restoring = call.now()
+        finally:
+            bridge_port(lab, port, "forwarding")
+        judged = call.wait_gap(mark, timeout=20)
+        call.wait_audio(seconds=1.0)              # and the call goes on
+    finally:
+        call.hang_up()
+    blackout = (restoring - mark) / 1000
+    assert judged.stopped_after < 1.0, judged
+    # no audio can come back before the path does; measured here: a 1.3 s blackout, gap 2.25 s
+    assert blackout <= judged.gap <= blackout + 4.0, (blackout, judged)
