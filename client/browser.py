@@ -27,6 +27,7 @@ import struct
 import tempfile
 import time
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -285,6 +286,13 @@ class BrowserCall:
         """Wait until the audio after ``mark`` (from ``now()``) is judged: the failover-gap hook."""
         return self._wait(lambda: audio_gap(self.samples(mark), mark, settle), timeout,
                           "audio to flow again after the mark")
+
+    def measure_gap(self, fault: Callable[[], object], timeout: float = 30.0, settle: float = 2.0) -> AudioGap:
+        """The failover-gap hook: mark the page's clock, cause ``fault()`` (kill a relay, move an
+        address, restart ICE), and wait until audio flows again; a bench repeats it for median and worst."""
+        mark = self.now()
+        fault()
+        return self.wait_gap(mark, timeout, settle)
 
     def wait_remote(self, predicate, timeout: float, what: str) -> dict:  # noqa: ANN001
         """Wait until the selected pair's remote address satisfies ``predicate``; returns that sample."""
