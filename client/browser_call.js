@@ -84,7 +84,8 @@ async function sample() {
     const local = report.get(pair.localCandidateId) || {};
     const remote = report.get(pair.remoteCandidateId) || {};
     s.pair = { local: `${local.address}:${local.port}`, remote: `${remote.address}:${remote.port}`,
-               state: pair.state, rttMs: pair.currentRoundTripTime != null ? pair.currentRoundTripTime * 1000 : null };
+               remoteUfrag: remote.usernameFragment || null, state: pair.state,
+               rttMs: pair.currentRoundTripTime != null ? pair.currentRoundTripTime * 1000 : null };
   }
   call.samples.push(s);
   if (call.samples.length > MAX_SAMPLES) call.samples.splice(0, call.samples.length - MAX_SAMPLES);

@@ -87,6 +87,7 @@ def test_chromium_calls_through_xdp_and_hears_its_own_voice_echoed(browser_lab):
         heard = call.wait_audio(seconds=2.0)
         assert heard["pair"]["remote"] == f"{lab.relay_public.ip4}:{lab.relay_port}"   # media via the relay
         assert heard["pair"]["local"].startswith(lab.client.ip4 + ":")
+        assert heard["pair"]["remoteUfrag"] == call.whip["answer"].split("a=ice-ufrag:")[1].split()[0]
         assert heard["outPackets"] > 50 and heard["inPackets"] > 50
         peak = call.echo_peak_hz()
         assert peak is not None and abs(peak - TONE_HZ) < PEAK_TOLERANCE_HZ, peak   # our tone came back
