@@ -4,8 +4,8 @@ The aiortc probe shows the relay works with *a* WebRTC stack; browsers are what
 clients run, with their own ICE (consent every few seconds, backup pairs,
 restarts), so the tests also call through Debian's ``chromium``.  Playwright
 (the Python package, which talks to the browser over a pipe) runs in the
-caller's namespace and starts Chromium through ``nsenter --net``, so only the
-browser lives in the client's network: its UDP sockets and its fetch() to the
+caller's namespace and starts Chromium under a wrapper command (the lab's
+``nsenter --net=...``), so only the browser lives in the client's network: its UDP sockets and its fetch() to the
 WHIP endpoint leave from there.  No browser is ever downloaded:
 ``executable_path`` is the distribution's binary.
 
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from splitrelay.errors import SplitrelayError
-from splitrelay.lab.netns import nsenter_argv
 
 CHROMIUM = os.environ.get("SPLITRELAY_CHROMIUM", "/usr/bin/chromium")
 PAGE_JS = Path(__file__).with_name("browser_call.js")
@@ -145,10 +144,16 @@ def audio_gap(samples: list[dict], mark: float, settle: float = 2.0) -> AudioGap
 # -- the browser -----------------------------------------------------------------------------
 
 class Browser:
-    """Headless Chromium in ``netns`` (a context manager); ``call()`` opens a page with one WHIP call."""
+    """Headless Chromium (a context manager); ``call()`` opens a page with one WHIP call.
 
-    def __init__(self, netns: str, extra_args: list[str] | None = None, tone_hz: float = TONE_HZ) -> None:
-        self.netns = netns
+    ``wrapper`` is the command Chromium runs under, e.g. the lab's ``nsenter_argv(netns, [])``
+    (``nsenter --net=... --``), which puts the browser, and so its media and its fetch(), in that
+    network namespace.
+    """
+
+    def __init__(self, wrapper: list[str] | None = None, extra_args: list[str] | None = None,
+                 tone_hz: float = TONE_HZ) -> None:
+        self.wrapper = wrapper or []
         self.extra_args = extra_args or []
         self.tone_hz = tone_hz
         self._workdir: Path | None = None
@@ -163,8 +168,8 @@ class Browser:
 
         self._workdir = Path(tempfile.mkdtemp(prefix="splitrelay-browser-"))
         wav = write_tone_wav(self._workdir / "tone.wav", self.tone_hz)
-        launcher = self._workdir / "chromium"   # playwright takes one executable: enter the namespace first
-        launcher.write_text("#!/bin/sh\nexec " + shlex.join(nsenter_argv(self.netns, [CHROMIUM])) + ' "$@"\n')
+        launcher = self._workdir / "chromium"   # playwright takes one executable: the wrapper, then Chromium
+        launcher.write_text("#!/bin/sh\nexec " + shlex.join([*self.wrapper, CHROMIUM]) + ' "$@"\n')
         launcher.chmod(0o755)
         args = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                 f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
@@ -177,7 +182,8 @@ class Browser:
                 executable_path=str(launcher), args=args, headless=True, timeout=LAUNCH_TIMEOUT * 1000)
         except Error as exc:
             self.close()
-            raise BrowserError(f"chromium did not start in {self.netns}: {_first_line(exc)}") from None
+            raise BrowserError(f"chromium did not start (under {shlex.join(self.wrapper) or 'no wrapper'}): "
+                               f"{_first_line(exc)}") from None
         return self
 
     def __exit__(self, *exc: object) -> None:

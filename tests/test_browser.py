@@ -14,6 +14,7 @@ import pytest
 
 from splitrelay.client.browser import TONE_HZ, PEAK_TOLERANCE_HZ, AudioGap, Browser, audio_gap, \
     flowing_since, unavailable_reason
+from splitrelay.lab.netns import nsenter_argv
 from splitrelay.lab.stack import control, start_lab, stop_lab
 from splitrelay.lab.topology import Lab
 
@@ -65,7 +66,7 @@ def browser_lab():
     info = start_lab(transceivers=1, handler="echo")
     lab = Lab.load(info["name"])
     try:
-        with Browser(lab.client.netns) as browser:
+        with Browser(nsenter_argv(lab.client.netns, [])) as browser:
             yield lab, info, browser
     finally:
         stop_lab(info["name"])
