@@ -300,11 +300,12 @@ class BrowserCall:
         fault()
         return self.wait_gap(mark, timeout, settle)
 
-    def wait_remote(self, predicate, timeout: float, what: str) -> dict:  # noqa: ANN001
-        """Wait until the selected pair's remote address satisfies ``predicate``; returns that sample."""
+    def wait_pair(self, predicate: Callable[[dict], bool], timeout: float, what: str) -> dict:
+        """Wait until the selected candidate pair ({local, remote, remoteUfrag, state, rttMs})
+        satisfies ``predicate``; returns that sample (its ``t`` says when the page saw it)."""
         def judge() -> dict | None:
             s = self.latest()
-            return s if s and s["pair"] and predicate(s["pair"]["remote"]) else None
+            return s if s and s["pair"] and predicate(s["pair"]) else None
         return self._wait(judge, timeout, what)
 
     def echo_peak_hz(self) -> float | None:

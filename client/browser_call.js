@@ -18,13 +18,17 @@ function event(what, value) {
   call.events.push({ t: performance.now(), what, value });
 }
 
-function gathered(pc) {
-  if (pc.iceGatheringState === "complete") return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => { clearTimeout(timer); resolve(); };
-    const timer = setTimeout(done, GATHERING_TIMEOUT_MS);  // WHIP without trickle: send what we have
-    pc.addEventListener("icegatheringstatechange", () => { if (pc.iceGatheringState === "complete") done(); });
+// Set a local description and wait for the end of its candidates (WHIP without trickle sends them
+// all at once). Listening before setLocalDescription also catches an ICE restart's new gathering,
+// which iceGatheringState would not show: it still reads "complete" from the last one.
+function describeAndGather(pc, description) {
+  const ended = new Promise((resolve) => {
+    const done = () => { clearTimeout(timer); pc.removeEventListener("icecandidate", onCandidate); resolve(); };
+    const onCandidate = (e) => { if (!e.candidate) done(); };
+    const timer = setTimeout(done, GATHERING_TIMEOUT_MS);  // send what we have
+    pc.addEventListener("icecandidate", onCandidate);
   });
+  return pc.setLocalDescription(description).then(() => ended);
 }
 
 async function whipRequest(method, url, headers, body) {
@@ -121,8 +125,7 @@ window.splitrelay = {
     pc.ontrack = (e) => listenTo(e.track);
     pc.oniceconnectionstatechange = () => event("ice", pc.iceConnectionState);
     pc.onconnectionstatechange = () => event("connection", pc.connectionState);
-    await pc.setLocalDescription(await pc.createOffer());
-    await gathered(pc);
+    await describeAndGather(pc, await pc.createOffer());
     const { response, text } = await whipRequest("POST", whipUrl, { "Content-Type": "application/sdp" },
                                                  pc.localDescription.sdp);
     if (response.status !== 201) throw new Error(`WHIP POST answered ${response.status}, not 201`);
@@ -137,9 +140,7 @@ window.splitrelay = {
   // PATCHed with If-Match "*"; the 200 answer's fragment carries the server's new credentials.
   async iceRestart() {
     const pc = call.pc;
-    const offer = await pc.createOffer({ iceRestart: true });
-    await pc.setLocalDescription(offer);
-    await gathered(pc);
+    await describeAndGather(pc, await pc.createOffer({ iceRestart: true }));
     const sdp = pc.localDescription.sdp;
     const lines = sdp.split(/\r?\n/);
     const mid = lines.find((l) => l.startsWith("a=mid:"));
