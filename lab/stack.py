@@ -104,7 +104,9 @@ def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
                       extra_args: list[str] | None = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
             "--backend-id", str(t.backend_id), "--bind", f"{t.ip4}:{BACKEND_PORT}", "--ip6", t.ip6,
-            "--relay", f"{lab.relay_public.ip4}:{lab.relay_port}", "--relay-control", control_url(lab),
+            # both of the relay's public addresses: IPv6 clients get a candidate too
+            "--relay", f"{lab.relay_public.ip4}:{lab.relay_port},[{lab.relay_public.ip6}]:{lab.relay_port}",
+            "--relay-control", control_url(lab),
             "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler, *(extra_args or [])]
     path = log_file(lab, f"t{t.index}")
     with path.open("w") as log:

@@ -153,6 +153,9 @@ class Session:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     ice_connections: list[MuxedConnection] = field(default_factory=list)
+    etag: str = field(default_factory=lambda: secrets.token_urlsafe(12))  # this ICE generation (RFC 9725)
+    retired_ufrags: list[str] = field(default_factory=list)  # earlier generations' ufrags (ICE restarts)
+    restart_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _channel: Any = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _closed: bool = False
@@ -254,7 +257,13 @@ class Session:
                 "dtls_connected_ms": t.dtls_connected_ms, "ended_ms": t.ended_ms,
                 "frames_in": self.frames_in, "frames_out": self.outbound.frames_out,
                 "messages_in": self.messages_in, "messages_out": self.messages_out,
-                "handler_errors": self.handler_errors}
+                "handler_errors": self.handler_errors, "paths": self.path_changes()}
+
+    def path_changes(self) -> list[dict[str, Any]]:
+        """Each time the media moved to another client address (paths.py): when, why, where."""
+        return [{"at_ms": round((at - self.timings.offer_at) * 1000.0, 3), "reason": reason,
+                 "remote": f"{addr[0]}:{addr[1]}"}
+                for c in self.ice_connections for at, reason, addr in c.paths.changes]
 
 
 def _bundled(sdp: str) -> bool:
@@ -277,6 +286,7 @@ async def answer_offer(
     hint_key: bytes | None = None,
     offer_at: float | None = None,
     connect_timeout: float | None = 30.0,
+    candidates: list[tuple[tuple[str, int], int]] | None = None,
 ) -> tuple[Session, str]:
     """Create a session for an offer; returns it with the complete SDP answer.
 
@@ -285,7 +295,9 @@ async def answer_offer(
     session is torn down and the exception propagates.  ``on_end`` is called once
     when the session ends on its own (failure, consent expiry, client hang-up,
     connect timeout); ``end_reason`` says which.  ``offer_at`` (time.monotonic())
-    is when the offer arrived, the origin of the setup timings.
+    is when the offer arrived, the origin of the setup timings.  ``candidates``: the
+    (address, ICE local preference) pairs to advertise (relays.ordered_candidates), default
+    the mux's public candidates.
     """
     if not _bundled(offer_sdp):
         raise OfferError("the offer's m-lines are not all in one BUNDLE group (WHIP requires BUNDLE)")
@@ -341,7 +353,7 @@ async def answer_offer(
             session._tasks.append(asyncio.ensure_future(session._guard(coro)))
 
     try:
-        with session_ice(mux, ufrag, new_password()) as session.ice_connections:
+        with session_ice(mux, ufrag, new_password(), candidates) as session.ice_connections:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds on bad SDP
