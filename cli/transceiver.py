@@ -45,9 +45,15 @@ def transceiver() -> None:
                    "'from-ip' takes the low 18 bits of the --bind IPv4 address (for Deployments).")
 @click.option("--bind", default="127.0.0.1:5000", show_default=True,
               help="host:port of the one UDP socket serving every session (the backend address).")
-@click.option("--relay", "relay_public", help="The relay's public ip:port, the only candidate clients see. "
-              "Omit for direct mode (the bind address is advertised).")
-@click.option("--relay-control", help="Edge agent control URL to register sessions with.")
+@click.option("--relay", "relay_specs", multiple=True, metavar="[NAME=]IP:PORT[,[IP6]:PORT]",
+              help="A relay's public address(es), the candidates clients see; repeat for several relays "
+                   "(the first is preferred unless --prefer says otherwise). Omit for direct mode.")
+@click.option("--relay-control", "relay_controls", multiple=True,
+              help="Edge agent control URL to register sessions with; one per --relay, in the same order.")
+@click.option("--prefer", "prefer", multiple=True, metavar="PREFIX=RELAY",
+              help="Clients whose WHIP request comes from PREFIX prefer relay RELAY (longest prefix wins).")
+@click.option("--prefer-header", metavar="HEADER",
+              help="The preferred relay's name is in this request header, set by the edge in front of WHIP.")
 @click.option("--whip-listen", default="127.0.0.1:8080", show_default=True, help="host:port of WHIP signaling.")
 @click.option("--handler", default="echo", show_default=True, type=click.Choice(["echo", "tone"]),
               help="What answers the caller.")
@@ -58,8 +64,9 @@ def transceiver() -> None:
               help="On SIGTERM, refuse new offers and let live sessions end for up to this many seconds.")
 @click.option("--hint-key-file", type=click.Path(exists=True, dir_okay=False),
               help="The relays' hint key (32 hex digits): ufrags carry a keyed (v2) routing hint.")
-def transceiver_serve(backend_id: str, bind: str, relay_public: str | None, relay_control: str | None,
-                      whip_listen: str, handler: str, token: str | None, whip_token: str | None,
+def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], relay_controls: tuple[str, ...],
+                      prefer: tuple[str, ...], prefer_header: str | None, whip_listen: str, handler: str,
+                      token: str | None, whip_token: str | None,
                       ip6: str | None, drain_timeout: float, hint_key_file: str | None) -> None:
     """Serve WHIP and every session on one UDP port, registering sessions with the relay.
 
@@ -68,7 +75,8 @@ def transceiver_serve(backend_id: str, bind: str, relay_public: str | None, rela
       splitrelay transceiver serve --backend-id 1 --bind 10.0.0.11:5000 \\
           --relay 203.0.113.1:3478 --relay-control http://10.0.0.1:8470 --whip-listen 0.0.0.0:8080
     """
-    refuse_lab_address(relay_control)
+    for relay_control in relay_controls:
+        refuse_lab_address(relay_control)
     from splitrelay.transceiver.mux import MuxError
     from splitrelay.transceiver.registration import RegistrationError
     from splitrelay.transceiver.service import Transceiver, TransceiverConfig
@@ -76,16 +84,20 @@ def transceiver_serve(backend_id: str, bind: str, relay_public: str | None, rela
     bind_host, bind_port = _hostport(bind, "--bind")
     whip_host, whip_port = _hostport(whip_listen, "--whip-listen")
     backend_id = _backend_id(backend_id, bind_host)
+    from splitrelay.transceiver import relays as relay_options
     from splitrelay.wire.hint import HintError, load_key
 
     try:
         hint_key = load_key(hint_key_file) if hint_key_file else None
-    except HintError as exc:
+        relays = relay_options.relays_from_options(relay_specs, relay_controls)
+        choosers = [relay_options.ByHeader(prefer_header)] if prefer_header else []
+        if prefer:
+            choosers.append(relay_options.ByClientPrefix(relay_options.parse_prefix_map(prefer)))
+    except (HintError, relay_options.RelaySpecError) as exc:
         raise CliError(str(exc)) from None
     config = TransceiverConfig(
-        backend_id=backend_id, bind_host=bind_host, bind_port=bind_port,
-        public_address=_hostport(relay_public, "--relay") if relay_public else None,
-        whip_host=whip_host, whip_port=whip_port, relay_control=relay_control, relay_token=token,
+        backend_id=backend_id, bind_host=bind_host, bind_port=bind_port, relays=relays, choosers=choosers,
+        whip_host=whip_host, whip_port=whip_port, relay_token=token,
         whip_token=whip_token, handler=handler, backend_ip6=ip6, hint_key=hint_key,
     )
     service = Transceiver(config)
