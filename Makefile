@@ -28,9 +28,10 @@ bench-smoke: $(STAMP)
 	$(MAKE) -s -C bench
 	$(VENV)/bin/splitrelay bench --smoke
 
+# Any number of cases runs to the end: no per-test timeout, a progress line every 10 s, the count at the end.
 fuzz: $(STAMP)
-	SPLITRELAY_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-50000} $(PY) -m pytest -q tests/test_xdp.py -k differential \
-		--hypothesis-show-statistics
+	SPLITRELAY_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-50000} SPLITRELAY_FUZZ_PROGRESS=1 $(PY) -m pytest -q -s \
+		-o timeout=0 -p no:cacheprovider tests/xdp/test_differential.py --hypothesis-show-statistics
 
 lint: $(STAMP)
 	$(PY) -m ruff check splitrelay wire bpf edge transceiver client lab cli bench tests

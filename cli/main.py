@@ -15,7 +15,9 @@ import sys
 import time
 
 import click
-from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError, require_bcc, require_root
+from splitrelay.bpf.consts import DEFAULT_SESSION_FLOWS, MAX_BACKEND_ID
+from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError, from_library, require_bcc, require_root
+from splitrelay.errors import SplitrelayError
 
 DEFAULT_CONTROL = os.environ.get("SPLITRELAY_CONTROL", "http://127.0.0.1:8470")
 
@@ -37,26 +39,14 @@ def _table(rows: list[dict], columns: list[str]) -> None:
         click.echo("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
 
 
-def _library_errors():
-    from splitrelay.edge.control_client import ControlError
-    from splitrelay.edge.datapath import DatapathError
-    from splitrelay.lab.netns import LabError
-    from splitrelay.edge.neighbours import NeighbourError
-
-    return (DatapathError, LabError, NeighbourError, ControlError)
-
-
 class Main(click.Group):
     """Turns typed library errors into one line and an exit code."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except _library_errors() as exc:
-            code = EXIT_UNREACHABLE if getattr(exc, "status", None) == 0 else 1
-            path = getattr(exc, "log_path", None)
-            raise CliError(str(exc) + (f" (verifier log: {path})" if path and str(path) not in str(exc) else ""),
-                           code) from None
+        except SplitrelayError as exc:
+            raise from_library(exc) from None
 
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -106,7 +96,8 @@ def _agent_options(f):
                      show_default=True, help="XDP mode; auto falls back to generic with a warning."),
         click.option("--instance", default="default", show_default=True,
                      help="Names the pinned maps: /sys/fs/bpf/splitrelay/<instance>."),
-        click.option("--max-session-flows", default=4, show_default=True, type=click.IntRange(0, 65535),
+        click.option("--max-session-flows", default=DEFAULT_SESSION_FLOWS, show_default=True,
+                     type=click.IntRange(0, 65535),
                      help="Client 5-tuples one session may open (0 = unlimited): caps stolen-ufrag floods."),
         click.option("--hint-key-file", type=click.Path(exists=True, dir_okay=False),
                      help="32 hex digits shared with the transceivers: only hints with a valid SipHash tag "
@@ -330,7 +321,7 @@ def backends() -> None:
 
 
 @backends.command("add")
-@click.argument("backend_id", type=click.IntRange(1, 262143))
+@click.argument("backend_id", type=click.IntRange(1, MAX_BACKEND_ID))
 @click.argument("address")
 @_control_options
 @click.option("--ip6", help="The backend's IPv6 address, for IPv6 clients.")
@@ -349,7 +340,7 @@ def backends_add(backend_id: int, address: str, control: str, token: str | None,
 
 
 @backends.command("rm")
-@click.argument("backend_id", type=click.IntRange(1, 262143))
+@click.argument("backend_id", type=click.IntRange(1, MAX_BACKEND_ID))
 @_control_options
 def backends_rm(backend_id: int, control: str, token: str | None) -> None:
     """Remove a backend with its sessions and flows."""
@@ -447,11 +438,11 @@ def _backend_id(value: str, bind_host: str) -> int:
             addr = ip_address(bind_host)
         except ValueError:
             raise CliError(f"--backend-id from-ip needs an IPv4 --bind address, got {bind_host!r}") from None
-        if not isinstance(addr, IPv4Address) or not int(addr) & 0x3FFFF:
+        if not isinstance(addr, IPv4Address) or not int(addr) & MAX_BACKEND_ID:
             raise CliError(f"--backend-id from-ip: {bind_host} gives no usable id (needs IPv4, low 18 bits != 0)")
-        return int(addr) & 0x3FFFF
-    if not value.isdigit() or not 1 <= int(value) <= 262143:
-        raise CliError(f"--backend-id must be 1..262143 or from-ip, got {value!r}", 2)
+        return int(addr) & MAX_BACKEND_ID
+    if not value.isdigit() or not 1 <= int(value) <= MAX_BACKEND_ID:
+        raise CliError(f"--backend-id must be 1..{MAX_BACKEND_ID} or from-ip, got {value!r}", 2)
     return int(value)
 
 
@@ -462,7 +453,7 @@ def transceiver() -> None:
 
 @transceiver.command("serve")
 @click.option("--backend-id", required=True, metavar="ID|from-ip",
-              help="This transceiver's id at the relay, 1..262143 (carried in every session's ufrag); "
+              help=f"This transceiver's id at the relay, 1..{MAX_BACKEND_ID} (carried in every session's ufrag); "
                    "'from-ip' takes the low 18 bits of the --bind IPv4 address (for Deployments).")
 @click.option("--bind", default="127.0.0.1:5000", show_default=True,
               help="host:port of the one UDP socket serving every session (the backend address).")

@@ -46,6 +46,8 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
+from splitrelay.errors import SplitrelayError
+
 try:  # optional: the same sums vectorised, which keeps a client of many sessions cheap
     import numpy as _np
 except ImportError:  # pragma: no cover - numpy is not a dependency
@@ -58,7 +60,7 @@ CARRIER_HZ = 400.0        # 8 whole periods per 20 ms frame (the beep has 20): t
 CARRIER_AMPLITUDE = 3000  # of 32767; with a beep on top the frame peaks at 15000
 
 
-class ProbeError(Exception):
+class ProbeError(SplitrelayError):
     """The probe could not open or run its session (one-line reason)."""
 
 

@@ -53,6 +53,7 @@ from aioice.candidate import candidate_foundation, candidate_priority
 from aioice.ice import Connection, StunProtocol
 
 from splitrelay.wire import stun as ref_stun
+from splitrelay.errors import SplitrelayError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ UNKNOWN_UFRAG = "unknown_ufrag"  # no live session has that server ufrag
 NO_ROUTE = "no_route"            # a session sent to an address family the socket cannot reach
 
 
-class MuxError(Exception):
+class MuxError(SplitrelayError):
     """The mux could not bind or route (one-line reason)."""
 
 

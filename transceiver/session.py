@@ -28,6 +28,7 @@ from splitrelay.wire import hint
 from splitrelay.transceiver.handlers import FRAME_SAMPLES, SAMPLE_RATE, Handler, PcmFrame
 from splitrelay.transceiver.ice import new_password, session_ice
 from splitrelay.transceiver.mux import MuxedConnection, UdpMux
+from splitrelay.errors import SplitrelayError
 
 log = logging.getLogger(__name__)
 MAX_BACKLOG = 50  # frames (1 s) of handler audio waiting to be sent
@@ -42,7 +43,7 @@ CONNECT_TIMEOUT = "connect timeout"  # answered, but never connected
 SHUTDOWN = "shutdown"                # the transceiver stopped
 
 
-class OfferError(ValueError):
+class OfferError(SplitrelayError, ValueError):
     """aiortc could not use the offer (one-line reason; the request gets a 4xx)."""
 
 

@@ -28,6 +28,8 @@ from typing import Protocol
 
 from aiohttp import web
 
+from splitrelay.errors import SplitrelayError
+
 MAX_OFFER = 64 * 1024
 CORS = {
     "Access-Control-Allow-Origin": "*",
@@ -41,7 +43,7 @@ _ICE_PWD = re.compile(r"^a=ice-pwd:\S+", re.M)
 _FINGERPRINT = re.compile(r"^a=fingerprint:\S+ \S+", re.M)
 
 
-class OfferRejected(Exception):
+class OfferRejected(SplitrelayError):
     """A request the endpoint refuses: an HTTP status and a one-line reason."""
 
     def __init__(self, status: int, reason: str) -> None:
