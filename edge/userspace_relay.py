@@ -110,7 +110,7 @@ class UserspaceRelay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._buf = bytearray(RECV_SIZE)
         self._view = memoryview(self._buf)
-        self._last_error_log = 0.0
+        self._last_error_log: float | None = None   # not 0.0: the clock starts at boot, not an hour ago
 
     @property
     def running(self) -> bool:
@@ -328,7 +328,7 @@ class UserspaceRelay:
     def _internal_error(self) -> None:
         self.internal_errors += 1
         now = time.monotonic()
-        if now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
+        if self._last_error_log is None or now - self._last_error_log >= ERROR_LOG_INTERVAL_S:
             self._last_error_log = now
             log.exception("userspace relay: a datagram raised (%d so far); it was dropped", self.internal_errors)
 
