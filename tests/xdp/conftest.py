@@ -19,11 +19,16 @@ from ..netns import private_netns
 from .harness import BACKEND_ID, VETH, instance_name, set_slots
 
 
+HERE = Path(__file__).resolve().parent
+
+
 def pytest_collection_modifyitems(items):
+    """Every test of this package loads BPF: skipped, not failed, without root (the hook sees all items)."""
     if os.geteuid() != 0:
         skip = pytest.mark.skip(reason="BPF needs root")
         for item in items:
-            item.add_marker(skip)
+            if HERE in Path(str(item.fspath)).resolve().parents:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="package")
