@@ -9,13 +9,13 @@ import click
 from splitrelay.bpf.consts import MAX_BACKEND_ID
 from splitrelay.cli.common import emit, table
 from splitrelay.cli.errors import CliError
-from splitrelay.cli.reach import InNamespace, lab_option, resolve
+from splitrelay.cli.reach import InNamespace, lab_option, lab_relay, resolve
 
 DEFAULT_CONTROL = os.environ.get("SPLITRELAY_CONTROL", "http://127.0.0.1:8470")
 
 
 def _control_options(f):
-    f = lab_option("the edge agent")(f)
+    f = lab_option("the edge agent", relays=True)(f)
     f = click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token (env SPLITRELAY_TOKEN).")(f)
     return click.option("--control", default=DEFAULT_CONTROL, show_default=True, envvar="SPLITRELAY_CONTROL",
                         help="Edge agent control URL (env SPLITRELAY_CONTROL).")(f)
@@ -26,7 +26,7 @@ def _client(control: str, token: str | None):
     from splitrelay.edge.control_client import ControlClient
     from splitrelay.lab import reach
 
-    where = resolve(control, "control", reach.control)
+    where = resolve(control, "control", lambda lab, url: reach.control(lab, url, lab_relay()))
     return InNamespace(ControlClient(where.url, token), where)
 
 

@@ -233,7 +233,7 @@ def test_backend_put_needs_no_mac_but_a_route(relay):
     answer = relay.call(lambda c: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6))
     assert answer["mac"] == NO_MAC
     with pytest.raises(ControlError) as err:       # the relay has no route to it: refused, not stored
-        relay.call(lambda c: c.put_backend(5, "198.18.0.5", BACKEND_PORT))
+        relay.call(lambda c: c.put_backend(5, "203.0.113.5", BACKEND_PORT))  # outside every lab network
     assert err.value.status == 422 and "no route" in str(err.value)
     assert [b["id"] for b in relay.call(lambda c: c.backends())] == [t.backend_id]
 
