@@ -79,5 +79,5 @@ async def restart_ice(pc: RTCPeerConnection, session_url: str, http: aiohttp.Cli
     answer = IceFragment.parse(text)
     remote_ufrag, remote_pwd = answer.check_credentials()
     remote = [Candidate.from_sdp(c[len("candidate:"):]) for c in answer.candidates]
-    pair = await run_generation(connection, remote_ufrag, remote_pwd, remote, timeout)
+    pair = await run_generation(connection, remote_ufrag, remote_pwd, remote, timeout, local=candidates)
     return RestartResult(etag, pair, patch_ms, (time.monotonic() - started) * 1000.0)
