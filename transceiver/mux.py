@@ -341,6 +341,19 @@ class MuxedConnection(Connection):
         self._consent_running = False
         self.paths = PathFollower(self)  # follows the client to a new path (paths.py)
 
+    def check_incoming(self, message: Any, addr: tuple[str, int], protocol: StunProtocol) -> None:  # noqa: ANN401
+        """aioice's, plus RFC 8445 7.3.1.4: a check received on a pair whose own check is In-Progress
+        retransmits that check at once.  aioice waits for its 500 ms RTO instead; in the lab the
+        transceiver's first check of a new ICE generation was lost (it left before the client's
+        new flow existed) and every restart took 530 ms instead of ~50 ms."""
+        super().check_incoming(message, addr, protocol)
+        pair = next((p for p in self._check_list if p.protocol is protocol and p.remote_addr == addr), None)
+        if pair is not None and pair.state == CandidatePair.State.IN_PROGRESS and pair.task is not None:
+            pair.task.cancel()
+            pair.task = None
+            pair.state = CandidatePair.State.WAITING
+            self.check_start_task(pair)
+
     def check_complete(self, pair: CandidatePair) -> None:
         before = self._nominated.get(pair.component)
         super().check_complete(pair)
