@@ -65,6 +65,37 @@ async def measure(duration: float) -> dict[str, Any]:
     return results
 
 
+def call_through_lossy_lab(duration: float, impairment: Any, name: str | None = None) -> dict[str, Any]:  # noqa: ANN401
+    """One echo call through the relay with ``impairment`` (lab/impair.Impairment) on the client's link,
+    the probe receiving through the voice path (``--low-latency --carrier``): the probe's report and the
+    transceiver's record of the call (``audio``: concealed frames, receive delay, stages)."""
+    import subprocess
+    import urllib.request
+
+    from splitrelay.lab.stack import probe_result, start_lab, stop_lab
+    from splitrelay.lab.topology import Lab
+
+    info = start_lab(transceivers=1, name=name, handler="echo", impair=impairment)
+    try:
+        lab = Lab.load(info["name"])
+        url = info["whip_urls"][0]
+        proc = lab.popen(lab.client.netns, [sys.executable, "-m", "splitrelay.client.probe", url, "--duration",
+                                            str(duration), "--carrier", "--low-latency"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [report] = probe_result(proc, duration + 90)
+        sessions_url = url.rsplit("/", 1)[0] + "/sessions?ended=1"
+
+        def records() -> list[dict[str, Any]]:
+            with urllib.request.urlopen(sessions_url, timeout=10) as resp:  # noqa: S310 - the lab's own URL
+                return json.loads(resp.read())
+
+        session_id = (report.get("location") or "").rsplit("/", 1)[-1]
+        record = next((r for r in lab.in_netns(lab.client.netns, records) if r["id"] == session_id), {})
+        return {"report": report, "server": record.get("audio", {})}
+    finally:
+        stop_lab(info["name"])
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = ["| stage | stock client p50 / p99 (ms) | low-latency client p50 / p99 (ms) |", "|---|---|---|"]
     for stage in STAGES:
@@ -94,7 +125,24 @@ def main() -> None:  # pragma: no cover - a benchmark, run by make bench-audio
     parser = argparse.ArgumentParser(description="the echo's round trip, stage by stage")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--impaired", action="store_true",
+                        help="instead: one call through a lab relay, 2 %% loss and 20 ms jitter (+20 ms delay) "
+                             "on the client's link (root; lab/impair.py)")
     args = parser.parse_args()
+    if args.impaired:
+        from splitrelay.lab.impair import Impairment
+
+        lossy = call_through_lossy_lab(args.duration, Impairment(delay_ms=20, jitter_ms=20, loss=0.02))
+        report, server = lossy["report"], lossy["server"]
+        print(json.dumps(lossy, indent=1) if args.json else (
+            f"2 % loss, 20 ms jitter, 20 ms delay each way on the client's link: carrier frames echoed "
+            f"{report['carrier_frames_echoed']}/{report['carrier_frames_sent']} (audio loss "
+            f"{report['audio_loss']}), beeps {report['beeps_heard']}/{report['beeps_sent']}; transceiver "
+            f"concealed {server.get('frames_concealed')} (late {server.get('frames_late')}), receive delay "
+            f"{server.get('receive_delay_ms')} ms, share {server.get('stages', {}).get('in_to_out')}; client "
+            f"concealed {report['frames_concealed']}, its buffer {report['client_buffer_ms']}; uplink lost "
+            f"{report['packets_lost_uplink']}, downlink lost {report['packets_lost_downlink']}"))
+        return
     results = asyncio.run(measure(args.duration))
     print(json.dumps(results, indent=1) if args.json else markdown(results))
 
