@@ -106,8 +106,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {STAGE_NAMES[stage]} | {cells[0]} | {cells[1]} |")
     rows = (("client's own receive buffering (packet in -> frame out)",
              lambda c: "{p50:.1f} / {p99:.1f}".format(**c["client_buffer_ms"]) if c["client_buffer_ms"] else "-"),
-            ("beep sent -> echo packet in at the client (p50)", lambda c: f"{c['echo_arrival_ms_p50']}"),
-            ("mouth to ear: beep sent -> beep heard (p50, +13 ms codec look-ahead)",
+            ("beep sent -> echo packet in at the client (p50; see note)", lambda c: f"{c['echo_arrival_ms_p50']}"),
+            ("mouth to ear: beep sent -> beep heard (p50; see note)",
              lambda c: f"{c['mouth_to_ear_ms_p50']}"),
             ("beeps heard / sent", lambda c: c["beeps"]))
     for name, cell in rows:
@@ -156,6 +156,13 @@ leaves the receive buffer the moment its packet is in; a gap waits one frame on 
 decode and encode run on the loop through PyAV's libopus; a frame is sent when the handler pushes it,
 paced by RTP time (at most 3 frames ahead), silence only once the handler is 3 frames late; queued live
 audio sheds quiet frames so a caller's catch-up burst is not carried as latency.
+
+Note on the two client rows: the probe detects beeps per 20 ms frame.  A beep starts on a frame boundary;
+two Opus passes delay it 2 x 6.5 ms, so the first echoed frame carries only its last 7 ms, below the
+detector's threshold, and the beep is recognised in the next frame, whose packet the client sent 20 ms
+after the beep began.  Those two rows therefore include one frame (20 ms) that is the detector's
+granularity (the audible onset is ~7 ms earlier); the client's own send path (its 20 ms clock and
+aiortc's encoder executor) is the rest beyond the transceiver's share.
 """
 
 
