@@ -23,13 +23,14 @@ bench: $(STAMP)
 	$(MAKE) -s -C bench
 	$(VENV)/bin/splitrelay bench --markdown BENCHMARKS.md --plots docs/bench --results docs/bench/results.json \
 		--analysis docs/bench/analysis.md
+	$(PY) -m splitrelay.bench.audio --section >> BENCHMARKS.md
 
 bench-smoke: $(STAMP)
 	$(MAKE) -s -C bench
 	$(VENV)/bin/splitrelay bench --smoke
 
 bench-audio: $(STAMP)
-	$(PY) -m splitrelay.bench.audio --duration $${AUDIO_SECONDS:-8}
+	$(PY) -m splitrelay.bench.audio --section --duration $${AUDIO_SECONDS:-8}
 
 # Any number of cases runs to the end: no per-test timeout, a progress line every 10 s, the count at the end.
 fuzz: $(STAMP)
