@@ -5,14 +5,17 @@ A handler never sees WebRTC.  Per session it gets
 * ``on_start()`` once the call is connected (DTLS up), ``on_stop()`` when it ends;
 * ``on_audio(frame)`` for every decoded inbound frame: 48 kHz, signed 16-bit
   little-endian, mono (the caller's left channel), 20 ms, with its RTP-derived
-  position in the stream (``pts``, in samples) and its arrival time
-  (``time.monotonic()``);
+  position in the stream (``pts``, in samples), when it was decoded (``time``)
+  and when its packet arrived (``received``; None for a frame concealed in
+  place of a lost packet), both ``time.monotonic()``;
 * ``on_text(str)`` / ``on_bytes(bytes)`` for data-channel messages;
 
 and answers through the ``SessionIO`` it was built with: ``send_audio`` takes
 48 kHz s16 mono PCM of any length (it is re-framed to 20 ms and paced by the
-session; at most one second may wait), ``send_text`` / ``send_bytes`` write to
-the client's data channel.  Exceptions from a handler are counted and logged,
+session; at most one second may wait), ``clear_audio`` drops what is still
+waiting (barge-in: the caller speaks, the agent stops at once) and returns how
+many seconds it dropped, ``send_text`` / ``send_bytes`` write to the client's
+data channel.  Exceptions from a handler are counted and logged,
 never fatal to the call.
 
 Handlers are chosen by name from a registry, with options:
@@ -47,6 +50,7 @@ class PcmFrame:
     sample_rate: int = SAMPLE_RATE
     pts: int | None = None    # position of the first sample in the stream, in samples
     time: float | None = None  # time.monotonic() when the frame was decoded
+    received: float | None = None  # time.monotonic() when its packet reached the transceiver (None: concealed)
 
     @property
     def sample_count(self) -> int:
@@ -71,6 +75,10 @@ class SessionIO(Protocol):
     session_id: str
 
     def send_audio(self, frame: PcmFrame) -> None: ...
+
+    def clear_audio(self) -> float:
+        """Drop the audio queued by ``send_audio`` and not yet sent; the seconds dropped."""
+        ...
 
     def send_text(self, text: str) -> None: ...
 
@@ -234,6 +242,9 @@ class _NullIO:
     session_id = "-"
 
     def send_audio(self, frame: PcmFrame) -> None: ...
+
+    def clear_audio(self) -> float:
+        return 0.0
 
     def send_text(self, text: str) -> None: ...
 
