@@ -11,8 +11,10 @@ A handler never sees WebRTC.  Per session it gets
 
 and answers through the ``SessionIO`` it was built with: ``send_audio`` takes
 48 kHz s16 mono PCM of any length (it is re-framed to 20 ms and paced by the
-session; at most one second may wait), ``send_text`` / ``send_bytes`` write to
-the client's data channel.  Exceptions from a handler are counted and logged,
+session; at most one second may wait), ``clear_audio`` drops what is still
+waiting (barge-in: the caller speaks, the agent stops at once) and returns how
+many seconds it dropped, ``send_text`` / ``send_bytes`` write to the client's
+data channel.  Exceptions from a handler are counted and logged,
 never fatal to the call.
 
 Handlers are chosen by name from a registry, with options:
@@ -71,6 +73,10 @@ class SessionIO(Protocol):
     session_id: str
 
     def send_audio(self, frame: PcmFrame) -> None: ...
+
+    def clear_audio(self) -> float:
+        """Drop the audio queued by ``send_audio`` and not yet sent; the seconds dropped."""
+        ...
 
     def send_text(self, text: str) -> None: ...
 
@@ -234,6 +240,9 @@ class _NullIO:
     session_id = "-"
 
     def send_audio(self, frame: PcmFrame) -> None: ...
+
+    def clear_audio(self) -> float:
+        return 0.0
 
     def send_text(self, text: str) -> None: ...
 

@@ -25,7 +25,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
 from splitrelay.wire import hint
-from splitrelay.transceiver.handlers import FRAME_SAMPLES, SAMPLE_RATE, Handler, PcmFrame
+from splitrelay.transceiver.handlers import FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE, Handler, PcmFrame
 from splitrelay.transceiver.ice import new_password, session_ice
 from splitrelay.transceiver.mux import MuxedConnection, UdpMux
 
@@ -67,6 +67,7 @@ class OutboundAudio(MediaStreamTrack):
         self._index = 0
         self.frames_out = 0
         self.overflow_frames = 0  # dropped because the handler ran more than 1 s ahead
+        self.cleared_frames = 0   # dropped by clear_audio()
 
     def push(self, pcm: PcmFrame) -> None:
         if pcm.sample_rate != SAMPLE_RATE:
@@ -80,6 +81,13 @@ class OutboundAudio(MediaStreamTrack):
             drop = -(-excess // FRAME_BYTES) * FRAME_BYTES
             del self.buffer[:drop]
             self.overflow_frames += drop // FRAME_BYTES
+
+    def clear(self) -> float:
+        """Drop everything waiting to be sent (barge-in); the seconds dropped."""
+        dropped = self.backlog
+        self.buffer.clear()
+        self.cleared_frames += round(dropped / FRAME_SECONDS)
+        return dropped
 
     @property
     def backlog(self) -> float:
@@ -161,6 +169,9 @@ class Session:
 
     def send_audio(self, frame: PcmFrame) -> None:
         self.outbound.push(frame)
+
+    def clear_audio(self) -> float:
+        return self.outbound.clear()
 
     def send_text(self, text: str) -> None:
         self._send(text)
