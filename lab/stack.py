@@ -107,20 +107,23 @@ def control(lab: Lab, fn):
 
 
 def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
-              handler: str | None = "echo", agent_args: list[str] | None = None,
+              handler: str | list[str] | None = "echo", agent_args: list[str] | None = None,
               hint_key_file: str | None = None) -> dict:
-    """Namespaces, the edge agent and (unless handler is None) one transceiver per host."""
+    """Namespaces, the edge agent and (unless handler is None) one transceiver per host.
+
+    ``handler``: one spec for every transceiver, or a list of one spec per transceiver."""
     lab = Lab.create(transceivers=transceivers, name=name)
     try:
         key_args = ["--hint-key-file", hint_key_file] if hint_key_file else []
         start_agent(lab, policy, (agent_args or []) + key_args)
-        for t in lab.transceivers:
+        for position, t in enumerate(lab.transceivers):
             if agent_args and any(a in agent_args for a in ("--backends-file", "--k8s-service")):
                 break  # the agent follows its own backend source
             if handler is None:
                 control(lab, lambda c, t=t: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6))
             else:
-                start_transceiver(lab, t, handler, key_args)
+                spec = handler[position % len(handler)] if isinstance(handler, list) else handler
+                start_transceiver(lab, t, spec, key_args)
     except BaseException:
         stop_lab(lab.name)
         raise
