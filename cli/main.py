@@ -15,6 +15,7 @@ import sys
 import time
 
 import click
+from splitrelay.cli import call as _call
 from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError, require_bcc, require_root
 
 DEFAULT_CONTROL = os.environ.get("SPLITRELAY_CONTROL", "http://127.0.0.1:8470")
@@ -695,6 +696,7 @@ def _add_bench() -> None:
 
 
 _add_bench()
+_call.register(main)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -10,7 +10,7 @@ Each stage is small and replaceable (``vad.py``, ``stt.py``, ``reply.py``,
 * the reply runs in a task with a time limit; its text is spoken frame by
   frame as it is synthesised, at most ``AHEAD`` seconds ahead of the
   listener, so a barge-in has little queued audio to drop;
-* barge-in: caller speech while the agent talks drops the queued audio
+* barge-in: caller speech (one VAD window) while the agent talks drops the queued audio
   (``SessionIO.clear_audio``), cancels the reply and its speech, marks the
   turn interrupted, and says so on the data channel.
 
@@ -88,6 +88,7 @@ class VoiceHandler(Handler):
         self._playing_until = 0.0
         self.dropped_messages = 0
         self.dropped_audio = 0
+        self._load_ms: float | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -98,8 +99,13 @@ class VoiceHandler(Handler):
         self.stt = await loop.run_in_executor(self._worker, make_stt, self.stt_name, list(COMMANDS))
         self.tts = make_tts(self.tts_name)
         self.turns = TurnDetector(SileroVad(), self.rule)
+        self._load_ms = _ms(time.monotonic() - started)
+        self._ready()
+
+    def _ready(self) -> None:
+        """Say the agent listens (again when asked: the data channel may open after the call connects)."""
         self.emit("ready", stt=self.stt_name, tts=self.tts_name, silence_ms=self.rule.silence_ms,
-                  load_ms=_ms(time.monotonic() - started))
+                  load_ms=self._load_ms)
 
     async def on_stop(self) -> None:
         for task in (self._answer, self._typed_task):
@@ -139,7 +145,10 @@ class VoiceHandler(Handler):
             while len(self._pre_roll) * len(window) > 2 * MODEL_RATE * PRE_ROLL:
                 self._pre_roll.popleft()
         for event in events:
-            if event.kind == "start":
+            if event.kind == "onset":
+                if self.speaking:  # one speech window is enough to stop talking (a turn needs two)
+                    self.barge_in(event.at)
+            elif event.kind == "start":
                 self._turn_started(event)
             else:
                 self._turn_ended(event)
@@ -164,8 +173,6 @@ class VoiceHandler(Handler):
         self._worker.submit(run)
 
     def _turn_started(self, event: TurnEvent) -> None:
-        if self.speaking:
-            self.barge_in(event.at)
         self._to_stt("begin")
         for window in self._pre_roll:
             self._to_stt("feed", window)
@@ -255,7 +262,15 @@ class VoiceHandler(Handler):
     # -- data channel -------------------------------------------------------------------------
 
     async def on_text(self, text: str) -> None:
-        """A typed turn: the text is answered as if it had been said (bounded: a flood is dropped)."""
+        """A typed turn: the text is answered as if it had been said (bounded: a flood is dropped).
+
+        ``{"event": "hello"}`` is not a turn: it asks for the ``ready`` event (sent once the models are
+        loaded), for a client whose data channel opened after the call connected.
+        """
+        if text.startswith('{"event":') and text.replace(" ", "") == '{"event":"hello"}':
+            if self._load_ms is not None:
+                self._ready()
+            return
         if len(self._typed) >= MAX_TYPED_PENDING:
             self.dropped_messages += 1
             if self.dropped_messages in (1, 10, 100) or self.dropped_messages % 1000 == 0:

