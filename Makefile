@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup test demo bench bench-smoke lint fuzz clean
+.PHONY: setup test demo bench bench-smoke bench-audio lint fuzz clean
 
 $(STAMP): scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
@@ -27,6 +27,9 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(MAKE) -s -C bench
 	$(VENV)/bin/splitrelay bench --smoke
+
+bench-audio: $(STAMP)
+	$(PY) -m splitrelay.bench.audio --duration $${AUDIO_SECONDS:-8}
 
 fuzz: $(STAMP)
 	SPLITRELAY_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-50000} $(PY) -m pytest -q tests/test_xdp.py -k differential \

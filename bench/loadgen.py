@@ -10,8 +10,8 @@ garbage.
 
 Typical use::
 
-    with serve("sink", netns="sr1234ab-t1", bind="172.31.1.11:5000", answer_stun=True) as sink:
-        sent = run("send", netns="sr1234ab-cli", dst="172.31.0.1:3478", flows=64, duration=2)
+    with serve("sink", netns="sr1234ab-t1", bind="198.18.1.11:5000", answer_stun=True) as sink:
+        sent = run("send", netns="sr1234ab-cli", dst="198.18.0.1:3478", flows=64, duration=2)
     print(sent["pps"], sink.result["packets"])
 """
 

@@ -1,7 +1,6 @@
 """`splitrelay call`: be the caller of a voice agent (``--handler voice``) and time it.
 
-Registered on the main group by ``register(main)``; the work is in
-splitrelay.client.caller.
+The work is in splitrelay.client.caller; this module is the command line.
 """
 
 from __future__ import annotations
@@ -84,7 +83,3 @@ def call(whip_url: str, phrases: tuple[str, ...], phrase_set: str | None, barge_
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
-
-
-def register(group: click.Group) -> None:
-    group.add_command(call)

@@ -8,12 +8,17 @@ transceiver's echo handler.  Media crosses the relay only through XDP.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab
-from splitrelay.lab.topology import Lab
+import click
+from splitrelay.cli.errors import CliError, require_bcc, require_root
+
+if TYPE_CHECKING:
+    from splitrelay.lab.topology import Lab
 
 
 @dataclass
@@ -40,11 +45,16 @@ class DemoReport:
 
 
 def _counters(lab: Lab) -> dict[str, int]:
+    from splitrelay.lab.stack import control
+
     return {f"{c['direction']}/{c['verdict']}/{c['reason']}": c["packets"]
             for c in control(lab, lambda client: client.stats())["counters"] if c["packets"]}
 
 
 def run_demo(seconds: float = 10.0, on_status: Callable[[str], None] | None = None) -> DemoReport:
+    from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab
+    from splitrelay.lab.topology import Lab
+
     status = on_status or (lambda line: None)
     info = start_lab(transceivers=2, handler="echo")
     lab = Lab.load(info["name"])
@@ -74,3 +84,41 @@ def run_demo(seconds: float = 10.0, on_status: Callable[[str], None] | None = No
     finally:
         stop_lab(lab.name)
     return report
+
+
+@click.command()
+@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(2, 300),
+              help="How long the client talks.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the summary as JSON.")
+def demo(seconds: float, as_json: bool) -> None:
+    """Lab up, one real WebRTC voice session through XDP with a live status line, summary, teardown.
+
+    \b
+    Example:
+      sudo splitrelay demo --seconds 5
+    """
+    require_root("the demo")
+    require_bcc()
+    def status(line: str) -> None:
+        if not as_json:
+            click.echo("\r" + line.ljust(90), nl=False, err=True)
+
+    if not as_json:
+        click.echo("building lab: client, relay (XDP, ip_forward=0), 2 transceivers (aiortc, echo) ...", err=True)
+    report = run_demo(seconds, status)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo("", err=True)
+        click.echo(f"session via relay {report.relay_public} (WHIP {report.whip_url}):")
+        click.echo(f"  answer {report.offer_to_answer_ms:.1f} ms, ICE connected {report.ice_connected_ms:.1f} ms, "
+                   f"DTLS connected {report.dtls_connected_ms:.1f} ms after the offer"
+                   if report.dtls_connected_ms else "  the session did not connect")
+        if report.audio_rtt_ms is not None:
+            click.echo(f"  audio round trip (mouth to ear, echo) {report.audio_rtt_ms:.0f} ms; "
+                       f"data channel {report.datachannel_rtt_ms:.2f} ms; "
+                       f"beeps heard {report.beeps_heard}/{report.beeps_sent}")
+        click.echo(f"  XDP: {report.xdp_forwarded} packets forwarded, {report.xdp_dropped} dropped")
+        click.echo("  " + ", ".join(f"{k} {v}" for k, v in report.counters.items()))
+    if not report.ok:
+        raise CliError(f"the demo session failed: {report.error}")

@@ -46,6 +46,9 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
+from splitrelay.transceiver.audio import AIORTC_JITTER_BUFFER, VoiceReceiver, check_aiortc
+from splitrelay.transceiver.history import StateHistory
+
 try:  # optional: the same sums vectorised, which keeps a client of many sessions cheap
     import numpy as _np
 except ImportError:  # pragma: no cover - numpy is not a dependency
@@ -93,6 +96,11 @@ class ProbeReport:
     audio_loss: float | None = None           # with carrier: 1 - echoed / sent (clamped to 0..1)
     packets_lost_uplink: int | None = None    # RTP lost client -> peer, from the peer's RTCP receiver reports
     packets_lost_downlink: int | None = None  # RTP lost peer -> client (inbound-rtp packetsLost)
+    # per beep heard: sent -> arrival of the echo packet whose frame showed it (the round trip without
+    # this client's own receive buffering: the far end, the network, and the codec)
+    echo_arrival_ms: list[float] = field(default_factory=list)
+    client_buffer_ms: dict[str, float] | None = None  # packet arrival -> frame out here: p50, p99, n
+    frames_concealed: int | None = None        # low_latency: frames this client concealed
 
     @staticmethod
     def _median(values: list[float]) -> float | None:
@@ -333,6 +341,253 @@ class TalkGate:
             pass
 
 
+class ClientBuffering:
+    """How long each received frame sat in the client's own receive path (its jitter buffer and
+    decoder): packet arrival to frame out, so the audio round trip splits into what the far end and
+    the network took and what this client adds.  Observes aiortc's buffer (the same private attribute
+    the transceiver's voice path replaces, guarded by its check) or, with ``low_latency``, replaces it
+    with the transceiver's own voice receive path."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[int, float] = {}   # frame pts (RTP time from the stream's first packet) -> arrival
+        self.held_ms: list[float] = []
+        self._first_ts: int | None = None
+
+    def observe(self, receiver: Any) -> None:  # noqa: ANN401 - aiortc RTCRtpReceiver
+        check_aiortc()
+        stock = getattr(receiver, AIORTC_JITTER_BUFFER)
+        buffering = self
+
+        class Observed:
+            def add(self, packet: Any) -> Any:  # noqa: ANN401 - aiortc RtpPacket / its return
+                buffering.arrived(packet.timestamp)
+                return stock.add(packet)
+
+        setattr(receiver, AIORTC_JITTER_BUFFER, Observed())
+
+    def arrived(self, timestamp: int) -> None:
+        if self._first_ts is None:
+            self._first_ts = timestamp
+        if len(self.arrivals) > 500:
+            del self.arrivals[next(iter(self.arrivals))]
+        self.arrivals[(timestamp - self._first_ts) & 0xFFFFFFFF] = time.monotonic()
+
+    def arrival(self, pts: int | None, now: float) -> float | None:
+        """When the packet of the frame at ``pts`` arrived; notes how long the frame was held."""
+        arrived = self.arrivals.pop(pts, None) if pts is not None else None
+        if arrived is not None:
+            self.held_ms.append((now - arrived) * 1000.0)
+        return arrived
+
+    def summary(self) -> dict[str, float] | None:
+        if not self.held_ms:
+            return None
+        ordered = sorted(self.held_ms)
+        return {"p50": round(ordered[len(ordered) // 2], 3),
+                "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 3), "n": len(ordered)}
+
+
+class Probe:
+    """One measured WHIP call, in four steps: ``connect()``, ``talk(duration)``, ``drain()`` (with the
+    carrier: fall silent and count the echo's tail), ``close()`` (DELETE, hang up).  ``report`` holds
+    what was measured so far; ``run_probe`` runs the four in order.
+
+    ``low_latency``: receive through the transceiver's own voice path (adaptive buffer, concealment)
+    instead of aiortc's 4-frame buffer: what a low-latency client would hear.
+    """
+
+    def __init__(self, whip_url: str, token: str | None = None, connect_timeout: float = 15.0,
+                 beep_interval: float = 0.5, carrier: bool = False, low_latency: bool = False) -> None:
+        self.whip_url, self.token, self.connect_timeout, self.carrier = whip_url, token, connect_timeout, carrier
+        self.low_latency = low_latency
+        self.report = ProbeReport(whip_url=whip_url)
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.states = StateHistory()  # times from the creation of the peer connection
+        self.track = BeepTrack(interval=beep_interval)  # the carrier starts with the talk phase
+        self.detector = BeepDetector(self.track.sent_at)
+        self.counter = CarrierCounter() if carrier else None
+        self.buffering = ClientBuffering()
+        self.voice: VoiceReceiver | None = None
+        self.connected = asyncio.Event()
+        self.failed = asyncio.Event()
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=connect_timeout))
+        self._tasks: list[asyncio.Task] = []
+        self._pending_pings: dict[str, float] = {}
+        self.pc.on("iceconnectionstatechange", self._ice_state)
+        self.pc.on("connectionstatechange", self._connection_state)
+        self.pc.on("track", self._on_track)
+        self.pc.addTrack(self.track)
+        self.channel = self.pc.createDataChannel("probe")
+        self.channel.on("message", self._on_message)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _ice_state(self) -> None:
+        state = self.pc.iceConnectionState
+        at_ms = self.states.record("ice", state)
+        if state in ("connected", "completed") and self.report.ice_connected_ms is None:
+            self.report.ice_connected_ms = at_ms
+        if state == "failed":
+            self.failed.set()
+
+    def _connection_state(self) -> None:
+        state = self.pc.connectionState
+        at_ms = self.states.record("connection", state)
+        if state == "connected" and self.report.dtls_connected_ms is None:
+            self.report.dtls_connected_ms = at_ms
+            self.connected.set()
+        if state == "failed":
+            self.failed.set()
+
+    def _on_track(self, remote: MediaStreamTrack) -> None:
+        if remote.kind != "audio":
+            return
+        receiver = next((t.receiver for t in self.pc.getTransceivers() if t.receiver.track is remote), None)
+        if self.low_latency and receiver is not None:
+            self.voice = VoiceReceiver(receiver)
+            self._tasks.append(asyncio.ensure_future(self._listen_voice(self.voice)))
+            return
+        if receiver is not None:
+            self.buffering.observe(receiver)
+        self._tasks.append(asyncio.ensure_future(self._listen(remote)))
+
+    def _heard(self, samples: Any, rate: int, pts: int | None, arrived: float | None) -> None:  # noqa: ANN401
+        now = time.monotonic()
+        self.report.frames_received += 1
+        if arrived is None:
+            arrived = self.buffering.arrival(pts, now)
+        elif pts is not None:
+            self.buffering.held_ms.append((now - arrived) * 1000.0)
+        before = len(self.detector.rtts_ms)
+        self.detector.feed_samples(samples, rate, now)
+        if len(self.detector.rtts_ms) > before and arrived is not None:  # a beep came back in this frame
+            self.report.echo_arrival_ms.append(self.detector.rtts_ms[-1] - (now - arrived) * 1000.0)
+        if self.counter is not None:
+            self.counter.feed_samples(samples, rate)
+
+    async def _listen(self, remote: MediaStreamTrack) -> None:
+        try:
+            while True:
+                frame = await remote.recv()
+                self._heard(mono_samples(frame), frame.sample_rate, frame.pts, None)
+        except MediaStreamError:
+            return
+
+    async def _listen_voice(self, voice: VoiceReceiver) -> None:
+        while True:
+            pcm = await voice.recv()
+            samples = (_np.frombuffer(pcm.samples, dtype="<i2").astype(_np.float64) if _np is not None
+                       else struct.unpack(f"<{pcm.sample_count}h", pcm.samples))
+            self._heard(samples, pcm.sample_rate, pcm.pts, pcm.received)
+
+    def _on_message(self, message: object) -> None:
+        if isinstance(message, str) and message.startswith("ping "):
+            sent = self._pending_pings.pop(message, None)
+            if sent is not None:
+                self.report.datachannel_rtt_ms.append((time.monotonic() - sent) * 1000.0)
+
+    # -- the call --------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Offer, POST, answer, and wait until connected; ProbeError if it does not connect in time."""
+        report = self.report
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        t_offer = time.monotonic()
+        report.offer_sent_ms = (t_offer - self.states.origin) * 1000.0
+        answer, report.location = await _post_offer(self.http, self.whip_url, self.pc.localDescription.sdp,
+                                                    self.token)
+        report.offer_to_answer_ms = (time.monotonic() - t_offer) * 1000.0
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        up = asyncio.ensure_future(self.connected.wait())
+        bad = asyncio.ensure_future(self.failed.wait())
+        done, _ = await asyncio.wait({up, bad}, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+        up.cancel()
+        bad.cancel()
+        if up not in done:
+            raise ProbeError(
+                f"session did not connect within {self.connect_timeout:.0f} s "
+                f"(ice: {'→'.join(self.states.states['ice'][1:]) or 'new'}, "
+                f"connection: {'→'.join(self.states.states['connection'][1:]) or 'new'})"
+            )
+
+    async def talk(self, duration: float, on_progress: Callable[[ProbeReport], None] | None = None) -> None:
+        """Beep (and carry the carrier) for ``duration`` seconds, pinging on the data channel."""
+        report = self.report
+        self.track.carrier = self.carrier
+        report.talk_started_mono = time.monotonic()
+        deadline = time.monotonic() + duration
+        seq = 0
+        while time.monotonic() < deadline and not self.failed.is_set():
+            if self.channel.readyState == "open":
+                ping = f"ping {seq} {time.monotonic():.6f}"
+                self._pending_pings[ping] = time.monotonic()
+                self.channel.send(ping)
+                seq += 1
+            report.beeps_sent = len(self.track.sent_at)
+            report.beeps_heard = len(self.detector.rtts_ms)
+            report.audio_rtt_ms = list(self.detector.rtts_ms)
+            if on_progress:
+                on_progress(report)
+            await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        report.talk_ended_mono = time.monotonic()
+
+    async def drain(self, max_drain: float = 3.0) -> None:
+        """With the carrier: fall silent, let the echo's tail come back (a deadline, not a condition: a
+        lagging peer pads with silence, so no received frame proves that the tail is complete), count."""
+        if self.counter is None:
+            return
+        self.track.quiet = True
+        slowest = max(self.detector.rtts_ms) / 1000.0 if self.detector.rtts_ms else 1.0
+        try:
+            await asyncio.wait_for(self.failed.wait(), timeout=min(max_drain, 0.5 + 2.0 * slowest))
+        except TimeoutError:
+            pass
+        report = self.report
+        report.carrier_frames_sent = self.track.carrier_frames
+        report.carrier_frames_echoed = self.counter.frames
+        if self.track.carrier_frames:
+            report.audio_loss = min(1.0, max(0.0, 1.0 - report.carrier_frames_echoed / self.track.carrier_frames))
+
+    async def finish(self) -> None:
+        """Collect RTCP figures and settle which beeps count as sent and heard."""
+        report, detector = self.report, self.detector
+        await _collect_stats(self.pc, report)
+        # beeps sent in the last RTT cannot have come back yet: do not count them as sent
+        horizon = time.monotonic() - (max(detector.rtts_ms) / 1000.0 if detector.rtts_ms else 1.0) - 0.1
+        # ...unless it did come back (a fast last echo under a slow earlier maximum RTT)
+        report.beeps_sent = max(sum(1 for t in self.track.sent_at if t <= horizon),
+                                max(detector.matched, default=-1) + 1)
+        report.beep_echoed = [i in detector.matched for i in range(report.beeps_sent)]
+        report.beeps_heard = len(detector.rtts_ms)
+        report.audio_rtt_ms = list(detector.rtts_ms)
+        report.ok = not self.failed.is_set() and report.beeps_heard > 0
+        if not report.ok and report.error is None:
+            report.error = "session failed" if self.failed.is_set() else "no audio came back"
+
+    async def close(self) -> None:
+        """DELETE the session (if it was created) and hang up; safe to call more than once."""
+        report = self.report
+        report.frames_sent = self.track.frames
+        report.ice_states = self.states.states["ice"][1:]
+        report.connection_states = self.states.states["connection"][1:]
+        report.client_buffer_ms = self.buffering.summary()
+        if self.voice is not None:
+            report.frames_concealed = self.voice.buffer.concealed
+        if report.location and not self.http.closed:
+            try:
+                headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+                async with self.http.delete(report.location, headers=headers) as resp:
+                    await resp.read()
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                pass
+        await self.http.close()
+        for task in self._tasks:
+            task.cancel()
+        await self.pc.close()
+        report.ice_states = self.states.states["ice"][1:]
+        report.connection_states = self.states.states["connection"][1:]
+
+
 async def run_probe(
     whip_url: str,
     duration: float = 10.0,
@@ -344,6 +599,7 @@ async def run_probe(
     carrier: bool = False,
     max_drain: float = 3.0,
     gate: TalkGate | None = None,
+    low_latency: bool = False,
 ) -> ProbeReport:
     """Open one WHIP session, talk for ``duration`` seconds, close it, return what was measured.
 
@@ -353,133 +609,20 @@ async def run_probe(
     tail comes back.
     ``gate``: a ``TalkGate`` shared by concurrent probes; the talk phase (and the ``duration``) starts
     when every session of the gate is connected or has failed.
+    ``low_latency``: the probe receives through the transceiver's voice path (see ``Probe``).
     """
-    report = ProbeReport(whip_url=whip_url)
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    track = BeepTrack(interval=beep_interval)  # the carrier starts with the talk phase
-    detector = BeepDetector(track.sent_at)
-    counter = CarrierCounter() if carrier else None
-    t0 = time.monotonic()
-    ice_up = asyncio.Event()
-    dtls_up = asyncio.Event()
-    failed = asyncio.Event()
-    tasks: list[asyncio.Task] = []
-
-    @pc.on("iceconnectionstatechange")
-    def _ice_state() -> None:
-        state = pc.iceConnectionState
-        report.ice_states.append(state)
-        if state in ("connected", "completed") and report.ice_connected_ms is None:
-            report.ice_connected_ms = (time.monotonic() - t0) * 1000.0
-            ice_up.set()
-        if state == "failed":
-            failed.set()
-
-    @pc.on("connectionstatechange")
-    def _conn_state() -> None:
-        state = pc.connectionState
-        report.connection_states.append(state)
-        if state == "connected" and report.dtls_connected_ms is None:
-            report.dtls_connected_ms = (time.monotonic() - t0) * 1000.0
-            dtls_up.set()
-        if state == "failed":
-            failed.set()
-
-    async def consume(remote: MediaStreamTrack) -> None:
-        try:
-            while True:
-                frame = await remote.recv()
-                report.frames_received += 1
-                samples = mono_samples(frame)
-                detector.feed_samples(samples, frame.sample_rate, time.monotonic())
-                if counter is not None:
-                    counter.feed_samples(samples, frame.sample_rate)
-        except MediaStreamError:
-            return
-
-    @pc.on("track")
-    def _on_track(remote: MediaStreamTrack) -> None:
-        if remote.kind == "audio":
-            tasks.append(asyncio.ensure_future(consume(remote)))
-
-    pc.addTrack(track)
-    channel = pc.createDataChannel("probe")
-    pending_pings: dict[str, float] = {}
-
-    @channel.on("message")
-    def _on_message(message: object) -> None:
-        if isinstance(message, str) and message.startswith("ping "):
-            sent = pending_pings.pop(message, None)
-            if sent is not None:
-                report.datachannel_rtt_ms.append((time.monotonic() - sent) * 1000.0)
-
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=connect_timeout))
+    probe = Probe(whip_url, token, connect_timeout, beep_interval, carrier, low_latency)
+    report = probe.report
     try:
-        await pc.setLocalDescription(await pc.createOffer())
-        t_offer = time.monotonic()
-        report.offer_sent_ms = (t_offer - t0) * 1000.0
-        answer, report.location = await _post_offer(http, whip_url, pc.localDescription.sdp, token)
-        report.offer_to_answer_ms = (time.monotonic() - t_offer) * 1000.0
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-        up = asyncio.ensure_future(dtls_up.wait())
-        bad = asyncio.ensure_future(failed.wait())
-        done, _ = await asyncio.wait({up, bad}, timeout=connect_timeout, return_when=asyncio.FIRST_COMPLETED)
-        up.cancel()
-        bad.cancel()
-        if up not in done:
-            raise ProbeError(
-                f"session did not connect within {connect_timeout:.0f} s "
-                f"(ice: {'→'.join(report.ice_states) or 'new'}, "
-                f"connection: {'→'.join(report.connection_states) or 'new'})"
-            )
+        await probe.connect()
         if setup_only:
             report.ok = True
             return report
         if gate is not None:
             await gate.connected(timeout=connect_timeout)
-        track.carrier = carrier
-        report.talk_started_mono = time.monotonic()
-        deadline = time.monotonic() + duration
-        seq = 0
-        while time.monotonic() < deadline and not failed.is_set():
-            if channel.readyState == "open":
-                ping = f"ping {seq} {time.monotonic():.6f}"
-                pending_pings[ping] = time.monotonic()
-                channel.send(ping)
-                seq += 1
-            report.beeps_sent = len(track.sent_at)
-            report.beeps_heard = len(detector.rtts_ms)
-            report.audio_rtt_ms = list(detector.rtts_ms)
-            if on_progress:
-                on_progress(report)
-            await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
-        report.talk_ended_mono = time.monotonic()
-        if counter is not None:
-            # fall silent and let the echo's tail come back (a deadline, not a condition: a lagging
-            # peer pads with silence, so no received frame proves that the tail is complete)
-            track.quiet = True
-            slowest = max(detector.rtts_ms) / 1000.0 if detector.rtts_ms else 1.0
-            try:
-                await asyncio.wait_for(failed.wait(), timeout=min(max_drain, 0.5 + 2.0 * slowest))
-            except TimeoutError:
-                pass
-            echoed = counter.frames
-            report.carrier_frames_sent = track.carrier_frames
-            report.carrier_frames_echoed = echoed
-            if track.carrier_frames:
-                report.audio_loss = min(1.0, max(0.0, 1.0 - echoed / track.carrier_frames))
-        await _collect_stats(pc, report)
-        # beeps sent in the last RTT cannot have come back yet: do not count them as sent
-        horizon = time.monotonic() - (max(detector.rtts_ms) / 1000.0 if detector.rtts_ms else 1.0) - 0.1
-        # ...unless it did come back (a fast last echo under a slow earlier maximum RTT)
-        report.beeps_sent = max(sum(1 for t in track.sent_at if t <= horizon),
-                                max(detector.matched, default=-1) + 1)
-        report.beep_echoed = [i in detector.matched for i in range(report.beeps_sent)]
-        report.beeps_heard = len(detector.rtts_ms)
-        report.audio_rtt_ms = list(detector.rtts_ms)
-        report.ok = not failed.is_set() and report.beeps_heard > 0
-        if not report.ok and report.error is None:
-            report.error = "session failed" if failed.is_set() else "no audio came back"
+        await probe.talk(duration, on_progress)
+        await probe.drain(max_drain)
+        await probe.finish()
     except ProbeError as exc:
         report.error = str(exc)
         if gate is not None:
@@ -489,18 +632,7 @@ async def run_probe(
         if gate is not None:
             gate.failed()
     finally:
-        report.frames_sent = track.frames
-        if report.location:
-            try:
-                headers = {"Authorization": f"Bearer {token}"} if token else {}
-                async with http.delete(report.location, headers=headers) as resp:
-                    await resp.read()
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                pass
-        await http.close()
-        for task in tasks:
-            task.cancel()
-        await pc.close()
+        await probe.close()
     return report
 
 
@@ -524,13 +656,15 @@ async def _collect_stats(pc: RTCPeerConnection, report: ProbeReport) -> None:
                 report.packets_lost_downlink = item.packetsLost
 
 
-async def run_probes(whip_urls: list[str], sessions: int, duration: float,
-                     token: str | None = None, carrier: bool = False, together: bool = False) -> list[ProbeReport]:
+async def run_probes(whip_urls: list[str], sessions: int, duration: float, token: str | None = None,
+                     carrier: bool = False, together: bool = False,
+                     low_latency: bool = False) -> list[ProbeReport]:
     """``sessions`` concurrent probes spread round-robin over ``whip_urls``; with ``together`` they all
     start talking once all are connected (a ``TalkGate``)."""
     gate = TalkGate(sessions) if together else None
     return list(await asyncio.gather(*(
-        run_probe(whip_urls[i % len(whip_urls)], duration=duration, token=token, carrier=carrier, gate=gate)
+        run_probe(whip_urls[i % len(whip_urls)], duration=duration, token=token, carrier=carrier, gate=gate,
+                  low_latency=low_latency)
         for i in range(sessions)
     )))
 
@@ -562,6 +696,8 @@ def main() -> None:  # pragma: no cover - thin wrapper run inside lab namespaces
                         help="count lost audio frame by frame (a quiet carrier tone under the beeps)")
     parser.add_argument("--together", action="store_true",
                         help="concurrent sessions start talking when all are connected (one common window)")
+    parser.add_argument("--low-latency", action="store_true",
+                        help="receive through the transceiver's voice path instead of aiortc's 4-frame buffer")
     parser.add_argument("--token")
     args = parser.parse_args()
     if args.sequential is not None and args.sequential < 1:
@@ -578,7 +714,8 @@ async def _run(args: Any) -> list[ProbeReport]:  # noqa: ANN401 - argparse.Names
     if args.setup_only:
         return list(await asyncio.gather(*(run_probe(urls[i % len(urls)], token=args.token, setup_only=True)
                                            for i in range(args.sessions))))
-    return await run_probes(urls, args.sessions, args.duration, args.token, args.carrier, args.together)
+    return await run_probes(urls, args.sessions, args.duration, args.token, args.carrier, args.together,
+                            args.low_latency)
 
 
 if __name__ == "__main__":  # pragma: no cover

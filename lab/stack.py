@@ -14,13 +14,15 @@ from pathlib import Path
 
 from splitrelay.edge.control_client import ControlClient
 from splitrelay.edge.datapath import unpin
+from splitrelay.lab import impair
+from splitrelay.lab.impair import Impairment
 from splitrelay.lab.topology import STATE_DIR, Lab
 from splitrelay.lab.netns import LabError, in_netns
 
 CONTROL_PORT = 8470
 BACKEND_PORT = 5000
 WHIP_PORT = 8080
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 90.0  # bounds a failure only: a bcc compile took over 30 s with 8 test runs on 2 cores
 
 
 def control_url(lab: Lab) -> str:
@@ -48,7 +50,17 @@ def lab_info(lab: Lab) -> dict:
              "whip_url": whip_url(t)}
             for t in lab.transceivers
         ],
+        "impaired": {link: {"netns": entry["netns"], **impaired_with(lab, link)}
+                     for link, entry in lab.impaired.items()},
     }
+
+
+def impaired_with(lab: Lab, link: str) -> dict:
+    """The impairment a link's forwarder runs with (lab/impair.py), {} when it is not known."""
+    try:
+        return json.loads(impair.config_path(lab, link).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def wait_ready(proc: subprocess.Popen, log_path: Path, marker: str, what: str,
@@ -92,7 +104,9 @@ def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
                       extra_args: list[str] | None = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
             "--backend-id", str(t.backend_id), "--bind", f"{t.ip4}:{BACKEND_PORT}", "--ip6", t.ip6,
-            "--relay", f"{lab.relay_public.ip4}:{lab.relay_port}", "--relay-control", control_url(lab),
+            # both of the relay's public addresses: IPv6 clients get a candidate too
+            "--relay", f"{lab.relay_public.ip4}:{lab.relay_port},[{lab.relay_public.ip6}]:{lab.relay_port}",
+            "--relay-control", control_url(lab),
             "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler, *(extra_args or [])]
     path = log_file(lab, f"t{t.index}")
     with path.open("w") as log:
@@ -108,11 +122,11 @@ def control(lab: Lab, fn):
 
 def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
               handler: str | list[str] | None = "echo", agent_args: list[str] | None = None,
-              hint_key_file: str | None = None) -> dict:
-    """Namespaces, the edge agent and (unless handler is None) one transceiver per host.
-
-    ``handler``: one spec for every transceiver, or a list of one spec per transceiver."""
-    lab = Lab.create(transceivers=transceivers, name=name)
+              hint_key_file: str | None = None, impair: Impairment | None = None) -> dict:
+    """Namespaces, the edge agent and (unless handler is None) one transceiver per host; ``impair``
+    delays/drops UDP on the client's link (lab/impair.py); ``handler``: one spec for every
+    transceiver, or a list of one spec per transceiver."""
+    lab = Lab.create(transceivers=transceivers, name=name, impair=impair)
     try:
         key_args = ["--hint-key-file", hint_key_file] if hint_key_file else []
         start_agent(lab, policy, (agent_args or []) + key_args)

@@ -8,15 +8,15 @@ exercise the same topology (``P`` is the lab's random prefix, e.g. ``sr3fa9c1``)
                     int0 ----- veth ----- rint --+-- bridge br0 -- tNm --- veth --- eth1
     s0 ----------------- veth ----------- scli --+-- bridge sig -- tNs --- veth --- sig0
 
-Address plan (every lab uses the same addresses; namespaces keep labs apart):
+Addresses (lab/addresses.py): IPv4 from 198.18.0.0/15 (benchmarking, routed
+nowhere), IPv6 from a random ULA /48 per lab, never a range the host uses::
 
-=============  ===============  ============  =============================================
-network        IPv4             IPv6 (ULA)    members
-=============  ===============  ============  =============================================
-public         172.31.0.0/24    fd00:31::/64  client c0 .2 ::2, relay pub0 .1 ::1
-internal       172.31.1.0/24    fd00:32::/64  relay int0 .1 ::1, transceiver N eth1 .(10+N) ::(10+N, hex)
-signaling      172.31.2.0/24    fd00:33::/64  client s0 .2 ::2, transceiver N sig0 .(10+N) ::(10+N, hex)
-=============  ===============  ============  =============================================
+    public     B.0.0/24  P::/64    client c0 .2 ::2, relay pub0 .1 ::1
+    internal   B.1.0/24  P:1::/64  relay int0 .1 ::1, transceiver N eth1 .(10+N) ::(10+N, hex)
+    signaling  B.2.0/24  P:2::/64  client s0 .2 ::2, transceiver N sig0 .(10+N) ::(10+N, hex)
+
+Nothing routes these on the host: commands reach a lab by entering its
+namespaces (``splitrelay stats --lab NAME``), never through the host's default route.
 
 Media.  The client routes everything (default, v4 and v6) via the relay's
 public address; transceivers route the public network via the relay's internal
@@ -91,7 +91,8 @@ from typing import Any, TypeVar
 
 from pyroute2 import IPRoute, netns as pnetns
 
-from splitrelay.lab import procs
+from splitrelay.lab import addresses, impair, procs
+from splitrelay.lab.impair import Impairment
 from splitrelay.lab.netns import (AF_INET, AF_INET6, NETNS_DIR, LabError, in_netns, list_namespaces, netns_path,
                                   netns_socket, nsenter_argv)
 
@@ -103,11 +104,6 @@ STEM_ENV = "SPLITRELAY_LAB_STEM"
 BACKEND_TABLE = 100
 MAX_TRANSCEIVERS = 50
 
-NETWORKS = {
-    "public": ("172.31.0.0/24", "fd00:31::/64"),
-    "internal": ("172.31.1.0/24", "fd00:32::/64"),
-    "signaling": ("172.31.2.0/24", "fd00:33::/64"),
-}
 IFA_F_NODAD = 0x02
 IFF_LOWER_UP = 1 << 16
 
@@ -148,15 +144,20 @@ class Lab:
     pids: list[int] = field(default_factory=list)
     pid_starts: dict[str, int] = field(default_factory=dict)
     relay_port: int = 3478
-    networks: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in NETWORKS.items()})
+    networks: dict[str, list[str]] = field(default_factory=dict)
     created_at: float = 0.0
+    impaired: dict[str, dict] = field(default_factory=dict)   # link -> {"netns", "pid"} (lab/impair.py)
 
     # -- building ------------------------------------------------------------------------
 
     @classmethod
     def create(cls, transceivers: int = 2, name: str | None = None, relay_port: int = 3478,
-               stem: str | None = None) -> Lab:
-        """Build a lab with ``transceivers`` transceiver hosts; on any failure nothing is left behind."""
+               stem: str | None = None, impair: Impairment | None = None) -> Lab:
+        """Build a lab with ``transceivers`` transceiver hosts; on any failure nothing is left behind.
+
+        ``impair`` puts the client's link to the relay (link "relay1") through an impairment
+        forwarder (lab/impair.py): delay, jitter, loss on UDP.
+        """
         if os.geteuid() != 0:
             raise LabError("a lab needs root (network namespaces, veth, XDP)")
         if not 1 <= transceivers <= MAX_TRANSCEIVERS:
@@ -168,9 +169,11 @@ class Lab:
             raise LabError(f"lab stem must be 1..5 lowercase letters/digits starting with a letter, got {stem!r}")
         if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}", name):
             raise LabError(f"lab name must be 1..32 of A-Z a-z 0-9 _ . - (not starting with . or -), got {name!r}")
-        lab = cls._claim(stem, name, transceivers, relay_port)
+        lab = cls._claim(stem, name, transceivers, relay_port, {"relay1": impair} if impair else {})
         try:
             lab._build()
+            for link, impairment in ({"relay1": impair} if impair else {}).items():
+                lab._start_impairment(link, impairment)
         except BaseException as exc:
             lab.destroy()
             if isinstance(exc, Exception) and not isinstance(exc, LabError):
@@ -180,14 +183,17 @@ class Lab:
         return lab
 
     @classmethod
-    def _claim(cls, stem: str, name: str | None, transceivers: int, relay_port: int) -> Lab:
+    def _claim(cls, stem: str, name: str | None, transceivers: int, relay_port: int,
+               impaired: dict[str, Impairment]) -> Lab:
         """Pick a free prefix and claim the name with an exclusive state file (runs may overlap)."""
         STATE_DIR.mkdir(parents=True, exist_ok=True)
+        plan = addresses.choose()
         for _ in range(32):
             prefix = stem + secrets.token_hex(3)
             if any(ns.startswith(prefix + "-") for ns in list_namespaces()):
                 continue
-            lab = cls._plan(prefix, name or prefix, transceivers, relay_port)
+            lab = cls._plan(prefix, name or prefix, transceivers, relay_port, plan)
+            lab.impaired = {link: {"netns": f"{prefix}-imp", "pid": 0} for link in impaired}
             try:
                 fd = os.open(STATE_DIR / f"{lab.name}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
@@ -201,28 +207,29 @@ class Lab:
         raise LabError("could not find a free lab prefix")
 
     @classmethod
-    def _plan(cls, prefix: str, name: str, transceivers: int, relay_port: int) -> Lab:
+    def _plan(cls, prefix: str, name: str, transceivers: int, relay_port: int,
+              plan: addresses.AddressPlan) -> Lab:
         rly = f"{prefix}-rly"
         lab = cls(
             name=name, prefix=prefix,
-            client=Host(f"{prefix}-cli", "c0", "172.31.0.2", "fd00:31::2"),
-            relay_public=Host(rly, "pub0", "172.31.0.1", "fd00:31::1"),
-            relay_internal=Host(rly, "int0", "172.31.1.1", "fd00:32::1"),
+            client=Host(f"{prefix}-cli", "c0", *plan.host("public", 2)),
+            relay_public=Host(rly, "pub0", *plan.host("public", 1)),
+            relay_internal=Host(rly, "int0", *plan.host("internal", 1)),
             switch_netns=f"{prefix}-sw",
-            client_signal=Host(f"{prefix}-cli", "s0", "172.31.2.2", "fd00:33::2"),
-            relay_port=relay_port, created_at=time.time(),
+            client_signal=Host(f"{prefix}-cli", "s0", *plan.host("signaling", 2)),
+            relay_port=relay_port, networks=plan.networks(), created_at=time.time(),
         )
         for i in range(1, transceivers + 1):
-            lab.transceivers.append(Transceiver(
-                f"{prefix}-t{i}", "eth1", f"172.31.1.{10 + i}", f"fd00:32::{10 + i:x}",
-                index=i, backend_id=i, signal_ip4=f"172.31.2.{10 + i}", signal_ip6=f"fd00:33::{10 + i:x}",
-            ))
+            ip4, ip6 = plan.host("internal", 10 + i)
+            signal_ip4, signal_ip6 = plan.host("signaling", 10 + i)
+            lab.transceivers.append(Transceiver(f"{prefix}-t{i}", "eth1", ip4, ip6, index=i, backend_id=i,
+                                                signal_ip4=signal_ip4, signal_ip6=signal_ip6))
         return lab
 
     def namespaces(self) -> list[str]:
         return [self.client.netns, self.relay_public.netns, self.switch_netns] + [
             t.netns for t in self.transceivers
-        ]
+        ] + [link["netns"] for link in self.impaired.values()]
 
     @property
     def client_signal_ip4(self) -> str:
@@ -230,7 +237,7 @@ class Lab:
 
     @property
     def signal_host(self) -> Host:
-        return self.client_signal or Host(self.client.netns, "s0", "172.31.2.2", "")
+        return self.client_signal or Host(self.client.netns, "s0", "", "")
 
     def veths(self) -> list[tuple[str, str]]:
         """Every (namespace, ifname) veth end the lab made."""
@@ -238,6 +245,8 @@ class Lab:
         ends = [(self.client.netns, "c0"), (self.relay_public.netns, "pub0"),
                 (self.relay_internal.netns, "int0"), (sw, "rint"),
                 (self.client.netns, "s0"), (sw, "scli")]
+        for link in self.impaired.values():
+            ends += [(link["netns"], "ia"), (link["netns"], "ib")]
         for t in self.transceivers:
             ends += [(t.netns, t.ifname), (sw, f"t{t.index}m"), (t.netns, t.signal_ifname), (sw, f"t{t.index}s")]
         return ends
@@ -263,7 +272,14 @@ class Lab:
 
         _netlink(sw, switch_bridges)
         # every veth is created with both ends already in their namespaces
-        self._veth(cli, "c0", rly, "pub0")
+        imp = self.impaired.get("relay1", {}).get("netns")
+        if imp:   # client -- ia [impairment forwarder] ib -- relay: a transparent L2 wire
+            set_sysctls(imp, {"net/ipv6/conf/all/disable_ipv6": "1", "net/ipv6/conf/default/disable_ipv6": "1"})
+            self._veth(cli, "c0", imp, "ia")
+            self._veth(imp, "ib", rly, "pub0")
+            _netlink(imp, lambda ipr: (_up(ipr, "ia"), _up(ipr, "ib")))
+        else:
+            self._veth(cli, "c0", rly, "pub0")
         self._veth(rly, "int0", sw, "rint")
         self._veth(cli, "s0", sw, "scli")
         for t in self.transceivers:
@@ -281,8 +297,8 @@ class Lab:
                 _up(ipr, dev)
 
         _netlink(sw, switch_ports)
-        pub4, pub6 = NETWORKS["public"]
-        int4, int6 = NETWORKS["internal"]
+        pub4, pub6 = self.networks["public"]
+        int4, int6 = self.networks["internal"]
 
         def client(ipr: IPRoute) -> None:
             _up(ipr, "lo")
@@ -336,10 +352,25 @@ class Lab:
         # offloads (ethtool has no netlink equivalent in pyroute2 that we rely on)
         for ns, dev in self.veths():
             argv = ["ethtool", "-K", dev, "tx", "off"]
-            if (ns, dev) in ((cli, "c0"), (sw, "rint")):
+            if (ns, dev) in ((cli, "c0"), (sw, "rint"), (imp, "ib")):
                 argv += ["gro", "on"]  # frames XDP redirects into pub0/int0 arrive here
             procs.run(nsenter_argv(ns, argv))
         self._check_carrier()
+
+    def _start_impairment(self, link: str, impairment: Impairment) -> None:
+        """The forwarder of an impaired link, running once its stats file appears."""
+        config, stats = impair.config_path(self, link), impair.stats_path(self, link)
+        config.write_text(json.dumps(impairment.to_json()))
+        proc = self.popen(self.impaired[link]["netns"], impair.argv(config, stats),
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.impaired[link]["pid"] = proc.pid
+        self.save()
+        deadline = time.monotonic() + 10.0
+        while not stats.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = proc.stderr.read().strip() if proc.poll() is not None else "no stats after 10 s"
+                raise LabError(f"impairment forwarder of link {link} did not start: {why}")
+            time.sleep(0.02)
 
     def _veth(self, a_ns: str, a: str, b_ns: str, b: str) -> None:
         peer_ns = os.open(netns_path(b_ns), os.O_RDONLY | os.O_CLOEXEC)
@@ -483,6 +514,9 @@ class Lab:
                 if exc.errno != errno.ENOENT:
                     errors.append(f"{ns}: {exc}")
         (STATE_DIR / f"{self.name}.json").unlink(missing_ok=True)
+        for link in self.impaired:
+            for path in (impair.config_path(self, link), impair.stats_path(self, link)):
+                path.unlink(missing_ok=True)
         if errors:
             raise LabError(f"tearing down lab {self.name}: {'; '.join(errors)}")
 

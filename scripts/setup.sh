@@ -36,6 +36,16 @@ else
   say "apt packages present"
 fi
 
+# A real browser for tests/test_browser.py: Debian's chromium, driven by the Python playwright
+# package below (which never downloads a browser of its own).  Optional: without it those tests skip.
+if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'install ok installed'; then
+  say "installing chromium (browser tests)"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; then
+    say "warning: apt-get install chromium failed: the browser tests will skip"
+  fi
+fi
+
 # Kernel headers for bcc.
 kver=$(uname -r)
 moddir=/lib/modules/$kver
@@ -65,7 +75,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 say "installing splitrelay (editable) and its Python dependencies"
-"$venv/bin/python" -m pip install -q -e "$here[dev,bench,voice,whisper]" || die "pip install failed"
+"$venv/bin/python" -m pip install -q -e "$here[dev,bench,browser,voice,whisper]" || die "pip install failed"
 "$venv/bin/python" -m pip show torch >/dev/null 2>&1 && say "warning: torch is installed; the voice extras do not need it"
 
 # The load generator used by the benchmarks.

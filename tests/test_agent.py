@@ -664,11 +664,11 @@ LAB_BAD_REQUESTS = [
     ("PUT", "/v1/sessions/goodUfrag", {"backend": 99}, 409),         # unknown backend
     ("PUT", "/v1/sessions/goodUfrag", [1], 400),                     # not an object
     ("PUT", "/v1/sessions/existing1", {"backend": 2}, 409),          # owned by another backend
-    ("PUT", "/v1/backends/0", {"ip": "172.31.1.11", "port": 5000}, 400),
-    ("PUT", "/v1/backends/3", {"ip": "172.31.1.11", "port": 70000}, 400),
+    ("PUT", "/v1/backends/0", {"ip": "198.18.1.11", "port": 5000}, 400),
+    ("PUT", "/v1/backends/3", {"ip": "198.18.1.11", "port": 70000}, 400),
     ("PUT", "/v1/backends/3", {"ip": "not-an-ip", "port": 5000}, 400),
     ("PUT", "/v1/backends/3", {"port": 5000}, 400),
-    ("PUT", "/v1/backends/1", {"ip": "172.31.1.11", "port": 5000, "instance": 7}, 400),
+    ("PUT", "/v1/backends/1", {"ip": "198.18.1.11", "port": 5000, "instance": 7}, 400),
     ("DELETE", "/v1/sessions/neverThere", None, 404),
     ("GET", "/v1/flows?limit=-1", None, 400),
 ]

@@ -481,13 +481,15 @@ async def test_shutdown_ends_live_sessions(transceiver):
 
 # -- WHIP details ---------------------------------------------------------------------------------
 
-async def test_whip_patch_is_405_and_options_advertise_sdp(transceiver):
+async def test_whip_patch_of_an_unknown_session_is_404_and_options_advertise_sdp(transceiver):
     async with aiohttp.ClientSession() as http:
         async with http.options(transceiver.whip_url) as resp:
             assert resp.headers["Accept-Post"] == "application/sdp"
+            assert "PATCH" in resp.headers["Access-Control-Allow-Methods"]
+        headers = {"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*"}
         async with http.patch(transceiver.whip_url + "/sessions/whatever", data="a=end-of-candidates",
-                              headers={"Content-Type": "application/trickle-ice-sdpfrag"}) as resp:
-            assert resp.status == 405
+                              headers=headers) as resp:
+            assert resp.status == 404
 
 
 async def test_unbundled_offer_is_refused(transceiver):

@@ -5,8 +5,9 @@ A handler never sees WebRTC.  Per session it gets
 * ``on_start()`` once the call is connected (DTLS up), ``on_stop()`` when it ends;
 * ``on_audio(frame)`` for every decoded inbound frame: 48 kHz, signed 16-bit
   little-endian, mono (the caller's left channel), 20 ms, with its RTP-derived
-  position in the stream (``pts``, in samples) and its arrival time
-  (``time.monotonic()``);
+  position in the stream (``pts``, in samples), when it was decoded (``time``)
+  and when its packet arrived (``received``; None for a frame concealed in
+  place of a lost packet), both ``time.monotonic()``;
 * ``on_text(str)`` / ``on_bytes(bytes)`` for data-channel messages;
 
 and answers through the ``SessionIO`` it was built with: ``send_audio`` takes
@@ -52,6 +53,7 @@ class PcmFrame:
     sample_rate: int = SAMPLE_RATE
     pts: int | None = None    # position of the first sample in the stream, in samples
     time: float | None = None  # time.monotonic() when the frame was decoded
+    received: float | None = None  # time.monotonic() when its packet reached the transceiver (None: concealed)
 
     @property
     def sample_count(self) -> int:
@@ -242,7 +244,8 @@ def handler_factory(spec: str, **options: Any) -> HandlerFactory:  # noqa: ANN40
     try:
         cls = HANDLERS[name]
     except KeyError:
-        raise ValueError(f"unknown handler {name!r}; choose from {', '.join(sorted(HANDLERS))}") from None
+        known = ", ".join(sorted({*HANDLERS, *OPTIONAL_HANDLERS}))
+        raise ValueError(f"unknown handler {name!r}; choose from {known}") from None
     try:
         cls(_NullIO(), **parsed)
     except TypeError as exc:

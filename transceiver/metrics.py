@@ -38,6 +38,13 @@ class TransceiverMetrics:
         self.mux_dropped = Gauge("splitrelay_transceiver_mux_unrouted_datagrams",
                                  "Datagrams the UDP mux could not match to a session", registry=r)
 
+        self.path_changes = Counter("splitrelay_transceiver_path_changes",
+                                    "Media moved to another client address (nominated, latched, restarted)",
+                                    ["reason"], registry=r)
+        self.ice_restart = Histogram("splitrelay_transceiver_ice_restart_seconds",
+                                     "WHIP PATCH until the new ICE generation's pair is nominated",
+                                     buckets=SETUP_BUCKETS, registry=r)
+
     def phase(self, name: str, milliseconds: float | None) -> None:
         if milliseconds is not None:
             self.setup.labels(name).observe(milliseconds / 1000.0)
