@@ -75,7 +75,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 say "installing splitrelay (editable) and its Python dependencies"
-"$venv/bin/python" -m pip install -q -e "$here[dev,bench,browser,voice,whisper]" || die "pip install failed"
+"$venv/bin/python" -m pip install -q -e "$here[dev,bench,browser,voice,whisper,pipecat]" || die "pip install failed"
 "$venv/bin/python" -m pip show torch >/dev/null 2>&1 && say "warning: torch is installed; the voice extras do not need it"
 
 # The load generator used by the benchmarks.
