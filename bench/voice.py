@@ -5,7 +5,7 @@ lab's client namespace against each; prints a markdown section for
 BENCHMARKS.md and can save the raw reports.  Configurations:
 
 * ``commands``: the default agent (Silero VAD, pocketsphinx command grammar,
-  rules, espeak-ng), the 22-phrase command set plus barge-ins;
+  rules, espeak-ng), the 23-phrase command set plus barge-ins;
 * ``piper``: the same with piper's natural voice (first audio is later);
 * ``dictation``: whisper tiny.en with the echo reply, 6 open sentences.
 """
@@ -56,14 +56,18 @@ def word_accuracy(said: str, heard: str) -> float:
     return max(0.0, 1.0 - row[-1] / max(1, len(a)))
 
 
-def measure(configs: list[str], name: str | None = None) -> dict[str, dict]:
+def measure(configs: list[str], name: str | None = None, low_latency: bool = False) -> dict[str, dict]:
+    """Each configuration on its own transceiver of one lab; ``low_latency``: the caller receives through
+    the transceiver's voice path instead of aiortc's 4-frame buffer."""
     from splitrelay.lab.stack import start_lab, stop_lab
     from splitrelay.lab.topology import Lab
 
     info = start_lab(transceivers=len(configs), name=name, handler=[CONFIGS[c][0] for c in configs])
     lab = Lab.load(info["name"])
     try:
-        return {c: call_in_lab(lab, url, CONFIGS[c][1]) for c, url in zip(configs, info["whip_urls"], strict=True)}
+        extra = ["--low-latency"] if low_latency else []
+        return {c: call_in_lab(lab, url, CONFIGS[c][1] + extra)
+                for c, url in zip(configs, info["whip_urls"], strict=True)}
     finally:
         stop_lab(lab.name)
 
@@ -94,11 +98,12 @@ def main() -> None:  # pragma: no cover - needs root and a lab
     parser.add_argument("configs", nargs="*", help=f"some of {', '.join(CONFIGS)} (default: all)")
     parser.add_argument("--name", help="lab name")
     parser.add_argument("--results", help="save the raw call reports here (JSON)")
+    parser.add_argument("--low-latency", action="store_true", help="the caller uses the low-latency receive path")
     args = parser.parse_args()
     unknown = set(args.configs) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configuration {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}")
-    reports = measure(args.configs or list(CONFIGS), args.name)
+    reports = measure(args.configs or list(CONFIGS), args.name, args.low_latency)
     if args.results:
         with open(args.results, "w") as f:
             json.dump(reports, f, indent=1)

@@ -30,15 +30,18 @@ def command_phrases() -> list[str]:
 @click.option("--say", "phrases", multiple=True, metavar="TEXT",
               help="A phrase to say (one turn each; repeatable).  Default: one 'what time is it'.")
 @click.option("--set", "phrase_set", type=click.Choice(["commands", "dictation"]),
-              help="Say a fixed set: the agent's 22 commands (accuracy), or 6 dictation sentences "
+              help="Say a fixed set: the agent's 23 commands (accuracy), or 6 dictation sentences "
                    "(for --handler voice:stt=whisper,reply=echo).")
 @click.option("--barge-ins", default=1, show_default=True, type=click.IntRange(0, 100),
               help="After the turns: ask for a story and interrupt it this many times.")
 @click.option("--token", envvar="SPLITRELAY_WHIP_TOKEN", help="Bearer token for WHIP.")
+@click.option("--low-latency", is_flag=True,
+              help="Receive through the transceiver's voice path (adaptive buffer) instead of aiortc's 4-frame "
+                   "buffer: what a low-latency client hears.")
 @click.option("--timeout", default=20.0, show_default=True, type=click.FloatRange(1, 300))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
 def call(whip_url: str, phrases: tuple[str, ...], phrase_set: str | None, barge_ins: int, token: str | None,
-         timeout: float, as_json: bool) -> None:
+         low_latency: bool, timeout: float, as_json: bool) -> None:
     """Call a voice agent: speak espeak-ng phrases into it, record what comes back, time each turn.
 
     Per turn: voice-to-voice latency (end of your voice to the agent's first
@@ -60,7 +63,7 @@ def call(whip_url: str, phrases: tuple[str, ...], phrase_set: str | None, barge_
         said += DICTATION
     if not said:
         said = ["what time is it"]
-    report = asyncio.run(run_call(whip_url, said, barge_ins, token, timeout))
+    report = asyncio.run(run_call(whip_url, said, barge_ins, token, timeout, low_latency))
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:

@@ -10,8 +10,10 @@ A plain aiortc client, like the probe, but with speech instead of beeps:
   (end-of-turn detection, STT, reply, first TTS audio), and whether the
   transcript was the phrase spoken;
 * **barge-in**: the caller asks for a long answer, waits until it is heard,
-  then speaks over it; latency is from the onset of the caller's voice to
-  the end of the last audible agent frame at the client.
+  then speaks over it ("wait"); latency is from the onset of the caller's
+  voice to the end of the last audible agent frame at the client.  The word
+  matters: Silero sees the voiced "w" of "wait" 28 ms after its onset, the
+  unvoiced "st" of "stop" only at the vowel, 156 ms after.
 
 Audible = RMS above -40 dBFS in a 20 ms frame.
 """
@@ -123,6 +125,7 @@ class BargeInResult:
 @dataclass
 class CallReport:
     whip_url: str
+    low_latency: bool = False  # received through the transceiver's voice path instead of aiortc's buffer
     ok: bool = False
     error: str | None = None
     turns: list[TurnResult] = field(default_factory=list)
@@ -150,8 +153,10 @@ class CallReport:
 class Caller:
     """One call: ``connect()``, then ``turn(phrase)`` / ``barge_in()`` as often as wanted, ``close()``."""
 
-    def __init__(self, whip_url: str, token: str | None = None, words_per_minute: int = 175) -> None:
+    def __init__(self, whip_url: str, token: str | None = None, words_per_minute: int = 175,
+                 low_latency: bool = False) -> None:
         self.whip_url = whip_url
+        self.low_latency = low_latency
         self.token = token
         self.tts = EspeakTts(words_per_minute=words_per_minute)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -185,7 +190,13 @@ class Caller:
 
         @self.pc.on("track")
         def _track(remote: MediaStreamTrack) -> None:
-            if remote.kind == "audio":
+            if remote.kind != "audio":
+                return
+            receiver = next((t.receiver for t in self.pc.getTransceivers() if t.receiver.track is remote), None)
+            if self.low_latency and receiver is not None:  # the transceiver's own receive path, as the probe's
+                from splitrelay.transceiver.audio import VoiceReceiver
+                self._tasks.append(asyncio.ensure_future(self._listen_voice(VoiceReceiver(receiver))))
+            else:
                 self._tasks.append(asyncio.ensure_future(self._listen(remote)))
 
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
@@ -208,16 +219,22 @@ class Caller:
             raise CallError(f"the agent sent no 'ready' event within {timeout:.0f} s (is it --handler voice?)")
         return ready
 
+    def _hear(self, pcm: bytes) -> None:
+        self.heard.append((time.monotonic(), rms(pcm) >= AUDIBLE))
+        if len(self.heard) > 30000:  # 10 minutes: keep the newest
+            del self.heard[:15000]
+
     async def _listen(self, remote: MediaStreamTrack) -> None:
         try:
             while True:
                 frame = await remote.recv()
-                pcm = bytes(frame.planes[0])[: 2 * frame.samples * len(frame.layout.channels)]
-                self.heard.append((time.monotonic(), rms(pcm) >= AUDIBLE))
-                if len(self.heard) > 30000:  # 10 minutes: keep the newest
-                    del self.heard[:15000]
+                self._hear(bytes(frame.planes[0])[: 2 * frame.samples * len(frame.layout.channels)])
         except MediaStreamError:
             return
+
+    async def _listen_voice(self, voice: Any) -> None:  # noqa: ANN401 - transceiver.audio.VoiceReceiver
+        while True:
+            self._hear((await voice.recv()).samples)
 
     async def wait_event(self, kind: str, since: float, timeout: float, turn: int | None = None) -> dict | None:
         deadline = time.monotonic() + timeout
@@ -280,7 +297,7 @@ class Caller:
             await self.wait_event("spoken", asked, timeout, index)
         return result
 
-    async def barge_in(self, ask: str = "tell me a story", interrupt: str = "stop",
+    async def barge_in(self, ask: str = "tell me a story", interrupt: str = "wait",
                        after: float = 1.0, timeout: float = 15.0) -> BargeInResult:
         """Ask for a long answer, let ``after`` seconds of it be heard, speak over it; the figures."""
         result = BargeInResult()
@@ -303,7 +320,7 @@ class Caller:
             return result
         result.agent_detect_ms, result.dropped_ms = event.get("detect_ms"), event.get("dropped_ms")
         await asyncio.sleep(1.0)  # anything still heard after this was not stopped
-        # "stop" is answered with silence, so every audible frame after the onset is the cut answer
+        # "wait" is answered with silence, so every audible frame after the onset is the cut answer
         last = max((at for at, loud in self.heard if loud and at >= onset), default=None)
         result.latency_ms = round((last + 0.02 - onset) * 1000.0, 1) if last is not None else 0.0
         await self.quiet()
@@ -325,10 +342,10 @@ class Caller:
 
 
 async def run_call(whip_url: str, phrases: list[str], barge_ins: int = 1, token: str | None = None,
-                   timeout: float = 20.0) -> CallReport:
+                   timeout: float = 20.0, low_latency: bool = False) -> CallReport:
     """One call: a turn per phrase, then ``barge_ins`` barge-ins."""
-    report = CallReport(whip_url)
-    caller = Caller(whip_url, token)
+    report = CallReport(whip_url, low_latency=low_latency)
+    caller = Caller(whip_url, token, low_latency=low_latency)
     try:
         report.ready = await caller.connect(timeout)
         for phrase in phrases:

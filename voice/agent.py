@@ -98,6 +98,8 @@ class VoiceHandler(Handler):
         started = time.monotonic()
         self.stt = await loop.run_in_executor(self._worker, make_stt, self.stt_name, list(COMMANDS))
         self.tts = make_tts(self.tts_name)
+        if hasattr(self.tts, "load"):  # piper: load the voice now, not at the first answer (~1 s)
+            await loop.run_in_executor(None, self.tts.load)
         self.turns = TurnDetector(SileroVad(), self.rule)
         self._load_ms = _ms(time.monotonic() - started)
         self._ready()

@@ -75,6 +75,7 @@ COMMANDS: dict[str, str | Callable[[datetime], str]] = {
     "thank you": "You are welcome.",
     "goodbye": "Goodbye.",
     "stop": "",
+    "wait": "",
     "what is the weather": "I cannot see outside, sorry.",
     "turn on the lights": "I cannot control the lights.",
     "play some music": "I only know how to talk.",

@@ -146,6 +146,7 @@ class WhisperStt:
 
     def __init__(self) -> None:
         self._audio = bytearray()
+        self.model()  # loaded once per process, before the first turn (the agent builds this off the loop)
 
     @classmethod
     def model(cls):  # noqa: ANN206 - faster_whisper.WhisperModel
@@ -156,7 +157,7 @@ class WhisperStt:
                 except ImportError:
                     raise SttError("faster-whisper is not installed: pip install 'splitrelay[whisper]'") from None
                 cls._model = WhisperModel(str(whisper_model_dir()), device="cpu", compute_type="int8",
-                                          cpu_threads=1)
+                                          cpu_threads=2)
             return cls._model
 
     def begin(self) -> None:

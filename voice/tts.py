@@ -155,7 +155,8 @@ class PiperTts:
         self.model = model
         self._voice = None
 
-    def _load(self):  # noqa: ANN202 - piper.PiperVoice
+    def load(self):  # noqa: ANN202 - piper.PiperVoice
+        """Load the voice (blocking, ~1 s here): the agent does it before the call's first turn."""
         if self._voice is None:
             try:
                 from piper import PiperVoice
@@ -166,7 +167,7 @@ class PiperTts:
 
     async def stream(self, text: str) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
-        voice = await loop.run_in_executor(None, self._load)
+        voice = await loop.run_in_executor(None, self.load)
         resampler = Resampler(SAMPLE_RATE)
         chunks = voice.synthesize(text)
         pending = b""
