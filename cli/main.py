@@ -45,13 +45,14 @@ def main(verbose: bool) -> None:
 def _add_commands() -> None:
     """Each command group lives in its own module; imported here, so `--help` lists them all."""
     from splitrelay.cli.bench import bench
+    from splitrelay.cli.call import call
     from splitrelay.cli.control import backends, flows, sessions, stats
     from splitrelay.cli.demo import demo
     from splitrelay.cli.edge import edge
     from splitrelay.cli.lab import lab
     from splitrelay.cli.transceiver import transceiver
 
-    for command in (edge, backends, sessions, flows, stats, transceiver, lab, demo, bench):
+    for command in (edge, backends, sessions, flows, stats, transceiver, lab, demo, bench, call):
         main.add_command(command)
 
 

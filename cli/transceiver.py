@@ -40,6 +40,16 @@ def transceiver() -> None:
     """Run the WebRTC endpoint (aiortc) that owns sessions behind a relay."""
 
 
+def _handler_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from splitrelay.transceiver.handlers import handler_factory
+
+    try:
+        handler_factory(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 @transceiver.command("serve")
 @click.option("--backend-id", required=True, metavar="ID|from-ip",
               help=f"This transceiver's id at the relay, 1..{MAX_BACKEND_ID} (carried in every session's ufrag); "
@@ -56,8 +66,10 @@ def transceiver() -> None:
 @click.option("--prefer-header", metavar="HEADER",
               help="The preferred relay's name is in this request header, set by the edge in front of WHIP.")
 @click.option("--whip-listen", default="127.0.0.1:8080", show_default=True, help="host:port of WHIP signaling.")
-@click.option("--handler", default="echo", show_default=True, type=click.Choice(["echo", "tone"]),
-              help="What answers the caller.")
+@click.option("--handler", default="echo", show_default=True, callback=_handler_spec, metavar="NAME[:k=v,...]",
+              help="What answers the caller: echo[:delay=S], tone[:frequency=HZ], voice[:stt=sphinx|whisper,"
+                   "tts=espeak|piper,silence_ms=MS,reply=module:function] (splitrelay[voice]), "
+                   "pipecat:pipeline=module:function (splitrelay[pipecat]).")
 @click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token of the edge control API.")
 @click.option("--whip-token", envvar="SPLITRELAY_WHIP_TOKEN", help="Bearer token clients must send to WHIP.")
 @click.option("--ip6", help="The backend address's IPv6 twin, for IPv6 clients.")
