@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup test demo bench bench-smoke lint fuzz clean
+.PHONY: setup test demo bench bench-smoke lint fuzz clean vm-deps vm-box vm-test
 
 $(STAMP): scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
@@ -31,6 +31,18 @@ bench-smoke: $(STAMP)
 fuzz: $(STAMP)
 	SPLITRELAY_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-50000} $(PY) -m pytest -q tests/test_xdp.py -k differential \
 		--hypothesis-show-statistics
+
+# Kernel-level VMs (issue 14): Debian boxes built here from apt, Vagrant on libvirt/qemu.
+VM_RELEASES ?= bookworm
+
+vm-deps:
+	bash scripts/vm-deps.sh
+
+vm-box: vm-deps
+	@for r in $(VM_RELEASES); do bash scripts/vm-box.sh $$r || exit $$?; done
+
+vm-test: vm-box
+	bash scripts/vm-test.sh $(VM_RELEASES)
 
 lint: $(STAMP)
 	$(PY) -m ruff check bpf edge transceiver cli tests
