@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup test demo bench bench-smoke lint fuzz clean vm-deps vm-box vm-test
+.PHONY: setup test demo bench bench-smoke lint fuzz clean vm-deps vm-box vm-test vm-matrix
 
 $(STAMP): scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
@@ -43,6 +43,9 @@ vm-box: vm-deps
 
 vm-test: vm-box
 	bash scripts/vm-test.sh $(VM_RELEASES)
+
+vm-matrix: vm-box
+	bash scripts/vm-matrix.sh $(VM_RELEASES)
 
 lint: $(STAMP)
 	$(PY) -m ruff check bpf edge transceiver cli tests

@@ -134,9 +134,14 @@ if ! stage config; then
   in_root systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_reap.service >/dev/null 2>&1 || true
   say "pip install into /opt/splitrelay/.venv: $python_deps"
   in_root /usr/bin/python3 -m venv --system-site-packages /opt/splitrelay/.venv
+  # pip trusts the host's CA bundle for this download only (a TLS-intercepting proxy's CA may be in
+  # it); the image keeps Debian's own bundle.
+  cp /etc/ssl/certs/ca-certificates.crt "$root/tmp/host-ca.crt"
   # shellcheck disable=SC2086
-  in_root /opt/splitrelay/.venv/bin/pip install -q --no-cache-dir $python_deps >"$dir/pip.log" 2>&1 \
-    || die "pip install in the image failed: see $dir/pip.log" 1
+  env -u PIP_FIND_LINKS PIP_CERT=/tmp/host-ca.crt REQUESTS_CA_BUNDLE=/tmp/host-ca.crt \
+    SSL_CERT_FILE=/tmp/host-ca.crt chroot "$root" /opt/splitrelay/.venv/bin/pip install -q --no-cache-dir \
+    $python_deps >"$dir/pip.log" 2>&1 || { rm -f "$root/tmp/host-ca.crt"; die "pip install in the image failed: see $dir/pip.log" 1; }
+  rm -f "$root/tmp/host-ca.crt"
   in_root apt-get clean
   rm -f "$root"/etc/ssh/ssh_host_*  # each VM generates its own on first boot (below)
   cat >"$root/etc/systemd/system/ssh-hostkeys.service" <<'EOF'
