@@ -11,7 +11,7 @@ Usage: scripts/vm-matrix.sh [RELEASE...]
 
 Boot the kernel of each box (bookworm = Debian 12, trixie = Debian 13; default: every release
 whose box make vm-box has built) under qemu with the box's disk as a throw-away snapshot and
-the checkout shared read-only over 9p; the guest loads the relay and runs tests/test_xdp.py.
+the checkout shared read-only over 9p; the guest loads the relay and runs tests/xdp.
 Prints one PASS/FAIL line per kernel; exit 0 only if all passed.
 
 Environment: SPLITRELAY_VM_FUZZ_EXAMPLES (default 300), VM_MATRIX_TIMEOUT (s per guest, 1500).

@@ -2,7 +2,7 @@
 # End-to-end across the VMs, on the guest's own stock kernel: the relay VM runs deploy/systemd's
 # splitrelay-edge unit with its XDP programs in native mode on virtio_net (generic XDP fails the
 # check), the transceiver VM the splitrelay-transceiver@ unit, the client VM real aiortc WHIP
-# sessions whose audio the transceiver echoes; then the BPF_PROG_TEST_RUN corpus (tests/test_xdp.py,
+# sessions whose audio the transceiver echoes; then the BPF_PROG_TEST_RUN corpus (tests/xdp,
 # fuzz included) runs on the relay VM's kernel.
 #
 # Usage: cd vagrant && vagrant up && ./run-e2e.sh [SESSIONS] [SECONDS]   (make vm-test does all of it,
@@ -94,10 +94,10 @@ PY
 on transceiver "systemctl stop splitrelay-transceiver@1" || true
 
 # -- the BPF_PROG_TEST_RUN corpus on this kernel ------------------------------------------------
-say "BPF_PROG_TEST_RUN corpus (tests/test_xdp.py, $fuzz_examples fuzz cases) on the relay's kernel"
+say "BPF_PROG_TEST_RUN corpus (tests/xdp, $fuzz_examples fuzz cases) on the relay's kernel"
 t0=$SECONDS
 if on relay "set -o pipefail; cd /srv/splitrelay && SPLITRELAY_FUZZ_EXAMPLES=$fuzz_examples timeout 1200 \
-    $venv/bin/python -m pytest -q -p no:cacheprovider tests/test_xdp.py 2>&1 | tail -n 5"; then
+    $venv/bin/python -m pytest -q -p no:cacheprovider tests/xdp 2>&1 | tail -n 5"; then
   say "corpus passed in $((SECONDS - t0)) s"
 else
   fail "the BPF_PROG_TEST_RUN corpus failed on the relay's kernel"
