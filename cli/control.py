@@ -6,6 +6,7 @@ import os
 import time
 
 import click
+from splitrelay.bpf.consts import MAX_BACKEND_ID
 from splitrelay.cli.common import emit, table
 from splitrelay.cli.errors import CliError
 from splitrelay.cli.reach import InNamespace, lab_option, lab_relay, resolve
@@ -35,7 +36,7 @@ def backends() -> None:
 
 
 @backends.command("add")
-@click.argument("backend_id", type=click.IntRange(1, 262143))
+@click.argument("backend_id", type=click.IntRange(1, MAX_BACKEND_ID))
 @click.argument("address")
 @_control_options
 @click.option("--ip6", help="The backend's IPv6 address, for IPv6 clients.")
@@ -54,7 +55,7 @@ def backends_add(backend_id: int, address: str, control: str, token: str | None,
 
 
 @backends.command("rm")
-@click.argument("backend_id", type=click.IntRange(1, 262143))
+@click.argument("backend_id", type=click.IntRange(1, MAX_BACKEND_ID))
 @_control_options
 def backends_rm(backend_id: int, control: str, token: str | None) -> None:
     """Remove a backend with its sessions and flows."""

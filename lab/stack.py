@@ -155,11 +155,12 @@ def control(lab: Lab, fn, relay: int = 1):
 
 
 def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
-              handler: str | None = "echo", agent_args: list[str] | None = None,
+              handler: str | list[str] | None = "echo", agent_args: list[str] | None = None,
               hint_key_file: str | None = None, impair: Impairment | None = None, relays: int = 1,
               far: Impairment | None = None) -> dict:
     """Namespaces, one edge agent per relay and (unless handler is None) one transceiver per host;
-    ``impair`` delays/drops UDP on the client's link to relay 1, ``far`` on its link to the last relay.
+    ``impair`` delays/drops UDP on the client's link to relay 1, ``far`` on its link to the last relay;
+    ``handler``: one spec for every transceiver, or a list of one spec per transceiver.
 
     Every transceiver is a backend of every relay: each registers itself and its sessions with every
     relay (one --relay/--relay-control pair per relay, relay 1 preferred), or, with ``handler=None``,
@@ -172,9 +173,10 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
         for r, (proc, path) in zip(lab.relays, agents, strict=True):
             wait_ready(proc, path, "edge agent ready", _agent_name(r.index))
         own_source = agent_args and any(a in agent_args for a in ("--backends-file", "--k8s-service"))
-        for t in [] if own_source else lab.transceivers:   # else the agents follow their own backend source
+        for position, t in enumerate([] if own_source else lab.transceivers):  # else the agents' own source
             if handler is not None:
-                start_transceiver(lab, t, handler, key_args)
+                spec = handler[position % len(handler)] if isinstance(handler, list) else handler
+                start_transceiver(lab, t, spec, key_args)
                 continue
             for r in lab.relays:
                 control(lab, lambda c, t=t: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6), r.index)
