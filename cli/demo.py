@@ -38,6 +38,7 @@ class DemoReport:
     beeps_heard: int = 0
     xdp_forwarded: int = 0
     xdp_dropped: int = 0
+    voice: dict | None = None  # one voice-agent turn and one barge-in (splitrelay call's report)
     counters: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -56,7 +57,7 @@ def run_demo(seconds: float = 10.0, on_status: Callable[[str], None] | None = No
     from splitrelay.lab.topology import Lab
 
     status = on_status or (lambda line: None)
-    info = start_lab(transceivers=2, handler="echo")
+    info = start_lab(transceivers=2, handler=["voice", "echo"])  # the echo session uses the last one
     lab = Lab.load(info["name"])
     report = DemoReport(lab=lab.name, relay_public=info["relay_public"], whip_url=info["whip_urls"][-1],
                         seconds=seconds)
@@ -81,6 +82,10 @@ def run_demo(seconds: float = 10.0, on_status: Callable[[str], None] | None = No
         report.counters = _counters(lab)
         report.xdp_forwarded = sum(v for k, v in report.counters.items() if "/forwarded/" in k)
         report.xdp_dropped = sum(v for k, v in report.counters.items() if "/dropped/" in k)
+        status("voice agent: one turn and one barge-in ...")
+        from splitrelay.bench.voice import call_in_lab
+        report.voice = call_in_lab(lab, info["whip_urls"][0], ["--say", "what time is it", "--barge-ins", "1"],
+                                   timeout=120)
     finally:
         stop_lab(lab.name)
     return report
@@ -104,7 +109,7 @@ def demo(seconds: float, as_json: bool) -> None:
             click.echo("\r" + line.ljust(90), nl=False, err=True)
 
     if not as_json:
-        click.echo("building lab: client, relay (XDP, ip_forward=0), 2 transceivers (aiortc, echo) ...", err=True)
+        click.echo("building lab: client, relay (XDP), 2 transceivers (aiortc: voice, echo) ...", err=True)
     report = run_demo(seconds, status)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -118,6 +123,14 @@ def demo(seconds: float, as_json: bool) -> None:
             click.echo(f"  audio round trip (mouth to ear, echo) {report.audio_rtt_ms:.0f} ms; "
                        f"data channel {report.datachannel_rtt_ms:.2f} ms; "
                        f"beeps heard {report.beeps_heard}/{report.beeps_sent}")
+        voice = report.voice or {}
+        for turn in voice.get("turns", []):
+            click.echo(f"voice agent (WHIP {voice['whip_url']}): heard {turn['transcript']!r}, answered "
+                       f"{turn['reply']!r}; voice-to-voice {turn['voice_to_voice_ms']} ms "
+                       f"(silence window {turn['silence_ms']} ms), barge-in "
+                       f"{voice['summary'].get('barge_in_p50_ms')} ms")
+        if voice.get("error"):
+            click.echo(f"voice agent: {voice['error']}")
         click.echo(f"  XDP: {report.xdp_forwarded} packets forwarded, {report.xdp_dropped} dropped")
         click.echo("  " + ", ".join(f"{k} {v}" for k, v in report.counters.items()))
     if not report.ok:

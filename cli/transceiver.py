@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import click
+from splitrelay.bpf.consts import MAX_BACKEND_ID
 from splitrelay.cli.common import emit, stop_on_signals, table
 from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError
 from splitrelay.cli.reach import lab_option, refuse_lab_address, resolve
@@ -26,11 +27,11 @@ def _backend_id(value: str, bind_host: str) -> int:
             addr = ip_address(bind_host)
         except ValueError:
             raise CliError(f"--backend-id from-ip needs an IPv4 --bind address, got {bind_host!r}") from None
-        if not isinstance(addr, IPv4Address) or not int(addr) & 0x3FFFF:
+        if not isinstance(addr, IPv4Address) or not int(addr) & MAX_BACKEND_ID:
             raise CliError(f"--backend-id from-ip: {bind_host} gives no usable id (needs IPv4, low 18 bits != 0)")
-        return int(addr) & 0x3FFFF
-    if not value.isdigit() or not 1 <= int(value) <= 262143:
-        raise CliError(f"--backend-id must be 1..262143 or from-ip, got {value!r}", 2)
+        return int(addr) & MAX_BACKEND_ID
+    if not value.isdigit() or not 1 <= int(value) <= MAX_BACKEND_ID:
+        raise CliError(f"--backend-id must be 1..{MAX_BACKEND_ID} or from-ip, got {value!r}", 2)
     return int(value)
 
 
@@ -39,9 +40,19 @@ def transceiver() -> None:
     """Run the WebRTC endpoint (aiortc) that owns sessions behind a relay."""
 
 
+def _handler_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from splitrelay.transceiver.handlers import handler_factory
+
+    try:
+        handler_factory(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 @transceiver.command("serve")
 @click.option("--backend-id", required=True, metavar="ID|from-ip",
-              help="This transceiver's id at the relay, 1..262143 (carried in every session's ufrag); "
+              help=f"This transceiver's id at the relay, 1..{MAX_BACKEND_ID} (carried in every session's ufrag); "
                    "'from-ip' takes the low 18 bits of the --bind IPv4 address (for Deployments).")
 @click.option("--bind", default="127.0.0.1:5000", show_default=True,
               help="host:port of the one UDP socket serving every session (the backend address).")
@@ -55,8 +66,10 @@ def transceiver() -> None:
 @click.option("--prefer-header", metavar="HEADER",
               help="The preferred relay's name is in this request header, set by the edge in front of WHIP.")
 @click.option("--whip-listen", default="127.0.0.1:8080", show_default=True, help="host:port of WHIP signaling.")
-@click.option("--handler", default="echo", show_default=True, type=click.Choice(["echo", "tone"]),
-              help="What answers the caller.")
+@click.option("--handler", default="echo", show_default=True, callback=_handler_spec, metavar="NAME[:k=v,...]",
+              help="What answers the caller: echo[:delay=S], tone[:frequency=HZ], voice[:stt=sphinx|whisper,"
+                   "tts=espeak|piper,silence_ms=MS,reply=module:function] (splitrelay[voice]), "
+                   "pipecat:pipeline=module:function (splitrelay[pipecat]).")
 @click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token of the edge control API.")
 @click.option("--whip-token", envvar="SPLITRELAY_WHIP_TOKEN", help="Bearer token clients must send to WHIP.")
 @click.option("--ip6", help="The backend address's IPv6 twin, for IPv6 clients.")

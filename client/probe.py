@@ -54,11 +54,12 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from splitrelay.client.beeps import BeepDetector, BeepTrack, CarrierCounter, ClientBuffering, _np, mono_samples
 from splitrelay.client.beeps import goertzel_power  # noqa: F401 - re-exported (the tests measure tones with it)
+from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.audio import VoiceReceiver
 from splitrelay.transceiver.history import StateHistory
 
 
-class ProbeError(Exception):
+class ProbeError(SplitrelayError):
     """The probe could not open or run its session (one-line reason)."""
 
 

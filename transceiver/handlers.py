@@ -22,12 +22,15 @@ Handlers are chosen by name from a registry, with options:
 ``make_handler_factory("tone:frequency=880")`` or
 ``handler_factory("echo", delay=0.25)``.  Built-ins: ``echo`` (plays back what it
 hears after ``delay`` seconds, echoes messages) and ``tone`` (a sine of
-``frequency`` Hz at ``amplitude``; answers text with "tone").
+``frequency`` Hz at ``amplitude``; answers text with "tone").  Optional:
+``voice`` (a voice agent, ``splitrelay[voice]``, see splitrelay.voice.agent) and
+``pipecat`` (a user's Pipecat pipeline, ``splitrelay[pipecat]``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import math
 import struct
 import time
@@ -213,6 +216,19 @@ def parse_handler_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), options
 
 
+# handlers whose dependencies are extras: imported (and so registered) when first asked for
+OPTIONAL_HANDLERS = {"voice": ("splitrelay.voice.agent", "voice"),
+                     "pipecat": ("splitrelay.voice.pipecat", "pipecat")}
+
+
+def _import_optional(name: str) -> None:
+    module, extra = OPTIONAL_HANDLERS[name]
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"handler {name!r} needs pip install 'splitrelay[{extra}]' ({exc})") from None
+
+
 def handler_factory(spec: str, **options: Any) -> HandlerFactory:  # noqa: ANN401
     """A factory ``io -> Handler`` for a registered name (options in the spec and/or as keywords).
 
@@ -223,10 +239,13 @@ def handler_factory(spec: str, **options: Any) -> HandlerFactory:  # noqa: ANN40
     """
     name, parsed = parse_handler_spec(spec)
     parsed.update(options)
+    if name in OPTIONAL_HANDLERS and name not in HANDLERS:
+        _import_optional(name)
     try:
         cls = HANDLERS[name]
     except KeyError:
-        raise ValueError(f"unknown handler {name!r}; choose from {', '.join(sorted(HANDLERS))}") from None
+        known = ", ".join(sorted({*HANDLERS, *OPTIONAL_HANDLERS}))
+        raise ValueError(f"unknown handler {name!r}; choose from {known}") from None
     try:
         cls(_NullIO(), **parsed)
     except TypeError as exc:
