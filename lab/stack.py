@@ -125,12 +125,22 @@ def spawn_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None =
     return proc, path
 
 
+def relay_args(lab: Lab) -> list[str]:
+    """Every relay for the transceiver: both public addresses (IPv6 clients get a candidate too) and
+    its agent, relay 1 first (preferred: the client's default route and the near one)."""
+    args = []
+    for r in lab.relays:
+        args += ["--relay", f"relay{r.index}={r.public.ip4}:{lab.relay_port},[{r.public.ip6}]:{lab.relay_port}",
+                 "--relay-control", control_url(lab, r.index)]
+    return args
+
+
 def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
                       extra_args: list[str] | None = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
             "--backend-id", str(t.backend_id), "--bind", f"{t.ip4}:{BACKEND_PORT}", "--ip6", t.ip6,
-            "--relay", f"{lab.relay_public.ip4}:{lab.relay_port}", "--relay-control", control_url(lab),
-            "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler, *(extra_args or [])]
+            *relay_args(lab), "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler,
+            *(extra_args or [])]
     path = log_file(lab, f"t{t.index}")
     with path.open("w") as log:
         proc = lab.popen(t.netns, argv, stderr=log, stdout=log, stdin=subprocess.DEVNULL)
@@ -151,9 +161,9 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
     ``impair`` delays/drops UDP on the client's link to relay 1, ``far`` on its link to the last relay;
     ``handler``: one spec for every transceiver, or a list of one spec per transceiver.
 
-    Every transceiver is a backend of every relay.  Each transceiver registers itself and its sessions
-    with relay 1 (one --relay-control today); the lab puts it in the others' backend tables, so they
-    route its sessions by the ufrag's routing hint (``policy="hint"``).
+    Every transceiver is a backend of every relay: each registers itself and its sessions with every
+    relay's agent (``relay_args``); without a transceiver process (``handler=None``) the lab puts its
+    backend in every relay's table.
     """
     lab = Lab.create(transceivers=transceivers, name=name, impair=impair, relays=relays, far=far)
     try:
@@ -166,7 +176,7 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
             if handler is not None:
                 spec = handler[position % len(handler)] if isinstance(handler, list) else handler
                 start_transceiver(lab, t, spec, key_args)
-            for r in lab.relays[0 if handler is None else 1:]:
+            for r in lab.relays if handler is None else []:  # a running transceiver registers itself
                 control(lab, lambda c, t=t: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6), r.index)
     except BaseException:
         stop_lab(lab.name)
