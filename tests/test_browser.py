@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from splitrelay.client.browser import TONE_HZ, PEAK_TOLERANCE_HZ, AudioGap, Browser, BrowserError, audio_gap, \
     flowing_since, unavailable_reason
 from splitrelay.lab.netns import nsenter_argv
-from splitrelay.lab.stack import control, start_lab, stop_lab
+from splitrelay.lab.stack import control, control_url, start_lab, start_transceiver, stop_lab
 from splitrelay.lab.topology import Lab
 
 from .conftest import needs_root
@@ -64,9 +66,15 @@ def test_packets_of_silence_are_not_audio_flowing():
 def browser_lab():
     if BROWSER_MISSING:
         pytest.skip(f"no browser: {BROWSER_MISSING}")
-    info = start_lab(transceivers=1, handler="echo")
+    # two relays in front of one echo transceiver, whose answers offer both: relay 1 preferred, relay 2
+    # the backup (every session registered with both)
+    info = start_lab(transceivers=1, relays=2, handler=None)
     lab = Lab.load(info["name"])
     try:
+        spare = lab.relay(2)
+        start_transceiver(lab, lab.transceivers[0], "echo", [
+            "--relay", f"{spare.public.ip4}:{lab.relay_port},[{spare.public.ip6}]:{lab.relay_port}",
+            "--relay-control", control_url(lab, spare.index)])
         with Browser(nsenter_argv(lab.client.netns, [])) as browser:
             yield lab, info, browser
     finally:
@@ -106,6 +114,24 @@ def test_chromium_calls_through_xdp_and_hears_its_own_voice_echoed(browser_lab):
     assert transceiver_sessions(lab, info["whip_url"]) == []
 
 
+@contextmanager
+def only_ipv6_media(lab: Lab) -> Iterator[None]:
+    """The client's links to the relays lose their IPv4 addresses (and so the default route) for the body."""
+    removed = []
+    for r in lab.relays:
+        dev = r.client.ifname
+        [link] = json.loads(lab.run(lab.client.netns, ["ip", "-j", "-4", "addr", "show", "dev", dev]).stdout)
+        for a in link["addr_info"]:
+            lab.run(lab.client.netns, ["ip", "addr", "del", f"{a['local']}/{a['prefixlen']}", "dev", dev])
+            removed.append((dev, f"{a['local']}/{a['prefixlen']}"))
+    try:
+        yield
+    finally:
+        for dev, address in removed:
+            lab.run(lab.client.netns, ["ip", "addr", "add", address, "dev", dev])
+        lab.run(lab.client.netns, ["ip", "route", "add", "default", "via", lab.relay_public.ip4])
+
+
 @needs_root
 @needs_browser
 @pytest.mark.xfail(strict=True, raises=BrowserError, reason=(
@@ -114,18 +140,12 @@ def test_chromium_calls_through_xdp_and_hears_its_own_voice_echoed(browser_lab):
     "errors show as OUT_PASS_OTHER), so an IPv6-only client never connects"))
 def test_a_browser_with_only_ipv6_calls_through_the_relays_ipv6_address(browser_lab):
     lab, info, browser = browser_lab
-    [address] = json.loads(lab.run(lab.client.netns, ["ip", "-j", "-4", "addr", "show", "dev", "c0"]).stdout)
-    [v4] = [f"{a['local']}/{a['prefixlen']}" for a in address["addr_info"]]
-    lab.run(lab.client.netns, ["ip", "addr", "del", v4, "dev", "c0"])        # and its default route with it
-    try:
+    with only_ipv6_media(lab):
         call = browser.call(info["whip_url"])     # signaling keeps its own network
         try:
             heard = call.wait_audio(seconds=1.0, timeout=15)   # IPv4 calls are heard within ~3 s here
         finally:
             call.hang_up()
-    finally:
-        lab.run(lab.client.netns, ["ip", "addr", "add", v4, "dev", "c0"])
-        lab.run(lab.client.netns, ["ip", "route", "add", "default", "via", lab.relay_public.ip4])
     assert heard["pair"]["remote"] == f"{lab.relay_public.ip6}:{lab.relay_port}"
     assert heard["pair"]["local"].startswith(lab.client.ip6 + ":")
 
@@ -200,3 +220,32 @@ def test_an_ice_restart_by_whip_patch_moves_the_call_to_new_credentials_without_
 
 def relay_ufrags(lab: Lab) -> set[str]:
     return {s["ufrag"] for s in control(lab, lambda c: c.sessions())}
+
+
+def address_of(endpoint: str) -> str:
+    return endpoint.rsplit(":", 1)[0].strip("[]")
+
+
+@needs_root
+@needs_browser
+def test_a_dead_relay_moves_the_browser_to_the_other_relays_candidate_and_the_call_goes_on(browser_lab):
+    lab, info, browser = browser_lab
+    near, spare = lab.relay(1), lab.relay(2)
+    call = browser.call(info["whip_url"])
+    try:
+        heard = call.wait_audio(seconds=1.0)
+        assert heard["pair"]["remote"] == f"{near.public.ip4}:{lab.relay_port}"     # the preferred relay
+        try:
+            # relay 1 dies silently: nothing it receives goes on, nothing comes back, no link goes down
+            judged = call.measure_gap(lambda: bridge_port(lab, near.switch_port, "disabled"), timeout=30)
+            moved = call.wait_pair(lambda pair: address_of(pair["remote"]) in (spare.public.ip4, spare.public.ip6),
+                                   5, "the selected pair on relay 2")
+            call.wait_audio(seconds=1.0)
+            [flow] = [f for f in control(lab, lambda c: c.flows(), spare.index)
+                      if f["client"] == moved["pair"]["local"]]
+            assert flow["packets"] > 20 and flow["rx_packets"] > 20            # both ways through relay 2
+        finally:
+            bridge_port(lab, near.switch_port, "forwarding")
+    finally:
+        call.hang_up()
+    assert judged.stopped_after < 1.0, judged     # measured here: audio again 4.0 s after the kill
