@@ -27,11 +27,12 @@ from pathlib import Path
 from splitrelay.bench import control, forwarding, scale, system
 from splitrelay.lab import stack
 from splitrelay.lab.topology import Lab
+from splitrelay.errors import SplitrelayError
 
 PARTS = ("floor", "xdp", "userspace", "scale", "sessions")
 
 
-class BenchError(Exception):
+class BenchError(SplitrelayError):
     """The benchmark could not run a part (one-line reason)."""
 
 

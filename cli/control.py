@@ -6,15 +6,16 @@ import os
 import time
 
 import click
+from splitrelay.bpf.consts import MAX_BACKEND_ID
 from splitrelay.cli.common import emit, table
 from splitrelay.cli.errors import CliError
-from splitrelay.cli.reach import InNamespace, lab_option, resolve
+from splitrelay.cli.reach import InNamespace, lab_option, lab_relay, resolve
 
 DEFAULT_CONTROL = os.environ.get("SPLITRELAY_CONTROL", "http://127.0.0.1:8470")
 
 
 def _control_options(f):
-    f = lab_option("the edge agent")(f)
+    f = lab_option("the edge agent", relays=True)(f)
     f = click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token (env SPLITRELAY_TOKEN).")(f)
     return click.option("--control", default=DEFAULT_CONTROL, show_default=True, envvar="SPLITRELAY_CONTROL",
                         help="Edge agent control URL (env SPLITRELAY_CONTROL).")(f)
@@ -25,7 +26,7 @@ def _client(control: str, token: str | None):
     from splitrelay.edge.control_client import ControlClient
     from splitrelay.lab import reach
 
-    where = resolve(control, "control", reach.control)
+    where = resolve(control, "control", lambda lab, url: reach.control(lab, url, lab_relay()))
     return InNamespace(ControlClient(where.url, token), where)
 
 
@@ -35,7 +36,7 @@ def backends() -> None:
 
 
 @backends.command("add")
-@click.argument("backend_id", type=click.IntRange(1, 262143))
+@click.argument("backend_id", type=click.IntRange(1, MAX_BACKEND_ID))
 @click.argument("address")
 @_control_options
 @click.option("--ip6", help="The backend's IPv6 address, for IPv6 clients.")
@@ -54,7 +55,7 @@ def backends_add(backend_id: int, address: str, control: str, token: str | None,
 
 
 @backends.command("rm")
-@click.argument("backend_id", type=click.IntRange(1, 262143))
+@click.argument("backend_id", type=click.IntRange(1, MAX_BACKEND_ID))
 @_control_options
 def backends_rm(backend_id: int, control: str, token: str | None) -> None:
     """Remove a backend with its sessions and flows."""

@@ -6,6 +6,7 @@ import asyncio
 import os
 
 import click
+from splitrelay.bpf.consts import DEFAULT_SESSION_FLOWS
 from splitrelay.cli.common import emit, stop_on_signals, table
 from splitrelay.cli.errors import CliError, require_bcc, require_root
 
@@ -32,7 +33,8 @@ def _agent_options(f):
                      show_default=True, help="XDP mode; auto falls back to generic with a warning."),
         click.option("--instance", default="default", show_default=True,
                      help="Names the pinned maps: /sys/fs/bpf/splitrelay/<instance>."),
-        click.option("--max-session-flows", default=4, show_default=True, type=click.IntRange(0, 65535),
+        click.option("--max-session-flows", default=DEFAULT_SESSION_FLOWS, show_default=True,
+                     type=click.IntRange(0, 65535),
                      help="Client 5-tuples one session may open (0 = unlimited): caps stolen-ufrag floods."),
         click.option("--hint-key-file", type=click.Path(exists=True, dir_okay=False),
                      help="32 hex digits shared with the transceivers: only hints with a valid SipHash tag "

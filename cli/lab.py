@@ -23,8 +23,15 @@ def lab() -> None:
               help="Uniform +- variation of that delay (frames keep their order).")
 @click.option("--loss", type=click.FloatRange(0, 1), default=0.0,
               help="Probability (0..1) that a UDP frame on the client's link is dropped, each way.")
+@click.option("--relays", default=1, show_default=True, type=click.IntRange(1, 8),
+              help="Relays in front of the same transceivers, each with its own public network, agent and "
+                   "internal address (on the transceivers' segment: today's agent needs on-link backends); "
+                   "the client has a link to each (relay 1 is its default route).")
+@click.option("--far-delay-ms", type=click.FloatRange(0, 10000), default=0.0,
+              help="Make the last relay far: this one-way delay on the client's link to it, each way "
+                   "(needs --relays 2 or more).")
 def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, delay_ms: float, jitter_ms: float,
-           loss: float) -> None:
+           loss: float, relays: int, far_delay_ms: float) -> None:
     """Build the namespaces, attach XDP in the relay and start its edge agent.
 
     \b
@@ -37,18 +44,36 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, dela
       splitrelay lab up --transceivers 2 --json
       ip netns exec <client_netns> your-webrtc-client ...
       splitrelay lab up --name lossy --loss 0.02 --jitter-ms 20 --delay-ms 20
+      splitrelay lab up --name two --relays 2 --far-delay-ms 40
+      splitrelay stats --lab two --relay 2
+
+    \b
+    With --relays, each transceiver registers itself and its sessions with
+    every relay and offers every relay's candidates, relay 1 (the client's
+    default route) preferred.  Each relay's public network is routed back
+    through that relay, so answers leave by the relay the client used.
     """
     require_root("a lab")
     require_bcc()
     from splitrelay.lab.impair import Impairment
     from splitrelay.lab.stack import start_lab
 
+    if far_delay_ms and relays < 2:
+        raise CliError("--far-delay-ms needs --relays 2 or more", 2)
     impair = Impairment(delay_ms, jitter_ms, loss) if delay_ms or jitter_ms or loss else None
-    info = start_lab(transceivers=transceivers, name=name, policy=policy, impair=impair)
-    emit(info, as_json, lambda d: click.echo(
-        f"lab {d['name']} up: relay {d['relay_public']} (client netns {d['client_netns']}), "
-        f"control {d['control_url']}\ninspect with: splitrelay stats --lab {d['name']}\n"
-        f"tear down with: splitrelay lab down --name {d['name']}"))
+    far = Impairment(far_delay_ms) if far_delay_ms else None
+    info = start_lab(transceivers=transceivers, name=name, policy=policy, impair=impair, relays=relays, far=far)
+
+    def human(d: dict) -> None:
+        click.echo(f"lab {d['name']} up: relay {d['relay_public']} (client netns {d['client_netns']}), "
+                   f"control {d['control_url']}")
+        for r in d["relays"][1:]:
+            click.echo(f"  relay {r['index']}: {r['relay_public']}, control {r['control_url']}"
+                       + (" (far)" if r["impaired"] else ""))
+        click.echo(f"inspect with: splitrelay stats --lab {d['name']}\n"
+                   f"tear down with: splitrelay lab down --name {d['name']}")
+
+    emit(info, as_json, human)
 
 
 @lab.command("down")

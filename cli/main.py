@@ -12,16 +12,8 @@ import logging
 import sys
 
 import click
-from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError
-
-
-def _library_errors():
-    from splitrelay.edge.control_client import ControlError
-    from splitrelay.edge.datapath import DatapathError
-    from splitrelay.lab.netns import LabError
-    from splitrelay.edge.neighbours import NeighbourError
-
-    return (DatapathError, LabError, NeighbourError, ControlError)
+from splitrelay.cli.errors import from_library
+from splitrelay.errors import SplitrelayError
 
 
 class Main(click.Group):
@@ -30,11 +22,8 @@ class Main(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except _library_errors() as exc:
-            code = EXIT_UNREACHABLE if getattr(exc, "status", None) == 0 else 1
-            path = getattr(exc, "log_path", None)
-            raise CliError(str(exc) + (f" (verifier log: {path})" if path and str(path) not in str(exc) else ""),
-                           code) from None
+        except SplitrelayError as exc:
+            raise from_library(exc) from None
 
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

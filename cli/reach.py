@@ -16,17 +16,33 @@ from click.core import ParameterSource
 from splitrelay.cli.errors import EXIT_USAGE, CliError
 
 _META = "splitrelay.lab"
+_RELAY = "splitrelay.lab.relay"
 
 
-def lab_option(what: str):
-    """--lab NAME: reach ``what`` of that lab from inside its namespace."""
-    def remember(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-        ctx.meta[_META] = value
-        return value
+def lab_option(what: str, relays: bool = False):
+    """--lab NAME: reach ``what`` of that lab from inside its namespace (and --relay K: of which relay)."""
+    def remember(key: str):
+        def callback(ctx: click.Context, _param: click.Parameter, value: object) -> object:
+            ctx.meta[key] = value
+            return value
+        return callback
 
-    return click.option("--lab", metavar="NAME", expose_value=False, callback=remember,
-                        help=f"Reach {what} of lab NAME (`splitrelay lab status` lists them): its URL from "
-                             "the lab's state, requested from inside the lab's namespace.")
+    def decorate(f):
+        f = click.option("--lab", metavar="NAME", expose_value=False, callback=remember(_META),
+                         help=f"Reach {what} of lab NAME (`splitrelay lab status` lists them): its URL from "
+                              "the lab's state, requested from inside the lab's namespace.")(f)
+        if relays:
+            f = click.option("--relay", "lab_relay", metavar="K", type=click.IntRange(1), default=1,
+                             show_default=True, expose_value=False, callback=remember(_RELAY),
+                             help="With --lab: the agent of the lab's relay K (`lab up --relays N`).")(f)
+        return f
+
+    return decorate
+
+
+def lab_relay() -> int:
+    """The relay --relay named (1 unless given)."""
+    return click.get_current_context().meta.get(_RELAY) or 1
 
 
 def resolve(url: str | None, param: str, for_lab: Callable[..., Any]):

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import click
+from splitrelay.bpf.consts import MAX_BACKEND_ID
 from splitrelay.cli.common import emit, stop_on_signals, table
 from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError
 from splitrelay.cli.reach import lab_option, refuse_lab_address, resolve
@@ -26,11 +27,11 @@ def _backend_id(value: str, bind_host: str) -> int:
             addr = ip_address(bind_host)
         except ValueError:
             raise CliError(f"--backend-id from-ip needs an IPv4 --bind address, got {bind_host!r}") from None
-        if not isinstance(addr, IPv4Address) or not int(addr) & 0x3FFFF:
+        if not isinstance(addr, IPv4Address) or not int(addr) & MAX_BACKEND_ID:
             raise CliError(f"--backend-id from-ip: {bind_host} gives no usable id (needs IPv4, low 18 bits != 0)")
-        return int(addr) & 0x3FFFF
-    if not value.isdigit() or not 1 <= int(value) <= 262143:
-        raise CliError(f"--backend-id must be 1..262143 or from-ip, got {value!r}", 2)
+        return int(addr) & MAX_BACKEND_ID
+    if not value.isdigit() or not 1 <= int(value) <= MAX_BACKEND_ID:
+        raise CliError(f"--backend-id must be 1..{MAX_BACKEND_ID} or from-ip, got {value!r}", 2)
     return int(value)
 
 
@@ -51,7 +52,7 @@ def _handler_spec(ctx: click.Context, param: click.Parameter, value: str) -> str
 
 @transceiver.command("serve")
 @click.option("--backend-id", required=True, metavar="ID|from-ip",
-              help="This transceiver's id at the relay, 1..262143 (carried in every session's ufrag); "
+              help=f"This transceiver's id at the relay, 1..{MAX_BACKEND_ID} (carried in every session's ufrag); "
                    "'from-ip' takes the low 18 bits of the --bind IPv4 address (for Deployments).")
 @click.option("--bind", default="127.0.0.1:5000", show_default=True,
               help="host:port of the one UDP socket serving every session (the backend address).")

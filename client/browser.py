@@ -191,16 +191,18 @@ class Browser:
 
     def close(self) -> None:
         """Close the browser (its processes end with it) and remove the work files; idempotent."""
+        browser, driver, self._browser, self._playwright = self._browser, self._playwright, None, None
         try:
-            if self._browser is not None:
-                self._browser.close()
-            if self._playwright is not None:
-                self._playwright.stop()
+            if browser is not None:
+                browser.close()
         finally:
-            self._browser = self._playwright = None
-            if self._workdir is not None:
-                shutil.rmtree(self._workdir, ignore_errors=True)
-                self._workdir = None
+            try:
+                if driver is not None:
+                    driver.stop()     # ends the playwright driver, which kills a browser still running
+            finally:
+                if self._workdir is not None:
+                    shutil.rmtree(self._workdir, ignore_errors=True)
+                    self._workdir = None
 
     def call(self, whip_url: str, timeout: float = CALL_TIMEOUT) -> BrowserCall:
         """A new page that POSTs its offer to ``whip_url``; returns once the answer is applied."""

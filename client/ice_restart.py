@@ -11,19 +11,25 @@ are untouched: the same aioice Connection moves to the new generation
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
 import time
 from dataclasses import dataclass
 
 import aiohttp
 from aioice import Candidate
 from aioice.ice import CandidatePair, Connection
-from aiortc import RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack
+from yarl import URL
 
+from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.ice_restart import begin_generation, new_credentials, run_generation
 from splitrelay.wire.sdpfrag import MEDIA_TYPE, IceFragment
 
 
-class RestartRefused(Exception):
+class RestartRefused(SplitrelayError):
     """The WHIP session answered the PATCH with an error."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -79,5 +85,68 @@ async def restart_ice(pc: RTCPeerConnection, session_url: str, http: aiohttp.Cli
     answer = IceFragment.parse(text)
     remote_ufrag, remote_pwd = answer.check_credentials()
     remote = [Candidate.from_sdp(c[len("candidate:"):]) for c in answer.candidates]
-    pair = await run_generation(connection, remote_ufrag, remote_pwd, remote, timeout)
+    pair = await run_generation(connection, remote_ufrag, remote_pwd, remote, timeout, local=candidates)
     return RestartResult(etag, pair, patch_ms, (time.monotonic() - started) * 1000.0)
+
+
+
+async def _call(http: aiohttp.ClientSession, whip_url: str, timeout: float) -> tuple[RTCPeerConnection, str]:
+    """A connected WHIP call sending silence (the echo handler sends it back as RTP)."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTrack(AudioStreamTrack())
+    connected = asyncio.Event()
+
+    @pc.on("connectionstatechange")
+    def _state() -> None:
+        if pc.connectionState == "connected":
+            connected.set()
+
+    await pc.setLocalDescription(await pc.createOffer())
+    headers = {"Content-Type": "application/sdp"}
+    async with http.post(whip_url, data=pc.localDescription.sdp, headers=headers) as resp:
+        if resp.status != 201:
+            raise RestartRefused(resp.status, (await resp.text()).strip())
+        answer, location = await resp.text(), str(resp.url.join(URL(resp.headers["Location"])))
+    await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+    await asyncio.wait_for(connected.wait(), timeout)
+    return pc, location
+
+
+async def measure(whip_url: str, new_host: str, runs: int = 5, timeout: float = 20.0) -> list[dict]:
+    """Call, restart ICE onto a new local port of ``new_host``, and time the PATCH until the
+    first media (RTP/RTCP) arrives on the new socket; one fresh call per run."""
+    results = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(runs):
+            pc, location = await _call(http, whip_url, timeout)
+            connection = ice_connection(pc)
+            new = await add_host_candidates(connection, new_host)
+            protocol = next(p for p in connection._protocols if p.local_candidate is new[0])  # noqa: SLF001
+            first_media = asyncio.get_running_loop().create_future()
+            received = protocol.datagram_received
+
+            def stamp(data: bytes, addr: tuple, received=received, first_media=first_media) -> None:  # noqa: ANN001
+                if data and 128 <= data[0] <= 191 and not first_media.done():
+                    first_media.set_result(time.monotonic())
+                received(data, addr)
+
+            protocol.datagram_received = stamp
+            started = time.monotonic()
+            result = await restart_ice(pc, location, http, candidates=new, timeout=timeout)
+            media_at = await asyncio.wait_for(first_media, timeout)
+            results.append({"patch_ms": round(result.patch_ms, 1), "nominated_ms": round(result.nominated_ms, 1),
+                            "media_ms": round((media_at - started) * 1000.0, 1)})
+            async with http.delete(location):
+                pass
+            await pc.close()
+    return results
+
+
+def main() -> None:
+    """``python -m splitrelay.client.ice_restart WHIP_URL NEW_HOST [RUNS]``: JSON timings."""
+    url, host, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 5
+    print(json.dumps(asyncio.run(measure(url, host, runs))))
+
+
+if __name__ == "__main__":
+    main()

@@ -76,11 +76,11 @@ def unreachable_from_here(url: str) -> list[str]:
     return [lab.name for lab in labs]
 
 
-def control(lab: Lab, url: str | None = None) -> Reach:
-    """The lab agent's control API (or ``url``), from the relay's namespace."""
+def control(lab: Lab, url: str | None = None, relay: int = 1) -> Reach:
+    """Relay ``relay``'s agent's control API (or ``url``), from that relay's namespace."""
     from splitrelay.lab.stack import control_url
 
-    return Reach(url or control_url(lab), lab.relay_public.netns)
+    return Reach(url or control_url(lab, relay), lab.relay(relay).netns)
 
 
 def whip(lab: Lab, url: str | None = None) -> Reach:

@@ -8,6 +8,17 @@ exercise the same topology (``P`` is the lab's random prefix, e.g. ``sr3fa9c1``)
                     int0 ----- veth ----- rint --+-- bridge br0 -- tNm --- veth --- eth1
     s0 ----------------- veth ----------- scli --+-- bridge sig -- tNs --- veth --- sig0
 
+    with relays=K, relay k >= 2 (P-rk):        with an impaired link (lab/impair.py):
+    c(k-1) --- veth --- pub0                   c0 --- ia [P-imp: forwarder] ib --- pub0
+                        int0 --- rkint (br0)   (relay k's link: P-ik)
+
+Relays.  Each relay has its own namespace, public network (the client has one
+link and one address on each; relay 1 stays its default route), agent and
+internal address.  The internal addresses share the transceivers' segment
+(br0): today's agent needs its backends on-link (edge/neighbours.py).  Each
+transceiver routes relay k's public network via relay k's internal address, so
+with DNAT-only XDP an answer to a client that came in by relay k leaves by relay k.
+
 Addresses (lab/addresses.py): IPv4 from 198.18.0.0/15 (benchmarking, routed
 nowhere), IPv6 from a random ULA /48 per lab, never a range the host uses::
 
@@ -132,6 +143,30 @@ class Transceiver(Host):
 
 
 @dataclass
+class Relay:
+    """One relay host: its public side, its internal side, and the client's end of its public link."""
+
+    index: int
+    public: Host
+    internal: Host
+    client: Host
+
+    @property
+    def netns(self) -> str:
+        return self.public.netns
+
+    @property
+    def switch_port(self) -> str:
+        """Its internal veth's end in the switch namespace (on the bridge br0)."""
+        return "rint" if self.index == 1 else f"r{self.index}int"
+
+    @property
+    def link(self) -> str:
+        """The name of the client's link to it, as impairments name it."""
+        return f"relay{self.index}"
+
+
+@dataclass
 class Lab:
     name: str
     prefix: str
@@ -147,16 +182,20 @@ class Lab:
     networks: dict[str, list[str]] = field(default_factory=dict)
     created_at: float = 0.0
     impaired: dict[str, dict] = field(default_factory=dict)   # link -> {"netns", "pid"} (lab/impair.py)
+    extra_relays: list[Relay] = field(default_factory=list)    # relays 2..N (relay 1: the fields above)
 
     # -- building ------------------------------------------------------------------------
 
     @classmethod
     def create(cls, transceivers: int = 2, name: str | None = None, relay_port: int = 3478,
-               stem: str | None = None, impair: Impairment | None = None) -> Lab:
-        """Build a lab with ``transceivers`` transceiver hosts; on any failure nothing is left behind.
+               stem: str | None = None, impair: Impairment | None = None, relays: int = 1,
+               far: Impairment | None = None) -> Lab:
+        """Build a lab with ``transceivers`` transceiver hosts and ``relays`` relays in front of them;
+        on any failure nothing is left behind.
 
-        ``impair`` puts the client's link to the relay (link "relay1") through an impairment
-        forwarder (lab/impair.py): delay, jitter, loss on UDP.
+        ``impair`` puts the client's link to relay 1 (link "relay1") through an impairment forwarder
+        (lab/impair.py): delay, jitter, loss on UDP; ``far`` does the same to the last relay's link,
+        making it the far one (needs ``relays`` >= 2).
         """
         if os.geteuid() != 0:
             raise LabError("a lab needs root (network namespaces, veth, XDP)")
@@ -164,15 +203,22 @@ class Lab:
             raise LabError(f"transceivers must be 1..{MAX_TRANSCEIVERS}, got {transceivers}")
         if not 1 <= relay_port <= 65535:
             raise LabError(f"relay_port must be 1..65535, got {relay_port}")
+        if not 1 <= relays <= addresses.MAX_RELAYS:
+            raise LabError(f"relays must be 1..{addresses.MAX_RELAYS}, got {relays}")
+        if far is not None and relays < 2:
+            raise LabError("a far relay needs at least 2 relays")
+        impaired = {"relay1": impair} if impair else {}
+        if far:
+            impaired[f"relay{relays}"] = far
         stem = stem if stem is not None else os.environ.get(STEM_ENV) or DEFAULT_STEM
         if not re.fullmatch(r"[a-z][a-z0-9]{0,4}", stem):
             raise LabError(f"lab stem must be 1..5 lowercase letters/digits starting with a letter, got {stem!r}")
         if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}", name):
             raise LabError(f"lab name must be 1..32 of A-Z a-z 0-9 _ . - (not starting with . or -), got {name!r}")
-        lab = cls._claim(stem, name, transceivers, relay_port, {"relay1": impair} if impair else {})
+        lab = cls._claim(stem, name, transceivers, relay_port, relays, impaired)
         try:
             lab._build()
-            for link, impairment in ({"relay1": impair} if impair else {}).items():
+            for link, impairment in impaired.items():
                 lab._start_impairment(link, impairment)
         except BaseException as exc:
             lab.destroy()
@@ -183,7 +229,7 @@ class Lab:
         return lab
 
     @classmethod
-    def _claim(cls, stem: str, name: str | None, transceivers: int, relay_port: int,
+    def _claim(cls, stem: str, name: str | None, transceivers: int, relay_port: int, relays: int,
                impaired: dict[str, Impairment]) -> Lab:
         """Pick a free prefix and claim the name with an exclusive state file (runs may overlap)."""
         STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -192,8 +238,9 @@ class Lab:
             prefix = stem + secrets.token_hex(3)
             if any(ns.startswith(prefix + "-") for ns in list_namespaces()):
                 continue
-            lab = cls._plan(prefix, name or prefix, transceivers, relay_port, plan)
-            lab.impaired = {link: {"netns": f"{prefix}-imp", "pid": 0} for link in impaired}
+            lab = cls._plan(prefix, name or prefix, transceivers, relay_port, plan, relays)
+            lab.impaired = {link: {"netns": f"{prefix}-imp" if link == "relay1" else f"{prefix}-i{link[5:]}",
+                                   "pid": 0} for link in impaired}
             try:
                 fd = os.open(STATE_DIR / f"{lab.name}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
@@ -208,7 +255,7 @@ class Lab:
 
     @classmethod
     def _plan(cls, prefix: str, name: str, transceivers: int, relay_port: int,
-              plan: addresses.AddressPlan) -> Lab:
+              plan: addresses.AddressPlan, relays: int = 1) -> Lab:
         rly = f"{prefix}-rly"
         lab = cls(
             name=name, prefix=prefix,
@@ -217,8 +264,13 @@ class Lab:
             relay_internal=Host(rly, "int0", *plan.host("internal", 1)),
             switch_netns=f"{prefix}-sw",
             client_signal=Host(f"{prefix}-cli", "s0", *plan.host("signaling", 2)),
-            relay_port=relay_port, networks=plan.networks(), created_at=time.time(),
+            relay_port=relay_port, networks=plan.networks(relays), created_at=time.time(),
         )
+        for k in range(2, relays + 1):
+            ns = f"{prefix}-r{k}"
+            lab.extra_relays.append(Relay(k, Host(ns, "pub0", *plan.host("public", 1, k)),
+                                          Host(ns, "int0", *plan.host("internal", k)),
+                                          Host(lab.client.netns, f"c{k - 1}", *plan.host("public", 2, k))))
         for i in range(1, transceivers + 1):
             ip4, ip6 = plan.host("internal", 10 + i)
             signal_ip4, signal_ip6 = plan.host("signaling", 10 + i)
@@ -226,10 +278,24 @@ class Lab:
                                                 signal_ip4=signal_ip4, signal_ip6=signal_ip6))
         return lab
 
+    @property
+    def relays(self) -> list[Relay]:
+        """Every relay, relay 1 first (its hosts are the lab's relay_public, relay_internal and client)."""
+        return [Relay(1, self.relay_public, self.relay_internal, self.client), *self.extra_relays]
+
+    def relay(self, index: int) -> Relay:
+        if not 1 <= index <= len(self.relays):
+            raise LabError(f"lab {self.name} has relays 1..{len(self.relays)}, not {index}")
+        return self.relays[index - 1]
+
+    def public_network(self, relay: int = 1) -> list[str]:
+        """[IPv4, IPv6] prefixes of relay ``relay``'s public network (the client is on each)."""
+        return self.networks["public" if relay == 1 else f"public{relay}"]
+
     def namespaces(self) -> list[str]:
         return [self.client.netns, self.relay_public.netns, self.switch_netns] + [
             t.netns for t in self.transceivers
-        ] + [link["netns"] for link in self.impaired.values()]
+        ] + [r.netns for r in self.extra_relays] + [link["netns"] for link in self.impaired.values()]
 
     @property
     def client_signal_ip4(self) -> str:
@@ -242,9 +308,10 @@ class Lab:
     def veths(self) -> list[tuple[str, str]]:
         """Every (namespace, ifname) veth end the lab made."""
         sw = self.switch_netns
-        ends = [(self.client.netns, "c0"), (self.relay_public.netns, "pub0"),
-                (self.relay_internal.netns, "int0"), (sw, "rint"),
-                (self.client.netns, "s0"), (sw, "scli")]
+        ends = [(self.client.netns, "s0"), (sw, "scli")]
+        for r in self.relays:
+            ends += [(self.client.netns, r.client.ifname), (r.netns, r.public.ifname),
+                     (r.netns, r.internal.ifname), (sw, r.switch_port)]
         for link in self.impaired.values():
             ends += [(link["netns"], "ia"), (link["netns"], "ib")]
         for t in self.transceivers:
@@ -257,12 +324,15 @@ class Lab:
                 pnetns.create(ns)
             except FileExistsError:
                 raise LabError(f"namespace {ns} already exists") from None
-        cli, rly, sw = self.client.netns, self.relay_public.netns, self.switch_netns
+        cli, sw = self.client.netns, self.switch_netns
+        no_ipv6 = {"net/ipv6/conf/all/disable_ipv6": "1", "net/ipv6/conf/default/disable_ipv6": "1"}
 
         # kernel settings before any interface exists, so per-interface defaults follow them
-        set_sysctls(sw, {"net/ipv6/conf/all/disable_ipv6": "1", "net/ipv6/conf/default/disable_ipv6": "1"})
-        set_sysctls(rly, {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0",
-                       "net/ipv6/conf/default/forwarding": "0"})
+        for ns in [sw, *(link["netns"] for link in self.impaired.values())]:
+            set_sysctls(ns, no_ipv6)
+        for r in self.relays:
+            set_sysctls(r.netns, {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0",
+                                  "net/ipv6/conf/default/forwarding": "0"})
 
         def switch_bridges(ipr: IPRoute) -> None:
             _up(ipr, "lo")
@@ -272,22 +342,23 @@ class Lab:
 
         _netlink(sw, switch_bridges)
         # every veth is created with both ends already in their namespaces
-        imp = self.impaired.get("relay1", {}).get("netns")
-        if imp:   # client -- ia [impairment forwarder] ib -- relay: a transparent L2 wire
-            set_sysctls(imp, {"net/ipv6/conf/all/disable_ipv6": "1", "net/ipv6/conf/default/disable_ipv6": "1"})
-            self._veth(cli, "c0", imp, "ia")
-            self._veth(imp, "ib", rly, "pub0")
-            _netlink(imp, lambda ipr: (_up(ipr, "ia"), _up(ipr, "ib")))
-        else:
-            self._veth(cli, "c0", rly, "pub0")
-        self._veth(rly, "int0", sw, "rint")
+        for r in self.relays:
+            imp = self.impaired.get(r.link, {}).get("netns")
+            if imp:   # client -- ia [impairment forwarder] ib -- relay: a transparent L2 wire
+                self._veth(cli, r.client.ifname, imp, "ia")
+                self._veth(imp, "ib", r.netns, r.public.ifname)
+                _netlink(imp, lambda ipr: (_up(ipr, "ia"), _up(ipr, "ib")))
+            else:
+                self._veth(cli, r.client.ifname, r.netns, r.public.ifname)
+            self._veth(r.netns, r.internal.ifname, sw, r.switch_port)
         self._veth(cli, "s0", sw, "scli")
         for t in self.transceivers:
             self._veth(t.netns, t.ifname, sw, f"t{t.index}m")
             self._veth(t.netns, t.signal_ifname, sw, f"t{t.index}s")
 
         def switch_ports(ipr: IPRoute) -> None:
-            ports = {"rint": "br0", "scli": "sig"}
+            ports = {r.switch_port: "br0" for r in self.relays}
+            ports["scli"] = "sig"
             for t in self.transceivers:
                 ports[f"t{t.index}m"] = "br0"
                 ports[f"t{t.index}s"] = "sig"
@@ -297,51 +368,56 @@ class Lab:
                 _up(ipr, dev)
 
         _netlink(sw, switch_ports)
-        pub4, pub6 = self.networks["public"]
         int4, int6 = self.networks["internal"]
 
         def client(ipr: IPRoute) -> None:
             _up(ipr, "lo")
-            _addresses(ipr, self.client, 24, 64)
+            for r in self.relays:   # one link per relay, each on that relay's public network
+                _addresses(ipr, r.client, 24, 64)
+                r.client.mac = _mac(ipr, r.client.ifname)
             _addresses(ipr, self.signal_host, 24, 64)
-            ipr.route("add", dst="0.0.0.0/0", gateway=self.relay_public.ip4)
+            ipr.route("add", dst="0.0.0.0/0", gateway=self.relay_public.ip4)      # relay 1 is the default
             ipr.route("add", family=AF_INET6, dst="::/0", gateway=self.relay_public.ip6)
-            self.client.mac = _mac(ipr, "c0")
             self.signal_host.mac = _mac(ipr, "s0")
 
         _netlink(cli, client)
 
-        def relay(ipr: IPRoute) -> None:
+        def relay(ipr: IPRoute, r: Relay) -> None:
             _up(ipr, "lo")
-            _addresses(ipr, self.relay_public, 24, 64)
-            _addresses(ipr, self.relay_internal, 24, 64)
+            _addresses(ipr, r.public, 24, 64)
+            _addresses(ipr, r.internal, 24, 64)
             # host firewall: the internal side (control API) is not reachable from the public side
-            for family, own, bits in ((AF_INET, self.relay_internal.ip4, 32),
-                                      (AF_INET6, self.relay_internal.ip6, 128)):
-                ipr.rule("add", family=family, priority=10, iifname=self.relay_public.ifname, dst=own,
+            for family, own, bits in ((AF_INET, r.internal.ip4, 32), (AF_INET6, r.internal.ip6, 128)):
+                ipr.rule("add", family=family, priority=10, iifname=r.public.ifname, dst=own,
                          dst_len=bits, action="FR_ACT_PROHIBIT")
                 ipr.rule("add", family=family, priority=20, table=255)   # local, after the firewall rule
                 ipr.rule("del", family=family, priority=0, table=255)
-            self.relay_public.mac = _mac(ipr, "pub0")
-            self.relay_internal.mac = _mac(ipr, "int0")
+            r.public.mac = _mac(ipr, r.public.ifname)
+            r.internal.mac = _mac(ipr, r.internal.ifname)
 
-        _netlink(rly, relay)
+        for r in self.relays:
+            _netlink(r.netns, lambda ipr, r=r: relay(ipr, r))
+        # each relay's public network is reached through that relay (replies leave the way they came)
+        public_routes = [(self.public_network(r.index), r.internal) for r in self.relays]
 
         def transceiver(ipr: IPRoute, t: Transceiver) -> None:
             _up(ipr, "lo")
             _addresses(ipr, t, 24, 64)
             _addresses(ipr, Host(t.netns, t.signal_ifname, t.signal_ip4, t.signal_ip6), 24, 64)
             eth = _index(ipr, t.ifname)
-            ipr.route("add", dst=pub4, gateway=self.relay_internal.ip4)
-            ipr.route("add", family=AF_INET6, dst=pub6, gateway=self.relay_internal.ip6)
-            # a backend address leaves only through the relay (or to the internal net), never otherwise
-            for family, own, bits, net, gateway, pub, default in (
-                    (AF_INET, t.ip4, 32, int4, self.relay_internal.ip4, pub4, "0.0.0.0/0"),
-                    (AF_INET6, t.ip6, 128, int6, self.relay_internal.ip6, pub6, "::/0")):
+            for (pub4, pub6), via in public_routes:
+                ipr.route("add", dst=pub4, gateway=via.ip4)
+                ipr.route("add", family=AF_INET6, dst=pub6, gateway=via.ip6)
+            # a backend address leaves only through a relay (or to the internal net), never otherwise
+            for family, own, bits, net, default in ((AF_INET, t.ip4, 32, int4, "0.0.0.0/0"),
+                                                    (AF_INET6, t.ip6, 128, int6, "::/0")):
                 ipr.rule("add", family=family, priority=BACKEND_TABLE, src=own, src_len=bits,
                          table=BACKEND_TABLE)
                 ipr.route("add", family=family, dst=net, oif=eth, table=BACKEND_TABLE)
-                ipr.route("add", family=family, dst=pub, gateway=gateway, table=BACKEND_TABLE)
+                for nets, via in public_routes:
+                    v6 = family == AF_INET6
+                    ipr.route("add", family=family, dst=nets[v6], gateway=via.ip6 if v6 else via.ip4,
+                              table=BACKEND_TABLE)
                 ipr.route("add", family=family, dst=default, type="unreachable", table=BACKEND_TABLE)
             t.mac = _mac(ipr, t.ifname)
             t.signal_mac = _mac(ipr, t.signal_ifname)
@@ -350,9 +426,11 @@ class Lab:
             _netlink(t.netns, lambda ipr, t=t: transceiver(ipr, t))
 
         # offloads (ethtool has no netlink equivalent in pyroute2 that we rely on)
+        gro = {(cli, r.client.ifname) for r in self.relays} | {(sw, r.switch_port) for r in self.relays}
+        gro |= {(link["netns"], "ib") for link in self.impaired.values()}
         for ns, dev in self.veths():
             argv = ["ethtool", "-K", dev, "tx", "off"]
-            if (ns, dev) in ((cli, "c0"), (sw, "rint"), (imp, "ib")):
+            if (ns, dev) in gro:
                 argv += ["gro", "on"]  # frames XDP redirects into pub0/int0 arrive here
             procs.run(nsenter_argv(ns, argv))
         self._check_carrier()
@@ -459,6 +537,8 @@ class Lab:
         elif legacy_signal:
             data["client_signal"] = Host(data["client"].netns, "s0", legacy_signal, "")
         data["transceivers"] = [Transceiver(**t) for t in data.get("transceivers", [])]
+        data["extra_relays"] = [Relay(r["index"], Host(**r["public"]), Host(**r["internal"]), Host(**r["client"]))
+                                for r in data.get("extra_relays", [])]
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 

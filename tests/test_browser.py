@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
-from splitrelay.client.browser import TONE_HZ, PEAK_TOLERANCE_HZ, AudioGap, Browser, audio_gap, \
+from splitrelay.client.browser import TONE_HZ, PEAK_TOLERANCE_HZ, AudioGap, Browser, BrowserError, audio_gap, \
     flowing_since, unavailable_reason
 from splitrelay.lab.netns import nsenter_argv
-from splitrelay.lab.stack import control, start_lab, stop_lab
+from splitrelay.lab.stack import control, control_url, start_lab, start_transceiver, stop_lab
 from splitrelay.lab.topology import Lab
 
 from .conftest import needs_root
+from .waiting import wait_for
 
 BROWSER_MISSING = unavailable_reason()
 needs_browser = pytest.mark.skipif(BROWSER_MISSING is not None, reason=f"no browser: {BROWSER_MISSING}")
@@ -63,9 +66,15 @@ def test_packets_of_silence_are_not_audio_flowing():
 def browser_lab():
     if BROWSER_MISSING:
         pytest.skip(f"no browser: {BROWSER_MISSING}")
-    info = start_lab(transceivers=1, handler="echo")
+    # two relays in front of one echo transceiver, whose answers offer both: relay 1 preferred, relay 2
+    # the backup (every session registered with both)
+    info = start_lab(transceivers=1, relays=2, handler=None)
     lab = Lab.load(info["name"])
     try:
+        spare = lab.relay(2)
+        start_transceiver(lab, lab.transceivers[0], "echo", [
+            "--relay", f"{spare.public.ip4}:{lab.relay_port},[{spare.public.ip6}]:{lab.relay_port}",
+            "--relay-control", control_url(lab, spare.index)])
         with Browser(nsenter_argv(lab.client.netns, [])) as browser:
             yield lab, info, browser
     finally:
@@ -105,6 +114,42 @@ def test_chromium_calls_through_xdp_and_hears_its_own_voice_echoed(browser_lab):
     assert transceiver_sessions(lab, info["whip_url"]) == []
 
 
+@contextmanager
+def only_ipv6_media(lab: Lab) -> Iterator[None]:
+    """The client's links to the relays lose their IPv4 addresses (and so the default route) for the body."""
+    removed = []
+    for r in lab.relays:
+        dev = r.client.ifname
+        [link] = json.loads(lab.run(lab.client.netns, ["ip", "-j", "-4", "addr", "show", "dev", dev]).stdout)
+        for a in link["addr_info"]:
+            lab.run(lab.client.netns, ["ip", "addr", "del", f"{a['local']}/{a['prefixlen']}", "dev", dev])
+            removed.append((dev, f"{a['local']}/{a['prefixlen']}"))
+    try:
+        yield
+    finally:
+        for dev, address in removed:
+            lab.run(lab.client.netns, ["ip", "addr", "add", address, "dev", dev])
+        lab.run(lab.client.netns, ["ip", "route", "add", "default", "via", lab.relay_public.ip4])
+
+
+@needs_root
+@needs_browser
+@pytest.mark.xfail(strict=True, raises=BrowserError, reason=(
+    "the answer offers the relay's IPv6 candidate, but the lab's transceiver binds only its IPv4 backend "
+    "address (--bind v4:5000 --ip6 v6): STUN the relay forwards to [v6]:5000 meets no socket (the ICMPv6 "
+    "errors show as OUT_PASS_OTHER), so an IPv6-only client never connects"))
+def test_a_browser_with_only_ipv6_calls_through_the_relays_ipv6_address(browser_lab):
+    lab, info, browser = browser_lab
+    with only_ipv6_media(lab):
+        call = browser.call(info["whip_url"])     # signaling keeps its own network
+        try:
+            heard = call.wait_audio(seconds=1.0, timeout=15)   # IPv4 calls are heard within ~3 s here
+        finally:
+            call.hang_up()
+    assert heard["pair"]["remote"] == f"{lab.relay_public.ip6}:{lab.relay_port}"
+    assert heard["pair"]["local"].startswith(lab.client.ip6 + ":")
+
+
 def bridge_port(lab: Lab, port: str, state: str) -> None:
     """Set a lab switch port's forwarding state: 'disabled' drops every frame silently, both ways,
     with no carrier change anywhere (so neither ICE agent sees a network event, only silence)."""
@@ -140,3 +185,67 @@ def test_a_blackout_behind_the_relay_is_measured_as_the_audio_gap(browser_lab):
     assert judged.stopped_after < 1.0, judged
     # no audio can come back before the path does; measured here: a 1.3 s blackout, gap 2.25 s
     assert blackout_s <= judged.gap <= blackout_s + 4.0, (blackout_s, judged)
+
+
+def ufrag_of(sdp: str) -> str:
+    return sdp.split("a=ice-ufrag:")[1].split()[0]
+
+
+@needs_root
+@needs_browser
+def test_an_ice_restart_by_whip_patch_moves_the_call_to_new_credentials_without_a_new_connection(browser_lab):
+    lab, info, browser = browser_lab
+    call = browser.call(info["whip_url"])
+    restart: dict = {}
+    try:
+        before = call.wait_audio(seconds=1.0)
+        # audio must flow again after the PATCH (measured here: it never stopped, gap 0: Chromium
+        # keeps sending on the old pair until the new generation's pair is selected)
+        call.measure_gap(lambda: restart.update(call.ice_restart()), timeout=20)
+        new_ufrag = ufrag_of(restart["answer"])
+        assert new_ufrag != before["pair"]["remoteUfrag"]
+        assert "a=candidate:" in restart["fragment"]          # the new generation's candidates went along
+        call.wait_pair(lambda pair: pair["remoteUfrag"] == new_ufrag, 10, "the new generation's pair")
+        after = call.wait_audio(seconds=1.0)
+        assert after["pair"]["remoteUfrag"] == new_ufrag and after["pair"]["remote"] == before["pair"]["remote"]
+        # the same call: one session, the same DTLS association (the connection never left "connected")
+        [session] = transceiver_sessions(lab, info["whip_url"])
+        assert session["ufrag"] == new_ufrag
+        assert [e for e in call.events(restart["started"]) if e["what"] == "connection"] == []
+        assert new_ufrag in relay_ufrags(lab)                # registered at the relay, and the old one retired
+        wait_for(lambda: before["pair"]["remoteUfrag"] not in relay_ufrags(lab), 10, "the old ufrag retired")
+    finally:
+        call.hang_up()
+
+
+def relay_ufrags(lab: Lab) -> set[str]:
+    return {s["ufrag"] for s in control(lab, lambda c: c.sessions())}
+
+
+def address_of(endpoint: str) -> str:
+    return endpoint.rsplit(":", 1)[0].strip("[]")
+
+
+@needs_root
+@needs_browser
+def test_a_dead_relay_moves_the_browser_to_the_other_relays_candidate_and_the_call_goes_on(browser_lab):
+    lab, info, browser = browser_lab
+    near, spare = lab.relay(1), lab.relay(2)
+    call = browser.call(info["whip_url"])
+    try:
+        heard = call.wait_audio(seconds=1.0)
+        assert heard["pair"]["remote"] == f"{near.public.ip4}:{lab.relay_port}"     # the preferred relay
+        try:
+            # relay 1 dies silently: nothing it receives goes on, nothing comes back, no link goes down
+            judged = call.measure_gap(lambda: bridge_port(lab, near.switch_port, "disabled"), timeout=30)
+            moved = call.wait_pair(lambda pair: address_of(pair["remote"]) in (spare.public.ip4, spare.public.ip6),
+                                   5, "the selected pair on relay 2")
+            call.wait_audio(seconds=1.0)
+            [flow] = [f for f in control(lab, lambda c: c.flows(), spare.index)
+                      if f["client"] == moved["pair"]["local"]]
+            assert flow["packets"] > 20 and flow["rx_packets"] > 20            # both ways through relay 2
+        finally:
+            bridge_port(lab, near.switch_port, "forwarding")
+    finally:
+        call.hang_up()
+    assert judged.stopped_after < 1.0, judged     # measured here: audio again 4.0 s after the kill

@@ -7,7 +7,6 @@ without --lab is refused (exit 2) rather than sending it by the default route.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from ipaddress import ip_address, ip_network
@@ -85,16 +84,15 @@ def reach_lab():
 @pytest.mark.lab
 def test_a_lab_address_from_the_host_without_lab_is_refused_in_one_line(reach_lab):
     lab, info = reach_lab
-    host = lab.relay_internal.ip4
-    proc = cli("stats", "--control", info["control_url"])
+    host = lab.relay_internal.ip6            # unique to this lab (its own ULA /48); IPv4 plans are shared
+    proc = cli("stats", "--control", f"http://[{host}]:8470")
     assert proc.returncode == 2
-    # other labs on this machine (other test runs, other checkouts) may use the same address: named too
-    others = r"(?:[\w-]+, )*"
-    assert re.fullmatch(rf"splitrelay: error: {re.escape(host)} is an address of lab {others}{lab.name}"
-                        rf"(?:, [\w-]+)*, which this host does not route: add --lab (?:{lab.name}|NAME)\n",
-                        proc.stderr), proc.stderr
+    assert proc.stderr == (f"splitrelay: error: {host} is an address of lab {lab.name}, which this host "
+                           f"does not route: add --lab {lab.name}\n")
+    proc = cli("stats", "--control", info["control_url"])   # other labs may hold the same IPv4 address
+    assert proc.returncode == 2 and lab.name in proc.stderr and proc.stderr.count("\n") == 1
     proc = cli("transceiver", "sessions", info["whip_url"])
-    assert proc.returncode == 2 and re.search(rf"lab .*{lab.name}.*: add --lab ({lab.name}|NAME)\n", proc.stderr)
+    assert proc.returncode == 2 and lab.name in proc.stderr and "add --lab" in proc.stderr
     proc = cli("transceiver", "serve", "--backend-id", "9", "--relay-control", info["control_url"])
     assert proc.returncode == 2 and proc.stderr.endswith("run this inside the lab's namespace\n")
 

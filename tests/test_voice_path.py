@@ -78,7 +78,22 @@ def test_the_buffer_grows_only_when_jitter_is_measured():
         drain(buffer, T0 + i * FRAME_SECONDS + 0.031)
     assert buffer.jitter == pytest.approx(0.03)
     assert buffer.delay == pytest.approx(0.03 + FRAME_SECONDS / 2)
-    assert buffer.concealed == 0 and buffer.late == 0         # the late ones were waited for, not concealed
+    assert buffer.concealed == 0 and buffer.late == 0         # in order, so nothing was missing
+    assert buffer.wait == pytest.approx(FRAME_SECONDS)        # and a gap is still waited for one frame only
+
+
+def test_a_gap_waits_the_measured_delay_only_once_the_path_has_reordered():
+    buffer = AdaptiveJitterBuffer()
+    for i in range(20):                                       # jitter, in order: every other packet 30 ms late
+        feed(buffer, i, T0 + i * FRAME_SECONDS + (0.03 if i % 2 else 0.0))
+        drain(buffer, T0 + i * FRAME_SECONDS + (0.03 if i % 2 else 0.0))
+    feed(buffer, 21, T0 + 21 * FRAME_SECONDS + 0.03)          # 20 is missing, 21 is in: lost, concealed at once
+    assert [f.payload for f in drain(buffer, T0 + 21 * FRAME_SECONDS + 0.03)] == [None, PACKETS[21]]
+    feed(buffer, 20, T0 + 21 * FRAME_SECONDS + 0.031)         # ...but it was only overtaken
+    assert buffer.late == 1 and buffer.wait == buffer.delay > FRAME_SECONDS
+    feed(buffer, 23, T0 + 23 * FRAME_SECONDS)                 # from now on a gap is waited for the delay
+    assert drain(buffer, T0 + 23 * FRAME_SECONDS) == []
+    assert buffer.next_deadline() == pytest.approx(T0 + 22 * FRAME_SECONDS + buffer.delay)
 
 
 def test_a_lost_packet_is_concealed_at_its_deadline_and_its_late_copy_dropped():

@@ -100,7 +100,7 @@ def _wake(waiter: asyncio.Future) -> None:
 class StageTimes:
     """Milliseconds per stage per frame, the newest ``keep`` of each; ``summary()`` gives p50/p99."""
 
-    def __init__(self, keep: int = 3000) -> None:
+    def __init__(self, keep: int = 500) -> None:  # 10 s of frames: ~100 KB a session for all stages
         self.samples: dict[str, deque[float]] = {stage: deque(maxlen=keep) for stage in STAGES}
 
     def add(self, stage: str, seconds: float) -> None:

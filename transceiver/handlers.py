@@ -11,8 +11,8 @@ A handler never sees WebRTC.  Per session it gets
 * ``on_text(str)`` / ``on_bytes(bytes)`` for data-channel messages;
 
 and answers through the ``SessionIO`` it was built with: ``send_audio`` takes
-48 kHz s16 mono PCM of any length (it is re-framed to 20 ms and paced by the
-session; at most one second may wait), ``clear_audio`` drops what is still
+48 kHz s16 mono PCM of any length (it is re-framed to 20 ms and sent at once,
+paced by RTP time; at most one second may wait), ``clear_audio`` drops what is still
 waiting (barge-in: the caller speaks, the agent stops at once) and returns how
 many seconds it dropped, ``send_text`` / ``send_bytes`` write to the client's
 data channel.  Exceptions from a handler are counted and logged,

@@ -87,6 +87,8 @@ def restart_ice(connections: list[MuxedConnection], mux: UdpMux, ufrag: str, pas
     old = {c.local_username for c in connections}
     for connection in connections:
         begin_generation(connection, ufrag, password)
+        # now, not when the task runs: the client's first check may come before it does
+        connection.remote_username, connection.remote_password = remote_ufrag, remote_password
         for protocol in connection._protocols:
             mux.register(ufrag, protocol)
 

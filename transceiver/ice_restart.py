@@ -57,14 +57,20 @@ def begin_generation(connection: Connection, ufrag: str, password: str) -> None:
 
 
 async def run_generation(connection: Connection, remote_ufrag: str, remote_password: str,
-                         candidates: list[Candidate], timeout: float = 10.0) -> CandidatePair:
+                         candidates: list[Candidate], timeout: float = 10.0,
+                         local: list[Candidate] | None = None) -> CandidatePair:
     """Check the new generation's pairs until one is nominated (by us when controlling, aioice's
-    aggressive nomination; by the peer's USE-CANDIDATE when controlled); returns that pair."""
+    aggressive nomination; by the peer's USE-CANDIDATE when controlled); returns that pair.
+    ``local``: pair only these local candidates (a new network's), not every socket we have:
+    aioice pairs all of them, and a controlling agent's late nomination of an old socket's pair
+    moved a lab call back to the old network 500 ms after its restart."""
     connection.remote_username = remote_ufrag
     connection.remote_password = remote_password
     for candidate in candidates:
         await connection.add_remote_candidate(candidate)
     await connection.add_remote_candidate(None)
+    if local is not None:
+        connection._check_list[:] = [p for p in connection._check_list if p.local_candidate in local]
     connection.sort_check_list()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

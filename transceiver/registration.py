@@ -30,10 +30,12 @@ from urllib.parse import quote
 
 import aiohttp
 
+from splitrelay.errors import SplitrelayError
+
 log = logging.getLogger(__name__)
 
 
-class RegistrationError(Exception):
+class RegistrationError(SplitrelayError):
     """The edge agent refused or could not be reached (one-line reason)."""
 
 

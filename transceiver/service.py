@@ -33,6 +33,7 @@ from splitrelay.transceiver.metrics import TransceiverMetrics
 from splitrelay.transceiver.mux import UdpMux
 from splitrelay.transceiver.registration import Registrar, RegistrationError, RelayRegistrars
 from splitrelay.transceiver.relays import Relay, RelayChooser, SignalingFacts, choose, ordered_candidates
+from splitrelay.transceiver.audio import check_aiortc
 from splitrelay.transceiver.session import DELETED, SHUTDOWN, OfferError, Session, answer_offer
 from splitrelay.transceiver.whip import MAX_OFFER, OfferRejected, WhipConfig, WhipEndpoint
 from splitrelay.wire import hint
@@ -117,6 +118,7 @@ class Transceiver:
 
     async def start(self) -> None:
         """Bind the mux, register the backend (if relays are configured), then accept offers."""
+        check_aiortc()  # the voice path's aiortc internals: fail at start, not in the first call
         c = self.config
         relays = c.all_relays()
         public = [a for r in relays for a in r.candidates]
@@ -304,7 +306,10 @@ class Transceiver:
                 seen[phase] = 1
         for name, counter, value in (("in", self.metrics.frames_in, session.frames_in),
                                      ("out", self.metrics.frames_out, session.outbound.frames_out),
-                                     ("errors", self.metrics.handler_errors, session.handler_errors)):
+                                     ("errors", self.metrics.handler_errors, session.handler_errors),
+                                     ("concealed", self.metrics.frames_concealed,
+                                      session.voice.buffer.concealed if session.voice else 0),
+                                     ("silent", self.metrics.frames_silent, session.outbound.silent_frames)):
             counter.inc(value - seen.get(name, 0))
             seen[name] = value
 

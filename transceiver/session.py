@@ -27,6 +27,7 @@ from splitrelay.transceiver.handlers import SAMPLE_RATE, Handler, PcmFrame
 from splitrelay.transceiver.history import StateChange, StateHistory
 from splitrelay.transceiver.ice import new_password, session_ice
 from splitrelay.transceiver.mux import MuxedConnection, UdpMux
+from splitrelay.errors import SplitrelayError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ CONNECT_TIMEOUT = "connect timeout"  # answered, but never connected
 SHUTDOWN = "shutdown"                # the transceiver stopped
 
 
-class OfferError(ValueError):
+class OfferError(SplitrelayError, ValueError):
     """aiortc could not use the offer (one-line reason; the request gets a 4xx)."""
 
 

@@ -34,6 +34,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.relays import SignalingFacts
 from splitrelay.wire.sdpfrag import MEDIA_TYPE as SDPFRAG, IceFragment
 
@@ -50,7 +51,7 @@ _ICE_PWD = re.compile(r"^a=ice-pwd:\S+", re.M)
 _FINGERPRINT = re.compile(r"^a=fingerprint:\S+ \S+", re.M)
 
 
-class OfferRejected(Exception):
+class OfferRejected(SplitrelayError):
     """A request the endpoint refuses: an HTTP status and a one-line reason."""
 
     def __init__(self, status: int, reason: str) -> None:
