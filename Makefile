@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup test demo bench bench-smoke bench-audio lint fuzz clean
+.PHONY: setup test demo bench bench-smoke bench-audio lint fuzz clean vm-deps vm-box vm-test vm-matrix
 
 $(STAMP): scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
@@ -36,6 +36,21 @@ bench-audio: $(STAMP)
 fuzz: $(STAMP)
 	SPLITRELAY_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-50000} SPLITRELAY_FUZZ_PROGRESS=1 $(PY) -m pytest -q -s \
 		-o timeout=0 -p no:cacheprovider tests/xdp/test_differential.py --hypothesis-show-statistics
+
+# Kernel-level VMs (issue 14): Debian boxes built here from apt, Vagrant on libvirt/qemu.
+VM_RELEASES ?= bookworm
+
+vm-deps:
+	bash scripts/vm-deps.sh
+
+vm-box: vm-deps
+	@for r in $(VM_RELEASES); do bash scripts/vm-box.sh $$r || exit $$?; done
+
+vm-test: vm-box
+	bash scripts/vm-test.sh $(VM_RELEASES)
+
+vm-matrix: vm-box
+	bash scripts/vm-matrix.sh $(VM_RELEASES)
 
 lint: $(STAMP)
 	$(PY) -m ruff check splitrelay wire bpf edge transceiver client lab cli bench tests

@@ -89,9 +89,16 @@ def call_through_lossy_lab(duration: float, impairment: Any, name: str | None = 
             with urllib.request.urlopen(sessions_url, timeout=10) as resp:  # noqa: S310 - the lab's own URL
                 return json.loads(resp.read())
 
+        def concealed_metric() -> float | None:
+            with urllib.request.urlopen(url.rsplit("/", 1)[0] + "/metrics", timeout=10) as resp:  # noqa: S310
+                lines = resp.read().decode().splitlines()
+            return next((float(line.split()[1]) for line in lines
+                         if line.startswith("splitrelay_transceiver_audio_frames_concealed_total ")), None)
+
         session_id = (report.get("location") or "").rsplit("/", 1)[-1]
         record = next((r for r in lab.in_netns(lab.client.netns, records) if r["id"] == session_id), {})
-        return {"report": report, "server": record.get("audio", {})}
+        return {"report": report, "server": record.get("audio", {}),
+                "concealed_metric": lab.in_netns(lab.client.netns, concealed_metric)}
     finally:
         stop_lab(info["name"])
 

@@ -44,15 +44,14 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, dela
       splitrelay lab up --transceivers 2 --json
       ip netns exec <client_netns> your-webrtc-client ...
       splitrelay lab up --name lossy --loss 0.02 --jitter-ms 20 --delay-ms 20
-      splitrelay lab up --name two --relays 2 --far-delay-ms 40 --policy hint
+      splitrelay lab up --name two --relays 2 --far-delay-ms 40
       splitrelay stats --lab two --relay 2
 
     \b
-    With --relays, each transceiver registers with relay 1 and the lab adds it
-    to every other relay's backends, which route its sessions by the ufrag's
-    routing hint (--policy hint).  Today's XDP forwards with DNAT only, so the
-    transceiver sees the client's address on that relay's public network and
-    replies through that relay (each relay's public network is routed via it).
+    With --relays, each transceiver registers itself and its sessions with
+    every relay and offers every relay's candidates, relay 1 (the client's
+    default route) preferred.  Each relay's public network is routed back
+    through that relay, so answers leave by the relay the client used.
     """
     require_root("a lab")
     require_bcc()

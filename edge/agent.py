@@ -17,11 +17,10 @@ import logging
 import secrets
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
-from splitrelay.bpf import consts
 from splitrelay.edge.backend_sources import BackendFollower, BackendSpec, file_reader, kubernetes_reader
 from splitrelay.edge.control import ControlAPI, off_loop
 from splitrelay.edge.metrics import EdgeMetrics
@@ -39,16 +38,12 @@ MIN_AGEING_INTERVAL_S = 0.05
 
 
 @dataclass
-class AgentConfig:
-    public_iface: str
-    internal_iface: str
-    public_ip4: str | None = None
-    public_ip6: str | None = None
-    relay_port: int = 3478
+class AgentConfig(PlaneConfig):
+    """Every flag of ``edge serve``, flat (one per CLI option): the ones every plane needs
+    (``PlaneConfig``), the agent's own, and each plane's options (``plane_options``)."""
+
     gateway_ip: str | None = None
     gateway_mac: str | None = None
-    policy: str = "strict"
-    instance: str = "default"
     pin_root: str = PIN_ROOT
     listen_host: str = "127.0.0.1"
     listen_port: int = 8470                 # 0 = an ephemeral port (read EdgeAgent.port after start)
@@ -59,8 +54,6 @@ class AgentConfig:
     gateway_timeout_s: float = 3.0
     mode: str = "auto"
     detach_on_exit: bool = False
-    max_session_flows: int = consts.DEFAULT_SESSION_FLOWS
-    hint_key: bytes | None = None
     backends_file: str | None = None      # follow a JSON backend table
     k8s_service: str | None = None        # follow the endpoints of namespace/service
     k8s_api: str | None = None            # API URL when not in a pod (tests, out-of-cluster)
@@ -68,15 +61,10 @@ class AgentConfig:
     datapath: str = "xdp"                 # "xdp" | "userspace" (edge/userspace.py)
     internal_ip4: str | None = None       # userspace: where flow sockets bind (default: from internal_iface)
     internal_ip6: str | None = None
-    max_flows: int | None = None          # flow table size (default: SR_MAX_FLOWS; userspace: fd-bounded)
-
-    # The flags arrive flat (one per CLI option); the plane gets what is common and its own options.
 
     def plane_config(self) -> PlaneConfig:
-        return PlaneConfig(
-            public_iface=self.public_iface, internal_iface=self.internal_iface, public_ip4=self.public_ip4,
-            public_ip6=self.public_ip6, relay_port=self.relay_port, policy=self.policy, instance=self.instance,
-            max_session_flows=self.max_session_flows, hint_key=self.hint_key, max_flows=self.max_flows)
+        """What every plane needs, and nothing of the agent's or another plane's."""
+        return PlaneConfig(**{f.name: getattr(self, f.name) for f in fields(PlaneConfig)})
 
     def plane_options(self) -> XdpOptions | UserspaceOptions:
         if self.datapath == "userspace":

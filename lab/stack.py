@@ -22,7 +22,7 @@ from splitrelay.lab.netns import LabError, in_netns
 CONTROL_PORT = 8470
 BACKEND_PORT = 5000
 WHIP_PORT = 8080
-READY_TIMEOUT = 120.0  # bcc compiles relay.c in seconds when quiet; 31 s measured on 2 shared cores at load 12
+READY_TIMEOUT = 120.0  # bounds a failure only: a bcc compile took 31 s at load 12; --relays N compiles N at once
 
 
 def control_url(lab: Lab, relay: int = 1) -> str:
@@ -129,13 +129,24 @@ def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
                       extra_args: list[str] | None = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
             "--backend-id", str(t.backend_id), "--bind", f"{t.ip4}:{BACKEND_PORT}", "--ip6", t.ip6,
-            "--relay", f"{lab.relay_public.ip4}:{lab.relay_port}", "--relay-control", control_url(lab),
+            # every relay, relay 1 (the client's default route) first and so preferred; both of each
+            # relay's public addresses: IPv6 clients get a candidate too
+            *relay_args(lab),
             "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler, *(extra_args or [])]
     path = log_file(lab, f"t{t.index}")
     with path.open("w") as log:
         proc = lab.popen(t.netns, argv, stderr=log, stdout=log, stdin=subprocess.DEVNULL)
     wait_ready(proc, path, "transceiver ready", f"transceiver {t.index}")
     return proc
+
+
+def relay_args(lab: Lab) -> list[str]:
+    """`transceiver serve` arguments naming every relay of the lab with its agent, in relay order."""
+    args = []
+    for r in lab.relays:
+        args += ["--relay", f"{r.link}={r.public.ip4}:{lab.relay_port},[{r.public.ip6}]:{lab.relay_port}",
+                 "--relay-control", control_url(lab, r.index)]
+    return args
 
 
 def control(lab: Lab, fn, relay: int = 1):
@@ -151,9 +162,9 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
     ``impair`` delays/drops UDP on the client's link to relay 1, ``far`` on its link to the last relay;
     ``handler``: one spec for every transceiver, or a list of one spec per transceiver.
 
-    Every transceiver is a backend of every relay.  Each transceiver registers itself and its sessions
-    with relay 1 (one --relay-control today); the lab puts it in the others' backend tables, so they
-    route its sessions by the ufrag's routing hint (``policy="hint"``).
+    Every transceiver is a backend of every relay: each registers itself and its sessions with every
+    relay (one --relay/--relay-control pair per relay, relay 1 preferred), or, with ``handler=None``,
+    the lab puts it in every relay's backend table.
     """
     lab = Lab.create(transceivers=transceivers, name=name, impair=impair, relays=relays, far=far)
     try:
@@ -166,7 +177,8 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
             if handler is not None:
                 spec = handler[position % len(handler)] if isinstance(handler, list) else handler
                 start_transceiver(lab, t, spec, key_args)
-            for r in lab.relays[0 if handler is None else 1:]:
+                continue
+            for r in lab.relays:
                 control(lab, lambda c, t=t: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6), r.index)
     except BaseException:
         stop_lab(lab.name)

@@ -160,7 +160,7 @@ async def test_the_transceiver_follows_a_client_that_moves_to_another_relays_can
         assert sends_to(service, caller) in relays["b"].flow_sources
         paths = service.sessions[caller.session_id].to_dict()["paths"]
         assert [p["reason"] for p in paths] == ["nominated"] and paths[0]["remote"].startswith("127.0.0.22:")
-        assert service.sessions[caller.session_id].dtls_states[-1] == "connected"
+        assert service.sessions[caller.session_id].states.states["dtls"][-1] == "connected"
         await caller.hangup(http)
 
 
@@ -183,7 +183,7 @@ async def test_the_transceiver_latches_onto_a_standby_relay_that_took_the_floati
         assert sends_to(service, caller)[0] == "127.0.0.23"
         paths = service.sessions[caller.session_id].to_dict()["paths"]
         assert [p["reason"] for p in paths] == ["latched"]
-        assert service.sessions[caller.session_id].dtls_states[-1] == "connected"
+        assert service.sessions[caller.session_id].states.states["dtls"][-1] == "connected"
         await caller.hangup(http)
 
 

@@ -46,7 +46,7 @@ async def test_an_ice_restart_onto_a_new_network_keeps_the_call_and_its_dtls(tra
     async with aiohttp.ClientSession() as http:
         caller = await connected_caller(transceiver, http)
         session = transceiver.sessions[caller.session_id]
-        dtls_before = session.dtls_states[:]
+        dtls_before = list(session.states.states["dtls"])
         connection = ice_connection(caller.pc)
         old_ufrag, old_etag = session.ufrag, f'"{session.etag}"'
         old_client = connection._nominated[1].local_candidate  # noqa: SLF001
@@ -71,7 +71,7 @@ async def test_an_ice_restart_onto_a_new_network_keeps_the_call_and_its_dtls(tra
         assert result.pair.local_candidate is new_network[0]
         assert result.etag and result.etag != old_etag
         assert session.ufrag != old_ufrag and hint.decode(session.ufrag) == BACKEND_ID
-        assert session.dtls_states == dtls_before == ["new", "connecting", "connected"]   # same association
+        assert session.states.states["dtls"] == dtls_before == ["new", "connecting", "connected"]  # same DTLS
         assert old_ufrag not in transceiver.mux.by_ufrag and session.ufrag in transceiver.mux.by_ufrag
         assert [p["reason"] for p in session.to_dict()["paths"]] == ["nominated", "restarted"]
         assert transceiver.metrics.path_changes.labels("restarted")._value.get() == 1

@@ -16,11 +16,12 @@ import pytest
 from pyroute2 import IPRoute
 from splitrelay.lab.impair import Impairment
 from splitrelay.lab.netns import LabError, in_netns
-from splitrelay.lab.stack import BACKEND_PORT, control, start_lab, stop_lab
+from splitrelay.lab.stack import BACKEND_PORT, control, probe, probe_result, start_lab, stop_lab
 from splitrelay.lab.topology import Lab
 from splitrelay.wire import hint, stun
 
 from .conftest import needs_root
+from .waiting import wait_for
 
 pytestmark = [needs_root, pytest.mark.lab, pytest.mark.timeout(240)]
 
@@ -108,7 +109,7 @@ def test_bad_relay_counts_are_refused():
 
 @pytest.fixture(scope="module")
 def two_relays():
-    info = start_lab(transceivers=1, handler=None, policy="hint", relays=2)
+    info = start_lab(transceivers=1, handler="echo", policy="hint", relays=2)
     try:
         yield Lab.load(info["name"]), info
     finally:
@@ -122,23 +123,47 @@ def test_lab_json_keeps_the_single_relay_keys_and_lists_every_relay(two_relays):
     assert [r["index"] for r in info["relays"]] == [1, 2]
     assert info["relays"][1]["relay_public"] == f"{lab.relay(2).public.ip4}:{lab.relay_port}"
     assert info["relays"][1]["instance"] == f"{lab.name}-r2"
-    for r in (1, 2):   # every relay's agent has every transceiver as a backend
+    for r in (1, 2):   # the transceiver registered itself with every relay's agent
         assert [(b["id"], b["ip"]) for b in control(lab, lambda c: c.backends(), relay=r)] == \
             [(1, lab.transceivers[0].ip4)]
+
+
+def test_a_call_is_registered_with_every_relay_and_carried_by_the_preferred_first(two_relays):
+    lab, info = two_relays
+
+    def forwarded(relay: int) -> int:
+        return {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats(), relay=relay)["counters"]}[
+            "IN_FWD_FLOW"]
+
+    before = {r: forwarded(r) for r in (1, 2)}
+    proc = probe(lab, [info["whip_url"]], duration=3)
+
+    def on_both() -> list[list[dict]] | None:
+        seen = [control(lab, lambda c: c.sessions(), relay=r) for r in (1, 2)]
+        return seen if all(seen) else None
+
+    [[one], [two]] = wait_for(on_both, 30, "the session on both relays", proc)
+    assert one["ufrag"] == two["ufrag"]                 # registered everywhere (relay 2 is the backup)
+    [report] = probe_result(proc, 60)
+    assert report["ok"], report["error"]
+    media = {r: forwarded(r) - before[r] for r in (1, 2)}
+    assert media[1] > 100 and media[2] < media[1] / 10, media    # the media went by relay 1, preferred
 
 
 def test_a_hinted_packet_crosses_the_second_relay_to_the_backend_and_the_answer_returns_through_it(two_relays):
     lab, _ = two_relays
     r2, t = lab.relay(2), lab.transceivers[0]
+    backend_id, port = 7, BACKEND_PORT + 1            # a bare UDP backend beside the transceiver, on relay 2 only
+    control(lab, lambda c: c.put_backend(backend_id, t.ip4, port), relay=2)
     backend = lab.socket_in(t.netns)
-    backend.bind((t.ip4, BACKEND_PORT))
+    backend.bind((t.ip4, port))
     backend.settimeout(WAIT)
     client = lab.socket_in(lab.client.netns)
     client.bind((r2.client.ip4, 0))
     client.settimeout(WAIT)
     before = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats(), relay=2)["counters"]}
     try:
-        request = stun.build_binding_request(hint.encode(t.backend_id) + ":cli2")
+        request = stun.build_binding_request(hint.encode(backend_id) + ":cli2")
         client.sendto(request, (r2.public.ip4, lab.relay_port))
         data, peer = backend.recvfrom(2048)
         assert data == request and peer == (r2.client.ip4, client.getsockname()[1])   # DNAT: the client's own
@@ -151,4 +176,4 @@ def test_a_hinted_packet_crosses_the_second_relay_to_the_backend_and_the_answer_
     after = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats(), relay=2)["counters"]}
     assert after["IN_FWD_STUN_HINT"] - before["IN_FWD_STUN_HINT"] == 1
     assert after["OUT_FWD"] - before["OUT_FWD"] == 1
-    assert control(lab, lambda c: c.sessions(), relay=1) == []   # relay 1 saw none of it
+    assert all(f["backend"] != backend_id for f in control(lab, lambda c: c.flows(), relay=1))   # relay 1: none

@@ -26,6 +26,7 @@ def test_audio_keeps_playing_through_loss_and_jitter_and_every_loss_is_concealed
     # each side concealed what it lost (a late packet concealed and dropped counts too), and said so
     assert server["frames_concealed"] >= report["packets_lost_uplink"] - server["frames_late"]
     assert report["frames_concealed"] >= 1
+    assert call["concealed_metric"] == server["frames_concealed"]        # and Prometheus counts them too
     # the echo kept playing: the carrier came back at level in at least 90 % of the frames sent
     assert report["audio_loss"] is not None and report["audio_loss"] <= 0.10
     assert server["receive_jitter_ms"] > 0 and server["stages"]["in_to_out"]["n"] > 100

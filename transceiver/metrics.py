@@ -33,6 +33,11 @@ class TransceiverMetrics:
                                  registry=r)
         self.frames_out = Counter("splitrelay_transceiver_audio_frames_out", "Audio frames sent to clients",
                                   registry=r)
+        self.frames_concealed = Counter("splitrelay_transceiver_audio_frames_concealed",
+                                        "Inbound audio frames concealed (FEC or PLC) in place of lost packets",
+                                        registry=r)
+        self.frames_silent = Counter("splitrelay_transceiver_audio_frames_silent",
+                                     "Silence sent because the handler's audio was late", registry=r)
         self.handler_errors = Counter("splitrelay_transceiver_handler_errors", "Exceptions raised by handlers",
                                       registry=r)
         self.mux_dropped = Gauge("splitrelay_transceiver_mux_unrouted_datagrams",

@@ -306,7 +306,10 @@ class Transceiver:
                 seen[phase] = 1
         for name, counter, value in (("in", self.metrics.frames_in, session.frames_in),
                                      ("out", self.metrics.frames_out, session.outbound.frames_out),
-                                     ("errors", self.metrics.handler_errors, session.handler_errors)):
+                                     ("errors", self.metrics.handler_errors, session.handler_errors),
+                                     ("concealed", self.metrics.frames_concealed,
+                                      session.voice.buffer.concealed if session.voice else 0),
+                                     ("silent", self.metrics.frames_silent, session.outbound.silent_frames)):
             counter.inc(value - seen.get(name, 0))
             seen[name] = value
 
