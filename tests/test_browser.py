@@ -1,8 +1,12 @@
 """A real browser through the relay: headless Chromium in the client namespace, WHIP, XDP, echo.
 
-Few and bounded: one lab and one Chromium for the module (Chromium starts in ~2-5 s),
-each call a fresh page.  The judging of getStats samples (``audio_gap``) is plain
-code and is tested on its own first, without a browser.
+Few and bounded: one two-relay lab and one Chromium for the module (Chromium starts in
+~2-5 s; the lab's two agents compiling their XDP programs cost most of the ~45 s setup),
+each call a fresh page: a call with audio both ways, ICE restart by WHIP PATCH, relay 1
+dying under the call (3a), a blackout that checks the gap measurement, IPv6 only.  The
+judging of getStats samples (``audio_gap``) is plain code and is tested first, without a
+browser.  Scenario 3b (the public address moved to a standby relay) waits for the lab to
+have a standby relay and for XDP translation.
 """
 
 from __future__ import annotations
