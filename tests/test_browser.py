@@ -20,6 +20,7 @@ import pytest
 
 from splitrelay.client.browser import TONE_HZ, PEAK_TOLERANCE_HZ, AudioGap, Browser, BrowserError, audio_gap, \
     flowing_since, unavailable_reason
+from splitrelay.lab.faults import kill_relay, revive_relay, switch_port
 from splitrelay.lab.netns import nsenter_argv
 from splitrelay.lab.stack import control, control_url, start_lab, start_transceiver, stop_lab
 from splitrelay.lab.topology import Lab
@@ -154,13 +155,6 @@ def test_a_browser_with_only_ipv6_calls_through_the_relays_ipv6_address(browser_
     assert heard["pair"]["local"].startswith(lab.client.ip6 + ":")
 
 
-def bridge_port(lab: Lab, port: str, state: str) -> None:
-    """Set a lab switch port's forwarding state: 'disabled' drops every frame silently, both ways,
-    with no carrier change anywhere (so neither ICE agent sees a network event, only silence)."""
-    code = {"disabled": "0", "forwarding": "3"}[state]
-    lab.run(lab.switch_netns, ["bridge", "link", "set", "dev", port, "state", code])
-
-
 @needs_root
 @needs_browser
 def test_a_blackout_behind_the_relay_is_measured_as_the_audio_gap(browser_lab):
@@ -171,13 +165,13 @@ def test_a_blackout_behind_the_relay_is_measured_as_the_audio_gap(browser_lab):
 
     def blackout() -> None:
         dark.append(call.now())
-        bridge_port(lab, port, "disabled")
+        switch_port(lab, port, forwarding=False)
         try:
             call.wait_silence(dark[0], timeout=10)
             call.page.wait_for_timeout(1000)      # the blackout itself: a deliberate second of silence
             dark.append(call.now())
         finally:
-            bridge_port(lab, port, "forwarding")
+            switch_port(lab, port, forwarding=True)
 
     try:
         call.wait_audio(seconds=1.0)
@@ -245,7 +239,7 @@ def test_a_dead_relay_moves_the_browser_to_the_other_relays_candidate_and_the_ca
         assert heard["pair"]["remote"] == f"{near.public.ip4}:{lab.relay_port}"     # the preferred relay
         try:
             # relay 1 dies silently: nothing it receives goes on, nothing comes back, no link goes down
-            judged = call.measure_gap(lambda: bridge_port(lab, near.switch_port, "disabled"), timeout=30)
+            judged = call.measure_gap(lambda: kill_relay(lab, near.index), timeout=30)
             moved = call.wait_pair(lambda pair: address_of(pair["remote"]) in (spare.public.ip4, spare.public.ip6),
                                    5, "the selected pair on relay 2")
             call.wait_audio(seconds=1.0)
@@ -253,7 +247,7 @@ def test_a_dead_relay_moves_the_browser_to_the_other_relays_candidate_and_the_ca
                       if f["client"] == moved["pair"]["local"]]
             assert flow["packets"] > 20 and flow["rx_packets"] > 20            # both ways through relay 2
         finally:
-            bridge_port(lab, near.switch_port, "forwarding")
+            revive_relay(lab, near.index)
     finally:
         call.hang_up()
     assert judged.stopped_after < 1.0, judged     # measured here: audio again 4.0 s after the kill
