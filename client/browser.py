@@ -302,12 +302,15 @@ class BrowserCall:
         fault()
         return self.wait_gap(mark, timeout, settle)
 
-    def wait_pair(self, predicate: Callable[[dict], bool], timeout: float, what: str) -> dict:
-        """Wait until the selected candidate pair ({local, remote, remoteUfrag, state, rttMs})
-        satisfies ``predicate``; returns that sample (its ``t`` says when the page saw it)."""
+    def wait_pair(self, predicate: Callable[[dict], bool], timeout: float, what: str,
+                  since: float | None = None) -> dict:
+        """Wait for the first sample at or after ``since`` (page ms; default: now) whose selected
+        candidate pair ({local, remote, remoteUfrag, state, rttMs}) satisfies ``predicate``; returns
+        that sample, so its ``t`` says when the page first saw such a pair."""
+        since = self.now() if since is None else since
+
         def judge() -> dict | None:
-            s = self.latest()
-            return s if s and s["pair"] and predicate(s["pair"]) else None
+            return next((s for s in self.samples(since) if s["pair"] and predicate(s["pair"])), None)
         return self._wait(judge, timeout, what)
 
     def echo_peak_hz(self) -> float | None:

@@ -1,8 +1,12 @@
 """A real browser through the relay: headless Chromium in the client namespace, WHIP, XDP, echo.
 
-Few and bounded: one lab and one Chromium for the module (Chromium starts in ~2-5 s),
-each call a fresh page.  The judging of getStats samples (``audio_gap``) is plain
-code and is tested on its own first, without a browser.
+Few and bounded: one two-relay lab and one Chromium for the module (Chromium starts in
+~2-5 s; the lab's two agents compiling their XDP programs cost most of the ~45 s setup),
+each call a fresh page: a call with audio both ways, ICE restart by WHIP PATCH, relay 1
+dying under the call (3a), a blackout that checks the gap measurement, IPv6 only.  The
+judging of getStats samples (``audio_gap``) is plain code and is tested first, without a
+browser.  Scenario 3b (the public address moved to a standby relay) waits for the lab to
+have a standby relay and for XDP translation.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import pytest
 
 from splitrelay.client.browser import TONE_HZ, PEAK_TOLERANCE_HZ, AudioGap, Browser, BrowserError, audio_gap, \
     flowing_since, unavailable_reason
+from splitrelay.lab.faults import kill_relay, revive_relay, switch_port
 from splitrelay.lab.netns import nsenter_argv
 from splitrelay.lab.stack import control, control_url, start_lab, start_transceiver, stop_lab
 from splitrelay.lab.topology import Lab
@@ -150,13 +155,6 @@ def test_a_browser_with_only_ipv6_calls_through_the_relays_ipv6_address(browser_
     assert heard["pair"]["local"].startswith(lab.client.ip6 + ":")
 
 
-def bridge_port(lab: Lab, port: str, state: str) -> None:
-    """Set a lab switch port's forwarding state: 'disabled' drops every frame silently, both ways,
-    with no carrier change anywhere (so neither ICE agent sees a network event, only silence)."""
-    code = {"disabled": "0", "forwarding": "3"}[state]
-    lab.run(lab.switch_netns, ["bridge", "link", "set", "dev", port, "state", code])
-
-
 @needs_root
 @needs_browser
 def test_a_blackout_behind_the_relay_is_measured_as_the_audio_gap(browser_lab):
@@ -167,13 +165,13 @@ def test_a_blackout_behind_the_relay_is_measured_as_the_audio_gap(browser_lab):
 
     def blackout() -> None:
         dark.append(call.now())
-        bridge_port(lab, port, "disabled")
+        switch_port(lab, port, forwarding=False)
         try:
             call.wait_silence(dark[0], timeout=10)
             call.page.wait_for_timeout(1000)      # the blackout itself: a deliberate second of silence
             dark.append(call.now())
         finally:
-            bridge_port(lab, port, "forwarding")
+            switch_port(lab, port, forwarding=True)
 
     try:
         call.wait_audio(seconds=1.0)
@@ -185,6 +183,7 @@ def test_a_blackout_behind_the_relay_is_measured_as_the_audio_gap(browser_lab):
     assert judged.stopped_after < 1.0, judged
     # no audio can come back before the path does; measured here: a 1.3 s blackout, gap 2.25 s
     assert blackout_s <= judged.gap <= blackout_s + 4.0, (blackout_s, judged)
+    print(f"\nChromium, {blackout_s:.2f} s blackout behind the relay: audio gap {judged.gap:.2f} s")
 
 
 def ufrag_of(sdp: str) -> str:
@@ -201,11 +200,12 @@ def test_an_ice_restart_by_whip_patch_moves_the_call_to_new_credentials_without_
         before = call.wait_audio(seconds=1.0)
         # audio must flow again after the PATCH (measured here: it never stopped, gap 0: Chromium
         # keeps sending on the old pair until the new generation's pair is selected)
-        call.measure_gap(lambda: restart.update(call.ice_restart()), timeout=20)
+        judged = call.measure_gap(lambda: restart.update(call.ice_restart()), timeout=20)
         new_ufrag = ufrag_of(restart["answer"])
         assert new_ufrag != before["pair"]["remoteUfrag"]
         assert "a=candidate:" in restart["fragment"]          # the new generation's candidates went along
-        call.wait_pair(lambda pair: pair["remoteUfrag"] == new_ufrag, 10, "the new generation's pair")
+        moved = call.wait_pair(lambda pair: pair["remoteUfrag"] == new_ufrag, 10, "the new generation's pair",
+                               since=restart["started"])
         after = call.wait_audio(seconds=1.0)
         assert after["pair"]["remoteUfrag"] == new_ufrag and after["pair"]["remote"] == before["pair"]["remote"]
         # the same call: one session, the same DTLS association (the connection never left "connected")
@@ -216,6 +216,8 @@ def test_an_ice_restart_by_whip_patch_moves_the_call_to_new_credentials_without_
         wait_for(lambda: before["pair"]["remoteUfrag"] not in relay_ufrags(lab), 10, "the old ufrag retired")
     finally:
         call.hang_up()
+    print(f"\nChromium ICE restart: audio gap {judged.gap:.2f} s; PATCH sent until the new pair was selected "
+          f"{moved['t'] - restart['started']:.0f} ms (100 ms sampling)")
 
 
 def relay_ufrags(lab: Lab) -> set[str]:
@@ -237,7 +239,7 @@ def test_a_dead_relay_moves_the_browser_to_the_other_relays_candidate_and_the_ca
         assert heard["pair"]["remote"] == f"{near.public.ip4}:{lab.relay_port}"     # the preferred relay
         try:
             # relay 1 dies silently: nothing it receives goes on, nothing comes back, no link goes down
-            judged = call.measure_gap(lambda: bridge_port(lab, near.switch_port, "disabled"), timeout=30)
+            judged = call.measure_gap(lambda: kill_relay(lab, near.index), timeout=30)
             moved = call.wait_pair(lambda pair: address_of(pair["remote"]) in (spare.public.ip4, spare.public.ip6),
                                    5, "the selected pair on relay 2")
             call.wait_audio(seconds=1.0)
@@ -245,7 +247,8 @@ def test_a_dead_relay_moves_the_browser_to_the_other_relays_candidate_and_the_ca
                       if f["client"] == moved["pair"]["local"]]
             assert flow["packets"] > 20 and flow["rx_packets"] > 20            # both ways through relay 2
         finally:
-            bridge_port(lab, near.switch_port, "forwarding")
+            revive_relay(lab, near.index)
     finally:
         call.hang_up()
     assert judged.stopped_after < 1.0, judged     # measured here: audio again 4.0 s after the kill
+    print(f"\nChromium, relay 1 silenced: audio again after {judged.gap:.2f} s, on {moved['pair']['remote']}")
