@@ -33,13 +33,14 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
+from splitrelay.errors import SplitrelayError
 from splitrelay.voice.audio import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE, frames_of, rms
 from splitrelay.voice.tts import EspeakTts
 
 AUDIBLE = 0.01  # RMS, -40 dBFS
 
 
-class CallError(Exception):
+class CallError(SplitrelayError):
     """The call could not be set up or the agent never answered (one-line reason)."""
 
 

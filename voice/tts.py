@@ -23,6 +23,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from splitrelay.errors import SplitrelayError
 from splitrelay.voice.audio import FRAME_BYTES, SAMPLE_RATE, Resampler
 
 # espeak_AUDIO_OUTPUT and espeak_ERROR values from speak_lib.h
@@ -32,7 +33,7 @@ _ESPEAK_RATE = 1
 _BUFFER_MS = 20  # the callback gets 20 ms chunks
 
 
-class TtsError(RuntimeError):
+class TtsError(SplitrelayError, RuntimeError):
     """The engine is not installed or refused the text (one-line reason)."""
 
 
