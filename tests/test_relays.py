@@ -3,6 +3,8 @@ and every relay's agent told about every session (real control APIs, real aiortc
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 from aioice.candidate import candidate_priority
@@ -173,3 +175,28 @@ async def test_a_caller_checks_the_preferred_relay_first_and_a_dead_one_falls_ba
             await caller.hangup(http)
     finally:
         await service.stop()
+
+
+async def test_a_relay_down_for_one_offer_gets_the_session_when_it_answers_again(two_agents):
+    """Same agent process back (same boot_id, maps kept): the missed session alone is retried."""
+    up, blip = two_agents
+    service = Transceiver(TransceiverConfig(
+        backend_id=BACKEND_ID, bind_port=0, whip_port=0, relay_token=TOKEN, backend_ip=BACKEND_IP,
+        watch_interval=0.05,
+        relays=[Relay("up", NEAR.candidates, up.url), Relay("blip", FAR.candidates, blip.url)]))
+    await service.start()
+    try:
+        await blip.stop()
+        assert (await post_offer(service))[0] == 201
+        (ufrag,) = up.ufrags()
+        late = service.registrars.registrars[1]
+        assert late.missed == {ufrag} and blip.ufrags() == {}
+        await blip.start(blip.port)                      # the same boot_id: no re-registration pass
+        for _ in range(300):
+            if not late.missed:
+                break
+            await asyncio.sleep(0.01)
+        assert blip.ufrags() == {ufrag: BACKEND_ID} and late.reregistrations == 0
+    finally:
+        await service.stop()
+    assert up.ufrags() == blip.ufrags() == {}
