@@ -74,7 +74,7 @@ def call(whip_url: str, phrases: tuple[str, ...], phrase_set: str | None, barge_
                        f"stt {_ms(t.stt_ms)}, reply {_ms(t.reply_ms)}, "
                        f"tts {_ms(t.tts_ms)})" + (f"  error: {t.error}" if t.error else ""))
         for b in report.barge_ins:
-            click.echo(f"barge-in {_ms(b.latency_ms)} (agent detect {_ms(b.agent_detect_ms)}, "
+            click.echo(f"barge-in {_ms(b.latency_ms)} (event at the client {_ms(b.event_ms)}, "
                        f"flushed {_ms(b.dropped_ms)})" + (f"  error: {b.error}" if b.error else ""))
         s = report.summary()
         acc = "-" if s["accuracy"] is None else f"{100 * s['accuracy']:.0f} %"

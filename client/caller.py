@@ -118,6 +118,8 @@ class TurnResult:
 class BargeInResult:
     latency_ms: float | None = None          # caller voice onset -> agent audio silent at the client
     agent_detect_ms: float | None = None     # agent: speech window -> barge_in event
+    event_ms: float | None = None            # caller voice onset -> barge_in event at the client (uplink,
+                                             # VAD, data channel back): the detection part of latency_ms
     dropped_ms: float | None = None          # agent audio flushed from the transceiver's queue
     error: str | None = None
 
@@ -251,8 +253,14 @@ class Caller:
             except TimeoutError:
                 return None
 
-    def _first_audible_after(self, t: float) -> float | None:
-        return next((at for at, loud in self.heard if at > t and loud), None)
+    async def _audible_after(self, t: float, timeout: float) -> float | None:
+        """When the first audible agent frame after ``t`` arrived (waiting up to ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            heard = next((at for at, loud in self.heard if at > t and loud), None)
+            if heard is not None or time.monotonic() >= deadline:
+                return heard
+            await asyncio.sleep(0.02)
 
     async def quiet(self, seconds: float = 0.4, timeout: float = 20.0) -> None:
         """Wait until the agent has been silent at the client for ``seconds``."""
@@ -289,9 +297,7 @@ class Caller:
         speaking = await self.wait_event("speaking", asked, timeout, index) if reply and reply["text"] else None
         if speaking is not None:
             result.tts_ms = speaking.get("tts_ms")
-            deadline = time.monotonic() + timeout
-            while (heard := self._first_audible_after(voice_end)) is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            heard = await self._audible_after(voice_end, timeout)
             if heard is not None:
                 result.voice_to_voice_ms = round((heard - voice_end) * 1000.0, 1)
             await self.wait_event("spoken", asked, timeout, index)
@@ -305,9 +311,7 @@ class Caller:
         asked = time.monotonic()
         _, ends = self.track.say(self.tts.synthesize(ask))
         voice_end = await ends
-        deadline = time.monotonic() + timeout
-        while (heard := self._first_audible_after(voice_end)) is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        heard = await self._audible_after(voice_end, timeout)
         if heard is None:
             result.error = "the agent did not answer"
             return result
@@ -319,6 +323,8 @@ class Caller:
             result.error = "the agent did not stop (no barge_in event)"
             return result
         result.agent_detect_ms, result.dropped_ms = event.get("detect_ms"), event.get("dropped_ms")
+        arrived = next(at for at, e in self.events if e is event)
+        result.event_ms = round((arrived - onset) * 1000.0, 1)
         await asyncio.sleep(1.0)  # anything still heard after this was not stopped
         # "wait" is answered with silence, so every audible frame after the onset is the cut answer
         last = max((at for at, loud in self.heard if loud and at >= onset), default=None)

@@ -43,11 +43,14 @@ def _remote_candidate(connection: Connection, remote: tuple[str, int]):  # noqa:
     return candidate
 
 
-async def switch_to(connection: Connection, remote: tuple[str, int], timeout: float = 5.0) -> CandidatePair:
-    """Nominate the pair to the remote candidate at ``remote`` and send on it from now on."""
+async def switch_to(connection: Connection, remote: tuple[str, int], timeout: float = 5.0,
+                    local_host: str | None = None) -> CandidatePair:
+    """Nominate the pair to the remote candidate at ``remote`` and send on it from now on;
+    ``local_host``: from that local address (the one on the backup relay's network)."""
     candidate = _remote_candidate(connection, remote)
     protocol = next(p for p in connection._protocols  # noqa: SLF001
-                    if p.local_candidate.can_pair_with(candidate))
+                    if p.local_candidate.can_pair_with(candidate)
+                    and local_host in (None, p.local_candidate.host))
     pair = connection._find_pair(protocol, candidate) or CandidatePair(protocol, candidate)  # noqa: SLF001
     if pair not in connection._check_list:  # noqa: SLF001 - aioice dropped unchecked pairs at nomination
         connection._check_list.append(pair)  # noqa: SLF001

@@ -1,5 +1,8 @@
 """A relay network on one machine: client, relay and transceiver hosts as network namespaces.
 
+(Over 400 lines on purpose: this docstring is the topology's one description, and the Lab
+dataclass's build, process and teardown steps share its state; netlink steps are lab/links.py.)
+
 One module serves the tests, ``splitrelay lab`` and the demo, so all three
 exercise the same topology (``P`` is the lab's random prefix, e.g. ``sr3fa9c1``)::
 
@@ -104,6 +107,8 @@ from pyroute2 import IPRoute, netns as pnetns
 
 from splitrelay.lab import addresses, impair, procs
 from splitrelay.lab.impair import Impairment
+from splitrelay.lab import links
+from splitrelay.lab.links import set_sysctls
 from splitrelay.lab.netns import (AF_INET, AF_INET6, NETNS_DIR, LabError, in_netns, list_namespaces, netns_path,
                                   netns_socket, nsenter_argv)
 
@@ -115,7 +120,6 @@ STEM_ENV = "SPLITRELAY_LAB_STEM"
 BACKEND_TABLE = 100
 MAX_TRANSCEIVERS = 50
 
-IFA_F_NODAD = 0x02
 IFF_LOWER_UP = 1 << 16
 
 T = TypeVar("T")
@@ -335,19 +339,19 @@ class Lab:
                                   "net/ipv6/conf/default/forwarding": "0"})
 
         def switch_bridges(ipr: IPRoute) -> None:
-            _up(ipr, "lo")
+            links.up(ipr, "lo")
             for bridge in ("br0", "sig"):
                 ipr.link("add", ifname=bridge, kind="bridge", br_forward_delay=0, br_stp_state=0,
                          br_mcast_snooping=0)  # a plain switch: flood, learn unicast MACs
 
-        _netlink(sw, switch_bridges)
+        links.netlink(sw, switch_bridges)
         # every veth is created with both ends already in their namespaces
         for r in self.relays:
             imp = self.impaired.get(r.link, {}).get("netns")
             if imp:   # client -- ia [impairment forwarder] ib -- relay: a transparent L2 wire
                 self._veth(cli, r.client.ifname, imp, "ia")
                 self._veth(imp, "ib", r.netns, r.public.ifname)
-                _netlink(imp, lambda ipr: (_up(ipr, "ia"), _up(ipr, "ib")))
+                links.netlink(imp, lambda ipr: (links.up(ipr, "ia"), links.up(ipr, "ib")))
             else:
                 self._veth(cli, r.client.ifname, r.netns, r.public.ifname)
             self._veth(r.netns, r.internal.ifname, sw, r.switch_port)
@@ -363,48 +367,48 @@ class Lab:
                 ports[f"t{t.index}m"] = "br0"
                 ports[f"t{t.index}s"] = "sig"
             for port, bridge in ports.items():
-                ipr.link("set", index=_index(ipr, port), master=_index(ipr, bridge))
+                ipr.link("set", index=links.index(ipr, port), master=links.index(ipr, bridge))
             for dev in ("br0", "sig", *ports):
-                _up(ipr, dev)
+                links.up(ipr, dev)
 
-        _netlink(sw, switch_ports)
+        links.netlink(sw, switch_ports)
         int4, int6 = self.networks["internal"]
 
         def client(ipr: IPRoute) -> None:
-            _up(ipr, "lo")
+            links.up(ipr, "lo")
             for r in self.relays:   # one link per relay, each on that relay's public network
-                _addresses(ipr, r.client, 24, 64)
-                r.client.mac = _mac(ipr, r.client.ifname)
-            _addresses(ipr, self.signal_host, 24, 64)
+                links.addresses(ipr, r.client, 24, 64)
+                r.client.mac = links.mac(ipr, r.client.ifname)
+            links.addresses(ipr, self.signal_host, 24, 64)
             ipr.route("add", dst="0.0.0.0/0", gateway=self.relay_public.ip4)      # relay 1 is the default
             ipr.route("add", family=AF_INET6, dst="::/0", gateway=self.relay_public.ip6)
-            self.signal_host.mac = _mac(ipr, "s0")
+            self.signal_host.mac = links.mac(ipr, "s0")
 
-        _netlink(cli, client)
+        links.netlink(cli, client)
 
         def relay(ipr: IPRoute, r: Relay) -> None:
-            _up(ipr, "lo")
-            _addresses(ipr, r.public, 24, 64)
-            _addresses(ipr, r.internal, 24, 64)
+            links.up(ipr, "lo")
+            links.addresses(ipr, r.public, 24, 64)
+            links.addresses(ipr, r.internal, 24, 64)
             # host firewall: the internal side (control API) is not reachable from the public side
             for family, own, bits in ((AF_INET, r.internal.ip4, 32), (AF_INET6, r.internal.ip6, 128)):
                 ipr.rule("add", family=family, priority=10, iifname=r.public.ifname, dst=own,
                          dst_len=bits, action="FR_ACT_PROHIBIT")
                 ipr.rule("add", family=family, priority=20, table=255)   # local, after the firewall rule
                 ipr.rule("del", family=family, priority=0, table=255)
-            r.public.mac = _mac(ipr, r.public.ifname)
-            r.internal.mac = _mac(ipr, r.internal.ifname)
+            r.public.mac = links.mac(ipr, r.public.ifname)
+            r.internal.mac = links.mac(ipr, r.internal.ifname)
 
         for r in self.relays:
-            _netlink(r.netns, lambda ipr, r=r: relay(ipr, r))
+            links.netlink(r.netns, lambda ipr, r=r: relay(ipr, r))
         # each relay's public network is reached through that relay (replies leave the way they came)
         public_routes = [(self.public_network(r.index), r.internal) for r in self.relays]
 
         def transceiver(ipr: IPRoute, t: Transceiver) -> None:
-            _up(ipr, "lo")
-            _addresses(ipr, t, 24, 64)
-            _addresses(ipr, Host(t.netns, t.signal_ifname, t.signal_ip4, t.signal_ip6), 24, 64)
-            eth = _index(ipr, t.ifname)
+            links.up(ipr, "lo")
+            links.addresses(ipr, t, 24, 64)
+            links.addresses(ipr, Host(t.netns, t.signal_ifname, t.signal_ip4, t.signal_ip6), 24, 64)
+            eth = links.index(ipr, t.ifname)
             for (pub4, pub6), via in public_routes:
                 ipr.route("add", dst=pub4, gateway=via.ip4)
                 ipr.route("add", family=AF_INET6, dst=pub6, gateway=via.ip6)
@@ -419,11 +423,11 @@ class Lab:
                     ipr.route("add", family=family, dst=nets[v6], gateway=via.ip6 if v6 else via.ip4,
                               table=BACKEND_TABLE)
                 ipr.route("add", family=family, dst=default, type="unreachable", table=BACKEND_TABLE)
-            t.mac = _mac(ipr, t.ifname)
-            t.signal_mac = _mac(ipr, t.signal_ifname)
+            t.mac = links.mac(ipr, t.ifname)
+            t.signal_mac = links.mac(ipr, t.signal_ifname)
 
         for t in self.transceivers:
-            _netlink(t.netns, lambda ipr, t=t: transceiver(ipr, t))
+            links.netlink(t.netns, lambda ipr, t=t: transceiver(ipr, t))
 
         # offloads (ethtool has no netlink equivalent in pyroute2 that we rely on)
         gro = {(cli, r.client.ifname) for r in self.relays} | {(sw, r.switch_port) for r in self.relays}
@@ -453,7 +457,7 @@ class Lab:
     def _veth(self, a_ns: str, a: str, b_ns: str, b: str) -> None:
         peer_ns = os.open(netns_path(b_ns), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            _netlink(a_ns, lambda ipr: ipr.link("add", ifname=a, kind="veth",
+            links.netlink(a_ns, lambda ipr: ipr.link("add", ifname=a, kind="veth",
                                                 peer={"ifname": b, "net_ns_fd": peer_ns}))
         finally:
             os.close(peer_ns)
@@ -462,14 +466,14 @@ class Lab:
         """Every lab veth has carrier (veth raises it synchronously when both ends are up)."""
         missing = []
         for ns in dict.fromkeys(ns for ns, _ in self.veths()):
-            up = _netlink(ns, lambda ipr: {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
+            up = links.netlink(ns, lambda ipr: {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
                                            if link["flags"] & IFF_LOWER_UP})
             missing += [(n, dev) for n, dev in self.veths() if n == ns and dev not in up]
         if missing:
             raise LabError(f"no carrier on {missing}")
 
     def mac(self, netns: str, ifname: str) -> str:
-        return _netlink(netns, lambda ipr: _mac(ipr, ifname))
+        return links.netlink(netns, lambda ipr: links.mac(ipr, ifname))
 
     # -- processes -----------------------------------------------------------------------
 
@@ -615,46 +619,3 @@ def destroy(name: str) -> bool:
         return False
     lab.destroy()
     return True
-
-
-# -- netlink helpers -------------------------------------------------------------------------
-
-def _index(ipr: IPRoute, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise LabError(f"no interface {ifname}")
-    return found[0]
-
-
-def _up(ipr: IPRoute, ifname: str) -> None:
-    ipr.link("set", index=_index(ipr, ifname), state="up")
-
-
-def _mac(ipr: IPRoute, ifname: str) -> str:
-    return ipr.get_links(_index(ipr, ifname))[0].get_attr("IFLA_ADDRESS")
-
-
-def _addresses(ipr: IPRoute, host: Host, prefix4: int, prefix6: int) -> None:
-    index = _index(ipr, host.ifname)
-    ipr.addr("add", index=index, address=host.ip4, prefixlen=prefix4)
-    if host.ip6:
-        # no DAD: the address is usable at once and nobody else on the link can hold it
-        ipr.addr("add", index=index, address=host.ip6, prefixlen=prefix6, flags=IFA_F_NODAD)
-    _up(ipr, host.ifname)
-
-
-def _netlink(netns: str, fn: Callable[[IPRoute], T]) -> T:
-    """Run ``fn(ipr)`` with an IPRoute opened inside ``netns``, in a worker thread: pyroute2's
-    synchronous API refuses to run on a thread whose asyncio loop is running (async callers)."""
-    def call() -> T:
-        with IPRoute() as ipr:
-            return fn(ipr)
-    return in_netns(netns, call)
-
-
-def set_sysctls(netns: str, values: dict[str, str]) -> None:
-    """Write /proc/sys/<key> as seen from ``netns`` (net.* sysctls are per namespace)."""
-    def write() -> None:
-        for key, value in values.items():
-            Path("/proc/sys", key).write_text(value)
-    in_netns(netns, write)

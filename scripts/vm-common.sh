@@ -58,13 +58,16 @@ libvirt_running() {
     && [ "$(ip netns identify "$pid" 2>/dev/null)" = "$VM_NETNS" ]
 }
 
-# The libvirt pool's copy of a box volume (vagrant-libvirt names it <box with / as -VAGRANTSLASH->
-# _vagrant_box_image_<version>_box.img): removed so a rebuilt box is uploaded again.
+# The libvirt pool's copies of a box volume (vagrant-libvirt 0.11 names them <box, / as
+# -VAGRANTSLASH->_vagrant_box_image_0_<box timestamp>_box.img): a rebuilt box gets a new name, so
+# the old copies are only disk space; removed when the box is rebuilt.
 forget_box_volume() {
-  local vol
-  vol="$(echo "$1" | sed 's|/|-VAGRANTSLASH-|g')_vagrant_box_image_0_box.img"
-  if libvirt_running; then
-    virsh -q -c qemu:///system vol-delete --pool default "$vol" >/dev/null 2>&1 || true
-  fi
-  rm -f "$LIBVIRT_POOL_DIR/$vol"
+  local path
+  for path in "$LIBVIRT_POOL_DIR/$(echo "$1" | sed 's|/|-VAGRANTSLASH-|g')"_vagrant_box_image_0*; do
+    [ -e "$path" ] || continue
+    if libvirt_running; then
+      virsh -q -c qemu:///system vol-delete --pool default "$(basename "$path")" >/dev/null 2>&1 || true
+    fi
+    rm -f "$path"
+  done
 }

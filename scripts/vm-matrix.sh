@@ -49,7 +49,7 @@ for r in "${releases[@]}"; do
     -nic none -snapshot -drive file="$dir/disk.raw",format=raw,if=virtio \
     -virtfs local,path="$here",mount_tag=sr,security_model=none,readonly=on \
     -kernel "$kernel" -initrd "$initrd" \
-    -append "root=LABEL=root ro console=ttyS0 panic=-1 quiet init=/bin/sh -- -c \"$(echo $run)\"" \
+    -append "root=LABEL=root ro console=ttyS0 panic=-1 loglevel=4 init=/bin/sh -- -c \"$(echo $run)\"" \
     </dev/null >"$dir/matrix.log" 2>&1 &
   pids+=($!)
 done

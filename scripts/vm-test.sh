@@ -35,8 +35,16 @@ done
 started_libvirt=0
 libvirt_running || started_libvirt=1
 destroy() {
+  local dom
   say "vagrant destroy -f"
   (cd "$here/vagrant" && in_vm_netns vagrant destroy -f >/dev/null 2>&1) || true
+  # a vagrant killed mid-create leaves domains vagrant no longer knows: remove them by name
+  for dom in $(virsh -q -c qemu:///system list --all --name 2>/dev/null | grep '^splitrelay-'); do
+    virsh -q -c qemu:///system destroy "$dom" >/dev/null 2>&1 || true
+    virsh -q -c qemu:///system undefine "$dom" >/dev/null 2>&1 || true
+    rm -f "$LIBVIRT_POOL_DIR/$dom.img"
+    say "removed leftover domain $dom"
+  done
 }
 cleanup() {
   destroy

@@ -173,6 +173,8 @@ def test_demo_runs_a_webrtc_session_through_xdp_and_cleans_up():
     assert report["ok"] and report["dtls_connected_ms"] > report["ice_connected_ms"] > 0
     assert report["beeps_heard"] >= 1 and report["audio_rtt_ms"] > 0
     assert report["counters"]["ingress/forwarded/flow"] > 100
+    [turn] = report["voice"]["turns"]  # and one turn with the voice agent, through the same relay
+    assert turn["transcript"] == "what time is it" and turn["voice_to_voice_ms"] > turn["silence_ms"]
     assert report["lab"] not in Lab.names()
 
 

@@ -179,4 +179,5 @@ async def test_a_queue_of_live_audio_sheds_its_quiet_frames_but_never_a_tone_or_
     assert out.backlog == 0 and out.skipped_frames >= 10     # most of the quiet burst was shed...
     assert out.frames_out + out.skipped_frames == 23         # ...and nothing else was lost
     assert max(peaks) > 4000                                 # the tone went out
+    assert all(p < 1000 for p in peaks[:2])                  # and the pause before it was shortened, not closed
     out.stop()

@@ -85,6 +85,9 @@ def check_aiortc() -> None:
 # dropped when quiet (like NetEq's accelerate, which also picks low-energy audio); speech and tones are
 # never dropped, and generated audio (a TTS reply, no arrival time) is paced whole.
 QUIET_PEAK = 1000  # of 32767, about -30 dBFS
+# Frames of each pause that are always sent: shedding a whole pause glued two echoed beeps into one
+# (the probe then heard one beep fewer); speech keeps a 40 ms gap between its words.
+KEEP_QUIET = 2
 
 
 def _quiet(pcm: bytes | bytearray) -> bool:
@@ -225,6 +228,7 @@ class OutboundAudio(MediaStreamTrack):
         self.overflow_frames = 0  # dropped because the handler ran more than 1 s ahead
         self.cleared_frames = 0   # dropped by clear_audio()
         self.skipped_frames = 0   # quiet live audio dropped to catch up after a burst
+        self._quiet_run = 0       # quiet frames sent in a row (a pause is shortened, never closed)
         self._encoder: OpusEncoder | None = None
         self._anchor: float | None = None
         self._index = 0
@@ -295,12 +299,14 @@ class OutboundAudio(MediaStreamTrack):
                 self._idle = False
             due = self._anchor + self._index * FRAME_SECONDS - LEAD
             if now < due:
-                if self._live_head() and len(self.buffer) >= 2 * FRAME_BYTES and _quiet(self.buffer[:FRAME_BYTES]):
+                if (self._quiet_run >= KEEP_QUIET and self._live_head() and len(self.buffer) >= 2 * FRAME_BYTES
+                        and _quiet(self.buffer[:FRAME_BYTES])):
                     self._drop(FRAME_BYTES)
                     self.skipped_frames += 1
                     return None, now
                 return None, due
             pcm = bytes(self.buffer[:FRAME_BYTES])
+            self._quiet_run = self._quiet_run + 1 if _quiet(pcm) else 0
             # the push that starts in this frame, if any: its timing follows the frame to the wire
             self._mark = next((m for m in self._marks if m[0] < self._taken + FRAME_BYTES), None)
             self._drop(FRAME_BYTES)
@@ -309,6 +315,7 @@ class OutboundAudio(MediaStreamTrack):
         if now < due:
             return None, due
         self._idle = True
+        self._quiet_run += 1
         self.silent_frames += 1
         self._mark = None
         return bytes(FRAME_BYTES), now

@@ -293,6 +293,8 @@ async def answer_offer(
             session.messages_in += 1
             handler = session.handler
             coro = handler.on_text(message) if isinstance(message, str) else handler.on_bytes(message)
+            # finished message tasks are let go: a data-channel flood must not grow this list without bound
+            session._tasks[:] = [t for t in session._tasks if not t.done()]
             session._tasks.append(asyncio.ensure_future(session._guard(coro)))
 
     try:

@@ -167,12 +167,23 @@ class VoiceHandler(Handler):
 
         def run() -> None:
             if method == "feed":
-                self._stt_backlog -= len(pcm)
                 stt.feed(pcm)
             else:
                 stt.begin()
 
-        self._worker.submit(run)
+        done = self._worker.submit(run)
+        if method == "feed":  # the count is only changed on the event loop's thread
+            loop = asyncio.get_running_loop()
+            size = len(pcm)
+
+            def fed(_: object) -> None:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(self._fed, size)
+
+            done.add_done_callback(fed)
+
+    def _fed(self, size: int) -> None:
+        self._stt_backlog -= size
 
     def _turn_started(self, event: TurnEvent) -> None:
         self._to_stt("begin")
