@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup test demo bench bench-smoke lint fuzz clean
+.PHONY: setup test demo bench bench-smoke bench-audio lint fuzz clean vm-deps vm-box vm-test vm-matrix
 
 $(STAMP): scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
@@ -23,14 +23,34 @@ bench: $(STAMP)
 	$(MAKE) -s -C bench
 	$(VENV)/bin/splitrelay bench --markdown BENCHMARKS.md --plots docs/bench --results docs/bench/results.json \
 		--analysis docs/bench/analysis.md
+	$(PY) -m splitrelay.bench.audio --section >> BENCHMARKS.md
 
 bench-smoke: $(STAMP)
 	$(MAKE) -s -C bench
 	$(VENV)/bin/splitrelay bench --smoke
 
+bench-audio: $(STAMP)
+	$(PY) -m splitrelay.bench.audio --section --duration $${AUDIO_SECONDS:-8}
+
+# Any number of cases runs to the end: no per-test timeout, a progress line every 10 s, the count at the end.
 fuzz: $(STAMP)
-	SPLITRELAY_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-50000} $(PY) -m pytest -q tests/test_xdp.py -k differential \
-		--hypothesis-show-statistics
+	SPLITRELAY_FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-50000} SPLITRELAY_FUZZ_PROGRESS=1 $(PY) -m pytest -q -s \
+		-o timeout=0 -p no:cacheprovider tests/xdp/test_differential.py --hypothesis-show-statistics
+
+# Kernel-level VMs (issue 14): Debian boxes built here from apt, Vagrant on libvirt/qemu.
+VM_RELEASES ?= bookworm
+
+vm-deps:
+	bash scripts/vm-deps.sh
+
+vm-box: vm-deps
+	@for r in $(VM_RELEASES); do bash scripts/vm-box.sh $$r || exit $$?; done
+
+vm-test: vm-box
+	bash scripts/vm-test.sh $(VM_RELEASES)
+
+vm-matrix: vm-box
+	bash scripts/vm-matrix.sh $(VM_RELEASES)
 
 lint: $(STAMP)
 	$(PY) -m ruff check splitrelay wire bpf edge transceiver client lab cli bench tests

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from splitrelay.edge.control_client import AsyncControlClient
 from splitrelay.lab.topology import Lab
@@ -47,10 +48,19 @@ def unregister(lab: Lab, url: str, names: list[str], concurrency: int = 8) -> fl
                     lambda: asyncio.run(_register(url, names, 0, concurrency, delete=True)))
 
 
-def registration_rate(lab: Lab, url: str, count: int, prefix: str, concurrency: int = 8) -> dict:
+@dataclass(frozen=True)
+class RegistrationRate:
+    """Sessions registered and removed through one agent's control API, per second each way."""
+
+    sessions: int
+    concurrency: int
+    register_per_s: int
+    unregister_per_s: int
+
+
+def registration_rate(lab: Lab, url: str, count: int, prefix: str, concurrency: int = 8) -> RegistrationRate:
     """Register then remove ``count`` sessions; sessions per second both ways."""
     names = ufrags(prefix, count)
     put_s = register(lab, url, names, concurrency=concurrency)
     del_s = unregister(lab, url, names, concurrency=concurrency)
-    return {"sessions": count, "concurrency": concurrency,
-            "register_per_s": round(count / put_s), "unregister_per_s": round(count / del_s)}
+    return RegistrationRate(count, concurrency, round(count / put_s), round(count / del_s))

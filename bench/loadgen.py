@@ -10,8 +10,8 @@ garbage.
 
 Typical use::
 
-    with serve("sink", netns="sr1234ab-t1", bind="172.31.1.11:5000", answer_stun=True) as sink:
-        sent = run("send", netns="sr1234ab-cli", dst="172.31.0.1:3478", flows=64, duration=2)
+    with serve("sink", netns="sr1234ab-t1", bind="198.18.1.11:5000", answer_stun=True) as sink:
+        sent = run("send", netns="sr1234ab-cli", dst="198.18.0.1:3478", flows=64, duration=2)
     print(sent["pps"], sink.result["packets"])
 """
 
@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from splitrelay.errors import SplitrelayError
+
 BENCH_DIR = Path(__file__).resolve().parent
 NETNS_DIR = Path("/run/netns")
 MODES = ("sink", "echo", "send", "ping")
@@ -43,7 +45,7 @@ _IN_CREATE, _IN_CLOSE_WRITE, _IN_MOVED_TO = 0x100, 0x8, 0x80
 _IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 
 
-class LoadgenError(RuntimeError):
+class LoadgenError(SplitrelayError, RuntimeError):
     """udpgen could not be built, started, or did not finish with a JSON result (one-line reason)."""
 
 

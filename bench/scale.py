@@ -33,14 +33,19 @@ from splitrelay.lab.topology import Lab
 
 PORTS_PER_IP = 50000
 BASE_PORT = 10000
-FIRST_IP = "172.31.0.100"   # public-network addresses no lab host uses: flows i // 50000 -> .100, .101, ...
+FIRST_HOST = 100           # public-network hosts no lab host uses: flows i // 50000 -> .100, .101, ...
 BATCH = 65536
 ACTIVE_FLOWS = 1000        # the second run at each size: the map holds N flows, traffic touches this many
 
 
-def flow_endpoint(i: int) -> tuple[str, int]:
+def first_ip(lab: Lab) -> str:
+    """The first synthetic client address: host FIRST_HOST on the lab's public network."""
+    return str(ipaddress.ip_network(lab.networks["public"][0])[FIRST_HOST])
+
+
+def flow_endpoint(i: int, first: str) -> tuple[str, int]:
     """The client address of synthetic flow ``i``: the same formula as udpgen's packet mode."""
-    return (str(ipaddress.IPv4Address(FIRST_IP) + i // PORTS_PER_IP), BASE_PORT + i % PORTS_PER_IP)
+    return (str(ipaddress.IPv4Address(first) + i // PORTS_PER_IP), BASE_PORT + i % PORTS_PER_IP)
 
 
 def map_memlock_bytes(map_fd: int) -> int:
@@ -51,7 +56,7 @@ def map_memlock_bytes(map_fd: int) -> int:
     raise OSError(f"no memlock in fdinfo of map fd {map_fd}")
 
 
-def fill_flows(table, start: int, end: int, backend_id: int, client_mac: bytes) -> None:
+def fill_flows(table, start: int, end: int, backend_id: int, client_mac: bytes, first: str) -> None:
     """Write flows ``start..end`` into the pinned flow map in batches."""
     key_size = ct.sizeof(table.Key)
     now = time.monotonic_ns()  # bpf_ktime_get_ns() is CLOCK_MONOTONIC
@@ -65,7 +70,7 @@ def fill_flows(table, start: int, end: int, backend_id: int, client_mac: bytes) 
         n = hi - lo
         keys = bytearray(key_size * n)
         for j in range(n):
-            ip, port = flow_endpoint(lo + j)
+            ip, port = flow_endpoint(lo + j, first)
             # struct sr_addr_key: __be32 addr[4] (v4 in addr[0]), __be16 port, __u8 family, pad
             struct.pack_into("=4s12x2sBx", keys, j * key_size, ipaddress.IPv4Address(ip).packed,
                              port.to_bytes(2, "big"), 4)
@@ -98,18 +103,18 @@ def scale(lab: Lab, sizes: list[int], duration: float, pinned: bool = True,
                 raise ValueError(f"{size} flows do not fit the flow map ({table.max_entries} entries)")
             progress(f"scale: filling the flow map to {size:,} flows")
             t0 = time.perf_counter()
-            fill_flows(table, filled, size, 1, client_mac)
+            fill_flows(table, filled, size, 1, client_mac, first_ip(lab))
             fill_s = time.perf_counter() - t0
             filled = size
             progress(f"scale: {size:,} flows, sending for {duration:g} s over all of them")
             rate = forwarding.median_of(trials, lambda size=size: forwarding.forwarding_rate(
                 lab, forwarding.relay_path(lab, "xdp"), flows=size, duration=duration, usernames=None,
-                pinned=pinned, src_ip=FIRST_IP, src_port=BASE_PORT, shuffle=True))
+                pinned=pinned, src_ip=first_ip(lab), src_port=BASE_PORT, shuffle=True))
             active = min(size, ACTIVE_FLOWS)
             progress(f"scale: {size:,} flows, sending for {duration:g} s over {active:,} of them")
             hot = forwarding.median_of(trials, lambda active=active: forwarding.forwarding_rate(
                 lab, forwarding.relay_path(lab, "xdp"), flows=active, duration=duration, usernames=None,
-                pinned=pinned, src_ip=FIRST_IP, src_port=BASE_PORT, shuffle=True))
+                pinned=pinned, src_ip=first_ip(lab), src_port=BASE_PORT, shuffle=True))
             t0 = time.perf_counter()
             aged = dp.age_flows(idle_s=86400.0)  # the agent's ageing pass: reads every flow, removes none here
             walk_s = time.perf_counter() - t0

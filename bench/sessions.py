@@ -48,6 +48,7 @@ from splitrelay.bench.system import process_cpu_ticks
 from splitrelay.lab import stack
 from splitrelay.lab.topology import Lab, Transceiver
 from splitrelay.lab.netns import in_netns
+from splitrelay.errors import SplitrelayError
 
 DIRECT_BACKEND_PORT = 5001
 DIRECT_WHIP_PORT = 8081
@@ -60,7 +61,7 @@ SATURATED_PCT = 90.0            # a process at this share of the CPUs it may use
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-class SessionBenchError(Exception):
+class SessionBenchError(SplitrelayError):
     """A session benchmark could not run (one-line reason)."""
 
 

@@ -27,11 +27,12 @@ from pathlib import Path
 from splitrelay.bench import control, forwarding, scale, system
 from splitrelay.lab import stack
 from splitrelay.lab.topology import Lab
+from splitrelay.errors import SplitrelayError
 
 PARTS = ("floor", "xdp", "userspace", "scale", "sessions")
 
 
-class BenchError(Exception):
+class BenchError(SplitrelayError):
     """The benchmark could not run a part (one-line reason)."""
 
 
@@ -144,7 +145,7 @@ def _relay_part(lab: Lab, p: Profile, datapath: str, tmp: Path, say: Callable[[s
         control.register(lab, url, _session_names(p))
         route = forwarding.relay_path(lab, datapath, relay_pid=proc.pid if datapath == "userspace" else None)
         out = _path_figures(lab, p, route, tmp, lambda m: say(f"{datapath}: {m}"), samples_dir)
-        out["registration"] = reg
+        out["registration"] = asdict(reg)   # the results file stays JSON
         return out
 
 

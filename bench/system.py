@@ -11,7 +11,6 @@ switched on host-wide for longer than the benchmark holds it.
 from __future__ import annotations
 
 import contextlib
-import ctypes as ct
 import datetime
 import json
 import os
@@ -21,68 +20,33 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-_NR_BPF = {"x86_64": 321, "aarch64": 280}[os.uname().machine]
-_BPF_PROG_GET_FD_BY_ID = 13
-_BPF_OBJ_GET_INFO_BY_FD = 15
-_BPF_ENABLE_STATS = 32
-_BPF_STATS_RUN_TIME = 0
-_libc = ct.CDLL(None, use_errno=True)
+from splitrelay.bpf import syscall
+
+from splitrelay.errors import SplitrelayError
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-class BenchSystemError(OSError):
+class BenchSystemError(SplitrelayError, OSError):
     """A reading the benchmark needs could not be taken (one-line reason)."""
-
-
-def _bpf(cmd: int, attr: ct.Structure) -> int:
-    rc = _libc.syscall(_NR_BPF, cmd, ct.byref(attr), ct.sizeof(attr))
-    if rc < 0:
-        err = ct.get_errno()
-        raise BenchSystemError(err, f"bpf({cmd}) failed: {os.strerror(err)}")
-    return rc
-
-
-class _StatsAttr(ct.Structure):
-    _fields_ = [("type", ct.c_uint32)]
-
-
-class _GetFdAttr(ct.Structure):
-    _fields_ = [("prog_id", ct.c_uint32), ("next_id", ct.c_uint32), ("open_flags", ct.c_uint32)]
-
-
-class _InfoAttr(ct.Structure):
-    _fields_ = [("bpf_fd", ct.c_uint32), ("info_len", ct.c_uint32), ("info", ct.c_uint64)]
-
-
-class _ProgInfo(ct.Structure):
-    """The head of linux/bpf.h ``struct bpf_prog_info`` up to ``run_cnt`` (the kernel fills what we size)."""
-
-    _fields_ = [
-        ("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
-        ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
-        ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
-        ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32), ("nr_map_ids", ct.c_uint32),
-        ("map_ids", ct.c_uint64), ("name", ct.c_char * 16), ("ifindex", ct.c_uint32),
-        ("gpl_compatible", ct.c_uint32), ("netns_dev", ct.c_uint64), ("netns_ino", ct.c_uint64),
-        ("nr_jited_ksyms", ct.c_uint32), ("nr_jited_func_lens", ct.c_uint32),
-        ("jited_ksyms", ct.c_uint64), ("jited_func_lens", ct.c_uint64),
-        ("btf_id", ct.c_uint32), ("func_info_rec_size", ct.c_uint32), ("func_info", ct.c_uint64),
-        ("nr_func_info", ct.c_uint32), ("nr_line_info", ct.c_uint32), ("line_info", ct.c_uint64),
-        ("jited_line_info", ct.c_uint64), ("nr_jited_line_info", ct.c_uint32),
-        ("line_info_rec_size", ct.c_uint32), ("jited_line_info_rec_size", ct.c_uint32),
-        ("nr_prog_tags", ct.c_uint32), ("prog_tags", ct.c_uint64),
-        ("run_time_ns", ct.c_uint64), ("run_cnt", ct.c_uint64),
-    ]
 
 
 @contextlib.contextmanager
 def bpf_run_time_stats() -> Iterator[None]:
     """Have the kernel time every BPF program run while the block runs (BPF_ENABLE_STATS)."""
-    fd = _bpf(_BPF_ENABLE_STATS, _StatsAttr(type=_BPF_STATS_RUN_TIME))
+    fd = _bench_bpf(syscall.enable_run_time_stats)
     try:
         yield
     finally:
         os.close(fd)
+
+
+def _bench_bpf(call, *args):
+    """A bpf(2) reading (bpf/syscall.py), its failure as this module's error."""
+    try:
+        return call(*args)
+    except syscall.BpfError as exc:
+        raise BenchSystemError(exc.errno, str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -100,10 +64,9 @@ class ProgRunStats:
 
 def prog_run_stats(prog_id: int) -> ProgRunStats:
     """Cumulative run time and run count of the loaded BPF program ``prog_id``."""
-    fd = _bpf(_BPF_PROG_GET_FD_BY_ID, _GetFdAttr(prog_id=prog_id))
+    fd = _bench_bpf(syscall.prog_fd_by_id, prog_id)
     try:
-        info = _ProgInfo()
-        _bpf(_BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info), info=ct.addressof(info)))
+        info = _bench_bpf(syscall.prog_info, fd)
         return ProgRunStats(info.run_time_ns, info.run_cnt)
     finally:
         os.close(fd)

@@ -8,12 +8,17 @@ transceiver's echo handler.  Media crosses the relay only through XDP.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab
-from splitrelay.lab.topology import Lab
+import click
+from splitrelay.cli.errors import CliError, require_bcc, require_root
+
+if TYPE_CHECKING:
+    from splitrelay.lab.topology import Lab
 
 
 @dataclass
@@ -33,6 +38,7 @@ class DemoReport:
     beeps_heard: int = 0
     xdp_forwarded: int = 0
     xdp_dropped: int = 0
+    voice: dict | None = None  # one voice-agent turn and one barge-in (splitrelay call's report)
     counters: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -40,13 +46,18 @@ class DemoReport:
 
 
 def _counters(lab: Lab) -> dict[str, int]:
+    from splitrelay.lab.stack import control
+
     return {f"{c['direction']}/{c['verdict']}/{c['reason']}": c["packets"]
             for c in control(lab, lambda client: client.stats())["counters"] if c["packets"]}
 
 
 def run_demo(seconds: float = 10.0, on_status: Callable[[str], None] | None = None) -> DemoReport:
+    from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab
+    from splitrelay.lab.topology import Lab
+
     status = on_status or (lambda line: None)
-    info = start_lab(transceivers=2, handler="echo")
+    info = start_lab(transceivers=2, handler=["voice", "echo"])  # the echo session uses the last one
     lab = Lab.load(info["name"])
     report = DemoReport(lab=lab.name, relay_public=info["relay_public"], whip_url=info["whip_urls"][-1],
                         seconds=seconds)
@@ -71,6 +82,56 @@ def run_demo(seconds: float = 10.0, on_status: Callable[[str], None] | None = No
         report.counters = _counters(lab)
         report.xdp_forwarded = sum(v for k, v in report.counters.items() if "/forwarded/" in k)
         report.xdp_dropped = sum(v for k, v in report.counters.items() if "/dropped/" in k)
+        status("voice agent: one turn and one barge-in ...")
+        from splitrelay.bench.voice import call_in_lab
+        report.voice = call_in_lab(lab, info["whip_urls"][0], ["--say", "what time is it", "--barge-ins", "1"],
+                                   timeout=120)
     finally:
         stop_lab(lab.name)
     return report
+
+
+@click.command()
+@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(2, 300),
+              help="How long the client talks.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the summary as JSON.")
+def demo(seconds: float, as_json: bool) -> None:
+    """Lab up, one real WebRTC voice session through XDP with a live status line, summary, teardown.
+
+    \b
+    Example:
+      sudo splitrelay demo --seconds 5
+    """
+    require_root("the demo")
+    require_bcc()
+    def status(line: str) -> None:
+        if not as_json:
+            click.echo("\r" + line.ljust(90), nl=False, err=True)
+
+    if not as_json:
+        click.echo("building lab: client, relay (XDP), 2 transceivers (aiortc: voice, echo) ...", err=True)
+    report = run_demo(seconds, status)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo("", err=True)
+        click.echo(f"session via relay {report.relay_public} (WHIP {report.whip_url}):")
+        click.echo(f"  answer {report.offer_to_answer_ms:.1f} ms, ICE connected {report.ice_connected_ms:.1f} ms, "
+                   f"DTLS connected {report.dtls_connected_ms:.1f} ms after the offer"
+                   if report.dtls_connected_ms else "  the session did not connect")
+        if report.audio_rtt_ms is not None:
+            click.echo(f"  audio round trip (mouth to ear, echo) {report.audio_rtt_ms:.0f} ms; "
+                       f"data channel {report.datachannel_rtt_ms:.2f} ms; "
+                       f"beeps heard {report.beeps_heard}/{report.beeps_sent}")
+        voice = report.voice or {}
+        for turn in voice.get("turns", []):
+            click.echo(f"voice agent (WHIP {voice['whip_url']}): heard {turn['transcript']!r}, answered "
+                       f"{turn['reply']!r}; voice-to-voice {turn['voice_to_voice_ms']} ms "
+                       f"(silence window {turn['silence_ms']} ms), barge-in "
+                       f"{voice['summary'].get('barge_in_p50_ms')} ms")
+        if voice.get("error"):
+            click.echo(f"voice agent: {voice['error']}")
+        click.echo(f"  XDP: {report.xdp_forwarded} packets forwarded, {report.xdp_dropped} dropped")
+        click.echo("  " + ", ".join(f"{k} {v}" for k, v in report.counters.items()))
+    if not report.ok:
+        raise CliError(f"the demo session failed: {report.error}")

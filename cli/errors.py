@@ -1,7 +1,8 @@
 """How the CLI turns a failure into one clear line and an exit code.
 
-The library raises typed exceptions; the CLI never shows a traceback for them.
-Exit codes are stable so scripts can branch on them.
+The library raises typed exceptions, all under ``splitrelay.errors.SplitrelayError``;
+the CLI never shows a traceback for them (``from_library``).  Exit codes are stable
+so scripts can branch on them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 import sys
 
 import click
+
+from splitrelay.errors import SplitrelayError
 
 EXIT_ERROR = 1          # the operation failed (one line says why)
 EXIT_USAGE = 2          # click's own code for bad arguments
@@ -27,6 +30,20 @@ class CliError(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"splitrelay: error: {self.format_message()}", err=True, file=file)
+
+
+def exit_code(exc: SplitrelayError) -> int:
+    """The exit code of a library error: the few that need their own, else EXIT_ERROR."""
+    if getattr(exc, "status", None) == 0:   # ControlError: nothing answered at that URL
+        return EXIT_UNREACHABLE
+    return EXIT_ERROR
+
+
+def from_library(exc: SplitrelayError) -> CliError:
+    """One line and an exit code for any library error (a verifier rejection names its log)."""
+    path = getattr(exc, "log_path", None)
+    detail = f" (verifier log: {path})" if path and str(path) not in str(exc) else ""
+    return CliError(str(exc) + detail, exit_code(exc))
 
 
 def require_root(what: str) -> None:

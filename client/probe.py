@@ -22,6 +22,15 @@ For benchmarks it can also
   has nothing to send, so packet counts alone would not show a lost echo; this
   does, wherever it was lost (uplink, the transceiver, downlink, a jitter buffer).
 
+The round trip is split: ``echo_arrival_ms`` (beep sent -> arrival of the echo
+packet that carried it: the far end, the network, the codec) and
+``client_buffer_ms`` (packet in -> frame out of this client's own receive path).
+``Probe`` is one call in four steps (connect / talk / drain / close); with
+``low_latency`` it receives through the transceiver's voice path instead of
+aiortc's 4-frame buffer.  What it speaks and hears is in ``beeps.py``.  (This
+module is ~500 lines: the report, the call's steps and the command line that the
+lab and the bench drive, which belong together.)
+
 Times: ``offer_sent_ms``, ``ice_connected_ms`` and ``dtls_connected_ms`` count
 from the creation of the peer connection (before createOffer and candidate
 gathering); ``offer_to_answer_ms`` counts from the moment the offer is POSTed.
@@ -32,9 +41,7 @@ The offer → connected times are ``ice_connected_ms - offer_sent_ms`` and
 from __future__ import annotations
 
 import asyncio
-import fractions
 import json
-import math
 import struct
 import time
 from collections.abc import Callable
@@ -44,21 +51,15 @@ from typing import Any
 import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame
 
-try:  # optional: the same sums vectorised, which keeps a client of many sessions cheap
-    import numpy as _np
-except ImportError:  # pragma: no cover - numpy is not a dependency
-    _np = None
-
-SAMPLE_RATE = 48000
-FRAME_SAMPLES = 960  # 20 ms
-BEEP_HZ = 1000.0
-CARRIER_HZ = 400.0        # 8 whole periods per 20 ms frame (the beep has 20): the two do not mix
-CARRIER_AMPLITUDE = 3000  # of 32767; with a beep on top the frame peaks at 15000
+from splitrelay.client.beeps import BeepDetector, BeepTrack, CarrierCounter, ClientBuffering, _np, mono_samples
+from splitrelay.client.beeps import goertzel_power  # noqa: F401 - re-exported (the tests measure tones with it)
+from splitrelay.errors import SplitrelayError
+from splitrelay.transceiver.audio import VoiceReceiver
+from splitrelay.transceiver.history import StateHistory
 
 
-class ProbeError(Exception):
+class ProbeError(SplitrelayError):
     """The probe could not open or run its session (one-line reason)."""
 
 
@@ -93,6 +94,11 @@ class ProbeReport:
     audio_loss: float | None = None           # with carrier: 1 - echoed / sent (clamped to 0..1)
     packets_lost_uplink: int | None = None    # RTP lost client -> peer, from the peer's RTCP receiver reports
     packets_lost_downlink: int | None = None  # RTP lost peer -> client (inbound-rtp packetsLost)
+    # per beep heard: sent -> arrival of the echo packet whose frame showed it (the round trip without
+    # this client's own receive buffering: the far end, the network, and the codec)
+    echo_arrival_ms: list[float] = field(default_factory=list)
+    client_buffer_ms: dict[str, float] | None = None  # packet arrival -> frame out here: p50, p99, n
+    frames_concealed: int | None = None        # low_latency: frames this client concealed
 
     @staticmethod
     def _median(values: list[float]) -> float | None:
@@ -114,173 +120,6 @@ class ProbeReport:
         data["audio_rtt_median_ms"] = self.audio_rtt_median_ms
         data["datachannel_rtt_median_ms"] = self.datachannel_rtt_median_ms
         return data
-
-
-def goertzel_power(samples: tuple[int, ...], freq: float = BEEP_HZ, rate: int = SAMPLE_RATE) -> float:
-    """Normalised power of one frequency in a block of s16 samples (0..~1 for a full-scale tone)."""
-    n = len(samples)
-    if n == 0:
-        return 0.0
-    coeff = 2.0 * math.cos(2.0 * math.pi * freq / rate)
-    s1 = s2 = 0.0
-    for x in samples:
-        s0 = x + coeff * s1 - s2
-        s2, s1 = s1, s0
-    power = s1 * s1 + s2 * s2 - coeff * s1 * s2
-    return power / (n * n * 32768.0 * 32768.0 / 4.0)
-
-
-_BASES: dict[tuple[float, int, int], Any] = {}
-
-
-def tone_power(samples: Any, freq: float = BEEP_HZ, rate: int = SAMPLE_RATE) -> float:  # noqa: ANN401
-    """``goertzel_power`` (the same value up to rounding), vectorised when ``samples`` is a numpy array."""
-    if _np is None or not isinstance(samples, _np.ndarray):
-        return goertzel_power(samples, freq, rate)
-    n = len(samples)
-    if n == 0:
-        return 0.0
-    basis = _BASES.get((freq, rate, n))
-    if basis is None:
-        phase = 2.0 * math.pi * freq / rate * _np.arange(n)
-        basis = _BASES[(freq, rate, n)] = _np.stack([_np.cos(phase), _np.sin(phase)])
-    re, im = basis @ samples
-    return float(re * re + im * im) / (n * n * 32768.0 * 32768.0 / 4.0)
-
-
-def _sine(freq: float, amplitude: int) -> list[int]:
-    return [int(amplitude * math.sin(2 * math.pi * freq * i / SAMPLE_RATE)) for i in range(FRAME_SAMPLES)]
-
-
-def _pack(samples: list[int]) -> bytes:
-    return struct.pack(f"<{FRAME_SAMPLES}h", *samples)
-
-
-class BeepTrack(MediaStreamTrack):
-    """48 kHz mono audio: a 1 kHz burst of ``beep_ms`` every ``interval`` seconds, silence between.
-
-    With ``carrier``, a quiet ``CARRIER_HZ`` tone runs under everything (every frame carries it) until
-    ``quiet`` is set; ``quiet`` silences the track (no beeps, no carrier).
-    """
-
-    kind = "audio"
-
-    def __init__(self, interval: float = 0.5, beep_ms: int = 60, carrier: bool = False) -> None:
-        super().__init__()
-        self.interval_frames = max(2, round(interval / 0.02))
-        self.beep_frames = max(1, beep_ms // 20)
-        self.sent_at: list[float] = []  # wall-clock time each beep's first frame left recv()
-        self.carrier = carrier
-        self.quiet = False
-        self.frames = 0           # frames returned by recv()
-        self.carrier_frames = 0   # of which carried the carrier
-        self._index = 0
-        self._start: float | None = None
-        tone = _sine(BEEP_HZ, 12000)
-        self._tone = _pack(tone)
-        self._silence = bytes(2 * FRAME_SAMPLES)
-        carrier_wave = _sine(CARRIER_HZ, CARRIER_AMPLITUDE)
-        self._carrier = _pack(carrier_wave)
-        self._tone_carrier = _pack([a + b for a, b in zip(tone, carrier_wave, strict=True)])
-
-    async def recv(self) -> AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        else:
-            wait = self._start + self._index * 0.02 - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-        phase = self._index % self.interval_frames
-        # the first beep starts after a short lead-in so ICE/DTLS are surely up
-        beeping = not self.quiet and self._index >= self.interval_frames and phase < self.beep_frames
-        if beeping and phase == 0:
-            self.sent_at.append(time.monotonic())
-        if self.carrier and not self.quiet:
-            pcm = self._tone_carrier if beeping else self._carrier
-            self.carrier_frames += 1
-        else:
-            pcm = self._tone if beeping else self._silence
-        frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(pcm)
-        frame.pts = self._index * FRAME_SAMPLES
-        frame.sample_rate = SAMPLE_RATE
-        frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
-        self._index += 1
-        self.frames += 1
-        return frame
-
-
-def mono_samples(frame: AudioFrame) -> Any:  # noqa: ANN401
-    """The first channel of a decoded s16 frame (a float numpy array when numpy is there, else a tuple)."""
-    pcm = bytes(frame.planes[0])
-    channels = len(frame.layout.channels)
-    count = frame.samples * channels
-    if _np is not None:
-        return _np.frombuffer(pcm, dtype="<i2", count=count)[::channels].astype(_np.float64)
-    return struct.unpack(f"<{count}h", pcm[: 2 * count])[::channels]
-
-
-class CarrierCounter:
-    """Counts received frames that carry the probe's carrier: at least half of its echoed level.
-
-    The echoed level is not the sent one (each Opus mono -> stereo pass costs 3 dB: the echo comes
-    back at about half the amplitude), so it is taken from the frames themselves: the median
-    amplitude of the frames that carry the carrier clearly (above a tenth of the sent amplitude).
-    A frame only partly covered by the echo (the first and last of a stretch, the echo being shifted
-    by codec delay) counts when more than half of it is: of the two edge frames of an unbroken
-    stretch one counts, so an unbroken echo counts exactly the frames that were sent.
-    """
-
-    def __init__(self, freq: float = CARRIER_HZ, amplitude: int = CARRIER_AMPLITUDE) -> None:
-        self.freq = freq
-        self.floor = 0.1 * amplitude
-        self.amplitudes: list[float] = []  # the carrier's amplitude in every received frame
-
-    def feed_samples(self, samples: Any, rate: int) -> None:  # noqa: ANN401 - see mono_samples
-        self.amplitudes.append(math.sqrt(tone_power(samples, self.freq, rate)) * 32768.0)
-
-    @property
-    def level(self) -> float | None:
-        """The echoed carrier's amplitude (median over the frames that clearly carry it)."""
-        present = sorted(a for a in self.amplitudes if a >= self.floor)
-        return present[len(present) // 2] if present else None
-
-    @property
-    def frames(self) -> int:
-        level = self.level
-        return 0 if level is None else sum(1 for a in self.amplitudes if a >= 0.5 * level)
-
-
-class BeepDetector:
-    """Finds beep onsets in received audio and pairs each with the beep that was sent."""
-
-    THRESHOLD = 0.01
-
-    def __init__(self, sent_at: list[float]) -> None:
-        self.sent_at = sent_at
-        self.rtts_ms: list[float] = []
-        self.matched: set[int] = set()
-        self._in_beep = False
-
-    def feed(self, frame: AudioFrame, now: float) -> None:
-        self.feed_samples(mono_samples(frame), frame.sample_rate, now)
-
-    def feed_samples(self, samples: Any, rate: int, now: float) -> None:  # noqa: ANN401 - see mono_samples
-        loud = tone_power(samples, rate=rate) > self.THRESHOLD
-        if loud and not self._in_beep:
-            self._onset(now)
-        self._in_beep = loud
-
-    def _onset(self, now: float) -> None:
-        # the newest beep sent before now that has not been matched yet
-        for index in range(len(self.sent_at) - 1, -1, -1):
-            sent = self.sent_at[index]
-            if sent <= now and index not in self.matched:
-                self.matched.add(index)
-                self.rtts_ms.append((now - sent) * 1000.0)
-                return
 
 
 async def _post_offer(
@@ -333,6 +172,207 @@ class TalkGate:
             pass
 
 
+class Probe:
+    """One measured WHIP call, in four steps: ``connect()``, ``talk(duration)``, ``drain()`` (with the
+    carrier: fall silent and count the echo's tail), ``close()`` (DELETE, hang up).  ``report`` holds
+    what was measured so far; ``run_probe`` runs the four in order.
+
+    ``low_latency``: receive through the transceiver's own voice path (adaptive buffer, concealment)
+    instead of aiortc's 4-frame buffer: what a low-latency client would hear.
+    """
+
+    def __init__(self, whip_url: str, token: str | None = None, connect_timeout: float = 15.0,
+                 beep_interval: float = 0.5, carrier: bool = False, low_latency: bool = False) -> None:
+        self.whip_url, self.token, self.connect_timeout, self.carrier = whip_url, token, connect_timeout, carrier
+        self.low_latency = low_latency
+        self.report = ProbeReport(whip_url=whip_url)
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.states = StateHistory()  # times from the creation of the peer connection
+        self.track = BeepTrack(interval=beep_interval)  # the carrier starts with the talk phase
+        self.detector = BeepDetector(self.track.sent_at)
+        self.counter = CarrierCounter() if carrier else None
+        self.buffering = ClientBuffering()
+        self.voice: VoiceReceiver | None = None
+        self.connected = asyncio.Event()
+        self.failed = asyncio.Event()
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=connect_timeout))
+        self._tasks: list[asyncio.Task] = []
+        self._pending_pings: dict[str, float] = {}
+        self.pc.on("iceconnectionstatechange", self._ice_state)
+        self.pc.on("connectionstatechange", self._connection_state)
+        self.pc.on("track", self._on_track)
+        self.pc.addTrack(self.track)
+        self.channel = self.pc.createDataChannel("probe")
+        self.channel.on("message", self._on_message)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _ice_state(self) -> None:
+        state = self.pc.iceConnectionState
+        at_ms = self.states.record("ice", state)
+        if state in ("connected", "completed") and self.report.ice_connected_ms is None:
+            self.report.ice_connected_ms = at_ms
+        if state == "failed":
+            self.failed.set()
+
+    def _connection_state(self) -> None:
+        state = self.pc.connectionState
+        at_ms = self.states.record("connection", state)
+        if state == "connected" and self.report.dtls_connected_ms is None:
+            self.report.dtls_connected_ms = at_ms
+            self.connected.set()
+        if state == "failed":
+            self.failed.set()
+
+    def _on_track(self, remote: MediaStreamTrack) -> None:
+        if remote.kind != "audio":
+            return
+        receiver = next((t.receiver for t in self.pc.getTransceivers() if t.receiver.track is remote), None)
+        if self.low_latency and receiver is not None:
+            self.voice = VoiceReceiver(receiver)
+            self._tasks.append(asyncio.ensure_future(self._listen_voice(self.voice)))
+            return
+        if receiver is not None:
+            self.buffering.observe(receiver)
+        self._tasks.append(asyncio.ensure_future(self._listen(remote)))
+
+    def _heard(self, samples: Any, rate: int, pts: int | None, arrived: float | None) -> None:  # noqa: ANN401
+        now = time.monotonic()
+        self.report.frames_received += 1
+        if arrived is None:
+            arrived = self.buffering.arrival(pts, now)
+        elif pts is not None:
+            self.buffering.held_ms.append((now - arrived) * 1000.0)
+        before = len(self.detector.rtts_ms)
+        self.detector.feed_samples(samples, rate, now)
+        if len(self.detector.rtts_ms) > before and arrived is not None:  # a beep came back in this frame
+            self.report.echo_arrival_ms.append(self.detector.rtts_ms[-1] - (now - arrived) * 1000.0)
+        if self.counter is not None:
+            self.counter.feed_samples(samples, rate)
+
+    async def _listen(self, remote: MediaStreamTrack) -> None:
+        try:
+            while True:
+                frame = await remote.recv()
+                self._heard(mono_samples(frame), frame.sample_rate, frame.pts, None)
+        except MediaStreamError:
+            return
+
+    async def _listen_voice(self, voice: VoiceReceiver) -> None:
+        while True:
+            pcm = await voice.recv()
+            samples = (_np.frombuffer(pcm.samples, dtype="<i2").astype(_np.float64) if _np is not None
+                       else struct.unpack(f"<{pcm.sample_count}h", pcm.samples))
+            self._heard(samples, pcm.sample_rate, pcm.pts, pcm.received)
+
+    def _on_message(self, message: object) -> None:
+        if isinstance(message, str) and message.startswith("ping "):
+            sent = self._pending_pings.pop(message, None)
+            if sent is not None:
+                self.report.datachannel_rtt_ms.append((time.monotonic() - sent) * 1000.0)
+
+    # -- the call --------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Offer, POST, answer, and wait until connected; ProbeError if it does not connect in time."""
+        report = self.report
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        t_offer = time.monotonic()
+        report.offer_sent_ms = (t_offer - self.states.origin) * 1000.0
+        answer, report.location = await _post_offer(self.http, self.whip_url, self.pc.localDescription.sdp,
+                                                    self.token)
+        report.offer_to_answer_ms = (time.monotonic() - t_offer) * 1000.0
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        up = asyncio.ensure_future(self.connected.wait())
+        bad = asyncio.ensure_future(self.failed.wait())
+        done, _ = await asyncio.wait({up, bad}, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+        up.cancel()
+        bad.cancel()
+        if up not in done:
+            raise ProbeError(
+                f"session did not connect within {self.connect_timeout:.0f} s "
+                f"(ice: {'→'.join(self.states.states['ice'][1:]) or 'new'}, "
+                f"connection: {'→'.join(self.states.states['connection'][1:]) or 'new'})"
+            )
+
+    async def talk(self, duration: float, on_progress: Callable[[ProbeReport], None] | None = None) -> None:
+        """Beep (and carry the carrier) for ``duration`` seconds, pinging on the data channel."""
+        report = self.report
+        self.track.carrier = self.carrier
+        report.talk_started_mono = time.monotonic()
+        deadline = time.monotonic() + duration
+        seq = 0
+        while time.monotonic() < deadline and not self.failed.is_set():
+            if self.channel.readyState == "open":
+                ping = f"ping {seq} {time.monotonic():.6f}"
+                self._pending_pings[ping] = time.monotonic()
+                self.channel.send(ping)
+                seq += 1
+            report.beeps_sent = len(self.track.sent_at)
+            report.beeps_heard = len(self.detector.rtts_ms)
+            report.audio_rtt_ms = list(self.detector.rtts_ms)
+            if on_progress:
+                on_progress(report)
+            await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        report.talk_ended_mono = time.monotonic()
+
+    async def drain(self, max_drain: float = 3.0) -> None:
+        """With the carrier: fall silent, let the echo's tail come back (a deadline, not a condition: a
+        lagging peer pads with silence, so no received frame proves that the tail is complete), count."""
+        if self.counter is None:
+            return
+        self.track.quiet = True
+        slowest = max(self.detector.rtts_ms) / 1000.0 if self.detector.rtts_ms else 1.0
+        try:
+            await asyncio.wait_for(self.failed.wait(), timeout=min(max_drain, 0.5 + 2.0 * slowest))
+        except TimeoutError:
+            pass
+        report = self.report
+        report.carrier_frames_sent = self.track.carrier_frames
+        report.carrier_frames_echoed = self.counter.frames
+        if self.track.carrier_frames:
+            report.audio_loss = min(1.0, max(0.0, 1.0 - report.carrier_frames_echoed / self.track.carrier_frames))
+
+    async def finish(self) -> None:
+        """Collect RTCP figures and settle which beeps count as sent and heard."""
+        report, detector = self.report, self.detector
+        await _collect_stats(self.pc, report)
+        # beeps sent in the last RTT cannot have come back yet: do not count them as sent
+        horizon = time.monotonic() - (max(detector.rtts_ms) / 1000.0 if detector.rtts_ms else 1.0) - 0.1
+        # ...unless it did come back (a fast last echo under a slow earlier maximum RTT)
+        report.beeps_sent = max(sum(1 for t in self.track.sent_at if t <= horizon),
+                                max(detector.matched, default=-1) + 1)
+        report.beep_echoed = [i in detector.matched for i in range(report.beeps_sent)]
+        report.beeps_heard = len(detector.rtts_ms)
+        report.audio_rtt_ms = list(detector.rtts_ms)
+        report.ok = not self.failed.is_set() and report.beeps_heard > 0
+        if not report.ok and report.error is None:
+            report.error = "session failed" if self.failed.is_set() else "no audio came back"
+
+    async def close(self) -> None:
+        """DELETE the session (if it was created) and hang up; safe to call more than once."""
+        report = self.report
+        report.frames_sent = self.track.frames
+        report.ice_states = self.states.states["ice"][1:]
+        report.connection_states = self.states.states["connection"][1:]
+        report.client_buffer_ms = self.buffering.summary()
+        if self.voice is not None:
+            report.frames_concealed = self.voice.buffer.concealed
+        if report.location and not self.http.closed:
+            try:
+                headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+                async with self.http.delete(report.location, headers=headers) as resp:
+                    await resp.read()
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                pass
+        await self.http.close()
+        for task in self._tasks:
+            task.cancel()
+        await self.pc.close()
+        report.ice_states = self.states.states["ice"][1:]
+        report.connection_states = self.states.states["connection"][1:]
+
+
 async def run_probe(
     whip_url: str,
     duration: float = 10.0,
@@ -344,6 +384,7 @@ async def run_probe(
     carrier: bool = False,
     max_drain: float = 3.0,
     gate: TalkGate | None = None,
+    low_latency: bool = False,
 ) -> ProbeReport:
     """Open one WHIP session, talk for ``duration`` seconds, close it, return what was measured.
 
@@ -353,133 +394,20 @@ async def run_probe(
     tail comes back.
     ``gate``: a ``TalkGate`` shared by concurrent probes; the talk phase (and the ``duration``) starts
     when every session of the gate is connected or has failed.
+    ``low_latency``: the probe receives through the transceiver's voice path (see ``Probe``).
     """
-    report = ProbeReport(whip_url=whip_url)
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    track = BeepTrack(interval=beep_interval)  # the carrier starts with the talk phase
-    detector = BeepDetector(track.sent_at)
-    counter = CarrierCounter() if carrier else None
-    t0 = time.monotonic()
-    ice_up = asyncio.Event()
-    dtls_up = asyncio.Event()
-    failed = asyncio.Event()
-    tasks: list[asyncio.Task] = []
-
-    @pc.on("iceconnectionstatechange")
-    def _ice_state() -> None:
-        state = pc.iceConnectionState
-        report.ice_states.append(state)
-        if state in ("connected", "completed") and report.ice_connected_ms is None:
-            report.ice_connected_ms = (time.monotonic() - t0) * 1000.0
-            ice_up.set()
-        if state == "failed":
-            failed.set()
-
-    @pc.on("connectionstatechange")
-    def _conn_state() -> None:
-        state = pc.connectionState
-        report.connection_states.append(state)
-        if state == "connected" and report.dtls_connected_ms is None:
-            report.dtls_connected_ms = (time.monotonic() - t0) * 1000.0
-            dtls_up.set()
-        if state == "failed":
-            failed.set()
-
-    async def consume(remote: MediaStreamTrack) -> None:
-        try:
-            while True:
-                frame = await remote.recv()
-                report.frames_received += 1
-                samples = mono_samples(frame)
-                detector.feed_samples(samples, frame.sample_rate, time.monotonic())
-                if counter is not None:
-                    counter.feed_samples(samples, frame.sample_rate)
-        except MediaStreamError:
-            return
-
-    @pc.on("track")
-    def _on_track(remote: MediaStreamTrack) -> None:
-        if remote.kind == "audio":
-            tasks.append(asyncio.ensure_future(consume(remote)))
-
-    pc.addTrack(track)
-    channel = pc.createDataChannel("probe")
-    pending_pings: dict[str, float] = {}
-
-    @channel.on("message")
-    def _on_message(message: object) -> None:
-        if isinstance(message, str) and message.startswith("ping "):
-            sent = pending_pings.pop(message, None)
-            if sent is not None:
-                report.datachannel_rtt_ms.append((time.monotonic() - sent) * 1000.0)
-
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=connect_timeout))
+    probe = Probe(whip_url, token, connect_timeout, beep_interval, carrier, low_latency)
+    report = probe.report
     try:
-        await pc.setLocalDescription(await pc.createOffer())
-        t_offer = time.monotonic()
-        report.offer_sent_ms = (t_offer - t0) * 1000.0
-        answer, report.location = await _post_offer(http, whip_url, pc.localDescription.sdp, token)
-        report.offer_to_answer_ms = (time.monotonic() - t_offer) * 1000.0
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-        up = asyncio.ensure_future(dtls_up.wait())
-        bad = asyncio.ensure_future(failed.wait())
-        done, _ = await asyncio.wait({up, bad}, timeout=connect_timeout, return_when=asyncio.FIRST_COMPLETED)
-        up.cancel()
-        bad.cancel()
-        if up not in done:
-            raise ProbeError(
-                f"session did not connect within {connect_timeout:.0f} s "
-                f"(ice: {'→'.join(report.ice_states) or 'new'}, "
-                f"connection: {'→'.join(report.connection_states) or 'new'})"
-            )
+        await probe.connect()
         if setup_only:
             report.ok = True
             return report
         if gate is not None:
             await gate.connected(timeout=connect_timeout)
-        track.carrier = carrier
-        report.talk_started_mono = time.monotonic()
-        deadline = time.monotonic() + duration
-        seq = 0
-        while time.monotonic() < deadline and not failed.is_set():
-            if channel.readyState == "open":
-                ping = f"ping {seq} {time.monotonic():.6f}"
-                pending_pings[ping] = time.monotonic()
-                channel.send(ping)
-                seq += 1
-            report.beeps_sent = len(track.sent_at)
-            report.beeps_heard = len(detector.rtts_ms)
-            report.audio_rtt_ms = list(detector.rtts_ms)
-            if on_progress:
-                on_progress(report)
-            await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
-        report.talk_ended_mono = time.monotonic()
-        if counter is not None:
-            # fall silent and let the echo's tail come back (a deadline, not a condition: a lagging
-            # peer pads with silence, so no received frame proves that the tail is complete)
-            track.quiet = True
-            slowest = max(detector.rtts_ms) / 1000.0 if detector.rtts_ms else 1.0
-            try:
-                await asyncio.wait_for(failed.wait(), timeout=min(max_drain, 0.5 + 2.0 * slowest))
-            except TimeoutError:
-                pass
-            echoed = counter.frames
-            report.carrier_frames_sent = track.carrier_frames
-            report.carrier_frames_echoed = echoed
-            if track.carrier_frames:
-                report.audio_loss = min(1.0, max(0.0, 1.0 - echoed / track.carrier_frames))
-        await _collect_stats(pc, report)
-        # beeps sent in the last RTT cannot have come back yet: do not count them as sent
-        horizon = time.monotonic() - (max(detector.rtts_ms) / 1000.0 if detector.rtts_ms else 1.0) - 0.1
-        # ...unless it did come back (a fast last echo under a slow earlier maximum RTT)
-        report.beeps_sent = max(sum(1 for t in track.sent_at if t <= horizon),
-                                max(detector.matched, default=-1) + 1)
-        report.beep_echoed = [i in detector.matched for i in range(report.beeps_sent)]
-        report.beeps_heard = len(detector.rtts_ms)
-        report.audio_rtt_ms = list(detector.rtts_ms)
-        report.ok = not failed.is_set() and report.beeps_heard > 0
-        if not report.ok and report.error is None:
-            report.error = "session failed" if failed.is_set() else "no audio came back"
+        await probe.talk(duration, on_progress)
+        await probe.drain(max_drain)
+        await probe.finish()
     except ProbeError as exc:
         report.error = str(exc)
         if gate is not None:
@@ -489,18 +417,7 @@ async def run_probe(
         if gate is not None:
             gate.failed()
     finally:
-        report.frames_sent = track.frames
-        if report.location:
-            try:
-                headers = {"Authorization": f"Bearer {token}"} if token else {}
-                async with http.delete(report.location, headers=headers) as resp:
-                    await resp.read()
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                pass
-        await http.close()
-        for task in tasks:
-            task.cancel()
-        await pc.close()
+        await probe.close()
     return report
 
 
@@ -524,13 +441,15 @@ async def _collect_stats(pc: RTCPeerConnection, report: ProbeReport) -> None:
                 report.packets_lost_downlink = item.packetsLost
 
 
-async def run_probes(whip_urls: list[str], sessions: int, duration: float,
-                     token: str | None = None, carrier: bool = False, together: bool = False) -> list[ProbeReport]:
+async def run_probes(whip_urls: list[str], sessions: int, duration: float, token: str | None = None,
+                     carrier: bool = False, together: bool = False,
+                     low_latency: bool = False) -> list[ProbeReport]:
     """``sessions`` concurrent probes spread round-robin over ``whip_urls``; with ``together`` they all
     start talking once all are connected (a ``TalkGate``)."""
     gate = TalkGate(sessions) if together else None
     return list(await asyncio.gather(*(
-        run_probe(whip_urls[i % len(whip_urls)], duration=duration, token=token, carrier=carrier, gate=gate)
+        run_probe(whip_urls[i % len(whip_urls)], duration=duration, token=token, carrier=carrier, gate=gate,
+                  low_latency=low_latency)
         for i in range(sessions)
     )))
 
@@ -562,6 +481,8 @@ def main() -> None:  # pragma: no cover - thin wrapper run inside lab namespaces
                         help="count lost audio frame by frame (a quiet carrier tone under the beeps)")
     parser.add_argument("--together", action="store_true",
                         help="concurrent sessions start talking when all are connected (one common window)")
+    parser.add_argument("--low-latency", action="store_true",
+                        help="receive through the transceiver's voice path instead of aiortc's 4-frame buffer")
     parser.add_argument("--token")
     args = parser.parse_args()
     if args.sequential is not None and args.sequential < 1:
@@ -578,7 +499,8 @@ async def _run(args: Any) -> list[ProbeReport]:  # noqa: ANN401 - argparse.Names
     if args.setup_only:
         return list(await asyncio.gather(*(run_probe(urls[i % len(urls)], token=args.token, setup_only=True)
                                            for i in range(args.sessions))))
-    return await run_probes(urls, args.sessions, args.duration, args.token, args.carrier, args.together)
+    return await run_probes(urls, args.sessions, args.duration, args.token, args.carrier, args.together,
+                            args.low_latency)
 
 
 if __name__ == "__main__":  # pragma: no cover

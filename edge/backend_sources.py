@@ -28,12 +28,13 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from splitrelay.wire.hint import MAX_BACKEND_ID
+from splitrelay.errors import SplitrelayError
 
 log = logging.getLogger(__name__)
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
-class BackendSourceError(Exception):
+class BackendSourceError(SplitrelayError):
     """A backend source could not be read (one-line reason)."""
 
 

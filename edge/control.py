@@ -27,14 +27,14 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 from aiohttp import web
-from splitrelay.edge.datapath import Backend, Datapath, DatapathError
-from splitrelay.wire.hint import MAX_BACKEND_ID
-from splitrelay.edge.userspace import UserspaceDatapath
+from splitrelay.bpf.consts import MAX_BACKEND_ID
+from splitrelay.edge.plane import DataPlane, NullPlane
+from splitrelay.edge.records import Backend, DatapathError, TableFullError
+from splitrelay.wire.stun import UFRAG_RULE, is_ufrag
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-UFRAG_RE = re.compile(r"[A-Za-z0-9+/]{4,32}")
 DIGITS_RE = re.compile(r"[0-9]{1,7}")  # ASCII only: str.isdigit() also takes '١' and 5000-digit strings
 OPEN_PATHS = {"/metrics", "/v1/health"}
 MAX_BODY = 16 * 1024
@@ -65,8 +65,8 @@ def _backend_id(raw: str) -> int:
 
 
 def _ufrag(raw: str) -> str:
-    if not UFRAG_RE.fullmatch(raw):
-        raise ApiError(400, "ufrag must be 4..32 ice-chars (A-Z a-z 0-9 + /)")
+    if not is_ufrag(raw):
+        raise ApiError(400, UFRAG_RULE)
     return raw
 
 
@@ -148,7 +148,7 @@ class SessionDeletions:
     answer still comes after the flows are gone.
     """
 
-    def __init__(self, datapath: Datapath, walker: Executor | None = None) -> None:
+    def __init__(self, datapath: DataPlane, walker: Executor | None = None) -> None:
         self.dp = datapath
         self.walker = walker
         self._pending: dict[str, asyncio.Future[bool]] = {}
@@ -187,7 +187,7 @@ class SessionDeletions:
 
 
 class ControlAPI:
-    """Routes of the control API over one data plane (XDP ``Datapath`` or ``UserspaceDatapath``).
+    """Routes of the control API over one ``DataPlane`` (edge/plane.py; none given: ``NullPlane``).
 
     ``resolve_mac(ip)`` returns the next-hop MAC of a backend (blocking; it runs in
     an executor and may raise with a one-line reason), ``relay_mac`` is the relay's
@@ -197,23 +197,23 @@ class ControlAPI:
 
     def __init__(
         self,
-        datapath: Datapath | UserspaceDatapath,
-        resolve_mac: Callable[[str], str],
-        relay_mac: str,
+        datapath: DataPlane | None = None,
+        resolve_mac: Callable[[str], str] | None = None,
+        relay_mac: str = "00:00:00:00:00:00",
         token: str | None = None,
         health: Callable[[], dict] | None = None,
         observe: Callable[[str, str, int, float], None] | None = None,
         walker: Executor | None = None,
     ) -> None:
-        self.dp = datapath
+        self.dp = datapath if datapath is not None else NullPlane()
         self.walker = walker
-        self.resolve_mac = resolve_mac
+        self.resolve_mac = resolve_mac or self.dp.next_hop_mac
         self.relay_mac = relay_mac
         self._expected_token = token.encode() if token else None
         self.health_info = health or dict
         self.observe = observe
         self.instances: dict[int, str] = {}  # backend id -> the process that registered it last
-        self.deletions = SessionDeletions(datapath, walker)
+        self.deletions = SessionDeletions(self.dp, walker)
 
     def app(self, extra_routes: list[web.RouteDef] | None = None) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
@@ -303,6 +303,8 @@ class ControlAPI:
         previous = self.instances.get(backend_id)
         try:
             self.dp.set_backend(backend)
+        except TableFullError as exc:
+            raise ApiError(503, f"cannot store backend {backend_id}: {exc}") from None
         except DatapathError:
             raise
         except Exception as exc:  # backends map full (E2BIG)
@@ -361,6 +363,8 @@ class ControlAPI:
             return web.json_response({"ufrag": ufrag, "backend": backend_id}, status=200)
         try:
             self.dp.set_session(ufrag, backend_id)
+        except TableFullError as exc:
+            raise ApiError(503, f"cannot store session: {exc}") from None
         except DatapathError:
             raise
         except Exception as exc:  # sessions map full (E2BIG)

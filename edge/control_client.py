@@ -14,10 +14,12 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote
 
+from splitrelay.errors import SplitrelayError
+
 DEFAULT_TIMEOUT = 2.0
 
 
-class ControlError(Exception):
+class ControlError(SplitrelayError):
     """The agent refused a request (status >= 400) or could not be reached (status 0)."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -164,37 +166,38 @@ class ControlClient:
             reason = getattr(exc, "reason", exc)
             raise ControlError(0, f"edge agent at {self.base_url} is unreachable: {reason}") from None
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """Any request of the API: the decoded JSON answer, or ControlError."""
         raw = self._request(method, path, body)
         return json.loads(raw) if raw else None
 
     def health(self) -> dict:
-        return self._call("GET", "/v1/health")
+        return self.call("GET", "/v1/health")
 
     def put_backend(self, backend_id: int, ip: str | None, port: int, ip6: str | None = None,
                     instance: str | None = None) -> dict:
-        return self._call("PUT", f"/v1/backends/{backend_id}", _backend_body(ip, port, ip6, instance))
+        return self.call("PUT", f"/v1/backends/{backend_id}", _backend_body(ip, port, ip6, instance))
 
     def delete_backend(self, backend_id: int) -> None:
-        self._call("DELETE", f"/v1/backends/{backend_id}")
+        self.call("DELETE", f"/v1/backends/{backend_id}")
 
     def backends(self) -> list[dict]:
-        return self._call("GET", "/v1/backends")
+        return self.call("GET", "/v1/backends")
 
     def put_session(self, ufrag: str, backend_id: int) -> dict:
-        return self._call("PUT", _session_path(ufrag), {"backend": backend_id})
+        return self.call("PUT", _session_path(ufrag), {"backend": backend_id})
 
     def delete_session(self, ufrag: str) -> None:
-        self._call("DELETE", _session_path(ufrag))
+        self.call("DELETE", _session_path(ufrag))
 
     def sessions(self) -> list[dict]:
-        return self._call("GET", "/v1/sessions")
+        return self.call("GET", "/v1/sessions")
 
     def flows(self, limit: int | None = None) -> list[dict]:
-        return self._call("GET", _flows_path(limit))
+        return self.call("GET", _flows_path(limit))
 
     def stats(self) -> dict:
-        return self._call("GET", "/v1/stats")
+        return self.call("GET", "/v1/stats")
 
     def metrics(self) -> str:
         return self._request("GET", "/metrics").decode()

@@ -1,9 +1,9 @@
 """Prometheus metrics of the edge agent, read from the data plane at scrape time.
 
-The data plane is the XDP one (``datapath.Datapath``) or the userspace relay
-(``userspace.UserspaceDatapath``): both answer ``counters()`` and ``map_fill()``
-with the same names, so every series below means the same for either, and
-``splitrelay_edge_datapath_info{kind}`` says which one is running.
+The data plane is any ``DataPlane`` (edge/plane.py: XDP or the userspace relay):
+each answers ``counters()`` and ``map_fill()`` with the same names, so every
+series below means the same for either, and ``splitrelay_edge_datapath_info{kind}``
+says which one is running.
 
 The per-CPU counters live in a pinned map and survive restarts, but a map that
 is recreated (upgrade with a changed layout, `edge detach --purge`, a reload of
@@ -23,8 +23,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from splitrelay.edge.datapath import Datapath
-from splitrelay.edge.userspace import UserspaceDatapath
+from splitrelay.edge.plane import DataPlane
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
 class EdgeCollector(Collector):
     """Reads the data plane on every scrape: counters (made monotonic), map fill, attachments."""
 
-    def __init__(self, datapath: Datapath | UserspaceDatapath, attach_info: Iterable[tuple[str, str, str]],
+    def __init__(self, datapath: DataPlane, attach_info: Iterable[tuple[str, str, str]],
                  kind: str = "xdp") -> None:
         self.dp = datapath
         self.attach_info = list(attach_info)  # (iface, program, mode)
@@ -120,7 +119,7 @@ class EdgeCollector(Collector):
 class EdgeMetrics:
     """The agent's registry: the data-plane collector plus the agent's own instruments."""
 
-    def __init__(self, datapath: Datapath | UserspaceDatapath, attach_info: Iterable[tuple[str, str, str]],
+    def __init__(self, datapath: DataPlane, attach_info: Iterable[tuple[str, str, str]],
                  kind: str = "xdp") -> None:
         self.registry = CollectorRegistry()
         self.collector = EdgeCollector(datapath, attach_info, kind)

@@ -25,6 +25,8 @@ from typing import TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_NEIGH
 
+from splitrelay.errors import SplitrelayError
+
 NUD_INCOMPLETE, NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = (
     0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80)
 NUD_VALID = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_NOARP | NUD_PERMANENT
@@ -34,7 +36,7 @@ REPROBE_S = 1.0
 T = TypeVar("T")
 
 
-class NeighbourError(Exception):
+class NeighbourError(SplitrelayError):
     """A next hop's MAC could not be found (one-line reason)."""
 
 

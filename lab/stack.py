@@ -14,17 +14,25 @@ from pathlib import Path
 
 from splitrelay.edge.control_client import ControlClient
 from splitrelay.edge.datapath import unpin
+from splitrelay.lab import impair
+from splitrelay.lab.impair import Impairment
 from splitrelay.lab.topology import STATE_DIR, Lab
 from splitrelay.lab.netns import LabError, in_netns
 
 CONTROL_PORT = 8470
 BACKEND_PORT = 5000
 WHIP_PORT = 8080
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 120.0  # bounds a failure only: a bcc compile took 31 s at load 12; --relays N compiles N at once
 
 
-def control_url(lab: Lab) -> str:
-    return f"http://{lab.relay_internal.ip4}:{CONTROL_PORT}"
+def control_url(lab: Lab, relay: int = 1) -> str:
+    """Relay ``relay``'s agent: its control API and /metrics, on that relay's internal address."""
+    return f"http://{lab.relay(relay).internal.ip4}:{CONTROL_PORT}"
+
+
+def instance(lab: Lab, relay: int = 1) -> str:
+    """The pinned-map instance of relay ``relay``'s agent (relay 1's is the lab's name, as always)."""
+    return lab.name if relay == 1 else f"{lab.name}-r{relay}"
 
 
 def whip_url(t) -> str:  # noqa: ANN001
@@ -48,7 +56,24 @@ def lab_info(lab: Lab) -> dict:
              "whip_url": whip_url(t)}
             for t in lab.transceivers
         ],
+        "impaired": {link: {"netns": entry["netns"], **impaired_with(lab, link)}
+                     for link, entry in lab.impaired.items()},
+        "relays": [
+            {"index": r.index, "netns": r.netns, "relay_public": f"{r.public.ip4}:{lab.relay_port}",
+             "relay_public6": f"[{r.public.ip6}]:{lab.relay_port}", "control_url": control_url(lab, r.index),
+             "client_ip": r.client.ip4, "client_ip6": r.client.ip6, "instance": instance(lab, r.index),
+             "impaired": r.link in lab.impaired}
+            for r in lab.relays
+        ],
     }
+
+
+def impaired_with(lab: Lab, link: str) -> dict:
+    """The impairment a link's forwarder runs with (lab/impair.py), {} when it is not known."""
+    try:
+        return json.loads(impair.config_path(lab, link).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def wait_ready(proc: subprocess.Popen, log_path: Path, marker: str, what: str,
@@ -73,26 +98,40 @@ def log_file(lab: Lab, daemon: str) -> Path:
 
 
 def start_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None = None,
-                datapath: str = "xdp") -> subprocess.Popen:
-    """The edge agent in the relay namespace, on the XDP data plane or the userspace relay."""
-    argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "edge", "serve", lab.relay_public.ifname,
-            "--internal", lab.relay_internal.ifname, "--public-ip", lab.relay_public.ip4,
-            "--public-ip", lab.relay_public.ip6, "--gateway-ip", lab.client.ip4,
-            "--listen", f"{lab.relay_internal.ip4}:{CONTROL_PORT}", "--instance", lab.name,
+                datapath: str = "xdp", relay: int = 1) -> subprocess.Popen:
+    """The edge agent in relay ``relay``'s namespace, on the XDP data plane or the userspace relay."""
+    proc, path = spawn_agent(lab, policy, extra_args, datapath, relay)
+    wait_ready(proc, path, "edge agent ready", _agent_name(relay))
+    return proc
+
+
+def _agent_name(relay: int) -> str:
+    return "edge agent" if relay == 1 else f"edge agent of relay {relay}"
+
+
+def spawn_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None = None,
+                datapath: str = "xdp", relay: int = 1) -> tuple[subprocess.Popen, Path]:
+    """Start relay ``relay``'s agent without waiting (several compile their XDP programs at once)."""
+    r = lab.relay(relay)
+    argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "edge", "serve", r.public.ifname,
+            "--internal", r.internal.ifname, "--public-ip", r.public.ip4,
+            "--public-ip", r.public.ip6, "--gateway-ip", r.client.ip4,
+            "--listen", f"{r.internal.ip4}:{CONTROL_PORT}", "--instance", instance(lab, relay),
             "--policy", policy, "--port", str(lab.relay_port), "--detach-on-exit", "--datapath", datapath,
             *(extra_args or [])]
-    path = log_file(lab, "agent")
+    path = log_file(lab, "agent" if relay == 1 else f"agent{relay}")
     with path.open("w") as log:  # the daemon outlives `lab up`: its output goes to a file, not a pipe
-        proc = lab.popen(lab.relay_public.netns, argv, stderr=log, stdout=log, stdin=subprocess.DEVNULL)
-    wait_ready(proc, path, "edge agent ready", "edge agent")
-    return proc
+        proc = lab.popen(r.netns, argv, stderr=log, stdout=log, stdin=subprocess.DEVNULL)
+    return proc, path
 
 
 def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
                       extra_args: list[str] | None = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
             "--backend-id", str(t.backend_id), "--bind", f"{t.ip4}:{BACKEND_PORT}", "--ip6", t.ip6,
-            "--relay", f"{lab.relay_public.ip4}:{lab.relay_port}", "--relay-control", control_url(lab),
+            # every relay, relay 1 (the client's default route) first and so preferred; both of each
+            # relay's public addresses: IPv6 clients get a candidate too
+            *relay_args(lab),
             "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler, *(extra_args or [])]
     path = log_file(lab, f"t{t.index}")
     with path.open("w") as log:
@@ -101,26 +140,46 @@ def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
     return proc
 
 
-def control(lab: Lab, fn):
-    """Call the lab agent's control API from inside the relay namespace."""
-    return in_netns(lab.relay_public.netns, lambda: fn(ControlClient(control_url(lab))))
+def relay_args(lab: Lab) -> list[str]:
+    """`transceiver serve` arguments naming every relay of the lab with its agent, in relay order."""
+    args = []
+    for r in lab.relays:
+        args += ["--relay", f"{r.link}={r.public.ip4}:{lab.relay_port},[{r.public.ip6}]:{lab.relay_port}",
+                 "--relay-control", control_url(lab, r.index)]
+    return args
+
+
+def control(lab: Lab, fn, relay: int = 1):
+    """Call relay ``relay``'s agent's control API from inside that relay's namespace."""
+    return in_netns(lab.relay(relay).netns, lambda: fn(ControlClient(control_url(lab, relay))))
 
 
 def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
-              handler: str | None = "echo", agent_args: list[str] | None = None,
-              hint_key_file: str | None = None) -> dict:
-    """Namespaces, the edge agent and (unless handler is None) one transceiver per host."""
-    lab = Lab.create(transceivers=transceivers, name=name)
+              handler: str | list[str] | None = "echo", agent_args: list[str] | None = None,
+              hint_key_file: str | None = None, impair: Impairment | None = None, relays: int = 1,
+              far: Impairment | None = None) -> dict:
+    """Namespaces, one edge agent per relay and (unless handler is None) one transceiver per host;
+    ``impair`` delays/drops UDP on the client's link to relay 1, ``far`` on its link to the last relay;
+    ``handler``: one spec for every transceiver, or a list of one spec per transceiver.
+
+    Every transceiver is a backend of every relay: each registers itself and its sessions with every
+    relay (one --relay/--relay-control pair per relay, relay 1 preferred), or, with ``handler=None``,
+    the lab puts it in every relay's backend table.
+    """
+    lab = Lab.create(transceivers=transceivers, name=name, impair=impair, relays=relays, far=far)
     try:
         key_args = ["--hint-key-file", hint_key_file] if hint_key_file else []
-        start_agent(lab, policy, (agent_args or []) + key_args)
-        for t in lab.transceivers:
-            if agent_args and any(a in agent_args for a in ("--backends-file", "--k8s-service")):
-                break  # the agent follows its own backend source
-            if handler is None:
-                control(lab, lambda c, t=t: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6))
-            else:
-                start_transceiver(lab, t, handler, key_args)
+        agents = [spawn_agent(lab, policy, (agent_args or []) + key_args, relay=r.index) for r in lab.relays]
+        for r, (proc, path) in zip(lab.relays, agents, strict=True):
+            wait_ready(proc, path, "edge agent ready", _agent_name(r.index))
+        own_source = agent_args and any(a in agent_args for a in ("--backends-file", "--k8s-service"))
+        for position, t in enumerate([] if own_source else lab.transceivers):  # else the agents' own source
+            if handler is not None:
+                spec = handler[position % len(handler)] if isinstance(handler, list) else handler
+                start_transceiver(lab, t, spec, key_args)
+                continue
+            for r in lab.relays:
+                control(lab, lambda c, t=t: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6), r.index)
     except BaseException:
         stop_lab(lab.name)
         raise
@@ -130,7 +189,8 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
 def stop_lab(name: str) -> None:
     lab = Lab.load(name)
     lab.destroy()
-    unpin(lab.name)
+    for r in lab.relays:
+        unpin(instance(lab, r.index))
     for path in STATE_DIR.glob(f"{name}-*.log"):
         path.unlink()
 

@@ -1,5 +1,8 @@
 """A relay network on one machine: client, relay and transceiver hosts as network namespaces.
 
+(Over 400 lines on purpose: this docstring is the topology's one description, and the Lab
+dataclass's build, process and teardown steps share its state; netlink steps are lab/links.py.)
+
 One module serves the tests, ``splitrelay lab`` and the demo, so all three
 exercise the same topology (``P`` is the lab's random prefix, e.g. ``sr3fa9c1``)::
 
@@ -8,15 +11,26 @@ exercise the same topology (``P`` is the lab's random prefix, e.g. ``sr3fa9c1``)
                     int0 ----- veth ----- rint --+-- bridge br0 -- tNm --- veth --- eth1
     s0 ----------------- veth ----------- scli --+-- bridge sig -- tNs --- veth --- sig0
 
-Address plan (every lab uses the same addresses; namespaces keep labs apart):
+    with relays=K, relay k >= 2 (P-rk):        with an impaired link (lab/impair.py):
+    c(k-1) --- veth --- pub0                   c0 --- ia [P-imp: forwarder] ib --- pub0
+                        int0 --- rkint (br0)   (relay k's link: P-ik)
 
-=============  ===============  ============  =============================================
-network        IPv4             IPv6 (ULA)    members
-=============  ===============  ============  =============================================
-public         172.31.0.0/24    fd00:31::/64  client c0 .2 ::2, relay pub0 .1 ::1
-internal       172.31.1.0/24    fd00:32::/64  relay int0 .1 ::1, transceiver N eth1 .(10+N) ::(10+N, hex)
-signaling      172.31.2.0/24    fd00:33::/64  client s0 .2 ::2, transceiver N sig0 .(10+N) ::(10+N, hex)
-=============  ===============  ============  =============================================
+Relays.  Each relay has its own namespace, public network (the client has one
+link and one address on each; relay 1 stays its default route), agent and
+internal address.  The internal addresses share the transceivers' segment
+(br0): today's agent needs its backends on-link (edge/neighbours.py).  Each
+transceiver routes relay k's public network via relay k's internal address, so
+with DNAT-only XDP an answer to a client that came in by relay k leaves by relay k.
+
+Addresses (lab/addresses.py): IPv4 from 198.18.0.0/15 (benchmarking, routed
+nowhere), IPv6 from a random ULA /48 per lab, never a range the host uses::
+
+    public     B.0.0/24  P::/64    client c0 .2 ::2, relay pub0 .1 ::1
+    internal   B.1.0/24  P:1::/64  relay int0 .1 ::1, transceiver N eth1 .(10+N) ::(10+N, hex)
+    signaling  B.2.0/24  P:2::/64  client s0 .2 ::2, transceiver N sig0 .(10+N) ::(10+N, hex)
+
+Nothing routes these on the host: commands reach a lab by entering its
+namespaces (``splitrelay stats --lab NAME``), never through the host's default route.
 
 Media.  The client routes everything (default, v4 and v6) via the relay's
 public address; transceivers route the public network via the relay's internal
@@ -91,7 +105,10 @@ from typing import Any, TypeVar
 
 from pyroute2 import IPRoute, netns as pnetns
 
-from splitrelay.lab import procs
+from splitrelay.lab import addresses, impair, procs
+from splitrelay.lab.impair import Impairment
+from splitrelay.lab import links
+from splitrelay.lab.links import set_sysctls
 from splitrelay.lab.netns import (AF_INET, AF_INET6, NETNS_DIR, LabError, in_netns, list_namespaces, netns_path,
                                   netns_socket, nsenter_argv)
 
@@ -103,12 +120,6 @@ STEM_ENV = "SPLITRELAY_LAB_STEM"
 BACKEND_TABLE = 100
 MAX_TRANSCEIVERS = 50
 
-NETWORKS = {
-    "public": ("172.31.0.0/24", "fd00:31::/64"),
-    "internal": ("172.31.1.0/24", "fd00:32::/64"),
-    "signaling": ("172.31.2.0/24", "fd00:33::/64"),
-}
-IFA_F_NODAD = 0x02
 IFF_LOWER_UP = 1 << 16
 
 T = TypeVar("T")
@@ -136,6 +147,30 @@ class Transceiver(Host):
 
 
 @dataclass
+class Relay:
+    """One relay host: its public side, its internal side, and the client's end of its public link."""
+
+    index: int
+    public: Host
+    internal: Host
+    client: Host
+
+    @property
+    def netns(self) -> str:
+        return self.public.netns
+
+    @property
+    def switch_port(self) -> str:
+        """Its internal veth's end in the switch namespace (on the bridge br0)."""
+        return "rint" if self.index == 1 else f"r{self.index}int"
+
+    @property
+    def link(self) -> str:
+        """The name of the client's link to it, as impairments name it."""
+        return f"relay{self.index}"
+
+
+@dataclass
 class Lab:
     name: str
     prefix: str
@@ -148,29 +183,47 @@ class Lab:
     pids: list[int] = field(default_factory=list)
     pid_starts: dict[str, int] = field(default_factory=dict)
     relay_port: int = 3478
-    networks: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in NETWORKS.items()})
+    networks: dict[str, list[str]] = field(default_factory=dict)
     created_at: float = 0.0
+    impaired: dict[str, dict] = field(default_factory=dict)   # link -> {"netns", "pid"} (lab/impair.py)
+    extra_relays: list[Relay] = field(default_factory=list)    # relays 2..N (relay 1: the fields above)
 
     # -- building ------------------------------------------------------------------------
 
     @classmethod
     def create(cls, transceivers: int = 2, name: str | None = None, relay_port: int = 3478,
-               stem: str | None = None) -> Lab:
-        """Build a lab with ``transceivers`` transceiver hosts; on any failure nothing is left behind."""
+               stem: str | None = None, impair: Impairment | None = None, relays: int = 1,
+               far: Impairment | None = None) -> Lab:
+        """Build a lab with ``transceivers`` transceiver hosts and ``relays`` relays in front of them;
+        on any failure nothing is left behind.
+
+        ``impair`` puts the client's link to relay 1 (link "relay1") through an impairment forwarder
+        (lab/impair.py): delay, jitter, loss on UDP; ``far`` does the same to the last relay's link,
+        making it the far one (needs ``relays`` >= 2).
+        """
         if os.geteuid() != 0:
             raise LabError("a lab needs root (network namespaces, veth, XDP)")
         if not 1 <= transceivers <= MAX_TRANSCEIVERS:
             raise LabError(f"transceivers must be 1..{MAX_TRANSCEIVERS}, got {transceivers}")
         if not 1 <= relay_port <= 65535:
             raise LabError(f"relay_port must be 1..65535, got {relay_port}")
+        if not 1 <= relays <= addresses.MAX_RELAYS:
+            raise LabError(f"relays must be 1..{addresses.MAX_RELAYS}, got {relays}")
+        if far is not None and relays < 2:
+            raise LabError("a far relay needs at least 2 relays")
+        impaired = {"relay1": impair} if impair else {}
+        if far:
+            impaired[f"relay{relays}"] = far
         stem = stem if stem is not None else os.environ.get(STEM_ENV) or DEFAULT_STEM
         if not re.fullmatch(r"[a-z][a-z0-9]{0,4}", stem):
             raise LabError(f"lab stem must be 1..5 lowercase letters/digits starting with a letter, got {stem!r}")
         if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}", name):
             raise LabError(f"lab name must be 1..32 of A-Z a-z 0-9 _ . - (not starting with . or -), got {name!r}")
-        lab = cls._claim(stem, name, transceivers, relay_port)
+        lab = cls._claim(stem, name, transceivers, relay_port, relays, impaired)
         try:
             lab._build()
+            for link, impairment in impaired.items():
+                lab._start_impairment(link, impairment)
         except BaseException as exc:
             lab.destroy()
             if isinstance(exc, Exception) and not isinstance(exc, LabError):
@@ -180,14 +233,18 @@ class Lab:
         return lab
 
     @classmethod
-    def _claim(cls, stem: str, name: str | None, transceivers: int, relay_port: int) -> Lab:
+    def _claim(cls, stem: str, name: str | None, transceivers: int, relay_port: int, relays: int,
+               impaired: dict[str, Impairment]) -> Lab:
         """Pick a free prefix and claim the name with an exclusive state file (runs may overlap)."""
         STATE_DIR.mkdir(parents=True, exist_ok=True)
+        plan = addresses.choose()
         for _ in range(32):
             prefix = stem + secrets.token_hex(3)
             if any(ns.startswith(prefix + "-") for ns in list_namespaces()):
                 continue
-            lab = cls._plan(prefix, name or prefix, transceivers, relay_port)
+            lab = cls._plan(prefix, name or prefix, transceivers, relay_port, plan, relays)
+            lab.impaired = {link: {"netns": f"{prefix}-imp" if link == "relay1" else f"{prefix}-i{link[5:]}",
+                                   "pid": 0} for link in impaired}
             try:
                 fd = os.open(STATE_DIR / f"{lab.name}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
@@ -201,28 +258,48 @@ class Lab:
         raise LabError("could not find a free lab prefix")
 
     @classmethod
-    def _plan(cls, prefix: str, name: str, transceivers: int, relay_port: int) -> Lab:
+    def _plan(cls, prefix: str, name: str, transceivers: int, relay_port: int,
+              plan: addresses.AddressPlan, relays: int = 1) -> Lab:
         rly = f"{prefix}-rly"
         lab = cls(
             name=name, prefix=prefix,
-            client=Host(f"{prefix}-cli", "c0", "172.31.0.2", "fd00:31::2"),
-            relay_public=Host(rly, "pub0", "172.31.0.1", "fd00:31::1"),
-            relay_internal=Host(rly, "int0", "172.31.1.1", "fd00:32::1"),
+            client=Host(f"{prefix}-cli", "c0", *plan.host("public", 2)),
+            relay_public=Host(rly, "pub0", *plan.host("public", 1)),
+            relay_internal=Host(rly, "int0", *plan.host("internal", 1)),
             switch_netns=f"{prefix}-sw",
-            client_signal=Host(f"{prefix}-cli", "s0", "172.31.2.2", "fd00:33::2"),
-            relay_port=relay_port, created_at=time.time(),
+            client_signal=Host(f"{prefix}-cli", "s0", *plan.host("signaling", 2)),
+            relay_port=relay_port, networks=plan.networks(relays), created_at=time.time(),
         )
+        for k in range(2, relays + 1):
+            ns = f"{prefix}-r{k}"
+            lab.extra_relays.append(Relay(k, Host(ns, "pub0", *plan.host("public", 1, k)),
+                                          Host(ns, "int0", *plan.host("internal", k)),
+                                          Host(lab.client.netns, f"c{k - 1}", *plan.host("public", 2, k))))
         for i in range(1, transceivers + 1):
-            lab.transceivers.append(Transceiver(
-                f"{prefix}-t{i}", "eth1", f"172.31.1.{10 + i}", f"fd00:32::{10 + i:x}",
-                index=i, backend_id=i, signal_ip4=f"172.31.2.{10 + i}", signal_ip6=f"fd00:33::{10 + i:x}",
-            ))
+            ip4, ip6 = plan.host("internal", 10 + i)
+            signal_ip4, signal_ip6 = plan.host("signaling", 10 + i)
+            lab.transceivers.append(Transceiver(f"{prefix}-t{i}", "eth1", ip4, ip6, index=i, backend_id=i,
+                                                signal_ip4=signal_ip4, signal_ip6=signal_ip6))
         return lab
+
+    @property
+    def relays(self) -> list[Relay]:
+        """Every relay, relay 1 first (its hosts are the lab's relay_public, relay_internal and client)."""
+        return [Relay(1, self.relay_public, self.relay_internal, self.client), *self.extra_relays]
+
+    def relay(self, index: int) -> Relay:
+        if not 1 <= index <= len(self.relays):
+            raise LabError(f"lab {self.name} has relays 1..{len(self.relays)}, not {index}")
+        return self.relays[index - 1]
+
+    def public_network(self, relay: int = 1) -> list[str]:
+        """[IPv4, IPv6] prefixes of relay ``relay``'s public network (the client is on each)."""
+        return self.networks["public" if relay == 1 else f"public{relay}"]
 
     def namespaces(self) -> list[str]:
         return [self.client.netns, self.relay_public.netns, self.switch_netns] + [
             t.netns for t in self.transceivers
-        ]
+        ] + [r.netns for r in self.extra_relays] + [link["netns"] for link in self.impaired.values()]
 
     @property
     def client_signal_ip4(self) -> str:
@@ -230,14 +307,17 @@ class Lab:
 
     @property
     def signal_host(self) -> Host:
-        return self.client_signal or Host(self.client.netns, "s0", "172.31.2.2", "")
+        return self.client_signal or Host(self.client.netns, "s0", "", "")
 
     def veths(self) -> list[tuple[str, str]]:
         """Every (namespace, ifname) veth end the lab made."""
         sw = self.switch_netns
-        ends = [(self.client.netns, "c0"), (self.relay_public.netns, "pub0"),
-                (self.relay_internal.netns, "int0"), (sw, "rint"),
-                (self.client.netns, "s0"), (sw, "scli")]
+        ends = [(self.client.netns, "s0"), (sw, "scli")]
+        for r in self.relays:
+            ends += [(self.client.netns, r.client.ifname), (r.netns, r.public.ifname),
+                     (r.netns, r.internal.ifname), (sw, r.switch_port)]
+        for link in self.impaired.values():
+            ends += [(link["netns"], "ia"), (link["netns"], "ib")]
         for t in self.transceivers:
             ends += [(t.netns, t.ifname), (sw, f"t{t.index}m"), (t.netns, t.signal_ifname), (sw, f"t{t.index}s")]
         return ends
@@ -248,103 +328,136 @@ class Lab:
                 pnetns.create(ns)
             except FileExistsError:
                 raise LabError(f"namespace {ns} already exists") from None
-        cli, rly, sw = self.client.netns, self.relay_public.netns, self.switch_netns
+        cli, sw = self.client.netns, self.switch_netns
+        no_ipv6 = {"net/ipv6/conf/all/disable_ipv6": "1", "net/ipv6/conf/default/disable_ipv6": "1"}
 
         # kernel settings before any interface exists, so per-interface defaults follow them
-        set_sysctls(sw, {"net/ipv6/conf/all/disable_ipv6": "1", "net/ipv6/conf/default/disable_ipv6": "1"})
-        set_sysctls(rly, {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0",
-                       "net/ipv6/conf/default/forwarding": "0"})
+        for ns in [sw, *(link["netns"] for link in self.impaired.values())]:
+            set_sysctls(ns, no_ipv6)
+        for r in self.relays:
+            set_sysctls(r.netns, {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0",
+                                  "net/ipv6/conf/default/forwarding": "0"})
 
         def switch_bridges(ipr: IPRoute) -> None:
-            _up(ipr, "lo")
+            links.up(ipr, "lo")
             for bridge in ("br0", "sig"):
                 ipr.link("add", ifname=bridge, kind="bridge", br_forward_delay=0, br_stp_state=0,
                          br_mcast_snooping=0)  # a plain switch: flood, learn unicast MACs
 
-        _netlink(sw, switch_bridges)
+        links.netlink(sw, switch_bridges)
         # every veth is created with both ends already in their namespaces
-        self._veth(cli, "c0", rly, "pub0")
-        self._veth(rly, "int0", sw, "rint")
+        for r in self.relays:
+            imp = self.impaired.get(r.link, {}).get("netns")
+            if imp:   # client -- ia [impairment forwarder] ib -- relay: a transparent L2 wire
+                self._veth(cli, r.client.ifname, imp, "ia")
+                self._veth(imp, "ib", r.netns, r.public.ifname)
+                links.netlink(imp, lambda ipr: (links.up(ipr, "ia"), links.up(ipr, "ib")))
+            else:
+                self._veth(cli, r.client.ifname, r.netns, r.public.ifname)
+            self._veth(r.netns, r.internal.ifname, sw, r.switch_port)
         self._veth(cli, "s0", sw, "scli")
         for t in self.transceivers:
             self._veth(t.netns, t.ifname, sw, f"t{t.index}m")
             self._veth(t.netns, t.signal_ifname, sw, f"t{t.index}s")
 
         def switch_ports(ipr: IPRoute) -> None:
-            ports = {"rint": "br0", "scli": "sig"}
+            ports = {r.switch_port: "br0" for r in self.relays}
+            ports["scli"] = "sig"
             for t in self.transceivers:
                 ports[f"t{t.index}m"] = "br0"
                 ports[f"t{t.index}s"] = "sig"
             for port, bridge in ports.items():
-                ipr.link("set", index=_index(ipr, port), master=_index(ipr, bridge))
+                ipr.link("set", index=links.index(ipr, port), master=links.index(ipr, bridge))
             for dev in ("br0", "sig", *ports):
-                _up(ipr, dev)
+                links.up(ipr, dev)
 
-        _netlink(sw, switch_ports)
-        pub4, pub6 = NETWORKS["public"]
-        int4, int6 = NETWORKS["internal"]
+        links.netlink(sw, switch_ports)
+        int4, int6 = self.networks["internal"]
 
         def client(ipr: IPRoute) -> None:
-            _up(ipr, "lo")
-            _addresses(ipr, self.client, 24, 64)
-            _addresses(ipr, self.signal_host, 24, 64)
-            ipr.route("add", dst="0.0.0.0/0", gateway=self.relay_public.ip4)
+            links.up(ipr, "lo")
+            for r in self.relays:   # one link per relay, each on that relay's public network
+                links.addresses(ipr, r.client, 24, 64)
+                r.client.mac = links.mac(ipr, r.client.ifname)
+            links.addresses(ipr, self.signal_host, 24, 64)
+            ipr.route("add", dst="0.0.0.0/0", gateway=self.relay_public.ip4)      # relay 1 is the default
             ipr.route("add", family=AF_INET6, dst="::/0", gateway=self.relay_public.ip6)
-            self.client.mac = _mac(ipr, "c0")
-            self.signal_host.mac = _mac(ipr, "s0")
+            self.signal_host.mac = links.mac(ipr, "s0")
 
-        _netlink(cli, client)
+        links.netlink(cli, client)
 
-        def relay(ipr: IPRoute) -> None:
-            _up(ipr, "lo")
-            _addresses(ipr, self.relay_public, 24, 64)
-            _addresses(ipr, self.relay_internal, 24, 64)
+        def relay(ipr: IPRoute, r: Relay) -> None:
+            links.up(ipr, "lo")
+            links.addresses(ipr, r.public, 24, 64)
+            links.addresses(ipr, r.internal, 24, 64)
             # host firewall: the internal side (control API) is not reachable from the public side
-            for family, own, bits in ((AF_INET, self.relay_internal.ip4, 32),
-                                      (AF_INET6, self.relay_internal.ip6, 128)):
-                ipr.rule("add", family=family, priority=10, iifname=self.relay_public.ifname, dst=own,
+            for family, own, bits in ((AF_INET, r.internal.ip4, 32), (AF_INET6, r.internal.ip6, 128)):
+                ipr.rule("add", family=family, priority=10, iifname=r.public.ifname, dst=own,
                          dst_len=bits, action="FR_ACT_PROHIBIT")
                 ipr.rule("add", family=family, priority=20, table=255)   # local, after the firewall rule
                 ipr.rule("del", family=family, priority=0, table=255)
-            self.relay_public.mac = _mac(ipr, "pub0")
-            self.relay_internal.mac = _mac(ipr, "int0")
+            r.public.mac = links.mac(ipr, r.public.ifname)
+            r.internal.mac = links.mac(ipr, r.internal.ifname)
 
-        _netlink(rly, relay)
+        for r in self.relays:
+            links.netlink(r.netns, lambda ipr, r=r: relay(ipr, r))
+        # each relay's public network is reached through that relay (replies leave the way they came)
+        public_routes = [(self.public_network(r.index), r.internal) for r in self.relays]
 
         def transceiver(ipr: IPRoute, t: Transceiver) -> None:
-            _up(ipr, "lo")
-            _addresses(ipr, t, 24, 64)
-            _addresses(ipr, Host(t.netns, t.signal_ifname, t.signal_ip4, t.signal_ip6), 24, 64)
-            eth = _index(ipr, t.ifname)
-            ipr.route("add", dst=pub4, gateway=self.relay_internal.ip4)
-            ipr.route("add", family=AF_INET6, dst=pub6, gateway=self.relay_internal.ip6)
-            # a backend address leaves only through the relay (or to the internal net), never otherwise
-            for family, own, bits, net, gateway, pub, default in (
-                    (AF_INET, t.ip4, 32, int4, self.relay_internal.ip4, pub4, "0.0.0.0/0"),
-                    (AF_INET6, t.ip6, 128, int6, self.relay_internal.ip6, pub6, "::/0")):
+            links.up(ipr, "lo")
+            links.addresses(ipr, t, 24, 64)
+            links.addresses(ipr, Host(t.netns, t.signal_ifname, t.signal_ip4, t.signal_ip6), 24, 64)
+            eth = links.index(ipr, t.ifname)
+            for (pub4, pub6), via in public_routes:
+                ipr.route("add", dst=pub4, gateway=via.ip4)
+                ipr.route("add", family=AF_INET6, dst=pub6, gateway=via.ip6)
+            # a backend address leaves only through a relay (or to the internal net), never otherwise
+            for family, own, bits, net, default in ((AF_INET, t.ip4, 32, int4, "0.0.0.0/0"),
+                                                    (AF_INET6, t.ip6, 128, int6, "::/0")):
                 ipr.rule("add", family=family, priority=BACKEND_TABLE, src=own, src_len=bits,
                          table=BACKEND_TABLE)
                 ipr.route("add", family=family, dst=net, oif=eth, table=BACKEND_TABLE)
-                ipr.route("add", family=family, dst=pub, gateway=gateway, table=BACKEND_TABLE)
+                for nets, via in public_routes:
+                    v6 = family == AF_INET6
+                    ipr.route("add", family=family, dst=nets[v6], gateway=via.ip6 if v6 else via.ip4,
+                              table=BACKEND_TABLE)
                 ipr.route("add", family=family, dst=default, type="unreachable", table=BACKEND_TABLE)
-            t.mac = _mac(ipr, t.ifname)
-            t.signal_mac = _mac(ipr, t.signal_ifname)
+            t.mac = links.mac(ipr, t.ifname)
+            t.signal_mac = links.mac(ipr, t.signal_ifname)
 
         for t in self.transceivers:
-            _netlink(t.netns, lambda ipr, t=t: transceiver(ipr, t))
+            links.netlink(t.netns, lambda ipr, t=t: transceiver(ipr, t))
 
         # offloads (ethtool has no netlink equivalent in pyroute2 that we rely on)
+        gro = {(cli, r.client.ifname) for r in self.relays} | {(sw, r.switch_port) for r in self.relays}
+        gro |= {(link["netns"], "ib") for link in self.impaired.values()}
         for ns, dev in self.veths():
             argv = ["ethtool", "-K", dev, "tx", "off"]
-            if (ns, dev) in ((cli, "c0"), (sw, "rint")):
+            if (ns, dev) in gro:
                 argv += ["gro", "on"]  # frames XDP redirects into pub0/int0 arrive here
             procs.run(nsenter_argv(ns, argv))
         self._check_carrier()
 
+    def _start_impairment(self, link: str, impairment: Impairment) -> None:
+        """The forwarder of an impaired link, running once its stats file appears."""
+        config, stats = impair.config_path(self, link), impair.stats_path(self, link)
+        config.write_text(json.dumps(impairment.to_json()))
+        proc = self.popen(self.impaired[link]["netns"], impair.argv(config, stats),
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.impaired[link]["pid"] = proc.pid
+        self.save()
+        deadline = time.monotonic() + 10.0
+        while not stats.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = proc.stderr.read().strip() if proc.poll() is not None else "no stats after 10 s"
+                raise LabError(f"impairment forwarder of link {link} did not start: {why}")
+            time.sleep(0.02)
+
     def _veth(self, a_ns: str, a: str, b_ns: str, b: str) -> None:
         peer_ns = os.open(netns_path(b_ns), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            _netlink(a_ns, lambda ipr: ipr.link("add", ifname=a, kind="veth",
+            links.netlink(a_ns, lambda ipr: ipr.link("add", ifname=a, kind="veth",
                                                 peer={"ifname": b, "net_ns_fd": peer_ns}))
         finally:
             os.close(peer_ns)
@@ -353,14 +466,14 @@ class Lab:
         """Every lab veth has carrier (veth raises it synchronously when both ends are up)."""
         missing = []
         for ns in dict.fromkeys(ns for ns, _ in self.veths()):
-            up = _netlink(ns, lambda ipr: {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
+            up = links.netlink(ns, lambda ipr: {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
                                            if link["flags"] & IFF_LOWER_UP})
             missing += [(n, dev) for n, dev in self.veths() if n == ns and dev not in up]
         if missing:
             raise LabError(f"no carrier on {missing}")
 
     def mac(self, netns: str, ifname: str) -> str:
-        return _netlink(netns, lambda ipr: _mac(ipr, ifname))
+        return links.netlink(netns, lambda ipr: links.mac(ipr, ifname))
 
     # -- processes -----------------------------------------------------------------------
 
@@ -428,6 +541,8 @@ class Lab:
         elif legacy_signal:
             data["client_signal"] = Host(data["client"].netns, "s0", legacy_signal, "")
         data["transceivers"] = [Transceiver(**t) for t in data.get("transceivers", [])]
+        data["extra_relays"] = [Relay(r["index"], Host(**r["public"]), Host(**r["internal"]), Host(**r["client"]))
+                                for r in data.get("extra_relays", [])]
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -483,6 +598,9 @@ class Lab:
                 if exc.errno != errno.ENOENT:
                     errors.append(f"{ns}: {exc}")
         (STATE_DIR / f"{self.name}.json").unlink(missing_ok=True)
+        for link in self.impaired:
+            for path in (impair.config_path(self, link), impair.stats_path(self, link)):
+                path.unlink(missing_ok=True)
         if errors:
             raise LabError(f"tearing down lab {self.name}: {'; '.join(errors)}")
 
@@ -501,46 +619,3 @@ def destroy(name: str) -> bool:
         return False
     lab.destroy()
     return True
-
-
-# -- netlink helpers -------------------------------------------------------------------------
-
-def _index(ipr: IPRoute, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise LabError(f"no interface {ifname}")
-    return found[0]
-
-
-def _up(ipr: IPRoute, ifname: str) -> None:
-    ipr.link("set", index=_index(ipr, ifname), state="up")
-
-
-def _mac(ipr: IPRoute, ifname: str) -> str:
-    return ipr.get_links(_index(ipr, ifname))[0].get_attr("IFLA_ADDRESS")
-
-
-def _addresses(ipr: IPRoute, host: Host, prefix4: int, prefix6: int) -> None:
-    index = _index(ipr, host.ifname)
-    ipr.addr("add", index=index, address=host.ip4, prefixlen=prefix4)
-    if host.ip6:
-        # no DAD: the address is usable at once and nobody else on the link can hold it
-        ipr.addr("add", index=index, address=host.ip6, prefixlen=prefix6, flags=IFA_F_NODAD)
-    _up(ipr, host.ifname)
-
-
-def _netlink(netns: str, fn: Callable[[IPRoute], T]) -> T:
-    """Run ``fn(ipr)`` with an IPRoute opened inside ``netns``, in a worker thread: pyroute2's
-    synchronous API refuses to run on a thread whose asyncio loop is running (async callers)."""
-    def call() -> T:
-        with IPRoute() as ipr:
-            return fn(ipr)
-    return in_netns(netns, call)
-
-
-def set_sysctls(netns: str, values: dict[str, str]) -> None:
-    """Write /proc/sys/<key> as seen from ``netns`` (net.* sysctls are per namespace)."""
-    def write() -> None:
-        for key, value in values.items():
-            Path("/proc/sys", key).write_text(value)
-    in_netns(netns, write)

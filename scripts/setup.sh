@@ -17,7 +17,8 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 [ -e /sys/kernel/btf/vmlinux ] || say "warning: kernel has no BTF (/sys/kernel/btf/vmlinux); bcc still works without it"
 
 apt_pkgs=(python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 ethtool python3-venv python3-dev
-          gcc make libc6-dev util-linux prometheus vagrant systemd)
+          gcc make libc6-dev util-linux prometheus vagrant systemd
+          libespeak-ng1 espeak-ng-data)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -33,6 +34,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   if systemctl is-active --quiet prometheus 2>/dev/null; then systemctl stop prometheus || true; fi
 else
   say "apt packages present"
+fi
+
+# A real browser for tests/test_browser.py: Debian's chromium, driven by the Python playwright
+# package below (which never downloads a browser of its own).  Optional: without it those tests skip.
+if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'install ok installed'; then
+  say "installing chromium (browser tests)"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; then
+    say "warning: apt-get install chromium failed: the browser tests will skip"
+  fi
 fi
 
 # Kernel headers for bcc.
@@ -64,7 +75,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 say "installing splitrelay (editable) and its Python dependencies"
-"$venv/bin/python" -m pip install -q -e "$here[dev,bench]" || die "pip install failed"
+"$venv/bin/python" -m pip install -q -e "$here[dev,bench,browser,voice,whisper,pipecat]" || die "pip install failed"
+"$venv/bin/python" -m pip show torch >/dev/null 2>&1 && say "warning: torch is installed; the voice extras do not need it"
 
 # The load generator used by the benchmarks.
 if [ -f "$here/bench/Makefile" ]; then make -s -C "$here/bench" >/dev/null; fi

@@ -2,7 +2,7 @@
 
 The C decoder is compiled here as plain userspace C (no BPF, no root) and reads
 the vector files itself, so the files' format is proven parseable from C and
-both decoders are held to the same expectations.  tests/test_xdp.py checks the
+both decoders are held to the same expectations.  tests/xdp/test_oracles.py checks the
 loaded XDP program on the same files.
 """
 

@@ -1,6 +1,6 @@
 """The Python reference STUN parser on the shared vectors (the XDP program is held to the same ones).
 
-tests/test_xdp.py runs the loaded C program against this module (named corpus,
+tests/xdp/ runs the loaded C program against this module (named corpus,
 truncations, differential fuzz); here the reference itself is pinned down: RFC
 5769 byte for byte, aioice as a second opinion on valid messages, and the exact
 drop reason of every header, walk and USERNAME rule.

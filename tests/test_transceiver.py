@@ -481,13 +481,15 @@ async def test_shutdown_ends_live_sessions(transceiver):
 
 # -- WHIP details ---------------------------------------------------------------------------------
 
-async def test_whip_patch_is_405_and_options_advertise_sdp(transceiver):
+async def test_whip_patch_of_an_unknown_session_is_404_and_options_advertise_sdp(transceiver):
     async with aiohttp.ClientSession() as http:
         async with http.options(transceiver.whip_url) as resp:
             assert resp.headers["Accept-Post"] == "application/sdp"
+            assert "PATCH" in resp.headers["Access-Control-Allow-Methods"]
+        headers = {"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*"}
         async with http.patch(transceiver.whip_url + "/sessions/whatever", data="a=end-of-candidates",
-                              headers={"Content-Type": "application/trickle-ice-sdpfrag"}) as resp:
-            assert resp.status == 405
+                              headers=headers) as resp:
+            assert resp.status == 404
 
 
 async def test_unbundled_offer_is_refused(transceiver):
@@ -596,6 +598,9 @@ class RecordingIO:
     def send_audio(self, frame: PcmFrame) -> None:
         self.audio.append((time.monotonic(), frame))
 
+    def clear_audio(self) -> float:
+        return 0.0
+
     def send_text(self, text: str) -> None:
         self.text.append(text)
 
@@ -636,3 +641,13 @@ def test_outbound_audio_reframes_any_chunk_size_and_bounds_the_backlog():
     assert out.overflow_frames == 12 and out.backlog == (1500 + 48 * 960) / SAMPLE_RATE <= 1.0
     with pytest.raises(ValueError, match="48000 Hz"):
         out.push(PcmFrame(b"\x00\x00" * 160, sample_rate=8000))
+
+
+def test_clear_audio_drops_what_the_handler_queued_and_not_more():
+    out = OutboundAudio()
+    out.push(PcmFrame(b"\x01\x00" * 10 * 960))  # 200 ms of a reply that the caller interrupts
+    assert out.clear() == pytest.approx(0.2)
+    assert out.backlog == 0 and out.cleared_frames == 10
+    assert out.clear() == 0.0                    # nothing left: a second flush drops nothing
+    out.push(PcmFrame(b"\x01\x00" * 960))       # and the next reply queues normally
+    assert out.backlog == pytest.approx(0.02)

@@ -5,26 +5,32 @@ A handler never sees WebRTC.  Per session it gets
 * ``on_start()`` once the call is connected (DTLS up), ``on_stop()`` when it ends;
 * ``on_audio(frame)`` for every decoded inbound frame: 48 kHz, signed 16-bit
   little-endian, mono (the caller's left channel), 20 ms, with its RTP-derived
-  position in the stream (``pts``, in samples) and its arrival time
-  (``time.monotonic()``);
+  position in the stream (``pts``, in samples), when it was decoded (``time``)
+  and when its packet arrived (``received``; None for a frame concealed in
+  place of a lost packet), both ``time.monotonic()``;
 * ``on_text(str)`` / ``on_bytes(bytes)`` for data-channel messages;
 
 and answers through the ``SessionIO`` it was built with: ``send_audio`` takes
-48 kHz s16 mono PCM of any length (it is re-framed to 20 ms and paced by the
-session; at most one second may wait), ``send_text`` / ``send_bytes`` write to
-the client's data channel.  Exceptions from a handler are counted and logged,
+48 kHz s16 mono PCM of any length (it is re-framed to 20 ms and sent at once,
+paced by RTP time; at most one second may wait), ``clear_audio`` drops what is still
+waiting (barge-in: the caller speaks, the agent stops at once) and returns how
+many seconds it dropped, ``send_text`` / ``send_bytes`` write to the client's
+data channel.  Exceptions from a handler are counted and logged,
 never fatal to the call.
 
 Handlers are chosen by name from a registry, with options:
 ``make_handler_factory("tone:frequency=880")`` or
 ``handler_factory("echo", delay=0.25)``.  Built-ins: ``echo`` (plays back what it
 hears after ``delay`` seconds, echoes messages) and ``tone`` (a sine of
-``frequency`` Hz at ``amplitude``; answers text with "tone").
+``frequency`` Hz at ``amplitude``; answers text with "tone").  Optional:
+``voice`` (a voice agent, ``splitrelay[voice]``, see splitrelay.voice.agent) and
+``pipecat`` (a user's Pipecat pipeline, ``splitrelay[pipecat]``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import math
 import struct
 import time
@@ -47,6 +53,7 @@ class PcmFrame:
     sample_rate: int = SAMPLE_RATE
     pts: int | None = None    # position of the first sample in the stream, in samples
     time: float | None = None  # time.monotonic() when the frame was decoded
+    received: float | None = None  # time.monotonic() when its packet reached the transceiver (None: concealed)
 
     @property
     def sample_count(self) -> int:
@@ -71,6 +78,10 @@ class SessionIO(Protocol):
     session_id: str
 
     def send_audio(self, frame: PcmFrame) -> None: ...
+
+    def clear_audio(self) -> float:
+        """Drop the audio queued by ``send_audio`` and not yet sent; the seconds dropped."""
+        ...
 
     def send_text(self, text: str) -> None: ...
 
@@ -205,6 +216,19 @@ def parse_handler_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), options
 
 
+# handlers whose dependencies are extras: imported (and so registered) when first asked for
+OPTIONAL_HANDLERS = {"voice": ("splitrelay.voice.agent", "voice"),
+                     "pipecat": ("splitrelay.voice.pipecat", "pipecat")}
+
+
+def _import_optional(name: str) -> None:
+    module, extra = OPTIONAL_HANDLERS[name]
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"handler {name!r} needs pip install 'splitrelay[{extra}]' ({exc})") from None
+
+
 def handler_factory(spec: str, **options: Any) -> HandlerFactory:  # noqa: ANN401
     """A factory ``io -> Handler`` for a registered name (options in the spec and/or as keywords).
 
@@ -215,10 +239,13 @@ def handler_factory(spec: str, **options: Any) -> HandlerFactory:  # noqa: ANN40
     """
     name, parsed = parse_handler_spec(spec)
     parsed.update(options)
+    if name in OPTIONAL_HANDLERS and name not in HANDLERS:
+        _import_optional(name)
     try:
         cls = HANDLERS[name]
     except KeyError:
-        raise ValueError(f"unknown handler {name!r}; choose from {', '.join(sorted(HANDLERS))}") from None
+        known = ", ".join(sorted({*HANDLERS, *OPTIONAL_HANDLERS}))
+        raise ValueError(f"unknown handler {name!r}; choose from {known}") from None
     try:
         cls(_NullIO(), **parsed)
     except TypeError as exc:
@@ -234,6 +261,9 @@ class _NullIO:
     session_id = "-"
 
     def send_audio(self, frame: PcmFrame) -> None: ...
+
+    def clear_audio(self) -> float:
+        return 0.0
 
     def send_text(self, text: str) -> None: ...
 

@@ -33,10 +33,22 @@ class TransceiverMetrics:
                                  registry=r)
         self.frames_out = Counter("splitrelay_transceiver_audio_frames_out", "Audio frames sent to clients",
                                   registry=r)
+        self.frames_concealed = Counter("splitrelay_transceiver_audio_frames_concealed",
+                                        "Inbound audio frames concealed (FEC or PLC) in place of lost packets",
+                                        registry=r)
+        self.frames_silent = Counter("splitrelay_transceiver_audio_frames_silent",
+                                     "Silence sent because the handler's audio was late", registry=r)
         self.handler_errors = Counter("splitrelay_transceiver_handler_errors", "Exceptions raised by handlers",
                                       registry=r)
         self.mux_dropped = Gauge("splitrelay_transceiver_mux_unrouted_datagrams",
                                  "Datagrams the UDP mux could not match to a session", registry=r)
+
+        self.path_changes = Counter("splitrelay_transceiver_path_changes",
+                                    "Media moved to another client address (nominated, latched, restarted)",
+                                    ["reason"], registry=r)
+        self.ice_restart = Histogram("splitrelay_transceiver_ice_restart_seconds",
+                                     "WHIP PATCH until the new ICE generation's pair is nominated",
+                                     buckets=SETUP_BUCKETS, registry=r)
 
     def phase(self, name: str, milliseconds: float | None) -> None:
         if milliseconds is not None:

@@ -21,8 +21,9 @@ client first when the relay learned the flow from them).
 (binding one socket per interface) with one host candidate per *public
 candidate* (the relay's address or addresses, IPv4 and/or IPv6), all on the
 mux, so no transceiver address ever reaches the SDP and a session costs no
-socket.  It relies on these aioice internals (checked by ``check_aioice()``;
-tested with aioice 0.9 to 0.13):
+socket.  It relies on these aioice internals (all listed in ``CONNECTION_ATTRIBUTES`` /
+``CONNECTION_METHODS``, checked by ``check_aioice()`` and tests/test_ice_internals.py; aioice
+0.13 and aiortc 1.16 are pinned):
 
 * ``Connection.get_component_candidates(component, addresses, timeout)`` is
   what ``gather_candidates`` awaits per component (overridden here);
@@ -50,9 +51,11 @@ from typing import Any
 
 from aioice import Candidate
 from aioice.candidate import candidate_foundation, candidate_priority
-from aioice.ice import Connection, StunProtocol
+from aioice.ice import CandidatePair, Connection, StunProtocol
 
+from splitrelay.transceiver.paths import MuxProtocol, PathFollower
 from splitrelay.wire import stun as ref_stun
+from splitrelay.errors import SplitrelayError
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +75,54 @@ UNKNOWN_UFRAG = "unknown_ufrag"  # no live session has that server ufrag
 NO_ROUTE = "no_route"            # a session sent to an address family the socket cannot reach
 
 
-class MuxError(Exception):
+class MuxError(SplitrelayError):
     """The mux could not bind or route (one-line reason)."""
 
 
+# The aioice and aiortc internals the mux, the ICE seam (ice.py) and ICE restart rely on.  Both are
+# pinned in pyproject.toml to the range the suite ran on; this list is checked at start
+# (check_aioice) and by tests/test_ice_internals.py, so an upgrade fails in CI, not in a call.
+CONNECTION_ATTRIBUTES = (
+    "_protocols", "_nominated", "_check_list", "_check_list_done", "_check_list_state", "_closing",
+    "_query_consent_task", "_remote_candidates", "_remote_candidates_end", "_local_username",
+    "_local_password", "_nominating", "_early_checks_done",
+)
+CONNECTION_METHODS = (
+    "get_component_candidates", "check_incoming", "check_start_task", "check_complete", "_find_pair",
+    "request_received", "sort_check_list", "_pair_remote_candidate", "_check_list_maybe_fail",
+)
+SUPPORTED_AIOICE = "0.13"  # the pinned range, for the error message
+
+
+def missing_internals() -> list[str]:
+    """Names of the aioice/aiortc internals we use that this install lacks ([] = all present)."""
+    import aiortc.rtcicetransport as rtcicetransport
+
+    missing = [f"Connection.{name}" for name in CONNECTION_METHODS if not hasattr(Connection, name)]
+    probe = Connection(ice_controlling=False)
+    missing += [f"Connection.{name}" for name in CONNECTION_ATTRIBUTES if not hasattr(probe, name)]
+    missing += [f"StunProtocol.{name}" for name in ("datagram_received", "connection_made", "request")
+                if not hasattr(StunProtocol, name)]
+    if "local_candidate" not in getattr(StunProtocol, "__annotations__", {}):
+        missing.append("StunProtocol.local_candidate")
+    if not (hasattr(CandidatePair, "State") and hasattr(CandidatePair, "remote_addr")
+            and "protocol" in CandidatePair.__init__.__code__.co_names):
+        missing.append("CandidatePair.State/remote_addr/protocol")
+    if not hasattr(rtcicetransport, "Connection"):
+        missing.append("aiortc.rtcicetransport.Connection")
+    if "_connection" not in rtcicetransport.RTCIceTransport.__init__.__code__.co_names:
+        missing.append("aiortc.RTCIceTransport._connection")
+    return missing
+
+
 def check_aioice() -> None:
-    """Fail loudly, at start, if the aioice internals the mux depends on have moved."""
-    missing = [name for name, ok in (
-        ("Connection.get_component_candidates", hasattr(Connection, "get_component_candidates")),
-        ("Connection._protocols", "_protocols" in Connection.__init__.__code__.co_names),
-        ("StunProtocol.datagram_received", hasattr(StunProtocol, "datagram_received")),
-        ("Connection._query_consent_task", "_query_consent_task" in Connection.__init__.__code__.co_names),
-    ) if not ok]
+    """Fail loudly, at start, if the aioice/aiortc internals the mux depends on have moved."""
+    missing = missing_internals()
     if missing:
         import aioice
 
         raise MuxError(f"aioice {getattr(aioice, '__version__', '?')} lacks {', '.join(missing)}; "
-                       "the transceiver's mux needs aioice 0.9..0.13")
+                       f"the transceiver's mux needs aioice {SUPPORTED_AIOICE}")
 
 
 def _family(host: str) -> int:
@@ -226,6 +260,11 @@ class UdpMux(asyncio.DatagramProtocol):
         for protocol in self.by_ufrag.pop(ufrag, []):
             self.forget(protocol)
 
+    def drop_ufrag(self, ufrag: str) -> None:
+        """Stop routing new addresses by ``ufrag`` (an ICE restart retired it); the session's
+        protocols and the addresses it talks to stay."""
+        self.by_ufrag.pop(ufrag, None)
+
     def learn(self, addr: Address, protocol: StunProtocol) -> None:
         self.by_addr.setdefault(addr, protocol)
 
@@ -292,11 +331,33 @@ class UdpMux(asyncio.DatagramProtocol):
 class MuxedConnection(Connection):
     """An aioice Connection whose only candidates are the public candidates, all on the mux."""
 
-    def __init__(self, *args: Any, mux: UdpMux, **kwargs: Any) -> None:  # noqa: ANN401
+    def __init__(self, *args: Any, mux: UdpMux,  # noqa: ANN401
+                 public_candidates: Sequence[tuple[Address, int]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mux = mux
+        # (address, ICE local preference) of this session's candidates; default: the mux's, in order
+        self.public_candidates = list(public_candidates or [])
         self.consent_expired = False  # closed by aioice's own consent check (RFC 7675), not by us
         self._consent_running = False
+        self.paths = PathFollower(self)  # follows the client to a new path (paths.py)
+
+    def check_incoming(self, message: Any, addr: tuple[str, int], protocol: StunProtocol) -> None:  # noqa: ANN401
+        """aioice's, plus RFC 8445 7.3.1.4: a check received on a pair whose own check is In-Progress
+        retransmits that check at once.  aioice waits for its 500 ms RTO instead; in the lab the
+        transceiver's first check of a new ICE generation was lost (it left before the client's
+        new flow existed) and every restart took 530 ms instead of ~50 ms."""
+        super().check_incoming(message, addr, protocol)
+        pair = next((p for p in self._check_list if p.protocol is protocol and p.remote_addr == addr), None)
+        if pair is not None and pair.state == CandidatePair.State.IN_PROGRESS and pair.task is not None:
+            pair.task.cancel()
+            pair.task = None
+            pair.state = CandidatePair.State.WAITING
+            self.check_start_task(pair)
+
+    def check_complete(self, pair: CandidatePair) -> None:
+        before = self._nominated.get(pair.component)
+        super().check_complete(pair)
+        self.paths.check_completed(pair, before)
 
     async def connect(self) -> None:
         await super().connect()
@@ -312,11 +373,12 @@ class MuxedConnection(Connection):
     async def get_component_candidates(self, component: int, addresses: list[str],
                                        timeout: int = 5) -> list[Candidate]:
         candidates = []
-        for index, (host, port) in enumerate(self.mux.public_candidates):
-            protocol = StunProtocol(self)
+        public = self.public_candidates or [(a, 65535 - i) for i, a in enumerate(self.mux.public_candidates)]
+        for (host, port), local_pref in public:
+            protocol = MuxProtocol(self)
             protocol.local_candidate = Candidate(
                 foundation=candidate_foundation("host", "udp", host), component=component, transport="udp",
-                priority=candidate_priority(component, "host", local_pref=65535 - index),  # first preferred
+                priority=candidate_priority(component, "host", local_pref=local_pref),  # see relays.py
                 host=host, port=port, type="host",
             )
             protocol.connection_made(MuxTransport(self.mux, protocol, self.local_username))

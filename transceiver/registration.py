@@ -6,6 +6,17 @@ ufrag before the client's first STUN request can arrive.  The agent's
 and every live session are registered again.  Registration is optional: a
 transceiver without a relay (direct mode) has no ``Registrar``.
 
+With several relays (``RelayRegistrars``) every session is registered with every
+relay, concurrently, before the answer leaves: any relay may carry any session (a
+client moves to a backup relay's candidate when its relay dies).  The offer is
+refused only when *no* relay accepted it.  A relay that missed a registration
+(unreachable, 5xx) is retried on the next watch tick (``watch_interval``, 1 s) until
+it takes the session; meanwhile, under ``strict`` policy it drops that client's
+checks (``unknown_ufrag``) and ICE uses another relay's pair, while under ``hint``
+policy the routing hint in the ufrag alone routes the session there, registration
+or not.  A relay unreachable at start is watched the same way and gets the backend
+and every live session when it answers.
+
 Routes and bodies are those of docs/DESIGN.md ("Edge control API").
 """
 
@@ -19,10 +30,12 @@ from urllib.parse import quote
 
 import aiohttp
 
+from splitrelay.errors import SplitrelayError
+
 log = logging.getLogger(__name__)
 
 
-class RegistrationError(Exception):
+class RegistrationError(SplitrelayError):
     """The edge agent refused or could not be reached (one-line reason)."""
 
 
@@ -57,8 +70,9 @@ class Registrar:
 
     def __init__(self, control_url: str, backend_id: int, backend_ip: str | None, backend_port: int,
                  token: str | None = None, backend_ip6: str | None = None, watch_interval: float = 1.0,
-                 timeout: float = 3.0) -> None:
+                 timeout: float = 3.0, name: str = "relay") -> None:
         self.base = control_url.rstrip("/")
+        self.name = name
         # "instance" tells the agent when a new process took over this backend id (a restart
         # after a crash): the old process's sessions are gone, so the agent drops them
         self.backend: dict[str, Any] = {"ip": backend_ip, "ip6": backend_ip6, "port": backend_port,
@@ -66,6 +80,7 @@ class Registrar:
         self.backend_id = backend_id
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.sessions: set[str] = set()
+        self.missed: set[str] = set()   # sessions this agent has not accepted yet (retried each tick)
         self.boot_id: str | None = None
         self.reregistrations = 0
         self.watch_interval = watch_interval
@@ -98,15 +113,21 @@ class Registrar:
             raise AgentUnreachable(f"{self.base}/v1/health did not answer with a boot_id")
         return health
 
-    async def start(self) -> None:
-        """Check the agent and register the backend; raises RegistrationError if it cannot."""
+    async def start(self, required: bool = True) -> None:
+        """Check the agent and register the backend; raises RegistrationError if it cannot.  With
+        ``required=False`` an unreachable agent is only logged and watched: the backend and the
+        sessions are registered when it answers (the error is still raised, after the watch starts)."""
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         try:
-            self.boot_id = (await self.health())["boot_id"]
+            boot_id = (await self.health())["boot_id"]
             await self._put_backend()
+            self.boot_id = boot_id
         except RegistrationError:
-            await self._http.close()
-            self._http = None
+            if required:
+                await self._http.close()
+                self._http = None
+                raise
+            self._watch = asyncio.create_task(self._watch_agent())
             raise
         self._watch = asyncio.create_task(self._watch_agent())
 
@@ -122,6 +143,7 @@ class Registrar:
         async with self._lock:
             await self._call("PUT", self._session_path(ufrag), {"backend": self.backend_id})
             self.sessions.add(ufrag)
+            self.missed.discard(ufrag)
 
     async def unregister(self, ufrag: str) -> None:
         """Best effort: the agent may already have dropped it (restart, its own ageing).
@@ -131,6 +153,9 @@ class Registrar:
         session stayed registered (seen in the lab suite on a loaded machine)."""
         async with self._lock:
             self.sessions.discard(ufrag)
+            if ufrag in self.missed:  # never accepted: nothing to delete
+                self.missed.discard(ufrag)
+                return
             try:
                 await self._call("DELETE", self._session_path(ufrag))
             except AgentRefused as exc:
@@ -143,9 +168,12 @@ class Registrar:
         """One look at the agent's boot_id; re-register everything if it changed.  True if it did."""
         health = await self.health()
         if health["boot_id"] == self.boot_id:
+            await self._retry_missed()
             return False
         async with self._lock:
             await self._put_backend()
+            self.sessions |= self.missed
+            self.missed.clear()
             for ufrag in list(self.sessions):
                 try:
                     await self._call("PUT", self._session_path(ufrag), {"backend": self.backend_id})
@@ -159,6 +187,14 @@ class Registrar:
                  self.backend_id, len(self.sessions))
         self.boot_changed.set()
         return True
+
+    async def _retry_missed(self) -> None:
+        for ufrag in list(self.missed):
+            try:
+                await self.register(ufrag)
+            except SessionConflict as exc:  # another backend owns it at this relay: give up there
+                log.warning("registering %s with %s: %s", ufrag, self.name, exc)
+                self.missed.discard(ufrag)
 
     async def _drop_stale_sessions(self) -> None:
         """Delete the agent's sessions of this backend that no longer live here.
@@ -200,3 +236,46 @@ class Registrar:
                 log.warning("unregistering backend %d: %s", self.backend_id, exc)
         await self._http.close()
         self._http = None
+
+
+class RelayRegistrars:
+    """One Registrar per relay; a session is registered with all of them (see the module doc)."""
+
+    def __init__(self, registrars: list[Registrar]) -> None:
+        self.registrars = registrars
+
+    async def start(self) -> None:
+        """Start every registrar; raises only if no relay's agent could be reached."""
+        errors = []
+        for registrar in self.registrars:
+            try:
+                await registrar.start(required=len(self.registrars) == 1)
+            except RegistrationError as exc:
+                errors.append(exc)
+                log.warning("relay %s: %s (will keep trying)", registrar.name, exc)
+        if len(errors) == len(self.registrars):
+            await self.stop()
+            raise errors[0]
+
+    async def register(self, ufrag: str) -> list[str]:
+        """Register with every relay at once; returns the names of those that accepted.  Raises
+        the first error only when none did (the others retry the session on their next tick)."""
+        results = await asyncio.gather(*(r.register(ufrag) for r in self.registrars), return_exceptions=True)
+        accepted = [r.name for r, res in zip(self.registrars, results, strict=True) if res is None]
+        errors = [res for res in results if isinstance(res, BaseException)]
+        if not accepted:
+            raise errors[0]
+        for registrar, res in zip(self.registrars, results, strict=True):
+            if isinstance(res, RegistrationError) and not isinstance(res, SessionConflict):
+                log.warning("relay %s missed session %s: %s (retrying)", registrar.name, ufrag, res)
+                registrar.missed.add(ufrag)
+            elif isinstance(res, BaseException):
+                log.warning("relay %s refused session %s: %s", registrar.name, ufrag, res)
+        return accepted
+
+    async def unregister(self, ufrag: str) -> None:
+        await asyncio.gather(*(r.unregister(ufrag) for r in self.registrars))
+
+    async def stop(self) -> None:
+        for registrar in self.registrars:
+            await registrar.stop()

@@ -6,13 +6,16 @@ the edge agent before that answer leaves, and unregistered when it ends however
 it ends (DELETE, ICE failure, consent expiry, client hang-up, connect timeout,
 shutdown).  Without a relay (``relay_control`` unset) it runs in direct mode:
 nothing is registered and, unless public candidates are given, the mux's own
-address is the candidate.
+address is the candidate.  With several relays (``relays``) the answer names all of
+them, the one chosen for this client first (relays.py), and every relay's agent
+gets every session (registration.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,12 +23,21 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from aioice import Candidate
+
 from splitrelay.transceiver.handlers import handler_factory
+from splitrelay.transceiver.ice import new_password, restart_ice
+from splitrelay.transceiver.ice_restart import IceRestartFailed
+from splitrelay.transceiver.paths import RESTARTED
 from splitrelay.transceiver.metrics import TransceiverMetrics
 from splitrelay.transceiver.mux import UdpMux
-from splitrelay.transceiver.registration import Registrar, RegistrationError
+from splitrelay.transceiver.registration import Registrar, RegistrationError, RelayRegistrars
+from splitrelay.transceiver.relays import Relay, RelayChooser, SignalingFacts, choose, ordered_candidates
+from splitrelay.transceiver.audio import check_aiortc
 from splitrelay.transceiver.session import DELETED, SHUTDOWN, OfferError, Session, answer_offer
 from splitrelay.transceiver.whip import MAX_OFFER, OfferRejected, WhipConfig, WhipEndpoint
+from splitrelay.wire import hint
+from splitrelay.wire.sdpfrag import IceFragment, SdpFragError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,8 @@ class TransceiverConfig:
     connect_timeout: float = 30.0                    # an answered session must connect within this
     max_sessions: int = 0                            # 0 = no limit; beyond it offers get 503
     watch_interval: float = 1.0                      # how often the agent's boot_id is checked
+    relays: list[Relay] = field(default_factory=list)  # several relays (overrides the three fields above)
+    choosers: list[RelayChooser] = field(default_factory=list)  # who picks a client's preferred relay
 
     def candidates(self) -> list[tuple[str, int]]:
         """The public candidates, [] for direct mode."""
@@ -60,6 +74,14 @@ class TransceiverConfig:
         if self.public_address and self.public_address not in found:
             found.insert(0, self.public_address)
         return found
+
+    def all_relays(self) -> list[Relay]:
+        """``relays``, or the one relay that public_address/public_candidates/relay_control describe."""
+        if self.relays:
+            return list(self.relays)
+        if self.candidates() or self.relay_control:
+            return [Relay("relay1", tuple(self.candidates()), self.relay_control)]
+        return []
 
 
 class Transceiver:
@@ -69,7 +91,7 @@ class Transceiver:
         self.sessions: dict[str, Session] = {}
         self.ended: deque[dict[str, Any]] = deque(maxlen=ENDED_KEPT)  # to_dict() of finished sessions
         self.mux: UdpMux | None = None
-        self.registrar: Registrar | None = None
+        self.registrars: RelayRegistrars | None = None
         self.draining = False
         self._runner: web.AppRunner | None = None
         self.whip_port: int | None = None
@@ -89,18 +111,28 @@ class Transceiver:
         ])
         return app
 
+    @property
+    def registrar(self) -> Registrar | None:
+        """The first relay's registrar (None in direct mode)."""
+        return self.registrars.registrars[0] if self.registrars else None
+
     async def start(self) -> None:
-        """Bind the mux, register the backend (if a relay is configured), then accept offers."""
+        """Bind the mux, register the backend (if relays are configured), then accept offers."""
+        check_aiortc()  # the voice path's aiortc internals: fail at start, not in the first call
         c = self.config
-        self.mux = await UdpMux.bind(c.bind_host, c.bind_port, c.candidates() or None)
-        if c.relay_control:
+        relays = c.all_relays()
+        public = [a for r in relays for a in r.candidates]
+        self.mux = await UdpMux.bind(c.bind_host, c.bind_port, public or None)
+        controlled = [r for r in relays if r.control_url]
+        if controlled:
             host, port = self.mux.local_address
             backend_ip = c.backend_ip or (host if host not in ("0.0.0.0", "::") else None)
             if backend_ip is None and c.backend_ip6 is None:
                 raise RegistrationError(f"bound to {host}: set backend_ip, the address the relay forwards to")
-            self.registrar = Registrar(c.relay_control, c.backend_id, backend_ip, port, c.relay_token,
-                                       c.backend_ip6, watch_interval=c.watch_interval)
-            await self.registrar.start()
+            self.registrars = RelayRegistrars([
+                Registrar(r.control_url, c.backend_id, backend_ip, port, c.relay_token, c.backend_ip6,
+                          watch_interval=c.watch_interval, name=r.name) for r in controlled])
+            await self.registrars.start()
         # a client that stops sending must not hold a connection (or our shutdown) for long
         self._runner = web.AppRunner(self.app(), access_log=None, lingering_time=1.0, shutdown_timeout=2.0)
         await self._runner.setup()
@@ -114,7 +146,16 @@ class Transceiver:
 
     # -- sessions (the WHIP endpoint's SessionHost) -----------------------------------
 
-    async def open_session(self, sdp: str, offer_at: float) -> tuple[str, str]:
+    def candidates_for(self, facts: SignalingFacts | None) -> list[tuple[tuple[str, int], int]] | None:
+        """This client's candidates with their priorities: its preferred relay first (relays.py)."""
+        relays = [r for r in self.config.all_relays() if r.candidates]
+        if not relays:
+            return None  # direct mode: the mux's own address
+        preferred = choose(self.config.choosers, facts or SignalingFacts(), relays)
+        return ordered_candidates(relays, preferred)
+
+    async def open_session(self, sdp: str, offer_at: float,
+                           facts: SignalingFacts | None = None) -> tuple[str, str]:
         assert self.mux is not None
         if self.config.max_sessions and len(self.sessions) >= self.config.max_sessions:
             raise OfferRejected(503, f"this transceiver is full ({self.config.max_sessions} sessions)")
@@ -122,8 +163,8 @@ class Transceiver:
         registered: list[str] = []
 
         async def register(session: Session) -> None:
-            if self.registrar:
-                await self.registrar.register(session.ufrag)
+            if self.registrars:
+                await self.registrars.register(session.ufrag)
                 registered.append(session.ufrag)
 
         try:
@@ -131,20 +172,82 @@ class Transceiver:
                 sdp, self.mux, self.config.backend_id, self.make_handler,
                 before_answer=register, on_end=self._ended, hint_key=self.config.hint_key,
                 offer_at=offer_at, connect_timeout=self.config.connect_timeout,
+                candidates=self.candidates_for(facts),
             )
         except BaseException as exc:
             for ufrag in registered:  # registered, then failed before the answer: take it back
-                await self.registrar.unregister(ufrag)  # type: ignore[union-attr]
+                await self.registrars.unregister(ufrag)  # type: ignore[union-attr]
             if isinstance(exc, RegistrationError):
                 raise OfferRejected(503, f"the relay did not accept the session: {exc}") from None
             if isinstance(exc, OfferError):
                 raise OfferRejected(400, f"bad offer: {exc}") from None
             raise
         self.sessions[session.session_id] = session
+        for connection in session.ice_connections:
+            connection.paths.on_change = lambda reason, addr: self.metrics.path_changes.labels(reason).inc()
         self.metrics.sessions_started.inc()
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.phase("answer", session.timings.answer_ms)
         return session.session_id, answer
+
+    def etag(self, session_id: str) -> str | None:
+        session = self.sessions.get(session_id)
+        return session.etag if session else None
+
+    async def restart_session_ice(self, session_id: str, if_match: str, fragment: IceFragment) -> tuple[str, str]:
+        """ICE restart (RFC 9725 4.3.2): returns (our SDP fragment, the new ETag); raises OfferRejected
+        (404, 412, 400, 422, 503) and then the call goes on untouched on its current pair."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise OfferRejected(404, "no such session")
+        if if_match.strip() != "*" and if_match.strip() != f'"{session.etag}"':
+            raise OfferRejected(412, "If-Match does not name this session's current ETag")
+        try:
+            remote_ufrag, remote_pwd = fragment.check_credentials()
+            remote_candidates = [Candidate.from_sdp(c[len("candidate:"):]) for c in fragment.candidates]
+        except SdpFragError as exc:
+            raise OfferRejected(400, str(exc)) from None
+        except (ValueError, IndexError):
+            raise OfferRejected(400, "the fragment has an a=candidate line that is not a candidate") from None
+        async with session.restart_lock:
+            connections = [c for c in session.ice_connections if not c._closing]  # BUNDLE closed the others
+            if not connections or session.ended.is_set():
+                raise OfferRejected(409, "the session has no ICE transport to restart")
+            if remote_ufrag == connections[0].remote_username:
+                raise OfferRejected(422, "the fragment's ICE ufrag is the current one: trickle ICE is not "
+                                         "supported, an ICE restart needs a new ufrag and password")
+            ufrag, password = hint.encode(self.config.backend_id, key=self.config.hint_key), new_password()
+            if self.registrars:
+                try:
+                    await self.registrars.register(ufrag)
+                except RegistrationError as exc:
+                    raise OfferRejected(503, f"the relay did not accept the new ufrag: {exc}") from None
+            assert self.mux is not None
+            restarted_at = asyncio.get_running_loop().time()
+            local, generation = restart_ice(connections, self.mux, ufrag, password, remote_ufrag, remote_pwd,
+                                            remote_candidates)
+            session.retired_ufrags.append(session.ufrag)
+            session.ufrag = ufrag
+            session.etag = secrets.token_urlsafe(12)
+            session._tasks.append(asyncio.ensure_future(self._retire_after(session, generation, restarted_at)))
+        answer = IceFragment(ufrag=ufrag, pwd=password, candidates=[f"candidate:{c.to_sdp()}" for c in local],
+                             mid=fragment.mid, media=fragment.media, end_of_candidates=True)
+        return answer.serialize(), session.etag
+
+    async def _retire_after(self, session: Session, generation: asyncio.Task, restarted_at: float) -> None:
+        """Once the new generation is nominated, the relays forget the old ufrag(s)."""
+        try:
+            pair = await generation
+        except IceRestartFailed as exc:
+            log.warning("session %s: ICE restart failed: %s", session.session_id, exc)
+            return
+        took = (asyncio.get_running_loop().time() - restarted_at) * 1000.0
+        pair.protocol.receiver.paths.note(RESTARTED, pair.remote_addr)
+        self.metrics.ice_restart.observe(took / 1000.0)
+        log.info("session %s: ICE restarted in %.0f ms", session.session_id, took)
+        if self.registrars:
+            for ufrag in session.retired_ufrags:
+                await self.registrars.unregister(ufrag)
 
     async def close_session(self, session_id: str) -> bool:
         return await self.end_session(session_id, DELETED)
@@ -163,8 +266,9 @@ class Transceiver:
         await session.close(reason)
         if self.mux:
             self.mux.unregister(session.ufrag)  # the peer connection's close already did; be sure
-        if self.registrar:
-            await self.registrar.unregister(session.ufrag)
+        if self.registrars:
+            for ufrag in [*session.retired_ufrags, session.ufrag]:  # an ICE restart leaves one per generation
+                await self.registrars.unregister(ufrag)
         self.ended.append(session.to_dict())
         log.info("session %s ended (%s)", session_id, session.end_reason)
         return True
@@ -202,7 +306,10 @@ class Transceiver:
                 seen[phase] = 1
         for name, counter, value in (("in", self.metrics.frames_in, session.frames_in),
                                      ("out", self.metrics.frames_out, session.outbound.frames_out),
-                                     ("errors", self.metrics.handler_errors, session.handler_errors)):
+                                     ("errors", self.metrics.handler_errors, session.handler_errors),
+                                     ("concealed", self.metrics.frames_concealed,
+                                      session.voice.buffer.concealed if session.voice else 0),
+                                     ("silent", self.metrics.frames_silent, session.outbound.silent_frames)):
             counter.inc(value - seen.get(name, 0))
             seen[name] = value
 
@@ -254,8 +361,8 @@ class Transceiver:
         self.draining = True
         for session_id in list(self.sessions):
             await self.end_session(session_id, SHUTDOWN)
-        if self.registrar:
-            await self.registrar.stop()
+        if self.registrars:
+            await self.registrars.stop()
         if self._runner:
             await self._runner.cleanup()
         if self.mux:

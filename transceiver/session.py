@@ -11,27 +11,25 @@ took, and why it ended.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import logging
 import secrets
 import time
-from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame
+from aiortc.mediastreams import MediaStreamTrack
 
 from splitrelay.wire import hint
-from splitrelay.transceiver.handlers import FRAME_SAMPLES, SAMPLE_RATE, Handler, PcmFrame
+from splitrelay.transceiver.audio import OutboundAudio, RtpArrivals, StageTimes, VoiceReceiver
+from splitrelay.transceiver.handlers import SAMPLE_RATE, Handler, PcmFrame
+from splitrelay.transceiver.history import StateChange, StateHistory
 from splitrelay.transceiver.ice import new_password, session_ice
 from splitrelay.transceiver.mux import MuxedConnection, UdpMux
+from splitrelay.errors import SplitrelayError
 
 log = logging.getLogger(__name__)
-MAX_BACKLOG = 50  # frames (1 s) of handler audio waiting to be sent
-FRAME_BYTES = 2 * FRAME_SAMPLES
 
 # why a session ended (Session.end_reason)
 DELETED = "deleted"                  # WHIP DELETE
@@ -42,71 +40,8 @@ CONNECT_TIMEOUT = "connect timeout"  # answered, but never connected
 SHUTDOWN = "shutdown"                # the transceiver stopped
 
 
-class OfferError(ValueError):
+class OfferError(SplitrelayError, ValueError):
     """aiortc could not use the offer (one-line reason; the request gets a 4xx)."""
-
-
-def to_mono(frame: AudioFrame) -> PcmFrame:
-    """Decoded Opus arrives as interleaved stereo; handlers get one channel (the left)."""
-    channels = len(frame.layout.channels)
-    raw = bytes(frame.planes[0])[: 2 * frame.samples * channels]
-    if channels != 1:
-        raw = array("h", raw)[::channels].tobytes()
-    return PcmFrame(raw, 1, frame.sample_rate, pts=frame.pts, time=time.monotonic())
-
-
-class OutboundAudio(MediaStreamTrack):
-    """The handler's voice: PCM re-framed to 20 ms and paced, silence when it has nothing to say."""
-
-    kind = "audio"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.buffer = bytearray()
-        self._start: float | None = None
-        self._index = 0
-        self.frames_out = 0
-        self.overflow_frames = 0  # dropped because the handler ran more than 1 s ahead
-
-    def push(self, pcm: PcmFrame) -> None:
-        if pcm.sample_rate != SAMPLE_RATE:
-            raise ValueError(f"send_audio takes {SAMPLE_RATE} Hz PCM, got {pcm.sample_rate} Hz")
-        samples = pcm.samples
-        if pcm.channels != 1:
-            samples = array("h", samples)[::pcm.channels].tobytes()
-        self.buffer += samples[: len(samples) & ~1]
-        excess = len(self.buffer) - MAX_BACKLOG * FRAME_BYTES
-        if excess > 0:  # keep the newest second: a late voice is worse than a clipped one
-            drop = -(-excess // FRAME_BYTES) * FRAME_BYTES
-            del self.buffer[:drop]
-            self.overflow_frames += drop // FRAME_BYTES
-
-    @property
-    def backlog(self) -> float:
-        """Seconds of handler audio waiting to be sent."""
-        return len(self.buffer) / (2 * SAMPLE_RATE)
-
-    async def recv(self) -> AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        if self._start is None:
-            self._start = time.monotonic()
-        wait = self._start + self._index * 0.02 - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        if len(self.buffer) >= FRAME_BYTES:
-            pcm = bytes(self.buffer[:FRAME_BYTES])
-            del self.buffer[:FRAME_BYTES]
-        else:  # a partial frame waits for the rest; the encoder wants one fixed format
-            pcm = bytes(FRAME_BYTES)
-        frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(pcm)
-        frame.pts = self._index * FRAME_SAMPLES
-        frame.sample_rate = SAMPLE_RATE
-        frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
-        self._index += 1
-        self.frames_out += 1
-        return frame
 
 
 @dataclass
@@ -123,13 +58,6 @@ class SessionTimings:
         return (time.monotonic() - self.offer_at) * 1000.0
 
 
-@dataclass(frozen=True)
-class StateChange:
-    at_ms: float   # since the offer arrived
-    kind: str      # "ice", "dtls", "connection" or "gathering"
-    state: str
-
-
 @dataclass
 class Session:
     """A live session; ``ufrag`` is its server ICE ufrag (with the routing hint)."""
@@ -139,20 +67,22 @@ class Session:
     pc: RTCPeerConnection
     handler: Handler | None = None
     timings: SessionTimings = field(default_factory=lambda: SessionTimings(time.monotonic()))
-    history: list[StateChange] = field(default_factory=list)
-    ice_states: list[str] = field(default_factory=lambda: ["new"])
-    dtls_states: list[str] = field(default_factory=lambda: ["new"])
-    connection_states: list[str] = field(default_factory=lambda: ["new"])
-    gathering_states: list[str] = field(default_factory=lambda: ["new"])
+    states: StateHistory = field(default_factory=StateHistory)
     end_reason: str | None = None
     frames_in: int = 0
     handler_errors: int = 0
     messages_in: int = 0
     messages_out: int = 0
+    stages: StageTimes = field(default_factory=StageTimes)
+    arrivals: RtpArrivals = field(default_factory=RtpArrivals)
     outbound: OutboundAudio = field(default_factory=OutboundAudio)
+    voice: VoiceReceiver | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     ice_connections: list[MuxedConnection] = field(default_factory=list)
+    etag: str = field(default_factory=lambda: secrets.token_urlsafe(12))  # this ICE generation (RFC 9725)
+    retired_ufrags: list[str] = field(default_factory=list)  # earlier generations' ufrags (ICE restarts)
+    restart_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _channel: Any = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _closed: bool = False
@@ -161,6 +91,9 @@ class Session:
 
     def send_audio(self, frame: PcmFrame) -> None:
         self.outbound.push(frame)
+
+    def clear_audio(self) -> float:
+        return self.outbound.clear()
 
     def send_text(self, text: str) -> None:
         self._send(text)
@@ -176,11 +109,11 @@ class Session:
     # -- state -----------------------------------------------------------------------
 
     def record(self, kind: str, state: str) -> None:
-        states = {"ice": self.ice_states, "dtls": self.dtls_states, "connection": self.connection_states,
-                  "gathering": self.gathering_states}[kind]
-        if states[-1] != state:
-            states.append(state)
-            self.history.append(StateChange(round(self.timings.since_offer(), 3), kind, state))
+        self.states.record(kind, state)
+
+    @property
+    def history(self) -> list[StateChange]:
+        return self.states.changes
 
     def end(self, reason: str) -> bool:
         """Mark the session over (the first reason wins); True if this call ended it."""
@@ -198,15 +131,16 @@ class Session:
             self.handler_errors += 1
             log.exception("handler error in session %s", self.session_id)
 
-    async def _consume(self, track: MediaStreamTrack) -> None:
+    def __post_init__(self) -> None:
+        self.outbound.stages = self.stages
+        self.states.origin = self.timings.offer_at  # state times count from the offer, like the phases
+
+    async def _consume(self, voice: VoiceReceiver) -> None:
         assert self.handler is not None
-        try:
-            while True:
-                frame = await track.recv()
-                self.frames_in += 1
-                await self._guard(self.handler.on_audio(to_mono(frame)))
-        except MediaStreamError:
-            return
+        while True:
+            frame = await voice.recv()
+            self.frames_in += 1
+            await self._guard(self.handler.on_audio(frame))
 
     async def close(self, reason: str = DELETED) -> None:
         """End the call: stop the handler, close the peer connection (which frees its mux routes)."""
@@ -246,15 +180,29 @@ class Session:
 
     def to_dict(self) -> dict[str, Any]:
         t = self.timings
-        return {"id": self.session_id, "ufrag": self.ufrag, "ice_states": list(self.ice_states),
-                "dtls_states": list(self.dtls_states), "connection_states": list(self.connection_states),
-                "gathering_states": list(self.gathering_states),
+        return {"id": self.session_id, "ufrag": self.ufrag,
+                **{f"{kind}_states": list(states) for kind, states in self.states.states.items()},
                 "history": [asdict(change) for change in self.history], "end_reason": self.end_reason,
                 "answer_ms": t.answer_ms, "ice_connected_ms": t.ice_connected_ms,
                 "dtls_connected_ms": t.dtls_connected_ms, "ended_ms": t.ended_ms,
                 "frames_in": self.frames_in, "frames_out": self.outbound.frames_out,
                 "messages_in": self.messages_in, "messages_out": self.messages_out,
-                "handler_errors": self.handler_errors}
+                "handler_errors": self.handler_errors, "paths": self.path_changes(),
+                "audio": self.audio()}
+
+    def path_changes(self) -> list[dict[str, Any]]:
+        """Each time the media moved to another client address (paths.py): when, why, where."""
+        return [{"at_ms": round((at - self.timings.offer_at) * 1000.0, 3), "reason": reason,
+                 "remote": f"{addr[0]}:{addr[1]}"}
+                for c in self.ice_connections for at, reason, addr in c.paths.changes]
+
+    def audio(self) -> dict[str, Any]:
+        """The media path's own figures: receive buffer, concealment, pacing, per-stage times (ms)."""
+        out = self.voice.to_dict() if self.voice else {}
+        out.update(frames_silent=self.outbound.silent_frames, frames_cleared=self.outbound.cleared_frames,
+                   frames_overflow=self.outbound.overflow_frames,
+                   frames_skipped=self.outbound.skipped_frames, stages=self.stages.summary())
+        return out
 
 
 def _bundled(sdp: str) -> bool:
@@ -277,6 +225,7 @@ async def answer_offer(
     hint_key: bytes | None = None,
     offer_at: float | None = None,
     connect_timeout: float | None = 30.0,
+    candidates: list[tuple[tuple[str, int], int]] | None = None,
 ) -> tuple[Session, str]:
     """Create a session for an offer; returns it with the complete SDP answer.
 
@@ -285,7 +234,9 @@ async def answer_offer(
     session is torn down and the exception propagates.  ``on_end`` is called once
     when the session ends on its own (failure, consent expiry, client hang-up,
     connect timeout); ``end_reason`` says which.  ``offer_at`` (time.monotonic())
-    is when the offer arrived, the origin of the setup timings.
+    is when the offer arrived, the origin of the setup timings.  ``candidates``: the
+    (address, ICE local preference) pairs to advertise (relays.ordered_candidates), default
+    the mux's public candidates.
     """
     if not _bundled(offer_sdp):
         raise OfferError("the offer's m-lines are not all in one BUNDLE group (WHIP requires BUNDLE)")
@@ -326,8 +277,12 @@ async def answer_offer(
 
     @pc.on("track")
     def _track(track: MediaStreamTrack) -> None:
-        if track.kind == "audio":
-            session._tasks.append(asyncio.ensure_future(session._consume(track)))
+        # fired inside setRemoteDescription, before any packet can arrive: the voice path takes the
+        # receiver's audio from its first packet
+        receiver = next((t.receiver for t in pc.getTransceivers() if t.receiver.track is track), None)
+        if track.kind == "audio" and receiver is not None and session.voice is None:
+            session.voice = VoiceReceiver(receiver, session.arrivals, session.stages)
+            session._tasks.append(asyncio.ensure_future(session._consume(session.voice)))
 
     @pc.on("datachannel")
     def _datachannel(channel: Any) -> None:  # noqa: ANN401 - RTCDataChannel
@@ -338,16 +293,20 @@ async def answer_offer(
             session.messages_in += 1
             handler = session.handler
             coro = handler.on_text(message) if isinstance(message, str) else handler.on_bytes(message)
+            # finished message tasks are let go: a data-channel flood must not grow this list without bound
+            session._tasks[:] = [t for t in session._tasks if not t.done()]
             session._tasks.append(asyncio.ensure_future(session._guard(coro)))
 
     try:
-        with session_ice(mux, ufrag, new_password()) as session.ice_connections:
+        with session_ice(mux, ufrag, new_password(), candidates) as session.ice_connections:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds on bad SDP
                 raise OfferError(f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
             if not any(t.kind == "audio" for t in pc.getTransceivers()):
                 raise OfferError("the offer has no audio m-line")
+            for connection in session.ice_connections:  # created by setRemoteDescription
+                session.arrivals.watch(connection)
             _watch_dtls(session, pc)
             pc.addTrack(session.outbound)
             answer = await pc.createAnswer()

@@ -5,8 +5,14 @@
   candidates are known before the answer is written);
 * ``DELETE <path>/sessions/<id>`` ends the session (``200``);
 * ``OPTIONS`` on both answers CORS pre-flights (and ``Accept-Post``), so a web page
-  on another origin can call the endpoint; ``PATCH`` (trickle ICE, ICE restart)
-  is not supported and answers ``405`` as RFC 9725 asks;
+  on another origin can call the endpoint;
+* ``PATCH <path>/sessions/<id>`` with an ``application/trickle-ice-sdpfrag`` body
+  carrying new ICE credentials is an ICE restart (RFC 9725 4.3.2): ``200`` with our
+  new credentials and candidates and a new ``ETag``.  ``If-Match`` must be ``*`` or
+  the session's current ETag (``428`` when absent, ``412`` when stale); a fragment
+  without credentials or with malformed ones is ``400``; one with the current ufrag
+  is trickle ICE, which we do not take (``422``, as RFC 9725 asks of a session that
+  supports only restarts).  A refused PATCH leaves the call as it was;
 * with a token configured every POST and DELETE must carry ``Authorization:
   Bearer <token>`` (``401`` otherwise).
 
@@ -28,12 +34,16 @@ from typing import Protocol
 
 from aiohttp import web
 
+from splitrelay.errors import SplitrelayError
+from splitrelay.transceiver.relays import SignalingFacts
+from splitrelay.wire.sdpfrag import MEDIA_TYPE as SDPFRAG, IceFragment
+
 MAX_OFFER = 64 * 1024
 CORS = {
     "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
+    "Access-Control-Allow-Methods": "POST, PATCH, DELETE, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
-    "Access-Control-Expose-Headers": "Location, Accept-Post",
+    "Access-Control-Expose-Headers": "Location, Accept-Post, ETag",
     "Access-Control-Max-Age": "600",
 }
 _ICE_UFRAG = re.compile(r"^a=ice-ufrag:\S+", re.M)
@@ -41,7 +51,7 @@ _ICE_PWD = re.compile(r"^a=ice-pwd:\S+", re.M)
 _FINGERPRINT = re.compile(r"^a=fingerprint:\S+ \S+", re.M)
 
 
-class OfferRejected(Exception):
+class OfferRejected(SplitrelayError):
     """A request the endpoint refuses: an HTTP status and a one-line reason."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -68,11 +78,18 @@ class SessionHost(Protocol):
 
     draining: bool
 
-    async def open_session(self, sdp: str, offer_at: float) -> tuple[str, str]:
-        """Create a session; returns (session id, SDP answer); raises OfferRejected."""
+    async def open_session(self, sdp: str, offer_at: float, facts: SignalingFacts) -> tuple[str, str]:
+        """Create a session; returns (session id, SDP answer); raises OfferRejected.  ``facts``: the
+        request's source address and headers, which choose the client's preferred relay."""
 
     async def close_session(self, session_id: str) -> bool:
         """End a session on the client's request; False if there is no such session."""
+
+    def etag(self, session_id: str) -> str | None:
+        """The session's current ETag (its ICE generation); None if there is no such session."""
+
+    async def restart_session_ice(self, session_id: str, if_match: str, fragment: IceFragment) -> tuple[str, str]:
+        """ICE restart; returns (SDP fragment answer, new ETag); raises OfferRejected."""
 
 
 @dataclass
@@ -104,7 +121,7 @@ class WhipEndpoint:
             web.options(self.path, self.options),
             web.delete(resource, self._guarded(self.delete_session)),
             web.options(resource, self.options),
-            web.patch(resource, self.patch),
+            web.patch(resource, self._guarded(self.patch)),
         ]
 
     def _guarded(self, handler: Callable[[web.Request], Awaitable[web.Response]]):  # noqa: ANN202
@@ -134,8 +151,20 @@ class WhipEndpoint:
         return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
 
     async def patch(self, request: web.Request) -> web.Response:
-        return web.Response(status=405, text="trickle ICE and ICE restarts are not supported\n",
-                            headers={**CORS, "Allow": "DELETE, OPTIONS"})
+        """ICE restart (RFC 9725 4.3.2); the checks run in the order a client can fix them."""
+        if request.content_type != SDPFRAG:
+            raise OfferRejected(415, f"a PATCH must be Content-Type: {SDPFRAG}")
+        if_match = request.headers.get("If-Match")
+        if if_match is None:
+            raise OfferRejected(428, "a PATCH needs If-Match: the session's ETag, or * for an ICE restart")
+        if request.content_length and request.content_length > self.config.max_offer:
+            raise OfferRejected(413, f"fragment larger than {self.config.max_offer} bytes")
+        body = await request.content.read(self.config.max_offer + 1)
+        if len(body) > self.config.max_offer:
+            raise OfferRejected(413, f"fragment larger than {self.config.max_offer} bytes")
+        fragment = IceFragment.parse(body.decode("utf-8", "replace"))
+        text, etag = await self.host.restart_session_ice(request.match_info["id"], if_match, fragment)
+        return web.Response(status=200, text=text, content_type=SDPFRAG, headers={**CORS, "ETag": f'"{etag}"'})
 
     async def _read_offer(self, request: web.Request) -> str:
         c = self.config
@@ -169,9 +198,13 @@ class WhipEndpoint:
             raise OfferRejected(503, "this transceiver is draining; try another")
         sdp = await self._read_offer(request)
         check_offer(sdp)
-        session_id, answer = await self.host.open_session(sdp, offer_at)
-        return web.Response(status=201, text=answer, content_type="application/sdp",
-                            headers={"Location": self.resource(session_id), **CORS})
+        facts = SignalingFacts(remote=request.remote, headers=dict(request.headers))
+        session_id, answer = await self.host.open_session(sdp, offer_at, facts)
+        headers = {"Location": self.resource(session_id), **CORS}
+        etag = self.host.etag(session_id)
+        if etag:
+            headers["ETag"] = f'"{etag}"'
+        return web.Response(status=201, text=answer, content_type="application/sdp", headers=headers)
 
     async def delete_session(self, request: web.Request) -> web.Response:
         if not await self.host.close_session(request.match_info["id"]):

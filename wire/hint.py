@@ -29,21 +29,24 @@ from __future__ import annotations
 import secrets
 import string
 
+from splitrelay.bpf import consts
+from splitrelay.errors import SplitrelayError
+
 ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"
 _VALUE = {c: i for i, c in enumerate(ALPHABET)}
 
-VERSION_1 = 1
-VERSION_2 = 2
-V1_LENGTH = 16
+VERSION_1 = consts.HINT_V1
+VERSION_2 = consts.HINT_V2
+V1_LENGTH = consts.HINT_V1_LEN
 KEY_LENGTH = 16
-MSG_LENGTH = 12
+MSG_LENGTH = consts.HINT_MSG_LEN
 V2_RANDOM_CHARS = 8
-ID_BITS = 18
-MAX_BACKEND_ID = (1 << ID_BITS) - 1
+ID_BITS = consts.HINT_ID_BITS
+MAX_BACKEND_ID = consts.MAX_BACKEND_ID
 RANDOM_CHARS = 12  # 72 bits, well above RFC 8445's 24-bit minimum
 
 
-class HintError(ValueError):
+class HintError(SplitrelayError, ValueError):
     """A backend id that cannot be carried in a routing hint."""
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
 
+from splitrelay.bpf import consts
+from splitrelay.errors import SplitrelayError
 from splitrelay.wire.hint import ALPHABET
 
 MAGIC_COOKIE = 0x2112A442
@@ -38,9 +40,10 @@ ATTR_ICE_CONTROLLED = 0x8029
 ATTR_ICE_CONTROLLING = 0x802A
 FINGERPRINT_XOR = 0x5354554E
 
-MAX_ATTRS = 16      # SR_STUN_MAX_ATTRS: attributes visited before giving up on USERNAME
-MAX_MSG = 2048      # SR_STUN_MAX_MSG: longest Binding Request body routed by ufrag
-UFRAG_MIN, UFRAG_MAX = 4, 32   # SR_UFRAG_MIN, SR_UFRAG_MAX
+MAX_ATTRS = consts.STUN_MAX_ATTRS   # attributes visited before giving up on USERNAME
+MAX_MSG = consts.STUN_MAX_MSG       # longest Binding Request body routed by ufrag
+UFRAG_MIN, UFRAG_MAX = consts.UFRAG_MIN, consts.UFRAG_MAX
+UFRAG_RULE = f"ufrag must be {UFRAG_MIN}..{UFRAG_MAX} ice-chars (A-Z a-z 0-9 + /)"
 _ICE_CHARS = frozenset(ALPHABET.encode())
 _COLON = ord(":")
 
@@ -65,7 +68,7 @@ STUN, ZRTP, DTLS, TURN_CHANNEL, RTP, UNKNOWN, EMPTY = PacketClass
 ROUTED_BY_FLOW = frozenset({PacketClass.DTLS, PacketClass.RTP})
 
 
-class StunError(ValueError):
+class StunError(SplitrelayError, ValueError):
     """A STUN packet the data plane drops; ``reason`` is its counter reason in splitrelay.h."""
 
     reason: ClassVar[str] = "bad_stun"
@@ -212,6 +215,15 @@ def _ufrag_at(value: bytes, start: int, ends_at_colon: bool) -> str | None:
     return out.decode("ascii")
 
 
+def is_ufrag(text: str) -> bool:
+    """True for a server ufrag the relay routes by: 4..32 ice-chars, the one syntax check of the project.
+
+    The control API, both data planes and the parsers above (``_ufrag_at``) accept exactly these.
+    """
+    raw = text.encode("ascii", "replace")
+    return UFRAG_MIN <= len(raw) <= UFRAG_MAX and _ufrag_at(raw, 0, ends_at_colon=False) == text
+
+
 def server_ufrag(payload: bytes) -> str | None:
     """The server ufrag a client's Binding Request is routed by (USERNAME "server:client").
 
@@ -224,7 +236,8 @@ def server_ufrag(payload: bytes) -> str | None:
         return None
     ufrag = _ufrag_at(value, 0, ends_at_colon=True)
     if ufrag is None:
-        raise BadUsername(f"USERNAME {value[:UFRAG_MAX + 2]!r}... has no 4..32 ice-char ufrag before a ':'")
+        raise BadUsername(f"USERNAME {value[:UFRAG_MAX + 2]!r}... has no {UFRAG_MIN}..{UFRAG_MAX} ice-char "
+                          "ufrag before a ':'")
     return ufrag
 
 

@@ -1,11 +1,11 @@
-"""The edge agent: in-process against a real data plane, then as a real process in a lab.
+"""The edge agent in this process against a real data plane: control API, metrics, ageing, restarts.
 
-The first part runs ``EdgeAgent`` in this process on 127.0.0.1 (ephemeral port)
-with the XDP programs loaded, pinned under a unique instance and attached to a
-veth pair of its own (``srE*``, deleted afterwards), and drives it through
-``AsyncControlClient``.  Flows are made without any traffic: a real STUN Binding
-Request runs through ``xdp_public`` by BPF_PROG_TEST_RUN.  The second part runs
-the CLI's ``edge serve`` in a lab.
+``EdgeAgent`` runs on 127.0.0.1 (ephemeral port) with the XDP programs loaded,
+pinned under a unique instance and attached to a veth pair of its own (``srE*``,
+deleted afterwards), and is driven through ``AsyncControlClient``.  Flows are
+made without any traffic: a real STUN Binding Request runs through
+``xdp_public`` by BPF_PROG_TEST_RUN.  The agent as a process is
+tests/test_agent_lab.py.
 """
 
 from __future__ import annotations
@@ -17,23 +17,17 @@ import secrets
 import socket
 import struct
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
-from splitrelay.lab.stack import control, control_url, start_lab, stop_lab
-from splitrelay.wire import stun
 from splitrelay.edge.agent import AgentConfig, EdgeAgent
 from splitrelay.edge.control_client import AsyncControlClient, ControlError
 from splitrelay.edge.counters import counter_specs
-from splitrelay.edge.datapath import DatapathError
-from splitrelay.lab.topology import Lab
-from splitrelay.lab.netns import in_netns
+from splitrelay.edge.plane import DatapathError
 from splitrelay.edge.neighbours import NeighbourError
 from splitrelay.bpf.testrun import XDP_REDIRECT, run_xdp
 
@@ -107,17 +101,21 @@ def binding_request(username: str) -> bytes:
 def open_flow(agent: EdgeAgent, ufrag: str, client_ip: str = P.CLIENT_IP4, client_port: int = P.CLIENT_PORT):
     frame = P.udp_frame(binding_request(f"{ufrag}:cli1"), src=client_ip, sport=client_port,
                         v6=":" in client_ip)
-    result = run_xdp(agent.datapath._programs["xdp_public"].fd, frame)
+    result = run_xdp(agent.plane.program_fd("xdp_public"), frame)
     assert result.verdict == XDP_REDIRECT, result.name
     return result
 
 
 def backdate_flows(agent: EdgeAgent, seconds: float, client_port: int | None = None) -> None:
-    """Pretend a flow's last packet came ``seconds`` ago (the Datapath has no flow writer)."""
-    table = agent.datapath.bpf[b"flows"]
+    """Pretend a flow's last packet came ``seconds`` ago (the plane has no flow writer).
+
+    Never before the clock's zero: ``now - seconds`` on a machine up for less than that would
+    wrap the u64 field to the far future (a flow that never ages), so it stops at boot.
+    """
+    table = agent.plane.bpf[b"flows"]
     for key, leaf in list(table.items()):
         if client_port is None or socket.ntohs(key.port) == client_port:
-            leaf.last_seen_ns = time.monotonic_ns() - int(seconds * 1e9)
+            leaf.last_seen_ns = max(0, time.monotonic_ns() - int(seconds * 1e9))
             table[key] = leaf
 
 
@@ -137,7 +135,7 @@ async def agent(links):
         yield edge
     finally:
         await edge.stop()
-        assert not edge.datapath.pin_dir.exists()
+        assert not edge.plane.pin_dir.exists()
         assert not any(xdp_attached(name) for name in links)
 
 
@@ -156,7 +154,7 @@ async def anonymous(agent):
 @pytest_asyncio.fixture(loop_scope="module")
 async def state(agent, client):
     """Backends 1 and 2, session 'existing1' on 1 with one flow; nothing else."""
-    dp = agent.datapath
+    dp = agent.plane
     for b in dp.backends():
         dp.del_backend(b.backend_id)
     for s in dp.sessions():
@@ -299,18 +297,18 @@ async def test_deletes_that_arrive_together_share_one_pass_over_the_flows(agent,
     for i, name in enumerate(names[:10]):
         open_flow(agent, name, client_port=42000 + i)
     passes = []
-    real = agent.datapath.del_sessions
+    real = agent.plane.del_sessions
 
     def counted(ufrags):
         passes.append(len(ufrags))
         return real(ufrags)
 
-    agent.datapath.del_sessions = counted
+    agent.plane.del_sessions = counted
     try:
         answers = await asyncio.gather(*(client.request("DELETE", f"/v1/sessions/{n}")
                                          for n in names + ["neverThere", "missing2"]))
     finally:
-        del agent.datapath.del_sessions
+        del agent.plane.del_sessions
     assert [status for status, _ in answers] == [204] * len(names) + [404, 404]
     assert sum(passes) == len(names) + 2 and len(passes) < len(names) / 4    # batched, nobody left out
     assert [s["ufrag"] for s in await client.sessions()] == ["existing1"]
@@ -521,7 +519,7 @@ async def test_exported_counters_never_go_backwards_when_the_map_restarts(agent,
 
     before = stun(await scrape(client))
     assert before >= 1
-    agent.datapath.reset_counters()      # what a recreated (unpinned) stats map looks like
+    agent.plane.reset_counters()      # what a recreated (unpinned) stats map looks like
     assert {c["name"]: c["packets"] for c in (await client.stats())["counters"]}["IN_FWD_STUN_UFRAG"] == 0
     assert stun(await scrape(client)) == before
     open_flow(agent, "existing1", client_port=42000)
@@ -601,7 +599,7 @@ async def test_restart_keeps_xdp_and_adopts_the_pinned_maps(spare_links):
     second = None
     try:
         assert all(xdp_attached(name) for name in spare_links)          # calls keep flowing meanwhile
-        assert first.datapath.pin_dir.exists()
+        assert first.plane.pin_dir.exists()
         async with AsyncControlClient(url(first), timeout=0.5) as c:
             with pytest.raises(ControlError) as err:
                 await c.health()
@@ -617,8 +615,8 @@ async def test_restart_keeps_xdp_and_adopts_the_pinned_maps(spare_links):
         if second is not None:
             await second.stop()
         else:
-            first.datapath.destroy(list(spare_links))
-    assert not first.datapath.pin_dir.exists() and not any(xdp_attached(n) for n in spare_links)
+            first.plane.destroy(list(spare_links))
+    assert not first.plane.pin_dir.exists() and not any(xdp_attached(n) for n in spare_links)
 
 
 @asyncio_module
@@ -629,181 +627,9 @@ async def test_a_failed_start_leaves_nothing_running(spare_links):
         edge = EdgeAgent(agent_config(spare_links, listen_port=taken.getsockname()[1]))
         with pytest.raises(OSError):
             await edge.start()
-    assert not edge.datapath.pin_dir.exists() and not any(xdp_attached(n) for n in spare_links)
+    assert not edge.plane.pin_dir.exists() and not any(xdp_attached(n) for n in spare_links)
     # a gateway that does not answer fails before anything is loaded or pinned
     edge = EdgeAgent(agent_config(spare_links, gateway_ip="198.51.100.253", gateway_timeout_s=0.2))
     with pytest.raises(NeighbourError):
         await edge.start()
-    assert not edge.datapath.pin_dir.exists() and not any(xdp_attached(n) for n in spare_links)
-
-
-# == the agent as a process (`splitrelay edge serve`) in a lab ====================================
-
-@pytest.fixture(scope="module")
-def agent_lab():
-    info = start_lab(transceivers=2, handler=None)
-    try:
-        yield Lab.load(info["name"]), info
-    finally:
-        stop_lab(info["name"])
-
-
-def call(lab, fn):
-    return control(lab, fn)
-
-
-def lab_snapshot(lab):
-    return call(lab, lambda c: (c.backends(), c.sessions()))
-
-
-LAB_BAD_REQUESTS = [
-    ("PUT", "/v1/sessions/abc", {"backend": 1}, 400),                 # ufrag too short
-    ("PUT", "/v1/sessions/" + "a" * 33, {"backend": 1}, 400),        # too long
-    ("PUT", "/v1/sessions/bad-char", {"backend": 1}, 400),           # not ice-chars
-    ("PUT", "/v1/sessions/goodUfrag", {"backend": "1"}, 400),        # wrong type
-    ("PUT", "/v1/sessions/goodUfrag", {"backend": 99}, 409),         # unknown backend
-    ("PUT", "/v1/sessions/goodUfrag", [1], 400),                     # not an object
-    ("PUT", "/v1/sessions/existing1", {"backend": 2}, 409),          # owned by another backend
-    ("PUT", "/v1/backends/0", {"ip": "172.31.1.11", "port": 5000}, 400),
-    ("PUT", "/v1/backends/3", {"ip": "172.31.1.11", "port": 70000}, 400),
-    ("PUT", "/v1/backends/3", {"ip": "not-an-ip", "port": 5000}, 400),
-    ("PUT", "/v1/backends/3", {"port": 5000}, 400),
-    ("PUT", "/v1/backends/1", {"ip": "172.31.1.11", "port": 5000, "instance": 7}, 400),
-    ("DELETE", "/v1/sessions/neverThere", None, 404),
-    ("GET", "/v1/flows?limit=-1", None, 400),
-]
-
-
-@pytest.mark.parametrize("method,path,body,status", LAB_BAD_REQUESTS)
-def test_bad_requests_are_refused_and_change_nothing(agent_lab, method, path, body, status):
-    lab, _ = agent_lab
-    call(lab, lambda c: c.put_session("existing1", 1))
-    before = lab_snapshot(lab)
-    with pytest.raises(ControlError) as err:
-        call(lab, lambda c: c._call(method, path, body))
-    assert err.value.status == status and str(err.value)
-    after = lab_snapshot(lab)
-    assert [s["ufrag"] for s in after[1]] == [s["ufrag"] for s in before[1]]
-    assert after[0] == before[0]
-
-
-def test_not_json_is_refused(agent_lab):
-    lab, _ = agent_lab
-    import urllib.error
-    import urllib.request
-
-    def raw_put() -> int:
-        req = urllib.request.Request(control_url(lab) + "/v1/sessions/someUfrag", data=b"{nope",
-                                     method="PUT")
-        try:
-            urllib.request.urlopen(req, timeout=3)
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        return 200
-
-    assert in_netns(lab.relay_public.netns, raw_put) == 400
-
-
-def test_ufrags_with_slash_and_plus_round_trip_via_the_sync_client(agent_lab):
-    lab, _ = agent_lab
-    for ufrag in ("BAAB+/xY0123+/ab", "a/b+", "////"):
-        assert call(lab, lambda c, u=ufrag: c.put_session(u, 1))["ufrag"] == ufrag
-        assert ufrag in [s["ufrag"] for s in call(lab, lambda c: c.sessions())]
-        call(lab, lambda c, u=ufrag: c.delete_session(u))
-        assert ufrag not in [s["ufrag"] for s in call(lab, lambda c: c.sessions())]
-
-
-def test_session_lifecycle_with_real_packets(agent_lab):
-    lab, _ = agent_lab
-    t1 = lab.transceivers[0]
-    server = in_netns(t1.netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    server.bind((t1.ip4, 5000))
-    server.settimeout(2)
-    client = in_netns(lab.client.netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    try:
-        assert call(lab, lambda c: c.put_session("lifecycle1", t1.backend_id))["backend"] == 1
-        assert call(lab, lambda c: c.put_session("lifecycle1", t1.backend_id))  # idempotent
-        client.sendto(stun.build_binding_request("lifecycle1:cli"), (lab.relay_public.ip4, 3478))
-        _, peer = server.recvfrom(2048)
-        assert peer[0] == lab.client.ip4
-        flows = call(lab, lambda c: c.flows())
-        assert [f["ufrag"] for f in flows] == ["lifecycle1"]
-        assert [s["flows"] for s in call(lab, lambda c: c.sessions()) if s["ufrag"] == "lifecycle1"] == [1]
-        call(lab, lambda c: c.delete_session("lifecycle1"))
-        assert call(lab, lambda c: c.flows()) == []        # its flows went with it
-        client.sendto(b"\x80" * 50, (lab.relay_public.ip4, 3478))
-        with pytest.raises(TimeoutError):
-            server.recvfrom(2048)
-        stats = {c["name"]: c["packets"] for c in call(lab, lambda c: c.stats())["counters"]}
-        assert stats["IN_FWD_STUN_UFRAG"] >= 1 and stats["IN_DROP_NO_FLOW"] >= 1
-    finally:
-        server.close()
-        client.close()
-
-
-def test_metrics_are_prometheus_text_with_the_counters(agent_lab):
-    lab, _ = agent_lab
-    text = call(lab, lambda c: c.metrics())
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("splitrelay_edge_packets", "splitrelay_edge_bytes", "splitrelay_edge_flows",
-                 "splitrelay_edge_map_entries", "splitrelay_edge_xdp_info",
-                 "splitrelay_edge_control_request_duration_seconds"):
-        assert name in families, name
-    reasons = {s.labels["reason"] for s in families["splitrelay_edge_packets"].samples}
-    assert {"stun_ufrag", "no_flow", "unknown_ufrag"} <= reasons
-    routes = {s.labels["route"] for s in families["splitrelay_edge_control_request_duration_seconds"].samples}
-    assert "/v1/sessions/{ufrag}" in routes  # templates, never raw ufrags
-
-
-
-def test_cli_reads_the_agent_with_json(agent_lab):
-    lab, info = agent_lab
-    out = subprocess.run(["ip", "netns", "exec", lab.relay_public.netns, sys.executable, "-m",
-                          "splitrelay.cli.main", "backends", "list", "--json", "--control", info["control_url"]],
-                         capture_output=True, text=True, check=True).stdout
-    assert [b["id"] for b in json.loads(out)] == [1, 2]
-
-
-def test_cli_errors_are_one_line(agent_lab):
-    lab, info = agent_lab
-    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "stats", "--control",
-                           "http://127.0.0.1:9"], capture_output=True, text=True)
-    assert proc.returncode == 5
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("splitrelay: error: ")
-    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "edge", "attach", "eth0",
-                           "--internal", "eth0", "--public-ip", "10.9.9.9", "--gateway-mac",
-                           "02:00:00:00:00:01", "--instance", "clitest"], capture_output=True, text=True)
-    assert proc.returncode == 1 and "refusing to attach XDP to eth0" in proc.stderr
-    assert proc.stderr.count("\n") == 1
-    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "edge", "attach", "nosuch0",
-                           "--internal", "nosuch1", "--public-ip", "10.9.9.9", "--gateway-mac",
-                           "02:00:00:00:00:01", "--instance", "clitest"], capture_output=True, text=True)
-    assert proc.returncode == 1
-    assert proc.stderr == "splitrelay: error: no interface named 'nosuch0' in this network namespace\n"
-    assert not Path("/sys/fs/bpf/splitrelay/clitest").exists()   # nothing pinned on the way to the error
-
-
-def test_demo_runs_a_webrtc_session_through_xdp_and_cleans_up():
-    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "demo", "--seconds", "3", "--json"],
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
-    assert report["ok"] and report["dtls_connected_ms"] > report["ice_connected_ms"] > 0
-    assert report["beeps_heard"] >= 1 and report["audio_rtt_ms"] > 0
-    assert report["counters"]["ingress/forwarded/flow"] > 100
-    assert report["lab"] not in Lab.names()
-
-
-def test_shipped_prometheus_config_and_dashboard_parse():
-    import shutil
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent / "deploy"
-    if shutil.which("promtool"):
-        check = subprocess.run(["promtool", "check", "config", str(root / "prometheus.yml")],
-                               capture_output=True, text=True)
-        assert check.returncode == 0, check.stdout + check.stderr
-    dashboard = json.loads((root / "grafana" / "splitrelay.json").read_text())
-    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
-    for metric in ("splitrelay_edge_packets_total", "splitrelay_transceiver_session_setup_seconds_bucket"):
-        assert metric in exprs
+    assert not edge.plane.pin_dir.exists() and not any(xdp_attached(n) for n in spare_links)

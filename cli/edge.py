@@ -1,0 +1,238 @@
+"""`splitrelay edge`: attach, detach, inspect and run the XDP relay on this host."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import click
+from splitrelay.bpf.consts import DEFAULT_SESSION_FLOWS
+from splitrelay.cli.common import emit, stop_on_signals, table
+from splitrelay.cli.errors import CliError, require_bcc, require_root
+
+
+@click.group()
+def edge() -> None:
+    """Attach, detach, inspect and run the XDP relay on this host."""
+
+
+
+def _agent_options(f):
+    options = [
+        click.argument("public_iface"),
+        click.option("--internal", "internal_iface", required=True, help="Interface toward the transceivers."),
+        click.option("--port", "relay_port", default=3478, show_default=True, type=click.IntRange(1, 65535),
+                     help="The one public UDP port."),
+        click.option("--public-ip", "public_ips", multiple=True, required=True,
+                     help="Relay public address (repeat for IPv4 and IPv6)."),
+        click.option("--gateway-ip", help="Public next hop (its MAC is read from the neighbour table)."),
+        click.option("--gateway-mac", help="Public next hop MAC, instead of --gateway-ip."),
+        click.option("--policy", type=click.Choice(["strict", "hint"]), default="strict", show_default=True,
+                     help="strict: only registered ufrags open flows; hint: the ufrag's routing hint may."),
+        click.option("--mode", type=click.Choice(["auto", "native", "generic"]), default="auto",
+                     show_default=True, help="XDP mode; auto falls back to generic with a warning."),
+        click.option("--instance", default="default", show_default=True,
+                     help="Names the pinned maps: /sys/fs/bpf/splitrelay/<instance>."),
+        click.option("--max-session-flows", default=DEFAULT_SESSION_FLOWS, show_default=True,
+                     type=click.IntRange(0, 65535),
+                     help="Client 5-tuples one session may open (0 = unlimited): caps stolen-ufrag floods."),
+        click.option("--hint-key-file", type=click.Path(exists=True, dir_okay=False),
+                     help="32 hex digits shared with the transceivers: only hints with a valid SipHash tag "
+                          "route (makes --policy hint safe on the open internet)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _agent_config(**kw):
+    from ipaddress import ip_address
+
+    from splitrelay.edge.agent import AgentConfig
+
+    ips = kw.pop("public_ips")
+    key_file = kw.pop("hint_key_file", None)
+    if key_file:
+        from splitrelay.wire.hint import HintError, load_key
+
+        try:
+            kw["hint_key"] = load_key(key_file)
+        except HintError as exc:
+            raise CliError(str(exc)) from None
+    try:
+        parsed = [ip_address(ip) for ip in ips]
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    kw["public_ip4"] = next((str(a) for a in parsed if a.version == 4), None)
+    kw["public_ip6"] = next((str(a) for a in parsed if a.version == 6), None)
+    return AgentConfig(**kw)
+
+
+@edge.command("attach")
+@_agent_options
+def edge_attach(**kw) -> None:
+    """Attach the XDP programs and configure the relay, then exit (they stay attached).
+
+    \b
+    Example:
+      splitrelay edge attach pub0 --internal int0 --public-ip 203.0.113.1 --gateway-ip 203.0.113.254
+    """
+    require_root("attaching XDP")
+    require_bcc()
+    from splitrelay.edge.agent import EdgeAgent
+
+    agent = EdgeAgent(_agent_config(**kw))
+    mode = agent.attach()
+    click.echo(f"attached ({mode}) to {kw['public_iface']} and {kw['internal_iface']}; "
+               f"maps pinned at {agent.datapath.pin_dir}")
+
+
+@edge.command("detach")
+@click.argument("ifaces", nargs=-1, required=True)
+@click.option("--instance", default="default", show_default=True)
+@click.option("--keep-maps", is_flag=True, help="Keep the pinned maps (sessions, flows) for a later attach.")
+def edge_detach(ifaces: tuple[str, ...], instance: str, keep_maps: bool) -> None:
+    """Remove the XDP programs from IFACES (and the pinned maps unless --keep-maps).
+
+    \b
+    Example:
+      splitrelay edge detach pub0 int0
+    """
+    require_root("detaching XDP")
+    require_bcc()
+    from splitrelay.edge.datapath import Datapath, unpin
+
+    Datapath(instance=instance).detach(list(ifaces))
+    removed = False if keep_maps else unpin(instance)
+    click.echo(f"detached from {', '.join(ifaces)}" + ("; pinned maps removed" if removed else ""))
+
+
+def _xdp_attachments() -> list[dict]:
+    from pyroute2 import IPRoute
+
+    out = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            xdp = link.get_attr("IFLA_XDP")
+            if not xdp:
+                continue
+            attached = xdp.get_attr("IFLA_XDP_ATTACHED")
+            if attached:
+                modes = {1: "native", 2: "generic", 3: "offload", 4: "multi"}
+                out.append({"iface": link.get_attr("IFLA_IFNAME"), "mode": modes.get(attached, str(attached)),
+                            "prog_id": xdp.get_attr("IFLA_XDP_PROG_ID")})
+    return out
+
+
+@edge.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def edge_status(as_json: bool) -> None:
+    """XDP programs attached in this network namespace and pinned relay instances with their map fill."""
+    require_root("reading BPF maps")
+    from splitrelay.edge.datapath import Datapath, pinned_instances
+
+    data = {"attached": _xdp_attachments(), "instances": []}
+    for name in pinned_instances():
+        dp = Datapath(instance=name)
+        fill = dp.map_fill()
+        cfg = dp.config()
+        data["instances"].append({
+            "instance": name, "pin_dir": str(dp.pin_dir),
+            "relay_port": cfg.relay_port if cfg else None, "policy": cfg.policy if cfg else None,
+            "maps": {k: {"entries": v[0], "capacity": v[1]} for k, v in fill.items()},
+        })
+
+    def human(d: dict) -> None:
+        click.echo("attached XDP programs:")
+        table(d["attached"], ["iface", "mode", "prog_id"])
+        for inst in d["instances"]:
+            maps = ", ".join(f"{k} {v['entries']}/{v['capacity']}" for k, v in inst["maps"].items())
+            click.echo(f"instance {inst['instance']} (port {inst['relay_port']}, {inst['policy']}): {maps}")
+
+    emit(data, as_json, human)
+
+
+DATAPATH_HELP = (
+    "xdp: the relay runs in the kernel's XDP hook (needs root, bcc and `make setup`); packets never enter "
+    "the relay's network stack, the transceiver sees each client's own address, and calls survive agent "
+    "restarts (maps stay pinned). userspace: an asyncio relay on plain UDP sockets in this process, for hosts "
+    "without XDP or bcc and as the benchmark baseline: same routing, counters and control API, but each flow "
+    "uses a socket on the internal address (the transceiver sees the relay's internal address:port, which ICE "
+    "takes as a peer-reflexive candidate), costs CPU per packet, and its state (and so every call) ends with "
+    "the agent (--gateway-ip/--gateway-mac, --mode and --detach-on-exit do not apply).")
+
+
+@edge.command("serve")
+@_agent_options
+@click.option("--datapath", type=click.Choice(["xdp", "userspace"]), default="xdp", show_default=True,
+              help=DATAPATH_HELP)
+@click.option("--internal-ip", "internal_ips", multiple=True,
+              help="userspace: the relay's address on the internal side that flow sockets bind to (repeat for "
+                   "IPv4 and IPv6); default: the --internal interface's first global address of each family. "
+                   "Give it when that interface holds several.")
+@click.option("--max-flows", type=click.IntRange(1, 1 << 24),
+              help="Flow table size. xdp: default 1048576, fixed when the maps are first pinned. userspace: one "
+                   "socket per flow, default min(65536, open-file limit - 256).")
+@click.option("--listen", default="127.0.0.1:8470", show_default=True,
+              help="host:port of the control API and /metrics (use the internal address).")
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
+              help="File holding the control API bearer token (or set SPLITRELAY_TOKEN).")
+@click.option("--idle-timeout", "idle_timeout_s", default=30.0, show_default=True,
+              help="Seconds before an idle flow is aged out (>= 15).")
+@click.option("--detach-on-exit", is_flag=True,
+              help="Remove programs and maps on exit (default: keep them so calls survive a restart).")
+@click.option("--backends-file", type=click.Path(dir_okay=False),
+              help='Follow a JSON backend table ([{"id":1,"ip":"10.0.0.11","port":5000}]), reloaded on change.')
+@click.option("--k8s-service", metavar="NAMESPACE/NAME",
+              help="Follow the endpoints of the transceivers' Kubernetes Service (port named 'media').")
+@click.option("--k8s-api", help="Kubernetes API URL when not running in a pod.")
+@click.option("--k8s-token-file", type=click.Path(exists=True, dir_okay=False),
+              help="Bearer token for --k8s-api.")
+def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, internal_ips: tuple[str, ...],
+               **kw) -> None:
+    """Run the edge agent: attach (or start the userspace relay), serve the control API and metrics, age flows.
+
+    \b
+    Examples:
+      splitrelay edge serve pub0 --internal int0 --public-ip 203.0.113.1 \\
+          --gateway-ip 203.0.113.254 --listen 10.0.0.1:8470 --token-file /etc/splitrelay/token
+      splitrelay edge serve eth1 --internal eth2 --public-ip 203.0.113.1 \\
+          --datapath userspace --listen 10.0.0.1:8470     # no XDP on this host
+    """
+    from ipaddress import ip_address
+
+    if kw["datapath"] == "xdp":
+        require_root("the edge agent")
+        require_bcc()
+        if internal_ips:
+            raise CliError("--internal-ip is for --datapath userspace (XDP forwards with the client's address)", 2)
+    from splitrelay.edge.agent import EdgeAgent
+
+    try:
+        parsed = [ip_address(ip) for ip in internal_ips]
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+    kw["internal_ip4"] = next((str(a) for a in parsed if a.version == 4), None)
+    kw["internal_ip6"] = next((str(a) for a in parsed if a.version == 6), None)
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise CliError(f"--listen must be host:port, got {listen!r}")
+    token = open(token_file).read().strip() if token_file else os.environ.get("SPLITRELAY_TOKEN")
+    k8s_token = open(k8s_token_file).read().strip() if k8s_token_file else None
+    agent = EdgeAgent(_agent_config(listen_host=host.strip("[]"), listen_port=int(port), token=token,
+                                    k8s_token=k8s_token, **kw))
+
+    async def run() -> None:
+        stop = stop_on_signals()
+        try:
+            await agent.start()
+        except OSError as exc:
+            raise CliError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        click.echo(f"edge agent ready: control http://{listen} boot_id {agent.boot_id}", err=True)
+        try:
+            await stop.wait()
+        finally:
+            await agent.stop()
+
+    asyncio.run(run())

@@ -1,0 +1,177 @@
+"""`splitrelay transceiver`: run the WebRTC endpoint, and read its live sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import click
+from splitrelay.bpf.consts import MAX_BACKEND_ID
+from splitrelay.cli.common import emit, stop_on_signals, table
+from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError
+from splitrelay.cli.reach import lab_option, refuse_lab_address, resolve
+
+
+def _hostport(value: str, what: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise CliError(f"{what} must be host:port, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _backend_id(value: str, bind_host: str) -> int:
+    from ipaddress import IPv4Address, ip_address
+
+    if value == "from-ip":
+        try:
+            addr = ip_address(bind_host)
+        except ValueError:
+            raise CliError(f"--backend-id from-ip needs an IPv4 --bind address, got {bind_host!r}") from None
+        if not isinstance(addr, IPv4Address) or not int(addr) & MAX_BACKEND_ID:
+            raise CliError(f"--backend-id from-ip: {bind_host} gives no usable id (needs IPv4, low 18 bits != 0)")
+        return int(addr) & MAX_BACKEND_ID
+    if not value.isdigit() or not 1 <= int(value) <= MAX_BACKEND_ID:
+        raise CliError(f"--backend-id must be 1..{MAX_BACKEND_ID} or from-ip, got {value!r}", 2)
+    return int(value)
+
+
+@click.group()
+def transceiver() -> None:
+    """Run the WebRTC endpoint (aiortc) that owns sessions behind a relay."""
+
+
+def _handler_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from splitrelay.transceiver.handlers import handler_factory
+
+    try:
+        handler_factory(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+@transceiver.command("serve")
+@click.option("--backend-id", required=True, metavar="ID|from-ip",
+              help=f"This transceiver's id at the relay, 1..{MAX_BACKEND_ID} (carried in every session's ufrag); "
+                   "'from-ip' takes the low 18 bits of the --bind IPv4 address (for Deployments).")
+@click.option("--bind", default="127.0.0.1:5000", show_default=True,
+              help="host:port of the one UDP socket serving every session (the backend address).")
+@click.option("--relay", "relay_specs", multiple=True, metavar="[NAME=]IP:PORT[,[IP6]:PORT]",
+              help="A relay's public address(es), the candidates clients see; repeat for several relays "
+                   "(the first is preferred unless --prefer says otherwise). Omit for direct mode.")
+@click.option("--relay-control", "relay_controls", multiple=True,
+              help="Edge agent control URL to register sessions with; one per --relay, in the same order.")
+@click.option("--prefer", "prefer", multiple=True, metavar="PREFIX=RELAY",
+              help="Clients whose WHIP request comes from PREFIX prefer relay RELAY (longest prefix wins).")
+@click.option("--prefer-header", metavar="HEADER",
+              help="The preferred relay's name is in this request header, set by the edge in front of WHIP.")
+@click.option("--whip-listen", default="127.0.0.1:8080", show_default=True, help="host:port of WHIP signaling.")
+@click.option("--handler", default="echo", show_default=True, callback=_handler_spec, metavar="NAME[:k=v,...]",
+              help="What answers the caller: echo[:delay=S], tone[:frequency=HZ], voice[:stt=sphinx|whisper,"
+                   "tts=espeak|piper,silence_ms=MS,reply=module:function] (splitrelay[voice]), "
+                   "pipecat:pipeline=module:function (splitrelay[pipecat]).")
+@click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token of the edge control API.")
+@click.option("--whip-token", envvar="SPLITRELAY_WHIP_TOKEN", help="Bearer token clients must send to WHIP.")
+@click.option("--ip6", help="The backend address's IPv6 twin, for IPv6 clients.")
+@click.option("--drain-timeout", default=0.0, show_default=True, type=click.FloatRange(0, 86400),
+              help="On SIGTERM, refuse new offers and let live sessions end for up to this many seconds.")
+@click.option("--hint-key-file", type=click.Path(exists=True, dir_okay=False),
+              help="The relays' hint key (32 hex digits): ufrags carry a keyed (v2) routing hint.")
+def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], relay_controls: tuple[str, ...],
+                      prefer: tuple[str, ...], prefer_header: str | None, whip_listen: str, handler: str,
+                      token: str | None, whip_token: str | None,
+                      ip6: str | None, drain_timeout: float, hint_key_file: str | None) -> None:
+    """Serve WHIP and every session on one UDP port, registering sessions with the relay.
+
+    \b
+    Example:
+      splitrelay transceiver serve --backend-id 1 --bind 10.0.0.11:5000 \\
+          --relay 203.0.113.1:3478 --relay-control http://10.0.0.1:8470 --whip-listen 0.0.0.0:8080
+    """
+    for relay_control in relay_controls:
+        refuse_lab_address(relay_control)
+    from splitrelay.transceiver.mux import MuxError
+    from splitrelay.transceiver.registration import RegistrationError
+    from splitrelay.transceiver.service import Transceiver, TransceiverConfig
+
+    bind_host, bind_port = _hostport(bind, "--bind")
+    whip_host, whip_port = _hostport(whip_listen, "--whip-listen")
+    backend_id = _backend_id(backend_id, bind_host)
+    from splitrelay.transceiver import relays as relay_options
+    from splitrelay.wire.hint import HintError, load_key
+
+    try:
+        hint_key = load_key(hint_key_file) if hint_key_file else None
+        relays = relay_options.relays_from_options(relay_specs, relay_controls)
+        choosers = [relay_options.ByHeader(prefer_header)] if prefer_header else []
+        if prefer:
+            choosers.append(relay_options.ByClientPrefix(relay_options.parse_prefix_map(prefer)))
+    except (HintError, relay_options.RelaySpecError) as exc:
+        raise CliError(str(exc)) from None
+    config = TransceiverConfig(
+        backend_id=backend_id, bind_host=bind_host, bind_port=bind_port, relays=relays, choosers=choosers,
+        whip_host=whip_host, whip_port=whip_port, relay_token=token,
+        whip_token=whip_token, handler=handler, backend_ip6=ip6, hint_key=hint_key,
+    )
+    service = Transceiver(config)
+
+    async def run() -> None:
+        stop = stop_on_signals()
+        try:
+            await service.start()
+        except (MuxError, RegistrationError) as exc:
+            await service.stop()
+            raise CliError(str(exc)) from None
+        except OSError as exc:
+            await service.stop()
+            raise CliError(f"cannot listen on {whip_listen}: {exc.strerror or exc}") from None
+        click.echo(f"transceiver ready: WHIP {service.whip_url} backend {backend_id} "
+                   f"on {bind_host}:{service.mux.local_address[1]}", err=True)
+        try:
+            await stop.wait()
+            if drain_timeout:
+                click.echo(f"draining: no new offers, {len(service.sessions)} live sessions, "
+                           f"up to {drain_timeout:.0f} s", err=True)
+                left = await service.drain(drain_timeout)
+                click.echo(f"drained ({left} sessions cut at the deadline)", err=True)
+        finally:
+            await service.stop()
+
+    asyncio.run(run())
+
+
+@transceiver.command("sessions")
+@click.argument("whip_url", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@lab_option("the transceiver (WHIP_URL, default the lab's first)")
+def transceiver_sessions(whip_url: str | None, as_json: bool) -> None:
+    """Live sessions of a transceiver with aiortc's stats (RTT, jitter, loss, packets).
+
+    \b
+    Examples:
+      splitrelay transceiver sessions http://10.0.0.11:8080/whip --json
+      splitrelay transceiver sessions --lab mylab
+    """
+    import urllib.error
+    import urllib.request
+
+    from splitrelay.lab import reach
+
+    where = resolve(whip_url, "whip_url", reach.whip)
+    url = where.url.rstrip("/").removesuffix("/whip") + "/sessions"
+
+    def fetch() -> bytes:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read()
+
+    try:
+        data = json.loads(where.call(fetch))
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"transceiver at {url} is unreachable: {getattr(exc, 'reason', exc)}",
+                       EXIT_UNREACHABLE) from None
+    rows = [{"id": d["id"], "ufrag": d["ufrag"], "state": (d["connection_states"] or ["new"])[-1],
+             "dtls_ms": round(d["dtls_connected_ms"] or 0, 1), "rtt_ms": d["stats"]["rtt_ms"],
+             "jitter_ms": d["stats"]["jitter_ms"], "lost": d["stats"]["packets_lost"],
+             "rx": d["stats"]["packets_received"], "tx": d["stats"]["packets_sent"]} for d in data]
+    emit(data, as_json, lambda _: table(rows, ["id", "ufrag", "state", "dtls_ms", "rtt_ms", "jitter_ms",
+                                                 "lost", "rx", "tx"]))

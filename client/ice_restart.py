@@ -1,0 +1,152 @@
+"""A WHIP client's ICE restart, for aiortc callers (aiortc itself has none).
+
+What a mobile browser does when it changes network: new ICE credentials (and,
+on a new network, new host candidates), a PATCH of the session resource with an
+``application/trickle-ice-sdpfrag`` body and ``If-Match`` (RFC 9725 4.3.2), the
+server's new credentials and candidates back in a 200, then checks of the new
+generation.  The DTLS association and the media tracks of the peer connection
+are untouched: the same aioice Connection moves to the new generation
+(splitrelay.transceiver.ice_restart, shared with the transceiver's side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aioice import Candidate
+from aioice.ice import CandidatePair, Connection
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack
+from yarl import URL
+
+from splitrelay.errors import SplitrelayError
+from splitrelay.transceiver.ice_restart import begin_generation, new_credentials, run_generation
+from splitrelay.wire.sdpfrag import MEDIA_TYPE, IceFragment
+
+
+class RestartRefused(SplitrelayError):
+    """The WHIP session answered the PATCH with an error."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"ICE restart refused: {status} {reason}")
+        self.status = status
+
+
+@dataclass
+class RestartResult:
+    etag: str | None          # the session's new ETag (quoted, as sent)
+    pair: CandidatePair       # the new generation's nominated pair
+    patch_ms: float           # PATCH sent until its 200 arrived
+    nominated_ms: float       # PATCH sent until the new pair was nominated
+
+
+def ice_connection(pc: RTCPeerConnection) -> Connection:
+    """The aioice Connection under a BUNDLEd peer connection (one ICE transport)."""
+    dtls = pc.getTransceivers()[0].sender.transport if pc.getTransceivers() else pc.sctp.transport
+    return dtls.transport._connection  # noqa: SLF001 - aiortc keeps no public handle (pinned, see mux.py)
+
+
+async def add_host_candidates(connection: Connection, host: str) -> list[Candidate]:
+    """Host candidates on a new local address (a new network), next to the existing ones."""
+    candidates = await connection.get_component_candidates(1, [host])
+    connection._local_candidates += candidates  # noqa: SLF001
+    return candidates
+
+
+async def restart_ice(pc: RTCPeerConnection, session_url: str, http: aiohttp.ClientSession,
+                      if_match: str = "*", candidates: list[Candidate] | None = None,
+                      token: str | None = None, timeout: float = 10.0) -> RestartResult:
+    """Restart ICE through WHIP.  ``candidates``: the ones to offer (default: every local one;
+    pass only a new network's to leave the old one behind)."""
+    connection = ice_connection(pc)
+    ufrag, password = new_credentials()
+    offered = connection.local_candidates if candidates is None else candidates
+    mid = pc.getTransceivers()[0].mid if pc.getTransceivers() else None
+    body = IceFragment(ufrag=ufrag, pwd=password, candidates=[f"candidate:{c.to_sdp()}" for c in offered],
+                       mid=mid, end_of_candidates=True).serialize()
+    headers = {"Content-Type": MEDIA_TYPE, "If-Match": if_match}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    started = time.monotonic()
+    previous = connection.local_username, connection.local_password
+    begin_generation(connection, ufrag, password)
+    async with http.patch(session_url, data=body, headers=headers) as resp:
+        text = await resp.text()
+        if resp.status != 200:  # back to the old credentials: the selected pair carries on
+            begin_generation(connection, *previous)
+            raise RestartRefused(resp.status, text.strip())
+        etag = resp.headers.get("ETag")
+    patch_ms = (time.monotonic() - started) * 1000.0
+    answer = IceFragment.parse(text)
+    remote_ufrag, remote_pwd = answer.check_credentials()
+    remote = [Candidate.from_sdp(c[len("candidate:"):]) for c in answer.candidates]
+    pair = await run_generation(connection, remote_ufrag, remote_pwd, remote, timeout, local=candidates)
+    return RestartResult(etag, pair, patch_ms, (time.monotonic() - started) * 1000.0)
+
+
+
+async def _call(http: aiohttp.ClientSession, whip_url: str, timeout: float) -> tuple[RTCPeerConnection, str]:
+    """A connected WHIP call sending silence (the echo handler sends it back as RTP)."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTrack(AudioStreamTrack())
+    connected = asyncio.Event()
+
+    @pc.on("connectionstatechange")
+    def _state() -> None:
+        if pc.connectionState == "connected":
+            connected.set()
+
+    await pc.setLocalDescription(await pc.createOffer())
+    headers = {"Content-Type": "application/sdp"}
+    async with http.post(whip_url, data=pc.localDescription.sdp, headers=headers) as resp:
+        if resp.status != 201:
+            raise RestartRefused(resp.status, (await resp.text()).strip())
+        answer, location = await resp.text(), str(resp.url.join(URL(resp.headers["Location"])))
+    await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+    await asyncio.wait_for(connected.wait(), timeout)
+    return pc, location
+
+
+async def measure(whip_url: str, new_host: str, runs: int = 5, timeout: float = 20.0) -> list[dict]:
+    """Call, restart ICE onto a new local port of ``new_host``, and time the PATCH until the
+    first media (RTP/RTCP) arrives on the new socket; one fresh call per run."""
+    results = []
+    async with aiohttp.ClientSession() as http:
+        for _ in range(runs):
+            pc, location = await _call(http, whip_url, timeout)
+            connection = ice_connection(pc)
+            new = await add_host_candidates(connection, new_host)
+            protocol = next(p for p in connection._protocols if p.local_candidate is new[0])  # noqa: SLF001
+            first_media = asyncio.get_running_loop().create_future()
+            received = protocol.datagram_received
+
+            def stamp(data: bytes, addr: tuple, received=received, first_media=first_media) -> None:  # noqa: ANN001
+                if data and 128 <= data[0] <= 191 and not first_media.done():
+                    first_media.set_result(time.monotonic())
+                received(data, addr)
+
+            protocol.datagram_received = stamp
+            started = time.monotonic()
+            result = await restart_ice(pc, location, http, candidates=new, timeout=timeout)
+            media_at = await asyncio.wait_for(first_media, timeout)
+            results.append({"patch_ms": round(result.patch_ms, 1), "nominated_ms": round(result.nominated_ms, 1),
+                            "media_ms": round((media_at - started) * 1000.0, 1)})
+            async with http.delete(location):
+                pass
+            await pc.close()
+    return results
+
+
+def main() -> None:
+    """``python -m splitrelay.client.ice_restart WHIP_URL NEW_HOST [RUNS]``: JSON timings."""
+    url, host, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 5
+    print(json.dumps(asyncio.run(measure(url, host, runs))))
+
+
+if __name__ == "__main__":
+    main()

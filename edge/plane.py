@@ -1,0 +1,223 @@
+"""The contract between the edge agent and a data plane, and the planes' shared settings.
+
+The agent, the control API and the metrics hold one ``DataPlane`` and never
+ask which kind it is.  Two implement it: ``xdp_plane.XdpPlane`` (the programs
+of ``bpf/relay.c``, state in pinned BPF maps that outlive the agent) and
+``userspace.UserspacePlane`` (the same decisions on UDP sockets, state in this
+process).  ``NullPlane`` is the default where no plane is given: it holds
+nothing and relays nothing.
+
+A plane owns its tables: the agent asks it to store, list, age and delete
+entries, never how they are kept, so a plane may keep more than it shows
+(translation state, reverse maps) as long as these promises hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from splitrelay.bpf import consts
+from splitrelay.edge.counters import Counter, counter_specs
+from splitrelay.edge.records import NO_MAC, Attachment, Backend, DatapathError, Flow, RelayConfig, Session
+
+
+@dataclass
+class PlaneConfig:
+    """What every plane needs to know of its relay (each plane adds its own options)."""
+
+    public_iface: str
+    internal_iface: str
+    public_ip4: str | None = None
+    public_ip6: str | None = None
+    relay_port: int = 3478
+    policy: str = "strict"
+    instance: str = "default"
+    max_session_flows: int = consts.DEFAULT_SESSION_FLOWS
+    hint_key: bytes | None = None
+    max_flows: int | None = None     # flow table size (default: the plane's own)
+
+
+@runtime_checkable
+class DataPlane(Protocol):
+    """One relay instance's forwarding, as the agent drives it."""
+
+    kind: str
+    """The name /metrics and /v1/health report for this plane ("xdp", "userspace")."""
+
+    reads_block: bool
+    """True when a whole-table read (flows, ageing, deletions) may take long and is safe on another
+    thread: the agent then runs them in one walker thread.  False when the tables live on the event
+    loop and must be read there."""
+
+    attachments: Sequence[Attachment]
+    """The interfaces this plane has put programs on; empty for a plane that attaches none."""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def setup(self) -> str:
+        """Make the relay ready to forward (blocking); returns the mode it runs in.
+
+        Everything an operator can fix (a missing interface, an unresolvable next hop, a bad
+        config) fails here with one line before anything is loaded, pinned, attached or bound.
+        The relay's config is written before it forwards a packet."""
+
+    def activate(self, loop: asyncio.AbstractEventLoop) -> str:
+        """Begin forwarding on ``loop`` (once, after ``setup``); returns one line saying where."""
+
+    def shutdown(self) -> None:
+        """The agent is exiting.  A plane whose state lives in this process stops and forgets it; a
+        plane whose state outlives the process keeps forwarding unless its options say to remove
+        what this agent attached.  Shutting down a plane that never started is not an error."""
+
+    def next_hop_mac(self, ip: str) -> str:
+        """The destination MAC a backend at ``ip`` needs (blocking), or a one-line error when it
+        cannot be reached.  A plane that writes no Ethernet headers answers ``NO_MAC``."""
+
+    def internal_mac(self) -> str:
+        """The relay's own MAC on the internal side (blocking; ``NO_MAC`` for a plane without one)."""
+
+    # -- tables ------------------------------------------------------------------------------
+
+    def configure(self, cfg: RelayConfig) -> None:
+        """Write the relay's config; policy, allowance and hint key apply to the next packet."""
+
+    def config(self) -> RelayConfig | None:
+        """The config written last, or None before ``configure``."""
+
+    def set_backend(self, backend: Backend) -> None:
+        """Add or replace a backend; live flows of a replaced one follow it to its new address.
+        A full table raises (``TableFullError`` or the kernel's error)."""
+
+    def backend(self, backend_id: int) -> Backend | None:
+        """One backend, or None."""
+
+    def backends(self) -> list[Backend]:
+        """Every backend, by id."""
+
+    def del_backend(self, backend_id: int) -> bool:
+        """Remove a backend with its sessions and every flow to it; False (not an error) when absent."""
+
+    def set_session(self, ufrag: str, backend_id: int) -> None:
+        """Route Binding Requests for ``ufrag`` to the backend; a bad ufrag raises DatapathError."""
+
+    def session(self, ufrag: str) -> Session | None:
+        """One session with the flows it holds of its allowance, or None."""
+
+    def sessions(self) -> list[Session]:
+        """Every session."""
+
+    def del_sessions(self, ufrags: list[str]) -> dict[str, bool]:
+        """Remove sessions and the flows they opened, in one pass; for each, whether it was there.
+        Removing a session that is not there is not an error."""
+
+    def del_session(self, ufrag: str) -> bool:
+        """``del_sessions`` for one."""
+
+    def flows(self, limit: int | None = None) -> list[Flow]:
+        """The flows (at most ``limit``), in no particular order."""
+
+    def flow(self, client: tuple[str, int]) -> Flow | None:
+        """The flow of a client (ip, port), or None."""
+
+    def del_flow(self, client: tuple[str, int]) -> bool:
+        """Remove one flow and give its session the allowance back; False (not an error) when absent."""
+
+    def age_flows(self, idle_s: float) -> int:
+        """Remove every flow no client packet refreshed for ``idle_s``; returns how many went, and
+        leaves each session's allowance in use equal to its live flows."""
+
+    def map_fill(self) -> dict[str, tuple[int, int]]:
+        """(entries, capacity) of the backends, backend_addrs, sessions and flows tables."""
+
+    def counters(self) -> dict[str, Counter]:
+        """Every counter of SR_STATS by its enum name, in order; values never decrease until reset."""
+
+    def reset_counters(self) -> None:
+        """Set every counter to zero."""
+
+
+class NullPlane:
+    """A plane that relays nothing: reads are empty, removals find nothing, writes are refused.
+
+    The default where no plane is given (a control API or metrics under test, an agent
+    being built); every write says in one line that there is no data plane.
+    """
+
+    kind = "none"
+    reads_block = False
+    attachments: Sequence[Attachment] = ()
+
+    def _refuse(self) -> None:
+        raise DatapathError("this relay has no data plane")
+
+    def setup(self) -> str:
+        return self.kind
+
+    def activate(self, loop: asyncio.AbstractEventLoop) -> str:
+        return "no data plane: nothing is forwarded"
+
+    def shutdown(self) -> None:
+        pass
+
+    def next_hop_mac(self, ip: str) -> str:
+        return NO_MAC
+
+    def internal_mac(self) -> str:
+        return NO_MAC
+
+    def configure(self, cfg: RelayConfig) -> None:
+        self._refuse()
+
+    def config(self) -> RelayConfig | None:
+        return None
+
+    def set_backend(self, backend: Backend) -> None:
+        self._refuse()
+
+    def backend(self, backend_id: int) -> Backend | None:
+        return None
+
+    def backends(self) -> list[Backend]:
+        return []
+
+    def del_backend(self, backend_id: int) -> bool:
+        return False
+
+    def set_session(self, ufrag: str, backend_id: int) -> None:
+        self._refuse()
+
+    def session(self, ufrag: str) -> Session | None:
+        return None
+
+    def sessions(self) -> list[Session]:
+        return []
+
+    def del_sessions(self, ufrags: list[str]) -> dict[str, bool]:
+        return {ufrag: False for ufrag in ufrags}
+
+    def del_session(self, ufrag: str) -> bool:
+        return False
+
+    def flows(self, limit: int | None = None) -> list[Flow]:
+        return []
+
+    def flow(self, client: tuple[str, int]) -> Flow | None:
+        return None
+
+    def del_flow(self, client: tuple[str, int]) -> bool:
+        return False
+
+    def age_flows(self, idle_s: float) -> int:
+        return 0
+
+    def map_fill(self) -> dict[str, tuple[int, int]]:
+        return {name: (0, 0) for name in ("backends", "backend_addrs", "sessions", "flows")}
+
+    def counters(self) -> dict[str, Counter]:
+        return {spec.name: Counter(spec) for spec in counter_specs()}
+
+    def reset_counters(self) -> None:
+        pass

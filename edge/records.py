@@ -1,0 +1,115 @@
+"""What every data plane stores and answers with: the relay's config, backends, sessions and flows.
+
+Both planes (``xdp_plane.py``, ``userspace.py``) take and return these
+dataclasses, so the control API, the metrics and the agent never see how a
+plane keeps them (BPF maps or Python dicts).  Each validates itself on
+construction with a one-line ``DatapathError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitrelay.bpf import consts
+from splitrelay.wire.stun import UFRAG_RULE, is_ufrag
+
+from splitrelay.errors import SplitrelayError
+
+POLICIES = consts.POLICIES
+PUBLIC_SLOT = 0       # tx_ports devmap slots (sr_config.public_slot, sr_backend.tx_slot)
+INTERNAL_SLOT = 1
+NO_MAC = "00:00:00:00:00:00"   # a plane that writes no Ethernet headers (userspace) needs no MACs
+
+
+class DatapathError(SplitrelayError):
+    """The data plane could not do what was asked (one-line reason)."""
+
+
+class TableFullError(DatapathError):
+    """A backend or session table is full (the control API answers 503, as for a full BPF map)."""
+
+
+def check_ufrag(ufrag: str) -> str:
+    """``ufrag`` if the relay can route by it (``wire.stun.is_ufrag``), else DatapathError."""
+    if not is_ufrag(ufrag):
+        raise DatapathError(f"{UFRAG_RULE}, got {ufrag!r}")
+    return ufrag
+
+
+@dataclass
+class RelayConfig:
+    relay_port: int
+    public_mac: str
+    gateway_mac: str
+    public_ip4: str | None = None
+    public_ip6: str | None = None
+    policy: str = "strict"
+    max_session_flows: int = consts.DEFAULT_SESSION_FLOWS   # client 5-tuples one session may open; 0 = unlimited
+    hint_key: bytes | None = None  # with a key only keyed (v2) routing hints route
+
+    def __post_init__(self) -> None:
+        if self.hint_key is not None and len(self.hint_key) != 16:
+            raise DatapathError(f"hint key must be 16 bytes, got {len(self.hint_key)}")
+        if not 0 <= self.max_session_flows <= 65535:
+            raise DatapathError(f"max session flows must be 0..65535, got {self.max_session_flows}")
+        if not 1 <= self.relay_port <= 65535:
+            raise DatapathError(f"relay port must be 1..65535, got {self.relay_port}")
+        if self.policy not in POLICIES:
+            raise DatapathError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if self.public_ip4 is None and self.public_ip6 is None:
+            raise DatapathError("a relay needs a public IPv4 or IPv6 address")
+
+
+@dataclass
+class Backend:
+    backend_id: int
+    port: int
+    dmac: str
+    smac: str
+    ip4: str | None = None
+    ip6: str | None = None
+    tx_slot: int = INTERNAL_SLOT
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.backend_id <= consts.MAX_BACKEND_ID:
+            raise DatapathError(f"backend id must be 1..{consts.MAX_BACKEND_ID}, got {self.backend_id}")
+        if not 1 <= self.port <= 65535:
+            raise DatapathError(f"backend port must be 1..65535, got {self.port}")
+        if self.ip4 is None and self.ip6 is None:
+            raise DatapathError("a backend needs an IPv4 or IPv6 address")
+
+
+@dataclass
+class Session:
+    ufrag: str
+    backend_id: int
+    created_ns: int
+    flows: int = 0
+
+
+@dataclass
+class Flow:
+    client_ip: str
+    client_port: int
+    backend_id: int
+    ufrag: str
+    client_mac: str
+    created_ns: int
+    last_seen_ns: int
+    packets: int
+    bytes: int
+    rx_packets: int
+    rx_bytes: int
+
+    @property
+    def client(self) -> str:
+        host = f"[{self.client_ip}]" if ":" in self.client_ip else self.client_ip
+        return f"{host}:{self.client_port}"
+
+
+@dataclass
+class Attachment:
+    ifname: str
+    ifindex: int
+    program: str
+    mode: str

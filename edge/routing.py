@@ -1,0 +1,135 @@
+"""Where a client's packet at the relay port goes: the routing decision, once, as a pure function.
+
+This is the specification ``xdp_public`` (``bpf/relay.c``) implements in the
+kernel: the userspace relay runs it for every STUN packet, and the
+differential fuzz (tests/test_xdp_differential.py) checks the XDP program
+against exactly this function.  It takes what the relay knows when a datagram
+arrives (its payload, its address family, the client's current flow and
+whether the flow table has room) and the tables (sessions, backends, policy,
+hint key, per-session allowance), and returns the counter the packet lands in
+and, when it is forwarded, the backend and the server ufrag of its flow.
+
+Order of the checks, as in C: RFC 7983 class by the first byte; a Binding
+Request by its server ufrag (the session table, else a routing hint: forged,
+unknown, unregistered backend, wrong policy), then the client's flow
+(refreshed when it already goes to that backend), the session's allowance
+and the table's room for a new flow, the backend's address family; every
+other packet by the client's flow.  What only a plane can see (a socket it
+cannot open, a redirect the kernel refuses) it counts itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from splitrelay.bpf import consts
+from splitrelay.edge.counters import counter_specs
+from splitrelay.edge.records import Backend, Session
+from splitrelay.wire.hint import FORGED
+from splitrelay.wire.hint import inspect as hint_inspect
+from splitrelay.wire.stun import StunError, server_ufrag
+
+# a StunError's reason is its counter's reason (wire/stun.py mirrors relay.c)
+STUN_DROP = {spec.reason: spec.name for spec in counter_specs()
+             if spec.direction == "ingress" and spec.verdict == "dropped"}
+
+
+@dataclass(frozen=True)
+class Decision:
+    counter: str                  # the SR_STATS name the packet is counted under
+    backend_id: int | None = None  # the backend it is forwarded to; None: dropped
+    ufrag: str | None = None      # the server ufrag its flow is (re)opened under; None: routed by flow
+    opens_flow: bool = False      # the client gets a new flow (or its flow moves to another backend)
+
+    @property
+    def forwarded(self) -> bool:
+        return self.backend_id is not None
+
+
+@dataclass
+class RoutingTables:
+    """What the decision reads.  The userspace relay holds one over its own dicts (so it is always
+    current); ``snapshot`` reads any plane's through the DataPlane calls."""
+
+    sessions: Mapping[str, Session] = field(default_factory=dict)
+    backends: Mapping[int, Backend] = field(default_factory=dict)
+    session_flows: Mapping[str, int] = field(default_factory=dict)   # ufrag -> its allowance in use
+    policy: str = "strict"
+    hint_key: bytes | None = None
+    max_session_flows: int = consts.DEFAULT_SESSION_FLOWS          # 0 = unlimited
+
+    @classmethod
+    def snapshot(cls, plane) -> RoutingTables:
+        """The tables of a configured ``DataPlane`` as they are now."""
+        cfg = plane.config()
+        sessions = {s.ufrag: s for s in plane.sessions()}
+        return cls(sessions=sessions, backends={b.backend_id: b for b in plane.backends()},
+                   session_flows={u: s.flows for u, s in sessions.items()}, policy=cfg.policy,
+                   hint_key=cfg.hint_key, max_session_flows=cfg.max_session_flows)
+
+
+def _has_family(backend: Backend, family: int) -> bool:
+    return (backend.ip6 if family == consts.FAMILY_V6 else backend.ip4) is not None
+
+
+def route(payload: bytes, tables: RoutingTables, *, family: int = consts.FAMILY_V4,
+          flow_backend: int | None = None, flows_full: bool = False) -> Decision:
+    """The decision for one datagram from a client to the relay port (module docstring).
+
+    ``flow_backend`` is the backend of the client's (ip, port) flow, None without one;
+    ``flows_full`` says the flow table has no room for a new entry.
+    """
+    if not payload:
+        return Decision("IN_DROP_UNKNOWN_CLASS")
+    first = payload[0]
+    if first <= 3:                                   # STUN
+        try:
+            ufrag = server_ufrag(payload)
+        except StunError as exc:
+            return Decision(STUN_DROP[exc.reason])
+        if ufrag is not None:
+            return _binding_request(ufrag, tables, family, flow_backend, flows_full)
+    elif not (20 <= first <= 63 or 128 <= first <= 191):
+        return Decision("IN_DROP_UNKNOWN_CLASS")     # ZRTP, TURN ChannelData, unassigned
+    if flow_backend is None:                         # DTLS, RTP/RTCP, other STUN: by flow
+        return Decision("IN_DROP_NO_FLOW")
+    backend = tables.backends.get(flow_backend)
+    if backend is None:
+        return Decision("IN_DROP_NO_BACKEND")
+    if not _has_family(backend, family):
+        return Decision("IN_DROP_FAMILY")
+    return Decision("IN_FWD_FLOW", flow_backend)
+
+
+def _binding_request(ufrag: str, tables: RoutingTables, family: int, flow_backend: int | None,
+                     flows_full: bool) -> Decision:
+    session = tables.sessions.get(ufrag)
+    if session is not None:
+        backend_id, counter = session.backend_id, "IN_FWD_STUN_UFRAG"
+    else:
+        hinted = hint_inspect(ufrag, tables.hint_key)
+        if hinted == FORGED:
+            return Decision("IN_DROP_FORGED_HINT")
+        if not hinted:
+            return Decision("IN_DROP_UNKNOWN_UFRAG")
+        if hinted not in tables.backends:
+            return Decision("IN_DROP_NO_BACKEND")   # a hint naming an unknown backend: in any policy
+        if tables.policy != "hint":
+            return Decision("IN_DROP_UNKNOWN_UFRAG")
+        backend_id, counter = hinted, "IN_FWD_STUN_HINT"
+    backend = tables.backends.get(backend_id)
+    if backend is None:
+        return Decision("IN_DROP_NO_BACKEND")
+    if flow_backend == backend_id:                   # a consent check (or an ICE restart): refresh
+        if not _has_family(backend, family):
+            return Decision("IN_DROP_FAMILY")
+        return Decision(counter, backend_id, ufrag)
+    if session is not None and flow_backend is None and tables.max_session_flows and \
+            tables.session_flows.get(ufrag, 0) >= tables.max_session_flows:
+        return Decision("IN_DROP_SESSION_FLOWS")     # a new 5-tuple beyond the session's allowance
+    if flow_backend is None and flows_full:
+        return Decision("IN_DROP_FLOW_FULL")         # refused: no live flow is ever evicted
+    if not _has_family(backend, family):
+        return Decision("IN_DROP_FAMILY")            # (XDP has made the flow by then; no packet passes)
+    return Decision(counter, backend_id, ufrag, opens_flow=True)

@@ -1,0 +1,99 @@
+"""The XDP data plane (``bpf/relay.c``) as a ``DataPlane``: what the agent needs beyond the maps.
+
+``datapath.Datapath`` loads, attaches and reads the maps; this adds the
+plane's life around an agent: the next hops it must resolve (the gateway on
+the public side, each backend on the internal side, since XDP writes Ethernet
+headers itself), the mode it attaches in, and what stays when the agent exits
+(by default everything: programs attached, maps pinned, so a restarted agent
+adopts every call; ``detach_on_exit`` removes what this agent attached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from splitrelay.edge import neighbours
+from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.plane import PlaneConfig
+from splitrelay.edge.records import DatapathError, RelayConfig
+from splitrelay.edge.xdp_loader import ATTACH_MODES, PIN_ROOT, refuse_host_links
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class XdpOptions:
+    """What only the XDP plane needs."""
+
+    gateway_ip: str | None = None           # the public next hop, resolved to a MAC at setup
+    gateway_mac: str | None = None          # ... or given
+    gateway_timeout_s: float = 3.0
+    neighbour_timeout_s: float = 1.5        # a backend PUT answers 422 before a 2 s client gives up
+    mode: str = "auto"                      # auto | native | generic
+    pin_root: str = PIN_ROOT
+    detach_on_exit: bool = False
+
+    def check(self, common: PlaneConfig) -> None:
+        """One-line DatapathError for what this plane cannot run with."""
+        refuse_host_links(common.public_iface, common.internal_iface)
+        if not (self.gateway_ip or self.gateway_mac):
+            raise DatapathError("the public side needs a next hop: give a gateway IP or MAC")
+        if self.mode not in ATTACH_MODES:
+            raise DatapathError(f"mode must be auto, native or generic, got {self.mode!r}")
+
+
+class XdpPlane(Datapath):
+    """A ``DataPlane`` (edge/plane.py) on the XDP programs and their pinned maps."""
+
+    kind = "xdp"
+    reads_block = True   # a million-flow walk takes seconds: the agent runs it off the loop
+
+    def __init__(self, common: PlaneConfig, options: XdpOptions | None = None) -> None:
+        super().__init__(instance=common.instance, pin_root=(options or XdpOptions()).pin_root,
+                         max_flows=common.max_flows)
+        self.common = common
+        self.options = options or XdpOptions()
+        self._attached = False   # this plane attached the programs (so detach_on_exit may remove them)
+
+    def relay_config(self) -> RelayConfig:
+        """The relay's config from the interfaces and the neighbour table (blocking)."""
+        c, o = self.common, self.options
+        gateway_mac = o.gateway_mac or neighbours.resolve(o.gateway_ip, c.public_iface,
+                                                          timeout=o.gateway_timeout_s)
+        return RelayConfig(
+            relay_port=c.relay_port, public_mac=neighbours.interface_mac(c.public_iface),
+            gateway_mac=gateway_mac, public_ip4=c.public_ip4, public_ip6=c.public_ip6, policy=c.policy,
+            max_session_flows=c.max_session_flows, hint_key=c.hint_key,
+        )
+
+    def setup(self) -> str:
+        """Load (adopting pinned maps), configure, then attach; returns the XDP mode used."""
+        relay = self.relay_config()
+        self.load()
+        self.configure(relay)
+        mode = self.attach(self.common.public_iface, self.common.internal_iface, mode=self.options.mode)
+        self._attached = True
+        return mode
+
+    def activate(self, loop: asyncio.AbstractEventLoop) -> str:
+        modes = sorted({a.mode for a in self.attachments})
+        mode = modes[0] if len(modes) == 1 else "mixed"
+        return f"XDP {mode} on {self.common.public_iface}/{self.common.internal_iface}"
+
+    def shutdown(self) -> None:
+        if not self._attached:
+            return    # a failed start (say, maps pinned by another build) must not wipe a relay it never owned
+        self._attached = False
+        if self.options.detach_on_exit:
+            self.destroy([self.common.public_iface, self.common.internal_iface])
+            log.info("detached XDP and removed pinned maps of %s", self.instance)
+        else:
+            log.info("left XDP attached and maps pinned (%s): a restarted agent adopts them", self.pin_dir)
+
+    def next_hop_mac(self, ip: str) -> str:
+        return neighbours.resolve(ip, self.common.internal_iface, timeout=self.options.neighbour_timeout_s)
+
+    def internal_mac(self) -> str:
+        return neighbours.interface_mac(self.common.internal_iface)

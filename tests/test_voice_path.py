@@ -1,0 +1,183 @@
+"""The transceiver's voice path on its own: the adaptive receive buffer, libopus, push-paced sending.
+
+The buffer is pure bookkeeping with the time passed in, so these tests drive it with real Opus
+packets and chosen arrival times: behaviour, not timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+
+import pytest
+from aioice.ice import Connection
+from aiortc.rtcrtpreceiver import RTCRtpReceiver
+
+from splitrelay.transceiver.audio import (
+    AIORTC_JITTER_BUFFER, FRAME_BYTES, LEAD, OutboundAudio, VoiceReceiver, check_aiortc,
+)
+from splitrelay.transceiver.handlers import FRAME_SAMPLES, FRAME_SECONDS, PcmFrame
+from splitrelay.transceiver.jitter import AdaptiveJitterBuffer
+from splitrelay.transceiver.opus import OpusDecoder, OpusEncoder, packet_samples
+
+T0 = 1000.0
+
+
+def tone_packets(count: int) -> list[bytes]:
+    encoder = OpusEncoder()
+    step = 2 * math.pi * 400 / 48000
+    return [encoder.encode(struct.pack(f"<{FRAME_SAMPLES}h", *(int(8000 * math.sin(step * (i * FRAME_SAMPLES + n)))
+                                                            for n in range(FRAME_SAMPLES))))
+            for i in range(count)]
+
+
+PACKETS = tone_packets(40)
+
+
+def feed(buffer: AdaptiveJitterBuffer, index: int, arrival: float, seq0: int = 65530) -> None:
+    """Packet ``index`` of the stream (sequence numbers wrap past 65535 on purpose)."""
+    buffer.put((seq0 + index) & 0xFFFF, (4_294_960_000 + index * FRAME_SAMPLES) & 0xFFFFFFFF, PACKETS[index],
+               arrival)
+
+
+def drain(buffer: AdaptiveJitterBuffer, now: float) -> list:
+    out = []
+    while (frame := buffer.pop(now)) is not None:
+        out.append(frame)
+    return out
+
+
+def test_libopus_encodes_decodes_and_conceals_20_ms_frames():
+    decoder = OpusDecoder()
+    assert packet_samples(PACKETS[0]) == FRAME_SAMPLES
+    assert len(decoder.decode(PACKETS[0])) == FRAME_BYTES
+    assert len(decoder.conceal(FRAME_SAMPLES)) == FRAME_BYTES                 # PLC
+    assert len(decoder.conceal(FRAME_SAMPLES, PACKETS[2])) == FRAME_BYTES     # FEC from the next packet
+
+
+def test_the_buffer_starts_at_one_frame_and_releases_in_order_frames_at_once():
+    buffer = AdaptiveJitterBuffer()
+    assert buffer.delay == pytest.approx(FRAME_SECONDS)
+    for i in range(10):   # a clean link: each packet leaves the moment it arrives, across the seq wrap
+        feed(buffer, i, T0 + i * FRAME_SECONDS)
+        released = drain(buffer, T0 + i * FRAME_SECONDS)
+        assert [f.payload for f in released] == [PACKETS[i]]
+        assert released[0].timestamp == i * FRAME_SAMPLES
+    assert buffer.delay == pytest.approx(FRAME_SECONDS) and buffer.concealed == 0
+
+
+def test_the_buffer_grows_only_when_jitter_is_measured():
+    buffer = AdaptiveJitterBuffer()
+    for i in range(20):
+        feed(buffer, i, T0 + i * FRAME_SECONDS + (0.0001 if i % 2 else 0.0))
+        drain(buffer, T0 + i * FRAME_SECONDS + 0.001)
+    assert buffer.delay == pytest.approx(FRAME_SECONDS)      # 100 µs of jitter: still one frame
+    for i in range(20, 40):                                  # every other packet 30 ms late
+        feed(buffer, i, T0 + i * FRAME_SECONDS + (0.03 if i % 2 else 0.0))
+        drain(buffer, T0 + i * FRAME_SECONDS + 0.031)
+    assert buffer.jitter == pytest.approx(0.03)
+    assert buffer.delay == pytest.approx(0.03 + FRAME_SECONDS / 2)
+    assert buffer.concealed == 0 and buffer.late == 0         # in order, so nothing was missing
+    assert buffer.wait == pytest.approx(FRAME_SECONDS)        # and a gap is still waited for one frame only
+
+
+def test_a_gap_waits_the_measured_delay_only_once_the_path_has_reordered():
+    buffer = AdaptiveJitterBuffer()
+    for i in range(20):                                       # jitter, in order: every other packet 30 ms late
+        feed(buffer, i, T0 + i * FRAME_SECONDS + (0.03 if i % 2 else 0.0))
+        drain(buffer, T0 + i * FRAME_SECONDS + (0.03 if i % 2 else 0.0))
+    feed(buffer, 21, T0 + 21 * FRAME_SECONDS + 0.03)          # 20 is missing, 21 is in: lost, concealed at once
+    assert [f.payload for f in drain(buffer, T0 + 21 * FRAME_SECONDS + 0.03)] == [None, PACKETS[21]]
+    feed(buffer, 20, T0 + 21 * FRAME_SECONDS + 0.031)         # ...but it was only overtaken
+    assert buffer.late == 1 and buffer.wait == buffer.delay > FRAME_SECONDS
+    feed(buffer, 23, T0 + 23 * FRAME_SECONDS)                 # from now on a gap is waited for the delay
+    assert drain(buffer, T0 + 23 * FRAME_SECONDS) == []
+    assert buffer.next_deadline() == pytest.approx(T0 + 22 * FRAME_SECONDS + buffer.delay)
+
+
+def test_a_lost_packet_is_concealed_at_its_deadline_and_its_late_copy_dropped():
+    buffer = AdaptiveJitterBuffer()
+    released = []
+    for i in (0, 1):
+        feed(buffer, i, T0 + i * FRAME_SECONDS)
+        released += drain(buffer, T0 + i * FRAME_SECONDS)
+    assert [f.payload for f in released] == PACKETS[:2]
+    feed(buffer, 3, T0 + 3 * FRAME_SECONDS)                  # 2 is missing: 3 waits for it until its deadline
+    assert buffer.next_deadline() == pytest.approx(T0 + 2 * FRAME_SECONDS + buffer.delay)
+    frames = drain(buffer, buffer.next_deadline())
+    assert [f.payload for f in frames] == [None, PACKETS[3]]
+    assert frames[0].next_payload == PACKETS[3]              # the decoder may use its FEC
+    assert frames[0].timestamp == 2 * FRAME_SAMPLES and frames[0].samples == FRAME_SAMPLES
+    feed(buffer, 2, T0 + 5 * FRAME_SECONDS)                   # the lost one turns up after all
+    assert drain(buffer, T0 + 5 * FRAME_SECONDS) == []
+    assert (buffer.concealed, buffer.late, buffer.released) == (1, 1, 3)
+
+
+def test_a_stalled_sender_is_waited_for_and_nothing_it_sends_after_is_dropped():
+    buffer = AdaptiveJitterBuffer()
+    feed(buffer, 0, T0)
+    drain(buffer, T0)
+    assert drain(buffer, T0 + 0.2) == [] and buffer.next_deadline() is None   # nothing came: nothing to conceal
+    for i in range(1, 11):                                   # then the sender catches up in one burst
+        feed(buffer, i, T0 + 0.2)
+    assert [f.payload for f in drain(buffer, T0 + 0.2)] == PACKETS[1:11]
+    assert (buffer.concealed, buffer.late) == (0, 0)
+    assert buffer.delay > 5 * FRAME_SECONDS                  # and the buffer learnt that this link stalls
+
+
+def test_the_aiortc_and_aioice_internals_the_voice_path_relies_on_are_there():
+    """An aiortc upgrade that moves these fails here, not in a call (check_aiortc runs per session)."""
+    check_aiortc()
+    assert AIORTC_JITTER_BUFFER == "_RTCRtpReceiver__jitter_buffer"
+    assert AIORTC_JITTER_BUFFER in RTCRtpReceiver._handle_rtp_packet.__code__.co_names
+    assert callable(Connection.data_received)
+
+
+async def test_the_voice_receiver_decodes_and_conceals_what_the_buffer_releases():
+    voice = VoiceReceiver()
+    for i in (0, 2):
+        voice.put(i, i * FRAME_SAMPLES, PACKETS[i])
+    first = await voice.recv()
+    second = await asyncio.wait_for(voice.recv(), 5)         # 1 never comes: concealed at its deadline
+    third = await voice.recv()
+    assert [f.pts for f in (first, second, third)] == [0, FRAME_SAMPLES, 2 * FRAME_SAMPLES]
+    assert second.received is None and first.received is not None
+    assert all(len(f.samples) == FRAME_BYTES for f in (first, second, third))
+    assert voice.to_dict()["frames_concealed"] == 1
+
+
+async def test_outbound_sends_pushed_audio_at_once_and_paces_a_burst_by_rtp_time():
+    out = OutboundAudio()
+    out.push(PcmFrame(b"\x01\x00" * FRAME_SAMPLES * 10))     # a reply, 200 ms of it at once
+    ahead = round(LEAD / FRAME_SECONDS)
+    packets = [await asyncio.wait_for(out.recv(), 1) for _ in range(ahead + 1)]
+    assert [p.pts for p in packets] == [i * FRAME_SAMPLES for i in range(ahead + 1)]
+    pending = asyncio.ensure_future(out.recv())              # the rest waits for its RTP time
+    await asyncio.sleep(0)
+    assert not pending.done()
+    assert (await asyncio.wait_for(pending, 1)).pts == (ahead + 1) * FRAME_SAMPLES
+    assert out.clear() == pytest.approx((10 - ahead - 2) * FRAME_SECONDS)
+    out.stop()
+
+
+async def test_a_queue_of_live_audio_sheds_its_quiet_frames_but_never_a_tone_or_a_reply():
+    out = OutboundAudio()
+    out.push(PcmFrame(bytes(FRAME_BYTES), received=0.0))
+    await asyncio.wait_for(out.recv(), 1)
+    loud = b"\x40\x1f" * FRAME_SAMPLES                        # 8000: a tone
+    for _ in range(20):                                      # a caller's catch-up burst: 400 ms at once
+        out.push(PcmFrame(bytes(FRAME_BYTES), received=0.0))
+    out.push(PcmFrame(loud, received=0.0))
+    out.push(PcmFrame(bytes(FRAME_BYTES)))                   # generated audio (no arrival time) after it
+    decoder, peaks = OpusDecoder(), []
+    for _ in range(30):                                      # bounded: until the queue is empty
+        if out.backlog == 0:
+            break
+        pcm = decoder.decode(bytes(await asyncio.wait_for(out.recv(), 1)))
+        peaks.append(max(abs(x) for x in struct.unpack(f"<{len(pcm) // 2}h", pcm)))
+    assert out.backlog == 0 and out.skipped_frames >= 10     # most of the quiet burst was shed...
+    assert out.frames_out + out.skipped_frames == 23         # ...and nothing else was lost
+    assert max(peaks) > 4000                                 # the tone went out
+    assert all(p < 1000 for p in peaks[:2])                  # and the pause before it was shortened, not closed
+    out.stop()

@@ -1,0 +1,74 @@
+"""Fixtures of the XDP tests: one namespace, one pin root and one loaded relay for the whole package.
+
+Compiling relay.c takes seconds, so the package shares one ``Datapath``; the
+``relay`` fixture gives each test fresh maps and counters on it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+from splitrelay.edge.datapath import Backend, Datapath, RelayConfig
+
+from .. import packets as P
+from ..netns import private_netns
+from .harness import BACKEND_ID, VETH, instance_name, set_slots
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items):
+    """Every test of this package loads BPF: skipped, not failed, without root (the hook sees all items)."""
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="BPF needs root")
+        for item in items:
+            if HERE in Path(str(item.fspath)).resolve().parents:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="package")
+def pin_root():
+    """A pin root of this package's own: no other run's leak sweep of /sys/fs/bpf/splitrelay can unpin it."""
+    root = Path(f"/sys/fs/bpf/srtest-{uuid.uuid4().hex[:8]}")
+    try:
+        yield str(root)
+    finally:
+        leaked = sorted(p.name for p in root.iterdir()) if root.exists() else []
+        shutil.rmtree(root, ignore_errors=True)
+        assert not leaked, f"pinned instances left behind: {leaked}"
+
+
+@pytest.fixture(scope="package")
+def links():
+    with private_netns(VETH) as ifindexes:
+        yield ifindexes
+
+
+@pytest.fixture(scope="package")
+def dp(links, pin_root):
+    datapath = Datapath(instance=instance_name(), pin_root=pin_root)
+    try:
+        datapath.load()
+        yield datapath
+    finally:
+        datapath.destroy()
+
+
+@pytest.fixture
+def relay(dp, links):
+    """A configured relay with one dual-stack backend and session 'evtj', fresh maps and counters."""
+    for table in ("flows", "sessions", "backend_addrs", "backends"):
+        dp.bpf[table.encode()].clear()
+    set_slots(dp, links)
+    dp.reset_counters()
+    dp.configure(RelayConfig(P.RELAY_PORT, P.RELAY_PUB_MAC, P.GATEWAY_MAC,
+                             public_ip4=P.PUBLIC_IP4, public_ip6=P.PUBLIC_IP6))
+    dp.set_backend(Backend(BACKEND_ID, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC,
+                           ip4=P.BACKEND_IP4, ip6=P.BACKEND_IP6))
+    dp.set_session("evtj", BACKEND_ID)
+    return dp

@@ -1,0 +1,307 @@
+"""``voice``: a voice agent behind the transceiver's handler interface (VAD → STT → reply → TTS).
+
+Each stage is small and replaceable (``vad.py``, ``stt.py``, ``reply.py``,
+``tts.py``); this module only wires them to a session and keeps time:
+
+* inbound 48 kHz frames are resampled to 16 kHz and cut into VAD windows on
+  the event loop (cheap); speech of the current turn streams to the
+  recogniser on one worker thread per session, so at the end of a turn only
+  the recogniser's final step is left;
+* the reply runs in a task with a time limit; its text is spoken frame by
+  frame as it is synthesised, at most ``AHEAD`` seconds ahead of the
+  listener, so a barge-in has little queued audio to drop;
+* barge-in: caller speech (one VAD window) while the agent talks drops the queued audio
+  (``SessionIO.clear_audio``), cancels the reply and its speech, marks the
+  turn interrupted, and says so on the data channel.
+
+Everything the client needs to measure the agent goes out on the data
+channel, one JSON object per message (JSON lines): ``ready``,
+``turn_start``, ``turn_end``, ``transcript``, ``reply``, ``speaking``,
+``spoken``, ``barge_in``, ``ignored``, ``reply_error``, ``dropped``.
+
+Options (``--handler voice:stt=whisper,silence_ms=500``): ``stt`` (sphinx |
+whisper), ``tts`` (espeak | piper), ``reply`` (rules | echo |
+package.module:function), ``silence_ms``, ``min_speech_ms``, ``max_turn_ms``,
+``threshold``, ``reply_timeout`` (seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from splitrelay.transceiver.handlers import Handler, PcmFrame, SessionIO, register_handler
+from splitrelay.voice.audio import MODEL_RATE, Resampler
+from splitrelay.voice.reply import COMMANDS, ReplyHook, Turn, load_reply, reply_pieces
+from splitrelay.voice.stt import Stt, make_stt
+from splitrelay.voice.tts import Tts, make_tts
+from splitrelay.voice.vad import SileroVad, TurnDetector, TurnEvent, TurnRule
+
+log = logging.getLogger(__name__)
+
+AHEAD = 0.3                 # seconds of speech queued ahead of the listener (what a barge-in drops)
+PRE_ROLL = 0.25             # seconds of audio before the detected start that the recogniser also gets
+MAX_TEXT = 500              # characters of a data-channel message that are read
+MAX_TYPED_PENDING = 4       # typed turns waiting; more are dropped (a data-channel flood)
+MAX_STT_BACKLOG = 2 * 5 * MODEL_RATE  # bytes (5 s) of audio waiting for a recogniser that lags
+HISTORY = 10                # (caller, agent) pairs kept for the reply hook
+
+
+@register_handler("voice")
+class VoiceHandler(Handler):
+    """A voice agent: command recognition and rule replies by default, every stage replaceable."""
+
+    def __init__(self, io: SessionIO, stt: str = "sphinx", tts: str = "espeak", reply: str | ReplyHook = "rules",
+                 silence_ms: int = 400, min_speech_ms: int = 150, max_turn_ms: int = 15000,
+                 threshold: float = 0.5, reply_timeout: float = 5.0) -> None:
+        super().__init__(io)
+        if stt not in ("sphinx", "whisper"):
+            raise ValueError(f"unknown stt {stt!r}; choose sphinx or whisper")
+        if tts not in ("espeak", "piper"):
+            raise ValueError(f"unknown tts {tts!r}; choose espeak or piper")
+        if not 0.1 <= float(reply_timeout) <= 60:
+            raise ValueError(f"reply_timeout must be 0.1..60 s, got {reply_timeout}")
+        self.rule = TurnRule(threshold=float(threshold), silence_ms=int(silence_ms),
+                             min_speech_ms=int(min_speech_ms), max_turn_ms=int(max_turn_ms))
+        self.stt_name, self.tts_name = stt, tts
+        self.reply_hook = load_reply(reply)
+        self.reply_timeout = float(reply_timeout)
+        self.stt: Stt | None = None
+        self.tts: Tts | None = None
+        self.turns: TurnDetector | None = None
+        self._resampler = Resampler(MODEL_RATE)
+        self._pending = bytearray()          # 16 kHz audio not yet scored
+        self._pre_roll: deque[bytes] = deque()
+        self._worker: ThreadPoolExecutor | None = None
+        self._stt_backlog = 0
+        self._turn_index = 0
+        self._history: deque[tuple[str, str]] = deque(maxlen=HISTORY)
+        self._answer: asyncio.Task | None = None
+        self._answer_turn: Turn | None = None
+        self._typed: deque[str] = deque()
+        self._typed_task: asyncio.Task | None = None
+        self._playing_until = 0.0
+        self.dropped_messages = 0
+        self.dropped_audio = 0
+        self._load_ms: float | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"voice-{self.io.session_id[:6]}")
+        started = time.monotonic()
+        self.stt = await loop.run_in_executor(self._worker, make_stt, self.stt_name, list(COMMANDS))
+        self.tts = make_tts(self.tts_name)
+        if hasattr(self.tts, "load"):  # piper: load the voice now, not at the first answer (~1 s)
+            await loop.run_in_executor(None, self.tts.load)
+        self.turns = TurnDetector(SileroVad(), self.rule)
+        self._load_ms = _ms(time.monotonic() - started)
+        self._ready()
+
+    def _ready(self) -> None:
+        """Say the agent listens (again when asked: the data channel may open after the call connects)."""
+        self.emit("ready", stt=self.stt_name, tts=self.tts_name, silence_ms=self.rule.silence_ms,
+                  load_ms=self._load_ms)
+
+    async def on_stop(self) -> None:
+        for task in (self._answer, self._typed_task):
+            if task is not None:
+                task.cancel()
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+
+    def emit(self, event: str, **fields: Any) -> None:  # noqa: ANN401
+        self.io.send_text(json.dumps({"event": event, **fields}, separators=(",", ":")))
+
+    @property
+    def speaking(self) -> bool:
+        return (self._answer is not None and not self._answer.done()) or time.monotonic() < self._playing_until
+
+    # -- inbound audio ------------------------------------------------------------------------
+
+    async def on_audio(self, frame: PcmFrame) -> None:
+        if self.turns is None:  # models still loading: nothing to hear yet
+            return
+        now = frame.time or time.monotonic()
+        self._pending += self._resampler.feed(frame.samples, frame.sample_rate, frame.channels)
+        size = 2 * self.turns.vad.window_samples
+        while len(self._pending) >= size:
+            window = bytes(self._pending[:size])
+            del self._pending[:size]
+            self._window(window, now)
+
+    def _window(self, window: bytes, now: float) -> None:
+        assert self.turns is not None
+        was_in_turn = self.turns.in_turn
+        events = self.turns.push(window, now)
+        if was_in_turn:
+            self._to_stt("feed", window)
+        else:
+            self._pre_roll.append(window)
+            while len(self._pre_roll) * len(window) > 2 * MODEL_RATE * PRE_ROLL:
+                self._pre_roll.popleft()
+        for event in events:
+            if event.kind == "onset":
+                if self.speaking:  # one speech window is enough to stop talking (a turn needs two)
+                    self.barge_in(event.at)
+            elif event.kind == "start":
+                self._turn_started(event)
+            else:
+                self._turn_ended(event)
+
+    def _to_stt(self, method: str, pcm: bytes = b"") -> None:
+        if self._worker is None or self.stt is None:
+            return
+        if method == "feed":
+            if self._stt_backlog > MAX_STT_BACKLOG:  # the recogniser lags: drop, do not queue without end
+                self.dropped_audio += len(pcm)
+                return
+            self._stt_backlog += len(pcm)
+        stt = self.stt
+
+        def run() -> None:
+            if method == "feed":
+                stt.feed(pcm)
+            else:
+                stt.begin()
+
+        done = self._worker.submit(run)
+        if method == "feed":  # the count is only changed on the event loop's thread
+            loop = asyncio.get_running_loop()
+            size = len(pcm)
+
+            def fed(_: object) -> None:
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(self._fed, size)
+
+            done.add_done_callback(fed)
+
+    def _fed(self, size: int) -> None:
+        self._stt_backlog -= size
+
+    def _turn_started(self, event: TurnEvent) -> None:
+        self._to_stt("begin")
+        for window in self._pre_roll:
+            self._to_stt("feed", window)
+        self._pre_roll.clear()
+        self.emit("turn_start", turn=self._turn_index)
+
+    def _turn_ended(self, event: TurnEvent) -> None:
+        if event.kind == "ignored":
+            self.emit("ignored", turn=self._turn_index, speech_ms=round(event.speech_ms))
+            if self._worker is not None and self.stt is not None:
+                self._worker.submit(self.stt.finish)
+            return
+        index = self._turn_index
+        self._turn_index += 1
+        self.emit("turn_end", turn=index, reason=event.reason, speech_ms=round(event.speech_ms),
+                  silence_ms=self.rule.silence_ms, endpoint_ms=_ms(event.at - event.last_speech_at))
+        self._start_answer(self._transcribe(index, event.at), index)
+
+    async def _transcribe(self, index: int, ended_at: float) -> str:
+        assert self._worker is not None and self.stt is not None
+        result = await asyncio.get_running_loop().run_in_executor(self._worker, self.stt.finish)
+        self.emit("transcript", turn=index, text=result.text, stt_ms=_ms(time.monotonic() - ended_at))
+        return result.text
+
+    # -- replies ------------------------------------------------------------------------------
+
+    def _start_answer(self, transcript: Any, index: int) -> None:  # noqa: ANN401 - str or a coroutine of one
+        if self._answer is not None and not self._answer.done():
+            self._answer.cancel()  # a new turn supersedes an answer still being prepared
+        self._answer = asyncio.ensure_future(self._respond(transcript, index))
+
+    async def _respond(self, transcript: Any, index: int) -> None:  # noqa: ANN401
+        text = transcript if isinstance(transcript, str) else await transcript
+        if not text:
+            return
+        turn = self._answer_turn = Turn(text, index, list(self._history))
+        assert self.tts is not None
+        asked = time.monotonic()
+        first_piece = first_audio = None
+        try:
+            async for piece in reply_pieces(self.reply_hook, turn, self.reply_timeout):
+                if first_piece is None:
+                    first_piece = time.monotonic()
+                    self.emit("reply", turn=index, text=piece, reply_ms=_ms(first_piece - asked))
+                if not piece.strip():
+                    continue
+                spoken_from = time.monotonic()
+                async for pcm in self.tts.stream(piece):
+                    if first_audio is None:
+                        first_audio = time.monotonic()
+                        self.emit("speaking", turn=index, tts_ms=_ms(first_audio - spoken_from))
+                    self._play(pcm)
+                    ahead = self._playing_until - time.monotonic() - AHEAD
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                turn.spoken += piece
+        except TimeoutError:
+            self.emit("reply_error", turn=index, error=f"reply took longer than {self.reply_timeout:g} s")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a user's hook must not end the call
+            log.warning("reply hook failed in session %s: %s", self.io.session_id, exc)
+            self.emit("reply_error", turn=index, error=f"{type(exc).__name__}: {exc}"[:200])
+        else:
+            if first_audio is not None:
+                self.emit("spoken", turn=index, seconds=round(self._playing_until - first_audio, 3))
+        finally:
+            self._history.append((turn.transcript, turn.spoken + (" [interrupted]" if turn.interrupted else "")))
+
+    def _play(self, pcm: bytes) -> None:
+        now = time.monotonic()
+        self._playing_until = max(self._playing_until, now) + len(pcm) / (2 * 48000)
+        self.io.send_audio(PcmFrame(pcm))
+
+    def barge_in(self, at: float) -> None:
+        """The caller speaks over the agent: stop talking now."""
+        dropped = self.io.clear_audio()
+        self._playing_until = 0.0
+        turn = self._answer_turn
+        if turn is not None:
+            turn.interrupted = True
+        if self._answer is not None and not self._answer.done():
+            self._answer.cancel()
+        self.emit("barge_in", turn=turn.index if turn else None, dropped_ms=_ms(dropped),
+                  detect_ms=_ms(time.monotonic() - at))
+
+    # -- data channel -------------------------------------------------------------------------
+
+    async def on_text(self, text: str) -> None:
+        """A typed turn: the text is answered as if it had been said (bounded: a flood is dropped).
+
+        ``{"event": "hello"}`` is not a turn: it asks for the ``ready`` event (sent once the models are
+        loaded), for a client whose data channel opened after the call connected.
+        """
+        if text.startswith('{"event":') and text.replace(" ", "") == '{"event":"hello"}':
+            if self._load_ms is not None:
+                self._ready()
+            return
+        if len(self._typed) >= MAX_TYPED_PENDING:
+            self.dropped_messages += 1
+            if self.dropped_messages in (1, 10, 100) or self.dropped_messages % 1000 == 0:
+                self.emit("dropped", messages=self.dropped_messages)
+            return
+        self._typed.append(text[:MAX_TEXT])
+        if self._typed_task is None or self._typed_task.done():
+            self._typed_task = asyncio.ensure_future(self._typed_turns())
+
+    async def _typed_turns(self) -> None:
+        while self._typed:
+            text = self._typed.popleft()
+            index = self._turn_index
+            self._turn_index += 1
+            self.emit("transcript", turn=index, text=text, typed=True)
+            self._start_answer(text, index)
+            await asyncio.wait({self._answer})  # type: ignore[arg-type]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 1)
