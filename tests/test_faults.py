@@ -74,7 +74,11 @@ def test_client_nat_rebinding_moves_the_call_to_the_new_port():
     relay = (lab.relay_public.ip4, lab.relay_port)
     old, new = (in_netns(lab.client.netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
                 for _ in range(2))
+    # compile and adopt the maps before the clock starts: at load 12 a bcc compile took over 30 s, the
+    # agent's idle timeout, and the agent aged both flows away before this test could
+    datapath = Datapath(instance=lab.name)
     try:
+        in_netns(lab.relay_public.netns, datapath.load)
         control(lab, lambda c: c.put_session("rebindMe", t1.backend_id))
         check = stun.build_binding_request("rebindMe:cli1")
         old.sendto(check, relay)
@@ -94,7 +98,7 @@ def test_client_nat_rebinding_moves_the_call_to_the_new_port():
         time.sleep(0.3)
         new.sendto(b"\x80" * 50, relay)
         server.recvfrom(2048)
-        removed = in_netns(lab.relay_public.netns, lambda: Datapath(instance=lab.name).age_flows(0.2))
+        removed = in_netns(lab.relay_public.netns, lambda: datapath.age_flows(0.2))
         assert removed == 1
         assert [f["client"] for f in control(lab, lambda c: c.flows())] == [f"{lab.client.ip4}:{second[1]}"]
     finally:
