@@ -92,7 +92,7 @@ def test_the_two_relay_demo_kills_relay_1_mid_call_and_reports_the_gap_until_aud
     assert report["ok"] and report["relay_before"] == 1 and report["relay_after"] == 2
     assert report["pair_after"]["remote"] in (report["relays"][1]["public"], report["relays"][1]["public6"])
     gap = report["gap"]
-    assert 0 <= gap["stopped_after"] < 1.0 < gap["flowing_after"] < 30    # measured: audio again 4.1 s after
+    assert 0 <= gap["stopped_after"] < 1.0 < gap["flowing_after"] < 30  # measured: 0.11 s, 3.91 s
     assert report["flow_after"]["packets"] > 20 and report["flow_after"]["rx_packets"] > 20   # both ways
     assert report["lab"] not in Lab.names()
 
