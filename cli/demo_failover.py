@@ -95,7 +95,7 @@ def _kill_under_call(lab: Lab, call: BrowserCall, report: FailoverReport, status
     status(f"audio flowing via relay {report.relay_before}; killing relay {KILLED} ...")
     try:
         judged = call.measure_gap(lambda: kill_relay(lab, KILLED), timeout=GAP_TIMEOUT)
-        report.gap = asdict(judged)
+        report.gap = {k: None if v is None else round(v, 3) for k, v in asdict(judged).items()}  # to the ms
         moved = call.wait_pair(lambda pair: relay_of(lab, pair) not in (None, KILLED), 5,
                                f"the selected pair on a relay other than {KILLED}")
         report.pair_after, report.relay_after = moved["pair"], relay_of(lab, moved["pair"])
