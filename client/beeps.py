@@ -118,14 +118,20 @@ class BeepTrack(MediaStreamTrack):
             self.carrier_frames += 1
         else:
             pcm = self._tone if beeping else self._silence
-        frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(pcm)
-        frame.pts = self._index * FRAME_SAMPLES
-        frame.sample_rate = SAMPLE_RATE
-        frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
+        frame = s16_frame(pcm, self._index)
         self._index += 1
         self.frames += 1
         return frame
+
+
+def s16_frame(pcm: bytes, index: int) -> AudioFrame:
+    """Frame number ``index`` of a 48 kHz mono stream of 20 ms frames, for aiortc's encoder."""
+    frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
+    frame.planes[0].update(pcm)
+    frame.pts = index * FRAME_SAMPLES
+    frame.sample_rate = SAMPLE_RATE
+    frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
+    return frame
 
 
 def mono_samples(frame: AudioFrame) -> Any:  # noqa: ANN401

@@ -21,7 +21,6 @@ Audible = RMS above -40 dBFS in a 20 ms frame.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import json
 import time
 from collections import deque
@@ -34,7 +33,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
 from splitrelay.errors import SplitrelayError
-from splitrelay.voice.audio import FRAME_BYTES, FRAME_SAMPLES, SAMPLE_RATE, frames_of, rms
+from splitrelay.client.beeps import s16_frame
+from splitrelay.voice.audio import FRAME_BYTES, FRAME_SAMPLES, frames_of, rms
 from splitrelay.voice.tts import EspeakTts
 
 AUDIBLE = 0.01  # RMS, -40 dBFS
@@ -91,11 +91,7 @@ class SpeechTrack(MediaStreamTrack):
             self._marks.remove(mark)
             if not mark[1].done():
                 mark[1].set_result(now)
-        frame = AudioFrame(format="s16", layout="mono", samples=FRAME_SAMPLES)
-        frame.planes[0].update(pcm)
-        frame.pts = self._index * FRAME_SAMPLES
-        frame.sample_rate = SAMPLE_RATE
-        frame.time_base = fractions.Fraction(1, SAMPLE_RATE)
+        frame = s16_frame(pcm, self._index)
         self._index += 1
         return frame
 

@@ -126,10 +126,12 @@ if ! stage config; then
   chmod 0440 "$root/etc/sudoers.d/vagrant"
   install -d -m 0700 -o 1000 -g 1000 "$root/home/vagrant/.ssh"
   install -m 0600 -o 1000 -g 1000 "$(vagrant_key_dir)/vagrant.pub" "$root/home/vagrant/.ssh/authorized_keys"
-  printf 'UseDNS no\nGSSAPIAuthentication no\n' >"$root/etc/ssh/sshd_config.d/vagrant.conf"
+  printf 'UseDNS no\nGSSAPIAuthentication no\nHostKey /etc/ssh/ssh_host_ed25519_key\n' \
+    >"$root/etc/ssh/sshd_config.d/vagrant.conf"
   # The management NIC (eth0, with net.ifnames=0) takes DHCP from libvirt's isolated network;
   # Vagrant writes 50-vagrant-ethN.network for the private ones.
-  printf '[Match]\nName=eth0\n[Network]\nDHCP=ipv4\n' >"$root/etc/systemd/network/10-mgmt.network"
+  printf '[Match]\nName=eth0\n[Network]\nDHCP=ipv4\n[DHCPv4]\nClientIdentifier=mac\n' \
+    >"$root/etc/systemd/network/10-mgmt.network"
   in_root systemctl enable systemd-networkd ssh >/dev/null 2>&1
   in_root systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_reap.service >/dev/null 2>&1 || true
   say "pip install into /opt/splitrelay/.venv: $python_deps"
@@ -143,7 +145,10 @@ if ! stage config; then
     $python_deps >"$dir/pip.log" 2>&1 || { rm -f "$root/tmp/host-ca.crt"; die "pip install in the image failed: see $dir/pip.log" 1; }
   rm -f "$root/tmp/host-ca.crt"
   in_root apt-get clean
-  rm -f "$root"/etc/ssh/ssh_host_*  # each VM generates its own on first boot (below)
+  # Every VM must be its own machine: with the box's machine-id shared, systemd-networkd's DHCP
+  # client id (a DUID from it) was too, and libvirt's dnsmasq gave all three VMs one address.
+  : >"$root/etc/machine-id"
+  rm -f "$root/var/lib/dbus/machine-id" "$root"/etc/ssh/ssh_host_*  # host keys: made on first boot
   cat >"$root/etc/systemd/system/ssh-hostkeys.service" <<'EOF'
 [Unit]
 Description=Generate this VM's own ssh host keys
@@ -151,7 +156,8 @@ Before=ssh.service
 ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
 [Service]
 Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
+# ed25519 only: RSA keygen took minutes of a TCG guest's first boot on a busy host
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
 [Install]
 WantedBy=multi-user.target
 EOF

@@ -18,6 +18,9 @@ ln -s /tmp/sr/splitrelay /tmp/sr/pkg/splitrelay      # the root package; the oth
 for d in wire bpf edge transceiver client lab cli bench; do ln -s "/tmp/sr/$d" "/tmp/sr/splitrelay/$d"; done
 cd /tmp/sr || exit 1
 echo "sr-matrix: kernel $(uname -r) booted in $(cut -d' ' -f1 /proc/uptime) s; running tests/xdp"
-PYTHONPATH=/tmp/sr/pkg PYTHONDONTWRITEBYTECODE=1 /opt/splitrelay/.venv/bin/python -m pytest -q -p no:cacheprovider \
-  tests/xdp 2>&1
+# -x: on a TCG guest of a busy 2-core host each test costs seconds, so the first failure's
+# traceback is printed at once instead of after the whole module (measured: one fixture error
+# repeated for 60+ tests ran into the 25 min timeout).
+PYTHONPATH=/tmp/sr/pkg PYTHONDONTWRITEBYTECODE=1 /opt/splitrelay/.venv/bin/python -m pytest -q -x --tb=short \
+  -p no:cacheprovider --color=no tests/xdp 2>&1
 echo "sr-matrix: result $? after $(cut -d' ' -f1 /proc/uptime) s"

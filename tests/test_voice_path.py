@@ -18,7 +18,7 @@ from splitrelay.transceiver.audio import (
     AIORTC_JITTER_BUFFER, FRAME_BYTES, LEAD, OutboundAudio, VoiceReceiver, check_aiortc,
 )
 from splitrelay.transceiver.handlers import FRAME_SAMPLES, FRAME_SECONDS, PcmFrame
-from splitrelay.transceiver.jitter import AdaptiveJitterBuffer
+from splitrelay.transceiver.jitter import MAX_CONCEALED, AdaptiveJitterBuffer
 from splitrelay.transceiver.opus import OpusDecoder, OpusEncoder, packet_samples
 
 T0 = 1000.0
@@ -112,6 +112,17 @@ def test_a_lost_packet_is_concealed_at_its_deadline_and_its_late_copy_dropped():
     feed(buffer, 2, T0 + 5 * FRAME_SECONDS)                   # the lost one turns up after all
     assert drain(buffer, T0 + 5 * FRAME_SECONDS) == []
     assert (buffer.concealed, buffer.late, buffer.released) == (1, 1, 3)
+
+
+def test_an_outage_is_concealed_for_a_few_frames_then_the_stream_goes_on_from_what_came():
+    buffer = AdaptiveJitterBuffer()
+    feed(buffer, 0, T0)
+    drain(buffer, T0)
+    feed(buffer, 20, T0 + 0.4)                               # 19 packets lost on a path that moved
+    frames = drain(buffer, T0 + 0.4)
+    assert [f.payload for f in frames] == [None] * MAX_CONCEALED + [PACKETS[20]]
+    assert frames[0].timestamp == (20 - MAX_CONCEALED) * FRAME_SAMPLES   # the outage's end is what is filled
+    assert (buffer.concealed, buffer.skipped) == (MAX_CONCEALED, 19 - MAX_CONCEALED)
 
 
 def test_a_stalled_sender_is_waited_for_and_nothing_it_sends_after_is_dropped():

@@ -209,6 +209,7 @@ class VoiceReceiver:
     def to_dict(self) -> dict[str, Any]:
         b = self.buffer
         return {"frames_concealed": b.concealed, "frames_late": b.late, "frames_released": b.released,
+                "frames_lost_in_outages": b.skipped,
                 "receive_delay_ms": round(b.delay * 1000, 3), "receive_jitter_ms": round(b.jitter * 1000, 3),
                 "receive_resets": b.resets}
 

@@ -41,6 +41,9 @@ RATE = 48000
 FRAME = 960                  # samples a missing frame is assumed to span before a later packet says otherwise
 WINDOW = 100                 # packets (2 s of 20 ms frames) over which base and jitter are measured
 RESET_GAP = 50               # sequence numbers: a jump this large starts the buffer over
+# Lost frames concealed in a row at most: a longer outage (a path move, ICE restart) is not replayed as
+# a second of fading PLC that the send side would carry as latency; the stream goes on from what came.
+MAX_CONCEALED = 3
 
 
 @dataclass
@@ -72,6 +75,7 @@ class AdaptiveJitterBuffer:
         self.released = 0
         self.concealed = 0
         self.late = 0                       # arrived after their frame was concealed
+        self.skipped = 0                    # lost in an outage longer than MAX_CONCEALED frames, not concealed
         self.duplicates = 0
         self.resets = 0
         self._packets: dict[int, _Packet] = {}
@@ -173,6 +177,11 @@ class AdaptiveJitterBuffer:
         assert self._next is not None and self._next_ts is not None
         if now < self._due(self._next_ts) or not self._packets:
             return None
+        first = min(self._packets)
+        if first - self._next > MAX_CONCEALED:  # a long outage: fill its end only, then go on from what came
+            self.skipped += first - self._next - MAX_CONCEALED
+            self._next_ts += (first - self._next - MAX_CONCEALED) * FRAME
+            self._next = first - MAX_CONCEALED
         following = self._packets.get(self._next + 1)
         gap = FRAME
         if following is not None and 0 < following.timestamp - self._next_ts < FRAME:

@@ -115,6 +115,22 @@ class Session:
     def history(self) -> list[StateChange]:
         return self.states.changes
 
+    @property
+    def ice_states(self) -> list[str]:
+        return self.states.states["ice"]
+
+    @property
+    def dtls_states(self) -> list[str]:
+        return self.states.states["dtls"]
+
+    @property
+    def connection_states(self) -> list[str]:
+        return self.states.states["connection"]
+
+    @property
+    def gathering_states(self) -> list[str]:
+        return self.states.states["gathering"]
+
     def end(self, reason: str) -> bool:
         """Mark the session over (the first reason wins); True if this call ended it."""
         if self.ended.is_set():
