@@ -11,53 +11,48 @@
 #include "structs.h"
 #include "csum.h"
 
-/* DNAT: the destination becomes the backend's (address, port) of the packet's family. */
-static __always_inline int rewrite_dst_to_backend(struct pkt *p, const struct sr_backend *b)
+/*
+ * Rewrite the packet's source (ADDR_OF_SOURCE) or destination endpoint to (address
+ * of its family, port), keeping the IPv4 and UDP checksums right (RFC 1624).
+ */
+static __always_inline void rewrite_endpoint(struct pkt *p, const int of_source, __be32 addr4,
+					     const __be32 *addr6, __be16 port)
 {
 	__u32 delta = 0;
 	if (p->ip4) {
-		if (!(b->flags & SR_BACKEND_V4))
-			return verdict(p, SR_STAT_IN_DROP_FAMILY, XDP_DROP);
-		__u32 ipdelta = csum_delta32(0, p->ip4->daddr, b->addr4);
+		__be32 *a = of_source ? &p->ip4->saddr : &p->ip4->daddr;
+		__u32 ipdelta = csum_delta32(0, *a, addr4);
 		delta = ipdelta;
-		p->ip4->daddr = b->addr4;
+		*a = addr4;
 		p->ip4->check = csum_apply(p->ip4->check, ipdelta);
 	} else if (p->ip6) {
-		if (!(b->flags & SR_BACKEND_V6))
-			return verdict(p, SR_STAT_IN_DROP_FAMILY, XDP_DROP);
-		delta = csum_delta_addr6(0, p->ip6->daddr.in6_u.u6_addr32, b->addr6);
-		__builtin_memcpy(p->ip6->daddr.in6_u.u6_addr32, b->addr6, 16);
-	} else {
-		return verdict(p, SR_STAT_IN_DROP_MALFORMED, XDP_DROP);
+		__be32 *a = of_source ? p->ip6->saddr.in6_u.u6_addr32 : p->ip6->daddr.in6_u.u6_addr32;
+		delta = csum_delta_addr6(0, a, addr6);
+		__builtin_memcpy(a, addr6, 16);
 	}
-	delta = csum_delta16(delta, p->udp->dest, b->port);
-	p->udp->dest = b->port;
+	__be16 *u = of_source ? &p->udp->source : &p->udp->dest;
+	delta = csum_delta16(delta, *u, port);
+	*u = port;
 	udp_csum_update(&p->udp->check, delta, p->ip6 != NULL);
+}
+
+/* DNAT: the destination becomes the backend's (address, port) of the packet's family. */
+static __always_inline int rewrite_dst_to_backend(struct pkt *p, const struct sr_backend *b)
+{
+	if (!(b->flags & (p->ip4 ? SR_BACKEND_V4 : SR_BACKEND_V6)))
+		return verdict(p, SR_STAT_IN_DROP_FAMILY, XDP_DROP);
+	rewrite_endpoint(p, ADDR_OF_DEST, b->addr4, b->addr6, b->port);
 	return FURTHER_PROCESSING;
 }
 
 /* SNAT: the source becomes the relay's public (address, port) of the packet's family. */
 static __always_inline int rewrite_src_to_relay(struct pkt *p, const struct sr_config *cfg)
 {
-	__u32 delta = 0;
-	if (p->ip4) {
-		if (!cfg->public_ip4)
-			return verdict(p, SR_STAT_OUT_DROP_FAMILY, XDP_DROP);
-		__u32 ipdelta = csum_delta32(0, p->ip4->saddr, cfg->public_ip4);
-		delta = ipdelta;
-		p->ip4->saddr = cfg->public_ip4;
-		p->ip4->check = csum_apply(p->ip4->check, ipdelta);
-	} else if (p->ip6) {
-		if (!(cfg->public_ip6[0] | cfg->public_ip6[1] | cfg->public_ip6[2] | cfg->public_ip6[3]))
-			return verdict(p, SR_STAT_OUT_DROP_FAMILY, XDP_DROP);
-		delta = csum_delta_addr6(0, p->ip6->saddr.in6_u.u6_addr32, cfg->public_ip6);
-		__builtin_memcpy(p->ip6->saddr.in6_u.u6_addr32, cfg->public_ip6, 16);
-	} else {
-		return verdict(p, SR_STAT_OUT_PASS_OTHER, XDP_PASS);
-	}
-	delta = csum_delta16(delta, p->udp->source, cfg->relay_port);
-	p->udp->source = cfg->relay_port;
-	udp_csum_update(&p->udp->check, delta, p->ip6 != NULL);
+	int have = p->ip4 ? cfg->public_ip4 != 0
+			  : (cfg->public_ip6[0] | cfg->public_ip6[1] | cfg->public_ip6[2] | cfg->public_ip6[3]) != 0;
+	if (!have)
+		return verdict(p, SR_STAT_OUT_DROP_FAMILY, XDP_DROP);
+	rewrite_endpoint(p, ADDR_OF_SOURCE, cfg->public_ip4, cfg->public_ip6, cfg->relay_port);
 	return FURTHER_PROCESSING;
 }
 

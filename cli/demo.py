@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import click
-from splitrelay.cli.errors import CliError, require_bcc, require_root
+from splitrelay.cli.errors import EXIT_DEPENDENCY, CliError, require_bcc, require_root
 
 if TYPE_CHECKING:
     from splitrelay.lab.topology import Lab
@@ -93,14 +93,24 @@ def run_demo(seconds: float = 10.0, on_status: Callable[[str], None] | None = No
 
 @click.command()
 @click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(2, 300),
-              help="How long the client talks.")
+              help="How long the client talks (with --relays 2+: half before the kill, half after).")
+@click.option("--relays", default=1, show_default=True, type=click.IntRange(1, 8),
+              help="Relays in front of the transceiver; 2 or more: a Chromium call loses relay 1 "
+                   "mid-call and the demo prints the gap until audio flows via another relay.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary as JSON.")
-def demo(seconds: float, as_json: bool) -> None:
+def demo(seconds: float, relays: int, as_json: bool) -> None:
     """Lab up, one real WebRTC voice session through XDP with a live status line, summary, teardown.
 
+    With --relays 2 or more, the client is headless Chromium (Debian's chromium, driven by
+    playwright) and the demo is a failover: the call runs via relay 1, relay 1 goes silent,
+    Chromium moves to relay 2's candidate by itself, and the demo prints which relay carried
+    the call before and after, and the gap (seconds from the kill until audio stopped and until
+    it flowed again).
+
     \b
-    Example:
+    Examples:
       sudo splitrelay demo --seconds 5
+      sudo splitrelay demo --relays 2 --json
     """
     require_root("the demo")
     require_bcc()
@@ -108,6 +118,9 @@ def demo(seconds: float, as_json: bool) -> None:
         if not as_json:
             click.echo("\r" + line.ljust(90), nl=False, err=True)
 
+    if relays > 1:
+        demo_failover(relays, seconds, as_json, status)
+        return
     if not as_json:
         click.echo("building lab: client, relay (XDP), 2 transceivers (aiortc: voice, echo) ...", err=True)
     report = run_demo(seconds, status)
@@ -135,3 +148,23 @@ def demo(seconds: float, as_json: bool) -> None:
         click.echo("  " + ", ".join(f"{k} {v}" for k, v in report.counters.items()))
     if not report.ok:
         raise CliError(f"the demo session failed: {report.error}")
+
+
+def demo_failover(relays: int, seconds: float, as_json: bool, status: Callable[[str], None]) -> None:
+    from splitrelay.cli.demo_failover import echo_failover, run_failover_demo
+    from splitrelay.client.browser import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        raise CliError(f"demo --relays {relays} needs a browser: {reason}; `demo --relays 1` works without it",
+                       EXIT_DEPENDENCY)
+    if not as_json:
+        click.echo(f"building lab: client, {relays} relays (XDP), 1 transceiver (aiortc: echo) ...", err=True)
+    report = run_failover_demo(relays, seconds, status)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo("", err=True)
+        echo_failover(report)
+    if not report.ok:
+        raise CliError(f"the failover demo failed: {report.error}")

@@ -12,6 +12,8 @@ have a standby relay and for XDP translation.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,6 +67,34 @@ def test_packets_of_silence_are_not_audio_flowing():
     samples.append({"t": 400.0, "inPackets": samples[-1]["inPackets"] + 5, "inEnergy": samples[-1]["inEnergy"]})
     assert flowing_since(samples) is None
     assert flowing_since(samples[:-1]) == 0.0
+
+
+@needs_root
+def test_the_failover_demo_without_a_browser_says_why_in_one_line_and_that_one_relay_works():
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "demo", "--relays", "2"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "SPLITRELAY_CHROMIUM": "/nonexistent/chromium"})
+    assert proc.returncode == 4
+    assert proc.stderr == ("splitrelay: error: demo --relays 2 needs a browser: no /nonexistent/chromium "
+                           "(apt-get install chromium; scripts/setup.sh does it); `demo --relays 1` works "
+                           "without it\n")
+
+
+# before the module's lab fixture (first used below), so the demo's own lab and Chromium run alone
+@needs_root
+@needs_browser
+def test_the_two_relay_demo_kills_relay_1_mid_call_and_reports_the_gap_until_audio_flows_on_relay_2():
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "demo", "--relays", "2", "--seconds", "2",
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert [r["index"] for r in report["relays"]] == [1, 2]
+    assert report["ok"] and report["relay_before"] == 1 and report["relay_after"] == 2
+    assert report["pair_after"]["remote"] in (report["relays"][1]["public"], report["relays"][1]["public6"])
+    gap = report["gap"]
+    assert 0 <= gap["stopped_after"] < 1.0 < gap["flowing_after"] < 30  # measured: 0.11 s, 3.91 s
+    assert report["flow_after"]["packets"] > 20 and report["flow_after"]["rx_packets"] > 20   # both ways
+    assert report["lab"] not in Lab.names()
 
 
 @pytest.fixture(scope="module")
