@@ -42,7 +42,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/scripts/vm-common.sh"
 say() { printf 'vm-box[%s]: %s\n' "$release" "$*"; }
 
-[ "$(id -u)" = 0 ] || die "must run as root (debootstrap and chroot)" 3
+require_root "debootstrap and chroot"
 case $release in
   bookworm) number=12 ;;
   trixie) number=13 ;;

@@ -10,6 +10,8 @@ VM_NETNS=${SPLITRELAY_VM_NETNS:-srvm}
 LIBVIRT_POOL_DIR=/var/lib/libvirt/images
 
 die() { printf '%s: error: %s\n' "$(basename "$0" .sh)" "$1" >&2; exit "${2:-1}"; }
+say() { printf '%s: %s\n' "$(basename "$0" .sh)" "$*"; }
+require_root() { [ "$(id -u)" = 0 ] || die "must run as root ($1)" 3; }
 
 require_tools() {
   local t missing=()

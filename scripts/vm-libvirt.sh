@@ -23,7 +23,6 @@ EOF
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/vm-common.sh
 . "$here/scripts/vm-common.sh"
-say() { printf 'vm-libvirt: %s\n' "$*"; }
 virsh_() { virsh -q -c qemu:///system "$@"; }
 
 start() {

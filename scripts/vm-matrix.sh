@@ -22,8 +22,7 @@ case ${1:-} in -h|--help) usage; exit 0 ;; esac
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/vm-common.sh
 . "$here/scripts/vm-common.sh"
-say() { printf 'vm-matrix: %s\n' "$*"; }
-[ "$(id -u)" = 0 ] || die "must run as root" 3
+require_root "9p share of the checkout, qemu"
 require_tools qemu-system-x86_64
 if [ $# -gt 0 ]; then releases=("$@"); else
   releases=()

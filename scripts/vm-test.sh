@@ -23,8 +23,7 @@ case ${1:-} in -h|--help) usage; exit 0 ;; esac
 here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/vm-common.sh
 . "$here/scripts/vm-common.sh"
-say() { printf 'vm-test: %s\n' "$*"; }
-[ "$(id -u)" = 0 ] || die "must run as root (libvirt, network namespaces)" 3
+require_root "libvirt, network namespaces"
 require_tools vagrant virsh libvirtd qemu-system-x86_64 ssh rsync
 releases=("${@:-bookworm}")
 for r in "${releases[@]}"; do
