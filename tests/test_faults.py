@@ -32,7 +32,9 @@ def test_wiped_relay_recovers_on_the_next_consent_check(policy, keyed, tmp_path)
                      hint_key_file=str(key_file) if key_file else None)
     lab = Lab.load(info["name"])
     try:
-        proc = probe(lab, info["whip_urls"], duration=14)
+        # long enough to outlive media setup, the agent's restart (a bcc compile) and one consent
+        # interval: with 14 s the caller sometimes hung up first and no check reopened the flow
+        proc = probe(lab, info["whip_urls"], duration=24)
         wait_for(lambda: [f for f in control(lab, lambda c: c.flows()) if f["rx_packets"] > 100], 20,
                  "media both ways")
         agent = lab.pids[0]
