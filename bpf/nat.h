@@ -36,6 +36,11 @@ static __always_inline void rewrite_endpoint(struct pkt *p, const int of_source,
 	udp_csum_update(&p->udp->check, delta, p->ip6 != NULL);
 }
 
+static __always_inline int addr6_set(const __be32 *a)
+{
+	return (a[0] | a[1] | a[2] | a[3]) != 0;
+}
+
 /* DNAT: the destination becomes the backend's (address, port) of the packet's family. */
 static __always_inline int rewrite_dst_to_backend(struct pkt *p, const struct sr_backend *b)
 {
@@ -48,12 +53,45 @@ static __always_inline int rewrite_dst_to_backend(struct pkt *p, const struct sr
 /* SNAT: the source becomes the relay's public (address, port) of the packet's family. */
 static __always_inline int rewrite_src_to_relay(struct pkt *p, const struct sr_config *cfg)
 {
-	int have = p->ip4 ? cfg->public_ip4 != 0
-			  : (cfg->public_ip6[0] | cfg->public_ip6[1] | cfg->public_ip6[2] | cfg->public_ip6[3]) != 0;
-	if (!have)
+	if (!(p->ip4 ? cfg->public_ip4 != 0 : addr6_set(cfg->public_ip6)))
 		return verdict(p, SR_STAT_OUT_DROP_FAMILY, XDP_DROP);
 	rewrite_endpoint(p, ADDR_OF_SOURCE, cfg->public_ip4, cfg->public_ip6, cfg->relay_port);
 	return FURTHER_PROCESSING;
+}
+
+/* Translate, inbound: the source becomes the relay's internal (address, the flow's port). */
+static __always_inline int rewrite_src_to_internal(struct pkt *p, const struct sr_config *cfg, __be16 port)
+{
+	if (!(p->ip4 ? cfg->internal_ip4 != 0 : addr6_set(cfg->internal_ip6)))
+		return verdict(p, SR_STAT_IN_DROP_FAMILY, XDP_DROP);
+	rewrite_endpoint(p, ADDR_OF_SOURCE, cfg->internal_ip4, cfg->internal_ip6, port);
+	return FURTHER_PROCESSING;
+}
+
+/* Translate, outbound: is the packet addressed to the relay's internal address of its family? */
+static __always_inline int to_internal_addr(const struct pkt *p, const struct sr_config *cfg)
+{
+	if (p->ip4)
+		return cfg->internal_ip4 && p->ip4->daddr == cfg->internal_ip4;
+	if (!p->ip6)   /* never, after parse_packet; the verifier needs to see it */
+		return 0;
+	const __be32 *d = p->ip6->daddr.in6_u.u6_addr32;
+	const __be32 *a = cfg->internal_ip6;
+	return addr6_set(a) && d[0] == a[0] && d[1] == a[1] && d[2] == a[2] && d[3] == a[3];
+}
+
+/* Translate, outbound: does the packet come from backend b's (address, port) of its family? */
+static __always_inline int from_backend(const struct pkt *p, const struct sr_backend *b)
+{
+	if (p->udp->source != b->port)
+		return 0;
+	if (p->ip4)
+		return (b->flags & SR_BACKEND_V4) && p->ip4->saddr == b->addr4;
+	if (!p->ip6)
+		return 0;
+	const __be32 *s = p->ip6->saddr.in6_u.u6_addr32;
+	return (b->flags & SR_BACKEND_V6) && s[0] == b->addr6[0] && s[1] == b->addr6[1] &&
+	       s[2] == b->addr6[2] && s[3] == b->addr6[3];
 }
 
 static __always_inline void set_macs(struct ethhdr *eth, const __u8 *dst, const __u8 *src)

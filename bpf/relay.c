@@ -8,6 +8,10 @@
  *              sits behind the same interface).
  * xdp_internal internal interface(s): SNAT transceiver replies to the relay's
  *              public address and port, redirect out of the public interface.
+ * With sr_config.translate (issue 12 §1, docs/DESIGN.md) both sides translate:
+ * inbound the source also becomes (relay internal address, a per-flow port from
+ * the port_pool queue); outbound a reply to that port, from that flow's backend
+ * only, goes back to the client (port_slots is the reverse table).
  *
  * All policy (which backends and sessions exist, ageing) lives in the Python
  * agent; this file only decides per packet.  Compiled by bcc with -I bpf/ and
@@ -64,13 +68,21 @@ static __always_inline int send_to_slot(struct xdp_md *ctx, struct pkt *p, __u32
 	return verdict(p, stat, act);
 }
 
-/* DNAT toward the backend, rewrite MACs, drop a VLAN tag, and send it out of the backend's slot. */
-static __always_inline int forward_to_backend(struct xdp_md *ctx, struct pkt *p, const struct sr_backend *b,
-					      __u32 stat)
+/*
+ * DNAT toward the backend (and with translation the source to the relay's internal address and
+ * the flow's port xport), rewrite MACs, drop a VLAN tag, and send it out of the backend's slot.
+ */
+static __always_inline int forward_to_backend(struct xdp_md *ctx, struct pkt *p, const struct sr_config *cfg,
+					      const struct sr_backend *b, __be16 xport, __u32 stat)
 {
 	int act = rewrite_dst_to_backend(p, b);
 	if (act != FURTHER_PROCESSING)
 		return act;
+	if (cfg->translate) {
+		act = rewrite_src_to_internal(p, cfg, xport);
+		if (act != FURTHER_PROCESSING)
+			return act;
+	}
 	set_macs(p->eth, b->dmac, b->smac);
 	act = strip_vlan_tag(ctx, p);
 	if (act != FURTHER_PROCESSING)
@@ -99,19 +111,61 @@ static __always_inline int backend_of_hint(struct pkt *p, const struct sr_config
 }
 
 /*
+ * Translate: take a free port for the client's new flow toward backend_id and point its reverse
+ * slot at them.  bpf_map_pop_elem is atomic, so two CPUs never get the same port; an empty pool
+ * refuses the flow (no live flow is ever evicted for a new one).
+ */
+static __always_inline int claim_port(struct pkt *p, const struct sr_addr_key *client, __u32 backend_id,
+				      __be16 *port)
+{
+	__be16 got = 0;
+	if (port_pool.pop(&got))
+		return verdict(p, SR_STAT_IN_DROP_PORT_POOL_EMPTY, XDP_DROP);
+	__u32 idx = bpf_ntohs(got);
+	struct sr_port_slot *slot = port_slots.lookup(&idx);
+	if (!slot || !got) {   /* port 0 never names a flow: the agent never pushes it */
+		return verdict(p, SR_STAT_IN_DROP_PORT_POOL_EMPTY, XDP_DROP);
+	}
+	slot->client = *client;
+	slot->backend_id = backend_id;
+	*port = got;
+	return FURTHER_PROCESSING;
+}
+
+/* Translate: a port claimed for a flow that could not be stored goes straight back (no reply used it). */
+static __always_inline void unclaim_port(__be16 port)
+{
+	__u32 idx = bpf_ntohs(port);
+	struct sr_port_slot *slot = port_slots.lookup(&idx);
+	if (slot)
+		slot->client.family = 0;
+	port_pool.push(&port, 0);
+}
+
+/* Translate: a flow that moves to another backend keeps its port; replies must now come from there. */
+static __always_inline void repoint_port(__be16 port, __u32 backend_id)
+{
+	__u32 idx = bpf_ntohs(port);
+	struct sr_port_slot *slot = port_slots.lookup(&idx);
+	if (slot && port)
+		slot->backend_id = backend_id;
+}
+
+/*
  * Open the client's flow toward backend_id, or refresh it when it already goes
  * there (a consent check, or an ICE restart on the same 5-tuple).  A new 5-tuple
  * of a registered session must fit the session's allowance; a full table refuses.
  */
 static __always_inline int open_flow(struct pkt *p, const struct sr_config *cfg, struct sr_session *sess,
 				     struct sr_addr_key *client, __u32 backend_id,
-				     const struct sr_ufrag_key *ukey, __u64 now)
+				     const struct sr_ufrag_key *ukey, __u64 now, __be16 *xport)
 {
 	struct sr_flow *f = flows.lookup(client);
 	if (f && f->backend_id == backend_id) {
 		flow_touch(f, p->bytes, now);
 		__builtin_memcpy(f->client_mac, p->eth->h_source, ETH_ALEN);
 		f->ufrag = *ukey;
+		*xport = f->xlate_port;
 		return FURTHER_PROCESSING;
 	}
 	if (sess && !f && cfg->max_session_flows && sess->flows >= cfg->max_session_flows)
@@ -120,8 +174,24 @@ static __always_inline int open_flow(struct pkt *p, const struct sr_config *cfg,
 	flow_init(&nf, backend_id, p->eth->h_source, ukey, now);
 	nf.packets = 1;
 	nf.bytes = p->bytes;
-	if (flows.update(client, &nf))
+	if (cfg->translate) {
+		if (f) {
+			nf.xlate_port = f->xlate_port;
+			repoint_port(f->xlate_port, backend_id);
+		} else {
+			int act = claim_port(p, client, backend_id, &nf.xlate_port);
+			if (act != FURTHER_PROCESSING)
+				return act;
+		}
+		*xport = nf.xlate_port;
+	}
+	/* A new flow is inserted, never written over one another CPU opened meanwhile: that
+	 * one's port would leak (the race costs this packet, counted as a full table). */
+	if (f ? flows.update(client, &nf) : flows.insert(client, &nf)) {
+		if (cfg->translate && !f)
+			unclaim_port(nf.xlate_port);
 		return verdict(p, SR_STAT_IN_DROP_FLOW_FULL, XDP_DROP);
+	}
 	if (sess && !f)
 		__sync_fetch_and_add(&sess->flows, 1);
 	return FURTHER_PROCESSING;
@@ -155,25 +225,26 @@ static __always_inline int route_binding_request(struct xdp_md *ctx, struct pkt 
 	struct sr_backend *b = backends.lookup(&backend_id);
 	if (!b)
 		return verdict(p, SR_STAT_IN_DROP_NO_BACKEND, XDP_DROP);
-	act = open_flow(p, cfg, sess, client, backend_id, &ukey, now);
+	__be16 xport = 0;
+	act = open_flow(p, cfg, sess, client, backend_id, &ukey, now, &xport);
 	if (act != FURTHER_PROCESSING)
 		return act;
-	return forward_to_backend(ctx, p, b, stat);
+	return forward_to_backend(ctx, p, cfg, b, xport, stat);
 }
 
 /* Everything after a flow's first request: to the backend the client's flow goes to. */
-static __always_inline int route_by_flow(struct xdp_md *ctx, struct pkt *p, struct sr_addr_key *client,
-					 __u64 now)
+static __always_inline int route_by_flow(struct xdp_md *ctx, struct pkt *p, const struct sr_config *cfg,
+					 struct sr_addr_key *client, __u64 now)
 {
 	struct sr_flow *f = flows.lookup(client);
-	if (!f)
+	if (!f || (cfg->translate && !f->xlate_port))   /* translating, a flow without a port is none */
 		return verdict(p, SR_STAT_IN_DROP_NO_FLOW, XDP_DROP);
 	__u32 backend_id = f->backend_id;
 	struct sr_backend *b = backends.lookup(&backend_id);
 	if (!b)
 		return verdict(p, SR_STAT_IN_DROP_NO_BACKEND, XDP_DROP);
 	flow_touch(f, p->bytes, now);
-	return forward_to_backend(ctx, p, b, SR_STAT_IN_FWD_FLOW);
+	return forward_to_backend(ctx, p, cfg, b, f->xlate_port, SR_STAT_IN_FWD_FLOW);
 }
 
 /*
@@ -233,6 +304,47 @@ static __always_inline int reply_to_client(struct xdp_md *ctx, struct pkt *p, co
 	return send_to_slot(ctx, p, cfg->public_slot, stat, SR_STAT_OUT_DROP_REDIRECT);
 }
 
+/*
+ * Translate: a packet to the relay's internal address and port P is a reply on the flow holding
+ * P, if it comes from that flow's backend (address and port): source -> the relay's public
+ * (address, port), destination -> the client, out of the public interface.  A reply to a port no
+ * flow holds, or from anyone else, is dropped and counted: the internal side opens nothing.
+ * FURTHER_PROCESSING when the packet is not addressed to the internal address.
+ */
+static __always_inline int reply_translated(struct xdp_md *ctx, struct pkt *p, const struct sr_config *cfg)
+{
+	if (!to_internal_addr(p, cfg))
+		return FURTHER_PROCESSING;
+	__u32 idx = bpf_ntohs(p->udp->dest);
+	struct sr_port_slot *slot = port_slots.lookup(&idx);
+	if (!slot || slot->client.family != (p->ip4 ? SR_FAMILY_V4 : SR_FAMILY_V6))
+		return verdict(p, SR_STAT_OUT_DROP_UNALLOCATED_PORT, XDP_DROP);
+	struct sr_addr_key client = slot->client;
+	__u32 backend_id = slot->backend_id;
+	struct sr_backend *b = backends.lookup(&backend_id);
+	if (!b || !from_backend(p, b))
+		return verdict(p, SR_STAT_OUT_DROP_NOT_FLOW_BACKEND, XDP_DROP);
+	struct sr_flow *f = flows.lookup(&client);
+	if (!f || f->xlate_port != p->udp->dest)   /* the agent deleted the flow; the slot goes next */
+		return verdict(p, SR_STAT_OUT_DROP_UNALLOCATED_PORT, XDP_DROP);
+	int act = rewrite_src_to_relay(p, cfg);
+	if (act != FURTHER_PROCESSING)
+		return act;
+	rewrite_endpoint(p, ADDR_OF_DEST, client.addr[0], client.addr, client.port);
+	set_macs(p->eth, f->client_mac, cfg->public_mac);
+	flow_touch_rx(f, p->bytes);
+	return send_to_slot(ctx, p, cfg->public_slot, SR_STAT_OUT_FWD, SR_STAT_OUT_DROP_REDIRECT);
+}
+
+/* A reply on the internal side (or one interface for both): translated, or SNAT (DNAT mode). */
+static __always_inline int reply_from_backend(struct xdp_md *ctx, struct pkt *p, const struct sr_config *cfg,
+					      const int learn_flows)
+{
+	if (cfg->translate)
+		return reply_translated(ctx, p, cfg);
+	return reply_to_client(ctx, p, cfg, learn_flows);
+}
+
 static __always_inline int process_public(struct xdp_md *ctx, struct pkt *p)
 {
 	__u32 zero = 0;
@@ -245,7 +357,7 @@ static __always_inline int process_public(struct xdp_md *ctx, struct pkt *p)
 	if (p->udp->dest != cfg->relay_port) {
 		/* One interface may serve both sides: a backend's reply is SNATed here too. */
 		if (!p->broken) {
-			act = reply_to_client(ctx, p, cfg, 0);
+			act = reply_from_backend(ctx, p, cfg, 0);
 			if (act != FURTHER_PROCESSING)
 				return act;
 		}
@@ -270,7 +382,7 @@ static __always_inline int process_public(struct xdp_md *ctx, struct pkt *p)
 		/* ZRTP 16..19, TURN ChannelData 64..79, and everything unassigned */
 		return verdict(p, SR_STAT_IN_DROP_UNKNOWN_CLASS, XDP_DROP);
 	}
-	return route_by_flow(ctx, p, &client, now);
+	return route_by_flow(ctx, p, cfg, &client, now);
 }
 
 static __always_inline int process_internal(struct xdp_md *ctx, struct pkt *p)
@@ -283,7 +395,7 @@ static __always_inline int process_internal(struct xdp_md *ctx, struct pkt *p)
 	if (act != FURTHER_PROCESSING)
 		return act;
 	if (!p->broken) {
-		act = reply_to_client(ctx, p, cfg, 1);
+		act = reply_from_backend(ctx, p, cfg, 1);
 		if (act != FURTHER_PROCESSING)
 			return act;
 	}

@@ -23,6 +23,11 @@
 #endif
 #define SR_DEFAULT_SESSION_FLOWS 4 /* client 5-tuples one session may open (ICE needs 1-2) */
 #define SR_MAX_TX_PORTS   64   /* devmap slots: 0 = public interface, 1.. = internal */
+/* Translation (sr_config.translate): one internal address per family, each flow holds one of
+ * its ports; the reverse array has one slot per port (index = port, host order). */
+#define SR_PORT_SLOTS     65536
+#define SR_XLATE_PORT_MIN 1024  /* the agent's default range of flow ports, inclusive */
+#define SR_XLATE_PORT_MAX 65535
 
 #define SR_FAMILY_V4 4
 #define SR_FAMILY_V6 6
@@ -65,6 +70,10 @@ struct sr_config {                  /* array map "config", single slot 0 */
 	__u8   hint_key_set;            /* 1: only keyed (v2) hints route, and only if their tag checks */
 	__u8   pad;
 	__u8   hint_key[16];            /* SipHash-2-4 key shared by relays and transceivers */
+	__be32 internal_ip4;            /* translate: the relay's internal IPv4 (flows' source), 0 if none */
+	__be32 internal_ip6[4];         /* translate: the relay's internal IPv6, all-zero if none */
+	__u8   translate;               /* 1: translation on both sides (issue 12); 0: DNAT, client seen */
+	__u8   pad2[3];
 };
 
 struct sr_backend {                 /* hash "backends": __u32 backend id -> value */
@@ -98,7 +107,7 @@ struct sr_session {                 /* hash "sessions" value */
 struct sr_flow {                    /* lru hash "flows": client sr_addr_key -> value */
 	__u32 backend_id;
 	__u8  client_mac[6];            /* source MAC the client's frames arrived with */
-	__u8  pad[2];
+	__be16 xlate_port;              /* translate: the internal port it holds (port_slots index); 0 in DNAT */
 	__u64 created_ns;
 	__u64 last_seen_ns;             /* refreshed by every forwarded packet */
 	__u64 packets;                  /* client -> transceiver */
@@ -106,6 +115,11 @@ struct sr_flow {                    /* lru hash "flows": client sr_addr_key -> v
 	__u64 rx_packets;               /* transceiver -> client */
 	__u64 rx_bytes;
 	struct sr_ufrag_key ufrag;      /* session that created it, for cleanup */
+};
+
+struct sr_port_slot {               /* array "port_slots", index = internal port (host order) */
+	struct sr_addr_key client;      /* the flow holding the port; family 0 = unallocated */
+	__u32 backend_id;               /* the one backend whose replies may use it */
 };
 
 struct sr_counter {                 /* per-CPU array "stats", index = enum sr_stat */
@@ -140,7 +154,10 @@ struct sr_counter {                 /* per-CPU array "stats", index = enum sr_st
 	X(IN_PASS_DISABLED,    "ingress", "passed",    "not_configured")    \
 	X(OUT_PASS_DISABLED,   "egress",  "passed",    "not_configured")    \
 	X(IN_DROP_SESSION_FLOWS, "ingress", "dropped", "session_flow_limit") \
-	X(IN_DROP_FORGED_HINT, "ingress", "dropped",   "forged_hint")
+	X(IN_DROP_FORGED_HINT, "ingress", "dropped",   "forged_hint")       \
+	X(IN_DROP_PORT_POOL_EMPTY, "ingress", "dropped", "port_pool_empty") \
+	X(OUT_DROP_UNALLOCATED_PORT, "egress", "dropped", "unallocated_port") \
+	X(OUT_DROP_NOT_FLOW_BACKEND, "egress", "dropped", "not_flow_backend")
 
 #define SR_STAT_ENUM(name, dir, verdict, reason) SR_STAT_##name,
 enum sr_stat {

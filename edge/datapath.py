@@ -18,10 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from splitrelay.bpf import syscall
+from splitrelay.bpf import consts, syscall
 from splitrelay.edge import counters as counters_mod
 from splitrelay.edge import xdp_codec as codec
 from splitrelay.edge import xdp_loader as loader
+from splitrelay.edge.ports import PortPool
+from splitrelay.wire.byteorder import from_be16
 from splitrelay.edge.records import (  # noqa: F401 - the records' old home: importers keep working
     INTERNAL_SLOT,
     POLICIES,
@@ -56,11 +58,29 @@ class Datapath:
     pin_root: str = PIN_ROOT
     attachments: list[Attachment] = field(default_factory=list)
     max_flows: int | None = None   # flow table size (default SR_MAX_FLOWS); fixed when first pinned
+    port_range: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)
+    port_quarantine_s: float = 60.0   # translate: > the agent's idle timeout (edge/ports.py)
 
     def __post_init__(self) -> None:
         if not self.instance or "/" in self.instance or self.instance.startswith("."):
             raise DatapathError(f"bad instance name {self.instance!r}")
         self._bpf = None
+        self._ports: PortPool | None = None
+
+    @property
+    def ports(self) -> PortPool:
+        """The translation port pool (edge/ports.py) on this instance's maps."""
+        if self._ports is None or self._ports.bpf is not self.bpf:
+            held = self._ports.quarantined if self._ports else {}
+            self._ports = PortPool(self.bpf, *self.port_range, quarantine_s=self.port_quarantine_s,
+                                   quarantined=held)
+        return self._ports
+
+    def _release_ports(self, ports) -> None:
+        """The flows holding ``ports`` are deleted: clear their reverse slots, quarantine the ports."""
+        ports = [p for p in ports if p]
+        if ports:
+            self.ports.release(ports)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -203,9 +223,11 @@ class Datapath:
         for key in [sessions.Key.from_buffer_copy(k) for k, v in sessions.items() if v.backend_id == backend_id]:
             self._delete(sessions, key)
         flows = self.bpf[b"flows"]  # its sessions' flows, and those a routing hint opened
-        doomed = [flows.Key.from_buffer_copy(k) for k, v in self._walk(flows) if v.backend_id == backend_id]
-        for key in doomed:
+        doomed = [(flows.Key.from_buffer_copy(k), from_be16(v.xlate_port)) for k, v in self._walk(flows)
+                  if v.backend_id == backend_id]
+        for key, _ in doomed:
             self._delete(flows, key)
+        self._release_ports(port for _, port in doomed)
         if doomed:
             self.recount_session_flows()
         addrs = self.bpf[b"backend_addrs"]
@@ -257,10 +279,11 @@ class Datapath:
         removed = {ufrag: self._delete(sessions, key) for ufrag, key in keys.items()}
         raws = {bytes(key.ufrag) for key in keys.values()}
         table = self.bpf[b"flows"]
-        doomed = [table.Key.from_buffer_copy(k) for k, leaf in self._walk(table)
+        doomed = [(table.Key.from_buffer_copy(k), from_be16(leaf.xlate_port)) for k, leaf in self._walk(table)
                   if bytes(leaf.ufrag.ufrag) in raws]
-        for k in doomed:
+        for k, _ in doomed:
             self._delete(table, k)
+        self._release_ports(port for _, port in doomed)
         return removed
 
     def _walk(self, table, chunk: int = WALK_CHUNK):
@@ -304,8 +327,15 @@ class Datapath:
             return None
 
     def del_flow(self, client: tuple[str, int]) -> bool:
-        removed = self._delete(self.bpf[b"flows"], self.addr_key("flows", *client))
+        table = self.bpf[b"flows"]
+        key = self.addr_key("flows", *client)
+        try:
+            port = from_be16(table[key].xlate_port)
+        except KeyError:
+            return False
+        removed = self._delete(table, key)
         if removed:
+            self._release_ports([port])
             self.recount_session_flows()
         return removed
 
@@ -321,11 +351,15 @@ class Datapath:
         live: dict[bytes, int] = {}
         for key, leaf in self._walk(table):
             if leaf.last_seen_ns < cutoff:
-                stale.append(table.Key.from_buffer_copy(key))
+                stale.append((table.Key.from_buffer_copy(key), from_be16(leaf.xlate_port)))
             else:
                 ufrag = bytes(leaf.ufrag.ufrag)
                 live[ufrag] = live.get(ufrag, 0) + 1
-        removed = sum(1 for key in stale if self._delete(table, key))
+        gone = [port for key, port in stale if self._delete(table, key)]
+        removed = len(gone)
+        self._release_ports(gone)
+        if self._ports is not None:
+            self._ports.return_due()
         if removed:
             self._set_session_flows(live)
         return removed

@@ -46,8 +46,13 @@ class RelayConfig:
     policy: str = "strict"
     max_session_flows: int = consts.DEFAULT_SESSION_FLOWS   # client 5-tuples one session may open; 0 = unlimited
     hint_key: bytes | None = None  # with a key only keyed (v2) routing hints route
+    translate: bool = False        # both sides translated (issue 12 §1); False: DNAT, the client's address kept
+    internal_ip4: str | None = None   # translate: the relay's internal addresses flows come from
+    internal_ip6: str | None = None
 
     def __post_init__(self) -> None:
+        if self.translate and self.internal_ip4 is None and self.internal_ip6 is None:
+            raise DatapathError("translation needs the relay's internal IPv4 or IPv6 address")
         if self.hint_key is not None and len(self.hint_key) != 16:
             raise DatapathError(f"hint key must be 16 bytes, got {len(self.hint_key)}")
         if not 0 <= self.max_session_flows <= 65535:
@@ -100,6 +105,7 @@ class Flow:
     bytes: int
     rx_packets: int
     rx_bytes: int
+    internal_port: int = 0   # translate: the relay's internal port the transceiver sees as this client
 
     @property
     def client(self) -> str:

@@ -35,6 +35,12 @@ def config_leaf(leaf, cfg: RelayConfig):
     if cfg.hint_key:
         leaf.hint_key_set = 1
         ct.memmove(leaf.hint_key, cfg.hint_key, 16)
+    leaf.translate = int(cfg.translate)
+    if cfg.internal_ip4:
+        leaf.internal_ip4 = be32_words(ipaddress.IPv4Address(cfg.internal_ip4))[0]
+    if cfg.internal_ip6:
+        for i, word in enumerate(be32_words(ipaddress.IPv6Address(cfg.internal_ip6))):
+            leaf.internal_ip6[i] = word
     return leaf
 
 
@@ -51,6 +57,9 @@ def config_from(leaf) -> RelayConfig | None:
         policy=_POLICY_NAMES[leaf.policy],
         max_session_flows=leaf.max_session_flows,
         hint_key=bytes(leaf.hint_key) if leaf.hint_key_set else None,
+        translate=bool(leaf.translate),
+        internal_ip4=str(addr_from_words([leaf.internal_ip4], 4)) if leaf.internal_ip4 else None,
+        internal_ip6=str(int6) if int(int6 := addr_from_words(list(leaf.internal_ip6), 6)) else None,
     )
 
 
@@ -110,4 +119,5 @@ def flow_from(key, leaf) -> Flow:
         bytes=leaf.bytes,
         rx_packets=leaf.rx_packets,
         rx_bytes=leaf.rx_bytes,
+        internal_port=from_be16(leaf.xlate_port),
     )

@@ -25,7 +25,8 @@ PIN_ROOT = "/sys/fs/bpf/splitrelay"
 FORBIDDEN_IFACES = {"eth0", "lo"}
 PROGRAMS = ("xdp_public", "xdp_internal")
 # every bcc table of relay.c, all pinned under pin_dir (their types come from the source, via bcc)
-MAP_NAMES = ("config", "backends", "backend_addrs", "sessions", "flows", "stats", "tx_ports")
+MAP_NAMES = ("config", "backends", "backend_addrs", "sessions", "flows", "stats", "tx_ports", "port_slots",
+             "port_pool")
 VERIFIER_LOG_SIZE = 1 << 24
 ATTACH_MODES = ("auto", "native", "generic")
 
@@ -84,7 +85,8 @@ def check_pinned_layout(bpf, pin_dir: Path) -> None:
         map_type = lib.bpf_table_type_id(bpf.module, table.map_id)  # as declared in relay.c
         leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU tables: one CPU's value
         info = map_info(table.map_fd)
-        want = (map_type, ct.sizeof(table.Key), ct.sizeof(leaf))
+        key_size = ct.sizeof(table.Key) if hasattr(table, "Key") else 0   # a queue has no key
+        want = (map_type, key_size, ct.sizeof(leaf))
         have = (info.type, info.key_size, info.value_size)
         if have != want:
             raise PinnedMapMismatch(

@@ -1,0 +1,150 @@
+"""The per-flow ports of translation (issue 12 §1): which port may go back into the XDP pool, and when.
+
+``xdp_public`` pops a port from the pinned queue ``port_pool`` when it opens a
+flow and points the port's reverse slot (``port_slots``) at the client and its
+backend.  Only this agent ever pushes a port, and only where nothing can still
+use it: a port is in the queue xor held by one flow, so it is never handed out
+in use, and the pool is bounded by the range (an empty queue is refused and
+counted as ``port_pool_empty`` in XDP; no live flow is evicted).
+
+* ``refill`` (at start, also over pinned state left by an agent that died):
+  empty the queue, then push the range minus the ports live flows hold.  In that
+  order, a port XDP pops while the queue is drained is in a slot when the slots
+  are read, so it is never pushed twice.  Slots whose flow is gone or holds
+  another port (a packet race, an agent killed between its two deletes) are
+  cleared and quarantined.  Until the refill ends new flows are refused
+  (counted); live flows are untouched.
+* ``release`` (after the agent deleted flows): clear their slots, so a late
+  reply to the port is dropped at once, and hold the port back for
+  ``quarantine_s`` (longer than the idle timeout) before ``return_due`` pushes
+  it: a reply that was still on its way cannot reach the port's next client.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import time
+from dataclasses import dataclass, field
+
+from splitrelay.bpf import consts, syscall
+from splitrelay.edge.records import DatapathError
+from splitrelay.wire.byteorder import be16, from_be16
+
+PORT_MIN: int = consts.XLATE_PORT_MIN
+PORT_MAX: int = consts.XLATE_PORT_MAX
+
+
+def check_range(first: int, last: int) -> tuple[int, int]:
+    """(first, last) if it is a usable range of flow ports, else one-line DatapathError."""
+    if not 1 <= first <= last <= 65535:
+        raise DatapathError(f"translation ports must be a range within 1..65535, got {first}-{last}")
+    return first, last
+
+
+@dataclass
+class PortPool:
+    """The agent's side of the XDP port pool of one relay instance (its bcc module ``bpf``)."""
+
+    bpf: object
+    first: int = PORT_MIN
+    last: int = PORT_MAX
+    quarantine_s: float = 60.0
+    quarantined: dict[int, float] = field(default_factory=dict)   # port -> monotonic time it may return
+
+    def __post_init__(self) -> None:
+        check_range(self.first, self.last)
+
+    @property
+    def _queue(self):
+        return self.bpf[b"port_pool"]
+
+    @property
+    def _slots(self):
+        return self.bpf[b"port_slots"]
+
+    def _drain(self) -> int:
+        queue, n = self._queue, 0
+        while True:
+            try:
+                queue.pop()
+            except KeyError:
+                return n
+            n += 1
+
+    def _push(self, port: int) -> None:
+        queue = self._queue
+        queue.push(queue.Leaf(be16(port)))
+
+    def slots(self) -> dict[int, tuple]:
+        """Every allocated reverse slot: port -> (client key copy, backend id)."""
+        table = self._slots
+        out = {}
+        for key, leaf in _walk_array(table):
+            if leaf.client.family:
+                port = int(getattr(key, "value", key))   # batched reads give ints, items() c_uint
+                out[port] = (type(leaf.client).from_buffer_copy(leaf.client), leaf.backend_id)
+        return out
+
+    def held(self) -> set[int]:
+        """The ports live flows hold: an allocated slot whose client's flow names that port."""
+        flows = self.bpf[b"flows"]
+        out = set()
+        for port, (client, _) in self.slots().items():
+            key = flows.Key.from_buffer_copy(client)
+            try:
+                if from_be16(flows[key].xlate_port) == port:
+                    out.add(port)
+            except KeyError:
+                pass
+        return out
+
+    def refill(self) -> int:
+        """Empty the queue, then push every port of the range that no live flow holds; how many went in."""
+        self._drain()
+        allocated = self.slots()
+        held = self.held()
+        orphans = [port for port in allocated if port not in held]
+        self._clear(orphans)
+        now = time.monotonic()
+        for port in orphans:
+            self.quarantined.setdefault(port, now + self.quarantine_s)
+        pushed = 0
+        for port in range(self.first, self.last + 1):
+            if port in held or port in self.quarantined:
+                continue
+            self._push(port)
+            pushed += 1
+        return pushed
+
+    def _clear(self, ports) -> None:
+        table = self._slots
+        for port in ports:
+            table[ct.c_uint32(port)] = table.Leaf()
+
+    def release(self, ports, now: float | None = None) -> None:
+        """Ports of flows the agent deleted: their slots cleared now, the ports back after the quarantine."""
+        ports = [p for p in ports if p]
+        if not ports:
+            return
+        self._clear(ports)
+        due = (time.monotonic() if now is None else now) + self.quarantine_s
+        for port in ports:
+            self.quarantined[port] = due
+
+    def return_due(self, now: float | None = None) -> int:
+        """Push the ports whose quarantine is over; how many."""
+        now = time.monotonic() if now is None else now
+        due = [port for port, at in self.quarantined.items() if at <= now]
+        for port in due:
+            del self.quarantined[port]
+            if self.first <= port <= self.last:
+                self._push(port)
+        return len(due)
+
+
+def _walk_array(table):
+    """(key, value) of every slot of an array map in batches (65536 lookups one by one take ~0.3 s)."""
+    try:
+        yield from syscall.map_lookup_batches(table.map_fd, table.Key, table.Leaf, 4096, "port_slots")
+    except syscall.BpfError:
+        yield from table.items()

@@ -1,0 +1,174 @@
+"""Translation on both sides (issue 12 §1) through BPF_PROG_TEST_RUN: both programs, the port pool, forged replies.
+
+With ``translate`` the transceiver sees (relay internal address, a per-flow
+port) as its peer and needs no route to the client; its replies come back to
+that port and only the flow's own backend may use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from splitrelay.bpf.testrun import XDP_DROP, XDP_REDIRECT
+from splitrelay.edge.datapath import Backend
+
+from .. import packets as P
+from .harness import V, counts, internal, public
+
+INTERNAL_IP4, INTERNAL_IP6 = "10.1.0.1", "fd00:1::1"
+PORTS = (41000, 41003)   # a pool of 4 ports: exhaustion is cheap to reach
+RTP = bytes([0x80, 0x6F]) + bytes(30)
+OTHER_BACKEND = 8
+
+
+@pytest.fixture
+def xlate(relay):
+    """The ``relay`` fixture in translate mode, with a fresh pool of PORTS."""
+    relay.configure(dataclasses.replace(relay.config(), translate=True, internal_ip4=INTERNAL_IP4,
+                                        internal_ip6=INTERNAL_IP6, max_session_flows=0))
+    relay.bpf[b"port_slots"].clear()
+    relay.port_range = PORTS
+    relay._ports = None
+    relay.ports.refill()
+    return relay
+
+
+def client_frame(payload: bytes, *, v6=False, port=P.CLIENT_PORT) -> bytes:
+    return P.udp_frame(payload, v6=v6, sport=port)
+
+
+def reply_frame(payload: bytes, dport: int, *, v6=False, src=None, sport=P.BACKEND_PORT) -> bytes:
+    return P.udp_frame(payload, v6=v6, src=src or (P.BACKEND_IP6 if v6 else P.BACKEND_IP4),
+                       dst=INTERNAL_IP6 if v6 else INTERNAL_IP4, sport=sport, dport=dport,
+                       src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC)
+
+
+def open_flow(dp, *, v6=False, port=P.CLIENT_PORT) -> int:
+    """Send the client's Binding Request; the internal port the backend saw it from."""
+    result = public(dp, client_frame(V["2.1"], v6=v6, port=port))
+    assert result.verdict == XDP_REDIRECT, result.name
+    pkt = Ether(result.data)
+    l3 = pkt[IPv6] if v6 else pkt[IP]
+    assert l3.src == (INTERNAL_IP6 if v6 else INTERNAL_IP4)      # the transceiver never sees the client
+    assert l3.dst == (P.BACKEND_IP6 if v6 else P.BACKEND_IP4)
+    assert pkt[UDP].dport == P.BACKEND_PORT
+    assert P.checksums_valid(result.data)
+    return pkt[UDP].sport
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_a_new_flow_takes_a_port_of_the_pool_and_its_packets_keep_it(xlate, v6):
+    port = open_flow(xlate, v6=v6)
+    assert PORTS[0] <= port <= PORTS[1]
+    flow = xlate.flow((P.CLIENT_IP6 if v6 else P.CLIENT_IP4, P.CLIENT_PORT))
+    assert flow.internal_port == port
+    media = Ether(public(xlate, client_frame(RTP, v6=v6)).data)
+    assert media[UDP].sport == port and P.checksums_valid(bytes(media))
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_a_reply_to_the_flows_port_goes_back_to_the_client_from_the_relay(xlate, v6):
+    port = open_flow(xlate, v6=v6)
+    result = internal(xlate, reply_frame(RTP, port, v6=v6))
+    assert result.verdict == XDP_REDIRECT, result.name
+    pkt = Ether(result.data)
+    l3 = pkt[IPv6] if v6 else pkt[IP]
+    assert (l3.src, pkt[UDP].sport) == (P.PUBLIC_IP6 if v6 else P.PUBLIC_IP4, P.RELAY_PORT)
+    assert (l3.dst, pkt[UDP].dport) == (P.CLIENT_IP6 if v6 else P.CLIENT_IP4, P.CLIENT_PORT)
+    assert pkt.dst == P.CLIENT_MAC and pkt.src == P.RELAY_PUB_MAC
+    assert P.checksums_valid(result.data)
+    assert xlate.flow((l3.dst, P.CLIENT_PORT)).rx_packets == 1
+    assert counts(xlate)["OUT_FWD"] == 1
+
+
+def test_two_clients_get_two_ports_and_each_reply_reaches_its_own(xlate):
+    a, b = open_flow(xlate, port=40001), open_flow(xlate, port=40002)
+    assert a != b
+    for port, client_port in ((a, 40001), (b, 40002)):
+        pkt = Ether(internal(xlate, reply_frame(RTP, port)).data)
+        assert pkt[UDP].dport == client_port
+
+
+# Forged or stray packets on the internal side: (id, how the reply differs, counter).  Each opens nothing.
+FORGED = [
+    ("to a port no flow holds", dict(dport=PORTS[0] + 2), "OUT_DROP_UNALLOCATED_PORT"),
+    ("to a port outside the pool", dict(dport=12345), "OUT_DROP_UNALLOCATED_PORT"),
+    ("from an address that is not the backend", dict(src="10.1.0.99"), "OUT_DROP_NOT_FLOW_BACKEND"),
+    ("from the backend's address but another port", dict(sport=P.BACKEND_PORT + 1), "OUT_DROP_NOT_FLOW_BACKEND"),
+    ("from another registered backend", dict(src="10.1.0.8"), "OUT_DROP_NOT_FLOW_BACKEND"),
+]
+
+
+@pytest.mark.parametrize("change, counter", [c[1:] for c in FORGED], ids=[c[0] for c in FORGED])
+def test_a_forged_reply_is_dropped_counted_and_opens_nothing(xlate, change, counter):
+    xlate.set_backend(Backend(OTHER_BACKEND, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC, ip4="10.1.0.8"))
+    port = open_flow(xlate)
+    change = dict(change)
+    dport = change.pop("dport", port)   # the pool is FIFO: the flow holds PORTS[0]
+    flows_before = [(f.client_ip, f.client_port) for f in xlate.flows()]
+    result = internal(xlate, reply_frame(RTP, dport, **change))
+    assert result.verdict == XDP_DROP, result.name
+    assert counts(xlate)[counter] == 1
+    assert [(f.client_ip, f.client_port) for f in xlate.flows()] == flows_before
+
+
+def test_a_reply_for_a_deleted_flow_is_dropped_and_its_port_waits_out_the_quarantine(xlate):
+    port = open_flow(xlate)
+    assert xlate.del_flow((P.CLIENT_IP4, P.CLIENT_PORT))
+    assert internal(xlate, reply_frame(RTP, port)).verdict == XDP_DROP
+    assert counts(xlate)["OUT_DROP_UNALLOCATED_PORT"] == 1
+    assert port in xlate.ports.quarantined
+    others = {open_flow(xlate, port=40010 + i) for i in range(3)}   # the other 3 ports of the pool
+    assert port not in others
+    assert public(xlate, client_frame(V["2.1"], port=40020)).verdict == XDP_DROP   # the 5th: pool empty
+    assert xlate.ports.return_due(now=xlate.ports.quarantined[port]) == 1
+    assert open_flow(xlate, port=40020) == port
+
+
+def test_an_empty_pool_refuses_new_flows_counts_them_and_evicts_no_live_call(xlate):
+    held = {open_flow(xlate, port=40001 + i): 40001 + i for i in range(4)}
+    assert len(held) == 4
+    for i in range(3):
+        assert public(xlate, client_frame(V["2.1"], port=40100 + i)).verdict == XDP_DROP
+    assert counts(xlate)["IN_DROP_PORT_POOL_EMPTY"] == 3
+    assert xlate.flow((P.CLIENT_IP4, 40100)) is None
+    for port, client_port in held.items():   # every live call still has its port, both ways
+        assert Ether(public(xlate, client_frame(RTP, port=client_port)).data)[UDP].sport == port
+        assert Ether(internal(xlate, reply_frame(RTP, port)).data)[UDP].dport == client_port
+
+
+def test_a_consent_check_on_a_live_flow_keeps_its_port(xlate):
+    port = open_flow(xlate)
+    assert open_flow(xlate) == port
+    assert counts(xlate).get("IN_DROP_PORT_POOL_EMPTY") is None
+
+
+def test_a_refill_after_a_restart_skips_the_ports_live_flows_hold(xlate):
+    """An agent that restarts over pinned maps must not push a held port a second time."""
+    held = {open_flow(xlate, port=40001), open_flow(xlate, port=40002)}
+    xlate._ports = None   # a new agent: no memory of what it released
+    assert xlate.ports.refill() == 2
+    fresh = {open_flow(xlate, port=40003), open_flow(xlate, port=40004)}
+    assert not fresh & held and len(fresh) == 2
+    assert public(xlate, client_frame(V["2.1"], port=40005)).verdict == XDP_DROP
+
+
+def test_dnat_mode_is_unchanged_and_takes_no_port(relay):
+    relay.bpf[b"port_slots"].clear()
+    result = public(relay, client_frame(V["2.1"]))
+    pkt = Ether(result.data)
+    assert pkt[IP].src == P.CLIENT_IP4 and pkt[UDP].sport == P.CLIENT_PORT
+    assert relay.flow((P.CLIENT_IP4, P.CLIENT_PORT)).internal_port == 0
+    assert relay.ports.slots() == {}
+
+
+def test_a_flow_aged_out_gives_its_port_back_only_after_the_quarantine(xlate):
+    port = open_flow(xlate)
+    assert xlate.age_flows(idle_s=0) == 1
+    assert xlate.ports.quarantined.get(port)
+    assert xlate.ports.slots() == {}
+    assert internal(xlate, reply_frame(RTP, port)).verdict == XDP_DROP
