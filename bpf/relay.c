@@ -316,6 +316,8 @@ static __always_inline int reply_translated(struct xdp_md *ctx, struct pkt *p, c
 	if (!to_internal_addr(p, cfg))
 		return FURTHER_PROCESSING;
 	__u32 idx = bpf_ntohs(p->udp->dest);
+	if (idx < cfg->port_first || idx > cfg->port_last)
+		return FURTHER_PROCESSING;
 	struct sr_port_slot *slot = port_slots.lookup(&idx);
 	if (!slot || slot->client.family != (p->ip4 ? SR_FAMILY_V4 : SR_FAMILY_V6))
 		return verdict(p, SR_STAT_OUT_DROP_UNALLOCATED_PORT, XDP_DROP);

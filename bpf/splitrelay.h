@@ -26,8 +26,8 @@
 /* Translation (sr_config.translate): one internal address per family, each flow holds one of
  * its ports; the reverse array has one slot per port (index = port, host order). */
 #define SR_PORT_SLOTS     65536
-#define SR_XLATE_PORT_MIN 1024  /* the agent's default range of flow ports, inclusive */
-#define SR_XLATE_PORT_MAX 65535
+#define SR_XLATE_PORT_MIN 10000 /* default range of flow ports, inclusive: below Linux's ephemeral */
+#define SR_XLATE_PORT_MAX 32767 /* ports (32768..60999), so the relay host's own UDP keeps working */
 
 #define SR_FAMILY_V4 4
 #define SR_FAMILY_V6 6
@@ -73,7 +73,9 @@ struct sr_config {                  /* array map "config", single slot 0 */
 	__be32 internal_ip4;            /* translate: the relay's internal IPv4 (flows' source), 0 if none */
 	__be32 internal_ip6[4];         /* translate: the relay's internal IPv6, all-zero if none */
 	__u8   translate;               /* 1: translation on both sides (issue 12); 0: DNAT, client seen */
-	__u8   pad2[3];
+	__u8   pad2;
+	__u16  port_first;              /* translate: flow ports, host order; replies to the internal */
+	__u16  port_last;               /* address outside them are the host's own (passed) */
 };
 
 struct sr_backend {                 /* hash "backends": __u32 backend id -> value */

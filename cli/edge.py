@@ -6,7 +6,7 @@ import asyncio
 import os
 
 import click
-from splitrelay.bpf.consts import DEFAULT_SESSION_FLOWS
+from splitrelay.bpf.consts import DEFAULT_SESSION_FLOWS, XLATE_PORT_MAX, XLATE_PORT_MIN
 from splitrelay.cli.common import emit, stop_on_signals, table
 from splitrelay.cli.errors import CliError, require_bcc, require_root
 
@@ -39,6 +39,13 @@ def _agent_options(f):
         click.option("--hint-key-file", type=click.Path(exists=True, dir_okay=False),
                      help="32 hex digits shared with the transceivers: only hints with a valid SipHash tag "
                           "route (makes --policy hint safe on the open internet)."),
+        click.option("--translate", is_flag=True,
+                     help="xdp: translate both sides: the transceiver sees the relay's internal address and a "
+                          "per-flow port instead of the client, and needs no route back to clients "
+                          "(docs/DESIGN.md). The userspace datapath always does."),
+        click.option("--translate-ports", default=f"{XLATE_PORT_MIN}-{XLATE_PORT_MAX}", show_default=True,
+                     metavar="FIRST-LAST", help="--translate: the internal UDP ports flows take (one flow each); "
+                                                "keep them clear of this host's own ephemeral ports."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -51,6 +58,10 @@ def _agent_config(**kw):
     from splitrelay.edge.agent import AgentConfig
 
     ips = kw.pop("public_ips")
+    first, _, last = kw.pop("translate_ports", f"{XLATE_PORT_MIN}-{XLATE_PORT_MAX}").partition("-")
+    if not (first.isdigit() and last.isdigit()):
+        raise CliError(f"--translate-ports must be FIRST-LAST, got {first}{'-' if last else ''}{last}", 2)
+    kw["translate_ports"] = (int(first), int(last))
     key_file = kw.pop("hint_key_file", None)
     if key_file:
         from splitrelay.wire.hint import HintError, load_key
@@ -167,8 +178,9 @@ DATAPATH_HELP = (
 @click.option("--datapath", type=click.Choice(["xdp", "userspace"]), default="xdp", show_default=True,
               help=DATAPATH_HELP)
 @click.option("--internal-ip", "internal_ips", multiple=True,
-              help="userspace: the relay's address on the internal side that flow sockets bind to (repeat for "
-                   "IPv4 and IPv6); default: the --internal interface's first global address of each family. "
+              help="userspace, or xdp --translate: the relay's address on the internal side that flows come "
+                   "from (repeat for IPv4 and IPv6); default: the --internal interface's first global address "
+                   "of each family. "
                    "Give it when that interface holds several.")
 @click.option("--max-flows", type=click.IntRange(1, 1 << 24),
               help="Flow table size. xdp: default 1048576, fixed when the maps are first pinned. userspace: one "
@@ -204,8 +216,9 @@ def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, 
     if kw["datapath"] == "xdp":
         require_root("the edge agent")
         require_bcc()
-        if internal_ips:
-            raise CliError("--internal-ip is for --datapath userspace (XDP forwards with the client's address)", 2)
+        if internal_ips and not kw["translate"]:
+            raise CliError("--internal-ip is for --datapath userspace or --translate (XDP forwards with the "
+                           "client's address)", 2)
     from splitrelay.edge.agent import EdgeAgent
 
     try:

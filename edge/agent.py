@@ -71,7 +71,9 @@ class AgentConfig(PlaneConfig):
             return UserspaceOptions(internal_ip4=self.internal_ip4, internal_ip6=self.internal_ip6)
         return XdpOptions(gateway_ip=self.gateway_ip, gateway_mac=self.gateway_mac,
                           gateway_timeout_s=self.gateway_timeout_s, neighbour_timeout_s=self.neighbour_timeout_s,
-                          mode=self.mode, pin_root=self.pin_root, detach_on_exit=self.detach_on_exit)
+                          mode=self.mode, pin_root=self.pin_root, detach_on_exit=self.detach_on_exit,
+                          internal_ip4=self.internal_ip4, internal_ip6=self.internal_ip6,
+                          port_quarantine_s=2 * self.idle_timeout_s)
 
     def plane(self) -> DataPlane:
         """The data plane this config asks for: the one place that knows the kinds."""
@@ -91,6 +93,9 @@ class AgentConfig(PlaneConfig):
             raise DatapathError(f"ageing interval must be {MIN_AGEING_INTERVAL_S}..{self.idle_timeout_s / 2:g} s "
                                 f"(half the idle timeout), got {self.ageing_interval_s}")
         self.plane_options().check(self.plane_config())
+        first, last = self.translate_ports
+        if not 1 <= first <= last <= 65535:
+            raise DatapathError(f"translation ports must be a range within 1..65535, got {first}-{last}")
         if self.policy not in POLICIES:
             raise DatapathError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         if not 1 <= self.relay_port <= 65535:

@@ -58,7 +58,7 @@ class Datapath:
     pin_root: str = PIN_ROOT
     attachments: list[Attachment] = field(default_factory=list)
     max_flows: int | None = None   # flow table size (default SR_MAX_FLOWS); fixed when first pinned
-    port_range: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)
+    port_range: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)   # configure() sets it
     port_quarantine_s: float = 60.0   # translate: > the agent's idle timeout (edge/ports.py)
 
     def __post_init__(self) -> None:
@@ -172,6 +172,9 @@ class Datapath:
     def configure(self, cfg: RelayConfig) -> None:
         table = self.bpf[b"config"]
         table[ct.c_uint32(0)] = codec.config_leaf(table.Leaf(), cfg)
+        self.port_range = cfg.translate_ports
+        if self._ports is not None:
+            self._ports.first, self._ports.last = cfg.translate_ports
 
     def config(self) -> RelayConfig | None:
         return codec.config_from(self.bpf[b"config"][ct.c_uint32(0)])

@@ -38,6 +38,8 @@ class PlaneConfig:
     max_session_flows: int = consts.DEFAULT_SESSION_FLOWS
     hint_key: bytes | None = None
     max_flows: int | None = None     # flow table size (default: the plane's own)
+    translate: bool = False          # xdp: translation on both sides (issue 12 §1); userspace always does
+    translate_ports: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)
 
 
 @runtime_checkable

@@ -26,33 +26,19 @@ import ctypes as ct
 import time
 from dataclasses import dataclass, field
 
-from splitrelay.bpf import consts, syscall
-from splitrelay.edge.records import DatapathError
+from splitrelay.bpf import syscall
+from splitrelay.edge.records import RelayConfig
 from splitrelay.wire.byteorder import be16, from_be16
-
-PORT_MIN: int = consts.XLATE_PORT_MIN
-PORT_MAX: int = consts.XLATE_PORT_MAX
-
-
-def check_range(first: int, last: int) -> tuple[int, int]:
-    """(first, last) if it is a usable range of flow ports, else one-line DatapathError."""
-    if not 1 <= first <= last <= 65535:
-        raise DatapathError(f"translation ports must be a range within 1..65535, got {first}-{last}")
-    return first, last
-
 
 @dataclass
 class PortPool:
     """The agent's side of the XDP port pool of one relay instance (its bcc module ``bpf``)."""
 
     bpf: object
-    first: int = PORT_MIN
-    last: int = PORT_MAX
+    first: int = RelayConfig.translate_ports[0]   # the range (RelayConfig validated it)
+    last: int = RelayConfig.translate_ports[1]
     quarantine_s: float = 60.0
     quarantined: dict[int, float] = field(default_factory=dict)   # port -> monotonic time it may return
-
-    def __post_init__(self) -> None:
-        check_range(self.first, self.last)
 
     @property
     def _queue(self):

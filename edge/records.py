@@ -49,8 +49,12 @@ class RelayConfig:
     translate: bool = False        # both sides translated (issue 12 §1); False: DNAT, the client's address kept
     internal_ip4: str | None = None   # translate: the relay's internal addresses flows come from
     internal_ip6: str | None = None
+    translate_ports: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)   # inclusive
 
     def __post_init__(self) -> None:
+        first, last = self.translate_ports
+        if not 1 <= first <= last <= 65535:
+            raise DatapathError(f"translation ports must be a range within 1..65535, got {first}-{last}")
         if self.translate and self.internal_ip4 is None and self.internal_ip6 is None:
             raise DatapathError("translation needs the relay's internal IPv4 or IPv6 address")
         if self.hint_key is not None and len(self.hint_key) != 16:

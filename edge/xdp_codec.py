@@ -36,6 +36,7 @@ def config_leaf(leaf, cfg: RelayConfig):
         leaf.hint_key_set = 1
         ct.memmove(leaf.hint_key, cfg.hint_key, 16)
     leaf.translate = int(cfg.translate)
+    leaf.port_first, leaf.port_last = cfg.translate_ports
     if cfg.internal_ip4:
         leaf.internal_ip4 = be32_words(ipaddress.IPv4Address(cfg.internal_ip4))[0]
     if cfg.internal_ip6:
@@ -58,6 +59,7 @@ def config_from(leaf) -> RelayConfig | None:
         max_session_flows=leaf.max_session_flows,
         hint_key=bytes(leaf.hint_key) if leaf.hint_key_set else None,
         translate=bool(leaf.translate),
+        translate_ports=(leaf.port_first, leaf.port_last) if leaf.port_last else RelayConfig.translate_ports,
         internal_ip4=str(addr_from_words([leaf.internal_ip4], 4)) if leaf.internal_ip4 else None,
         internal_ip6=str(int6) if int(int6 := addr_from_words(list(leaf.internal_ip6), 6)) else None,
     )

@@ -34,6 +34,9 @@ class XdpOptions:
     mode: str = "auto"                      # auto | native | generic
     pin_root: str = PIN_ROOT
     detach_on_exit: bool = False
+    internal_ip4: str | None = None         # translate: flows' source (default: the internal iface's)
+    internal_ip6: str | None = None
+    port_quarantine_s: float = 60.0         # translate: a freed port waits longer than the idle timeout
 
     def check(self, common: PlaneConfig) -> None:
         """One-line DatapathError for what this plane cannot run with."""
@@ -51,8 +54,9 @@ class XdpPlane(Datapath):
     reads_block = True   # a million-flow walk takes seconds: the agent runs it off the loop
 
     def __init__(self, common: PlaneConfig, options: XdpOptions | None = None) -> None:
-        super().__init__(instance=common.instance, pin_root=(options or XdpOptions()).pin_root,
-                         max_flows=common.max_flows)
+        o = options or XdpOptions()
+        super().__init__(instance=common.instance, pin_root=o.pin_root, max_flows=common.max_flows,
+                         port_range=common.translate_ports, port_quarantine_s=o.port_quarantine_s)
         self.common = common
         self.options = options or XdpOptions()
         self._attached = False   # this plane attached the programs (so detach_on_exit may remove them)
@@ -62,10 +66,17 @@ class XdpPlane(Datapath):
         c, o = self.common, self.options
         gateway_mac = o.gateway_mac or neighbours.resolve(o.gateway_ip, c.public_iface,
                                                           timeout=o.gateway_timeout_s)
+        internal = {4: o.internal_ip4, 6: o.internal_ip6}
+        if c.translate and not any(internal.values()):
+            from splitrelay.edge.userspace import interface_addresses
+
+            internal = interface_addresses(c.internal_iface)
         return RelayConfig(
             relay_port=c.relay_port, public_mac=neighbours.interface_mac(c.public_iface),
             gateway_mac=gateway_mac, public_ip4=c.public_ip4, public_ip6=c.public_ip6, policy=c.policy,
-            max_session_flows=c.max_session_flows, hint_key=c.hint_key,
+            max_session_flows=c.max_session_flows, hint_key=c.hint_key, translate=c.translate,
+            internal_ip4=internal.get(4) if c.translate else None,
+            internal_ip6=internal.get(6) if c.translate else None, translate_ports=c.translate_ports,
         )
 
     def setup(self) -> str:
@@ -73,6 +84,8 @@ class XdpPlane(Datapath):
         relay = self.relay_config()
         self.load()
         self.configure(relay)
+        if relay.translate:   # before attaching; over pinned flows, skipping the ports they hold
+            log.info("translation: %d free flow ports in %d-%d", self.ports.refill(), *relay.translate_ports)
         mode = self.attach(self.common.public_iface, self.common.internal_iface, mode=self.options.mode)
         self._attached = True
         return mode

@@ -54,7 +54,8 @@ def lab():
             raise errors[0]
 
 
-def attach_relay(lab: Lab, policy: str = "strict", instance: str | None = None) -> Datapath:
+def attach_relay(lab: Lab, policy: str = "strict", instance: str | None = None,
+                 translate: bool = False) -> Datapath:
     """Load and attach the data plane inside the lab's relay and register every transceiver."""
     dp = Datapath(instance=instance or lab.name)
 
@@ -63,7 +64,10 @@ def attach_relay(lab: Lab, policy: str = "strict", instance: str | None = None) 
         dp.attach(lab.relay_public.ifname, lab.relay_internal.ifname, mode="native")
         dp.configure(RelayConfig(lab.relay_port, lab.relay_public.mac, lab.client.mac,
                                  public_ip4=lab.relay_public.ip4, public_ip6=lab.relay_public.ip6,
-                                 policy=policy))
+                                 policy=policy, translate=translate, internal_ip4=lab.relay_internal.ip4,
+                                 internal_ip6=lab.relay_internal.ip6))
+        if translate:
+            dp.ports.refill()
         for t in lab.transceivers:
             dp.set_backend(Backend(t.backend_id, 5000, t.mac, lab.relay_internal.mac,
                                    ip4=t.ip4, ip6=t.ip6))
@@ -73,9 +77,10 @@ def attach_relay(lab: Lab, policy: str = "strict", instance: str | None = None) 
 
 
 @pytest.fixture
-def relay_lab(lab):
+def relay_lab(lab, request):
+    """A lab with the XDP relay attached; DNAT, or translation when parametrized indirectly with True."""
     created = lab(transceivers=2)
-    dp = attach_relay(created)
+    dp = attach_relay(created, translate=getattr(request, "param", False))
     try:
         yield created, dp
     finally:

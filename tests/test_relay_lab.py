@@ -61,9 +61,14 @@ def ping(sock: socket.socket, payload: bytes, dest: tuple) -> tuple[bytes, tuple
     return sock.recvfrom(2048)
 
 
+TRANSLATE = pytest.mark.parametrize("relay_lab", [False, True], ids=["dnat", "translate"], indirect=True)
+
+
+@TRANSLATE
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 def test_session_through_xdp_with_real_sockets(relay_lab, v6):
     lab, dp = relay_lab
+    translating = dp.config().translate
     family = socket.AF_INET6 if v6 else socket.AF_INET
     t1, t2 = lab.transceivers
     servers = [EchoServer(t.netns, t.ip6 if v6 else t.ip4, family) for t in (t1, t2)]
@@ -75,7 +80,12 @@ def test_session_through_xdp_with_real_sockets(relay_lab, v6):
         data, source = ping(client, request, relay)
         assert data == request and source[:2] == relay  # the client only ever sees the relay
         client_addr = (lab.client.ip6 if v6 else lab.client.ip4, client.getsockname()[1])
-        assert servers[1].peers == {client_addr}         # the transceiver sees the real client
+        if translating:                                   # the transceiver sees the relay's (address, flow port)
+            port = dp.flow(client_addr).internal_port
+            internal = lab.relay_internal.ip6 if v6 else lab.relay_internal.ip4
+            assert servers[1].peers == {(internal, port)} and port
+        else:
+            assert servers[1].peers == {client_addr}     # the transceiver sees the real client
         assert servers[0].count == 0                      # and only the owner got it
         media = [bytes([0x80, 0x6F]) + i.to_bytes(4, "big") + b"\0" * 160 for i in range(200)]
         for packet in media:
@@ -114,9 +124,12 @@ def test_relay_forwards_nothing_in_its_kernel(relay_lab):
         server.close()
 
 
+@TRANSLATE
 def test_reload_and_agent_restart_lose_no_packet(relay_lab):
-    """Ping-pong while the program is reloaded and a second loader adopts the pinned maps."""
+    """Ping-pong while the program is reloaded and a second loader adopts the pinned maps (and, translating,
+    refills the port pool around the live flow's port, as a restarted agent does)."""
     lab, dp = relay_lab
+    translating = dp.config().translate
     t1 = lab.transceivers[0]
     server = EchoServer(t1.netns, t1.ip4)
     dp.set_session("reloadTest", t1.backend_id)
@@ -150,6 +163,8 @@ def test_reload_and_agent_restart_lose_no_packet(relay_lab):
             swaps += 1
             restarted = Datapath(instance=dp.instance)  # what a restarted agent does
             in_netns(lab.relay_public.netns, restarted.load)
+            if translating:
+                in_netns(lab.relay_public.netns, restarted.ports.refill)
             in_netns(lab.relay_public.netns,
                      lambda r=restarted: r.attach(lab.relay_public.ifname, lab.relay_internal.ifname, "native"))
             swaps += 1
@@ -164,6 +179,8 @@ def test_reload_and_agent_restart_lose_no_packet(relay_lab):
     print(f"\nreload/restart: {sent} packets sent, {received} echoed, across {swaps} program swaps")
     assert swaps == 6 and sent > 1000
     assert received == sent, f"lost {sent - received} of {sent} packets across {swaps} program swaps"
+    if translating:   # every refill skipped the live flow's port: the transceiver saw one peer throughout
+        assert len(server.peers) == 1 and next(iter(server.peers))[0] == lab.relay_internal.ip4
 
 
 def test_stolen_ufrag_flood_cannot_crowd_out_a_live_call(relay_lab):
