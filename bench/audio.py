@@ -16,7 +16,6 @@ import json
 import sys
 from typing import Any
 
-from splitrelay.transceiver.audio import STAGES
 from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 
 STAGE_NAMES = {
@@ -105,7 +104,7 @@ def call_through_lossy_lab(duration: float, impairment: Any, name: str | None = 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = ["| stage | stock client p50 / p99 (ms) | low-latency client p50 / p99 (ms) |", "|---|---|---|"]
-    for stage in STAGES:
+    for stage in STAGE_NAMES:  # send_late is generated audio's (a voice agent's reply): not in an echo
         cells = []
         for client in ("stock", "low_latency"):
             figure = results[client]["server"].get("stages", {}).get(stage)

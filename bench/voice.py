@@ -7,7 +7,8 @@ BENCHMARKS.md and can save the raw reports.  Configurations:
 * ``commands``: the default agent (Silero VAD, pocketsphinx command grammar,
   rules, espeak-ng), the 23-phrase command set plus barge-ins;
 * ``piper``: the same with piper's natural voice (first audio is later);
-* ``dictation``: whisper tiny.en with the echo reply, 6 open sentences.
+* ``dictation``: whisper tiny.en with the echo reply, 6 open sentences;
+* ``barge``: the default agent, 12 barge-ins, each split into its steps (``barge_in_table``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ CONFIGS = {  # name -> (handler spec, call arguments)
     "piper": ("voice:tts=piper", ["--say", "what time is it", "--say", "tell me a joke", "--say", "hello",
                                   "--say", "what is the date", "--say", "how are you", "--barge-ins", "3"]),
     "dictation": ("voice:stt=whisper,reply=echo", ["--set", "dictation", "--barge-ins", "0"]),
+    "barge": ("voice", ["--barge-ins", "12"]),  # barge-ins only (one turn first), for their breakdown
 }
 
 
@@ -66,10 +68,21 @@ def measure(configs: list[str], name: str | None = None, low_latency: bool = Fal
     lab = Lab.load(info["name"])
     try:
         extra = ["--low-latency"] if low_latency else []
-        return {c: call_in_lab(lab, url, CONFIGS[c][1] + extra)
-                for c, url in zip(configs, info["whip_urls"], strict=True)}
+        reports = {c: call_in_lab(lab, url, CONFIGS[c][1] + extra)
+                   for c, url in zip(configs, info["whip_urls"], strict=True)}
+        for c, url in zip(configs, info["whip_urls"], strict=True):
+            reports[c]["server"] = lab.in_netns(lab.client.netns, lambda u=url: _sessions(u))
+        return reports
     finally:
         stop_lab(lab.name)
+
+
+def _sessions(whip_url: str) -> list[dict]:
+    """The transceiver's records of its calls (``audio``: the send path's stages, frames cleared)."""
+    import urllib.request
+
+    with urllib.request.urlopen(whip_url.rsplit("/", 1)[0] + "/sessions?ended=1", timeout=10) as resp:  # noqa: S310
+        return [r.get("audio", {}) for r in json.loads(resp.read())]
 
 
 def markdown(reports: dict[str, dict]) -> str:
@@ -93,6 +106,26 @@ def markdown(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+BARGE_STEPS = (("agent_onset_ms", "agent's VAD window sees speech"),
+               ("agent_stop_ms", "agent flushes its queue, cancels the reply"),
+               ("event_ms", "`barge_in` event at the client"),
+               ("wire_ms", "last audible agent packet arrives at the client"),
+               ("latency_ms", "last audible agent frame ends, out of the client's receive path"),
+               ("played_ms", "... on a playout clock (audio sent ahead plays after it arrived)"))
+
+
+def barge_in_table(reports: dict[str, dict]) -> str:
+    """Each barge-in step after the caller's voice onset: p50 and worst over every configuration's runs."""
+    runs = [b for r in reports.values() for b in r.get("barge_ins", []) if b.get("error") is None]
+    lines = [f"| from the caller's voice onset to ... (n = {len(runs)}) | p50 (ms) | worst (ms) |",
+             "|---|---|---|"]
+    for key, what in BARGE_STEPS:
+        values = sorted(b[key] for b in runs if b.get(key) is not None)
+        if values:
+            lines.append(f"| {what} | {values[len(values) // 2]:.0f} | {values[-1]:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:  # pragma: no cover - needs root and a lab
     parser = argparse.ArgumentParser(description="the voice agent through the relay")
     parser.add_argument("configs", nargs="*", help=f"some of {', '.join(CONFIGS)} (default: all)")
@@ -108,6 +141,14 @@ def main() -> None:  # pragma: no cover - needs root and a lab
         with open(args.results, "w") as f:
             json.dump(reports, f, indent=1)
     print(markdown(reports))
+    print()
+    print(barge_in_table(reports))
+    for config, r in reports.items():
+        for audio in r.get("server", []):
+            late = audio.get("stages", {}).get("send_late")
+            if late:
+                print(f"{config}: reply frames left {late['p50']:.2f} / {late['p99']:.2f} ms (p50 / p99) after "
+                      f"their slot, n = {late['n']}; frames cleared by barge-ins {audio.get('frames_cleared')}")
     for config, r in reports.items():
         for t in r["turns"]:
             if not t["correct"]:
