@@ -248,7 +248,7 @@ class OutboundAudio(MediaStreamTrack):
         self._waiter: asyncio.Future | None = None
         self._taken = 0           # bytes of the stream taken (sent or dropped)
         self._live = False        # the push the next frame belongs to is live audio (it carries arrival times)
-        self._flushed = False     # clear() cut audio that was being sent: the next frame is silence, on time
+        self._flushed = False     # clear() cut audio that was being sent: silence goes on time until more audio
         self._late: float | None = None  # how late the frame being sent left its slot (generated audio)
         self._marks: deque[tuple[int, float, float | None]] = deque()  # (stream offset, pushed at, received)
         self._mark: tuple[int, float, float | None] | None = None      # the one of the frame being sent
@@ -292,10 +292,12 @@ class OutboundAudio(MediaStreamTrack):
     def clear(self) -> float:
         """Drop everything waiting to be sent (barge-in); the seconds dropped.
 
-        The frame after the cut is silence sent in its own slot, not after ``GRACE``: a stream that stalls
-        mid-word makes the listener's decoder conceal (extrapolate the speech), and the codec's tail of the
-        last word (Opus overlap, ~-30 dBFS for one frame) would come ``LEAD + GRACE`` late (measured: the
-        last audible agent packet reached the client 130 ms after the agent had stopped)."""
+        Until the handler speaks again, silence then goes in each frame's own slot, not ``GRACE`` late: a
+        stream that stalls mid-word makes the listener's decoder conceal (extrapolate the speech); the
+        codec's tail of the cut word (Opus overlap, ~-30 dBFS, in the first silent frame) came ``LEAD +
+        GRACE`` late (measured: the last audible agent packet reached the client 130 ms after the agent had
+        stopped); and a client whose buffer counts frames (aiortc's holds four) releases the last words
+        only as later packets push them out (measured with it: 233 ms p50 from onset to silence)."""
         dropped = self.backlog
         self.cleared_frames += round(dropped / FRAME_SECONDS)
         self._drop(len(self.buffer))
@@ -344,7 +346,6 @@ class OutboundAudio(MediaStreamTrack):
         due = self._anchor + self._index * FRAME_SECONDS + (-self._lead() if self._flushed else GRACE)
         if now < due:
             return None, due
-        self._flushed = False
         self._idle = True
         self._quiet_run += 1
         self.silent_frames += 1
