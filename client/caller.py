@@ -180,7 +180,6 @@ class Caller:
         # per received frame: (end of its play on a playout clock, audible, its packet's arrival or None)
         self.played: list[tuple[float, bool, float | None]] = []
         self._played = 0.0
-        self._in_speech = False
         self._event_added = asyncio.Event()
         self._location: str | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -240,10 +239,11 @@ class Caller:
     def _hear(self, pcm: bytes, arrived: float | None = None) -> None:
         now = time.monotonic()
         audible = rms(pcm) >= AUDIBLE
-        # a playout clock: frames of a talkspurt play back to back, each no earlier than it came out of the
-        # receive path; a quiet frame lets the clock catch up (a player may shorten a pause, not speech)
-        starts = max(now, self._played) if self._in_speech else now
-        self._played, self._in_speech = starts + FRAME_SECONDS, audible
+        # a playout clock: frames play back to back, each no earlier than it came out of the receive path;
+        # a player behind its clock may skip a quiet frame to catch up (NetEQ's accelerate), never speech
+        starts = max(now, self._played)
+        behind = min(FRAME_SECONDS, starts - now)
+        self._played = starts + (FRAME_SECONDS if audible else FRAME_SECONDS - behind)
         self.heard.append((now, audible))
         self.played.append((starts + FRAME_SECONDS, audible, arrived))
         if len(self.heard) > 30000:  # 10 minutes: keep the newest
