@@ -77,6 +77,60 @@ def measure(configs: list[str], name: str | None = None, low_latency: bool = Fal
         stop_lab(lab.name)
 
 
+def browser_buffer(name: str | None = None, listen: float = 25.0) -> dict:
+    """Chromium's own receive buffer (NetEQ) while the default agent talks to it through the relay.
+
+    Chromium's fake microphone loops a WAV that asks for a story; over the first 4 s of the answer the
+    page's getStats() samples give NetEQ's mean delay and target (``jitterBufferDelay`` and
+    ``jitterBufferTargetDelay`` per emitted sample): the agent audio a browser still holds, and plays,
+    when the agent stops.  The aiortc caller cannot show this, and 100 ms samples cannot time the stop."""
+    import tempfile
+    import time
+    import wave
+    from pathlib import Path
+
+    from splitrelay.client.browser import Browser
+    from splitrelay.lab.netns import nsenter_argv
+    from splitrelay.lab.stack import start_lab, stop_lab
+    from splitrelay.lab.topology import Lab
+    from splitrelay.voice.tts import EspeakTts
+
+    info = start_lab(transceivers=1, name=name, handler="voice")
+    lab = Lab.load(info["name"])
+    with tempfile.TemporaryDirectory(prefix="splitrelay-netEQ-") as work:
+        wav = Path(work) / "ask.wav"
+        with wave.open(str(wav), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(48000)
+            ask = EspeakTts().synthesize("tell me a story")
+            out.writeframes(bytes(2 * 48000 * 2) + ask + bytes(2 * 48000 * 12))  # 2 s, the question, 12 s
+        try:
+            with Browser(nsenter_argv(lab.client.netns, []), capture_wav=wav) as browser:
+                call = browser.call(info["whip_urls"][0])
+                deadline = time.monotonic() + listen
+                while time.monotonic() < deadline:
+                    samples = call.samples()
+                    loud = [x for x in samples if x.get("inLevel", 0) > 0.01]
+                    if loud and samples[-1]["t"] - loud[0]["t"] >= 4500:
+                        break
+                    call.page.wait_for_timeout(250)
+                call.hang_up()
+        finally:
+            stop_lab(lab.name)
+    loud = [x for x in samples if x.get("inLevel", 0) > 0.01]
+    if not loud:
+        return {"error": "the agent's answer was not heard in the browser"}
+    window = [x for x in samples if loud[0]["t"] + 500 <= x["t"] <= loud[0]["t"] + 4500]
+    first, last = window[0], window[-1]
+    emitted = last["jbEmitted"] - first["jbEmitted"]
+    if emitted <= 0:
+        return {"error": "no NetEQ statistics in the window"}
+    return {"neteq_delay_ms": round(1000 * (last["jbDelay"] - first["jbDelay"]) / emitted, 1),
+            "neteq_target_ms": round(1000 * (last["jbTarget"] - first["jbTarget"]) / emitted, 1),
+            "window_s": round((last["t"] - first["t"]) / 1000, 1)}
+
+
 def _sessions(whip_url: str) -> list[dict]:
     """The transceiver's records of its calls (``audio``: the send path's stages, frames cleared)."""
     import urllib.request
@@ -132,7 +186,12 @@ def main() -> None:  # pragma: no cover - needs root and a lab
     parser.add_argument("--name", help="lab name")
     parser.add_argument("--results", help="save the raw call reports here (JSON)")
     parser.add_argument("--low-latency", action="store_true", help="the caller uses the low-latency receive path")
+    parser.add_argument("--browser-buffer", action="store_true",
+                        help="only measure Chromium's receive buffer (NetEQ) while the agent talks")
     args = parser.parse_args()
+    if args.browser_buffer:
+        print(json.dumps(browser_buffer(args.name)))
+        return
     unknown = set(args.configs) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configuration {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}")
