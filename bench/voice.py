@@ -80,7 +80,7 @@ def measure(configs: list[str], name: str | None = None, low_latency: bool = Fal
 def browser_buffer(name: str | None = None, listen: float = 25.0) -> dict:
     """Chromium's own receive buffer (NetEQ) while the default agent talks to it through the relay.
 
-    Chromium's fake microphone loops a WAV that asks for a story; over the first 4 s of the answer the
+    Chromium's fake microphone loops a WAV that asks for a story; for each of the answer's first 10 s the
     page's getStats() samples give NetEQ's mean delay and target (``jitterBufferDelay`` and
     ``jitterBufferTargetDelay`` per emitted sample): the agent audio a browser still holds, and plays,
     when the agent stops.  The aiortc caller cannot show this, and 100 ms samples cannot time the stop."""
@@ -112,7 +112,7 @@ def browser_buffer(name: str | None = None, listen: float = 25.0) -> dict:
                 while time.monotonic() < deadline:
                     samples = call.samples()
                     loud = [x for x in samples if x.get("inLevel", 0) > 0.01]
-                    if loud and samples[-1]["t"] - loud[0]["t"] >= 4500:
+                    if loud and samples[-1]["t"] - loud[0]["t"] >= 10500:
                         break
                     call.page.wait_for_timeout(250)
                 call.hang_up()
@@ -121,14 +121,18 @@ def browser_buffer(name: str | None = None, listen: float = 25.0) -> dict:
     loud = [x for x in samples if x.get("inLevel", 0) > 0.01]
     if not loud:
         return {"error": "the agent's answer was not heard in the browser"}
-    window = [x for x in samples if loud[0]["t"] + 500 <= x["t"] <= loud[0]["t"] + 4500]
-    first, last = window[0], window[-1]
-    emitted = last["jbEmitted"] - first["jbEmitted"]
-    if emitted <= 0:
-        return {"error": "no NetEQ statistics in the window"}
-    return {"neteq_delay_ms": round(1000 * (last["jbDelay"] - first["jbDelay"]) / emitted, 1),
-            "neteq_target_ms": round(1000 * (last["jbTarget"] - first["jbTarget"]) / emitted, 1),
-            "window_s": round((last["t"] - first["t"]) / 1000, 1)}
+    per_second = []  # NetEQ's mean delay and target in each second of the answer
+    for second in range(10):
+        start = loud[0]["t"] + 1000 * second
+        window = [x for x in samples if start <= x["t"] <= start + 1000]
+        emitted = window[-1]["jbEmitted"] - window[0]["jbEmitted"] if len(window) > 1 else 0
+        if emitted > 0:
+            per_second.append((round(1000 * (window[-1]["jbDelay"] - window[0]["jbDelay"]) / emitted, 1),
+                               round(1000 * (window[-1]["jbTarget"] - window[0]["jbTarget"]) / emitted, 1)))
+    if not per_second:
+        return {"error": "no NetEQ statistics while the agent spoke"}
+    return {"neteq_delay_ms_per_second": [d for d, _ in per_second],
+            "neteq_target_ms_per_second": [t for _, t in per_second]}
 
 
 def _sessions(whip_url: str) -> list[dict]:
