@@ -160,7 +160,8 @@ and encode each crossed a thread.  Now (transceiver/jitter.py, opus.py, audio.py
 leaves the receive buffer the moment its packet is in; a gap waits one frame on a path that keeps order
 (the measured delay once packets came out of order), then is concealed with libopus FEC/PLC and counted;
 decode and encode run on the loop through PyAV's libopus; a frame is sent when the handler pushes it,
-paced by RTP time (at most 3 frames ahead), silence only once the handler is 3 frames late; queued live
+paced by RTP time (live audio at most 3 frames ahead, a voice agent's reply 1: see the barge-in below),
+silence only once the handler is 3 frames late (after a barge-in's flush: in its own slot); queued live
 audio sheds quiet frames so a caller's catch-up burst is not carried as latency.
 
 Note on the two client rows: the probe detects beeps per 20 ms frame.  A beep starts on a frame boundary;
