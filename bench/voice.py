@@ -77,11 +77,35 @@ def measure(configs: list[str], name: str | None = None, low_latency: bool = Fal
         stop_lab(lab.name)
 
 
-def browser_buffer(name: str | None = None, listen: float = 25.0) -> dict:
+def _answers(samples: list[dict], quiet_ms: float = 800.0) -> list[float]:
+    """Page times at which the agent's audio became audible after at least ``quiet_ms`` of quiet."""
+    starts, last_loud = [], None
+    for x in samples:
+        if x.get("inLevel", 0) > 0.01:
+            if last_loud is None or x["t"] - last_loud >= quiet_ms:
+                starts.append(x["t"])
+            last_loud = x["t"]
+    return starts
+
+
+def _neteq_per_second(samples: list[dict], start: float, seconds: int) -> list[tuple[float, float]]:
+    """NetEQ's mean delay and target (ms) in each second from ``start``."""
+    out = []
+    for second in range(seconds):
+        window = [x for x in samples if start + 1000 * second <= x["t"] <= start + 1000 * (second + 1)]
+        emitted = window[-1]["jbEmitted"] - window[0]["jbEmitted"] if len(window) > 1 else 0
+        if emitted > 0:
+            out.append((round(1000 * (window[-1]["jbDelay"] - window[0]["jbDelay"]) / emitted, 1),
+                        round(1000 * (window[-1]["jbTarget"] - window[0]["jbTarget"]) / emitted, 1)))
+    return out
+
+
+def browser_buffer(name: str | None = None, listen: float = 50.0, seconds: int = 6) -> dict:
     """Chromium's own receive buffer (NetEQ) while the default agent talks to it through the relay.
 
-    Chromium's fake microphone loops a WAV that asks for a story; for each of the answer's first 10 s the
-    page's getStats() samples give NetEQ's mean delay and target (``jitterBufferDelay`` and
+    Chromium's fake microphone loops a WAV that asks for a story every 15 s (so the second question
+    barges in on the first story); for each of the first ``seconds`` of the first two answers the page's
+    getStats() samples give NetEQ's mean delay and target (``jitterBufferDelay`` and
     ``jitterBufferTargetDelay`` per emitted sample): the agent audio a browser still holds, and plays,
     when the agent stops.  The aiortc caller cannot show this, and 100 ms samples cannot time the stop."""
     import tempfile
@@ -97,6 +121,7 @@ def browser_buffer(name: str | None = None, listen: float = 25.0) -> dict:
 
     info = start_lab(transceivers=1, name=name, handler="voice")
     lab = Lab.load(info["name"])
+    samples: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="splitrelay-netEQ-") as work:
         wav = Path(work) / "ask.wav"
         with wave.open(str(wav), "wb") as out:
@@ -111,28 +136,19 @@ def browser_buffer(name: str | None = None, listen: float = 25.0) -> dict:
                 deadline = time.monotonic() + listen
                 while time.monotonic() < deadline:
                     samples = call.samples()
-                    loud = [x for x in samples if x.get("inLevel", 0) > 0.01]
-                    if loud and samples[-1]["t"] - loud[0]["t"] >= 10500:
+                    answers = _answers(samples)
+                    if len(answers) >= 2 and samples[-1]["t"] - answers[1] >= 1000 * seconds + 500:
                         break
                     call.page.wait_for_timeout(250)
                 call.hang_up()
         finally:
             stop_lab(lab.name)
-    loud = [x for x in samples if x.get("inLevel", 0) > 0.01]
-    if not loud:
+    answers = _answers(samples)
+    if not answers:
         return {"error": "the agent's answer was not heard in the browser"}
-    per_second = []  # NetEQ's mean delay and target in each second of the answer
-    for second in range(10):
-        start = loud[0]["t"] + 1000 * second
-        window = [x for x in samples if start <= x["t"] <= start + 1000]
-        emitted = window[-1]["jbEmitted"] - window[0]["jbEmitted"] if len(window) > 1 else 0
-        if emitted > 0:
-            per_second.append((round(1000 * (window[-1]["jbDelay"] - window[0]["jbDelay"]) / emitted, 1),
-                               round(1000 * (window[-1]["jbTarget"] - window[0]["jbTarget"]) / emitted, 1)))
-    if not per_second:
-        return {"error": "no NetEQ statistics while the agent spoke"}
-    return {"neteq_delay_ms_per_second": [d for d, _ in per_second],
-            "neteq_target_ms_per_second": [t for _, t in per_second]}
+    return {f"answer_{n + 1}": {"neteq_delay_ms_per_second": [d for d, _ in stats],
+                                "neteq_target_ms_per_second": [t for _, t in stats]}
+            for n, start in enumerate(answers[:2]) if (stats := _neteq_per_second(samples, start, seconds))}
 
 
 def _sessions(whip_url: str) -> list[dict]:
