@@ -236,8 +236,9 @@ class Caller:
             raise CallError(f"the agent sent no 'ready' event within {timeout:.0f} s (is it --handler voice?)")
         return ready
 
-    def _hear(self, pcm: bytes, arrived: float | None = None) -> None:
-        now = time.monotonic()
+    def _hear(self, pcm: bytes, arrived: float | None = None, now: float | None = None) -> None:
+        """A frame came out of the receive path (at ``now``: time.monotonic() unless given)."""
+        now = time.monotonic() if now is None else now
         audible = rms(pcm) >= AUDIBLE
         # a playout clock: frames play back to back, each no earlier than it came out of the receive path;
         # a player behind its clock may skip a quiet frame to catch up (NetEQ's accelerate), never speech
