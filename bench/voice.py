@@ -224,10 +224,14 @@ def main() -> None:  # pragma: no cover - needs root and a lab
     print(barge_in_table(reports))
     for config, r in reports.items():
         for audio in r.get("server", []):
-            late = audio.get("stages", {}).get("send_late")
+            stages = audio.get("stages", {})
+            late, flush = stages.get("send_late"), stages.get("flush_to_wire")
             if late:
                 print(f"{config}: reply frames left {late['p50']:.2f} / {late['p99']:.2f} ms (p50 / p99) after "
                       f"their slot, n = {late['n']}; frames cleared by barge-ins {audio.get('frames_cleared')}")
+            if flush:
+                print(f"{config}: flush -> the next frame encoded for the wire {flush['p50']:.2f} / "
+                      f"{flush['p99']:.2f} ms (p50 / p99), n = {flush['n']}")
     for config, r in reports.items():
         for t in r["turns"]:
             if not t["correct"]:

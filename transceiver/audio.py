@@ -53,16 +53,17 @@ LEAD = 3 * FRAME_SECONDS
 # Generated audio (a TTS reply: pushes without an arrival time) runs only one frame ahead: what was sent
 # ahead is at the client when the caller barges in, and plays there after the agent has stopped.  Its
 # frames are queued well before their time, so the lead only covers the sender's own wake-up lateness
-# (stage ``send_late``): 0.86 ms p50, 6.3 ms p99 through the lab (bench.voice barge, load ~0.8); one
-# frame covers that three times over, and costs at most 20 ms of audio after a barge-in (three frames
-# cost 60 ms, and the barge-in p50 went from 192 to 72 ms with this and clear()'s on-time silence).
+# (stage ``send_late``): 0.6-0.9 ms p50, 3.4-12.7 ms p99 through the lab (bench.voice, load 0.8-2.7); one
+# frame covers that, and costs at most 20 ms of audio after a barge-in (three cost 60 ms; the barge-in
+# p50 went from 192 to 72 ms with this and clear()'s on-time silence).  At load 3.5 the p99 was 99.5 ms:
+# loop stalls that no lead worth its barge-in cost covers; the listener's own buffer has to.
 REPLY_LEAD = FRAME_SECONDS
 GRACE = 3 * FRAME_SECONDS   # silence replaces the handler's audio once it is this late (loss concealment
 #                             in the receive buffer makes an echoed frame up to ~1 frame late)
 TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 AIORTC_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 STAGES = ("mux_to_receiver", "jitter_buffer", "decode", "handler", "outbound_queue", "encode", "in_to_out",
-          "send_late")
+          "send_late", "flush_to_wire")
 
 
 class AudioPathError(SplitrelayError):
@@ -250,6 +251,7 @@ class OutboundAudio(MediaStreamTrack):
         self._live = False        # the push the next frame belongs to is live audio (it carries arrival times)
         self._flushed = False     # clear() cut audio that was being sent: silence goes on time until more audio
         self._late: float | None = None  # how late the frame being sent left its slot (generated audio)
+        self._cleared_at: float | None = None  # when clear() cut audio being sent, until the next frame leaves
         self._marks: deque[tuple[int, float, float | None]] = deque()  # (stream offset, pushed at, received)
         self._mark: tuple[int, float, float | None] | None = None      # the one of the frame being sent
 
@@ -301,6 +303,8 @@ class OutboundAudio(MediaStreamTrack):
         dropped = self.backlog
         self.cleared_frames += round(dropped / FRAME_SECONDS)
         self._drop(len(self.buffer))
+        if not self._idle and self._cleared_at is None:
+            self._cleared_at = time.monotonic()
         self._flushed = self._flushed or not self._idle
         return dropped
 
@@ -372,8 +376,12 @@ class OutboundAudio(MediaStreamTrack):
         self.frames_out += 1
         mark = self._mark
         late, self._late = self._late, None
-        if late is not None and self.stages:
-            self.stages.add("send_late", late)
+        cleared, self._cleared_at = self._cleared_at, None
+        if self.stages:
+            if late is not None:
+                self.stages.add("send_late", late)
+            if cleared is not None:  # barge-in: the flush -> the frame after it (the cut word's codec tail)
+                self.stages.add("flush_to_wire", time.monotonic() - cleared)
         if mark is not None and self.stages:
             done = time.monotonic()
             self.stages.add("outbound_queue", now - mark[1])
