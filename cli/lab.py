@@ -30,8 +30,11 @@ def lab() -> None:
 @click.option("--far-delay-ms", type=click.FloatRange(0, 10000), default=0.0,
               help="Make the last relay far: this one-way delay on the client's link to it, each way "
                    "(needs --relays 2 or more).")
+@click.option("--translate", is_flag=True,
+              help="The relays translate both sides (edge serve --translate) and the transceivers get no route "
+                   "to the client's network: replies reach it only through the relay's translation.")
 def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, delay_ms: float, jitter_ms: float,
-           loss: float, relays: int, far_delay_ms: float) -> None:
+           loss: float, relays: int, far_delay_ms: float, translate: bool) -> None:
     """Build the namespaces, attach XDP in the relay and start its edge agent.
 
     \b
@@ -62,7 +65,8 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, dela
         raise CliError("--far-delay-ms needs --relays 2 or more", 2)
     impair = Impairment(delay_ms, jitter_ms, loss) if delay_ms or jitter_ms or loss else None
     far = Impairment(far_delay_ms) if far_delay_ms else None
-    info = start_lab(transceivers=transceivers, name=name, policy=policy, impair=impair, relays=relays, far=far)
+    info = start_lab(transceivers=transceivers, name=name, policy=policy, impair=impair, relays=relays, far=far,
+                     translate=translate)
 
     def human(d: dict) -> None:
         click.echo(f"lab {d['name']} up: relay {d['relay_public']} (client netns {d['client_netns']}), "

@@ -385,7 +385,8 @@ class ControlAPI:
         return web.json_response([
             {"client": f.client, "backend": f.backend_id, "ufrag": f.ufrag,
              "age_s": _age_s(now, f.created_ns), "idle_s": _age_s(now, f.last_seen_ns),
-             "packets": f.packets, "bytes": f.bytes, "rx_packets": f.rx_packets, "rx_bytes": f.rx_bytes}
+             "packets": f.packets, "bytes": f.bytes, "rx_packets": f.rx_packets, "rx_bytes": f.rx_bytes,
+             **({"internal_port": f.internal_port} if f.internal_port else {})}   # translating: the backend's view
             for f in flows
         ])
 

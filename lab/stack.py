@@ -157,18 +157,21 @@ def control(lab: Lab, fn, relay: int = 1):
 def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
               handler: str | list[str] | None = "echo", agent_args: list[str] | None = None,
               hint_key_file: str | None = None, impair: Impairment | None = None, relays: int = 1,
-              far: Impairment | None = None) -> dict:
+              far: Impairment | None = None, translate: bool = False) -> dict:
     """Namespaces, one edge agent per relay and (unless handler is None) one transceiver per host;
     ``impair`` delays/drops UDP on the client's link to relay 1, ``far`` on its link to the last relay;
-    ``handler``: one spec for every transceiver, or a list of one spec per transceiver.
+    ``handler``: one spec for every transceiver, or a list of one spec per transceiver; ``translate``:
+    the agents translate both sides and the transceivers have no route to the client (Lab.create).
 
     Every transceiver is a backend of every relay: each registers itself and its sessions with every
     relay (one --relay/--relay-control pair per relay, relay 1 preferred), or, with ``handler=None``,
     the lab puts it in every relay's backend table.
     """
-    lab = Lab.create(transceivers=transceivers, name=name, impair=impair, relays=relays, far=far)
+    lab = Lab.create(transceivers=transceivers, name=name, impair=impair, relays=relays, far=far,
+                     translate=translate)
     try:
         key_args = ["--hint-key-file", hint_key_file] if hint_key_file else []
+        agent_args = (agent_args or []) + (["--translate"] if translate else [])
         agents = [spawn_agent(lab, policy, (agent_args or []) + key_args, relay=r.index) for r in lab.relays]
         for r, (proc, path) in zip(lab.relays, agents, strict=True):
             wait_ready(proc, path, "edge agent ready", _agent_name(r.index))

@@ -187,19 +187,22 @@ class Lab:
     created_at: float = 0.0
     impaired: dict[str, dict] = field(default_factory=dict)   # link -> {"netns", "pid"} (lab/impair.py)
     extra_relays: list[Relay] = field(default_factory=list)    # relays 2..N (relay 1: the fields above)
+    translate: bool = False   # relays translate both sides: transceivers get no route to the public networks
 
     # -- building ------------------------------------------------------------------------
 
     @classmethod
     def create(cls, transceivers: int = 2, name: str | None = None, relay_port: int = 3478,
                stem: str | None = None, impair: Impairment | None = None, relays: int = 1,
-               far: Impairment | None = None) -> Lab:
+               far: Impairment | None = None, translate: bool = False) -> Lab:
         """Build a lab with ``transceivers`` transceiver hosts and ``relays`` relays in front of them;
         on any failure nothing is left behind.
 
         ``impair`` puts the client's link to relay 1 (link "relay1") through an impairment forwarder
         (lab/impair.py): delay, jitter, loss on UDP; ``far`` does the same to the last relay's link,
-        making it the far one (needs ``relays`` >= 2).
+        making it the far one (needs ``relays`` >= 2).  ``translate``: the relays will translate both
+        sides (edge serve --translate), so transceivers get no route to any public network at all:
+        their replies can only reach a client through a relay's translation.
         """
         if os.geteuid() != 0:
             raise LabError("a lab needs root (network namespaces, veth, XDP)")
@@ -220,6 +223,7 @@ class Lab:
         if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}", name):
             raise LabError(f"lab name must be 1..32 of A-Z a-z 0-9 _ . - (not starting with . or -), got {name!r}")
         lab = cls._claim(stem, name, transceivers, relay_port, relays, impaired)
+        lab.translate = translate
         try:
             lab._build()
             for link, impairment in impaired.items():
@@ -402,7 +406,7 @@ class Lab:
         for r in self.relays:
             links.netlink(r.netns, lambda ipr, r=r: relay(ipr, r))
         # each relay's public network is reached through that relay (replies leave the way they came)
-        public_routes = [(self.public_network(r.index), r.internal) for r in self.relays]
+        public_routes = [] if self.translate else [(self.public_network(r.index), r.internal) for r in self.relays]
 
         def transceiver(ipr: IPRoute, t: Transceiver) -> None:
             links.up(ipr, "lo")

@@ -1,0 +1,56 @@
+"""A real aiortc WHIP call through the translating XDP relay, where the transceiver has no route to the client.
+
+The lab is built with ``translate``: transceivers get no route to any public network (not even
+their default route points at the relay), so every reply that reaches the client went through
+``xdp_internal``'s translation of (relay internal address, flow port) back to the client.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab
+from splitrelay.lab.topology import Lab
+
+from .conftest import needs_root
+from .test_webrtc_lab import assert_clean_call
+from .waiting import wait_for
+
+pytestmark = needs_root
+
+
+@pytest.fixture(scope="module")
+def translate_lab():
+    info = start_lab(transceivers=2, handler="echo", translate=True)
+    try:
+        yield Lab.load(info["name"]), info
+    finally:
+        stop_lab(info["name"])
+
+
+def test_the_transceiver_has_no_route_back_to_the_client(translate_lab):
+    lab, _ = translate_lab
+    t = lab.transceivers[1]
+    default = lab.run(t.netns, ["ip", "-4", "route", "show", "default"]).stdout.strip()
+    assert lab.relay_internal.ip4 not in default
+    for argv in (["ip", "route", "get", lab.client.ip4],
+                 ["ip", "route", "get", lab.client.ip4, "from", t.ip4, "iif", "lo"],
+                 ["ip", "-6", "route", "get", lab.client.ip6, "from", t.ip6, "iif", "lo"]):
+        got = lab.run(t.netns, argv, check=False)
+        assert got.returncode != 0, f"{' '.join(argv)}: {got.stdout}"
+
+
+def test_a_voice_call_through_translation_has_audio_both_ways(translate_lab):
+    lab, info = translate_lab
+    before = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats())["counters"]}
+    proc = probe(lab, [info["whip_urls"][1]], duration=3)
+    flows = wait_for(lambda: control(lab, lambda c: c.flows()), 20, "the session's flow", proc)
+    assert [f["backend"] for f in flows] == [2]
+    assert flows[0]["client"].startswith(lab.client.ip4 + ":")      # the operator still sees the client
+    assert flows[0]["internal_port"] > 0                               # ... and the port the transceiver saw
+    [report] = probe_result(proc, 60)
+    assert_clean_call(report)                                           # every echoed beep heard back
+    after = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats())["counters"]}
+    assert after["IN_FWD_FLOW"] - before["IN_FWD_FLOW"] > 100
+    assert after["OUT_FWD"] - before["OUT_FWD"] > 100                  # replies translated back
+    assert control(lab, lambda c: c.flows()) == []                      # DELETE ended it: port quarantined
