@@ -74,11 +74,12 @@ def _has_family(backend: Backend, family: int) -> bool:
 
 
 def route(payload: bytes, tables: RoutingTables, *, family: int = consts.FAMILY_V4,
-          flow_backend: int | None = None, flows_full: bool = False) -> Decision:
+          flow_backend: int | None = None, flows_full: bool = False, ports_empty: bool = False) -> Decision:
     """The decision for one datagram from a client to the relay port (module docstring).
 
     ``flow_backend`` is the backend of the client's (ip, port) flow, None without one;
-    ``flows_full`` says the flow table has no room for a new entry.
+    ``flows_full`` says the flow table has no room for a new entry; ``ports_empty`` that a
+    translating relay has no free flow port (checked first: the port is taken before the entry).
     """
     if not payload:
         return Decision("IN_DROP_UNKNOWN_CLASS")
@@ -89,7 +90,7 @@ def route(payload: bytes, tables: RoutingTables, *, family: int = consts.FAMILY_
         except StunError as exc:
             return Decision(STUN_DROP[exc.reason])
         if ufrag is not None:
-            return _binding_request(ufrag, tables, family, flow_backend, flows_full)
+            return _binding_request(ufrag, tables, family, flow_backend, flows_full, ports_empty)
     elif not (20 <= first <= 63 or 128 <= first <= 191):
         return Decision("IN_DROP_UNKNOWN_CLASS")     # ZRTP, TURN ChannelData, unassigned
     if flow_backend is None:                         # DTLS, RTP/RTCP, other STUN: by flow
@@ -103,7 +104,7 @@ def route(payload: bytes, tables: RoutingTables, *, family: int = consts.FAMILY_
 
 
 def _binding_request(ufrag: str, tables: RoutingTables, family: int, flow_backend: int | None,
-                     flows_full: bool) -> Decision:
+                     flows_full: bool, ports_empty: bool = False) -> Decision:
     session = tables.sessions.get(ufrag)
     if session is not None:
         backend_id, counter = session.backend_id, "IN_FWD_STUN_UFRAG"
@@ -128,8 +129,44 @@ def _binding_request(ufrag: str, tables: RoutingTables, family: int, flow_backen
     if session is not None and flow_backend is None and tables.max_session_flows and \
             tables.session_flows.get(ufrag, 0) >= tables.max_session_flows:
         return Decision("IN_DROP_SESSION_FLOWS")     # a new 5-tuple beyond the session's allowance
+    if flow_backend is None and ports_empty:
+        return Decision("IN_DROP_PORT_POOL_EMPTY")   # translating: refused, no live flow is evicted
     if flow_backend is None and flows_full:
         return Decision("IN_DROP_FLOW_FULL")         # refused: no live flow is ever evicted
     if not _has_family(backend, family):
         return Decision("IN_DROP_FAMILY")            # (XDP has made the flow by then; no packet passes)
     return Decision(counter, backend_id, ufrag, opens_flow=True)
+
+
+@dataclass(frozen=True)
+class PortHolder:
+    """Translation: the flow holding an internal port, as its reverse slot and its flow entry say."""
+
+    client: tuple[str, int]       # the client's (ip, port)
+    backend_id: int
+    flow_port: int | None         # the port the client's flow entry names; None: the entry is gone
+
+
+def route_reply(src: tuple[str, int], dst: tuple[str, int], *, internal_ip: str | None,
+                ports: tuple[int, int], holders: Mapping[int, PortHolder], backends: Mapping[int, Backend],
+                has_public_ip: bool = True) -> Decision:
+    """What a translating relay does with a packet on its internal side (``reply_translated`` in relay.c).
+
+    ``internal_ip`` is the relay's internal address of the packet's family, ``ports`` the flow-port
+    range, ``holders`` the allocated ports.  Not for the relay's (internal address, a port of the
+    range): the host's own (passed).  A port no flow holds, or a sender that is not the holder's
+    backend (address and port), is dropped: the internal side opens nothing.
+    """
+    if internal_ip is None or dst[0] != internal_ip or not ports[0] <= dst[1] <= ports[1]:
+        return Decision("OUT_PASS_OTHER")
+    holder = holders.get(dst[1])
+    if holder is None or (":" in holder.client[0]) != (":" in dst[0]):
+        return Decision("OUT_DROP_UNALLOCATED_PORT")
+    backend = backends.get(holder.backend_id)
+    if backend is None or src != ((backend.ip6 if ":" in src[0] else backend.ip4), backend.port):
+        return Decision("OUT_DROP_NOT_FLOW_BACKEND")
+    if holder.flow_port != dst[1]:
+        return Decision("OUT_DROP_UNALLOCATED_PORT")
+    if not has_public_ip:
+        return Decision("OUT_DROP_FAMILY")
+    return Decision("OUT_FWD", holder.backend_id)

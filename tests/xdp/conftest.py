@@ -6,6 +6,7 @@ Compiling relay.c takes seconds, so the package shares one ``Datapath``; the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import uuid
@@ -16,7 +17,7 @@ from splitrelay.edge.datapath import Backend, Datapath, RelayConfig
 
 from .. import packets as P
 from ..netns import private_netns
-from .harness import BACKEND_ID, VETH, instance_name, set_slots
+from .harness import BACKEND_ID, INTERNAL_IP4, INTERNAL_IP6, PORTS, VETH, instance_name, set_slots
 
 
 HERE = Path(__file__).resolve().parent
@@ -72,3 +73,15 @@ def relay(dp, links):
                            ip4=P.BACKEND_IP4, ip6=P.BACKEND_IP6))
     dp.set_session("evtj", BACKEND_ID)
     return dp
+
+
+@pytest.fixture
+def xlate(relay):
+    """The ``relay`` fixture translating both sides, with a fresh pool of PORTS and no session allowance."""
+    relay.configure(dataclasses.replace(relay.config(), translate=True, internal_ip4=INTERNAL_IP4,
+                                        internal_ip6=INTERNAL_IP6, max_session_flows=0,
+                                        translate_ports=PORTS))
+    relay.bpf[b"port_slots"].clear()
+    relay.ports.quarantined.clear()   # the package shares one Datapath: no port held back by another test
+    relay.ports.refill()
+    return relay

@@ -2,7 +2,10 @@
 
 Every payload a client could send to the relay port goes through ``xdp_public``
 (BPF_PROG_TEST_RUN) and through ``route``: the counter, the verdict, the
-rewrite and the flow's ufrag must agree.  ``make fuzz FUZZ_EXAMPLES=N`` runs N
+rewrite and the flow's ufrag must agree; the same translating (the source
+becomes the relay's internal address and the flow's port).  Every packet a
+backend or a forger could send on the internal side of a translating relay goes
+through ``xdp_internal`` and ``route_reply``, likewise.  ``make fuzz FUZZ_EXAMPLES=N`` runs N
 cases with no per-test timeout and prints a progress line as it goes
 (SPLITRELAY_FUZZ_PROGRESS=1) and the count of cases run at the end.
 """
@@ -13,17 +16,18 @@ import os
 import sys
 import time
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 from splitrelay.bpf.testrun import XDP_REDIRECT
-from splitrelay.edge.routing import RoutingTables, route
+from splitrelay.edge.routing import PortHolder, RoutingTables, route, route_reply
 from splitrelay.wire import hint, stun
 
 from .. import packets as P
-from .harness import counts, public
+from .harness import INTERNAL_IP4, PORTS, counts, internal, public
 
 EXAMPLES = int(os.environ.get("SPLITRELAY_FUZZ_EXAMPLES", "1500"))
 PROGRESS = os.environ.get("SPLITRELAY_FUZZ_PROGRESS") == "1"
@@ -62,16 +66,21 @@ class Progress:
         return f"fuzz: {self.cases} cases run in {time.monotonic() - self.started:.0f} s: XDP and route() agreed"
 
 
-def test_differential_fuzz_xdp_agrees_with_the_routing_decision(relay):
+@pytest.mark.parametrize("translate", [False, True], ids=["dnat", "translate"])
+def test_differential_fuzz_xdp_agrees_with_the_routing_decision(request, translate):
+    relay = request.getfixturevalue("xlate" if translate else "relay")
     tables = RoutingTables.snapshot(relay)   # nothing below changes them: every case starts flowless
     progress = Progress()
 
-    @settings(max_examples=EXAMPLES, deadline=None)
+    @settings(max_examples=EXAMPLES // 3 if translate else EXAMPLES, deadline=None)   # a refill per case
     @given(payload=client_payloads())
     def one_case(payload: bytes) -> None:
         relay.reset_counters()
         relay.bpf[b"flows"].clear()
         relay.recount_session_flows()  # give the session its allowance back
+        if translate:
+            relay.bpf[b"port_slots"].clear()
+            relay.ports.refill()
         result = public(relay, P.udp_frame(payload))
         expected = route(payload, tables)
         assert counts(relay) == {expected.counter: 1}, payload.hex()
@@ -84,9 +93,74 @@ def test_differential_fuzz_xdp_agrees_with_the_routing_decision(relay):
             want = Ether(P.udp_frame(payload))
             want.src, want.dst = backend.smac, backend.dmac
             want[IP].dst, want[UDP].dport = backend.ip4, backend.port
+            if translate:   # the pool is FIFO: a case's one new flow takes its first port
+                want[IP].src, want[UDP].sport = INTERNAL_IP4, PORTS[0]
             del want[IP].chksum
             del want[UDP].chksum
             assert result.data == raw(want)
+        progress.tick()
+
+    one_case()
+    print(progress.report(), file=sys.stderr, flush=True)
+
+
+OTHER_IP = "10.1.0.99"
+
+
+@st.composite
+def internal_packets(draw):
+    """A packet on the internal side: from the backend, another host or another port, to the relay's
+    internal address or not, to a held port, a free one or one outside the range."""
+    src_ip = draw(st.sampled_from([P.BACKEND_IP4, OTHER_IP]))
+    sport = draw(st.sampled_from([P.BACKEND_PORT, P.BACKEND_PORT + 1, 53]))
+    dst_ip = draw(st.sampled_from([INTERNAL_IP4, INTERNAL_IP4, P.CLIENT_IP4]))
+    dport = draw(st.one_of(st.integers(PORTS[0], PORTS[1]), st.sampled_from([PORTS[0] - 1, PORTS[1] + 1, 5000])))
+    payload = draw(st.binary(min_size=1, max_size=64))
+    flows = draw(st.integers(0, 3))           # clients that opened flows (held ports) first
+    deleted = draw(st.booleans())             # ... and whether the agent then deleted the first one
+    return src_ip, sport, dst_ip, dport, payload, flows, deleted
+
+
+def test_differential_fuzz_translated_replies_agree_with_route_reply(xlate):
+    backends = {b.backend_id: b for b in xlate.backends()}
+    progress = Progress()
+
+    @settings(max_examples=EXAMPLES // 4, deadline=None)   # a refill and up to 3 opened flows per case
+    @given(case=internal_packets())
+    def one_case(case) -> None:
+        src_ip, sport, dst_ip, dport, payload, n_flows, deleted = case
+        xlate.bpf[b"flows"].clear()
+        xlate.bpf[b"port_slots"].clear()
+        xlate.ports.quarantined.clear()
+        xlate.ports.refill()
+        holders = {}
+        for i in range(n_flows):
+            client = (P.CLIENT_IP4, 42000 + i)
+            public(xlate, P.udp_frame(stun.build_binding_request("evtj:h6vY"), sport=client[1]))
+            port = xlate.flow(client).internal_port
+            holders[port] = PortHolder(client, 7, port)
+        if deleted and holders:
+            first = min(holders)
+            xlate.del_flow(holders.pop(first).client)   # slot cleared, port quarantined
+        xlate.reset_counters()
+        frame = P.udp_frame(payload, src=src_ip, dst=dst_ip, sport=sport, dport=dport,
+                            src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC)
+        result = internal(xlate, frame)
+        expected = route_reply((src_ip, sport), (dst_ip, dport), internal_ip=INTERNAL_IP4, ports=PORTS,
+                               holders=holders, backends=backends)
+        assert counts(xlate) == {expected.counter: 1}, case
+        assert (result.verdict == XDP_REDIRECT) == expected.forwarded, case
+        if expected.forwarded:   # the reference rewrite: to the client, from the relay's public side
+            client = holders[dport].client
+            want = Ether(frame)
+            want.src, want.dst = P.RELAY_PUB_MAC, P.CLIENT_MAC
+            want[IP].src, want[UDP].sport = P.PUBLIC_IP4, P.RELAY_PORT
+            want[IP].dst, want[UDP].dport = client
+            del want[IP].chksum
+            del want[UDP].chksum
+            assert result.data == raw(want)
+        else:
+            assert result.data == frame
         progress.tick()
 
     one_case()

@@ -7,8 +7,6 @@ that port and only the flow's own backend may use it.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
@@ -17,24 +15,10 @@ from splitrelay.bpf.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT
 from splitrelay.edge.datapath import Backend
 
 from .. import packets as P
-from .harness import V, counts, internal, public
+from .harness import INTERNAL_IP4, INTERNAL_IP6, PORTS, V, counts, internal, public
 
-INTERNAL_IP4, INTERNAL_IP6 = "10.1.0.1", "fd00:1::1"
-PORTS = (41000, 41003)   # a pool of 4 ports: exhaustion is cheap to reach
 RTP = bytes([0x80, 0x6F]) + bytes(30)
 OTHER_BACKEND = 8
-
-
-@pytest.fixture
-def xlate(relay):
-    """The ``relay`` fixture in translate mode, with a fresh pool of PORTS."""
-    relay.configure(dataclasses.replace(relay.config(), translate=True, internal_ip4=INTERNAL_IP4,
-                                        internal_ip6=INTERNAL_IP6, max_session_flows=0,
-                                        translate_ports=PORTS))
-    relay.bpf[b"port_slots"].clear()
-    relay.ports.quarantined.clear()   # the package shares one Datapath: no port held back by another test
-    relay.ports.refill()
-    return relay
 
 
 def client_frame(payload: bytes, *, v6=False, port=P.CLIENT_PORT) -> bytes:
