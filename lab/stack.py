@@ -193,6 +193,7 @@ def stop_lab(name: str) -> None:
         unpin(instance(lab, r.index))
     for path in STATE_DIR.glob(f"{name}-*.log"):
         path.unlink()
+    (STATE_DIR / f"{name}-floating.json").unlink(missing_ok=True)   # a floated address (lab/floating.py)
 
 
 def probe(lab: Lab, whip_urls: list[str], duration: float, sessions: int = 1) -> subprocess.Popen:
