@@ -70,12 +70,17 @@ class EchoCall:
         self.location: str | None = None
         self.answer = ""
         self.states: list[str] = []           # every connection state the call went through
+        self._hung_up = False
         self._t0 = time.monotonic()
         self._packets, self._energy = 0, 0.0
         self._samples: list[dict] = []
         self._tasks: list[asyncio.Task] = []
-        self.pc.on("connectionstatechange", lambda: self.states.append(self.pc.connectionState))
+        self.pc.on("connectionstatechange", self._state)
         self.pc.on("track", lambda track: self._tasks.append(asyncio.ensure_future(self._listen(track))))
+
+    def _state(self) -> None:
+        if not self._hung_up:
+            self.states.append(self.pc.connectionState)
 
     def now(self) -> float:
         """Milliseconds on the samples' clock (marks for ``audio_gap``)."""
@@ -149,6 +154,7 @@ class EchoCall:
     async def hang_up(self, http: aiohttp.ClientSession) -> int | None:
         """DELETE the session and close; returns the DELETE's status."""
         status = None
+        self._hung_up = True   # the states of our own closing are not a drop
         try:
             if self.location:
                 async with http.delete(self.location) as resp:
