@@ -217,6 +217,34 @@ def measure(runs: int, scenarios: tuple[str, ...] = SCENARIOS, clients: tuple[st
     return results
 
 
+SECTION_NOTES = """\
+Each run: a fresh call through relay 1 (the preferred one) heard for 1 s plus a random 0-6 s (so
+the fault falls anywhere in the clients' consent schedules), the fault, then the gap: from the
+fault until the echo of the client's own tone flows again (100 ms samples of packets and tone
+energy coming back, `client/browser.py: audio_gap`, the same judge for both clients), 1 s more
+of audio, and a hang-up that must find the session (DELETE 200); a call that fails, closes or
+is not found at the hang-up counts as dropped.  **death** (3a): relay 1 silenced (its switch
+port disabled, no link event); Chromium notices on its own and moves to relay 2's candidate;
+aioice never switches pairs, so the aiortc caller switches as a browser would at the moment of
+the fault, and its gap has no detection in it.  **float** (3b): relay 1 silenced and its public
+address moved to relay 2 in the same instant (`lab/floating.py`: the lab's internet maps the
+address 1:1 onto relay 2, relay 1's internal address floats with gratuitous ARP/NA); no client
+notices anything, and relay 2 opens the flow from the client's next consent check (Chromium:
+every ~2.5 s on a stable pair; aioice: 5 s +- 20 %).  Failure detection (VRRP's ~1-3 s, a
+health check) is not in the float gap.
+"""
+
+
+def section(rows: list[dict], runs: int, seed: int) -> str:
+    """The BENCHMARKS.md section: how to re-run it, the table, what the runs were."""
+    return ("\n## Failover gap: a relay dies (3a), its address floats (3b) "
+            "(`python -m splitrelay.bench.failover`)\n\n"
+            f"Reproduce with `make bench-failover` or `python -m splitrelay.bench.failover --runs {runs} "
+            f"--seed {seed}` (root, Debian's chromium; ~10 min: runs go one at a time).  Two relays (XDP, "
+            f"`strict` policy) in front of one echo transceiver, every session registered with both.\n\n"
+            f"{markdown(rows)}\n\n{SECTION_NOTES}")
+
+
 def main() -> None:  # pragma: no cover - a thin command line
     parser = argparse.ArgumentParser(prog="python -m splitrelay.bench.failover",
                                      description=__doc__.split("\n")[0])
@@ -224,15 +252,26 @@ def main() -> None:  # pragma: no cover - a thin command line
     parser.add_argument("--scenario", action="append", choices=SCENARIOS, help="repeat; default: both")
     parser.add_argument("--client", action="append", choices=CLIENTS, help="repeat; default: both")
     parser.add_argument("--json", action="store_true", help="every run and the summary as JSON")
+    parser.add_argument("--section", action="store_true", help="a BENCHMARKS.md section (markdown)")
+    parser.add_argument("--from-json", metavar="FILE", help="measure nothing: render what --json saved")
     parser.add_argument("--seed", type=int, default=12, help="draws the moment of each fault (default 12)")
     args = parser.parse_args()
-    started = time.monotonic()
-    runs = measure(args.runs, tuple(args.scenario or SCENARIOS), tuple(args.client or CLIENTS),
-                   progress=lambda line: print(line, file=sys.stderr, flush=True), seed=args.seed)
+    if args.from_json:
+        with open(args.from_json) as saved:
+            data = json.load(saved)
+        runs = [Run(**r) for r in data["runs"]]
+        seed, seconds = data.get("seed", args.seed), data.get("seconds")
+    else:
+        started = time.monotonic()
+        runs = measure(args.runs, tuple(args.scenario or SCENARIOS), tuple(args.client or CLIENTS),
+                       progress=lambda line: print(line, file=sys.stderr, flush=True), seed=args.seed)
+        seed, seconds = args.seed, round(time.monotonic() - started, 1)
     rows = summarize(runs)
     if args.json:
-        print(json.dumps({"runs": [asdict(r) for r in runs], "summary": rows, "seed": args.seed,
-                          "seconds": round(time.monotonic() - started, 1)}, indent=2))
+        print(json.dumps({"runs": [asdict(r) for r in runs], "summary": rows, "seed": seed, "seconds": seconds},
+                         indent=2))
+    elif args.section:
+        print(section(rows, max(r["runs"] for r in rows), seed))
     else:
         print(markdown(rows))
 
