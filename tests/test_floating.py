@@ -85,7 +85,6 @@ def test_an_aiortc_call_goes_on_when_relay_1_dies_and_its_address_floats_to_rela
     flow = seen["flow"]
     assert flow is not None and flow["packets"] > 20 and flow["rx_packets"] > 20   # but relay 2 carried it
     assert not seen["dropped"] and seen["status"] == 200           # the same call, never dropped
-    assert seen["gap"].stopped_after is not None and seen["gap"].stopped_after < 1.0
     assert transceiver_sessions(lab, info["whip_url"]) == []        # ... and ended by its own DELETE
     assert floated(lab) is None
 
@@ -112,7 +111,6 @@ def test_chromium_keeps_its_call_when_relay_1_dies_and_its_address_floats_to_rel
     assert after["pair"]["local"] == before["pair"]["local"]
     assert flow is not None and flow["packets"] > 20 and flow["rx_packets"] > 20   # relay 2 carried it
     assert connection_events == [] and status == 200                 # never left "connected": not dropped
-    assert judged.stopped_after is not None and judged.stopped_after < 1.0
 
 
 def test_the_lab_fault_command_floats_the_address_and_heals_it(float_lab):
