@@ -51,6 +51,7 @@ class Run:
     carried_by: int | None      # the relay whose flow for the call moved packets both ways after the fault
     dropped: bool
     error: str | None = None
+    flow_after_s: float | None = None   # fault until relay 2 opened the call's flow (its age, from its agent)
 
 
 def _relay_of(lab, address: str) -> int | None:  # noqa: ANN001
@@ -58,24 +59,32 @@ def _relay_of(lab, address: str) -> int | None:  # noqa: ANN001
     return next((r.index for r in lab.relays if address in (r.public.ip4, r.public.ip6)), None)
 
 
-def _carrier(lab, client: str) -> int | None:  # noqa: ANN001
-    """The relay (2, then 1) whose flow for ``client`` moved packets both ways."""
+def _carrier(lab, client: str, run: Run, fault_at: float) -> None:  # noqa: ANN001
+    """Which relay (2, then 1) carried ``client``'s flow both ways, and when relay 2 opened it."""
     from splitrelay.lab.stack import control
 
     for relay in (2, 1):
+        read_at = time.monotonic()
         flow = next((f for f in control(lab, lambda c: c.flows(), relay) if f["client"] == client), None)
         if flow and flow["packets"] > 20 and flow["rx_packets"] > 20:
-            return relay
-    return None
+            run.carried_by = relay
+            if relay == 2:
+                run.flow_after_s = round(read_at - flow["age_s"] - fault_at, 3)
+            return
 
 
-def _fault(lab, scenario: str):  # noqa: ANN001, ANN202
+def _fault(lab, scenario: str, at: list[float]):  # noqa: ANN001, ANN202
+    """The fault of ``scenario``; appends the moment it starts (monotonic) to ``at``."""
     from splitrelay.lab.faults import kill_relay
     from splitrelay.lab.floating import relay_dies_and_its_address_floats
 
-    if scenario == "float":
-        return lambda: relay_dies_and_its_address_floats(lab)
-    return lambda: kill_relay(lab, 1)
+    def fault() -> None:
+        at.append(time.monotonic())
+        if scenario == "float":
+            relay_dies_and_its_address_floats(lab)
+        else:
+            kill_relay(lab, 1)
+    return fault
 
 
 def chromium_run(lab, browser, whip_url: str, scenario: str, phase: random.Random) -> Run:  # noqa: ANN001
@@ -88,11 +97,12 @@ def chromium_run(lab, browser, whip_url: str, scenario: str, phase: random.Rando
         if _relay_of(lab, before["pair"]["remote"]) != 1:
             raise RuntimeError(f"the call started on {before['pair']['remote']}, not relay 1")
         try:
-            judged = call.measure_gap(_fault(lab, scenario), timeout=GAP_TIMEOUT)
+            fault_at: list[float] = []
+            judged = call.measure_gap(_fault(lab, scenario, fault_at), timeout=GAP_TIMEOUT)
             after = call.wait_audio(seconds=1.0)
             run.gap_s, run.stopped_after_s = judged.gap, judged.stopped_after
             run.relay_after = _relay_of(lab, after["pair"]["remote"])
-            run.carried_by = _carrier(lab, after["pair"]["local"])
+            _carrier(lab, after["pair"]["local"], run, fault_at[0])
         finally:
             heal(lab)
         run.dropped = any(e["what"] == "connection" and e["value"] in ("failed", "closed")
@@ -137,7 +147,8 @@ async def _aiortc(lab, whip_url: str, scenario: str, run: Run, phase: random.Ran
             await caller.wait_audio(seconds=1.0 + phase.uniform(0, PHASE_S), timeout=GAP_TIMEOUT)
             connection = ice_connection(caller.pc)
             nominate_like_a_browser(connection)
-            fault = _fault(lab, scenario)
+            fault_at: list[float] = []
+            fault = _fault(lab, scenario, fault_at)
             spare = lab.relay(2)
 
             async def death() -> None:     # the browser's switch, made at once
@@ -150,12 +161,16 @@ async def _aiortc(lab, whip_url: str, scenario: str, run: Run, phase: random.Ran
             pair = connection._nominated[1]  # noqa: SLF001
             run.relay_after = _relay_of(lab, pair.remote_addr[0])
             local = f"{pair.local_candidate.host}:{pair.local_candidate.port}"
-            run.carried_by = await asyncio.to_thread(_carrier, lab, local)
+            await asyncio.to_thread(_carrier, lab, local, run, fault_at[0])
         except Exception as exc:  # noqa: BLE001
             run.error = f"{type(exc).__name__}: {exc}"
         finally:
             status = await caller.hang_up(http)
     run.dropped = caller.dropped or status != 200
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
 
 
 def summarize(runs: list[Run]) -> list[dict]:
@@ -171,18 +186,28 @@ def summarize(runs: list[Run]) -> list[dict]:
                          "median_s": round(statistics.median(gaps), 2) if gaps else None,
                          "worst_s": round(max(gaps), 2) if gaps else None,
                          "gaps_s": [round(g, 2) for g in gaps],
+                         "flow_after_median_s": _median([r.flow_after_s for r in mine
+                                                         if r.flow_after_s is not None]),
                          "dropped": sum(r.dropped for r in mine), "failed": sum(r.error is not None for r in mine),
                          "target_s": TARGETS_S.get((scenario, client))})
     return rows
 
 
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "before the fault (backup pair)" if value < 0 else f"{value} s"
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| scenario | client | runs | median gap | worst gap | gaps (s) | dropped | failed runs | target |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | client | runs | median gap | worst gap | gaps (s) | relay 2's flow opened (median) "
+             "| dropped | failed runs | target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = f"≤ {r['target_s']:g} s" if r["target_s"] else "-"
         lines.append(f"| {r['scenario']} | {r['client']} | {r['runs']} | {r['median_s']} s | {r['worst_s']} s | "
-                     f"{', '.join(map(str, r['gaps_s']))} | {r['dropped']} | {r['failed']} | {target} |")
+                     f"{', '.join(map(str, r['gaps_s']))} | {_seconds(r.get('flow_after_median_s'))} | "
+                     f"{r['dropped']} | {r['failed']} | {target} |")
     return "\n".join(lines)
 
 
@@ -223,15 +248,17 @@ the fault falls anywhere in the clients' consent schedules), the fault, then the
 fault until the echo of the client's own tone flows again (100 ms samples of packets and tone
 energy coming back, `client/browser.py: audio_gap`, the same judge for both clients), 1 s more
 of audio, and a hang-up that must find the session (DELETE 200); a call that fails, closes or
-is not found at the hang-up counts as dropped.  **death** (3a): relay 1 silenced (its switch
-port disabled, no link event); Chromium notices on its own and moves to relay 2's candidate;
-aioice never switches pairs, so the aiortc caller switches as a browser would at the moment of
-the fault, and its gap has no detection in it.  **float** (3b): relay 1 silenced and its public
-address moved to relay 2 in the same instant (`lab/floating.py`: the lab's internet maps the
-address 1:1 onto relay 2, relay 1's internal address floats with gratuitous ARP/NA); no client
-notices anything, and relay 2 opens the flow from the client's next consent check (Chromium:
-every ~2.5 s on a stable pair; aioice: 5 s +- 20 %).  Failure detection (VRRP's ~1-3 s, a
-health check) is not in the float gap.
+is not found at the hang-up counts as dropped.  *Relay 2's flow opened*: from the fault until
+relay 2's XDP opened the call's flow (the flow's age, from relay 2's agent); the rest of the gap
+is the way back to audio (the client's media to the echo and back, its jitter buffer).
+**death** (3a): relay 1 silenced (its switch port disabled, no link event); Chromium notices on
+its own and moves to relay 2's candidate; aioice never switches pairs, so the aiortc caller
+switches as a browser would at the moment of the fault, and its gap has no detection in it.
+**float** (3b): relay 1 silenced and its public address moved to relay 2 in the same instant
+(`lab/floating.py`: the lab's internet maps the address 1:1 onto relay 2, relay 1's internal
+address floats with gratuitous ARP/NA); no client notices anything, and relay 2 opens the flow
+from the client's next STUN check (or the transceiver's own).  Failure detection (VRRP's ~1-3 s,
+a health check) is not in the float gap.
 """
 
 
