@@ -257,8 +257,10 @@ switches as a browser would at the moment of the fault, and its gap has no detec
 **float** (3b): relay 1 silenced and its public address moved to relay 2 in the same instant
 (`lab/floating.py`: the lab's internet maps the address 1:1 onto relay 2, relay 1's internal
 address floats with gratuitous ARP/NA); no client notices anything, and relay 2 opens the flow
-from the client's next STUN check (or the transceiver's own).  Failure detection (VRRP's ~1-3 s,
-a health check) is not in the float gap.
+from the transceiver's probe of the silent path (after 500 ms, transceiver/paths.py) or the
+client's next STUN check, whichever comes first.  A gap of 0.0 s means no 100 ms sample without
+the echo: the echo in flight covered the uplink's cut, which lasted until relay 2's flow opened.
+Failure detection (VRRP's ~1-3 s, a health check) is not in the float gap.
 """
 
 

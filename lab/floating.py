@@ -7,8 +7,9 @@ relay sees the client's packets arrive for its own address.  In the lab the clie
 namespace is the internet (every relay's public link ends there), so that edge is its
 netfilter: a DNAT of ``relay:3478`` to the standby's public ``address:3478`` for what the
 client sends, conntrack turning the standby's answers back into ``relay:3478`` (IPv4 and
-IPv6).  No ICE agent notices; the standby's XDP learns the flow from the client's next
-consent check (the session is registered with every relay).  Why not the address itself
+IPv6).  No ICE agent notices; the standby's XDP opens the flow from the next check naming
+the session (registered with every relay): the transceiver's probe of the silent path
+(transceiver/paths.py, 500 ms) or the client's consent check.  Why not the address itself
 on the standby, VRRP or anycast style: a relay answers from its one public address per
 family (``sr_config`` in bpf/splitrelay.h), so the standby would answer a moved flow from
 its own address, and clients drop that.

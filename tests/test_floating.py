@@ -2,9 +2,10 @@
 
 One two-relay lab (one echo transceiver, every session registered with both relays) for
 the module.  The client's ICE agent sees nothing change: the same pair, the same remote
-address.  Relay 2 learns the flow from the client's next consent check and the call goes
-on: an aiortc caller and headless Chromium, each judged by the same gap measure
-(client/browser.py ``audio_gap``).  lab/floating.py says how the address moves.
+address.  Relay 2 opens the flow from the transceiver's probe of the silent path (or the
+client's next consent check) and the call goes on: an aiortc caller and headless Chromium,
+each judged by the same gap measure (client/browser.py ``audio_gap``).  lab/floating.py
+says how the address moves.
 """
 
 from __future__ import annotations
