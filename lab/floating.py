@@ -25,8 +25,9 @@ same.  While the gateway is away its relay's control API (which listens on it) i
 reach, as a dead relay's is; ``return_address`` brings both back.
 
 ``float_address`` and ``return_address`` are the fault and its repair; the record of a
-move lives next to the lab's state (``<name>-floating.json``), so ``splitrelay lab fault``
-from another process can undo it.  Timings: tests/test_floating.py and bench/failover.py.
+move lives next to the lab's state (``<name>-floating.state``: not ``.json``, which names
+labs), so ``splitrelay lab fault`` from another process can undo it.  Timings:
+tests/test_floating.py and bench/failover.py.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class FloatedAddress:
 
 
 def state_path(lab: Lab):  # noqa: ANN201
-    return STATE_DIR / f"{lab.name}-floating.json"
+    return STATE_DIR / f"{lab.name}-floating.state"
 
 
 def floated(lab: Lab) -> FloatedAddress | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from splitrelay.edge.control_client import ControlClient
 from splitrelay.edge.datapath import unpin
 from splitrelay.lab import impair
+from splitrelay.lab.floating import floated
 from splitrelay.lab.impair import Impairment
 from splitrelay.lab.topology import BACKEND_PORT, STATE_DIR, Lab
 from splitrelay.lab.netns import LabError, in_netns
@@ -57,6 +58,7 @@ def lab_info(lab: Lab) -> dict:
         ],
         "impaired": {link: {"netns": entry["netns"], **impaired_with(lab, link)}
                      for link, entry in lab.impaired.items()},
+        "floated": move.to_dict() if (move := floated(lab)) else None,   # an address moved (lab/floating.py)
         "relays": [
             {"index": r.index, "netns": r.netns, "relay_public": f"{r.public.ip4}:{lab.relay_port}",
              "relay_public6": f"[{r.public.ip6}]:{lab.relay_port}", "control_url": control_url(lab, r.index),
@@ -197,7 +199,7 @@ def stop_lab(name: str) -> None:
         unpin(instance(lab, r.index))
     for path in STATE_DIR.glob(f"{name}-*.log"):
         path.unlink()
-    (STATE_DIR / f"{name}-floating.json").unlink(missing_ok=True)   # a floated address (lab/floating.py)
+    (STATE_DIR / f"{name}-floating.state").unlink(missing_ok=True)   # a floated address (lab/floating.py)
 
 
 def probe(lab: Lab, whip_urls: list[str], duration: float, sessions: int = 1) -> subprocess.Popen:

@@ -129,6 +129,9 @@ def test_the_lab_fault_command_floats_the_address_and_heals_it(float_lab):
         assert moved["floated"] == {"relay": 1, "standby": 2, "public": [r1.public.ip4, r1.public.ip6],
                                     "to": [r2.public.ip4, r2.public.ip6], "gateway": True,
                                     "internal": [r1.internal.ip4, r1.internal.ip6]}
+        status = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "lab", "status", "--json"],
+                                capture_output=True, text=True, timeout=60, check=True)
+        assert next(i for i in json.loads(status.stdout) if i["name"] == lab.name)["floated"] == moved["floated"]
         standby = lab.run(lab.relay(2).netns, ["ip", "-j", "addr", "show", "dev", "int0"]).stdout
         assert lab.relay(1).internal.ip4 in standby                  # the gateway floated along
         again = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "lab", "fault", "float", "--name",
