@@ -114,7 +114,7 @@ def test_chromium_keeps_its_call_when_relay_1_dies_and_its_address_floats_to_rel
     assert connection_events == [] and status == 200                 # never left "connected": not dropped
 
 
-def test_the_lab_fault_command_floats_the_address_and_heals_it(float_lab):
+def test_the_lab_fault_command_kills_a_relay_floats_its_address_and_heals_both(float_lab):
     lab, _ = float_lab
 
     def cli(*args: str) -> dict:
@@ -123,6 +123,13 @@ def test_the_lab_fault_command_floats_the_address_and_heals_it(float_lab):
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
 
+    def port_state(relay: int) -> str:
+        port = lab.relay(relay).switch_port
+        [link] = json.loads(lab.run(lab.switch_netns, ["bridge", "-j", "link", "show", "dev", port]).stdout)
+        return link["state"]
+
+    assert cli("kill", "--relay", "1") == {"lab": lab.name, "killed": 1}
+    assert port_state(1) == "disabled"
     moved = cli("float", "--relay", "1", "--to", "2")
     try:
         r1, r2 = lab.relay(1), lab.relay(2)
@@ -140,6 +147,7 @@ def test_the_lab_fault_command_floats_the_address_and_heals_it(float_lab):
     finally:
         healed = cli("heal")
     assert healed["returned"] == moved["floated"] and floated(lab) is None
+    assert healed["revived"] == [1, 2] and port_state(1) == "forwarding"
     home = lab.run(lab.relay(1).netns, ["ip", "-j", "addr", "show", "dev", "int0"]).stdout
     assert lab.relay(1).internal.ip4 in home
     nat = lab.run(lab.client.netns, ["iptables", "-t", "nat", "-S", "OUTPUT"]).stdout
