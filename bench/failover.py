@@ -215,11 +215,16 @@ def measure(runs: int, scenarios: tuple[str, ...] = SCENARIOS, clients: tuple[st
             progress=lambda line: None, seed: int = 12) -> list[Run]:  # noqa: ANN001
     """Build the lab, do ``runs`` runs of every (scenario, client), tear the lab down; ``seed`` draws
     the moments of the faults."""
-    phase = random.Random(seed)
-    from splitrelay.client.browser import Browser
+    from splitrelay.client.browser import Browser, unavailable_reason
     from splitrelay.lab.netns import nsenter_argv
     from splitrelay.lab.stack import start_lab, stop_lab
     from splitrelay.lab.topology import Lab
+
+    phase = random.Random(seed)
+    missing = unavailable_reason()
+    if missing and "chromium" in clients:   # `make bench` goes on without a browser, and says so
+        progress(f"chromium runs skipped: {missing}")
+        clients = tuple(c for c in clients if c != "chromium")
 
     info = start_lab(transceivers=1, handler="echo", relays=2)
     lab = Lab.load(info["name"])
