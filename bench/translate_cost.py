@@ -71,7 +71,7 @@ def memlock(map_fd: int) -> int:
 def _prepare(dp: Datapath, cfg: RelayConfig) -> tuple[bytes, bytes]:
     """Configure, open the client's flow; (its media frame inbound, the backend's reply outbound)."""
     dp.bpf[b"flows"].clear()
-    dp.bpf[b"port_slots"].clear()
+    dp.ports.clear_slots()
     dp.configure(cfg)
     if cfg.translate:
         dp.ports.refill()

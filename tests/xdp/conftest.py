@@ -81,7 +81,7 @@ def xlate(relay):
     relay.configure(dataclasses.replace(relay.config(), translate=True, internal_ip4=INTERNAL_IP4,
                                         internal_ip6=INTERNAL_IP6, max_session_flows=0,
                                         translate_ports=PORTS))
-    relay.bpf[b"port_slots"].clear()
+    relay.ports.clear_slots()
     relay.ports.quarantined.clear()   # the package shares one Datapath: no port held back by another test
     relay.ports.refill()
     return relay

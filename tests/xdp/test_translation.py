@@ -147,7 +147,7 @@ def test_a_packet_to_the_internal_address_outside_the_port_range_is_the_hosts_ow
 
 
 def test_dnat_mode_is_unchanged_and_takes_no_port(relay):
-    relay.bpf[b"port_slots"].clear()
+    relay.ports.clear_slots()
     result = public(relay, client_frame(V["2.1"]))
     pkt = Ether(result.data)
     assert pkt[IP].src == P.CLIENT_IP4 and pkt[UDP].sport == P.CLIENT_PORT
