@@ -28,7 +28,7 @@ from pathlib import Path
 
 from splitrelay.bench import forwarding
 from splitrelay.edge.agent import AgentConfig, EdgeAgent
-from splitrelay.edge.datapath import Backend
+from splitrelay.edge.records import Backend
 from splitrelay.lab.topology import Lab
 
 PORTS_PER_IP = 50000
