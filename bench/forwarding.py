@@ -44,7 +44,7 @@ IP_FORWARD = "net/ipv4/ip_forward"
 class Route:
     """Where a path's packets are addressed, and what its first packet must carry."""
 
-    name: str               # "xdp" | "userspace" | "kernel"
+    name: str               # "xdp" | "userspace" | "kernel" | "ceiling" (bench/ceiling.py)
     dst_ip: str
     dst_port: int
     backend_port: int       # where the transceiver-side server listens
@@ -56,7 +56,12 @@ class Route:
 
     @property
     def needs_session(self) -> bool:
-        return self.name != "kernel"
+        return self.name in ("xdp", "userspace")
+
+    @property
+    def runs_xdp(self) -> bool:
+        """An XDP program on the relay's veths does the forwarding (its NAPI thread can be pinned)."""
+        return self.name in ("xdp", "ceiling")
 
 
 def relay_path(lab: Lab, name: str, relay_pid: int | None = None) -> Route:
@@ -162,11 +167,11 @@ def forwarding_rate(lab: Lab, path: Route, flows: int, duration: float, username
     sender's core, in its softirq).
     """
     client, relay = lab.client, lab.relay_public
-    prog_ids = _prog_ids(lab) if path.name == "xdp" else []
+    prog_ids = _prog_ids(lab) if path.runs_xdp else []
     options: dict = {"usernames": str(usernames), "open_rounds": 2} if usernames else {}
     with contextlib.ExitStack() as stack:
         relay_pid = path.relay_pid
-        if pinned and path.name == "xdp":
+        if pinned and path.runs_xdp:
             relay_pid = stack.enter_context(threaded_napi(nsenter_argv(relay.netns, []), relay.ifname, cpu=1))
         elif pinned and path.relay_pid:
             stack.enter_context(pin_process(path.relay_pid, cpu=1))
@@ -206,7 +211,7 @@ def forwarding_rate(lab: Lab, path: Route, flows: int, duration: float, username
         out["xdp_ns_per_packet"] = round(prog.ns_per_run, 1)
     if relay_cpu is not None and delivered:
         out["relay_cpu_ns_per_packet"] = round(relay_cpu * 1e9 / delivered, 1)
-        out["relay_cpu_what"] = ("NAPI thread (XDP program, redirect, veth transmit)" if path.name == "xdp"
+        out["relay_cpu_what"] = ("NAPI thread (XDP program, redirect, veth transmit)" if path.runs_xdp
                                  else "relay process (user + system)")
     return out
 

@@ -3,7 +3,8 @@
 Order matters on a 2-core machine, so it is fixed: the quiet measurements
 (latency, first packet) come before the floods, and each path gets the same
 sequence: the kernel-routing floor first (no relay program attached, the relay
-namespace forwarding), then the XDP relay (the edge agent daemon, as deployed),
+namespace forwarding), then the local ceiling (a bare XDP program that only
+rewrites MACs and redirects, bench/ceiling.c: rate only), then the XDP relay (the edge agent daemon, as deployed),
 then the userspace relay (the same daemon with ``--datapath userspace``), then
 the flow-table scale runs (XDP loaded in-process, no daemon), then the WebRTC
 session figures in a lab of their own with a real transceiver.
@@ -24,12 +25,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from splitrelay.bench import control, forwarding, scale, system
+from splitrelay.bench import ceiling, control, forwarding, scale, system
 from splitrelay.lab import stack
 from splitrelay.lab.topology import Lab
 from splitrelay.errors import SplitrelayError
 
-PARTS = ("floor", "xdp", "userspace", "scale", "sessions")
+PARTS = ("floor", "ceiling", "xdp", "userspace", "scale", "sessions")
 
 
 class BenchError(SplitrelayError):
@@ -48,6 +49,7 @@ class Profile:
     scale_duration_s: float
     registrations: int
     setup_runs: int
+    setup_relays: tuple[int, ...]  # setup is measured in a lab with each of these relay counts
     capacity_steps: tuple[int, ...]
     capacity_duration_s: float
     trials: int = 1               # rate runs repeated; the median trial is reported
@@ -57,11 +59,12 @@ class Profile:
 PROFILES = {
     "full": Profile("full", ping_count=5000, ping_interval_us=200, first_packet_count=500, rate_flows=64,
                     rate_duration_s=3.0, scale_sizes=(1000, 100_000, 1_000_000), scale_duration_s=3.0,
-                    registrations=2000, setup_runs=20, capacity_steps=(1, 8, 16, 24, 32, 36, 40, 48),
-                    capacity_duration_s=10.0, trials=3),
+                    registrations=2000, setup_runs=20, setup_relays=(1, 2),
+                    capacity_steps=(1, 8, 16, 24, 32, 36, 40, 48), capacity_duration_s=10.0, trials=3),
     "smoke": Profile("smoke", ping_count=200, ping_interval_us=200, first_packet_count=20, rate_flows=8,
                      rate_duration_s=0.5, scale_sizes=(1000, 10_000), scale_duration_s=0.5,
-                     registrations=100, setup_runs=1, capacity_steps=(1,), capacity_duration_s=3.0),
+                     registrations=100, setup_runs=1, setup_relays=(1, 2), capacity_steps=(1,),
+                     capacity_duration_s=3.0),
 }
 
 
@@ -119,6 +122,12 @@ def _path_figures(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path, say:
     say(f"first-packet (STUN) round trips x{p.first_packet_count}")
     fp_names = forwarding.usernames_file([f"fp{i:06d}" for i in range(p.first_packet_count)], tmp)
     out["first_packet"] = forwarding.first_packet(lab, route, p.first_packet_count, fp_names)
+    out["rate"] = _rates(lab, p, route, tmp, say)
+    return out
+
+
+def _rates(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path, say: Callable[[str], None]) -> list[dict]:
+    """Forwarding rate of one path, sender free then pinned, each the median of ``p.trials``."""
     rates = []
     for pinned in (False, True):
         say(f"forwarding {p.rate_flows} flows for {p.rate_duration_s:g} s x{p.trials}"
@@ -132,8 +141,7 @@ def _path_figures(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path, say:
                                               src_port=30000 if pinned else 20000)
 
         rates.append(forwarding.median_of(p.trials, one_run))
-    out["rate"] = rates
-    return out
+    return rates
 
 
 def _relay_part(lab: Lab, p: Profile, datapath: str, tmp: Path, say: Callable[[str], None],
@@ -162,7 +170,7 @@ def run(profile: str = "full", parts: tuple[str, ...] = PARTS, samples_dir: Path
         tmp = Path(tmp_name)
         samples = samples_dir or tmp
         samples.mkdir(parents=True, exist_ok=True)
-        if set(parts) & {"floor", "xdp", "userspace", "scale"}:
+        if set(parts) & {"floor", "ceiling", "xdp", "userspace", "scale"}:
             say("building the lab (client, relay, transceiver namespaces)")
             with _lab() as lab, system.bpf_run_time_stats():
                 if "floor" in parts:
@@ -170,6 +178,10 @@ def run(profile: str = "full", parts: tuple[str, ...] = PARTS, samples_dir: Path
                         results["parts"]["kernel"] = _path_figures(
                             lab, p, forwarding.kernel_path(lab), tmp, lambda m: say(f"kernel routing: {m}"),
                             samples)
+                if "ceiling" in parts:
+                    with ceiling.attached(lab):
+                        results["parts"]["ceiling"] = {"rate": _rates(
+                            lab, p, ceiling.route(lab), tmp, lambda m: say(f"ceiling (bare XDP redirect): {m}"))}
                 for datapath in ("xdp", "userspace"):
                     if datapath in parts:
                         results["parts"][datapath] = _relay_part(lab, p, datapath, tmp, say, samples)
@@ -183,19 +195,25 @@ def run(profile: str = "full", parts: tuple[str, ...] = PARTS, samples_dir: Path
 
 
 def _sessions_part(p: Profile, say: Callable[[str], None]) -> dict:
-    from splitrelay.bench import sessions
+    """Setup time in a lab per relay count of ``p.setup_relays`` (key ``setup`` for 1 relay, ``setup_2_relays``
+    for 2, ...), and capacity in the first lab."""
+    from splitrelay.bench import capacity, session_setup
 
-    say("sessions: a lab with an echo transceiver")
-    info = stack.start_lab(transceivers=1, handler="echo")
-    try:
-        say(f"sessions: {p.setup_runs} setups through the relay and {p.setup_runs} direct")
-        setup = sessions.measure_setup(info["name"], runs=p.setup_runs)
-        say(f"sessions: capacity, steps {list(p.capacity_steps)}")
-        capacity = sessions.measure_capacity(info["name"], steps=list(p.capacity_steps),
-                                             duration=p.capacity_duration_s, progress=say)
-        return {"setup": setup, "capacity": capacity}
-    finally:
-        stack.stop_lab(info["name"])
+    out: dict = {}
+    for relays in p.setup_relays:
+        key = "setup" if relays == 1 else f"setup_{relays}_relays"
+        say(f"sessions: a lab with {relays} relay(s) and an echo transceiver advertising every relay")
+        info = stack.start_lab(transceivers=1, handler="echo", relays=relays)
+        try:
+            say(f"sessions: {p.setup_runs} setups through the relay and {p.setup_runs} direct, {relays} relay(s)")
+            out[key] = session_setup.measure_setup(info["name"], runs=p.setup_runs)
+            if "capacity" not in out:
+                say(f"sessions: capacity, steps {list(p.capacity_steps)}")
+                out["capacity"] = capacity.measure_capacity(info["name"], steps=list(p.capacity_steps),
+                                                            duration=p.capacity_duration_s, progress=say)
+        finally:
+            stack.stop_lab(info["name"])
+    return out
 
 
 def save(results: dict, path: Path) -> None:

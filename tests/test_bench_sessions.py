@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from splitrelay.bench import sessions
+from splitrelay.bench import capacity, session_setup, sessions
 from splitrelay.lab.stack import control, start_lab, stop_lab
 from splitrelay.lab.topology import Lab
 from splitrelay.lab.netns import NETNS_DIR, in_netns
@@ -57,7 +57,7 @@ def test_setup_time_relay_and_direct(session_lab):
     lab, info = session_lab
     before = processes_in(lab)
     assert ip_forward(lab) == "0"
-    result = sessions.measure_setup(lab.name, runs=2)
+    result = session_setup.measure_setup(lab.name, runs=2)
     json.dumps(result)
     assert ip_forward(lab) == "0" and result["relay_ip_forward_restored"]
     assert processes_in(lab) == before                        # the direct transceiver and the probe are gone
@@ -65,10 +65,10 @@ def test_setup_time_relay_and_direct(session_lab):
     t = lab.transceivers[0]
     relay, direct = result["paths"]["relay"], result["paths"]["direct"]
     assert relay["candidate"] == info["relay_public"]
-    assert direct["candidate"] == f"{t.ip4}:{sessions.DIRECT_BACKEND_PORT}"
+    assert direct["candidate"] == f"{t.ip4}:{session_setup.DIRECT_BACKEND_PORT}"
     for path in (relay, direct):
         assert path["ok"] == 2 and path["failed"] == 0 and path["errors"] == [], path
-        for metric in sessions.SETUP_METRICS:
+        for metric in session_setup.SETUP_METRICS:
             s = path[metric]
             assert s["n"] == 2 and 0 < s["min"] <= s["median"] <= s["p90"] <= s["max"], (metric, s)
         ice, dtls = path["samples"]["ice_connected_ms"], path["samples"]["dtls_connected_ms"]
@@ -88,9 +88,9 @@ def test_setup_failure_restores_forwarding_and_stops_the_direct_transceiver(sess
             assert ip_forward(lab) == "1"                       # forwarding is on while the probe would run
             raise sessions.SessionBenchError("probe refused to start")
 
-    monkeypatch.setattr(sessions, "_Probe", Failing)
+    monkeypatch.setattr(sessions, "Probe", Failing)
     with pytest.raises(sessions.SessionBenchError, match="probe refused"):
-        sessions.measure_setup(lab.name, runs=1)
+        session_setup.measure_setup(lab.name, runs=1)
     assert ip_forward(lab) == "0"
     assert processes_in(lab) == before
 
@@ -100,7 +100,7 @@ def test_capacity_steps(session_lab):
     before = processes_in(lab)
     backends = control(lab, lambda c: c.backends())
     fwd = counters(lab)["IN_FWD_FLOW"]
-    result = sessions.measure_capacity(lab.name, steps=[1, 2], duration=3)
+    result = capacity.measure_capacity(lab.name, steps=[1, 2], duration=3)
     json.dumps(result)
     assert processes_in(lab) == before                        # its transceiver and the probes are gone
     assert control(lab, lambda c: c.backends()) == backends   # its backend is unregistered
