@@ -11,6 +11,10 @@ session figures in a lab of their own with a real transceiver.
 
 A *profile* says how long each part runs: ``full`` for BENCHMARKS.md, ``smoke``
 for CI (seconds; proves every part still runs, asserts nothing about speed).
+
+Adding a part: its name in ``PARTS`` (the CLI's ``--part`` choices are read from
+it), a call in ``run()`` that stores its figures under ``results["parts"][name]``,
+its ratios and targets in ``report.py``, its section in ``report_markdown.py``.
 """
 
 from __future__ import annotations
