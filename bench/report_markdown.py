@@ -177,7 +177,8 @@ def _ceiling_note(results: dict) -> list[str]:
         ("unpinned", r["rate_xdp_over_ceiling"]), ("pinned", r["rate_xdp_over_ceiling_pinned"])) if v is not None]
     return ["*Local ceiling*: a bare XDP program on the relay's public veth (`bench/ceiling.c`) that only "
             "rewrites both MACs and redirects through a devmap to the internal veth, as the relay's egress "
-            "does, attached in the relay's place; same sender, flows and counter, in the same run. The XDP "
+            "does, attached in the relay's place; same sender, flows and counter, in the same run, its trials "
+            "bracketing the XDP relay's (half before, half after: the row is the median of all). The XDP "
             f"relay delivers {', '.join(fractions) or 'n/a'} (target ≥ 80 %).\n"]
 
 

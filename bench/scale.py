@@ -118,12 +118,12 @@ def scale(lab: Lab, sizes: list[int], duration: float, pinned: bool = True,
             t0 = time.perf_counter()
             aged = dp.age_flows(idle_s=86400.0)  # the agent's ageing pass: reads every flow, removes none here
             walk_s = time.perf_counter() - t0
-            runs.append({**rate, "flows_in_map": len(table), "aged": aged, "fill_s": round(fill_s, 2),
+            runs.append({**rate.to_json(), "flows_in_map": len(table), "aged": aged, "fill_s": round(fill_s, 2),
                          "walk_s": round(walk_s, 2), "active_subset": {
-                             "flows": active, "delivered_pps": hot["delivered_pps"], "loss": hot["loss"],
-                             "trials_pps": hot["trials_pps"],
-                             "xdp_ns_per_packet": hot.get("xdp_ns_per_packet"),
-                             "relay_cpu_ns_per_packet": hot.get("relay_cpu_ns_per_packet")}})
+                             "flows": active, "delivered_pps": hot.delivered_pps, "loss": hot.loss,
+                             "trials_pps": list(hot.trials_pps),
+                             "xdp_ns_per_packet": hot.xdp_ns_per_packet,
+                             "relay_cpu_ns_per_packet": hot.relay_cpu_ns_per_packet}})
         return {"runs": runs, "flow_map_entries": table.max_entries, "flow_map_memlock_bytes": memlock,
                 "bytes_per_flow": round(memlock / table.max_entries, 1),
                 "flow_key_bytes": ct.sizeof(table.Key), "flow_value_bytes": ct.sizeof(table.Leaf),

@@ -4,7 +4,8 @@ Order matters on a 2-core machine, so it is fixed: the quiet measurements
 (latency, first packet) come before the floods, and each path gets the same
 sequence: the kernel-routing floor first (no relay program attached, the relay
 namespace forwarding), then the local ceiling (a bare XDP program that only
-rewrites MACs and redirects, bench/ceiling.c: rate only), then the XDP relay (the edge agent daemon, as deployed),
+rewrites MACs and redirects, bench/ceiling.c: rate only; half its trials before
+the XDP relay, half after), then the XDP relay (the edge agent daemon, as deployed),
 then the userspace relay (the same daemon with ``--datapath userspace``), then
 the flow-table scale runs (XDP loaded in-process, no daemon), then the WebRTC
 session figures in a lab of their own with a real transceiver.
@@ -132,7 +133,14 @@ def _path_figures(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path, say:
 
 def _rates(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path, say: Callable[[str], None]) -> list[dict]:
     """Forwarding rate of one path, sender free then pinned, each the median of ``p.trials``."""
-    rates = []
+    trials = _rate_trials(lab, p, route, tmp, say)
+    return [forwarding.median_run(trials[pinned]).to_json() for pinned in (False, True)]  # results stay JSON
+
+
+def _rate_trials(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path,
+                 say: Callable[[str], None]) -> dict[bool, list[forwarding.RateRun]]:
+    """Every trial of one path's forwarding rate, sender free (False) and pinned (True)."""
+    trials: dict[bool, list[forwarding.RateRun]] = {}
     for pinned in (False, True):
         say(f"forwarding {p.rate_flows} flows for {p.rate_duration_s:g} s x{p.trials}"
             + (", sender on CPU 0, relay on CPU 1" if pinned else ", unpinned"))
@@ -140,12 +148,19 @@ def _rates(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path, say: Callab
         if route.needs_session:  # each run opens fresh flows, from other source ports
             prefix = "rp" if pinned else "rt"
             rate_names = forwarding.usernames_file([f"{prefix}{i:06d}" for i in range(p.rate_flows)], tmp)
-        def one_run(names: Path | None = rate_names, pinned: bool = pinned) -> dict:
+        def one_run(names: Path | None = rate_names, pinned: bool = pinned) -> forwarding.RateRun:
             return forwarding.forwarding_rate(lab, route, p.rate_flows, p.rate_duration_s, names, pinned=pinned,
                                               src_port=30000 if pinned else 20000)
 
-        rates.append(forwarding.median_of(p.trials, one_run))
-    return rates
+        trials[pinned] = [one_run() for _ in range(max(1, p.trials))]
+    return trials
+
+
+def _ceiling_trials(lab: Lab, p: Profile, tmp: Path, say: Callable[[str], None],
+                    half: int) -> dict[bool, list[forwarding.RateRun]]:
+    with ceiling.attached(lab):
+        return _rate_trials(lab, p, ceiling.route(lab), tmp,
+                            lambda m: say(f"ceiling (bare XDP redirect, {half} of 2): {m}"))
 
 
 def _relay_part(lab: Lab, p: Profile, datapath: str, tmp: Path, say: Callable[[str], None],
@@ -182,13 +197,20 @@ def run(profile: str = "full", parts: tuple[str, ...] = PARTS, samples_dir: Path
                         results["parts"]["kernel"] = _path_figures(
                             lab, p, forwarding.kernel_path(lab), tmp, lambda m: say(f"kernel routing: {m}"),
                             samples)
+                # the ceiling's trials bracket the XDP relay's (before and after it): a machine whose load
+                # drifts during the run moves both, and their ratio is what the ceiling row is for
+                bracket: list[dict[bool, list[forwarding.RateRun]]] = []
                 if "ceiling" in parts:
-                    with ceiling.attached(lab):
-                        results["parts"]["ceiling"] = {"rate": _rates(
-                            lab, p, ceiling.route(lab), tmp, lambda m: say(f"ceiling (bare XDP redirect): {m}"))}
-                for datapath in ("xdp", "userspace"):
-                    if datapath in parts:
-                        results["parts"][datapath] = _relay_part(lab, p, datapath, tmp, say, samples)
+                    bracket.append(_ceiling_trials(lab, p, tmp, say, half=1))
+                if "xdp" in parts:
+                    results["parts"]["xdp"] = _relay_part(lab, p, "xdp", tmp, say, samples)
+                if "ceiling" in parts:
+                    bracket.append(_ceiling_trials(lab, p, tmp, say, half=2))
+                if "userspace" in parts:
+                    results["parts"]["userspace"] = _relay_part(lab, p, "userspace", tmp, say, samples)
+                if bracket:
+                    results["parts"]["ceiling"] = {"rate": [forwarding.median_run(
+                        [run for half in bracket for run in half[pinned]]).to_json() for pinned in (False, True)]}
                 if "scale" in parts:
                     results["parts"]["scale"] = scale.scale(lab, list(p.scale_sizes), p.scale_duration_s,
                                                               progress=say, trials=p.trials)
