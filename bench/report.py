@@ -72,6 +72,10 @@ def ratios(results: dict) -> dict:
         xdp, bare = rate_run(results, "xdp", pinned), rate_run(results, "ceiling", pinned)
         out["rate_xdp_over_ceiling" + ("_pinned" if pinned else "")] = _ratio(
             xdp and xdp["delivered_pps"], bare and bare["delivered_pps"])
+    xdp, bare = rate_run(results, "xdp", True), rate_run(results, "ceiling", True)
+    # packets per CPU-second on the relay's own core, relay over ceiling: steadier than pkt/s on a loaded machine
+    out["cpu_per_packet_ceiling_over_xdp_pinned"] = _ratio(bare and bare.get("relay_cpu_ns_per_packet"),
+                                                           xdp and xdp.get("relay_cpu_ns_per_packet"))
     out["setup_relay_over_direct"] = get(results, "parts", "sessions", "setup", "ratio_relay_to_direct",
                                           "dtls_connected_ms")
     out["setup_relay_over_direct_2_relays"] = get(results, "parts", "sessions", "setup_2_relays",

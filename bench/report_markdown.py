@@ -179,7 +179,10 @@ def _ceiling_note(results: dict) -> list[str]:
             "rewrites both MACs and redirects through a devmap to the internal veth, as the relay's egress "
             "does, attached in the relay's place; same sender, flows and counter, in the same run, its trials "
             "bracketing the XDP relay's (half before, half after: the row is the median of all). The XDP "
-            f"relay delivers {', '.join(fractions) or 'n/a'} (target ≥ 80 %).\n"]
+            f"relay delivers {', '.join(fractions) or 'n/a'} (target ≥ 80 %). Per CPU time on its own core "
+            "(pinned runs: the ceiling's relay CPU ns/pkt ÷ the relay's), the relay forwards "
+            f"**{fmt(100 * cpu, 1) if (cpu := r['cpu_per_packet_ceiling_over_xdp_pinned']) else 'n/a'} %** of "
+            "the ceiling's packets (other work on the machine moves this less than it moves pkt/s).\n"]
 
 
 def _stat_row(name: str, d: dict | None) -> list[Any]:
