@@ -16,7 +16,6 @@ import json
 import sys
 from typing import Any
 
-from splitrelay.transceiver.audio import STAGES
 from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 
 STAGE_NAMES = {
@@ -105,7 +104,7 @@ def call_through_lossy_lab(duration: float, impairment: Any, name: str | None = 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = ["| stage | stock client p50 / p99 (ms) | low-latency client p50 / p99 (ms) |", "|---|---|---|"]
-    for stage in STAGES:
+    for stage in STAGE_NAMES:  # send_late is generated audio's (a voice agent's reply): not in an echo
         cells = []
         for client in ("stock", "low_latency"):
             figure = results[client]["server"].get("stages", {}).get(stage)
@@ -161,7 +160,8 @@ and encode each crossed a thread.  Now (transceiver/jitter.py, opus.py, audio.py
 leaves the receive buffer the moment its packet is in; a gap waits one frame on a path that keeps order
 (the measured delay once packets came out of order), then is concealed with libopus FEC/PLC and counted;
 decode and encode run on the loop through PyAV's libopus; a frame is sent when the handler pushes it,
-paced by RTP time (at most 3 frames ahead), silence only once the handler is 3 frames late; queued live
+paced by RTP time (live audio at most 3 frames ahead, a voice agent's reply 1: see the barge-in below),
+silence only once the handler is 3 frames late (after a barge-in's flush: in its own slot); queued live
 audio sheds quiet frames so a caller's catch-up burst is not carried as latency.
 
 Note on the two client rows: the probe detects beeps per 20 ms frame.  A beep starts on a frame boundary;

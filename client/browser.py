@@ -152,10 +152,11 @@ class Browser:
     """
 
     def __init__(self, wrapper: list[str] | None = None, extra_args: list[str] | None = None,
-                 tone_hz: float = TONE_HZ) -> None:
+                 tone_hz: float = TONE_HZ, capture_wav: Path | None = None) -> None:
         self.wrapper = wrapper or []
         self.extra_args = extra_args or []
         self.tone_hz = tone_hz
+        self.capture_wav = capture_wav  # what the fake microphone plays (looped) instead of the tone
         self._workdir: Path | None = None
         self._playwright: Any = None
         self._browser: Any = None
@@ -167,7 +168,7 @@ class Browser:
         from playwright.sync_api import Error, sync_playwright
 
         self._workdir = Path(tempfile.mkdtemp(prefix="splitrelay-browser-"))
-        wav = write_tone_wav(self._workdir / "tone.wav", self.tone_hz)
+        wav = self.capture_wav or write_tone_wav(self._workdir / "tone.wav", self.tone_hz)
         launcher = self._workdir / "chromium"   # playwright takes one executable: the wrapper, then Chromium
         launcher.write_text("#!/bin/sh\nexec " + shlex.join([*self.wrapper, CHROMIUM]) + ' "$@"\n')
         launcher.chmod(0o755)

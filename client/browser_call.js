@@ -77,6 +77,10 @@ async function sample() {
       s.inPackets = r.packetsReceived || 0;
       s.inEnergy = r.totalAudioEnergy || 0;
       s.inLevel = r.audioLevel || 0;
+      // NetEQ, Chrome's receive buffer (cumulative over emitted samples): what plays after a barge-in
+      s.jbDelay = r.jitterBufferDelay || 0;
+      s.jbTarget = r.jitterBufferTargetDelay || 0;
+      s.jbEmitted = r.jitterBufferEmittedCount || 0;
     } else if (r.type === "outbound-rtp" && r.kind === "audio") {
       s.outPackets = r.packetsSent || 0;
     } else if (r.type === "transport" && r.selectedCandidatePairId) {

@@ -38,6 +38,7 @@ from splitrelay.voice.audio import FRAME_BYTES, FRAME_SAMPLES, frames_of, rms
 from splitrelay.voice.tts import EspeakTts
 
 AUDIBLE = 0.01  # RMS, -40 dBFS
+FRAME_SECONDS = 0.02
 
 
 class CallError(SplitrelayError):
@@ -113,10 +114,19 @@ class TurnResult:
 
 @dataclass
 class BargeInResult:
-    latency_ms: float | None = None          # caller voice onset -> agent audio silent at the client
+    """Milliseconds from the caller's voice onset (its frame leaving the caller's track) to each step."""
+
+    latency_ms: float | None = None          # -> the last audible agent frame ends, out of the client's
+                                             # receive path (jitter buffer + decoder output)
+    played_ms: float | None = None           # -> the same on a playout clock (frames of a talkspurt back to
+                                             # back): audio sent ahead of real time plays after it arrived
+    agent_onset_ms: float | None = None      # -> the agent's VAD window that saw speech (uplink, the agent's
+                                             # receive path, the VAD window, Silero)
+    agent_stop_ms: float | None = None       # -> the agent flushed its audio and cancelled the reply
+    wire_ms: float | None = None             # -> the last audible agent packet arrived at the client (the
+                                             # transceiver's last agent frame on the wire, plus <1 ms)
+    event_ms: float | None = None            # -> the barge_in event arrived at the client (data channel)
     agent_detect_ms: float | None = None     # agent: speech window -> barge_in event
-    event_ms: float | None = None            # caller voice onset -> barge_in event at the client (uplink,
-                                             # VAD, data channel back): the detection part of latency_ms
     dropped_ms: float | None = None          # agent audio flushed from the transceiver's queue
     error: str | None = None
 
@@ -143,7 +153,12 @@ class CallReport:
                 "stt_p50_ms": p50([t.stt_ms for t in answered]),
                 "reply_p50_ms": p50([t.reply_ms for t in answered]),
                 "tts_p50_ms": p50([t.tts_ms for t in answered]),
-                "barge_in_p50_ms": p50([b.latency_ms for b in self.barge_ins])}
+                "barge_in_p50_ms": p50([b.latency_ms for b in self.barge_ins]),
+                "barge_in_max_ms": max((b.latency_ms for b in self.barge_ins if b.latency_ms is not None),
+                                       default=None),
+                "barge_in_played_p50_ms": p50([b.played_ms for b in self.barge_ins]),
+                "barge_in_agent_stop_p50_ms": p50([b.agent_stop_ms for b in self.barge_ins]),
+                "barge_in_wire_p50_ms": p50([b.wire_ms for b in self.barge_ins])}
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "summary": self.summary()}
@@ -161,7 +176,10 @@ class Caller:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.track = SpeechTrack()
         self.events: list[tuple[float, dict]] = []
-        self.heard: list[tuple[float, bool]] = []  # (arrival, audible) per received frame
+        self.heard: list[tuple[float, bool]] = []  # (out of the receive path, audible) per received frame
+        # per received frame: (end of its play on a playout clock, audible, its packet's arrival or None)
+        self.played: list[tuple[float, bool, float | None]] = []
+        self._played = 0.0
         self._event_added = asyncio.Event()
         self._location: str | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -218,10 +236,20 @@ class Caller:
             raise CallError(f"the agent sent no 'ready' event within {timeout:.0f} s (is it --handler voice?)")
         return ready
 
-    def _hear(self, pcm: bytes) -> None:
-        self.heard.append((time.monotonic(), rms(pcm) >= AUDIBLE))
+    def _hear(self, pcm: bytes, arrived: float | None = None, now: float | None = None) -> None:
+        """A frame came out of the receive path (at ``now``: time.monotonic() unless given)."""
+        now = time.monotonic() if now is None else now
+        audible = rms(pcm) >= AUDIBLE
+        # a playout clock: frames play back to back, each no earlier than it came out of the receive path;
+        # a player behind its clock may skip a quiet frame to catch up (NetEQ's accelerate), never speech
+        starts = max(now, self._played)
+        behind = min(FRAME_SECONDS, starts - now)
+        self._played = starts + (FRAME_SECONDS if audible else FRAME_SECONDS - behind)
+        self.heard.append((now, audible))
+        self.played.append((starts + FRAME_SECONDS, audible, arrived))
         if len(self.heard) > 30000:  # 10 minutes: keep the newest
             del self.heard[:15000]
+            del self.played[:15000]
 
     async def _listen(self, remote: MediaStreamTrack) -> None:
         try:
@@ -233,7 +261,8 @@ class Caller:
 
     async def _listen_voice(self, voice: Any) -> None:  # noqa: ANN401 - transceiver.audio.VoiceReceiver
         while True:
-            self._hear((await voice.recv()).samples)
+            frame = await voice.recv()
+            self._hear(frame.samples, frame.received)
 
     async def wait_event(self, kind: str, since: float, timeout: float, turn: int | None = None) -> dict | None:
         deadline = time.monotonic() + timeout
@@ -322,10 +351,20 @@ class Caller:
         result.agent_detect_ms, result.dropped_ms = event.get("detect_ms"), event.get("dropped_ms")
         arrived = next(at for at, e in self.events if e is event)
         result.event_ms = round((arrived - onset) * 1000.0, 1)
+        if "stopped_at" in event:  # the agent's clock: time.monotonic() of the same host (see agent.py)
+            result.agent_onset_ms = _since(onset, event["onset_at"])
+            result.agent_stop_ms = _since(onset, event["stopped_at"])
         await asyncio.sleep(1.0)  # anything still heard after this was not stopped
         # "wait" is answered with silence, so every audible frame after the onset is the cut answer
         last = max((at for at, loud in self.heard if loud and at >= onset), default=None)
-        result.latency_ms = round((last + 0.02 - onset) * 1000.0, 1) if last is not None else 0.0
+        result.latency_ms = _since(onset, last + FRAME_SECONDS) if last is not None else 0.0
+        played = [(end, arrived) for end, loud, arrived in self.played if loud and end > onset]
+        if played:
+            result.played_ms = _since(onset, max(end for end, _ in played))
+            arrivals = [a for _, a in played if a is not None]
+            result.wire_ms = _since(onset, max(arrivals)) if arrivals else None
+        else:
+            result.played_ms = 0.0
         await self.quiet()
         return result
 
@@ -342,6 +381,10 @@ class Caller:
         for task in self._tasks:
             task.cancel()
         await self.pc.close()
+
+
+def _since(start: float, at: float) -> float:
+    return round((at - start) * 1000.0, 1)
 
 
 async def run_call(whip_url: str, phrases: list[str], barge_ins: int = 1, token: str | None = None,

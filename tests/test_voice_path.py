@@ -15,7 +15,7 @@ from aioice.ice import Connection
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 
 from splitrelay.transceiver.audio import (
-    AIORTC_JITTER_BUFFER, FRAME_BYTES, LEAD, OutboundAudio, VoiceReceiver, check_aiortc,
+    AIORTC_JITTER_BUFFER, FRAME_BYTES, LEAD, QUIET_PEAK, REPLY_LEAD, OutboundAudio, VoiceReceiver, check_aiortc,
 )
 from splitrelay.transceiver.handlers import FRAME_SAMPLES, FRAME_SECONDS, PcmFrame
 from splitrelay.transceiver.jitter import MAX_CONCEALED, AdaptiveJitterBuffer
@@ -158,10 +158,21 @@ async def test_the_voice_receiver_decodes_and_conceals_what_the_buffer_releases(
     assert voice.to_dict()["frames_concealed"] == 1
 
 
-async def test_outbound_sends_pushed_audio_at_once_and_paces_a_burst_by_rtp_time():
+LOUD = struct.pack(f"<{FRAME_SAMPLES}h", *(int(8000 * math.sin(2 * math.pi * 400 * n / 48000))
+                                          for n in range(FRAME_SAMPLES)))  # 20 ms of a 400 Hz tone: never shed
+
+
+def peak(packet: object, decoder: OpusDecoder) -> int:
+    pcm = decoder.decode(bytes(packet))
+    return max(abs(x) for x in struct.unpack(f"<{len(pcm) // 2}h", pcm))
+
+
+@pytest.mark.parametrize("received, lead", [(None, REPLY_LEAD), (0.0, LEAD)], ids=["reply", "live"])
+async def test_outbound_sends_pushed_audio_at_once_and_paces_a_burst_by_rtp_time(received, lead):
+    """A reply (generated audio) runs one frame ahead of its RTP time, live audio three (a caller's bursts)."""
     out = OutboundAudio()
-    out.push(PcmFrame(b"\x01\x00" * FRAME_SAMPLES * 10))     # a reply, 200 ms of it at once
-    ahead = round(LEAD / FRAME_SECONDS)
+    out.push(PcmFrame(LOUD * 10, received=received))         # 200 ms of it at once
+    ahead = round(lead / FRAME_SECONDS)
     packets = [await asyncio.wait_for(out.recv(), 1) for _ in range(ahead + 1)]
     assert [p.pts for p in packets] == [i * FRAME_SAMPLES for i in range(ahead + 1)]
     pending = asyncio.ensure_future(out.recv())              # the rest waits for its RTP time
@@ -169,6 +180,20 @@ async def test_outbound_sends_pushed_audio_at_once_and_paces_a_burst_by_rtp_time
     assert not pending.done()
     assert (await asyncio.wait_for(pending, 1)).pts == (ahead + 1) * FRAME_SAMPLES
     assert out.clear() == pytest.approx((10 - ahead - 2) * FRAME_SECONDS)
+    out.stop()
+
+
+async def test_clear_drops_every_frame_not_yet_sent_and_the_stream_goes_on_with_silence():
+    out, decoder = OutboundAudio(), OpusDecoder()
+    out.push(PcmFrame(LOUD * 25))                            # a 500 ms reply
+    before = [await asyncio.wait_for(out.recv(), 1) for _ in range(2)]
+    assert out.clear() == pytest.approx(23 * FRAME_SECONDS) and out.backlog == 0
+    assert out.cleared_frames == 23
+    after = [await asyncio.wait_for(out.recv(), 1) for _ in range(5)]
+    assert [p.pts for p in before + after] == [i * FRAME_SAMPLES for i in range(7)]  # no gap in RTP time
+    peaks = [peak(p, decoder) for p in before + after]
+    assert min(peaks[:2]) > 4000                             # the tone was playing...
+    assert max(peaks[3:]) < QUIET_PEAK                       # ...and after the codec's tail of it, silence
     out.stop()
 
 

@@ -11,11 +11,14 @@ frame crossed two thread hops (decoder thread, encoder executor).  Here:
   public hook for its receiver's buffer, so this replaces the private one (see
   ``check_aiortc``); RTCP, statistics and SRTP stay aiortc's.
 * ``OutboundAudio`` sends the handler's audio as soon as it is pushed, paced by RTP
-  time: frame ``n`` may leave from ``anchor + n * 20 ms - LEAD``, so a burst goes out
+  time: frame ``n`` may leave from ``anchor + n * 20 ms - lead``, so a burst goes out
   at real-time rate and nothing waits for a clock tick; silence fills in only when
   the handler is ``GRACE`` late; the first frame after silence re-anchors the clock, so
-  a late frame never delays the ones after it (no sleep that adds up).  It hands aiortc
-  encoded packets (encoded on the loop), which aiortc packs without its executor.
+  a late frame never delays the ones after it (no sleep that adds up).  The lead is
+  three frames for live audio (a caller's bursts) and one for generated audio (a
+  reply: what was sent ahead still plays after a barge-in); ``clear()`` drops every
+  frame not yet sent at once.  It hands aiortc encoded packets (encoded on the loop),
+  which aiortc packs without its executor.
 * ``StageTimes`` records where each frame's time goes (RTP at the mux, buffer,
   decode, handler, outbound queue, encode), reported in ``Session.to_dict()["audio"]``
   and by ``splitrelay bench-audio``.
@@ -47,11 +50,20 @@ FRAME_BYTES = 2 * FRAME_SAMPLES
 # busy loop) is echoed at once; with one frame of lead such a burst left a fixed 20-40 ms queue behind
 # it (outbound queue p50 34.7 ms, measured).
 LEAD = 3 * FRAME_SECONDS
+# Generated audio (a TTS reply: pushes without an arrival time) runs only one frame ahead: what was sent
+# ahead is at the client when the caller barges in, and plays there after the agent has stopped.  Its
+# frames are queued well before their time, so the lead only covers the sender's own wake-up lateness
+# (stage ``send_late``): 0.6-0.9 ms p50, 3.4-12.7 ms p99 through the lab (bench.voice, load 0.8-2.7); one
+# frame covers that, and costs at most 20 ms of audio after a barge-in (three cost 60 ms; the barge-in
+# p50 went from 192 to 72 ms with this and clear()'s on-time silence).  At load 3.5 the p99 was 99.5 ms:
+# loop stalls that no lead worth its barge-in cost covers; the listener's own buffer has to.
+REPLY_LEAD = FRAME_SECONDS
 GRACE = 3 * FRAME_SECONDS   # silence replaces the handler's audio once it is this late (loss concealment
 #                             in the receive buffer makes an echoed frame up to ~1 frame late)
 TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 AIORTC_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
-STAGES = ("mux_to_receiver", "jitter_buffer", "decode", "handler", "outbound_queue", "encode", "in_to_out")
+STAGES = ("mux_to_receiver", "jitter_buffer", "decode", "handler", "outbound_queue", "encode", "in_to_out",
+          "send_late", "flush_to_wire")
 
 
 class AudioPathError(SplitrelayError):
@@ -236,6 +248,10 @@ class OutboundAudio(MediaStreamTrack):
         self._idle = True         # the last frame sent was silence: the next content re-anchors the clock
         self._waiter: asyncio.Future | None = None
         self._taken = 0           # bytes of the stream taken (sent or dropped)
+        self._live = False        # the push the next frame belongs to is live audio (it carries arrival times)
+        self._flushed = False     # clear() cut audio that was being sent: silence goes on time until more audio
+        self._late: float | None = None  # how late the frame being sent left its slot (generated audio)
+        self._cleared_at: float | None = None  # when clear() cut audio being sent, until the next frame leaves
         self._marks: deque[tuple[int, float, float | None]] = deque()  # (stream offset, pushed at, received)
         self._mark: tuple[int, float, float | None] | None = None      # the one of the frame being sent
 
@@ -263,17 +279,33 @@ class OutboundAudio(MediaStreamTrack):
         del self.buffer[:count]
         self._taken += count
         while self._marks and self._marks[0][0] < self._taken:
-            self._marks.popleft()
+            self._live = self._marks.popleft()[2] is not None
 
     def _live_head(self) -> bool:
         """The next frame to send starts a push of live audio (one that carries its arrival time)."""
         return bool(self._marks) and self._marks[0][0] == self._taken and self._marks[0][2] is not None
 
+    def _lead(self) -> float:
+        """How far ahead of its RTP time the next frame may leave: LEAD for live audio, REPLY_LEAD else."""
+        if self._marks and self._marks[0][0] == self._taken:
+            return LEAD if self._marks[0][2] is not None else REPLY_LEAD
+        return LEAD if self._live else REPLY_LEAD
+
     def clear(self) -> float:
-        """Drop everything waiting to be sent (barge-in); the seconds dropped."""
+        """Drop everything waiting to be sent (barge-in); the seconds dropped.
+
+        Until the handler speaks again, silence then goes in each frame's own slot, not ``GRACE`` late: a
+        stream that stalls mid-word makes the listener's decoder conceal (extrapolate the speech); the
+        codec's tail of the cut word (Opus overlap, ~-30 dBFS, in the first silent frame) came ``LEAD +
+        GRACE`` late (measured: the last audible agent packet reached the client 130 ms after the agent had
+        stopped); and a client whose buffer counts frames (aiortc's holds four) releases the last words
+        only as later packets push them out (measured with it: 233 ms p50 from onset to silence)."""
         dropped = self.backlog
         self.cleared_frames += round(dropped / FRAME_SECONDS)
         self._drop(len(self.buffer))
+        if not self._idle and self._cleared_at is None:
+            self._cleared_at = time.monotonic()
+        self._flushed = self._flushed or not self._idle
         return dropped
 
     @property
@@ -298,7 +330,7 @@ class OutboundAudio(MediaStreamTrack):
             if self._idle:  # the first frame after silence leaves now and sets the clock
                 self._anchor = now - self._index * FRAME_SECONDS
                 self._idle = False
-            due = self._anchor + self._index * FRAME_SECONDS - LEAD
+            due = self._anchor + self._index * FRAME_SECONDS - self._lead()
             if now < due:
                 if (self._quiet_run >= KEEP_QUIET and self._live_head() and len(self.buffer) >= 2 * FRAME_BYTES
                         and _quiet(self.buffer[:FRAME_BYTES])):
@@ -309,10 +341,13 @@ class OutboundAudio(MediaStreamTrack):
             pcm = bytes(self.buffer[:FRAME_BYTES])
             self._quiet_run = self._quiet_run + 1 if _quiet(pcm) else 0
             # the push that starts in this frame, if any: its timing follows the frame to the wire
-            self._mark = next((m for m in self._marks if m[0] < self._taken + FRAME_BYTES), None)
+            self._mark = mark = next((m for m in self._marks if m[0] < self._taken + FRAME_BYTES), None)
+            # generated audio that waited for its slot: how late the sender woke up for it (REPLY_LEAD's figure)
+            self._late = now - due if mark is not None and mark[2] is None and mark[1] <= due else None
+            self._flushed = False
             self._drop(FRAME_BYTES)
             return pcm, now
-        due = self._anchor + self._index * FRAME_SECONDS + GRACE
+        due = self._anchor + self._index * FRAME_SECONDS + (-self._lead() if self._flushed else GRACE)
         if now < due:
             return None, due
         self._idle = True
@@ -340,6 +375,13 @@ class OutboundAudio(MediaStreamTrack):
         self._index += 1
         self.frames_out += 1
         mark = self._mark
+        late, self._late = self._late, None
+        cleared, self._cleared_at = self._cleared_at, None
+        if self.stages:
+            if late is not None:
+                self.stages.add("send_late", late)
+            if cleared is not None:  # barge-in: the flush -> the frame after it (the cut word's codec tail)
+                self.stages.add("flush_to_wire", time.monotonic() - cleared)
         if mark is not None and self.stages:
             done = time.monotonic()
             self.stages.add("outbound_queue", now - mark[1])

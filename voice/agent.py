@@ -269,8 +269,11 @@ class VoiceHandler(Handler):
             turn.interrupted = True
         if self._answer is not None and not self._answer.done():
             self._answer.cancel()
+        stopped = time.monotonic()
+        # onset_at / stopped_at: this host's time.monotonic(), so a caller on the same host (the bench's, in
+        # another network namespace of the same kernel) can place them on its own timeline
         self.emit("barge_in", turn=turn.index if turn else None, dropped_ms=_ms(dropped),
-                  detect_ms=_ms(time.monotonic() - at))
+                  detect_ms=_ms(stopped - at), onset_at=round(at, 6), stopped_at=round(stopped, 6))
 
     # -- data channel -------------------------------------------------------------------------
 
