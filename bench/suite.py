@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from splitrelay.bench import ceiling, control, forwarding, scale, system
@@ -73,6 +73,25 @@ PROFILES = {
 }
 
 
+@dataclass(frozen=True)
+class PathFigures:
+    """What a packet part returns for one path (kernel floor, ceiling, XDP relay, userspace relay)."""
+
+    rate: list[forwarding.RateRun]                 # sender free, then pinned
+    latency: dict | None = None                    # udpgen's ping report, as bench/udpgen.c prints it
+    first_packet: dict | None = None               # the same, one new flow per ping
+    registration: control.RegistrationRate | None = None
+
+    def to_json(self) -> dict:
+        """The results file's keys for the path (a part that did not measure a figure leaves it out)."""
+        out: dict = {k: v for k, v in (("latency", self.latency), ("first_packet", self.first_packet))
+                     if v is not None}
+        out["rate"] = [r.to_json() for r in self.rate]
+        if self.registration is not None:
+            out["registration"] = asdict(self.registration)
+        return out
+
+
 def _agent(lab: Lab, datapath: str) -> subprocess.Popen:
     args = ["--idle-timeout", "600"]  # flows of a benchmark must not age out between its parts
     return stack.start_agent(lab, "strict", args, datapath=datapath)
@@ -116,25 +135,22 @@ def _session_names(p: Profile) -> list[str]:
 
 
 def _path_figures(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path, say: Callable[[str], None],
-                  samples_dir: Path) -> dict:
+                  samples_dir: Path) -> PathFigures:
     """Latency, first packet and forwarding rate (sender free, then pinned) of one path."""
-    name = route.name
-    out: dict = {}
     say(f"UDP ping-pong x{p.ping_count}")
-    out["latency"] = forwarding.latency(lab, route, p.ping_count, p.ping_interval_us,
-                                        f"ping0000:{forwarding.CLIENT_UFRAG}",
-                                        samples=samples_dir / f"rtt-{name}.txt")
+    latency = forwarding.latency(lab, route, p.ping_count, p.ping_interval_us,
+                                 f"ping0000:{forwarding.CLIENT_UFRAG}",
+                                 samples=samples_dir / f"rtt-{route.name}.txt")
     say(f"first-packet (STUN) round trips x{p.first_packet_count}")
     fp_names = forwarding.usernames_file([f"fp{i:06d}" for i in range(p.first_packet_count)], tmp)
-    out["first_packet"] = forwarding.first_packet(lab, route, p.first_packet_count, fp_names)
-    out["rate"] = _rates(lab, p, route, tmp, say)
-    return out
-
-
-def _rates(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path, say: Callable[[str], None]) -> list[dict]:
-    """Forwarding rate of one path, sender free then pinned, each the median of ``p.trials``."""
+    first = forwarding.first_packet(lab, route, p.first_packet_count, fp_names)
     trials = _rate_trials(lab, p, route, tmp, say)
-    return [forwarding.median_run(trials[pinned]).to_json() for pinned in (False, True)]  # results stay JSON
+    return PathFigures(_medians(trials), latency, first)
+
+
+def _medians(*trials: dict[bool, list[forwarding.RateRun]]) -> list[forwarding.RateRun]:
+    """The median run of all ``trials`` given, sender free then pinned."""
+    return [forwarding.median_run([run for t in trials for run in t[pinned]]) for pinned in (False, True)]
 
 
 def _rate_trials(lab: Lab, p: Profile, route: forwarding.Route, tmp: Path,
@@ -164,16 +180,15 @@ def _ceiling_trials(lab: Lab, p: Profile, tmp: Path, say: Callable[[str], None],
 
 
 def _relay_part(lab: Lab, p: Profile, datapath: str, tmp: Path, say: Callable[[str], None],
-                samples_dir: Path) -> dict:
+                samples_dir: Path) -> PathFigures:
     with _relay(lab, datapath) as proc:
         url = stack.control_url(lab)
         say(f"{datapath}: registering and removing {p.registrations} sessions through the control API")
         reg = control.registration_rate(lab, url, p.registrations, prefix="rg")
         control.register(lab, url, _session_names(p))
         route = forwarding.relay_path(lab, datapath, relay_pid=proc.pid if datapath == "userspace" else None)
-        out = _path_figures(lab, p, route, tmp, lambda m: say(f"{datapath}: {m}"), samples_dir)
-        out["registration"] = asdict(reg)   # the results file stays JSON
-        return out
+        figures = _path_figures(lab, p, route, tmp, lambda m: say(f"{datapath}: {m}"), samples_dir)
+        return replace(figures, registration=reg)
 
 
 def run(profile: str = "full", parts: tuple[str, ...] = PARTS, samples_dir: Path | None = None,
@@ -196,21 +211,20 @@ def run(profile: str = "full", parts: tuple[str, ...] = PARTS, samples_dir: Path
                     with forwarding.kernel_forwarding(lab):
                         results["parts"]["kernel"] = _path_figures(
                             lab, p, forwarding.kernel_path(lab), tmp, lambda m: say(f"kernel routing: {m}"),
-                            samples)
+                            samples).to_json()
                 # the ceiling's trials bracket the XDP relay's (before and after it): a machine whose load
                 # drifts during the run moves both, and their ratio is what the ceiling row is for
                 bracket: list[dict[bool, list[forwarding.RateRun]]] = []
                 if "ceiling" in parts:
                     bracket.append(_ceiling_trials(lab, p, tmp, say, half=1))
                 if "xdp" in parts:
-                    results["parts"]["xdp"] = _relay_part(lab, p, "xdp", tmp, say, samples)
+                    results["parts"]["xdp"] = _relay_part(lab, p, "xdp", tmp, say, samples).to_json()
                 if "ceiling" in parts:
                     bracket.append(_ceiling_trials(lab, p, tmp, say, half=2))
                 if "userspace" in parts:
-                    results["parts"]["userspace"] = _relay_part(lab, p, "userspace", tmp, say, samples)
+                    results["parts"]["userspace"] = _relay_part(lab, p, "userspace", tmp, say, samples).to_json()
                 if bracket:
-                    results["parts"]["ceiling"] = {"rate": [forwarding.median_run(
-                        [run for half in bracket for run in half[pinned]]).to_json() for pinned in (False, True)]}
+                    results["parts"]["ceiling"] = PathFigures(_medians(*bracket)).to_json()
                 if "scale" in parts:
                     results["parts"]["scale"] = scale.scale(lab, list(p.scale_sizes), p.scale_duration_s,
                                                               progress=say, trials=p.trials)
