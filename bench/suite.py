@@ -227,7 +227,7 @@ def run(profile: str = "full", parts: tuple[str, ...] = PARTS, samples_dir: Path
                     results["parts"]["ceiling"] = PathFigures(_medians(*bracket)).to_json()
                 if "scale" in parts:
                     results["parts"]["scale"] = scale.scale(lab, list(p.scale_sizes), p.scale_duration_s,
-                                                              progress=say, trials=p.trials)
+                                                              progress=say, trials=p.trials).to_json()
         if "sessions" in parts:
             results["parts"]["sessions"] = _sessions_part(p, say)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
