@@ -21,6 +21,7 @@ transceivers in the same namespace, run by the same code with the same flags:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from splitrelay.bench import forwarding, sessions
@@ -57,19 +58,70 @@ SETUP_METHOD = (
 )
 
 
+ORDER = "relay, direct, relay, direct, ... (one session at a time)"
+MAX_RATIO = 1.05   # the target: DTLS connected through the relay within 5 % of direct (medians)
+
+
+@dataclass(frozen=True)
+class SetupPath:
+    """One path's measured sessions: how many connected, and each step's time per session (ms)."""
+
+    whip_url: str
+    candidate: str            # the address the client's media went to
+    ok: int
+    failed: int
+    errors: list[str]
+    samples: dict[str, list[float]]   # SETUP_METRICS and offer_created_ms -> ms per connected session
+
+    def summary(self, metric: str) -> dict[str, float | int | None]:
+        return summary(self.samples[metric])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"whip_url": self.whip_url, "candidate": self.candidate, "ok": self.ok, "failed": self.failed,
+                "errors": self.errors, **{metric: self.summary(metric) for metric in self.samples},
+                "samples": {metric: [round(v, 3) for v in values] for metric, values in self.samples.items()}}
+
+
+@dataclass(frozen=True)
+class SessionSetup:
+    """Setup time through the relay and direct, side by side in one probe run (``measure_setup``)."""
+
+    runs: int
+    warmup: int
+    policy: str | None
+    host: dict[str, Any]          # cpus, loadavg_before, cpu_busy_pct per CPU over the run
+    paths: dict[str, SetupPath]   # "relay", "direct"
+    relay_kernel_forwarded_packets: int   # the direct sessions' packets, routed by the relay's kernel
+    relay_ip_forward_restored: bool
+    method: str = SETUP_METHOD
+
+    @property
+    def ratio_relay_to_direct(self) -> dict[str, float | None]:
+        """Relay median over direct median, per SETUP_METRICS."""
+        def ratio(metric: str) -> float | None:
+            a, b = (self.paths[p].summary(metric)["median"] for p in ("relay", "direct"))
+            return round(a / b, 3) if a is not None and b else None
+        return {metric: ratio(metric) for metric in SETUP_METRICS}
+
+    def to_json(self) -> dict[str, Any]:
+        """The results file's keys (as before the dataclass)."""
+        dtls = self.ratio_relay_to_direct["dtls_connected_ms"]
+        return {"method": self.method, "runs": self.runs, "warmup": self.warmup, "order": ORDER,
+                "policy": self.policy, "host": self.host,
+                "paths": {name: path.to_json() for name, path in self.paths.items()},
+                "ratio_relay_to_direct": self.ratio_relay_to_direct,
+                "target": {"metric": "dtls_connected_ms median", "max_ratio": MAX_RATIO,
+                           "met": None if dtls is None else dtls <= MAX_RATIO},
+                "relay_kernel_forwarded_packets": self.relay_kernel_forwarded_packets,
+                "relay_ip_forward_restored": self.relay_ip_forward_restored}
+
+
 def measure_setup(lab_name: str, runs: int = 20, transceiver: int = 1, warmup: int = 1,
                   direct_port: int = DIRECT_BACKEND_PORT, direct_whip_port: int = DIRECT_WHIP_PORT,
-                  timeout: float | None = None) -> dict[str, Any]:
+                  timeout: float | None = None) -> SessionSetup:
     """Session setup time with an aiortc client, through the relay and direct, ``runs`` sessions each.
 
-    Returns ``{"method", "runs", "warmup", "order", "policy", "host": {"cpus", "loadavg_before",
-    "cpu_busy_pct": {"cpu0", ...}}, "paths": {"relay": P, "direct": P}, "ratio_relay_to_direct":
-    {metric: float | None} (medians, for the three SETUP_METRICS), "target": {"metric", "max_ratio",
-    "met"}, "relay_kernel_forwarded_packets", "relay_ip_forward_restored"}`` where P = ``{"whip_url",
-    "candidate", "ok", "failed", "errors", "offer_to_answer_ms": S, "ice_connected_ms": S,
-    "dtls_connected_ms": S, "offer_created_ms": S, "samples": {metric: [ms, ...]}}`` and S =
-    ``{"median", "p90", "min", "max", "n"}``.  ``timeout`` bounds the probe run (default: generous,
-    from ``runs``).
+    ``timeout`` bounds the probe run (default: generous, from ``runs``).
     """
     if runs < 1 or warmup < 0:
         raise SessionBenchError(f"runs must be >= 1 and warmup >= 0, got {runs}, {warmup}")
@@ -105,7 +157,7 @@ def measure_setup(lab_name: str, runs: int = 20, transceiver: int = 1, warmup: i
     if len(reports) != 2 * rounds:
         raise SessionBenchError(f"the probe reported {len(reports)} sessions, expected {2 * rounds}")
 
-    paths: dict[str, Any] = {}
+    paths: dict[str, SetupPath] = {}
     measured = reports[2 * warmup:]
     for name, url, candidate in (("relay", relay_url, f"{lab.relay_public.ip4}:{lab.relay_port}"),
                                  ("direct", direct_url, f"{t.ip4}:{direct_port}")):
@@ -118,30 +170,6 @@ def measure_setup(lab_name: str, runs: int = 20, transceiver: int = 1, warmup: i
             "dtls_connected_ms": [r["dtls_connected_ms"] - r["offer_sent_ms"] for r in good],
             "offer_created_ms": [r["offer_sent_ms"] for r in good],
         }
-        paths[name] = {
-            "whip_url": url, "candidate": candidate, "ok": len(good), "failed": len(mine) - len(good),
-            "errors": sorted({r["error"] or "not connected" for r in mine if r not in good}),
-            **{metric: summary(values) for metric, values in samples.items()},
-            "samples": {metric: [round(v, 3) for v in values] for metric, values in samples.items()},
-        }
-
-    def ratio(metric: str) -> float | None:
-        a, b = paths["relay"][metric]["median"], paths["direct"][metric]["median"]
-        return round(a / b, 3) if a is not None and b else None
-
-    ratios = {metric: ratio(metric) for metric in SETUP_METRICS}
-    dtls = ratios["dtls_connected_ms"]
-    return {
-        "method": SETUP_METHOD,
-        "runs": runs,
-        "warmup": warmup,
-        "order": "relay, direct, relay, direct, ... (one session at a time)",
-        "policy": health.get("policy"),
-        "host": host,
-        "paths": paths,
-        "ratio_relay_to_direct": ratios,
-        "target": {"metric": "dtls_connected_ms median", "max_ratio": 1.05,
-                   "met": None if dtls is None else dtls <= 1.05},
-        "relay_kernel_forwarded_packets": forwarded,   # the direct sessions' packets, routed by the kernel
-        "relay_ip_forward_restored": restored,
-    }
+        paths[name] = SetupPath(url, candidate, len(good), len(mine) - len(good),
+                                sorted({r["error"] or "not connected" for r in mine if r not in good}), samples)
+    return SessionSetup(runs, warmup, health.get("policy"), host, paths, forwarded, restored)

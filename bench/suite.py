@@ -246,7 +246,7 @@ def _sessions_part(p: Profile, say: Callable[[str], None]) -> dict:
         info = stack.start_lab(transceivers=1, handler="echo", relays=relays)
         try:
             say(f"sessions: {p.setup_runs} setups through the relay and {p.setup_runs} direct, {relays} relay(s)")
-            out[key] = session_setup.measure_setup(info["name"], runs=p.setup_runs)
+            out[key] = session_setup.measure_setup(info["name"], runs=p.setup_runs).to_json()
             if "capacity" not in out:
                 say(f"sessions: capacity, steps {list(p.capacity_steps)}")
                 out["capacity"] = capacity.measure_capacity(info["name"], steps=list(p.capacity_steps),

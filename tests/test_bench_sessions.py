@@ -58,25 +58,25 @@ def test_setup_time_relay_and_direct(session_lab):
     before = processes_in(lab)
     assert ip_forward(lab) == "0"
     result = session_setup.measure_setup(lab.name, runs=2)
-    json.dumps(result)
-    assert ip_forward(lab) == "0" and result["relay_ip_forward_restored"]
+    json.dumps(result.to_json())
+    assert ip_forward(lab) == "0" and result.relay_ip_forward_restored
     assert processes_in(lab) == before                        # the direct transceiver and the probe are gone
     assert Lab.load(lab.name).pids == lab.pids
     t = lab.transceivers[0]
-    relay, direct = result["paths"]["relay"], result["paths"]["direct"]
-    assert relay["candidate"] == info["relay_public"]
-    assert direct["candidate"] == f"{t.ip4}:{session_setup.DIRECT_BACKEND_PORT}"
+    relay, direct = result.paths["relay"], result.paths["direct"]
+    assert relay.candidate == info["relay_public"]
+    assert direct.candidate == f"{t.ip4}:{session_setup.DIRECT_BACKEND_PORT}"
     for path in (relay, direct):
-        assert path["ok"] == 2 and path["failed"] == 0 and path["errors"] == [], path
+        assert path.ok == 2 and path.failed == 0 and path.errors == [], path
         for metric in session_setup.SETUP_METRICS:
-            s = path[metric]
+            s = path.summary(metric)
             assert s["n"] == 2 and 0 < s["min"] <= s["median"] <= s["p90"] <= s["max"], (metric, s)
-        ice, dtls = path["samples"]["ice_connected_ms"], path["samples"]["dtls_connected_ms"]
+        ice, dtls = path.samples["ice_connected_ms"], path.samples["dtls_connected_ms"]
         assert all(d >= i > 0 for i, d in zip(ice, dtls, strict=True))
-        assert all(a < i for a, i in zip(path["samples"]["offer_to_answer_ms"], ice, strict=True))
-    assert all(r > 0 for r in result["ratio_relay_to_direct"].values())
-    assert result["relay_kernel_forwarded_packets"] > 0       # the direct sessions crossed the relay's kernel
-    assert "POST" in result["method"]
+        assert all(a < i for a, i in zip(path.samples["offer_to_answer_ms"], ice, strict=True))
+    assert all(r > 0 for r in result.ratio_relay_to_direct.values())
+    assert result.relay_kernel_forwarded_packets > 0          # the direct sessions crossed the relay's kernel
+    assert "POST" in result.method
 
 
 def test_setup_failure_restores_forwarding_and_stops_the_direct_transceiver(session_lab, monkeypatch):
