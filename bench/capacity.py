@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from splitrelay.bench import sessions
@@ -203,17 +204,52 @@ def _limited_by(step: dict[str, Any], cpu: int | None,
     return None, f"neither process saturated {at}"
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """Echo sessions one transceiver core carried at <= ``loss_threshold`` audio loss, step by step.
+
+    A step (``steps``) stays the dict ``_step`` builds from the probe's JSON reports: its keys are
+    the report's, summed over the step's sessions.
+    """
+
+    cpu: int | None                      # the transceiver's CPU (None: nothing pinned)
+    probe_cpus: list[int] | None
+    duration_s: float
+    loss_threshold: float
+    transceiver: dict[str, Any]          # netns, backend_id, backend, whip_url
+    host: dict[str, Any]
+    steps: list[dict[str, Any]]
+    capacity: int
+    capacity_reached: bool               # a step went above the threshold (else capacity is a lower bound)
+    limited_by: str | None               # "client", "transceiver" or None, at the first step above it
+    transceiver_cpu_pct_per_session: float | None
+    sessions_per_core_cpu_bound: float | None   # extrapolated: where the fitted CPU line meets 100 %
+    notes: list[str] = field(default_factory=list)
+    method: str = CAPACITY_METHOD
+
+    @property
+    def sessions_per_core(self) -> int | None:
+        return self.capacity if self.cpu is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The results file's keys (as before the dataclass)."""
+        out = asdict(self)
+        order = ["method", "cpu", "probe_cpus", "duration_s", "loss_threshold", "transceiver", "host", "steps",
+                 "capacity", "capacity_reached", "sessions_per_core", "limited_by",
+                 "transceiver_cpu_pct_per_session", "sessions_per_core_cpu_bound", "notes"]
+        out["sessions_per_core"] = self.sessions_per_core
+        return {key: out[key] for key in order}
+
+
 def measure_capacity(lab_name: str, steps: list[int], duration: float = 10.0, cpu: int | None = 0,
                      loss_threshold: float = 0.01, transceiver: int = 1,
                      backend_port: int = CAPACITY_BACKEND_PORT, whip_port: int = CAPACITY_WHIP_PORT,
-                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                     progress: Callable[[str], None] | None = None) -> Capacity:
     """Concurrent echo sessions through the relay that one transceiver core carries with audio loss <= 1%.
 
-    Returns ``{"method", "cpu", "probe_cpus", "duration_s", "loss_threshold", "transceiver": {...},
-    "host": {...}, "steps": [STEP, ...], "capacity", "capacity_reached", "sessions_per_core", "limited_by",
-    "transceiver_cpu_pct_per_session", "sessions_per_core_cpu_bound", "notes"}`` where STEP =
-    ``{"sessions", "connected", "ok", "audio_loss", "worst_session_audio_loss", "frames_sent",
-    "frames_echoed", "beeps_sent", "beeps_echoed", "audio_rtt_ms": S, "rtp_packets_sent", "rtp_lost_uplink",
+    Each of ``Capacity.steps`` is ``{"sessions", "connected", "ok", "audio_loss",
+    "worst_session_audio_loss", "frames_sent", "frames_echoed", "beeps_sent", "beeps_echoed",
+    "audio_rtt_ms": S, "rtp_packets_sent", "rtp_lost_uplink",
     "rtp_lost_downlink", "udp_rcvbuf_drops": {"transceiver_netns", "client_netns"}, "dtls_connected_ms": S,
     "window_s", "transceiver_cpu_pct", "probe_cpu_pct", "cpu_busy_pct": {"cpu0", ...},
     "other_cpu_pct": {"transceiver_core", "probe_cores"}, "errors"}`` and S is ``summary()``'s dict.
@@ -281,21 +317,10 @@ def measure_capacity(lab_name: str, steps: list[int], duration: float = 10.0, cp
     cpu_bound = round((100.0 - fit[1]) / fit[0], 1) if fit and fit[0] > 0 else None
     if cpu is None:
         notes.append("nothing was pinned (cpu=None): capacity is for the whole machine, not per core")
-    return {
-        "method": CAPACITY_METHOD,
-        "cpu": cpu,
-        "probe_cpus": sorted(probe_cpus) if probe_cpus else None,
-        "duration_s": duration,
-        "loss_threshold": loss_threshold,
-        "transceiver": {"netns": t.netns, "backend_id": backend_id, "backend": f"{t.ip4}:{backend_port}",
-                        "whip_url": url},
-        "host": host,
-        "steps": results,
-        "capacity": capacity,
-        "capacity_reached": bool(failed),
-        "sessions_per_core": capacity if cpu is not None else None,
-        "limited_by": limited_by,
-        "transceiver_cpu_pct_per_session": per_session,
-        "sessions_per_core_cpu_bound": cpu_bound,   # extrapolated: where the fitted CPU line meets 100%
-        "notes": notes,
-    }
+    return Capacity(
+        cpu=cpu, probe_cpus=sorted(probe_cpus) if probe_cpus else None, duration_s=duration,
+        loss_threshold=loss_threshold,
+        transceiver={"netns": t.netns, "backend_id": backend_id, "backend": f"{t.ip4}:{backend_port}",
+                     "whip_url": url},
+        host=host, steps=results, capacity=capacity, capacity_reached=bool(failed), limited_by=limited_by,
+        transceiver_cpu_pct_per_session=per_session, sessions_per_core_cpu_bound=cpu_bound, notes=notes)

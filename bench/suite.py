@@ -250,7 +250,8 @@ def _sessions_part(p: Profile, say: Callable[[str], None]) -> dict:
             if "capacity" not in out:
                 say(f"sessions: capacity, steps {list(p.capacity_steps)}")
                 out["capacity"] = capacity.measure_capacity(info["name"], steps=list(p.capacity_steps),
-                                                            duration=p.capacity_duration_s, progress=say)
+                                                            duration=p.capacity_duration_s,
+                                                            progress=say).to_json()
         finally:
             stack.stop_lab(info["name"])
     return out

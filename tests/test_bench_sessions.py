@@ -101,11 +101,11 @@ def test_capacity_steps(session_lab):
     backends = control(lab, lambda c: c.backends())
     fwd = counters(lab)["IN_FWD_FLOW"]
     result = capacity.measure_capacity(lab.name, steps=[1, 2], duration=3)
-    json.dumps(result)
+    json.dumps(result.to_json())
     assert processes_in(lab) == before                        # its transceiver and the probes are gone
     assert control(lab, lambda c: c.backends()) == backends   # its backend is unregistered
     assert counters(lab)["IN_FWD_FLOW"] - fwd > 100           # the sessions' media went through XDP
-    steps = result["steps"]
+    steps = result.steps
     assert [s["sessions"] for s in steps] in ([1], [1, 2])   # the ramp stops at the first step above 1%
     for step in steps:
         assert step["connected"] == step["sessions"], step
@@ -115,8 +115,8 @@ def test_capacity_steps(session_lab):
         assert step["window_s"] > 2.0
         assert step["transceiver_cpu_pct"] > 0 and step["probe_cpu_pct"] > 0
         assert set(step["cpu_busy_pct"]) == {f"cpu{c}" for c in range(os.cpu_count())}
-    assert result["limited_by"] in (None, "client", "transceiver")
-    assert result["capacity"] in (0, 1, 2)
-    assert result["capacity"] == max([s["sessions"] for s in steps if s["audio_loss"] <= 0.01], default=0)
-    assert result["cpu"] == 0 and result["sessions_per_core"] == result["capacity"]
-    assert result["notes"] and "carrier" in result["method"]
+    assert result.limited_by in (None, "client", "transceiver")
+    assert result.capacity in (0, 1, 2)
+    assert result.capacity == max([s["sessions"] for s in steps if s["audio_loss"] <= 0.01], default=0)
+    assert result.cpu == 0 and result.sessions_per_core == result.capacity
+    assert result.notes and "carrier" in result.method
