@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup test demo bench bench-smoke bench-audio lint fuzz clean vm-deps vm-box vm-test vm-matrix vm-check
+.PHONY: setup test demo bench bench-smoke bench-audio bench-failover lint fuzz clean vm-deps vm-box vm-test vm-matrix vm-check
 
 $(STAMP): scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
@@ -24,10 +24,15 @@ bench: $(STAMP)
 	$(VENV)/bin/splitrelay bench --markdown BENCHMARKS.md --plots docs/bench --results docs/bench/results.json \
 		--analysis docs/bench/analysis.md
 	$(PY) -m splitrelay.bench.audio --section >> BENCHMARKS.md
+	$(PY) -m splitrelay.bench.failover --section >> BENCHMARKS.md
 
 bench-smoke: $(STAMP)
 	$(MAKE) -s -C bench
 	$(VENV)/bin/splitrelay bench --smoke
+
+# issue 12's failover gap (3a relay death, 3b floating address), Chromium and aiortc: ~10 min, root
+bench-failover: $(STAMP)
+	$(PY) -m splitrelay.bench.failover --section --runs $${FAILOVER_RUNS:-5}
 
 bench-audio: $(STAMP)
 	$(PY) -m splitrelay.bench.audio --section --duration $${AUDIO_SECONDS:-8}

@@ -117,3 +117,12 @@ def lab_status(as_json: bool) -> None:
 
     data = [lab_info(Lab.load(n)) for n in Lab.names()]
     emit(data, as_json, lambda d: table(d, ["name", "relay_public", "client_netns", "control_url"]))
+
+
+def _add_fault() -> None:
+    from splitrelay.cli.lab_fault import fault
+
+    lab.add_command(fault)
+
+
+_add_fault()

@@ -72,6 +72,8 @@ def _handler_spec(ctx: click.Context, param: click.Parameter, value: str) -> str
                    "pipecat:pipeline=module:function (splitrelay[pipecat]).")
 @click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token of the edge control API.")
 @click.option("--whip-token", envvar="SPLITRELAY_WHIP_TOKEN", help="Bearer token clients must send to WHIP.")
+@click.option("--backend-ip", help="The IPv4 address relays forward to, when --bind is a wildcard ([::]:PORT "
+                                   "serves IPv4 and IPv6 clients on one socket); default: the --bind host.")
 @click.option("--ip6", help="The backend address's IPv6 twin, for IPv6 clients.")
 @click.option("--drain-timeout", default=0.0, show_default=True, type=click.FloatRange(0, 86400),
               help="On SIGTERM, refuse new offers and let live sessions end for up to this many seconds.")
@@ -80,7 +82,8 @@ def _handler_spec(ctx: click.Context, param: click.Parameter, value: str) -> str
 def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], relay_controls: tuple[str, ...],
                       prefer: tuple[str, ...], prefer_header: str | None, whip_listen: str, handler: str,
                       token: str | None, whip_token: str | None,
-                      ip6: str | None, drain_timeout: float, hint_key_file: str | None) -> None:
+                      backend_ip: str | None, ip6: str | None, drain_timeout: float,
+                      hint_key_file: str | None) -> None:
     """Serve WHIP and every session on one UDP port, registering sessions with the relay.
 
     \b
@@ -96,7 +99,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
 
     bind_host, bind_port = _hostport(bind, "--bind")
     whip_host, whip_port = _hostport(whip_listen, "--whip-listen")
-    backend_id = _backend_id(backend_id, bind_host)
+    backend_id = _backend_id(backend_id, backend_ip or bind_host)
     from splitrelay.transceiver import relays as relay_options
     from splitrelay.wire.hint import HintError, load_key
 
@@ -111,7 +114,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
     config = TransceiverConfig(
         backend_id=backend_id, bind_host=bind_host, bind_port=bind_port, relays=relays, choosers=choosers,
         whip_host=whip_host, whip_port=whip_port, relay_token=token,
-        whip_token=whip_token, handler=handler, backend_ip6=ip6, hint_key=hint_key,
+        whip_token=whip_token, handler=handler, backend_ip=backend_ip, backend_ip6=ip6, hint_key=hint_key,
     )
     service = Transceiver(config)
 

@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 
 from splitrelay.edge.control_client import ControlClient
-from splitrelay.edge.datapath import unpin
+from splitrelay.edge.xdp_loader import unpin
 from splitrelay.lab import impair
+from splitrelay.lab.floating import floated
 from splitrelay.lab.impair import Impairment
-from splitrelay.lab.topology import STATE_DIR, Lab
+from splitrelay.lab.topology import BACKEND_PORT, STATE_DIR, Lab
 from splitrelay.lab.netns import LabError, in_netns
 
 CONTROL_PORT = 8470
-BACKEND_PORT = 5000
 WHIP_PORT = 8080
 READY_TIMEOUT = 120.0  # bounds a failure only: a bcc compile took 31 s at load 12; --relays N compiles N at once
 
@@ -58,6 +58,7 @@ def lab_info(lab: Lab) -> dict:
         ],
         "impaired": {link: {"netns": entry["netns"], **impaired_with(lab, link)}
                      for link, entry in lab.impaired.items()},
+        "floated": move.to_dict() if (move := floated(lab)) else None,   # an address moved (lab/floating.py)
         "relays": [
             {"index": r.index, "netns": r.netns, "relay_public": f"{r.public.ip4}:{lab.relay_port}",
              "relay_public6": f"[{r.public.ip6}]:{lab.relay_port}", "control_url": control_url(lab, r.index),
@@ -126,9 +127,14 @@ def spawn_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None =
 
 
 def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
-                      extra_args: list[str] | None = None) -> subprocess.Popen:
+                      extra_args: list[str] | None = None, dual_stack: bool = False) -> subprocess.Popen:
+    """Transceiver ``t`` with every relay; ``dual_stack``: its socket bound to ``[::]``, so IPv6 clients reach
+    it through the relays' IPv6 candidates (bound to its IPv4 address, what a relay forwards to its IPv6 one
+    meets no socket; browsers then prefer IPv6, so the lab's IPv4 expectations stay with the default)."""
+    bind = ["--bind", f"[::]:{BACKEND_PORT}", "--backend-ip", t.ip4] if dual_stack else [
+        "--bind", f"{t.ip4}:{BACKEND_PORT}"]
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
-            "--backend-id", str(t.backend_id), "--bind", f"{t.ip4}:{BACKEND_PORT}", "--ip6", t.ip6,
+            "--backend-id", str(t.backend_id), *bind, "--ip6", t.ip6,
             # every relay, relay 1 (the client's default route) first and so preferred; both of each
             # relay's public addresses: IPv6 clients get a candidate too
             *relay_args(lab),
@@ -193,6 +199,7 @@ def stop_lab(name: str) -> None:
         unpin(instance(lab, r.index))
     for path in STATE_DIR.glob(f"{name}-*.log"):
         path.unlink()
+    (STATE_DIR / f"{name}-floating.state").unlink(missing_ok=True)   # a floated address (lab/floating.py)
 
 
 def probe(lab: Lab, whip_urls: list[str], duration: float, sessions: int = 1) -> subprocess.Popen:

@@ -38,9 +38,10 @@ address.  The relay forwards nothing in its kernel (``ip_forward=0``, IPv6
 ``forwarding=0``), so media crosses the relay only through XDP.  Each
 transceiver's backend addresses are policy-routed (``from <backend addr> lookup
 100``, table 100 = internal net on eth1, public net via the relay, *unreachable*
-for the rest), so a packet sourced from a backend address can never leave by
-another path (e.g. towards the client's signaling address), whatever ICE
-candidates the transceiver learns.
+for the rest; so is everything from the backend UDP port, for a transceiver
+whose one socket is bound to ``[::]`` to serve IPv4 and IPv6 clients), so a packet
+sourced from a backend address can never leave by another path (e.g. towards
+the client's signaling address), whatever ICE candidates the transceiver learns.
 
 Signaling.  WHIP (HTTP) runs over its own network: the client's ``s0`` and each
 transceiver's ``sig0`` on the bridge ``sig`` in the switch namespace, with
@@ -118,6 +119,7 @@ STATE_DIR = Path(os.environ.get("SPLITRELAY_LAB_DIR", "/run/splitrelay/labs"))
 DEFAULT_STEM = "sr"
 STEM_ENV = "SPLITRELAY_LAB_STEM"
 BACKEND_TABLE = 100
+BACKEND_PORT = 5000     # every transceiver's one UDP socket (lab/stack.py starts them on it)
 MAX_TRANSCEIVERS = 50
 
 IFF_LOWER_UP = 1 << 16
@@ -428,6 +430,10 @@ class Lab:
 
         for t in self.transceivers:
             links.netlink(t.netns, lambda ipr, t=t: transceiver(ipr, t))
+            for family in ("-4", "-6"):   # the backend port too: a socket bound to [::] picks no source
+                procs.run(nsenter_argv(t.netns, ["ip", family, "rule", "add", "priority", str(BACKEND_TABLE),
+                                                 "ipproto", "udp", "sport", str(BACKEND_PORT),
+                                                 "lookup", str(BACKEND_TABLE)]))
 
         # offloads (ethtool has no netlink equivalent in pyroute2 that we rely on)
         gro = {(cli, r.client.ifname) for r in self.relays} | {(sw, r.switch_port) for r in self.relays}

@@ -5,8 +5,7 @@ Few and bounded: one two-relay lab and one Chromium for the module (Chromium sta
 each call a fresh page: a call with audio both ways, ICE restart by WHIP PATCH, relay 1
 dying under the call (3a), a blackout that checks the gap measurement, IPv6 only.  The
 judging of getStats samples (``audio_gap``) is plain code and is tested first, without a
-browser.  Scenario 3b (the public address moved to a standby relay) waits for the lab to
-have a standby relay and for XDP translation.
+browser.  Scenario 3b (the public address moved to a standby relay) is tests/test_floating.py.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from splitrelay.client.browser import TONE_HZ, PEAK_TOLERANCE_HZ, AudioGap, Browser, BrowserError, audio_gap, \
+from splitrelay.client.browser import TONE_HZ, PEAK_TOLERANCE_HZ, AudioGap, Browser, audio_gap, \
     flowing_since, unavailable_reason
 from splitrelay.lab.faults import kill_relay, revive_relay, switch_port
 from splitrelay.lab.netns import nsenter_argv
@@ -103,13 +102,16 @@ def browser_lab():
         pytest.skip(f"no browser: {BROWSER_MISSING}")
     # two relays in front of one echo transceiver, whose answers offer both: relay 1 preferred, relay 2
     # the backup (every session registered with both)
-    info = start_lab(transceivers=1, relays=2, handler=None)
+    # (a second transceiver, bound dual-stack, serves the IPv6-only caller: with IPv6 working, Chromium
+    # prefers it, and the other calls here expect IPv4)
+    info = start_lab(transceivers=2, relays=2, handler=None)
     lab = Lab.load(info["name"])
     try:
         spare = lab.relay(2)
-        start_transceiver(lab, lab.transceivers[0], "echo", [
-            "--relay", f"{spare.public.ip4}:{lab.relay_port},[{spare.public.ip6}]:{lab.relay_port}",
-            "--relay-control", control_url(lab, spare.index)])
+        for t in lab.transceivers:
+            start_transceiver(lab, t, "echo", [
+                "--relay", f"{spare.public.ip4}:{lab.relay_port},[{spare.public.ip6}]:{lab.relay_port}",
+                "--relay-control", control_url(lab, spare.index)], dual_stack=t.index == 2)
         with Browser(nsenter_argv(lab.client.netns, [])) as browser:
             yield lab, info, browser
     finally:
@@ -169,16 +171,15 @@ def only_ipv6_media(lab: Lab) -> Iterator[None]:
 
 @needs_root
 @needs_browser
-@pytest.mark.xfail(strict=True, raises=BrowserError, reason=(
-    "the answer offers the relay's IPv6 candidate, but the lab's transceiver binds only its IPv4 backend "
-    "address (--bind v4:5000 --ip6 v6): STUN the relay forwards to [v6]:5000 meets no socket (the ICMPv6 "
-    "errors show as OUT_PASS_OTHER), so an IPv6-only client never connects"))
 def test_a_browser_with_only_ipv6_calls_through_the_relays_ipv6_address(browser_lab):
     lab, info, browser = browser_lab
     with only_ipv6_media(lab):
-        call = browser.call(info["whip_url"])     # signaling keeps its own network
+        # transceiver 2's one socket is bound to [::] (lab/stack.py: dual_stack), so what the relay forwards
+        # to the backend's IPv6 address meets it; signaling keeps its own network
+        call = browser.call(info["whip_urls"][1])
         try:
-            heard = call.wait_audio(seconds=1.0, timeout=15)   # IPv4 calls are heard within ~3 s here
+            # IPv4 calls are heard within ~3 s here
+            heard = call.wait_audio(seconds=1.0, timeout=15)
         finally:
             call.hang_up()
     assert heard["pair"]["remote"] == f"{lab.relay_public.ip6}:{lab.relay_port}"

@@ -354,6 +354,10 @@ class MuxedConnection(Connection):
             pair.state = CandidatePair.State.WAITING
             self.check_start_task(pair)
 
+    async def sendto(self, data: bytes, component: int) -> None:
+        self.paths.sending()   # probes a selected path gone silent (paths.py)
+        await super().sendto(data, component)
+
     def check_complete(self, pair: CandidatePair) -> None:
         before = self._nominated.get(pair.component)
         super().check_complete(pair)

@@ -27,6 +27,14 @@ both needed:
 The mux routes a new address to a session only after a Binding Request naming its
 ufrag, and a forged source cannot make our check to it succeed, so a spoofed
 datagram never redirects a call's media.
+
+It also *probes* a path that went silent: while we send media on the selected pair and
+nothing has come from it for ``FOLLOW_SILENCE``, one consent check goes out on it (at most
+every ``PROBE_EVERY``).  Where the relay's address floated to a standby (3b, relays that
+only DNAT: the client's address is unchanged), that check crosses the standby, whose XDP
+opens the flow from a backend's check, so the client's media flows again without waiting
+for the client's own next check (Chromium's come ~5 s apart: the gap was that wait, 0.3-5 s,
+measured in bench/failover.py).  A silent path costs one check a second; nothing else.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ Address = tuple[str, int]
 # A call sends 50 packets/s (Opus DTX: one every 400 ms at worst); 500 ms without a packet on the
 # selected path while authenticated media arrives on another means the client moved.
 FOLLOW_SILENCE = 0.5
+PROBE_EVERY = 1.0            # at most one probe of a silent selected path per second
 NOMINATED = "nominated"      # path change reasons (PathFollower.changes)
 LATCHED = "latched"
 RESTARTED = "restarted"
@@ -65,6 +74,8 @@ class PathFollower:
         self.last_media: dict[Address, float] = {}
         self.changes: list[tuple[float, str, Address]] = []   # (time.monotonic(), reason, remote address)
         self.on_change: Callable[[str, Address], None] | None = None
+        self.probes = 0            # consent checks sent because the selected path went silent
+        self._probed_at = -1e9
 
     def selected(self) -> CandidatePair | None:
         return self.connection._nominated.get(1)
@@ -75,6 +86,24 @@ class PathFollower:
         if is_media(data):
             self.last_media[addr] = now
             self._maybe_latch(addr, now)
+
+    def sending(self) -> None:
+        """We are about to send on the selected pair: probe it if the client has gone silent there."""
+        selected = self.selected()
+        password = self.connection.remote_password
+        if selected is None or password is None:
+            return
+        now = asyncio.get_running_loop().time()
+        heard = self.last_heard.get(selected.remote_addr)
+        if heard is None or now - heard < self.silence or now - self._probed_at < PROBE_EVERY:
+            return
+        self._probed_at = now
+        self.probes += 1
+        request = self.connection.build_request(selected, nominate=False)
+        probe = asyncio.ensure_future(selected.protocol.request(request, selected.remote_addr,
+                                                                integrity_key=password.encode("utf8"),
+                                                                retransmissions=0))
+        probe.add_done_callback(lambda done: done.cancelled() or done.exception())  # unanswered is fine
 
     def check_completed(self, pair: CandidatePair, before: CandidatePair | None) -> None:
         """After aioice's check_complete (``before``: the selected pair until then): note a
