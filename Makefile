@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup test demo bench bench-smoke bench-audio bench-failover lint fuzz clean vm-deps vm-box vm-test vm-matrix
+.PHONY: setup test demo bench bench-smoke bench-audio bench-failover lint fuzz clean vm-deps vm-box vm-test vm-matrix vm-check
 
 $(STAMP): scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
@@ -56,6 +56,12 @@ vm-test: vm-box
 
 vm-matrix: vm-box
 	bash scripts/vm-matrix.sh $(VM_RELEASES)
+
+# What .ci/run runs after `make test`: both stock kernels, boxes built or reused, a small fuzz
+# count; one "skipped" line where no box can be had.
+VM_CHECK_RELEASES ?= bookworm trixie
+vm-check:
+	VM_RELEASES="$(VM_CHECK_RELEASES)" bash scripts/vm-check.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check splitrelay wire bpf edge transceiver client lab cli bench tests

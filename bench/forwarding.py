@@ -15,7 +15,7 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from splitrelay.bench import loadgen
@@ -44,7 +44,7 @@ IP_FORWARD = "net/ipv4/ip_forward"
 class Route:
     """Where a path's packets are addressed, and what its first packet must carry."""
 
-    name: str               # "xdp" | "userspace" | "kernel"
+    name: str               # "xdp" | "userspace" | "kernel" | "ceiling" (bench/ceiling.py)
     dst_ip: str
     dst_port: int
     backend_port: int       # where the transceiver-side server listens
@@ -56,7 +56,42 @@ class Route:
 
     @property
     def needs_session(self) -> bool:
-        return self.name != "kernel"
+        return self.name in ("xdp", "userspace")
+
+    @property
+    def runs_xdp(self) -> bool:
+        """An XDP program on the relay's veths does the forwarding (its NAPI thread can be pinned)."""
+        return self.name in ("xdp", "ceiling")
+
+
+@dataclass(frozen=True)
+class RateRun:
+    """One forwarding-rate run of one path; a ``median_of`` result also carries every trial's rate."""
+
+    path: str
+    flows: int
+    pinned: bool                  # sender on CPU 0, the relay's work on CPU 1
+    offered_pps: int
+    delivered_pps: int
+    sent: int
+    delivered: int
+    loss: float | None
+    softirq_cpu_s: float
+    relay_cpu_s: float | None
+    xdp_runs: int | None = None                    # the kernel's BPF statistics, when XDP forwarded
+    xdp_ns_per_packet: float | None = None
+    relay_cpu_ns_per_packet: float | None = None   # pinned runs: the relay's own core per delivered packet
+    relay_cpu_what: str | None = None
+    trials_pps: tuple[int, ...] = ()
+
+    def to_json(self) -> dict:
+        """The results file's keys (as before the dataclass): figures not measured are left out."""
+        out = {k: v for k, v in asdict(self).items() if v is not None or k in ("loss", "relay_cpu_s")}
+        out["sender_cpu"] = 0 if self.pinned else None
+        out["trials_pps"] = list(self.trials_pps)
+        if not self.trials_pps:
+            del out["trials_pps"]
+        return out
 
 
 def relay_path(lab: Lab, name: str, relay_pid: int | None = None) -> Route:
@@ -145,7 +180,7 @@ def _prog_stats(ids: list[int]) -> ProgRunStats:
 
 def forwarding_rate(lab: Lab, path: Route, flows: int, duration: float, usernames: Path | None,
                     pinned: bool = False, src_ip: str | None = None, src_port: int = 20000,
-                    shuffle: bool = False) -> dict:
+                    shuffle: bool = False) -> RateRun:
     """Blast established flows at the relay as fast as one core can send; count what leaves the relay.
 
     The sender writes whole frames with AF_PACKET on the client's veth (no
@@ -162,11 +197,11 @@ def forwarding_rate(lab: Lab, path: Route, flows: int, duration: float, username
     sender's core, in its softirq).
     """
     client, relay = lab.client, lab.relay_public
-    prog_ids = _prog_ids(lab) if path.name == "xdp" else []
+    prog_ids = _prog_ids(lab) if path.runs_xdp else []
     options: dict = {"usernames": str(usernames), "open_rounds": 2} if usernames else {}
     with contextlib.ExitStack() as stack:
         relay_pid = path.relay_pid
-        if pinned and path.name == "xdp":
+        if pinned and path.runs_xdp:
             relay_pid = stack.enter_context(threaded_napi(nsenter_argv(relay.netns, []), relay.ifname, cpu=1))
         elif pinned and path.relay_pid:
             stack.enter_context(pin_process(path.relay_pid, cpu=1))
@@ -188,38 +223,38 @@ def forwarding_rate(lab: Lab, path: Route, flows: int, duration: float, username
         prog = _prog_stats(prog_ids) - prog0 if prog0 else None
     offered = sent.get("sent", 0)
     elapsed = sent.get("elapsed_s") or 0
-    out = {
-        "path": path.name,
-        "flows": flows,
-        "pinned": pinned,
-        "sender_cpu": 0 if pinned else None,
-        "offered_pps": round(sent.get("pps", 0.0)),
-        "delivered_pps": round(delivered / elapsed) if elapsed else 0,
-        "sent": offered,
-        "delivered": delivered,
-        "loss": round(max(0.0, 1 - delivered / offered), 4) if offered else None,
-        "softirq_cpu_s": round(softirq, 3),
-        "relay_cpu_s": round(relay_cpu, 3) if relay_cpu is not None else None,
-    }
-    if prog and prog.run_cnt:
-        out["xdp_runs"] = prog.run_cnt
-        out["xdp_ns_per_packet"] = round(prog.ns_per_run, 1)
-    if relay_cpu is not None and delivered:
-        out["relay_cpu_ns_per_packet"] = round(relay_cpu * 1e9 / delivered, 1)
-        out["relay_cpu_what"] = ("NAPI thread (XDP program, redirect, veth transmit)" if path.name == "xdp"
-                                 else "relay process (user + system)")
-    return out
+    timed = bool(prog and prog.run_cnt)
+    per_packet = relay_cpu is not None and delivered
+    return RateRun(
+        path=path.name, flows=flows, pinned=pinned,
+        offered_pps=round(sent.get("pps", 0.0)),
+        delivered_pps=round(delivered / elapsed) if elapsed else 0,
+        sent=offered, delivered=delivered,
+        loss=round(max(0.0, 1 - delivered / offered), 4) if offered else None,
+        softirq_cpu_s=round(softirq, 3),
+        relay_cpu_s=round(relay_cpu, 3) if relay_cpu is not None else None,
+        xdp_runs=prog.run_cnt if timed else None,
+        xdp_ns_per_packet=round(prog.ns_per_run, 1) if timed else None,
+        relay_cpu_ns_per_packet=round(relay_cpu * 1e9 / delivered, 1) if per_packet else None,
+        relay_cpu_what=(("NAPI thread (XDP program, redirect, veth transmit)" if path.runs_xdp
+                         else "relay process (user + system)") if per_packet else None),
+    )
 
 
-def median_of(trials: int, run: Callable[[], dict]) -> dict:
+def median_of(trials: int, run: Callable[[], RateRun]) -> RateRun:
     """Run a rate measurement ``trials`` times; the trial with the median delivered rate, and all rates.
 
     One 3-second run on a shared 2-core VM varies by several percent from the next;
     the median of three is what the targets are judged on, and ``trials_pps``
     shows the spread.
     """
-    runs = sorted((run() for _ in range(max(1, trials))), key=lambda r: r["delivered_pps"])
-    return {**runs[len(runs) // 2], "trials_pps": [r["delivered_pps"] for r in runs]}
+    return median_run([run() for _ in range(max(1, trials))])
+
+
+def median_run(runs: list[RateRun]) -> RateRun:
+    """The run with the median delivered rate, carrying every run's rate (``trials_pps``, ascending)."""
+    ordered = sorted(runs, key=lambda r: r.delivered_pps)
+    return replace(ordered[len(ordered) // 2], trials_pps=tuple(r.delivered_pps for r in ordered))
 
 
 def _settled(counter: EgressCounter, quiet_s: float = 0.1, limit_s: float = 3.0) -> int:

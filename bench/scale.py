@@ -24,11 +24,12 @@ import os
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from splitrelay.bench import forwarding
 from splitrelay.edge.agent import AgentConfig, EdgeAgent
-from splitrelay.edge.datapath import Backend
+from splitrelay.edge.records import Backend
 from splitrelay.lab.topology import Lab
 
 PORTS_PER_IP = 50000
@@ -79,8 +80,50 @@ def fill_flows(table, start: int, end: int, backend_id: int, client_mac: bytes, 
         table.items_update_batch(ct_keys, ct_leaves)
 
 
+@dataclass(frozen=True)
+class ScaleRun:
+    """One table size: the rate over every flow in the map, and over the first ``ACTIVE_FLOWS`` of them."""
+
+    all_flows: forwarding.RateRun
+    active: forwarding.RateRun
+    flows_in_map: int
+    aged: int            # flows the ageing pass removed (none: it only reads them here)
+    fill_s: float
+    walk_s: float        # the agent's ageing pass over the whole table
+
+    def to_json(self) -> dict:
+        a = self.active
+        return {**self.all_flows.to_json(), "flows_in_map": self.flows_in_map, "aged": self.aged,
+                "fill_s": self.fill_s, "walk_s": self.walk_s, "active_subset": {
+                    "flows": a.flows, "delivered_pps": a.delivered_pps, "loss": a.loss,
+                    "trials_pps": list(a.trials_pps), "xdp_ns_per_packet": a.xdp_ns_per_packet,
+                    "relay_cpu_ns_per_packet": a.relay_cpu_ns_per_packet}}
+
+
+@dataclass(frozen=True)
+class ScaleFigures:
+    """The scale part: a run per table size, and what the flow map costs in kernel memory."""
+
+    runs: list[ScaleRun]
+    flow_map_entries: int
+    flow_map_memlock_bytes: int
+    flow_key_bytes: int
+    flow_value_bytes: int
+    cpus: int | None
+
+    @property
+    def bytes_per_flow(self) -> float:
+        return round(self.flow_map_memlock_bytes / self.flow_map_entries, 1)
+
+    def to_json(self) -> dict:
+        return {"runs": [r.to_json() for r in self.runs], "flow_map_entries": self.flow_map_entries,
+                "flow_map_memlock_bytes": self.flow_map_memlock_bytes, "bytes_per_flow": self.bytes_per_flow,
+                "flow_key_bytes": self.flow_key_bytes, "flow_value_bytes": self.flow_value_bytes,
+                "cpus": self.cpus}
+
+
 def scale(lab: Lab, sizes: list[int], duration: float, pinned: bool = True,
-          progress: Callable[[str], None] = lambda _: None, trials: int = 1) -> dict:
+          progress: Callable[[str], None] = lambda _: None, trials: int = 1) -> ScaleFigures:
     """Rate and XDP ns/packet at each table size (filled cumulatively), memory per flow, ageing walk time."""
     relay, t = lab.relay_public, lab.transceivers[0]
     config = AgentConfig(public_iface=relay.ifname, internal_iface=lab.relay_internal.ifname,
@@ -118,15 +161,8 @@ def scale(lab: Lab, sizes: list[int], duration: float, pinned: bool = True,
             t0 = time.perf_counter()
             aged = dp.age_flows(idle_s=86400.0)  # the agent's ageing pass: reads every flow, removes none here
             walk_s = time.perf_counter() - t0
-            runs.append({**rate, "flows_in_map": len(table), "aged": aged, "fill_s": round(fill_s, 2),
-                         "walk_s": round(walk_s, 2), "active_subset": {
-                             "flows": active, "delivered_pps": hot["delivered_pps"], "loss": hot["loss"],
-                             "trials_pps": hot["trials_pps"],
-                             "xdp_ns_per_packet": hot.get("xdp_ns_per_packet"),
-                             "relay_cpu_ns_per_packet": hot.get("relay_cpu_ns_per_packet")}})
-        return {"runs": runs, "flow_map_entries": table.max_entries, "flow_map_memlock_bytes": memlock,
-                "bytes_per_flow": round(memlock / table.max_entries, 1),
-                "flow_key_bytes": ct.sizeof(table.Key), "flow_value_bytes": ct.sizeof(table.Leaf),
-                "cpus": os.cpu_count()}
+            runs.append(ScaleRun(rate, hot, len(table), aged, round(fill_s, 2), round(walk_s, 2)))
+        return ScaleFigures(runs, table.max_entries, memlock, ct.sizeof(table.Key), ct.sizeof(table.Leaf),
+                            os.cpu_count())
     finally:
         lab.in_netns(relay.netns, lambda: agent.datapath.destroy([relay.ifname, lab.relay_internal.ifname]))

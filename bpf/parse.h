@@ -26,6 +26,17 @@ struct cursor {
 	void *end;
 };
 
+/*
+ * Hide what the compiler knows about var's value (no instruction is emitted, so
+ * the verifier still knows it).  A loop counter behind it keeps its constant
+ * bound check: LLVM otherwise folds `j < N && j < len` into one `j == min(N, len)`
+ * exit that 6.1's verifier cannot decide for a variable len (it does not narrow
+ * a range on `!=`), so it walks the loop until "The sequence of 8193 jumps is
+ * too complex" (measured on Debian 12's 6.1 with its bcc 0.26/LLVM 14).
+ * libbpf's barrier_var().
+ */
+#define SR_BARRIER_VAR(var) asm volatile("" : "+r"(var))
+
 /* Advance over len bytes and return where they start, or NULL if the packet is shorter. */
 #define CURSOR_PULL(c, len) ({                          \
 	void *__p = (c)->pos;                               \
@@ -71,13 +82,19 @@ static __always_inline int parse_ipv4(struct cursor *c, struct iphdr **iph)
 	__u32 hdr_len = ip->ihl * 4;
 	if (hdr_len < sizeof(*ip) || ip->version != 4)
 		return L3_SHORT;
+	/*
+	 * Options: the cursor moves to ip + hdr_len (<= 60: ihl is 4 bits), never by
+	 * hdr_len - 20.  Debian 13's LLVM 19 computed that difference in a register
+	 * the verifier saw as any u32 (umax=0xfffffffc), and a packet pointer whose
+	 * offset may exceed 64 KiB gets no range from a data_end check, so the UDP
+	 * header read after it was refused ("R5 offset is outside of the packet").
+	 */
 	if (hdr_len > sizeof(*ip)) {
-		__u32 opt_len = hdr_len - sizeof(*ip);
-		if (opt_len > 40)
+		SR_BARRIER_VAR(hdr_len);   /* so the no-op mask below is emitted */
+		void *l4 = (void *)ip + (hdr_len & 0x3c);
+		if (l4 > c->end)
 			return L3_SHORT;
-		if (c->pos + opt_len > c->end)
-			return L3_SHORT;
-		c->pos += opt_len;
+		c->pos = l4;
 	}
 	*iph = ip;
 	if (ip->protocol != IPPROTO_UDP)

@@ -15,6 +15,7 @@
 #include "consts.h"
 #include "structs.h"
 #include "hint.h"
+#include "parse.h"
 
 /*
  * Validate a STUN message and, for a Binding Request, find its USERNAME value.
@@ -44,6 +45,14 @@ static __always_inline int stun_find_username(struct pkt *p, __u32 *off_out, __u
 	for (int i = 0; i < SR_STUN_MAX_ATTRS; i++) {
 		if (off + sizeof(struct stun_attr) > end_off)
 			break;
+		/*
+		 * The check below follows from the one above, so LLVM drops it, yet the
+		 * verifier cannot derive it from a sum: 6.1 then saw the packet offset
+		 * as off + alen + ... up to umax=131096 and refused the read ("R0
+		 * offset is outside of the packet"; no range past 64 KiB).  The barrier
+		 * keeps it, on the register that is added to the payload pointer.
+		 */
+		SR_BARRIER_VAR(off);
 		if (off > STUN_HDR_LEN + SR_STUN_MAX_MSG)
 			return verdict(p, SR_STAT_IN_DROP_BAD_STUN, XDP_DROP);
 		struct stun_attr *a = (void *)(p->payload + off);
@@ -54,6 +63,7 @@ static __always_inline int stun_find_username(struct pkt *p, __u32 *off_out, __u
 			return verdict(p, SR_STAT_IN_DROP_BAD_STUN, XDP_DROP);
 		if (a->type == bpf_htons(STUN_ATTR_USERNAME)) {
 			off += sizeof(*a);
+			SR_BARRIER_VAR(off);   /* the same */
 			if (off > STUN_HDR_LEN + SR_STUN_MAX_MSG)
 				return verdict(p, SR_STAT_IN_DROP_BAD_STUN, XDP_DROP);
 			*off_out = off;
@@ -66,24 +76,22 @@ static __always_inline int stun_find_username(struct pkt *p, __u32 *off_out, __u
 }
 
 /*
- * Copy the ufrag that starts at v[from] into key: ice-chars up to a ':' (ends_at_colon)
- * or up to the value's end.  Returns its length (SR_UFRAG_MIN..SR_UFRAG_MAX) or -1.
+ * Copy the ufrag at the start of v (value_len bytes left in the value) into key:
+ * ice-chars up to a ':' (ends_at_colon) or up to the value's end.  Returns its
+ * length (SR_UFRAG_MIN..SR_UFRAG_MAX) or -1.
  */
-static __always_inline int copy_ufrag(unsigned char *v, __u32 from, __u32 value_len, void *data_end,
+static __always_inline int copy_ufrag(unsigned char *v, __u32 value_len, void *data_end,
 				      struct sr_ufrag_key *key, int ends_at_colon)
 {
 	__u32 len = 0;
 	int colon = 0;
-	if (from > SR_UFRAG_MAX + 1)
-		return -1;
 #pragma unroll
 	for (int j = 0; j < SR_UFRAG_MAX + 1; j++) {
-		__u32 at = from + j;
-		if (at >= value_len)
+		if (j >= value_len)
 			break;
-		if ((void *)(v + at + 1) > data_end)
+		if ((void *)(v + j + 1) > data_end)
 			return -1;
-		unsigned char ch = v[at];
+		unsigned char ch = v[j];
 		if (ch == ':') {
 			colon = 1;
 			break;
@@ -110,7 +118,7 @@ static __always_inline int stun_server_ufrag(struct pkt *p, struct sr_ufrag_key 
 	int act = stun_find_username(p, &off, &value_len);
 	if (act != FURTHER_PROCESSING || !off)
 		return act;
-	int len = copy_ufrag(p->payload + off, 0, value_len, p->data_end, key, 1);
+	int len = copy_ufrag(p->payload + off, value_len, p->data_end, key, 1);
 	if (len < 0)
 		return verdict(p, SR_STAT_IN_DROP_BAD_USERNAME, XDP_DROP);
 	*ufrag_len = len;
@@ -144,6 +152,7 @@ static __always_inline int stun_backend_check_ufrag(struct pkt *p, struct sr_ufr
 	int found = 0;
 #pragma unroll
 	for (int j = 0; j < SR_UFRAG_MAX + 1; j++) {
+		SR_BARRIER_VAR(j);
 		if (j >= value_len)
 			break;
 		if ((void *)(v + j + 1) > data_end)
@@ -156,11 +165,19 @@ static __always_inline int stun_backend_check_ufrag(struct pkt *p, struct sr_ufr
 	}
 	if (!found)
 		return -1;
-	*(volatile __u32 *)&sc->off = colon;   /* the same, for where the colon was */
+	/*
+	 * Forget which way the scan ended: each exit left v with another checked
+	 * range and value_len with another lower bound (> j), so the verifier walked
+	 * copy_ufrag once per colon position (over its 1M-insn limit on 6.18 once the
+	 * scan kept its constant bound, parse.h).  Both round-trip through the
+	 * scratch slot, and the ufrag's pointer is made afresh.
+	 */
+	*(volatile __u32 *)&sc->off = colon;
 	colon = *(volatile __u32 *)&sc->off;
-	if (colon > SR_UFRAG_MAX)
+	value_len = *(volatile __u32 *)&sc->len;
+	if (colon > SR_UFRAG_MAX || colon >= value_len)   /* neither happens: for the verifier */
 		return -1;
-	return copy_ufrag(v, colon + 1, value_len, data_end, key, 0);
+	return copy_ufrag(p->payload + off + colon + 1, value_len - colon - 1, data_end, key, 0);
 }
 
 #endif /* SPLITRELAY_STUN_H */

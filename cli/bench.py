@@ -8,11 +8,13 @@ import tempfile
 from pathlib import Path
 
 import click
+from splitrelay.bench.suite import PARTS
 from splitrelay.cli.errors import EXIT_DEPENDENCY, CliError, require_bcc, require_root
 
-PARTS_HELP = ("floor: kernel routing (the latency floor); xdp / userspace: rate, latency, first packet, "
-              "registration through each relay; scale: 1k/100k/1M flows; sessions: WebRTC setup time and "
-              "transceiver capacity.")
+PARTS_HELP = ("floor: kernel routing (the latency floor); ceiling: a bare XDP program that only rewrites MACs "
+              "and redirects (the local ceiling's rate); xdp / userspace: rate, latency, first packet, "
+              "registration through each relay; scale: 1k/100k/1M flows; sessions: WebRTC setup time (1 and 2 "
+              "relays advertised) and transceiver capacity.")
 
 
 @click.command("bench")
@@ -20,7 +22,7 @@ PARTS_HELP = ("floor: kernel routing (the latency floor); xdp / userspace: rate,
               help="Seconds instead of minutes: every part runs briefly (what CI runs); figures are not "
                    "meaningful.")
 @click.option("--part", "parts", multiple=True, metavar="PART",
-              type=click.Choice(["floor", "xdp", "userspace", "scale", "sessions"]),
+              type=click.Choice(list(PARTS)),
               help="Run only these parts (repeat). Default: all. " + PARTS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON on stdout.")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path),
@@ -50,7 +52,7 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
       splitrelay bench --part xdp --part userspace     # just the two relays
       make bench                                       # all of it, writes BENCHMARKS.md
     """
-    from splitrelay.bench import report
+    from splitrelay.bench import report, report_plots
 
     if from_results:
         try:
@@ -62,7 +64,7 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
         figures["ratios"] = report.ratios(figures)      # the report's current rules, on the old figures
         figures["targets"] = report.targets(figures)
         if plots:  # redraw what the figures hold; the RTT distribution needs the raw samples: kept as drawn
-            report.plots(figures, from_results.parent / "no-samples", plots)
+            report_plots.plots(figures, from_results.parent / "no-samples", plots)
         written = sorted(plots.glob("*.png")) if plots and plots.is_dir() else []
         _write_report(figures, markdown, plots, written, analysis)
         _emit(figures, as_json)
@@ -89,7 +91,7 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
         figures["targets"] = report.targets(figures)
         written: list[Path] = []
         if plots:
-            written = report.plots(figures, samples, plots)
+            written = report_plots.plots(figures, samples, plots)
         if results:
             suite.save(figures, results)
         _write_report(figures, markdown, plots, written, analysis)
@@ -98,7 +100,7 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
 
 def _write_report(figures: dict, markdown: Path | None, plots: Path | None, written: list[Path],
                   analysis: Path | None) -> None:
-    from splitrelay.bench import report
+    from splitrelay.bench import report_markdown
 
     if not markdown:
         return
@@ -108,7 +110,8 @@ def _write_report(figures: dict, markdown: Path | None, plots: Path | None, writ
             rel = str(plots.resolve().relative_to(markdown.resolve().parent))
         except ValueError:
             rel = str(plots.resolve())
-    markdown.write_text(report.markdown(figures, written, rel, analysis.read_text() if analysis else None))
+    text = report_markdown.markdown(figures, written, rel, analysis.read_text() if analysis else None)
+    markdown.write_text(text)
     linked = f" linking {len(written)} plots in {plots}" if plots else ""
     click.echo(f"bench: wrote {markdown}{linked}", err=True)
 

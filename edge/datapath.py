@@ -23,10 +23,8 @@ from splitrelay.edge import counters as counters_mod
 from splitrelay.edge import xdp_codec as codec
 from splitrelay.edge import xdp_loader as loader
 from splitrelay.edge.ports import PortPool
-from splitrelay.wire.byteorder import from_be16
-from splitrelay.edge.records import (  # noqa: F401 - the records' old home: importers keep working
+from splitrelay.edge.records import (
     INTERNAL_SLOT,
-    POLICIES,
     PUBLIC_SLOT,
     Attachment,
     Backend,
@@ -36,15 +34,8 @@ from splitrelay.edge.records import (  # noqa: F401 - the records' old home: imp
     Session,
     check_ufrag,
 )
-from splitrelay.edge.xdp_loader import (  # noqa: F401 - as above
-    FORBIDDEN_IFACES,
-    MAP_NAMES,
-    PIN_ROOT,
-    PinnedMapMismatch,
-    VerifierError,
-    pinned_instances,
-    unpin,
-)
+from splitrelay.edge.xdp_loader import PIN_ROOT, unpin
+from splitrelay.wire.byteorder import from_be16
 
 log = logging.getLogger(__name__)
 

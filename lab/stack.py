@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from splitrelay.edge.control_client import ControlClient
-from splitrelay.edge.datapath import unpin
+from splitrelay.edge.xdp_loader import unpin
 from splitrelay.lab import impair
 from splitrelay.lab.floating import floated
 from splitrelay.lab.impair import Impairment

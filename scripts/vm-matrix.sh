@@ -14,7 +14,8 @@ whose box make vm-box has built) under qemu with the box's disk as a throw-away 
 the checkout shared read-only over 9p; the guest loads the relay and runs tests/xdp.
 Prints one PASS/FAIL line per kernel; exit 0 only if all passed.
 
-Environment: SPLITRELAY_VM_FUZZ_EXAMPLES (default 300), VM_MATRIX_TIMEOUT (s per guest, 1500).
+Environment: SPLITRELAY_VM_FUZZ_EXAMPLES (default 300), VM_MATRIX_TIMEOUT (s per guest, 1500),
+SPLITRELAY_VM_SHORT=1 (leave out the tests that recompile relay.c to reload it; make vm-check).
 EOT
 }
 case ${1:-} in -h|--help) usage; exit 0 ;; esac
@@ -42,7 +43,7 @@ for r in "${releases[@]}"; do
   say "[$r] booting $(basename "$kernel")"
   # PID 1 is a shell: mount the share, run the guest script, power off (its output is the console).
   run="mount -t proc proc /proc; modprobe -q 9pnet_virtio; modprobe -q 9p;
-       mount -t 9p -o trans=virtio,version=9p2000.L,ro sr /mnt && SPLITRELAY_FUZZ_EXAMPLES=$fuzz sh /mnt/scripts/vm-matrix-guest.sh;
+       mount -t 9p -o trans=virtio,version=9p2000.L,ro sr /mnt && SPLITRELAY_FUZZ_EXAMPLES=$fuzz SPLITRELAY_VM_SHORT=${SPLITRELAY_VM_SHORT:-0} sh /mnt/scripts/vm-matrix-guest.sh;
        echo o > /proc/sysrq-trigger; sleep 60"
   timeout "${VM_MATRIX_TIMEOUT:-1500}" qemu-system-x86_64 -accel "$accel" -m 1536 -smp 1 -nographic -no-reboot \
     -nic none -snapshot -drive file="$dir/disk.raw",format=raw,if=virtio \

@@ -9,7 +9,9 @@ import secrets
 import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as pnetns
-from splitrelay.edge.datapath import Backend, Datapath, RelayConfig, pinned_instances, unpin
+from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.records import Backend, RelayConfig
+from splitrelay.edge.xdp_loader import pinned_instances, unpin
 from splitrelay.lab.topology import STATE_DIR, STEM_ENV, Lab
 from splitrelay.lab.netns import in_netns, list_namespaces
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from splitrelay.bench import sessions
+from splitrelay.bench import capacity, session_setup, sessions
 from splitrelay.lab.stack import control, start_lab, stop_lab
 from splitrelay.lab.topology import Lab
 from splitrelay.lab.netns import NETNS_DIR, in_netns
@@ -57,26 +57,26 @@ def test_setup_time_relay_and_direct(session_lab):
     lab, info = session_lab
     before = processes_in(lab)
     assert ip_forward(lab) == "0"
-    result = sessions.measure_setup(lab.name, runs=2)
-    json.dumps(result)
-    assert ip_forward(lab) == "0" and result["relay_ip_forward_restored"]
+    result = session_setup.measure_setup(lab.name, runs=2)
+    json.dumps(result.to_json())
+    assert ip_forward(lab) == "0" and result.relay_ip_forward_restored
     assert processes_in(lab) == before                        # the direct transceiver and the probe are gone
     assert Lab.load(lab.name).pids == lab.pids
     t = lab.transceivers[0]
-    relay, direct = result["paths"]["relay"], result["paths"]["direct"]
-    assert relay["candidate"] == info["relay_public"]
-    assert direct["candidate"] == f"{t.ip4}:{sessions.DIRECT_BACKEND_PORT}"
+    relay, direct = result.paths["relay"], result.paths["direct"]
+    assert relay.candidate == info["relay_public"]
+    assert direct.candidate == f"{t.ip4}:{session_setup.DIRECT_BACKEND_PORT}"
     for path in (relay, direct):
-        assert path["ok"] == 2 and path["failed"] == 0 and path["errors"] == [], path
-        for metric in sessions.SETUP_METRICS:
-            s = path[metric]
+        assert path.ok == 2 and path.failed == 0 and path.errors == [], path
+        for metric in session_setup.SETUP_METRICS:
+            s = path.summary(metric)
             assert s["n"] == 2 and 0 < s["min"] <= s["median"] <= s["p90"] <= s["max"], (metric, s)
-        ice, dtls = path["samples"]["ice_connected_ms"], path["samples"]["dtls_connected_ms"]
+        ice, dtls = path.samples["ice_connected_ms"], path.samples["dtls_connected_ms"]
         assert all(d >= i > 0 for i, d in zip(ice, dtls, strict=True))
-        assert all(a < i for a, i in zip(path["samples"]["offer_to_answer_ms"], ice, strict=True))
-    assert all(r > 0 for r in result["ratio_relay_to_direct"].values())
-    assert result["relay_kernel_forwarded_packets"] > 0       # the direct sessions crossed the relay's kernel
-    assert "POST" in result["method"]
+        assert all(a < i for a, i in zip(path.samples["offer_to_answer_ms"], ice, strict=True))
+    assert all(r > 0 for r in result.ratio_relay_to_direct.values())
+    assert result.relay_kernel_forwarded_packets > 0          # the direct sessions crossed the relay's kernel
+    assert "POST" in result.method
 
 
 def test_setup_failure_restores_forwarding_and_stops_the_direct_transceiver(session_lab, monkeypatch):
@@ -88,9 +88,9 @@ def test_setup_failure_restores_forwarding_and_stops_the_direct_transceiver(sess
             assert ip_forward(lab) == "1"                       # forwarding is on while the probe would run
             raise sessions.SessionBenchError("probe refused to start")
 
-    monkeypatch.setattr(sessions, "_Probe", Failing)
+    monkeypatch.setattr(sessions, "Probe", Failing)
     with pytest.raises(sessions.SessionBenchError, match="probe refused"):
-        sessions.measure_setup(lab.name, runs=1)
+        session_setup.measure_setup(lab.name, runs=1)
     assert ip_forward(lab) == "0"
     assert processes_in(lab) == before
 
@@ -100,12 +100,12 @@ def test_capacity_steps(session_lab):
     before = processes_in(lab)
     backends = control(lab, lambda c: c.backends())
     fwd = counters(lab)["IN_FWD_FLOW"]
-    result = sessions.measure_capacity(lab.name, steps=[1, 2], duration=3)
-    json.dumps(result)
+    result = capacity.measure_capacity(lab.name, steps=[1, 2], duration=3)
+    json.dumps(result.to_json())
     assert processes_in(lab) == before                        # its transceiver and the probes are gone
     assert control(lab, lambda c: c.backends()) == backends   # its backend is unregistered
     assert counters(lab)["IN_FWD_FLOW"] - fwd > 100           # the sessions' media went through XDP
-    steps = result["steps"]
+    steps = result.steps
     assert [s["sessions"] for s in steps] in ([1], [1, 2])   # the ramp stops at the first step above 1%
     for step in steps:
         assert step["connected"] == step["sessions"], step
@@ -115,8 +115,8 @@ def test_capacity_steps(session_lab):
         assert step["window_s"] > 2.0
         assert step["transceiver_cpu_pct"] > 0 and step["probe_cpu_pct"] > 0
         assert set(step["cpu_busy_pct"]) == {f"cpu{c}" for c in range(os.cpu_count())}
-    assert result["limited_by"] in (None, "client", "transceiver")
-    assert result["capacity"] in (0, 1, 2)
-    assert result["capacity"] == max([s["sessions"] for s in steps if s["audio_loss"] <= 0.01], default=0)
-    assert result["cpu"] == 0 and result["sessions_per_core"] == result["capacity"]
-    assert result["notes"] and "carrier" in result["method"]
+    assert result.limited_by in (None, "client", "transceiver")
+    assert result.capacity in (0, 1, 2)
+    assert result.capacity == max([s["sessions"] for s in steps if s["audio_loss"] <= 0.01], default=0)
+    assert result.cpu == 0 and result.sessions_per_core == result.capacity
+    assert result.notes and "carrier" in result.method

@@ -13,7 +13,7 @@ from aiortc import RTCSessionDescription
 from yarl import URL
 
 from splitrelay.edge.control import ControlAPI
-from splitrelay.edge.datapath import Backend, Session
+from splitrelay.edge.records import Backend, Session
 from splitrelay.transceiver.registration import (
     AgentUnreachable, Registrar, RegistrationError, SessionConflict, Unauthorized,
 )

@@ -36,7 +36,7 @@ from splitrelay.lab.stack import (
 from splitrelay.wire import hint, stun
 from splitrelay.edge.control_client import ControlError
 from splitrelay.edge.counters import counter_specs
-from splitrelay.edge.datapath import Backend, DatapathError, RelayConfig
+from splitrelay.edge.records import Backend, DatapathError, RelayConfig
 from splitrelay.lab.topology import Lab
 from splitrelay.edge.plane import PlaneConfig
 from splitrelay.edge.routing import RoutingTables, route

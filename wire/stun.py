@@ -200,7 +200,11 @@ def _username(payload: bytes) -> bytes | None:
 
 
 def _ufrag_at(value: bytes, start: int, ends_at_colon: bool) -> str | None:
-    """copy_ufrag in relay.c: 4..32 ice-chars from value[start], ended by ':' or by the value's end."""
+    """copy_ufrag in bpf/stun.h, a deliberate oracle: 4..32 ice-chars from value[start].
+
+    Ended by ':' or by the value's end.
+    The C gets a pointer already moved to ``start``; here the start is an index.
+    """
     out = bytearray()
     colon = False
     for j, ch in enumerate(value[start:start + UFRAG_MAX + 1]):

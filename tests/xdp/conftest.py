@@ -13,7 +13,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from splitrelay.edge.datapath import Backend, Datapath, RelayConfig
+from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.records import Backend, RelayConfig
 
 from .. import packets as P
 from ..netns import private_netns

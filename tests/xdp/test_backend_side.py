@@ -8,10 +8,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from splitrelay.bpf.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX
-from splitrelay.edge.datapath import (
-    Backend,
-    RelayConfig,
-)
+from splitrelay.edge.records import Backend, RelayConfig
 from splitrelay.wire import stun
 
 from .. import packets as P

@@ -8,11 +8,8 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from splitrelay.bpf.testrun import XDP_DROP, XDP_REDIRECT, XDP_TX
-from splitrelay.edge.datapath import (
-    Backend,
-    Datapath,
-    RelayConfig,
-)
+from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.records import Backend, RelayConfig
 from splitrelay.wire import hint, stun
 
 from .. import packets as P

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 
 from splitrelay.bpf.testrun import XDP_REDIRECT
-from splitrelay.edge.datapath import (
-    Backend,
-)
+from splitrelay.edge.records import Backend
 from splitrelay.wire import hint, stun
 
 from .. import packets as P
