@@ -127,8 +127,11 @@ def spawn_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None =
 
 
 def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
-                      extra_args: list[str] | None = None, dual_stack: bool = False) -> subprocess.Popen:
-    """Transceiver ``t`` with every relay; ``dual_stack``: its socket bound to ``[::]``, so IPv6 clients reach
+                      extra_args: list[str] | None = None, dual_stack: bool = False,
+                      relays: list[int] | None = None) -> subprocess.Popen:
+    """Transceiver ``t`` with every relay (or only those numbered in ``relays``).
+
+    ``dual_stack``: its socket bound to ``[::]``, so IPv6 clients reach
     it through the relays' IPv6 candidates (bound to its IPv4 address, what a relay forwards to its IPv6 one
     meets no socket; browsers then prefer IPv6, so the lab's IPv4 expectations stay with the default)."""
     bind = ["--bind", f"[::]:{BACKEND_PORT}", "--backend-ip", t.ip4] if dual_stack else [
@@ -137,7 +140,7 @@ def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
             "--backend-id", str(t.backend_id), *bind, "--ip6", t.ip6,
             # every relay, relay 1 (the client's default route) first and so preferred; both of each
             # relay's public addresses: IPv6 clients get a candidate too
-            *relay_args(lab),
+            *relay_args(lab, relays),
             "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler, *(extra_args or [])]
     path = log_file(lab, f"t{t.index}")
     with path.open("w") as log:
@@ -146,10 +149,11 @@ def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
     return proc
 
 
-def relay_args(lab: Lab) -> list[str]:
-    """`transceiver serve` arguments naming every relay of the lab with its agent, in relay order."""
+def relay_args(lab: Lab, relays: list[int] | None = None) -> list[str]:
+    """`transceiver serve` arguments naming every relay of the lab (or those numbered in ``relays``)
+    with its agent, in relay order."""
     args = []
-    for r in lab.relays:
+    for r in lab.relays if relays is None else [lab.relay(i) for i in relays]:
         args += ["--relay", f"{r.link}={r.public.ip4}:{lab.relay_port},[{r.public.ip6}]:{lab.relay_port}",
                  "--relay-control", control_url(lab, r.index)]
     return args
