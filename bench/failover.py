@@ -81,7 +81,8 @@ def _fault(lab, scenario: str, at: list[float]):  # noqa: ANN001, ANN202
     def fault() -> None:
         at.append(time.monotonic())
         if scenario == "float":
-            relay_dies_and_its_address_floats(lab)
+            # translating relays: the internal address stays (the call comes in from relay 2's, latched)
+            relay_dies_and_its_address_floats(lab, gateway=not lab.translate)
         else:
             kill_relay(lab, 1)
     return fault
@@ -212,9 +213,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def measure(runs: int, scenarios: tuple[str, ...] = SCENARIOS, clients: tuple[str, ...] = CLIENTS,
-            progress=lambda line: None, seed: int = 12) -> list[Run]:  # noqa: ANN001
+            progress=lambda line: None, seed: int = 12, translate: bool = False) -> list[Run]:  # noqa: ANN001
     """Build the lab, do ``runs`` runs of every (scenario, client), tear the lab down; ``seed`` draws
-    the moments of the faults."""
+    the moments of the faults; ``translate``: the relays translate both sides (lab up --translate)."""
     from splitrelay.client.browser import Browser, unavailable_reason
     from splitrelay.lab.netns import nsenter_argv
     from splitrelay.lab.stack import start_lab, stop_lab
@@ -226,7 +227,7 @@ def measure(runs: int, scenarios: tuple[str, ...] = SCENARIOS, clients: tuple[st
         progress(f"chromium runs skipped: {missing}")
         clients = tuple(c for c in clients if c != "chromium")
 
-    info = start_lab(transceivers=1, handler="echo", relays=2)
+    info = start_lab(transceivers=1, handler="echo", relays=2, translate=translate)
     lab = Lab.load(info["name"])
     results: list[Run] = []
     try:
@@ -289,6 +290,9 @@ def main() -> None:  # pragma: no cover - a thin command line
     parser.add_argument("--section", action="store_true", help="a BENCHMARKS.md section (markdown)")
     parser.add_argument("--from-json", metavar="FILE", help="measure nothing: render what --json saved")
     parser.add_argument("--seed", type=int, default=12, help="draws the moment of each fault (default 12)")
+    parser.add_argument("--translate", action="store_true",
+                        help="relays translate both sides: in float, the call arrives from relay 2's internal "
+                             "address and the transceiver latches onto it")
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as saved:
@@ -298,7 +302,8 @@ def main() -> None:  # pragma: no cover - a thin command line
     else:
         started = time.monotonic()
         runs = measure(args.runs, tuple(args.scenario or SCENARIOS), tuple(args.client or CLIENTS),
-                       progress=lambda line: print(line, file=sys.stderr, flush=True), seed=args.seed)
+                       progress=lambda line: print(line, file=sys.stderr, flush=True), seed=args.seed,
+                       translate=args.translate)
         seed, seconds = args.seed, round(time.monotonic() - started, 1)
     rows = summarize(runs)
     if args.json:
