@@ -174,6 +174,39 @@ def _resolve_here(ip: str, ifname: str | None, timeout: float) -> str:
     raise NeighbourError(f"no neighbour entry for {ip} on {ifname} after {timeout:.1f} s ({what}; host down?)")
 
 
+def _gateway_out_of(ip: str, ifname: str) -> str | None:
+    """The gateway the kernel's route to ``ip`` uses, or None when ``ip`` is on-link; the route
+    must leave through ``ifname`` (the same one-line error as resolve's otherwise)."""
+    addr = _parse(ip)
+    with IPRoute() as ipr:
+        index = _index(ipr, ifname)
+        if addr.is_link_local:
+            return None
+        try:
+            routes = ipr.route("get", dst=str(addr))
+        except Exception as exc:  # noqa: BLE001 - netlink errors (ENETUNREACH, ...) become one line
+            raise NeighbourError(f"{addr} is not reachable: {exc}") from None
+        if not routes:
+            raise NeighbourError(f"no route to {addr}")
+        oif = routes[0].get_attr("RTA_OIF")
+        if oif != index:
+            other = ipr.get_links(oif)[0].get_attr("IFLA_IFNAME") if oif else "?"
+            raise NeighbourError(f"{addr} is not on-link on {ifname} (the kernel reaches it via {other})")
+        return routes[0].get_attr("RTA_GATEWAY")
+
+
+def resolve_next_hop(ip: str, ifname: str, timeout: float = 3.0) -> str:
+    """MAC of the next hop toward ``ip`` out of ``ifname``: ``ip``'s own when on-link, else that of
+    the gateway the kernel's route uses (a routed backend; the packet keeps ``ip`` as destination).
+
+    Raises NeighbourError as resolve does, and when the route leaves through another interface.
+    """
+    if timeout <= 0:
+        raise NeighbourError(f"timeout must be positive, got {timeout}")
+    gateway = _off_loop(lambda: _gateway_out_of(ip, ifname))
+    return resolve(gateway or ip, ifname, timeout)
+
+
 def resolve(ip: str, ifname: str | None = None, timeout: float = 3.0) -> str:
     """MAC of the on-link host ``ip`` on ``ifname`` (default: the interface its route uses).
 
