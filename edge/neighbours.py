@@ -182,11 +182,14 @@ def _resolve_here(ip: str, ifname: str | None, timeout: float) -> str:
 
 
 def _gateway_out_of(ip: str, ifname: str) -> str | None:
-    """The gateway the kernel's route to ``ip`` uses, or None when ``ip`` is on-link."""
+    """The gateway the kernel's route to ``ip`` uses, or None when ``ip`` is on-link or already has
+    a neighbour entry on ``ifname`` (as resolve, the table is trusted before the route)."""
     addr = _parse(ip)
     with IPRoute() as ipr:
         index = _index(ipr, ifname)
-        return None if addr.is_link_local else _route_out(ipr, addr, ifname, index)
+        if addr.is_link_local or _lookup(ipr, ip, _family(addr), index)[0]:
+            return None
+        return _route_out(ipr, addr, ifname, index)
 
 
 def resolve_next_hop(ip: str, ifname: str, timeout: float = 3.0) -> str:
