@@ -112,11 +112,9 @@ def _lookup(ipr: IPRoute, ip: str, family: int, index: int) -> tuple[str | None,
     return None, 0
 
 
-def _check_on_link(ipr: IPRoute, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, ifname: str,
-                   index: int) -> None:
-    """The kernel's own route to ``addr`` must be a direct one out of ``ifname``."""
-    if addr.is_link_local:
-        return
+def _route_out(ipr: IPRoute, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, ifname: str,
+               index: int) -> str | None:
+    """Gateway of the kernel's route to ``addr`` (None: on-link); the route must leave through ``ifname``."""
     try:
         routes = ipr.route("get", dst=str(addr))
     except Exception as exc:  # noqa: BLE001 - netlink errors (ENETUNREACH, ...) become one line
@@ -124,13 +122,22 @@ def _check_on_link(ipr: IPRoute, addr: ipaddress.IPv4Address | ipaddress.IPv6Add
     if not routes:
         raise NeighbourError(f"no route to {addr}")
     gateway = routes[0].get_attr("RTA_GATEWAY")
-    if gateway:
-        raise NeighbourError(f"{addr} is not on-link on {ifname} (reached via gateway {gateway}): "
-                             f"resolve the gateway instead")
     oif = routes[0].get_attr("RTA_OIF")
     if oif != index:
         other = ipr.get_links(oif)[0].get_attr("IFLA_IFNAME") if oif else "?"
         raise NeighbourError(f"{addr} is not on-link on {ifname} (the kernel reaches it via {other})")
+    return gateway
+
+
+def _check_on_link(ipr: IPRoute, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, ifname: str,
+                   index: int) -> None:
+    """The kernel's own route to ``addr`` must be a direct one out of ``ifname``."""
+    if addr.is_link_local:
+        return
+    gateway = _route_out(ipr, addr, ifname, index)
+    if gateway:
+        raise NeighbourError(f"{addr} is not on-link on {ifname} (reached via gateway {gateway}): "
+                             f"resolve the gateway instead")
 
 
 def _probe(sock: socket.socket, addr: ipaddress.IPv4Address | ipaddress.IPv6Address, index: int) -> None:
@@ -172,6 +179,29 @@ def _resolve_here(ip: str, ifname: str | None, timeout: float) -> str:
                     return mac
     what = "resolution failed" if state & NUD_FAILED else "no answer"
     raise NeighbourError(f"no neighbour entry for {ip} on {ifname} after {timeout:.1f} s ({what}; host down?)")
+
+
+def _gateway_out_of(ip: str, ifname: str) -> str | None:
+    """The gateway the kernel's route to ``ip`` uses, or None when ``ip`` is on-link or already has
+    a neighbour entry on ``ifname`` (as resolve, the table is trusted before the route)."""
+    addr = _parse(ip)
+    with IPRoute() as ipr:
+        index = _index(ipr, ifname)
+        if addr.is_link_local or _lookup(ipr, ip, _family(addr), index)[0]:
+            return None
+        return _route_out(ipr, addr, ifname, index)
+
+
+def resolve_next_hop(ip: str, ifname: str, timeout: float = 3.0) -> str:
+    """MAC of the next hop toward ``ip`` out of ``ifname``: ``ip``'s own when on-link, else that of
+    the gateway the kernel's route uses (a routed backend; the packet keeps ``ip`` as destination).
+
+    Raises NeighbourError as resolve does, and when the route leaves through another interface.
+    """
+    if timeout <= 0:
+        raise NeighbourError(f"timeout must be positive, got {timeout}")
+    gateway = _off_loop(lambda: _gateway_out_of(ip, ifname))
+    return resolve(gateway or ip, ifname, timeout)
 
 
 def resolve(ip: str, ifname: str | None = None, timeout: float = 3.0) -> str:

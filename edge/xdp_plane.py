@@ -106,7 +106,8 @@ class XdpPlane(Datapath):
             log.info("left XDP attached and maps pinned (%s): a restarted agent adopts them", self.pin_dir)
 
     def next_hop_mac(self, ip: str) -> str:
-        return neighbours.resolve(ip, self.common.internal_iface, timeout=self.options.neighbour_timeout_s)
+        timeout = self.options.neighbour_timeout_s
+        return neighbours.resolve_next_hop(ip, self.common.internal_iface, timeout=timeout)
 
     def internal_mac(self) -> str:
         return neighbours.interface_mac(self.common.internal_iface)

@@ -289,6 +289,11 @@ def test_neighbour_resolution(lab):
         in_relay(neighbours.resolve, net.client.ip4, "int0", timeout=1.0)        # wrong link
     with pytest.raises(NeighbourError, match="gateway"):
         in_netns(net.client.netns, lambda: neighbours.resolve(net.transceivers[0].ip4, "c0"))  # behind the relay
+    behind = in_netns(net.client.netns, lambda: neighbours.resolve_next_hop(net.transceivers[0].ip4, "c0"))
+    assert behind == net.relay_public.mac                          # routed: the gateway's MAC
+    with pytest.raises(NeighbourError, match=re.escape(
+            f"{net.client.ip4} is not on-link on int0 (the kernel reaches it via pub0)")):
+        in_relay(neighbours.resolve_next_hop, net.client.ip4, "int0", timeout=1.0)   # route out of another link
     with pytest.raises(NeighbourError, match="no interface"):
         in_relay(neighbours.resolve, net.client.ip4, "eth9")
     with pytest.raises(NeighbourError, match="not an IP"):
