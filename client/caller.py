@@ -1,5 +1,7 @@
 """A caller for the voice agent: speaks espeak-ng utterances into a WHIP call and times what comes back.
 
+(Just over 400 lines: one call's clock, playout and events are shared by every figure it takes.)
+
 A plain aiortc client, like the probe, but with speech instead of beeps:
 
 * **voice-to-voice** per turn: from the end of the caller's voice (the last

@@ -1,5 +1,9 @@
 """A plain aiortc WHIP client that measures a voice session end to end.
 
+(Over 400 lines on purpose: ``Probe`` is one session's life, offer to DELETE, and its setup
+times, beep detection, carrier count and stats share that state; the report and the talk gate
+are classes of their own.)
+
 The demo, the tests and the benchmarks all need the same thing: a standard
 WebRTC client (nothing splitrelay-specific on the wire) that opens a session
 with one HTTP request, talks, and reports how fast the session came up and how

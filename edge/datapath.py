@@ -1,5 +1,8 @@
 """The XDP data plane of one relay instance, as Python sees it: its tables in the kernel's maps.
 
+(Just over 400 lines: every map's read and write lives beside the pinning that keeps them;
+encoding is ``xdp_codec``, loading ``xdp_loader``, the port pool ``ports``.)
+
 Loads ``bpf/relay.c`` (``xdp_loader``), keeps every map pinned under
 ``/sys/fs/bpf/splitrelay/<instance>`` so an agent restart or a program reload
 keeps all sessions and flows, attaches the two programs, and reads and writes
