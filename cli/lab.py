@@ -25,7 +25,7 @@ def lab() -> None:
               help="Probability (0..1) that a UDP frame on the client's link is dropped, each way.")
 @click.option("--relays", default=1, show_default=True, type=click.IntRange(1, 8),
               help="Relays in front of the same transceivers, each with its own public network, agent and "
-                   "internal address (on the transceivers' segment: today's agent needs on-link backends); "
+                   "internal address (on the transceivers' segment, or one router hop from them with --routed); "
                    "the client has a link to each (relay 1 is its default route).")
 @click.option("--far-delay-ms", type=click.FloatRange(0, 10000), default=0.0,
               help="Make the last relay far: this one-way delay on the client's link to it, each way "

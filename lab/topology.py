@@ -18,7 +18,8 @@ exercise the same topology (``P`` is the lab's random prefix, e.g. ``sr3fa9c1``)
 Relays.  Each relay has its own namespace, public network (the client has one
 link and one address on each; relay 1 stays its default route), agent and
 internal address.  The internal addresses share the transceivers' segment
-(br0): today's agent needs its backends on-link (edge/neighbours.py).  Each
+(br0), or, in a routed lab, the router's (the agent's next hop is then the
+router: edge/neighbours.py resolve_next_hop).  Each
 transceiver routes relay k's public network via relay k's internal address, so
 with DNAT-only XDP an answer to a client that came in by relay k leaves by relay k.
 
