@@ -9,12 +9,14 @@ and every reply reaches the client only through that relay's translation.
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
 from ipaddress import ip_address, ip_network
 
 import pytest
-from splitrelay.lab.netns import LabError
+from splitrelay.lab.netns import LabError, list_namespaces
 from splitrelay.lab.router import ROUTED_NEEDS_TRANSLATE
 from splitrelay.lab.stack import control, lab_info, probe, probe_result, start_lab, start_transceiver, stop_lab
 from splitrelay.lab.topology import Lab
@@ -33,6 +35,47 @@ def test_routed_without_translate_is_refused_in_one_line():
     assert proc.stderr == f"splitrelay: error: {ROUTED_NEEDS_TRANSLATE}\n"
     with pytest.raises(LabError, match=f"^{ROUTED_NEEDS_TRANSLATE}$"):
         Lab.create(transceivers=1, routed=True)
+
+
+def echo_once(lab: Lab, src_netns: str, src: str, dst_netns: str, dst: str, port: int = 9600) -> tuple[str, str]:
+    """One datagram src -> dst and its answer back: (source the receiver saw, source the sender got back)."""
+    family = socket.AF_INET6 if ip_address(dst).version == 6 else socket.AF_INET
+    server, client = lab.socket_in(dst_netns, family), lab.socket_in(src_netns, family)
+    try:
+        server.bind((dst, port))
+        client.bind((src, 0))
+        server.settimeout(3.0)
+        client.settimeout(3.0)
+        client.sendto(b"hello", (dst, port))
+        _, peer = server.recvfrom(64)
+        server.sendto(b"back", peer)
+        _, back = client.recvfrom(64)
+        return peer[0], back[0]
+    finally:
+        server.close()
+        client.close()
+
+
+def test_a_routed_lab_is_built_and_torn_down_with_its_router(lab):
+    net = lab(transceivers=2, relays=2, translate=True, routed=True)
+    rtr = net.router
+    assert rtr.netns in net.namespaces() and rtr.netns in list_namespaces()
+    assert Lab.load(net.name).router == rtr                              # the state file knows it
+    nets = [ip_network(p) for pair in net.networks.values() for p in pair]
+    assert all(not a.overlaps(b) for i, a in enumerate(nets) for b in nets[i + 1:]), net.networks
+    for r in net.relays:            # both families, each relay's internal address <-> each transceiver
+        for t in net.transceivers:
+            for src, dst in ((r.internal.ip4, t.ip4), (r.internal.ip6, t.ip6)):
+                assert echo_once(net, r.netns, src, t.netns, dst) == (src, dst)
+    assert int(net.run(rtr.netns, ["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout) == 1
+    net.destroy()
+    assert not [ns for ns in list_namespaces() if ns.startswith(net.prefix + "-")]
+
+
+def router_tx(lab: Lab) -> dict[str, int]:
+    """Packets the router sent out of each of its sides so far."""
+    links = json.loads(lab.run(lab.router.netns, ["ip", "-s", "-j", "link", "show"]).stdout)
+    return {link["ifname"]: link["stats64"]["tx"]["packets"] for link in links}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +130,7 @@ def test_a_call_through_each_translating_relay_reaches_a_transceiver_one_router_
     [backend] = [b for b in control(lab, lambda c: c.backends(), relay) if b["id"] == relay]
     assert backend["mac"].lower() == lab.router.internal.mac.lower()                 # the next hop is the router
     before = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats(), relay)["counters"]}
+    forwarded = router_tx(lab)
     proc = probe(lab, [info["whip_urls"][relay - 1]], duration=3)
     flows = wait_for(lambda: control(lab, lambda c: c.flows(), relay), 30, f"the session's flow on relay {relay}",
                      proc)
@@ -98,3 +142,5 @@ def test_a_call_through_each_translating_relay_reaches_a_transceiver_one_router_
     after = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats(), relay)["counters"]}
     assert after["IN_FWD_FLOW"] - before["IN_FWD_FLOW"] > 100           # client -> transceiver in XDP
     assert after["OUT_FWD"] - before["OUT_FWD"] > 100                   # replies translated back in XDP
+    now = router_tx(lab)
+    assert now["tr0"] - forwarded["tr0"] > 100 and now["int0"] - forwarded["int0"] > 100   # one hop, both ways
