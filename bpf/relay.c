@@ -238,9 +238,11 @@ static __always_inline int route_binding_request(struct xdp_md *ctx, struct pkt 
  * The hot path (every media packet), so its clock is the coarse one: bpf_ktime_get_ns
  * cost 40-60 ns of the program's ~310 here (BPF_PROG_TEST_RUN, 10^6 repeats of an
  * established flow's RTP, 2026-11-28: 313 ns with it, 274 with the coarse clock, 255
- * with none), the coarse clock is the same CLOCK_MONOTONIC read at the last tick
- * (<= 4 ms old), and last_seen_ns only ages flows in seconds.  A flow's opening and
- * its consent checks (route_binding_request) keep the precise clock.
+ * with none; in the lab's kernel BPF stats, median of 4 alternating runs, 348 vs 385 ns
+ * unpinned and 278 vs 322 pinned; BENCHMARKS.md "Local ceiling").  The coarse clock is
+ * the same CLOCK_MONOTONIC read at the last tick (<= 4 ms old at HZ 250), and
+ * last_seen_ns only ages flows in seconds.  A flow's opening and its consent checks
+ * (route_binding_request) keep the precise clock.
  */
 static __always_inline int route_by_flow(struct xdp_md *ctx, struct pkt *p, const struct sr_config *cfg,
 					 struct sr_addr_key *client)
