@@ -1,7 +1,7 @@
 """The transceiver's side of the edge control API: register its backend and sessions, and keep them.
 
-Sessions are registered before the SDP answer leaves, so the relay knows the
-ufrag before the client's first STUN request can arrive.  The agent's
+Sessions are registered before the SDP answer leaves, so the relay (with several,
+the first to accept) knows the ufrag before the client's first STUN request can arrive.  The agent's
 ``boot_id`` is watched: when the agent restarts with empty maps, the backend
 and every live session are registered again.  Registration is optional: a
 transceiver without a relay (direct mode) has no ``Registrar``.
