@@ -122,7 +122,8 @@ async def test_the_answer_leaves_while_a_slow_relay_holds_the_registration_and_i
 
 
 @pytest.mark.parametrize("outcome", ["accepted", "refused"])
-async def test_a_hang_up_while_a_relay_still_registers_the_session_leaves_no_ufrag_there(two_agents, outcome):  # noqa: F811
+async def test_a_hang_up_while_a_relay_still_registers_the_session_leaves_no_ufrag_there(two_agents, outcome,  # noqa: F811
+                                                                                         caplog):
     """Accepted: the DELETE follows the PUT's answer.  Refused (503): the miss is recorded before the
     hang-up forgets the session, not after (else the next watch tick would register it again)."""
     fast, slow = two_agents
@@ -142,6 +143,8 @@ async def test_a_hang_up_while_a_relay_still_registers_the_session_leaves_no_ufr
         late = service.registrars.registrars[1]
         assert fast.ufrags() == slow.ufrags() == {}
         assert late.sessions == late.missed == set() and service.registrars.pending == {}
+        misses = [r for r in caplog.records if "relay slow missed session" in r.getMessage()]  # once, counted
+        assert len(misses) == missed_count(service, "slow") == (1 if outcome == "refused" else 0)
     finally:
         await service.stop()
         for f in (fast_front, front):
