@@ -9,8 +9,8 @@ transceiver without a relay (direct mode) has no ``Registrar``.
 With several relays (``RelayRegistrars``) every session is registered with every
 relay, concurrently: any relay may carry any session (a client moves to a backup
 relay's candidate when its relay dies).  The answer leaves as soon as the *first*
-relay accepted; the others finish behind it (waiting for all of them made setup with
-2 relays 1.13x direct against 1.03x with one, BENCHMARKS.md).  The offer is refused
+relay accepted; the others finish behind it (a slow or distant relay's agent no longer
+delays every answer, by up to its 3 s timeout when it stalls).  The offer is refused
 only when *no* relay accepted it.  A relay that missed a registration (unreachable,
 5xx, at the offer or behind the answer) is retried on the next watch tick
 (``watch_interval``, 1 s) until it takes the session, so every relay routes every
