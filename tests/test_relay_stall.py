@@ -11,10 +11,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from splitrelay.client.ice_restart import restart_ice
 from splitrelay.transceiver.registration import Registrar, RelayRegistrars
 from splitrelay.transceiver.relays import Relay
 from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 
+from .test_ice_restart import connected_caller, hears_itself_again
 from .test_relays import FAR, NEAR, missed_count, post_offer, two_agents  # noqa: F401 - the fixture
 from .test_transceiver import until
 from .test_transceiver_registration import BACKEND_ID, BACKEND_IP, TOKEN, Agent
@@ -86,14 +88,18 @@ class StallingFront:
         return answer
 
 
-async def slow_second_relay(fast: Agent, slow: Agent) -> tuple[Transceiver, StallingFront, StallingFront]:
-    """A transceiver whose relays are "fast" and "slow", each agent behind a front (fast's never holds)."""
+async def slow_second_relay(fast: Agent, slow: Agent, advertised: bool = True,
+                            ) -> tuple[Transceiver, StallingFront, StallingFront]:
+    """A transceiver whose relays are "fast" and "slow", each agent behind a front (fast's never holds).
+    ``advertised=False``: the relays' candidates are not in the answer, the mux's own address is
+    (a loopback caller can connect)."""
     fronts = [StallingFront(fast), StallingFront(slow)]
     for front in fronts:
         await front.start()
+    near, far = (NEAR.candidates, FAR.candidates) if advertised else ((), ())
     service = Transceiver(TransceiverConfig(
         backend_id=BACKEND_ID, bind_port=0, whip_port=0, relay_token=TOKEN, backend_ip=BACKEND_IP,
-        relays=[Relay("fast", NEAR.candidates, fronts[0].url), Relay("slow", FAR.candidates, fronts[1].url)]))
+        relays=[Relay("fast", near, fronts[0].url), Relay("slow", far, fronts[1].url)]))
     await service.start()
     return service, *fronts
 
@@ -145,6 +151,33 @@ async def test_a_hang_up_while_a_relay_still_registers_the_session_leaves_no_ufr
         assert late.sessions == late.missed == set() and service.registrars.pending == {}
         misses = [r for r in caplog.records if "relay slow missed session" in r.getMessage()]  # once, counted
         assert len(misses) == missed_count(service, "slow") == (1 if outcome == "refused" else 0)
+    finally:
+        await service.stop()
+        for f in (fast_front, front):
+            await f.stop()
+
+
+async def test_an_ice_restart_answers_once_one_relay_took_the_new_ufrag_and_retires_every_old_one(two_agents):  # noqa: F811
+    fast, slow = two_agents
+    service, fast_front, front = await slow_second_relay(fast, slow, advertised=False)
+    try:
+        async with aiohttp.ClientSession() as http:
+            caller = await connected_caller(service, http)
+            old = service.sessions[caller.session_id].ufrag
+            await service.registrars.settled(old)
+            assert fast.ufrags() == slow.ufrags() == {old: BACKEND_ID}
+            front.release.clear()
+            await restart_ice(caller.pc, caller.location, http)   # PATCH answered, new pair nominated
+            new = service.sessions[caller.session_id].ufrag
+            await until(front.held, "the slow relay's agent to hold the new ufrag's PUT")
+            assert new in fast.ufrags() and new not in slow.ufrags()
+            front.release.set()
+            await service.registrars.settled(new)
+            await hears_itself_again(caller, "the echo after the restart")
+            assert fast.ufrags() == slow.ufrags() == {new: BACKEND_ID}   # the old one retired from both
+            assert missed_count(service, "slow") == 0             # taken behind the answer, not on a retry
+            await caller.hangup(http)
+        assert fast.ufrags() == slow.ufrags() == {}
     finally:
         await service.stop()
         for f in (fast_front, front):
