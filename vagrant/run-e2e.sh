@@ -72,7 +72,7 @@ say "transceiver: splitrelay-transceiver@1.service up"
 say "running $sessions WHIP session(s) for $seconds s from the client VM"
 t0=$SECONDS
 set +e
-report=$(on client "timeout $((seconds + 240)) $venv/bin/python -m splitrelay.transceiver.probe \
+report=$(on client "timeout $((seconds + 240)) $venv/bin/python -m splitrelay.client.probe \
   http://192.168.58.11:8080/whip --sessions $sessions --duration $seconds")
 status=$?
 set -e
