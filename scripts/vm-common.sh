@@ -20,7 +20,7 @@ require_tools() {
 }
 
 box_name() { case $1 in bookworm) echo splitrelay/debian12 ;; trixie) echo splitrelay/debian13 ;; esac; }
-box_added() { vagrant box list 2>/dev/null | grep -q "^$1 "; }
+box_added() { [[ $'\n'$(vagrant box list 2>/dev/null) == *$'\n'"$1 "* ]]; }   # no grep -q: pipefail
 # Vagrant's well-known insecure key pair, as shipped with Debian's vagrant package.
 vagrant_key_dir() { dirname "$(ls /usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub | tail -n1)"; }
 

@@ -51,8 +51,14 @@ start() {
     mkdir -p "$LIBVIRT_POOL_DIR"
     virsh_ pool-define-as default dir --target "$LIBVIRT_POOL_DIR" >/dev/null
   fi
-  virsh_ pool-start default >/dev/null 2>&1 || true   # may be active already (autostart)
-  virsh_ pool-info default | grep -q running || die "libvirt storage pool default is not running" 1
+  # Captured, not piped into grep -q: under pipefail, grep -q quitting early SIGPIPEs virsh and
+  # the check fails even when the pool runs (what broke the first make vm-test run here).
+  pool_running() { [[ $(virsh_ pool-info default 2>/dev/null) == *running* ]]; }
+  for i in $(seq 1 20); do
+    pool_running && break
+    virsh_ pool-start default >/dev/null 2>&1 || sleep 0.5   # may be active already (autostart)
+  done
+  pool_running || die "libvirt storage pool default is not running" 1
   say "libvirtd $(cat /run/libvirtd.pid) and virtlogd $(cat /run/virtlogd.pid) running in $VM_NETNS"
 }
 
@@ -67,7 +73,9 @@ stop() {
   fi
   pid=$(cat /run/virtlogd.pid 2>/dev/null || true)
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(ip netns identify "$pid")" = "$VM_NETNS" ]; then
-    kill "$pid"; say "stopped virtlogd ($pid)"
+    kill "$pid"
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    say "stopped virtlogd ($pid)"
   fi
   if ip netns list | grep -qw "^$VM_NETNS"; then
     [ -z "$(ip netns pids "$VM_NETNS")" ] || die "processes still run in $VM_NETNS: $(ip netns pids "$VM_NETNS" | xargs)" 1
