@@ -146,6 +146,12 @@ class Flow:
     rx_packets: int
     rx_bytes: int
     internal_port: int = 0   # translate: the relay's internal port the transceiver sees as this client
+    internal_set: int = 0    # translate: ... on this internal address set (RelayConfig.internal_sets())
+
+    @property
+    def internal_pair(self) -> int:
+        """The (address set, port) pair the flow holds in the translation pool (edge/ports.py); 0: none."""
+        return (self.internal_set << 16) | self.internal_port if self.internal_port else 0
 
     @property
     def client(self) -> str:
