@@ -66,11 +66,19 @@ class Datapath:
         """The translation port pool (edge/ports.py) on this instance's maps."""
         if self._ports is None or self._ports.bpf is not self.bpf:
             held = self._ports.quarantined if self._ports else {}
+            if self._ports is None:   # a restarted agent before configure(): the pinned config's range and sets
+                self._adopt_pinned_port_config()
             self._ports = PortPool(self.bpf, *self.port_range, quarantine_s=self.port_quarantine_s,
                                    quarantined=held, sets=self._port_sets)
         return self._ports
 
     _port_sets = 1   # the address sets configure() last wrote (<= xlate_addrs)
+
+    def _adopt_pinned_port_config(self) -> None:
+        cfg = self.config()
+        if cfg is not None and cfg.translate:
+            self.port_range = cfg.translate_ports
+            self._port_sets = max(1, len(cfg.internal_sets()))
 
     def _release_ports(self, ports) -> None:
         """The flows holding ``ports`` (pairs, flow_pair) are deleted: clear their slots, quarantine them."""
