@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 from splitrelay.cli.common import emit, table
-from splitrelay.cli.errors import CliError, require_bcc, require_root
+from splitrelay.cli.errors import EXIT_USAGE, CliError, require_bcc, require_root
 
 
 @click.group()
@@ -25,7 +25,7 @@ def lab() -> None:
               help="Probability (0..1) that a UDP frame on the client's link is dropped, each way.")
 @click.option("--relays", default=1, show_default=True, type=click.IntRange(1, 8),
               help="Relays in front of the same transceivers, each with its own public network, agent and "
-                   "internal address (on the transceivers' segment: today's agent needs on-link backends); "
+                   "internal address (on the transceivers' segment, or one router hop from them with --routed); "
                    "the client has a link to each (relay 1 is its default route).")
 @click.option("--far-delay-ms", type=click.FloatRange(0, 10000), default=0.0,
               help="Make the last relay far: this one-way delay on the client's link to it, each way "
@@ -33,8 +33,12 @@ def lab() -> None:
 @click.option("--translate", is_flag=True,
               help="The relays translate both sides (edge serve --translate) and the transceivers get no route "
                    "to the client's network: replies reach it only through the relay's translation.")
+@click.option("--routed", is_flag=True,
+              help="Put the transceivers in an L3 network of their own behind a router namespace on the "
+                   "relays' internal segment; they route only the relays' internal network, via the router "
+                   "(needs --translate).")
 def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, delay_ms: float, jitter_ms: float,
-           loss: float, relays: int, far_delay_ms: float, translate: bool) -> None:
+           loss: float, relays: int, far_delay_ms: float, translate: bool, routed: bool) -> None:
     """Build the namespaces, attach XDP in the relay and start its edge agent.
 
     \b
@@ -49,24 +53,35 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, dela
       splitrelay lab up --name lossy --loss 0.02 --jitter-ms 20 --delay-ms 20
       splitrelay lab up --name two --relays 2 --far-delay-ms 40
       splitrelay stats --lab two --relay 2
+      splitrelay lab up --name hop --routed --translate --relays 2
 
     \b
     With --relays, each transceiver registers itself and its sessions with
     every relay and offers every relay's candidates, relay 1 (the client's
     default route) preferred.  Each relay's public network is routed back
     through that relay, so answers leave by the relay the client used.
+
+    \b
+    With --routed, the transceivers are one router hop from the relays, in
+    their own network (--json shows "router" and "transceivers_network"):
+    each relay's XDP plane sends to the router's MAC, and the transceivers
+    reach nothing but the relays' internal network, so --translate is needed.
     """
+    from splitrelay.lab.router import ROUTED_NEEDS_TRANSLATE
+
+    if routed and not translate:
+        raise CliError(ROUTED_NEEDS_TRANSLATE, EXIT_USAGE)
     require_root("a lab")
     require_bcc()
     from splitrelay.lab.impair import Impairment
     from splitrelay.lab.stack import start_lab
 
     if far_delay_ms and relays < 2:
-        raise CliError("--far-delay-ms needs --relays 2 or more", 2)
+        raise CliError("--far-delay-ms needs --relays 2 or more", EXIT_USAGE)
     impair = Impairment(delay_ms, jitter_ms, loss) if delay_ms or jitter_ms or loss else None
     far = Impairment(far_delay_ms) if far_delay_ms else None
     info = start_lab(transceivers=transceivers, name=name, policy=policy, impair=impair, relays=relays, far=far,
-                     translate=translate)
+                     translate=translate, routed=routed)
 
     def human(d: dict) -> None:
         click.echo(f"lab {d['name']} up: relay {d['relay_public']} (client netns {d['client_netns']}), "
@@ -74,6 +89,9 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, dela
         for r in d["relays"][1:]:
             click.echo(f"  relay {r['index']}: {r['relay_public']}, control {r['control_url']}"
                        + (" (far)" if r["impaired"] else ""))
+        if d["router"]:
+            click.echo(f"  transceivers routed: {' '.join(d['transceivers_network'])} via router "
+                       f"{d['router']['internal'][0]} (netns {d['router']['netns']})")
         click.echo(f"inspect with: splitrelay stats --lab {d['name']}\n"
                    f"tear down with: splitrelay lab down --name {d['name']}")
 

@@ -15,6 +15,9 @@ network         IPv4                IPv6            members
 public, relay k B.(16(k-1)).0/24    P:(16(k-1))::/64 client .2 ::2, relay k .1 ::1
 internal        B.1.0/24            P:1::/64        relay k .k ::k, transceiver N .(10+N) ::(10+N)
 signaling       B.2.0/24            P:2::/64        client .2 ::2, transceiver N .(10+N) ::(10+N)
+transceivers    B.3.0/24            P:3::/64        routed labs only: router .1 ::1, transceiver N
+                                                    .(10+N) ::(10+N) (not on internal, where the
+                                                    router is .254 ::fe; lab/router.py)
 ==============  ==================  ==============  =========================================
 
 Relay 1's public network is B.0.0/24 and P::/64.  Nothing here is routed on the
@@ -32,7 +35,7 @@ from splitrelay.lab.netns import LabError
 
 V4_CHOICES = ("198.18.0.0/16", "198.19.0.0/16")
 MAX_RELAYS = 8          # relay k's internal address is B.1.k, below the transceivers' .11
-INTERNAL, SIGNALING = 1, 2
+INTERNAL, SIGNALING, TRANSCEIVERS = 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,9 @@ class AddressPlan:
         return 16 * (relay - 1)
 
     def network(self, name: str, relay: int = 1) -> tuple[str, str]:
-        """("B.x.0/24", "P:x::/64") of ``public`` (relay ``relay``'s), ``internal`` or ``signaling``."""
-        octet = {"internal": INTERNAL, "signaling": SIGNALING}.get(name)
+        """("B.x.0/24", "P:x::/64") of ``public`` (relay ``relay``'s), ``internal``, ``signaling`` or
+        ``transceivers`` (a routed lab's)."""
+        octet = {"internal": INTERNAL, "signaling": SIGNALING, "transceivers": TRANSCEIVERS}.get(name)
         if octet is None:
             if name != "public":
                 raise LabError(f"no lab network {name!r}")
@@ -66,12 +70,15 @@ class AddressPlan:
         net4, net6 = self.network(name, relay)
         return str(ip_network(net4)[host]), str(ip_network(net6)[host])
 
-    def networks(self, relays: int = 1) -> dict[str, list[str]]:
-        """Every network of a lab with ``relays`` relays, by name (``public``, ``public2``, ...)."""
+    def networks(self, relays: int = 1, routed: bool = False) -> dict[str, list[str]]:
+        """Every network of a lab with ``relays`` relays, by name (``public``, ``public2``, ...);
+        ``routed``: with the transceivers' own network behind the router."""
         nets = {"public": list(self.network("public"))}
         nets.update({f"public{k}": list(self.network("public", k)) for k in range(2, relays + 1)})
         nets["internal"] = list(self.network("internal"))
         nets["signaling"] = list(self.network("signaling"))
+        if routed:
+            nets["transceivers"] = list(self.network("transceivers"))
         return nets
 
 

@@ -59,6 +59,8 @@ def lab_info(lab: Lab) -> dict:
         "impaired": {link: {"netns": entry["netns"], **impaired_with(lab, link)}
                      for link, entry in lab.impaired.items()},
         "floated": move.to_dict() if (move := floated(lab)) else None,   # an address moved (lab/floating.py)
+        "router": lab.router.info() if lab.router else None,     # a routed lab's (lab/router.py)
+        "transceivers_network": lab.networks.get("transceivers"),   # [IPv4, IPv6] behind it, or None
         "relays": [
             {"index": r.index, "netns": r.netns, "relay_public": f"{r.public.ip4}:{lab.relay_port}",
              "relay_public6": f"[{r.public.ip6}]:{lab.relay_port}", "control_url": control_url(lab, r.index),
@@ -167,18 +169,19 @@ def control(lab: Lab, fn, relay: int = 1):
 def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
               handler: str | list[str] | None = "echo", agent_args: list[str] | None = None,
               hint_key_file: str | None = None, impair: Impairment | None = None, relays: int = 1,
-              far: Impairment | None = None, translate: bool = False) -> dict:
+              far: Impairment | None = None, translate: bool = False, routed: bool = False) -> dict:
     """Namespaces, one edge agent per relay and (unless handler is None) one transceiver per host;
     ``impair`` delays/drops UDP on the client's link to relay 1, ``far`` on its link to the last relay;
     ``handler``: one spec for every transceiver, or a list of one spec per transceiver; ``translate``:
-    the agents translate both sides and the transceivers have no route to the client (Lab.create).
+    the agents translate both sides and the transceivers have no route to the client (Lab.create);
+    ``routed`` (needs ``translate``): the transceivers sit in their own network behind a router.
 
     Every transceiver is a backend of every relay: each registers itself and its sessions with every
     relay (one --relay/--relay-control pair per relay, relay 1 preferred), or, with ``handler=None``,
     the lab puts it in every relay's backend table.
     """
     lab = Lab.create(transceivers=transceivers, name=name, impair=impair, relays=relays, far=far,
-                     translate=translate)
+                     translate=translate, routed=routed)
     try:
         key_args = ["--hint-key-file", hint_key_file] if hint_key_file else []
         agent_args = (agent_args or []) + (["--translate"] if translate else [])

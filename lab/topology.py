@@ -18,7 +18,8 @@ exercise the same topology (``P`` is the lab's random prefix, e.g. ``sr3fa9c1``)
 Relays.  Each relay has its own namespace, public network (the client has one
 link and one address on each; relay 1 stays its default route), agent and
 internal address.  The internal addresses share the transceivers' segment
-(br0): today's agent needs its backends on-link (edge/neighbours.py).  Each
+(br0), or, in a routed lab, the router's (the agent's next hop is then the
+router: edge/neighbours.py resolve_next_hop).  Each
 transceiver routes relay k's public network via relay k's internal address, so
 with DNAT-only XDP an answer to a client that came in by relay k leaves by relay k.
 
@@ -28,6 +29,10 @@ nowhere), IPv6 from a random ULA /48 per lab, never a range the host uses::
     public     B.0.0/24  P::/64    client c0 .2 ::2, relay pub0 .1 ::1
     internal   B.1.0/24  P:1::/64  relay int0 .1 ::1, transceiver N eth1 .(10+N) ::(10+N, hex)
     signaling  B.2.0/24  P:2::/64  client s0 .2 ::2, transceiver N sig0 .(10+N) ::(10+N, hex)
+
+A routed lab (``routed=True``, lab/router.py) puts the transceivers' media links on a
+network of their own, ``transceivers`` B.3.0/24 P:3::/64, behind a router namespace
+``-rtr`` on the internal segment.
 
 Nothing routes these on the host: commands reach a lab by entering its
 namespaces (``splitrelay stats --lab NAME``), never through the host's default route.
@@ -106,8 +111,9 @@ from typing import Any, TypeVar
 
 from pyroute2 import IPRoute, netns as pnetns
 
-from splitrelay.lab import addresses, impair, procs
+from splitrelay.lab import addresses, impair, procs, router as routing
 from splitrelay.lab.impair import Impairment
+from splitrelay.lab.router import ROUTED_NEEDS_TRANSLATE, Router
 from splitrelay.lab import links
 from splitrelay.lab.links import set_sysctls
 from splitrelay.lab.netns import (AF_INET, AF_INET6, NETNS_DIR, LabError, in_netns, list_namespaces, netns_path,
@@ -190,13 +196,14 @@ class Lab:
     impaired: dict[str, dict] = field(default_factory=dict)   # link -> {"netns", "pid"} (lab/impair.py)
     extra_relays: list[Relay] = field(default_factory=list)    # relays 2..N (relay 1: the fields above)
     translate: bool = False   # relays translate both sides: transceivers get no route to the public networks
+    router: Router | None = None   # a routed lab's: the transceivers sit in their own network behind it
 
     # -- building ------------------------------------------------------------------------
 
     @classmethod
     def create(cls, transceivers: int = 2, name: str | None = None, relay_port: int = 3478,
                stem: str | None = None, impair: Impairment | None = None, relays: int = 1,
-               far: Impairment | None = None, translate: bool = False) -> Lab:
+               far: Impairment | None = None, translate: bool = False, routed: bool = False) -> Lab:
         """Build a lab with ``transceivers`` transceiver hosts and ``relays`` relays in front of them;
         on any failure nothing is left behind.
 
@@ -204,7 +211,8 @@ class Lab:
         (lab/impair.py): delay, jitter, loss on UDP; ``far`` does the same to the last relay's link,
         making it the far one (needs ``relays`` >= 2).  ``translate``: the relays will translate both
         sides (edge serve --translate), so transceivers get no route to any public network at all:
-        their replies can only reach a client through a relay's translation.
+        their replies can only reach a client through a relay's translation.  ``routed`` (needs
+        ``translate``): the transceivers sit in a network of their own behind a router (lab/router.py).
         """
         if os.geteuid() != 0:
             raise LabError("a lab needs root (network namespaces, veth, XDP)")
@@ -216,6 +224,8 @@ class Lab:
             raise LabError(f"relays must be 1..{addresses.MAX_RELAYS}, got {relays}")
         if far is not None and relays < 2:
             raise LabError("a far relay needs at least 2 relays")
+        if routed and not translate:
+            raise LabError(ROUTED_NEEDS_TRANSLATE)
         impaired = {"relay1": impair} if impair else {}
         if far:
             impaired[f"relay{relays}"] = far
@@ -224,7 +234,7 @@ class Lab:
             raise LabError(f"lab stem must be 1..5 lowercase letters/digits starting with a letter, got {stem!r}")
         if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}", name):
             raise LabError(f"lab name must be 1..32 of A-Z a-z 0-9 _ . - (not starting with . or -), got {name!r}")
-        lab = cls._claim(stem, name, transceivers, relay_port, relays, impaired)
+        lab = cls._claim(stem, name, transceivers, relay_port, relays, impaired, routed)
         lab.translate = translate
         try:
             lab._build()
@@ -240,7 +250,7 @@ class Lab:
 
     @classmethod
     def _claim(cls, stem: str, name: str | None, transceivers: int, relay_port: int, relays: int,
-               impaired: dict[str, Impairment]) -> Lab:
+               impaired: dict[str, Impairment], routed: bool = False) -> Lab:
         """Pick a free prefix and claim the name with an exclusive state file (runs may overlap)."""
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         plan = addresses.choose()
@@ -248,7 +258,7 @@ class Lab:
             prefix = stem + secrets.token_hex(3)
             if any(ns.startswith(prefix + "-") for ns in list_namespaces()):
                 continue
-            lab = cls._plan(prefix, name or prefix, transceivers, relay_port, plan, relays)
+            lab = cls._plan(prefix, name or prefix, transceivers, relay_port, plan, relays, routed)
             lab.impaired = {link: {"netns": f"{prefix}-imp" if link == "relay1" else f"{prefix}-i{link[5:]}",
                                    "pid": 0} for link in impaired}
             try:
@@ -265,7 +275,7 @@ class Lab:
 
     @classmethod
     def _plan(cls, prefix: str, name: str, transceivers: int, relay_port: int,
-              plan: addresses.AddressPlan, relays: int = 1) -> Lab:
+              plan: addresses.AddressPlan, relays: int = 1, routed: bool = False) -> Lab:
         rly = f"{prefix}-rly"
         lab = cls(
             name=name, prefix=prefix,
@@ -274,7 +284,8 @@ class Lab:
             relay_internal=Host(rly, "int0", *plan.host("internal", 1)),
             switch_netns=f"{prefix}-sw",
             client_signal=Host(f"{prefix}-cli", "s0", *plan.host("signaling", 2)),
-            relay_port=relay_port, networks=plan.networks(relays), created_at=time.time(),
+            relay_port=relay_port, networks=plan.networks(relays, routed), created_at=time.time(),
+            router=routing.plan(prefix, plan) if routed else None,
         )
         for k in range(2, relays + 1):
             ns = f"{prefix}-r{k}"
@@ -282,7 +293,7 @@ class Lab:
                                           Host(ns, "int0", *plan.host("internal", k)),
                                           Host(lab.client.netns, f"c{k - 1}", *plan.host("public", 2, k))))
         for i in range(1, transceivers + 1):
-            ip4, ip6 = plan.host("internal", 10 + i)
+            ip4, ip6 = plan.host("transceivers" if routed else "internal", 10 + i)
             signal_ip4, signal_ip6 = plan.host("signaling", 10 + i)
             lab.transceivers.append(Transceiver(f"{prefix}-t{i}", "eth1", ip4, ip6, index=i, backend_id=i,
                                                 signal_ip4=signal_ip4, signal_ip6=signal_ip6))
@@ -305,7 +316,8 @@ class Lab:
     def namespaces(self) -> list[str]:
         return [self.client.netns, self.relay_public.netns, self.switch_netns] + [
             t.netns for t in self.transceivers
-        ] + [r.netns for r in self.extra_relays] + [link["netns"] for link in self.impaired.values()]
+        ] + [r.netns for r in self.extra_relays] + [link["netns"] for link in self.impaired.values()] + (
+            [self.router.netns] if self.router else [])
 
     @property
     def client_signal_ip4(self) -> str:
@@ -326,7 +338,7 @@ class Lab:
             ends += [(link["netns"], "ia"), (link["netns"], "ib")]
         for t in self.transceivers:
             ends += [(t.netns, t.ifname), (sw, f"t{t.index}m"), (t.netns, t.signal_ifname), (sw, f"t{t.index}s")]
-        return ends
+        return ends + (self.router.veths(sw) if self.router else [])
 
     def _build(self) -> None:
         for ns in self.namespaces():
@@ -340,13 +352,15 @@ class Lab:
         # kernel settings before any interface exists, so per-interface defaults follow them
         for ns in [sw, *(link["netns"] for link in self.impaired.values())]:
             set_sysctls(ns, no_ipv6)
+        if self.router:
+            set_sysctls(self.router.netns, routing.FORWARDING)
         for r in self.relays:
             set_sysctls(r.netns, {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0",
                                   "net/ipv6/conf/default/forwarding": "0"})
 
         def switch_bridges(ipr: IPRoute) -> None:
             links.up(ipr, "lo")
-            for bridge in ("br0", "sig"):
+            for bridge in ("br0", "sig", *([routing.BRIDGE] if self.router else [])):
                 ipr.link("add", ifname=bridge, kind="bridge", br_forward_delay=0, br_stp_state=0,
                          br_mcast_snooping=0)  # a plain switch: flood, learn unicast MACs
 
@@ -362,6 +376,8 @@ class Lab:
                 self._veth(cli, r.client.ifname, r.netns, r.public.ifname)
             self._veth(r.netns, r.internal.ifname, sw, r.switch_port)
         self._veth(cli, "s0", sw, "scli")
+        for own, (port, _) in routing.SWITCH_PORTS.items() if self.router else ():
+            self._veth(self.router.netns, own, sw, port)
         for t in self.transceivers:
             self._veth(t.netns, t.ifname, sw, f"t{t.index}m")
             self._veth(t.netns, t.signal_ifname, sw, f"t{t.index}s")
@@ -369,16 +385,22 @@ class Lab:
         def switch_ports(ipr: IPRoute) -> None:
             ports = {r.switch_port: "br0" for r in self.relays}
             ports["scli"] = "sig"
+            media = routing.BRIDGE if self.router else "br0"   # a routed lab's transceivers: behind the router
+            if self.router:
+                ports.update(dict(routing.SWITCH_PORTS.values()))
             for t in self.transceivers:
-                ports[f"t{t.index}m"] = "br0"
+                ports[f"t{t.index}m"] = media
                 ports[f"t{t.index}s"] = "sig"
             for port, bridge in ports.items():
                 ipr.link("set", index=links.index(ipr, port), master=links.index(ipr, bridge))
-            for dev in ("br0", "sig", *ports):
+            for dev in (*dict.fromkeys(ports.values()), *ports):
                 links.up(ipr, dev)
 
         links.netlink(sw, switch_ports)
-        int4, int6 = self.networks["internal"]
+        if self.router:
+            routing.configure(self.router)
+        # the transceivers' own network: on-link on their media link
+        int4, int6 = self.networks["transceivers" if self.router else "internal"]
 
         def client(ipr: IPRoute) -> None:
             links.up(ipr, "lo")
@@ -404,18 +426,22 @@ class Lab:
                 ipr.rule("del", family=family, priority=0, table=255)
             r.public.mac = links.mac(ipr, r.public.ifname)
             r.internal.mac = links.mac(ipr, r.internal.ifname)
+            if self.router:   # the transceivers' network is one hop away
+                routing.route_via(ipr, self.networks["transceivers"], self.router.internal)
 
         for r in self.relays:
             links.netlink(r.netns, lambda ipr, r=r: relay(ipr, r))
         # each relay's public network is reached through that relay (replies leave the way they came)
-        public_routes = [] if self.translate else [(self.public_network(r.index), r.internal) for r in self.relays]
+        routed_via = [] if self.translate else [(self.public_network(r.index), r.internal) for r in self.relays]
+        if self.router:   # the relays' internal network (their agents, their translated sources): the only route
+            routed_via.append((self.networks["internal"], self.router.transceivers))
 
         def transceiver(ipr: IPRoute, t: Transceiver) -> None:
             links.up(ipr, "lo")
             links.addresses(ipr, t, 24, 64)
             links.addresses(ipr, Host(t.netns, t.signal_ifname, t.signal_ip4, t.signal_ip6), 24, 64)
             eth = links.index(ipr, t.ifname)
-            for (pub4, pub6), via in public_routes:
+            for (pub4, pub6), via in routed_via:
                 ipr.route("add", dst=pub4, gateway=via.ip4)
                 ipr.route("add", family=AF_INET6, dst=pub6, gateway=via.ip6)
             # a backend address leaves only through a relay (or to the internal net), never otherwise
@@ -424,7 +450,7 @@ class Lab:
                 ipr.rule("add", family=family, priority=BACKEND_TABLE, src=own, src_len=bits,
                          table=BACKEND_TABLE)
                 ipr.route("add", family=family, dst=net, oif=eth, table=BACKEND_TABLE)
-                for nets, via in public_routes:
+                for nets, via in routed_via:
                     v6 = family == AF_INET6
                     ipr.route("add", family=family, dst=nets[v6], gateway=via.ip6 if v6 else via.ip4,
                               table=BACKEND_TABLE)
@@ -553,6 +579,8 @@ class Lab:
         data["transceivers"] = [Transceiver(**t) for t in data.get("transceivers", [])]
         data["extra_relays"] = [Relay(r["index"], Host(**r["public"]), Host(**r["internal"]), Host(**r["client"]))
                                 for r in data.get("extra_relays", [])]
+        if data.get("router"):
+            data["router"] = routing.from_json(data["router"])
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
