@@ -42,12 +42,12 @@ class XdpOptions:
 
     def check(self, common: PlaneConfig) -> None:
         """One-line DatapathError for what this plane cannot run with."""
+        check_internal_sets(self.internal_ip4, self.internal_ip6, self.internal_more)
         refuse_host_links(common.public_iface, common.internal_iface)
         if not (self.gateway_ip or self.gateway_mac):
             raise DatapathError("the public side needs a next hop: give a gateway IP or MAC")
         if self.mode not in ATTACH_MODES:
             raise DatapathError(f"mode must be auto, native or generic, got {self.mode!r}")
-        check_internal_sets(self.internal_ip4, self.internal_ip6, self.internal_more)
 
 
 class XdpPlane(Datapath):

@@ -7,6 +7,9 @@ their default route points at the relay), so every reply that reaches the client
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab
@@ -83,3 +86,18 @@ def test_calls_over_two_internal_addresses_use_both_and_have_audio_both_ways(tra
         assert_clean_call(report)                                       # every echoed beep heard back
     stats = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats())["counters"]}
     assert stats.get("OUT_DROP_UNALLOCATED_PORT", 0) == 0 and stats.get("OUT_DROP_NOT_FLOW_BACKEND", 0) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--translate", "--internal-ip", "10.9.0.1", "--internal-ip", "10.9.0.2", "--internal-ip", "fd00:9::1"],
+     "internal addresses pair up by position: give as many IPv4 as IPv6 (or none of one family), "
+     "got 2 IPv4 and 1 IPv6"),
+    (["--datapath", "userspace", "--internal-ip", "10.9.0.1", "--internal-ip", "10.9.0.2"],
+     "--internal-ip: the userspace relay takes one address per family"),
+], ids=["unpaired", "userspace"])
+def test_edge_serve_refuses_internal_addresses_it_cannot_use_in_one_line(args, message):
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "edge", "serve", "nosuch0", "--internal",
+                           "nosuch1", "--public-ip", "192.0.2.200", "--gateway-mac", "02:00:00:00:00:01", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == f"splitrelay: error: {message}"
