@@ -78,14 +78,17 @@ static __always_inline int rewrite_src_to_internal(struct pkt *p, const struct s
 
 /*
  * Translate, outbound: the address set whose internal address of the packet's family the packet
- * is addressed to, or -1.  A bounded scan of at most SR_MAX_XLATE_ADDRS words (v4) or addresses
- * (v6), stopping at the configured count: one compare for the default single set.
+ * is addressed to, or -1.  A scan of at most SR_MAX_XLATE_ADDRS words (v4) or addresses (v6),
+ * stopping at the configured count: one compare for the default single set.  Fully unrolled:
+ * as a loop, clang turns `i < 16 && i < n` into `i != n`, which 6.1's verifier cannot bound
+ * (it walked i past the array: "invalid access to map value, off=388").
  */
 static __always_inline int internal_addr_set(const struct pkt *p, const struct sr_config *cfg)
 {
 	__u32 n = cfg->xlate_addrs;
 	if (p->ip4) {
 		__be32 d = p->ip4->daddr;
+#pragma unroll
 		for (__u32 i = 0; i < SR_MAX_XLATE_ADDRS; i++) {
 			if (i >= n)
 				break;
@@ -97,6 +100,7 @@ static __always_inline int internal_addr_set(const struct pkt *p, const struct s
 	if (!p->ip6)   /* never, after parse_packet; the verifier needs to see it */
 		return -1;
 	const __be32 *d = p->ip6->daddr.in6_u.u6_addr32;
+#pragma unroll
 	for (__u32 i = 0; i < SR_MAX_XLATE_ADDRS; i++) {
 		if (i >= n)
 			break;
