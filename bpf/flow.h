@@ -17,10 +17,15 @@ static __always_inline void flow_init(struct sr_flow *f, __u32 backend_id, const
 	f->ufrag = *ufrag;
 }
 
-/* A client packet forwarded on the flow (concurrent CPUs add atomically; last_seen may race, harmlessly). */
+/*
+ * A client packet forwarded on the flow (concurrent CPUs add atomically; last_seen may race, harmlessly).
+ * `now` may come from the coarse clock (route_by_flow), up to a tick behind a precise stamp of a
+ * consent check just before: last_seen never moves back.
+ */
 static __always_inline void flow_touch(struct sr_flow *f, __u32 bytes, __u64 now)
 {
-	f->last_seen_ns = now;
+	if (now > f->last_seen_ns)
+		f->last_seen_ns = now;
 	__sync_fetch_and_add(&f->packets, 1);
 	__sync_fetch_and_add(&f->bytes, bytes);
 }

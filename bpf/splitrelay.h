@@ -7,7 +7,8 @@
  *
  * Byte order: every address and port field is in network byte order (as on the
  * wire), so the data path copies them without conversion.  Times are
- * CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns == time.monotonic_ns()).
+ * CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns == time.monotonic_ns()); a flow's
+ * last_seen_ns from media is the coarse reading of that clock (<= one tick old, relay.c).
  */
 #ifndef SPLITRELAY_H
 #define SPLITRELAY_H

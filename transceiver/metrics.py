@@ -46,6 +46,10 @@ class TransceiverMetrics:
         self.path_changes = Counter("splitrelay_transceiver_path_changes",
                                     "Media moved to another client address (nominated, latched, restarted)",
                                     ["reason"], registry=r)
+        self.registrations_missed = Counter(
+            "splitrelay_transceiver_relay_registrations_missed",
+            "Sessions a relay missed (retried each watch tick) or refused while another relay took them",
+            ["relay"], registry=r)
         self.ice_restart = Histogram("splitrelay_transceiver_ice_restart_seconds",
                                      "WHIP PATCH until the new ICE generation's pair is nominated",
                                      buckets=SETUP_BUCKETS, registry=r)

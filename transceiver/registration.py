@@ -1,21 +1,24 @@
 """The transceiver's side of the edge control API: register its backend and sessions, and keep them.
 
-Sessions are registered before the SDP answer leaves, so the relay knows the
-ufrag before the client's first STUN request can arrive.  The agent's
+Sessions are registered before the SDP answer leaves, so the relay (with several,
+the first to accept) knows the ufrag before the client's first STUN request can arrive.  The agent's
 ``boot_id`` is watched: when the agent restarts with empty maps, the backend
 and every live session are registered again.  Registration is optional: a
 transceiver without a relay (direct mode) has no ``Registrar``.
 
 With several relays (``RelayRegistrars``) every session is registered with every
-relay, concurrently, before the answer leaves: any relay may carry any session (a
-client moves to a backup relay's candidate when its relay dies).  The offer is
-refused only when *no* relay accepted it.  A relay that missed a registration
-(unreachable, 5xx) is retried on the next watch tick (``watch_interval``, 1 s) until
-it takes the session; meanwhile, under ``strict`` policy it drops that client's
-checks (``unknown_ufrag``) and ICE uses another relay's pair, while under ``hint``
-policy the routing hint in the ufrag alone routes the session there, registration
-or not.  A relay unreachable at start is watched the same way and gets the backend
-and every live session when it answers.
+relay, concurrently: any relay may carry any session (a client moves to a backup
+relay's candidate when its relay dies).  The answer leaves as soon as the *first*
+relay accepted; the others finish behind it (a slow or distant relay's agent no longer
+delays every answer, by up to its 3 s timeout when it stalls).  The offer is refused
+only when *no* relay accepted it.  A relay that missed a registration (unreachable,
+5xx, at the offer or behind the answer) is retried on the next watch tick
+(``watch_interval``, 1 s) until it takes the session, so every relay routes every
+session eventually; meanwhile, under ``strict`` policy it drops that client's checks
+(``unknown_ufrag``) and ICE uses another relay's pair, while under ``hint`` policy
+the routing hint in the ufrag alone routes the session there, registration or not.
+A relay unreachable at start is watched the same way and gets the backend and every
+live session when it answers.
 
 Routes and bodies are those of docs/DESIGN.md ("Edge control API").
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -81,6 +85,7 @@ class Registrar:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.sessions: set[str] = set()
         self.missed: set[str] = set()   # sessions this agent has not accepted yet (retried each tick)
+        self.sending: set[str] = set()  # sessions whose PUT is on its way (sent, not answered yet)
         self.boot_id: str | None = None
         self.reregistrations = 0
         self.watch_interval = watch_interval
@@ -141,7 +146,11 @@ class Registrar:
 
     async def register(self, ufrag: str) -> None:
         async with self._lock:
-            await self._call("PUT", self._session_path(ufrag), {"backend": self.backend_id})
+            self.sending.add(ufrag)
+            try:
+                await self._call("PUT", self._session_path(ufrag), {"backend": self.backend_id})
+            finally:
+                self.sending.discard(ufrag)
             self.sessions.add(ufrag)
             self.missed.discard(ufrag)
 
@@ -239,10 +248,16 @@ class Registrar:
 
 
 class RelayRegistrars:
-    """One Registrar per relay; a session is registered with all of them (see the module doc)."""
+    """One Registrar per relay; a session is registered with all of them (see the module doc).
 
-    def __init__(self, registrars: list[Registrar]) -> None:
+    ``pending`` holds the registrations still running after the answer left (ufrag -> registrar ->
+    the task that records their outcome); ``on_missed(relay_name)`` is called once per registration
+    a relay missed or refused while another took the session (the transceiver counts them)."""
+
+    def __init__(self, registrars: list[Registrar], on_missed: Callable[[str], None] | None = None) -> None:
         self.registrars = registrars
+        self.on_missed = on_missed
+        self.pending: dict[str, dict[Registrar, asyncio.Task]] = {}
 
     async def start(self) -> None:
         """Start every registrar; raises only if no relay's agent could be reached."""
@@ -258,24 +273,98 @@ class RelayRegistrars:
             raise errors[0]
 
     async def register(self, ufrag: str) -> list[str]:
-        """Register with every relay at once; returns the names of those that accepted.  Raises
-        the first error only when none did (the others retry the session on their next tick)."""
-        results = await asyncio.gather(*(r.register(ufrag) for r in self.registrars), return_exceptions=True)
-        accepted = [r.name for r, res in zip(self.registrars, results, strict=True) if res is None]
-        errors = [res for res in results if isinstance(res, BaseException)]
-        if not accepted:
-            raise errors[0]
-        for registrar, res in zip(self.registrars, results, strict=True):
-            if isinstance(res, RegistrationError) and not isinstance(res, SessionConflict):
-                log.warning("relay %s missed session %s: %s (retrying)", registrar.name, ufrag, res)
-                registrar.missed.add(ufrag)
-            elif isinstance(res, BaseException):
-                log.warning("relay %s refused session %s: %s", registrar.name, ufrag, res)
-        return accepted
+        """Register with every relay at once; return as soon as one accepted, with the names of those
+        that had by then.  The others go on in ``pending``.  Raises the first relay's error (in the
+        configured order) only when none accepted; then no relay retries the session."""
+        tasks = [asyncio.ensure_future(r.register(ufrag)) for r in self.registrars]
+        try:
+            waiting = set(tasks)
+            while waiting and not any(_accepted(t) for t in tasks):
+                _, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled: nobody will unregister this ufrag, so stop registering it
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks)
+            for task in tasks:
+                _ = task.cancelled() or task.exception()  # retrieved: no "never retrieved" warning
+            raise
+        if not any(_accepted(t) for t in tasks):
+            raise next(t.exception() for t in tasks)  # type: ignore[misc]  # all done, none accepted
+        for registrar, task in zip(self.registrars, tasks, strict=True):
+            if task.done():
+                self._settle(registrar, ufrag, task)
+            else:
+                self.pending.setdefault(ufrag, {})[registrar] = asyncio.ensure_future(
+                    self._follow(registrar, ufrag, task))
+        return [r.name for r, t in zip(self.registrars, tasks, strict=True) if _accepted(t)]
+
+    async def _follow(self, registrar: Registrar, ufrag: str, task: asyncio.Task) -> None:
+        """Wait for one relay's registration behind the answer and record its outcome."""
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            task.cancel()
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: its outcome no longer matters
+            raise
+        finally:
+            following = self.pending.get(ufrag, {})
+            following.pop(registrar, None)
+            if not following:
+                self.pending.pop(ufrag, None)
+        self._settle(registrar, ufrag, task)
+
+    def _settle(self, registrar: Registrar, ufrag: str, task: asyncio.Task) -> None:
+        """A relay's outcome for a session another relay took: a miss is retried on its ticks."""
+        if _accepted(task) or task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, RegistrationError) and not isinstance(exc, SessionConflict):
+            log.warning("relay %s missed session %s: %s (retrying)", registrar.name, ufrag, exc)
+            registrar.missed.add(ufrag)
+        else:
+            log.warning("relay %s refused session %s: %s", registrar.name, ufrag, exc)
+        if self.on_missed is not None:
+            self.on_missed(registrar.name)
+
+    async def settled(self, ufrag: str) -> None:
+        """Return once every registration of ``ufrag`` still running behind the answer has ended
+        (accepted, or recorded as missed or refused)."""
+        following = list(self.pending.get(ufrag, {}).values())
+        if following:
+            await asyncio.wait(following)
 
     async def unregister(self, ufrag: str) -> None:
-        await asyncio.gather(*(r.unregister(ufrag) for r in self.registrars))
+        """Each relay: its registration of ``ufrag`` still running behind the answer ends first
+        (``_end_pending``), then the DELETE."""
+        async def one(registrar: Registrar) -> None:
+            follower = self.pending.get(ufrag, {}).get(registrar)
+            if follower is not None and not await self._end_pending(registrar, ufrag, follower) \
+                    and ufrag not in registrar.sessions:
+                return  # its PUT never left: nothing to delete there (and no wait for that agent's lock)
+            await registrar.unregister(ufrag)
+        await asyncio.gather(*(one(r) for r in self.registrars))
+
+    @staticmethod
+    async def _end_pending(registrar: Registrar, ufrag: str, follower: asyncio.Task) -> bool:
+        """Cancel a registration whose PUT has not left yet (queued behind the agent's lock: False);
+        await one already sent (True: its outcome recorded, bounded by the registrar's timeout).  A
+        sent PUT cannot be called back: a DELETE overtaking it at a slow agent would leave the dead
+        session routed there, and a miss recorded after the DELETE would be retried forever."""
+        sent = ufrag in registrar.sending
+        if not sent:
+            follower.cancel()
+        await asyncio.wait([follower])
+        return sent
 
     async def stop(self) -> None:
+        """End the registrations still running (``_end_pending``: a session that ended without
+        unregistering), then stop every registrar (which deletes the sessions they took)."""
+        await asyncio.gather(*(self._end_pending(r, ufrag, f) for ufrag, by_relay in list(self.pending.items())
+                               for r, f in list(by_relay.items())))
         for registrar in self.registrars:
             await registrar.stop()
+
+
+def _accepted(task: asyncio.Task) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None

@@ -131,7 +131,8 @@ class Transceiver:
                 raise RegistrationError(f"bound to {host}: set backend_ip, the address the relay forwards to")
             self.registrars = RelayRegistrars([
                 Registrar(r.control_url, c.backend_id, backend_ip, port, c.relay_token, c.backend_ip6,
-                          watch_interval=c.watch_interval, name=r.name) for r in controlled])
+                          watch_interval=c.watch_interval, name=r.name) for r in controlled],
+                on_missed=lambda relay: self.metrics.registrations_missed.labels(relay).inc())
             await self.registrars.start()
         # a client that stops sending must not hold a connection (or our shutdown) for long
         self._runner = web.AppRunner(self.app(), access_log=None, lingering_time=1.0, shutdown_timeout=2.0)
