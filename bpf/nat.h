@@ -78,36 +78,44 @@ static __always_inline int rewrite_src_to_internal(struct pkt *p, const struct s
 
 /*
  * Translate, outbound: the address set whose internal address of the packet's family the packet
- * is addressed to, or -1.  A scan of at most SR_MAX_XLATE_ADDRS words (v4) or addresses (v6),
- * stopping at the configured count: one compare for the default single set.  Fully unrolled:
- * as a loop, clang turns `i < 16 && i < n` into `i != n`, which 6.1's verifier cannot bound
- * (it walked i past the array: "invalid access to map value, off=388").
+ * is addressed to, or -1.  At most SR_MAX_XLATE_ADDRS (16) compares, stopping at the configured
+ * count: one for the default single set.  Straight-line code, not a loop: as a loop (even with
+ * `#pragma unroll`) clang turned `i < 16 && i < n` into `i != n`, which 6.1's verifier cannot
+ * bound ("invalid access to map value, value_size=388 off=388"); 6.12 and 6.18 accepted it.
  */
+#define SR_SET4(i)                                                                    \
+	do {                                                                          \
+		if ((i) >= n)                                                         \
+			return -1;                                                    \
+		if (cfg->internal_ip4[i] && cfg->internal_ip4[i] == d4)              \
+			return (i);                                                   \
+	} while (0)
+#define SR_SET6(i)                                                                    \
+	do {                                                                          \
+		if ((i) >= n)                                                         \
+			return -1;                                                    \
+		const __be32 *a = &cfg->internal_ip6[(i) * 4];                        \
+		if (addr6_set(a) && d[0] == a[0] && d[1] == a[1] && d[2] == a[2] &&  \
+		    d[3] == a[3])                                                     \
+			return (i);                                                   \
+	} while (0)
+#define SR_SETS(CHECK)                                                                \
+	CHECK(0); CHECK(1); CHECK(2); CHECK(3); CHECK(4); CHECK(5); CHECK(6); CHECK(7); \
+	CHECK(8); CHECK(9); CHECK(10); CHECK(11); CHECK(12); CHECK(13); CHECK(14); CHECK(15)
+
 static __always_inline int internal_addr_set(const struct pkt *p, const struct sr_config *cfg)
 {
+	_Static_assert(SR_MAX_XLATE_ADDRS == 16, "SR_SETS checks 16 address sets");
 	__u32 n = cfg->xlate_addrs;
 	if (p->ip4) {
-		__be32 d = p->ip4->daddr;
-#pragma unroll
-		for (__u32 i = 0; i < SR_MAX_XLATE_ADDRS; i++) {
-			if (i >= n)
-				break;
-			if (cfg->internal_ip4[i] && cfg->internal_ip4[i] == d)
-				return i;
-		}
+		__be32 d4 = p->ip4->daddr;
+		SR_SETS(SR_SET4);
 		return -1;
 	}
 	if (!p->ip6)   /* never, after parse_packet; the verifier needs to see it */
 		return -1;
 	const __be32 *d = p->ip6->daddr.in6_u.u6_addr32;
-#pragma unroll
-	for (__u32 i = 0; i < SR_MAX_XLATE_ADDRS; i++) {
-		if (i >= n)
-			break;
-		const __be32 *a = &cfg->internal_ip6[i * 4];
-		if (addr6_set(a) && d[0] == a[0] && d[1] == a[1] && d[2] == a[2] && d[3] == a[3])
-			return i;
-	}
+	SR_SETS(SR_SET6);
 	return -1;
 }
 
