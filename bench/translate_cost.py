@@ -93,15 +93,18 @@ def _ns_per_run(prog_fd: int, pkt: bytes, runs: int) -> float:
     return (after.run_time_ns - before.run_time_ns) / (after.run_cnt - before.run_cnt)
 
 
-def measure(runs: int = 20_000, trials: int = 5) -> dict:
+def measure(runs: int = 20_000, trials: int = 5, addrs: int = 1) -> dict:
+    """``addrs``: internal addresses the relay translates with (the maps sized for them, all configured)."""
     pin_root = f"/sys/fs/bpf/srbench-{uuid.uuid4().hex[:8]}"
-    dp = Datapath(instance="xlate-cost", pin_root=pin_root)
+    dp = Datapath(instance="xlate-cost", pin_root=pin_root, xlate_addrs=addrs)
     try:
         dp.load()
         dp.set_tx_slot(0, LO)
         dp.set_tx_slot(1, LO)
         base = RelayConfig(RELAY_PORT, MAC, MAC, public_ip4=PUBLIC_IP, max_session_flows=0)
-        modes = {"dnat": base, "translate": dataclasses.replace(base, translate=True, internal_ip4=INTERNAL_IP)}
+        more = tuple(str(ipaddress.ip_address(INTERNAL_IP) + k) for k in range(1, addrs))
+        modes = {"dnat": base, "translate": dataclasses.replace(base, translate=True, internal_ip4=INTERNAL_IP,
+                                                                internal_more=more)}
         dp.set_backend(Backend(1, BACKEND_PORT, MAC, MAC, ip4=BACKEND_IP))
         dp.set_session("benchSess", 1)
         ns: dict[str, dict[str, list[float]]] = {m: {"xdp_public": [], "xdp_internal": []} for m in modes}
@@ -122,10 +125,10 @@ def measure(runs: int = 20_000, trials: int = 5) -> dict:
         shutil.rmtree(pin_root, ignore_errors=True)
     per_entry = {name: mem / entries for name, (mem, entries) in maps.items()}
     flows_entries = maps["flows"][1]
-    per_address = maps["port_slots"][0] + maps["port_pool"][0]
-    addresses_for_table = -(-flows_entries // maps["port_slots"][1])
+    per_address = (maps["port_slots"][0] + maps["port_pool"][0]) / addrs
+    addresses_for_table = -(-flows_entries // (maps["port_slots"][1] // addrs))
     return {
-        "runs": runs, "trials": trials, "ns_per_packet": median, "trials_ns": ns,
+        "runs": runs, "trials": trials, "internal_addresses": addrs, "ns_per_packet": median, "trials_ns": ns,
         "ratio": {p: median["translate"][p] / median["dnat"][p] for p in ("xdp_public", "xdp_internal")},
         "memlock_bytes": {n: m for n, (m, _) in maps.items()},
         "entries": {n: e for n, (_, e) in maps.items()},
@@ -133,7 +136,8 @@ def measure(runs: int = 20_000, trials: int = 5) -> dict:
                            "translate": per_entry["flows"] + per_entry["port_slots"] + per_entry["port_pool"]},
         "worst_case": {"flows": flows_entries, "internal_addresses": addresses_for_table,
                        "dnat_bytes": maps["flows"][0],
-                       "translate_bytes": maps["flows"][0] + addresses_for_table * per_address},
+                       "translate_bytes": maps["flows"][0] + addresses_for_table * per_address,
+                       "measured": addrs >= addresses_for_table},   # else extrapolated per address
     }
 
 
@@ -141,9 +145,10 @@ def main() -> None:  # pragma: no cover - a benchmark, needs root
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20_000)
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--addrs", type=int, default=1, help="internal addresses translated with (1..16)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    out = measure(args.runs, args.trials)
+    out = measure(args.runs, args.trials, args.addrs)
     if args.json:
         print(json.dumps(out, indent=2))
         return

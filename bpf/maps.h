@@ -45,8 +45,10 @@ BPF_TABLE_PINNED("hash", struct sr_ufrag_key, struct sr_session, sessions, SR_MA
 BPF_TABLE_PINNED("hash", struct sr_addr_key, struct sr_flow, flows, SR_MAX_FLOWS, SR_PIN_DIR "/flows");
 /* Translation: the free ports (each in the queue xor held by one flow; the agent fills it and
  * returns a port only after a quarantine, edge/ports.py), and the reply side's reverse slots. */
-BPF_QUEUESTACK_PINNED("queue", port_pool, __be16, SR_PORT_SLOTS, 0, SR_PIN_DIR "/port_pool");
-BPF_TABLE_PINNED("array", __u32, struct sr_port_slot, port_slots, SR_PORT_SLOTS, SR_PIN_DIR "/port_slots");
+/* Both sized for the configured address sets (SR_XLATE_ADDRS): 24 B of slot and 4 B of queue per pair. */
+BPF_QUEUESTACK_PINNED("queue", port_pool, __u32, SR_XLATE_ADDRS * SR_PORT_SLOTS, 0, SR_PIN_DIR "/port_pool");
+BPF_TABLE_PINNED("array", __u32, struct sr_port_slot, port_slots, SR_XLATE_ADDRS * SR_PORT_SLOTS,
+		 SR_PIN_DIR "/port_slots");
 BPF_PERCPU_ARRAY(scratch, struct sr_scratch, 1);   /* per-packet working space, not state */
 BPF_TABLE_PINNED("percpu_array", __u32, struct sr_counter, stats, SR_STAT__MAX, SR_PIN_DIR "/stats");
 SR_DEVMAP_PINNED(tx_ports, SR_MAX_TX_PORTS, SR_PIN_DIR "/tx_ports");

@@ -59,25 +59,64 @@ static __always_inline int rewrite_src_to_relay(struct pkt *p, const struct sr_c
 	return FURTHER_PROCESSING;
 }
 
-/* Translate, inbound: the source becomes the relay's internal (address, the flow's port). */
-static __always_inline int rewrite_src_to_internal(struct pkt *p, const struct sr_config *cfg, __be16 port)
+/* Translate: a flow's (address set, port) pair, as the pool and the reverse array hold it. */
+static __always_inline __u32 xlate_pair(__u32 set, __be16 port)
 {
-	if (!(p->ip4 ? cfg->internal_ip4 != 0 : addr6_set(cfg->internal_ip6)))
+	return (set << 16) | bpf_ntohs(port);
+}
+
+/* Translate, inbound: the source becomes the relay's internal (address of set, port) of the pair. */
+static __always_inline int rewrite_src_to_internal(struct pkt *p, const struct sr_config *cfg, __u32 pair)
+{
+	__u32 set = (pair >> 16) & (SR_MAX_XLATE_ADDRS - 1);
+	if (!(p->ip4 ? cfg->internal_ip4[set] != 0 : addr6_set(&cfg->internal_ip6[set * 4])))
 		return verdict(p, SR_STAT_IN_DROP_FAMILY, XDP_DROP);
-	rewrite_endpoint(p, ADDR_OF_SOURCE, cfg->internal_ip4, cfg->internal_ip6, port);
+	rewrite_endpoint(p, ADDR_OF_SOURCE, cfg->internal_ip4[set], &cfg->internal_ip6[set * 4],
+			 bpf_htons((__u16)pair));
 	return FURTHER_PROCESSING;
 }
 
-/* Translate, outbound: is the packet addressed to the relay's internal address of its family? */
-static __always_inline int to_internal_addr(const struct pkt *p, const struct sr_config *cfg)
+/*
+ * Translate, outbound: the address set whose internal address of the packet's family the packet
+ * is addressed to, or -1.  At most SR_MAX_XLATE_ADDRS (16) compares, stopping at the configured
+ * count: one for the default single set.  Straight-line code, not a loop: as a loop (even with
+ * `#pragma unroll`) clang turned `i < 16 && i < n` into `i != n`, which 6.1's verifier cannot
+ * bound ("invalid access to map value, value_size=388 off=388"); 6.12 and 6.18 accepted it.
+ */
+#define SR_SET4(i)                                                                    \
+	do {                                                                          \
+		if ((i) >= n)                                                         \
+			return -1;                                                    \
+		if (cfg->internal_ip4[i] && cfg->internal_ip4[i] == d4)              \
+			return (i);                                                   \
+	} while (0)
+#define SR_SET6(i)                                                                    \
+	do {                                                                          \
+		if ((i) >= n)                                                         \
+			return -1;                                                    \
+		const __be32 *a = &cfg->internal_ip6[(i) * 4];                        \
+		if (addr6_set(a) && d[0] == a[0] && d[1] == a[1] && d[2] == a[2] &&  \
+		    d[3] == a[3])                                                     \
+			return (i);                                                   \
+	} while (0)
+#define SR_SETS(CHECK)                                                                \
+	CHECK(0); CHECK(1); CHECK(2); CHECK(3); CHECK(4); CHECK(5); CHECK(6); CHECK(7); \
+	CHECK(8); CHECK(9); CHECK(10); CHECK(11); CHECK(12); CHECK(13); CHECK(14); CHECK(15)
+
+static __always_inline int internal_addr_set(const struct pkt *p, const struct sr_config *cfg)
 {
-	if (p->ip4)
-		return cfg->internal_ip4 && p->ip4->daddr == cfg->internal_ip4;
+	_Static_assert(SR_MAX_XLATE_ADDRS == 16, "SR_SETS checks 16 address sets");
+	__u32 n = cfg->xlate_addrs;
+	if (p->ip4) {
+		__be32 d4 = p->ip4->daddr;
+		SR_SETS(SR_SET4);
+		return -1;
+	}
 	if (!p->ip6)   /* never, after parse_packet; the verifier needs to see it */
-		return 0;
+		return -1;
 	const __be32 *d = p->ip6->daddr.in6_u.u6_addr32;
-	const __be32 *a = cfg->internal_ip6;
-	return addr6_set(a) && d[0] == a[0] && d[1] == a[1] && d[2] == a[2] && d[3] == a[3];
+	SR_SETS(SR_SET6);
+	return -1;
 }
 
 /* Translate, outbound: does the packet come from backend b's (address, port) of its family? */

@@ -70,16 +70,16 @@ static __always_inline int send_to_slot(struct xdp_md *ctx, struct pkt *p, __u32
 
 /*
  * DNAT toward the backend (and with translation the source to the relay's internal address and
- * the flow's port xport), rewrite MACs, drop a VLAN tag, and send it out of the backend's slot.
+ * port of the flow's pair xpair), rewrite MACs, drop a VLAN tag, and send it out of the backend's slot.
  */
 static __always_inline int forward_to_backend(struct xdp_md *ctx, struct pkt *p, const struct sr_config *cfg,
-					      const struct sr_backend *b, __be16 xport, __u32 stat)
+					      const struct sr_backend *b, __u32 xpair, __u32 stat)
 {
 	int act = rewrite_dst_to_backend(p, b);
 	if (act != FURTHER_PROCESSING)
 		return act;
 	if (cfg->translate) {
-		act = rewrite_src_to_internal(p, cfg, xport);
+		act = rewrite_src_to_internal(p, cfg, xpair);
 		if (act != FURTHER_PROCESSING)
 			return act;
 	}
@@ -111,43 +111,41 @@ static __always_inline int backend_of_hint(struct pkt *p, const struct sr_config
 }
 
 /*
- * Translate: take a free port for the client's new flow toward backend_id and point its reverse
- * slot at them.  bpf_map_pop_elem is atomic, so two CPUs never get the same port; an empty pool
- * refuses the flow (no live flow is ever evicted for a new one).
+ * Translate: take a free (address set, port) pair for the client's new flow toward backend_id and
+ * point its reverse slot at them.  bpf_map_pop_elem is atomic, so two CPUs never get the same pair;
+ * an empty pool refuses the flow (no live flow is ever evicted for a new one).
  */
 static __always_inline int claim_port(struct pkt *p, const struct sr_addr_key *client, __u32 backend_id,
-				      __be16 *port)
+				      struct sr_flow *nf)
 {
-	__be16 got = 0;
+	__u32 got = 0;
 	if (port_pool.pop(&got))
 		return verdict(p, SR_STAT_IN_DROP_PORT_POOL_EMPTY, XDP_DROP);
-	__u32 idx = bpf_ntohs(got);
-	struct sr_port_slot *slot = port_slots.lookup(&idx);
-	if (!slot || !got) {   /* port 0 never names a flow: the agent never pushes it */
+	struct sr_port_slot *slot = port_slots.lookup(&got);
+	if (!slot || !(got & 0xffff)) {   /* port 0 never names a flow: the agent never pushes it */
 		return verdict(p, SR_STAT_IN_DROP_PORT_POOL_EMPTY, XDP_DROP);
 	}
 	slot->client = *client;
 	slot->backend_id = backend_id;
-	*port = got;
+	nf->xlate_port = bpf_htons((__u16)got);
+	nf->xlate_addr = got >> 16;
 	return FURTHER_PROCESSING;
 }
 
-/* Translate: a port claimed for a flow that could not be stored goes straight back (no reply used it). */
-static __always_inline void unclaim_port(__be16 port)
+/* Translate: a pair claimed for a flow that could not be stored goes straight back (no reply used it). */
+static __always_inline void unclaim_port(__u32 pair)
 {
-	__u32 idx = bpf_ntohs(port);
-	struct sr_port_slot *slot = port_slots.lookup(&idx);
+	struct sr_port_slot *slot = port_slots.lookup(&pair);
 	if (slot)
 		slot->client.family = 0;
-	port_pool.push(&port, 0);
+	port_pool.push(&pair, 0);
 }
 
-/* Translate: a flow that moves to another backend keeps its port; replies must now come from there. */
-static __always_inline void repoint_port(__be16 port, __u32 backend_id)
+/* Translate: a flow that moves to another backend keeps its pair; replies must now come from there. */
+static __always_inline void repoint_port(__u32 pair, __u32 backend_id)
 {
-	__u32 idx = bpf_ntohs(port);
-	struct sr_port_slot *slot = port_slots.lookup(&idx);
-	if (slot && port)
+	struct sr_port_slot *slot = port_slots.lookup(&pair);
+	if (slot && (pair & 0xffff))
 		slot->backend_id = backend_id;
 }
 
@@ -158,14 +156,14 @@ static __always_inline void repoint_port(__be16 port, __u32 backend_id)
  */
 static __always_inline int open_flow(struct pkt *p, const struct sr_config *cfg, struct sr_session *sess,
 				     struct sr_addr_key *client, __u32 backend_id,
-				     const struct sr_ufrag_key *ukey, __u64 now, __be16 *xport)
+				     const struct sr_ufrag_key *ukey, __u64 now, __u32 *xpair)
 {
 	struct sr_flow *f = flows.lookup(client);
 	if (f && f->backend_id == backend_id) {
 		flow_touch(f, p->bytes, now);
 		__builtin_memcpy(f->client_mac, p->eth->h_source, ETH_ALEN);
 		f->ufrag = *ukey;
-		*xport = f->xlate_port;
+		*xpair = xlate_pair(f->xlate_addr, f->xlate_port);
 		return FURTHER_PROCESSING;
 	}
 	if (sess && !f && cfg->max_session_flows && sess->flows >= cfg->max_session_flows)
@@ -177,19 +175,20 @@ static __always_inline int open_flow(struct pkt *p, const struct sr_config *cfg,
 	if (cfg->translate) {
 		if (f) {
 			nf.xlate_port = f->xlate_port;
-			repoint_port(f->xlate_port, backend_id);
+			nf.xlate_addr = f->xlate_addr;
+			repoint_port(xlate_pair(f->xlate_addr, f->xlate_port), backend_id);
 		} else {
-			int act = claim_port(p, client, backend_id, &nf.xlate_port);
+			int act = claim_port(p, client, backend_id, &nf);
 			if (act != FURTHER_PROCESSING)
 				return act;
 		}
-		*xport = nf.xlate_port;
+		*xpair = xlate_pair(nf.xlate_addr, nf.xlate_port);
 	}
 	/* A new flow is inserted, never written over one another CPU opened meanwhile: that
 	 * one's port would leak (the race costs this packet, counted as a full table). */
 	if (f ? flows.update(client, &nf) : flows.insert(client, &nf)) {
 		if (cfg->translate && !f)
-			unclaim_port(nf.xlate_port);
+			unclaim_port(xlate_pair(nf.xlate_addr, nf.xlate_port));
 		return verdict(p, SR_STAT_IN_DROP_FLOW_FULL, XDP_DROP);
 	}
 	if (sess && !f)
@@ -225,11 +224,11 @@ static __always_inline int route_binding_request(struct xdp_md *ctx, struct pkt 
 	struct sr_backend *b = backends.lookup(&backend_id);
 	if (!b)
 		return verdict(p, SR_STAT_IN_DROP_NO_BACKEND, XDP_DROP);
-	__be16 xport = 0;
-	act = open_flow(p, cfg, sess, client, backend_id, &ukey, bpf_ktime_get_ns(), &xport);
+	__u32 xpair = 0;
+	act = open_flow(p, cfg, sess, client, backend_id, &ukey, bpf_ktime_get_ns(), &xpair);
 	if (act != FURTHER_PROCESSING)
 		return act;
-	return forward_to_backend(ctx, p, cfg, b, xport, stat);
+	return forward_to_backend(ctx, p, cfg, b, xpair, stat);
 }
 
 /*
@@ -255,7 +254,7 @@ static __always_inline int route_by_flow(struct xdp_md *ctx, struct pkt *p, cons
 	if (!b)
 		return verdict(p, SR_STAT_IN_DROP_NO_BACKEND, XDP_DROP);
 	flow_touch(f, p->bytes, bpf_ktime_get_coarse_ns());
-	return forward_to_backend(ctx, p, cfg, b, f->xlate_port, SR_STAT_IN_FWD_FLOW);
+	return forward_to_backend(ctx, p, cfg, b, xlate_pair(f->xlate_addr, f->xlate_port), SR_STAT_IN_FWD_FLOW);
 }
 
 /*
@@ -316,19 +315,21 @@ static __always_inline int reply_to_client(struct xdp_md *ctx, struct pkt *p, co
 }
 
 /*
- * Translate: a packet to the relay's internal address and port P is a reply on the flow holding
- * P, if it comes from that flow's backend (address and port): source -> the relay's public
+ * Translate: a packet to the relay's internal address of set S and port P is a reply on the flow
+ * holding the pair (S, P), if it comes from that flow's backend (address and port): source -> the relay's public
  * (address, port), destination -> the client, out of the public interface.  A reply to a port no
  * flow holds, or from anyone else, is dropped and counted: the internal side opens nothing.
  * FURTHER_PROCESSING when the packet is not addressed to the internal address.
  */
 static __always_inline int reply_translated(struct xdp_md *ctx, struct pkt *p, const struct sr_config *cfg)
 {
-	if (!to_internal_addr(p, cfg))
+	int set = internal_addr_set(p, cfg);
+	if (set < 0)
 		return FURTHER_PROCESSING;
-	__u32 idx = bpf_ntohs(p->udp->dest);
-	if (idx < cfg->port_first || idx > cfg->port_last)
+	__u32 port = bpf_ntohs(p->udp->dest);
+	if (port < cfg->port_first || port > cfg->port_last)
 		return FURTHER_PROCESSING;
+	__u32 idx = xlate_pair(set, p->udp->dest);
 	struct sr_port_slot *slot = port_slots.lookup(&idx);
 	if (!slot || slot->client.family != (p->ip4 ? SR_FAMILY_V4 : SR_FAMILY_V6))
 		return verdict(p, SR_STAT_OUT_DROP_UNALLOCATED_PORT, XDP_DROP);
@@ -338,8 +339,8 @@ static __always_inline int reply_translated(struct xdp_md *ctx, struct pkt *p, c
 	if (!b || !from_backend(p, b))
 		return verdict(p, SR_STAT_OUT_DROP_NOT_FLOW_BACKEND, XDP_DROP);
 	struct sr_flow *f = flows.lookup(&client);
-	if (!f || f->xlate_port != p->udp->dest)   /* the agent deleted the flow; the slot goes next */
-		return verdict(p, SR_STAT_OUT_DROP_UNALLOCATED_PORT, XDP_DROP);
+	if (!f || f->xlate_port != p->udp->dest || f->xlate_addr != set)
+		return verdict(p, SR_STAT_OUT_DROP_UNALLOCATED_PORT, XDP_DROP);   /* flow deleted; the slot goes next */
 	int act = rewrite_src_to_relay(p, cfg);
 	if (act != FURTHER_PROCESSING)
 		return act;

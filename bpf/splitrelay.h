@@ -24,9 +24,15 @@
 #endif
 #define SR_DEFAULT_SESSION_FLOWS 4 /* client 5-tuples one session may open (ICE needs 1-2) */
 #define SR_MAX_TX_PORTS   64   /* devmap slots: 0 = public interface, 1.. = internal */
-/* Translation (sr_config.translate): one internal address per family, each flow holds one of
- * its ports; the reverse array has one slot per port (index = port, host order). */
-#define SR_PORT_SLOTS     65536
+/* Translation (sr_config.translate): up to SR_MAX_XLATE_ADDRS internal addresses per family, paired
+ * by position (set i = the i-th IPv4 and the i-th IPv6); each flow holds one (set, port) pair.  The
+ * pool queue and the reverse array are sized for SR_XLATE_ADDRS sets (the agent compiles it from the
+ * configured count, -DSR_XLATE_ADDRS=); a pair is (set << 16) | port, host order, the array index. */
+#define SR_MAX_XLATE_ADDRS 16   /* 16 x 65,535 ports: the 1M-flow case; power of two (index mask) */
+#ifndef SR_XLATE_ADDRS
+#define SR_XLATE_ADDRS    1
+#endif
+#define SR_PORT_SLOTS     65536 /* reverse slots per address set, one per port */
 #define SR_XLATE_PORT_MIN 10000 /* default range of flow ports, inclusive: below Linux's ephemeral */
 #define SR_XLATE_PORT_MAX 32767 /* ports (32768..60999), so the relay host's own UDP keeps working */
 
@@ -71,10 +77,11 @@ struct sr_config {                  /* array map "config", single slot 0 */
 	__u8   hint_key_set;            /* 1: only keyed (v2) hints route, and only if their tag checks */
 	__u8   pad;
 	__u8   hint_key[16];            /* SipHash-2-4 key shared by relays and transceivers */
-	__be32 internal_ip4;            /* translate: the relay's internal IPv4 (flows' source), 0 if none */
-	__be32 internal_ip6[4];         /* translate: the relay's internal IPv6, all-zero if none */
+	__be32 internal_ip4[SR_MAX_XLATE_ADDRS];    /* translate: set i's internal IPv4 (flows' source), 0 if none */
+	__be32 internal_ip6[SR_MAX_XLATE_ADDRS * 4]; /* translate: set i's internal IPv6 at [4 i], all-zero if none
+					     * (flat: bcc's ctypes mis-sizes a 2-D array member) */
 	__u8   translate;               /* 1: translation on both sides (issue 12); 0: DNAT, client seen */
-	__u8   pad2;
+	__u8   xlate_addrs;             /* translate: address sets in use, 1..SR_XLATE_ADDRS */
 	__u16  port_first;              /* translate: flow ports, host order; replies to the internal */
 	__u16  port_last;               /* address outside them are the host's own (passed) */
 };
@@ -110,7 +117,9 @@ struct sr_session {                 /* hash "sessions" value */
 struct sr_flow {                    /* lru hash "flows": client sr_addr_key -> value */
 	__u32 backend_id;
 	__u8  client_mac[6];            /* source MAC the client's frames arrived with */
-	__be16 xlate_port;              /* translate: the internal port it holds (port_slots index); 0 in DNAT */
+	__be16 xlate_port;              /* translate: the internal port it holds; 0 in DNAT */
+	__u8  xlate_addr;               /* translate: ... on that address set (the pair's high half) */
+	__u8  pad[3];                   /* (was alignment padding: the entry stays 184 B) */
 	__u64 created_ns;
 	__u64 last_seen_ns;             /* refreshed by every forwarded packet */
 	__u64 packets;                  /* client -> transceiver */
@@ -120,7 +129,7 @@ struct sr_flow {                    /* lru hash "flows": client sr_addr_key -> v
 	struct sr_ufrag_key ufrag;      /* session that created it, for cleanup */
 };
 
-struct sr_port_slot {               /* array "port_slots", index = internal port (host order) */
+struct sr_port_slot {               /* array "port_slots", index = (address set << 16) | port, host order */
 	struct sr_addr_key client;      /* the flow holding the port; family 0 = unallocated */
 	__u32 backend_id;               /* the one backend whose replies may use it */
 };

@@ -182,8 +182,9 @@ DATAPATH_HELP = (
 @click.option("--internal-ip", "internal_ips", multiple=True,
               help="userspace, or xdp --translate: the relay's address on the internal side that flows come "
                    "from (repeat for IPv4 and IPv6); default: the --internal interface's first global address "
-                   "of each family. "
-                   "Give it when that interface holds several.")
+                   "of each family. Give it when that interface holds several. xdp --translate: repeat it for "
+                   "several addresses per family (each must be on --internal; up to 16; the i-th IPv4 pairs "
+                   "with the i-th IPv6, so give as many of each or none of one): 65,535 flows per address.")
 @click.option("--max-flows", type=click.IntRange(1, 1 << 24),
               help="Flow table size. xdp: default 1048576, fixed when the maps are first pinned. userspace: one "
                    "socket per flow, default min(65536, open-file limit - 256).")
@@ -229,6 +230,9 @@ def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, 
         raise CliError(str(exc), 2) from None
     kw["internal_ip4"] = next((str(a) for a in parsed if a.version == 4), None)
     kw["internal_ip6"] = next((str(a) for a in parsed if a.version == 6), None)
+    if kw["datapath"] == "userspace" and len(parsed) > len({a.version for a in parsed}):
+        raise CliError("--internal-ip: the userspace relay takes one address per family", 2)
+    kw["internal_more"] = tuple(str(a) for a in parsed if str(a) not in (kw["internal_ip4"], kw["internal_ip6"]))
 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():

@@ -37,8 +37,12 @@ def lab() -> None:
               help="Put the transceivers in an L3 network of their own behind a router namespace on the "
                    "relays' internal segment; they route only the relays' internal network, via the router "
                    "(needs --translate).")
+@click.option("--translate-addrs", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="With --translate: internal addresses per family each relay translates with (the extra ones "
+                   "added to its internal interface; 65,535 flows per address).")
 def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, delay_ms: float, jitter_ms: float,
-           loss: float, relays: int, far_delay_ms: float, translate: bool, routed: bool) -> None:
+           loss: float, relays: int, far_delay_ms: float, translate: bool, routed: bool,
+           translate_addrs: int) -> None:
     """Build the namespaces, attach XDP in the relay and start its edge agent.
 
     \b
@@ -71,6 +75,8 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, dela
 
     if routed and not translate:
         raise CliError(ROUTED_NEEDS_TRANSLATE, EXIT_USAGE)
+    if translate_addrs > 1 and not translate:
+        raise CliError("--translate-addrs needs --translate", EXIT_USAGE)
     require_root("a lab")
     require_bcc()
     from splitrelay.lab.impair import Impairment
@@ -81,7 +87,7 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, dela
     impair = Impairment(delay_ms, jitter_ms, loss) if delay_ms or jitter_ms or loss else None
     far = Impairment(far_delay_ms) if far_delay_ms else None
     info = start_lab(transceivers=transceivers, name=name, policy=policy, impair=impair, relays=relays, far=far,
-                     translate=translate, routed=routed)
+                     translate=translate, routed=routed, translate_addrs=translate_addrs)
 
     def human(d: dict) -> None:
         click.echo(f"lab {d['name']} up: relay {d['relay_public']} (client netns {d['client_netns']}), "

@@ -61,6 +61,7 @@ class AgentConfig(PlaneConfig):
     datapath: str = "xdp"                 # "xdp" | "userspace" (edge/userspace.py)
     internal_ip4: str | None = None       # userspace: where flow sockets bind (default: from internal_iface)
     internal_ip6: str | None = None
+    internal_more: tuple[str, ...] = ()   # xdp --translate: further internal addresses (edge/records.py sets)
 
     def plane_config(self) -> PlaneConfig:
         """What every plane needs, and nothing of the agent's or another plane's."""
@@ -73,7 +74,7 @@ class AgentConfig(PlaneConfig):
                           gateway_timeout_s=self.gateway_timeout_s, neighbour_timeout_s=self.neighbour_timeout_s,
                           mode=self.mode, pin_root=self.pin_root, detach_on_exit=self.detach_on_exit,
                           internal_ip4=self.internal_ip4, internal_ip6=self.internal_ip6,
-                          port_quarantine_s=2 * self.idle_timeout_s)
+                          internal_more=self.internal_more, port_quarantine_s=2 * self.idle_timeout_s)
 
     def plane(self) -> DataPlane:
         """The data plane this config asks for: the one place that knows the kinds."""

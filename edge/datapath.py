@@ -25,7 +25,7 @@ from splitrelay.bpf import consts, syscall
 from splitrelay.edge import counters as counters_mod
 from splitrelay.edge import xdp_codec as codec
 from splitrelay.edge import xdp_loader as loader
-from splitrelay.edge.ports import PortPool
+from splitrelay.edge.ports import PortPool, flow_pair
 from splitrelay.edge.records import (
     INTERNAL_SLOT,
     PUBLIC_SLOT,
@@ -38,7 +38,6 @@ from splitrelay.edge.records import (
     check_ufrag,
 )
 from splitrelay.edge.xdp_loader import PIN_ROOT, unpin
-from splitrelay.wire.byteorder import from_be16
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +53,7 @@ class Datapath:
     max_flows: int | None = None   # flow table size (default SR_MAX_FLOWS); fixed when first pinned
     port_range: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)   # configure() sets it
     port_quarantine_s: float = 60.0   # translate: > the agent's idle timeout (edge/ports.py)
+    xlate_addrs: int = 1   # translate: internal address sets the pool and reverse array hold; fixed when pinned
 
     def __post_init__(self) -> None:
         if not self.instance or "/" in self.instance or self.instance.startswith("."):
@@ -66,12 +66,22 @@ class Datapath:
         """The translation port pool (edge/ports.py) on this instance's maps."""
         if self._ports is None or self._ports.bpf is not self.bpf:
             held = self._ports.quarantined if self._ports else {}
+            if self._ports is None:   # a restarted agent before configure(): the pinned config's range and sets
+                self._adopt_pinned_port_config()
             self._ports = PortPool(self.bpf, *self.port_range, quarantine_s=self.port_quarantine_s,
-                                   quarantined=held)
+                                   quarantined=held, sets=self._port_sets)
         return self._ports
 
+    _port_sets = 1   # the address sets configure() last wrote (<= xlate_addrs)
+
+    def _adopt_pinned_port_config(self) -> None:
+        cfg = self.config()
+        if cfg is not None and cfg.translate:
+            self.port_range = cfg.translate_ports
+            self._port_sets = max(1, len(cfg.internal_sets()))
+
     def _release_ports(self, ports) -> None:
-        """The flows holding ``ports`` are deleted: clear their reverse slots, quarantine the ports."""
+        """The flows holding ``ports`` (pairs, flow_pair) are deleted: clear their slots, quarantine them."""
         ports = [p for p in ports if p]
         if ports:
             self.ports.release(ports)
@@ -90,7 +100,7 @@ class Datapath:
 
     def load(self) -> None:
         """Compile and load the programs; adopt the pinned maps if they exist."""
-        self._bpf, self._programs = loader.compile_relay(self.pin_dir, self.max_flows)
+        self._bpf, self._programs = loader.compile_relay(self.pin_dir, self.max_flows, self.xlate_addrs)
 
     def program_fd(self, name: str) -> int:
         """The fd of a loaded program (``xdp_public``, ``xdp_internal``): what BPF_PROG_TEST_RUN runs."""
@@ -140,7 +150,7 @@ class Datapath:
         tx_ports included, is the pinned one.  Unattached, this only reloads.
         """
         old = list(self.attachments)
-        self._bpf, self._programs = loader.compile_relay(self.pin_dir, self.max_flows)
+        self._bpf, self._programs = loader.compile_relay(self.pin_dir, self.max_flows, self.xlate_addrs)
         if not old:
             return
         public = next(a for a in old if a.program == "xdp_public")
@@ -164,11 +174,18 @@ class Datapath:
     # -- config and tables ---------------------------------------------------------
 
     def configure(self, cfg: RelayConfig) -> None:
+        sets = max(1, len(cfg.internal_sets())) if cfg.translate else 1
+        capacity = syscall.map_info(self.bpf[b"port_slots"].map_fd).max_entries // consts.PORT_SLOTS
+        if sets > capacity:
+            raise DatapathError(f"{sets} internal address sets, but the pinned translation maps hold {capacity}: "
+                                f"destroy instance {self.instance!r} or use another instance name")
         table = self.bpf[b"config"]
         table[ct.c_uint32(0)] = codec.config_leaf(table.Leaf(), cfg)
         self.port_range = cfg.translate_ports
+        self._port_sets = sets
         if self._ports is not None:
             self._ports.first, self._ports.last = cfg.translate_ports
+            self._ports.sets = self._port_sets
 
     def config(self) -> RelayConfig | None:
         return codec.config_from(self.bpf[b"config"][ct.c_uint32(0)])
@@ -220,7 +237,7 @@ class Datapath:
         for key in [sessions.Key.from_buffer_copy(k) for k, v in sessions.items() if v.backend_id == backend_id]:
             self._delete(sessions, key)
         flows = self.bpf[b"flows"]  # its sessions' flows, and those a routing hint opened
-        doomed = [(flows.Key.from_buffer_copy(k), from_be16(v.xlate_port)) for k, v in self._walk(flows)
+        doomed = [(flows.Key.from_buffer_copy(k), flow_pair(v)) for k, v in self._walk(flows)
                   if v.backend_id == backend_id]
         for key, _ in doomed:
             self._delete(flows, key)
@@ -276,7 +293,7 @@ class Datapath:
         removed = {ufrag: self._delete(sessions, key) for ufrag, key in keys.items()}
         raws = {bytes(key.ufrag) for key in keys.values()}
         table = self.bpf[b"flows"]
-        doomed = [(table.Key.from_buffer_copy(k), from_be16(leaf.xlate_port)) for k, leaf in self._walk(table)
+        doomed = [(table.Key.from_buffer_copy(k), flow_pair(leaf)) for k, leaf in self._walk(table)
                   if bytes(leaf.ufrag.ufrag) in raws]
         for k, _ in doomed:
             self._delete(table, k)
@@ -327,7 +344,7 @@ class Datapath:
         table = self.bpf[b"flows"]
         key = self.addr_key("flows", *client)
         try:
-            port = from_be16(table[key].xlate_port)
+            port = flow_pair(table[key])
         except KeyError:
             return False
         removed = self._delete(table, key)
@@ -348,7 +365,7 @@ class Datapath:
         live: dict[bytes, int] = {}
         for key, leaf in self._walk(table):
             if leaf.last_seen_ns < cutoff:
-                stale.append((table.Key.from_buffer_copy(key), from_be16(leaf.xlate_port)))
+                stale.append((table.Key.from_buffer_copy(key), flow_pair(leaf)))
             else:
                 ufrag = bytes(leaf.ufrag.ufrag)
                 live[ufrag] = live.get(ufrag, 0) + 1

@@ -1,11 +1,15 @@
 """The per-flow ports of translation (issue 12 §1): which port may go back into the XDP pool, and when.
 
-``xdp_public`` pops a port from the pinned queue ``port_pool`` when it opens a
-flow and points the port's reverse slot (``port_slots``) at the client and its
-backend.  Only this agent ever pushes a port, and only where nothing can still
-use it: a port is in the queue xor held by one flow, so it is never handed out
-in use, and the pool is bounded by the range (an empty queue is refused and
-counted as ``port_pool_empty`` in XDP; no live flow is evicted).
+``xdp_public`` pops a pair from the pinned queue ``port_pool`` when it opens a
+flow and points the pair's reverse slot (``port_slots``) at the client and its
+backend.  A pair is (internal address set << 16) | port: with several internal
+addresses each port exists once per set, and the pair is the slot's index; with
+one set (the default) a pair is just the port.  "Port" below means such a pair.
+
+Only this agent ever pushes a port, and only where nothing can still use it: a
+port is in the queue xor held by one flow, so it is never handed out in use, and
+the pool is bounded by the range (an empty queue is refused and counted as
+``port_pool_empty`` in XDP; no live flow is evicted).
 
 * ``refill`` (at start, also over pinned state left by an agent that died):
   empty the queue, then push the range minus the ports live flows hold.  In that
@@ -28,7 +32,14 @@ from dataclasses import dataclass, field
 
 from splitrelay.bpf import syscall
 from splitrelay.edge.records import RelayConfig
-from splitrelay.wire.byteorder import be16, from_be16
+from splitrelay.wire.byteorder import from_be16
+
+
+def flow_pair(leaf) -> int:
+    """The (address set, port) pair an ``sr_flow`` holds; 0 for none (DNAT)."""
+    port = from_be16(leaf.xlate_port)
+    return (leaf.xlate_addr << 16) | port if port else 0
+
 
 @dataclass
 class PortPool:
@@ -38,7 +49,8 @@ class PortPool:
     first: int = RelayConfig.translate_ports[0]   # the range (RelayConfig validated it)
     last: int = RelayConfig.translate_ports[1]
     quarantine_s: float = 60.0
-    quarantined: dict[int, float] = field(default_factory=dict)   # port -> monotonic time it may return
+    quarantined: dict[int, float] = field(default_factory=dict)   # pair -> monotonic time it may return
+    sets: int = 1   # internal address sets in use (sr_config.xlate_addrs; the maps may hold more)
 
     @property
     def _queue(self):
@@ -59,10 +71,10 @@ class PortPool:
 
     def _push(self, port: int) -> None:
         queue = self._queue
-        queue.push(queue.Leaf(be16(port)))
+        queue.push(queue.Leaf(port))
 
     def slots(self) -> dict[int, tuple]:
-        """Every allocated reverse slot: port -> (client key copy, backend id)."""
+        """Every allocated reverse slot: pair -> (client key copy, backend id)."""
         table = self._slots
         out = {}
         for key, leaf in _walk_array(table):
@@ -72,20 +84,22 @@ class PortPool:
         return out
 
     def held(self) -> set[int]:
-        """The ports live flows hold: an allocated slot whose client's flow names that port."""
+        """The pairs live flows hold: an allocated slot whose client's flow names that pair."""
         flows = self.bpf[b"flows"]
         out = set()
         for port, (client, _) in self.slots().items():
             key = flows.Key.from_buffer_copy(client)
             try:
-                if from_be16(flows[key].xlate_port) == port:
+                if flow_pair(flows[key]) == port:
                     out.add(port)
             except KeyError:
                 pass
         return out
 
     def refill(self) -> int:
-        """Empty the queue, then push every port of the range that no live flow holds; how many went in."""
+        """Empty the queue, then push every pair (each set, each port of the range) that no live flow
+        holds; how many went in.  Sets interleave (port p of every set, then p + 1), so flows spread
+        over the internal addresses from the first one on."""
         self._drain()
         allocated = self.slots()
         held = self.held()
@@ -96,10 +110,11 @@ class PortPool:
             self.quarantined.setdefault(port, now + self.quarantine_s)
         pushed = 0
         for port in range(self.first, self.last + 1):
-            if port in held or port in self.quarantined:
-                continue
-            self._push(port)
-            pushed += 1
+            for pair in range(port, (self.sets << 16) | port, 1 << 16):
+                if pair in held or pair in self.quarantined:
+                    continue
+                self._push(pair)
+                pushed += 1
         return pushed
 
     def clear_slots(self) -> int:
@@ -130,7 +145,7 @@ class PortPool:
         due = [port for port, at in self.quarantined.items() if at <= now]
         for port in due:
             del self.quarantined[port]
-            if self.first <= port <= self.last:
+            if self.first <= (port & 0xFFFF) <= self.last and port >> 16 < self.sets:
                 self._push(port)
         return len(due)
 

@@ -8,6 +8,7 @@ construction with a one-line ``DatapathError``.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from splitrelay.bpf import consts
@@ -36,6 +37,30 @@ def check_ufrag(ufrag: str) -> str:
     return ufrag
 
 
+def check_internal_sets(ip4: str | None, ip6: str | None, more=()) -> None:
+    """One-line DatapathError unless the internal addresses pair up into at most MAX_XLATE_ADDRS sets.
+
+    Set i is the i-th IPv4 with the i-th IPv6 and a flow holds one (set, port) pair whatever its
+    family, so the families give as many addresses each, or one family none.
+    """
+    by: dict[int, list[str]] = {4: [ip4] if ip4 else [], 6: [ip6] if ip6 else []}
+    for ip in more:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            raise DatapathError(f"not an IP address: {ip!r}") from None
+        by[addr.version].append(str(addr))
+    n4, n6 = len(by[4]), len(by[6])
+    if n4 and n6 and n4 != n6:
+        raise DatapathError(f"internal addresses pair up by position: give as many IPv4 as IPv6 "
+                            f"(or none of one family), got {n4} IPv4 and {n6} IPv6")
+    if max(n4, n6) > consts.MAX_XLATE_ADDRS:
+        raise DatapathError(f"at most {consts.MAX_XLATE_ADDRS} internal addresses per family, got {max(n4, n6)}")
+    for version, ips in by.items():
+        if len(set(ips)) != len(ips):
+            raise DatapathError(f"an internal IPv{version} address is given twice: {', '.join(ips)}")
+
+
 @dataclass
 class RelayConfig:
     relay_port: int
@@ -49,7 +74,17 @@ class RelayConfig:
     translate: bool = False        # both sides translated (issue 12 §1); False: DNAT, the client's address kept
     internal_ip4: str | None = None   # translate: the relay's internal addresses flows come from
     internal_ip6: str | None = None
+    internal_more: tuple[str, ...] = ()   # translate: further internal addresses, either family, in order
     translate_ports: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)   # inclusive
+
+    def internal_sets(self) -> list[tuple[str | None, str | None]]:
+        """The translation address sets: the i-th internal IPv4 with the i-th IPv6 (sr_config's arrays)."""
+        by = {4: [self.internal_ip4] if self.internal_ip4 else [],
+              6: [self.internal_ip6] if self.internal_ip6 else []}
+        for ip in self.internal_more:
+            by[ipaddress.ip_address(ip).version].append(ip)
+        n = max(len(by[4]), len(by[6]))
+        return [(by[4][i] if by[4] else None, by[6][i] if by[6] else None) for i in range(n)]
 
     def __post_init__(self) -> None:
         first, last = self.translate_ports
@@ -57,6 +92,7 @@ class RelayConfig:
             raise DatapathError(f"translation ports must be a range within 1..65535, got {first}-{last}")
         if self.translate and self.internal_ip4 is None and self.internal_ip6 is None:
             raise DatapathError("translation needs the relay's internal IPv4 or IPv6 address")
+        check_internal_sets(self.internal_ip4, self.internal_ip6, self.internal_more)
         if self.hint_key is not None and len(self.hint_key) != 16:
             raise DatapathError(f"hint key must be 16 bytes, got {len(self.hint_key)}")
         if not 0 <= self.max_session_flows <= 65535:
@@ -110,6 +146,12 @@ class Flow:
     rx_packets: int
     rx_bytes: int
     internal_port: int = 0   # translate: the relay's internal port the transceiver sees as this client
+    internal_set: int = 0    # translate: ... on this internal address set (RelayConfig.internal_sets())
+
+    @property
+    def internal_pair(self) -> int:
+        """The (address set, port) pair the flow holds in the translation pool (edge/ports.py); 0: none."""
+        return (self.internal_set << 16) | self.internal_port if self.internal_port else 0
 
     @property
     def client(self) -> str:

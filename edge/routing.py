@@ -20,7 +20,7 @@ cannot open, a redirect the kernel refuses) it counts itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from splitrelay.bpf import consts
@@ -140,32 +140,36 @@ def _binding_request(ufrag: str, tables: RoutingTables, family: int, flow_backen
 
 @dataclass(frozen=True)
 class PortHolder:
-    """Translation: the flow holding an internal port, as its reverse slot and its flow entry say."""
+    """Translation: the flow holding an internal (address set, port) pair, as its reverse slot and its
+    flow entry say."""
 
     client: tuple[str, int]       # the client's (ip, port)
     backend_id: int
-    flow_port: int | None         # the port the client's flow entry names; None: the entry is gone
+    flow_pair: int | None         # the pair the client's flow entry names; None: the entry is gone
 
 
-def route_reply(src: tuple[str, int], dst: tuple[str, int], *, internal_ip: str | None,
+def route_reply(src: tuple[str, int], dst: tuple[str, int], *, internal_ips: Sequence[str | None],
                 ports: tuple[int, int], holders: Mapping[int, PortHolder], backends: Mapping[int, Backend],
                 has_public_ip: bool = True) -> Decision:
     """What a translating relay does with a packet on its internal side (``reply_translated`` in relay.c).
 
-    ``internal_ip`` is the relay's internal address of the packet's family, ``ports`` the flow-port
-    range, ``holders`` the allocated ports.  Not for the relay's (internal address, a port of the
-    range): the host's own (passed).  A port no flow holds, or a sender that is not the holder's
-    backend (address and port), is dropped: the internal side opens nothing.
+    ``internal_ips`` are the relay's internal addresses of the packet's family, one per address set
+    (index = set), ``ports`` the flow-port range, ``holders`` the allocated pairs ((set << 16) | port).
+    Not for a relay's (internal address, a port of the range): the host's own (passed).  A pair no
+    flow holds, or a sender that is not the holder's backend (address and port), is dropped: the
+    internal side opens nothing.
     """
-    if internal_ip is None or dst[0] != internal_ip or not ports[0] <= dst[1] <= ports[1]:
+    sets = [i for i, ip in enumerate(internal_ips) if ip is not None and ip == dst[0]]
+    if not sets or not ports[0] <= dst[1] <= ports[1]:
         return Decision("OUT_PASS_OTHER")
-    holder = holders.get(dst[1])
+    pair = (sets[0] << 16) | dst[1]
+    holder = holders.get(pair)
     if holder is None or (":" in holder.client[0]) != (":" in dst[0]):
         return Decision("OUT_DROP_UNALLOCATED_PORT")
     backend = backends.get(holder.backend_id)
     if backend is None or src != ((backend.ip6 if ":" in src[0] else backend.ip4), backend.port):
         return Decision("OUT_DROP_NOT_FLOW_BACKEND")
-    if holder.flow_port != dst[1]:
+    if holder.flow_pair != pair:
         return Decision("OUT_DROP_UNALLOCATED_PORT")
     if not has_public_ip:
         return Decision("OUT_DROP_FAMILY")

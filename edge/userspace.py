@@ -108,9 +108,17 @@ def interface_addresses(ifname: str) -> dict[int, str]:
 
     Call it off the event loop: pyroute2's synchronous API refuses to run on a loop's thread.
     """
+    out: dict[int, str] = {}
+    for version, addr in interface_address_list(ifname):
+        out.setdefault(version, addr)
+    return out
+
+
+def interface_address_list(ifname: str) -> list[tuple[int, str]]:
+    """Every global (version, address) of ``ifname``, in the kernel's order; blocking (netlink)."""
     from pyroute2 import IPRoute
 
-    out: dict[int, str] = {}
+    out: list[tuple[int, str]] = []
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
@@ -120,7 +128,7 @@ def interface_addresses(ifname: str) -> dict[int, str]:
                 continue
             version = 4 if msg["family"] == socket.AF_INET else 6
             addr = msg.get_attr("IFA_LOCAL") if version == 4 else None
-            out.setdefault(version, addr or msg.get_attr("IFA_ADDRESS"))
+            out.append((version, addr or msg.get_attr("IFA_ADDRESS")))
     return out
 
 

@@ -37,11 +37,14 @@ def config_leaf(leaf, cfg: RelayConfig):
         ct.memmove(leaf.hint_key, cfg.hint_key, 16)
     leaf.translate = int(cfg.translate)
     leaf.port_first, leaf.port_last = cfg.translate_ports
-    if cfg.internal_ip4:
-        leaf.internal_ip4 = be32_words(ipaddress.IPv4Address(cfg.internal_ip4))[0]
-    if cfg.internal_ip6:
-        for i, word in enumerate(be32_words(ipaddress.IPv6Address(cfg.internal_ip6))):
-            leaf.internal_ip6[i] = word
+    sets = cfg.internal_sets() if cfg.translate else []
+    leaf.xlate_addrs = len(sets)
+    for n, (ip4, ip6) in enumerate(sets):
+        if ip4:
+            leaf.internal_ip4[n] = be32_words(ipaddress.IPv4Address(ip4))[0]
+        if ip6:
+            for i, word in enumerate(be32_words(ipaddress.IPv6Address(ip6))):
+                leaf.internal_ip6[4 * n + i] = word
     return leaf
 
 
@@ -60,9 +63,17 @@ def config_from(leaf) -> RelayConfig | None:
         hint_key=bytes(leaf.hint_key) if leaf.hint_key_set else None,
         translate=bool(leaf.translate),
         translate_ports=(leaf.port_first, leaf.port_last) if leaf.port_last else RelayConfig.translate_ports,
-        internal_ip4=str(addr_from_words([leaf.internal_ip4], 4)) if leaf.internal_ip4 else None,
-        internal_ip6=str(int6) if int(int6 := addr_from_words(list(leaf.internal_ip6), 6)) else None,
+        **_internal_from(leaf),
     )
+
+
+def _internal_from(leaf) -> dict:
+    """RelayConfig's internal_ip4/internal_ip6/internal_more from sr_config's address-set arrays."""
+    v4 = [str(addr_from_words([leaf.internal_ip4[i]], 4)) for i in range(leaf.xlate_addrs) if leaf.internal_ip4[i]]
+    v6 = [str(a) for i in range(leaf.xlate_addrs)
+          if int(a := addr_from_words(list(leaf.internal_ip6[4 * i:4 * i + 4]), 6))]
+    return {"internal_ip4": v4[0] if v4 else None, "internal_ip6": v6[0] if v6 else None,
+            "internal_more": tuple(v4[1:] + v6[1:])}
 
 
 def addr_key(key, ip: str, port: int):
@@ -122,4 +133,5 @@ def flow_from(key, leaf) -> Flow:
         rx_packets=leaf.rx_packets,
         rx_bytes=leaf.rx_bytes,
         internal_port=from_be16(leaf.xlate_port),
+        internal_set=leaf.xlate_addr,
     )

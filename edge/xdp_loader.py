@@ -49,8 +49,9 @@ class PinnedMapMismatch(DatapathError):
     """A map pinned by an older build has another layout than the source being loaded."""
 
 
-def compile_relay(pin_dir: Path, max_flows: int | None = None):
-    """(bcc BPF module, {program name: loaded function}) for relay.c with its maps pinned in ``pin_dir``."""
+def compile_relay(pin_dir: Path, max_flows: int | None = None, xlate_addrs: int = 1):
+    """(bcc BPF module, {program name: loaded function}) for relay.c with its maps pinned in ``pin_dir``;
+    the translation pool and reverse array sized for ``xlate_addrs`` internal address sets."""
     try:
         from bcc import BPF
     except ImportError as exc:
@@ -63,6 +64,7 @@ def compile_relay(pin_dir: Path, max_flows: int | None = None):
         f'-DSR_PIN_DIR="{pin_dir}"',
         "-Wno-compare-distinct-pointer-types",
         "-Wno-pass-failed",  # a `#pragma unroll` clang leaves rolled is a bounded loop the verifier takes
+        f"-DSR_XLATE_ADDRS={int(xlate_addrs)}",
     ] + ([f"-DSR_MAX_FLOWS={int(max_flows)}"] if max_flows else [])
     try:
         bpf = BPF(src_file=str(SOURCE_DIR / "relay.c").encode(), cflags=cflags)

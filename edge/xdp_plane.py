@@ -11,13 +11,14 @@ adopts every call; ``detach_on_exit`` removes what this agent attached).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from dataclasses import dataclass
 
 from splitrelay.edge import neighbours
 from splitrelay.edge.datapath import Datapath
 from splitrelay.edge.plane import PlaneConfig
-from splitrelay.edge.records import DatapathError, RelayConfig
+from splitrelay.edge.records import DatapathError, RelayConfig, check_internal_sets
 from splitrelay.edge.xdp_loader import ATTACH_MODES, PIN_ROOT, refuse_host_links
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,12 @@ class XdpOptions:
     detach_on_exit: bool = False
     internal_ip4: str | None = None         # translate: flows' source (default: the internal iface's)
     internal_ip6: str | None = None
+    internal_more: tuple[str, ...] = ()     # translate: further internal addresses (edge/records.py sets)
     port_quarantine_s: float = 60.0         # translate: a freed port waits longer than the idle timeout
 
     def check(self, common: PlaneConfig) -> None:
         """One-line DatapathError for what this plane cannot run with."""
+        check_internal_sets(self.internal_ip4, self.internal_ip6, self.internal_more)
         refuse_host_links(common.public_iface, common.internal_iface)
         if not (self.gateway_ip or self.gateway_mac):
             raise DatapathError("the public side needs a next hop: give a gateway IP or MAC")
@@ -67,21 +70,22 @@ class XdpPlane(Datapath):
         gateway_mac = o.gateway_mac or neighbours.resolve(o.gateway_ip, c.public_iface,
                                                           timeout=o.gateway_timeout_s)
         internal = {4: o.internal_ip4, 6: o.internal_ip6}
-        if c.translate and not any(internal.values()):
-            from splitrelay.edge.userspace import interface_addresses
-
-            internal = interface_addresses(c.internal_iface)
+        if c.translate:
+            internal = _internal_addresses(c.internal_iface, o)
         return RelayConfig(
             relay_port=c.relay_port, public_mac=neighbours.interface_mac(c.public_iface),
             gateway_mac=gateway_mac, public_ip4=c.public_ip4, public_ip6=c.public_ip6, policy=c.policy,
             max_session_flows=c.max_session_flows, hint_key=c.hint_key, translate=c.translate,
             internal_ip4=internal.get(4) if c.translate else None,
             internal_ip6=internal.get(6) if c.translate else None, translate_ports=c.translate_ports,
+            internal_more=o.internal_more if c.translate else (),
         )
 
     def setup(self) -> str:
         """Load (adopting pinned maps), configure, then attach; returns the XDP mode used."""
         relay = self.relay_config()
+        if relay.translate:   # the pool and reverse array are sized for the address sets
+            self.xlate_addrs = max(1, len(relay.internal_sets()))
         self.load()
         self.configure(relay)
         if relay.translate:   # before attaching; over pinned flows, skipping the ports they hold
@@ -111,3 +115,18 @@ class XdpPlane(Datapath):
 
     def internal_mac(self) -> str:
         return neighbours.interface_mac(self.common.internal_iface)
+
+
+def _internal_addresses(iface: str, o: XdpOptions) -> dict[int, str]:
+    """Translation's first internal address of each family: the given ones, each of which (and of
+    ``internal_more``) must be on ``iface``, else the interface's first of each family (blocking)."""
+    from splitrelay.edge.userspace import interface_address_list, interface_addresses
+
+    given = [ip for ip in (o.internal_ip4, o.internal_ip6, *o.internal_more) if ip]
+    if not given:
+        return interface_addresses(iface)
+    present = {ipaddress.ip_address(addr) for _, addr in interface_address_list(iface)}
+    for ip in given:
+        if ipaddress.ip_address(ip) not in present:
+            raise DatapathError(f"internal address {ip} is not configured on {iface}")
+    return {4: o.internal_ip4, 6: o.internal_ip6}

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from ipaddress import ip_address
 from pathlib import Path
 
 from splitrelay.edge.control_client import ControlClient
@@ -169,12 +170,14 @@ def control(lab: Lab, fn, relay: int = 1):
 def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
               handler: str | list[str] | None = "echo", agent_args: list[str] | None = None,
               hint_key_file: str | None = None, impair: Impairment | None = None, relays: int = 1,
-              far: Impairment | None = None, translate: bool = False, routed: bool = False) -> dict:
+              far: Impairment | None = None, translate: bool = False, routed: bool = False,
+              translate_addrs: int = 1) -> dict:
     """Namespaces, one edge agent per relay and (unless handler is None) one transceiver per host;
     ``impair`` delays/drops UDP on the client's link to relay 1, ``far`` on its link to the last relay;
     ``handler``: one spec for every transceiver, or a list of one spec per transceiver; ``translate``:
     the agents translate both sides and the transceivers have no route to the client (Lab.create);
-    ``routed`` (needs ``translate``): the transceivers sit in their own network behind a router.
+    ``routed`` (needs ``translate``): the transceivers sit in their own network behind a router;
+    ``translate_addrs`` (with ``translate``): internal addresses per family each relay translates with.
 
     Every transceiver is a backend of every relay: each registers itself and its sessions with every
     relay (one --relay/--relay-control pair per relay, relay 1 preferred), or, with ``handler=None``,
@@ -185,7 +188,10 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
     try:
         key_args = ["--hint-key-file", hint_key_file] if hint_key_file else []
         agent_args = (agent_args or []) + (["--translate"] if translate else [])
-        agents = [spawn_agent(lab, policy, (agent_args or []) + key_args, relay=r.index) for r in lab.relays]
+        addr_args = {r.index: add_internal_addresses(lab, r, translate_addrs) if translate else []
+                     for r in lab.relays}
+        agents = [spawn_agent(lab, policy, (agent_args or []) + key_args + addr_args[r.index], relay=r.index)
+                  for r in lab.relays]
         for r, (proc, path) in zip(lab.relays, agents, strict=True):
             wait_ready(proc, path, "edge agent ready", _agent_name(r.index))
         own_source = agent_args and any(a in agent_args for a in ("--backends-file", "--k8s-service"))
@@ -200,6 +206,21 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
         stop_lab(lab.name)
         raise
     return lab_info(lab)
+
+
+def add_internal_addresses(lab: Lab, r, count: int) -> list[str]:  # noqa: ANN001
+    """Give relay ``r``'s internal interface ``count`` - 1 more addresses of each family (host numbers
+    100 + 10 j above its own, so relays' never meet) and return the agent's ``--internal-ip`` arguments
+    for all of them; none for one (the agent's default is the interface's own address)."""
+    if count <= 1:
+        return []
+    ips = [(r.internal.ip4, r.internal.ip6)] + [
+        (str(ip_address(r.internal.ip4) + 100 + 10 * j), str(ip_address(r.internal.ip6) + 100 + 10 * j))
+        for j in range(count - 1)]
+    for ip4, ip6 in ips[1:]:
+        lab.run(r.netns, ["ip", "addr", "add", f"{ip4}/32", "dev", r.internal.ifname])
+        lab.run(r.netns, ["ip", "addr", "add", f"{ip6}/128", "dev", r.internal.ifname, "nodad"])
+    return [arg for pair in ips for ip in pair for arg in ("--internal-ip", ip)]
 
 
 def stop_lab(name: str) -> None:

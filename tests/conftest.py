@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
+from ipaddress import ip_address
 
 import pytest
 from pyroute2 import IPRoute
@@ -57,17 +59,22 @@ def lab():
 
 
 def attach_relay(lab: Lab, policy: str = "strict", instance: str | None = None,
-                 translate: bool = False) -> Datapath:
-    """Load and attach the data plane inside the lab's relay and register every transceiver."""
-    dp = Datapath(instance=instance or lab.name)
+                 translate: bool | int = False) -> Datapath:
+    """Load and attach the data plane inside the lab's relay and register every transceiver;
+    ``translate`` = N > 1: translating over N internal IPv4 addresses (the extra ones added to int0)."""
+    sets = int(translate)
+    more = tuple(str(ip_address(lab.relay_internal.ip4) + 100 + 10 * j) for j in range(sets - 1))
+    dp = Datapath(instance=instance or lab.name, xlate_addrs=max(1, sets))
 
     def setup() -> None:
+        for ip in more:
+            subprocess.run(["ip", "addr", "add", f"{ip}/32", "dev", lab.relay_internal.ifname], check=True)
         dp.load()
         dp.attach(lab.relay_public.ifname, lab.relay_internal.ifname, mode="native")
         dp.configure(RelayConfig(lab.relay_port, lab.relay_public.mac, lab.client.mac,
                                  public_ip4=lab.relay_public.ip4, public_ip6=lab.relay_public.ip6,
-                                 policy=policy, translate=translate, internal_ip4=lab.relay_internal.ip4,
-                                 internal_ip6=lab.relay_internal.ip6))
+                                 policy=policy, translate=bool(translate), internal_ip4=lab.relay_internal.ip4,
+                                 internal_ip6=None if more else lab.relay_internal.ip6, internal_more=more))
         if translate:
             dp.ports.refill()
         for t in lab.transceivers:

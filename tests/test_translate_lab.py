@@ -7,6 +7,9 @@ their default route points at the relay), so every reply that reaches the client
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab
@@ -54,3 +57,47 @@ def test_a_voice_call_through_translation_has_audio_both_ways(translate_lab):
     assert after["IN_FWD_FLOW"] - before["IN_FWD_FLOW"] > 100
     assert after["OUT_FWD"] - before["OUT_FWD"] > 100                  # replies translated back
     assert control(lab, lambda c: c.flows()) == []                      # DELETE ended it: port quarantined
+
+
+@pytest.fixture(scope="module")
+def translate2_lab():
+    info = start_lab(transceivers=2, handler="echo", translate=True, translate_addrs=2)
+    try:
+        yield Lab.load(info["name"]), info
+    finally:
+        stop_lab(info["name"])
+
+
+def test_calls_over_two_internal_addresses_use_both_and_have_audio_both_ways(translate2_lab):
+    """The relay translates with two internal addresses per family: consecutive flows take pairs on
+    alternate addresses, and each transceiver answers whichever address its peer came from."""
+    lab, info = translate2_lab
+    proc = probe(lab, info["whip_urls"], duration=3, sessions=2)   # a call to each transceiver, at once
+    seen: set[int] = set()
+
+    def both_addresses():   # the calls' flows, as the agent lists them while they last
+        seen.update(f["internal_set"] for f in control(lab, lambda c: c.flows()))
+        return seen == {0, 1}
+
+    wait_for(both_addresses, 30, "flows on both internal addresses", proc)
+    reports = probe_result(proc, 60)
+    assert len(reports) == 2
+    for report in reports:
+        assert_clean_call(report)                                       # every echoed beep heard back
+    stats = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats())["counters"]}
+    assert stats.get("OUT_DROP_UNALLOCATED_PORT", 0) == 0 and stats.get("OUT_DROP_NOT_FLOW_BACKEND", 0) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--translate", "--internal-ip", "10.9.0.1", "--internal-ip", "10.9.0.2", "--internal-ip", "fd00:9::1"],
+     "internal addresses pair up by position: give as many IPv4 as IPv6 (or none of one family), "
+     "got 2 IPv4 and 1 IPv6"),
+    (["--datapath", "userspace", "--internal-ip", "10.9.0.1", "--internal-ip", "10.9.0.2"],
+     "--internal-ip: the userspace relay takes one address per family"),
+], ids=["unpaired", "userspace"])
+def test_edge_serve_refuses_internal_addresses_it_cannot_use_in_one_line(args, message):
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "edge", "serve", "nosuch0", "--internal",
+                           "nosuch1", "--public-ip", "192.0.2.200", "--gateway-mac", "02:00:00:00:00:01", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == f"splitrelay: error: {message}"

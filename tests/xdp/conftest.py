@@ -18,7 +18,8 @@ from splitrelay.edge.records import Backend, RelayConfig
 
 from .. import packets as P
 from ..netns import private_netns
-from .harness import BACKEND_ID, INTERNAL_IP4, INTERNAL_IP6, PORTS, VETH, instance_name, set_slots
+from .harness import (BACKEND_ID, INTERNAL_IP4, INTERNAL_IP4_B, INTERNAL_IP6, INTERNAL_IP6_B, PORTS, VETH,
+                      instance_name, set_slots)
 
 
 HERE = Path(__file__).resolve().parent
@@ -53,7 +54,9 @@ def links():
 
 @pytest.fixture(scope="package")
 def dp(links, pin_root):
-    datapath = Datapath(instance=instance_name(), pin_root=pin_root)
+    # sized for two internal address sets: the one-set tests run on it configured with one (the
+    # default), the several-address tests (test_translation_addrs.py) with both
+    datapath = Datapath(instance=instance_name(), pin_root=pin_root, xlate_addrs=2)
     try:
         datapath.load()
         yield datapath
@@ -84,5 +87,17 @@ def xlate(relay):
                                         translate_ports=PORTS))
     relay.ports.clear_slots()
     relay.ports.quarantined.clear()   # the package shares one Datapath: no port held back by another test
+    relay.ports.refill()
+    return relay
+
+
+@pytest.fixture
+def xlate2(relay):
+    """``xlate`` with two internal address sets (A and B of each family): 2 x 4 pairs in the pool."""
+    relay.configure(dataclasses.replace(relay.config(), translate=True, internal_ip4=INTERNAL_IP4,
+                                        internal_ip6=INTERNAL_IP6, internal_more=(INTERNAL_IP4_B, INTERNAL_IP6_B),
+                                        max_session_flows=0, translate_ports=PORTS))
+    relay.ports.clear_slots()
+    relay.ports.quarantined.clear()
     relay.ports.refill()
     return relay

@@ -25,6 +25,7 @@ BACKEND_ID = 7
 LO_IFINDEX = 1  # test_run's ingress device
 VETH = ("srApub", "srAint")
 INTERNAL_IP4, INTERNAL_IP6 = "10.1.0.1", "fd00:1::1"   # the relay's internal addresses when translating
+INTERNAL_IP4_B, INTERNAL_IP6_B = "10.1.0.2", "fd00:1::2"   # ... its second address set (several-address tests)
 PORTS = (41000, 41003)   # translating: a pool of 4 flow ports, so exhaustion is cheap to reach
 
 

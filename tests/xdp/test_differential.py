@@ -27,7 +27,9 @@ from splitrelay.edge.routing import PortHolder, RoutingTables, route, route_repl
 from splitrelay.wire import hint, stun
 
 from .. import packets as P
-from .harness import INTERNAL_IP4, PORTS, counts, internal, public
+from .harness import INTERNAL_IP4, INTERNAL_IP4_B, PORTS, counts, internal, public
+
+INTERNAL_IP4S = (INTERNAL_IP4, INTERNAL_IP4_B)   # translating: the relay's two internal address sets
 
 EXAMPLES = int(os.environ.get("SPLITRELAY_FUZZ_EXAMPLES", "1500"))
 PROGRESS = os.environ.get("SPLITRELAY_FUZZ_PROGRESS") == "1"
@@ -68,7 +70,7 @@ class Progress:
 
 @pytest.mark.parametrize("translate", [False, True], ids=["dnat", "translate"])
 def test_differential_fuzz_xdp_agrees_with_the_routing_decision(request, translate):
-    relay = request.getfixturevalue("xlate" if translate else "relay")
+    relay = request.getfixturevalue("xlate2" if translate else "relay")   # translating: two internal addresses
     tables = RoutingTables.snapshot(relay)   # nothing below changes them: every case starts flowless
     progress = Progress()
 
@@ -77,7 +79,7 @@ def test_differential_fuzz_xdp_agrees_with_the_routing_decision(request, transla
     def one_case(payload: bytes) -> None:
         relay.reset_counters()
         if translate:   # the last case's flow gives its port straight back (no reply can be on its way)
-            relay.ports.release([f.internal_port for f in relay.flows()])
+            relay.ports.release([f.internal_pair for f in relay.flows()])
             relay.ports.return_due(now=float("inf"))
         relay.bpf[b"flows"].clear()
         relay.recount_session_flows()  # give the session its allowance back
@@ -93,17 +95,20 @@ def test_differential_fuzz_xdp_agrees_with_the_routing_decision(request, transla
             want = Ether(P.udp_frame(payload))
             want.src, want.dst = backend.smac, backend.dmac
             want[IP].dst, want[UDP].dport = backend.ip4, backend.port
-            if translate:   # from the relay's internal address and a port of the pool, the one the flow holds
-                port = relay.flow((P.CLIENT_IP4, P.CLIENT_PORT)).internal_port
-                assert PORTS[0] <= port <= PORTS[1]
-                want[IP].src, want[UDP].sport = INTERNAL_IP4, port
+            if translate:   # from an internal address and a port of the pool: the pair the flow holds
+                flow = relay.flow((P.CLIENT_IP4, P.CLIENT_PORT))
+                assert PORTS[0] <= flow.internal_port <= PORTS[1]
+                want[IP].src, want[UDP].sport = INTERNAL_IP4S[flow.internal_set], flow.internal_port
+                used_sets.add(flow.internal_set)
             del want[IP].chksum
             del want[UDP].chksum
             assert result.data == raw(want)
         progress.tick()
 
+    used_sets: set[int] = set()
     one_case()
-    print(progress.report(), file=sys.stderr, flush=True)
+    sets = f", forwarded from internal address sets {sorted(used_sets)}" if translate else ""
+    print(progress.report() + sets, file=sys.stderr, flush=True)
 
 
 OTHER_IP = "10.1.0.99"
@@ -112,10 +117,10 @@ OTHER_IP = "10.1.0.99"
 @st.composite
 def internal_packets(draw):
     """A packet on the internal side: from the backend, another host or another port, to the relay's
-    internal address or not, to a held port, a free one or one outside the range."""
+    internal addresses (either set) or not, to a held port, a free one or one outside the range."""
     src_ip = draw(st.sampled_from([P.BACKEND_IP4, OTHER_IP]))
     sport = draw(st.sampled_from([P.BACKEND_PORT, P.BACKEND_PORT + 1, 53]))
-    dst_ip = draw(st.sampled_from([INTERNAL_IP4, INTERNAL_IP4, P.CLIENT_IP4]))
+    dst_ip = draw(st.sampled_from([INTERNAL_IP4, INTERNAL_IP4_B, INTERNAL_IP4, INTERNAL_IP4_B, P.CLIENT_IP4]))
     dport = draw(st.one_of(st.integers(PORTS[0], PORTS[1]), st.sampled_from([PORTS[0] - 1, PORTS[1] + 1, 5000])))
     payload = draw(st.binary(min_size=1, max_size=64))
     flows = draw(st.integers(0, 3))           # clients that opened flows (held ports) first
@@ -123,7 +128,8 @@ def internal_packets(draw):
     return src_ip, sport, dst_ip, dport, payload, flows, deleted
 
 
-def test_differential_fuzz_translated_replies_agree_with_route_reply(xlate):
+def test_differential_fuzz_translated_replies_agree_with_route_reply(xlate2):
+    xlate = xlate2   # two internal address sets: pairs on both, replies to either address
     backends = {b.backend_id: b for b in xlate.backends()}
     progress = Progress()
 
@@ -131,15 +137,15 @@ def test_differential_fuzz_translated_replies_agree_with_route_reply(xlate):
     @given(case=internal_packets())
     def one_case(case) -> None:
         src_ip, sport, dst_ip, dport, payload, n_flows, deleted = case
-        xlate.ports.release([f.internal_port for f in xlate.flows()])   # the last case's ports go back
+        xlate.ports.release([f.internal_pair for f in xlate.flows()])   # the last case's pairs go back
         xlate.ports.return_due(now=float("inf"))
         xlate.bpf[b"flows"].clear()
         holders = {}
         for i in range(n_flows):
             client = (P.CLIENT_IP4, 42000 + i)
             public(xlate, P.udp_frame(stun.build_binding_request("evtj:h6vY"), sport=client[1]))
-            port = xlate.flow(client).internal_port
-            holders[port] = PortHolder(client, 7, port)
+            pair = xlate.flow(client).internal_pair
+            holders[pair] = PortHolder(client, 7, pair)
         if deleted and holders:
             first = min(holders)
             xlate.del_flow(holders.pop(first).client)   # slot cleared, port quarantined
@@ -147,12 +153,12 @@ def test_differential_fuzz_translated_replies_agree_with_route_reply(xlate):
         frame = P.udp_frame(payload, src=src_ip, dst=dst_ip, sport=sport, dport=dport,
                             src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC)
         result = internal(xlate, frame)
-        expected = route_reply((src_ip, sport), (dst_ip, dport), internal_ip=INTERNAL_IP4, ports=PORTS,
+        expected = route_reply((src_ip, sport), (dst_ip, dport), internal_ips=INTERNAL_IP4S, ports=PORTS,
                                holders=holders, backends=backends)
         assert counts(xlate) == {expected.counter: 1}, case
         assert (result.verdict == XDP_REDIRECT) == expected.forwarded, case
         if expected.forwarded:   # the reference rewrite: to the client, from the relay's public side
-            client = holders[dport].client
+            client = holders[(INTERNAL_IP4S.index(dst_ip) << 16) | dport].client
             want = Ether(frame)
             want.src, want.dst = P.RELAY_PUB_MAC, P.CLIENT_MAC
             want[IP].src, want[UDP].sport = P.PUBLIC_IP4, P.RELAY_PORT
