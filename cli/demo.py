@@ -70,7 +70,9 @@ def run_demo(seconds: float = 10.0, on_status: Callable[[str], None] | None = No
             sessions = control(lab, lambda c: c.sessions())
             forwarded = sum(v for k, v in counters.items() if "/forwarded/" in k)
             dropped = sum(v for k, v in counters.items() if "/dropped/" in k)
-            status(f"{time.monotonic() - started:5.1f}s  sessions {len(sessions)}  flows {len(flows)}  "
+            live = sum(1 for s in sessions if s.get("flows"))  # the rest: ufrags registered ahead of offers
+            status(f"{time.monotonic() - started:5.1f}s  sessions {live} (+{len(sessions) - live} ready)  "
+                   f"flows {len(flows)}  "
                    f"xdp forwarded {forwarded}  dropped {dropped}")
             time.sleep(0.5)
         [result] = probe_result(proc, timeout=30)

@@ -79,11 +79,14 @@ def _handler_spec(ctx: click.Context, param: click.Parameter, value: str) -> str
               help="On SIGTERM, refuse new offers and let live sessions end for up to this many seconds.")
 @click.option("--hint-key-file", type=click.Path(exists=True, dir_okay=False),
               help="The relays' hint key (32 hex digits): ufrags carry a keyed (v2) routing hint.")
+@click.option("--ufrag-pool", default=4, show_default=True, type=click.IntRange(0, 256), metavar="N",
+              help="Keep N session ufrags registered with the relays ahead of offers, so an answer waits "
+                   "for no agent; 0 registers each session before its answer leaves.")
 def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], relay_controls: tuple[str, ...],
                       prefer: tuple[str, ...], prefer_header: str | None, whip_listen: str, handler: str,
                       token: str | None, whip_token: str | None,
                       backend_ip: str | None, ip6: str | None, drain_timeout: float,
-                      hint_key_file: str | None) -> None:
+                      hint_key_file: str | None, ufrag_pool: int) -> None:
     """Serve WHIP and every session on one UDP port, registering sessions with the relay.
 
     \b
@@ -115,6 +118,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
         backend_id=backend_id, bind_host=bind_host, bind_port=bind_port, relays=relays, choosers=choosers,
         whip_host=whip_host, whip_port=whip_port, relay_token=token,
         whip_token=whip_token, handler=handler, backend_ip=backend_ip, backend_ip6=ip6, hint_key=hint_key,
+        ufrag_pool=ufrag_pool,
     )
     service = Transceiver(config)
 

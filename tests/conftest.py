@@ -20,6 +20,12 @@ from splitrelay.lab.netns import in_netns, list_namespaces
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
+def relay_ufrags(lab: Lab, relay: int = 1) -> set[str]:
+    """The ufrags a lab relay routes: live sessions and the transceivers' ready ones (ufrag_pool.py)."""
+    from splitrelay.lab.stack import control
+    return {s["ufrag"] for s in control(lab, lambda c: c.sessions(), relay=relay)}
+
+
 def _free_stem() -> str:
     """A lab-name stem no namespace or lab state on this machine uses yet: every lab of this test
     run (in this process or in the daemons and CLIs it starts, via the environment) is named

@@ -130,7 +130,8 @@ async def test_a_restart_registers_the_new_ufrag_first_and_retires_the_old_one()
     agent = Agent()
     await agent.start()
     service = Transceiver(TransceiverConfig(backend_id=BACKEND_ID, bind_port=0, whip_port=0,
-                                            relay_control=agent.url, relay_token=TOKEN, backend_ip=BACKEND_IP))
+                                            relay_control=agent.url, relay_token=TOKEN, backend_ip=BACKEND_IP,
+                                            ufrag_pool=0))  # the agent holds exactly the live ufrags
     await service.start()
     try:
         async with aiohttp.ClientSession() as http:

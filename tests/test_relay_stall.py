@@ -99,7 +99,8 @@ async def slow_second_relay(fast: Agent, slow: Agent, advertised: bool = True,
     near, far = (NEAR.candidates, FAR.candidates) if advertised else ((), ())
     service = Transceiver(TransceiverConfig(
         backend_id=BACKEND_ID, bind_port=0, whip_port=0, relay_token=TOKEN, backend_ip=BACKEND_IP,
-        relays=[Relay("fast", near, fronts[0].url), Relay("slow", far, fronts[1].url)]))
+        relays=[Relay("fast", near, fronts[0].url), Relay("slow", far, fronts[1].url)],
+        ufrag_pool=0))  # each session registers on its answer's path: that path is what stalls here
     await service.start()
     return service, *fronts
 

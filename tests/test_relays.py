@@ -105,7 +105,8 @@ async def test_one_answer_names_every_relay_in_both_families_the_clients_relay_f
     service = Transceiver(TransceiverConfig(
         backend_id=BACKEND_ID, bind_port=0, whip_port=0, relay_token=TOKEN, backend_ip=BACKEND_IP,
         relays=[Relay("near", NEAR.candidates, near.url), Relay("far", FAR.candidates, far.url)],
-        choosers=[ByClientPrefix([("127.0.0.0/8", "far")])]))   # this test's client is on loopback
+        choosers=[ByClientPrefix([("127.0.0.0/8", "far")])],   # this test's client is on loopback
+        ufrag_pool=0))  # the agents hold exactly the live sessions (test_ufrag_pool.py: ready ufrags)
     await service.start()
     try:
         status, answer = await post_offer(service)
@@ -128,7 +129,8 @@ async def test_a_relay_that_missed_the_registration_gets_it_on_its_next_tick(two
     service = Transceiver(TransceiverConfig(
         backend_id=BACKEND_ID, bind_port=0, whip_port=0, relay_token=TOKEN, backend_ip=BACKEND_IP,
         watch_interval=0.05,
-        relays=[Relay("up", NEAR.candidates, up.url), Relay("down", FAR.candidates, down.url)]))
+        relays=[Relay("up", NEAR.candidates, up.url), Relay("down", FAR.candidates, down.url)],
+        ufrag_pool=0))  # registration on the answer's path
     await service.start()                                # one relay reachable is enough to start
     try:
         assert (await post_offer(service))[0] == 201     # one relay accepted: the call goes on
@@ -148,7 +150,8 @@ async def test_a_relay_that_missed_the_registration_gets_it_on_its_next_tick(two
 async def test_no_relay_reachable_refuses_the_offer(two_agents):
     service = Transceiver(TransceiverConfig(
         backend_id=BACKEND_ID, bind_port=0, whip_port=0, relay_token=TOKEN, backend_ip=BACKEND_IP,
-        relays=[Relay("a", NEAR.candidates, two_agents[0].url), Relay("b", FAR.candidates, two_agents[1].url)]))
+        relays=[Relay("a", NEAR.candidates, two_agents[0].url), Relay("b", FAR.candidates, two_agents[1].url)],
+        ufrag_pool=0))  # registration on the answer's path
     await service.start()
     try:
         for a in two_agents:
@@ -189,7 +192,8 @@ async def test_a_relay_down_for_one_offer_gets_the_session_when_it_answers_again
     service = Transceiver(TransceiverConfig(
         backend_id=BACKEND_ID, bind_port=0, whip_port=0, relay_token=TOKEN, backend_ip=BACKEND_IP,
         watch_interval=0.05,
-        relays=[Relay("up", NEAR.candidates, up.url), Relay("blip", FAR.candidates, blip.url)]))
+        relays=[Relay("up", NEAR.candidates, up.url), Relay("blip", FAR.candidates, blip.url)],
+        ufrag_pool=0))  # registration on the answer's path
     await service.start()
     try:
         await blip.stop()

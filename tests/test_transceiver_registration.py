@@ -121,7 +121,7 @@ async def agent():
 async def relayed(agent):
     service = Transceiver(TransceiverConfig(
         backend_id=BACKEND_ID, bind_port=0, whip_port=0, relay_control=agent.url, relay_token=TOKEN,
-        backend_ip=BACKEND_IP, watch_interval=0.05))
+        backend_ip=BACKEND_IP, watch_interval=0.05, ufrag_pool=0))  # registration on the answer's path
     await service.start()
     try:
         yield service
@@ -197,7 +197,8 @@ async def test_sessions_ending_by_themselves_are_unregistered(agent, relayed, mo
 
 async def test_shutdown_unregisters_live_sessions(agent):
     service = Transceiver(TransceiverConfig(backend_id=BACKEND_ID, bind_port=0, whip_port=0,
-                                            relay_control=agent.url, relay_token=TOKEN, backend_ip=BACKEND_IP))
+                                            relay_control=agent.url, relay_token=TOKEN, backend_ip=BACKEND_IP,
+                                            ufrag_pool=0))  # the agent holds exactly the live sessions
     await service.start()
     caller = Caller(service.whip_url, 600.0)
     async with aiohttp.ClientSession() as http:

@@ -22,7 +22,7 @@ from splitrelay.lab.stack import (
 from splitrelay.wire import hint
 from splitrelay.lab.topology import Lab
 
-from .conftest import needs_root
+from .conftest import needs_root, relay_ufrags
 from .waiting import wait_for
 
 pytestmark = needs_root
@@ -72,7 +72,7 @@ def test_voice_session_through_xdp(voice_lab):
     assert after["IN_FWD_STUN_UFRAG"] > before["IN_FWD_STUN_UFRAG"]
     assert after["IN_FWD_FLOW"] - before["IN_FWD_FLOW"] > 100    # media went through XDP
     # DELETE ended the session: registration and flows are gone from the relay
-    assert control(lab, lambda c: c.sessions()) == []
+    assert flows[0]["ufrag"] not in relay_ufrags(lab)
     assert control(lab, lambda c: c.flows()) == []
 
 
@@ -88,22 +88,21 @@ def test_ten_sessions_across_two_transceivers_each_on_its_owner(voice_lab):
     assert len(reports) == 10
     for report in reports:
         assert_clean_call(report)
-    assert control(lab, lambda c: c.sessions()) == []
+    assert not {f["ufrag"] for f in flows} & relay_ufrags(lab)
 
 
 def test_edge_agent_kill_and_restart_mid_call(voice_lab):
     lab, info = voice_lab
     agent_pid = lab.pids[0]
     proc = probe(lab, [info["whip_urls"][0]], duration=6)
-    wait_for(lambda: control(lab, lambda c: c.flows()), 20, "the call's flow")
+    [flow] = wait_for(lambda: control(lab, lambda c: c.flows()), 20, "the call's flow")
     boot_id = control(lab, lambda c: c.health())["boot_id"]
     os.kill(agent_pid, signal.SIGKILL)                        # no cleanup runs: XDP and pins stay
     os.waitpid(agent_pid, 0)
     start_agent(lab)
     lab.save()
     assert control(lab, lambda c: c.health())["boot_id"] != boot_id
-    sessions = wait_for(lambda: control(lab, lambda c: c.sessions()), 10, "the session after restart")
-    assert len(sessions) == 1
+    wait_for(lambda: flow["ufrag"] in relay_ufrags(lab), 10, "the session after restart")
     [report] = probe_result(proc, 60)
     # the call stayed up across the restart and its audio still flows at the end; a gap while
     # the new agent compiles (clang takes a core of this 2-core machine) is not a failure here
@@ -112,7 +111,7 @@ def test_edge_agent_kill_and_restart_mid_call(voice_lab):
     assert all(report["beep_echoed"][-3:]), report["beep_echoed"]
     # the hang-up may have reached the transceiver while the agent was down (its DELETE refused): the
     # restarted agent adopts the pinned session, and the transceiver drops it when it sees the new boot_id
-    wait_for(lambda: not control(lab, lambda c: c.sessions()), 10, "the ended call's session gone")
+    wait_for(lambda: flow["ufrag"] not in relay_ufrags(lab), 10, "the ended call's session gone")
 
 
 def test_transceiver_shutdown_unregisters_its_sessions(voice_lab):
@@ -126,7 +125,8 @@ def test_transceiver_shutdown_unregisters_its_sessions(voice_lab):
     os.kill(pid, signal.SIGTERM)
     os.waitpid(pid, 0)
     lab.pids.remove(pid)
-    assert control(lab, lambda c: c.sessions()) == []          # unregistered on the way out
+    # unregistered on the way out, its ready ufrags too
+    assert [s for s in control(lab, lambda c: c.sessions()) if s["backend"] == t2.backend_id] == []
     assert control(lab, lambda c: c.flows()) == []
     [report] = probe_result(proc, 60)
     # the client's call ends with it: the transceiver closed DTLS, so the client's sender stopped

@@ -50,6 +50,12 @@ class TransceiverMetrics:
             "splitrelay_transceiver_relay_registrations_missed",
             "Sessions a relay missed (retried each watch tick) or refused while another relay took them",
             ["relay"], registry=r)
+        self.ufrag_pool_ready = Gauge("splitrelay_transceiver_ufrag_pool_ready",
+                                      "Ufrags registered with the relays ahead of offers (ufrag_pool.py)",
+                                      registry=r)
+        self.ufrag_pool_empty = Counter("splitrelay_transceiver_ufrag_pool_empty",
+                                        "Offers and ICE restarts that found the ufrag pool empty and "
+                                        "registered on the answer's path", registry=r)
         self.ice_restart = Histogram("splitrelay_transceiver_ice_restart_seconds",
                                      "WHIP PATCH until the new ICE generation's pair is nominated",
                                      buckets=SETUP_BUCKETS, registry=r)

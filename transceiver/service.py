@@ -34,6 +34,7 @@ from splitrelay.transceiver.mux import UdpMux
 from splitrelay.transceiver.registration import Registrar, RegistrationError, RelayRegistrars
 from splitrelay.transceiver.relays import Relay, RelayChooser, SignalingFacts, choose, ordered_candidates
 from splitrelay.transceiver.audio import check_aiortc
+from splitrelay.transceiver.ufrag_pool import UfragPool
 from splitrelay.transceiver.session import DELETED, SHUTDOWN, OfferError, Session, answer_offer
 from splitrelay.transceiver.whip import MAX_OFFER, OfferRejected, WhipConfig, WhipEndpoint
 from splitrelay.wire import hint
@@ -67,6 +68,7 @@ class TransceiverConfig:
     watch_interval: float = 1.0                      # how often the agent's boot_id is checked
     relays: list[Relay] = field(default_factory=list)  # several relays (overrides the three fields above)
     choosers: list[RelayChooser] = field(default_factory=list)  # who picks a client's preferred relay
+    ufrag_pool: int = 4                              # ufrags registered ahead of offers; 0 = on the answer's path
 
     def candidates(self) -> list[tuple[str, int]]:
         """The public candidates, [] for direct mode."""
@@ -92,6 +94,7 @@ class Transceiver:
         self.ended: deque[dict[str, Any]] = deque(maxlen=ENDED_KEPT)  # to_dict() of finished sessions
         self.mux: UdpMux | None = None
         self.registrars: RelayRegistrars | None = None
+        self.ufrags: UfragPool | None = None
         self.draining = False
         self._runner: web.AppRunner | None = None
         self.whip_port: int | None = None
@@ -134,6 +137,10 @@ class Transceiver:
                           watch_interval=c.watch_interval, name=r.name) for r in controlled],
                 on_missed=lambda relay: self.metrics.registrations_missed.labels(relay).inc())
             await self.registrars.start()
+            if c.ufrag_pool:
+                self.ufrags = UfragPool(c.ufrag_pool, self._new_ufrag, self.registrars,
+                                        on_empty=self.metrics.ufrag_pool_empty.inc)
+                self.ufrags.refill_after()
         # a client that stops sending must not hold a connection (or our shutdown) for long
         self._runner = web.AppRunner(self.app(), access_log=None, lingering_time=1.0, shutdown_timeout=2.0)
         await self._runner.setup()
@@ -161,10 +168,11 @@ class Transceiver:
         if self.config.max_sessions and len(self.sessions) >= self.config.max_sessions:
             raise OfferRejected(503, f"this transceiver is full ({self.config.max_sessions} sessions)")
 
+        pooled = self.ufrags.take() if self.ufrags else None  # registered already: the answer waits for no agent
         registered: list[str] = []
 
         async def register(session: Session) -> None:
-            if self.registrars:
+            if self.registrars and session.ufrag != pooled:
                 await self.registrars.register(session.ufrag)
                 registered.append(session.ufrag)
 
@@ -173,9 +181,11 @@ class Transceiver:
                 sdp, self.mux, self.config.backend_id, self.make_handler,
                 before_answer=register, on_end=self._ended, hint_key=self.config.hint_key,
                 offer_at=offer_at, connect_timeout=self.config.connect_timeout,
-                candidates=self.candidates_for(facts),
+                candidates=self.candidates_for(facts), ufrag=pooled,
             )
         except BaseException as exc:
+            if pooled and self.ufrags:  # no answer named it: still as good as new
+                self.ufrags.give_back(pooled)
             for ufrag in registered:  # registered, then failed before the answer: take it back
                 await self.registrars.unregister(ufrag)  # type: ignore[union-attr]
             if isinstance(exc, RegistrationError):
@@ -184,12 +194,17 @@ class Transceiver:
                 raise OfferRejected(400, f"bad offer: {exc}") from None
             raise
         self.sessions[session.session_id] = session
+        if pooled and self.ufrags:  # after this session's setup, so the refill's PUTs do not slow it
+            self.ufrags.refill_after(session.connected, session.ended)
         for connection in session.ice_connections:
             connection.paths.on_change = lambda reason, addr: self.metrics.path_changes.labels(reason).inc()
         self.metrics.sessions_started.inc()
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.phase("answer", session.timings.answer_ms)
         return session.session_id, answer
+
+    def _new_ufrag(self) -> str:
+        return hint.encode(self.config.backend_id, key=self.config.hint_key)
 
     def etag(self, session_id: str) -> str | None:
         session = self.sessions.get(session_id)
@@ -217,8 +232,11 @@ class Transceiver:
             if remote_ufrag == connections[0].remote_username:
                 raise OfferRejected(422, "the fragment's ICE ufrag is the current one: trickle ICE is not "
                                          "supported, an ICE restart needs a new ufrag and password")
-            ufrag, password = hint.encode(self.config.backend_id, key=self.config.hint_key), new_password()
-            if self.registrars:
+            pooled = self.ufrags.take() if self.ufrags else None
+            ufrag, password = pooled or self._new_ufrag(), new_password()
+            if pooled and self.ufrags:
+                self.ufrags.refill_after()
+            elif self.registrars:
                 try:
                     await self.registrars.register(ufrag)
                 except RegistrationError as exc:
@@ -326,6 +344,7 @@ class Transceiver:
             lost += stats["packets_lost"]
         self.metrics.lost.set(lost)
         self.metrics.mux_dropped.set(self.mux.dropped if self.mux else 0)
+        self.metrics.ufrag_pool_ready.set(len(self.ufrags.ready) if self.ufrags else 0)
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -362,8 +381,10 @@ class Transceiver:
         self.draining = True
         for session_id in list(self.sessions):
             await self.end_session(session_id, SHUTDOWN)
+        if self.ufrags:
+            await self.ufrags.stop()
         if self.registrars:
-            await self.registrars.stop()
+            await self.registrars.stop()  # also deletes the pool's ready ufrags
         if self._runner:
             await self._runner.cleanup()
         if self.mux:

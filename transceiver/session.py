@@ -242,6 +242,7 @@ async def answer_offer(
     offer_at: float | None = None,
     connect_timeout: float | None = 30.0,
     candidates: list[tuple[tuple[str, int], int]] | None = None,
+    ufrag: str | None = None,
 ) -> tuple[Session, str]:
     """Create a session for an offer; returns it with the complete SDP answer.
 
@@ -252,11 +253,12 @@ async def answer_offer(
     connect timeout); ``end_reason`` says which.  ``offer_at`` (time.monotonic())
     is when the offer arrived, the origin of the setup timings.  ``candidates``: the
     (address, ICE local preference) pairs to advertise (relays.ordered_candidates), default
-    the mux's public candidates.
+    the mux's public candidates.  ``ufrag``: the session's server ufrag, already registered
+    (ufrag_pool.py); default a new one.
     """
     if not _bundled(offer_sdp):
         raise OfferError("the offer's m-lines are not all in one BUNDLE group (WHIP requires BUNDLE)")
-    ufrag = hint.encode(backend_id, key=hint_key)
+    ufrag = ufrag or hint.encode(backend_id, key=hint_key)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no public STUN: the relay is the candidate
     session = Session(session_id=secrets.token_urlsafe(12), ufrag=ufrag, pc=pc,
                       timings=SessionTimings(offer_at if offer_at is not None else time.monotonic()))
