@@ -79,9 +79,37 @@ def _agent_config(**kw):
     return AgentConfig(**kw)
 
 
+INTERNAL_IP_OPTION = click.option(
+    "--internal-ip", "internal_ips", multiple=True,
+    help="userspace, or xdp --translate: the relay's address on the internal side that flows come "
+         "from (repeat for IPv4 and IPv6); default: the --internal interface's first global address "
+         "of each family. Give it when that interface holds several. xdp --translate: repeat it for "
+         "several addresses per family (each must be on --internal; up to 16; the i-th IPv4 pairs "
+         "with the i-th IPv6, so give as many of each or none of one): 65,535 flows per address.")
+
+
+def _internal_addresses(kw: dict, internal_ips: tuple[str, ...], refusal: str) -> None:
+    """Sort --internal-ip into kw (first of each family, then the rest); ``refusal`` is the one line for
+    XDP without --translate, which forwards with the client's address and so has no use for them."""
+    from ipaddress import ip_address
+
+    if internal_ips and kw.get("datapath", "xdp") == "xdp" and not kw["translate"]:
+        raise CliError(refusal, 2)
+    try:
+        parsed = [ip_address(ip) for ip in internal_ips]
+    except ValueError as exc:
+        raise CliError(str(exc), 2) from None
+    kw["internal_ip4"] = next((str(a) for a in parsed if a.version == 4), None)
+    kw["internal_ip6"] = next((str(a) for a in parsed if a.version == 6), None)
+    if kw.get("datapath") == "userspace" and len(parsed) > len({a.version for a in parsed}):
+        raise CliError("--internal-ip: the userspace relay takes one address per family", 2)
+    kw["internal_more"] = tuple(str(a) for a in parsed if str(a) not in (kw["internal_ip4"], kw["internal_ip6"]))
+
+
 @edge.command("attach")
 @_agent_options
-def edge_attach(**kw) -> None:
+@INTERNAL_IP_OPTION
+def edge_attach(internal_ips: tuple[str, ...], **kw) -> None:
     """Attach the XDP programs and configure the relay, then exit (they stay attached).
 
     \b
@@ -90,6 +118,8 @@ def edge_attach(**kw) -> None:
     """
     require_root("attaching XDP")
     require_bcc()
+    _internal_addresses(kw, internal_ips, "--internal-ip is for --translate (XDP forwards with the client's "
+                                          "address)")
     from splitrelay.edge.agent import EdgeAgent
 
     agent = EdgeAgent(_agent_config(**kw))
@@ -179,12 +209,7 @@ DATAPATH_HELP = (
 @_agent_options
 @click.option("--datapath", type=click.Choice(["xdp", "userspace"]), default="xdp", show_default=True,
               help=DATAPATH_HELP)
-@click.option("--internal-ip", "internal_ips", multiple=True,
-              help="userspace, or xdp --translate: the relay's address on the internal side that flows come "
-                   "from (repeat for IPv4 and IPv6); default: the --internal interface's first global address "
-                   "of each family. Give it when that interface holds several. xdp --translate: repeat it for "
-                   "several addresses per family (each must be on --internal; up to 16; the i-th IPv4 pairs "
-                   "with the i-th IPv6, so give as many of each or none of one): 65,535 flows per address.")
+@INTERNAL_IP_OPTION
 @click.option("--max-flows", type=click.IntRange(1, 1 << 24),
               help="Flow table size. xdp: default 1048576, fixed when the maps are first pinned. userspace: one "
                    "socket per flow, default min(65536, open-file limit - 256).")
@@ -214,25 +239,12 @@ def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, 
       splitrelay edge serve eth1 --internal eth2 --public-ip 203.0.113.1 \\
           --datapath userspace --listen 10.0.0.1:8470     # no XDP on this host
     """
-    from ipaddress import ip_address
-
     if kw["datapath"] == "xdp":
         require_root("the edge agent")
         require_bcc()
-        if internal_ips and not kw["translate"]:
-            raise CliError("--internal-ip is for --datapath userspace or --translate (XDP forwards with the "
-                           "client's address)", 2)
+    _internal_addresses(kw, internal_ips, "--internal-ip is for --datapath userspace or --translate (XDP "
+                                          "forwards with the client's address)")
     from splitrelay.edge.agent import EdgeAgent
-
-    try:
-        parsed = [ip_address(ip) for ip in internal_ips]
-    except ValueError as exc:
-        raise CliError(str(exc), 2) from None
-    kw["internal_ip4"] = next((str(a) for a in parsed if a.version == 4), None)
-    kw["internal_ip6"] = next((str(a) for a in parsed if a.version == 6), None)
-    if kw["datapath"] == "userspace" and len(parsed) > len({a.version for a in parsed}):
-        raise CliError("--internal-ip: the userspace relay takes one address per family", 2)
-    kw["internal_more"] = tuple(str(a) for a in parsed if str(a) not in (kw["internal_ip4"], kw["internal_ip6"]))
 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():

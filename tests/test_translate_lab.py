@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from ipaddress import ip_address
 
 import pytest
+
+from splitrelay.edge.datapath import Datapath
+from splitrelay.lab.netns import in_netns
 
 from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab
 from splitrelay.lab.topology import Lab
@@ -88,16 +92,46 @@ def test_calls_over_two_internal_addresses_use_both_and_have_audio_both_ways(tra
     assert stats.get("OUT_DROP_UNALLOCATED_PORT", 0) == 0 and stats.get("OUT_DROP_NOT_FLOW_BACKEND", 0) == 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--translate", "--internal-ip", "10.9.0.1", "--internal-ip", "10.9.0.2", "--internal-ip", "fd00:9::1"],
-     "internal addresses pair up by position: give as many IPv4 as IPv6 (or none of one family), "
-     "got 2 IPv4 and 1 IPv6"),
-    (["--datapath", "userspace", "--internal-ip", "10.9.0.1", "--internal-ip", "10.9.0.2"],
+UNPAIRED = ["--translate", "--internal-ip", "10.9.0.1", "--internal-ip", "10.9.0.2", "--internal-ip", "fd00:9::1"]
+UNPAIRED_MESSAGE = ("internal addresses pair up by position: give as many IPv4 as IPv6 (or none of one family), "
+                    "got 2 IPv4 and 1 IPv6")
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("serve", UNPAIRED, UNPAIRED_MESSAGE),
+    ("attach", UNPAIRED, UNPAIRED_MESSAGE),
+    ("serve", ["--datapath", "userspace", "--internal-ip", "10.9.0.1", "--internal-ip", "10.9.0.2"],
      "--internal-ip: the userspace relay takes one address per family"),
-], ids=["unpaired", "userspace"])
-def test_edge_serve_refuses_internal_addresses_it_cannot_use_in_one_line(args, message):
-    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "edge", "serve", "nosuch0", "--internal",
+    ("serve", ["--internal-ip", "10.9.0.1"],
+     "--internal-ip is for --datapath userspace or --translate (XDP forwards with the client's address)"),
+    ("attach", ["--internal-ip", "10.9.0.1"],
+     "--internal-ip is for --translate (XDP forwards with the client's address)"),
+    ("attach", ["--translate", "--internal-ip", "10.9.0.300"], "'10.9.0.300' does not appear to be an IPv4 or "
+                                                               "IPv6 address"),
+], ids=["serve-unpaired", "attach-unpaired", "serve-userspace", "serve-no-translate", "attach-no-translate",
+        "attach-not-an-address"])
+def test_edge_serve_and_attach_refuse_internal_addresses_they_cannot_use_in_one_line(command, args, message):
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "edge", command, "nosuch0", "--internal",
                            "nosuch1", "--public-ip", "192.0.2.200", "--gateway-mac", "02:00:00:00:00:01", *args],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == f"splitrelay: error: {message}"
+
+
+def test_edge_attach_translates_over_every_internal_address_it_is_given(lab):
+    created = lab(transceivers=1)
+    pub, internal = created.relay_public, created.relay_internal
+    second = str(ip_address(internal.ip4) + 100)
+    created.run(internal.netns, ["ip", "addr", "add", f"{second}/32", "dev", internal.ifname])
+    cli = [sys.executable, "-m", "splitrelay.cli.main", "edge"]
+    try:
+        proc = created.run(pub.netns, cli + [
+            "attach", pub.ifname, "--internal", internal.ifname, "--public-ip", pub.ip4,
+            "--gateway-mac", created.client.mac, "--instance", created.name, "--translate",
+            "--internal-ip", internal.ip4, "--internal-ip", second], check=False, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        config = in_netns(pub.netns, lambda: Datapath(instance=created.name).config())
+        assert config.translate and config.internal_sets() == [(internal.ip4, None), (second, None)]
+    finally:
+        created.run(pub.netns, cli + ["detach", pub.ifname, internal.ifname, "--instance", created.name],
+                    check=False)
