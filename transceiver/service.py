@@ -172,14 +172,14 @@ class Transceiver:
         registered: list[str] = []
 
         async def register(session: Session) -> None:
-            if self.registrars and session.ufrag != pooled:
-                await self.registrars.register(session.ufrag)
-                registered.append(session.ufrag)
+            await self.registrars.register(session.ufrag)  # type: ignore[union-attr]
+            registered.append(session.ufrag)
 
         try:
             session, answer = await answer_offer(
                 sdp, self.mux, self.config.backend_id, self.make_handler,
-                before_answer=register, on_end=self._ended, hint_key=self.config.hint_key,
+                before_answer=register if self.registrars and not pooled else None,
+                on_end=self._ended, hint_key=self.config.hint_key,
                 offer_at=offer_at, connect_timeout=self.config.connect_timeout,
                 candidates=self.candidates_for(facts), ufrag=pooled,
             )
