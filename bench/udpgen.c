@@ -136,7 +136,8 @@ static const char *HELP =
 "                      answer (repeats every 100 ms up to --open-timeout, default 3;\n"
 "                      exit 1 without one)\n"
 "  --new-flow-each     every probe is a Binding Request (usernames cycled) from a NEW\n"
-"                      socket (new ephemeral port); RTT = send to first answer\n"
+"                      socket whose port no earlier probe used (a walk of the\n"
+"                      ephemeral range); RTT = send to first answer\n"
 "  --samples FILE      write every RTT in ns, one per line\n"
 "  Default probes are data packets on one connected socket; the answer must carry\n"
 "  the probe's sequence number (others are discarded).  JSON: mode, count (probes\n"
@@ -1496,6 +1497,45 @@ static int ping_socket(const struct cfg *c)
 	return fd;
 }
 
+/* The kernel picks a random ephemeral port per socket, so 30 new sockets repeat a port
+ * about 1.5 % of the time (30*29/2 pairs over ~28k ports), and a repeated port is no new
+ * flow to the relay. --new-flow-each walks the ephemeral range instead, from a random
+ * start, skipping ports in use: every probe's port is distinct until the range wraps. */
+struct port_walk { uint32_t first, span, next; };
+
+static struct port_walk port_walk_start(uint64_t *rng)
+{
+	unsigned lo = 32768, hi = 60999;
+	FILE *f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
+	if (f) {
+		if (fscanf(f, "%u %u", &lo, &hi) != 2 || lo == 0 || hi < lo || hi > 65535)
+			lo = 32768, hi = 60999;
+		fclose(f);
+	}
+	uint32_t span = hi - lo + 1;
+	return (struct port_walk){ .first = lo, .span = span, .next = (uint32_t)(rng_next(rng) % span) };
+}
+
+static int ping_socket_new_port(const struct cfg *c, struct port_walk *w)
+{
+	char buf[80];
+	for (uint32_t tries = 0; tries < w->span; tries++) {
+		int fd = udp_socket(c->dst.ss_family);
+		struct sockaddr_storage src = c->src;
+		sa_set_port(&src, (uint16_t)(w->first + w->next));
+		w->next = (w->next + 1) % w->span;
+		if (bind(fd, (const struct sockaddr *)&src, c->src_len) == 0) {
+			connect_or_die(fd, &c->dst, c->dst_len);
+			return fd;
+		}
+		int err = errno;
+		close(fd);
+		if (err != EADDRINUSE)
+			die("bind %s: %s", sa_str(&src, buf, sizeof buf), strerror(err));
+	}
+	die("no free source port in %u..%u", w->first, w->first + w->span - 1);
+}
+
 static int run_ping(const struct cfg *c, uint64_t deadline)
 {
 	uint64_t *rtt = xcalloc((size_t)c->count, sizeof *rtt);
@@ -1508,6 +1548,7 @@ static int run_ping(const struct cfg *c, uint64_t deadline)
 	int fd = -1;
 	char dst[80];
 	sa_str(&c->dst, dst, sizeof dst);
+	struct port_walk ports = port_walk_start(&rng);
 
 	if (!c->new_flow_each) {
 		fd = ping_socket(c);
@@ -1540,7 +1581,7 @@ static int run_ping(const struct cfg *c, uint64_t deadline)
 		}
 		uint64_t t0, at;
 		if (c->new_flow_each) {
-			int nfd = ping_socket(c);
+			int nfd = ping_socket_new_port(c, &ports);
 			size_t u = (size_t)k % c->users.n;
 			size_t len = stun_build(stun, c->users.name[u], c->users.len[u], &rng);
 			t0 = now_ns();

@@ -419,7 +419,11 @@ def test_ping_with_nobody_answering_counts_losses(net):
     assert got["p50_us"] is None and got["max_us"] is None
 
 
-def test_ping_new_flow_each(net, tmp_path, capture):
+def test_ping_new_flow_each_probe_comes_from_a_port_no_earlier_probe_used(net, tmp_path, capture):
+    # 30 probes in a 40-port ephemeral range: the kernel's random pick would repeat a port
+    # almost surely (and did ~1.5 % of the time in the default range, failing CI once)
+    subprocess.run(["ip", "netns", "exec", net.gen, "sh", "-c",
+                    "echo '40000 40039' > /proc/sys/net/ipv4/ip_local_port_range"], check=True)
     (tmp_path / "users").write_text("ABCD1234:a\nEFGH5678:b\n")
     with loadgen.serve("sink", netns=net.sink, bind=f"{SINK_IP}:7009", answer_stun=True, duration=10) as sink:
         got = loadgen.run("ping", netns=net.gen, dst=sink.address, count=30, interval_us=100, new_flow_each=True,
@@ -430,6 +434,7 @@ def test_ping_new_flow_each(net, tmp_path, capture):
     requests = [(sport, payload) for _, sport, _, dport, payload, _ in frames if dport == 7009]
     assert len(requests) == 30
     assert len({sport for sport, _ in requests}) == 30   # a new source port per probe
+    assert all(40000 <= sport <= 40039 for sport, _ in requests)
     assert [stun.server_ufrag(p) for _, p in requests] == ["ABCD1234", "EFGH5678"] * 15
 
 
