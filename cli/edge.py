@@ -81,9 +81,9 @@ def _agent_config(**kw):
 
 INTERNAL_IP_OPTION = click.option(
     "--internal-ip", "internal_ips", multiple=True,
-    help="userspace, or xdp --translate: the relay's address on the internal side that flows come "
+    help="--translate (or serve --datapath userspace): the relay's address on the internal side that flows come "
          "from (repeat for IPv4 and IPv6); default: the --internal interface's first global address "
-         "of each family. Give it when that interface holds several. xdp --translate: repeat it for "
+         "of each family. Give it when that interface holds several. With --translate, repeat it for "
          "several addresses per family (each must be on --internal; up to 16; the i-th IPv4 pairs "
          "with the i-th IPv6, so give as many of each or none of one): 65,535 flows per address.")
 
