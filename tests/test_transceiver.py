@@ -594,9 +594,17 @@ class RecordingIO:
         self.audio: list[tuple[float, PcmFrame]] = []
         self.text: list[str] = []
         self.bytes: list[bytes] = []
+        self.audio_sent = asyncio.Event()
 
     def send_audio(self, frame: PcmFrame) -> None:
         self.audio.append((time.monotonic(), frame))
+        self.audio_sent.set()
+
+    async def audio_count(self, count: int, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.audio) < count:
+                self.audio_sent.clear()
+                await self.audio_sent.wait()
 
     def clear_audio(self) -> float:
         return 0.0
@@ -614,10 +622,12 @@ async def test_echo_delay_is_a_delay_line_not_a_stall():
     start = time.monotonic()
     for i in range(10):  # ten frames arriving back to back must all come out ~0.2 s later, in order
         await handler.on_audio(PcmFrame(bytes([i]) * 1920, time=time.monotonic(), pts=960 * i))
-    assert time.monotonic() - start < 0.05 and io.audio == []
-    await asyncio.sleep(0.3)
+    # a stall would hold each call 0.2 s: 2 s in all, and frames out 0.2 s apart
+    assert time.monotonic() - start < 0.1 and io.audio == []
+    await io.audio_count(10, timeout=2)      # however late a busy machine runs the timers
     assert [f.pts for _, f in io.audio] == [960 * i for i in range(10)]
-    assert all(0.18 <= t - start <= 0.3 for t, _ in io.audio)
+    out = [t - start for t, _ in io.audio]
+    assert min(out) >= 0.18 and max(out) - min(out) < 0.1, out
     await handler.on_bytes(b"\x01")
     assert io.bytes == [b"\x01"]
 
