@@ -150,7 +150,8 @@ static __always_inline int stun_backend_check_ufrag(struct pkt *p, struct sr_ufr
 	unsigned char *v = p->payload + off;
 	__u32 colon = 0;
 	int found = 0;
-#pragma unroll
+	/* a bounded loop, kept rolled by the barrier on j: a `#pragma unroll` here only made
+	 * clang warn "loop not unrolled" on every load (same bytecode without it) */
 	for (int j = 0; j < SR_UFRAG_MAX + 1; j++) {
 		SR_BARRIER_VAR(j);
 		if (j >= value_len)
