@@ -80,7 +80,11 @@ def sessions() -> None:
 @_control_options
 @click.option("--json", "as_json", is_flag=True)
 def sessions_list(control: str, token: str | None, as_json: bool) -> None:
-    """Registered sessions with their age and flow count."""
+    """Registered sessions with their age and flow count.
+
+    Each transceiver also registers a few ufrags ahead of its next offers
+    (--ufrag-pool): they are listed too, with 0 flows, until a call takes one.
+    """
     emit(_client(control, token).sessions(), as_json,
           lambda d: table(d, ["ufrag", "backend", "age_s", "flows"]))
 

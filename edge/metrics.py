@@ -65,7 +65,9 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         "capacity": GaugeMetricFamily("splitrelay_edge_map_capacity_entries", "Capacity of each table",
                                       labels=["map"]),
         "flows": GaugeMetricFamily("splitrelay_edge_flows", "Client flows in the flow map"),
-        "sessions": GaugeMetricFamily("splitrelay_edge_sessions", "Registered sessions"),
+        "sessions": GaugeMetricFamily(
+            "splitrelay_edge_sessions", "Registered session ufrags, the transceivers' ready ones included "
+                                        "(splitrelay_transceiver_ufrag_pool_ready; they have no flows yet)"),
         "backends": GaugeMetricFamily("splitrelay_edge_backends", "Registered backends"),
         "info": GaugeMetricFamily("splitrelay_edge_xdp_info", "XDP programs attached by this agent",
                                   labels=["iface", "program", "mode"]),
