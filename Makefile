@@ -21,9 +21,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(MAKE) -s -C bench
-	$(VENV)/bin/splitrelay bench --markdown BENCHMARKS.md --plots docs/bench --results docs/bench/results.json \
-		--analysis docs/bench/analysis.md
-	$(PY) -m splitrelay.bench.audio --section >> BENCHMARKS.md
+	$(VENV)/bin/splitrelay bench --markdown BENCHMARKS.md --plots docs/bench --results docs/bench/results.json
+	$(PY) -m splitrelay.bench.audio --section --into BENCHMARKS.md
 	$(PY) -m splitrelay.bench.failover --section >> BENCHMARKS.md
 
 bench-smoke: $(STAMP)

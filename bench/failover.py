@@ -30,6 +30,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from splitrelay.bench import report_file
+
 SCENARIOS = ("death", "float")
 CLIENTS = ("chromium", "aiortc")
 TARGETS_S = {("death", "chromium"): 6.0, ("float", "chromium"): 3.0}   # issue 12
@@ -293,7 +295,9 @@ def main() -> None:  # pragma: no cover - a thin command line
     parser.add_argument("--translate", action="store_true",
                         help="relays translate both sides: in float, the call arrives from relay 2's internal "
                              "address and the transceiver latches onto it")
+    report_file.add_into_option(parser)
     args = parser.parse_args()
+    report_file.check_into(parser, args, "bench.failover")
     if args.from_json:
         with open(args.from_json) as saved:
             data = json.load(saved)
@@ -310,7 +314,8 @@ def main() -> None:  # pragma: no cover - a thin command line
         print(json.dumps({"runs": [asdict(r) for r in runs], "summary": rows, "seed": seed, "seconds": seconds},
                          indent=2))
     elif args.section:
-        print(section(rows, max(r["runs"] for r in rows), seed))
+        report_file.print_or_write_section(parser, args, "bench.failover",
+                                           section(rows, max(r["runs"] for r in rows), seed))
     else:
         print(markdown(rows))
 

@@ -29,8 +29,7 @@ def _img(plot_dir_rel: str | None, name: str, written: list[Path]) -> str:
     return f"\n![{name}]({plot_dir_rel}/{name})\n"
 
 
-def markdown(results: dict, written: list[Path] | None = None, plot_dir_rel: str | None = None,
-             analysis: str | None = None) -> str:
+def markdown(results: dict, written: list[Path] | None = None, plot_dir_rel: str | None = None) -> str:
     """BENCHMARKS.md for one run: machine, targets, every figure with its method and command."""
     written = written or []
     m = results.get("machine", {})
@@ -55,8 +54,8 @@ def markdown(results: dict, written: list[Path] | None = None, plot_dir_rel: str
         _table(["target", "measured", "met"],
                [[t["target"], fmt(t["measured"], 3),
                  "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")] for t in targets(results)]),
-        "Ratios are XDP ÷ userspace unless named otherwise; where a target is missed the analysis at the end "
-        "says why.\n",
+        "Ratios are XDP ÷ userspace unless named otherwise; where a target is missed the analysis below the "
+        "tables says why.\n",
     ]
     paths = [p for p in ("kernel", "xdp", "userspace") if p in parts]
     rate_paths = [p for p in ("kernel", "ceiling", "xdp", "userspace") if p in parts]
@@ -163,8 +162,6 @@ def markdown(results: dict, written: list[Path] | None = None, plot_dir_rel: str
         ]
     sessions = parts.get("sessions") or {}
     out += _sessions_markdown(sessions, plot_dir_rel, written)
-    if analysis:
-        out += ["## Analysis\n", analysis.strip() + "\n"]
     return "\n".join(out)
 
 

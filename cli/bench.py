@@ -26,18 +26,17 @@ PARTS_HELP = ("floor: kernel routing (the latency floor); ceiling: a bare XDP pr
               help="Run only these parts (repeat). Default: all. " + PARTS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON on stdout.")
 @click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the report (e.g. BENCHMARKS.md).")
+              help="Write the report (e.g. BENCHMARKS.md): the tables above its line "
+                   "'<!-- make bench writes everything above this line ... -->', the text below kept as it is.")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path),
               help="Write PNG plots into this directory (linked from the report).")
 @click.option("--results", type=click.Path(dir_okay=False, path_type=Path),
               help="Also save the raw figures as JSON here.")
-@click.option("--analysis", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Hand-written analysis (markdown) appended to the report.")
 @click.option("--from-results", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Measure nothing: render the report (and the plots, but for the RTT distribution, which "
                    "needs the raw samples) from figures saved earlier with --results.")
 def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | None, plots: Path | None,
-          results: Path | None, analysis: Path | None, from_results: Path | None) -> None:
+          results: Path | None, from_results: Path | None) -> None:
     """Benchmark the relay paths side by side and print the ratios.
 
     \b
@@ -52,8 +51,13 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
       splitrelay bench --part xdp --part userspace     # just the two relays
       make bench                                       # all of it, writes BENCHMARKS.md
     """
-    from splitrelay.bench import report, report_plots
+    from splitrelay.bench import report, report_file, report_plots
 
+    if markdown:
+        try:
+            report_file.check_writable(markdown)    # before minutes of measuring, not after
+        except report_file.ReportFileError as exc:
+            raise CliError(str(exc)) from None
     if from_results:
         try:
             figures = json.loads(from_results.read_text())
@@ -66,7 +70,7 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
         if plots:  # redraw what the figures hold; the RTT distribution needs the raw samples: kept as drawn
             report_plots.plots(figures, from_results.parent / "no-samples", plots)
         written = sorted(plots.glob("*.png")) if plots and plots.is_dir() else []
-        _write_report(figures, markdown, plots, written, analysis)
+        _write_report(figures, markdown, plots, written)
         _emit(figures, as_json)
         return
     require_root("benchmarking (namespaces, XDP)")
@@ -94,13 +98,12 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
             written = report_plots.plots(figures, samples, plots)
         if results:
             suite.save(figures, results)
-        _write_report(figures, markdown, plots, written, analysis)
+        _write_report(figures, markdown, plots, written)
     _emit(figures, as_json)
 
 
-def _write_report(figures: dict, markdown: Path | None, plots: Path | None, written: list[Path],
-                  analysis: Path | None) -> None:
-    from splitrelay.bench import report_markdown
+def _write_report(figures: dict, markdown: Path | None, plots: Path | None, written: list[Path]) -> None:
+    from splitrelay.bench import report_file, report_markdown
 
     if not markdown:
         return
@@ -110,8 +113,10 @@ def _write_report(figures: dict, markdown: Path | None, plots: Path | None, writ
             rel = str(plots.resolve().relative_to(markdown.resolve().parent))
         except ValueError:
             rel = str(plots.resolve())
-    text = report_markdown.markdown(figures, written, rel, analysis.read_text() if analysis else None)
-    markdown.write_text(text)
+    try:
+        report_file.write_generated(markdown, report_markdown.markdown(figures, written, rel))
+    except report_file.ReportFileError as exc:
+        raise CliError(str(exc)) from None
     linked = f" linking {len(written)} plots in {plots}" if plots else ""
     click.echo(f"bench: wrote {markdown}{linked}", err=True)
 

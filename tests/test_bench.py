@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from splitrelay.bench import report, report_markdown
+from splitrelay.bench.report_file import KEEP_MARKER, ReportFileError, replace_section, section_markers
 
 pytestmark = pytest.mark.lab
 
@@ -96,3 +98,71 @@ def test_from_results_refuses_what_is_not_a_results_file(tmp_path, content):
                            "--markdown", str(tmp_path / "B.md")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "is not a results file" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "B.md").exists()
+
+
+# -- the report file: each writer owns its span, nothing else is lost ----------------------------
+
+def _render(results: Path, markdown: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "bench", "--from-results", str(results),
+                           "--markdown", str(markdown)], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def saved_results() -> Path:
+    """The figures of the last `make bench`, as the repository keeps them."""
+    return Path(__file__).resolve().parents[1] / "docs" / "bench" / "results.json"
+
+
+def test_the_report_replaces_the_tables_and_keeps_the_text_below_the_marker(tmp_path, saved_results):
+    md = tmp_path / "B.md"
+    md.write_text(f"# old tables\n| stale | 1 |\n\n{KEEP_MARKER}\n\n## Analysis\nhand-written, kept\n")
+    for _ in range(2):                                    # a second run changes nothing below the marker
+        proc = _render(saved_results, md)
+        assert proc.returncode == 0, proc.stderr
+        text = md.read_text()
+        assert text.startswith("# splitrelay benchmarks\n") and "stale" not in text
+        assert text.count(KEEP_MARKER) == 1
+        assert text.split(KEEP_MARKER)[1] == "\n\n## Analysis\nhand-written, kept\n"
+
+
+def test_a_new_report_file_gets_the_marker(tmp_path, saved_results):
+    md = tmp_path / "new.md"
+    assert _render(saved_results, md).returncode == 0
+    assert md.read_text().endswith(f"\n\n{KEEP_MARKER}\n") and "## Targets" in md.read_text()
+
+
+def test_a_report_file_without_the_marker_is_refused_and_left_as_it_was(tmp_path, saved_results):
+    md = tmp_path / "B.md"
+    md.write_text("# somebody's notes\n")
+    proc = _render(saved_results, md)
+    assert proc.returncode == 1 and md.read_text() == "# somebody's notes\n"
+    assert proc.stderr == (f"splitrelay: error: {md} exists and has no line {KEEP_MARKER!r}: writing the report "
+                           "would lose its text; put that line above the text to keep, or write to a new file\n")
+
+
+def test_a_section_is_appended_once_then_replaced_in_place(tmp_path):
+    md = tmp_path / "B.md"
+    md.write_text("# page\n\nbefore\n")
+    replace_section(md, "bench.x", "## X\nfirst run\n")
+    md.write_text(md.read_text() + "\nafter, by hand\n")
+    replace_section(md, "bench.x", "## X\nsecond run\n")
+    begin, end = section_markers("bench.x")
+    assert md.read_text() == f"# page\n\nbefore\n\n{begin}\n## X\nsecond run\n{end}\n\nafter, by hand\n"
+
+
+def test_a_section_whose_end_marker_is_gone_is_refused_and_left_as_it_was(tmp_path):
+    md = tmp_path / "B.md"
+    begin, _ = section_markers("bench.x")
+    md.write_text(f"{begin}\n## X\nhand edits with the end line deleted\n")
+    with pytest.raises(ReportFileError, match="has the line .* but no '<!-- end bench.x -->' after it"):
+        replace_section(md, "bench.x", "new")
+    assert md.read_text() == f"{begin}\n## X\nhand edits with the end line deleted\n"
+
+
+@pytest.mark.parametrize("module", ["audio", "failover"])
+def test_a_bench_module_refuses_a_bad_into_file_before_measuring(tmp_path, module):
+    proc = subprocess.run([sys.executable, "-m", f"splitrelay.bench.{module}", "--section", "--into",
+                           str(tmp_path / "missing.md")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == (f"python -m splitrelay.bench.{module}: error: {tmp_path / 'missing.md'} does not "
+                           "exist: run the bench that writes it first\n")
