@@ -23,13 +23,13 @@ bench: $(STAMP)
 	$(MAKE) -s -C bench
 	$(VENV)/bin/splitrelay bench --markdown BENCHMARKS.md --plots docs/bench --results docs/bench/results.json
 	$(PY) -m splitrelay.bench.audio --section --into BENCHMARKS.md
-	$(PY) -m splitrelay.bench.failover --section >> BENCHMARKS.md
+	$(PY) -m splitrelay.bench.failover --section --into BENCHMARKS.md
 
 bench-smoke: $(STAMP)
 	$(MAKE) -s -C bench
 	$(VENV)/bin/splitrelay bench --smoke
 
-# issue 12's failover gap (3a relay death, 3b floating address), Chromium and aiortc: ~10 min, root
+# issue 12's failover gap (3a relay death, 3b floating address), Chromium and aiortc: ~4 min at 5 runs, root
 bench-failover: $(STAMP)
 	$(PY) -m splitrelay.bench.failover --section --runs $${FAILOVER_RUNS:-5}
 

@@ -277,7 +277,7 @@ def section(rows: list[dict], runs: int, seed: int) -> str:
     return ("\n## Failover gap: a relay dies (3a), its address floats (3b) "
             "(`python -m splitrelay.bench.failover`)\n\n"
             f"Reproduce with `make bench-failover` or `python -m splitrelay.bench.failover --runs {runs} "
-            f"--seed {seed}` (root, Debian's chromium; ~10 min: runs go one at a time).  Two relays (XDP, "
+            f"--seed {seed}` (root, Debian's chromium; ~10 s a run, one at a time).  Two relays (XDP, "
             f"`strict` policy) in front of one echo transceiver, every session registered with both.\n\n"
             f"{markdown(rows)}\n\n{SECTION_NOTES}")
 

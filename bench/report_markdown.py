@@ -42,7 +42,8 @@ def markdown(results: dict, written: list[Path] | None = None, plot_dir_rel: str
         "Every figure below comes from that one run: the paths are measured side by side, by the same "
         "load generator (`bench/udpgen.c`: sendmmsg/recvmmsg and AF_PACKET), in the same lab "
         "(`lab/topology.py`: client, relay and transceiver network namespaces joined by veth pairs).\n",
-        "Reproduce: `make bench` (all parts, about 5 minutes on this machine), `splitrelay bench --part xdp "
+        "Reproduce: `make bench` (all parts, about 9 minutes on this machine, then the voice path's and the "
+        "failover gap's sections), `splitrelay bench --part xdp "
         "--part userspace` (a subset), `splitrelay bench --smoke --json` (the seconds-long version CI runs); "
         "the raw figures are in `docs/bench/results.json` (`splitrelay bench --from-results` re-renders "
         "this page from them).\n",

@@ -4,8 +4,9 @@ Setup (``measure_setup``).  One probe process opens sessions one at a time, alte
 transceivers in the same namespace, run by the same code with the same flags:
 
 * *relay*: the lab's transceiver (backend port 5000).  Its answer's only candidate is the relay's
-  public address; the session is registered with the edge agent before the answer leaves, and every
-  packet crosses the relay through XDP.
+  public address; the session's ufrag is registered with the edge agent before the answer leaves
+  (ahead of the offer, from the transceiver's ``--ufrag-pool``), and every packet crosses the relay
+  through XDP.
 * *direct*: a transceiver this function starts in direct mode (no ``--relay``, no ``--relay-control``:
   its answer carries its own backend address, nothing is registered) on ``direct_port`` (5001).  The
   client reaches it by kernel routing through the relay namespace: the client's default route already
@@ -40,7 +41,8 @@ SETUP_METHOD = (
     "session carries one Opus audio track and one data channel (as a voice call does), is closed with WHIP "
     "DELETE as soon as the client's peer connection is 'connected', and the next one is offered. "
     "'relay': the lab's echo transceiver, whose answer carries only the relay's public address, the "
-    "session registered with the edge agent before the answer (policy as the lab's agent has it), "
+    "session's ufrag registered with the edge agent before the answer (ahead of the offer: the "
+    "transceiver keeps a few registered, --ufrag-pool; policy as the lab's agent has it), "
     "every packet through XDP. 'direct': an identical transceiver process (same code, same flags, same "
     "namespace) started in direct mode on another port: its answer carries its own backend address, "
     "nothing is registered, and the packets cross the relay namespace by kernel IPv4 forwarding "
@@ -49,7 +51,8 @@ SETUP_METHOD = (
     "registered backend address). All times are the client's time.monotonic(), "
     "counted from the moment the offer is POSTed (after createOffer and candidate gathering, reported "
     "separately as offer_created_ms): offer_to_answer_ms = POST sent -> 201 answer received (HTTP on the "
-    "signaling network + the transceiver building its answer, + the agent registration on the relay path); "
+    "signaling network + the transceiver building its answer, + the agent registration on the relay "
+    "path only when the pool is empty); "
     "ice_connected_ms = POST sent -> the client's iceConnectionState 'connected'/'completed' (answer "
     "applied, ICE connectivity checks done, a pair nominated; aiortc paces its checks 20 ms apart); "
     "dtls_connected_ms = POST sent -> the client's "
