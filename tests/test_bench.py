@@ -169,6 +169,7 @@ def test_a_bench_module_refuses_a_bad_into_file_before_measuring(tmp_path, modul
 
 
 def test_make_bench_writes_its_sections_in_place_and_never_appends():
-    recipe = (Path(__file__).resolve().parents[1] / "Makefile").read_text().split("\nbench:", 1)[1].split("\n\n")[0]
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\nbench:", 1)[1].split("\n\n")[0]
     assert ">>" not in recipe
     assert recipe.count("--section --into BENCHMARKS.md") == 2 and "--markdown BENCHMARKS.md" in recipe
