@@ -79,23 +79,22 @@ def test_voice_session_through_xdp(voice_lab):
 def test_ten_sessions_across_two_transceivers_each_on_its_owner(voice_lab):
     lab, info = voice_lab
     proc = probe(lab, info["whip_urls"], duration=4, sessions=10)
-    # every flow seen, by session: on a busy machine the first calls may end before the last one
-    # connects, so ten flows need not all be in the map at one moment (failed CI once, "last: None")
-    seen: dict[str, set[str]] = {}
-    by_ufrag: dict[str, dict] = {}
+    # every flow seen, by session. The map need not hold exactly ten at one moment (failed CI once,
+    # "last: None"): under load a session can open a second flow, its client's checks from the
+    # signaling-side address (seen: 198.18.2.2) reaching the relay before a pair is nominated, and
+    # the first 4-second calls may end before the last one connects
+    seen: dict[tuple[str, str], dict] = {}
 
     def ten_sessions_seen() -> bool:
-        for flow in control(lab, lambda c: c.flows()):
-            seen.setdefault(flow["ufrag"], set()).add(flow["client"])
-            by_ufrag[flow["ufrag"]] = flow
-        return len(seen) == 10
+        seen.update(((f["ufrag"], f["client"]), f) for f in control(lab, lambda c: c.flows()))
+        return len({ufrag for ufrag, _ in seen}) == 10
 
     wait_for(ten_sessions_seen, 30, "a flow of each of the ten sessions", proc)
-    assert all(len(clients) == 1 for clients in seen.values()), seen    # one flow per session
-    flows = list(by_ufrag.values())
+    flows = list(seen.values())
     for flow in flows:
         assert flow["backend"] == hint.decode(flow["ufrag"])    # every flow on its session's owner
-    assert sorted(f["backend"] for f in flows) == [1] * 5 + [2] * 5
+    owners = {f["ufrag"]: f["backend"] for f in flows}
+    assert sorted(owners.values()) == [1] * 5 + [2] * 5
     reports = probe_result(proc, 120)
     assert len(reports) == 10
     for report in reports:
