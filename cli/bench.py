@@ -54,10 +54,7 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
     from splitrelay.bench import report, report_file, report_plots
 
     if markdown:
-        try:
-            report_file.check_writable(markdown)    # before minutes of measuring, not after
-        except report_file.ReportFileError as exc:
-            raise CliError(str(exc)) from None
+        report_file.check_writable(markdown)    # before minutes of measuring, not after
     if from_results:
         try:
             figures = json.loads(from_results.read_text())
@@ -113,10 +110,7 @@ def _write_report(figures: dict, markdown: Path | None, plots: Path | None, writ
             rel = str(plots.resolve().relative_to(markdown.resolve().parent))
         except ValueError:
             rel = str(plots.resolve())
-    try:
-        report_file.write_generated(markdown, report_markdown.markdown(figures, written, rel))
-    except report_file.ReportFileError as exc:
-        raise CliError(str(exc)) from None
+    report_file.write_generated(markdown, report_markdown.markdown(figures, written, rel))
     linked = f" linking {len(written)} plots in {plots}" if plots else ""
     click.echo(f"bench: wrote {markdown}{linked}", err=True)
 
