@@ -166,9 +166,9 @@ def echo_barge_in(report: DemoReport) -> None:
         ms = (call or {}).get("summary", {}).get("barge_in_p50_ms")
         click.echo(f"    {label}: " + (f"{ms:.0f} ms" if ms is not None else
                                        f"not measured ({(call or {}).get('error') or 'no barge-in'})"))
-    click.echo("    they differ because aiortc's receiver holds 4 frames (80 ms) and releases the agent's last "
-               "words only as later packets push them out; the low-latency path plays each frame as it arrives, "
-               "behind an adaptive buffer sized to the measured jitter")
+    click.echo("    why they differ: aiortc's receiver holds 4 frames (~80 ms) and releases the agent's last "
+               "words only as later packets push them out; the low-latency path releases each frame the moment "
+               "its packet is in")
 
 
 def demo_failover(relays: int, seconds: float, as_json: bool, status: Callable[[str], None]) -> None:
