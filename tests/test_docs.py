@@ -27,6 +27,10 @@ NOT_IN_TREE = {
     "splitrelay/debian12": "a Vagrant box's name (scripts/vm-box.sh), not a path",
     "splitrelay/debian13": "a Vagrant box's name (scripts/vm-box.sh), not a path",
 }
+# Bare file names the docs may give that no file of the repository has, each with its reason.
+NOT_IN_TREE_NAMES = {
+    "mybot.py": "the user's own module in docs/VOICE.md's example",
+}
 SKIP_DIRS = {".venv", "build", "node_modules", "__pycache__", ".git", ".hypothesis", ".pytest_cache"}
 FILE_SUFFIXES = {"h", "c", "json", "yml", "yaml", "service", "md", "py", "sh", "js", "png", "txt", "toml"}
 
@@ -160,8 +164,14 @@ def file_test_refs(text: str) -> set[tuple[str, str]]:
     return set(re.findall(r"((?:[\w./-]+/)?test_\w+\.py)::((?:\w+::)?\w+)", text))
 
 
-def bare_test_files(text: str) -> set[str]:
-    return set(re.findall(r"(?<![\w/.-])(test_\w+\.py)(?!::)", text))
+def bare_file_names(text: str) -> set[str]:
+    """``relay.c``, ``test_floating.py``: a source file's name without its directory."""
+    return set(re.findall(r"(?<![\w/.-])([\w-]+\.(?:py|h|c|sh|js))(?![\w/-]|::)", text))
+
+
+@cache
+def file_names() -> frozenset[str]:
+    return frozenset(p.name for p in ROOT.rglob("*") if not SKIP_DIRS & set(p.relative_to(ROOT).parts))
 
 
 def module_names(text: str) -> set[str]:
@@ -228,9 +238,11 @@ def unresolved(where: str, text: str) -> list[str]:
             problems.append(f"{where}: {file} (of {file}::{test}) does not exist")
         elif not re.search(rf"^\s*(async )?(def|class) {test.split('::')[-1]}\b", found.read_text(), re.M):
             problems.append(f"{where}: {file} has no {test}")
-    for name in sorted(bare_test_files(text)):
-        if not list(ROOT.glob(f"tests/**/{name}")):
+    for name in sorted(bare_file_names(text) - set(NOT_IN_TREE_NAMES)):
+        if name.startswith("test_") and not list(ROOT.glob(f"tests/**/{name}")):
             problems.append(f"{where}: {name} is no file in tests/")
+        elif name not in file_names():
+            problems.append(f"{where}: {name} is no file of the repository")
     for name in sorted(module_names(text)):
         path, rest = module_path(name)
         if path is None:
@@ -254,13 +266,14 @@ def test_every_path_test_module_and_link_the_docs_and_docstrings_name_exists():
 
 
 def test_the_reference_check_catches_each_kind_of_stale_name():
-    text = ("`edge/stun.py`, tests/test_floating.py::test_no_such_test, test_nothing_here.py, "
+    text = ("`edge/stun.py`, tests/test_floating.py::test_no_such_test, test_nothing_here.py, gone.h, "
             "splitrelay.edge.no_module, splitrelay.errors.NoSuchError, [x](NOPE.md), [y](README.md#no-heading); "
-            "fine: /sys/fs/bpf/splitrelay/<instance>, bpf/splitrelay.h, splitrelay.h, bench/out/x.json, "
+            "fine: /sys/fs/bpf/splitrelay/<instance>, bpf/splitrelay.h, splitrelay.h, bench/out/x.json, relay.c, "
             "tests/test_floating.py, splitrelay.errors.SplitrelayError, [z](README.md#architecture)")
     assert unresolved("README.md", text) == [
         "README.md: edge/stun.py does not exist",
         "README.md: tests/test_floating.py has no test_no_such_test",
+        "README.md: gone.h is no file of the repository",
         "README.md: test_nothing_here.py is no file in tests/",
         "README.md: splitrelay.edge.no_module: edge/__init__.py defines no no_module",
         "README.md: splitrelay.errors.NoSuchError: splitrelay/errors.py defines no NoSuchError",
