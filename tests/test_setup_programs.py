@@ -25,23 +25,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
-# Packages no install step needs to name: each is Essential or of priority required on every Debian
-# system (checked below against dpkg, so this list cannot claim a package that is not base).
+# Packages no install step needs to name, each with what the project runs from it: every one is
+# Essential or of priority required on Debian (checked against dpkg below, so this list cannot
+# claim a package that is not part of every Debian system).
 BASE_PACKAGES = {
     "bash": "Essential: the scripts' shell",
-    "dash": "Essential: /bin/sh",
-    "coreutils": "Essential: cat, stat, sleep, true, mkdir, ln, ...",
-    "util-linux": "Essential on Debian 12 (setup.sh names it anyway for nsenter/unshare/taskset)",
-    "mount": "priority required: mount, mountpoint",
-    "grep": "Essential", "sed": "Essential", "findutils": "Essential", "gzip": "Essential",
-    "tar": "Essential", "diffutils": "Essential: cmp, diff", "debianutils": "Essential: which, run-parts",
-    "hostname": "Essential on Debian 12",
-    "dpkg": "Essential: dpkg-query", "apt": "priority required: apt-get",
-    "login": "Essential on Debian 12",
+    "dash": "Essential: sh (sh -c in bench/system.py and the tests)",
+    "coreutils": "Essential: cat, stat, sleep, true, timeout, mkdir, ln, dd, sort, ...",
+    "util-linux": "Essential: nsenter, unshare, taskset, mountpoint (setup.sh names it too)",
+    "mount": "priority required: mount, umount",
+    "grep": "Essential", "sed": "Essential", "tar": "Essential", "findutils": "Essential: xargs",
+    "dpkg": "Essential: dpkg, dpkg-query", "apt": "priority required: apt-get",
 }
 
-# Scripts that prepare a machine, and the scripts whose programs each of them provides.  A script
-# not listed here runs on a machine `make setup` prepared.
+# The VM targets' scripts run after `make vm-deps` (scripts/vm-deps.sh), every other one and all the
+# Python after `make setup`: the packages a program may come from, by where it is run.
 VM_SCRIPTS = re.compile(r"^(scripts/vm-[\w-]+\.sh|vagrant/.*)$")
 INSTALLERS = {"setup": ["scripts/setup.sh"], "vm": ["scripts/setup.sh", "scripts/vm-deps.sh"]}
 # Scripts that do not run on this host at all, with the reason.
@@ -150,6 +148,9 @@ def _argv_lists(func: ast.AST) -> list[ast.AST]:
             value = node.value.left if isinstance(node.value, ast.BinOp) else node.value
             if any(isinstance(t, ast.Name) and t.id in passed for t in targets) and isinstance(value, ast.List):
                 lists.append(value)
+        if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and node.target.id in passed \
+                and isinstance(node.iter, (ast.Tuple, ast.List)):       # for argv in (["ip", ...], [...]):
+            lists += [e for e in node.iter.elts if isinstance(e, ast.List)]
     return lists
 
 
@@ -464,7 +465,7 @@ needs_dpkg = pytest.mark.skipif(shutil.which("dpkg") is None, reason="not a Debi
 def test_every_program_the_code_the_tests_and_setup_run_comes_from_a_package_setup_installs():
     programs = programs_by_scope()["setup"]
     assert {"ip", "iptables", "nsenter"} <= programs.keys()      # the scan sees the lab's own argvs
-    allowed = with_dependencies(installed_by("scripts/setup.sh")) | set(BASE_PACKAGES)
+    allowed = with_dependencies(set().union(*map(installed_by, INSTALLERS["setup"]))) | set(BASE_PACKAGES)
     assert problems(programs, allowed) == []
 
 
@@ -476,7 +477,7 @@ def test_every_program_the_vm_scripts_run_comes_from_setup_or_vm_deps():
                != "install ok installed"]
     if missing:
         pytest.skip(f"make vm-deps has not run here ({', '.join(missing)} missing): cannot trace the VM scripts")
-    allowed = with_dependencies(set().union(*(installed_by(s) for s in INSTALLERS["vm"]))) | set(BASE_PACKAGES)
+    allowed = with_dependencies(set().union(*map(installed_by, INSTALLERS["vm"]))) | set(BASE_PACKAGES)
     assert problems(programs_by_scope()["vm"], allowed) == []
 
 
@@ -522,7 +523,9 @@ def f(lab, cpu):
     lab.popen("ns", argv)
     subprocess.run([*prefix, "unshare", "-m", "sh", "-c", f"mount -t sysfs sysfs /sys && echo {cpu} > /x"])
     subprocess.run([sys.executable, "-m", "x"])
+    for argv in (["ss", "-Hnau"], ["bridge", "link"]):
+        lab.run("ns", argv)
     CHROMIUM = "/usr/bin/chromium"
 """)
     assert python_programs(source) == {"nsenter", "ip", "ethtool", "iptables", "ip6tables", "taskset",
-                                       "prometheus", "unshare", "sh", "mount", "/usr/bin/chromium"}
+                                       "prometheus", "unshare", "sh", "mount", "ss", "bridge", "/usr/bin/chromium"}
