@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -396,15 +395,15 @@ def programs_by_scope() -> dict[str, dict[str, list[str]]]:
 # -- dpkg ----------------------------------------------------------------------------------------------
 
 
-@cache
-def _owner(path: str) -> str | None:
-    out = subprocess.run(["dpkg", "-S", path], capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        return None
-    for line in out.stdout.splitlines():
-        if not line.startswith(("diversion ", "local diversion")) and ": " in line:
-            return line.split(": ", 1)[0].split(":")[0].split(",")[0]
-    return None
+def owners(paths: set[str]) -> dict[str, set[str]]:
+    """{path: the packages that ship it}, for the paths any package ships (one dpkg -S for all)."""
+    out = subprocess.run(["dpkg", "-S", *sorted(paths)], capture_output=True, text=True, timeout=120).stdout
+    found: dict[str, set[str]] = {}
+    for line in out.splitlines():
+        if ": " in line and not line.startswith(("diversion ", "local diversion")):
+            packages, path = line.split(": ", 1)
+            found.setdefault(path, set()).update(p.strip().split(":")[0] for p in packages.split(","))
+    return found
 
 
 def _chain(path: str) -> list[str]:
@@ -424,15 +423,14 @@ def _chain(path: str) -> list[str]:
     return [*seen, *merged]
 
 
-def packages_of(program: str) -> tuple[str | None, set[str]]:
-    """(where it is found, the packages owning it or any link on its way), or (None, set()) if absent."""
+def where(program: str) -> str | None:
     path = program if program.startswith("/") else shutil.which(
         program, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"]))
-    if path is None or not os.path.exists(path):
-        return None, set()
-    if Path(path).resolve().is_relative_to(VENV_BIN.resolve()) or Path(path).parent == VENV_BIN:
-        return path, {"(venv)"}
-    return path, {o for o in map(_owner, _chain(path)) if o}
+    return path if path is not None and os.path.exists(path) else None
+
+
+def in_venv(path: str) -> bool:
+    return Path(path).resolve().is_relative_to(VENV_BIN.resolve()) or Path(path).parent == VENV_BIN
 
 
 def with_dependencies(packages: set[str]) -> set[str]:
@@ -446,15 +444,21 @@ def with_dependencies(packages: set[str]) -> set[str]:
 
 
 def problems(programs: dict[str, list[str]], allowed: set[str]) -> list[str]:
+    """Each program that is not installed, or whose file (or a link on its way to it) no allowed package
+    ships."""
+    paths = {program: where(program) for program in programs}
+    shipped = owners({link for path in paths.values() if path and not in_venv(path) for link in _chain(path)})
     found = []
-    for program, where in sorted(programs.items()):
-        path, owners = packages_of(program)
-        sites = ", ".join(sorted(set(where))[:3])
+    for program, sites in sorted(programs.items()):
+        path = paths[program]
+        run_by = ", ".join(sorted(set(sites))[:3])
         if path is None:
-            found.append(f"{program} (run by {sites}) is not installed on this machine")
-        elif "(venv)" not in owners and not owners & allowed:
-            found.append(f"{program} (run by {sites}) is {path} from {', '.join(sorted(owners)) or 'no package'}, "
-                         f"which no setup script installs")
+            found.append(f"{program} (run by {run_by}) is not installed on this machine")
+        elif not in_venv(path):
+            packages = set().union(*(shipped.get(link, set()) for link in _chain(path)))
+            if not packages & allowed:
+                found.append(f"{program} (run by {run_by}) is {path} from "
+                             f"{', '.join(sorted(packages)) or 'no package'}, which no setup script installs")
     return found
 
 
