@@ -4,14 +4,16 @@ README's first map named six files at paths they no longer had and two import ta
 code (issue 21).  A reader trusts a path, a ``file::test`` or a module name they see in the docs, so
 each one here must resolve: the layering table in docs/DESIGN.md ("may import") against every module's
 imports (``import``, ``from``, and the ``splitrelay.*`` names a module hands to ``importlib``), and
-every repository path, ``file::test``, dotted ``splitrelay.*`` name and Markdown link in the Markdown
-files and the Python docstrings against the tree.
+every repository path, ``file::test``, dotted ``splitrelay.*`` name, source file name and Markdown link
+in the Markdown files and the Python docstrings and comments against the tree.
 """
 
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -30,6 +32,7 @@ NOT_IN_TREE = {
 # Bare file names the docs may give that no file of the repository has, each with its reason.
 NOT_IN_TREE_NAMES = {
     "mybot.py": "the user's own module in docs/VOICE.md's example",
+    "speak_lib.h": "espeak-ng's C header, whose API voice/tts.py calls through ctypes",
 }
 SKIP_DIRS = {".venv", "build", "node_modules", "__pycache__", ".git", ".hypothesis", ".pytest_cache"}
 FILE_SUFFIXES = {"h", "c", "json", "yml", "yaml", "service", "md", "py", "sh", "js", "png", "txt", "toml"}
@@ -127,7 +130,7 @@ def test_every_import_is_one_the_design_table_allows_and_every_allowed_name_is_u
 
 
 def doc_texts() -> list[tuple[str, str]]:
-    """(where, text): every Markdown file at the root and in docs/, and every Python docstring."""
+    """(where, text): every Markdown file at the root and in docs/, every Python docstring and comment."""
     markdown = sorted([*ROOT.glob("*.md"), *ROOT.glob("docs/*.md")])
     texts = [(str(p.relative_to(ROOT)), p.read_text()) for p in markdown]
     for path in python_files():
@@ -138,6 +141,9 @@ def doc_texts() -> list[tuple[str, str]]:
                 if doc:
                     line = getattr(node, "lineno", 1)
                     texts.append((f"{path.relative_to(ROOT)}:{line}", doc))
+        for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+            if token.type == tokenize.COMMENT:
+                texts.append((f"{path.relative_to(ROOT)}:{token.start[0]}", token.string))
     return texts
 
 
