@@ -28,7 +28,7 @@ import ipaddress
 
 from aioice import Candidate
 
-MAX_REMOTE_CANDIDATES = 16
+from splitrelay.transceiver.limits import MAX_REMOTE_CANDIDATES
 
 OVER_CAP = "over_cap"          # reasons a candidate is not checked (UdpMux.candidates_ignored keys)
 NOT_ROUTABLE = "not_routable"

@@ -66,6 +66,7 @@ from aioice.candidate import candidate_foundation, candidate_priority
 from aioice.ice import CandidatePair, Connection, StunProtocol
 
 from splitrelay.transceiver.candidates import ignored_because
+from splitrelay.transceiver.limits import ADDRESS_TIMEOUT
 from splitrelay.transceiver.paths import MuxProtocol, PathFollower
 from splitrelay.wire import stun as ref_stun
 from splitrelay.errors import SplitrelayError
@@ -87,11 +88,6 @@ BAD_STUN = "bad_stun"            # a Binding Request the relay would drop too (n
 UNKNOWN_UFRAG = "unknown_ufrag"  # no live session has that server ufrag
 NO_ROUTE = "no_route"            # a session sent to an address family the socket cannot reach
 NO_TRANSACTION = "no_transaction"  # a STUN response from an unbound address answering no pending check
-
-# A bound client address silent this long is unbound: RFC 7675 ends consent after 30 s without an
-# authenticated answer (aioice: 6 checks 5 s apart), so by then the session it was bound to has
-# lost that path anyway.  A live call sends every 20 ms (DTX: 400 ms) and checks consent every 5 s.
-ADDRESS_TIMEOUT = 30.0
 
 
 class MuxError(SplitrelayError):

@@ -52,12 +52,14 @@ _FINGERPRINT = re.compile(r"^a=fingerprint:\S+ \S+", re.M)
 
 
 class OfferRejected(SplitrelayError):
-    """A request the endpoint refuses: an HTTP status and a one-line reason."""
+    """A request the endpoint refuses: an HTTP status, a one-line reason and, for 429/503, the whole
+    seconds after which a retry may succeed (``Retry-After``)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, retry_after: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = " ".join(reason.split())
+        self.retry_after = retry_after
 
 
 def check_offer(sdp: str) -> None:
@@ -77,6 +79,10 @@ class SessionHost(Protocol):
     """What the endpoint drives (the Transceiver)."""
 
     draining: bool
+
+    def admit(self, remote: str | None) -> None:
+        """Refuse an offer from ``remote`` (the peer address) before its body is read, with
+        OfferRejected 429 or 503 and Retry-After, when its source or the host is at a limit."""
 
     async def open_session(self, sdp: str, offer_at: float, facts: SignalingFacts) -> tuple[str, str]:
         """Create a session; returns (session id, SDP answer); raises OfferRejected.  ``facts``: the
@@ -136,6 +142,8 @@ class WhipEndpoint:
                 response = web.Response(status=exc.status, text=exc.reason + "\n", headers=CORS)
                 if exc.status == 401:
                     response.headers["WWW-Authenticate"] = "Bearer"
+                if exc.retry_after is not None:
+                    response.headers["Retry-After"] = str(exc.retry_after)
                 if exc.status == 408:
                     response.force_close()  # the rest of its body is not worth waiting for
                 return response
@@ -196,6 +204,7 @@ class WhipEndpoint:
         offer_at = time.monotonic()
         if self.host.draining:
             raise OfferRejected(503, "this transceiver is draining; try another")
+        self.host.admit(request.remote)  # rate and capacity, before the body costs anything
         sdp = await self._read_offer(request)
         check_offer(sdp)
         facts = SignalingFacts(remote=request.remote, headers=dict(request.headers))
