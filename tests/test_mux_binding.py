@@ -10,11 +10,12 @@ import socket
 
 import aiohttp
 
-from splitrelay.transceiver.service import Transceiver, TransceiverConfig
+from splitrelay.transceiver.service import Transceiver
 from splitrelay.wire import stun
 
 from .test_ice_restart import connected_caller, hears_itself_again
 from .test_transceiver import offer_sdp
+from .test_transceiver_admission import serving
 
 BACKEND_ID = 9
 
@@ -67,97 +68,89 @@ async def answered(service: Transceiver, http: aiohttp.ClientSession) -> tuple[s
 
 
 async def test_forged_checks_with_a_live_ufrag_from_64_addresses_bind_nothing_and_the_call_keeps_audio():
-    service = Transceiver(TransceiverConfig(backend_id=BACKEND_ID, bind_port=0, whip_port=0))
-    await service.start()
     forgers = [Peer() for _ in range(64)]
-    try:
-        async with aiohttp.ClientSession() as http:
-            caller = await connected_caller(service, http)
-            session = service.sessions[caller.session_id]
-            username = f"{session.ufrag}:{attribute(caller.pc.localDescription.sdp, 'ice-ufrag')}"
-            bound_before = dict(service.mux.by_addr)
-            selected = session.ice_connections[0]._nominated[1].remote_addr  # noqa: SLF001
-            classes = [await f.check(service.mux.local_address, username, "wrong-password-0123456789")
-                       for f in forgers]
-            assert classes == [0x0111] * 64                       # aioice: 401, signed by nobody
-            for forger in forgers:                                # then media, as if the call were theirs
-                await forger.send(b"\x80\x6f" + bytes(170), service.mux.local_address)
-            for _ in range(200):
-                if service.mux.drops["not_stun"] >= 64:
-                    break
-                await asyncio.sleep(0.01)
-            assert service.mux.drops["not_stun"] == 64
-            assert service.mux.by_addr == bound_before
-            assert not {f.address for f in forgers} & set(service.mux.by_addr)
-            assert session.ice_connections[0]._nominated[1].remote_addr == selected  # noqa: SLF001
-            await hears_itself_again(caller, "the call's echo after 64 forged checks")
-            await caller.hangup(http)
-    finally:
-        for forger in forgers:
-            forger.close()
-        await service.stop()
+    async with serving() as service:
+        try:
+            async with aiohttp.ClientSession() as http:
+                caller = await connected_caller(service, http)
+                session = service.sessions[caller.session_id]
+                username = f"{session.ufrag}:{attribute(caller.pc.localDescription.sdp, 'ice-ufrag')}"
+                bound_before = dict(service.mux.by_addr)
+                selected = session.ice_connections[0]._nominated[1].remote_addr  # noqa: SLF001
+                classes = [await f.check(service.mux.local_address, username, "wrong-password-0123456789")
+                           for f in forgers]
+                assert classes == [0x0111] * 64                       # aioice: 401, signed by nobody
+                for forger in forgers:                                # then media, as if the call were theirs
+                    await forger.send(b"\x80\x6f" + bytes(170), service.mux.local_address)
+                for _ in range(200):
+                    if service.mux.drops["not_stun"] >= 64:
+                        break
+                    await asyncio.sleep(0.01)
+                assert service.mux.drops["not_stun"] == 64
+                assert service.mux.by_addr == bound_before
+                assert not {f.address for f in forgers} & set(service.mux.by_addr)
+                assert session.ice_connections[0]._nominated[1].remote_addr == selected  # noqa: SLF001
+                await hears_itself_again(caller, "the call's echo after 64 forged checks")
+                await caller.hangup(http)
+        finally:
+            for forger in forgers:
+                forger.close()
 
 
 async def test_an_authenticated_check_rebinds_an_address_and_a_forged_one_does_not_move_it_back():
     """A relay port recycled to a new caller: that caller's authenticated check moves the address to its
     own session; a forged check naming the old session from it moves nothing."""
-    service = Transceiver(TransceiverConfig(backend_id=BACKEND_ID, bind_port=0, whip_port=0))
-    await service.start()
     port = Peer()
-    try:
-        async with aiohttp.ClientSession() as http:
-            old_user, old_pwd, _ = await answered(service, http)
-            new_user, new_pwd, _ = await answered(service, http)
-        mux, to = service.mux, service.mux.local_address
+    async with serving() as service:
+        try:
+            async with aiohttp.ClientSession() as http:
+                old_user, old_pwd, _ = await answered(service, http)
+                new_user, new_pwd, _ = await answered(service, http)
+            mux, to = service.mux, service.mux.local_address
 
-        def owner() -> str | None:
-            protocol = mux.by_addr.get(port.address)
-            return protocol.receiver.local_username if protocol else None
+            def owner() -> str | None:
+                protocol = mux.by_addr.get(port.address)
+                return protocol.receiver.local_username if protocol else None
 
-        assert await port.check(to, old_user, "not-the-password-0123456") == 0x0111
-        assert owner() is None                                        # unauthenticated: not bound
-        assert await port.check(to, old_user, old_pwd) == 0x0101
-        assert owner() == old_user.split(":")[0]
-        assert await port.check(to, new_user, new_pwd) == 0x0101
-        assert owner() == new_user.split(":")[0]                      # the later authenticated binding wins
-        assert await port.check(to, old_user, "not-the-password-0123456") == 0x0111
-        assert owner() == new_user.split(":")[0]
-    finally:
-        port.close()
-        await service.stop()
+            assert await port.check(to, old_user, "not-the-password-0123456") == 0x0111
+            assert owner() is None                                        # unauthenticated: not bound
+            assert await port.check(to, old_user, old_pwd) == 0x0101
+            assert owner() == old_user.split(":")[0]
+            assert await port.check(to, new_user, new_pwd) == 0x0101
+            assert owner() == new_user.split(":")[0]                      # the later authenticated binding wins
+            assert await port.check(to, old_user, "not-the-password-0123456") == 0x0111
+            assert owner() == new_user.split(":")[0]
+        finally:
+            port.close()
 
 
 async def test_a_silent_address_expires_and_its_media_then_reaches_no_session():
-    service = Transceiver(TransceiverConfig(backend_id=BACKEND_ID, bind_port=0, whip_port=0, address_timeout=0.3))
-    await service.start()
     peer = Peer()
-    try:
-        expired: asyncio.Future = asyncio.get_running_loop().create_future()
-        service.mux.on_expire.append(lambda addr: expired.done() or expired.set_result(addr))
-        async with aiohttp.ClientSession() as http:
-            username, password, _ = await answered(service, http)
-        assert await peer.check(service.mux.local_address, username, password) == 0x0101
-        assert peer.address in service.mux.by_addr
-        async with asyncio.timeout(10):
-            assert await expired == peer.address
-        assert peer.address not in service.mux.by_addr and service.mux.expired == 1
-        await peer.send(b"\x80\x6f" + bytes(170), service.mux.local_address)
-        for _ in range(200):
-            if service.mux.drops["not_stun"]:
-                break
-            await asyncio.sleep(0.01)
-        assert dict(service.mux.drops) == {"not_stun": 1}
-        assert service.metrics.mux_addresses_expired._value.get() == 1
-    finally:
-        peer.close()
-        await service.stop()
+    async with serving(address_timeout=0.3) as service:
+        try:
+            expired: asyncio.Future = asyncio.get_running_loop().create_future()
+            service.mux.on_expire.append(lambda addr: expired.done() or expired.set_result(addr))
+            async with aiohttp.ClientSession() as http:
+                username, password, _ = await answered(service, http)
+            assert await peer.check(service.mux.local_address, username, password) == 0x0101
+            assert peer.address in service.mux.by_addr
+            async with asyncio.timeout(10):
+                assert await expired == peer.address
+            assert peer.address not in service.mux.by_addr and service.mux.expired == 1
+            await peer.send(b"\x80\x6f" + bytes(170), service.mux.local_address)
+            for _ in range(200):
+                if service.mux.drops["not_stun"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert dict(service.mux.drops) == {"not_stun": 1}
+            assert service.metrics.mux_addresses_expired._value.get() == 1
+        finally:
+            peer.close()
 
 
 async def test_a_live_call_keeps_its_binding_past_the_address_timeout():
     """A call sends every 20 ms: its address never goes silent long enough to expire."""
-    service = Transceiver(TransceiverConfig(backend_id=BACKEND_ID, bind_port=0, whip_port=0, address_timeout=0.5))
-    await service.start()
-    try:
+    async with serving(address_timeout=0.5) as service:
         async with aiohttp.ClientSession() as http:
             caller = await connected_caller(service, http)
             bound = dict(service.mux.by_addr)
@@ -165,6 +158,4 @@ async def test_a_live_call_keeps_its_binding_past_the_address_timeout():
                 await hears_itself_again(caller, "the echo")
             assert service.mux.expired == 0 and service.mux.by_addr == bound
             await caller.hangup(http)
-    finally:
-        await service.stop()
 

@@ -19,7 +19,9 @@
 A bad offer is refused with a 4xx and a one-line reason before anything is
 created: wrong content type (415), too large (413), too slow to arrive (408),
 not SDP, no audio m-line, no ICE credentials, no DTLS fingerprint, not BUNDLEd, or rejected by aiortc
-(400).  What to do with a good offer is the ``SessionHost``'s business.
+(400).  An offer past the host's limits (``SessionHost.admit``: per-source rate, live and unconnected
+sessions) gets 429 or 503 with ``Retry-After`` before its body is read.  What to do with a good offer
+is the ``SessionHost``'s business.
 """
 
 from __future__ import annotations
