@@ -113,12 +113,30 @@ async def test_a_source_past_its_burst_gets_429_while_another_source_is_answered
             puts = session_puts(agent)
             status, text, headers = await post(http, service.whip_url, await offer_sdp())
         assert statuses == [201, 201]
-        assert (status, text) == (429, "too many offers from 127.0.0.1: at most 0.5/s after a burst of 2")
+        assert (status, text) == (429, "too many offers or ICE restarts from 127.0.0.1: at most 0.5/s after a "
+                                       "burst of 2")
         assert 1 <= int(headers["Retry-After"]) <= 2                          # one token at 0.5/s
         assert session_puts(agent) == puts and refused(service, "rate") == 1
         other = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))         # another source, its own bucket
         async with aiohttp.ClientSession(connector=other) as http:
             assert (await post(http, service.whip_url, await offer_sdp()))[0] == 201
+
+
+async def test_ice_restarts_share_their_sources_rate_and_a_refused_one_leaves_the_call_as_it_was():
+    async with serving(offer_rate=0.01, offer_burst=2) as service:  # a token per 100 s: none comes back
+        async with aiohttp.ClientSession() as http:
+            caller = await connected_caller(service, http)                   # the first token
+            session = service.sessions[caller.session_id]
+            statuses = []
+            for n in range(2):                                                # the second, then none left
+                fragment = IceFragment(ufrag=f"restartUfrag{n}", pwd="r" * 22, mid="0", end_of_candidates=True)
+                headers = {"If-Match": f'"{session.etag}"', "Content-Type": MEDIA_TYPE}
+                async with http.patch(caller.location, data=fragment.serialize(), headers=headers) as resp:
+                    statuses.append((resp.status, 1 <= int(resp.headers.get("Retry-After", "0")) <= 100))
+            assert statuses == [(200, False), (429, True)]
+            assert len(session.retired_ufrags) == 1 and refused(service, "rate") == 1  # one restart only
+            await hears_itself_again(caller, "the echo after the refused restart")
+            await caller.hangup(http)
 
 
 async def test_the_rate_limit_remembers_a_bounded_number_of_sources():

@@ -6,7 +6,8 @@ the candidates it names (candidates.py) until it connects or its connect timeout
 ends it.  So, checked in this order, before the offer's body is even read:
 
 * ``offer_rate``/``offer_burst``: a token bucket per source (an IPv4 address, an
-  IPv6 /64, since one subscriber gets a whole /64), 429.  The table keeps at
+  IPv6 /64, since one subscriber gets a whole /64), 429.  ICE restarts (PATCH)
+  take from the same bucket: each one checks a new set of candidates.  The table keeps at
   most ``offer_sources`` sources, the least recently seen forgotten first: an
   attacker with more sources than that can refresh its buckets, which the two
   global bounds below still cap;
@@ -117,8 +118,8 @@ class Admission:
         source = source_of(remote)
         wait = self.buckets.take(source, asyncio.get_running_loop().time())
         if wait:
-            raise self._refuse(429, RATE, f"too many offers from {source}: at most {self.config.offer_rate:g}/s "
-                                          f"after a burst of {self.buckets.burst}", wait)
+            limit = f"at most {self.config.offer_rate:g}/s after a burst of {self.buckets.burst}"
+            raise self._refuse(429, RATE, f"too many offers or ICE restarts from {source}: {limit}", wait)
 
     def check_capacity(self, live: int, pending_ages: list[float]) -> None:
         """Raise 503 if ``live`` sessions, or the unconnected ones (their ages in seconds), are at a limit."""

@@ -181,10 +181,12 @@ class Transceiver:
         return [0.0] * self._answering + [now - s.timings.offer_at for s in self.sessions.values()
                                           if not s.connected.is_set() and not s.ended.is_set()]
 
-    def admit(self, remote: str | None) -> None:
-        """The WHIP endpoint's first question about an offer (admission.py): raises 429 or 503."""
+    def admit(self, remote: str | None, new_session: bool = True) -> None:
+        """The WHIP endpoint's first question about an offer or an ICE restart (admission.py): raises
+        429 or 503.  Restarts share their source's offer rate: each one checks new candidates."""
         self.admission.check_rate(remote)
-        self.admission.check_capacity(len(self.sessions) + self._answering, self._pending_ages())
+        if new_session:
+            self.admission.check_capacity(len(self.sessions) + self._answering, self._pending_ages())
 
     async def open_session(self, sdp: str, offer_at: float,
                            facts: SignalingFacts | None = None) -> tuple[str, str]:

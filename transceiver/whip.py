@@ -20,7 +20,8 @@ A bad offer is refused with a 4xx and a one-line reason before anything is
 created: wrong content type (415), too large (413), too slow to arrive (408),
 not SDP, no audio m-line, no ICE credentials, no DTLS fingerprint, not BUNDLEd, or rejected by aiortc
 (400).  An offer past the host's limits (``SessionHost.admit``: per-source rate, live and unconnected
-sessions) gets 429 or 503 with ``Retry-After`` before its body is read.  What to do with a good offer
+sessions) gets 429 or 503 with ``Retry-After`` before its body is read; a PATCH past its source's
+rate, 429.  What to do with a good offer
 is the ``SessionHost``'s business.
 """
 
@@ -82,9 +83,10 @@ class SessionHost(Protocol):
 
     draining: bool
 
-    def admit(self, remote: str | None) -> None:
-        """Refuse an offer from ``remote`` (the peer address) before its body is read, with
-        OfferRejected 429 or 503 and Retry-After, when its source or the host is at a limit."""
+    def admit(self, remote: str | None, new_session: bool = True) -> None:
+        """Refuse an offer (or, not ``new_session``, an ICE restart) from ``remote`` (the peer address)
+        before its body is read, with OfferRejected 429 or 503 and Retry-After, when its source or
+        (for an offer) the host is at a limit."""
 
     async def open_session(self, sdp: str, offer_at: float, facts: SignalingFacts) -> tuple[str, str]:
         """Create a session; returns (session id, SDP answer); raises OfferRejected.  ``facts``: the
@@ -162,6 +164,7 @@ class WhipEndpoint:
 
     async def patch(self, request: web.Request) -> web.Response:
         """ICE restart (RFC 9725 4.3.2); the checks run in the order a client can fix them."""
+        self.host.admit(request.remote, new_session=False)  # a restart checks new candidates: same rate
         if request.content_type != SDPFRAG:
             raise OfferRejected(415, f"a PATCH must be Content-Type: {SDPFRAG}")
         if_match = request.headers.get("If-Match")
