@@ -61,7 +61,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aioice import Candidate
+from aioice import Candidate, stun
 from aioice.candidate import candidate_foundation, candidate_priority
 from aioice.ice import CandidatePair, Connection, StunProtocol
 
@@ -351,10 +351,14 @@ class UdpMux(asyncio.DatagramProtocol):
         bound = self.by_addr.get(source)
         if bound is not None:
             self.last_heard[source] = asyncio.get_running_loop().time()
-        protocol = self._route_stun(data, source, bound) if ref_stun.classify(data) == ref_stun.STUN else bound
+        if ref_stun.classify(data) == ref_stun.STUN:
+            protocol = self._route_stun(data, source, bound)
+        elif bound is None:
+            self.drops[NOT_STUN] += 1
+            return
+        else:
+            protocol = bound
         if protocol is None:
-            if bound is None and ref_stun.classify(data) != ref_stun.STUN:
-                self.drops[NOT_STUN] += 1
             return
         protocol.datagram_received(data, source)
 
@@ -442,7 +446,8 @@ class MuxedConnection(Connection):
         """aioice's, and a request it authenticates (RFC 8489 9.1.3: USERNAME and MESSAGE-INTEGRITY
         under our password) binds its address to this session on the mux; nothing else does."""
         attributes = message.attributes
-        authentic = (not self._closing and "USERNAME" in attributes and "MESSAGE-INTEGRITY" in attributes
+        authentic = (not self._closing and message.message_method == stun.Method.BINDING
+                     and "USERNAME" in attributes and "MESSAGE-INTEGRITY" in attributes
                      and self._valid_username(attributes["USERNAME"])
                      and message.check_message_integrity(self.local_password.encode("utf8")))
         super().request_received(message, addr, protocol)

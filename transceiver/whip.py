@@ -21,8 +21,7 @@ created: wrong content type (415), too large (413), too slow to arrive (408),
 not SDP, no audio m-line, no ICE credentials, no DTLS fingerprint, not BUNDLEd, or rejected by aiortc
 (400).  An offer past the host's limits (``SessionHost.admit``: per-source rate, live and unconnected
 sessions) gets 429 or 503 with ``Retry-After`` before its body is read; a PATCH past its source's
-rate, 429.  What to do with a good offer
-is the ``SessionHost``'s business.
+rate, 429.  What to do with a good offer is the ``SessionHost``'s business.
 """
 
 from __future__ import annotations
