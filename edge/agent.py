@@ -3,9 +3,16 @@
 It builds one ``DataPlane`` (edge/plane.py) from its config, sets it up (the
 XDP plane attaches, or re-attaches over, its programs and adopts whatever the
 pinned maps already hold; the userspace plane binds its sockets on the loop),
-serves the control API and /metrics over it, and ages idle flows.  Which plane
+serves the control API and /metrics over it, and ages idle flows (and the
+sessions nobody hung up: no flow for ``session_idle_s`` while their backend has
+stopped refreshing itself).  Which plane
 it runs is decided once, in ``AgentConfig.plane()``; nothing after asks.
 What stays when it stops is the plane's promise (``DataPlane.shutdown``).
+
+/metrics never reads the tables itself: the ager's pass leaves the table sizes
+behind (``TableSnapshot``), and a scrape reads that plus the counter array, off
+the table-walker thread, so a scrape flood neither walks the flow map nor delays
+ageing or a DELETE.
 """
 
 from __future__ import annotations
@@ -16,13 +23,15 @@ import ipaddress
 import logging
 import secrets
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from splitrelay.edge.backend_sources import BackendFollower, BackendSpec, file_reader, kubernetes_reader
-from splitrelay.edge.control import ControlAPI, off_loop
+from splitrelay.edge.control import BACKEND_LIVE_S, ApiError, BackendLimits, ControlAPI, off_loop
+from splitrelay.edge.credentials import check_master
 from splitrelay.edge.metrics import EdgeMetrics
 from splitrelay.edge.plane import DataPlane, PlaneConfig
 from splitrelay.edge.records import POLICIES, Backend, DatapathError
@@ -58,6 +67,12 @@ class AgentConfig(PlaneConfig):
     k8s_service: str | None = None        # follow the endpoints of namespace/service
     k8s_api: str | None = None            # API URL when not in a pod (tests, out-of-cluster)
     k8s_token: str | None = None
+    k8s_ca_file: str | None = None        # verify the API's certificate with this CA (default: the system's)
+    k8s_insecure: bool = False            # skip that verification (only when asked)
+    backend_cidrs: tuple[str, ...] = ()   # where backends may be; empty: the internal interface's networks
+    backend_ports: tuple[int, int] = (1, 65535)
+    session_idle_s: float = 600.0         # a session with no flow this long, of a backend gone quiet, goes
+    backend_live_s: float = BACKEND_LIVE_S
     datapath: str = "xdp"                 # "xdp" | "userspace" (edge/userspace.py)
     internal_ip4: str | None = None       # userspace: where flow sockets bind (default: from internal_iface)
     internal_ip6: str | None = None
@@ -101,6 +116,18 @@ class AgentConfig(PlaneConfig):
             raise DatapathError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         if not 1 <= self.relay_port <= 65535:
             raise DatapathError(f"relay port must be 1..65535, got {self.relay_port}")
+        check_master(self.token, self.listen_host)
+        first, last = self.backend_ports
+        if not 1 <= first <= last <= 65535:
+            raise DatapathError(f"backend ports must be a range within 1..65535, got {first}-{last}")
+        for cidr in self.backend_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise DatapathError(f"not a network: {cidr!r}") from None
+        if self.session_idle_s < self.idle_timeout_s:
+            raise DatapathError(f"session idle time must be >= the flow idle timeout ({self.idle_timeout_s:g} s), "
+                                f"got {self.session_idle_s:g}")
         if not 0 <= self.listen_port <= 65535:
             raise DatapathError(f"listen port must be 0..65535, got {self.listen_port}")
         if not (self.public_ip4 or self.public_ip6):
@@ -115,6 +142,32 @@ class AgentConfig(PlaneConfig):
                 raise DatapathError(f"not an IP address: {value!r}") from None
             if version and addr.version != version:
                 raise DatapathError(f"{value} is not an IPv{version} address")
+
+
+def interface_networks(ifname: str) -> list[str]:
+    """The networks ``ifname``'s global addresses are on (blocking: netlink): the default backend range."""
+    from pyroute2 import IPRoute
+
+    out = []
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        for msg in ipr.get_addr(index=found[0]) if found else []:
+            if msg["scope"] == 0:
+                addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+                out.append(str(ipaddress.ip_network(f"{addr}/{msg['prefixlen']}", strict=False)))
+    return out
+
+
+class TableSnapshot:
+    """Table sizes as the ager last read them, for /metrics: a scrape never walks a table."""
+
+    def __init__(self) -> None:
+        self.fill: dict[str, tuple[int, int]] | None = None
+
+    def map_fill(self) -> dict[str, tuple[int, int]]:
+        if self.fill is None:
+            raise DatapathError("no ageing pass has read the tables yet")
+        return self.fill
 
 
 def _iface_exists(name: str) -> bool:
@@ -138,6 +191,11 @@ class EdgeAgent:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
         self._walker: ThreadPoolExecutor | None = None  # whole-table reads run here when they block
+        self._scraper: ThreadPoolExecutor | None = None  # /metrics reads counters here, never on the walker
+        self._scrape: asyncio.Future | None = None       # the scrape in progress: concurrent ones share it
+        self.tables = TableSnapshot()
+        self.session_quiet_since: dict[str, int] = {}    # ufrag -> monotonic ns it was first seen flowless
+        self.limits: BackendLimits | None = None
 
     @property
     def datapath(self) -> DataPlane:
@@ -183,13 +241,18 @@ class EdgeAgent:
         await loop.run_in_executor(None, self.attach)
         where = self.plane.activate(loop)
         info = [(a.ifname, a.program, a.mode) for a in self.plane.attachments]
-        self.metrics = EdgeMetrics(self.plane, info, kind=self.plane.kind)
+        self.metrics = EdgeMetrics(self.plane, info, kind=self.plane.kind, tables=self.tables)
         internal_mac = await loop.run_in_executor(None, self.plane.internal_mac)
+        networks = list(c.backend_cidrs) or await loop.run_in_executor(None, interface_networks, c.internal_iface)
+        self.limits = BackendLimits(networks, c.backend_ports)
         if self.plane.reads_block:
             self._walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flow-table")
+            self._scraper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
+        await off_loop(self._walker, self._read_tables)
         self.api = ControlAPI(
             self.plane, resolve_mac=self.resolve_backend_mac, relay_mac=internal_mac, token=c.token,
             health=self.health, observe=self.metrics.observe_request, walker=self._walker,
+            limits=self.limits, backend_live_s=c.backend_live_s,
         )
         app = self.api.app([web.get("/metrics", self._metrics)])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -200,16 +263,21 @@ class EdgeAgent:
         self._tasks.append(asyncio.create_task(self._age_forever(), name="flow-ageing"))
         for follower in self._backend_followers(internal_mac):
             self._tasks.append(asyncio.create_task(follower.run(), name=f"backends {follower.name}"))
+        fill = self.tables.map_fill()
         log.info("edge agent %s (boot %s): %s; adopted %d backends, %d sessions, %d flows; "
-                 "control on %s:%d", c.instance, self.boot_id, where,
-                 len(self.plane.backends()), len(self.plane.sessions()), len(self.plane.flows()),
-                 c.listen_host, self.port)
+                 "control on %s:%d; backends allowed in %s, ports %d-%d", c.instance, self.boot_id, where,
+                 fill["backends"][0], fill["sessions"][0], fill["flows"][0], c.listen_host, self.port,
+                 ", ".join(networks) or "nowhere", *c.backend_ports)
 
     def _backend_followers(self, internal_mac: str) -> list[BackendFollower]:
         c = self.config
         loop = asyncio.get_running_loop()
 
         async def apply(spec: BackendSpec) -> None:
+            try:
+                self.limits.check(spec.ip, spec.ip6, spec.port)
+            except ApiError as exc:
+                raise DatapathError(f"backend {spec.backend_id}: {exc.text}") from None
             mac = await loop.run_in_executor(None, self.resolve_backend_mac, spec.ip or spec.ip6)
             self.plane.set_backend(Backend(spec.backend_id, spec.port, mac, internal_mac,
                                               ip4=spec.ip, ip6=spec.ip6))
@@ -221,24 +289,59 @@ class EdgeAgent:
         if c.backends_file:
             followers.append(BackendFollower(file_reader(c.backends_file), apply, remove, name=c.backends_file))
         if c.k8s_service:
-            reader = kubernetes_reader(c.k8s_service, api=c.k8s_api, token=c.k8s_token)
+            reader = kubernetes_reader(c.k8s_service, api=c.k8s_api, token=c.k8s_token,
+                                       ca_file=c.k8s_ca_file, insecure=c.k8s_insecure)
             followers.append(BackendFollower(reader, apply, remove, name=f"kubernetes {c.k8s_service}"))
         return followers
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = await off_loop(self._walker, self.metrics.exposition)  # it counts the flows: a table read
+        """The counters and the ager's table sizes.  One read at a time, on its own thread: scrapes that
+        arrive meanwhile share its answer, so a flood costs one counter read per read's duration."""
+        if self._scrape is None or self._scrape.done():
+            self._scrape = asyncio.ensure_future(off_loop(self._scraper, self.metrics.exposition))
+        body = await asyncio.shield(self._scrape)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    def _read_tables(self) -> None:
+        self.tables.fill = self.plane.map_fill()
+
     def age_once(self) -> int:
-        """One ageing pass: remove flows idle longer than the idle timeout; returns how many went."""
+        """One ageing pass: remove flows idle longer than the idle timeout, then the sessions left behind
+        (``age_sessions``), and note the table sizes for /metrics; returns how many flows went."""
         try:
             removed = self.plane.age_flows(self.config.idle_timeout_s)
+            self.metrics.aged_sessions.inc(self.age_sessions())
+            self._read_tables()
         except Exception:
             self.metrics.ageing_errors.inc()
             raise
         self.metrics.ageing_runs.inc()
         self.metrics.aged_flows.inc(removed)
         return removed
+
+    def age_sessions(self) -> int:
+        """Remove sessions with no flow for ``session_idle_s`` whose backend stopped refreshing itself.
+
+        A live transceiver deletes its own sessions (its Registrar retries a failed DELETE); one
+        that died, or a session registered by hand, leaves entries nobody removes: this is their
+        end.  A live backend's flowless sessions stay (its ready ufrags wait for callers)."""
+        now = time.monotonic_ns()
+        limit = int(self.config.session_idle_s * 1e9)
+        live = self.api.live_backends() if self.api else set()
+        quiet, doomed = {}, []
+        for s in self.plane.sessions():
+            if s.flows:
+                continue
+            # first seen flowless by this pass (not its creation: a flow may have just aged out)
+            since = quiet[s.ufrag] = self.session_quiet_since.get(s.ufrag, now)
+            if now - since >= limit and s.backend_id not in live:
+                doomed.append(s.ufrag)
+        self.session_quiet_since = {u: t for u, t in quiet.items() if u not in doomed}
+        if not doomed:
+            return 0
+        gone = sum(self.plane.del_sessions(doomed).values())
+        log.info("aged out %d sessions with no flow for %g s", gone, self.config.session_idle_s)
+        return gone
 
     async def _age_forever(self) -> None:
         while True:
@@ -262,7 +365,12 @@ class EdgeAgent:
         if self._runner:
             runner, self._runner = self._runner, None
             await runner.cleanup()
-        if self._walker is not None:  # a walk in progress finishes before the maps may go
-            walker, self._walker = self._walker, None
-            await asyncio.get_running_loop().run_in_executor(None, walker.shutdown)
+        if self._scrape is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._scrape
+        for name in ("_scraper", "_walker"):  # a read in progress finishes before the maps may go
+            pool = getattr(self, name)
+            setattr(self, name, None)
+            if pool is not None:
+                await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
         self.plane.shutdown()
