@@ -27,7 +27,7 @@ def _client(control: str, token: str | None):
     from splitrelay.lab import reach
 
     where = resolve(control, "control", lambda lab, url: reach.control(lab, url, lab_relay()))
-    return InNamespace(ControlClient(where.url, token), where)
+    return InNamespace(ControlClient(where.url, token or where.token), where)
 
 
 @click.group()

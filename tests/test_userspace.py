@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitrelay.lab.stack import (
     BACKEND_PORT,
     control,
+    control_key_file,
     control_url,
     log_file,
     probe,
@@ -486,7 +487,7 @@ def test_the_userspace_agent_needs_no_bcc(relay_module, servers, sockets):
     argv = [sys.executable, "-c", NO_BCC, "-v", "edge", "serve", lab.relay_public.ifname,
             "--internal", lab.relay_internal.ifname, "--public-ip", lab.relay_public.ip4,
             "--listen", f"{control_url(lab).removeprefix('http://')}", "--instance", lab.name,
-            "--datapath", "userspace"]                # no gateway: the kernel routes
+            "--datapath", "userspace", "--token-file", str(control_key_file(lab))]  # no gateway: kernel routes
     path = log_file(lab, "nobcc")
     with path.open("w") as out:
         proc = lab.popen(lab.relay_public.netns, argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
