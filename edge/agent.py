@@ -125,9 +125,8 @@ class AgentConfig(PlaneConfig):
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 raise DatapathError(f"not a network: {cidr!r}") from None
-        if self.session_idle_s < self.idle_timeout_s:
-            raise DatapathError(f"session idle time must be >= the flow idle timeout ({self.idle_timeout_s:g} s), "
-                                f"got {self.session_idle_s:g}")
+        if not self.session_idle_s > 0:
+            raise DatapathError(f"session idle time must be > 0 s, got {self.session_idle_s:g}")
         if not 0 <= self.listen_port <= 65535:
             raise DatapathError(f"listen port must be 0..65535, got {self.listen_port}")
         if not (self.public_ip4 or self.public_ip6):
@@ -244,6 +243,9 @@ class EdgeAgent:
         self.metrics = EdgeMetrics(self.plane, info, kind=self.plane.kind, tables=self.tables)
         internal_mac = await loop.run_in_executor(None, self.plane.internal_mac)
         networks = list(c.backend_cidrs) or await loop.run_in_executor(None, interface_networks, c.internal_iface)
+        if not networks:
+            raise DatapathError(f"{c.internal_iface} has no global address to take the backends' networks from: "
+                                "give --backend-cidr")
         self.limits = BackendLimits(networks, c.backend_ports)
         if self.plane.reads_block:
             self._walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flow-table")
@@ -267,7 +269,7 @@ class EdgeAgent:
         log.info("edge agent %s (boot %s): %s; adopted %d backends, %d sessions, %d flows; "
                  "control on %s:%d; backends allowed in %s, ports %d-%d", c.instance, self.boot_id, where,
                  fill["backends"][0], fill["sessions"][0], fill["flows"][0], c.listen_host, self.port,
-                 ", ".join(networks) or "nowhere", *c.backend_ports)
+                 ", ".join(networks), *c.backend_ports)
 
     def _backend_followers(self, internal_mac: str) -> list[BackendFollower]:
         c = self.config

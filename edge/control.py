@@ -14,7 +14,7 @@ answers 409.
 
 Authorization (edge/credentials.py, SECURITY.md): the master token opens
 everything; a backend token opens only its own backend and that backend's
-sessions.  The middleware finds who is asking (``request["principal"]``); each
+sessions.  The middleware finds who is asking (``request[PRINCIPAL]``); each
 route says what it needs (``_admin``, ``_owner``).  Backend addresses must lie
 in the configured networks and port range (``BackendLimits``), so a transceiver's
 token cannot turn the relay into a forwarder toward any address it likes.
@@ -50,6 +50,7 @@ DEFAULT_FLOW_LIMIT = 1000
 MAX_FLOW_LIMIT = 1_000_000
 BACKEND_FIELDS = {"ip", "ip6", "port", "instance"}
 SESSION_FIELDS = {"backend"}
+PRINCIPAL = web.RequestKey("principal", object)  # ADMIN or a backend id: who the middleware found asking
 BACKEND_LIVE_S = 30.0  # a backend refreshed this recently is live: another instance cannot take its id
 
 
@@ -272,13 +273,13 @@ class ControlAPI:
 
     @staticmethod
     def _admin(request: web.Request) -> None:
-        if request["principal"] != ADMIN:
-            raise ApiError(403, f"backend {request['principal']}'s token cannot do this: it needs the admin token")
+        if request[PRINCIPAL] != ADMIN:
+            raise ApiError(403, f"backend {request[PRINCIPAL]}'s token cannot do this: it needs the admin token")
 
     @staticmethod
     def _owner(request: web.Request, backend_id: int) -> None:
         """The caller must be the admin or backend ``backend_id`` itself."""
-        principal = request["principal"]
+        principal = request[PRINCIPAL]
         if principal != ADMIN and principal != backend_id:
             raise ApiError(403, f"backend {principal}'s token cannot change backend {backend_id}")
 
@@ -288,8 +289,8 @@ class ControlAPI:
         status = 500
         try:
             if request.path not in OPEN_PATHS:
-                request["principal"] = self._principal(request)
-                if request["principal"] is None:
+                request[PRINCIPAL] = self._principal(request)
+                if request[PRINCIPAL] is None:
                     raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
             response = await handler(request)
             status = response.status
@@ -449,7 +450,7 @@ class ControlAPI:
 
     async def delete_session(self, request: web.Request) -> web.Response:
         ufrag = _ufrag(request.match_info["ufrag"])
-        principal = request["principal"]
+        principal = request[PRINCIPAL]
         if principal != ADMIN:
             existing = self.dp.session(ufrag)
             if existing is None and not self.deletions.pending(ufrag):

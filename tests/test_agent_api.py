@@ -81,7 +81,8 @@ def agent_config(links: tuple[str, str], **kw) -> AgentConfig:
     base = dict(public_iface=links[0], internal_iface=links[1], public_ip4=P.PUBLIC_IP4,
                 public_ip6=P.PUBLIC_IP6, relay_port=P.RELAY_PORT, gateway_ip=GATEWAY_IP,
                 instance=f"srE-{secrets.token_hex(4)}", listen_host="127.0.0.1", listen_port=0,
-                ageing_interval_s=0.1, neighbour_timeout_s=0.5, detach_on_exit=True)
+                ageing_interval_s=0.1, neighbour_timeout_s=0.5, detach_on_exit=True,
+                backend_cidrs=("198.18.10.0/24", "fd00:5::/64"))
     base.update(kw)
     return AgentConfig(**base)
 

@@ -1,0 +1,358 @@
+"""Attacks on the edge agent's control API, tried against a real agent (real HTTP, real XDP).
+
+The agent runs in this process on a veth pair of its own (tests/test_agent_api.py's
+helpers) with a 64-hex-digit master token.  Each test is what someone holding a
+transceiver's token, or no token at all, would try: take another backend's calls,
+list them, point the relay elsewhere, or flood /metrics while calls hang up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from urllib.parse import quote
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from splitrelay.bpf.testrun import XDP_REDIRECT, run_xdp
+from splitrelay.edge.agent import AgentConfig, EdgeAgent
+from splitrelay.edge.control_client import AsyncControlClient, ControlError
+from splitrelay.edge.credentials import CredentialError, backend_hmac, backend_token
+from splitrelay.transceiver.registration import Forbidden, Registrar
+
+from . import packets as P
+from .conftest import needs_root
+from .test_agent_api import BACKEND_PORT, BACKENDS, agent_config, binding_request, open_flow, url, veth_pair
+
+MASTER = secrets.token_hex(32)
+asyncio_module = pytest.mark.asyncio(loop_scope="module")
+
+
+# -- starting: no token, a short one, an empty file ------------------------------------------------
+
+def config(**kw) -> AgentConfig:
+    base = dict(public_iface="p0", internal_iface="i0", public_ip4=P.PUBLIC_IP4, datapath="userspace",
+                listen_host="198.18.1.1", token=MASTER)
+    return AgentConfig(**{**base, **kw})
+
+
+def test_a_network_listener_without_a_token_refuses_to_start():
+    with pytest.raises(CredentialError) as err:
+        config(token=None)
+    assert str(err.value) == ("the control API on 198.18.1.1 (not loopback) needs a token (--token-file) "
+                              "of at least 32 bytes")
+
+
+def test_a_network_listener_with_a_short_token_refuses_to_start():
+    with pytest.raises(CredentialError) as err:
+        config(token="x" * 31)
+    assert str(err.value) == ("the control token is 31 bytes; a control API on 198.18.1.1 (not loopback) "
+                              "needs at least 32")
+    config(token="x" * 32)                                   # 32 bytes is enough
+    config(listen_host="127.0.0.1", token=None)              # loopback may go without
+
+
+def test_an_empty_token_file_is_an_error_not_auth_off(tmp_path):
+    empty = tmp_path / "token"
+    empty.write_text("  \n")
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "edge", "serve", "nosuch0",
+                           "--internal", "nosuch1", "--public-ip", "198.51.100.1", "--datapath", "userspace",
+                           "--listen", "127.0.0.1:0", "--token-file", str(empty)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr == f"splitrelay: error: token file {empty} is empty\n"
+
+
+def test_the_backend_token_command_prints_the_derived_token(tmp_path):
+    key = tmp_path / "token"
+    key.write_text(MASTER + "\n")
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "edge", "token", "--key-file", str(key),
+                           "--backend", "7", "--json"], capture_output=True, text=True, check=True)
+    import hashlib
+    import hmac
+    import json
+    expected = hmac.new(MASTER.encode(), b"splitrelay-backend:7", hashlib.sha256).hexdigest()
+    assert json.loads(proc.stdout) == {"backend": 7, "token": f"7.{expected}"}
+    assert backend_token(MASTER, 7) == f"7.{expected}" and backend_hmac(MASTER, 7) == expected
+
+
+# -- a real agent with scoped credentials ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def links():
+    with veth_pair() as pair:
+        yield pair
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def agent(links):
+    edge = EdgeAgent(agent_config(links, token=MASTER, backend_ports=(5000, 5999), ageing_interval_s=0.05))
+    await edge.start()
+    try:
+        yield edge
+    finally:
+        await edge.stop()
+
+
+@pytest.fixture
+def short_windows(agent):
+    """Liveness and session idle windows of half a second, for the tests that wait them out."""
+    saved = agent.api.backend_live_s, agent.config.session_idle_s
+    agent.api.backend_live_s = agent.config.session_idle_s = 0.5
+    yield
+    agent.api.backend_live_s, agent.config.session_idle_s = saved
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def admin(agent):
+    async with AsyncControlClient(url(agent), MASTER) as c:
+        yield c
+
+
+def as_backend(agent: EdgeAgent, backend_id: int) -> AsyncControlClient:
+    return AsyncControlClient(url(agent), backend_token(MASTER, backend_id))
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def calls(agent, admin):
+    """Backends 1 and 2 (registered by the admin, no instance), each with one session that has a flow."""
+    dp = agent.plane
+    for b in dp.backends():
+        dp.del_backend(b.backend_id)
+    for s in dp.sessions():
+        dp.del_session(s.ufrag)
+    agent.api.instances.clear()
+    agent.api.refreshed.clear()
+    for backend_id, ufrag, port in ((1, "callOfA1", 40001), (2, "callOfB2", 40002)):
+        ip4, ip6, _ = BACKENDS[backend_id]
+        await admin.put_backend(backend_id, ip4, BACKEND_PORT, ip6)
+        await admin.put_session(ufrag, backend_id)
+        open_flow(agent, ufrag, client_port=port)
+    return dp
+
+
+async def status_of(client: AsyncControlClient, method: str, path: str, body=None, headers=None):
+    status, raw = await client.request(method, path, body, headers=headers)
+    return status, raw.decode()
+
+
+def still_routed(agent: EdgeAgent, ufrag: str, port: int) -> bool:
+    """B's call keeps working: its client's next packet is still redirected to its backend by XDP."""
+    frame = P.udp_frame(binding_request(f"{ufrag}:cli1"), src=P.CLIENT_IP4, sport=port)
+    return run_xdp(agent.plane.program_fd("xdp_public"), frame).verdict == XDP_REDIRECT \
+        and agent.plane.flow((P.CLIENT_IP4, port)) is not None
+
+
+@needs_root
+@asyncio_module
+async def test_no_token_changes_nothing(agent, calls):
+    async with AsyncControlClient(url(agent)) as nobody:
+        for method, path in (("DELETE", "/v1/sessions/callOfB2"), ("GET", "/v1/sessions"),
+                             ("DELETE", "/v1/backends/2"), ("GET", "/v1/flows")):
+            assert await status_of(nobody, method, path) == (401, '{"error": "missing or wrong bearer token"}')
+    assert still_routed(agent, "callOfB2", 40002)
+
+
+@needs_root
+@asyncio_module
+async def test_backend_a_cannot_delete_backend_bs_call(agent, calls):
+    async with as_backend(agent, 1) as a:
+        assert await status_of(a, "DELETE", "/v1/sessions/callOfB2") == (
+            403, '{"error": "backend 1\'s token cannot delete a session of another backend"}')
+        assert await status_of(a, "DELETE", "/v1/backends/2") == (
+            403, '{"error": "backend 1\'s token cannot change backend 2"}')
+        assert await status_of(a, "PUT", "/v1/backends/2", {"ip": BACKENDS[1][0], "port": BACKEND_PORT}) == (
+            403, '{"error": "backend 1\'s token cannot change backend 2"}')
+        assert await status_of(a, "PUT", "/v1/sessions/stolenUfrag", {"backend": 2}) == (
+            403, '{"error": "backend 1\'s token cannot change backend 2"}')
+    assert agent.plane.session("callOfB2").backend_id == 2
+    assert agent.plane.session("stolenUfrag") is None
+    assert still_routed(agent, "callOfB2", 40002)
+
+
+@needs_root
+@asyncio_module
+async def test_a_backend_token_manages_only_its_own_backend_and_sessions(agent, calls):
+    async with as_backend(agent, 1) as a:
+        assert (await a.put_backend(1, BACKENDS[1][0], BACKEND_PORT, instance="t1"))["id"] == 1
+        await a.put_session("newOfA1x", 1)
+        assert {s["ufrag"] for s in await a.sessions(backend=1)} == {"callOfA1", "newOfA1x"}
+        await a.delete_session("newOfA1x")
+        await a.delete_session("callOfA1")
+        with pytest.raises(ControlError) as err:
+            await a.delete_session("callOfA1")
+        assert (err.value.status, err.value.message) == (404, "DELETE /v1/sessions/callOfA1: 404 no such session")
+
+
+@needs_root
+@asyncio_module
+async def test_listing_and_admin_routes_need_the_admin_token(agent, calls):
+    async with as_backend(agent, 1) as a:
+        for path in ("/v1/sessions", "/v1/backends", "/v1/flows", "/v1/stats", "/v1/sessions?backend=2"):
+            status, body = await status_of(a, "GET", path)
+            assert status == 403, (path, body)
+    assert await status_of(a, "GET", "/v1/sessions") == (
+        403, '{"error": "backend 1\'s token cannot do this: it needs the admin token"}')
+
+
+@needs_root
+@asyncio_module
+async def test_a_forged_or_renamed_backend_token_is_refused(agent, calls):
+    token_of_1 = backend_token(MASTER, 1)
+    forged = [token_of_1[:-1] + ("0" if token_of_1[-1] != "0" else "1"),   # one digit off
+              "2." + token_of_1.partition(".")[2],                        # 1's proof, claiming 2
+              "2." + backend_hmac(MASTER[:-1], 2),                        # a different master
+              MASTER[:-1], "2", "2.", ".", "0." + backend_hmac(MASTER, 0)]
+    async with AsyncControlClient(url(agent)) as c:
+        for token in forged:
+            status, _ = await status_of(c, "DELETE", "/v1/sessions/callOfB2",
+                                        headers={"Authorization": f"Bearer {token}"})
+            assert status == 401, token
+    assert still_routed(agent, "callOfB2", 40002)
+
+
+@needs_root
+@asyncio_module
+async def test_backends_outside_the_allowed_networks_and_ports_are_refused(agent, admin, calls):
+    for body, error in (({"ip": "192.0.2.7", "port": BACKEND_PORT},
+                         "backend address 192.0.2.7 is outside the allowed networks "
+                         "(198.18.10.0/24, fd00:5::/64)"),
+                        ({"ip": BACKENDS[3][0], "ip6": "2001:db8::7", "port": BACKEND_PORT},
+                         "backend address 2001:db8::7 is outside the allowed networks "
+                         "(198.18.10.0/24, fd00:5::/64)"),
+                        ({"ip": BACKENDS[3][0], "port": 53},
+                         "backend port 53 is outside the allowed range 5000-5999")):
+        assert await status_of(admin, "PUT", "/v1/backends/3", body) == (403, f'{{"error": "{error}"}}')
+    assert agent.plane.backend(3) is None
+
+
+# -- a live backend id cannot be taken; a dead one can ---------------------------------------------
+
+@needs_root
+@asyncio_module
+async def test_a_second_instance_claiming_a_live_backend_id_gets_409(agent, admin, calls, short_windows):
+    async with as_backend(agent, 2) as b:
+        await b.put_backend(2, BACKENDS[2][0], BACKEND_PORT, instance="first")      # refreshed: live
+        status, body = await status_of(b, "PUT", "/v1/backends/2",
+                                       {"ip": BACKENDS[3][0], "port": BACKEND_PORT, "instance": "second"})
+        assert (status, body) == (409, '{"error": "backend 2 is live at another address '
+                                       f'({BACKENDS[2][0]}:{BACKEND_PORT}, instance first)"}}')
+        assert still_routed(agent, "callOfB2", 40002)
+        # the same address with a new instance is a restart of the same transceiver: not refused
+        await b.put_backend(2, BACKENDS[2][0], BACKEND_PORT, instance="first-restarted")
+        deadline = time.monotonic() + 10
+        while 2 in agent.api.live_backends() and time.monotonic() < deadline:  # no refresh: it goes quiet
+            await asyncio.sleep(0.05)
+        assert (await b.put_backend(2, BACKENDS[3][0], BACKEND_PORT, instance="second"))["ip"] == BACKENDS[3][0]
+
+
+# -- sessions nobody hung up are aged; a live backend's are not --------------------------------------
+
+@needs_root
+@asyncio_module
+async def test_flowless_sessions_of_a_quiet_backend_are_aged_and_a_live_ones_are_kept(agent, admin, calls,
+                                                                                      short_windows):
+    await admin.put_session("leakedB2", 2)                    # backend 2: registered by the admin, never refreshed
+    async with as_backend(agent, 1) as a:
+        await a.put_backend(1, BACKENDS[1][0], BACKEND_PORT, instance="alive")
+        await a.put_session("readyA1x", 1)                    # a live transceiver's ready ufrag
+        deadline = time.monotonic() + 10
+        while agent.plane.session("leakedB2") is not None and time.monotonic() < deadline:
+            await a.put_backend(1, BACKENDS[1][0], BACKEND_PORT, instance="alive")   # its refresh
+            await asyncio.sleep(0.05)
+    assert agent.plane.session("leakedB2") is None
+    assert agent.plane.session("readyA1x") is not None
+    assert agent.plane.session("callOfB2") is not None       # it has a flow: a call in progress
+
+
+# -- /metrics under a scrape flood ------------------------------------------------------------------
+
+@needs_root
+@asyncio_module
+async def test_a_scrape_flood_never_walks_the_tables_nor_holds_the_deletes(agent, admin, calls):
+    walks: list[str] = []
+    plane = agent.plane
+    real_fill = plane.map_fill
+
+    def counted_fill():
+        walks.append(threading.current_thread().name)
+        return real_fill()
+
+    plane.map_fill = counted_fill
+    try:
+        ufrags = [f"flood{i:03d}" for i in range(40)]
+        for ufrag in ufrags:
+            await admin.put_session(ufrag, 1)
+        async with AsyncControlClient(url(agent)) as scraper:
+            async def flood() -> int:
+                done = 0
+                for _ in range(25):
+                    bodies = await asyncio.gather(*(scraper.metrics() for _ in range(20)))
+                    assert all("splitrelay_edge_flows " in b for b in bodies)
+                    done += len(bodies)
+                return done
+
+            async def hang_ups() -> list[float]:
+                took = []
+                for ufrag in ufrags:
+                    start = time.perf_counter()
+                    await admin.delete_session(ufrag)
+                    took.append(time.perf_counter() - start)
+                return took
+
+            scraped, took = await asyncio.gather(flood(), hang_ups())
+        assert scraped == 500
+        assert all(plane.session(u) is None for u in ufrags)
+        # every map walk came from the ager (its thread), none from the 500 scrapes
+        assert walks and set(walks) == {"flow-table_0"}, set(walks)
+        assert len(walks) < 500                 # before: one walk per scrape, on the same thread as the DELETEs
+        assert max(took) < 5.0, max(took)
+    finally:
+        plane.map_fill = real_fill
+
+
+# -- the Registrar: a failed DELETE is retried until it lands ---------------------------------------
+
+@needs_root
+@asyncio_module
+async def test_a_failed_unregister_is_retried_until_the_agent_drops_the_session(agent, calls):
+    """The first two DELETEs meet a 503 from a front that otherwise passes requests to the agent."""
+    refused = []
+
+    async def front(request: web.Request) -> web.StreamResponse:
+        if request.method == "DELETE" and len(refused) < 2:
+            refused.append(request.path)
+            return web.json_response({"error": "overloaded"}, status=503)
+        async with AsyncControlClient(url(agent), request.headers["Authorization"].partition(" ")[2]) as c:
+            body = await request.read()
+            status, raw = await c.request(request.method, request.rel_url.raw_path_qs, data=body or None)
+        return web.Response(status=status, body=raw, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", front)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    registrar = Registrar(f"http://127.0.0.1:{port}", 1, BACKENDS[1][0], BACKEND_PORT,
+                          token=backend_token(MASTER, 1), watch_interval=0.05)
+    try:
+        await registrar.start()
+        await registrar.register("retryMe1")
+        await registrar.unregister("retryMe1")
+        assert agent.plane.session("retryMe1") is not None and "retryMe1" in registrar.leftover
+        deadline = time.monotonic() + 10
+        while agent.plane.session("retryMe1") is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert agent.plane.session("retryMe1") is None
+        assert registrar.leftover == {} and refused == ["/v1/sessions/retryMe1"] * 2
+        with pytest.raises(Forbidden):                       # its token opens backend 1 only
+            await registrar._call("DELETE", f"/v1/sessions/{quote('callOfB2')}")
+    finally:
+        await registrar.stop()
+        await runner.cleanup()
