@@ -1,0 +1,99 @@
+"""Control API attacks in a lab with real transceivers, real XDP and a real aiortc call that must survive.
+
+The lab's agents run with a master token; each transceiver holds only its backend's
+token (lab/stack.py), as SECURITY.md prescribes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from splitrelay.edge.control_client import ControlClient, ControlError
+from splitrelay.lab.netns import LabError, in_netns
+from splitrelay.lab.stack import (
+    control,
+    control_token,
+    control_url,
+    probe,
+    probe_result,
+    start_lab,
+    start_transceiver,
+    stop_lab,
+    whip_url,
+)
+from splitrelay.lab.topology import Lab
+
+from .conftest import needs_root
+from .test_webrtc_lab import assert_clean_call
+from .waiting import wait_for
+
+pytestmark = needs_root
+
+
+@pytest.fixture(scope="module")
+def auth_lab():
+    """Agents only; the tests start the transceivers (their processes are the tests' to stop)."""
+    info = start_lab(transceivers=2, handler=None)
+    lab = Lab.load(info["name"])
+    try:
+        procs = [start_transceiver(lab, t) for t in lab.transceivers]
+        yield lab, procs
+    finally:
+        stop_lab(info["name"])
+
+
+def as_backend(lab: Lab, backend_id: int, fn):
+    """``fn(client)`` from the relay's namespace with backend ``backend_id``'s own token."""
+    return in_netns(lab.relay(1).netns,
+                    lambda: fn(ControlClient(control_url(lab), control_token(lab, backend_id))))
+
+
+def test_backend_as_token_cannot_hang_up_backend_bs_call(auth_lab):
+    lab, _ = auth_lab
+    second = lab.transceivers[1]
+    proc = probe(lab, [whip_url(second)], duration=4)
+    flows = wait_for(lambda: [f for f in control(lab, lambda c: c.flows()) if f["backend"] == second.backend_id],
+                     20, "the call's flow at the relay", proc)
+    ufrag = flows[0]["ufrag"]
+    first_id = lab.transceivers[0].backend_id
+    refusals = []
+    for attempt in (lambda c: c.delete_session(ufrag),
+                    lambda c: c.put_session("takeOver1", second.backend_id),
+                    lambda c: c.delete_backend(second.backend_id),
+                    lambda c: c.sessions()):
+        with pytest.raises(ControlError) as err:
+            as_backend(lab, first_id, attempt)
+        refusals.append(err.value.status)
+    assert refusals == [403, 403, 403, 403]
+    [report] = probe_result(proc, 60)
+    assert_clean_call(report)                      # every beep echoed: the call never lost its relay entry
+
+
+def test_a_second_transceiver_claiming_a_live_backend_id_gets_409(auth_lab):
+    """What `--backend-id from-ip` gives two pods whose addresses share their low 18 bits: one id, two
+    addresses.  Before, the second took the id and the first one's sessions were dropped."""
+    lab, procs = auth_lab
+    first, second = lab.transceivers
+    procs[1].terminate()
+    procs[1].wait(timeout=30)
+    before = {s["ufrag"] for s in control(lab, lambda c: c.sessions()) if s["backend"] == first.backend_id}
+    assert before                                  # the first transceiver's ready ufrags
+    impostor = dataclasses.replace(second, backend_id=first.backend_id)
+    with pytest.raises(LabError) as err:
+        start_transceiver(lab, impostor)
+    assert (f"PUT /v1/backends/{first.backend_id}: 409 backend {first.backend_id} is live at another "
+            f"address ({first.ip4}:") in str(err.value)
+    after = {s["ufrag"] for s in control(lab, lambda c: c.sessions()) if s["backend"] == first.backend_id}
+    assert before <= after
+    assert control(lab, lambda c: c.backends())[0]["ip"] == first.ip4
+    proc = probe(lab, [whip_url(first)], duration=3)
+    [report] = probe_result(proc, 60)
+    assert_clean_call(report)
+
+
+def test_the_transceivers_token_is_scoped_to_its_backend(auth_lab):
+    lab, _ = auth_lab
+    argv = Path(f"/proc/{auth_lab[1][0].pid}/cmdline").read_bytes().decode().split("\0")
+    assert control_token(lab, lab.transceivers[0].backend_id) in argv and control_token(lab) not in argv
