@@ -9,10 +9,15 @@ stopped refreshing itself).  Which plane
 it runs is decided once, in ``AgentConfig.plane()``; nothing after asks.
 What stays when it stops is the plane's promise (``DataPlane.shutdown``).
 
-/metrics never reads the tables itself: the ager's pass leaves the table sizes
-behind (``TableSnapshot``), and a scrape reads that plus the counter array, off
-the table-walker thread, so a scrape flood neither walks the flow map nor delays
-ageing or a DELETE.
+/metrics never walks a table itself.  With XDP the ager's pass leaves the table
+sizes behind (``TableSnapshot``: the flow count from its own walk, the session
+count from ``age_sessions``'), and a scrape answers with those of the first pass
+that starts after it arrives (at most one ageing interval later), plus the
+counter array read on a thread of its own; concurrent scrapes share one answer.
+So a scrape flood neither walks the flow map nor waits on, or delays, the
+table-walker thread that ages flows and serves DELETEs (before, each scrape
+counted the whole flow map on that thread, one walk per scrape).  The userspace
+plane's sizes are len()s: read live.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ log = logging.getLogger(__name__)
 DATAPATHS = ("xdp", "userspace")
 MIN_IDLE_S = 15.0  # consent checks come every ~5 s (RFC 7675): never age a live flow
 MIN_AGEING_INTERVAL_S = 0.05
+SCRAPE_WAIT_S = 5.0  # beyond two ageing intervals, a scrape answers with the sizes the last pass left
 
 
 @dataclass
@@ -158,10 +164,16 @@ def interface_networks(ifname: str) -> list[str]:
 
 
 class TableSnapshot:
-    """Table sizes as the ager last read them, for /metrics: a scrape never walks a table."""
+    """Table sizes as the ager last read them, for /metrics: a scrape never walks a table.
+
+    ``passes`` numbers the ageing passes that left them; a scrape waits for the first
+    pass that started after it arrived (``started`` at arrival + 1)."""
 
     def __init__(self) -> None:
         self.fill: dict[str, tuple[int, int]] | None = None
+        self.started = 0
+        self.passes = 0
+        self.changed = asyncio.Condition()
 
     def map_fill(self) -> dict[str, tuple[int, int]]:
         if self.fill is None:
@@ -191,7 +203,7 @@ class EdgeAgent:
         self._tasks: list[asyncio.Task] = []
         self._walker: ThreadPoolExecutor | None = None  # whole-table reads run here when they block
         self._scraper: ThreadPoolExecutor | None = None  # /metrics reads counters here, never on the walker
-        self._scrape: asyncio.Future | None = None       # the scrape in progress: concurrent ones share it
+        self._scrape: tuple[int, asyncio.Future] | None = None  # (pass it shows, its exposition): shared
         self.tables = TableSnapshot()
         self.session_quiet_since: dict[str, int] = {}    # ufrag -> monotonic ns it was first seen flowless
         self.limits: BackendLimits | None = None
@@ -240,7 +252,8 @@ class EdgeAgent:
         await loop.run_in_executor(None, self.attach)
         where = self.plane.activate(loop)
         info = [(a.ifname, a.program, a.mode) for a in self.plane.attachments]
-        self.metrics = EdgeMetrics(self.plane, info, kind=self.plane.kind, tables=self.tables)
+        self.metrics = EdgeMetrics(self.plane, info, kind=self.plane.kind,
+                                   tables=self.tables if self.plane.reads_block else None)
         internal_mac = await loop.run_in_executor(None, self.plane.internal_mac)
         networks = list(c.backend_cidrs) or await loop.run_in_executor(None, interface_networks, c.internal_iface)
         if not networks:
@@ -297,23 +310,35 @@ class EdgeAgent:
         return followers
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        """The counters and the ager's table sizes.  One read at a time, on its own thread: scrapes that
-        arrive meanwhile share its answer, so a flood costs one counter read per read's duration."""
-        if self._scrape is None or self._scrape.done():
-            self._scrape = asyncio.ensure_future(off_loop(self._scraper, self.metrics.exposition))
-        body = await asyncio.shield(self._scrape)
+        """The counters and the table sizes of the next ageing pass (XDP; see the module doc).  Scrapes
+        waiting for the same pass share one exposition, read on the scrape thread."""
+        shown = self.tables.passes
+        if self._scraper is not None:
+            wanted = self.tables.started + 1
+            with contextlib.suppress(TimeoutError):  # ageing failing or slow: the sizes it last left
+                async with self.tables.changed:
+                    await asyncio.wait_for(self.tables.changed.wait_for(lambda: self.tables.passes >= wanted),
+                                           2 * self.config.ageing_interval_s + SCRAPE_WAIT_S)
+            shown = self.tables.passes
+        if self._scrape is None or self._scrape[0] < shown or self._scrape[1].done():
+            self._scrape = (shown, asyncio.ensure_future(off_loop(self._scraper, self.metrics.exposition)))
+        body = await asyncio.shield(self._scrape[1])
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _read_tables(self) -> None:
-        self.tables.fill = self.plane.map_fill()
+    def _read_tables(self, sessions: int | None = None) -> None:
+        """Note the table sizes: the flows and sessions as this pass counted them, the small maps read."""
+        known = {"flows": getattr(self.plane, "flows_after_ageing", None), "sessions": sessions}
+        self.tables.fill = self.plane.map_fill({k: v for k, v in known.items() if v is not None})
 
     def age_once(self) -> int:
         """One ageing pass: remove flows idle longer than the idle timeout, then the sessions left behind
         (``age_sessions``), and note the table sizes for /metrics; returns how many flows went."""
         try:
             removed = self.plane.age_flows(self.config.idle_timeout_s)
-            self.metrics.aged_sessions.inc(self.age_sessions())
-            self._read_tables()
+            aged, sessions = self.age_sessions()
+            self.metrics.aged_sessions.inc(aged)
+            if self.plane.reads_block:
+                self._read_tables(sessions)
         except Exception:
             self.metrics.ageing_errors.inc()
             raise
@@ -321,8 +346,9 @@ class EdgeAgent:
         self.metrics.aged_flows.inc(removed)
         return removed
 
-    def age_sessions(self) -> int:
-        """Remove sessions with no flow for ``session_idle_s`` whose backend stopped refreshing itself.
+    def age_sessions(self) -> tuple[int, int]:
+        """Remove sessions with no flow for ``session_idle_s`` whose backend stopped refreshing itself;
+        returns (how many went, how many stay).
 
         A live transceiver deletes its own sessions (its Registrar retries a failed DELETE); one
         that died, or a session registered by hand, leaves entries nobody removes: this is their
@@ -331,7 +357,8 @@ class EdgeAgent:
         limit = int(self.config.session_idle_s * 1e9)
         live = self.api.live_backends() if self.api else set()
         quiet, doomed = {}, []
-        for s in self.plane.sessions():
+        sessions = self.plane.sessions()
+        for s in sessions:
             if s.flows:
                 continue
             # first seen flowless by this pass (not its creation: a flow may have just aged out)
@@ -340,19 +367,24 @@ class EdgeAgent:
                 doomed.append(s.ufrag)
         self.session_quiet_since = {u: t for u, t in quiet.items() if u not in doomed}
         if not doomed:
-            return 0
+            return 0, len(sessions)
         gone = sum(self.plane.del_sessions(doomed).values())
         log.info("aged out %d sessions with no flow for %g s", gone, self.config.session_idle_s)
-        return gone
+        return gone, len(sessions) - gone
 
     async def _age_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.ageing_interval_s)
+            self.tables.started += 1
             try:
                 removed = await off_loop(self._walker, self.age_once)  # the table-walker thread, not the loop
             except Exception as exc:  # noqa: BLE001 - one bad pass must not end ageing for good
                 log.warning("flow ageing failed: %s", exc)
                 continue
+            finally:
+                self.tables.passes += 1
+                async with self.tables.changed:
+                    self.tables.changed.notify_all()
             if removed:
                 log.info("aged out %d idle flows", removed)
 
@@ -369,7 +401,7 @@ class EdgeAgent:
             await runner.cleanup()
         if self._scrape is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._scrape
+                await self._scrape[1]
         for name in ("_scraper", "_walker"):  # a read in progress finishes before the maps may go
             pool = getattr(self, name)
             setattr(self, name, None)
