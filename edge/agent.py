@@ -327,6 +327,9 @@ class EdgeAgent:
 
     def _read_tables(self, sessions: int | None = None) -> None:
         """Note the table sizes: the flows and sessions as this pass counted them, the small maps read."""
+        if not self.plane.reads_block:   # the userspace plane: len()s, nothing to walk
+            self.tables.fill = self.plane.map_fill()
+            return
         known = {"flows": getattr(self.plane, "flows_after_ageing", None), "sessions": sessions}
         self.tables.fill = self.plane.map_fill({k: v for k, v in known.items() if v is not None})
 
@@ -399,6 +402,8 @@ class EdgeAgent:
         if self._runner:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        if self.api is not None:
+            await self.api.deletions.close()
         if self._scrape is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._scrape[1]

@@ -23,6 +23,7 @@ token cannot turn the relay into a forwarder toward any address it likes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -34,7 +35,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 from splitrelay.bpf.consts import MAX_BACKEND_ID
-from splitrelay.edge.credentials import ADMIN, Credentials
+from splitrelay.edge.credentials import ADMIN, POOL, Credentials
 from splitrelay.edge.plane import DataPlane, NullPlane
 from splitrelay.edge.records import Backend, DatapathError, TableFullError
 from splitrelay.wire.stun import UFRAG_RULE, is_ufrag
@@ -51,6 +52,23 @@ MAX_FLOW_LIMIT = 1_000_000
 BACKEND_FIELDS = {"ip", "ip6", "port", "instance"}
 SESSION_FIELDS = {"backend"}
 PRINCIPAL = web.RequestKey("principal", object)  # ADMIN or a backend id: who the middleware found asking
+POOL_ADDRESS = web.RequestKey("pool_address", str)  # a pool token's caller: its backend must be at this address
+
+
+def _ipv4_of(remote: str) -> ipaddress.IPv4Address | None:
+    try:
+        addr = ipaddress.ip_address(remote)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address):
+        return addr.ipv4_mapped
+    return addr
+
+
+def _id_of_address(remote: str) -> int | None:
+    """The backend id ``--backend-id from-ip`` gives this IPv4 address (None: it gives none)."""
+    addr = _ipv4_of(remote)
+    return (int(addr) & MAX_BACKEND_ID or None) if addr is not None else None
 BACKEND_LIVE_S = 30.0  # a backend refreshed this recently is live: another instance cannot take its id
 
 
@@ -194,6 +212,12 @@ class SessionDeletions:
             self._sweeper = asyncio.create_task(self._sweep(), name="session-deletions")
         return await asyncio.shield(future)  # a client that hangs up does not cancel the others' sweep
 
+    async def close(self) -> None:
+        """Let the sweep in progress finish (its DELETEs were accepted: their sessions must go)."""
+        if self._sweeper is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._sweeper)
+
     async def _sweep(self) -> None:
         while self._pending:
             await asyncio.sleep(0)  # the DELETEs whose handlers are already running join this batch
@@ -264,24 +288,33 @@ class ControlAPI:
         return app
 
     def _principal(self, request: web.Request) -> str | int | None:
-        """ADMIN, the backend id whose token was offered, or None (no or wrong token)."""
+        """ADMIN, the backend id whose token was offered (a pool token: the id of the caller's own
+        address), or None (no or wrong token)."""
         if self.credentials is None:
             return ADMIN  # no token configured: loopback only (credentials.check_master)
         scheme, _, offered = request.headers.get("Authorization", "").strip().partition(" ")
         # the scheme is case-insensitive (RFC 7235); tokens are compared in constant time
-        return self.credentials.principal(offered.strip()) if scheme.lower() == "bearer" else None
+        principal = self.credentials.principal(offered.strip()) if scheme.lower() == "bearer" else None
+        if principal == POOL:
+            request[POOL_ADDRESS] = request.remote or ""
+            return _id_of_address(request[POOL_ADDRESS])
+        return principal
 
     @staticmethod
     def _admin(request: web.Request) -> None:
         if request[PRINCIPAL] != ADMIN:
             raise ApiError(403, f"backend {request[PRINCIPAL]}'s token cannot do this: it needs the admin token")
 
-    @staticmethod
-    def _owner(request: web.Request, backend_id: int) -> None:
-        """The caller must be the admin or backend ``backend_id`` itself."""
+    def _owner(self, request: web.Request, backend_id: int, where_registered: bool = True) -> None:
+        """The caller must be the admin or backend ``backend_id`` itself (with a pool token: at the
+        address that backend is registered at; two pods whose addresses give one id are two callers)."""
         principal = request[PRINCIPAL]
         if principal != ADMIN and principal != backend_id:
             raise ApiError(403, f"backend {principal}'s token cannot change backend {backend_id}")
+        registered = self.dp.backend(backend_id) if where_registered and POOL_ADDRESS in request else None
+        if registered is not None and registered.ip4 != str(_ipv4_of(request[POOL_ADDRESS])):
+            raise ApiError(403, f"backend {backend_id} is registered at {registered.ip4}, "
+                                f"not at the caller's address {request[POOL_ADDRESS]}")
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]):
@@ -331,7 +364,7 @@ class ControlAPI:
 
     async def put_backend(self, request: web.Request) -> web.Response:
         backend_id = _backend_id(request.match_info["id"])
-        self._owner(request, backend_id)
+        self._owner(request, backend_id, where_registered=False)  # a pool caller: its own address, below
         body = await _json_object(request, BACKEND_FIELDS)
         ip4 = _ip_field(body, "ip", 4)
         ip6 = _ip_field(body, "ip6", 6)
@@ -340,6 +373,9 @@ class ControlAPI:
         port = _int_field(body, "port", 1, 65535)
         instance = _instance_field(body)
         self.limits.check(ip4, ip6, port)
+        if POOL_ADDRESS in request and ip4 != str(_ipv4_of(request[POOL_ADDRESS])):
+            raise ApiError(403, f"a pool token registers only its caller's own address "
+                                f"({request[POOL_ADDRESS]}), not {ip4 or ip6}")
         next_hop = ip4 or ip6
         try:
             # neighbour resolution blocks (and pyroute2 runs its own loop): keep it off ours
@@ -457,6 +493,8 @@ class ControlAPI:
                 raise ApiError(404, "no such session")
             if existing is not None and existing.backend_id != principal:
                 raise ApiError(403, f"backend {principal}'s token cannot delete a session of another backend")
+            if existing is not None:
+                self._owner(request, existing.backend_id)
         if not await self.deletions.delete(ufrag):  # its flows go too
             raise ApiError(404, "no such session")
         return web.Response(status=204)

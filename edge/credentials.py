@@ -10,6 +10,12 @@ rotates every backend token at once (SECURITY.md):
 The id in front names the backend the token claims (the agent needs it to know
 which HMAC to recompute, like the ``sub`` of a signed token); the 64 lowercase
 hex digits are what proves it.  Every comparison is constant-time.
+
+Where ids are known only at run time (``transceiver serve --backend-id from-ip``
+in a Deployment), every pod holds the one *pool* token instead,
+``"pool." + hex(HMAC-SHA256(master, "splitrelay-pool"))``: it opens only the
+backend whose id the request's own source address gives (its low 18 bits, as
+from-ip computes it), registered at that address, so a pod acts only as itself.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ from splitrelay.errors import SplitrelayError
 
 MIN_TOKEN_BYTES = 32  # 256 bits, the HMAC-SHA256 key size; a shorter master is refused on a network listener
 BACKEND_LABEL = b"splitrelay-backend:"
+POOL_LABEL = b"splitrelay-pool"
 ADMIN = "admin"
+POOL = "pool"   # a pool token: the backend is the one the caller's address gives
 
 
 class CredentialError(SplitrelayError):
@@ -72,17 +80,25 @@ def backend_token(master: str, backend_id: int) -> str:
     return f"{backend_id}.{backend_hmac(master, backend_id)}"
 
 
+def pool_token(master: str) -> str:
+    """What every from-ip transceiver presents: ``"pool.<hex HMAC>"``."""
+    return "pool." + hmac.new(master.encode(), POOL_LABEL, hashlib.sha256).hexdigest()
+
+
 class Credentials:
-    """The agent's check of a bearer token: ``principal(token)`` is ADMIN, a backend id, or None."""
+    """The agent's check of a bearer token: ``principal(token)`` is ADMIN, POOL, a backend id, or None."""
 
     def __init__(self, master: str) -> None:
         self.master = master
         self._master_bytes = master.encode()
+        self._pool_bytes = pool_token(master).encode()
 
     def principal(self, offered: str) -> str | int | None:
         raw = offered.encode("utf-8", "replace")
         if hmac.compare_digest(raw, self._master_bytes):
             return ADMIN
+        if hmac.compare_digest(raw, self._pool_bytes):
+            return POOL
         claimed, dot, proof = offered.partition(".")
         if not dot or not claimed.isascii() or not claimed.isdigit() or len(claimed) > 7:
             return None

@@ -22,7 +22,7 @@ from aiohttp import web
 from splitrelay.bpf.testrun import XDP_REDIRECT, run_xdp
 from splitrelay.edge.agent import AgentConfig, EdgeAgent
 from splitrelay.edge.control_client import AsyncControlClient, ControlError
-from splitrelay.edge.credentials import CredentialError, backend_hmac, backend_token
+from splitrelay.edge.credentials import CredentialError, backend_hmac, backend_token, pool_token
 from splitrelay.transceiver.registration import Forbidden, Registrar
 
 from . import packets as P
@@ -228,6 +228,24 @@ async def test_backends_outside_the_allowed_networks_and_ports_are_refused(agent
                          "backend port 53 is outside the allowed range 5000-5999")):
         assert await status_of(admin, "PUT", "/v1/backends/3", body) == (403, f'{{"error": "{error}"}}')
     assert agent.plane.backend(3) is None
+
+
+@needs_root
+@asyncio_module
+async def test_a_pool_token_acts_only_as_the_backend_of_its_own_address(agent, calls):
+    """From 127.0.0.1 a pool token is backend 1 (the low 18 bits), at 127.0.0.1: not the backend 1
+    registered at another address, and never backend 2."""
+    async with AsyncControlClient(url(agent), pool_token(MASTER)) as pool:
+        assert await status_of(pool, "DELETE", "/v1/sessions/callOfA1") == (
+            403, f'{{"error": "backend 1 is registered at {BACKENDS[1][0]}, not at the caller\'s address '
+                 '127.0.0.1"}')
+        assert await status_of(pool, "DELETE", "/v1/sessions/callOfB2") == (
+            403, '{"error": "backend 1\'s token cannot delete a session of another backend"}')
+        assert await status_of(pool, "PUT", "/v1/backends/1", {"ip": BACKENDS[1][0], "port": BACKEND_PORT}) == (
+            403, f'{{"error": "a pool token registers only its caller\'s own address (127.0.0.1), not '
+                 f'{BACKENDS[1][0]}"}}')
+        assert (await status_of(pool, "GET", "/v1/sessions"))[0] == 403
+    assert still_routed(agent, "callOfA1", 40001) and still_routed(agent, "callOfB2", 40002)
 
 
 # -- a live backend id cannot be taken; a dead one can ---------------------------------------------

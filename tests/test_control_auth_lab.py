@@ -7,13 +7,17 @@ token (lab/stack.py), as SECURITY.md prescribes.
 from __future__ import annotations
 
 import dataclasses
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
+from splitrelay.bpf.consts import MAX_BACKEND_ID
 from splitrelay.edge.control_client import ControlClient, ControlError
+from splitrelay.edge.credentials import pool_token
 from splitrelay.lab.netns import LabError, in_netns
 from splitrelay.lab.stack import (
     control,
+    control_key_file,
     control_token,
     control_url,
     probe,
@@ -97,3 +101,28 @@ def test_the_transceivers_token_is_scoped_to_its_backend(auth_lab):
     lab, _ = auth_lab
     argv = Path(f"/proc/{auth_lab[1][0].pid}/cmdline").read_bytes().decode().split("\0")
     assert control_token(lab, lab.transceivers[0].backend_id) in argv and control_token(lab) not in argv
+
+
+def test_a_from_ip_transceiver_with_the_pool_token_registers_itself_and_nothing_else(auth_lab):
+    """The Kubernetes setup: `--backend-id from-ip` and the one pool token every pod holds."""
+    lab, procs = auth_lab
+    first, second = lab.transceivers
+    if procs[1].poll() is None:
+        procs[1].terminate()
+        procs[1].wait(timeout=30)
+    own_id = int(ip_address(second.ip4)) & MAX_BACKEND_ID
+    pool = pool_token(control_key_file(lab).read_text().strip())
+    start_transceiver(lab, second, extra_args=["--backend-id", "from-ip", "--token", pool])
+    assert {b["id"]: b["ip"] for b in control(lab, lambda c: c.backends())}[own_id] == second.ip4
+    theirs = next(s["ufrag"] for s in control(lab, lambda c: c.sessions()) if s["backend"] == first.backend_id)
+
+    def delete_from_the_pod(c):
+        with pytest.raises(ControlError) as err:
+            c.delete_session(theirs)
+        return err.value.status
+
+    assert in_netns(second.netns, lambda: delete_from_the_pod(ControlClient(control_url(lab), pool))) == 403
+    assert theirs in {s["ufrag"] for s in control(lab, lambda c: c.sessions())}
+    proc = probe(lab, [whip_url(second)], duration=3)
+    [report] = probe_result(proc, 60)
+    assert_clean_call(report)
