@@ -78,6 +78,13 @@ def test_the_backend_token_command_prints_the_derived_token(tmp_path):
     expected = hmac.new(MASTER.encode(), b"splitrelay-backend:7", hashlib.sha256).hexdigest()
     assert json.loads(proc.stdout) == {"backend": 7, "token": f"7.{expected}"}
     assert backend_token(MASTER, 7) == f"7.{expected}" and backend_hmac(MASTER, 7) == expected
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "edge", "token", "--key-file", str(key),
+                           "--pool"], capture_output=True, text=True, check=True)
+    pool = hmac.new(MASTER.encode(), b"splitrelay-pool", hashlib.sha256).hexdigest()
+    assert proc.stdout == f"pool.{pool}\n" == pool_token(MASTER) + "\n"
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "edge", "token", "--key-file", str(key)],
+                          capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr) == (2, "splitrelay: error: give --backend ID or --pool\n")
 
 
 # -- a real agent with scoped credentials ----------------------------------------------------------
