@@ -152,9 +152,8 @@ async def anonymous(agent):
         yield c
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def state(agent, client):
-    """Backends 1 and 2, session 'existing1' on 1 with one flow; nothing else."""
+def empty_tables(agent: EdgeAgent):
+    """No backend, session or flow left, and nothing the control API remembers of backends."""
     dp = agent.plane
     for b in dp.backends():
         dp.del_backend(b.backend_id)
@@ -163,6 +162,14 @@ async def state(agent, client):
     for f in dp.flows():
         dp.del_flow((f.client_ip, f.client_port))
     agent.api.instances.clear()
+    agent.api.refreshed.clear()
+    return dp
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def state(agent, client):
+    """Backends 1 and 2, session 'existing1' on 1 with one flow; nothing else."""
+    dp = empty_tables(agent)
     for backend_id in (1, 2):
         ip4, ip6, _ = BACKENDS[backend_id]
         await client.put_backend(backend_id, ip4, BACKEND_PORT, ip6)

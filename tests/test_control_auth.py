@@ -27,7 +27,16 @@ from splitrelay.transceiver.registration import Forbidden, Registrar
 
 from . import packets as P
 from .conftest import needs_root
-from .test_agent_api import BACKEND_PORT, BACKENDS, agent_config, binding_request, open_flow, url, veth_pair
+from .test_agent_api import (
+    BACKEND_PORT,
+    BACKENDS,
+    agent_config,
+    binding_request,
+    empty_tables,
+    open_flow,
+    url,
+    veth_pair,
+)
 
 MASTER = secrets.token_hex(32)
 asyncio_module = pytest.mark.asyncio(loop_scope="module")
@@ -89,20 +98,16 @@ def test_the_backend_token_command_prints_the_derived_token(tmp_path):
 
 # -- a real agent with scoped credentials ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def links():
-    with veth_pair() as pair:
-        yield pair
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def agent(links):
-    edge = EdgeAgent(agent_config(links, token=MASTER, backend_ports=(5000, 5999), ageing_interval_s=0.05))
-    await edge.start()
-    try:
-        yield edge
-    finally:
-        await edge.stop()
+async def agent():
+    """The agent on a veth pair of this module's own, with the master token and backend ports 5000-5999."""
+    with veth_pair() as links:
+        edge = EdgeAgent(agent_config(links, token=MASTER, backend_ports=(5000, 5999), ageing_interval_s=0.05))
+        await edge.start()
+        try:
+            yield edge
+        finally:
+            await edge.stop()
 
 
 @pytest.fixture
@@ -127,13 +132,7 @@ def as_backend(agent: EdgeAgent, backend_id: int) -> AsyncControlClient:
 @pytest_asyncio.fixture(loop_scope="module")
 async def calls(agent, admin):
     """Backends 1 and 2 (registered by the admin, no instance), each with one session that has a flow."""
-    dp = agent.plane
-    for b in dp.backends():
-        dp.del_backend(b.backend_id)
-    for s in dp.sessions():
-        dp.del_session(s.ufrag)
-    agent.api.instances.clear()
-    agent.api.refreshed.clear()
+    dp = empty_tables(agent)
     for backend_id, ufrag, port in ((1, "callOfA1", 40001), (2, "callOfB2", 40002)):
         ip4, ip6, _ = BACKENDS[backend_id]
         await admin.put_backend(backend_id, ip4, BACKEND_PORT, ip6)
