@@ -394,3 +394,48 @@ async def test_a_failed_unregister_is_retried_until_the_agent_drops_the_session(
     finally:
         await registrar.stop()
         await runner.cleanup()
+
+
+# -- the Kubernetes follower checks the API server's certificate -------------------------------------
+
+def self_signed(tmp_path):
+    """A certificate for 127.0.0.1 signed by nobody anyone trusts, and its key."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"), "-days", "1",
+                    "-subj", "/CN=kubernetes", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return tmp_path / "cert.pem", tmp_path / "key.pem"
+
+
+@pytest.mark.asyncio
+async def test_the_kubernetes_follower_refuses_an_api_server_it_cannot_verify(tmp_path):
+    import ssl
+
+    from splitrelay.edge.backend_sources import BackendSourceError, kubernetes_reader
+
+    cert, key = self_signed(tmp_path)
+    endpoints = {"subsets": [{"addresses": [{"ip": "10.244.0.11"}], "ports": [{"name": "media", "port": 5000}]}]}
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.json_response(endpoints)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/namespaces/splitrelay/endpoints/splitrelay-whip", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+    await site.start()
+    api = f"https://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        with pytest.raises(BackendSourceError) as err:     # an impostor on the path: not believed
+            await kubernetes_reader("splitrelay/splitrelay-whip", api=api, token="t")()
+        assert str(err.value).startswith(f"Kubernetes API {api} unreachable: ") and "certificate verify failed" \
+            in str(err.value)
+        trusted = await kubernetes_reader("splitrelay/splitrelay-whip", api=api, token="t", ca_file=str(cert))()
+        assert [(s.ip, s.port) for s in trusted] == [("10.244.0.11", 5000)]
+        unchecked = await kubernetes_reader("splitrelay/splitrelay-whip", api=api, token="t", insecure=True)()
+        assert unchecked == trusted
+    finally:
+        await runner.cleanup()
