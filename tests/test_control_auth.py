@@ -439,3 +439,23 @@ async def test_the_kubernetes_follower_refuses_an_api_server_it_cannot_verify(tm
         assert unchecked == trusted
     finally:
         await runner.cleanup()
+
+
+@needs_root
+@asyncio_module
+async def test_a_running_registrar_keeps_its_backend_live(agent, calls, short_windows):
+    """Its refresh is what makes the 409 and the session ageing tell a live transceiver from a dead one."""
+    registrar = Registrar(url(agent), 1, BACKENDS[1][0], BACKEND_PORT, token=backend_token(MASTER, 1),
+                          watch_interval=0.05, refresh_interval=0.1)
+    try:
+        await registrar.start()
+        await registrar.register("readyOne1")
+        first = agent.api.refreshed[1]
+        deadline = time.monotonic() + 10
+        while agent.api.refreshed[1] - first < 1.0 and time.monotonic() < deadline:   # twice the live window
+            assert 1 in agent.api.live_backends()
+            await asyncio.sleep(0.05)
+        assert agent.api.refreshed[1] - first >= 1.0
+        assert agent.plane.session("readyOne1") is not None     # flowless, but its backend is live: kept
+    finally:
+        await registrar.stop()
