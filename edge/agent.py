@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from splitrelay.edge.backend_sources import BackendFollower, BackendSpec, file_reader, kubernetes_reader
-from splitrelay.edge.control import BACKEND_LIVE_S, ApiError, BackendLimits, ControlAPI, off_loop
+from splitrelay.edge.control import BACKEND_LIVE_S, BackendLimits, ControlAPI, off_loop
 from splitrelay.edge.credentials import check_master
 from splitrelay.edge.metrics import EdgeMetrics
 from splitrelay.edge.plane import DataPlane, PlaneConfig
@@ -289,10 +289,10 @@ class EdgeAgent:
         loop = asyncio.get_running_loop()
 
         async def apply(spec: BackendSpec) -> None:
-            try:
-                self.limits.check(spec.ip, spec.ip6, spec.port)
-            except ApiError as exc:
-                raise DatapathError(f"backend {spec.backend_id}: {exc.text}") from None
+            refusal = self.limits.refusal(spec.ip, spec.ip6, spec.port)
+            if refusal:   # skipped, not fatal: the source's other backends still apply
+                log.warning("backend %d from the backend source refused: %s", spec.backend_id, refusal)
+                return
             mac = await loop.run_in_executor(None, self.resolve_backend_mac, spec.ip or spec.ip6)
             self.plane.set_backend(Backend(spec.backend_id, spec.port, mac, internal_mac,
                                               ip4=spec.ip, ip6=spec.ip6))

@@ -79,15 +79,17 @@ class BackendLimits:
         self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
         self.ports = ports
 
-    def check(self, ip4: str | None, ip6: str | None, port: int) -> None:
+    def refusal(self, ip4: str | None, ip6: str | None, port: int) -> str | None:
+        """Why a backend at these addresses and port is not allowed (one line), or None."""
         first, last = self.ports
         if not first <= port <= last:
-            raise ApiError(403, f"backend port {port} is outside the allowed range {first}-{last}")
+            return f"backend port {port} is outside the allowed range {first}-{last}"
         for ip in (ip4, ip6):
             addr = ipaddress.ip_address(ip) if ip else None
             if addr is not None and self.networks and not any(addr in n for n in self.networks):
                 allowed = ", ".join(str(n) for n in self.networks)
-                raise ApiError(403, f"backend address {ip} is outside the allowed networks ({allowed})")
+                return f"backend address {ip} is outside the allowed networks ({allowed})"
+        return None
 
 
 class ApiError(web.HTTPException):
@@ -372,7 +374,9 @@ class ControlAPI:
             raise ApiError(400, "a backend needs 'ip' (IPv4) or 'ip6'")
         port = _int_field(body, "port", 1, 65535)
         instance = _instance_field(body)
-        self.limits.check(ip4, ip6, port)
+        refusal = self.limits.refusal(ip4, ip6, port)
+        if refusal:
+            raise ApiError(403, refusal)
         if POOL_ADDRESS in request and ip4 != str(_ipv4_of(request[POOL_ADDRESS])):
             raise ApiError(403, f"a pool token registers only its caller's own address "
                                 f"({request[POOL_ADDRESS]}), not {ip4 or ip6}")
