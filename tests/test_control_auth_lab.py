@@ -7,6 +7,9 @@ token (lab/stack.py), as SECURITY.md prescribes.
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -126,3 +129,22 @@ def test_a_from_ip_transceiver_with_the_pool_token_registers_itself_and_nothing_
     proc = probe(lab, [whip_url(second)], duration=3)
     [report] = probe_result(proc, 60)
     assert_clean_call(report)
+
+
+def test_the_cli_lists_a_backends_sessions_with_its_own_token_only(auth_lab):
+    lab, _ = auth_lab
+    first = lab.transceivers[0]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", lab.relay(1).netns, sys.executable, "-m",
+                               "splitrelay.cli.main", "sessions", "list", "--json", "--control", control_url(lab),
+                               "--token", control_token(lab, first.backend_id), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    own = cli("--backend", str(first.backend_id))
+    assert own.returncode == 0, own.stderr
+    assert {s["backend"] for s in json.loads(own.stdout)} == {first.backend_id}
+    every = cli()
+    assert every.returncode != 0
+    assert every.stderr == (f"splitrelay: error: GET /v1/sessions: 403 backend {first.backend_id}'s token "
+                            "cannot do this: it needs the admin token\n")
