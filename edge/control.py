@@ -14,7 +14,8 @@ answers 409.
 
 Authorization (edge/credentials.py, SECURITY.md): the master token opens
 everything; a backend token opens only its own backend and that backend's
-sessions.  The middleware finds who is asking (``request[PRINCIPAL]``); each
+sessions (a pool token: the backend its caller's own address gives, registered
+at that address).  The middleware finds who is asking (``request[PRINCIPAL]``); each
 route says what it needs (``_admin``, ``_owner``).  Backend addresses must lie
 in the configured networks and port range (``BackendLimits``), so a transceiver's
 token cannot turn the relay into a forwarder toward any address it likes.
