@@ -74,7 +74,7 @@ def start_transceiver(lab: Lab, t: Transceiver, tag: str, backend_id: int, backe
             "--whip-listen", f"{t.signal_ip4}:{whip_port}", "--handler", "echo"]
     if relay:
         argv += ["--relay", f"{lab.relay_public.ip4}:{lab.relay_port}",
-                 "--relay-control", stack.control_url(lab)]
+                 "--relay-control", stack.control_url(lab), "--token", stack.control_token(lab, backend_id)]
     if cpu is not None:
         argv = ["taskset", "-c", str(cpu), *argv]
     path = stack.log_file(lab, f"bench-{tag}")

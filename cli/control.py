@@ -27,7 +27,7 @@ def _client(control: str, token: str | None):
     from splitrelay.lab import reach
 
     where = resolve(control, "control", lambda lab, url: reach.control(lab, url, lab_relay()))
-    return InNamespace(ControlClient(where.url, token), where)
+    return InNamespace(ControlClient(where.url, token or where.token), where)
 
 
 @click.group()
@@ -79,13 +79,15 @@ def sessions() -> None:
 @sessions.command("list")
 @_control_options
 @click.option("--json", "as_json", is_flag=True)
-def sessions_list(control: str, token: str | None, as_json: bool) -> None:
+@click.option("--backend", "backend_id", type=click.IntRange(1, MAX_BACKEND_ID),
+              help="Only this backend's sessions: all its own token may read (every session needs the admin's).")
+def sessions_list(control: str, token: str | None, as_json: bool, backend_id: int | None) -> None:
     """Registered sessions with their age and flow count.
 
     Each transceiver also registers a few ufrags ahead of its next offers
     (--ufrag-pool): they are listed too, with 0 flows, until a call takes one.
     """
-    emit(_client(control, token).sessions(), as_json,
+    emit(_client(control, token).sessions(backend_id), as_json,
           lambda d: table(d, ["ufrag", "backend", "age_s", "flows"]))
 
 

@@ -102,7 +102,9 @@ def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
               help="What answers the caller: echo[:delay=S], tone[:frequency=HZ], voice[:stt=sphinx|whisper,"
                    "tts=espeak|piper,silence_ms=MS,reply=module:function] (splitrelay[voice]), "
                    "pipecat:pipeline=module:function (splitrelay[pipecat]).")
-@click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token of the edge control API.")
+@click.option("--token", envvar="SPLITRELAY_TOKEN",
+              help="Edge control API token: this backend's own (`splitrelay edge token --backend ID` on the "
+                   "relay), which opens only this backend and its sessions (env SPLITRELAY_TOKEN).")
 @click.option("--whip-token", envvar="SPLITRELAY_WHIP_TOKEN", help="Bearer token clients must send to WHIP.")
 @click.option("--backend-ip", help="The IPv4 address relays forward to, when --bind is a wildcard ([::]:PORT "
                                    "serves IPv4 and IPv6 clients on one socket); default: the --bind host.")

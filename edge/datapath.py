@@ -60,6 +60,7 @@ class Datapath:
             raise DatapathError(f"bad instance name {self.instance!r}")
         self._bpf = None
         self._ports: PortPool | None = None
+        self.flows_after_ageing: int | None = None   # the flow count the last age_flows walk left
 
     @property
     def ports(self) -> PortPool:
@@ -371,6 +372,7 @@ class Datapath:
                 live[ufrag] = live.get(ufrag, 0) + 1
         gone = [port for key, port in stale if self._delete(table, key)]
         removed = len(gone)
+        self.flows_after_ageing = sum(live.values()) + len(stale) - removed   # /metrics, without a walk
         self._release_ports(gone)
         if self._ports is not None:
             self._ports.return_due()
@@ -402,12 +404,13 @@ class Datapath:
                 # while the loop serves a DELETE) must stay deleted, not come back with a count
                 syscall.map_update(table.map_fd, key, leaf, syscall.BPF_EXIST)
 
-    def map_fill(self) -> dict[str, tuple[int, int]]:
-        """Entries and capacity of each hash map."""
+    def map_fill(self, known: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+        """Entries and capacity of each hash map; the maps counted in ``known`` are not walked again."""
         out = {}
         for name in ("backends", "backend_addrs", "sessions", "flows"):
             table = self.bpf[name.encode()]
-            out[name] = (sum(1 for _ in self._walk(table)), table.max_entries)
+            count = (known or {}).get(name)
+            out[name] = (sum(1 for _ in self._walk(table)) if count is None else count, table.max_entries)
         return out
 
     def counters(self) -> dict[str, counters_mod.Counter]:

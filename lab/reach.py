@@ -29,6 +29,7 @@ class Reach:
 
     url: str
     netns: str | None = None
+    token: str | None = None   # the lab's admin token, for its agents' control APIs
 
     def call(self, fn: Callable[[], T]) -> T:
         """``fn()`` with its sockets made in ``netns``."""
@@ -78,9 +79,9 @@ def unreachable_from_here(url: str) -> list[str]:
 
 def control(lab: Lab, url: str | None = None, relay: int = 1) -> Reach:
     """Relay ``relay``'s agent's control API (or ``url``), from that relay's namespace."""
-    from splitrelay.lab.stack import control_url
+    from splitrelay.lab.stack import control_token, control_url
 
-    return Reach(url or control_url(lab, relay), lab.relay(relay).netns)
+    return Reach(url or control_url(lab, relay), lab.relay(relay).netns, control_token(lab))
 
 
 def whip(lab: Lab, url: str | None = None) -> Reach:

@@ -7,6 +7,7 @@ stack this way, each daemon as a real process in its own namespace.
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from ipaddress import ip_address
 from pathlib import Path
 
 from splitrelay.edge.control_client import ControlClient
+from splitrelay.edge.credentials import backend_token
 from splitrelay.edge.xdp_loader import unpin
 from splitrelay.lab import impair
 from splitrelay.lab.floating import floated
@@ -34,6 +36,22 @@ def control_url(lab: Lab, relay: int = 1) -> str:
 def instance(lab: Lab, relay: int = 1) -> str:
     """The pinned-map instance of relay ``relay``'s agent (relay 1's is the lab's name, as always)."""
     return lab.name if relay == 1 else f"{lab.name}-r{relay}"
+
+
+def control_key_file(lab: Lab) -> Path:
+    """The lab's master control token (made on first use): every agent's --token-file, the admin's token."""
+    path = STATE_DIR / f"{lab.name}-control.key"
+    if not path.exists():
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32) + "\n")
+    return path
+
+
+def control_token(lab: Lab, backend_id: int | None = None) -> str:
+    """The admin token of the lab's agents, or with ``backend_id`` that transceiver's own."""
+    master = control_key_file(lab).read_text().strip()
+    return master if backend_id is None else backend_token(master, backend_id)
 
 
 def whip_url(t) -> str:  # noqa: ANN001
@@ -122,6 +140,10 @@ def spawn_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None =
             "--public-ip", r.public.ip6, "--gateway-ip", r.client.ip4,
             "--listen", f"{r.internal.ip4}:{CONTROL_PORT}", "--instance", instance(lab, relay),
             "--policy", policy, "--port", str(lab.relay_port), "--detach-on-exit", "--datapath", datapath,
+            "--token-file", str(control_key_file(lab)),
+            # behind a router the transceivers are not on the relay's internal network (the default range)
+            *[arg for net in (lab.networks["transceivers"] if lab.router else [])
+              for arg in ("--backend-cidr", net)],
             *(extra_args or [])]
     path = log_file(lab, "agent" if relay == 1 else f"agent{relay}")
     with path.open("w") as log:  # the daemon outlives `lab up`: its output goes to a file, not a pipe
@@ -143,7 +165,7 @@ def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
             "--backend-id", str(t.backend_id), *bind, "--ip6", t.ip6,
             # every relay, relay 1 (the client's default route) first and so preferred; both of each
             # relay's public addresses: IPv6 clients get a candidate too
-            *relay_args(lab, relays),
+            *relay_args(lab, relays), "--token", control_token(lab, t.backend_id),
             "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler, *(extra_args or [])]
     path = log_file(lab, f"t{t.index}")
     with path.open("w") as log:
@@ -164,7 +186,8 @@ def relay_args(lab: Lab, relays: list[int] | None = None) -> list[str]:
 
 def control(lab: Lab, fn, relay: int = 1):
     """Call relay ``relay``'s agent's control API from inside that relay's namespace."""
-    return in_netns(lab.relay(relay).netns, lambda: fn(ControlClient(control_url(lab, relay))))
+    return in_netns(lab.relay(relay).netns,
+                    lambda: fn(ControlClient(control_url(lab, relay), control_token(lab))))
 
 
 def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
@@ -230,6 +253,7 @@ def stop_lab(name: str) -> None:
         unpin(instance(lab, r.index))
     for path in STATE_DIR.glob(f"{name}-*.log"):
         path.unlink()
+    (STATE_DIR / f"{name}-control.key").unlink(missing_ok=True)
     (STATE_DIR / f"{name}-floating.state").unlink(missing_ok=True)   # a floated address (lab/floating.py)
 
 

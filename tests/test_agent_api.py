@@ -81,7 +81,8 @@ def agent_config(links: tuple[str, str], **kw) -> AgentConfig:
     base = dict(public_iface=links[0], internal_iface=links[1], public_ip4=P.PUBLIC_IP4,
                 public_ip6=P.PUBLIC_IP6, relay_port=P.RELAY_PORT, gateway_ip=GATEWAY_IP,
                 instance=f"srE-{secrets.token_hex(4)}", listen_host="127.0.0.1", listen_port=0,
-                ageing_interval_s=0.1, neighbour_timeout_s=0.5, detach_on_exit=True)
+                ageing_interval_s=0.1, neighbour_timeout_s=0.5, detach_on_exit=True,
+                backend_cidrs=("198.18.10.0/24", "fd00:5::/64"))
     base.update(kw)
     return AgentConfig(**base)
 
@@ -151,9 +152,8 @@ async def anonymous(agent):
         yield c
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def state(agent, client):
-    """Backends 1 and 2, session 'existing1' on 1 with one flow; nothing else."""
+def empty_tables(agent: EdgeAgent):
+    """No backend, session or flow left, and nothing the control API remembers of backends."""
     dp = agent.plane
     for b in dp.backends():
         dp.del_backend(b.backend_id)
@@ -162,6 +162,14 @@ async def state(agent, client):
     for f in dp.flows():
         dp.del_flow((f.client_ip, f.client_port))
     agent.api.instances.clear()
+    agent.api.refreshed.clear()
+    return dp
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def state(agent, client):
+    """Backends 1 and 2, session 'existing1' on 1 with one flow; nothing else."""
+    dp = empty_tables(agent)
     for backend_id in (1, 2):
         ip4, ip6, _ = BACKENDS[backend_id]
         await client.put_backend(backend_id, ip4, BACKEND_PORT, ip6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from splitrelay.edge.control_client import ControlError
 from splitrelay.lab.netns import in_netns
-from splitrelay.lab.stack import control, control_url, start_lab, stop_lab
+from splitrelay.lab.stack import control, control_token, control_url, start_lab, stop_lab
 from splitrelay.lab.topology import Lab
 from splitrelay.wire import stun
 
@@ -76,7 +77,7 @@ def test_not_json_is_refused(agent_lab):
 
     def raw_put() -> int:
         req = urllib.request.Request(control_url(lab) + "/v1/sessions/someUfrag", data=b"{nope",
-                                     method="PUT")
+                                     method="PUT", headers={"Authorization": f"Bearer {control_token(lab)}"})
         try:
             urllib.request.urlopen(req, timeout=3)
         except urllib.error.HTTPError as exc:
@@ -142,7 +143,8 @@ def test_cli_reads_the_agent_with_json(agent_lab):
     lab, info = agent_lab
     out = subprocess.run(["ip", "netns", "exec", lab.relay_public.netns, sys.executable, "-m",
                           "splitrelay.cli.main", "backends", "list", "--json", "--control", info["control_url"]],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "SPLITRELAY_TOKEN": control_token(lab)}).stdout
     assert [b["id"] for b in json.loads(out)] == [1, 2]
 
 

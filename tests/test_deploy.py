@@ -53,3 +53,26 @@ def test_vagrantfile_validates():
 
 def test_e2e_script_parses():
     assert run(["bash", "-n", str(ROOT / "vagrant" / "run-e2e.sh")]).returncode == 0
+
+
+def test_the_edge_daemonset_translates_and_its_arguments_parse(tmp_path):
+    """Pods get no route back to clients through the relay, so the DaemonSet must run translation mode;
+    and every option it passes must be one `edge serve` takes (the validator cannot see args)."""
+    import yaml
+    from splitrelay.cli.edge import edge_serve
+
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "edge-daemonset.yaml").read_text()))
+    container = docs[0]["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[:2] == ["edge", "serve"] and "--translate" in args
+    assert "--token-file" in args and "--backend-cidr" in args and "--k8s-insecure" not in args
+    (tmp_path / "token").write_text("t" * 64)
+    (tmp_path / "hint.key").write_text("0" * 32)
+    sample = {"$(POD_CIDR)": "10.244.0.0/16", "$(POD_IP)": "10.0.0.5", "/etc/splitrelay/": f"{tmp_path}/"}
+    concrete = []
+    for arg in args[2:]:
+        for name, value in sample.items():
+            arg = arg.replace(name, value)
+        concrete.append(arg)
+    ctx = edge_serve.make_context("serve", concrete)
+    assert ctx.params["translate"] and ctx.params["backend_cidrs"] == ("10.244.0.0/16",)

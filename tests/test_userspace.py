@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitrelay.lab.stack import (
     BACKEND_PORT,
     control,
+    control_key_file,
     control_url,
     log_file,
     probe,
@@ -232,7 +233,13 @@ def test_backend_put_needs_no_mac_but_a_route(relay):
     t = relay.lab.transceivers[0]
     answer = relay.call(lambda c: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6))
     assert answer["mac"] == NO_MAC
-    with pytest.raises(ControlError) as err:       # the relay has no route to it: refused, not stored
+    with pytest.raises(ControlError) as err:       # outside the internal networks: refused before routing
+        relay.call(lambda c: c.put_backend(5, "203.0.113.5", BACKEND_PORT))
+    assert err.value.status == 403 and "outside the allowed networks" in str(err.value)
+    relay.ensure("strict", "--backend-cidr", "203.0.113.0/24", *[
+        arg for net in relay.lab.networks["internal"] for arg in ("--backend-cidr", net)])
+    relay.call(lambda c: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6))
+    with pytest.raises(ControlError) as err:       # allowed, but the relay has no route to it: not stored
         relay.call(lambda c: c.put_backend(5, "203.0.113.5", BACKEND_PORT))  # outside every lab network
     assert err.value.status == 422 and "no route" in str(err.value)
     assert [b["id"] for b in relay.call(lambda c: c.backends())] == [t.backend_id]
@@ -486,7 +493,7 @@ def test_the_userspace_agent_needs_no_bcc(relay_module, servers, sockets):
     argv = [sys.executable, "-c", NO_BCC, "-v", "edge", "serve", lab.relay_public.ifname,
             "--internal", lab.relay_internal.ifname, "--public-ip", lab.relay_public.ip4,
             "--listen", f"{control_url(lab).removeprefix('http://')}", "--instance", lab.name,
-            "--datapath", "userspace"]                # no gateway: the kernel routes
+            "--datapath", "userspace", "--token-file", str(control_key_file(lab))]  # no gateway: kernel routes
     path = log_file(lab, "nobcc")
     with path.open("w") as out:
         proc = lab.popen(lab.relay_public.netns, argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)

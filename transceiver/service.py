@@ -98,6 +98,7 @@ class Transceiver:
         self.config = config
         self.make_handler = handler_factory(config.handler)
         self.sessions: dict[str, Session] = {}
+        self._ending: set[asyncio.Task] = set()  # end_session tasks of sessions that ended by themselves
         self.ended: deque[dict[str, Any]] = deque(maxlen=ENDED_KEPT)  # to_dict() of finished sessions
         self.mux: UdpMux | None = None
         self.registrars: RelayRegistrars | None = None
@@ -305,7 +306,10 @@ class Transceiver:
         return await self.end_session(session_id, DELETED)
 
     def _ended(self, session: Session) -> None:
-        asyncio.ensure_future(self.end_session(session.session_id, session.end_reason or DELETED))
+        # tracked, and awaited by stop(): the task holds the session's unregistering at the relays
+        task = asyncio.ensure_future(self.end_session(session.session_id, session.end_reason or DELETED))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     async def end_session(self, session_id: str, reason: str = DELETED) -> bool:
         """Close a session and unregister it from the mux and the relay; False if it is unknown."""
@@ -417,6 +421,8 @@ class Transceiver:
         self.draining = True
         for session_id in list(self.sessions):
             await self.end_session(session_id, SHUTDOWN)
+        if self._ending:  # sessions that ended by themselves finish unregistering before the registrars stop
+            await asyncio.wait(list(self._ending))
         if self.ufrags:
             await self.ufrags.stop()
         if self.registrars:
