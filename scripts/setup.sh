@@ -18,10 +18,10 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 # Every program the code and the tests run is in this list (tests/test_setup_programs.py checks it):
 # iptables for the floating-address fault's edge NAT (lab/floating.py), procps for sysctl, git for the
-# commit a benchmark records.
+# commit a benchmark records, openssl for the self-signed Kubernetes API in tests/test_control_auth.py.
 apt_pkgs=(python3 python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 ethtool python3-venv python3-dev
           gcc make libc6-dev util-linux prometheus vagrant systemd
-          libespeak-ng1 espeak-ng-data iptables procps git)
+          libespeak-ng1 espeak-ng-data iptables procps git openssl)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
