@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -58,6 +59,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from splitrelay.client.beeps import BeepDetector, BeepTrack, CarrierCounter, ClientBuffering, _np, mono_samples
 from splitrelay.client.beeps import goertzel_power  # noqa: F401 - re-exported (the tests measure tones with it)
+from splitrelay.tokens import TOKEN_ENV
 from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.audio import VoiceReceiver
 from splitrelay.transceiver.history import StateHistory
@@ -487,7 +489,8 @@ def main() -> None:  # pragma: no cover - thin wrapper run inside lab namespaces
                         help="concurrent sessions start talking when all are connected (one common window)")
     parser.add_argument("--low-latency", action="store_true",
                         help="receive through the transceiver's voice path instead of aiortc's 4-frame buffer")
-    parser.add_argument("--token")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"WHIP bearer token (offer token or static; default ${TOKEN_ENV})")
     args = parser.parse_args()
     if args.sequential is not None and args.sequential < 1:
         parser.error("--sequential must be at least 1")

@@ -7,6 +7,8 @@ stack this way, each daemon as a real process in its own namespace.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
 import sys
 import time
@@ -20,9 +22,13 @@ from splitrelay.lab.floating import floated
 from splitrelay.lab.impair import Impairment
 from splitrelay.lab.topology import BACKEND_PORT, STATE_DIR, Lab
 from splitrelay.lab.netns import LabError, in_netns
+from splitrelay import tokens
 
 CONTROL_PORT = 8470
 WHIP_PORT = 8080
+ADMIN_PORT = 8081
+BROWSER_ORIGIN = "http://localhost"   # the origin client/browser.py serves its call page from
+LAB_TOKEN_TTL = 3600.0                # a lab_info token outlives any test's call, and no lab's state
 READY_TIMEOUT = 120.0  # bounds a failure only: a bcc compile took 31 s at load 12; --relays N compiles N at once
 
 
@@ -40,6 +46,36 @@ def whip_url(t) -> str:  # noqa: ANN001
     return f"http://{t.signal_ip4}:{WHIP_PORT}/whip"
 
 
+def admin_url(t) -> str:  # noqa: ANN001
+    """Transceiver ``t``'s admin listener (/sessions, /metrics): on its signaling address, not loopback, so
+    Prometheus and the CLI reach it from another of the lab's namespaces, behind the lab's admin token."""
+    return f"http://{t.signal_ip4}:{ADMIN_PORT}"
+
+
+def secret_file(lab: Lab, what: str) -> Path:
+    """The lab's ``what`` secret ("whip.key": signs offer tokens, "admin.token": opens the admin
+    listeners), made on first use, readable by its owner only."""
+    path = STATE_DIR / f"{lab.name}-{what}"
+    if not path.exists():
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
+def auth_args(lab: Lab) -> list[str]:
+    """`transceiver serve` arguments with the lab's credentials: offer tokens for audience = the lab's name,
+    the lab's browser page's origin, the admin listener on the signaling address behind the admin token."""
+    return ["--whip-key-file", str(secret_file(lab, "whip.key")), "--whip-audience", lab.name,
+            "--cors-origin", BROWSER_ORIGIN, "--admin-token-file", str(secret_file(lab, "admin.token"))]
+
+
+def whip_token(lab: Lab, ttl_s: float = LAB_TOKEN_TTL, max_call_s: float | None = LAB_TOKEN_TTL) -> str:
+    """A fresh offer token for the lab's transceivers, as an app backend would mint one."""
+    return tokens.mint(tokens.load_key(secret_file(lab, "whip.key")), lab.name, ttl_s, max_call_s)
+
+
 def lab_info(lab: Lab) -> dict:
     return {
         "whip_url": whip_url(lab.transceivers[0]),
@@ -50,11 +86,14 @@ def lab_info(lab: Lab) -> dict:
         "relay_public": f"{lab.relay_public.ip4}:{lab.relay_port}",
         "relay_public6": f"[{lab.relay_public.ip6}]:{lab.relay_port}",
         "control_url": control_url(lab),
-        "metrics_urls": [control_url(lab) + "/metrics"] + [
-            whip_url(t).replace("/whip", "/metrics") for t in lab.transceivers],
+        "metrics_urls": [control_url(lab) + "/metrics"] + [admin_url(t) + "/metrics" for t in lab.transceivers],
+        "whip_token": whip_token(lab),            # good for LAB_TOKEN_TTL; mint more with whip_key_file
+        "whip_key_file": str(secret_file(lab, "whip.key")),
+        "whip_audience": lab.name,
+        "admin_token_file": str(secret_file(lab, "admin.token")),   # opens every admin_url
         "transceivers": [
             {"netns": t.netns, "backend_id": t.backend_id, "backend": f"{t.ip4}:{BACKEND_PORT}",
-             "whip_url": whip_url(t)}
+             "whip_url": whip_url(t), "admin_url": admin_url(t)}
             for t in lab.transceivers
         ],
         "impaired": {link: {"netns": entry["netns"], **impaired_with(lab, link)}
@@ -144,7 +183,8 @@ def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
             # every relay, relay 1 (the client's default route) first and so preferred; both of each
             # relay's public addresses: IPv6 clients get a candidate too
             *relay_args(lab, relays),
-            "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler, *(extra_args or [])]
+            "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--admin-listen", admin_url(t).split("//")[1],
+            *auth_args(lab), "--handler", handler, *(extra_args or [])]
     path = log_file(lab, f"t{t.index}")
     with path.open("w") as log:
         proc = lab.popen(t.netns, argv, stderr=log, stdout=log, stdin=subprocess.DEVNULL)
@@ -230,13 +270,15 @@ def stop_lab(name: str) -> None:
         unpin(instance(lab, r.index))
     for path in STATE_DIR.glob(f"{name}-*.log"):
         path.unlink()
+    for what in ("whip.key", "admin.token"):
+        (STATE_DIR / f"{name}-{what}").unlink(missing_ok=True)
     (STATE_DIR / f"{name}-floating.state").unlink(missing_ok=True)   # a floated address (lab/floating.py)
 
 
 def probe(lab: Lab, whip_urls: list[str], duration: float, sessions: int = 1) -> subprocess.Popen:
     """Start WHIP voice probes (plain aiortc clients) in the lab's client namespace."""
     argv = [sys.executable, "-m", "splitrelay.client.probe", *whip_urls, "--duration", str(duration),
-            "--sessions", str(sessions)]
+            "--sessions", str(sessions), "--token", whip_token(lab)]
     return lab.popen(lab.client.netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
