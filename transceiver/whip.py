@@ -51,10 +51,11 @@ from splitrelay.wire.sdpfrag import MEDIA_TYPE as SDPFRAG, IceFragment
 
 MAX_OFFER = 64 * 1024
 SECRET_BYTES = 16   # 128 bits: a session resource cannot be guessed
+SESSION_ID = "X-Splitrelay-Session"   # the public id, for its caller to quote to support; it opens nothing
 CORS = {   # with Access-Control-Allow-Origin only for an allowed Origin (WhipEndpoint.cors)
     "Access-Control-Allow-Methods": "POST, PATCH, DELETE, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
-    "Access-Control-Expose-Headers": "Location, Accept-Post, ETag",
+    "Access-Control-Expose-Headers": f"Location, Accept-Post, ETag, {SESSION_ID}",
     "Access-Control-Max-Age": "600",
 }
 _ICE_UFRAG = re.compile(r"^a=ice-ufrag:\S+", re.M)
@@ -265,7 +266,7 @@ class WhipEndpoint:
         facts = SignalingFacts(remote=request.remote, headers=dict(request.headers))
         session_id, answer = await self.host.open_session(sdp, offer_at, facts,
                                                           grant.max_call_s if grant else None)
-        headers = {"Location": self.resource(session_id)}
+        headers = {"Location": self.resource(session_id), SESSION_ID: session_id}
         etag = self.host.etag(session_id)
         if etag:
             headers["ETag"] = f'"{etag}"'
