@@ -60,7 +60,9 @@ def test_voice_session_through_xdp(voice_lab):
 
     def live_sessions() -> list[dict]:
         cli = subprocess.run(["ip", "netns", "exec", lab.client.netns, sys.executable, "-m",
-                              "splitrelay.cli.main", "transceiver", "sessions", info["whip_urls"][1], "--json"],
+                              "splitrelay.cli.main", "transceiver", "sessions",
+                              info["transceivers"][1]["admin_url"], "--admin-token-file", info["admin_token_file"],
+                              "--json"],
                              capture_output=True, text=True, check=True)
         return [s for s in json.loads(cli.stdout) if s["stats"]["packets_received"] > 0]
 
