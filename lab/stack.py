@@ -71,6 +71,21 @@ def auth_args(lab: Lab) -> list[str]:
             "--cors-origin", BROWSER_ORIGIN, "--admin-token-file", str(secret_file(lab, "admin.token"))]
 
 
+def admin_get(lab: Lab, url: str, path: str) -> bytes:
+    """GET ``path`` of the admin listener at ``url`` (``admin_url(t)``) with the lab's admin token, from
+    the client's namespace."""
+    import urllib.request
+
+    token = tokens.load_key(secret_file(lab, "admin.token")).decode()
+    request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"})
+
+    def get() -> bytes:
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - the lab's own URL
+            return resp.read()
+
+    return in_netns(lab.client.netns, get)
+
+
 def whip_token(lab: Lab, ttl_s: float = LAB_TOKEN_TTL, max_call_s: float | None = LAB_TOKEN_TTL) -> str:
     """A fresh offer token for the lab's transceivers, as an app backend would mint one."""
     return tokens.mint(tokens.load_key(secret_file(lab, "whip.key")), lab.name, ttl_s, max_call_s)
