@@ -8,6 +8,8 @@ a listener that faces a network without a credential refuses to start.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import secrets
 import subprocess
@@ -117,8 +119,15 @@ async def test_the_public_listener_lists_no_calls_and_the_admin_listener_wants_i
 # -- offers need a token the backend minted ---------------------------------------------------------
 
 OTHER_KEY = secrets.token_bytes(32)
-NONE_ALG = ".".join(base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode() for part in
-                    ({"alg": "none", "typ": "JWT"}, {"aud": POOL, "exp": 2**40})) + "."
+
+
+def signed_as(alg: str) -> str:
+    """A token whose header names ``alg`` but which carries a good HS256 signature by KEY: only the
+    header's algorithm is wrong (alg confusion: "none" and the rest are refused, whatever signs them)."""
+    signing_input = ".".join(base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+                             for part in ({"alg": alg, "typ": "JWT"}, {"aud": POOL, "exp": 2**40}))
+    signature = hmac.new(KEY, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
 
 
 @pytest.mark.parametrize("headers,reason", [
@@ -128,9 +137,10 @@ NONE_ALG = ".".join(base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b
     (bearer(tokens.mint(OTHER_KEY, POOL, 60)), "token signature does not verify"),
     (bearer(token()[:-2] + "xx"), "token signature does not verify"),
     (bearer("not-a-token"), "malformed token"),
-    (bearer(NONE_ALG), "malformed token"),
+    (bearer(signed_as("none")), "malformed token"),
+    (bearer(signed_as("HS512")), "malformed token"),
     (bearer("a.b.c"), "malformed token"),
-], ids=["missing", "expired", "audience", "other-key", "tampered", "garbage", "alg-none", "not-json"])
+], ids=["missing", "expired", "audience", "other-key", "tampered", "garbage", "alg-none", "alg-hs512", "not-json"])
 async def test_an_offer_without_a_good_token_is_401_with_its_reason_and_creates_nothing(guarded, headers, reason):
     async with aiohttp.ClientSession() as http:
         async with http.post(guarded.whip_url, data=await offer_sdp(),
