@@ -52,21 +52,25 @@ def admin_url(t) -> str:  # noqa: ANN001
     return f"http://{t.signal_ip4}:{ADMIN_PORT}"
 
 
+SECRETS = ("whip.key", "admin.token")   # signs the lab's offer tokens; opens its admin listeners
+
+
 def secret_file(lab: Lab, what: str) -> Path:
-    """The lab's ``what`` secret ("whip.key": signs offer tokens, "admin.token": opens the admin
-    listeners), made on first use, readable by its owner only."""
-    path = STATE_DIR / f"{lab.name}-{what}"
-    if not path.exists():
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_urlsafe(32) + "\n")
-    return path
+    """Where the lab keeps its ``what`` secret (one of SECRETS; stop_lab removes them)."""
+    return STATE_DIR / f"{lab.name}-{what}"
 
 
 def auth_args(lab: Lab) -> list[str]:
-    """`transceiver serve` arguments with the lab's credentials: offer tokens for audience = the lab's name,
-    the lab's browser page's origin, the admin listener on the signaling address behind the admin token."""
+    """`transceiver serve` arguments with the lab's credentials (made, readable by root only, for its
+    first transceiver): offer tokens for audience = the lab's name, the lab's browser page's origin, the
+    admin listener behind the admin token."""
+    for what in SECRETS:
+        path = secret_file(lab, what)
+        if not path.exists():
+            STATE_DIR.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32) + "\n")
     return ["--whip-key-file", str(secret_file(lab, "whip.key")), "--whip-audience", lab.name,
             "--cors-origin", BROWSER_ORIGIN, "--admin-token-file", str(secret_file(lab, "admin.token"))]
 
@@ -102,10 +106,12 @@ def lab_info(lab: Lab) -> dict:
         "relay_public6": f"[{lab.relay_public.ip6}]:{lab.relay_port}",
         "control_url": control_url(lab),
         "metrics_urls": [control_url(lab) + "/metrics"] + [admin_url(t) + "/metrics" for t in lab.transceivers],
-        "whip_token": whip_token(lab),            # good for LAB_TOKEN_TTL; mint more with whip_key_file
+        # what a client needs (None for a lab whose transceivers the lab did not start): a token good for
+        # LAB_TOKEN_TTL (mint more with whip_key_file) and the file of the token that opens every admin_url
+        "whip_token": whip_token(lab) if secret_file(lab, "whip.key").exists() else None,
         "whip_key_file": str(secret_file(lab, "whip.key")),
         "whip_audience": lab.name,
-        "admin_token_file": str(secret_file(lab, "admin.token")),   # opens every admin_url
+        "admin_token_file": str(secret_file(lab, "admin.token")),
         "transceivers": [
             {"netns": t.netns, "backend_id": t.backend_id, "backend": f"{t.ip4}:{BACKEND_PORT}",
              "whip_url": whip_url(t), "admin_url": admin_url(t)}
@@ -285,8 +291,8 @@ def stop_lab(name: str) -> None:
         unpin(instance(lab, r.index))
     for path in STATE_DIR.glob(f"{name}-*.log"):
         path.unlink()
-    for what in ("whip.key", "admin.token"):
-        (STATE_DIR / f"{name}-{what}").unlink(missing_ok=True)
+    for what in SECRETS:
+        secret_file(lab, what).unlink(missing_ok=True)
     (STATE_DIR / f"{name}-floating.state").unlink(missing_ok=True)   # a floated address (lab/floating.py)
 
 
