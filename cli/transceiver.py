@@ -7,6 +7,7 @@ import json
 
 import click
 from splitrelay.bpf.consts import MAX_BACKEND_ID
+from splitrelay.tokens import DEFAULT_AUDIENCE
 from splitrelay.cli.common import emit, stop_on_signals, table
 from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError
 from splitrelay.cli.reach import lab_option, refuse_lab_address, resolve
@@ -76,7 +77,7 @@ def _handler_spec(ctx: click.Context, param: click.Parameter, value: str) -> str
 @click.option("--whip-key-file", "whip_key_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Key (at least 32 bytes) that signs offer tokens (`splitrelay token mint`); repeat while "
                    "rotating: a token signed by any of them is good.")
-@click.option("--whip-audience", default="splitrelay", show_default=True, metavar="POOL",
+@click.option("--whip-audience", default=DEFAULT_AUDIENCE, show_default=True, metavar="POOL",
               help="The audience (aud) an offer token must name: this transceiver pool.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="A web origin whose pages may call WHIP (repeat; '*' for any). Default: none.")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from splitrelay.errors import SplitrelayError
 
+DEFAULT_AUDIENCE = "splitrelay"   # the pool a transceiver serves unless told (--whip-audience)
 TOKEN_ENV = "SPLITRELAY_WHIP_TOKEN"   # where clients (and `splitrelay call`) find a WHIP bearer token
 MIN_KEY_BYTES = 32          # RFC 7518 3.2: an HS256 key at least as long as the hash
 HEADER = {"alg": "HS256", "typ": "JWT"}

@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from aioice import Candidate
 
 from splitrelay.errors import SplitrelayError
+from splitrelay.tokens import DEFAULT_AUDIENCE
 from splitrelay.transceiver.handlers import handler_factory
 from splitrelay.transceiver.ice import new_password, restart_ice
 from splitrelay.transceiver.ice_restart import IceRestartFailed
@@ -66,7 +67,7 @@ class TransceiverConfig:
     whip_path: str = "/whip"
     whip_token: str | None = None                    # static WHIP bearer token (simple mode)
     whip_keys: list[bytes] = field(default_factory=list)  # offer-token signing keys (splitrelay/tokens.py)
-    whip_audience: str = "splitrelay"                # the pool name offer tokens must carry as aud
+    whip_audience: str = DEFAULT_AUDIENCE            # the pool name offer tokens must carry as aud
     cors_origins: tuple[str, ...] = ()               # origins whose pages may call WHIP; "*": any
     admin_host: str = "127.0.0.1"                    # /sessions and /metrics: never on the public listener
     admin_port: int = 0                              # 0: an ephemeral port (the CLI's default is 8081)

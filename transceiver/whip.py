@@ -113,7 +113,7 @@ class WhipConfig:
     max_offer: int = MAX_OFFER
     body_timeout: float = 5.0      # a client must send its whole offer within this
     keys: list[bytes] = field(default_factory=list)   # offer-token signing keys (several while rotating)
-    audience: str = "splitrelay"             # the pool an offer token must name
+    audience: str = tokens.DEFAULT_AUDIENCE  # the pool an offer token must name
     cors_origins: tuple[str, ...] = ()       # origins whose pages may call; "*": any
 
     @property
