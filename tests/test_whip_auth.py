@@ -130,18 +130,20 @@ def signed_as(alg: str) -> str:
     return f"{signing_input}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
 
 
-@pytest.mark.parametrize("headers,reason", [
-    ({}, "missing bearer token"),
-    (bearer(token(now=time.time() - 120)), "token expired"),
-    (bearer(token(audience="pool-b")), "token is for another audience"),
-    (bearer(tokens.mint(OTHER_KEY, POOL, 60)), "token signature does not verify"),
-    (bearer(token()[:-2] + "xx"), "token signature does not verify"),
-    (bearer("not-a-token"), "malformed token"),
-    (bearer(signed_as("none")), "malformed token"),
-    (bearer(signed_as("HS512")), "malformed token"),
-    (bearer("a.b.c"), "malformed token"),
+@pytest.mark.parametrize("offered,reason", [   # each minted when its test runs: a token's ttl is 60 s
+    (lambda: None, "missing bearer token"),
+    (lambda: token(now=time.time() - 120), "token expired"),
+    (lambda: token(audience="pool-b"), "token is for another audience"),
+    (lambda: tokens.mint(OTHER_KEY, POOL, 60), "token signature does not verify"),
+    (lambda: token()[:-2] + "xx", "token signature does not verify"),
+    (lambda: "not-a-token", "malformed token"),
+    (lambda: signed_as("none"), "malformed token"),
+    (lambda: signed_as("HS512"), "malformed token"),
+    (lambda: "a.b.c", "malformed token"),
 ], ids=["missing", "expired", "audience", "other-key", "tampered", "garbage", "alg-none", "alg-hs512", "not-json"])
-async def test_an_offer_without_a_good_token_is_401_with_its_reason_and_creates_nothing(guarded, headers, reason):
+async def test_an_offer_without_a_good_token_is_401_with_its_reason_and_creates_nothing(guarded, offered, reason):
+    value = offered()
+    headers = bearer(value) if value else {}
     async with aiohttp.ClientSession() as http:
         async with http.post(guarded.whip_url, data=await offer_sdp(),
                              headers={"Content-Type": "application/sdp", **headers}) as resp:
