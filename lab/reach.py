@@ -96,6 +96,6 @@ def whip(lab: Lab, url: str | None = None) -> Reach:
 def admin(lab: Lab, url: str | None = None) -> Reach:
     """A transceiver's admin listener (default: the first transceiver's), from the client's namespace,
     with the lab's admin token."""
-    from splitrelay.lab.stack import admin_url, secret_file
+    from splitrelay.lab.stack import admin_url
 
-    return Reach(url or admin_url(lab.transceivers[0]), lab.client.netns, str(secret_file(lab, "admin.token")))
+    return Reach(url or admin_url(lab.transceivers[0]), lab.client.netns, str(lab.secret_file("admin.token")))

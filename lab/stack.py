@@ -20,7 +20,7 @@ from splitrelay.edge.xdp_loader import unpin
 from splitrelay.lab import impair
 from splitrelay.lab.floating import floated
 from splitrelay.lab.impair import Impairment
-from splitrelay.lab.topology import BACKEND_PORT, STATE_DIR, Lab
+from splitrelay.lab.topology import BACKEND_PORT, SECRETS, STATE_DIR, Lab
 from splitrelay.lab.netns import LabError, in_netns
 from splitrelay import tokens
 
@@ -52,27 +52,19 @@ def admin_url(t) -> str:  # noqa: ANN001
     return f"http://{t.signal_ip4}:{ADMIN_PORT}"
 
 
-SECRETS = ("whip.key", "admin.token")   # signs the lab's offer tokens; opens its admin listeners
-
-
-def secret_file(lab: Lab, what: str) -> Path:
-    """Where the lab keeps its ``what`` secret (one of SECRETS; stop_lab removes them)."""
-    return STATE_DIR / f"{lab.name}-{what}"
-
-
 def auth_args(lab: Lab) -> list[str]:
     """`transceiver serve` arguments with the lab's credentials (made, readable by root only, for its
     first transceiver): offer tokens for audience = the lab's name, the lab's browser page's origin, the
     admin listener behind the admin token."""
     for what in SECRETS:
-        path = secret_file(lab, what)
+        path = lab.secret_file(what)
         if not path.exists():
             STATE_DIR.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_urlsafe(32) + "\n")
-    return ["--whip-key-file", str(secret_file(lab, "whip.key")), "--whip-audience", lab.name,
-            "--cors-origin", BROWSER_ORIGIN, "--admin-token-file", str(secret_file(lab, "admin.token"))]
+    return ["--whip-key-file", str(lab.secret_file("whip.key")), "--whip-audience", lab.name,
+            "--cors-origin", BROWSER_ORIGIN, "--admin-token-file", str(lab.secret_file("admin.token"))]
 
 
 def admin_get(lab: Lab, url: str, path: str) -> bytes:
@@ -80,7 +72,7 @@ def admin_get(lab: Lab, url: str, path: str) -> bytes:
     the client's namespace."""
     import urllib.request
 
-    token = tokens.load_key(secret_file(lab, "admin.token")).decode()
+    token = tokens.load_key(lab.secret_file("admin.token")).decode()
     request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"})
 
     def get() -> bytes:
@@ -92,7 +84,7 @@ def admin_get(lab: Lab, url: str, path: str) -> bytes:
 
 def whip_token(lab: Lab, ttl_s: float = LAB_TOKEN_TTL, max_call_s: float | None = LAB_TOKEN_TTL) -> str:
     """A fresh offer token for the lab's transceivers, as an app backend would mint one."""
-    return tokens.mint(tokens.load_key(secret_file(lab, "whip.key")), lab.name, ttl_s, max_call_s)
+    return tokens.mint(tokens.load_key(lab.secret_file("whip.key")), lab.name, ttl_s, max_call_s)
 
 
 def lab_info(lab: Lab) -> dict:
@@ -108,10 +100,10 @@ def lab_info(lab: Lab) -> dict:
         "metrics_urls": [control_url(lab) + "/metrics"] + [admin_url(t) + "/metrics" for t in lab.transceivers],
         # what a client needs (None for a lab whose transceivers the lab did not start): a token good for
         # LAB_TOKEN_TTL (mint more with whip_key_file) and the file of the token that opens every admin_url
-        "whip_token": whip_token(lab) if secret_file(lab, "whip.key").exists() else None,
-        "whip_key_file": str(secret_file(lab, "whip.key")),
+        "whip_token": whip_token(lab) if lab.secret_file("whip.key").exists() else None,
+        "whip_key_file": str(lab.secret_file("whip.key")),
         "whip_audience": lab.name,
-        "admin_token_file": str(secret_file(lab, "admin.token")),
+        "admin_token_file": str(lab.secret_file("admin.token")),
         "transceivers": [
             {"netns": t.netns, "backend_id": t.backend_id, "backend": f"{t.ip4}:{BACKEND_PORT}",
              "whip_url": whip_url(t), "admin_url": admin_url(t)}
@@ -291,8 +283,6 @@ def stop_lab(name: str) -> None:
         unpin(instance(lab, r.index))
     for path in STATE_DIR.glob(f"{name}-*.log"):
         path.unlink()
-    for what in SECRETS:
-        secret_file(lab, what).unlink(missing_ok=True)
     (STATE_DIR / f"{name}-floating.state").unlink(missing_ok=True)   # a floated address (lab/floating.py)
 
 
