@@ -52,10 +52,8 @@ def admin_url(t) -> str:  # noqa: ANN001
     return f"http://{t.signal_ip4}:{ADMIN_PORT}"
 
 
-def auth_args(lab: Lab) -> list[str]:
-    """`transceiver serve` arguments with the lab's credentials (made, readable by root only, for its
-    first transceiver): offer tokens for audience = the lab's name, the lab's browser page's origin, the
-    admin listener behind the admin token."""
+def make_secrets(lab: Lab) -> None:
+    """The lab's WHIP key and admin token, unless it has them: random, readable by their owner only."""
     for what in SECRETS:
         path = lab.secret_file(what)
         if not path.exists():
@@ -63,6 +61,12 @@ def auth_args(lab: Lab) -> list[str]:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_urlsafe(32) + "\n")
+
+
+def auth_args(lab: Lab) -> list[str]:
+    """`transceiver serve` arguments with the lab's credentials: offer tokens for audience = the lab's
+    name, the lab's browser page's origin, the admin listener behind the admin token."""
+    make_secrets(lab)
     return ["--whip-key-file", str(lab.secret_file("whip.key")), "--whip-audience", lab.name,
             "--cors-origin", BROWSER_ORIGIN, "--admin-token-file", str(lab.secret_file("admin.token"))]
 
@@ -239,6 +243,7 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
     lab = Lab.create(transceivers=transceivers, name=name, impair=impair, relays=relays, far=far,
                      translate=translate, routed=routed)
     try:
+        make_secrets(lab)   # also when the caller starts the transceivers: lab_info's token needs the key
         key_args = ["--hint-key-file", hint_key_file] if hint_key_file else []
         agent_args = (agent_args or []) + (["--translate"] if translate else [])
         addr_args = {r.index: add_internal_addresses(lab, r, translate_addrs) if translate else []
