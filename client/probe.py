@@ -60,7 +60,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from splitrelay.client.beeps import BeepDetector, BeepTrack, CarrierCounter, ClientBuffering, _np, mono_samples
 from splitrelay.client.beeps import goertzel_power  # noqa: F401 - re-exported (the tests measure tones with it)
 from splitrelay.tokens import TOKEN_ENV
-from splitrelay.transceiver.whip import SESSION_ID
+from splitrelay.wire.whip import SESSION_ID
 from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.audio import VoiceReceiver
 from splitrelay.transceiver.history import StateHistory

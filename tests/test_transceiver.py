@@ -23,7 +23,7 @@ from splitrelay.transceiver.handlers import (
 from splitrelay.client.probe import goertzel_power, run_probe, run_probes
 from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 from splitrelay.transceiver.session import OutboundAudio
-from splitrelay.transceiver.whip import SESSION_ID
+from splitrelay.wire.whip import SESSION_ID
 
 BACKEND_ID = 9
 

@@ -18,7 +18,7 @@ from splitrelay.transceiver.registration import (
     AgentUnreachable, Registrar, RegistrationError, SessionConflict, Unauthorized,
 )
 from splitrelay.transceiver.service import Transceiver, TransceiverConfig
-from splitrelay.transceiver.whip import SESSION_ID
+from splitrelay.wire.whip import SESSION_ID
 
 from .test_transceiver import Caller, ended, offer_sdp, until
 

@@ -21,7 +21,7 @@ import pytest
 
 from splitrelay import tokens
 from splitrelay.transceiver.service import ExposureError, Transceiver, TransceiverConfig, refuse_exposure
-from splitrelay.transceiver.whip import SESSION_ID
+from splitrelay.wire.whip import SESSION_ID
 
 from .test_ice_restart import hears_itself_again
 from .test_transceiver import BACKEND_ID, Caller, ended, offer_sdp, until

@@ -48,10 +48,10 @@ from splitrelay import tokens
 from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.relays import SignalingFacts
 from splitrelay.wire.sdpfrag import MEDIA_TYPE as SDPFRAG, IceFragment
+from splitrelay.wire.whip import SESSION_ID
 
 MAX_OFFER = 64 * 1024
 SECRET_BYTES = 16   # 128 bits: a session resource cannot be guessed
-SESSION_ID = "X-Splitrelay-Session"   # the public id, for its caller to quote to support; it opens nothing
 CORS = {   # with Access-Control-Allow-Origin only for an allowed Origin (WhipEndpoint.cors)
     "Access-Control-Allow-Methods": "POST, PATCH, DELETE, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
