@@ -93,7 +93,9 @@ def _fault(lab, scenario: str, at: list[float]):  # noqa: ANN001, ANN202
 def chromium_run(lab, browser, whip_url: str, scenario: str, phase: random.Random) -> Run:  # noqa: ANN001
     from splitrelay.lab.floating import heal
 
-    call = browser.call(whip_url)
+    from splitrelay.lab.stack import whip_token
+
+    call = browser.call(whip_url, token=whip_token(lab))
     run = Run(scenario, "chromium", None, None, None, None, dropped=False)
     try:
         before = call.wait_audio(seconds=1.0 + phase.uniform(0, PHASE_S))
@@ -142,7 +144,9 @@ async def _aiortc(lab, whip_url: str, scenario: str, run: Run, phase: random.Ran
     from splitrelay.client.ice_failover import nominate_like_a_browser, switch_to
     from splitrelay.client.ice_restart import ice_connection
 
-    caller = EchoCall(whip_url, family=4)
+    from splitrelay.lab.stack import whip_token
+
+    caller = EchoCall(whip_url, family=4, token=whip_token(lab))
     status = None
     async with aiohttp.ClientSession() as http:
         await caller.call(http)

@@ -32,8 +32,11 @@ CONFIGS = {  # name -> (handler spec, call arguments)
 
 
 def call_in_lab(lab: Lab, whip_url: str, args: list[str], timeout: float = 600.0) -> dict:
-    """Run `splitrelay call --json` in the lab's client namespace; its report."""
-    argv = [sys.executable, "-m", "splitrelay.cli.main", "call", whip_url, "--json", *args]
+    """Run `splitrelay call --json` in the lab's client namespace, with a token of the lab's; its report."""
+    from splitrelay.lab.stack import whip_token
+
+    argv = [sys.executable, "-m", "splitrelay.cli.main", "call", whip_url, "--json", "--token", whip_token(lab),
+            *args]
     proc = lab.popen(lab.client.netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -70,8 +73,8 @@ def measure(configs: list[str], name: str | None = None, low_latency: bool = Fal
         extra = ["--low-latency"] if low_latency else []
         reports = {c: call_in_lab(lab, url, CONFIGS[c][1] + extra)
                    for c, url in zip(configs, info["whip_urls"], strict=True)}
-        for c, url in zip(configs, info["whip_urls"], strict=True):
-            reports[c]["server"] = lab.in_netns(lab.client.netns, lambda u=url: _sessions(u))
+        for c, t in zip(configs, info["transceivers"], strict=True):
+            reports[c]["server"] = _sessions(lab, t["admin_url"])
         return reports
     finally:
         stop_lab(lab.name)
@@ -132,7 +135,7 @@ def browser_buffer(name: str | None = None, listen: float = 50.0, seconds: int =
             out.writeframes(bytes(2 * 48000 * 2) + ask + bytes(2 * 48000 * 12))  # 2 s, the question, 12 s
         try:
             with Browser(nsenter_argv(lab.client.netns, []), capture_wav=wav) as browser:
-                call = browser.call(info["whip_urls"][0])
+                call = browser.call(info["whip_urls"][0], token=info["whip_token"])
                 deadline = time.monotonic() + listen
                 while time.monotonic() < deadline:
                     samples = call.samples()
@@ -151,12 +154,11 @@ def browser_buffer(name: str | None = None, listen: float = 50.0, seconds: int =
             for n, start in enumerate(answers[:2]) if (stats := _neteq_per_second(samples, start, seconds))}
 
 
-def _sessions(whip_url: str) -> list[dict]:
+def _sessions(lab: Lab, admin_url: str) -> list[dict]:
     """The transceiver's records of its calls (``audio``: the send path's stages, frames cleared)."""
-    import urllib.request
+    from splitrelay.lab.stack import admin_get
 
-    with urllib.request.urlopen(whip_url.rsplit("/", 1)[0] + "/sessions?ended=1", timeout=10) as resp:  # noqa: S310
-        return [r.get("audio", {}) for r in json.loads(resp.read())]
+    return [r.get("audio", {}) for r in json.loads(admin_get(lab, admin_url, "/sessions?ended=1"))]
 
 
 def markdown(reports: dict[str, dict]) -> str:

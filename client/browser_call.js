@@ -119,7 +119,7 @@ function restartedAnswer(sdp, fragment) {
 
 window.splitrelay = {
   // Capture (the fake device plays the WAV), offer, POST, apply the answer; resolves once answered.
-  async start(whipUrl) {
+  async start(whipUrl, token) {
     const stream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
     const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle" });
@@ -130,8 +130,9 @@ window.splitrelay = {
     pc.oniceconnectionstatechange = () => event("ice", pc.iceConnectionState);
     pc.onconnectionstatechange = () => event("connection", pc.connectionState);
     await describeAndGather(pc, await pc.createOffer());
-    const { response, text } = await whipRequest("POST", whipUrl, { "Content-Type": "application/sdp" },
-                                                 pc.localDescription.sdp);
+    const headers = { "Content-Type": "application/sdp" };
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const { response, text } = await whipRequest("POST", whipUrl, headers, pc.localDescription.sdp);
     if (response.status !== 201) throw new Error(`WHIP POST answered ${response.status}, not 201`);
     call.location = new URL(response.headers.get("Location"), whipUrl).href;
     call.etag = response.headers.get("ETag");

@@ -7,6 +7,7 @@ stack this way, each daemon as a real process in its own namespace.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -20,11 +21,15 @@ from splitrelay.edge.xdp_loader import unpin
 from splitrelay.lab import impair
 from splitrelay.lab.floating import floated
 from splitrelay.lab.impair import Impairment
-from splitrelay.lab.topology import BACKEND_PORT, STATE_DIR, Lab
+from splitrelay.lab.topology import BACKEND_PORT, SECRETS, STATE_DIR, Lab
 from splitrelay.lab.netns import LabError, in_netns
+from splitrelay import tokens
 
 CONTROL_PORT = 8470
 WHIP_PORT = 8080
+ADMIN_PORT = 8081
+BROWSER_ORIGIN = "http://localhost"   # the origin client/browser.py serves its call page from
+LAB_TOKEN_TTL = 3600.0                # a lab_info token outlives any test's call, and no lab's state
 READY_TIMEOUT = 120.0  # bounds a failure only: a bcc compile took 31 s at load 12; --relays N compiles N at once
 
 
@@ -58,6 +63,51 @@ def whip_url(t) -> str:  # noqa: ANN001
     return f"http://{t.signal_ip4}:{WHIP_PORT}/whip"
 
 
+def admin_url(t) -> str:  # noqa: ANN001
+    """Transceiver ``t``'s admin listener (/sessions, /metrics): on its signaling address, not loopback, so
+    Prometheus and the CLI reach it from another of the lab's namespaces, behind the lab's admin token."""
+    return f"http://{t.signal_ip4}:{ADMIN_PORT}"
+
+
+def make_secrets(lab: Lab) -> None:
+    """The lab's WHIP key and admin token, unless it has them: random, readable by their owner only."""
+    for what in SECRETS:
+        path = lab.secret_file(what)
+        if not path.exists():
+            STATE_DIR.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32) + "\n")
+
+
+def auth_args(lab: Lab) -> list[str]:
+    """`transceiver serve` arguments with the lab's credentials: offer tokens for audience = the lab's
+    name, the lab's browser page's origin, the admin listener behind the admin token."""
+    make_secrets(lab)
+    return ["--whip-key-file", str(lab.secret_file("whip.key")), "--whip-audience", lab.name,
+            "--cors-origin", BROWSER_ORIGIN, "--admin-token-file", str(lab.secret_file("admin.token"))]
+
+
+def admin_get(lab: Lab, url: str, path: str) -> bytes:
+    """GET ``path`` of the admin listener at ``url`` (``admin_url(t)``) with the lab's admin token, from
+    the client's namespace."""
+    import urllib.request
+
+    token = tokens.load_key(lab.secret_file("admin.token")).decode()
+    request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"})
+
+    def get() -> bytes:
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - the lab's own URL
+            return resp.read()
+
+    return in_netns(lab.client.netns, get)
+
+
+def whip_token(lab: Lab, ttl_s: float = LAB_TOKEN_TTL, max_call_s: float | None = LAB_TOKEN_TTL) -> str:
+    """A fresh offer token for the lab's transceivers, as an app backend would mint one."""
+    return tokens.mint(tokens.load_key(lab.secret_file("whip.key")), lab.name, ttl_s, max_call_s)
+
+
 def lab_info(lab: Lab) -> dict:
     return {
         "whip_url": whip_url(lab.transceivers[0]),
@@ -68,11 +118,16 @@ def lab_info(lab: Lab) -> dict:
         "relay_public": f"{lab.relay_public.ip4}:{lab.relay_port}",
         "relay_public6": f"[{lab.relay_public.ip6}]:{lab.relay_port}",
         "control_url": control_url(lab),
-        "metrics_urls": [control_url(lab) + "/metrics"] + [
-            whip_url(t).replace("/whip", "/metrics") for t in lab.transceivers],
+        "metrics_urls": [control_url(lab) + "/metrics"] + [admin_url(t) + "/metrics" for t in lab.transceivers],
+        # what a client needs (None for a lab whose transceivers the lab did not start): a token good for
+        # LAB_TOKEN_TTL (mint more with whip_key_file) and the file of the token that opens every admin_url
+        "whip_token": whip_token(lab) if lab.secret_file("whip.key").exists() else None,
+        "whip_key_file": str(lab.secret_file("whip.key")),
+        "whip_audience": lab.name,
+        "admin_token_file": str(lab.secret_file("admin.token")),
         "transceivers": [
             {"netns": t.netns, "backend_id": t.backend_id, "backend": f"{t.ip4}:{BACKEND_PORT}",
-             "whip_url": whip_url(t)}
+             "whip_url": whip_url(t), "admin_url": admin_url(t)}
             for t in lab.transceivers
         ],
         "impaired": {link: {"netns": entry["netns"], **impaired_with(lab, link)}
@@ -166,7 +221,8 @@ def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
             # every relay, relay 1 (the client's default route) first and so preferred; both of each
             # relay's public addresses: IPv6 clients get a candidate too
             *relay_args(lab, relays), "--token", control_token(lab, t.backend_id),
-            "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler, *(extra_args or [])]
+            "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--admin-listen", admin_url(t).split("//")[1],
+            *auth_args(lab), "--handler", handler, *(extra_args or [])]
     path = log_file(lab, f"t{t.index}")
     with path.open("w") as log:
         proc = lab.popen(t.netns, argv, stderr=log, stdout=log, stdin=subprocess.DEVNULL)
@@ -209,6 +265,7 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
     lab = Lab.create(transceivers=transceivers, name=name, impair=impair, relays=relays, far=far,
                      translate=translate, routed=routed)
     try:
+        make_secrets(lab)   # also when the caller starts the transceivers: lab_info's token needs the key
         key_args = ["--hint-key-file", hint_key_file] if hint_key_file else []
         agent_args = (agent_args or []) + (["--translate"] if translate else [])
         addr_args = {r.index: add_internal_addresses(lab, r, translate_addrs) if translate else []
@@ -260,7 +317,7 @@ def stop_lab(name: str) -> None:
 def probe(lab: Lab, whip_urls: list[str], duration: float, sessions: int = 1) -> subprocess.Popen:
     """Start WHIP voice probes (plain aiortc clients) in the lab's client namespace."""
     argv = [sys.executable, "-m", "splitrelay.client.probe", *whip_urls, "--duration", str(duration),
-            "--sessions", str(sessions)]
+            "--sessions", str(sessions), "--token", whip_token(lab)]
     return lab.popen(lab.client.netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -76,3 +76,14 @@ def test_the_edge_daemonset_translates_and_its_arguments_parse(tmp_path):
         concrete.append(arg)
     ctx = edge_serve.make_context("serve", concrete)
     assert ctx.params["translate"] and ctx.params["backend_cidrs"] == ("10.244.0.0/16",)
+
+
+def test_the_shipped_transceivers_demand_offer_tokens_and_guard_their_admin_listener():
+    """A non-loopback WHIP listener without a key would refuse to start (transceiver/service.py); the
+    deploy files must ship the key, and an admin listener off loopback only with its token."""
+    unit = (DEPLOY / "systemd" / "splitrelay-transceiver@.service").read_text()
+    k8s = (DEPLOY / "k8s" / "transceiver.yaml").read_text()
+    for text in (unit, k8s):
+        assert "--whip-key-file" in text and "--admin-listen" in text and "--insecure-open" not in text
+    assert "LoadCredential=whip.key:" in unit
+    assert '"--admin-listen", "$(POD_IP):8081", "--admin-token-file"' in k8s   # off loopback: with its token

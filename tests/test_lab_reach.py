@@ -91,7 +91,7 @@ def test_a_lab_address_from_the_host_without_lab_is_refused_in_one_line(reach_la
                            f"does not route: add --lab {lab.name}\n")
     proc = cli("stats", "--control", info["control_url"])   # other labs may hold the same IPv4 address
     assert proc.returncode == 2 and lab.name in proc.stderr and proc.stderr.count("\n") == 1
-    proc = cli("transceiver", "sessions", info["whip_url"])
+    proc = cli("transceiver", "sessions", info["transceivers"][0]["admin_url"])
     assert proc.returncode == 2 and lab.name in proc.stderr and "add --lab" in proc.stderr
     proc = cli("transceiver", "serve", "--backend-id", "9", "--relay-control", info["control_url"])
     assert proc.returncode == 2 and proc.stderr.endswith("run this inside the lab's namespace\n")
