@@ -183,13 +183,19 @@ def test_demo_runs_a_webrtc_session_through_xdp_and_cleans_up():
     assert report["lab"] not in Lab.names()
 
 
-def test_shipped_prometheus_config_and_dashboard_parse():
+def test_shipped_prometheus_config_and_dashboard_parse(tmp_path):
     import shutil
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "deploy"
     if shutil.which("promtool"):
-        check = subprocess.run(["promtool", "check", "config", str(root / "prometheus.yml")],
+        # promtool also opens the files a config names: the admin token lives on the Prometheus host
+        shipped = (root / "prometheus.yml").read_text()
+        assert "/etc/prometheus/splitrelay-admin.token" in shipped
+        (tmp_path / "admin.token").write_text("t" * 43)
+        (tmp_path / "prometheus.yml").write_text(
+            shipped.replace("/etc/prometheus/splitrelay-admin.token", str(tmp_path / "admin.token")))
+        check = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
                                capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
     dashboard = json.loads((root / "grafana" / "splitrelay.json").read_text())
