@@ -269,7 +269,8 @@ def test_first_stun_then_every_class_follows_the_flow(relay, servers, sockets, v
     assert moved == {
         "IN_FWD_STUN_UFRAG": (2, 2 * (len(request) + overhead)),     # the first request and the refresh
         "IN_FWD_FLOW": (len(by_flow), sum(len(p) + overhead for p in by_flow)),
-        "OUT_FWD": (len(sent), sum(len(p) + overhead for p in sent)),
+        "OUT_FWD_CONFIRM": (1, len(request) + overhead),             # the echoed request: the backend's check
+        "OUT_FWD": (len(sent) - 1, sum(len(p) + overhead for p in sent[1:])),
     }
     [flow] = relay.call(lambda c: c.flows())
     client_ip = lab.client.ip6 if v6 else lab.client.ip4
@@ -438,7 +439,8 @@ def test_hint_policy_routes_without_a_session_and_backend_delete_removes_the_flo
     assert ping(client, request, relay.public4)[0] == request
     assert ping(client, RTP, relay.public4)[0] == RTP
     moved = delta(before, relay.stats())
-    assert moved["IN_FWD_STUN_HINT"][0] == 1 and moved["IN_FWD_FLOW"][0] == 1 and moved["OUT_FWD"][0] == 2
+    assert moved["IN_FWD_STUN_HINT"][0] == 1 and moved["IN_FWD_FLOW"][0] == 1 and moved["OUT_FWD"][0] == 1 \
+        and moved["OUT_FWD_CONFIRM"][0] == 1   # the echoed request confirmed the flow
     assert servers[(2, 4)].count == 2 and servers[(1, 4)].count == 0
     assert relay.call(lambda c: c.sessions()) == []
     assert [(f["ufrag"], f["backend"]) for f in relay.call(lambda c: c.flows())] == [(ufrag, 2)]
@@ -470,7 +472,7 @@ def test_keyed_hints_route_and_forged_ones_are_dropped(relay, servers, sockets, 
     wait_for(lambda: {"IN_DROP_FORGED_HINT", "IN_DROP_UNKNOWN_UFRAG"} <= set(delta(before, relay.stats())), 5,
              "the forged and the unkeyed hint dropped")
     moved = delta(before, relay.stats())
-    assert {k: v[0] for k, v in moved.items()} == {"IN_FWD_STUN_HINT": 1, "OUT_FWD": 1,
+    assert {k: v[0] for k, v in moved.items()} == {"IN_FWD_STUN_HINT": 1, "OUT_FWD_CONFIRM": 1,
                                                    "IN_DROP_FORGED_HINT": 1, "IN_DROP_UNKNOWN_UFRAG": 1}
     assert [f["ufrag"] for f in relay.call(lambda c: c.flows())] == [good]
 
