@@ -182,7 +182,7 @@ static __always_inline __u32 confirmed_flows(const struct sr_ufrag_key *ukey, co
  * written twice and one flow waits for the agent's pending timeout instead.
  */
 static __always_inline void enter_pending_ring(const struct sr_config *cfg, const struct sr_addr_key *client,
-					       const struct sr_ufrag_key *ukey)
+					       const struct sr_ufrag_key *ukey, __u64 now)
 {
 	struct sr_pending *pd = pending.lookup((struct sr_ufrag_key *)ukey);
 	if (!pd) {
@@ -195,11 +195,13 @@ static __always_inline void enter_pending_ring(const struct sr_config *cfg, cons
 	__u32 i = pd->next & (SR_PENDING_FLOWS - 1);
 	pd->next = i + 1;
 	struct sr_addr_key old = pd->client[i];
+	__u64 old_ns = pd->opened_ns[i];
 	pd->client[i] = *client;
+	pd->opened_ns[i] = now;
 	if (!old.family || same_addr(&old, client))
 		return;
 	struct sr_flow *of = flows.lookup(&old);
-	if (!of || !of->pending || !same_ufrag(&of->ufrag, ukey))
+	if (!of || !of->pending || of->created_ns != old_ns || !same_ufrag(&of->ufrag, ukey))
 		return;
 	__u32 pair = xlate_pair(of->xlate_addr, of->xlate_port);
 	int had_port = of->xlate_port != 0;
@@ -210,7 +212,7 @@ static __always_inline void enter_pending_ring(const struct sr_config *cfg, cons
 /*
  * Open the client's flow toward backend_id, or refresh it when it already goes there (a consent
  * check, or an ICE restart on the same 5-tuple).  A new flow is pending until the backend answers
- * (reply_to_client); it enters the ufrag's ring of pending flows.  A confirmed flow never moves
+ * (reply_to_client); it enters the ufrag's ring of pending flows first.  A confirmed flow never moves
  * to another backend for a request (RTP-Bleed style takeover: flow_takeover), and a ufrag whose
  * confirmed flows fill the allowance opens no more; a full table refuses.
  */
@@ -222,8 +224,10 @@ static __always_inline int open_flow(struct pkt *p, const struct sr_config *cfg,
 	if (f && f->backend_id == backend_id) {
 		flow_touch(f, p->bytes, now);
 		__builtin_memcpy(f->client_mac, p->eth->h_source, ETH_ALEN);
-		if (f->pending && !same_ufrag(&f->ufrag, ukey))
-			enter_pending_ring(cfg, client, ukey);   /* a pending flow stays bounded under its new ufrag */
+		if (f->pending && !same_ufrag(&f->ufrag, ukey)) {   /* stays bounded under its new ufrag */
+			f->created_ns = now;
+			enter_pending_ring(cfg, client, ukey, now);
+		}
 		f->ufrag = *ukey;
 		*xpair = xlate_pair(f->xlate_addr, f->xlate_port);
 		return FURTHER_PROCESSING;
@@ -232,6 +236,8 @@ static __always_inline int open_flow(struct pkt *p, const struct sr_config *cfg,
 		return verdict(p, SR_STAT_IN_DROP_TAKEOVER, XDP_DROP);
 	if (!f && cfg->max_session_flows && confirmed_flows(ukey, sess) >= cfg->max_session_flows)
 		return verdict(p, SR_STAT_IN_DROP_SESSION_FLOWS, XDP_DROP);
+	/* first into the ring: a full ring hands its oldest pending flow's port back before this one takes one */
+	enter_pending_ring(cfg, client, ukey, now);
 	struct sr_flow nf = {};
 	flow_init(&nf, backend_id, p->eth->h_source, ukey, now);
 	nf.packets = 1;
@@ -256,7 +262,6 @@ static __always_inline int open_flow(struct pkt *p, const struct sr_config *cfg,
 			unclaim_port(xlate_pair(nf.xlate_addr, nf.xlate_port));
 		return verdict(p, SR_STAT_IN_DROP_FLOW_FULL, XDP_DROP);
 	}
-	enter_pending_ring(cfg, client, ukey);
 	return FURTHER_PROCESSING;
 }
 

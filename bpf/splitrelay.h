@@ -141,6 +141,8 @@ struct sr_pending {                 /* LRU hash "pending": sr_ufrag_key -> value
 	__u32 next;                     /* ring cursor: the slot the next pending flow takes */
 	__u32 confirmed;                /* a ufrag no session holds (routing hint): its confirmed flows */
 	struct sr_addr_key client[SR_PENDING_FLOWS];   /* the ufrag's last pending flows (family 0: none) */
+	__u64 opened_ns[SR_PENDING_FLOWS];             /* ... each flow's created_ns then: a slot evicts only
+							* the flow it recorded, not a newer one of that client */
 };
 
 struct sr_port_slot {               /* array "port_slots", index = (address set << 16) | port, host order */

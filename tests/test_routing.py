@@ -81,7 +81,8 @@ def test_a_full_flow_table_refuses_new_flows_but_not_a_known_client():
 
 def test_a_pending_flow_carries_stun_but_no_media():
     assert route(RTP, tables(), flow_backend=7, flow_pending=True) == Decision("IN_DROP_PENDING")
-    assert route(bytes([22]) + b"\0" * 20, tables(), flow_backend=7, flow_pending=True) == Decision("IN_DROP_PENDING")
+    dtls = bytes([22]) + b"\0" * 20
+    assert route(dtls, tables(), flow_backend=7, flow_pending=True) == Decision("IN_DROP_PENDING")
     answer = stun.build_message(stun.BINDING_SUCCESS)   # the client's answer to the transceiver's check
     assert route(answer, tables(), flow_backend=7, flow_pending=True) == Decision("IN_FWD_FLOW", 7)
     assert route(request("evtj:cli"), tables(), flow_backend=7, flow_pending=True) == \
