@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import struct
 import threading
 import time
 import urllib.parse
@@ -29,6 +28,7 @@ from splitrelay.lab import stack
 from splitrelay.lab.netns import LabError, in_netns, netns_socket
 from splitrelay.lab.topology import BACKEND_PORT, Lab
 from splitrelay.wire import hint, stun
+from splitrelay.wire.udp import ipv4_udp
 
 CALL_SECONDS = 5.0          # a live call talks this long; the attack runs in its first half
 CONNECT_TIMEOUT_S = 20.0    # a call's confirmed flow appears within this (a loaded machine: seconds)
@@ -104,27 +104,6 @@ class Target:
         finally:
             raw.close()
         return repeat, repeat * len(payload)
-
-
-def ipv4_udp(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> bytes:
-    """An IPv4/UDP datagram with any source, checksums right, for an IPPROTO_RAW socket."""
-    length = 8 + len(payload)
-    s, d = ip_address(src[0]).packed, ip_address(dst[0]).packed
-    pseudo = s + d + struct.pack("!BBH", 0, socket.IPPROTO_UDP, length)
-    udp = struct.pack("!HHHH", src[1], dst[1], length, 0) + payload
-    csum = _checksum(pseudo + udp) or 0xFFFF
-    udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0, 64, socket.IPPROTO_UDP, 0, s, d)
-    return header[:10] + struct.pack("!H", _checksum(header)) + header[12:] + udp
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 # -- a live call ----------------------------------------------------------------------------------
