@@ -113,9 +113,17 @@ class LiveCall:
 
     def __init__(self, target: Target, seconds: float = CALL_SECONDS) -> None:
         self.target = target
-        known = {f["client"] for f in target.flows()}
+        self.known = {f["client"] for f in target.flows()}
         self.proc = stack.probe(target.lab, [stack.whip_url(target.owner)], seconds)
-        self.flow = self._await_flow(known)
+        self.flow = self._await_flow(self.known)
+
+    def media_flow(self) -> dict:
+        """The call's flow that carries its media now (the busiest of its confirmed flows)."""
+        time.sleep(0.5)   # the call talks: its nominated pair's flow pulls ahead
+        mine = [f for f in self.target.flows() if f["client"] not in self.known and not f.get("pending")
+                and f["client"].startswith(self.target.lab.client.ip4 + ":")]
+        self.flow = max(mine, key=lambda f: f["packets"]) if mine else self.flow
+        return self.flow
 
     def _await_flow(self, known: set[str]) -> dict:
         deadline = time.monotonic() + CONNECT_TIMEOUT_S
@@ -188,17 +196,20 @@ def lockout_before(spoofs: int) -> Callable[[Target, AttackReport], None]:
 def takeover(target: Target, report: AttackReport) -> None:
     """(b) RTP-Bleed style: from the call's own 5-tuple, requests naming another backend's session."""
     call = LiveCall(target)
+    call.media_flow()
     other = next((s["ufrag"] for s in target.sessions() if s["backend"] != call.flow["backend"]), None)
     if other is None:
         report.skipped = "needs a session on a second transceiver (lab up --transceivers 2)"
         call.kept_audio()
         return
     before = target.counters().get("IN_DROP_TAKEOVER", (0, 0))[0]
-    report.packets_sent, report.bytes_sent = target.send_spoofed(
-        stun.build_binding_request(other + ":evil"), call.client, target.relay, repeat=5)
-    time.sleep(SETTLE_S)
-    after = next((f for f in target.flows() if f["client"] == call.flow["client"]), None)
-    moved = after is None or after["backend"] != call.flow["backend"]
+    moved = False
+    for _ in range(5):       # over ~1.5 s: a consent check in between must not hide a move
+        packets, size = target.send_spoofed(stun.build_binding_request(other + ":evil"), call.client, target.relay)
+        report.packets_sent, report.bytes_sent = report.packets_sent + packets, report.bytes_sent + size
+        time.sleep(0.3)
+        after = next((f for f in target.flows() if f["client"] == call.flow["client"]), None)
+        moved = moved or after is None or after["backend"] != call.flow["backend"]
     report.flows_created = int(moved)
     report.call_kept_audio, report.details = call.kept_audio()
     report.details["counted_flow_takeover"] = target.counters().get("IN_DROP_TAKEOVER", (0, 0))[0] - before
