@@ -7,7 +7,10 @@
  *              then the learned 5-tuple flow), DNAT + redirect (XDP_TX when the backend
  *              sits behind the same interface).
  * xdp_internal internal interface(s): SNAT transceiver replies to the relay's
- *              public address and port, redirect out of the public interface.
+ *              public address and port, redirect out of the public interface,
+ *              only onto a flow of that transceiver (no reflector).
+ * A client's request opens a *pending* flow (STUN only); its backend's answer
+ * confirms it (issue 22 §3, docs/DESIGN.md "Pending and confirmed flows").
  * With sr_config.translate (issue 12 §1, docs/DESIGN.md) both sides translate:
  * inbound the source also becomes (relay internal address, a per-flow port from
  * the port_pool queue); outbound a reply to that port, from that flow's backend
