@@ -397,11 +397,23 @@ static __always_inline int confirm_flow(struct pkt *p, const struct sr_config *c
 	return FURTHER_PROCESSING;
 }
 
+/* Is the packet addressed to the relay itself (a translation address, or one the agent listed)? */
+static __always_inline int to_relay_itself(const struct pkt *p, const struct sr_config *cfg,
+					   const struct sr_addr_key *dst)
+{
+	if (cfg->translate && internal_addr_set(p, cfg) >= 0)
+		return 1;
+	struct sr_addr_key host = *dst;
+	host.port = 0;
+	return local_addrs.lookup(&host) != NULL;
+}
+
 /*
  * DNAT: a packet from backend backend_id to `client`: forwarded (SNAT to the relay's public address
  * and port, toward the flow's client MAC) only on a flow of that backend, confirming it if pending,
  * or as the backend's check that opens one (internal side only: on the public side a backend's
- * source may be forged).  A flow of another backend, or none, drops it: the relay reflects nothing.
+ * source may be forged).  A flow of another backend, or none, drops it: the relay reflects nothing;
+ * without a flow, what goes to the relay itself is passed to the kernel.
  */
 static __always_inline int reply_to_client(struct xdp_md *ctx, struct pkt *p, const struct sr_config *cfg,
 					   __u32 backend_id, struct sr_addr_key *client, const int internal_side)
@@ -409,7 +421,9 @@ static __always_inline int reply_to_client(struct xdp_md *ctx, struct pkt *p, co
 	__u32 stat = SR_STAT_OUT_FWD;
 	const __u8 *dmac = cfg->gateway_mac;
 	struct sr_flow *f = flows.lookup(client);
-	if (!f) {
+	if (!f) {   /* looked at only without a flow: the relay's own addresses cost the media path nothing */
+		if (to_relay_itself(p, cfg, client))
+			return verdict(p, SR_STAT_OUT_PASS_LOCAL, XDP_PASS);
 		if (!internal_side)
 			return verdict(p, SR_STAT_OUT_DROP_NO_FLOW, XDP_DROP);
 		int act = learn_flow_from_backend_check(p, cfg, client, backend_id);
@@ -477,17 +491,6 @@ static __always_inline int reply_translated(struct xdp_md *ctx, struct pkt *p, c
 	return send_to_slot(ctx, p, cfg->public_slot, stat, SR_STAT_OUT_DROP_REDIRECT);
 }
 
-/* Is the packet addressed to the relay itself (a translation address, or one the agent listed)? */
-static __always_inline int to_relay_itself(const struct pkt *p, const struct sr_config *cfg,
-					   const struct sr_addr_key *dst)
-{
-	if (cfg->translate && internal_addr_set(p, cfg) >= 0)
-		return 1;
-	struct sr_addr_key host = *dst;
-	host.port = 0;
-	return local_addrs.lookup(&host) != NULL;
-}
-
 /*
  * A packet on the internal side (or one interface for both) from a backend: translated (a reply to
  * a flow's pair), or DNAT (reply_to_client).  A backend's packet to the relay itself goes to the
@@ -517,11 +520,11 @@ static __always_inline int reply_from_backend(struct xdp_md *ctx, struct pkt *p,
 		return FURTHER_PROCESSING;
 	struct sr_addr_key dst;
 	build_addr_key(p, &dst, ADDR_OF_DEST);
+	if (!cfg->translate)
+		return reply_to_client(ctx, p, cfg, bid, &dst, internal_side);
 	if (to_relay_itself(p, cfg, &dst))
 		return verdict(p, SR_STAT_OUT_PASS_LOCAL, XDP_PASS);
-	if (cfg->translate)   /* translating, a backend talks to clients only through a flow's pair */
-		return verdict(p, SR_STAT_OUT_DROP_NO_FLOW, XDP_DROP);
-	return reply_to_client(ctx, p, cfg, bid, &dst, internal_side);
+	return verdict(p, SR_STAT_OUT_DROP_NO_FLOW, XDP_DROP);   /* translating, only through a flow's pair */
 }
 
 static __always_inline int process_public(struct xdp_md *ctx, struct pkt *p)
