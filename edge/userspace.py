@@ -327,7 +327,7 @@ class UserspacePlane(UserspaceRelay):
     def del_session(self, ufrag: str) -> bool:
         """Remove a session and the flows it created; False if it was not there."""
         removed = self._sessions.pop(ufrag, None) is not None
-        if self._ufrag_flows.get(ufrag):
+        if self._ufrag_flows.get(ufrag) or ufrag in self._pending:   # its confirmed or its pending flows
             for flow in [f for f in self._flows.values() if f.ufrag == ufrag]:
                 self._remove(flow)
         return removed

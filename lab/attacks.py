@@ -175,7 +175,7 @@ def lockout_before(spoofs: int) -> Callable[[Target, AttackReport], None]:
     """(a) before a call: requests naming every ufrag the transceiver has ready, then the call connects."""
     def run(target: Target, report: AttackReport) -> None:
         owner = target.owner.backend_id
-        ready = [s["ufrag"] for s in target.sessions() if s["backend"] == owner and not s["flows"]]
+        ready = [s["ufrag"] for s in target.sessions() if s["backend"] == owner and not s["flows_opened"]]
         before = target.flows()
         for ufrag in ready:
             packets, size = target.send_from_ports(stun.build_binding_request(ufrag + ":evil"), spoofs)

@@ -33,6 +33,7 @@ from splitrelay.lab.stack import (
     wait_ready,
     whip_url,
 )
+from splitrelay.bpf import consts
 from splitrelay.wire import hint, stun
 from splitrelay.edge.control_client import ControlError
 from splitrelay.edge.counters import counter_specs
@@ -373,6 +374,29 @@ def test_any_bytes_are_judged_like_the_reference_and_never_stop_the_relay(relay,
     assert {name: packets for name, (packets, _) in moved.items()} == dict(expected)
     assert relay.proc.poll() is None
     assert servers[(1, 4)].count == 1 + barrier.uses and servers[(2, 4)].count == 0
+
+
+def test_requests_nobody_answers_hold_only_the_pending_ring_and_carry_no_media(relay, sockets):
+    """As in XDP (relay.c enter_pending_ring): a backend that never answers (no server behind it)
+    leaves each flow pending, a ufrag keeps its last PENDING_FLOWS of them, and none carries media."""
+    relay.register(1)
+    relay.call(lambda c: c.put_session("pendSess", 1))
+    spoofers = [sockets() for _ in range(consts.PENDING_FLOWS + 2)]
+    before = relay.stats()
+    for s in spoofers:
+        s.sendto(stun.build_binding_request("pendSess:evil"), relay.public4)
+    wait_for(lambda: delta(before, relay.stats()).get("IN_FWD_STUN_UFRAG", (0, 0))[0] == len(spoofers), 5,
+             "every request forwarded")
+    flows = relay.call(lambda c: c.flows())
+    assert len(flows) == consts.PENDING_FLOWS and all(f["pending"] for f in flows)
+    assert [s["flows_opened"] for s in relay.call(lambda c: c.sessions())] == [0]   # no allowance used
+    for s in spoofers:
+        s.sendto(RTP, relay.public4)
+    wait_for(lambda: delta(before, relay.stats()).get("IN_DROP_PENDING", (0, 0))[0] == consts.PENDING_FLOWS, 5,
+             "media of the pending flows dropped")
+    assert delta(before, relay.stats())["IN_DROP_NO_FLOW"][0] == 2              # the two the ring replaced
+    relay.call(lambda c: c.delete_session("pendSess"))
+    assert relay.call(lambda c: c.flows()) == []                                # pending flows go with it
 
 
 def test_session_flow_allowance_then_session_delete_closes_its_flows(relay, servers, sockets):
