@@ -154,3 +154,12 @@ def _add_fault() -> None:
 
 
 _add_fault()
+
+
+def _add_attack() -> None:
+    from splitrelay.cli.lab_attack import attack
+
+    lab.add_command(attack)
+
+
+_add_attack()

@@ -515,6 +515,7 @@ class ControlAPI:
             {"client": f.client, "backend": f.backend_id, "ufrag": f.ufrag,
              "age_s": _age_s(now, f.created_ns), "idle_s": _age_s(now, f.last_seen_ns),
              "packets": f.packets, "bytes": f.bytes, "rx_packets": f.rx_packets, "rx_bytes": f.rx_bytes,
+             "pending": f.pending,
              **({"internal_port": f.internal_port, "internal_set": f.internal_set}   # translating: the backend's
                 if f.internal_port else {})}                                            # view
             for f in flows

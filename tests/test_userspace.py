@@ -34,6 +34,7 @@ from splitrelay.lab.stack import (
     wait_ready,
     whip_url,
 )
+from splitrelay.bpf import consts
 from splitrelay.wire import hint, stun
 from splitrelay.edge.control_client import ControlError
 from splitrelay.edge.counters import counter_specs
@@ -276,7 +277,8 @@ def test_first_stun_then_every_class_follows_the_flow(relay, servers, sockets, v
     assert moved == {
         "IN_FWD_STUN_UFRAG": (2, 2 * (len(request) + overhead)),     # the first request and the refresh
         "IN_FWD_FLOW": (len(by_flow), sum(len(p) + overhead for p in by_flow)),
-        "OUT_FWD": (len(sent), sum(len(p) + overhead for p in sent)),
+        "OUT_FWD_CONFIRM": (1, len(request) + overhead),             # the echoed request: the backend's check
+        "OUT_FWD": (len(sent) - 1, sum(len(p) + overhead for p in sent[1:])),
     }
     [flow] = relay.call(lambda c: c.flows())
     client_ip = lab.client.ip6 if v6 else lab.client.ip4
@@ -381,6 +383,29 @@ def test_any_bytes_are_judged_like_the_reference_and_never_stop_the_relay(relay,
     assert servers[(1, 4)].count == 1 + barrier.uses and servers[(2, 4)].count == 0
 
 
+def test_requests_nobody_answers_hold_only_the_pending_ring_and_carry_no_media(relay, sockets):
+    """As in XDP (relay.c enter_pending_ring): a backend that never answers (no server behind it)
+    leaves each flow pending, a ufrag keeps its last PENDING_FLOWS of them, and none carries media."""
+    relay.register(1)
+    relay.call(lambda c: c.put_session("pendSess", 1))
+    spoofers = [sockets() for _ in range(consts.PENDING_FLOWS + 2)]
+    before = relay.stats()
+    for s in spoofers:
+        s.sendto(stun.build_binding_request("pendSess:evil"), relay.public4)
+    wait_for(lambda: delta(before, relay.stats()).get("IN_FWD_STUN_UFRAG", (0, 0))[0] == len(spoofers), 5,
+             "every request forwarded")
+    flows = relay.call(lambda c: c.flows())
+    assert len(flows) == consts.PENDING_FLOWS and all(f["pending"] for f in flows)
+    assert [s["flows_opened"] for s in relay.call(lambda c: c.sessions())] == [0]   # no allowance used
+    for s in spoofers:
+        s.sendto(RTP, relay.public4)
+    wait_for(lambda: delta(before, relay.stats()).get("IN_DROP_PENDING", (0, 0))[0] == consts.PENDING_FLOWS, 5,
+             "media of the pending flows dropped")
+    assert delta(before, relay.stats())["IN_DROP_NO_FLOW"][0] == 2              # the two the ring replaced
+    relay.call(lambda c: c.delete_session("pendSess"))
+    assert relay.call(lambda c: c.flows()) == []                                # pending flows go with it
+
+
 def test_session_flow_allowance_then_session_delete_closes_its_flows(relay, servers, sockets):
     lab = relay.lab
     relay.register(1)
@@ -445,7 +470,8 @@ def test_hint_policy_routes_without_a_session_and_backend_delete_removes_the_flo
     assert ping(client, request, relay.public4)[0] == request
     assert ping(client, RTP, relay.public4)[0] == RTP
     moved = delta(before, relay.stats())
-    assert moved["IN_FWD_STUN_HINT"][0] == 1 and moved["IN_FWD_FLOW"][0] == 1 and moved["OUT_FWD"][0] == 2
+    assert moved["IN_FWD_STUN_HINT"][0] == 1 and moved["IN_FWD_FLOW"][0] == 1 and moved["OUT_FWD"][0] == 1 \
+        and moved["OUT_FWD_CONFIRM"][0] == 1   # the echoed request confirmed the flow
     assert servers[(2, 4)].count == 2 and servers[(1, 4)].count == 0
     assert relay.call(lambda c: c.sessions()) == []
     assert [(f["ufrag"], f["backend"]) for f in relay.call(lambda c: c.flows())] == [(ufrag, 2)]
@@ -477,7 +503,7 @@ def test_keyed_hints_route_and_forged_ones_are_dropped(relay, servers, sockets, 
     wait_for(lambda: {"IN_DROP_FORGED_HINT", "IN_DROP_UNKNOWN_UFRAG"} <= set(delta(before, relay.stats())), 5,
              "the forged and the unkeyed hint dropped")
     moved = delta(before, relay.stats())
-    assert {k: v[0] for k, v in moved.items()} == {"IN_FWD_STUN_HINT": 1, "OUT_FWD": 1,
+    assert {k: v[0] for k, v in moved.items()} == {"IN_FWD_STUN_HINT": 1, "OUT_FWD_CONFIRM": 1,
                                                    "IN_DROP_FORGED_HINT": 1, "IN_DROP_UNKNOWN_UFRAG": 1}
     assert [f["ufrag"] for f in relay.call(lambda c: c.flows())] == [good]
 
