@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from splitrelay.edge.backend_sources import BackendFollower, BackendSpec, file_reader, kubernetes_reader
+from splitrelay.edge import ice_tcp
 from splitrelay.edge.control import ControlAPI, off_loop
 from splitrelay.edge.metrics import EdgeMetrics
 from splitrelay.edge.plane import DataPlane, PlaneConfig
@@ -62,6 +63,13 @@ class AgentConfig(PlaneConfig):
     internal_ip4: str | None = None       # userspace: where flow sockets bind (default: from internal_iface)
     internal_ip6: str | None = None
     internal_more: tuple[str, ...] = ()   # xdp --translate: further internal addresses (edge/records.py sets)
+    tcp_port: int = 0                     # ICE-TCP (edge/ice_tcp.py); `edge serve --tcp-port` defaults to 443
+    tcp_max_connections: int = ice_tcp.IceTcpConfig.max_connections
+    tcp_max_per_source: int = ice_tcp.IceTcpConfig.max_per_source
+
+    def ice_tcp_config(self) -> ice_tcp.IceTcpConfig:
+        return ice_tcp.IceTcpConfig(port=self.tcp_port, max_connections=self.tcp_max_connections,
+                                    max_per_source=self.tcp_max_per_source, idle_s=self.idle_timeout_s)
 
     def plane_config(self) -> PlaneConfig:
         """What every plane needs, and nothing of the agent's or another plane's."""
@@ -94,6 +102,7 @@ class AgentConfig(PlaneConfig):
             raise DatapathError(f"ageing interval must be {MIN_AGEING_INTERVAL_S}..{self.idle_timeout_s / 2:g} s "
                                 f"(half the idle timeout), got {self.ageing_interval_s}")
         self.plane_options().check(self.plane_config())
+        self.ice_tcp_config().check()
         first, last = self.translate_ports
         if not 1 <= first <= last <= 65535:
             raise DatapathError(f"translation ports must be a range within 1..65535, got {first}-{last}")
@@ -135,6 +144,7 @@ class EdgeAgent:
         self.metrics: EdgeMetrics | None = None
         self.api: ControlAPI | None = None
         self.port: int | None = None
+        self.ice_tcp: ice_tcp.IceTcpListener | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
         self._walker: ThreadPoolExecutor | None = None  # whole-table reads run here when they block
@@ -162,7 +172,8 @@ class EdgeAgent:
     def health(self) -> dict:
         c = self.config
         return {"boot_id": self.boot_id, "instance": c.instance, "relay_port": c.relay_port,
-                "public_ip": c.public_ip4 or c.public_ip6, "policy": c.policy, "datapath": self.plane.kind}
+                "public_ip": c.public_ip4 or c.public_ip6, "policy": c.policy, "datapath": self.plane.kind,
+                "ice_tcp": self.ice_tcp.status() if self.ice_tcp else None}
 
     def resolve_backend_mac(self, ip: str) -> str:
         return self.plane.next_hop_mac(ip)
@@ -185,6 +196,11 @@ class EdgeAgent:
         info = [(a.ifname, a.program, a.mode) for a in self.plane.attachments]
         self.metrics = EdgeMetrics(self.plane, info, kind=self.plane.kind)
         internal_mac = await loop.run_in_executor(None, self.plane.internal_mac)
+        self.ice_tcp = await ice_tcp.serve(
+            self.plane, c.ice_tcp_config(), c.public_iface, c.internal_iface,
+            {socket.AF_INET: c.public_ip4, socket.AF_INET6: c.public_ip6},
+            {socket.AF_INET: c.internal_ip4, socket.AF_INET6: c.internal_ip6},
+            c.translate_ports if c.translate else None, self.metrics.registry)
         if self.plane.reads_block:
             self._walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flow-table")
         self.api = ControlAPI(
@@ -259,6 +275,9 @@ class EdgeAgent:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.ice_tcp:
+            listener, self.ice_tcp = self.ice_tcp, None
+            await listener.stop()
         if self._runner:
             runner, self._runner = self._runner, None
             await runner.cleanup()

@@ -18,7 +18,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 apt_pkgs=(python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 ethtool python3-venv python3-dev
           gcc make libc6-dev util-linux prometheus vagrant systemd
-          libespeak-ng1 espeak-ng-data)
+          libespeak-ng1 espeak-ng-data nftables)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
