@@ -15,7 +15,7 @@ Request: ``routing.route`` decides it over the plane's own tables (session or
 routing hint, policy, the session's allowance, the backend's family), so TCP
 and UDP can never disagree.  A connection counts as one flow of its session's
 allowance.  Everything an attacker can send costs a bounded amount and ends
-in a counter (``CLOSE_REASONS`` plus the routing drops) and a closed
+in a counter (``CLOSE_REASONS``, or the reason of the routing counter that refused it) and a closed
 connection: frames are at most ``MAX_FRAME`` bytes, a connection holds at most
 one partial frame and ``MAX_PENDING`` bytes of replies, a connection must send
 its first frame within ``first_frame_s`` and some frame every ``idle_s``
@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from splitrelay.bpf import consts
+from splitrelay.edge.counters import counter_specs
 from splitrelay.edge.plane import DataPlane
 from splitrelay.edge.records import DatapathError
 from splitrelay.edge.routing import RoutingTables, route
@@ -65,6 +66,9 @@ CLOSE_REASONS = {          # reason label -> what happened (each closes the conn
     "no_port": "no UDP socket toward the transceiver could be opened",
     "closed": "the client closed between frames (the normal end)",
 }
+
+# a first frame the routing decision refuses closes its connection under that counter's reason
+ROUTING_REASON = {spec.name: spec.reason for spec in counter_specs()}
 
 
 @dataclass
@@ -323,7 +327,7 @@ class IceTcpListener:
         decision = route(frame, self._tables(),
                          family=consts.FAMILY_V6 if family == socket.AF_INET6 else consts.FAMILY_V4)
         if not decision.forwarded:
-            conn.close(decision.counter)
+            conn.close(ROUTING_REASON.get(decision.counter, decision.counter))
             return False
         backend = self.plane.backend(decision.backend_id)
         target = None if backend is None else (backend.ip6 if family == socket.AF_INET6 else backend.ip4)
