@@ -171,9 +171,10 @@ class EdgeAgent:
 
     def health(self) -> dict:
         c = self.config
+        ice_tcp_status = {"ice_tcp": self.ice_tcp.status()} if self.ice_tcp else {}
         return {"boot_id": self.boot_id, "instance": c.instance, "relay_port": c.relay_port,
                 "public_ip": c.public_ip4 or c.public_ip6, "policy": c.policy, "datapath": self.plane.kind,
-                "ice_tcp": self.ice_tcp.status() if self.ice_tcp else None}
+                **ice_tcp_status}
 
     def resolve_backend_mac(self, ip: str) -> str:
         return self.plane.next_hop_mac(ip)
