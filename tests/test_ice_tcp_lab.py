@@ -158,6 +158,15 @@ def test_a_bad_first_frame_closes_the_connection_and_is_counted(tcp_lab, reason)
     wait_for(lambda: ice_tcp(lab)["closed"].get(reason, 0) == before + 1, 5, f"one more closed as {reason}")
 
 
+def test_the_agents_metrics_count_what_its_health_reports(tcp_lab):
+    lab, _, _ = tcp_lab
+    status = ice_tcp(lab)
+    text = control(lab, lambda c: c.metrics())
+    assert f'splitrelay_edge_tcp_closed_total{{reason="not_stun"}} {status["closed"]["not_stun"]:.1f}' in text
+    assert 'splitrelay_edge_tcp_closed_total{reason="limit_source"}' in text   # every reason, from 0
+    assert f"splitrelay_edge_tcp_connections {status['connections']:.1f}" in text
+
+
 def test_a_frame_cut_short_by_the_client_closing_is_counted_as_truncated(tcp_lab):
     lab, _, _ = tcp_lab
     before = ice_tcp(lab)["closed"].get("truncated", 0)
