@@ -49,6 +49,7 @@ from splitrelay.edge.userspace import interface_addresses
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 443
+BROWSER_LOW_PORTS = (80, 443)   # measured in the lab: Chromium connected to 80, 443, 3478, and not to 1000
 MAX_FRAME = 2048           # bytes: a DTLS flight fragment, SRTP or STUN is < 1500; anything longer is refused
 MAX_PENDING = 256 << 10    # reply bytes queued toward a client that reads slowly; beyond: replies dropped
 BATCH = 64                 # datagrams read from a transceiver per wakeup
@@ -419,6 +420,9 @@ async def serve(plane: DataPlane, config: IceTcpConfig, public_iface: str, inter
     """The agent's hook: listen beside the UDP data plane (None when ``config.port`` is 0)."""
     if not config.port:
         return None
+    if config.port < 1024 and config.port not in BROWSER_LOW_PORTS:
+        log.warning("ICE-TCP on port %d: Chromium dials no ICE-TCP candidate below 1024 but 80 and 443",
+                    config.port)
     found = await asyncio.get_running_loop().run_in_executor(None, interface_addresses, internal_iface)
     version = {socket.AF_INET: 4, socket.AF_INET6: 6}
     listener = IceTcpListener(plane, config, public_iface, [f for f in version if public_ips.get(f)],
