@@ -1,9 +1,10 @@
 """ICE-TCP through the relay: a caller whose network drops UDP, and what an attacker can do to port 443.
 
-One lab for the module: one relay (translating, edge serve --translate: see the note below) in
-front of one echo transceiver, the client's UDP to the relay dropped by nftables in its
-namespace (lab up --block-udp), one headless Chromium.  Chromium is the ICE-TCP client: it dials
-the answer's passive TCP candidate with RFC 4571 framing (aiortc has no ICE-TCP).  The attack
+One lab for the module: two relays (translating, edge serve --translate: see the note below) in
+front of one echo transceiver that offers both (relay 1 preferred), the client's UDP to the
+relays dropped by nftables in its namespace (lab up --block-udp), one headless Chromium.
+Chromium is the ICE-TCP client: it dials the answer's passive TCP candidates with RFC 4571
+framing (aiortc has no ICE-TCP).  The attack
 tests speak raw TCP from the client namespace, as anyone on the internet can.
 
 The lab's agents translate: until the XDP program passes a backend's packets addressed to the
@@ -25,6 +26,7 @@ import pytest
 
 from splitrelay.bpf.consts import DEFAULT_SESSION_FLOWS
 from splitrelay.client.browser import PEAK_TOLERANCE_HZ, TONE_HZ, Browser, unavailable_reason
+from splitrelay.lab.faults import kill_relay, revive_relay
 from splitrelay.lab.netns import nsenter_argv
 from splitrelay.lab.stack import TCP_PORT, control, start_lab, stop_lab
 from splitrelay.lab.topology import Lab
@@ -46,7 +48,7 @@ pytestmark = needs_root
 def tcp_lab():
     if BROWSER_MISSING:
         pytest.skip(f"no browser: {BROWSER_MISSING}")
-    info = start_lab(transceivers=1, translate=True, block_udp=True,
+    info = start_lab(transceivers=1, relays=2, translate=True, block_udp=True,
                      agent_args=["--tcp-max-per-source", str(PER_SOURCE),
                                  "--tcp-max-connections", str(MAX_CONNECTIONS)])
     lab = Lab.load(info["name"])
@@ -82,9 +84,9 @@ def test_chromium_whose_network_drops_udp_calls_through_the_relays_tcp_port_and_
     try:
         answer = call.whip["answer"]
         tcp = [line for line in answer.splitlines() if " tcp " in line]
-        assert [line.split()[4:8] + line.split()[-2:] for line in tcp] == [
-            [lab.relay_public.ip4, str(TCP_PORT), "typ", "host", "tcptype", "passive"],
-            [lab.relay_public.ip6, str(TCP_PORT), "typ", "host", "tcptype", "passive"]]
+        assert [line.split()[4:8] + line.split()[-2:] for line in tcp] == [   # every relay address, in order
+            [ip, str(TCP_PORT), "typ", "host", "tcptype", "passive"]
+            for r in lab.relays for ip in (r.public.ip4, r.public.ip6)]
         udp_priorities = [int(line.split()[3]) for line in answer.splitlines() if " udp " in line]
         assert max(int(line.split()[3]) for line in tcp) < min(udp_priorities)   # UDP wins where it works
         heard = call.wait_audio(seconds=2.0, timeout=45)   # measured: audio within ~3 s of the offer
@@ -112,6 +114,30 @@ def test_the_same_call_on_a_network_that_passes_udp_uses_udp(tcp_lab):
             call.hang_up()
     assert heard["pair"]["remote"] == f"{lab.relay_public.ip4}:{lab.relay_port}"
     assert heard["pair"]["protocol"] == "udp"
+
+
+def test_a_tcp_carried_call_moves_to_the_other_relays_tcp_candidate_when_its_relay_dies(tcp_lab):
+    lab, info, browser = tcp_lab
+    near, spare = lab.relay(1), lab.relay(2)
+    call = browser.call(info["whip_url"])
+    try:
+        heard = call.wait_audio(seconds=1.0, timeout=45)
+        assert heard["pair"]["remote"] == f"{near.public.ip4}:{TCP_PORT}"   # the preferred relay, over TCP
+        try:
+            # relay 1 dies silently: its TCP connection stays up, nothing it carries reaches the transceiver
+            judged = call.measure_gap(lambda: kill_relay(lab, near.index), timeout=45)
+            moved = call.wait_pair(lambda pair: pair["remote"].rsplit(":", 1)[0] in (spare.public.ip4,
+                                                                                     spare.public.ip6), 5,
+                                   "the selected pair on relay 2")
+            call.wait_audio(seconds=1.0)
+        finally:
+            revive_relay(lab, near.index)
+    finally:
+        call.hang_up()
+    assert moved["pair"]["protocol"] == "tcp" and moved["pair"]["remote"].endswith(f":{TCP_PORT}")
+    assert judged.stopped_after < 1.0 and judged.gap < 30, judged   # measured: 3.92 s (UDP: ~4.0 s)
+    print(f"\nChromium over ICE-TCP, relay 1 silenced: audio again after {judged.gap:.2f} s, "
+          f"on {moved['pair']['remote']}")
 
 
 # -- what anyone can send to port 443 --------------------------------------------------------------
