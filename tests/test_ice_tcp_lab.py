@@ -16,7 +16,11 @@ is sent to the internal address outside its flow-port pool, and the bridge's por
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +44,7 @@ BROWSER_MISSING = unavailable_reason()
 PER_SOURCE = 8          # the lab agent's --tcp-max-per-source (small, so the limit tests stay small)
 MAX_CONNECTIONS = 12    # --tcp-max-connections: more than one source's share, less than two
 BAD_CONNECTIONS = 10_000
+IDLE_S = 15             # --idle-timeout (its floor): a routed connection without a whole frame for this long ends
 
 pytestmark = needs_root
 
@@ -50,7 +55,7 @@ def tcp_lab():
         pytest.skip(f"no browser: {BROWSER_MISSING}")
     info = start_lab(transceivers=1, relays=2, translate=True, block_udp=True,
                      agent_args=["--tcp-max-per-source", str(PER_SOURCE),
-                                 "--tcp-max-connections", str(MAX_CONNECTIONS)])
+                                 "--tcp-max-connections", str(MAX_CONNECTIONS), "--idle-timeout", str(IDLE_S)])
     lab = Lab.load(info["name"])
     try:
         with Browser(nsenter_argv(lab.client.netns, [])) as browser:
@@ -191,6 +196,34 @@ def test_the_agents_metrics_count_what_its_health_reports(tcp_lab):
     assert f'splitrelay_edge_tcp_closed_total{{reason="not_stun"}} {status["closed"]["not_stun"]:.1f}' in text
     assert 'splitrelay_edge_tcp_closed_total{reason="limit_source"}' in text   # every reason, from 0
     assert f"splitrelay_edge_tcp_connections {status['connections']:.1f}" in text
+
+
+def test_the_stats_command_shows_the_listener_beside_the_counters(tcp_lab):
+    lab, _, _ = tcp_lab
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "stats", "--json", "--lab", lab.name],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["counters"] and report["ice_tcp"]["port"] == TCP_PORT
+    assert report["ice_tcp"]["limits"]["max_per_source"] == PER_SOURCE
+
+
+def test_a_routed_connection_that_only_trickles_bytes_is_closed_as_idle(tcp_lab):
+    lab, _, _ = tcp_lab
+    ufrag = sorted(relay_ufrags(lab))[0]
+    before = ice_tcp(lab)["closed"].get("idle", 0)
+    with connect(lab) as sock:
+        sock.sendall(frame(build_binding_request(f"{ufrag}:caller")))
+        started = time.monotonic()
+        sock.sendall((100).to_bytes(2, "big"))     # a frame begun ...
+        for _ in range(IDLE_S * 2):                # ... and fed a byte a second, never finished
+            if closed_by_relay(sock, timeout=1.0):
+                break
+            with contextlib.suppress(OSError):
+                sock.send(b"\0")
+        waited = time.monotonic() - started
+    assert IDLE_S - 0.5 <= waited <= IDLE_S + 10, waited   # trickling kept nothing alive
+    assert ice_tcp(lab)["closed"].get("idle", 0) == before + 1
 
 
 def test_a_frame_cut_short_by_the_client_closing_is_counted_as_truncated(tcp_lab):
