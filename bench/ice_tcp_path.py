@@ -16,11 +16,13 @@ syscalls but not all of the kernel's TCP receive work (softirq, charged to
 whatever runs), so the TCP figure is a lower bound.
 
     sudo .venv/bin/python -m splitrelay.bench.ice_tcp_path [--count N] [--blocks N] [--json]
+    sudo .venv/bin/python -m splitrelay.bench.ice_tcp_path --calls 200 [--seconds 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import statistics
@@ -147,12 +149,120 @@ def measure(count: int, blocks: int) -> dict:
         stop_lab(info["name"])
 
 
+async def _calls(relay: tuple[str, int], calls: int, seconds: float, marks: dict) -> dict:
+    """``calls`` ICE-TCP connections, each opened by a Binding Request, then one voice packet per
+    20 ms each for ``seconds``; ``marks`` gets the monotonic times when all were open and when done."""
+    import asyncio
+
+    async def opened() -> tuple:
+        reader, writer = await asyncio.open_connection(*relay)
+        request = build_binding_request(f"{UFRAG}:benchclient")
+        writer.write(len(request).to_bytes(2, "big") + request)
+        await reader.readexactly(2 + len(request))
+        return reader, writer
+
+    conns = []   # 50 at a time: one by one, the first would idle out (30 s) before the last opened
+    for first in range(0, calls, 50):
+        conns += await asyncio.gather(*(opened() for _ in range(first, min(calls, first + 50))))
+    marks["open"] = time.monotonic()
+    sent = received = 0
+
+    data = _packet(0)
+    framed = len(data).to_bytes(2, "big") + data
+
+    async def send(writer) -> None:  # noqa: ANN001
+        nonlocal sent
+        start = time.monotonic()
+        for k in range(int(seconds * 50)):   # on a 20 ms clock; a lost echo stalls nothing
+            await asyncio.sleep(max(0.0, start + 0.02 * k - time.monotonic()))
+            writer.write(framed)
+            sent += 1
+
+    async def receive(reader) -> None:  # noqa: ANN001
+        nonlocal received
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readexactly(len(framed))
+                received += 1
+
+    readers = [asyncio.ensure_future(receive(r)) for r, _ in conns]
+    await asyncio.gather(*(send(w) for _, w in conns))
+    marks["done"] = time.monotonic()
+    await asyncio.sleep(0.5)   # the last echoes
+    for task in readers:
+        task.cancel()
+    for _, writer in conns:
+        writer.close()
+    return {"sent": sent, "received": received}
+
+
+def concurrent(calls: int, seconds: float) -> dict:
+    """Many TCP-carried voice calls at once through one relay: the agent's CPU and memory per call
+    (its process only: the kernel's socket memory is not in it).  A lost echo is counted, not waited
+    for; when the client or the echo cannot keep up, ``packets_per_call_per_s_achieved`` says so."""
+    import asyncio
+
+    info = start_lab(transceivers=1, translate=True, handler=None, agent_args=[
+        "--max-session-flows", "0", "--tcp-max-per-source", str(calls + 10),
+        "--tcp-max-connections", str(calls + 10)])
+    lab = Lab.load(info["name"])
+    try:
+        t = lab.transceivers[0]
+        echo = lab.popen(t.netns, [sys.executable, "-c", ECHO, t.ip4, str(BACKEND_PORT)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        control(lab, lambda c: c.put_session(UFRAG, t.backend_id))
+        time.sleep(0.5)
+        pid = _agent_pid(lab)
+        rss0, cpu0 = _rss_kib(pid), process_cpu_s(pid)
+        marks: dict = {}
+        samples: dict = {}
+
+        def run() -> dict:
+            loop = asyncio.new_event_loop()
+            task = loop.create_task(_calls((lab.relay_public.ip4, TCP_PORT), calls, seconds, marks))
+            while "open" not in marks:
+                loop.run_until_complete(asyncio.sleep(0.05))
+            samples.update(rss=_rss_kib(pid), cpu=process_cpu_s(pid))
+            result = loop.run_until_complete(task)
+            samples["cpu_end"] = process_cpu_s(pid)
+            loop.close()
+            return result
+
+        result = lab.in_netns(lab.client.netns, run, timeout=calls * 0.5 + seconds + 120)
+        result["relay_frames"] = control(lab, lambda c: c.health())["ice_tcp"]["frames"]   # in/out/dropped
+        echo.terminate()
+        busy = marks["done"] - marks["open"]
+        cpu = samples["cpu_end"] - samples["cpu"]
+        relayed = 2 * result["received"]
+        return {"calls": calls, "seconds": round(busy, 2), "packets_per_call_per_s": 50, **result,   # each way
+                "agent_cpu_fraction": round(cpu / busy, 3),
+                "agent_cpu_ns_per_packet": round(cpu * 1e9 / relayed) if relayed else None,
+                "packets_per_call_per_s_achieved": round(result["received"] / calls / busy, 1),
+                # a call is 100 relayed packets/s (50 each way)
+                "calls_per_core_at_this_cost": round(relayed / (cpu * 100)) if cpu and relayed else None,
+                "agent_rss_kib_per_call": round((samples["rss"] - rss0) / calls, 1),
+                "setup_cpu_s": round(samples["cpu"] - cpu0, 3)}
+    finally:
+        stop_lab(info["name"])
+
+
+def _rss_kib(pid: int) -> int:
+    return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS:"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=6000, help="echoes per path (default 6000)")
     parser.add_argument("--blocks", type=int, default=6, help="alternating blocks per path (default 6)")
+    parser.add_argument("--calls", type=int, default=0,
+                        help="instead: this many TCP-carried calls at once (50 packets/s each way), the agent's "
+                             "CPU and memory per call")
+    parser.add_argument("--seconds", type=float, default=10.0, help="with --calls: how long they run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.calls:
+        print(json.dumps(concurrent(args.calls, args.seconds), indent=2))
+        return 0
     report = measure(args.count, args.blocks)
     print(json.dumps(report, indent=2) if args.json else
           f"RTT p50/p99/p99.9 us: UDP {report['rtt']['udp_xdp']}, TCP {report['rtt']['tcp_userspace']}; "
