@@ -245,8 +245,14 @@ class IceTcpListener:
                 sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", self.config.port))
                 sock.setblocking(False)
                 server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024)
-            except BaseException:
+            except BaseException as exc:
                 sock.close()
+                await self.stop()
+                if isinstance(exc, OSError):
+                    v = 6 if family == socket.AF_INET6 else 4
+                    where = f"{self.public_iface} IPv{v} port {self.config.port}"
+                    raise DatapathError(f"cannot listen for ICE-TCP on {where}: {exc.strerror or exc} "
+                                        "(--tcp-port 0 turns it off)") from None
                 raise
             self._servers.append(server)
             self.ports.append(sock.getsockname()[1])

@@ -208,6 +208,18 @@ def test_the_stats_command_shows_the_listener_beside_the_counters(tcp_lab):
     assert report["ice_tcp"]["limits"]["max_per_source"] == PER_SOURCE
 
 
+def test_a_second_agent_on_a_taken_tcp_port_says_so_in_one_line_and_exits(tcp_lab):
+    lab, _, _ = tcp_lab
+    r = lab.relay(1)
+    proc = lab.run(r.netns, [sys.executable, "-m", "splitrelay.cli.main", "edge", "serve", r.public.ifname,
+                             "--internal", r.internal.ifname, "--public-ip", r.public.ip4,
+                             "--datapath", "userspace", "--port", "3479", "--listen", "127.0.0.1:0",
+                             "--instance", "tcptaken"], check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"splitrelay: error: cannot listen for ICE-TCP on {r.public.ifname} IPv4 port "
+                           f"{TCP_PORT}: Address already in use (--tcp-port 0 turns it off)\n")
+
+
 def test_a_routed_connection_that_only_trickles_bytes_is_closed_as_idle(tcp_lab):
     lab, _, _ = tcp_lab
     ufrag = sorted(relay_ufrags(lab))[0]
