@@ -19,7 +19,8 @@ in a counter (``CLOSE_REASONS``, or the reason of the routing counter that refus
 connection: frames are at most ``MAX_FRAME`` bytes, a connection holds at most
 one partial frame and ``MAX_PENDING`` bytes of replies, a connection must send
 its first frame within ``first_frame_s`` and some frame every ``idle_s``
-(RFC 7675: consent checks come every ~5 s and a client gives up after 30 s),
+(RFC 7675: consent checks come every ~5 s and a client gives up after 30 s), a
+connection routed by a session ends within ~5 s of the session's deletion,
 and the listener holds at most ``max_connections`` of them, ``max_per_source``
 from one address.  The ephemeral UDP ports come from the kernel's range, above
 translation's default flow-port pool; one inside the pool is refused.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import time
@@ -55,6 +57,7 @@ MAX_PENDING = 256 << 10    # reply bytes queued toward a client that reads slowl
 BATCH = 64                 # datagrams read from a transceiver per wakeup
 PORT_TRIES = 8             # ephemeral ports drawn before a connection is refused (all inside the flow pool)
 SWEEP_S = 1.0              # how often timeouts are checked (their resolution)
+SESSION_CHECK_SWEEPS = 5   # every 5th sweep, connections routed by a session check that it still exists
 
 CLOSE_REASONS = {          # reason label -> what happened (each closes the connection)
     "limit_relay": "the relay already holds max_connections TCP connections",
@@ -65,6 +68,7 @@ CLOSE_REASONS = {          # reason label -> what happened (each closes the conn
     "truncated": "the client closed in the middle of a frame",
     "idle": "no frame for idle_s (consent has expired at the client by then)",
     "no_port": "no UDP socket toward the transceiver could be opened",
+    "session_gone": "its session was deleted (a hang-up): as the UDP path removes the session's flows",
     "closed": "the client closed between frames (the normal end)",
 }
 
@@ -91,6 +95,14 @@ class IceTcpConfig:
             raise DatapathError("TCP timeouts must be > 0, the idle one >= the first-frame one")
 
 
+def _lookup(get: Callable, key):  # noqa: ANN001, ANN202
+    """One entry of a plane's table, None when absent or when the key is not one the table holds."""
+    try:
+        return get(key)
+    except (DatapathError, ValueError, OSError):
+        return None
+
+
 class _PlaneTable(Mapping):
     """One of the plane's tables as ``route`` reads it, one key at a time (a connection asks for one
     session and one backend; copying every table per connection would cost O(sessions))."""
@@ -99,10 +111,7 @@ class _PlaneTable(Mapping):
         self._get, self._keys = get, keys
 
     def __getitem__(self, key):  # noqa: ANN001, ANN204
-        try:
-            value = self._get(key)
-        except (DatapathError, ValueError, OSError):
-            value = None
+        value = _lookup(self._get, key)
         if value is None:
             raise KeyError(key)
         return value
@@ -125,6 +134,7 @@ class _Connection(asyncio.Protocol):
         self.udp: socket.socket | None = None
         self.ufrag: str | None = None
         self.backend_id: int | None = None
+        self.by_session = False      # routed by a registered session (not a routing hint)
         self.opened = self.last_rx = time.monotonic()
         self.frames_in = self.frames_out = self.dropped = 0
         self.closed_as: str | None = None
@@ -343,6 +353,7 @@ class IceTcpListener:
             conn.close("no_port")
             return False
         conn.udp, conn.ufrag, conn.backend_id = sock, decision.ufrag, decision.backend_id
+        conn.by_session = decision.counter == "IN_FWD_STUN_UFRAG"
         self._per_ufrag[decision.ufrag] += 1
         asyncio.get_running_loop().add_reader(sock.fileno(), conn.udp_readable)
         conn._forward(memoryview(frame))
@@ -370,20 +381,23 @@ class IceTcpListener:
 
     # -- timeouts -------------------------------------------------------------------------
 
-    def sweep(self, now: float | None = None) -> None:
-        """Close connections past their first-frame or idle deadline."""
+    def sweep(self, now: float | None = None, sessions: bool = False) -> None:
+        """Close connections past their first-frame or idle deadline; with ``sessions``, also those
+        whose session is gone (one table lookup each)."""
         now = time.monotonic() if now is None else now
         for conn in list(self._conns):
             if conn.udp is None and now - conn.opened >= self.config.first_frame_s:
                 conn.close("first_frame_timeout")
             elif now - conn.last_rx >= self.config.idle_s:
                 conn.close("idle")
+            elif sessions and conn.by_session and _lookup(self.plane.session, conn.ufrag) is None:
+                conn.close("session_gone")
 
     async def _sweep_forever(self) -> None:
-        while True:
+        for n in itertools.count(1):
             await asyncio.sleep(SWEEP_S)
             try:
-                self.sweep()
+                self.sweep(sessions=n % SESSION_CHECK_SWEEPS == 0)
             except Exception:  # noqa: BLE001 - one bad pass must not end the timeouts for good
                 log.exception("ICE-TCP timeout sweep failed")
 

@@ -306,6 +306,23 @@ def test_a_session_has_the_same_allowance_over_tcp_as_over_udp(tcp_lab):
     no_connections(lab)
 
 
+def test_a_connection_ends_when_its_session_is_deleted_as_udp_flows_do(tcp_lab):
+    lab, _, _ = tcp_lab
+    t = lab.transceivers[0]
+    ufrag = "TcpGoneSession1"
+    control(lab, lambda c: c.put_session(ufrag, t.backend_id))
+    before = ice_tcp(lab)["closed"].get("session_gone", 0)
+    with connect(lab) as sock:
+        sock.sendall(frame(build_binding_request(f"{ufrag}:caller")))
+        wait_for(lambda: ice_tcp(lab)["routed"] == 1, 5, "the connection routed by the session")
+        control(lab, lambda c: c.delete_session(ufrag))
+        started = time.monotonic()
+        assert closed_by_relay(sock, timeout=15)
+        waited = time.monotonic() - started
+    assert waited < 10, waited   # one session check every 5 s
+    assert ice_tcp(lab)["closed"].get("session_gone", 0) == before + 1
+
+
 def agent_usage(lab: Lab) -> tuple[int, int]:
     """(open file descriptors, resident KiB) of the relay's agent, the process listening on 443."""
     out = lab.run(lab.relay_public.netns, ["ss", "-Htlnp", f"sport = :{TCP_PORT}"]).stdout
