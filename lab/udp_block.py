@@ -12,7 +12,9 @@ candidate).
 from __future__ import annotations
 
 import re
+import shutil
 
+from splitrelay.lab.netns import LabError
 from splitrelay.lab.topology import Lab
 
 TABLE = "splitrelay_block_udp"
@@ -28,15 +30,21 @@ def _ruleset(lab: Lab) -> str:
 
 def block_udp(lab: Lab) -> None:
     """Drop every UDP packet the client sends toward a relay (idempotent)."""
+    if shutil.which("nft") is None:
+        raise LabError("blocking UDP needs nft (apt-get install nftables; scripts/setup.sh does it)")
     unblock_udp(lab)
     lab.run(lab.client.netns, ["nft", "-f", "-"], input=_ruleset(lab))
 
 
 def unblock_udp(lab: Lab) -> None:
-    lab.run(lab.client.netns, ["nft", "delete", "table", "inet", TABLE], check=False)
+    if udp_blocked(lab):
+        lab.run(lab.client.netns, ["nft", "delete", "table", "inet", TABLE])
 
 
 def udp_blocked(lab: Lab) -> bool:
+    """The rule is in place (False where nft is not installed: then nothing can have put it there)."""
+    if shutil.which("nft") is None:
+        return False
     return lab.run(lab.client.netns, ["nft", "list", "table", "inet", TABLE], check=False).returncode == 0
 
 

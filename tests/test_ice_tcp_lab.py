@@ -46,7 +46,7 @@ MAX_CONNECTIONS = 12    # --tcp-max-connections: more than one source's share, l
 BAD_CONNECTIONS = 10_000
 IDLE_S = 15             # --idle-timeout (its floor): a routed connection without a whole frame for this long ends
 
-pytestmark = needs_root
+pytestmark = [needs_root, pytest.mark.lab]
 
 
 @pytest.fixture(scope="module")
