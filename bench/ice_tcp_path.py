@@ -17,6 +17,7 @@ whatever runs), so the TCP figure is a lower bound.
 
     sudo .venv/bin/python -m splitrelay.bench.ice_tcp_path [--count N] [--blocks N] [--json]
     sudo .venv/bin/python -m splitrelay.bench.ice_tcp_path --calls 200 [--seconds 10]
+    sudo .venv/bin/python -m splitrelay.bench.ice_tcp_path --setup 20     # Chromium, TCP and UDP
 """
 
 from __future__ import annotations
@@ -246,6 +247,60 @@ def concurrent(calls: int, seconds: float) -> dict:
         stop_lab(info["name"])
 
 
+def setup_times(runs: int) -> dict:
+    """Chromium's call setup over ICE-TCP and over UDP through one relay, alternating: the
+    transceiver's own timings from the offer's arrival to ICE and to DTLS connected (ms)."""
+    import urllib.request
+
+    from splitrelay.client.browser import Browser
+    from splitrelay.lab.netns import nsenter_argv
+    from splitrelay.lab.udp_block import block_udp, unblock_udp
+
+    info = start_lab(transceivers=1, translate=True, block_udp=True)
+    lab = Lab.load(info["name"])
+    sessions_url = info["whip_url"].removesuffix("/whip") + "/sessions"
+
+    def session() -> dict | None:
+        def fetch() -> list:
+            with urllib.request.urlopen(sessions_url, timeout=5) as resp:
+                return json.loads(resp.read())
+        live = lab.in_netns(lab.client.netns, fetch)
+        return live[0] if live and live[0].get("dtls_connected_ms") else None
+
+    times: dict[str, list[tuple[float, float]]] = {"tcp": [], "udp": []}
+    try:
+        with Browser(nsenter_argv(lab.client.netns, [])) as browser:
+            for i in range(2 * runs):
+                path = "tcp" if i % 2 == 0 else "udp"
+                (block_udp if path == "tcp" else unblock_udp)(lab)
+                call = browser.call(info["whip_url"])
+                try:
+                    heard = call.wait_audio(seconds=0.5, timeout=45)
+                    if heard["pair"]["protocol"] != path:
+                        raise ConnectionError(f"run {i}: expected {path}, the call took {heard['pair']}")
+                    deadline = time.monotonic() + 10
+                    while (s := session()) is None and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                    times[path].append((s["ice_connected_ms"], s["dtls_connected_ms"]))
+                finally:
+                    call.hang_up()
+                    deadline = time.monotonic() + 10
+                    while session() is not None and time.monotonic() < deadline:
+                        time.sleep(0.1)
+    finally:
+        stop_lab(info["name"])
+
+    def summary(pairs: list[tuple[float, float]]) -> dict:
+        ice, dtls = sorted(p[0] for p in pairs), sorted(p[1] for p in pairs)
+        return {"runs": len(pairs), "ice_p50_ms": round(statistics.median(ice), 1),
+                "ice_p95_ms": round(ice[min(len(ice) - 1, int(0.95 * len(ice)))], 1),
+                "dtls_p50_ms": round(statistics.median(dtls), 1),
+                "dtls_p95_ms": round(dtls[min(len(dtls) - 1, int(0.95 * len(dtls)))], 1)}
+
+    return {"from": "the offer's arrival at the transceiver", "tcp": summary(times["tcp"]),
+            "udp": summary(times["udp"]), "raw": times}
+
+
 def _rss_kib(pid: int) -> int:
     return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS:"))
 
@@ -258,8 +313,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead: this many TCP-carried calls at once (50 packets/s each way), the agent's "
                              "CPU and memory per call")
     parser.add_argument("--seconds", type=float, default=10.0, help="with --calls: how long they run")
+    parser.add_argument("--setup", type=int, default=0, metavar="RUNS",
+                        help="instead: Chromium's setup time (offer to ICE and to DTLS connected, at the "
+                             "transceiver) over ICE-TCP and over UDP, RUNS calls each, alternating")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.setup:
+        print(json.dumps(setup_times(args.setup), indent=2))
+        return 0
     if args.calls:
         print(json.dumps(concurrent(args.calls, args.seconds), indent=2))
         return 0
