@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 from splitrelay.bench.forwarding import _prog_ids, _prog_stats
 from splitrelay.bench.system import bpf_run_time_stats, machine, process_cpu_s
@@ -107,16 +108,26 @@ def _agent_pid(lab: Lab) -> int:
     return int(out.split("pid=")[1].split(",")[0])
 
 
-def measure(count: int, blocks: int) -> dict:
-    info = start_lab(transceivers=1, translate=True, handler=None)
+@contextlib.contextmanager
+def _echo_lab(agent_args: list[str] | None = None) -> Iterator[tuple[Lab, int]]:
+    """A translating lab whose backend host runs the UDP echo, ``UFRAG`` registered to it; yields the
+    lab and its agent's pid, and tears it all down after (the echo with the lab's processes)."""
+    info = start_lab(transceivers=1, translate=True, handler=None, agent_args=agent_args)
     lab = Lab.load(info["name"])
     try:
         t = lab.transceivers[0]
-        echo = lab.popen(t.netns, [sys.executable, "-c", ECHO, t.ip4, str(BACKEND_PORT)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lab.popen(t.netns, [sys.executable, "-c", ECHO, t.ip4, str(BACKEND_PORT)],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         control(lab, lambda c: c.put_session(UFRAG, t.backend_id))
         time.sleep(0.5)   # the echo binds (a lost first request would only be retried by hand)
-        pid, progs = _agent_pid(lab), _prog_ids(lab)
+        yield lab, _agent_pid(lab)
+    finally:
+        stop_lab(info["name"])
+
+
+def measure(count: int, blocks: int) -> dict:
+    with _echo_lab() as (lab, pid):
+        progs = _prog_ids(lab)
         per_block = count // blocks
         rtts: dict[str, list[float]] = {"udp": [], "tcp": []}
         cpu = {"udp": 0.0, "tcp": 0.0}
@@ -134,7 +145,6 @@ def measure(count: int, blocks: int) -> dict:
                         xdp[name] += _prog_stats(progs).run_time_ns - xdp0
 
         lab.in_netns(lab.client.netns, run, timeout=count * 0.1 + 120)
-        echo.terminate()
         relayed = 2 * per_block * blocks
         udp, tcp = _percentiles(rtts["udp"]), _percentiles(rtts["tcp"])
         return {
@@ -146,8 +156,6 @@ def measure(count: int, blocks: int) -> dict:
                 "tcp_agent_process": round(cpu["tcp"] * 1e9 / relayed),
                 "udp_agent_process": round(cpu["udp"] * 1e9 / relayed)},   # ~0: XDP never wakes the agent
         }
-    finally:
-        stop_lab(info["name"])
 
 
 async def _calls(relay: tuple[str, int], calls: int, seconds: float, marks: dict) -> dict:
@@ -203,17 +211,8 @@ def concurrent(calls: int, seconds: float) -> dict:
     for; when the client or the echo cannot keep up, ``packets_per_call_per_s_achieved`` says so."""
     import asyncio
 
-    info = start_lab(transceivers=1, translate=True, handler=None, agent_args=[
-        "--max-session-flows", "0", "--tcp-max-per-source", str(calls + 10),
-        "--tcp-max-connections", str(calls + 10)])
-    lab = Lab.load(info["name"])
-    try:
-        t = lab.transceivers[0]
-        echo = lab.popen(t.netns, [sys.executable, "-c", ECHO, t.ip4, str(BACKEND_PORT)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        control(lab, lambda c: c.put_session(UFRAG, t.backend_id))
-        time.sleep(0.5)
-        pid = _agent_pid(lab)
+    with _echo_lab(["--max-session-flows", "0", "--tcp-max-per-source", str(calls + 10),
+                    "--tcp-max-connections", str(calls + 10)]) as (lab, pid):
         rss0, cpu0 = _rss_kib(pid), process_cpu_s(pid)
         marks: dict = {}
         samples: dict = {}
@@ -231,7 +230,6 @@ def concurrent(calls: int, seconds: float) -> dict:
 
         result = lab.in_netns(lab.client.netns, run, timeout=calls * 0.5 + seconds + 120)
         result["relay_frames"] = control(lab, lambda c: c.health())["ice_tcp"]["frames"]   # in/out/dropped
-        echo.terminate()
         busy = marks["done"] - marks["open"]
         cpu = samples["cpu_end"] - samples["cpu"]
         relayed = 2 * result["received"]
@@ -243,8 +241,6 @@ def concurrent(calls: int, seconds: float) -> dict:
                 "calls_per_core_at_this_cost": round(relayed / (cpu * 100)) if cpu and relayed else None,
                 "agent_rss_kib_per_call": round((samples["rss"] - rss0) / calls, 1),
                 "setup_cpu_s": round(samples["cpu"] - cpu0, 3)}
-    finally:
-        stop_lab(info["name"])
 
 
 def setup_times(runs: int) -> dict:
