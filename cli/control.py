@@ -125,9 +125,21 @@ def stats(control: str, token: str | None, as_json: bool, watch: float | None) -
         counters = [c for c in client.stats()["counters"]]
         now = time.monotonic()
         if watch is None:
-            emit({"counters": counters}, as_json, lambda d: table(
-                [c for c in d["counters"] if c["packets"]] or d["counters"][:0],
-                ["direction", "verdict", "reason", "packets", "bytes"]))
+            data = {"counters": counters}
+            ice_tcp = client.health().get("ice_tcp")   # the agent's ICE-TCP listener, when it runs one
+            if ice_tcp:
+                data["ice_tcp"] = ice_tcp
+
+            def human(d: dict) -> None:
+                table([c for c in d["counters"] if c["packets"]] or d["counters"][:0],
+                      ["direction", "verdict", "reason", "packets", "bytes"])
+                if "ice_tcp" in d:
+                    t = d["ice_tcp"]
+                    closed = ", ".join(f"{k} {v}" for k, v in sorted(t["closed"].items())) or "none"
+                    click.echo(f"ICE-TCP port {t['port']}: {t['connections']} connections ({t['routed']} routed), "
+                               f"frames {t['frames']}, closed: {closed}")
+
+            emit(data, as_json, human)
             return
         if previous:
             dt = now - previous[0]

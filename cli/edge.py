@@ -250,6 +250,14 @@ DATAPATH_HELP = (
 @click.option("--k8s-insecure", is_flag=True,
               help="Do not verify the Kubernetes API's certificate (anyone on the path could then choose "
                    "this relay's backends).")
+@click.option("--tcp-port", default=443, show_default=True, type=click.IntRange(0, 65535),
+              help="ICE-TCP (RFC 6544/4571) for clients whose network drops UDP: a TCP listener on the public "
+                   "interface (IPv4 and IPv6) that carries each connection to its transceiver as UDP, routed "
+                   "like the UDP port. 0: off. Transceivers advertise it with --relay ...,tcp:PORT.")
+@click.option("--tcp-max-connections", default=20000, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="ICE-TCP connections this relay holds at once; more are closed at accept.")
+@click.option("--tcp-max-per-source", default=256, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="ICE-TCP connections from one client address (a NAT puts many callers behind one).")
 def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, internal_ips: tuple[str, ...],
                backend_ports: str, **kw) -> None:
     """Run the edge agent: attach (or start the userspace relay), serve the control API and metrics, age flows.

@@ -89,9 +89,11 @@ def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
                    "'from-ip' takes the low 18 bits of the --bind IPv4 address (for Deployments).")
 @click.option("--bind", default="127.0.0.1:5000", show_default=True,
               help="host:port of the one UDP socket serving every session (the backend address).")
-@click.option("--relay", "relay_specs", multiple=True, metavar="[NAME=]IP:PORT[,[IP6]:PORT]",
+@click.option("--relay", "relay_specs", multiple=True, metavar="[NAME=]IP:PORT[,[IP6]:PORT][,tcp:PORT]",
               help="A relay's public address(es), the candidates clients see; repeat for several relays "
-                   "(the first is preferred unless --prefer says otherwise). Omit for direct mode.")
+                   "(the first is preferred unless --prefer says otherwise). Omit for direct mode. tcp:PORT: "
+                   "the relay's ICE-TCP port (edge serve --tcp-port), offered on each address below every "
+                   "UDP candidate, for clients whose network drops UDP.")
 @click.option("--relay-control", "relay_controls", multiple=True,
               help="Edge agent control URL to register sessions with; one per --relay, in the same order.")
 @click.option("--prefer", "prefer", multiple=True, metavar="PREFIX=RELAY",

@@ -93,6 +93,7 @@ async function sample() {
     const remote = report.get(pair.remoteCandidateId) || {};
     s.pair = { local: `${local.address}:${local.port}`, remote: `${remote.address}:${remote.port}`,
                remoteUfrag: remote.usernameFragment || null, state: pair.state,
+               protocol: remote.protocol || null,   // "udp", or "tcp" over ICE-TCP
                rttMs: pair.currentRoundTripTime != null ? pair.currentRoundTripTime * 1000 : null };
   }
   call.samples.push(s);

@@ -37,6 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from splitrelay.edge.backend_sources import BackendFollower, BackendSpec, file_reader, kubernetes_reader
 from splitrelay.edge.control import BACKEND_LIVE_S, BackendLimits, ControlAPI, off_loop
 from splitrelay.edge.credentials import check_master
+from splitrelay.edge import ice_tcp
 from splitrelay.edge.metrics import EdgeMetrics
 from splitrelay.edge.plane import DataPlane, PlaneConfig
 from splitrelay.edge.records import POLICIES, Backend, DatapathError
@@ -82,6 +83,13 @@ class AgentConfig(PlaneConfig):
     internal_ip4: str | None = None       # userspace: where flow sockets bind (default: from internal_iface)
     internal_ip6: str | None = None
     internal_more: tuple[str, ...] = ()   # xdp --translate: further internal addresses (edge/records.py sets)
+    tcp_port: int = 0                     # ICE-TCP (edge/ice_tcp.py); `edge serve --tcp-port` defaults to 443
+    tcp_max_connections: int = ice_tcp.IceTcpConfig.max_connections
+    tcp_max_per_source: int = ice_tcp.IceTcpConfig.max_per_source
+
+    def ice_tcp_config(self) -> ice_tcp.IceTcpConfig:
+        return ice_tcp.IceTcpConfig(port=self.tcp_port, max_connections=self.tcp_max_connections,
+                                    max_per_source=self.tcp_max_per_source, idle_s=self.idle_timeout_s)
 
     def plane_config(self) -> PlaneConfig:
         """What every plane needs, and nothing of the agent's or another plane's."""
@@ -114,6 +122,7 @@ class AgentConfig(PlaneConfig):
             raise DatapathError(f"ageing interval must be {MIN_AGEING_INTERVAL_S}..{self.idle_timeout_s / 2:g} s "
                                 f"(half the idle timeout), got {self.ageing_interval_s}")
         self.plane_options().check(self.plane_config())
+        self.ice_tcp_config().check()
         first, last = self.translate_ports
         if not 1 <= first <= last <= 65535:
             raise DatapathError(f"translation ports must be a range within 1..65535, got {first}-{last}")
@@ -195,6 +204,7 @@ class EdgeAgent:
         self.metrics: EdgeMetrics | None = None
         self.api: ControlAPI | None = None
         self.port: int | None = None
+        self.ice_tcp: ice_tcp.IceTcpListener | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
         self._walker: ThreadPoolExecutor | None = None  # whole-table reads run here when they block
@@ -226,8 +236,10 @@ class EdgeAgent:
 
     def health(self) -> dict:
         c = self.config
+        ice_tcp_status = {"ice_tcp": self.ice_tcp.status()} if self.ice_tcp else {}
         return {"boot_id": self.boot_id, "instance": c.instance, "relay_port": c.relay_port,
-                "public_ip": c.public_ip4 or c.public_ip6, "policy": c.policy, "datapath": self.plane.kind}
+                "public_ip": c.public_ip4 or c.public_ip6, "policy": c.policy, "datapath": self.plane.kind,
+                **ice_tcp_status}
 
     def resolve_backend_mac(self, ip: str) -> str:
         return self.plane.next_hop_mac(ip)
@@ -256,6 +268,11 @@ class EdgeAgent:
             raise DatapathError(f"{c.internal_iface} has no global address to take the backends' networks from: "
                                 "give --backend-cidr")
         self.limits = BackendLimits(networks, c.backend_ports)
+        self.ice_tcp = await ice_tcp.serve(
+            self.plane, c.ice_tcp_config(), c.public_iface, c.internal_iface,
+            {socket.AF_INET: c.public_ip4, socket.AF_INET6: c.public_ip6},
+            {socket.AF_INET: c.internal_ip4, socket.AF_INET6: c.internal_ip6},
+            c.translate_ports if c.translate else None, self.metrics.registry)
         if self.plane.reads_block:
             self._walker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flow-table")
             self._scraper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
@@ -387,6 +404,9 @@ class EdgeAgent:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.ice_tcp:
+            listener, self.ice_tcp = self.ice_tcp, None
+            await listener.stop()
         if self._runner:
             runner, self._runner = self._runner, None
             await runner.cleanup()

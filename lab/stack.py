@@ -18,7 +18,7 @@ from pathlib import Path
 from splitrelay.edge.control_client import ControlClient
 from splitrelay.edge.credentials import backend_token
 from splitrelay.edge.xdp_loader import unpin
-from splitrelay.lab import impair
+from splitrelay.lab import impair, udp_block
 from splitrelay.lab.floating import floated
 from splitrelay.lab.impair import Impairment
 from splitrelay.lab.topology import BACKEND_PORT, SECRETS, STATE_DIR, Lab
@@ -30,6 +30,7 @@ WHIP_PORT = 8080
 ADMIN_PORT = 8081
 BROWSER_ORIGIN = "http://localhost"   # the origin client/browser.py serves its call page from
 LAB_TOKEN_TTL = 3600.0                # a lab_info token outlives any test's call, and no lab's state
+TCP_PORT = 443          # every lab agent's ICE-TCP port (edge serve's default), offered by every transceiver
 READY_TIMEOUT = 120.0  # bounds a failure only: a bcc compile took 31 s at load 12; --relays N compiles N at once
 
 
@@ -135,6 +136,8 @@ def lab_info(lab: Lab) -> dict:
         "floated": move.to_dict() if (move := floated(lab)) else None,   # an address moved (lab/floating.py)
         "router": lab.router.info() if lab.router else None,     # a routed lab's (lab/router.py)
         "transceivers_network": lab.networks.get("transceivers"),   # [IPv4, IPv6] behind it, or None
+        "udp_blocked": udp_block.udp_blocked(lab),   # the client's UDP to the relays is dropped (--block-udp)
+        "tcp_port": TCP_PORT,
         "relays": [
             {"index": r.index, "netns": r.netns, "relay_public": f"{r.public.ip4}:{lab.relay_port}",
              "relay_public6": f"[{r.public.ip6}]:{lab.relay_port}", "control_url": control_url(lab, r.index),
@@ -235,9 +238,14 @@ def relay_args(lab: Lab, relays: list[int] | None = None) -> list[str]:
     with its agent, in relay order."""
     args = []
     for r in lab.relays if relays is None else [lab.relay(i) for i in relays]:
-        args += ["--relay", f"{r.link}={r.public.ip4}:{lab.relay_port},[{r.public.ip6}]:{lab.relay_port}",
-                 "--relay-control", control_url(lab, r.index)]
+        args += ["--relay", relay_spec(lab, r, r.link), "--relay-control", control_url(lab, r.index)]
     return args
+
+
+def relay_spec(lab: Lab, r, name: str | None = None) -> str:  # noqa: ANN001
+    """A `transceiver serve --relay` value for relay ``r``: both public addresses and its TCP port."""
+    return (f"{name}=" if name else "") + \
+        f"{r.public.ip4}:{lab.relay_port},[{r.public.ip6}]:{lab.relay_port},tcp:{TCP_PORT}"
 
 
 def control(lab: Lab, fn, relay: int = 1):
@@ -250,13 +258,14 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
               handler: str | list[str] | None = "echo", agent_args: list[str] | None = None,
               hint_key_file: str | None = None, impair: Impairment | None = None, relays: int = 1,
               far: Impairment | None = None, translate: bool = False, routed: bool = False,
-              translate_addrs: int = 1) -> dict:
+              translate_addrs: int = 1, block_udp: bool = False) -> dict:
     """Namespaces, one edge agent per relay and (unless handler is None) one transceiver per host;
     ``impair`` delays/drops UDP on the client's link to relay 1, ``far`` on its link to the last relay;
     ``handler``: one spec for every transceiver, or a list of one spec per transceiver; ``translate``:
     the agents translate both sides and the transceivers have no route to the client (Lab.create);
     ``routed`` (needs ``translate``): the transceivers sit in their own network behind a router;
-    ``translate_addrs`` (with ``translate``): internal addresses per family each relay translates with.
+    ``translate_addrs`` (with ``translate``): internal addresses per family each relay translates with;
+    ``block_udp``: the client's network drops UDP to the relays (lab/udp_block.py), so only ICE-TCP works.
 
     Every transceiver is a backend of every relay: each registers itself and its sessions with every
     relay (one --relay/--relay-control pair per relay, relay 1 preferred), or, with ``handler=None``,
@@ -274,6 +283,8 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
                   for r in lab.relays]
         for r, (proc, path) in zip(lab.relays, agents, strict=True):
             wait_ready(proc, path, "edge agent ready", _agent_name(r.index))
+        if block_udp:
+            udp_block.block_udp(lab)
         own_source = agent_args and any(a in agent_args for a in ("--backends-file", "--k8s-service"))
         for position, t in enumerate([] if own_source else lab.transceivers):  # else the agents' own source
             if handler is not None:

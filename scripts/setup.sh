@@ -21,7 +21,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 # commit a benchmark records, openssl for the self-signed Kubernetes API in tests/test_control_auth.py.
 apt_pkgs=(python3 python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 ethtool python3-venv python3-dev
           gcc make libc6-dev util-linux prometheus vagrant systemd
-          libespeak-ng1 espeak-ng-data iptables procps git openssl)
+          libespeak-ng1 espeak-ng-data iptables procps git openssl nftables)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -68,6 +68,7 @@ from aioice.ice import CandidatePair, Connection, StunProtocol
 from splitrelay.transceiver.candidates import ignored_because
 from splitrelay.transceiver.limits import ADDRESS_TIMEOUT
 from splitrelay.transceiver.paths import MuxProtocol, PathFollower
+from splitrelay.transceiver.relays import TcpAddress
 from splitrelay.wire import stun as ref_stun
 from splitrelay.errors import SplitrelayError
 
@@ -482,7 +483,14 @@ class MuxedConnection(Connection):
                                        timeout: int = 5) -> list[Candidate]:
         candidates = []
         public = self.public_candidates or [(a, 65535 - i) for i, a in enumerate(self.mux.public_candidates)]
-        for (host, port), local_pref in public:
+        for address, local_pref in public:
+            host, port = address
+            if isinstance(address, TcpAddress):   # the relay's ICE-TCP listener (edge/ice_tcp.py) carries
+                candidates.append(Candidate(      # it to the mux as UDP: no protocol of its own, never paired
+                    foundation=candidate_foundation("host", "tcp", host), component=component, transport="tcp",
+                    priority=candidate_priority(component, "host", local_pref=local_pref),
+                    host=host, port=port, type="host", tcptype="passive"))
+                continue
             protocol = MuxProtocol(self)
             protocol.local_candidate = Candidate(
                 foundation=candidate_foundation("host", "udp", host), component=component, transport="udp",
