@@ -130,6 +130,7 @@ window.splitrelay = {
     pc.oniceconnectionstatechange = () => event("ice", pc.iceConnectionState);
     pc.onconnectionstatechange = () => event("connection", pc.connectionState);
     await describeAndGather(pc, await pc.createOffer());
+    event("whip", "post");    // the origin of the setup times (bench/dtls_setup.py)
     const { response, text } = await whipRequest("POST", whipUrl, { "Content-Type": "application/sdp" },
                                                  pc.localDescription.sdp);
     if (response.status !== 201) throw new Error(`WHIP POST answered ${response.status}, not 201`);

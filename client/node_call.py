@@ -38,24 +38,27 @@ def unavailable_reason(stack: str) -> str | None:
     return None
 
 
-def node_call(stack: str, whip_url: str, wrapper: list[str] | None = None,
-              timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
-    """One call by ``stack`` to ``whip_url``, connected and hung up; the client's report:
-    ``ice_connected_ms``, ``dtls_connected_ms`` (from the POST leaving), ``gap_ms``, ``answer_setup``,
-    ``delete_status``, ``events``.  Raises NodeCallError when it did not connect."""
+def node_calls(stack: str, whip_url: str, wrapper: list[str] | None = None, calls: int = 1,
+               timeout: float = CALL_TIMEOUT) -> list[dict[str, Any]]:
+    """``calls`` calls by ``stack`` to ``whip_url``, one after another in one node process, each
+    connected (or failed) and hung up; one report per call: ``ok``, ``error``, ``ice_connected_ms``,
+    ``dtls_connected_ms`` (from the POST leaving), ``gap_ms``, ``answer_setup``, ``delete_status``,
+    ``events``.  Raises NodeCallError when the process gave no report for every call."""
     if stack not in STACKS:
         raise NodeCallError(f"unknown stack {stack!r} (one of {', '.join(STACKS)})")
     argv = [*(wrapper or []), "node", str(SCRIPT), "--stack", stack, "--timeout-ms", str(int(timeout * 1000)),
-            whip_url]
+            "--calls", str(calls), whip_url]
+    limit = calls * (timeout + 5) + 10
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10, cwd=NODE_DIR)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit, cwd=NODE_DIR)
     except subprocess.TimeoutExpired:
-        raise NodeCallError(f"{stack} caller still running after {timeout + 10:.0f} s") from None
+        raise NodeCallError(f"{stack} caller still running after {limit:.0f} s") from None
     try:
-        report = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
+        reports = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        reports = []
+    if len(reports) != calls:
         tail = (proc.stderr.strip().splitlines() or [""])[-1]
-        raise NodeCallError(f"{stack} caller exited {proc.returncode} without a report: {tail[:200]}") from None
-    if not report.get("ok"):
-        raise NodeCallError(f"{stack} call failed: {report.get('error')}")
-    return report
+        raise NodeCallError(f"{stack} caller exited {proc.returncode} with {len(reports)} of {calls} reports: "
+                            f"{tail[:200]}")
+    return reports

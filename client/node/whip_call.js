@@ -1,11 +1,11 @@
 // One WHIP call (RFC 9725) from a standard non-browser WebRTC stack, timed at the client.
 //
-//   node whip_call.js --stack libdatachannel|werift [--timeout-ms N] WHIP_URL
+//   node whip_call.js --stack libdatachannel|werift [--timeout-ms N] [--calls N] WHIP_URL
 //
 // Offers one sendrecv Opus audio m-line (what the transceiver requires, transceiver/whip.py check_offer)
 // with all candidates (no trickle), POSTs it, applies the answer and waits for the client's own ICE
 // "connected" and its peer connection "connected" (= DTLS done: the SRTP keys exist), then DELETEs the
-// session and prints one JSON object on stdout. Times are ms from the POST leaving
+// session and prints one JSON object (a line) on stdout. Times are ms from the POST leaving
 // (performance.now()). Everything here is the stack's public API: nothing about the call is staged.
 "use strict";
 
@@ -13,14 +13,15 @@ const STACKS = ["libdatachannel", "werift"];
 const GATHERING_TIMEOUT_MS = 5000;
 
 function parseArgs(argv) {
-  const out = { stack: null, timeoutMs: 20000, url: null };
+  const out = { stack: null, timeoutMs: 20000, calls: 1, url: null };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--stack") out.stack = argv[++i];
     else if (argv[i] === "--timeout-ms") out.timeoutMs = Number(argv[++i]);
+    else if (argv[i] === "--calls") out.calls = Number(argv[++i]);
     else out.url = argv[i];
   }
-  if (!STACKS.includes(out.stack) || !out.url || !(out.timeoutMs > 0)) {
-    process.stderr.write(`usage: node whip_call.js --stack ${STACKS.join("|")} [--timeout-ms N] WHIP_URL\n`);
+  if (!STACKS.includes(out.stack) || !out.url || !(out.timeoutMs > 0) || !(out.calls >= 1)) {
+    process.stderr.write(`usage: node whip_call.js --stack ${STACKS.join("|")} [--timeout-ms N] [--calls N] WHIP_URL\n`);
     process.exit(2);
   }
   return out;
@@ -83,8 +84,8 @@ function packageVersion(name) {
   return JSON.parse(fs.readFileSync(path.join(dir, "package.json"), "utf8")).version;
 }
 
-async function main() {
-  const args = parseArgs(process.argv.slice(2));
+// One call: offer, POST, answer, wait until connected (or the deadline), DELETE, close. Never throws.
+async function oneCall(args) {
   const t0 = { at: null };
   const events = [];
   const waiters = [];
@@ -100,31 +101,19 @@ async function main() {
                    answer_ms: null, answer_setup: null, delete_status: null, events, error: null };
   const peer = args.stack === "werift" ? werift(record) : libdatachannel(record);
   result.version = peer.version;
-  const deadline = setTimeout(() => finish("timeout: not connected within " + args.timeoutMs + " ms"),
-                              args.timeoutMs);
   let location = null;
-  let finished = false;
+  let timer = null;
+  const deadline = new Promise((resolve) => {
+    timer = setTimeout(() => resolve(`timeout: not connected within ${args.timeoutMs} ms`), args.timeoutMs);
+  });
 
-  async function finish(error) {
-    if (finished) return;
-    finished = true;
-    clearTimeout(deadline);
-    result.error = error || null;
-    if (location) {
-      try { result.delete_status = (await fetch(location, { method: "DELETE" })).status; } catch (e) { /* reported as null */ }
-    }
-    try { await peer.close(); } catch (e) { /* closing a failed peer */ }
-    process.stdout.write(JSON.stringify(result) + "\n");
-    process.exit(error ? 1 : 0);
-  }
-
-  try {
+  async function connect() {
     const offer = await peer.offer();
     t0.at = performance.now();
     const response = await fetch(args.url, { method: "POST", headers: { "Content-Type": "application/sdp" }, body: offer });
     const answer = await response.text();
     result.answer_ms = performance.now() - t0.at;
-    if (response.status !== 201) return finish(`WHIP POST answered ${response.status}: ${answer.trim().slice(0, 200)}`);
+    if (response.status !== 201) return `WHIP POST answered ${response.status}: ${answer.trim().slice(0, 200)}`;
     location = new URL(response.headers.get("Location"), args.url).href;
     const setup = /^a=setup:(\S+)/m.exec(answer);
     result.answer_setup = setup ? setup[1] : null;
@@ -132,16 +121,40 @@ async function main() {
     for (;;) {
       const ice = firstAt("ice", ["connected", "completed"]);
       const dtls = firstAt("connection", ["connected"]);
-      if (firstAt("connection", ["failed", "closed"]) !== null) return finish("the peer connection failed");
+      if (firstAt("connection", ["failed", "closed"]) !== null) return "the peer connection failed";
       if (ice !== null && dtls !== null) {
         Object.assign(result, { ok: true, ice_connected_ms: ice, dtls_connected_ms: dtls, gap_ms: dtls - ice });
-        return finish(null);
+        return null;
       }
       await new Promise((resolve) => waiters.push(resolve));
     }
-  } catch (e) {
-    return finish(String(e && e.message || e).split("\n")[0]);
   }
+
+  try {
+    result.error = await Promise.race([connect(), deadline]);
+  } catch (e) {
+    result.error = String(e && e.message || e).split("\n")[0];
+  }
+  clearTimeout(timer);
+  if (result.error) result.ok = false;
+  if (location) {
+    try { result.delete_status = (await fetch(location, { method: "DELETE" })).status; } catch (e) { /* stays null */ }
+  }
+  try { await peer.close(); } catch (e) { /* closing a failed peer */ }
+  return result;
+}
+
+// --calls N: N calls one after another in this process, one JSON line each (a long-running agent's
+// view: the first call also pays for loading and compiling the stack's JavaScript and crypto code).
+async function main() {
+  const args = parseArgs(process.argv.slice(2));
+  let failed = false;
+  for (let i = 0; i < args.calls; i++) {
+    const result = await oneCall(args);
+    process.stdout.write(JSON.stringify(result) + "\n");
+    failed = failed || !result.ok;
+  }
+  process.exit(failed ? 1 : 0);
 }
 
 main();
