@@ -188,11 +188,17 @@ other jobs (2 cores), so absolute times carry their load; the gap is what the fi
 """
 
 
-def section(rows: list[dict], runs: int) -> str:
-    return ("\n## DTLS ready when ICE is: setup per client (`python -m splitrelay.bench.dtls_setup`)\n\n"
+def section(rows: list[dict], runs: int, before: list[dict] | None = None) -> str:
+    """The BENCHMARKS.md section: how to re-run it, the table, and ``before`` (the same bench on an
+    earlier transceiver, ``--before FILE``) beside it when given."""
+    text = ("\n## DTLS ready when ICE is: setup per client (`python -m splitrelay.bench.dtls_setup`)\n\n"
             f"Reproduce with `python -m splitrelay.bench.dtls_setup --runs {runs}` (root, Debian's chromium, "
-            "`make setup` for the npm clients; ~2 s a call).  One relay (XDP) in front of one echo "
-            "transceiver.\n\n" f"{markdown(rows)}\n{SECTION_NOTES}")
+            "`make setup` for the npm clients; ~5 min).  One relay (XDP) in front of one echo transceiver.\n\n"
+            f"{markdown(rows)}\n")
+    if before:
+        text += ("Before (the same bench against the transceiver before issue 20: answer `setup:active`, DTLS "
+                 f"started at the client's nomination):\n\n{markdown(before)}\n")
+    return text + SECTION_NOTES
 
 
 def main() -> None:  # pragma: no cover - a thin command line
@@ -204,6 +210,8 @@ def main() -> None:  # pragma: no cover - a thin command line
     parser.add_argument("--json", action="store_true", help="every call and the summary as JSON")
     parser.add_argument("--section", action="store_true", help="a BENCHMARKS.md section (markdown)")
     parser.add_argument("--from-json", metavar="FILE", help="measure nothing: render what --json saved")
+    parser.add_argument("--before", metavar="FILE", help="with --section: a table of what --json saved earlier "
+                                                         "(another transceiver) beside this run's")
     report_file.add_into_option(parser)
     args = parser.parse_args()
     if args.runs < 1:
@@ -223,8 +231,12 @@ def main() -> None:  # pragma: no cover - a thin command line
     if args.json:
         print(json.dumps({"calls": [asdict(r) for r in results], "summary": rows, "seconds": seconds}, indent=2))
     elif args.section:
+        before = None
+        if args.before:
+            with open(args.before) as saved:
+                before = summarize([Setup(**r) for r in json.load(saved)["calls"]])
         report_file.print_or_write_section(parser, args, "bench.dtls_setup",
-                                           section(rows, max(r["runs"] for r in rows)))
+                                           section(rows, max(r["runs"] for r in rows), before))
     else:
         print(markdown(rows))
 

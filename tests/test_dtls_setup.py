@@ -16,7 +16,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
-from splitrelay.bench.dtls_setup import RETRANSMISSION_MS, chromium_setup
+from splitrelay.bench.dtls_setup import RETRANSMISSION_MS, Setup, chromium_setup, markdown, summarize
 from splitrelay.client import node_call
 from splitrelay.client.browser import Browser, unavailable_reason as browser_unavailable
 from splitrelay.lab.netns import nsenter_argv
@@ -85,6 +85,21 @@ def test_the_start_check_names_the_aiortc_internal_that_moved(monkeypatch):
         dtls_role.check_dtls_role()
     assert str(exc.value) == (f"aiortc {aiortc.__version__} lacks RTCDtlsTransport._set_role; "
                               "the transceiver's passive DTLS answer needs aiortc 1.16")
+
+
+def test_the_bench_counts_gaps_within_50_ms_and_retransmissions_and_judges_the_target():
+    def calls(*gaps: float) -> list[Setup]:
+        return [Setup("werift", 60.0, 60.0 + gap) for gap in gaps]
+
+    [row] = summarize(calls(*[10.0] * 19, 70.0))
+    assert (row["connected"], row["within_50ms"], row["retransmissions"]) == (20, 19, 0)
+    assert (row["dtls_p95_ms"], row["dtls_p95_target_ms"], row["ok"]) == (73.0, 122.0, True)
+    assert "| werift | - | 20/20 | 60.0 / 60.0 | 70.0 / 73.0 | 10.0 / 13.0 / 70.0 | 19/20 | 0 | 122.0 | yes |" \
+        in markdown([row])
+    [row] = summarize(calls(*[10.0] * 18, 45.0, 1040.0))   # 19 of 20 within 50 ms, but one retransmission
+    assert (row["within_50ms"], row["retransmissions"], row["dtls_p95_ms"], row["ok"]) == (19, 1, 154.8, False)
+    [row] = summarize(calls(*[10.0] * 20) + [Setup("werift", None, None, error="timeout")])
+    assert (row["runs"], row["connected"], row["ok"]) == (21, 20, False)
 
 
 # -- through the relay ---------------------------------------------------------------------------------
