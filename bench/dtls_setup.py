@@ -181,10 +181,14 @@ All times are the client's own, from its offer's POST: *ICE* until its ICE conne
 until its peer connection state is `connected` (the handshake done, SRTP keyed), *gap* = DTLS - ICE.
 Target (issue 20): gap ≤ 50 ms in ≥ 19 of 20 runs, and DTLS p95 ≤ 1.2 × the client's ICE p95 +
 50 ms.  Chromium is Debian's `chromium` (headless, playwright); libdatachannel is npm
-`node-datachannel`, werift npm `werift` (versions in `client/node/package-lock.json`; each call a
-fresh node process, `client/node/whip_call.js`); aiortc is `splitrelay.client.probe` (one process,
-sessions one after another, with a data channel as a voice call has).  The machine was shared with
-other jobs (2 cores), so absolute times carry their load; the gap is what the fix is about.
+`node-datachannel`, werift npm `werift` (versions in `client/node/package-lock.json`,
+`client/node/whip_call.js`); aiortc is `splitrelay.client.probe` (with a data channel, as a voice call
+has).  Each client makes its calls one after another in one process (one browser), and its first
+call, which also loads and compiles the stack, is not counted.  The before table comes from the same
+command run while the lab's transceiver ran the code before issue 20; both runs are kept in
+`docs/bench/dtls_setup.json` and `dtls_setup_before.json` (`--from-json`, `--before`).  The machine
+was shared with other jobs (2 cores, load average 7-12 during these runs), so absolute times carry
+that load; the gap is what the change is about.
 """
 
 
