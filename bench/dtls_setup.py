@@ -232,18 +232,17 @@ def main() -> None:  # pragma: no cover - a thin command line
                           progress=lambda line: print(line, file=sys.stderr, flush=True))
         seconds = round(time.monotonic() - started, 1)
     rows = summarize(results)
-    if args.json:
-        print(json.dumps({"calls": [asdict(r) for r in results], "summary": rows, "seconds": seconds}, indent=2))
-    elif args.section:
+
+    def with_before() -> str:
         before = None
         if args.before:
             with open(args.before) as saved:
                 before = summarize([Setup(**r) for r in json.load(saved)["calls"]])
-        report_file.print_or_write_section(parser, args, "bench.dtls_setup",
-                                           section(rows, max(r["runs"] for r in rows), before))
-    else:
-        print(markdown(rows))
+        return section(rows, max(r["runs"] for r in rows), before)
 
+    report_file.print_report(parser, args, "bench.dtls_setup",
+                             {"calls": [asdict(r) for r in results], "summary": rows, "seconds": seconds},
+                             with_before, markdown(rows))
 
 if __name__ == "__main__":  # pragma: no cover
     main()
