@@ -76,6 +76,35 @@ async def test_an_offer_that_insists_on_a_dtls_role_keeps_it_and_connects(transc
     assert await call(transceiver.whip_url, offered) == (answered, client_role)
 
 
+async def test_the_transceivers_ice_connects_on_the_first_valid_pair_before_the_client_nominates(transceiver):
+    # a client that checks but never nominates (as libjuice holds its nomination for 2 s while a
+    # higher-priority pair is still in progress): the transceiver's side is connected all the same
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio")
+    await pc.setLocalDescription(await pc.createOffer())
+    client = pc.getTransceivers()[0].sender.transport.transport._connection
+    build = client.build_request
+    client.build_request = lambda pair, nominate: build(pair, nominate=False)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(transceiver.whip_url, data=pc.localDescription.sdp,
+                                 headers={"Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 201
+                answer = await resp.text()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        [session] = transceiver.sessions.values()
+        for _ in range(200):   # 10 s at most; ~50 ms on loopback
+            if session.timings.ice_connected_ms is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert session.ice_states[-1] == "completed", session.ice_states
+        [connection] = [c for c in session.ice_connections if not c._closing]
+        [selected] = connection._nominated.values()
+        assert not selected.nominated and not selected.remote_nominated   # no USE-CANDIDATE came
+    finally:
+        await pc.close()
+
+
 def test_the_start_check_names_the_aiortc_internal_that_moved(monkeypatch):
     dtls_role.check_dtls_role()
     monkeypatch.delattr(RTCDtlsTransport, "_set_role")
