@@ -162,6 +162,20 @@ def test_a_node_stack_reaches_dtls_through_the_relay_without_a_retransmission(re
 
 
 @needs_root
+def test_a_libdatachannel_call_stays_up_across_its_late_nomination(relay_lab):
+    # the transceiver selected the first valid pair; libjuice nominates ~2 s later (a higher-priority
+    # pair, the relay's IPv6 address, stays in progress): the call goes on across that, on both sides
+    if reason := node_call.unavailable_reason("libdatachannel"):
+        pytest.skip(reason)
+    lab, whip_url = relay_lab
+    [report] = node_call.node_calls("libdatachannel", whip_url, nsenter_argv(lab.client.netns, []), hold=3.5)
+    assert report["error"] is None                       # never failed, closed or disconnected
+    nominated = next(e["t"] for e in report["events"] if e["what"] == "ice" and e["value"] == "completed")
+    assert nominated - report["ice_connected_ms"] > 1000  # it did nominate late, and 1.5 s before the end
+    assert report["delete_status"] == 200                 # the transceiver's session was still live
+
+
+@needs_root
 def test_chromium_reaches_dtls_through_the_relay_without_a_retransmission(relay_lab):
     if reason := browser_unavailable():
         pytest.skip(f"no browser: {reason}")

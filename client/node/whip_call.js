@@ -1,6 +1,6 @@
 // One WHIP call (RFC 9725) from a standard non-browser WebRTC stack, timed at the client.
 //
-//   node whip_call.js --stack libdatachannel|werift [--timeout-ms N] [--calls N] WHIP_URL
+//   node whip_call.js --stack libdatachannel|werift [--timeout-ms N] [--calls N] [--hold-ms N] WHIP_URL
 //
 // Offers one sendrecv Opus audio m-line (what the transceiver requires, transceiver/whip.py check_offer)
 // with all candidates (no trickle), POSTs it, applies the answer and waits for the client's own ICE
@@ -13,15 +13,16 @@ const STACKS = ["libdatachannel", "werift"];
 const GATHERING_TIMEOUT_MS = 5000;
 
 function parseArgs(argv) {
-  const out = { stack: null, timeoutMs: 20000, calls: 1, url: null };
+  const out = { stack: null, timeoutMs: 20000, calls: 1, holdMs: 0, url: null };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--stack") out.stack = argv[++i];
     else if (argv[i] === "--timeout-ms") out.timeoutMs = Number(argv[++i]);
     else if (argv[i] === "--calls") out.calls = Number(argv[++i]);
+    else if (argv[i] === "--hold-ms") out.holdMs = Number(argv[++i]);
     else out.url = argv[i];
   }
-  if (!STACKS.includes(out.stack) || !out.url || !(out.timeoutMs > 0) || !(out.calls >= 1)) {
-    process.stderr.write(`usage: node whip_call.js --stack ${STACKS.join("|")} [--timeout-ms N] [--calls N] WHIP_URL\n`);
+  if (!STACKS.includes(out.stack) || !out.url || !(out.timeoutMs > 0) || !(out.calls >= 1) || !(out.holdMs >= 0)) {
+    process.stderr.write(`usage: node whip_call.js --stack ${STACKS.join("|")} [--timeout-ms N] [--calls N] [--hold-ms N] WHIP_URL\n`);
     process.exit(2);
   }
   return out;
@@ -34,7 +35,8 @@ function libdatachannel(record) {
   const audio = new ndc.Audio("0", "SendRecv");
   audio.addOpusCodec(111);
   audio.addSSRC(1 + Math.floor(Math.random() * 0xfffffff0), "splitrelay", "splitrelay", "audio");
-  pc.addTrack(audio);
+  const track = pc.addTrack(audio);
+  track.onMessage(() => record("rtp", null));   // the transceiver's audio (it sends silence when quiet)
   pc.onIceStateChange((s) => record("ice", s));
   pc.onStateChange((s) => record("connection", s));
   return {
@@ -57,6 +59,7 @@ function werift(record) {
   const w = require("werift");
   const pc = new w.RTCPeerConnection({ iceServers: [] });
   pc.addTransceiver("audio", { direction: "sendrecv" });
+  pc.onTrack.subscribe((track) => track.onReceiveRtp.subscribe(() => record("rtp", null)));
   pc.iceConnectionStateChange.subscribe((s) => record("ice", s));
   pc.connectionStateChange.subscribe((s) => record("connection", s));
   return {
@@ -136,6 +139,14 @@ async function oneCall(args) {
     result.error = String(e && e.message || e).split("\n")[0];
   }
   clearTimeout(timer);
+  if (!result.error && args.holdMs > 0) {   // --hold-ms: stay in the call, count the audio that comes
+    await new Promise((resolve) => setTimeout(resolve, args.holdMs));
+    if (firstAt("connection", ["failed", "closed", "disconnected"]) !== null) result.error = "the call dropped";
+  }
+  const rtp = events.filter((e) => e.what === "rtp" && e.t !== null);
+  result.rtp_in = rtp.length;
+  result.last_rtp_ms = rtp.length ? rtp[rtp.length - 1].t : null;
+  result.events = events.filter((e) => e.what !== "rtp");
   if (result.error) result.ok = false;
   if (location) {
     try { result.delete_status = (await fetch(location, { method: "DELETE" })).status; } catch (e) { /* stays null */ }
@@ -144,6 +155,8 @@ async function oneCall(args) {
   return result;
 }
 
+// --hold-ms N: each call stays up N ms once connected (rtp_in, last_rtp_ms: the audio werift's track
+// received; libdatachannel's track reports none here, though the transceiver sends it audio).
 // --calls N: N calls one after another in this process, one JSON line each (a long-running agent's
 // view: the first call also pays for loading and compiling the stack's JavaScript and crypto code).
 async function main() {
