@@ -187,7 +187,7 @@ has).  Each client makes its calls one after another in one process (one browser
 call, which also loads and compiles the stack, is not counted.  The before table comes from the same
 command run while the lab's transceiver ran the code before issue 20; both runs are kept in
 `docs/bench/dtls_setup.json` and `dtls_setup_before.json` (`--from-json`, `--before`).  The machine
-was shared with other jobs (2 cores, load average 7-12 during these runs), so absolute times carry
+was shared with other jobs (2 cores, load average 6-12 during these runs), so absolute times carry
 that load; the gap is what the change is about.
 """
 
