@@ -1,6 +1,7 @@
 // One WHIP call (RFC 9725) from a standard non-browser WebRTC stack, timed at the client.
 //
-//   node whip_call.js --stack libdatachannel|werift [--timeout-ms N] [--calls N] [--hold-ms N] WHIP_URL
+//   node whip_call.js --stack libdatachannel|werift [--timeout-ms N] [--calls N] [--hold-ms N]
+//                     [--dead-candidate IP:PORT] WHIP_URL
 //
 // Offers one sendrecv Opus audio m-line (what the transceiver requires, transceiver/whip.py check_offer)
 // with all candidates (no trickle), POSTs it, applies the answer and waits for the client's own ICE
@@ -13,16 +14,17 @@ const STACKS = ["libdatachannel", "werift"];
 const GATHERING_TIMEOUT_MS = 5000;
 
 function parseArgs(argv) {
-  const out = { stack: null, timeoutMs: 20000, calls: 1, holdMs: 0, url: null };
+  const out = { stack: null, timeoutMs: 20000, calls: 1, holdMs: 0, deadCandidate: null, url: null };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--stack") out.stack = argv[++i];
     else if (argv[i] === "--timeout-ms") out.timeoutMs = Number(argv[++i]);
     else if (argv[i] === "--calls") out.calls = Number(argv[++i]);
     else if (argv[i] === "--hold-ms") out.holdMs = Number(argv[++i]);
+    else if (argv[i] === "--dead-candidate") out.deadCandidate = argv[++i];
     else out.url = argv[i];
   }
   if (!STACKS.includes(out.stack) || !out.url || !(out.timeoutMs > 0) || !(out.calls >= 1) || !(out.holdMs >= 0)) {
-    process.stderr.write(`usage: node whip_call.js --stack ${STACKS.join("|")} [--timeout-ms N] [--calls N] [--hold-ms N] WHIP_URL\n`);
+    process.stderr.write(`usage: node whip_call.js --stack ${STACKS.join("|")} [--timeout-ms N] [--calls N] [--hold-ms N] [--dead-candidate IP:PORT] WHIP_URL\n`);
     process.exit(2);
   }
   return out;
@@ -120,7 +122,7 @@ async function oneCall(args) {
     location = new URL(response.headers.get("Location"), args.url).href;
     const setup = /^a=setup:(\S+)/m.exec(answer);
     result.answer_setup = setup ? setup[1] : null;
-    await peer.answer(answer);
+    await peer.answer(args.deadCandidate ? withDeadCandidate(answer, args.deadCandidate) : answer);
     for (;;) {
       const ice = firstAt("ice", ["connected", "completed"]);
       const dtls = firstAt("connection", ["connected"]);
@@ -153,6 +155,13 @@ async function oneCall(args) {
   }
   try { await peer.close(); } catch (e) { /* closing a failed peer */ }
   return result;
+}
+
+// --dead-candidate IP:PORT: the answer gets one more server candidate, of the highest priority, at an
+// address that never answers (a broken path, e.g. IPv6 in the field), so its pair stays in progress.
+function withDeadCandidate(sdp, hostPort) {
+  const [host, port] = [hostPort.slice(0, hostPort.lastIndexOf(":")), hostPort.slice(hostPort.lastIndexOf(":") + 1)];
+  return sdp.replace(/^(a=candidate:.*)$/m, `a=candidate:deadpath 1 udp 2147483647 ${host} ${port} typ host\r\n$1`);
 }
 
 // --hold-ms N: each call stays up N ms once connected (rtp_in, last_rtp_ms: the audio werift's track
