@@ -314,14 +314,9 @@ def main() -> None:  # pragma: no cover - a thin command line
                        translate=args.translate)
         seed, seconds = args.seed, round(time.monotonic() - started, 1)
     rows = summarize(runs)
-    if args.json:
-        print(json.dumps({"runs": [asdict(r) for r in runs], "summary": rows, "seed": seed, "seconds": seconds},
-                         indent=2))
-    elif args.section:
-        report_file.print_or_write_section(parser, args, "bench.failover",
-                                           section(rows, max(r["runs"] for r in rows), seed))
-    else:
-        print(markdown(rows))
+    saved = {"runs": [asdict(r) for r in runs], "summary": rows, "seed": seed, "seconds": seconds}
+    report_file.print_report(parser, args, "bench.failover", saved,
+                             lambda: section(rows, max(r["runs"] for r in rows), seed), markdown(rows))
 
 
 if __name__ == "__main__":  # pragma: no cover

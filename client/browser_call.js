@@ -131,6 +131,7 @@ window.splitrelay = {
     pc.oniceconnectionstatechange = () => event("ice", pc.iceConnectionState);
     pc.onconnectionstatechange = () => event("connection", pc.connectionState);
     await describeAndGather(pc, await pc.createOffer());
+    event("whip", "post");    // the origin of the setup times (bench/dtls_setup.py)
     const headers = { "Content-Type": "application/sdp" };
     if (token) headers.Authorization = `Bearer ${token}`;
     const { response, text } = await whipRequest("POST", whipUrl, headers, pc.localDescription.sdp);

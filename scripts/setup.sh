@@ -49,6 +49,23 @@ if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'install ok ins
   fi
 fi
 
+# Non-browser WebRTC callers for tests/test_dtls_setup.py and bench/dtls_setup.py: npm's node-datachannel
+# (libdatachannel; its native library ships in the npm package @node-datachannel/linux-x64-gnu, so nothing
+# is fetched from outside the registry) and werift, pinned in client/node/package-lock.json.  Optional:
+# without node those tests skip.
+node_dir=$here/client/node
+if ! command -v npm >/dev/null; then
+  say "installing nodejs and npm (non-browser WebRTC callers)"
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; } \
+    || say "warning: apt-get install nodejs npm failed: the libdatachannel/werift tests will skip"
+fi
+if command -v npm >/dev/null && ! [ "$node_dir/node_modules/.package-lock.json" -nt "$node_dir/package-lock.json" ]; then
+  say "installing the npm WebRTC callers (npm ci in client/node)"
+  (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) \
+    || say "warning: npm ci in $node_dir failed: the libdatachannel/werift tests will skip"
+fi
+
 # Kernel headers for bcc.
 kver=$(uname -r)
 moddir=/lib/modules/$kver

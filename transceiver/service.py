@@ -45,6 +45,7 @@ from splitrelay.transceiver.mux import UdpMux
 from splitrelay.transceiver.registration import Registrar, RegistrationError, RelayRegistrars
 from splitrelay.transceiver.relays import Relay, RelayChooser, SignalingFacts, choose, ordered_candidates
 from splitrelay.transceiver.audio import check_aiortc
+from splitrelay.transceiver.dtls_role import check_dtls_role
 from splitrelay.transceiver.ufrag_pool import UfragPool
 from splitrelay.transceiver.session import DELETED, SHUTDOWN, OfferError, Session, answer_offer
 from splitrelay.transceiver.whip import MAX_OFFER, OfferRejected, WhipConfig, WhipEndpoint
@@ -197,6 +198,7 @@ class Transceiver:
     async def start(self) -> None:
         """Bind the mux, register the backend (if relays are configured), then accept offers."""
         check_aiortc()  # the voice path's aiortc internals: fail at start, not in the first call
+        check_dtls_role()
         c = self.config
         refuse_exposure(c)
         relays = c.all_relays()
