@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 from splitrelay.bench import report_file
 from splitrelay.bench.sessions import _quantile
+from splitrelay.tokens import TOKEN_ENV
 
 CLIENTS = ("chromium", "libdatachannel", "werift", "aiortc")
 GAP_TARGET_MS = 50.0          # issue 20: DTLS connected within 50 ms of ICE connected at the client ...
@@ -50,12 +52,12 @@ class Setup:
         return None if self.ice_ms is None or self.dtls_ms is None else self.dtls_ms - self.ice_ms
 
 
-def chromium_setup(browser, whip_url: str) -> Setup:  # noqa: ANN001 - client.browser.Browser
+def chromium_setup(browser, whip_url: str, token: str | None = None) -> Setup:  # noqa: ANN001 - Browser
     """A Chromium call, connected and hung up; times from the page's own events."""
     from splitrelay.client.browser import BrowserError
 
     try:
-        call = browser.call(whip_url)
+        call = browser.call(whip_url, token=token)
     except BrowserError as exc:
         return Setup("chromium", None, None, error=str(exc))
     try:
@@ -80,23 +82,25 @@ def _connected(events: list[dict]) -> bool | None:
             and _first(events, "connection", ("connected",)) is not None) or None
 
 
-def node_setups(stack: str, whip_url: str, wrapper: list[str], calls: int) -> list[Setup]:
+def node_setups(stack: str, whip_url: str, wrapper: list[str], calls: int,
+                token: str | None = None) -> list[Setup]:
     """``calls`` libdatachannel or werift calls in one node process (client/node_call.py)."""
     from splitrelay.client.node_call import NodeCallError, node_calls
 
     try:
-        reports = node_calls(stack, whip_url, wrapper, calls)
+        reports = node_calls(stack, whip_url, wrapper, calls, token=token)
     except NodeCallError as exc:
         return [Setup(stack, None, None, error=str(exc))]
     return [Setup(stack, r["ice_connected_ms"], r["dtls_connected_ms"], r["answer_setup"]) if r["ok"]
             else Setup(stack, None, None, r["answer_setup"], r["error"]) for r in reports]
 
 
-def aiortc_setups(whip_url: str, runs: int, wrapper: list[str]) -> list[Setup]:
+def aiortc_setups(whip_url: str, runs: int, wrapper: list[str], token: str | None = None) -> list[Setup]:
     """``runs`` aiortc calls in one probe process (client/probe.py --sequential --setup-only)."""
     proc = subprocess.run([*wrapper, sys.executable, "-m", "splitrelay.client.probe", whip_url,
                            "--sequential", str(runs), "--setup-only"],
-                          capture_output=True, text=True, timeout=60 + 10 * runs)
+                          capture_output=True, text=True, timeout=60 + 10 * runs,
+                          env={**os.environ, TOKEN_ENV: token} if token else None)
     try:
         reports = json.loads(proc.stdout)
     except json.JSONDecodeError:
@@ -118,6 +122,7 @@ def measure(runs: int, clients: tuple[str, ...] = CLIENTS, warmup: int = 1,
     info = start_lab(transceivers=1, relays=1)
     lab = Lab.load(info["name"])
     url, wrapper, calls = info["whip_url"], nsenter_argv(lab.client.netns, []), runs + warmup
+    token = info["whip_token"]
     results: list[Setup] = []
     try:
         for client in clients:
@@ -125,11 +130,11 @@ def measure(runs: int, clients: tuple[str, ...] = CLIENTS, warmup: int = 1,
                 from splitrelay.client.browser import Browser
 
                 with Browser(wrapper) as browser:
-                    setups = [chromium_setup(browser, url) for _ in range(calls)]
+                    setups = [chromium_setup(browser, url, token) for _ in range(calls)]
             elif client == "aiortc":
-                setups = aiortc_setups(url, calls, wrapper)
+                setups = aiortc_setups(url, calls, wrapper, token)
             else:
-                setups = node_setups(client, url, wrapper, calls)
+                setups = node_setups(client, url, wrapper, calls, token)
             results += setups[warmup:] if len(setups) == calls else setups
             gaps = (f"{s.gap_ms:.0f}" if s.gap_ms is not None else s.error or "?" for s in setups)
             progress(f"{client} gaps (ms, the first a warm-up): {', '.join(gaps)}")

@@ -11,12 +11,14 @@ wrapper such as ``nsenter_argv``, and returns its JSON report.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from splitrelay.errors import SplitrelayError
+from splitrelay.tokens import TOKEN_ENV
 
 NODE_DIR = Path(__file__).with_name("node")
 SCRIPT = NODE_DIR / "whip_call.js"
@@ -40,13 +42,14 @@ def unavailable_reason(stack: str) -> str | None:
 
 def node_calls(stack: str, whip_url: str, wrapper: list[str] | None = None, calls: int = 1,
                timeout: float = CALL_TIMEOUT, hold: float = 0.0,
-               dead_candidate: str | None = None) -> list[dict[str, Any]]:
+               dead_candidate: str | None = None, token: str | None = None) -> list[dict[str, Any]]:
     """``calls`` calls by ``stack`` to ``whip_url``, one after another in one node process, each
     connected (or failed) and hung up; one report per call: ``ok``, ``error``, ``ice_connected_ms``,
     ``dtls_connected_ms`` (from the POST leaving), ``gap_ms``, ``answer_setup``, ``delete_status``,
     ``events``; with ``hold`` (s) each call stays up that long once connected and reports the audio it
     received (``rtp_in``, ``last_rtp_ms``); ``dead_candidate`` ("ip:port"): the client sees one more
-    server candidate there, of the highest priority, which never answers.  Raises NodeCallError when
+    server candidate there, of the highest priority, which never answers; ``token``: the WHIP bearer
+    token, handed over in the environment (not argv, which any local user can read).  Raises NodeCallError when
     the process gave no report for every call."""
     if stack not in STACKS:
         raise NodeCallError(f"unknown stack {stack!r} (one of {', '.join(STACKS)})")
@@ -55,7 +58,8 @@ def node_calls(stack: str, whip_url: str, wrapper: list[str] | None = None, call
             *(["--dead-candidate", dead_candidate] if dead_candidate else []), whip_url]
     limit = calls * (timeout + hold + 5) + 10
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit, cwd=NODE_DIR)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit, cwd=NODE_DIR,
+                              env={**os.environ, TOKEN_ENV: token} if token else None)
     except subprocess.TimeoutExpired:
         raise NodeCallError(f"{stack} caller still running after {limit:.0f} s") from None
     try:

@@ -138,7 +138,7 @@ def test_the_bench_counts_gaps_within_50_ms_and_retransmissions_and_judges_the_t
 def relay_lab():
     info = start_lab(transceivers=1, relays=1)
     try:
-        yield Lab.load(info["name"]), info["whip_url"]
+        yield Lab.load(info["name"]), info["whip_url"], info["whip_token"]
     finally:
         stop_lab(info["name"])
 
@@ -148,10 +148,11 @@ def relay_lab():
 def test_a_node_stack_reaches_dtls_through_the_relay_without_a_retransmission(relay_lab, stack):
     if reason := node_call.unavailable_reason(stack):
         pytest.skip(reason)
-    lab, whip_url = relay_lab
+    lab, whip_url, token = relay_lab
     # one process, as an agent runs: the first call also loads and compiles the stack (werift's first
     # handshake alone took 150-900 ms of JavaScript crypto here), so it is only required to connect
-    reports = node_call.node_calls(stack, whip_url, nsenter_argv(lab.client.netns, []), calls=1 + CALLS)
+    reports = node_call.node_calls(stack, whip_url, nsenter_argv(lab.client.netns, []), calls=1 + CALLS,
+                                   token=token)
     assert [r["error"] for r in reports] == [None] * (1 + CALLS)
     gaps = [round(r["gap_ms"], 1) for r in reports[1:]]
     print(f"{stack} ICE connected -> DTLS connected, ms: {gaps} (warm-up {reports[0]['gap_ms']:.1f})")
@@ -171,10 +172,10 @@ def test_libdatachannel_with_a_dead_best_pair_reaches_dtls_at_once_and_stays_up_
     # pair meanwhile, so DTLS is up at once, and the call goes on across the nomination
     if reason := node_call.unavailable_reason("libdatachannel"):
         pytest.skip(reason)
-    lab, whip_url = relay_lab
+    lab, whip_url, token = relay_lab
     dead = f"{ip_address(lab.relay_public.ip4) + 200}:{lab.relay_port}"
     [report] = node_call.node_calls("libdatachannel", whip_url, nsenter_argv(lab.client.netns, []), hold=3.5,
-                                    dead_candidate=dead)
+                                    dead_candidate=dead, token=token)
     assert report["error"] is None                        # never failed, closed or disconnected
     nominated = next(e["t"] for e in report["events"] if e["what"] == "ice" and e["value"] == "completed")
     print(f"libdatachannel with a dead best pair: ICE {report['ice_connected_ms']:.1f} ms, DTLS "
@@ -188,9 +189,9 @@ def test_libdatachannel_with_a_dead_best_pair_reaches_dtls_at_once_and_stays_up_
 def test_chromium_reaches_dtls_through_the_relay_without_a_retransmission(relay_lab):
     if reason := browser_unavailable():
         pytest.skip(f"no browser: {reason}")
-    lab, whip_url = relay_lab
+    lab, whip_url, token = relay_lab
     with Browser(nsenter_argv(lab.client.netns, [])) as browser:
-        setups = [chromium_setup(browser, whip_url) for _ in range(1 + CALLS)]
+        setups = [chromium_setup(browser, whip_url, token) for _ in range(1 + CALLS)]
     assert [s.error for s in setups] == [None] * (1 + CALLS)
     gaps = [round(s.gap_ms, 1) for s in setups[1:]]
     print(f"chromium ICE connected -> DTLS connected, ms: {gaps} (warm-up {setups[0].gap_ms:.1f})")

@@ -115,7 +115,10 @@ async function oneCall(args) {
   async function connect() {
     const offer = await peer.offer();
     t0.at = performance.now();
-    const response = await fetch(args.url, { method: "POST", headers: { "Content-Type": "application/sdp" }, body: offer });
+    const headers = { "Content-Type": "application/sdp" };
+    const token = process.env.SPLITRELAY_WHIP_TOKEN;   // the offer token (splitrelay/tokens.py TOKEN_ENV)
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const response = await fetch(args.url, { method: "POST", headers, body: offer });
     const answer = await response.text();
     result.answer_ms = performance.now() - t0.at;
     if (response.status !== 201) return `WHIP POST answered ${response.status}: ${answer.trim().slice(0, 200)}`;
