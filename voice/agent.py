@@ -19,10 +19,17 @@ channel, one JSON object per message (JSON lines): ``ready``,
 ``turn_start``, ``turn_end``, ``transcript``, ``reply``, ``speaking``,
 ``spoken``, ``barge_in``, ``ignored``, ``reply_error``, ``dropped``.
 
+* end of turn: a fixed silence window (``turn=fixed``), or (``turn=smart``) a
+  short pause that asks Smart Turn v3.2 whether the caller has finished, on a
+  worker thread of its own; its answer ends the turn only if the caller is
+  still silent when it comes (``turn_judged`` event), else the turn ends after
+  ``max_wait_ms`` of silence.
+
 Options (``--handler voice:stt=whisper,silence_ms=500``): ``stt`` (sphinx |
 whisper), ``tts`` (espeak | piper), ``reply`` (rules | echo |
-package.module:function), ``silence_ms``, ``min_speech_ms``, ``max_turn_ms``,
-``threshold``, ``reply_timeout`` (seconds).
+package.module:function), ``turn`` (fixed | smart), ``silence_ms`` (fixed),
+``pause_ms``, ``max_wait_ms``, ``complete`` (smart), ``min_speech_ms``,
+``max_turn_ms``, ``threshold``, ``reply_timeout`` (seconds).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from typing import Any
 from splitrelay.transceiver.handlers import Handler, PcmFrame, SessionIO, register_handler
 from splitrelay.voice.audio import MODEL_RATE, Resampler
 from splitrelay.voice.reply import COMMANDS, ReplyHook, Turn, load_reply, reply_pieces
+from splitrelay.voice.smart_turn import SECONDS as MODEL_SECONDS
+from splitrelay.voice.smart_turn import SmartTurn
 from splitrelay.voice.stt import Stt, make_stt
 from splitrelay.voice.tts import Tts, make_tts
 from splitrelay.voice.vad import SileroVad, TurnDetector, TurnEvent, TurnRule
@@ -57,7 +66,8 @@ class VoiceHandler(Handler):
     """A voice agent: command recognition and rule replies by default, every stage replaceable."""
 
     def __init__(self, io: SessionIO, stt: str = "sphinx", tts: str = "espeak", reply: str | ReplyHook = "rules",
-                 silence_ms: int = 400, min_speech_ms: int = 150, max_turn_ms: int = 15000,
+                 turn: str = "fixed", silence_ms: int = 400, pause_ms: int = 160, max_wait_ms: int = 1500,
+                 complete: float = 0.5, min_speech_ms: int = 150, max_turn_ms: int = 15000,
                  threshold: float = 0.5, reply_timeout: float = 5.0) -> None:
         super().__init__(io)
         if stt not in ("sphinx", "whisper"):
@@ -67,7 +77,8 @@ class VoiceHandler(Handler):
         if not 0.1 <= float(reply_timeout) <= 60:
             raise ValueError(f"reply_timeout must be 0.1..60 s, got {reply_timeout}")
         self.rule = TurnRule(threshold=float(threshold), silence_ms=int(silence_ms),
-                             min_speech_ms=int(min_speech_ms), max_turn_ms=int(max_turn_ms))
+                             min_speech_ms=int(min_speech_ms), max_turn_ms=int(max_turn_ms), turn=str(turn),
+                             pause_ms=int(pause_ms), max_wait_ms=int(max_wait_ms), complete=float(complete))
         self.stt_name, self.tts_name = stt, tts
         self.reply_hook = load_reply(reply)
         self.reply_timeout = float(reply_timeout)
@@ -78,6 +89,12 @@ class VoiceHandler(Handler):
         self._pending = bytearray()          # 16 kHz audio not yet scored
         self._pre_roll: deque[bytes] = deque()
         self._worker: ThreadPoolExecutor | None = None
+        self.model: SmartTurn | None = None
+        self._judge: ThreadPoolExecutor | None = None   # the model's own thread: never behind the recogniser
+        self._judging = False                          # one inference in flight per call...
+        self._judge_next: tuple[int, bytes, TurnEvent] | None = None  # ...and the newest pause waiting for it
+        self._turn_audio = bytearray()                 # the turn so far (its last MODEL_SECONDS), for the model
+        self._stopped = False
         self._stt_backlog = 0
         self._turn_index = 0
         self._history: deque[tuple[str, str]] = deque(maxlen=HISTORY)
@@ -98,6 +115,10 @@ class VoiceHandler(Handler):
         started = time.monotonic()
         self.stt = await loop.run_in_executor(self._worker, make_stt, self.stt_name, list(COMMANDS))
         self.tts = make_tts(self.tts_name)
+        if self.rule.turn == "smart":
+            self._judge = ThreadPoolExecutor(1, thread_name_prefix=f"turn-{self.io.session_id[:6]}")
+            self.model = await loop.run_in_executor(self._judge, SmartTurn)
+            await loop.run_in_executor(self._judge, self.model.warm_up)
         if hasattr(self.tts, "load"):  # piper: load the voice now, not at the first answer (~1 s)
             await loop.run_in_executor(None, self.tts.load)
         self.turns = TurnDetector(SileroVad(), self.rule)
@@ -106,15 +127,22 @@ class VoiceHandler(Handler):
 
     def _ready(self) -> None:
         """Say the agent listens (again when asked: the data channel may open after the call connects)."""
-        self.emit("ready", stt=self.stt_name, tts=self.tts_name, silence_ms=self.rule.silence_ms,
-                  load_ms=self._load_ms)
+        self.emit("ready", stt=self.stt_name, tts=self.tts_name, turn=self.rule.turn,
+                  silence_ms=self._window_ms, load_ms=self._load_ms)
+
+    @property
+    def _window_ms(self) -> int:
+        """The silence the agent waits before it answers at the soonest (fixed: all of it)."""
+        return self.rule.pause_ms if self.rule.turn == "smart" else self.rule.silence_ms
 
     async def on_stop(self) -> None:
+        self._stopped = True  # an inference still running finishes on its thread; its answer is dropped
         for task in (self._answer, self._typed_task):
             if task is not None:
                 task.cancel()
-        if self._worker is not None:
-            self._worker.shutdown(wait=False, cancel_futures=True)
+        for worker in (self._worker, self._judge):
+            if worker is not None:
+                worker.shutdown(wait=False, cancel_futures=True)
 
     def emit(self, event: str, **fields: Any) -> None:  # noqa: ANN401
         self.io.send_text(json.dumps({"event": event, **fields}, separators=(",", ":")))
@@ -142,6 +170,7 @@ class VoiceHandler(Handler):
         events = self.turns.push(window, now)
         if was_in_turn:
             self._to_stt("feed", window)
+            self._keep_turn_audio(window)
         else:
             self._pre_roll.append(window)
             while len(self._pre_roll) * len(window) > 2 * MODEL_RATE * PRE_ROLL:
@@ -152,6 +181,8 @@ class VoiceHandler(Handler):
                     self.barge_in(event.at)
             elif event.kind == "start":
                 self._turn_started(event)
+            elif event.kind == "pause":
+                self._ask_model(event)
             else:
                 self._turn_ended(event)
 
@@ -185,12 +216,75 @@ class VoiceHandler(Handler):
     def _fed(self, size: int) -> None:
         self._stt_backlog -= size
 
+    def _keep_turn_audio(self, window: bytes) -> None:
+        if self.model is None:
+            return
+        self._turn_audio += window
+        excess = len(self._turn_audio) - 2 * MODEL_RATE * MODEL_SECONDS
+        if excess > 0:
+            del self._turn_audio[:excess]
+
     def _turn_started(self, event: TurnEvent) -> None:
         self._to_stt("begin")
+        self._turn_audio.clear()
         for window in self._pre_roll:
             self._to_stt("feed", window)
+            self._keep_turn_audio(window)
         self._pre_roll.clear()
         self.emit("turn_start", turn=self._turn_index)
+
+    # -- the end-of-turn model (turn=smart) ---------------------------------------------------------
+
+    def _ask_model(self, event: TurnEvent) -> None:
+        """A pause: ask the model about the turn so far, on its thread (the newest pause waits its turn)."""
+        assert self.turns is not None
+        self._judge_next = (self.turns.pauses, bytes(self._turn_audio), event)
+        if not self._judging:
+            self._judge_one()
+
+    def _judge_one(self) -> None:
+        if self._judge_next is None or self._judge is None or self.model is None or self._stopped:
+            return
+        pause, audio, asked = self._judge_next
+        self._judge_next = None
+        loop = asyncio.get_running_loop()
+        model = self.model
+
+        def run() -> tuple[float, float]:
+            started = time.monotonic()
+            return model.complete(audio), time.monotonic() - started
+
+        try:
+            future = self._judge.submit(run)
+        except RuntimeError:  # shut down: the call has ended
+            return
+        self._judging = True
+
+        def done(f: object) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._judged, pause, asked, future)
+
+        future.add_done_callback(done)
+
+    def _judged(self, pause: int, asked: TurnEvent, future: Any) -> None:  # noqa: ANN401 - concurrent Future
+        self._judging = False
+        if self._stopped or self.turns is None:
+            return
+        if future.cancelled() or future.exception() is not None:
+            log.warning("end-of-turn model failed in session %s: %s", self.io.session_id,
+                        None if future.cancelled() else future.exception())
+            score, infer = None, 0.0
+        else:
+            score, infer = future.result()
+        current = self.turns.pause_current(pause)
+        complete = score is not None and score >= self.rule.complete
+        now = time.monotonic()
+        self.emit("turn_judged", turn=self._turn_index, score=None if score is None else round(score, 3),
+                  pause_ms=_ms(asked.at - asked.last_speech_at), infer_ms=_ms(infer),
+                  wait_ms=_ms(now - asked.at), decision="stale" if not current else "end" if complete else "wait")
+        if current and complete:
+            self._turn_ended(self.turns.end_now(now, "complete"))
+        self._judge_one()
 
     def _turn_ended(self, event: TurnEvent) -> None:
         if event.kind == "ignored":
@@ -201,7 +295,7 @@ class VoiceHandler(Handler):
         index = self._turn_index
         self._turn_index += 1
         self.emit("turn_end", turn=index, reason=event.reason, speech_ms=round(event.speech_ms),
-                  silence_ms=self.rule.silence_ms, endpoint_ms=_ms(event.at - event.last_speech_at))
+                  silence_ms=self._window_ms, endpoint_ms=_ms(event.at - event.last_speech_at))
         self._start_answer(self._transcribe(index, event.at), index)
 
     async def _transcribe(self, index: int, ended_at: float) -> str:
