@@ -119,6 +119,16 @@ class TurnDetector:
         self._paused = False
 
     @property
+    def speech_ms(self) -> float:
+        """Speech heard in this turn so far."""
+        return self._speech_ms
+
+    @property
+    def starting(self) -> bool:
+        """Speech windows are running that may start a turn (an onset that is not a turn yet)."""
+        return self._run > 0 or self.in_turn
+
+    @property
     def silence_ms(self) -> float:
         """Silence heard since the caller's last speech in this turn."""
         return self._silence_ms
