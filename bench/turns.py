@@ -143,6 +143,8 @@ class TurnTaking:
     endpoint_ms: float | None = None       # the agent: last speech window -> end of turn
     reason: str | None = None              # why the turn ended (silence, complete, max_wait, ...)
     scores: list[float] | None = None      # smart: the model's score at each pause
+    infer_ms: list[float] | None = None    # smart: each inference, wall clock (its thread may wait for a core)
+    cpu_ms: list[float] | None = None      # smart: each inference, CPU time of its thread
 
 
 async def run_one(spec: str, pcm: bytes, u: Utterance, tail: float = 2.5) -> TurnTaking:
@@ -180,10 +182,82 @@ async def run_one(spec: str, pcm: bytes, u: Utterance, tail: float = 2.5) -> Tur
         heard = [at for at in io.audible if at > voice_end]
         if heard and after:
             result.voice_to_voice_ms = round(1000 * (heard[0] - voice_end), 1)
-        result.scores = [e["score"] for _, e in io.of("turn_judged") if e.get("score") is not None]
+        judged = [e for _, e in io.of("turn_judged") if e.get("score") is not None]
+        result.scores = [e["score"] for e in judged]
+        result.infer_ms, result.cpu_ms = [e["infer_ms"] for e in judged], [e["cpu_ms"] for e in judged]
     finally:
         await handler.on_stop()
     return result
+
+
+BACKCHANNEL_SET = ["uh huh", "yeah", "okay", "right", "yes", "sure"]
+INTERRUPTION_SET = ["wait", "stop", "what time is it", "tell me a joke", "what is your name",
+                    "hold on, what time is it"]
+
+
+@dataclass
+class BargeIn:
+    said: str
+    backchannel: bool                      # what it is: a backchannel, or a real interruption
+    stopped: bool = False                  # the agent's audio stopped (barge_in event)
+    cut: bool = False                      # the answer was dropped (not resumed)
+    stop_ms: float | None = None           # the caller's voice onset -> the agent cleared its audio
+    transcript: str | None = None          # an interruption's turn, as the agent heard it
+    held_ms: float | None = None           # backchannel=on: the agent audio sent again when it went on
+
+
+async def run_barge(spec: str, ask: bytes, said: bytes, item: str, backchannel: bool,
+                    into: float = 1.0, settle: float = 3.0) -> BargeIn:
+    """Ask a fresh agent for a story, speak ``said`` over it after ``into`` s of the answer; what it did."""
+    from splitrelay.transceiver.handlers import PcmFrame, handler_factory
+
+    io = TimedIO()
+    handler = handler_factory(spec)(io)
+    await handler.on_start()
+    result = BargeIn(item, backchannel)
+    first = [i for i, f in enumerate(frames_of(said)) if rms(f) >= AUDIBLE][0]
+    frames = frames_of(bytes(FRAME_BYTES * 10) + ask)
+    start, i, onset_index, onset = time.monotonic(), 0, None, None
+    try:
+        # bounded: the question, the answer until ``into`` s of it were sent, then ``said`` and ``settle`` s
+        while time.monotonic() - start < 30 and (onset is None or time.monotonic() - onset < settle):
+            await asyncio.sleep(max(0.0, start + (i + 1) * 0.02 - time.monotonic()))
+            if onset_index is None and io.audible and time.monotonic() - io.audible[0] >= into:
+                frames = (frames + [bytes(FRAME_BYTES)] * i)[:i] + frames_of(said)  # from now on, over it
+                onset_index = i + first
+            frame = frames[i] if i < len(frames) else bytes(FRAME_BYTES)
+            await handler.on_audio(PcmFrame(frame, 1, SAMPLE_RATE, pts=i * 960, time=time.monotonic()))
+            if i == onset_index:
+                onset = time.monotonic()
+            i += 1
+        stops = io.of("barge_in")
+        result.stopped = bool(stops)
+        if stops and onset is not None:
+            result.stop_ms = round(1000 * (stops[0][0] - onset), 1)
+        resumed = io.of("resumed")
+        result.cut = result.stopped and not resumed
+        result.held_ms = resumed[0][1]["held_ms"] if resumed else None
+        heard = [e["text"] for _, e in io.of("transcript")][1:]
+        result.transcript = heard[0] if heard else None
+    finally:
+        await handler.on_stop()
+    return result
+
+
+async def measure_barge(specs: list[str], cache: str | None = None) -> dict[str, dict]:
+    speech = PiperSpeech(cache)
+    ask = speech.segment("tell me a story")
+    items = [(t, True) for t in BACKCHANNEL_SET] + [(t, False) for t in INTERRUPTION_SET]
+    out = {}
+    for spec in specs:
+        runs = [await run_barge(spec, ask, speech.segment(t), t, b) for t, b in items]
+        back, real = [r for r in runs if r.backchannel], [r for r in runs if not r.backchannel]
+        stops = sorted(r.stop_ms for r in runs if r.stop_ms is not None)
+        out[spec] = {"summary": {"backchannels": len(back), "false_barge_ins": sum(r.cut for r in back),
+                                 "interruptions": len(real), "missed": sum(not r.cut for r in real),
+                                 "stop_p50_ms": _pct(stops, 0.5), "stop_max_ms": stops[-1] if stops else None},
+                     "runs": [asdict(r) for r in runs]}
+    return out
 
 
 def summary(results: list[TurnTaking]) -> dict:
@@ -191,13 +265,20 @@ def summary(results: list[TurnTaking]) -> dict:
     paused = [r for r in results if not r.complete]
     v2v = sorted(r.voice_to_voice_ms for r in complete if r.voice_to_voice_ms is not None)
 
-    def pct(p: float) -> float | None:
-        return v2v[min(len(v2v) - 1, int(p * len(v2v)))] if v2v else None
-
+    infer = sorted(x for r in results for x in r.infer_ms or [])
+    cpu = sorted(x for r in results for x in r.cpu_ms or [])
     return {"complete": len(complete), "answered": sum(r.answered for r in complete),
+            "inferences_per_turn": round(len(infer) / len(results), 2) if results else None,
+            "infer_p50_ms": _pct(infer, 0.5), "infer_p95_ms": _pct(infer, 0.95),
+            "infer_cpu_p50_ms": _pct(cpu, 0.5),
             "paused": len(paused), "false_endpoints": sum(r.false_endpoint for r in paused),
             "false_endpoints_complete": sum(r.false_endpoint for r in complete),
-            "voice_to_voice_p50_ms": pct(0.5), "voice_to_voice_p95_ms": pct(0.95)}
+            "voice_to_voice_p50_ms": _pct(v2v, 0.5), "voice_to_voice_p95_ms": _pct(v2v, 0.95)}
+
+
+def _pct(values: list[float], p: float) -> float | None:
+    """The ``p`` quantile of sorted ``values`` (nearest rank), None for none."""
+    return values[min(len(values) - 1, int(p * len(values)))] if values else None
 
 
 async def measure(specs: list[str], short: bool = False, cache: str | None = None) -> dict[str, dict]:
@@ -224,18 +305,30 @@ def markdown(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def barge_markdown(reports: dict[str, dict]) -> str:
+    lines = ["| agent | false barge-ins (backchannels that cut the answer) | missed interruptions | "
+             "onset -> agent silent p50 / worst (ms, at the agent) |", "|---|---|---|---|"]
+    for spec, r in reports.items():
+        s = r["summary"]
+        lines.append(f"| `{spec}` | {s['false_barge_ins']}/{s['backchannels']} "
+                     f"| {s['missed']}/{s['interruptions']} | {s['stop_p50_ms']} / {s['stop_max_ms']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:  # pragma: no cover - minutes of real-time audio
     parser = argparse.ArgumentParser(description="turn-taking on piper speech: false endpoints, voice-to-voice")
     parser.add_argument("specs", nargs="*", default=["voice:turn=fixed", "voice:turn=smart"],
                         help="--handler specs to compare (default: the fixed window and the smart turn)")
     parser.add_argument("--short", action="store_true", help="the test suite's 9 utterances instead of 44")
+    parser.add_argument("--barge", action="store_true",
+                        help="instead: backchannels and interruptions spoken over the agent's answer")
     parser.add_argument("--results", help="save every utterance's figures here (JSON)")
     args = parser.parse_args()
-    reports = asyncio.run(measure(args.specs, args.short))
+    reports = asyncio.run(measure_barge(args.specs) if args.barge else measure(args.specs, args.short))
     if args.results:
         with open(args.results, "w") as f:
             json.dump(reports, f, indent=1)
-    print(markdown(reports))
+    print(barge_markdown(reports) if args.barge else markdown(reports))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -274,9 +274,10 @@ class VoiceHandler(Handler):
         loop = asyncio.get_running_loop()
         model = self.model
 
-        def run() -> tuple[float, float]:
-            started = time.monotonic()
-            return model.complete(audio), time.monotonic() - started
+        def run() -> tuple[float, float, float]:  # score, wall and CPU seconds of the inference
+            started, cpu = time.monotonic(), time.thread_time()
+            score = model.complete(audio)
+            return score, time.monotonic() - started, time.thread_time() - cpu
 
         try:
             future = self._judge.submit(run)
@@ -297,14 +298,14 @@ class VoiceHandler(Handler):
         if future.cancelled() or future.exception() is not None:
             log.warning("end-of-turn model failed in session %s: %s", self.io.session_id,
                         None if future.cancelled() else future.exception())
-            score, infer = None, 0.0
+            score, infer, cpu = None, 0.0, 0.0
         else:
-            score, infer = future.result()
+            score, infer, cpu = future.result()
         current = self.turns.pause_current(pause)
         complete = score is not None and score >= self.rule.complete
         now = time.monotonic()
         self.emit("turn_judged", turn=self._turn_index, score=None if score is None else round(score, 3),
-                  pause_ms=_ms(asked.at - asked.last_speech_at), infer_ms=_ms(infer),
+                  pause_ms=_ms(asked.at - asked.last_speech_at), infer_ms=_ms(infer), cpu_ms=_ms(cpu),
                   wait_ms=_ms(now - asked.at), decision="stale" if not current else "end" if complete else "wait")
         if current and complete:
             self._turn_ended(self.turns.end_now(now, "complete"))

@@ -120,8 +120,8 @@ class TurnDetector:
 
     @property
     def speech_ms(self) -> float:
-        """Speech heard in this turn so far."""
-        return self._speech_ms
+        """Speech heard in the current turn so far (0 between turns)."""
+        return self._speech_ms if self.in_turn else 0.0
 
     @property
     def starting(self) -> bool:
