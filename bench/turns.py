@@ -145,6 +145,8 @@ class TurnTaking:
     scores: list[float] | None = None      # smart: the model's score at each pause
     infer_ms: list[float] | None = None    # smart: each inference, wall clock (its thread may wait for a core)
     cpu_ms: list[float] | None = None      # smart: each inference, CPU time of its thread
+    said_complete_early: bool = False      # smart: a judgement before the caller's voice ended said "complete"
+                                           # (a false endpoint wherever the inference beats the pause)
 
 
 async def run_one(spec: str, pcm: bytes, u: Utterance, tail: float = 2.5) -> TurnTaking:
@@ -183,6 +185,9 @@ async def run_one(spec: str, pcm: bytes, u: Utterance, tail: float = 2.5) -> Tur
         if heard and after:
             result.voice_to_voice_ms = round(1000 * (heard[0] - voice_end), 1)
         judged = [e for _, e in io.of("turn_judged") if e.get("score") is not None]
+        complete = handler.rule.complete
+        result.said_complete_early = any(e["score"] >= complete for at, e in io.of("turn_judged")
+                                         if e.get("score") is not None and at < voice_end)
         result.scores = [e["score"] for e in judged]
         result.infer_ms, result.cpu_ms = [e["infer_ms"] for e in judged], [e["cpu_ms"] for e in judged]
     finally:
@@ -273,6 +278,7 @@ def summary(results: list[TurnTaking]) -> dict:
             "infer_cpu_p50_ms": _pct(cpu, 0.5),
             "paused": len(paused), "false_endpoints": sum(r.false_endpoint for r in paused),
             "false_endpoints_complete": sum(r.false_endpoint for r in complete),
+            "said_complete_early": sum(r.said_complete_early for r in paused),
             "voice_to_voice_p50_ms": _pct(v2v, 0.5), "voice_to_voice_p95_ms": _pct(v2v, 0.95)}
 
 
@@ -296,12 +302,16 @@ def markdown(reports: dict[str, dict]) -> str:
         return "–" if v is None else f"{v:.0f}"
 
     lines = ["| agent | complete answered | voice-to-voice p50 / p95 (ms, at the agent) | "
-             "false endpoints (paused mid-thought) |", "|---|---|---|---|"]
+             "false endpoints (paused mid-thought) | model said complete mid-thought | inferences per utterance | "
+             "inference p50 / p95 (ms, wall) | inference CPU p50 (ms) |", "|---|---|---|---|---|---|---|---|"]
     for spec, r in reports.items():
         s = r["summary"]
         lines.append(f"| `{spec}` | {s['answered']}/{s['complete']} | {ms(s['voice_to_voice_p50_ms'])} / "
                      f"{ms(s['voice_to_voice_p95_ms'])} | {s['false_endpoints']}/{s['paused']} "
-                     f"({100 * s['false_endpoints'] / max(1, s['paused']):.0f} %) |")
+                     f"({100 * s['false_endpoints'] / max(1, s['paused']):.0f} %) | "
+                     + (f"{s['said_complete_early']}/{s['paused']} | {s['inferences_per_turn']} | "
+                        f"{ms(s['infer_p50_ms'])} / {ms(s['infer_p95_ms'])} | {ms(s['infer_cpu_p50_ms'])} |"
+                        if s["infer_p50_ms"] is not None else "– | – | – | – |"))
     return "\n".join(lines)
 
 

@@ -178,3 +178,31 @@ async def test_a_call_that_ends_mid_inference_leaves_no_thread_and_sends_nothing
     assert len(turn_threads()) == before
     await asyncio.sleep(0.1)
     assert len(io.events) == count          # the late answer was dropped, not sent into a closed call
+
+
+@pytest.mark.parametrize("said, backchannel", [("yeah", True), ("uh huh", True), ("wait", False),
+                                               ("what time is it", False)])
+async def test_with_backchannels_on_a_yeah_holds_the_answer_and_a_real_interruption_ends_it(speech, said,
+                                                                                            backchannel):
+    from splitrelay.bench.turns import run_barge
+
+    run = await run_barge("voice:backchannel=on", speech.segment("tell me a story"), speech.segment(said), said,
+                          backchannel)
+    assert run.stopped                      # the agent fell silent at the caller's onset either way...
+    assert run.cut is not backchannel       # ...and went on after "yeah", not after "wait"
+    assert run.transcript == said           # heard whole: the pre-roll keeps the first syllable
+    if backchannel:
+        assert run.held_ms and run.held_ms > 0   # the audio the stop flushed was sent again
+
+
+async def test_without_backchannels_a_yeah_still_cuts_the_answer_as_before(speech):
+    from splitrelay.bench.turns import run_barge
+
+    run = await run_barge("voice", speech.segment("tell me a story"), speech.segment("yeah"), "yeah", True)
+    assert run.stopped and run.cut
+
+
+def test_a_bad_backchannel_option_is_refused():
+    with pytest.raises(ValueError) as exc:
+        handler_factory("voice:backchannel=maybe")
+    assert str(exc.value) == "backchannel must be on or off, got 'maybe'"
