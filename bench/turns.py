@@ -145,6 +145,7 @@ class TurnTaking:
     scores: list[float] | None = None      # smart: the model's score at each pause
     infer_ms: list[float] | None = None    # smart: each inference, wall clock (its thread may wait for a core)
     cpu_ms: list[float] | None = None      # smart: each inference, CPU time of its thread
+    wait_ms: list[float] | None = None     # smart: pause -> the model's answer back on the event loop
     said_complete_early: bool = False      # smart: a judgement before the caller's voice ended said "complete"
                                            # (a false endpoint wherever the inference beats the pause)
 
@@ -190,6 +191,7 @@ async def run_one(spec: str, pcm: bytes, u: Utterance, tail: float = 2.5) -> Tur
                                          if e.get("score") is not None and at < voice_end)
         result.scores = [e["score"] for e in judged]
         result.infer_ms, result.cpu_ms = [e["infer_ms"] for e in judged], [e["cpu_ms"] for e in judged]
+        result.wait_ms = [e["wait_ms"] for e in judged]
     finally:
         await handler.on_stop()
     return result
