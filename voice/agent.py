@@ -7,6 +7,11 @@ Each stage is small and replaceable (``vad.py``, ``stt.py``, ``reply.py``,
   the event loop (cheap); speech of the current turn streams to the
   recogniser on one worker thread per session, so at the end of a turn only
   the recogniser's final step is left;
+* end of turn: a fixed silence window (``turn=fixed``), or (``turn=smart``) a
+  short pause that asks Smart Turn v3.2 whether the caller has finished, on a
+  worker thread of its own; its answer ends the turn only if the caller is
+  still silent when it comes (``turn_judged`` event), else the turn ends after
+  ``max_wait_ms`` of silence;
 * the reply runs in a task with a time limit; its text is spoken frame by
   frame as it is synthesised, at most ``AHEAD`` seconds ahead of the
   listener, so a barge-in has little queued audio to drop;
@@ -24,12 +29,6 @@ channel, one JSON object per message (JSON lines): ``ready``,
 ``turn_start``, ``turn_end``, ``transcript``, ``reply``, ``speaking``,
 ``spoken``, ``barge_in``, ``ignored``, ``reply_error``, ``dropped``; ``turn_judged``
 (turn=smart), ``resumed`` / ``interrupted`` (backchannel=on).
-
-* end of turn: a fixed silence window (``turn=fixed``), or (``turn=smart``) a
-  short pause that asks Smart Turn v3.2 whether the caller has finished, on a
-  worker thread of its own; its answer ends the turn only if the caller is
-  still silent when it comes (``turn_judged`` event), else the turn ends after
-  ``max_wait_ms`` of silence.
 
 Options (``--handler voice:stt=whisper,silence_ms=500``): ``stt`` (sphinx |
 whisper), ``tts`` (espeak | piper), ``reply`` (rules | echo |
