@@ -8,7 +8,12 @@ BENCHMARKS.md and can save the raw reports.  Configurations:
   rules, espeak-ng), the 23-phrase command set plus barge-ins;
 * ``piper``: the same with piper's natural voice (first audio is later);
 * ``dictation``: whisper tiny.en with the echo reply, 6 open sentences;
-* ``barge``: the default agent, 12 barge-ins, each split into its steps (``barge_in_table``).
+* ``barge``: the default agent, 12 barge-ins, each split into its steps (``barge_in_table``);
+* ``smart``: ``commands`` with the semantic end of turn (``turn=smart``), beside it in the same lab.
+
+``--turns`` adds the turn-taking set on piper speech (``splitrelay.bench.turns``, no lab): false endpoints
+and voice-to-voice at the agent for the fixed window and the smart turn, and backchannels/interruptions
+spoken over the agent's answer.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ CONFIGS = {  # name -> (handler spec, call arguments)
                                   "--say", "what is the date", "--say", "how are you", "--barge-ins", "3"]),
     "dictation": ("voice:stt=whisper,reply=echo", ["--set", "dictation", "--barge-ins", "0"]),
     "barge": ("voice", ["--barge-ins", "12"]),  # barge-ins only (one turn first), for their breakdown
+    "smart": ("voice:turn=smart", ["--set", "commands", "--barge-ins", "10"]),
 }
 
 
@@ -208,6 +214,8 @@ def main() -> None:  # pragma: no cover - needs root and a lab
     parser.add_argument("--name", help="lab name")
     parser.add_argument("--results", help="save the raw call reports here (JSON)")
     parser.add_argument("--low-latency", action="store_true", help="the caller uses the low-latency receive path")
+    parser.add_argument("--turns", action="store_true",
+                        help="also the turn-taking set (piper speech, in process): fixed window vs smart turn")
     parser.add_argument("--browser-buffer", action="store_true",
                         help="only measure Chromium's receive buffer (NetEQ) while the agent talks")
     args = parser.parse_args()
@@ -218,9 +226,18 @@ def main() -> None:  # pragma: no cover - needs root and a lab
     if unknown:
         parser.error(f"unknown configuration {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}")
     reports = measure(args.configs or list(CONFIGS), args.name, args.low_latency)
+    if args.turns:
+        import asyncio
+
+        from splitrelay.bench import turns
+
+        specs = ["voice:turn=fixed", "voice:turn=smart"]
+        reports["turns"] = asyncio.run(turns.measure(specs))
+        reports["backchannels"] = asyncio.run(turns.measure_barge(["voice", "voice:backchannel=on"]))
     if args.results:
         with open(args.results, "w") as f:
             json.dump(reports, f, indent=1)
+    taking, backchannels = reports.pop("turns", None), reports.pop("backchannels", None)
     print(markdown(reports))
     print()
     print(barge_in_table(reports))
@@ -234,6 +251,11 @@ def main() -> None:  # pragma: no cover - needs root and a lab
             if flush:
                 print(f"{config}: flush -> the next frame encoded for the wire {flush['p50']:.2f} / "
                       f"{flush['p99']:.2f} ms (p50 / p99), n = {flush['n']}")
+    if taking is not None:
+        print()
+        print(turns.markdown(taking))
+        print()
+        print(turns.barge_markdown(backchannels))
     for config, r in reports.items():
         for t in r["turns"]:
             if not t["correct"]:
