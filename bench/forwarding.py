@@ -133,7 +133,7 @@ def server(lab: Lab, mode: str, port: int, duration: float, **options) -> Iterat
         try:
             loadgen.wait_ready(proc, ready, timeout=10.0)
             yield result
-            if mode == "echo":
+            if mode == "echo" or options.get("answer_stun"):   # serves until told: stop it now
                 proc.terminate()
             result.update(loadgen.finish(proc, timeout=duration + 10))
         finally:
@@ -206,6 +206,11 @@ def forwarding_rate(lab: Lab, path: Route, flows: int, duration: float, username
         elif pinned and path.relay_pid:
             stack.enter_context(pin_process(path.relay_pid, cpu=1))
         counter = stack.enter_context(EgressCounter(lab, path.backend_port))
+        if usernames and path.needs_session:
+            # the transceiver's part in opening a flow: a relay carries media only on a flow whose backend
+            # answered its Binding Request (the flow stays pending till then); the egress counter lets STUN
+            # through to this sink, which sends each one back, and that confirms the flow
+            stack.enter_context(server(lab, "sink", path.backend_port, duration=duration + 120, answer_stun=True))
         cpu0 = softirq_cpu_s()
         proc0 = process_cpu_s(relay_pid) if relay_pid else None
         prog0 = _prog_stats(prog_ids) if prog_ids else None
