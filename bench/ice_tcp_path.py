@@ -35,7 +35,7 @@ from collections.abc import Iterator
 
 from splitrelay.bench.forwarding import _prog_ids, _prog_stats
 from splitrelay.bench.system import bpf_run_time_stats, machine, process_cpu_s
-from splitrelay.lab.stack import TCP_PORT, control, start_lab, stop_lab
+from splitrelay.lab.stack import TCP_PORT, admin_get, control, start_lab, stop_lab
 from splitrelay.lab.topology import BACKEND_PORT, Lab
 from splitrelay.wire.stun import build_binding_request
 
@@ -246,21 +246,16 @@ def concurrent(calls: int, seconds: float) -> dict:
 def setup_times(runs: int) -> dict:
     """Chromium's call setup over ICE-TCP and over UDP through one relay, alternating: the
     transceiver's own timings from the offer's arrival to ICE and to DTLS connected (ms)."""
-    import urllib.request
-
     from splitrelay.client.browser import Browser
     from splitrelay.lab.netns import nsenter_argv
     from splitrelay.lab.udp_block import block_udp, unblock_udp
 
     info = start_lab(transceivers=1, translate=True, block_udp=True)
     lab = Lab.load(info["name"])
-    sessions_url = info["whip_url"].removesuffix("/whip") + "/sessions"
+    admin = info["transceivers"][0]["admin_url"]
 
     def session() -> dict | None:
-        def fetch() -> list:
-            with urllib.request.urlopen(sessions_url, timeout=5) as resp:
-                return json.loads(resp.read())
-        live = lab.in_netns(lab.client.netns, fetch)
+        live = json.loads(admin_get(lab, admin, "/sessions"))   # the admin listener, with the lab's token
         return live[0] if live and live[0].get("dtls_connected_ms") else None
 
     times: dict[str, list[tuple[float, float]]] = {"tcp": [], "udp": []}
@@ -269,7 +264,7 @@ def setup_times(runs: int) -> dict:
             for i in range(2 * runs):
                 path = "tcp" if i % 2 == 0 else "udp"
                 (block_udp if path == "tcp" else unblock_udp)(lab)
-                call = browser.call(info["whip_url"])
+                call = browser.call(info["whip_url"], token=info["whip_token"])
                 try:
                     heard = call.wait_audio(seconds=0.5, timeout=45)
                     if heard["pair"]["protocol"] != path:

@@ -85,7 +85,7 @@ def udp_open(lab: Lab) -> Iterator[None]:
 def test_chromium_whose_network_drops_udp_calls_through_the_relays_tcp_port_and_hears_its_echo(tcp_lab):
     lab, info, browser = tcp_lab
     assert udp_blocked(lab)
-    call = browser.call(info["whip_url"])
+    call = browser.call(info["whip_url"], token=info["whip_token"])
     try:
         answer = call.whip["answer"]
         tcp = [line for line in answer.splitlines() if " tcp " in line]
@@ -112,7 +112,7 @@ def test_chromium_whose_network_drops_udp_calls_through_the_relays_tcp_port_and_
 def test_the_same_call_on_a_network_that_passes_udp_uses_udp(tcp_lab):
     lab, info, browser = tcp_lab
     with udp_open(lab):
-        call = browser.call(info["whip_url"])
+        call = browser.call(info["whip_url"], token=info["whip_token"])
         try:
             heard = call.wait_audio(seconds=1.0, timeout=45)
         finally:
@@ -124,7 +124,7 @@ def test_the_same_call_on_a_network_that_passes_udp_uses_udp(tcp_lab):
 def test_a_tcp_carried_call_moves_to_the_other_relays_tcp_candidate_when_its_relay_dies(tcp_lab):
     lab, info, browser = tcp_lab
     near, spare = lab.relay(1), lab.relay(2)
-    call = browser.call(info["whip_url"])
+    call = browser.call(info["whip_url"], token=info["whip_token"])
     try:
         heard = call.wait_audio(seconds=1.0, timeout=45)
         assert heard["pair"]["remote"] == f"{near.public.ip4}:{TCP_PORT}"   # the preferred relay, over TCP
