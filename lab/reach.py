@@ -83,7 +83,7 @@ def control(lab: Lab, url: str | None = None, relay: int = 1) -> Reach:
     """Relay ``relay``'s agent's control API (or ``url``), from that relay's namespace."""
     from splitrelay.lab.stack import control_token, control_url
 
-    return Reach(url or control_url(lab, relay), lab.relay(relay).netns, control_token(lab))
+    return Reach(url or control_url(lab, relay), lab.relay(relay).netns, token=control_token(lab))
 
 
 def whip(lab: Lab, url: str | None = None) -> Reach:
@@ -99,4 +99,5 @@ def admin(lab: Lab, url: str | None = None) -> Reach:
     with the lab's admin token."""
     from splitrelay.lab.stack import admin_url
 
-    return Reach(url or admin_url(lab.transceivers[0]), lab.client.netns, str(lab.secret_file("admin.token")))
+    return Reach(url or admin_url(lab.transceivers[0]), lab.client.netns,
+                 token_file=str(lab.secret_file("admin.token")))
