@@ -119,7 +119,9 @@ def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
               help="Serve non-loopback listeners without any credential, CORS for any origin (tests, demos).")
 @click.option("--handler", default="echo", show_default=True, callback=_handler_spec, metavar="NAME[:k=v,...]",
               help="What answers the caller: echo[:delay=S], tone[:frequency=HZ], voice[:stt=sphinx|whisper,"
-                   "tts=espeak|piper,silence_ms=MS,reply=module:function] (splitrelay[voice]), "
+                   "tts=espeak|piper,silence_ms=MS,turn=fixed|smart,pause_ms=MS,max_wait_ms=MS,backchannel=on,"
+                   "reply=module:function] (splitrelay[voice]; turn=smart asks an end-of-turn model after a short "
+                   "pause, docs/VOICE.md), "
                    "pipecat:pipeline=module:function (splitrelay[pipecat]).")
 @click.option("--token", envvar="SPLITRELAY_TOKEN",
               help="Edge control API token: this backend's own (`splitrelay edge token --backend ID` on the "
