@@ -423,9 +423,14 @@ def _chain(path: str) -> list[str]:
     return [*seen, *merged]
 
 
+# Where setup puts programs: the venv and the system's directories.  Not this shell's PATH, which on a
+# developer's machine may put a pyenv shim or a hand-built tool first and so hide what a fresh one lacks.
+SEARCH_PATH = os.pathsep.join([str(VENV_BIN), "/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin",
+                               "/sbin", "/bin"])
+
+
 def where(program: str) -> str | None:
-    path = program if program.startswith("/") else shutil.which(
-        program, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"]))
+    path = program if program.startswith("/") else shutil.which(program, path=SEARCH_PATH)
     return path if path is not None and os.path.exists(path) else None
 
 
