@@ -65,6 +65,10 @@ def _prepare(dp: Datapath, cfg: RelayConfig) -> tuple[bytes, bytes]:
     assert opened.verdict == XDP_TX, opened.name
     port = dp.flow(client).internal_port
     reply_to = (INTERNAL_IP, port) if cfg.translate else client
+    # the backend answers the check, as a transceiver does: the flow is confirmed and carries media
+    answered = run_xdp(dp.program_fd("xdp_internal"),
+                       frame((BACKEND_IP, BACKEND_PORT), reply_to, stun.build_message(stun.BINDING_SUCCESS)))
+    assert answered.verdict == XDP_TX, answered.name
     return frame(client, (PUBLIC_IP, RELAY_PORT), RTP), frame((BACKEND_IP, BACKEND_PORT), reply_to, RTP)
 
 
