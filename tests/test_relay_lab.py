@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from splitrelay.bpf import consts
 from splitrelay.wire import hint, stun
 from splitrelay.edge.datapath import Datapath
 from splitrelay.lab.netns import in_netns
@@ -220,14 +221,18 @@ def test_stolen_ufrag_flood_cannot_crowd_out_a_live_call(relay_lab):
             except TimeoutError:
                 lost += 1
         assert lost == 0
+        # this backend is an echo, so it "answers" the flooders' checks too (a transceiver answers only
+        # checks with the session's password): even so they get no more than the session's allowance of
+        # flows that carry media, real flow included, plus the ring of pending ones a request opens
         victim_flows = [f for f in dp.flows() if f.ufrag == "victimSess"]
-        assert len(victim_flows) <= 4                  # the session's allowance, real flow included
-        assert dp.flow((lab.client.ip4, client.getsockname()[1])) is not None
+        confirmed = [f for f in victim_flows if not f.pending]
+        assert len(confirmed) <= 4
+        assert len(victim_flows) - len(confirmed) <= consts.PENDING_FLOWS
+        real = dp.flow((lab.client.ip4, client.getsockname()[1]))
+        assert real is not None and not real.pending
         counters = dp.counters()
-        admitted = len(victim_flows) - 1               # flooders that got one of the spare slots
-        assert counters["IN_DROP_SESSION_FLOWS"].packets == 20 * (100 - admitted)
         assert counters["IN_DROP_UNKNOWN_UFRAG"].packets == 2000   # strict: forged hints open nothing
-        assert len(dp.flows()) == 1 + admitted                     # and nothing else entered the table
+        assert len(dp.flows()) == len(victim_flows)                 # and nothing else entered the table
     finally:
         server.close()
         client.close()
