@@ -70,7 +70,7 @@ def start_transceiver(lab: Lab, t: Transceiver, tag: str, backend_id: int, backe
     """A ``splitrelay transceiver serve`` (echo) in ``t``'s namespace, as the lab stack starts the lab's
     (same flags), in relay mode (registered with the lab's agent) or direct mode; pinned to ``cpu``."""
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
-            "--backend-id", str(backend_id), "--bind", f"{t.ip4}:{backend_port}",
+            "--processes", "1", "--backend-id", str(backend_id), "--bind", f"{t.ip4}:{backend_port}",
             "--whip-listen", f"{t.signal_ip4}:{whip_port}", "--handler", "echo"]
     if relay:
         argv += ["--relay", f"{lab.relay_public.ip4}:{lab.relay_port}",

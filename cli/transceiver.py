@@ -82,11 +82,15 @@ def _handler_spec(ctx: click.Context, param: click.Parameter, value: str) -> str
 @click.option("--ufrag-pool", default=4, show_default=True, type=click.IntRange(0, 256), metavar="N",
               help="Keep N session ufrags registered with the relays ahead of offers, so an answer waits "
                    "for no agent; 0 registers each session before its answer leaves.")
+@click.option("--processes", type=click.IntRange(1, 1024), metavar="N",
+              help="Serve with N processes, one per core, each its own backend (ids ID..ID+N-1, UDP ports "
+                   "PORT..PORT+N-1) behind one WHIP URL; default: the cores this process may use. "
+                   "1 runs one process, no supervisor.")
 def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], relay_controls: tuple[str, ...],
                       prefer: tuple[str, ...], prefer_header: str | None, whip_listen: str, handler: str,
                       token: str | None, whip_token: str | None,
                       backend_ip: str | None, ip6: str | None, drain_timeout: float,
-                      hint_key_file: str | None, ufrag_pool: int) -> None:
+                      hint_key_file: str | None, ufrag_pool: int, processes: int | None) -> None:
     """Serve WHIP and every session on one UDP port, registering sessions with the relay.
 
     \b
@@ -102,6 +106,18 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
 
     bind_host, bind_port = _hostport(bind, "--bind")
     whip_host, whip_port = _hostport(whip_listen, "--whip-listen")
+    from splitrelay.cli import workers
+
+    processes = processes or workers.default_processes()
+    if processes > 1:
+        if prefer:
+            raise CliError("--prefer needs the client's address, which workers behind the supervisor do not "
+                           "see: use --prefer-header or --processes 1", 2)
+        ids = workers.worker_backend_ids(_backend_id(backend_id, backend_ip or bind_host), processes,
+                                         from_ip=backend_id == "from-ip")
+        workers.serve_workers(click.get_current_context(), processes, ids, bind_host, bind_port,
+                              whip_host, whip_port, drain_timeout)
+        return
     backend_id = _backend_id(backend_id, backend_ip or bind_host)
     from splitrelay.transceiver import relays as relay_options
     from splitrelay.wire.hint import HintError, load_key

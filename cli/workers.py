@@ -1,0 +1,115 @@
+"""`transceiver serve --processes N` (N > 1): the worker command lines, and the supervisor's run.
+
+Each worker is `transceiver serve --processes 1` with every option the supervisor got, except its own
+backend id, UDP port and a loopback WHIP listener; options read from the environment (tokens) stay
+there, so no secret lands in a worker's command line (/proc/PID/cmdline is world-readable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import click
+from splitrelay.bpf.consts import MAX_BACKEND_ID
+from splitrelay.cli.common import stop_on_signals
+from splitrelay.cli.errors import CliError
+
+PER_WORKER = {"backend_id", "bind", "whip_listen", "processes"}   # set for each worker below
+
+
+def default_processes() -> int:
+    """The cores this process may run on (its CPU affinity, not the host's count)."""
+    return len(os.sched_getaffinity(0))
+
+
+def worker_backend_ids(base: int, count: int, from_ip: bool) -> list[int]:
+    """Worker i's backend id.  An explicit id takes ``base``..``base + count - 1`` (the operator gives
+    each host a block).  ``from-ip`` (``base`` = the address's low 18 bits) packs the worker into the
+    low bits, ``(ip << b) | i`` with b bits for ``count`` workers, so hosts whose addresses differ in
+    their low 18 - b bits never collide."""
+    if not from_ip:
+        if base + count - 1 > MAX_BACKEND_ID:
+            raise CliError(f"--backend-id {base} with --processes {count} needs ids up to {base + count - 1}, "
+                           f"beyond {MAX_BACKEND_ID}", 2)
+        return [base + i for i in range(count)]
+    bits = (count - 1).bit_length()
+    host = base & (MAX_BACKEND_ID >> bits)
+    if not host:
+        raise CliError(f"--backend-id from-ip with --processes {count}: "
+                       f"the address's low {18 - bits} bits are 0", 2)
+    return [(host << bits) | i for i in range(count)]
+
+
+def _option_args(ctx: click.Context) -> list[str]:
+    """Every option the user set, as argv: not the per-worker ones, not those with an environment variable."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        name = param.name
+        if name in PER_WORKER or not isinstance(param, click.Option) or param.envvar:
+            continue  # per worker, or travels in the environment (_env)
+        source = ctx.get_parameter_source(name)
+        if source in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.ENVIRONMENT):
+            continue
+        value = ctx.params[name]
+        flag = param.opts[0]
+        if param.is_flag:
+            args += [flag] if value else (param.secondary_opts[:1] if param.secondary_opts else [])
+        elif param.multiple:
+            for item in value:
+                args += [flag, str(item)]
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def _env(ctx: click.Context) -> dict[str, str]:
+    """The workers' environment: ours, plus options given on our command line whose option reads an
+    environment variable (a token) moved there."""
+    env = dict(os.environ)
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Option) and param.envvar and value is not None:
+            if ctx.get_parameter_source(param.name) != click.core.ParameterSource.DEFAULT:
+                env[param.envvar if isinstance(param.envvar, str) else param.envvar[0]] = str(value)
+    return env
+
+
+def serve_workers(ctx: click.Context, processes: int, backend_ids: list[int], bind_host: str, bind_port: int,
+                  whip_host: str, whip_port: int, drain_timeout: float) -> None:
+    """Run the supervisor until SIGTERM/SIGINT (transceiver/workers.py)."""
+    from splitrelay.transceiver.workers import Supervisor, SupervisorError
+
+    shared = _option_args(ctx)
+    root = ctx.find_root()
+    verbose = ["-v"] if root.params.get("verbose") else []
+    host = f"[{bind_host}]" if ":" in bind_host else bind_host
+    argvs = [[sys.executable, "-m", "splitrelay.cli.main", *verbose, "transceiver", "serve", "--processes", "1",
+              "--backend-id", str(backend_id), "--bind", f"{host}:{bind_port + i if bind_port else 0}",
+              "--whip-listen", "127.0.0.1:0", *shared]
+             for i, backend_id in enumerate(backend_ids)]
+    supervisor = Supervisor(argvs, backend_ids, whip_host, whip_port, drain_timeout, env=_env(ctx),
+                            echo=lambda line: click.echo(line, err=True))
+
+    async def run() -> None:
+        stop = stop_on_signals()
+        try:
+            await supervisor.start()
+        except SupervisorError as exc:
+            await supervisor.stop()
+            raise CliError(str(exc)) from None
+        except OSError as exc:
+            await supervisor.stop()
+            raise CliError(f"cannot listen on {whip_host}:{whip_port}: {exc.strerror or exc}") from None
+        pids = " ".join(str(w.pid) for w in supervisor.workers)
+        click.echo(f"transceiver ready: WHIP {supervisor.whip_url} backends {backend_ids[0]}..{backend_ids[-1]} "
+                   f"in {processes} processes (pids {pids})", err=True)
+        try:
+            await stop.wait()
+            supervisor.draining = True
+        finally:
+            await supervisor.stop()
+
+    asyncio.run(run())
+

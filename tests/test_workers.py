@@ -1,0 +1,205 @@
+"""`transceiver serve --processes N`: one worker process per core behind one WHIP URL (transceiver/workers.py).
+
+Direct mode on loopback (the supervisor, its placement, its WHIP front and its clean stop) and a real
+lab through the XDP relay (a worker killed by its PID takes only its own calls; the supervisor
+restarts it and it takes new calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from splitrelay.client.probe import run_probes
+from splitrelay.lab.netns import in_netns
+from splitrelay.lab.stack import control, probe, probe_result, start_lab, start_transceiver, stop_lab, whip_url
+from splitrelay.lab.topology import Lab
+from splitrelay.transceiver.workers import merge_scrapes
+from splitrelay.wire import hint
+
+from .conftest import needs_root, relay_ufrags
+from .waiting import wait_for
+
+READY = re.compile(r"transceiver ready: WHIP (http://\S+)/whip backends")
+
+
+def get(url: str, netns: str | None = None):  # noqa: ANN201 - parsed JSON or text
+    def fetch() -> bytes:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read()
+
+    body = in_netns(netns, fetch) if netns else fetch()
+    return json.loads(body) if url.endswith(("/workers", "/sessions", "ended=1")) else body.decode()
+
+
+def request(url: str, method: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=body or None, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, killed but not yet reaped by its parent, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def two_workers(tmp_path):
+    """`transceiver serve --processes 2` in direct mode on loopback: (process, base URL, log path)."""
+    log = tmp_path / "supervisor.log"
+    argv = [sys.executable, "-m", "splitrelay.cli.main", "transceiver", "serve", "--processes", "2",
+            "--backend-id", "40", "--bind", "127.0.0.1:0", "--whip-listen", "127.0.0.1:0"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    try:
+        found = wait_for(lambda: READY.search(log.read_text()), 60, "the supervisor's ready line", proc)
+        yield proc, found.group(1), log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_two_processes_serve_two_offers_on_two_workers_and_stop_leaves_no_child(two_workers):
+    proc, base, log = two_workers
+    workers = get(base + "/workers")
+    assert [(w["worker"], w["backend_id"]) for w in workers] == [(0, 40), (1, 41)]
+    pids = [w["pid"] for w in workers]
+    assert all(alive(pid) for pid in pids) and proc.pid not in pids
+
+    reports = asyncio.run(run_probes([base + "/whip"], sessions=2, duration=2.0))
+    assert [(r.ok, r.beeps_heard == r.beeps_sent >= 3) for r in reports] == [(True, True)] * 2, reports
+    locations = sorted(r.location for r in reports)
+    # one offer each: the session resource names its worker, and its ufrag that worker's backend
+    assert [loc.rsplit("/", 1)[1].split(".")[0] for loc in locations] == ["0", "1"]
+    ended = get(base + "/sessions?ended=1")
+    assert sorted((s["worker"], hint.decode(s["ufrag"])) for s in ended) == [(0, 40), (1, 41)]
+    assert all(s["end_reason"] == "deleted" for s in ended), ended   # the client's DELETE reached its owner
+    metrics = get(base + "/metrics")
+    assert 'splitrelay_transceiver_sessions_started_total{worker="0"} 1.0' in metrics
+    assert 'splitrelay_transceiver_sessions_started_total{worker="1"} 1.0' in metrics
+    assert 'splitrelay_transceiver_worker_restarts_total{worker="1"} 0.0' in metrics
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert [pid for pid in pids if alive(pid)] == []
+
+
+def test_a_worker_dead_by_sigkill_is_restarted_and_counted(two_workers):
+    proc, base, log = two_workers
+    before = get(base + "/workers")[1]["pid"]
+    os.kill(before, signal.SIGKILL)
+    after = wait_for(lambda: (w := get(base + "/workers")[1])["ready"] and w["pid"] != before and w["pid"], 30,
+                     "worker 1 restarted")
+    assert alive(after)
+    assert 'splitrelay_transceiver_worker_restarts_total{worker="1"} 1.0' in get(base + "/metrics")
+    assert 'splitrelay_transceiver_worker_restarts_total{worker="0"} 0.0' in get(base + "/metrics")
+    assert f"worker 1 (pid {before}, backend 41) exited with -9, taking 0 sessions; restarting" in log.read_text()
+
+
+def test_a_supervisor_killed_outright_leaves_no_worker_behind(two_workers):
+    proc, base, _ = two_workers
+    pids = [w["pid"] for w in get(base + "/workers")]
+    proc.kill()                                   # SIGKILL: no cleanup of its own runs
+    proc.wait()
+    wait_for(lambda: not any(alive(pid) for pid in pids), 30, "the orphaned workers gone (PR_SET_PDEATHSIG)")
+
+
+def test_the_whip_front_refuses_session_paths_that_name_no_worker(two_workers):
+    _, base, _ = two_workers
+    for forged in ("9.abc", "abc", "0.", "-1.abc", "1", "99999999999999999999.x", "%2e%2e.x"):
+        assert request(f"{base}/whip/sessions/{forged}", "DELETE") == (404, "no such session\n"), forged
+    # a real worker, a session it does not have: the worker's own answer comes back
+    assert request(f"{base}/whip/sessions/1.nosuchsession", "DELETE") == (404, "no such session\n")
+    big = b"v=0\n" + b"a" * (64 * 1024 + 10)
+    status, _ = request(base + "/whip", "POST", big, {"Content-Type": "application/sdp"})
+    assert status == 413
+    status, text = request(base + "/whip", "POST", b"hello", {"Content-Type": "application/sdp"})
+    assert (status, text) == (400, "the body is not an SDP offer (no v=0)\n")   # the worker's own check
+
+
+def test_merge_scrapes_labels_every_sample_with_its_worker():
+    text = ("# HELP x_total things\n# TYPE x_total counter\nx_total{code=\"1\"} 2.0\n"
+            "# HELP y a gauge\n# TYPE y gauge\ny 3.0\n")
+    families = {f.name: f for f in merge_scrapes({"0": text, "1": text})}
+    assert [(s.labels, s.value) for s in families["x"].samples] == [
+        ({"worker": "0", "code": "1"}, 2.0), ({"worker": "1", "code": "1"}, 2.0)]
+    assert [(s.labels, s.value) for s in families["y"].samples] == [({"worker": "0"}, 3.0), ({"worker": "1"}, 3.0)]
+
+
+@needs_root
+def test_two_workers_behind_the_xdp_relay_a_killed_one_takes_only_its_own_calls():
+    info = start_lab(transceivers=1, handler=None)
+    lab = Lab.load(info["name"])
+    try:
+        t = lab.transceivers[0]
+        supervisor = start_transceiver(lab, t, processes=2)
+        lab.save()
+        url = whip_url(t)
+        base = url.removesuffix("/whip")
+        workers = get(base + "/workers", lab.client.netns)
+        assert [w["backend_id"] for w in workers] == [t.backend_id, t.backend_id + 1]
+        backends = {b["id"]: b["port"] for b in control(lab, lambda c: c.backends())}
+        assert backends == {t.backend_id: 5000, t.backend_id + 1: 5001}   # each worker its own backend
+
+        calls = probe(lab, [url], duration=10, sessions=4)
+
+        def four_calls_with_media() -> dict[str, int]:
+            flows = [f for f in control(lab, lambda c: c.flows()) if f["rx_packets"] > 20]
+            return {f["ufrag"]: f["backend"] for f in flows} if len({f["ufrag"] for f in flows}) == 4 else {}
+
+        owners = wait_for(four_calls_with_media, 40, "four calls with media both ways", calls)
+        assert sorted(owners.values()) == [1, 1, 2, 2]                     # calls land on both workers
+        assert all(hint.decode(ufrag) == backend for ufrag, backend in owners.items())
+        victim = workers[1]["pid"]
+        children = Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children").read_text().split()
+        assert sorted(children) == sorted(str(w["pid"]) for w in workers)    # ours to kill, by its PID
+        os.kill(victim, signal.SIGKILL)
+        reports = probe_result(calls, 120)
+        by_worker: dict[str, list[dict]] = {"0": [], "1": []}
+        for report in reports:
+            by_worker[report["location"].rsplit("/", 1)[1].split(".")[0]].append(report)
+        assert len(by_worker["0"]) == len(by_worker["1"]) == 2
+        for report in by_worker["0"]:      # the other worker's calls kept their audio to the end
+            assert report["ok"], report["error"]
+            assert report["beeps_heard"] == report["beeps_sent"] >= 10, report["beep_echoed"]
+        for report in by_worker["1"]:      # the dead worker's calls lost theirs
+            assert not all(report["beep_echoed"]), report["beep_echoed"]
+
+        restarted = wait_for(lambda: (w := get(base + "/workers", lab.client.netns)[1])["ready"]
+                             and w["pid"] != victim and w, 30, "worker 1 restarted")
+        # the restarted worker registered anew (a new instance): the relay dropped the dead one's sessions
+        dead = {u for u, b in owners.items() if b == 2}
+        wait_for(lambda: not dead & relay_ufrags(lab), 15, "the dead worker's sessions gone from the relay")
+        metrics = get(base + "/metrics", lab.client.netns)
+        assert 'splitrelay_transceiver_worker_restarts_total{worker="1"} 1.0' in metrics
+        assert 'splitrelay_transceiver_worker_sessions_lost_total{worker="1"} 2.0' in metrics
+        assert 'splitrelay_transceiver_worker_restarts_total{worker="0"} 0.0' in metrics
+
+        again = probe_result(probe(lab, [url], duration=3, sessions=2), 90)   # new calls: one on each
+        assert sorted(r["location"].rsplit("/", 1)[1].split(".")[0] for r in again) == ["0", "1"]
+        for report in again:
+            assert report["ok"] and report["beeps_heard"] == report["beeps_sent"] >= 3, report
+        assert restarted["pid"] in {w["pid"] for w in get(base + "/workers", lab.client.netns)}
+    finally:
+        stop_lab(info["name"])

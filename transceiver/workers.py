@@ -1,0 +1,345 @@
+"""One transceiver process per core: a supervisor, its workers, and the one WHIP URL in front of them.
+
+Python runs one core per process, so a host serves calls on every core by running one
+``transceiver serve --processes 1`` per core.  Each worker is its own backend (its own id, carried
+in its ufrags' routing hint, and its own UDP port) and registers itself and its sessions with every
+relay, so relays need nothing new.  The supervisor holds no session: it starts the workers, restarts
+a dead one (counting the restart and the calls it took with it), stops them all on SIGTERM/SIGINT,
+and serves the host's one WHIP URL, passing each offer to the least-loaded worker and each session's
+later requests (DELETE, PATCH) to the worker that owns it.  ``/metrics`` joins every worker's
+metrics under one scrape, each sample labelled with its ``worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from splitrelay.errors import SplitrelayError
+from splitrelay.transceiver.whip import MAX_OFFER
+
+log = logging.getLogger(__name__)
+
+READY = re.compile(r"transceiver ready: WHIP (http://\S+?)/whip\b")
+READY_TIMEOUT = 60.0      # a worker's start (aiortc import, relay registration); bounds failures only
+POLL_INTERVAL = 0.5       # how often each worker's live sessions are read (offer placement, lost calls)
+RESTART_DELAY = 0.5       # between a worker's death and its restart; doubles up to RESTART_DELAY_MAX
+RESTART_DELAY_MAX = 10.0  # while it keeps dying within STABLE_AFTER of its start
+STABLE_AFTER = 10.0
+STOP_GRACE = 10.0         # after the workers' own drain timeout, SIGKILL what is left
+BODY_TIMEOUT = 5.0        # a client must send its whole request within this (as the worker's own WHIP)
+HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
+PR_SET_PDEATHSIG = 1
+
+
+class SupervisorError(SplitrelayError):
+    """The workers could not be started (one-line reason)."""
+
+
+@dataclass(eq=False)
+class Worker:
+    """One worker process slot: the process now in it, and what the supervisor knows of it."""
+
+    index: int
+    backend_id: int
+    argv: list[str]
+    proc: asyncio.subprocess.Process | None = None
+    base_url: str | None = None          # its own WHIP listener, loopback, e.g. http://127.0.0.1:41234
+    sessions: int = 0                    # live sessions at the last poll
+    placed: int = 0                      # offers it answered that the last poll may not have seen
+    offering: int = 0                    # offers it is answering now
+    started_at: float = 0.0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc and self.proc.returncode is None else None
+
+    @property
+    def load(self) -> int:
+        return self.sessions + self.placed + self.offering
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the supervisor dies, even by SIGKILL (no orphans)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class SupervisorMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.restarts = Counter("splitrelay_transceiver_worker_restarts", "Worker processes restarted after "
+                                "they died", ["worker"], registry=r)
+        self.sessions_lost = Counter("splitrelay_transceiver_worker_sessions_lost",
+                                     "Live sessions a dying worker took with it (as last polled)", ["worker"],
+                                     registry=r)
+        self.up = Gauge("splitrelay_transceiver_worker_up", "1 while the worker process runs and serves WHIP",
+                        ["worker", "backend"], registry=r)
+
+
+def merge_scrapes(texts: dict[str, str]) -> list[Metric]:
+    """Every worker's Prometheus text as one set of families, each sample labelled ``worker``."""
+    families: dict[str, Metric] = {}
+    for worker, text in texts.items():
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+            for s in family.samples:
+                merged.add_sample(s.name, {"worker": worker, **s.labels}, s.value, s.timestamp)
+    return list(families.values())
+
+
+class Supervisor:
+    """Starts ``len(argvs)`` workers and serves the host's WHIP URL in front of them.
+
+    ``argvs[i]`` starts worker ``i`` (``backend_ids[i]``); each must print the transceiver's ready line.
+    """
+
+    def __init__(self, argvs: list[list[str]], backend_ids: list[int], whip_host: str, whip_port: int,
+                 drain_timeout: float = 0.0, env: dict[str, str] | None = None,
+                 echo: Callable[[str], None] | None = None) -> None:
+        self.workers = [Worker(i, b, argv) for i, (argv, b) in enumerate(zip(argvs, backend_ids, strict=True))]
+        self.whip_host, self.whip_port = whip_host, whip_port
+        self.drain_timeout = drain_timeout
+        self.env = env
+        self.echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.metrics = SupervisorMetrics()
+        for w in self.workers:  # present (0) from the first scrape, so a rate() sees the first restart
+            self.metrics.restarts.labels(str(w.index))
+            self.metrics.sessions_lost.labels(str(w.index))
+        self.draining = False
+        self.stopping = False
+        self._tasks: list[asyncio.Task] = []
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    # -- the workers ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every worker, wait until each serves WHIP, then open the host's WHIP listener."""
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        self._tasks = [asyncio.ensure_future(self._keep(w)) for w in self.workers]
+        self._tasks.append(asyncio.ensure_future(self._poll()))
+        waits = [asyncio.ensure_future(w.ready.wait()) for w in self.workers]
+        done, pending = await asyncio.wait(waits, timeout=READY_TIMEOUT)
+        for p in pending:
+            p.cancel()
+        if pending:
+            late = [w.index for w in self.workers if not w.ready.is_set()]
+            raise SupervisorError(f"workers {late} did not become ready within {READY_TIMEOUT:.0f} s")
+        self._runner = web.AppRunner(self.app(), access_log=None, lingering_time=1.0, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.whip_host, self.whip_port)
+        await site.start()
+        self.whip_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
+
+    @property
+    def whip_url(self) -> str:
+        host = f"[{self.whip_host}]" if ":" in self.whip_host else self.whip_host
+        return f"http://{host}:{self.whip_port}/whip"
+
+    async def _spawn(self, w: Worker) -> None:
+        w.ready.clear()
+        w.base_url, w.sessions, w.placed, w.offering = None, 0, 0, 0
+        w.started_at = time.monotonic()
+        w.proc = await asyncio.create_subprocess_exec(
+            *w.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, env=self.env, preexec_fn=_die_with_parent,
+            start_new_session=True)  # a terminal's Ctrl-C reaches the supervisor only; it stops them
+        log.info("worker %d (backend %d) started, pid %d", w.index, w.backend_id, w.proc.pid)
+
+    async def _follow(self, w: Worker) -> None:
+        """Copy the worker's log lines to ours (prefixed) and learn its WHIP address from its ready line."""
+        assert w.proc is not None and w.proc.stderr is not None
+        while line := await w.proc.stderr.readline():
+            text = line.decode("utf-8", "replace").rstrip()
+            if not w.ready.is_set() and (found := READY.search(text)):
+                # not echoed as is: "transceiver ready" is the supervisor's own line, once all are
+                w.base_url = found.group(1)
+                self.metrics.up.labels(str(w.index), str(w.backend_id)).set(1)
+                w.ready.set()
+                self.echo(f"[worker {w.index}] serving backend {w.backend_id}, pid {w.pid}, WHIP {w.base_url}")
+                continue
+            self.echo(f"[worker {w.index}] {text}")
+
+    async def _keep(self, w: Worker) -> None:
+        """Run worker ``w`` until the supervisor stops, restarting it whenever it dies."""
+        delay = RESTART_DELAY
+        while not self.stopping:
+            await self._spawn(w)
+            await self._follow(w)
+            code = await w.proc.wait()
+            self.metrics.up.labels(str(w.index), str(w.backend_id)).set(0)
+            w.ready.clear()
+            if self.stopping:
+                return
+            lost = w.sessions
+            self.metrics.restarts.labels(str(w.index)).inc()
+            self.metrics.sessions_lost.labels(str(w.index)).inc(lost)
+            self.echo(f"worker {w.index} (pid {w.proc.pid}, backend {w.backend_id}) exited with {code}, "
+                      f"taking {lost} sessions; restarting")
+            delay = RESTART_DELAY if time.monotonic() - w.started_at > STABLE_AFTER else min(
+                delay * 2, RESTART_DELAY_MAX)
+            await asyncio.sleep(delay)
+
+    async def _poll(self) -> None:
+        """Each worker's live session count: where the next offer goes, and what a death costs."""
+        while True:
+            for w in self.workers:
+                if w.ready.is_set() and w.base_url:
+                    seen = w.placed   # answered before this request left: counted in its answer
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+                        async with self._http.get(w.base_url + "/healthz",
+                                                  timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                            w.sessions = int((await resp.json())["sessions"])
+                            w.placed -= seen
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def stop(self) -> None:
+        """SIGTERM every worker (by its PID: each drains for its own --drain-timeout), SIGKILL the
+        ones still running after that plus STOP_GRACE, and close the WHIP listener."""
+        self.stopping = self.draining = True
+        running = [w.proc for w in self.workers if w.pid]
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+        if running:
+            waits = [asyncio.ensure_future(p.wait()) for p in running]
+            await asyncio.wait(waits, timeout=self.drain_timeout + STOP_GRACE)
+            for proc in running:
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
+                    await proc.wait()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner:
+            await self._runner.cleanup()
+        if self._http:
+            await self._http.close()
+
+    # -- the host's WHIP URL ------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_OFFER)
+        app.add_routes([
+            web.post("/whip", self.offer),
+            web.options("/whip", self.offer),
+            web.route("*", "/whip/sessions/{id}", self.session_request),
+            web.get("/sessions", self.list_sessions),
+            web.get("/metrics", self.scrape),
+            web.get("/workers", self.list_workers),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+        ])
+        return app
+
+    def _choose(self) -> Worker | None:
+        ready = [w for w in self.workers if w.ready.is_set() and w.base_url]
+        return min(ready, key=lambda w: (w.load, w.index)) if ready else None
+
+    async def offer(self, request: web.Request) -> web.Response:
+        """An offer goes to the worker with the fewest live sessions; its answer names the session
+        ``<worker>.<id>`` so that the session's later requests find their way back to it."""
+        if request.method == "POST" and self.draining:
+            return web.Response(status=503, text="this transceiver is draining; try another\n")
+        w = self._choose()
+        if w is None:
+            return web.Response(status=503, text="no worker is ready; try again\n")
+        if request.method != "POST":
+            return await self._forward(request, w, "/whip")
+        w.offering += 1
+        try:
+            response = await self._forward(request, w, "/whip")
+        finally:
+            w.offering -= 1
+        w.placed += response.status == 201
+        return response
+
+    async def session_request(self, request: web.Request) -> web.Response:
+        worker, _, session_id = request.match_info["id"].partition(".")
+        w = self.workers[int(worker)] if worker.isdigit() and int(worker) < len(self.workers) else None
+        if w is None or not session_id or not w.ready.is_set():
+            return web.Response(status=404, text="no such session\n")
+        return await self._forward(request, w, f"/whip/sessions/{session_id}")
+
+    async def _forward(self, request: web.Request, w: Worker, path: str) -> web.Response:
+        try:
+            body = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
+        except TimeoutError:
+            return web.Response(status=408, text=f"the request did not arrive within {BODY_TIMEOUT:g} s\n")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        url = aiohttp.client.URL(w.base_url + path).with_query(request.query)
+        try:
+            async with self._http.request(request.method, url, data=body, headers=headers) as resp:
+                answer = await resp.read()
+                out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
+        except (aiohttp.ClientError, TimeoutError):
+            return web.Response(status=503, text=f"worker {w.index} did not answer; try again\n")
+        if "Location" in out:
+            out["Location"] = out["Location"].replace("/whip/sessions/", f"/whip/sessions/{w.index}.", 1)
+        return web.Response(status=resp.status, body=answer, headers=out)
+
+    async def _each(self, path: str) -> dict[Worker, bytes | None]:
+        """GET ``path`` from every ready worker at once: its body, None if it did not answer 200."""
+        async def one(w: Worker) -> tuple[Worker, bytes | None]:
+            if not (w.ready.is_set() and w.base_url):
+                return w, None
+            try:
+                async with self._http.get(w.base_url + path, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    return w, await resp.read() if resp.status == 200 else None
+            except (aiohttp.ClientError, TimeoutError):
+                return w, None
+        return dict(await asyncio.gather(*(one(w) for w in self.workers)))
+
+    async def list_sessions(self, request: web.Request) -> web.Response:
+        out = []
+        path = "/sessions?ended=1" if request.query.get("ended") else "/sessions"
+        for w, body in (await self._each(path)).items():
+            for record in json.loads(body) if body else []:
+                out.append({**record, "id": f"{w.index}.{record['id']}", "worker": w.index,
+                            "backend_id": w.backend_id})
+        return web.json_response(out)
+
+    async def scrape(self, request: web.Request) -> web.Response:
+        texts = {str(w.index): body.decode() for w, body in (await self._each("/metrics")).items() if body}
+        registry = CollectorRegistry()
+        families = merge_scrapes(texts)
+        registry.register(type("Workers", (), {"collect": lambda self: families})())
+        body = generate_latest(self.metrics.registry) + generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def list_workers(self, request: web.Request) -> web.Response:
+        return web.json_response([
+            {"worker": w.index, "pid": w.pid, "backend_id": w.backend_id, "ready": w.ready.is_set(),
+             "sessions": w.sessions, "whip_url": w.base_url and w.base_url + "/whip"} for w in self.workers])
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        up = sum(w.ready.is_set() for w in self.workers)
+        return web.json_response({"status": "ok" if up else "down", "workers": len(self.workers), "up": up,
+                                  "sessions": sum(w.sessions for w in self.workers)}, status=200 if up else 503)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        up = sum(w.ready.is_set() for w in self.workers)
+        status = "draining" if self.draining else "ready" if up else "down"
+        return web.json_response({"status": status, "workers": len(self.workers), "up": up},
+                                 status=200 if status == "ready" else 503)
