@@ -8,6 +8,7 @@ restarts it and it takes new calls).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -59,16 +60,16 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture
-def two_workers(tmp_path):
-    """`transceiver serve --processes 2` in direct mode on loopback: (process, base URL, log path)."""
-    log = tmp_path / "supervisor.log"
-    argv = [sys.executable, "-m", "splitrelay.cli.main", "transceiver", "serve", "--processes", "2",
-            "--backend-id", "40", "--bind", "127.0.0.1:0", "--whip-listen", "127.0.0.1:0"]
+@contextlib.contextmanager
+def serving(tmp_path: Path, *args: str, ready: re.Pattern = READY):
+    """`transceiver serve ARGS` in direct mode on loopback: (process, base URL, log path); stopped after."""
+    log = tmp_path / "serve.log"
+    argv = [sys.executable, "-m", "splitrelay.cli.main", "transceiver", "serve", "--bind", "127.0.0.1:0",
+            "--whip-listen", "127.0.0.1:0", *args]
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
     try:
-        found = wait_for(lambda: READY.search(log.read_text()), 60, "the supervisor's ready line", proc)
+        found = wait_for(lambda: ready.search(log.read_text()), 60, "the ready line", proc)
         yield proc, found.group(1), log
     finally:
         if proc.poll() is None:
@@ -78,6 +79,16 @@ def two_workers(tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture
+def two_workers(tmp_path):
+    with serving(tmp_path, "--processes", "2", "--backend-id", "40") as running:
+        yield running
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def test_two_processes_serve_two_offers_on_two_workers_and_stop_leaves_no_child(two_workers):
@@ -138,6 +149,30 @@ def test_the_whip_front_refuses_session_paths_that_name_no_worker(two_workers):
     assert (status, text) == (400, "the body is not an SDP offer (no v=0)\n")   # the worker's own check
 
 
+def test_processes_1_is_one_transceiver_process_with_no_supervisor(tmp_path):
+    single = re.compile(r"transceiver ready: WHIP (http://\S+)/whip backend 5 on 127\.0\.0\.1:\d+")
+    with serving(tmp_path, "--processes", "1", "--backend-id", "5", ready=single) as (proc, base, _):
+        assert children(proc.pid) == []
+        assert request(base + "/workers", "GET")[0] == 404
+        [report] = asyncio.run(run_probes([base + "/whip"], sessions=1, duration=1.5))
+        assert report.ok and hint.decode(get(base + "/sessions?ended=1")[0]["ufrag"]) == 5
+
+
+def test_tokens_given_on_the_command_line_reach_the_workers_by_environment_not_argv(tmp_path):
+    with serving(tmp_path, "--processes", "2", "--backend-id", "3", "--whip-token", "s3cret-whip",
+                 "--token", "s3cret-relay") as (proc, base, _):
+        for pid in children(proc.pid):
+            assert b"s3cret" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert b"SPLITRELAY_WHIP_TOKEN=s3cret-whip" in environ and b"SPLITRELAY_TOKEN=s3cret-relay" in environ
+        # the front passes the client's Authorization through; each worker checks it
+        offer = b"v=0\n"
+        assert request(base + "/whip", "POST", offer, {"Content-Type": "application/sdp"}) == (
+            401, "missing or wrong bearer token\n")
+        reports = asyncio.run(run_probes([base + "/whip"], sessions=2, duration=1.5, token="s3cret-whip"))
+        assert [r.ok for r in reports] == [True, True]
+
+
 def test_merge_scrapes_labels_every_sample_with_its_worker():
     text = ("# HELP x_total things\n# TYPE x_total counter\nx_total{code=\"1\"} 2.0\n"
             "# HELP y a gauge\n# TYPE y gauge\ny 3.0\n")
@@ -172,8 +207,7 @@ def test_two_workers_behind_the_xdp_relay_a_killed_one_takes_only_its_own_calls(
         assert sorted(owners.values()) == [1, 1, 2, 2]                     # calls land on both workers
         assert all(hint.decode(ufrag) == backend for ufrag, backend in owners.items())
         victim = workers[1]["pid"]
-        children = Path(f"/proc/{supervisor.pid}/task/{supervisor.pid}/children").read_text().split()
-        assert sorted(children) == sorted(str(w["pid"]) for w in workers)    # ours to kill, by its PID
+        assert sorted(children(supervisor.pid)) == sorted(w["pid"] for w in workers)   # ours to kill, by PID
         os.kill(victim, signal.SIGKILL)
         reports = probe_result(calls, 120)
         by_worker: dict[str, list[dict]] = {"0": [], "1": []}
