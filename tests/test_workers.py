@@ -133,7 +133,11 @@ def test_a_supervisor_killed_outright_leaves_no_worker_behind(two_workers):
     pids = [w["pid"] for w in get(base + "/workers")]
     proc.kill()                                   # SIGKILL: no cleanup of its own runs
     proc.wait()
-    wait_for(lambda: not any(alive(pid) for pid in pids), 30, "the orphaned workers gone (PR_SET_PDEATHSIG)")
+    try:
+        wait_for(lambda: not any(alive(pid) for pid in pids), 30, "the orphaned workers gone (PR_SET_PDEATHSIG)")
+    finally:
+        for pid in filter(alive, pids):           # had the test failed: ours, by their PIDs
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_the_whip_front_refuses_session_paths_that_name_no_worker(two_workers):
