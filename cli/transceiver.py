@@ -109,16 +109,11 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
     from splitrelay.cli import workers
 
     processes = processes or workers.default_processes()
-    if processes > 1:
-        if prefer:
-            raise CliError("--prefer needs the client's address, which workers behind the supervisor do not "
-                           "see: use --prefer-header or --processes 1", 2)
-        ids = workers.worker_backend_ids(_backend_id(backend_id, backend_ip or bind_host), processes,
-                                         from_ip=backend_id == "from-ip")
-        workers.serve_workers(click.get_current_context(), processes, ids, bind_host, bind_port,
+    from_ip, backend_id = backend_id == "from-ip", _backend_id(backend_id, backend_ip or bind_host)
+    if processes > 1:  # a supervisor and its workers, each one of these with --processes 1
+        workers.serve_workers(click.get_current_context(), processes, backend_id, from_ip, bind_host, bind_port,
                               whip_host, whip_port, drain_timeout)
         return
-    backend_id = _backend_id(backend_id, backend_ip or bind_host)
     from splitrelay.transceiver import relays as relay_options
     from splitrelay.wire.hint import HintError, load_key
 

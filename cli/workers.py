@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 
 import click
 from splitrelay.bpf.consts import MAX_BACKEND_ID
-from splitrelay.cli.common import stop_on_signals
 from splitrelay.cli.errors import CliError
 
 PER_WORKER = {"backend_id", "bind", "whip_listen", "processes"}   # set for each worker below
@@ -76,11 +76,18 @@ def _env(ctx: click.Context) -> dict[str, str]:
     return env
 
 
-def serve_workers(ctx: click.Context, processes: int, backend_ids: list[int], bind_host: str, bind_port: int,
-                  whip_host: str, whip_port: int, drain_timeout: float) -> None:
+def serve_workers(ctx: click.Context, processes: int, backend_id: int, from_ip: bool, bind_host: str,
+                  bind_port: int, whip_host: str, whip_port: int, drain_timeout: float) -> None:
     """Run the supervisor until SIGTERM/SIGINT (transceiver/workers.py)."""
     from splitrelay.transceiver.workers import Supervisor, SupervisorError
 
+    if ctx.params.get("prefer"):
+        raise CliError("--prefer needs the client's address, which workers behind the supervisor do not "
+                       "see: use --prefer-header or --processes 1", 2)
+    if bind_port + processes - 1 > 65535:
+        raise CliError(f"--bind port {bind_port} with --processes {processes} needs ports up to "
+                       f"{bind_port + processes - 1}, beyond 65535", 2)
+    backend_ids = worker_backend_ids(backend_id, processes, from_ip)
     shared = _option_args(ctx)
     root = ctx.find_root()
     verbose = ["-v"] if root.params.get("verbose") else []
@@ -93,7 +100,9 @@ def serve_workers(ctx: click.Context, processes: int, backend_ids: list[int], bi
                             echo=lambda line: click.echo(line, err=True))
 
     async def run() -> None:
-        stop = stop_on_signals()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):   # systemd signals the workers too: none is restarted
+            asyncio.get_running_loop().add_signal_handler(sig, lambda: (supervisor.begin_stop(), stop.set()))
         try:
             await supervisor.start()
         except SupervisorError as exc:
@@ -107,7 +116,6 @@ def serve_workers(ctx: click.Context, processes: int, backend_ids: list[int], bi
                    f"in {processes} processes (pids {pids})", err=True)
         try:
             await stop.wait()
-            supervisor.draining = True
         finally:
             await supervisor.stop()
 

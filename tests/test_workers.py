@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -175,6 +176,39 @@ def test_tokens_given_on_the_command_line_reach_the_workers_by_environment_not_a
             401, "missing or wrong bearer token\n")
         reports = asyncio.run(run_probes([base + "/whip"], sessions=2, duration=1.5, token="s3cret-whip"))
         assert [r.ok for r in reports] == [True, True]
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor_with_its_reason():
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    with taken:
+        argv = ["transceiver", "serve", "--processes", "2", "--backend-id", "40", "--bind", f"127.0.0.1:{port}",
+                "--whip-listen", "127.0.0.1:0"]
+        run = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", *argv], capture_output=True, text=True,
+                             timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.splitlines()[-1] == ("splitrelay: error: worker 0 (backend 40) exited before it was ready: "
+                                           f"cannot bind UDP 127.0.0.1:{port}: Address already in use")
+
+
+def test_processes_refuses_what_it_cannot_serve():
+    for args, code, message in (
+            (["--processes", "2", "--bind", "127.0.0.1:65535"], 2,
+             "--bind port 65535 with --processes 2 needs ports up to 65536, beyond 65535"),
+            (["--processes", "2", "--backend-id", "262143"], 2,
+             "--backend-id 262143 with --processes 2 needs ids up to 262144, beyond 262143"),
+            (["--processes", "4", "--backend-id", "from-ip", "--bind", "10.0.0.0:5000"], 1,
+             "--backend-id from-ip: 10.0.0.0 gives no usable id (needs IPv4, low 18 bits != 0)"),
+            (["--processes", "4", "--backend-id", "from-ip", "--bind", "10.3.0.0:5000"], 2,
+             "--backend-id from-ip with --processes 4: the address's low 16 bits are 0"),
+            (["--processes", "2", "--prefer", "10.0.0.0/8=relay1", "--relay", "relay1=10.0.0.1:3478"], 2,
+             "--prefer needs the client's address, which workers behind the supervisor do not see: "
+             "use --prefer-header or --processes 1")):
+        argv = ["transceiver", "serve", "--backend-id", "1", "--whip-listen", "127.0.0.1:0", *args]
+        run = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", *argv], capture_output=True, text=True,
+                             timeout=60)
+        assert (run.returncode, run.stderr.strip()) == (code, f"splitrelay: error: {message}"), args
 
 
 def test_merge_scrapes_labels_every_sample_with_its_worker():

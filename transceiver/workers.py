@@ -65,6 +65,7 @@ class Worker:
     placed: int = 0                      # offers it answered that the last poll may not have seen
     offering: int = 0                    # offers it is answering now
     started_at: float = 0.0
+    last_words: str | None = None        # the last log line of a process that died before it was ready
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -138,13 +139,16 @@ class Supervisor:
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         self._tasks = [asyncio.ensure_future(self._keep(w)) for w in self.workers]
         self._tasks.append(asyncio.ensure_future(self._poll()))
-        waits = [asyncio.ensure_future(w.ready.wait()) for w in self.workers]
-        done, pending = await asyncio.wait(waits, timeout=READY_TIMEOUT)
-        for p in pending:
-            p.cancel()
-        if pending:
-            late = [w.index for w in self.workers if not w.ready.is_set()]
-            raise SupervisorError(f"workers {late} did not become ready within {READY_TIMEOUT:.0f} s")
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not all(w.ready.is_set() for w in self.workers):
+            failed = next((w for w in self.workers if w.last_words is not None and not w.ready.is_set()), None)
+            if failed:
+                raise SupervisorError(f"worker {failed.index} (backend {failed.backend_id}) exited before it "
+                                      f"was ready: {failed.last_words.removeprefix('splitrelay: error: ')}")
+            if time.monotonic() > deadline:
+                late = [w.index for w in self.workers if not w.ready.is_set()]
+                raise SupervisorError(f"workers {late} did not become ready within {READY_TIMEOUT:.0f} s")
+            await asyncio.sleep(0.05)
         self._runner = web.AppRunner(self.app(), access_log=None, lingering_time=1.0, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.whip_host, self.whip_port)
@@ -158,7 +162,7 @@ class Supervisor:
 
     async def _spawn(self, w: Worker) -> None:
         w.ready.clear()
-        w.base_url, w.sessions, w.placed, w.offering = None, 0, 0, 0
+        w.base_url, w.sessions, w.placed, w.offering, w.last_words = None, 0, 0, 0, None
         w.started_at = time.monotonic()
         w.proc = await asyncio.create_subprocess_exec(
             *w.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -169,8 +173,10 @@ class Supervisor:
     async def _follow(self, w: Worker) -> None:
         """Copy the worker's log lines to ours (prefixed) and learn its WHIP address from its ready line."""
         assert w.proc is not None and w.proc.stderr is not None
+        last = ""
         while line := await w.proc.stderr.readline():
             text = line.decode("utf-8", "replace").rstrip()
+            last = text or last
             if not w.ready.is_set() and (found := READY.search(text)):
                 # not echoed as is: "transceiver ready" is the supervisor's own line, once all are
                 w.base_url = found.group(1)
@@ -179,6 +185,8 @@ class Supervisor:
                 self.echo(f"[worker {w.index}] serving backend {w.backend_id}, pid {w.pid}, WHIP {w.base_url}")
                 continue
             self.echo(f"[worker {w.index}] {text}")
+        if not w.ready.is_set():
+            w.last_words = last or "no output"
 
     async def _keep(self, w: Worker) -> None:
         """Run worker ``w`` until the supervisor stops, restarting it whenever it dies."""
@@ -213,10 +221,14 @@ class Supervisor:
                             w.placed -= seen
             await asyncio.sleep(POLL_INTERVAL)
 
+    def begin_stop(self) -> None:
+        """From now on refuse offers and restart no worker (a worker may see the same signal first)."""
+        self.stopping = self.draining = True
+
     async def stop(self) -> None:
         """SIGTERM every worker (by its PID: each drains for its own --drain-timeout), SIGKILL the
         ones still running after that plus STOP_GRACE, and close the WHIP listener."""
-        self.stopping = self.draining = True
+        self.begin_stop()
         running = [w.proc for w in self.workers if w.pid]
         for proc in running:
             with contextlib.suppress(ProcessLookupError):
