@@ -214,11 +214,13 @@ class Supervisor:
             for w in self.workers:
                 if w.ready.is_set() and w.base_url:
                     seen = w.placed   # answered before this request left: counted in its answer
-                    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+                    try:
                         async with self._http.get(w.base_url + "/healthz",
                                                   timeout=aiohttp.ClientTimeout(total=2)) as resp:
                             w.sessions = int((await resp.json())["sessions"])
                             w.placed -= seen
+                    except Exception as exc:  # noqa: BLE001 - a dying worker; the loop must go on
+                        log.info("worker %d: no session count (%s)", w.index, exc)
             await asyncio.sleep(POLL_INTERVAL)
 
     def begin_stop(self) -> None:
