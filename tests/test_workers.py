@@ -154,6 +154,18 @@ def test_the_whip_front_refuses_session_paths_that_name_no_worker(two_workers):
     assert (status, text) == (400, "the body is not an SDP offer (no v=0)\n")   # the worker's own check
 
 
+def test_the_whip_front_answers_a_slow_body_408_and_holds_no_worker(two_workers):
+    _, base, _ = two_workers
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=20) as conn:
+        conn.sendall(b"POST /whip HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\n"
+                     b"Content-Length: 1000\r\n\r\nv=0\n")               # and then nothing
+        answer = conn.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408 "), answer
+    assert answer.endswith("the request did not arrive within 5 s\n"), answer
+    assert [w["sessions"] for w in get(base + "/workers")] == [0, 0]
+
+
 def test_processes_1_is_one_transceiver_process_with_no_supervisor(tmp_path):
     single = re.compile(r"transceiver ready: WHIP (http://\S+)/whip backend 5 on 127\.0\.0\.1:\d+")
     with serving(tmp_path, "--processes", "1", "--backend-id", "5", ready=single) as (proc, base, _):
