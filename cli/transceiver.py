@@ -120,9 +120,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
     try:
         hint_key = load_key(hint_key_file) if hint_key_file else None
         relays = relay_options.relays_from_options(relay_specs, relay_controls)
-        choosers = [relay_options.ByHeader(prefer_header)] if prefer_header else []
-        if prefer:
-            choosers.append(relay_options.ByClientPrefix(relay_options.parse_prefix_map(prefer)))
+        choosers = relay_options.choosers_from_options(prefer, prefer_header)
     except (HintError, relay_options.RelaySpecError) as exc:
         raise CliError(str(exc)) from None
     config = TransceiverConfig(

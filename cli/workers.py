@@ -16,7 +16,8 @@ import click
 from splitrelay.bpf.consts import MAX_BACKEND_ID
 from splitrelay.cli.errors import CliError
 
-PER_WORKER = {"backend_id", "bind", "whip_listen", "processes"}   # set for each worker below
+# set for each worker below; the supervisor applies --prefer/--prefer-header and tells the worker (PREFERRED)
+PER_WORKER = {"backend_id", "bind", "whip_listen", "processes", "prefer", "prefer_header"}
 
 
 def default_processes() -> int:
@@ -79,16 +80,25 @@ def _env(ctx: click.Context) -> dict[str, str]:
 def serve_workers(ctx: click.Context, processes: int, backend_id: int, from_ip: bool, bind_host: str,
                   bind_port: int, whip_host: str, whip_port: int, drain_timeout: float) -> None:
     """Run the supervisor until SIGTERM/SIGINT (transceiver/workers.py)."""
-    from splitrelay.transceiver.workers import Supervisor, SupervisorError
+    from splitrelay.transceiver import relays as relay_options
+    from splitrelay.transceiver.workers import PREFERRED, Supervisor, SupervisorError
 
-    if ctx.params.get("prefer"):
-        raise CliError("--prefer needs the client's address, which workers behind the supervisor do not "
-                       "see: use --prefer-header or --processes 1", 2)
+    p = ctx.params
+    try:
+        choosers = relay_options.choosers_from_options(p["prefer"], p["prefer_header"])
+        relays = relay_options.relays_from_options(p["relay_specs"], p["relay_controls"])
+    except relay_options.RelaySpecError as exc:
+        raise CliError(str(exc)) from None
+
+    def prefer(facts: relay_options.SignalingFacts) -> str | None:
+        relay = relay_options.choose(choosers, facts, [r for r in relays if r.candidates])
+        return relay.name if relay else None
+
     if bind_port + processes - 1 > 65535:
         raise CliError(f"--bind port {bind_port} with --processes {processes} needs ports up to "
                        f"{bind_port + processes - 1}, beyond 65535", 2)
     backend_ids = worker_backend_ids(backend_id, processes, from_ip)
-    shared = _option_args(ctx)
+    shared = _option_args(ctx) + (["--prefer-header", PREFERRED] if choosers else [])
     root = ctx.find_root()
     verbose = ["-v"] if root.params.get("verbose") else []
     host = f"[{bind_host}]" if ":" in bind_host else bind_host
@@ -97,7 +107,7 @@ def serve_workers(ctx: click.Context, processes: int, backend_id: int, from_ip: 
               "--whip-listen", "127.0.0.1:0", *shared]
              for i, backend_id in enumerate(backend_ids)]
     supervisor = Supervisor(argvs, backend_ids, whip_host, whip_port, drain_timeout, env=_env(ctx),
-                            echo=lambda line: click.echo(line, err=True))
+                            echo=lambda line: click.echo(line, err=True), prefer=prefer if choosers else None)
 
     async def run() -> None:
         stop = asyncio.Event()

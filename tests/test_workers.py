@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from aiortc import RTCPeerConnection
 
 from splitrelay.client.probe import run_probes
 from splitrelay.lab.netns import in_netns
@@ -214,13 +215,37 @@ def test_processes_refuses_what_it_cannot_serve():
              "--backend-id from-ip: 10.0.0.0 gives no usable id (needs IPv4, low 18 bits != 0)"),
             (["--processes", "4", "--backend-id", "from-ip", "--bind", "10.3.0.0:5000"], 2,
              "--backend-id from-ip with --processes 4: the address's low 16 bits are 0"),
-            (["--processes", "2", "--prefer", "10.0.0.0/8=relay1", "--relay", "relay1=10.0.0.1:3478"], 2,
-             "--prefer needs the client's address, which workers behind the supervisor do not see: "
-             "use --prefer-header or --processes 1")):
+            (["--processes", "2", "--prefer", "10.0.0.0/8", "--relay", "relay1=10.0.0.1:3478"], 1,
+             "'10.0.0.0/8' is not PREFIX=RELAY")):
         argv = ["transceiver", "serve", "--backend-id", "1", "--whip-listen", "127.0.0.1:0", *args]
         run = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", *argv], capture_output=True, text=True,
                              timeout=60)
         assert (run.returncode, run.stderr.strip()) == (code, f"splitrelay: error: {message}"), args
+
+
+async def offer_sdp() -> str:
+    pc = RTCPeerConnection()
+    pc.addTransceiver("audio")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+def preferred_address(answer: str) -> str:
+    """The answer's highest-priority candidate's address (the relay the client will use first)."""
+    candidates = [line.split() for line in answer.splitlines() if line.startswith("a=candidate:")]
+    return max(candidates, key=lambda c: int(c[3]))[4]
+
+
+def test_prefer_by_client_prefix_works_behind_the_supervisor_and_a_client_cannot_forge_it(tmp_path):
+    with serving(tmp_path, "--processes", "2", "--backend-id", "3", "--relay", "near=192.0.2.1:3478",
+                 "--relay", "far=198.51.100.1:3478", "--prefer", "127.0.0.0/8=far") as (_, base, _):
+        sdp = asyncio.run(offer_sdp()).encode()
+        for forged in ({}, {"X-Splitrelay-Relay": "near"}, {"x-splitrelay-relay": "near"}):
+            status, answer = request(base + "/whip", "POST", sdp, {"Content-Type": "application/sdp", **forged})
+            assert status == 201, answer
+            assert preferred_address(answer) == "198.51.100.1", forged     # the client's address chose "far"
 
 
 def test_merge_scrapes_labels_every_sample_with_its_worker():

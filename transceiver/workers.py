@@ -32,6 +32,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from splitrelay.errors import SplitrelayError
+from splitrelay.transceiver.relays import SignalingFacts
 from splitrelay.transceiver.whip import MAX_OFFER
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ RESTART_DELAY_MAX = 10.0  # while it keeps dying within STABLE_AFTER of its star
 STABLE_AFTER = 10.0
 STOP_GRACE = 10.0         # after the workers' own drain timeout, SIGKILL what is left
 BODY_TIMEOUT = 5.0        # a client must send its whole request within this (as the worker's own WHIP)
+PREFERRED = "X-Splitrelay-Relay"   # the relay the supervisor chose for an offer; workers' --prefer-header
 HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
 PR_SET_PDEATHSIG = 1
 
@@ -116,11 +118,13 @@ class Supervisor:
 
     def __init__(self, argvs: list[list[str]], backend_ids: list[int], whip_host: str, whip_port: int,
                  drain_timeout: float = 0.0, env: dict[str, str] | None = None,
-                 echo: Callable[[str], None] | None = None) -> None:
+                 echo: Callable[[str], None] | None = None,
+                 prefer: Callable[[SignalingFacts], str | None] | None = None) -> None:
         self.workers = [Worker(i, b, argv) for i, (argv, b) in enumerate(zip(argvs, backend_ids, strict=True))]
         self.whip_host, self.whip_port = whip_host, whip_port
         self.drain_timeout = drain_timeout
         self.env = env
+        self.prefer = prefer      # --prefer/--prefer-header, applied here where the client's address is known
         self.echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         self.metrics = SupervisorMetrics()
         for w in self.workers:  # present (0) from the first scrape, so a rate() sees the first restart
@@ -246,6 +250,11 @@ class Supervisor:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for w in self.workers:  # one spawned while the signal arrived: not drained, not left behind
+            if w.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
+                await w.proc.wait()
         if self._runner:
             await self._runner.cleanup()
         if self._http:
@@ -301,7 +310,12 @@ class Supervisor:
             body = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
         except TimeoutError:
             return web.Response(status=408, text=f"the request did not arrive within {BODY_TIMEOUT:g} s\n")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in HOP_HEADERS and k.lower() != PREFERRED.lower()}   # a client's is forged
+        if self.prefer and request.method == "POST" and path == "/whip":
+            relay = self.prefer(SignalingFacts(remote=request.remote, headers=dict(request.headers)))
+            if relay:
+                headers[PREFERRED] = relay
         url = aiohttp.client.URL(w.base_url + path).with_query(request.query)
         try:
             async with self._http.request(request.method, url, data=body, headers=headers) as resp:
