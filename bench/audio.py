@@ -66,7 +66,7 @@ async def measure(duration: float) -> dict[str, Any]:
 
 
 def call_through_lossy_lab(duration: float, impairment: Any, name: str | None = None) -> dict[str, Any]:  # noqa: ANN401
-    """One echo call through the relay with ``impairment`` (lab/impair.Impairment) on the client's link,
+    """One echo call through the relay with ``impairment`` (splitrelay.lab.impair.Impairment) on the client's link,
     the probe receiving through the voice path (``--low-latency --carrier``): the probe's report and the
     transceiver's record of the call (``audio``: concealed frames, receive delay, stages)."""
     import subprocess

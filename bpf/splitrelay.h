@@ -114,7 +114,7 @@ struct sr_session {                 /* hash "sessions" value */
 	__u64 created_ns;
 };
 
-struct sr_flow {                    /* lru hash "flows": client sr_addr_key -> value */
+struct sr_flow {                    /* hash "flows" (full: refuse, never evict; maps.h): client sr_addr_key -> value */
 	__u32 backend_id;
 	__u8  client_mac[6];            /* source MAC the client's frames arrived with */
 	__be16 xlate_port;              /* translate: the internal port it holds; 0 in DNAT */

@@ -51,8 +51,10 @@ def call(whip_url: str, phrases: tuple[str, ...], phrase_set: str | None, barge_
     silent at the client.
 
     \b
-    Example (a lab transceiver started with --handler voice):
-      splitrelay call http://172.31.2.10:8080/whip --set commands --barge-ins 5
+    Example (lab transceiver 1 started with --handler voice, called from the lab's
+    client namespace; `lab up --json` prints both, lab/addresses.py the plan):
+      ip netns exec <client_netns> splitrelay call http://198.18.2.11:8080/whip \\
+          --set commands --barge-ins 5
     """
     from splitrelay.client.caller import run_call
 

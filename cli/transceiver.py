@@ -50,6 +50,38 @@ def _handler_spec(ctx: click.Context, param: click.Parameter, value: str) -> str
     return value
 
 
+def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
+    """What an anonymous caller may cost (transceiver/limits.py): TransceiverConfig's fields of those names."""
+    from splitrelay.transceiver import limits
+
+    options = [
+        click.option("--max-sessions", type=click.IntRange(0), default=0, show_default=True,
+                     help="Live sessions this transceiver takes; more offers get 503 with Retry-After. 0 = no "
+                          "limit: set it to what the handler's CPU allows (bench capacity measures it)."),
+        click.option("--max-pending", type=click.IntRange(0), default=limits.MAX_PENDING, show_default=True,
+                     help="Sessions answered but not yet connected (what a flood of offers that never connect "
+                          "holds, each for --connect-timeout); beyond it offers get 503. 0 = no limit."),
+        click.option("--offer-rate", type=click.FloatRange(0), default=limits.OFFER_RATE, show_default=True,
+                     metavar="PER_S",
+                     help="Offers per second from one source address (an IPv6 /64 counts as one), after "
+                          "--offer-burst; beyond it 429 with Retry-After. 0 = no limit (behind a proxy, where "
+                          "every offer comes from the proxy's address)."),
+        click.option("--offer-burst", type=click.IntRange(1), default=limits.OFFER_BURST, show_default=True,
+                     help="Offers a quiet source may send at once."),
+        click.option("--connect-timeout", type=click.FloatRange(0.1, 300), default=limits.CONNECT_TIMEOUT,
+                     show_default=True, metavar="S",
+                     help="An answered session that has not connected (ICE and DTLS) by then ends, and the relays "
+                          "forget its ufrag."),
+        click.option("--address-timeout", type=click.FloatRange(0.1, 3600), default=limits.ADDRESS_TIMEOUT,
+                     show_default=True, metavar="S",
+                     help="A client address silent this long is unbound from its session (RFC 7675's 30 s "
+                          "consent); it binds again only with an authenticated ICE check."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @transceiver.command("serve")
 @click.option("--backend-id", required=True, metavar="ID|from-ip",
               help=f"This transceiver's id at the relay, 1..{MAX_BACKEND_ID} (carried in every session's ufrag); "
@@ -86,11 +118,12 @@ def _handler_spec(ctx: click.Context, param: click.Parameter, value: str) -> str
               help="Serve with N processes, one per core, each its own backend (ids ID..ID+N-1, UDP ports "
                    "PORT..PORT+N-1) behind one WHIP URL; default: the cores this process may use. "
                    "1 runs one process, no supervisor.")
+@admission_options
 def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], relay_controls: tuple[str, ...],
                       prefer: tuple[str, ...], prefer_header: str | None, whip_listen: str, handler: str,
                       token: str | None, whip_token: str | None,
                       backend_ip: str | None, ip6: str | None, drain_timeout: float,
-                      hint_key_file: str | None, ufrag_pool: int, processes: int | None) -> None:
+                      hint_key_file: str | None, ufrag_pool: int, processes: int | None, **limits: float) -> None:
     """Serve WHIP and every session on one UDP port, registering sessions with the relay.
 
     \b
@@ -127,7 +160,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
         backend_id=backend_id, bind_host=bind_host, bind_port=bind_port, relays=relays, choosers=choosers,
         whip_host=whip_host, whip_port=whip_port, relay_token=token,
         whip_token=whip_token, handler=handler, backend_ip=backend_ip, backend_ip6=ip6, hint_key=hint_key,
-        ufrag_pool=ufrag_pool,
+        ufrag_pool=ufrag_pool, **limits,
     )
     service = Transceiver(config)
 

@@ -81,6 +81,7 @@ def serve_workers(ctx: click.Context, processes: int, backend_id: int, from_ip: 
                   bind_port: int, whip_host: str, whip_port: int, drain_timeout: float) -> None:
     """Run the supervisor until SIGTERM/SIGINT (transceiver/workers.py)."""
     from splitrelay.transceiver import relays as relay_options
+    from splitrelay.transceiver.admission import Admission, AdmissionConfig
     from splitrelay.transceiver.workers import PREFERRED, Supervisor, SupervisorError
 
     p = ctx.params
@@ -98,7 +99,9 @@ def serve_workers(ctx: click.Context, processes: int, backend_id: int, from_ip: 
         raise CliError(f"--bind port {bind_port} with --processes {processes} needs ports up to "
                        f"{bind_port + processes - 1}, beyond 65535", 2)
     backend_ids = worker_backend_ids(backend_id, processes, from_ip)
-    shared = _option_args(ctx) + (["--prefer-header", PREFERRED] if choosers else [])
+    # the offer rate is per client address, which only the supervisor sees: it limits, the workers do not
+    shared = _option_args(ctx) + (["--prefer-header", PREFERRED] if choosers else []) + ["--offer-rate", "0"]
+    admission = Admission(AdmissionConfig(0, 0, p["offer_rate"], p["offer_burst"]), None)
     root = ctx.find_root()
     verbose = ["-v"] if root.params.get("verbose") else []
     host = f"[{bind_host}]" if ":" in bind_host else bind_host
@@ -107,7 +110,8 @@ def serve_workers(ctx: click.Context, processes: int, backend_id: int, from_ip: 
               "--whip-listen", "127.0.0.1:0", *shared]
              for i, backend_id in enumerate(backend_ids)]
     supervisor = Supervisor(argvs, backend_ids, whip_host, whip_port, drain_timeout, env=_env(ctx),
-                            echo=lambda line: click.echo(line, err=True), prefer=prefer if choosers else None)
+                            echo=lambda line: click.echo(line, err=True), prefer=prefer if choosers else None,
+                            admission=admission)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -2,7 +2,7 @@
 
 This is the specification ``xdp_public`` (``bpf/relay.c``) implements in the
 kernel: the userspace relay runs it for every STUN packet, and the
-differential fuzz (tests/test_xdp_differential.py) checks the XDP program
+differential fuzz (tests/xdp/test_differential.py) checks the XDP program
 against exactly this function.  It takes what the relay knows when a datagram
 arrives (its payload, its address family, the client's current flow and
 whether the flow table has room) and the tables (sessions, backends, policy,

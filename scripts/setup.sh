@@ -16,9 +16,12 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (XDP, BPF maps and network namespaces need CAP_SYS_ADMIN/CAP_NET_ADMIN)"
 [ -e /sys/kernel/btf/vmlinux ] || say "warning: kernel has no BTF (/sys/kernel/btf/vmlinux); bcc still works without it"
 
-apt_pkgs=(python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 ethtool python3-venv python3-dev
+# Every program the code and the tests run is in this list (tests/test_setup_programs.py checks it):
+# iptables for the floating-address fault's edge NAT (lab/floating.py), procps for sysctl, git for the
+# commit a benchmark records.
+apt_pkgs=(python3 python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 ethtool python3-venv python3-dev
           gcc make libc6-dev util-linux prometheus vagrant systemd
-          libespeak-ng1 espeak-ng-data)
+          libespeak-ng1 espeak-ng-data iptables procps git)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -167,7 +167,7 @@ def test_cli_errors_are_one_line(agent_lab):
 
 def test_demo_runs_a_webrtc_session_through_xdp_and_cleans_up():
     proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "demo", "--seconds", "3", "--json"],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] and report["dtls_connected_ms"] > report["ice_connected_ms"] > 0
@@ -175,6 +175,9 @@ def test_demo_runs_a_webrtc_session_through_xdp_and_cleans_up():
     assert report["counters"]["ingress/forwarded/flow"] > 100
     [turn] = report["voice"]["turns"]  # and one turn with the voice agent, through the same relay
     assert turn["transcript"] == "what time is it" and turn["voice_to_voice_ms"] > turn["silence_ms"]
+    # barge-in as both clients hear it: the stock aiortc receive path and the low-latency one
+    assert [report[k]["low_latency"] for k in ("voice", "voice_low_latency")] == [False, True]
+    assert all(report[k]["summary"]["barge_in_p50_ms"] > 0 for k in ("voice", "voice_low_latency"))
     assert report["lab"] not in Lab.names()
 
 

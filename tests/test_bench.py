@@ -8,13 +8,15 @@ sessions connected) and that the report says what the figures say.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from splitrelay.bench import report, report_markdown
-from splitrelay.bench.report_file import KEEP_MARKER, ReportFileError, replace_section, section_markers
+from splitrelay.bench.report_file import (HEAD_MARKER, KEEP_MARKER, ReportFileError, replace_section,
+                                          section_markers)
 
 pytestmark = pytest.mark.lab
 
@@ -123,6 +125,36 @@ def test_the_report_replaces_the_tables_and_keeps_the_text_below_the_marker(tmp_
         assert text.startswith("# splitrelay benchmarks\n") and "stale" not in text
         assert text.count(KEEP_MARKER) == 1
         assert text.split(KEEP_MARKER)[1] == "\n\n## Analysis\nhand-written, kept\n"
+
+
+def test_a_hand_written_head_stays_on_top_and_the_tables_go_a_level_down_below_it(tmp_path, saved_results):
+    md = tmp_path / "B.md"
+    head = "# splitrelay benchmarks\n\n| figure | measured |\n|---|---|\n| ceiling | 0.985 |\n\n"
+    md.write_text(f"{head}{HEAD_MARKER}\n\n# old tables\n\n{KEEP_MARKER}\n\n## Analyses\nkept\n")
+    for _ in range(2):                                    # a second run changes neither the head nor the text
+        proc = _render(saved_results, md)
+        assert proc.returncode == 0, proc.stderr
+        text = md.read_text()
+        assert text.startswith(head + HEAD_MARKER + "\n\n## The tables of the last `make bench` (generated)\n")
+        assert "old tables" not in text and "\n### Targets\n" in text and text.count("\n# ") == 0
+        assert text.split(KEEP_MARKER)[1] == "\n\n## Analyses\nkept\n"
+
+
+def test_the_repository_page_opens_with_its_headline_screen_above_the_generated_tables():
+    page = (Path(__file__).resolve().parents[1] / "BENCHMARKS.md").read_text()
+    head = page.split(HEAD_MARKER)[0]
+    assert head.startswith("# splitrelay benchmarks\n") and KEEP_MARKER in page.split(HEAD_MARKER)[1]
+    assert len(head.splitlines()) <= 45       # one screen
+    rows = [line for line in head.splitlines() if line.startswith("| ") and not line.startswith("| figure")]
+    # each headline figure: a target, the date and commit it was measured at, a command that reproduces it
+    for row in rows:
+        assert re.search(r"20\d\d-\d\d-\d\d", row) and re.search(r"`[0-9a-f]{7}`", row), row
+        assert re.search(r"`(make |splitrelay |python -m )", row), row
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():          # each commit named is one of this repository's
+        for commit in set(re.findall(r"`([0-9a-f]{7})`", head)):
+            known = subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{commit}^{{commit}}"])
+            assert known.returncode == 0, commit
 
 
 def test_a_new_report_file_gets_the_marker(tmp_path, saved_results):

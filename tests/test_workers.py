@@ -248,6 +248,19 @@ def test_prefer_by_client_prefix_works_behind_the_supervisor_and_a_client_cannot
             assert preferred_address(answer) == "198.51.100.1", forged     # the client's address chose "far"
 
 
+def test_the_offer_rate_is_kept_by_the_supervisor_which_sees_the_client_not_by_the_workers(tmp_path):
+    with serving(tmp_path, "--processes", "2", "--backend-id", "3", "--offer-rate", "0.01",
+                 "--offer-burst", "2") as (proc, base, _):
+        for pid in children(proc.pid):   # every worker's offers come from the supervisor's address
+            assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-3:-1] == [b"--offer-rate", b"0"]
+        sdp = asyncio.run(offer_sdp()).encode()
+        answers = [request(base + "/whip", "POST", sdp, {"Content-Type": "application/sdp"}) for _ in range(3)]
+        assert [status for status, _ in answers] == [201, 201, 429]
+        assert answers[2][1] == ("too many offers or ICE restarts from 127.0.0.1: "
+                                 "at most 0.01/s after a burst of 2\n")
+        assert 'splitrelay_transceiver_front_offers_refused_total{reason="rate"} 1.0' in get(base + "/metrics")
+
+
 def test_merge_scrapes_labels_every_sample_with_its_worker():
     text = ("# HELP x_total things\n# TYPE x_total counter\nx_total{code=\"1\"} 2.0\n"
             "# HELP y a gauge\n# TYPE y gauge\ny 3.0\n")

@@ -1,4 +1,4 @@
-"""The shared vector files for the tests, through edge/vectors.py (the one reader of their formats)."""
+"""The shared vector files for the tests, through tests/vector_files.py (the one reader of their formats)."""
 
 from __future__ import annotations
 

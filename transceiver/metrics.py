@@ -7,6 +7,8 @@ from aiortc's stats.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 SETUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -20,6 +22,10 @@ class TransceiverMetrics:
                                         registry=r)
         self.offers_rejected = Counter("splitrelay_transceiver_offers_rejected", "WHIP offers refused",
                                        ["code"], registry=r)
+        self.offers_refused = Counter("splitrelay_transceiver_offers_refused",
+                                      "WHIP offers refused before anything was created, by reason: rate (429, "
+                                      "per source), sessions or pending (503, the transceiver's limits)",
+                                      ["reason"], registry=r)
         self.setup = Histogram("splitrelay_transceiver_session_setup_seconds",
                                "Time from the offer to each setup phase", ["phase"], buckets=SETUP_BUCKETS,
                                registry=r)
@@ -42,6 +48,16 @@ class TransceiverMetrics:
                                       registry=r)
         self.mux_dropped = Gauge("splitrelay_transceiver_mux_unrouted_datagrams",
                                  "Datagrams the UDP mux could not match to a session", registry=r)
+        self.mux_drops = Counter("splitrelay_transceiver_mux_drops",
+                                 "Datagrams the UDP mux routed to no session, by reason (mux.py)", ["reason"],
+                                 registry=r)
+        self.mux_addresses_expired = Counter("splitrelay_transceiver_mux_addresses_expired",
+                                             "Client addresses unbound from their session after their silence",
+                                             registry=r)
+        self.candidates_ignored = Counter("splitrelay_transceiver_remote_candidates_ignored",
+                                          "Signalled client candidates never checked, by reason (candidates.py)",
+                                          ["reason"], registry=r)
+        self._followed: dict[tuple[int, str], float] = {}
 
         self.path_changes = Counter("splitrelay_transceiver_path_changes",
                                     "Media moved to another client address (nominated, latched, restarted)",
@@ -59,6 +75,13 @@ class TransceiverMetrics:
         self.ice_restart = Histogram("splitrelay_transceiver_ice_restart_seconds",
                                      "WHIP PATCH until the new ICE generation's pair is nominated",
                                      buckets=SETUP_BUCKETS, registry=r)
+
+    def follow(self, counter: Counter, totals: Mapping[str, int]) -> None:
+        """Bring a labelled counter up to running totals kept elsewhere (label -> total so far)."""
+        for label, total in totals.items():
+            key = (id(counter), label)
+            counter.labels(label).inc(total - self._followed.get(key, 0))
+            self._followed[key] = total
 
     def phase(self, name: str, milliseconds: float | None) -> None:
         if milliseconds is not None:

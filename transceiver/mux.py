@@ -5,17 +5,27 @@ so the transceiver cannot bind a socket per session.  ``UdpMux`` owns that
 one socket and demultiplexes (the Pion UDPMux / mediasoup WebRtcServer
 pattern):
 
-* a datagram from a source address the mux already knows goes to the session
-  that address belongs to;
-* a datagram from a new address must be a STUN Binding Request; it is routed
-  by the local (server) ufrag, the part of its USERNAME before the ':', parsed
-  with exactly the relay's rules (``splitrelay.wire.stun``).  Anything else
-  from a new address is dropped and counted by reason.
+* a STUN Binding Request is routed by the local (server) ufrag, the part of its
+  USERNAME before the ':', parsed with exactly the relay's rules
+  (``splitrelay.wire.stun``), from any address;
+* a STUN response goes to the session whose transaction it answers (its
+  96-bit random transaction id), from the address that session sent it to;
+* anything else (DTLS, RTP, RTCP) goes only to the session its source address
+  is *bound* to, and is dropped and counted by reason otherwise.
+
+An address is bound to a session only once aioice authenticated it: a Binding
+Request whose MESSAGE-INTEGRITY checked under the session's password, or the
+authenticated success response to the session's own check (Pion binds likewise
+only what it verified).  A later authenticated binding replaces an earlier one,
+so a relay port recycled to a new caller follows that caller's checks; a forged
+request naming a live ufrag from another address binds and moves nothing (aioice
+answers it 401).  A bound address silent for ``address_timeout`` (30 s, RFC 7675's
+consent lifetime) is unbound, so a recycled relay port cannot carry a new
+caller's media into an old session.
 
 Each session's aioice ``StunProtocol`` gets a ``MuxTransport``, a per-session
-view of the shared socket: sending through it also teaches the mux that the
-destination belongs to that session (the transceiver's own checks reach the
-client first when the relay learned the flow from them).
+view of the shared socket: what a session sends to an address it has no binding
+for is remembered only so that the answer to its check finds it.
 
 ``MuxedConnection`` is the seam into aioice: it replaces candidate gathering
 (binding one socket per interface) with one host candidate per *public
@@ -31,8 +41,10 @@ socket.  It relies on these aioice internals (all listed in ``CONNECTION_ATTRIBU
   consent and ``close()`` walk;
 * ``Connection._query_consent_task`` / ``_closing``, only to tell a consent
   expiry (aioice closing the connection itself) from our own close;
-* ``StunProtocol(receiver)``, its ``local_candidate`` attribute and the
-  ``DatagramProtocol`` methods it implements.
+* ``StunProtocol(receiver)``, its ``local_candidate`` and ``transactions`` (pending
+  checks by transaction id) attributes and the ``DatagramProtocol`` methods it implements;
+* ``Connection.request_received`` (overridden: an authenticated request binds its
+  address) and ``_valid_username``.
 
 A dual-stack socket (bound to ``::``) carries IPv4 clients as v4-mapped
 addresses; the mux hands aioice plain IPv4 addresses and maps them back when
@@ -46,13 +58,15 @@ import ipaddress
 import logging
 import socket
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from aioice import Candidate
+from aioice import Candidate, stun
 from aioice.candidate import candidate_foundation, candidate_priority
 from aioice.ice import CandidatePair, Connection, StunProtocol
 
+from splitrelay.transceiver.candidates import ignored_because
+from splitrelay.transceiver.limits import ADDRESS_TIMEOUT
 from splitrelay.transceiver.paths import MuxProtocol, PathFollower
 from splitrelay.wire import stun as ref_stun
 from splitrelay.errors import SplitrelayError
@@ -73,6 +87,7 @@ NOT_BINDING = "not_binding"      # STUN but not a Binding Request (a stray respo
 BAD_STUN = "bad_stun"            # a Binding Request the relay would drop too (no/bad USERNAME...)
 UNKNOWN_UFRAG = "unknown_ufrag"  # no live session has that server ufrag
 NO_ROUTE = "no_route"            # a session sent to an address family the socket cannot reach
+NO_TRANSACTION = "no_transaction"  # a STUN response from an unbound address answering no pending check
 
 
 class MuxError(SplitrelayError):
@@ -90,6 +105,7 @@ CONNECTION_ATTRIBUTES = (
 CONNECTION_METHODS = (
     "get_component_candidates", "check_incoming", "check_start_task", "check_complete", "_find_pair",
     "request_received", "sort_check_list", "_pair_remote_candidate", "_check_list_maybe_fail",
+    "_valid_username", "add_remote_candidate",
 )
 SUPPORTED_AIOICE = "0.13"  # the pinned range, for the error message
 
@@ -105,6 +121,8 @@ def missing_internals() -> list[str]:
                 if not hasattr(StunProtocol, name)]
     if "local_candidate" not in getattr(StunProtocol, "__annotations__", {}):
         missing.append("StunProtocol.local_candidate")
+    if "transactions" not in StunProtocol.__init__.__code__.co_names:
+        missing.append("StunProtocol.transactions")
     if not (hasattr(CandidatePair, "State") and hasattr(CandidatePair, "remote_addr")
             and "protocol" in CandidatePair.__init__.__code__.co_names):
         missing.append("CandidatePair.State/remote_addr/protocol")
@@ -143,7 +161,7 @@ class MuxTransport(asyncio.DatagramTransport):
         if self._closed:
             return
         addr = (addr[0], addr[1])
-        self.mux.learn(addr, self.protocol)
+        self.mux.sending(addr, self.protocol)
         self.mux.send(data, addr)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:  # noqa: ANN401
@@ -177,20 +195,29 @@ def _grow_receive_buffer(sock: socket.socket, size: int) -> None:
 class UdpMux(asyncio.DatagramProtocol):
     """The transceiver's one UDP socket, shared by all sessions."""
 
-    def __init__(self, public_candidates: Sequence[Address]) -> None:
+    def __init__(self, public_candidates: Sequence[Address], address_timeout: float = ADDRESS_TIMEOUT) -> None:
         self.public_candidates: list[Address] = [(h, int(p)) for h, p in public_candidates]
+        self.relayed = bool(public_candidates)  # clients reach us through a relay (their candidates are theirs)
         self.transport: asyncio.DatagramTransport | None = None
         self.by_ufrag: dict[str, list[StunProtocol]] = {}
-        self.by_addr: dict[Address, StunProtocol] = {}
+        self.by_addr: dict[Address, StunProtocol] = {}     # authenticated client address -> its session
+        self.last_heard: dict[Address, float] = {}          # bound address -> loop time of its last datagram
+        self.sent_to: dict[Address, list[StunProtocol]] = {}  # unbound addresses sessions sent checks to
+        self.address_timeout = address_timeout
         self.drops: Counter[str] = Counter()
+        self.candidates_ignored: Counter[str] = Counter()  # remote candidates never checked, by reason
+        self.expired = 0                                    # bound addresses unbound for their silence
+        self.on_expire: list[Callable[[Address], None]] = []
         self.datagrams_in = 0
         self._v6_socket = False
+        self._sweep: asyncio.TimerHandle | None = None
 
     @classmethod
-    async def bind(cls, host: str, port: int,
-                   public: Address | Sequence[Address] | None = None) -> UdpMux:
+    async def bind(cls, host: str, port: int, public: Address | Sequence[Address] | None = None,
+                   address_timeout: float = ADDRESS_TIMEOUT) -> UdpMux:
         """Bind the socket.  ``public``: the candidate(s) clients are told (the relay's address, or
-        its IPv4 and IPv6 addresses); None = direct mode, the socket's own address is advertised."""
+        its IPv4 and IPv6 addresses); None = direct mode, the socket's own address is advertised.
+        ``address_timeout``: how long a bound client address may stay silent."""
         if public and isinstance(public[0], str):
             public = [public]  # type: ignore[list-item] - one (host, port)
         check_aioice()
@@ -206,7 +233,7 @@ class UdpMux(asyncio.DatagramProtocol):
         except OSError as exc:
             sock.close()
             raise MuxError(f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from None
-        _, mux = await loop.create_datagram_endpoint(lambda: cls(list(public or [])), sock=sock)
+        _, mux = await loop.create_datagram_endpoint(lambda: cls(list(public or []), address_timeout), sock=sock)
         mux._v6_socket = family == socket.AF_INET6
         if not mux.public_candidates:  # direct mode: advertise the socket itself (port may be ephemeral)
             mux.public_candidates = [mux.local_address]
@@ -247,6 +274,7 @@ class UdpMux(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._schedule_sweep()
 
     def register(self, ufrag: str, protocol: StunProtocol) -> None:
         """Route new addresses whose Binding Request names ``ufrag`` to ``protocol`` (one per public
@@ -265,8 +293,19 @@ class UdpMux(asyncio.DatagramProtocol):
         protocols and the addresses it talks to stay."""
         self.by_ufrag.pop(ufrag, None)
 
-    def learn(self, addr: Address, protocol: StunProtocol) -> None:
-        self.by_addr.setdefault(addr, protocol)
+    def bind_address(self, addr: Address, protocol: StunProtocol) -> None:
+        """``addr`` authenticated itself to ``protocol``'s session: its media goes there from now on
+        (replacing any earlier binding of that address)."""
+        self.by_addr[addr] = protocol
+        self.last_heard[addr] = asyncio.get_running_loop().time()
+
+    def sending(self, addr: Address, protocol: StunProtocol) -> None:
+        """``protocol`` sends to ``addr``: if that address is not bound to it, remember the send so
+        the answer to a check finds its way back (it binds nothing)."""
+        if self.by_addr.get(addr) is not protocol:
+            waiting = self.sent_to.setdefault(addr, [])
+            if protocol not in waiting:
+                waiting.append(protocol)
 
     def forget(self, protocol: StunProtocol) -> None:
         for ufrag in [u for u, ps in self.by_ufrag.items() if protocol in ps]:
@@ -275,6 +314,26 @@ class UdpMux(asyncio.DatagramProtocol):
                 del self.by_ufrag[ufrag]
         for addr in [a for a, p in self.by_addr.items() if p is protocol]:
             del self.by_addr[addr]
+            self.last_heard.pop(addr, None)
+        for addr in [a for a, ps in self.sent_to.items() if protocol in ps]:
+            self.sent_to[addr].remove(protocol)
+            if not self.sent_to[addr]:
+                del self.sent_to[addr]
+
+    def _schedule_sweep(self) -> None:
+        # four looks per timeout: an address goes at most 25 % after its time
+        self._sweep = asyncio.get_running_loop().call_later(self.address_timeout / 4, self._expire_silent)
+
+    def _expire_silent(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for addr in [a for a, at in self.last_heard.items() if now - at > self.address_timeout]:
+            del self.last_heard[addr]
+            self.by_addr.pop(addr, None)
+            self.expired += 1
+            for callback in self.on_expire:
+                callback(addr)
+        if self.transport is not None and not self.transport.is_closing():
+            self._schedule_sweep()
 
     @property
     def sessions(self) -> int:
@@ -289,30 +348,44 @@ class UdpMux(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.datagrams_in += 1
         source = self._from_socket(addr)
-        protocol = self.by_addr.get(source)
+        bound = self.by_addr.get(source)
+        if bound is not None:
+            self.last_heard[source] = asyncio.get_running_loop().time()
+        if ref_stun.classify(data) == ref_stun.STUN:
+            protocol = self._route_stun(data, source, bound)
+        elif bound is None:
+            self.drops[NOT_STUN] += 1
+            return
+        else:
+            protocol = bound
         if protocol is None:
-            protocol = self._route_new(data, source)
-            if protocol is None:
-                return
-            self.by_addr[source] = protocol
+            return
         protocol.datagram_received(data, source)
 
-    def _route_new(self, data: bytes, source: Address) -> StunProtocol | None:
-        if ref_stun.classify(data) != ref_stun.STUN:
-            self.drops[NOT_STUN] += 1
-            return None
+    def _route_stun(self, data: bytes, source: Address, bound: StunProtocol | None) -> StunProtocol | None:
+        """A Binding Request goes to the session its ufrag names (which authenticates it), a response
+        to the session whose check it answers; what neither routes goes where its address is bound."""
         try:
             ufrag = ref_stun.server_ufrag(data)
         except ref_stun.StunError:
-            self.drops[BAD_STUN] += 1
-            return None
-        if ufrag is None:
-            self.drops[NOT_BINDING] += 1
-            return None
+            if bound is None:
+                self.drops[BAD_STUN] += 1
+            return bound
+        if ufrag is None:  # not a Binding Request: a response (or an indication)
+            transaction_id = bytes(data[8:20])
+            for protocol in (bound, *self.sent_to.get(source, ())):
+                if protocol is not None and transaction_id in protocol.transactions:
+                    return protocol
+            if bound is None:
+                self.drops[NO_TRANSACTION if data[0] & 0x01 else NOT_BINDING] += 1
+            return bound
         protocols = self.by_ufrag.get(ufrag)
         if not protocols:
-            self.drops[UNKNOWN_UFRAG] += 1
-            return None
+            if bound is None:
+                self.drops[UNKNOWN_UFRAG] += 1
+            return bound  # e.g. a retired ufrag: the session it talks to answers it
+        if bound in protocols:
+            return bound
         family = _family(source[0])
         for protocol in protocols:
             if _family(protocol.local_candidate.host) == family:
@@ -324,6 +397,8 @@ class UdpMux(asyncio.DatagramProtocol):
         log.debug("mux socket error: %s", exc)
 
     def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
         if self.transport:
             self.transport.close()
 
@@ -340,6 +415,8 @@ class MuxedConnection(Connection):
         self.consent_expired = False  # closed by aioice's own consent check (RFC 7675), not by us
         self._consent_running = False
         self.paths = PathFollower(self)  # follows the client to a new path (paths.py)
+        self._candidates_generation: str | None = None  # local ufrag the count below is for
+        self._candidates_checked = 0                    # remote candidates let through in that generation
 
     def check_incoming(self, message: Any, addr: tuple[str, int], protocol: StunProtocol) -> None:  # noqa: ANN401
         """aioice's, plus RFC 8445 7.3.1.4: a check received on a pair whose own check is In-Progress
@@ -359,9 +436,36 @@ class MuxedConnection(Connection):
         await super().sendto(data, component)
 
     def check_complete(self, pair: CandidatePair) -> None:
+        if pair.state == CandidatePair.State.SUCCEEDED:  # our check, answered under the client's password
+            self.mux.bind_address(pair.remote_addr, pair.protocol)
         before = self._nominated.get(pair.component)
         super().check_complete(pair)
         self.paths.check_completed(pair, before)
+
+    def request_received(self, message: Any, addr: tuple[str, int], protocol: StunProtocol) -> None:  # noqa: ANN401
+        """aioice's, and a request it authenticates (RFC 8489 9.1.3: USERNAME and MESSAGE-INTEGRITY
+        under our password) binds its address to this session on the mux; nothing else does."""
+        attributes = message.attributes
+        authentic = (not self._closing and message.message_method == stun.Method.BINDING
+                     and "USERNAME" in attributes and "MESSAGE-INTEGRITY" in attributes
+                     and self._valid_username(attributes["USERNAME"])
+                     and message.check_message_integrity(self.local_password.encode("utf8")))
+        super().request_received(message, addr, protocol)
+        if authentic:
+            self.mux.bind_address(addr, protocol)
+
+    async def add_remote_candidate(self, remote_candidate: Candidate | None) -> None:
+        """aioice's, for the candidates candidates.py lets through: a bounded number per ICE generation,
+        and none a relay could not reach the client at."""
+        if remote_candidate is not None:
+            if self._candidates_generation != self.local_username:  # an ICE restart began a new count
+                self._candidates_generation, self._candidates_checked = self.local_username, 0
+            reason = ignored_because(remote_candidate, self._candidates_checked, self.mux.relayed)
+            if reason is not None:
+                self.mux.candidates_ignored[reason] += 1
+                return
+            self._candidates_checked += 1
+        await super().add_remote_candidate(remote_candidate)
 
     async def connect(self) -> None:
         await super().connect()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from splitrelay.transceiver.ice import new_password, restart_ice
 from splitrelay.transceiver.ice_restart import IceRestartFailed
 from splitrelay.transceiver.paths import RESTARTED
 from splitrelay.transceiver.metrics import TransceiverMetrics
+from splitrelay.transceiver import admission, limits
 from splitrelay.transceiver.mux import UdpMux
 from splitrelay.transceiver.registration import Registrar, RegistrationError, RelayRegistrars
 from splitrelay.transceiver.relays import Relay, RelayChooser, SignalingFacts, choose, ordered_candidates
@@ -63,8 +65,13 @@ class TransceiverConfig:
     handler: str = "echo"                            # registered name, options after ':' ("tone:frequency=880")
     hint_key: bytes | None = None                    # keyed (v2) routing hints, shared with the relays
     body_timeout: float = 5.0                        # a client must send its whole offer within this
-    connect_timeout: float = 30.0                    # an answered session must connect within this
+    connect_timeout: float = limits.CONNECT_TIMEOUT  # an answered session must connect within this
     max_sessions: int = 0                            # 0 = no limit; beyond it offers get 503
+    max_pending: int = limits.MAX_PENDING            # answered, not yet connected; 0 = no limit (503)
+    offer_rate: float = limits.OFFER_RATE            # offers/s per source address (IPv6: /64); 0 = no limit (429)
+    offer_burst: int = limits.OFFER_BURST            # offers a quiet source may send at once
+    offer_sources: int = limits.OFFER_SOURCES        # sources the rate limit remembers (LRU)
+    address_timeout: float = limits.ADDRESS_TIMEOUT  # a bound client address silent this long is unbound
     watch_interval: float = 1.0                      # how often the agent's boot_id is checked
     relays: list[Relay] = field(default_factory=list)  # several relays (overrides the three fields above)
     choosers: list[RelayChooser] = field(default_factory=list)  # who picks a client's preferred relay
@@ -100,6 +107,11 @@ class Transceiver:
         self.whip_port: int | None = None
         self.metrics = TransceiverMetrics()
         self._exported: dict[str, dict[str, float]] = {}  # per session: what metrics already counted
+        self._answering = 0  # offers between admission and their answer: pending too
+        self.admission = admission.Admission(
+            admission.AdmissionConfig(config.max_sessions, config.max_pending, config.offer_rate,
+                                      config.offer_burst, config.offer_sources),
+            config.connect_timeout, on_refused=lambda why: self.metrics.offers_refused.labels(why).inc())
         self.whip = WhipEndpoint(self, WhipConfig(config.whip_path, config.whip_token, MAX_OFFER,
                                                   config.body_timeout),
                                  on_rejected=lambda status: self.metrics.offers_rejected.labels(str(status)).inc())
@@ -125,7 +137,8 @@ class Transceiver:
         c = self.config
         relays = c.all_relays()
         public = [a for r in relays for a in r.candidates]
-        self.mux = await UdpMux.bind(c.bind_host, c.bind_port, public or None)
+        self.mux = await UdpMux.bind(c.bind_host, c.bind_port, public or None, c.address_timeout)
+        self.mux.on_expire.append(lambda addr: self.metrics.mux_addresses_expired.inc())
         controlled = [r for r in relays if r.control_url]
         if controlled:
             host, port = self.mux.local_address
@@ -162,12 +175,32 @@ class Transceiver:
         preferred = choose(self.config.choosers, facts or SignalingFacts(), relays)
         return ordered_candidates(relays, preferred)
 
+    def _pending_ages(self) -> list[float]:
+        """Seconds since each unconnected session's offer (0 for offers still being answered)."""
+        now = time.monotonic()
+        return [0.0] * self._answering + [now - s.timings.offer_at for s in self.sessions.values()
+                                          if not s.connected.is_set() and not s.ended.is_set()]
+
+    def admit(self, remote: str | None, new_session: bool = True) -> None:
+        """The WHIP endpoint's first question about an offer or an ICE restart (admission.py): raises
+        429 or 503.  Restarts share their source's offer rate: each one checks new candidates."""
+        self.admission.check_rate(remote)
+        if new_session:
+            self.admission.check_capacity(len(self.sessions) + self._answering, self._pending_ages())
+
     async def open_session(self, sdp: str, offer_at: float,
                            facts: SignalingFacts | None = None) -> tuple[str, str]:
         assert self.mux is not None
-        if self.config.max_sessions and len(self.sessions) >= self.config.max_sessions:
-            raise OfferRejected(503, f"this transceiver is full ({self.config.max_sessions} sessions)")
+        # again, now that the body is in: other offers may have been admitted while it arrived
+        self.admission.check_capacity(len(self.sessions) + self._answering, self._pending_ages())
+        self._answering += 1
+        try:
+            return await self._answer(sdp, offer_at, facts)
+        finally:
+            self._answering -= 1
 
+    async def _answer(self, sdp: str, offer_at: float, facts: SignalingFacts | None) -> tuple[str, str]:
+        assert self.mux is not None
         pooled = self.ufrags.take() if self.ufrags else None  # registered already: the answer waits for no agent
         registered: list[str] = []
 
@@ -344,6 +377,9 @@ class Transceiver:
             lost += stats["packets_lost"]
         self.metrics.lost.set(lost)
         self.metrics.mux_dropped.set(self.mux.dropped if self.mux else 0)
+        if self.mux:
+            self.metrics.follow(self.metrics.mux_drops, self.mux.drops)
+            self.metrics.follow(self.metrics.candidates_ignored, self.mux.candidates_ignored)
         self.metrics.ufrag_pool_ready.set(len(self.ufrags.ready) if self.ufrags else 0)
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})

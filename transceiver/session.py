@@ -26,6 +26,7 @@ from splitrelay.transceiver.audio import OutboundAudio, RtpArrivals, StageTimes,
 from splitrelay.transceiver.handlers import SAMPLE_RATE, Handler, PcmFrame
 from splitrelay.transceiver.history import StateChange, StateHistory
 from splitrelay.transceiver.ice import new_password, session_ice
+from splitrelay.transceiver import limits
 from splitrelay.transceiver.mux import MuxedConnection, UdpMux
 from splitrelay.errors import SplitrelayError
 
@@ -240,7 +241,7 @@ async def answer_offer(
     on_end: Callable[[Session], None] | None = None,
     hint_key: bytes | None = None,
     offer_at: float | None = None,
-    connect_timeout: float | None = 30.0,
+    connect_timeout: float | None = limits.CONNECT_TIMEOUT,
     candidates: list[tuple[tuple[str, int], int]] | None = None,
     ufrag: str | None = None,
 ) -> tuple[Session, str]:

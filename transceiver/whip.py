@@ -19,7 +19,9 @@
 A bad offer is refused with a 4xx and a one-line reason before anything is
 created: wrong content type (415), too large (413), too slow to arrive (408),
 not SDP, no audio m-line, no ICE credentials, no DTLS fingerprint, not BUNDLEd, or rejected by aiortc
-(400).  What to do with a good offer is the ``SessionHost``'s business.
+(400).  An offer past the host's limits (``SessionHost.admit``: per-source rate, live and unconnected
+sessions) gets 429 or 503 with ``Retry-After`` before its body is read; a PATCH past its source's
+rate, 429.  What to do with a good offer is the ``SessionHost``'s business.
 """
 
 from __future__ import annotations
@@ -52,12 +54,14 @@ _FINGERPRINT = re.compile(r"^a=fingerprint:\S+ \S+", re.M)
 
 
 class OfferRejected(SplitrelayError):
-    """A request the endpoint refuses: an HTTP status and a one-line reason."""
+    """A request the endpoint refuses: an HTTP status, a one-line reason and, for 429/503, the whole
+    seconds after which a retry may succeed (``Retry-After``)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, retry_after: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = " ".join(reason.split())
+        self.retry_after = retry_after
 
 
 def check_offer(sdp: str) -> None:
@@ -77,6 +81,11 @@ class SessionHost(Protocol):
     """What the endpoint drives (the Transceiver)."""
 
     draining: bool
+
+    def admit(self, remote: str | None, new_session: bool = True) -> None:
+        """Refuse an offer (or, not ``new_session``, an ICE restart) from ``remote`` (the peer address)
+        before its body is read, with OfferRejected 429 or 503 and Retry-After, when its source or
+        (for an offer) the host is at a limit."""
 
     async def open_session(self, sdp: str, offer_at: float, facts: SignalingFacts) -> tuple[str, str]:
         """Create a session; returns (session id, SDP answer); raises OfferRejected.  ``facts``: the
@@ -136,6 +145,8 @@ class WhipEndpoint:
                 response = web.Response(status=exc.status, text=exc.reason + "\n", headers=CORS)
                 if exc.status == 401:
                     response.headers["WWW-Authenticate"] = "Bearer"
+                if exc.retry_after is not None:
+                    response.headers["Retry-After"] = str(exc.retry_after)
                 if exc.status == 408:
                     response.force_close()  # the rest of its body is not worth waiting for
                 return response
@@ -152,6 +163,7 @@ class WhipEndpoint:
 
     async def patch(self, request: web.Request) -> web.Response:
         """ICE restart (RFC 9725 4.3.2); the checks run in the order a client can fix them."""
+        self.host.admit(request.remote, new_session=False)  # a restart checks new candidates: same rate
         if request.content_type != SDPFRAG:
             raise OfferRejected(415, f"a PATCH must be Content-Type: {SDPFRAG}")
         if_match = request.headers.get("If-Match")
@@ -196,6 +208,7 @@ class WhipEndpoint:
         offer_at = time.monotonic()
         if self.host.draining:
             raise OfferRejected(503, "this transceiver is draining; try another")
+        self.host.admit(request.remote)  # rate and capacity, before the body costs anything
         sdp = await self._read_offer(request)
         check_offer(sdp)
         facts = SignalingFacts(remote=request.remote, headers=dict(request.headers))

@@ -32,8 +32,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from splitrelay.errors import SplitrelayError
+from splitrelay.transceiver.admission import Admission, Refused
 from splitrelay.transceiver.relays import SignalingFacts
-from splitrelay.transceiver.whip import MAX_OFFER
+from splitrelay.transceiver.whip import CORS, MAX_OFFER
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ class SupervisorMetrics:
         self.sessions_lost = Counter("splitrelay_transceiver_worker_sessions_lost",
                                      "Live sessions a dying worker took with it (as last polled)", ["worker"],
                                      registry=r)
+        self.refused = Counter("splitrelay_transceiver_front_offers_refused", "Offers and ICE restarts the "
+                               "supervisor refused for their source's rate (workers count the rest)", ["reason"],
+                               registry=r)
         self.up = Gauge("splitrelay_transceiver_worker_up", "1 while the worker process runs and serves WHIP",
                         ["worker", "backend"], registry=r)
 
@@ -119,12 +123,14 @@ class Supervisor:
     def __init__(self, argvs: list[list[str]], backend_ids: list[int], whip_host: str, whip_port: int,
                  drain_timeout: float = 0.0, env: dict[str, str] | None = None,
                  echo: Callable[[str], None] | None = None,
-                 prefer: Callable[[SignalingFacts], str | None] | None = None) -> None:
+                 prefer: Callable[[SignalingFacts], str | None] | None = None,
+                 admission: Admission | None = None) -> None:
         self.workers = [Worker(i, b, argv) for i, (argv, b) in enumerate(zip(argvs, backend_ids, strict=True))]
         self.whip_host, self.whip_port = whip_host, whip_port
         self.drain_timeout = drain_timeout
         self.env = env
         self.prefer = prefer      # --prefer/--prefer-header, applied here where the client's address is known
+        self.admission = admission  # the offer rate per source, for the same reason (workers run without)
         self.echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
         self.metrics = SupervisorMetrics()
         for w in self.workers:  # present (0) from the first scrape, so a rate() sees the first restart
@@ -285,6 +291,8 @@ class Supervisor:
         ``<worker>.<id>`` so that the session's later requests find their way back to it."""
         if request.method == "POST" and self.draining:
             return web.Response(status=503, text="this transceiver is draining; try another\n")
+        if request.method == "POST" and (refused := self._over_rate(request)):
+            return refused
         w = self._choose()
         if w is None:
             return web.Response(status=503, text="no worker is ready; try again\n")
@@ -303,7 +311,21 @@ class Supervisor:
         w = self.workers[int(worker)] if worker.isdigit() and int(worker) < len(self.workers) else None
         if w is None or not session_id or not w.ready.is_set():
             return web.Response(status=404, text="no such session\n")
+        if request.method == "PATCH" and (refused := self._over_rate(request)):
+            return refused
         return await self._forward(request, w, f"/whip/sessions/{session_id}")
+
+    def _over_rate(self, request: web.Request) -> web.Response | None:
+        """429 when the client's source is past its offer rate (admission.py), else None."""
+        if self.admission is None:
+            return None
+        try:
+            self.admission.check_rate(request.remote)
+        except Refused as exc:
+            self.metrics.refused.labels(exc.why).inc()
+            return web.Response(status=exc.status, text=exc.reason + "\n",
+                                headers={**CORS, "Retry-After": str(exc.retry_after)})
+        return None
 
     async def _forward(self, request: web.Request, w: Worker, path: str) -> web.Response:
         try:
