@@ -114,16 +114,16 @@ def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
 @click.option("--ufrag-pool", default=4, show_default=True, type=click.IntRange(0, 256), metavar="N",
               help="Keep N session ufrags registered with the relays ahead of offers, so an answer waits "
                    "for no agent; 0 registers each session before its answer leaves.")
-@click.option("--processes", type=click.IntRange(1, 1024), metavar="N",
+@click.option("--processes", type=click.IntRange(0, 1024), default=0, metavar="N",
               help="Serve with N processes, one per core, each its own backend (ids ID..ID+N-1, UDP ports "
-                   "PORT..PORT+N-1) behind one WHIP URL; default: the cores this process may use. "
+                   "PORT..PORT+N-1) behind one WHIP URL; 0 (default): the cores this process may use. "
                    "1 runs one process, no supervisor.")
 @admission_options
 def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], relay_controls: tuple[str, ...],
                       prefer: tuple[str, ...], prefer_header: str | None, whip_listen: str, handler: str,
                       token: str | None, whip_token: str | None,
                       backend_ip: str | None, ip6: str | None, drain_timeout: float,
-                      hint_key_file: str | None, ufrag_pool: int, processes: int | None, **limits: float) -> None:
+                      hint_key_file: str | None, ufrag_pool: int, processes: int, **limits: float) -> None:
     """Serve WHIP and every session on one UDP port, registering sessions with the relay.
 
     \b
