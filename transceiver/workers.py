@@ -101,6 +101,12 @@ class SupervisorMetrics:
                         ["worker", "backend"], registry=r)
 
 
+def refusal(status: int, reason: str, retry_after: int | None = None) -> web.Response:
+    """The front's own refusal, shaped as a worker's (whip.py): one line, CORS, Retry-After for 429/503."""
+    headers = {**CORS, **({"Retry-After": str(retry_after)} if retry_after else {})}
+    return web.Response(status=status, text=reason + "\n", headers=headers)
+
+
 def merge_scrapes(texts: dict[str, str]) -> list[Metric]:
     """Every worker's Prometheus text as one set of families, each sample labelled ``worker``."""
     families: dict[str, Metric] = {}
@@ -290,12 +296,12 @@ class Supervisor:
         """An offer goes to the worker with the fewest live sessions; its answer names the session
         ``<worker>.<id>`` so that the session's later requests find their way back to it."""
         if request.method == "POST" and self.draining:
-            return web.Response(status=503, text="this transceiver is draining; try another\n")
+            return refusal(503, "this transceiver is draining; try another", retry_after=5)
         if request.method == "POST" and (refused := self._over_rate(request)):
             return refused
         w = self._choose()
         if w is None:
-            return web.Response(status=503, text="no worker is ready; try again\n")
+            return refusal(503, "no worker is ready; try again", retry_after=1)
         if request.method != "POST":
             return await self._forward(request, w, "/whip")
         w.offering += 1
@@ -310,7 +316,7 @@ class Supervisor:
         worker, _, session_id = request.match_info["id"].partition(".")
         w = self.workers[int(worker)] if worker.isdigit() and int(worker) < len(self.workers) else None
         if w is None or not session_id or not w.ready.is_set():
-            return web.Response(status=404, text="no such session\n")
+            return refusal(404, "no such session")
         if request.method == "PATCH" and (refused := self._over_rate(request)):
             return refused
         return await self._forward(request, w, f"/whip/sessions/{session_id}")
@@ -323,15 +329,14 @@ class Supervisor:
             self.admission.check_rate(request.remote)
         except Refused as exc:
             self.metrics.refused.labels(exc.why).inc()
-            return web.Response(status=exc.status, text=exc.reason + "\n",
-                                headers={**CORS, "Retry-After": str(exc.retry_after)})
+            return refusal(exc.status, exc.reason, exc.retry_after)
         return None
 
     async def _forward(self, request: web.Request, w: Worker, path: str) -> web.Response:
         try:
             body = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
         except TimeoutError:
-            return web.Response(status=408, text=f"the request did not arrive within {BODY_TIMEOUT:g} s\n")
+            return refusal(408, f"the request did not arrive within {BODY_TIMEOUT:g} s")
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in HOP_HEADERS and k.lower() != PREFERRED.lower()}   # a client's is forged
         if self.prefer and request.method == "POST" and path == "/whip":
@@ -344,7 +349,7 @@ class Supervisor:
                 answer = await resp.read()
                 out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
         except (aiohttp.ClientError, TimeoutError):
-            return web.Response(status=503, text=f"worker {w.index} did not answer; try again\n")
+            return refusal(503, f"worker {w.index} did not answer; try again", retry_after=1)
         if "Location" in out:
             out["Location"] = out["Location"].replace("/whip/sessions/", f"/whip/sessions/{w.index}.", 1)
         return web.Response(status=resp.status, body=answer, headers=out)
