@@ -92,7 +92,8 @@ class SupervisorMetrics:
         self.restarts = Counter("splitrelay_transceiver_worker_restarts", "Worker processes restarted after "
                                 "they died", ["worker"], registry=r)
         self.sessions_lost = Counter("splitrelay_transceiver_worker_sessions_lost",
-                                     "Live sessions a dying worker took with it (as last polled)", ["worker"],
+                                     "Live sessions a dying worker took with it (as last polled, and those "
+                                     "answered since)", ["worker"],
                                      registry=r)
         self.refused = Counter("splitrelay_transceiver_front_offers_refused", "Offers and ICE restarts the "
                                "supervisor refused for their source's rate (workers count the rest)", ["reason"],
@@ -215,7 +216,7 @@ class Supervisor:
             w.ready.clear()
             if self.stopping:
                 return
-            lost = w.sessions
+            lost = w.sessions + w.placed   # as last polled, and those answered since
             self.metrics.restarts.labels(str(w.index)).inc()
             self.metrics.sessions_lost.labels(str(w.index)).inc(lost)
             self.echo(f"worker {w.index} (pid {w.proc.pid}, backend {w.backend_id}) exited with {code}, "
@@ -227,17 +228,19 @@ class Supervisor:
     async def _poll(self) -> None:
         """Each worker's live session count: where the next offer goes, and what a death costs."""
         while True:
-            for w in self.workers:
-                if w.ready.is_set() and w.base_url:
-                    seen = w.placed   # answered before this request left: counted in its answer
-                    try:
-                        async with self._http.get(w.base_url + "/healthz",
-                                                  timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                            w.sessions = int((await resp.json())["sessions"])
-                            w.placed -= seen
-                    except Exception as exc:  # noqa: BLE001 - a dying worker; the loop must go on
-                        log.info("worker %d: no session count (%s)", w.index, exc)
+            await asyncio.gather(*(self._count(w) for w in self.workers))
             await asyncio.sleep(POLL_INTERVAL)
+
+    async def _count(self, w: Worker) -> None:
+        if not (w.ready.is_set() and w.base_url):
+            return
+        seen = w.placed   # answered before this request left: counted in its answer
+        try:
+            async with self._http.get(w.base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                w.sessions = int((await resp.json())["sessions"])
+                w.placed -= seen
+        except Exception as exc:  # noqa: BLE001 - a busy or dying worker; the count stays as it was
+            log.info("worker %d: no session count (%s)", w.index, exc)
 
     def begin_stop(self) -> None:
         """From now on refuse offers and restart no worker (a worker may see the same signal first)."""
