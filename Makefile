@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.setup-stamp
 
 .PHONY: setup test demo bench bench-smoke bench-audio bench-failover lint fuzz clean vm-deps vm-box vm-test vm-matrix vm-check
 
-$(STAMP): scripts/setup.sh pyproject.toml
+$(STAMP): scripts/setup.sh pyproject.toml client/node/package-lock.json
 	bash scripts/setup.sh
 	touch $@
 

@@ -53,7 +53,7 @@ async def measure(duration: float) -> dict[str, Any]:
     try:
         for client in ("stock", "low_latency"):
             report = await _probe(service.whip_url, duration, client == "low_latency")
-            record = service.find(report["location"].rsplit("/", 1)[1]) or {}
+            record = service.find(report["session_id"]) or {}
             results[client] = {"server": record.get("audio", {}), "client": {
                 "mouth_to_ear_ms_p50": _median(report["audio_rtt_ms"]),
                 "echo_arrival_ms_p50": _median(report["echo_arrival_ms"]),
@@ -70,9 +70,8 @@ def call_through_lossy_lab(duration: float, impairment: Any, name: str | None = 
     the probe receiving through the voice path (``--low-latency --carrier``): the probe's report and the
     transceiver's record of the call (``audio``: concealed frames, receive delay, stages)."""
     import subprocess
-    import urllib.request
 
-    from splitrelay.lab.stack import probe_result, start_lab, stop_lab
+    from splitrelay.lab.stack import admin_get, probe_result, start_lab, stop_lab, whip_token
     from splitrelay.lab.topology import Lab
 
     info = start_lab(transceivers=1, name=name, handler="echo", impair=impairment)
@@ -80,23 +79,19 @@ def call_through_lossy_lab(duration: float, impairment: Any, name: str | None = 
         lab = Lab.load(info["name"])
         url = info["whip_urls"][0]
         proc = lab.popen(lab.client.netns, [sys.executable, "-m", "splitrelay.client.probe", url, "--duration",
-                                            str(duration), "--carrier", "--low-latency"],
+                                            str(duration), "--carrier", "--low-latency",
+                                            "--token", whip_token(lab)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         [report] = probe_result(proc, duration + 90)
-        sessions_url = url.rsplit("/", 1)[0] + "/sessions?ended=1"
-
-        def records() -> list[dict[str, Any]]:
-            with urllib.request.urlopen(sessions_url, timeout=10) as resp:  # noqa: S310 - the lab's own URL
-                return json.loads(resp.read())
+        admin = info["transceivers"][0]["admin_url"]
 
         def concealed_metric() -> float | None:
-            with urllib.request.urlopen(url.rsplit("/", 1)[0] + "/metrics", timeout=10) as resp:  # noqa: S310
-                lines = resp.read().decode().splitlines()
+            lines = admin_get(lab, admin, "/metrics").decode().splitlines()
             return next((float(line.split()[1]) for line in lines
                          if line.startswith("splitrelay_transceiver_audio_frames_concealed_total ")), None)
 
-        session_id = (report.get("location") or "").rsplit("/", 1)[-1]
-        record = next((r for r in lab.in_netns(lab.client.netns, records) if r["id"] == session_id), {})
+        records = json.loads(admin_get(lab, admin, "/sessions?ended=1"))
+        record = next((r for r in records if r["id"] == report.get("session_id")), {})
         return {"report": report, "server": record.get("audio", {}),
                 "concealed_metric": lab.in_netns(lab.client.netns, concealed_metric)}
     finally:

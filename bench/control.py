@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from splitrelay.edge.control_client import AsyncControlClient
+from splitrelay.lab.stack import control_token
 from splitrelay.lab.topology import Lab
 from splitrelay.lab.netns import in_netns
 
@@ -21,9 +22,10 @@ def ufrags(prefix: str, count: int) -> list[str]:
     return [f"{prefix}{i:07d}" for i in range(count)]
 
 
-async def _register(url: str, names: list[str], backend_id: int, concurrency: int, delete: bool) -> float:
+async def _register(url: str, token: str, names: list[str], backend_id: int, concurrency: int,
+                    delete: bool) -> float:
     queue = list(reversed(names))
-    async with AsyncControlClient(url, timeout=10.0) as client:
+    async with AsyncControlClient(url, token, timeout=10.0) as client:
         async def worker() -> None:
             while queue:
                 ufrag = queue.pop()
@@ -40,12 +42,13 @@ async def _register(url: str, names: list[str], backend_id: int, concurrency: in
 def register(lab: Lab, url: str, names: list[str], backend_id: int = 1, concurrency: int = 8) -> float:
     """PUT each session (``concurrency`` requests in flight); returns the seconds it took."""
     return in_netns(lab.relay_public.netns,
-                    lambda: asyncio.run(_register(url, names, backend_id, concurrency, delete=False)))
+                    lambda: asyncio.run(_register(url, control_token(lab), names, backend_id, concurrency,
+                                                  delete=False)))
 
 
 def unregister(lab: Lab, url: str, names: list[str], concurrency: int = 8) -> float:
     return in_netns(lab.relay_public.netns,
-                    lambda: asyncio.run(_register(url, names, 0, concurrency, delete=True)))
+                    lambda: asyncio.run(_register(url, control_token(lab), names, 0, concurrency, delete=True)))
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,9 @@ def _fault(lab, scenario: str, at: list[float]):  # noqa: ANN001, ANN202
 def chromium_run(lab, browser, whip_url: str, scenario: str, phase: random.Random) -> Run:  # noqa: ANN001
     from splitrelay.lab.floating import heal
 
-    call = browser.call(whip_url)
+    from splitrelay.lab.stack import whip_token
+
+    call = browser.call(whip_url, token=whip_token(lab))
     run = Run(scenario, "chromium", None, None, None, None, dropped=False)
     try:
         before = call.wait_audio(seconds=1.0 + phase.uniform(0, PHASE_S))
@@ -142,7 +144,9 @@ async def _aiortc(lab, whip_url: str, scenario: str, run: Run, phase: random.Ran
     from splitrelay.client.ice_failover import nominate_like_a_browser, switch_to
     from splitrelay.client.ice_restart import ice_connection
 
-    caller = EchoCall(whip_url, family=4)
+    from splitrelay.lab.stack import whip_token
+
+    caller = EchoCall(whip_url, family=4, token=whip_token(lab))
     status = None
     async with aiohttp.ClientSession() as http:
         await caller.call(http)
@@ -310,14 +314,9 @@ def main() -> None:  # pragma: no cover - a thin command line
                        translate=args.translate)
         seed, seconds = args.seed, round(time.monotonic() - started, 1)
     rows = summarize(runs)
-    if args.json:
-        print(json.dumps({"runs": [asdict(r) for r in runs], "summary": rows, "seed": seed, "seconds": seconds},
-                         indent=2))
-    elif args.section:
-        report_file.print_or_write_section(parser, args, "bench.failover",
-                                           section(rows, max(r["runs"] for r in rows), seed))
-    else:
-        print(markdown(rows))
+    saved = {"runs": [asdict(r) for r in runs], "summary": rows, "seed": seed, "seconds": seconds}
+    report_file.print_report(parser, args, "bench.failover", saved,
+                             lambda: section(rows, max(r["runs"] for r in rows), seed), markdown(rows))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,8 +12,10 @@ between the two markers, a level down under that screen's title.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from splitrelay.errors import SplitrelayError
@@ -119,3 +121,15 @@ def print_or_write_section(parser: argparse.ArgumentParser, args: argparse.Names
         print(text)   # the run's figures are not lost
         parser.exit(1, f"{parser.prog}: error: {exc} (the section is printed above)\n")
     print(f"{parser.prog}: wrote its section in {args.into}", file=sys.stderr)
+
+
+def print_report(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str, as_json: dict,
+                 section: Callable[[], str], table: str) -> None:
+    """What a bench module's command line prints: ``as_json`` with --json, its section with --section
+    (into --into's file when given), else the table."""
+    if args.json:
+        print(json.dumps(as_json, indent=2))
+    elif args.section:
+        print_or_write_section(parser, args, name, section())
+    else:
+        print(table)

@@ -31,7 +31,7 @@ from splitrelay.lab import stack
 from splitrelay.lab.topology import Lab
 
 DIRECT_BACKEND_PORT = 5001
-DIRECT_WHIP_PORT = 8081
+DIRECT_WHIP_PORT = 8083   # 8080 and 8081 are the lab transceiver's WHIP and admin listeners (lab/stack.py)
 
 SETUP_METRICS = ("offer_to_answer_ms", "ice_connected_ms", "dtls_connected_ms")
 

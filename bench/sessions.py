@@ -68,13 +68,15 @@ def log_tail(path: Path, lines: int = 3) -> str:
 def start_transceiver(lab: Lab, t: Transceiver, tag: str, backend_id: int, backend_port: int,
                        whip_port: int, relay: bool, cpu: int | None = None) -> tuple[subprocess.Popen, Path]:
     """A ``splitrelay transceiver serve`` (echo) in ``t``'s namespace, as the lab stack starts the lab's
-    (same flags), in relay mode (registered with the lab's agent) or direct mode; pinned to ``cpu``."""
+    (same flags, the lab's credentials; its admin listener on loopback), in relay mode (registered with
+    the lab's agent) or direct mode; pinned to ``cpu``."""
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
             "--processes", "1", "--backend-id", str(backend_id), "--bind", f"{t.ip4}:{backend_port}",
-            "--whip-listen", f"{t.signal_ip4}:{whip_port}", "--handler", "echo"]
+            "--whip-listen", f"{t.signal_ip4}:{whip_port}", "--admin-listen", "127.0.0.1:0",
+            *stack.auth_args(lab), "--handler", "echo"]
     if relay:
         argv += ["--relay", f"{lab.relay_public.ip4}:{lab.relay_port}",
-                 "--relay-control", stack.control_url(lab)]
+                 "--relay-control", stack.control_url(lab), "--token", stack.control_token(lab, backend_id)]
     if cpu is not None:
         argv = ["taskset", "-c", str(cpu), *argv]
     path = stack.log_file(lab, f"bench-{tag}")
@@ -116,7 +118,7 @@ class Probe:
         self.lab = lab
         self.out = tempfile.TemporaryFile(mode="w+")
         self.err = tempfile.TemporaryFile(mode="w+")
-        argv = [sys.executable, "-m", "splitrelay.client.probe", *args]
+        argv = [sys.executable, "-m", "splitrelay.client.probe", *args, "--token", stack.whip_token(lab)]
         if cpus:
             argv = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *argv]
         self.proc = lab.popen(lab.client.netns, argv, stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL)

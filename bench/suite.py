@@ -93,7 +93,9 @@ class PathFigures:
 
 
 def _agent(lab: Lab, datapath: str) -> subprocess.Popen:
-    args = ["--idle-timeout", "600"]  # flows of a benchmark must not age out between its parts
+    # flows of a benchmark must not age out between its parts, nor its registered sessions (no transceiver
+    # refreshes their backend)
+    args = ["--idle-timeout", "600", "--session-idle", "7200"]
     return stack.start_agent(lab, "strict", args, datapath=datapath)
 
 

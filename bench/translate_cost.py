@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import statistics
-import struct
 import uuid
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from splitrelay.bpf.testrun import XDP_TX, run_xdp
 from splitrelay.edge.datapath import Backend, Datapath, RelayConfig
 from splitrelay.wire import stun
 from splitrelay.wire.byteorder import mac_bytes
+from splitrelay.wire.udp import ipv4_udp
 
 PUBLIC_IP, INTERNAL_IP, CLIENT_IP, BACKEND_IP = "198.18.0.1", "198.18.1.1", "198.18.0.2", "198.18.1.11"
 RELAY_PORT, BACKEND_PORT, CLIENT_PORT = 3478, 5000, 40000
@@ -40,25 +40,9 @@ RTP = bytes([0x80, 0x6F]) + bytes(158)   # a 20 ms Opus frame's size, about
 LO = 1
 
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def frame(src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> bytes:
     """An Ethernet/IPv4/UDP frame with valid checksums."""
-    s, d = ipaddress.IPv4Address(src[0]).packed, ipaddress.IPv4Address(dst[0]).packed
-    udp_len = 8 + len(payload)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 1, 0x4000, 64, 17, 0, s, d)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
-    udp = struct.pack("!HHHH", src[1], dst[1], udp_len, 0) + payload
-    check = _csum(s + d + struct.pack("!BBH", 0, 17, udp_len) + udp) or 0xFFFF
-    udp = udp[:6] + struct.pack("!H", check) + udp[8:]
-    return mac_bytes(MAC) * 2 + b"\x08\x00" + ip + udp
+    return mac_bytes(MAC) * 2 + b"\x08\x00" + ipv4_udp(src, dst, payload)
 
 
 def memlock(map_fd: int) -> int:

@@ -8,7 +8,12 @@ BENCHMARKS.md and can save the raw reports.  Configurations:
   rules, espeak-ng), the 23-phrase command set plus barge-ins;
 * ``piper``: the same with piper's natural voice (first audio is later);
 * ``dictation``: whisper tiny.en with the echo reply, 6 open sentences;
-* ``barge``: the default agent, 12 barge-ins, each split into its steps (``barge_in_table``).
+* ``barge``: the default agent, 12 barge-ins, each split into its steps (``barge_in_table``);
+* ``smart``: ``commands`` with the semantic end of turn (``turn=smart``), beside it in the same lab.
+
+``--turns`` adds the turn-taking set on piper speech (``splitrelay.bench.turns``, no lab): false endpoints
+and voice-to-voice at the agent for the fixed window and the smart turn, and backchannels/interruptions
+spoken over the agent's answer.
 """
 
 from __future__ import annotations
@@ -28,12 +33,16 @@ CONFIGS = {  # name -> (handler spec, call arguments)
                                   "--say", "what is the date", "--say", "how are you", "--barge-ins", "3"]),
     "dictation": ("voice:stt=whisper,reply=echo", ["--set", "dictation", "--barge-ins", "0"]),
     "barge": ("voice", ["--barge-ins", "12"]),  # barge-ins only (one turn first), for their breakdown
+    "smart": ("voice:turn=smart", ["--set", "commands", "--barge-ins", "10"]),
 }
 
 
 def call_in_lab(lab: Lab, whip_url: str, args: list[str], timeout: float = 600.0) -> dict:
-    """Run `splitrelay call --json` in the lab's client namespace; its report."""
-    argv = [sys.executable, "-m", "splitrelay.cli.main", "call", whip_url, "--json", *args]
+    """Run `splitrelay call --json` in the lab's client namespace, with a token of the lab's; its report."""
+    from splitrelay.lab.stack import whip_token
+
+    argv = [sys.executable, "-m", "splitrelay.cli.main", "call", whip_url, "--json", "--token", whip_token(lab),
+            *args]
     proc = lab.popen(lab.client.netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -70,8 +79,8 @@ def measure(configs: list[str], name: str | None = None, low_latency: bool = Fal
         extra = ["--low-latency"] if low_latency else []
         reports = {c: call_in_lab(lab, url, CONFIGS[c][1] + extra)
                    for c, url in zip(configs, info["whip_urls"], strict=True)}
-        for c, url in zip(configs, info["whip_urls"], strict=True):
-            reports[c]["server"] = lab.in_netns(lab.client.netns, lambda u=url: _sessions(u))
+        for c, t in zip(configs, info["transceivers"], strict=True):
+            reports[c]["server"] = _sessions(lab, t["admin_url"])
         return reports
     finally:
         stop_lab(lab.name)
@@ -132,7 +141,7 @@ def browser_buffer(name: str | None = None, listen: float = 50.0, seconds: int =
             out.writeframes(bytes(2 * 48000 * 2) + ask + bytes(2 * 48000 * 12))  # 2 s, the question, 12 s
         try:
             with Browser(nsenter_argv(lab.client.netns, []), capture_wav=wav) as browser:
-                call = browser.call(info["whip_urls"][0])
+                call = browser.call(info["whip_urls"][0], token=info["whip_token"])
                 deadline = time.monotonic() + listen
                 while time.monotonic() < deadline:
                     samples = call.samples()
@@ -151,12 +160,11 @@ def browser_buffer(name: str | None = None, listen: float = 50.0, seconds: int =
             for n, start in enumerate(answers[:2]) if (stats := _neteq_per_second(samples, start, seconds))}
 
 
-def _sessions(whip_url: str) -> list[dict]:
+def _sessions(lab: Lab, admin_url: str) -> list[dict]:
     """The transceiver's records of its calls (``audio``: the send path's stages, frames cleared)."""
-    import urllib.request
+    from splitrelay.lab.stack import admin_get
 
-    with urllib.request.urlopen(whip_url.rsplit("/", 1)[0] + "/sessions?ended=1", timeout=10) as resp:  # noqa: S310
-        return [r.get("audio", {}) for r in json.loads(resp.read())]
+    return [r.get("audio", {}) for r in json.loads(admin_get(lab, admin_url, "/sessions?ended=1"))]
 
 
 def markdown(reports: dict[str, dict]) -> str:
@@ -206,6 +214,8 @@ def main() -> None:  # pragma: no cover - needs root and a lab
     parser.add_argument("--name", help="lab name")
     parser.add_argument("--results", help="save the raw call reports here (JSON)")
     parser.add_argument("--low-latency", action="store_true", help="the caller uses the low-latency receive path")
+    parser.add_argument("--turns", action="store_true",
+                        help="also the turn-taking set (piper speech, in process): fixed window vs smart turn")
     parser.add_argument("--browser-buffer", action="store_true",
                         help="only measure Chromium's receive buffer (NetEQ) while the agent talks")
     args = parser.parse_args()
@@ -216,9 +226,18 @@ def main() -> None:  # pragma: no cover - needs root and a lab
     if unknown:
         parser.error(f"unknown configuration {', '.join(sorted(unknown))}; choose from {', '.join(CONFIGS)}")
     reports = measure(args.configs or list(CONFIGS), args.name, args.low_latency)
+    if args.turns:
+        import asyncio
+
+        from splitrelay.bench import turns
+
+        specs = ["voice:turn=fixed", "voice:turn=smart"]
+        reports["turns"] = asyncio.run(turns.measure(specs))
+        reports["backchannels"] = asyncio.run(turns.measure_barge(["voice", "voice:backchannel=on"]))
     if args.results:
         with open(args.results, "w") as f:
             json.dump(reports, f, indent=1)
+    taking, backchannels = reports.pop("turns", None), reports.pop("backchannels", None)
     print(markdown(reports))
     print()
     print(barge_in_table(reports))
@@ -232,6 +251,11 @@ def main() -> None:  # pragma: no cover - needs root and a lab
             if flush:
                 print(f"{config}: flush -> the next frame encoded for the wire {flush['p50']:.2f} / "
                       f"{flush['p99']:.2f} ms (p50 / p99), n = {flush['n']}")
+    if taking is not None:
+        print()
+        print(turns.markdown(taking))
+        print()
+        print(turns.barge_markdown(backchannels))
     for config, r in reports.items():
         for t in r["turns"]:
             if not t["correct"]:

@@ -25,6 +25,7 @@
 #define STUN_HDR_LEN        20
 #define STUN_MAGIC_COOKIE   0x2112A442
 #define STUN_BINDING_REQ    0x0001
+#define STUN_BINDING_OK     0x0101
 #define STUN_ATTR_USERNAME  0x0006
 
 /* RFC 7983 demultiplexing by the first payload byte */

@@ -35,6 +35,7 @@ MAX_BACKENDS: int = _D["MAX_BACKENDS"]
 MAX_SESSIONS: int = _D["MAX_SESSIONS"]
 MAX_FLOWS: int = _D["MAX_FLOWS"]           # the default; the agent may compile a smaller table
 DEFAULT_SESSION_FLOWS: int = _D["DEFAULT_SESSION_FLOWS"]
+PENDING_FLOWS: int = _D["PENDING_FLOWS"]         # pending flows one ufrag may hold (a ring: oldest replaced)
 MAX_TX_PORTS: int = _D["MAX_TX_PORTS"]
 PORT_SLOTS: int = _D["PORT_SLOTS"]               # translation: reverse slots per address set, one per port
 MAX_XLATE_ADDRS: int = _D["MAX_XLATE_ADDRS"]     # translation: internal addresses per family, at most

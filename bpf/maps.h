@@ -43,6 +43,12 @@ BPF_TABLE_PINNED("hash", struct sr_ufrag_key, struct sr_session, sessions, SR_MA
 /* A plain hash, not LRU: when it is full, new flows are refused and counted and no live call
  * is ever evicted to make room for a flood. */
 BPF_TABLE_PINNED("hash", struct sr_addr_key, struct sr_flow, flows, SR_MAX_FLOWS, SR_PIN_DIR "/flows");
+/* Each ufrag's ring of its last pending flows (LRU: forged hint ufrags push out only each other's
+ * rings and the hint ufrags' confirmed counts; a session's allowance is counted in its entry). */
+BPF_TABLE_PINNED("lru_hash", struct sr_ufrag_key, struct sr_pending, pending, SR_MAX_PENDING_UFRAGS,
+		 SR_PIN_DIR "/pending");
+/* The relay's own addresses (port 0) that backends may send to: passed to the kernel, never forwarded. */
+BPF_TABLE_PINNED("hash", struct sr_addr_key, __u32, local_addrs, SR_MAX_LOCAL_ADDRS, SR_PIN_DIR "/local_addrs");
 /* Translation: the free ports (each in the queue xor held by one flow; the agent fills it and
  * returns a port only after a quarantine, edge/ports.py), and the reply side's reverse slots. */
 /* Both sized for the configured address sets (SR_XLATE_ADDRS): 24 B of slot and 4 B of queue per pair. */

@@ -71,6 +71,7 @@ enum parse_l3 {
 	L3_SHORT = -1,      /* truncated or lying header */
 	L3_FRAGMENT = -2,   /* IPv4 fragment: no (or no trustworthy) UDP header */
 	L3_NOT_UDP = -3,
+	L3_EXT_HEADER = -4, /* IPv6 with an extension header first: not parsed, passed */
 };
 
 /* IPv4 with options; fragments are reported so the caller can count them. */
@@ -113,9 +114,14 @@ static __always_inline int parse_ipv6(struct cursor *c, struct ipv6hdr **ip6h)
 	if (ip6->version != 6)
 		return L3_SHORT;
 	*ip6h = ip6;
-	if (ip6->nexthdr != IPPROTO_UDP)
+	switch (ip6->nexthdr) {
+	case IPPROTO_UDP:
+		return L3_OK;
+	case 0: case 43: case 44: case 50: case 51: case 60: case 135: case 139: case 140:
+		return L3_EXT_HEADER;   /* hop-by-hop, routing, fragment, ESP, AH, destination, mobility, HIP, shim6 */
+	default:
 		return L3_NOT_UDP;
-	return L3_OK;
+	}
 }
 
 /*
@@ -145,7 +151,9 @@ static __always_inline int parse_udp(struct cursor *c, struct udphdr **udph, __u
  * of a first IPv4 fragment or of a UDP length that lies, for the caller to apply
  * only to what is addressed to the relay port.  XDP_PASS, counted as pass_stat,
  * for what the relay cannot judge: not IP/UDP, a later IPv4 fragment (no port:
- * the kernel reassembles or drops it), IPv6 with extension headers.
+ * the kernel reassembles or drops it), IPv6 with extension headers.  On the public side
+ * (pass_stat IN_PASS_OTHER) the last two have counters of their own, so a flood of them
+ * is told apart from traffic for other ports.
  */
 static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p, __u32 pass_stat)
 {
@@ -160,10 +168,13 @@ static __always_inline int parse_packet(struct xdp_md *ctx, struct pkt *p, __u32
 		r = parse_ipv6(&c, &p->ip6);
 	else
 		return verdict(p, pass_stat, XDP_PASS);
+	const int public_side = pass_stat == SR_STAT_IN_PASS_OTHER;
+	if (r == L3_EXT_HEADER)
+		return verdict(p, public_side ? SR_STAT_IN_PASS_IPV6_EXT : pass_stat, XDP_PASS);
 	if (r == L3_NOT_UDP || r == L3_SHORT)
 		return verdict(p, pass_stat, XDP_PASS);
 	if (r == L3_FRAGMENT && (p->ip4->frag_off & bpf_htons(SR_IP_OFFSET)))
-		return verdict(p, pass_stat, XDP_PASS);
+		return verdict(p, public_side ? SR_STAT_IN_PASS_LATER_FRAGMENT : pass_stat, XDP_PASS);
 	int u = parse_udp(&c, &p->udp, &p->payload_len);
 	if (u < 0)
 		return verdict(p, pass_stat, XDP_PASS);

@@ -7,7 +7,10 @@
  *              then the learned 5-tuple flow), DNAT + redirect (XDP_TX when the backend
  *              sits behind the same interface).
  * xdp_internal internal interface(s): SNAT transceiver replies to the relay's
- *              public address and port, redirect out of the public interface.
+ *              public address and port, redirect out of the public interface,
+ *              only onto a flow of that transceiver (no reflector).
+ * A client's request opens a *pending* flow (STUN only); its backend's answer
+ * confirms it (issue 22 §3, docs/DESIGN.md "Pending and confirmed flows").
  * With sr_config.translate (issue 12 §1, docs/DESIGN.md) both sides translate:
  * inbound the source also becomes (relay internal address, a per-flow port from
  * the port_pool queue); outbound a reply to that port, from that flow's backend
@@ -149,10 +152,72 @@ static __always_inline void repoint_port(__u32 pair, __u32 backend_id)
 		slot->backend_id = backend_id;
 }
 
+static __always_inline int same_ufrag(const struct sr_ufrag_key *a, const struct sr_ufrag_key *b)
+{
+	const __u64 *x = (const __u64 *)a->ufrag, *y = (const __u64 *)b->ufrag;   /* both 8-aligned */
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+static __always_inline int same_addr(const struct sr_addr_key *a, const struct sr_addr_key *b)
+{
+	return a->addr[0] == b->addr[0] && a->addr[1] == b->addr[1] && a->addr[2] == b->addr[2] &&
+	       a->addr[3] == b->addr[3] && a->port == b->port && a->family == b->family;
+}
+
+/* The confirmed flows a ufrag holds: its session's count, else (a routing hint no session holds) its
+ * pending state's. */
+static __always_inline __u32 confirmed_flows(const struct sr_ufrag_key *ukey, const struct sr_session *sess)
+{
+	if (sess)
+		return sess->flows;
+	struct sr_pending *pd = pending.lookup((struct sr_ufrag_key *)ukey);
+	if (!pd)
+		return 0;
+	return pd->confirmed;
+}
+
 /*
- * Open the client's flow toward backend_id, or refresh it when it already goes
- * there (a consent check, or an ICE restart on the same 5-tuple).  A new 5-tuple
- * of a registered session must fit the session's allowance; a full table refuses.
+ * A pending flow enters its ufrag's ring, replacing the oldest: the flow that slot named goes if it
+ * is still a pending flow of this ufrag (with its translation pair, straight back to the pool's
+ * tail: it never forwarded media, and the FIFO pool hands it out again only after every other free
+ * pair).  So a ufrag never holds more than SR_PENDING_FLOWS pending flows, and a new request, the
+ * real client's too, always gets in.  Concurrent CPUs may race on the cursor: a slot is then
+ * written twice and one flow waits for the agent's pending timeout instead.
+ */
+static __always_inline void enter_pending_ring(const struct sr_config *cfg, const struct sr_addr_key *client,
+					       const struct sr_ufrag_key *ukey, __u64 now)
+{
+	struct sr_pending *pd = pending.lookup((struct sr_ufrag_key *)ukey);
+	if (!pd) {
+		struct sr_pending fresh = {};
+		pending.update((struct sr_ufrag_key *)ukey, &fresh);
+		pd = pending.lookup((struct sr_ufrag_key *)ukey);
+		if (!pd)
+			return;
+	}
+	__u32 i = pd->next & (SR_PENDING_FLOWS - 1);
+	pd->next = i + 1;
+	struct sr_addr_key old = pd->client[i];
+	__u64 old_ns = pd->opened_ns[i];
+	pd->client[i] = *client;
+	pd->opened_ns[i] = now;
+	if (!old.family || same_addr(&old, client))
+		return;
+	struct sr_flow *of = flows.lookup(&old);
+	if (!of || !of->pending || of->created_ns != old_ns || !same_ufrag(&of->ufrag, ukey))
+		return;
+	__u32 pair = xlate_pair(of->xlate_addr, of->xlate_port);
+	int had_port = of->xlate_port != 0;
+	if (!flows.delete(&old) && cfg->translate && had_port)
+		unclaim_port(pair);
+}
+
+/*
+ * Open the client's flow toward backend_id, or refresh it when it already goes there (a consent
+ * check, or an ICE restart on the same 5-tuple).  A new flow is pending until the backend answers
+ * (reply_to_client); it enters the ufrag's ring of pending flows first.  A confirmed flow never moves
+ * to another backend for a request (RTP-Bleed style takeover: flow_takeover), and a ufrag whose
+ * confirmed flows fill the allowance opens no more; a full table refuses.
  */
 static __always_inline int open_flow(struct pkt *p, const struct sr_config *cfg, struct sr_session *sess,
 				     struct sr_addr_key *client, __u32 backend_id,
@@ -162,16 +227,25 @@ static __always_inline int open_flow(struct pkt *p, const struct sr_config *cfg,
 	if (f && f->backend_id == backend_id) {
 		flow_touch(f, p->bytes, now);
 		__builtin_memcpy(f->client_mac, p->eth->h_source, ETH_ALEN);
+		if (f->pending && !same_ufrag(&f->ufrag, ukey)) {   /* stays bounded under its new ufrag */
+			f->created_ns = now;
+			enter_pending_ring(cfg, client, ukey, now);
+		}
 		f->ufrag = *ukey;
 		*xpair = xlate_pair(f->xlate_addr, f->xlate_port);
 		return FURTHER_PROCESSING;
 	}
-	if (sess && !f && cfg->max_session_flows && sess->flows >= cfg->max_session_flows)
+	if (f && !f->pending)
+		return verdict(p, SR_STAT_IN_DROP_TAKEOVER, XDP_DROP);
+	if (!f && cfg->max_session_flows && confirmed_flows(ukey, sess) >= cfg->max_session_flows)
 		return verdict(p, SR_STAT_IN_DROP_SESSION_FLOWS, XDP_DROP);
+	/* first into the ring: a full ring hands its oldest pending flow's port back before this one takes one */
+	enter_pending_ring(cfg, client, ukey, now);
 	struct sr_flow nf = {};
 	flow_init(&nf, backend_id, p->eth->h_source, ukey, now);
 	nf.packets = 1;
 	nf.bytes = p->bytes;
+	nf.pending = 1;
 	if (cfg->translate) {
 		if (f) {
 			nf.xlate_port = f->xlate_port;
@@ -191,8 +265,6 @@ static __always_inline int open_flow(struct pkt *p, const struct sr_config *cfg,
 			unclaim_port(xlate_pair(nf.xlate_addr, nf.xlate_port));
 		return verdict(p, SR_STAT_IN_DROP_FLOW_FULL, XDP_DROP);
 	}
-	if (sess && !f)
-		__sync_fetch_and_add(&sess->flows, 1);
 	return FURTHER_PROCESSING;
 }
 
@@ -204,7 +276,7 @@ static __always_inline int open_flow(struct pkt *p, const struct sr_config *cfg,
 static __always_inline int route_binding_request(struct xdp_md *ctx, struct pkt *p, const struct sr_config *cfg,
 						 struct sr_addr_key *client)
 {
-	struct sr_ufrag_key ukey = {};
+	struct sr_ufrag_key ukey __attribute__((aligned(8))) = {};
 	__u32 ulen = 0;
 	int act = stun_server_ufrag(p, &ukey, &ulen);
 	if (act != FURTHER_PROCESSING || !ulen)
@@ -241,14 +313,16 @@ static __always_inline int route_binding_request(struct xdp_md *ctx, struct pkt 
  * unpinned and 278 vs 322 pinned; BENCHMARKS.md "Local ceiling").  The coarse clock is
  * the same CLOCK_MONOTONIC read at the last tick (<= 4 ms old at HZ 250), and
  * last_seen_ns only ages flows in seconds.  A flow's opening and its consent checks
- * (route_binding_request) keep the precise clock.
+ * (route_binding_request) keep the precise clock.  A pending flow carries STUN only.
  */
 static __always_inline int route_by_flow(struct xdp_md *ctx, struct pkt *p, const struct sr_config *cfg,
-					 struct sr_addr_key *client)
+					 struct sr_addr_key *client, const int stun)
 {
 	struct sr_flow *f = flows.lookup(client);
 	if (!f || (cfg->translate && !f->xlate_port))   /* translating, a flow without a port is none */
 		return verdict(p, SR_STAT_IN_DROP_NO_FLOW, XDP_DROP);
+	if (f->pending && !stun)   /* DTLS and media wait for the backend's answer (docs/DESIGN.md) */
+		return verdict(p, SR_STAT_IN_DROP_PENDING, XDP_DROP);
 	__u32 backend_id = f->backend_id;
 	struct sr_backend *b = backends.lookup(&backend_id);
 	if (!b)
@@ -258,59 +332,119 @@ static __always_inline int route_by_flow(struct xdp_md *ctx, struct pkt *p, cons
 }
 
 /*
- * The transceiver checks a client candidate before the client's own request
- * arrived: learn the flow from its check, so the client's answer is routed at
- * once instead of being dropped until a retransmission (~500 ms of setup time).
- * A full table or a check without a clean server ufrag just teaches nothing.
+ * The one packet a backend may send to an address no flow names (docs/DESIGN.md "no reflector"):
+ * its own connectivity check (USERNAME "client:server") for a session it owns, before the
+ * client's request arrived.  It opens a confirmed flow charged to that session's allowance, so the
+ * client's answer is routed at once (~500 ms of setup otherwise); anything else is dropped.
  */
-static __always_inline void learn_flow_from_backend_check(struct pkt *p, const struct sr_config *cfg,
-							  struct sr_addr_key *client, __u32 backend_id)
+static __always_inline int learn_flow_from_backend_check(struct pkt *p, const struct sr_config *cfg,
+							 struct sr_addr_key *client, __u32 backend_id)
 {
 	__u32 zero = 0;
 	struct sr_scratch *sc = scratch.lookup(&zero);
 	if (!sc)
-		return;
-	struct sr_ufrag_key ukey = {};
+		return verdict(p, SR_STAT_OUT_DROP_NO_FLOW, XDP_DROP);
+	struct sr_ufrag_key ukey __attribute__((aligned(8))) = {};
 	if (stun_backend_check_ufrag(p, &ukey, sc) <= 0)
-		return;
+		return verdict(p, SR_STAT_OUT_DROP_NO_FLOW, XDP_DROP);
+	struct sr_session *sess = sessions.lookup(&ukey);
+	if (!sess || sess->backend_id != backend_id)
+		return verdict(p, SR_STAT_OUT_DROP_NO_FLOW, XDP_DROP);
+	if (cfg->max_session_flows && sess->flows >= cfg->max_session_flows)
+		return verdict(p, SR_STAT_OUT_DROP_SESSION_FLOWS, XDP_DROP);
 	struct sr_flow nf = {};
 	flow_init(&nf, backend_id, cfg->gateway_mac, &ukey, bpf_ktime_get_ns());
 	nf.rx_packets = 1;
 	nf.rx_bytes = p->bytes;
-	flows.update(client, &nf);
+	if (flows.insert(client, &nf))
+		return verdict(p, SR_STAT_OUT_DROP_NO_FLOW, XDP_DROP);   /* full, or another CPU's flow */
+	__sync_fetch_and_add(&sess->flows, 1);
+	return FURTHER_PROCESSING;
 }
 
 /*
- * A packet from a registered backend: SNAT to the relay's public address and
- * port, toward the flow's client MAC (the gateway's when no flow of this backend
- * knows it), out of the public interface.  FURTHER_PROCESSING when the source is
- * not a backend.
+ * The flow's backend answered on a pending flow: a success response or its own check
+ * (stun_confirms_flow) makes it confirmed, charged to its ufrag's allowance (a full one drops the
+ * answer, so that client never gets media through).  Anything else from the backend passes on,
+ * the flow still pending.
+ */
+static __always_inline int confirm_flow(struct pkt *p, const struct sr_config *cfg, struct sr_flow *f,
+					__u32 *stat)
+{
+	if (!stun_confirms_flow(p))
+		return FURTHER_PROCESSING;
+	__u32 max = cfg->max_session_flows;
+	struct sr_session *sess = sessions.lookup(&f->ufrag);
+	if (sess) {
+		if (max && sess->flows >= max)
+			return verdict(p, SR_STAT_OUT_DROP_SESSION_FLOWS, XDP_DROP);
+		__sync_fetch_and_add(&sess->flows, 1);
+	} else {
+		struct sr_pending *pd = pending.lookup(&f->ufrag);
+		if (!pd) {   /* a hint's state pushed out of the LRU: start it again */
+			struct sr_pending fresh = {};
+			pending.update(&f->ufrag, &fresh);
+			pd = pending.lookup(&f->ufrag);
+			if (!pd)
+				return verdict(p, SR_STAT_OUT_DROP_SESSION_FLOWS, XDP_DROP);
+		}
+		if (max && pd->confirmed >= max)
+			return verdict(p, SR_STAT_OUT_DROP_SESSION_FLOWS, XDP_DROP);
+		__sync_fetch_and_add(&pd->confirmed, 1);
+	}
+	f->pending = 0;
+	*stat = SR_STAT_OUT_FWD_CONFIRM;
+	return FURTHER_PROCESSING;
+}
+
+/* Is the packet addressed to the relay itself (a translation address, or one the agent listed)? */
+static __always_inline int to_relay_itself(const struct pkt *p, const struct sr_config *cfg,
+					   const struct sr_addr_key *dst)
+{
+	if (cfg->translate && internal_addr_set(p, cfg) >= 0)
+		return 1;
+	struct sr_addr_key host = *dst;
+	host.port = 0;
+	return local_addrs.lookup(&host) != NULL;
+}
+
+/*
+ * DNAT: a packet from backend backend_id to `client`: forwarded (SNAT to the relay's public address
+ * and port, toward the flow's client MAC) only on a flow of that backend, confirming it if pending,
+ * or as the backend's check that opens one (internal side only: on the public side a backend's
+ * source may be forged).  A flow of another backend, or none, drops it: the relay reflects nothing;
+ * without a flow, what goes to the relay itself is passed to the kernel.
  */
 static __always_inline int reply_to_client(struct xdp_md *ctx, struct pkt *p, const struct sr_config *cfg,
-					   const int learn_flows)
+					   __u32 backend_id, struct sr_addr_key *client, const int internal_side)
 {
-	struct sr_addr_key bkey;
-	build_addr_key(p, &bkey, ADDR_OF_SOURCE);
-	__u32 *backend_id = backend_addrs.lookup(&bkey);
-	if (!backend_id)
-		return FURTHER_PROCESSING;
+	__u32 stat = SR_STAT_OUT_FWD;
+	const __u8 *dmac = cfg->gateway_mac;
+	struct sr_flow *f = flows.lookup(client);
+	if (!f) {   /* looked at only without a flow: the relay's own addresses cost the media path nothing */
+		if (to_relay_itself(p, cfg, client))
+			return verdict(p, SR_STAT_OUT_PASS_LOCAL, XDP_PASS);
+		if (!internal_side)
+			return verdict(p, SR_STAT_OUT_DROP_NO_FLOW, XDP_DROP);
+		int act = learn_flow_from_backend_check(p, cfg, client, backend_id);
+		if (act != FURTHER_PROCESSING)
+			return act;
+		stat = SR_STAT_OUT_FWD_NO_FLOW;
+	} else if (f->backend_id != backend_id) {
+		return verdict(p, SR_STAT_OUT_DROP_NOT_FLOW_BACKEND, XDP_DROP);
+	} else {
+		if (f->pending) {
+			int act = confirm_flow(p, cfg, f, &stat);
+			if (act != FURTHER_PROCESSING)
+				return act;
+		}
+		dmac = f->client_mac;
+		flow_touch_rx(f, p->bytes);
+	}
 	int act = rewrite_src_to_relay(p, cfg);
 	if (act != FURTHER_PROCESSING)
 		return act;
-
-	struct sr_addr_key client;
-	build_addr_key(p, &client, ADDR_OF_DEST);
-	__u32 stat = SR_STAT_OUT_FWD_NO_FLOW;
-	struct sr_flow *f = flows.lookup(&client);
-	if (f && f->backend_id == *backend_id) {
-		set_macs(p->eth, f->client_mac, cfg->public_mac);
-		flow_touch_rx(f, p->bytes);
-		stat = SR_STAT_OUT_FWD;
-	} else {
-		set_macs(p->eth, cfg->gateway_mac, cfg->public_mac);
-		if (learn_flows && !f)
-			learn_flow_from_backend_check(p, cfg, &client, *backend_id);
-	}
+	set_macs(p->eth, dmac, cfg->public_mac);
 	return send_to_slot(ctx, p, cfg->public_slot, stat, SR_STAT_OUT_DROP_REDIRECT);
 }
 
@@ -341,22 +475,56 @@ static __always_inline int reply_translated(struct xdp_md *ctx, struct pkt *p, c
 	struct sr_flow *f = flows.lookup(&client);
 	if (!f || f->xlate_port != p->udp->dest || f->xlate_addr != set)
 		return verdict(p, SR_STAT_OUT_DROP_UNALLOCATED_PORT, XDP_DROP);   /* flow deleted; the slot goes next */
-	int act = rewrite_src_to_relay(p, cfg);
+	__u32 stat = SR_STAT_OUT_FWD;
+	int act;
+	if (f->pending) {
+		act = confirm_flow(p, cfg, f, &stat);
+		if (act != FURTHER_PROCESSING)
+			return act;
+	}
+	act = rewrite_src_to_relay(p, cfg);
 	if (act != FURTHER_PROCESSING)
 		return act;
 	rewrite_endpoint(p, ADDR_OF_DEST, client.addr[0], client.addr, client.port);
 	set_macs(p->eth, f->client_mac, cfg->public_mac);
 	flow_touch_rx(f, p->bytes);
-	return send_to_slot(ctx, p, cfg->public_slot, SR_STAT_OUT_FWD, SR_STAT_OUT_DROP_REDIRECT);
+	return send_to_slot(ctx, p, cfg->public_slot, stat, SR_STAT_OUT_DROP_REDIRECT);
 }
 
-/* A reply on the internal side (or one interface for both): translated, or SNAT (DNAT mode). */
+/*
+ * A packet on the internal side (or one interface for both) from a backend: translated (a reply to
+ * a flow's pair), or DNAT (reply_to_client).  A backend's packet to the relay itself goes to the
+ * kernel (relay_address: e.g. sockets on its internal address), one to anywhere else without a
+ * flow is dropped.  On the public side a backend's source is accepted only when that backend sits
+ * behind the public interface (one interface for both), else it is forged: backend_on_public.
+ * FURTHER_PROCESSING when the source is not a backend.
+ */
 static __always_inline int reply_from_backend(struct xdp_md *ctx, struct pkt *p, const struct sr_config *cfg,
-					      const int learn_flows)
+					      const int internal_side)
 {
-	if (cfg->translate)
-		return reply_translated(ctx, p, cfg);
-	return reply_to_client(ctx, p, cfg, learn_flows);
+	struct sr_addr_key src;
+	build_addr_key(p, &src, ADDR_OF_SOURCE);
+	__u32 *backend_id = backend_addrs.lookup(&src);
+	__u32 bid = backend_id ? *backend_id : 0;
+	if (backend_id && !internal_side) {
+		struct sr_backend *b = backends.lookup(&bid);
+		if (!b || b->tx_slot != cfg->public_slot)
+			return verdict(p, SR_STAT_IN_DROP_BACKEND_SPOOF, XDP_DROP);
+	}
+	if (cfg->translate) {
+		int act = reply_translated(ctx, p, cfg);
+		if (act != FURTHER_PROCESSING)
+			return act;
+	}
+	if (!backend_id)
+		return FURTHER_PROCESSING;
+	struct sr_addr_key dst;
+	build_addr_key(p, &dst, ADDR_OF_DEST);
+	if (!cfg->translate)
+		return reply_to_client(ctx, p, cfg, bid, &dst, internal_side);
+	if (to_relay_itself(p, cfg, &dst))
+		return verdict(p, SR_STAT_OUT_PASS_LOCAL, XDP_PASS);
+	return verdict(p, SR_STAT_OUT_DROP_NO_FLOW, XDP_DROP);   /* translating, only through a flow's pair */
 }
 
 static __always_inline int process_public(struct xdp_md *ctx, struct pkt *p)
@@ -395,7 +563,7 @@ static __always_inline int process_public(struct xdp_md *ctx, struct pkt *p)
 		/* ZRTP 16..19, TURN ChannelData 64..79, and everything unassigned */
 		return verdict(p, SR_STAT_IN_DROP_UNKNOWN_CLASS, XDP_DROP);
 	}
-	return route_by_flow(ctx, p, cfg, &client);
+	return route_by_flow(ctx, p, cfg, &client, first <= RFC7983_STUN_LAST);
 }
 
 static __always_inline int process_internal(struct xdp_md *ctx, struct pkt *p)

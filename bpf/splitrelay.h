@@ -22,7 +22,13 @@
 #ifndef SR_MAX_FLOWS
 #define SR_MAX_FLOWS      1048576 /* the agent may compile a smaller table (-DSR_MAX_FLOWS=) */
 #endif
-#define SR_DEFAULT_SESSION_FLOWS 4 /* client 5-tuples one session may open (ICE needs 1-2) */
+#define SR_DEFAULT_SESSION_FLOWS 4 /* confirmed client 5-tuples one session may hold (ICE needs 1-2) */
+/* Pending flows (opened by a client's Binding Request, not yet answered by the backend: STUN only).
+ * Each ufrag keeps the last SR_PENDING_FLOWS of them in a ring; a new one replaces the oldest, so
+ * spoofed requests can hold no more than that and never refuse the real client's (docs/DESIGN.md). */
+#define SR_PENDING_FLOWS  4    /* power of two (ring index mask) */
+#define SR_MAX_PENDING_UFRAGS 65536 /* LRU: ufrags with pending state (sessions, and hints no session holds) */
+#define SR_MAX_LOCAL_ADDRS 64  /* the relay's own addresses a backend may send to (passed to the kernel) */
 #define SR_MAX_TX_PORTS   64   /* devmap slots: 0 = public interface, 1.. = internal */
 /* Translation (sr_config.translate): up to SR_MAX_XLATE_ADDRS internal addresses per family, paired
  * by position (set i = the i-th IPv4 and the i-th IPv6); each flow holds one (set, port) pair.  The
@@ -119,7 +125,9 @@ struct sr_flow {                    /* hash "flows" (full: refuse, never evict; 
 	__u8  client_mac[6];            /* source MAC the client's frames arrived with */
 	__be16 xlate_port;              /* translate: the internal port it holds; 0 in DNAT */
 	__u8  xlate_addr;               /* translate: ... on that address set (the pair's high half) */
-	__u8  pad[3];                   /* (was alignment padding: the entry stays 184 B) */
+	__u8  pending;                  /* 1: opened by a client's request, its backend has not answered yet:
+					 * STUN only, no media (0 for entries pinned by older builds) */
+	__u8  pad[2];                   /* (was alignment padding: the entry stays 184 B) */
 	__u64 created_ns;
 	__u64 last_seen_ns;             /* refreshed by every forwarded packet */
 	__u64 packets;                  /* client -> transceiver */
@@ -127,6 +135,14 @@ struct sr_flow {                    /* hash "flows" (full: refuse, never evict; 
 	__u64 rx_packets;               /* transceiver -> client */
 	__u64 rx_bytes;
 	struct sr_ufrag_key ufrag;      /* session that created it, for cleanup */
+};
+
+struct sr_pending {                 /* LRU hash "pending": sr_ufrag_key -> value */
+	__u32 next;                     /* ring cursor: the slot the next pending flow takes */
+	__u32 confirmed;                /* a ufrag no session holds (routing hint): its confirmed flows */
+	struct sr_addr_key client[SR_PENDING_FLOWS];   /* the ufrag's last pending flows (family 0: none) */
+	__u64 opened_ns[SR_PENDING_FLOWS];             /* ... each flow's created_ns then: a slot evicts only
+							* the flow it recorded, not a newer one of that client */
 };
 
 struct sr_port_slot {               /* array "port_slots", index = (address set << 16) | port, host order */
@@ -169,7 +185,16 @@ struct sr_counter {                 /* per-CPU array "stats", index = enum sr_st
 	X(IN_DROP_FORGED_HINT, "ingress", "dropped",   "forged_hint")       \
 	X(IN_DROP_PORT_POOL_EMPTY, "ingress", "dropped", "port_pool_empty") \
 	X(OUT_DROP_UNALLOCATED_PORT, "egress", "dropped", "unallocated_port") \
-	X(OUT_DROP_NOT_FLOW_BACKEND, "egress", "dropped", "not_flow_backend")
+	X(OUT_DROP_NOT_FLOW_BACKEND, "egress", "dropped", "not_flow_backend") \
+	X(IN_DROP_PENDING,     "ingress", "dropped",   "pending_flow")      \
+	X(IN_DROP_TAKEOVER,    "ingress", "dropped",   "flow_takeover")     \
+	X(IN_DROP_BACKEND_SPOOF, "ingress", "dropped", "backend_on_public") \
+	X(IN_PASS_IPV6_EXT,    "ingress", "passed",    "ipv6_extension_header") \
+	X(IN_PASS_LATER_FRAGMENT, "ingress", "passed", "later_fragment")    \
+	X(OUT_FWD_CONFIRM,     "egress",  "forwarded", "confirmed")         \
+	X(OUT_DROP_NO_FLOW,    "egress",  "dropped",   "no_flow")           \
+	X(OUT_DROP_SESSION_FLOWS, "egress", "dropped", "session_flow_limit") \
+	X(OUT_PASS_LOCAL,      "egress",  "passed",    "relay_address")
 
 #define SR_STAT_ENUM(name, dir, verdict, reason) SR_STAT_##name,
 enum sr_stat {

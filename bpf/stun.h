@@ -181,4 +181,19 @@ static __always_inline int stun_backend_check_ufrag(struct pkt *p, struct sr_ufr
 	return copy_ufrag(p->payload + off + colon + 1, value_len - colon - 1, data_end, key, 0);
 }
 
+/*
+ * A backend's packet that confirms a pending flow toward its destination: a Binding success
+ * response (the transceiver checked that client's MESSAGE-INTEGRITY, which the relay cannot) or
+ * the transceiver's own Binding Request toward it (it chose to talk there).  Header only: the
+ * sender is the flow's backend, checked by the caller.
+ */
+static __always_inline int stun_confirms_flow(const struct pkt *p)
+{
+	struct stun_hdr *h = (void *)p->payload;
+	if ((void *)(h + 1) > p->data_end || p->payload_len < STUN_HDR_LEN ||
+	    h->cookie != bpf_htonl(STUN_MAGIC_COOKIE))
+		return 0;
+	return h->type == bpf_htons(STUN_BINDING_OK) || h->type == bpf_htons(STUN_BINDING_REQ);
+}
+
 #endif /* SPLITRELAY_STUN_H */

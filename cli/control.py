@@ -27,7 +27,7 @@ def _client(control: str, token: str | None):
     from splitrelay.lab import reach
 
     where = resolve(control, "control", lambda lab, url: reach.control(lab, url, lab_relay()))
-    return InNamespace(ControlClient(where.url, token), where)
+    return InNamespace(ControlClient(where.url, token or where.token), where)
 
 
 @click.group()
@@ -79,13 +79,15 @@ def sessions() -> None:
 @sessions.command("list")
 @_control_options
 @click.option("--json", "as_json", is_flag=True)
-def sessions_list(control: str, token: str | None, as_json: bool) -> None:
+@click.option("--backend", "backend_id", type=click.IntRange(1, MAX_BACKEND_ID),
+              help="Only this backend's sessions: all its own token may read (every session needs the admin's).")
+def sessions_list(control: str, token: str | None, as_json: bool, backend_id: int | None) -> None:
     """Registered sessions with their age and flow count.
 
     Each transceiver also registers a few ufrags ahead of its next offers
     (--ufrag-pool): they are listed too, with 0 flows, until a call takes one.
     """
-    emit(_client(control, token).sessions(), as_json,
+    emit(_client(control, token).sessions(backend_id), as_json,
           lambda d: table(d, ["ufrag", "backend", "age_s", "flows"]))
 
 
@@ -123,9 +125,21 @@ def stats(control: str, token: str | None, as_json: bool, watch: float | None) -
         counters = [c for c in client.stats()["counters"]]
         now = time.monotonic()
         if watch is None:
-            emit({"counters": counters}, as_json, lambda d: table(
-                [c for c in d["counters"] if c["packets"]] or d["counters"][:0],
-                ["direction", "verdict", "reason", "packets", "bytes"]))
+            data = {"counters": counters}
+            ice_tcp = client.health().get("ice_tcp")   # the agent's ICE-TCP listener, when it runs one
+            if ice_tcp:
+                data["ice_tcp"] = ice_tcp
+
+            def human(d: dict) -> None:
+                table([c for c in d["counters"] if c["packets"]] or d["counters"][:0],
+                      ["direction", "verdict", "reason", "packets", "bytes"])
+                if "ice_tcp" in d:
+                    t = d["ice_tcp"]
+                    closed = ", ".join(f"{k} {v}" for k, v in sorted(t["closed"].items())) or "none"
+                    click.echo(f"ICE-TCP port {t['port']}: {t['connections']} connections ({t['routed']} routed), "
+                               f"frames {t['frames']}, closed: {closed}")
+
+            emit(data, as_json, human)
             return
         if previous:
             dt = now - previous[0]

@@ -72,7 +72,7 @@ def run_failover_demo(relays: int, seconds: float,
     try:
         status("starting Chromium in the client namespace ...")
         with Browser(nsenter_argv(lab.client.netns, [])) as browser:
-            call = browser.call(report.whip_url)
+            call = browser.call(report.whip_url, token=info["whip_token"])
             try:
                 _kill_under_call(lab, call, report, status)
             finally:

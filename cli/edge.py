@@ -52,16 +52,21 @@ def _agent_options(f):
     return f
 
 
+def _port_range(text: str, option: str) -> tuple[int, int]:
+    first, _, last = text.partition("-")
+    if not (first.isdigit() and last.isdigit()):
+        raise CliError(f"{option} must be FIRST-LAST, got {first}{'-' if last else ''}{last}", 2)
+    return int(first), int(last)
+
+
 def _agent_config(**kw):
     from ipaddress import ip_address
 
     from splitrelay.edge.agent import AgentConfig
 
     ips = kw.pop("public_ips")
-    first, _, last = kw.pop("translate_ports", f"{XLATE_PORT_MIN}-{XLATE_PORT_MAX}").partition("-")
-    if not (first.isdigit() and last.isdigit()):
-        raise CliError(f"--translate-ports must be FIRST-LAST, got {first}{'-' if last else ''}{last}", 2)
-    kw["translate_ports"] = (int(first), int(last))
+    kw["translate_ports"] = _port_range(kw.pop("translate_ports", f"{XLATE_PORT_MIN}-{XLATE_PORT_MAX}"),
+                                        "--translate-ports")
     key_file = kw.pop("hint_key_file", None)
     if key_file:
         from splitrelay.wire.hint import HintError, load_key
@@ -216,7 +221,18 @@ DATAPATH_HELP = (
 @click.option("--listen", default="127.0.0.1:8470", show_default=True,
               help="host:port of the control API and /metrics (use the internal address).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
-              help="File holding the control API bearer token (or set SPLITRELAY_TOKEN).")
+              help="File holding the control API's master (admin) token, >= 32 bytes (or set SPLITRELAY_TOKEN); "
+                   "needed unless --listen is loopback. Each transceiver gets only its backend's token "
+                   "(`splitrelay edge token`).")
+@click.option("--backend-cidr", "backend_cidrs", multiple=True, metavar="CIDR",
+              help="Networks backends may be registered in (repeat); default: the --internal interface's own "
+                   "networks. A backend elsewhere is refused (403): a transceiver's token cannot aim the relay "
+                   "at an arbitrary address.")
+@click.option("--backend-ports", default="1-65535", show_default=True, metavar="FIRST-LAST",
+              help="Ports a backend's media socket may use.")
+@click.option("--session-idle", "session_idle_s", default=600.0, show_default=True,
+              help="Seconds a session may go without a flow, once its transceiver stopped refreshing its "
+                   "backend, before the agent removes it (its DELETE was lost).")
 @click.option("--idle-timeout", "idle_timeout_s", default=30.0, show_default=True,
               help="Seconds before an idle flow is aged out (>= 15).")
 @click.option("--detach-on-exit", is_flag=True,
@@ -228,8 +244,22 @@ DATAPATH_HELP = (
 @click.option("--k8s-api", help="Kubernetes API URL when not running in a pod.")
 @click.option("--k8s-token-file", type=click.Path(exists=True, dir_okay=False),
               help="Bearer token for --k8s-api.")
+@click.option("--k8s-ca-file", type=click.Path(exists=True, dir_okay=False),
+              help="CA that signs the Kubernetes API's certificate (default: in a pod, its service account's; "
+                   "else the system's).")
+@click.option("--k8s-insecure", is_flag=True,
+              help="Do not verify the Kubernetes API's certificate (anyone on the path could then choose "
+                   "this relay's backends).")
+@click.option("--tcp-port", default=443, show_default=True, type=click.IntRange(0, 65535),
+              help="ICE-TCP (RFC 6544/4571) for clients whose network drops UDP: a TCP listener on the public "
+                   "interface (IPv4 and IPv6) that carries each connection to its transceiver as UDP, routed "
+                   "like the UDP port. 0: off. Transceivers advertise it with --relay ...,tcp:PORT.")
+@click.option("--tcp-max-connections", default=20000, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="ICE-TCP connections this relay holds at once; more are closed at accept.")
+@click.option("--tcp-max-per-source", default=256, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="ICE-TCP connections from one client address (a NAT puts many callers behind one).")
 def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, internal_ips: tuple[str, ...],
-               **kw) -> None:
+               backend_ports: str, **kw) -> None:
     """Run the edge agent: attach (or start the userspace relay), serve the control API and metrics, age flows.
 
     \b
@@ -249,8 +279,11 @@ def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise CliError(f"--listen must be host:port, got {listen!r}")
-    token = open(token_file).read().strip() if token_file else os.environ.get("SPLITRELAY_TOKEN")
-    k8s_token = open(k8s_token_file).read().strip() if k8s_token_file else None
+    from splitrelay.edge.credentials import read_token_file
+
+    token = read_token_file(token_file) if token_file else os.environ.get("SPLITRELAY_TOKEN")
+    k8s_token = read_token_file(k8s_token_file, "Kubernetes token file") if k8s_token_file else None
+    kw["backend_ports"] = _port_range(backend_ports, "--backend-ports")
     agent = EdgeAgent(_agent_config(listen_host=host.strip("[]"), listen_port=int(port), token=token,
                                     k8s_token=k8s_token, **kw))
 
@@ -267,3 +300,33 @@ def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, 
             await agent.stop()
 
     asyncio.run(run())
+
+
+@edge.command("token")
+@click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The agent's master token file (its --token-file).")
+@click.option("--backend", "backend_id", type=int, help="The transceiver's backend id.")
+@click.option("--pool", is_flag=True, help="Instead: the token of transceivers run with --backend-id from-ip.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def edge_token(key_file: str, backend_id: int | None, pool: bool, as_json: bool) -> None:
+    """Print the control token of one backend: give it to that transceiver only (its --token).
+
+    It opens that backend and its sessions, nothing else: "<id>." followed by the 64 hex digits of
+    HMAC-SHA256(master, "splitrelay-backend:<id>"). The agent recomputes it, so nothing is stored;
+    a new master token retires every backend token at once (SECURITY.md). With --pool: the one
+    token of every `--backend-id from-ip` transceiver, which opens only the backend its request's
+    source address gives, registered at that address.
+
+    \b
+    Examples:
+      splitrelay edge token --key-file /etc/splitrelay/token --backend 7
+      splitrelay edge token --key-file /etc/splitrelay/token --pool    # a Kubernetes Secret's
+    """
+    from splitrelay.edge.credentials import backend_token, pool_token, read_token_file
+
+    if (backend_id is None) == (not pool):
+        raise CliError("give --backend ID or --pool", 2)
+    master = read_token_file(key_file)
+    data = {"pool": True, "token": pool_token(master)} if pool else {
+        "backend": backend_id, "token": backend_token(master, backend_id)}
+    emit(data, as_json, lambda d: click.echo(d["token"]))

@@ -40,9 +40,12 @@ def lab() -> None:
 @click.option("--translate-addrs", default=1, show_default=True, type=click.IntRange(1, 16),
               help="With --translate: internal addresses per family each relay translates with (the extra ones "
                    "added to its internal interface; 65,535 flows per address).")
+@click.option("--block-udp", is_flag=True,
+              help="The client's network drops UDP to the relays (nftables in its namespace), as a firewall "
+                   "that lets only TCP out would: calls work only over the relays' ICE-TCP port.")
 def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, delay_ms: float, jitter_ms: float,
            loss: float, relays: int, far_delay_ms: float, translate: bool, routed: bool,
-           translate_addrs: int) -> None:
+           translate_addrs: int, block_udp: bool) -> None:
     """Build the namespaces, attach XDP in the relay and start its edge agent.
 
     \b
@@ -58,6 +61,7 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, dela
       splitrelay lab up --name two --relays 2 --far-delay-ms 40
       splitrelay stats --lab two --relay 2
       splitrelay lab up --name hop --routed --translate --relays 2
+      splitrelay lab up --name tcponly --block-udp     # ICE-TCP on 443 only
 
     \b
     With --relays, each transceiver registers itself and its sessions with
@@ -87,7 +91,7 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, dela
     impair = Impairment(delay_ms, jitter_ms, loss) if delay_ms or jitter_ms or loss else None
     far = Impairment(far_delay_ms) if far_delay_ms else None
     info = start_lab(transceivers=transceivers, name=name, policy=policy, impair=impair, relays=relays, far=far,
-                     translate=translate, routed=routed, translate_addrs=translate_addrs)
+                     translate=translate, routed=routed, translate_addrs=translate_addrs, block_udp=block_udp)
 
     def human(d: dict) -> None:
         click.echo(f"lab {d['name']} up: relay {d['relay_public']} (client netns {d['client_netns']}), "
@@ -95,6 +99,8 @@ def lab_up(transceivers: int, name: str | None, policy: str, as_json: bool, dela
         for r in d["relays"][1:]:
             click.echo(f"  relay {r['index']}: {r['relay_public']}, control {r['control_url']}"
                        + (" (far)" if r["impaired"] else ""))
+        if d["udp_blocked"]:
+            click.echo(f"  the client's UDP to the relays is dropped: calls use ICE-TCP port {d['tcp_port']}")
         if d["router"]:
             click.echo(f"  transceivers routed: {' '.join(d['transceivers_network'])} via router "
                        f"{d['router']['internal'][0]} (netns {d['router']['netns']})")
@@ -154,3 +160,12 @@ def _add_fault() -> None:
 
 
 _add_fault()
+
+
+def _add_attack() -> None:
+    from splitrelay.cli.lab_attack import attack
+
+    lab.add_command(attack)
+
+
+_add_attack()

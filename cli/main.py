@@ -50,9 +50,10 @@ def _add_commands() -> None:
     from splitrelay.cli.demo import demo
     from splitrelay.cli.edge import edge
     from splitrelay.cli.lab import lab
+    from splitrelay.cli.token import token
     from splitrelay.cli.transceiver import transceiver
 
-    for command in (edge, backends, sessions, flows, stats, transceiver, lab, demo, bench, call):
+    for command in (edge, backends, sessions, flows, stats, transceiver, token, lab, demo, bench, call):
         main.add_command(command)
 
 

@@ -7,6 +7,7 @@ import json
 
 import click
 from splitrelay.bpf.consts import MAX_BACKEND_ID
+from splitrelay.tokens import DEFAULT_AUDIENCE
 from splitrelay.cli.common import emit, stop_on_signals, table
 from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError
 from splitrelay.cli.reach import lab_option, refuse_lab_address, resolve
@@ -88,22 +89,44 @@ def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
                    "'from-ip' takes the low 18 bits of the --bind IPv4 address (for Deployments).")
 @click.option("--bind", default="127.0.0.1:5000", show_default=True,
               help="host:port of the one UDP socket serving every session (the backend address).")
-@click.option("--relay", "relay_specs", multiple=True, metavar="[NAME=]IP:PORT[,[IP6]:PORT]",
+@click.option("--relay", "relay_specs", multiple=True, metavar="[NAME=]IP:PORT[,[IP6]:PORT][,tcp:PORT]",
               help="A relay's public address(es), the candidates clients see; repeat for several relays "
-                   "(the first is preferred unless --prefer says otherwise). Omit for direct mode.")
+                   "(the first is preferred unless --prefer says otherwise). Omit for direct mode. tcp:PORT: "
+                   "the relay's ICE-TCP port (edge serve --tcp-port), offered on each address below every "
+                   "UDP candidate, for clients whose network drops UDP.")
 @click.option("--relay-control", "relay_controls", multiple=True,
               help="Edge agent control URL to register sessions with; one per --relay, in the same order.")
 @click.option("--prefer", "prefer", multiple=True, metavar="PREFIX=RELAY",
               help="Clients whose WHIP request comes from PREFIX prefer relay RELAY (longest prefix wins).")
 @click.option("--prefer-header", metavar="HEADER",
               help="The preferred relay's name is in this request header, set by the edge in front of WHIP.")
-@click.option("--whip-listen", default="127.0.0.1:8080", show_default=True, help="host:port of WHIP signaling.")
+@click.option("--whip-listen", default="127.0.0.1:8080", show_default=True,
+              help="host:port of WHIP signaling, /healthz and /readyz (the public listener). Anything but "
+                   "loopback needs --whip-key-file or --whip-token (or --insecure-open).")
+@click.option("--admin-listen", default="127.0.0.1:8081", show_default=True,
+              help="host:port of /sessions and /metrics (the admin listener). Anything but loopback needs "
+                   "--admin-token-file (or --insecure-open).")
+@click.option("--admin-token-file", type=click.Path(exists=True, dir_okay=False),
+              help="The admin listener's bearer token (at least 32 bytes), e.g. for Prometheus.")
+@click.option("--whip-key-file", "whip_key_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Key (at least 32 bytes) that signs offer tokens (`splitrelay token mint`); repeat while "
+                   "rotating: a token signed by any of them is good.")
+@click.option("--whip-audience", default=DEFAULT_AUDIENCE, show_default=True, metavar="POOL",
+              help="The audience (aud) an offer token must name: this transceiver pool.")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="A web origin whose pages may call WHIP (repeat; '*' for any). Default: none.")
+@click.option("--insecure-open", is_flag=True,
+              help="Serve non-loopback listeners without any credential, CORS for any origin (tests, demos).")
 @click.option("--handler", default="echo", show_default=True, callback=_handler_spec, metavar="NAME[:k=v,...]",
               help="What answers the caller: echo[:delay=S], tone[:frequency=HZ], voice[:stt=sphinx|whisper,"
                    "tts=espeak|piper,silence_ms=MS,reply=module:function] (splitrelay[voice]), "
                    "pipecat:pipeline=module:function (splitrelay[pipecat]).")
-@click.option("--token", envvar="SPLITRELAY_TOKEN", help="Bearer token of the edge control API.")
-@click.option("--whip-token", envvar="SPLITRELAY_WHIP_TOKEN", help="Bearer token clients must send to WHIP.")
+@click.option("--token", envvar="SPLITRELAY_TOKEN",
+              help="Edge control API token: this backend's own (`splitrelay edge token --backend ID` on the "
+                   "relay), which opens only this backend and its sessions (env SPLITRELAY_TOKEN).")
+@click.option("--whip-token", envvar="SPLITRELAY_WHIP_TOKEN",
+              help="A static bearer token clients send to WHIP (the simple mode; tokens from --whip-key-file "
+                   "expire and bound the call).")
 @click.option("--backend-ip", help="The IPv4 address relays forward to, when --bind is a wildcard ([::]:PORT "
                                    "serves IPv4 and IPv6 clients on one socket); default: the --bind host.")
 @click.option("--ip6", help="The backend address's IPv6 twin, for IPv6 clients.")
@@ -120,7 +143,9 @@ def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
                    "1 runs one process, no supervisor.")
 @admission_options
 def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], relay_controls: tuple[str, ...],
-                      prefer: tuple[str, ...], prefer_header: str | None, whip_listen: str, handler: str,
+                      prefer: tuple[str, ...], prefer_header: str | None, whip_listen: str,
+                      admin_listen: str, admin_token_file: str | None, whip_key_files: tuple[str, ...],
+                      whip_audience: str, cors_origins: tuple[str, ...], insecure_open: bool, handler: str,
                       token: str | None, whip_token: str | None,
                       backend_ip: str | None, ip6: str | None, drain_timeout: float,
                       hint_key_file: str | None, ufrag_pool: int, processes: int, **limits: float) -> None:
@@ -129,24 +154,23 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
     \b
     Example:
       splitrelay transceiver serve --backend-id 1 --bind 10.0.0.11:5000 \\
-          --relay 203.0.113.1:3478 --relay-control http://10.0.0.1:8470 --whip-listen 0.0.0.0:8080
+          --relay 203.0.113.1:3478 --relay-control http://10.0.0.1:8470 --whip-listen 0.0.0.0:8080 \\
+          --whip-key-file /etc/splitrelay/whip.key --whip-audience eu-1 --cors-origin https://app.example
     """
     for relay_control in relay_controls:
         refuse_lab_address(relay_control)
     from splitrelay.transceiver.mux import MuxError
     from splitrelay.transceiver.registration import RegistrationError
-    from splitrelay.transceiver.service import Transceiver, TransceiverConfig
+    from splitrelay import tokens
+    from splitrelay.transceiver.service import Transceiver, TransceiverConfig, refuse_exposure
 
     bind_host, bind_port = _hostport(bind, "--bind")
     whip_host, whip_port = _hostport(whip_listen, "--whip-listen")
+    admin_host, admin_port = _hostport(admin_listen, "--admin-listen")
     from splitrelay.cli import workers
 
     processes = processes or workers.default_processes()
     from_ip, backend_id = backend_id == "from-ip", _backend_id(backend_id, backend_ip or bind_host)
-    if processes > 1:  # a supervisor and its workers, each one of these with --processes 1
-        workers.serve_workers(click.get_current_context(), processes, backend_id, from_ip, bind_host, bind_port,
-                              whip_host, whip_port, drain_timeout)
-        return
     from splitrelay.transceiver import relays as relay_options
     from splitrelay.wire.hint import HintError, load_key
 
@@ -160,8 +184,16 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
         backend_id=backend_id, bind_host=bind_host, bind_port=bind_port, relays=relays, choosers=choosers,
         whip_host=whip_host, whip_port=whip_port, relay_token=token,
         whip_token=whip_token, handler=handler, backend_ip=backend_ip, backend_ip6=ip6, hint_key=hint_key,
-        ufrag_pool=ufrag_pool, **limits,
+        ufrag_pool=ufrag_pool, whip_keys=[tokens.load_key(f) for f in whip_key_files], whip_audience=whip_audience,
+        cors_origins=cors_origins or (("*",) if insecure_open else ()), admin_host=admin_host,
+        admin_port=admin_port,
+        admin_token=tokens.load_key(admin_token_file).decode() if admin_token_file else None,
+        insecure_open=insecure_open, **limits,
     )
+    refuse_exposure(config)
+    if processes > 1:  # a supervisor and its workers, each one of these with --processes 1
+        workers.serve_workers(click.get_current_context(), processes, from_ip, config, drain_timeout)
+        return
     service = Transceiver(config)
 
     async def run() -> None:
@@ -173,8 +205,8 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
             raise CliError(str(exc)) from None
         except OSError as exc:
             await service.stop()
-            raise CliError(f"cannot listen on {whip_listen}: {exc.strerror or exc}") from None
-        click.echo(f"transceiver ready: WHIP {service.whip_url} backend {backend_id} "
+            raise CliError(f"cannot listen on {whip_listen} or {admin_listen}: {exc.strerror or exc}") from None
+        click.echo(f"transceiver ready: WHIP {service.whip_url} admin {service.admin_url} backend {backend_id} "
                    f"on {bind_host}:{service.mux.local_address[1]}", err=True)
         try:
             await stop.wait()
@@ -190,31 +222,45 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
 
 
 @transceiver.command("sessions")
-@click.argument("whip_url", required=False)
+@click.argument("admin_url", required=False)
+@click.option("--admin-token-file", type=click.Path(exists=True, dir_okay=False),
+              help="The admin listener's bearer token (with --lab: the lab's).")
 @click.option("--json", "as_json", is_flag=True)
-@lab_option("the transceiver (WHIP_URL, default the lab's first)")
-def transceiver_sessions(whip_url: str | None, as_json: bool) -> None:
-    """Live sessions of a transceiver with aiortc's stats (RTT, jitter, loss, packets).
+@lab_option("the transceiver (ADMIN_URL, default the lab's first)")
+def transceiver_sessions(admin_url: str | None, admin_token_file: str | None, as_json: bool) -> None:
+    """Live sessions of a transceiver with aiortc's stats (RTT, jitter, loss, packets), from its admin
+    listener (--admin-listen: the WHIP listener lists no calls).
 
     \b
     Examples:
-      splitrelay transceiver sessions http://10.0.0.11:8080/whip --json
+      splitrelay transceiver sessions http://127.0.0.1:8081 --json
       splitrelay transceiver sessions --lab mylab
     """
     import urllib.error
     import urllib.request
 
     from splitrelay.lab import reach
+    from splitrelay.tokens import load_key
 
-    where = resolve(whip_url, "whip_url", reach.whip)
-    url = where.url.rstrip("/").removesuffix("/whip") + "/sessions"
+    where = resolve(admin_url, "admin_url", reach.admin)
+    if where.url.rstrip("/").endswith("/whip"):
+        raise CliError("give the admin listener's URL (--admin-listen), not the WHIP URL: "
+                       "the WHIP listener lists no calls", 2)
+    url = where.url.rstrip("/") + "/sessions"
+    token_file = admin_token_file or where.token_file
+    request = urllib.request.Request(url)
+    if token_file:
+        request.add_header("Authorization", f"Bearer {load_key(token_file).decode()}")
 
     def fetch() -> bytes:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return resp.read()
 
     try:
         data = json.loads(where.call(fetch))
+    except urllib.error.HTTPError as exc:
+        raise CliError(f"transceiver at {url} answered {exc.code}: {exc.read().decode(errors='replace').strip()}",
+                       EXIT_UNREACHABLE) from None
     except (urllib.error.URLError, OSError) as exc:
         raise CliError(f"transceiver at {url} is unreachable: {getattr(exc, 'reason', exc)}",
                        EXIT_UNREACHABLE) from None

@@ -11,13 +11,17 @@ import asyncio
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import click
 from splitrelay.bpf.consts import MAX_BACKEND_ID
 from splitrelay.cli.errors import CliError
 
+if TYPE_CHECKING:
+    from splitrelay.transceiver.service import TransceiverConfig
+
 # set for each worker below; the supervisor applies --prefer/--prefer-header and tells the worker (PREFERRED)
-PER_WORKER = {"backend_id", "bind", "whip_listen", "processes", "prefer", "prefer_header"}
+PER_WORKER = {"backend_id", "bind", "whip_listen", "admin_listen", "processes", "prefer", "prefer_header"}
 
 
 def default_processes() -> int:
@@ -77,19 +81,18 @@ def _env(ctx: click.Context) -> dict[str, str]:
     return env
 
 
-def serve_workers(ctx: click.Context, processes: int, backend_id: int, from_ip: bool, bind_host: str,
-                  bind_port: int, whip_host: str, whip_port: int, drain_timeout: float) -> None:
-    """Run the supervisor until SIGTERM/SIGINT (transceiver/workers.py)."""
+def serve_workers(ctx: click.Context, processes: int, from_ip: bool, config: TransceiverConfig,
+                  drain_timeout: float) -> None:
+    """Run the supervisor until SIGTERM/SIGINT (transceiver/workers.py); ``config`` is what a single
+    transceiver would have served (its listeners, credentials and relays are the supervisor's)."""
     from splitrelay.transceiver import relays as relay_options
     from splitrelay.transceiver.admission import Admission, AdmissionConfig
     from splitrelay.transceiver.workers import PREFERRED, Supervisor, SupervisorError
 
     p = ctx.params
-    try:
-        choosers = relay_options.choosers_from_options(p["prefer"], p["prefer_header"])
-        relays = relay_options.relays_from_options(p["relay_specs"], p["relay_controls"])
-    except relay_options.RelaySpecError as exc:
-        raise CliError(str(exc)) from None
+    choosers, relays = config.choosers, config.all_relays()
+    backend_id, bind_host, bind_port = config.backend_id, config.bind_host, config.bind_port
+    whip_host, whip_port = config.whip_host, config.whip_port
 
     def prefer(facts: relay_options.SignalingFacts) -> str | None:
         relay = relay_options.choose(choosers, facts, [r for r in relays if r.candidates])
@@ -107,7 +110,7 @@ def serve_workers(ctx: click.Context, processes: int, backend_id: int, from_ip: 
     host = f"[{bind_host}]" if ":" in bind_host else bind_host
     argvs = [[sys.executable, "-m", "splitrelay.cli.main", *verbose, "transceiver", "serve", "--processes", "1",
               "--backend-id", str(backend_id), "--bind", f"{host}:{bind_port + i if bind_port else 0}",
-              "--whip-listen", "127.0.0.1:0", *shared]
+              "--whip-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *shared]
              for i, backend_id in enumerate(backend_ids)]
     supervisor = Supervisor(argvs, backend_ids, whip_host, whip_port, drain_timeout, env=_env(ctx),
                             echo=lambda line: click.echo(line, err=True), prefer=prefer if choosers else None,

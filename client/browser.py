@@ -205,8 +205,9 @@ class Browser:
                     shutil.rmtree(self._workdir, ignore_errors=True)
                     self._workdir = None
 
-    def call(self, whip_url: str, timeout: float = CALL_TIMEOUT) -> BrowserCall:
-        """A new page that POSTs its offer to ``whip_url``; returns once the answer is applied."""
+    def call(self, whip_url: str, timeout: float = CALL_TIMEOUT, token: str | None = None) -> BrowserCall:
+        """A new page that POSTs its offer to ``whip_url`` (with ``token`` as its bearer token); returns
+        once the answer is applied."""
         if self._browser is None:
             raise BrowserError("the browser is not running (use it as a context manager)")
         # what a user grants at the prompts: the microphone, and a public page (ours is served by
@@ -216,7 +217,7 @@ class Browser:
         page.route(f"{ORIGIN}/**", _serve_page)
         page.goto(f"{ORIGIN}/")
         call = BrowserCall(page, self.tone_hz)
-        call.whip = call.invoke("start", whip_url, timeout=timeout)
+        call.whip = call.invoke("start", whip_url, token, timeout=timeout)
         return call
 
 

@@ -93,6 +93,7 @@ async function sample() {
     const remote = report.get(pair.remoteCandidateId) || {};
     s.pair = { local: `${local.address}:${local.port}`, remote: `${remote.address}:${remote.port}`,
                remoteUfrag: remote.usernameFragment || null, state: pair.state,
+               protocol: remote.protocol || null,   // "udp", or "tcp" over ICE-TCP
                rttMs: pair.currentRoundTripTime != null ? pair.currentRoundTripTime * 1000 : null };
   }
   call.samples.push(s);
@@ -119,7 +120,7 @@ function restartedAnswer(sdp, fragment) {
 
 window.splitrelay = {
   // Capture (the fake device plays the WAV), offer, POST, apply the answer; resolves once answered.
-  async start(whipUrl) {
+  async start(whipUrl, token) {
     const stream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
     const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle" });
@@ -130,8 +131,10 @@ window.splitrelay = {
     pc.oniceconnectionstatechange = () => event("ice", pc.iceConnectionState);
     pc.onconnectionstatechange = () => event("connection", pc.connectionState);
     await describeAndGather(pc, await pc.createOffer());
-    const { response, text } = await whipRequest("POST", whipUrl, { "Content-Type": "application/sdp" },
-                                                 pc.localDescription.sdp);
+    event("whip", "post");    // the origin of the setup times (bench/dtls_setup.py)
+    const headers = { "Content-Type": "application/sdp" };
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const { response, text } = await whipRequest("POST", whipUrl, headers, pc.localDescription.sdp);
     if (response.status !== 201) throw new Error(`WHIP POST answered ${response.status}, not 201`);
     call.location = new URL(response.headers.get("Location"), whipUrl).href;
     call.etag = response.headers.get("ETag");

@@ -63,8 +63,9 @@ class ToneTrack(MediaStreamTrack):
 class EchoCall:
     """One WHIP call from aiortc that hears its own tone echoed; ``samples`` look like the page's."""
 
-    def __init__(self, whip_url: str, family: int | None = 4, hz: float = TONE_HZ) -> None:
-        self.whip_url, self.family, self.hz = whip_url, family, hz
+    def __init__(self, whip_url: str, family: int | None = 4, hz: float = TONE_HZ,
+                 token: str | None = None) -> None:
+        self.whip_url, self.family, self.hz, self.token = whip_url, family, hz, token
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.pc.addTrack(ToneTrack(hz))
         self.location: str | None = None
@@ -97,7 +98,10 @@ class EchoCall:
         if self.family:   # only candidates of one address family
             offer = "\r\n".join(line for line in offer.split("\r\n") if not line.startswith("a=candidate:")
                                 or (":" in line.split()[4]) == (self.family == 6))
-        async with http.post(self.whip_url, data=offer, headers={"Content-Type": "application/sdp"}) as resp:
+        headers = {"Content-Type": "application/sdp"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        async with http.post(self.whip_url, data=offer, headers=headers) as resp:
             if resp.status != 201:
                 raise EchoCallError(f"WHIP POST {self.whip_url}: {resp.status} {(await resp.text())[:200]}")
             self.answer = await resp.text()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from aiortc.mediastreams import AudioStreamTrack
 from yarl import URL
 
 from splitrelay.errors import SplitrelayError
+from splitrelay.tokens import TOKEN_ENV
 from splitrelay.transceiver.ice_restart import begin_generation, new_credentials, run_generation
 from splitrelay.wire.sdpfrag import MEDIA_TYPE, IceFragment
 
@@ -90,7 +92,8 @@ async def restart_ice(pc: RTCPeerConnection, session_url: str, http: aiohttp.Cli
 
 
 
-async def _call(http: aiohttp.ClientSession, whip_url: str, timeout: float) -> tuple[RTCPeerConnection, str]:
+async def _call(http: aiohttp.ClientSession, whip_url: str, timeout: float,
+                token: str | None = None) -> tuple[RTCPeerConnection, str]:
     """A connected WHIP call sending silence (the echo handler sends it back as RTP)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTrack(AudioStreamTrack())
@@ -103,6 +106,8 @@ async def _call(http: aiohttp.ClientSession, whip_url: str, timeout: float) -> t
 
     await pc.setLocalDescription(await pc.createOffer())
     headers = {"Content-Type": "application/sdp"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     async with http.post(whip_url, data=pc.localDescription.sdp, headers=headers) as resp:
         if resp.status != 201:
             raise RestartRefused(resp.status, (await resp.text()).strip())
@@ -112,13 +117,14 @@ async def _call(http: aiohttp.ClientSession, whip_url: str, timeout: float) -> t
     return pc, location
 
 
-async def measure(whip_url: str, new_host: str, runs: int = 5, timeout: float = 20.0) -> list[dict]:
+async def measure(whip_url: str, new_host: str, runs: int = 5, timeout: float = 20.0,
+                  token: str | None = None) -> list[dict]:
     """Call, restart ICE onto a new local port of ``new_host``, and time the PATCH until the
     first media (RTP/RTCP) arrives on the new socket; one fresh call per run."""
     results = []
     async with aiohttp.ClientSession() as http:
         for _ in range(runs):
-            pc, location = await _call(http, whip_url, timeout)
+            pc, location = await _call(http, whip_url, timeout, token)
             connection = ice_connection(pc)
             new = await add_host_candidates(connection, new_host)
             protocol = next(p for p in connection._protocols if p.local_candidate is new[0])  # noqa: SLF001
@@ -143,9 +149,10 @@ async def measure(whip_url: str, new_host: str, runs: int = 5, timeout: float = 
 
 
 def main() -> None:
-    """``python -m splitrelay.client.ice_restart WHIP_URL NEW_HOST [RUNS]``: JSON timings."""
+    """``python -m splitrelay.client.ice_restart WHIP_URL NEW_HOST [RUNS]``: JSON timings (the offer token,
+    if the transceiver wants one, in $SPLITRELAY_WHIP_TOKEN)."""
     url, host, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 5
-    print(json.dumps(asyncio.run(measure(url, host, runs))))
+    print(json.dumps(asyncio.run(measure(url, host, runs, token=os.environ.get(TOKEN_ENV)))))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -58,6 +59,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from splitrelay.client.beeps import BeepDetector, BeepTrack, CarrierCounter, ClientBuffering, _np, mono_samples
 from splitrelay.client.beeps import goertzel_power  # noqa: F401 - re-exported (the tests measure tones with it)
+from splitrelay.tokens import TOKEN_ENV
+from splitrelay.wire.whip import SESSION_ID
 from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.audio import VoiceReceiver
 from splitrelay.transceiver.history import StateHistory
@@ -72,7 +75,8 @@ class ProbeReport:
     whip_url: str
     ok: bool = False
     error: str | None = None
-    location: str | None = None
+    location: str | None = None       # the session's resource: a capability, only its caller holds it
+    session_id: str | None = None     # its public id (what the transceiver's logs and /sessions name)
     offer_to_answer_ms: float | None = None
     ice_connected_ms: float | None = None
     dtls_connected_ms: float | None = None
@@ -128,7 +132,8 @@ class ProbeReport:
 
 async def _post_offer(
     session: aiohttp.ClientSession, url: str, sdp: str, token: str | None
-) -> tuple[str, str | None]:
+) -> tuple[str, str | None, str | None]:
+    """The answer, the session's resource URL and its public id."""
     headers = {"Content-Type": "application/sdp"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -139,7 +144,7 @@ async def _post_offer(
         location = resp.headers.get("Location")
         if location:
             location = str(resp.url.join(aiohttp.client.URL(location)))
-        return body, location
+        return body, location, resp.headers.get(SESSION_ID)
 
 
 class TalkGate:
@@ -283,8 +288,8 @@ class Probe:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         t_offer = time.monotonic()
         report.offer_sent_ms = (t_offer - self.states.origin) * 1000.0
-        answer, report.location = await _post_offer(self.http, self.whip_url, self.pc.localDescription.sdp,
-                                                    self.token)
+        answer, report.location, report.session_id = await _post_offer(
+            self.http, self.whip_url, self.pc.localDescription.sdp, self.token)
         report.offer_to_answer_ms = (time.monotonic() - t_offer) * 1000.0
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         up = asyncio.ensure_future(self.connected.wait())
@@ -487,7 +492,8 @@ def main() -> None:  # pragma: no cover - thin wrapper run inside lab namespaces
                         help="concurrent sessions start talking when all are connected (one common window)")
     parser.add_argument("--low-latency", action="store_true",
                         help="receive through the transceiver's voice path instead of aiortc's 4-frame buffer")
-    parser.add_argument("--token")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"WHIP bearer token (offer token or static; default ${TOKEN_ENV})")
     args = parser.parse_args()
     if args.sequential is not None and args.sequential < 1:
         parser.error("--sequential must be at least 1")

@@ -133,20 +133,32 @@ def file_reader(path: str) -> Callable[[], Awaitable[list[BackendSpec]]]:
     return read
 
 
+def tls_context(ca_file: str | None, insecure: bool) -> ssl.SSLContext | bool:
+    """How the follower checks the API server: against ``ca_file``, else the system's CAs; never
+    unchecked unless ``insecure`` (it would let anyone on the path hand the relay its backends)."""
+    if insecure:
+        return False
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise BackendSourceError(f"cannot load the Kubernetes CA {ca_file}: {exc}") from None
+
+
 def kubernetes_reader(service: str, port_name: str = "media", api: str | None = None,
-                      token: str | None = None) -> Callable[[], Awaitable[list[BackendSpec]]]:
-    """Endpoints of ``namespace/name``; in a pod, the API and credentials come from its service account."""
+                      token: str | None = None, ca_file: str | None = None,
+                      insecure: bool = False) -> Callable[[], Awaitable[list[BackendSpec]]]:
+    """Endpoints of ``namespace/name``; in a pod, the API, credentials and CA come from its service account."""
     namespace, _, name = service.partition("/")
     if not namespace or not name:
         raise BackendSourceError(f"Kubernetes service must be namespace/name, got {service!r}")
-    context: ssl.SSLContext | bool = False
     if api is None:
         host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         if not host:
             raise BackendSourceError("not in a Kubernetes pod (no KUBERNETES_SERVICE_HOST); give --k8s-api")
         api = f"https://{host}:{port}"
         token = (SERVICE_ACCOUNT / "token").read_text().strip()
-        context = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT / "ca.crt"))
+        ca_file = ca_file or str(SERVICE_ACCOUNT / "ca.crt")
+    context = tls_context(ca_file, insecure)
     url = f"{api.rstrip('/')}/api/v1/namespaces/{namespace}/endpoints/{name}"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 

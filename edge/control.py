@@ -11,12 +11,20 @@ What reads the whole flow table (listing, and finding a deleted session's flows)
 runs in the agent's table-walker thread instead (``off_loop``), so a large table
 never holds up a registration; a PUT of a ufrag whose DELETE is in progress
 answers 409.
+
+Authorization (edge/credentials.py, SECURITY.md): the master token opens
+everything; a backend token opens only its own backend and that backend's
+sessions (a pool token: the backend its caller's own address gives, registered
+at that address).  The middleware finds who is asking (``request[PRINCIPAL]``); each
+route says what it needs (``_admin``, ``_owner``).  Backend addresses must lie
+in the configured networks and port range (``BackendLimits``), so a transceiver's
+token cannot turn the relay into a forwarder toward any address it likes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import ipaddress
 import json
 import logging
@@ -28,6 +36,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 from splitrelay.bpf.consts import MAX_BACKEND_ID
+from splitrelay.edge.credentials import ADMIN, POOL, Credentials
 from splitrelay.edge.plane import DataPlane, NullPlane
 from splitrelay.edge.records import Backend, DatapathError, TableFullError
 from splitrelay.wire.stun import UFRAG_RULE, is_ufrag
@@ -43,6 +52,45 @@ DEFAULT_FLOW_LIMIT = 1000
 MAX_FLOW_LIMIT = 1_000_000
 BACKEND_FIELDS = {"ip", "ip6", "port", "instance"}
 SESSION_FIELDS = {"backend"}
+PRINCIPAL = web.RequestKey("principal", object)  # ADMIN or a backend id: who the middleware found asking
+POOL_ADDRESS = web.RequestKey("pool_address", str)  # a pool token's caller: its backend must be at this address
+
+
+def _ipv4_of(remote: str) -> ipaddress.IPv4Address | None:
+    try:
+        addr = ipaddress.ip_address(remote)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address):
+        return addr.ipv4_mapped
+    return addr
+
+
+def _id_of_address(remote: str) -> int | None:
+    """The backend id ``--backend-id from-ip`` gives this IPv4 address (None: it gives none)."""
+    addr = _ipv4_of(remote)
+    return (int(addr) & MAX_BACKEND_ID or None) if addr is not None else None
+BACKEND_LIVE_S = 30.0  # a backend refreshed this recently is live: another instance cannot take its id
+
+
+class BackendLimits:
+    """Where backends may be: addresses within ``networks`` (empty: anywhere) and ports within ``ports``."""
+
+    def __init__(self, networks: list[str] | tuple[str, ...] = (), ports: tuple[int, int] = (1, 65535)) -> None:
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+        self.ports = ports
+
+    def refusal(self, ip4: str | None, ip6: str | None, port: int) -> str | None:
+        """Why a backend at these addresses and port is not allowed (one line), or None."""
+        first, last = self.ports
+        if not first <= port <= last:
+            return f"backend port {port} is outside the allowed range {first}-{last}"
+        for ip in (ip4, ip6):
+            addr = ipaddress.ip_address(ip) if ip else None
+            if addr is not None and self.networks and not any(addr in n for n in self.networks):
+                allowed = ", ".join(str(n) for n in self.networks)
+                return f"backend address {ip} is outside the allowed networks ({allowed})"
+        return None
 
 
 class ApiError(web.HTTPException):
@@ -167,6 +215,12 @@ class SessionDeletions:
             self._sweeper = asyncio.create_task(self._sweep(), name="session-deletions")
         return await asyncio.shield(future)  # a client that hangs up does not cancel the others' sweep
 
+    async def close(self) -> None:
+        """Let the sweep in progress finish (its DELETEs were accepted: their sessions must go)."""
+        if self._sweeper is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._sweeper)
+
     async def _sweep(self) -> None:
         while self._pending:
             await asyncio.sleep(0)  # the DELETEs whose handlers are already running join this batch
@@ -204,12 +258,17 @@ class ControlAPI:
         health: Callable[[], dict] | None = None,
         observe: Callable[[str, str, int, float], None] | None = None,
         walker: Executor | None = None,
+        limits: BackendLimits | None = None,
+        backend_live_s: float = BACKEND_LIVE_S,
     ) -> None:
         self.dp = datapath if datapath is not None else NullPlane()
         self.walker = walker
         self.resolve_mac = resolve_mac or self.dp.next_hop_mac
         self.relay_mac = relay_mac
-        self._expected_token = token.encode() if token else None
+        self.credentials = Credentials(token) if token else None
+        self.limits = limits or BackendLimits()
+        self.backend_live_s = backend_live_s
+        self.refreshed: dict[int, float] = {}  # backend id -> monotonic time of its last PUT
         self.health_info = health or dict
         self.observe = observe
         self.instances: dict[int, str] = {}  # backend id -> the process that registered it last
@@ -231,21 +290,44 @@ class ControlAPI:
         ] + (extra_routes or []))
         return app
 
-    def _authorized(self, request: web.Request) -> bool:
-        if self._expected_token is None or request.path in OPEN_PATHS:
-            return True
-        scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
-        offered = credentials.strip().encode("utf-8", "replace")
-        # the scheme is case-insensitive (RFC 7235); the token is compared in constant time
-        return scheme.lower() == "bearer" and hmac.compare_digest(offered, self._expected_token)
+    def _principal(self, request: web.Request) -> str | int | None:
+        """ADMIN, the backend id whose token was offered (a pool token: the id of the caller's own
+        address), or None (no or wrong token)."""
+        if self.credentials is None:
+            return ADMIN  # no token configured: loopback only (credentials.check_master)
+        scheme, _, offered = request.headers.get("Authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 7235); tokens are compared in constant time
+        principal = self.credentials.principal(offered.strip()) if scheme.lower() == "bearer" else None
+        if principal == POOL:
+            request[POOL_ADDRESS] = request.remote or ""
+            return _id_of_address(request[POOL_ADDRESS])
+        return principal
+
+    @staticmethod
+    def _admin(request: web.Request) -> None:
+        if request[PRINCIPAL] != ADMIN:
+            raise ApiError(403, f"backend {request[PRINCIPAL]}'s token cannot do this: it needs the admin token")
+
+    def _owner(self, request: web.Request, backend_id: int, where_registered: bool = True) -> None:
+        """The caller must be the admin or backend ``backend_id`` itself (with a pool token: at the
+        address that backend is registered at; two pods whose addresses give one id are two callers)."""
+        principal = request[PRINCIPAL]
+        if principal != ADMIN and principal != backend_id:
+            raise ApiError(403, f"backend {principal}'s token cannot change backend {backend_id}")
+        registered = self.dp.backend(backend_id) if where_registered and POOL_ADDRESS in request else None
+        if registered is not None and registered.ip4 != str(_ipv4_of(request[POOL_ADDRESS])):
+            raise ApiError(403, f"backend {backend_id} is registered at {registered.ip4}, "
+                                f"not at the caller's address {request[POOL_ADDRESS]}")
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Callable[..., Awaitable[web.StreamResponse]]):
         start = time.perf_counter()
         status = 500
         try:
-            if not self._authorized(request):
-                raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+            if request.path not in OPEN_PATHS:
+                request[PRINCIPAL] = self._principal(request)
+                if request[PRINCIPAL] is None:
+                    raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
             response = await handler(request)
             status = response.status
             return response
@@ -280,10 +362,12 @@ class ControlAPI:
         return {"id": b.backend_id, "ip": b.ip4, "ip6": b.ip6, "port": b.port, "mac": b.dmac}
 
     async def list_backends(self, request: web.Request) -> web.Response:
+        self._admin(request)
         return web.json_response([self._backend_json(b) for b in self.dp.backends()])
 
     async def put_backend(self, request: web.Request) -> web.Response:
         backend_id = _backend_id(request.match_info["id"])
+        self._owner(request, backend_id, where_registered=False)  # a pool caller: its own address, below
         body = await _json_object(request, BACKEND_FIELDS)
         ip4 = _ip_field(body, "ip", 4)
         ip6 = _ip_field(body, "ip6", 6)
@@ -291,6 +375,12 @@ class ControlAPI:
             raise ApiError(400, "a backend needs 'ip' (IPv4) or 'ip6'")
         port = _int_field(body, "port", 1, 65535)
         instance = _instance_field(body)
+        refusal = self.limits.refusal(ip4, ip6, port)
+        if refusal:
+            raise ApiError(403, refusal)
+        if POOL_ADDRESS in request and ip4 != str(_ipv4_of(request[POOL_ADDRESS])):
+            raise ApiError(403, f"a pool token registers only its caller's own address "
+                                f"({request[POOL_ADDRESS]}), not {ip4 or ip6}")
         next_hop = ip4 or ip6
         try:
             # neighbour resolution blocks (and pyroute2 runs its own loop): keep it off ours
@@ -299,8 +389,15 @@ class ControlAPI:
             raise ApiError(422, f"cannot reach backend {next_hop}: {exc}") from None
         backend = Backend(backend_id, port, mac, self.relay_mac, ip4=ip4, ip6=ip6)
         # from here on no await: nothing else runs between these checks and the writes
-        existed = self.dp.backend(backend_id) is not None
+        current = self.dp.backend(backend_id)
+        existed = current is not None
         previous = self.instances.get(backend_id)
+        if existed and instance and previous and previous != instance and self._live(backend_id) \
+                and (current.ip4, current.ip6, current.port) != (ip4, ip6, port):
+            # another process elsewhere claims a live id (--backend-id from-ip on two hosts whose
+            # addresses share their low 18 bits): taking it would drop the first one's calls
+            raise ApiError(409, f"backend {backend_id} is live at another address "
+                                f"({current.ip4 or current.ip6}:{current.port}, instance {previous})")
         try:
             self.dp.set_backend(backend)
         except TableFullError as exc:
@@ -316,7 +413,17 @@ class ControlAPI:
                      backend_id, previous, instance, dropped)
         if instance:
             self.instances[backend_id] = instance
+            self.refreshed[backend_id] = time.monotonic()
         return web.json_response(self._backend_json(backend), status=200 if existed else 201)
+
+    def live_backends(self) -> set[int]:
+        """The backends refreshed within ``backend_live_s`` (any thread may ask)."""
+        now = time.monotonic()
+        return {b for b, t in self.refreshed.copy().items() if now - t <= self.backend_live_s}
+
+    def _live(self, backend_id: int) -> bool:
+        """Refreshed by its transceiver (a PUT naming an instance) within ``backend_live_s``."""
+        return time.monotonic() - self.refreshed.get(backend_id, float("-inf")) <= self.backend_live_s
 
     def _drop_sessions_of(self, backend_id: int) -> int:
         doomed = [s.ufrag for s in self.dp.sessions() if s.backend_id == backend_id]
@@ -328,17 +435,27 @@ class ControlAPI:
 
     async def delete_backend(self, request: web.Request) -> web.Response:
         backend_id = _backend_id(request.match_info["id"])
+        self._owner(request, backend_id)
         if not self.dp.del_backend(backend_id):  # its sessions and flows go too
             raise ApiError(404, f"no backend {backend_id}")
         self.instances.pop(backend_id, None)
+        self.refreshed.pop(backend_id, None)
         return web.Response(status=204)
 
     async def list_sessions(self, request: web.Request) -> web.Response:
+        """Every session (admin), or with ``?backend=N`` one backend's (its own token suffices)."""
+        raw = request.query.get("backend")
+        only = _backend_id(raw) if raw is not None else None
+        if only is None:
+            self._admin(request)
+        else:
+            self._owner(request, only)
+
         def read() -> tuple[dict[str, int], list]:
             flows: dict[str, int] = {}
             for f in self.dp.flows():
                 flows[f.ufrag] = flows.get(f.ufrag, 0) + 1
-            return flows, self.dp.sessions()
+            return flows, [s for s in self.dp.sessions() if only is None or s.backend_id == only]
 
         flows, sessions = await off_loop(self.walker, read)
         now = time.monotonic_ns()
@@ -352,6 +469,7 @@ class ControlAPI:
         ufrag = _ufrag(request.match_info["ufrag"])
         body = await _json_object(request, SESSION_FIELDS)
         backend_id = _int_field(body, "backend", 1, MAX_BACKEND_ID)
+        self._owner(request, backend_id)
         if self.dp.backend(backend_id) is None:
             raise ApiError(409, f"backend {backend_id} is not registered")
         if self.deletions.pending(ufrag):
@@ -372,11 +490,22 @@ class ControlAPI:
         return web.json_response({"ufrag": ufrag, "backend": backend_id}, status=201)
 
     async def delete_session(self, request: web.Request) -> web.Response:
-        if not await self.deletions.delete(_ufrag(request.match_info["ufrag"])):  # its flows go too
+        ufrag = _ufrag(request.match_info["ufrag"])
+        principal = request[PRINCIPAL]
+        if principal != ADMIN:
+            existing = self.dp.session(ufrag)
+            if existing is None and not self.deletions.pending(ufrag):
+                raise ApiError(404, "no such session")
+            if existing is not None and existing.backend_id != principal:
+                raise ApiError(403, f"backend {principal}'s token cannot delete a session of another backend")
+            if existing is not None:
+                self._owner(request, existing.backend_id)
+        if not await self.deletions.delete(ufrag):  # its flows go too
             raise ApiError(404, "no such session")
         return web.Response(status=204)
 
     async def list_flows(self, request: web.Request) -> web.Response:
+        self._admin(request)
         raw = request.query.get("limit", str(DEFAULT_FLOW_LIMIT))
         if not DIGITS_RE.fullmatch(raw) or not 1 <= int(raw) <= MAX_FLOW_LIMIT:
             raise ApiError(400, f"limit must be an integer 1..{MAX_FLOW_LIMIT}")
@@ -386,12 +515,14 @@ class ControlAPI:
             {"client": f.client, "backend": f.backend_id, "ufrag": f.ufrag,
              "age_s": _age_s(now, f.created_ns), "idle_s": _age_s(now, f.last_seen_ns),
              "packets": f.packets, "bytes": f.bytes, "rx_packets": f.rx_packets, "rx_bytes": f.rx_bytes,
+             "pending": f.pending,
              **({"internal_port": f.internal_port, "internal_set": f.internal_set}   # translating: the backend's
                 if f.internal_port else {})}                                            # view
             for f in flows
         ])
 
     async def stats(self, request: web.Request) -> web.Response:
+        self._admin(request)
         return web.json_response({"counters": [
             {"name": name, "direction": c.spec.direction, "verdict": c.spec.verdict,
              "reason": c.spec.reason, "packets": c.packets, "bytes": c.bytes}

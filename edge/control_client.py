@@ -32,6 +32,11 @@ def _session_path(ufrag: str) -> str:
     return f"/v1/sessions/{quote(ufrag, safe='')}"  # ufrags may hold '/' and '+'
 
 
+def _sessions_path(backend: int | None) -> str:
+    """All sessions (the admin token), or one backend's (its own token suffices)."""
+    return "/v1/sessions" if backend is None else f"/v1/sessions?backend={int(backend)}"
+
+
 def _flows_path(limit: int | None) -> str:
     return "/v1/flows" if limit is None else f"/v1/flows?limit={int(limit)}"
 
@@ -125,8 +130,8 @@ class AsyncControlClient:
     async def delete_session(self, ufrag: str) -> None:
         await self._call("DELETE", _session_path(ufrag))
 
-    async def sessions(self) -> list[dict]:
-        return await self._call("GET", "/v1/sessions")
+    async def sessions(self, backend: int | None = None) -> list[dict]:
+        return await self._call("GET", _sessions_path(backend))
 
     async def flows(self, limit: int | None = None) -> list[dict]:
         return await self._call("GET", _flows_path(limit))
@@ -190,8 +195,8 @@ class ControlClient:
     def delete_session(self, ufrag: str) -> None:
         self.call("DELETE", _session_path(ufrag))
 
-    def sessions(self) -> list[dict]:
-        return self.call("GET", "/v1/sessions")
+    def sessions(self, backend: int | None = None) -> list[dict]:
+        return self.call("GET", _sessions_path(backend))
 
     def flows(self, limit: int | None = None) -> list[dict]:
         return self.call("GET", _flows_path(limit))

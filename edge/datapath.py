@@ -25,6 +25,7 @@ from splitrelay.bpf import consts, syscall
 from splitrelay.edge import counters as counters_mod
 from splitrelay.edge import xdp_codec as codec
 from splitrelay.edge import xdp_loader as loader
+from splitrelay.edge.plane import PENDING_TIMEOUT_S
 from splitrelay.edge.ports import PortPool, flow_pair
 from splitrelay.edge.records import (
     INTERNAL_SLOT,
@@ -60,6 +61,7 @@ class Datapath:
             raise DatapathError(f"bad instance name {self.instance!r}")
         self._bpf = None
         self._ports: PortPool | None = None
+        self.flows_after_ageing: int | None = None   # the flow count the last age_flows walk left
 
     @property
     def ports(self) -> PortPool:
@@ -353,24 +355,27 @@ class Datapath:
             self.recount_session_flows()
         return removed
 
-    def age_flows(self, idle_s: float) -> int:
-        """Remove flows idle for longer than idle_s; returns how many went.
+    def age_flows(self, idle_s: float, pending_s: float = PENDING_TIMEOUT_S) -> int:
+        """Remove flows idle for longer than idle_s, and pending ones opened longer than pending_s
+        ago (their backend never answered: a spoofed or forged request); returns how many went.
 
-        One batched pass: it finds the idle flows and counts each session's live ones,
-        so the sessions' allowances are recounted without reading the table again.
+        One batched pass: it finds the doomed flows and counts each ufrag's live confirmed ones,
+        so the allowances are recounted without reading the table again.
         """
-        cutoff = time.monotonic_ns() - int(idle_s * 1e9)
+        now = time.monotonic_ns()
+        cutoff, pending_cutoff = now - int(idle_s * 1e9), now - int(pending_s * 1e9)
         table = self.bpf[b"flows"]
         stale = []
         live: dict[bytes, int] = {}
         for key, leaf in self._walk(table):
-            if leaf.last_seen_ns < cutoff:
+            if leaf.last_seen_ns < cutoff or (leaf.pending and leaf.created_ns < pending_cutoff):
                 stale.append((table.Key.from_buffer_copy(key), flow_pair(leaf)))
-            else:
+            elif not leaf.pending:
                 ufrag = bytes(leaf.ufrag.ufrag)
                 live[ufrag] = live.get(ufrag, 0) + 1
         gone = [port for key, port in stale if self._delete(table, key)]
         removed = len(gone)
+        self.flows_after_ageing = sum(live.values()) + len(stale) - removed   # /metrics, without a walk
         self._release_ports(gone)
         if self._ports is not None:
             self._ports.return_due()
@@ -379,35 +384,49 @@ class Datapath:
         return removed
 
     def recount_session_flows(self) -> None:
-        """Give each session back the allowance of the flows that went.
+        """Give each ufrag back the allowance of the confirmed flows that went.
 
         XDP only counts up (it cannot see deletions); the flow map is the truth, so
-        the agent recounts from it after removing flows.  A packet that opens a flow
-        during the recount is seen at the next one.
+        the agent recounts from it after removing flows.  A flow confirmed during the
+        recount is seen at the next one.
         """
         live: dict[bytes, int] = {}
         for _, leaf in self._walk(self.bpf[b"flows"]):
-            key = bytes(leaf.ufrag.ufrag)
-            live[key] = live.get(key, 0) + 1
+            if not leaf.pending:
+                key = bytes(leaf.ufrag.ufrag)
+                live[key] = live.get(key, 0) + 1
         self._set_session_flows(live)
 
     def _set_session_flows(self, live: dict[bytes, int]) -> None:
-        """Write each session's live flow count (``live``: raw ufrag key -> flows) where it differs."""
-        table = self.bpf[b"sessions"]
-        for key, leaf in table.items():
-            count = live.get(bytes(key.ufrag), 0)
-            if leaf.flows != count:
-                leaf.flows = count
-                # BPF_EXIST: a session deleted meanwhile (this may run in the table-walker thread
-                # while the loop serves a DELETE) must stay deleted, not come back with a count
-                syscall.map_update(table.map_fd, key, leaf, syscall.BPF_EXIST)
+        """Write each ufrag's live confirmed count (``live``: raw ufrag key -> flows) where it differs:
+        a session's in its entry, a routing hint's (no session) in its pending state."""
+        for name, field_name in ((b"sessions", "flows"), (b"pending", "confirmed")):
+            table = self.bpf[name]
+            for key, leaf in table.items():
+                count = live.get(bytes(key.ufrag), 0)
+                if getattr(leaf, field_name) != count:
+                    setattr(leaf, field_name, count)
+                    # BPF_EXIST: a session deleted meanwhile (this may run in the table-walker thread
+                    # while the loop serves a DELETE) must stay deleted, not come back with a count
+                    syscall.map_update(table.map_fd, key, leaf, syscall.BPF_EXIST)
 
-    def map_fill(self) -> dict[str, tuple[int, int]]:
-        """Entries and capacity of each hash map."""
+    def set_local_addrs(self, ips) -> None:
+        """The relay's own addresses: a backend's packet to one goes to the kernel, never to the public side."""
+        table = self.bpf[b"local_addrs"]
+        table.clear()
+        for ip in ips:
+            table[self.addr_key("local_addrs", ip, 0)] = ct.c_uint32(1)
+
+    def local_addrs(self) -> list[str]:
+        return sorted(str(codec.addr_from_words(list(k.addr), k.family)) for k in self.bpf[b"local_addrs"].keys())
+
+    def map_fill(self, known: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+        """Entries and capacity of each hash map; the maps counted in ``known`` are not walked again."""
         out = {}
         for name in ("backends", "backend_addrs", "sessions", "flows"):
             table = self.bpf[name.encode()]
-            out[name] = (sum(1 for _ in self._walk(table)), table.max_entries)
+            count = (known or {}).get(name)
+            out[name] = (sum(1 for _ in self._walk(table)) if count is None else count, table.max_entries)
         return out
 
     def counters(self) -> dict[str, counters_mod.Counter]:

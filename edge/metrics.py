@@ -1,4 +1,10 @@
-"""Prometheus metrics of the edge agent, read from the data plane at scrape time.
+"""Prometheus metrics of the edge agent: counters read at scrape time, table sizes as last aged.
+
+A scrape reads only the counter array; the table sizes come from ``tables``
+(the agent's ``TableSnapshot``, refreshed by each ageing pass), because counting
+a million-entry flow map on every scrape let a scrape flood hold the table-walker
+thread that ages flows and serves DELETEs.  Without ``tables`` (tools, tests) the
+plane's ``map_fill`` is read directly.
 
 The data plane is any ``DataPlane`` (edge/plane.py: XDP or the userspace relay):
 each answers ``counters()`` and ``map_fill()`` with the same names, so every
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -78,12 +85,17 @@ def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
     }
 
 
+class TableSizes(Protocol):
+    def map_fill(self) -> dict[str, tuple[int, int]]: ...
+
+
 class EdgeCollector(Collector):
-    """Reads the data plane on every scrape: counters (made monotonic), map fill, attachments."""
+    """Reads the counters on every scrape (made monotonic), and the table sizes from ``tables``."""
 
     def __init__(self, datapath: DataPlane, attach_info: Iterable[tuple[str, str, str]],
-                 kind: str = "xdp") -> None:
+                 kind: str = "xdp", tables: TableSizes | None = None) -> None:
         self.dp = datapath
+        self.tables = tables if tables is not None else datapath
         self.attach_info = list(attach_info)  # (iface, program, mode)
         self.kind = kind
         self.totals = MonotonicCounters()
@@ -96,7 +108,7 @@ class EdgeCollector(Collector):
         f = _families()
         try:
             counters = self.dp.counters()
-            fill = self.dp.map_fill()
+            fill = self.tables.map_fill()
         except Exception as exc:  # noqa: BLE001 - a scrape must still answer
             log.warning("cannot read the data plane for /metrics: %s", exc)
             f["up"].add_metric([], 0)
@@ -122,9 +134,9 @@ class EdgeMetrics:
     """The agent's registry: the data-plane collector plus the agent's own instruments."""
 
     def __init__(self, datapath: DataPlane, attach_info: Iterable[tuple[str, str, str]],
-                 kind: str = "xdp") -> None:
+                 kind: str = "xdp", tables: TableSizes | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.collector = EdgeCollector(datapath, attach_info, kind)
+        self.collector = EdgeCollector(datapath, attach_info, kind, tables)
         self.registry.register(self.collector)
         self.requests = Histogram(
             "splitrelay_edge_control_request_duration_seconds", "Control API request latency by route template",
@@ -134,6 +146,9 @@ class EdgeMetrics:
                                    registry=self.registry)
         self.aged_flows = Counter("splitrelay_edge_flows_aged", "Idle flows removed by ageing",
                                   registry=self.registry)
+        self.aged_sessions = Counter("splitrelay_edge_sessions_aged",
+                                     "Sessions removed: no flow for the session idle time, their backend quiet",
+                                     registry=self.registry)
         self.ageing_errors = Counter("splitrelay_edge_flow_ageing_errors", "Flow ageing passes that failed",
                                      registry=self.registry)
 

@@ -23,6 +23,10 @@ from splitrelay.bpf import consts
 from splitrelay.edge.counters import Counter, counter_specs
 from splitrelay.edge.records import NO_MAC, Attachment, Backend, DatapathError, Flow, RelayConfig, Session
 
+# A pending flow (opened by a client's request) whose backend has not answered in this long is a
+# spoofed or forged request's: it goes at the next ageing pass.  ICE answers in one round trip.
+PENDING_TIMEOUT_S = 5.0
+
 
 @dataclass
 class PlaneConfig:
@@ -127,9 +131,10 @@ class DataPlane(Protocol):
     def del_flow(self, client: tuple[str, int]) -> bool:
         """Remove one flow and give its session the allowance back; False (not an error) when absent."""
 
-    def age_flows(self, idle_s: float) -> int:
-        """Remove every flow no client packet refreshed for ``idle_s``; returns how many went, and
-        leaves each session's allowance in use equal to its live flows."""
+    def age_flows(self, idle_s: float, pending_s: float = PENDING_TIMEOUT_S) -> int:
+        """Remove every flow no client packet refreshed for ``idle_s``, and every pending one opened
+        more than ``pending_s`` ago; returns how many went, and leaves each ufrag's allowance in use
+        equal to its live confirmed flows."""
 
     def map_fill(self) -> dict[str, tuple[int, int]]:
         """(entries, capacity) of the backends, backend_addrs, sessions and flows tables."""
@@ -212,7 +217,7 @@ class NullPlane:
     def del_flow(self, client: tuple[str, int]) -> bool:
         return False
 
-    def age_flows(self, idle_s: float) -> int:
+    def age_flows(self, idle_s: float, pending_s: float = PENDING_TIMEOUT_S) -> int:
         return 0
 
     def map_fill(self) -> dict[str, tuple[int, int]]:

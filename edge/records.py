@@ -147,6 +147,7 @@ class Flow:
     rx_bytes: int
     internal_port: int = 0   # translate: the relay's internal port the transceiver sees as this client
     internal_set: int = 0    # translate: ... on this internal address set (RelayConfig.internal_sets())
+    pending: bool = False    # opened by the client's request, not yet answered by its backend: STUN only
 
     @property
     def internal_pair(self) -> int:

@@ -12,10 +12,14 @@ and, when it is forwarded, the backend and the server ufrag of its flow.
 Order of the checks, as in C: RFC 7983 class by the first byte; a Binding
 Request by its server ufrag (the session table, else a routing hint: forged,
 unknown, unregistered backend, wrong policy), then the client's flow
-(refreshed when it already goes to that backend), the session's allowance
-and the table's room for a new flow, the backend's address family; every
-other packet by the client's flow.  What only a plane can see (a socket it
-cannot open, a redirect the kernel refuses) it counts itself.
+(refreshed when it already goes to that backend; a confirmed flow of another
+backend is never moved: ``flow_takeover``), the ufrag's allowance of confirmed
+flows and the table's room for a new flow, the backend's address family;
+every other packet by the client's flow, where a pending flow (one its
+backend has not answered yet) carries STUN only.  A new flow is pending; the
+plane confirms it when the backend answers (``wire.stun.confirms_flow``).  What only a
+plane can see (a socket it cannot open, a redirect the kernel refuses) it
+counts itself.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class Decision:
     counter: str                  # the SR_STATS name the packet is counted under
     backend_id: int | None = None  # the backend it is forwarded to; None: dropped
     ufrag: str | None = None      # the server ufrag its flow is (re)opened under; None: routed by flow
-    opens_flow: bool = False      # the client gets a new flow (or its flow moves to another backend)
+    opens_flow: bool = False      # the client gets a new pending flow (or its pending flow moves elsewhere)
 
     @property
     def forwarded(self) -> bool:
@@ -54,7 +58,7 @@ class RoutingTables:
 
     sessions: Mapping[str, Session] = field(default_factory=dict)
     backends: Mapping[int, Backend] = field(default_factory=dict)
-    session_flows: Mapping[str, int] = field(default_factory=dict)   # ufrag -> its allowance in use
+    session_flows: Mapping[str, int] = field(default_factory=dict)   # ufrag -> its confirmed flows
     policy: str = "strict"
     hint_key: bytes | None = None
     max_session_flows: int = consts.DEFAULT_SESSION_FLOWS          # 0 = unlimited
@@ -74,12 +78,14 @@ def _has_family(backend: Backend, family: int) -> bool:
 
 
 def route(payload: bytes, tables: RoutingTables, *, family: int = consts.FAMILY_V4,
-          flow_backend: int | None = None, flows_full: bool = False, ports_empty: bool = False) -> Decision:
+          flow_backend: int | None = None, flow_pending: bool = False, flows_full: bool = False,
+          ports_empty: bool = False) -> Decision:
     """The decision for one datagram from a client to the relay port (module docstring).
 
-    ``flow_backend`` is the backend of the client's (ip, port) flow, None without one;
-    ``flows_full`` says the flow table has no room for a new entry; ``ports_empty`` that a
-    translating relay has no free flow port (checked first: the port is taken before the entry).
+    ``flow_backend`` is the backend of the client's (ip, port) flow, None without one, and
+    ``flow_pending`` whether that flow still waits for its backend's answer; ``flows_full`` says
+    the flow table has no room for a new entry; ``ports_empty`` that a translating relay has no
+    free flow port (checked first: the port is taken before the entry).
     """
     if not payload:
         return Decision("IN_DROP_UNKNOWN_CLASS")
@@ -90,11 +96,13 @@ def route(payload: bytes, tables: RoutingTables, *, family: int = consts.FAMILY_
         except StunError as exc:
             return Decision(STUN_DROP[exc.reason])
         if ufrag is not None:
-            return _binding_request(ufrag, tables, family, flow_backend, flows_full, ports_empty)
+            return _binding_request(ufrag, tables, family, flow_backend, flow_pending, flows_full, ports_empty)
     elif not (20 <= first <= 63 or 128 <= first <= 191):
         return Decision("IN_DROP_UNKNOWN_CLASS")     # ZRTP, TURN ChannelData, unassigned
     if flow_backend is None:                         # DTLS, RTP/RTCP, other STUN: by flow
         return Decision("IN_DROP_NO_FLOW")
+    if flow_pending and first > 3:                   # no media before the backend answered
+        return Decision("IN_DROP_PENDING")
     backend = tables.backends.get(flow_backend)
     if backend is None:
         return Decision("IN_DROP_NO_BACKEND")
@@ -104,7 +112,7 @@ def route(payload: bytes, tables: RoutingTables, *, family: int = consts.FAMILY_
 
 
 def _binding_request(ufrag: str, tables: RoutingTables, family: int, flow_backend: int | None,
-                     flows_full: bool, ports_empty: bool = False) -> Decision:
+                     flow_pending: bool, flows_full: bool, ports_empty: bool = False) -> Decision:
     session = tables.sessions.get(ufrag)
     if session is not None:
         backend_id, counter = session.backend_id, "IN_FWD_STUN_UFRAG"
@@ -126,9 +134,11 @@ def _binding_request(ufrag: str, tables: RoutingTables, family: int, flow_backen
         if not _has_family(backend, family):
             return Decision("IN_DROP_FAMILY")
         return Decision(counter, backend_id, ufrag)
-    if session is not None and flow_backend is None and tables.max_session_flows and \
+    if flow_backend is not None and not flow_pending:
+        return Decision("IN_DROP_TAKEOVER")          # a confirmed flow stays with its backend
+    if flow_backend is None and tables.max_session_flows and \
             tables.session_flows.get(ufrag, 0) >= tables.max_session_flows:
-        return Decision("IN_DROP_SESSION_FLOWS")     # a new 5-tuple beyond the session's allowance
+        return Decision("IN_DROP_SESSION_FLOWS")     # the ufrag's confirmed flows fill its allowance
     if flow_backend is None and ports_empty:
         return Decision("IN_DROP_PORT_POOL_EMPTY")   # translating: refused, no live flow is evicted
     if flow_backend is None and flows_full:
@@ -157,11 +167,15 @@ def route_reply(src: tuple[str, int], dst: tuple[str, int], *, internal_ips: Seq
     (index = set), ``ports`` the flow-port range, ``holders`` the allocated pairs ((set << 16) | port).
     Not for a relay's (internal address, a port of the range): the host's own (passed).  A pair no
     flow holds, or a sender that is not the holder's backend (address and port), is dropped: the
-    internal side opens nothing.
+    internal side opens nothing.  A backend's packet (from its mux address and port) to anywhere
+    but the relay is dropped (``no_flow``); one to the relay outside the range passes (``relay_address``).
     """
     sets = [i for i, ip in enumerate(internal_ips) if ip is not None and ip == dst[0]]
+    from_a_backend = any(src == ((b.ip6 if ":" in src[0] else b.ip4), b.port) for b in backends.values())
     if not sets or not ports[0] <= dst[1] <= ports[1]:
-        return Decision("OUT_PASS_OTHER")
+        if not from_a_backend:
+            return Decision("OUT_PASS_OTHER")
+        return Decision("OUT_PASS_LOCAL" if sets else "OUT_DROP_NO_FLOW")
     pair = (sets[0] << 16) | dst[1]
     holder = holders.get(pair)
     if holder is None or (":" in holder.client[0]) != (":" in dst[0]):

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 from splitrelay.bpf import consts
 from splitrelay.edge import counters as counters_mod
-from splitrelay.edge.plane import PlaneConfig
+from splitrelay.edge.plane import PENDING_TIMEOUT_S, PlaneConfig
 from splitrelay.edge.records import (
     NO_MAC,
     Attachment,
@@ -230,7 +230,8 @@ class UserspacePlane(UserspaceRelay):
     def _flow_record(flow: LiveFlow) -> Flow:
         return Flow(client_ip=flow.key[0], client_port=flow.key[1], backend_id=flow.backend_id, ufrag=flow.ufrag,
                     client_mac=NO_MAC, created_ns=flow.created_ns, last_seen_ns=flow.last_seen_ns,
-                    packets=flow.packets, bytes=flow.bytes, rx_packets=flow.rx_packets, rx_bytes=flow.rx_bytes)
+                    packets=flow.packets, bytes=flow.bytes, rx_packets=flow.rx_packets, rx_bytes=flow.rx_bytes,
+                    pending=flow.pending)
 
     def _find(self, client: tuple[str, int]) -> LiveFlow | None:
         return self._flows.get((_normal_ip(client[0])[1], int(client[1])))
@@ -259,13 +260,16 @@ class UserspacePlane(UserspaceRelay):
         self._remove(found)
         return True
 
-    def age_flows(self, idle_s: float) -> int:
-        """Remove flows idle (no client packet) for longer than idle_s, closing their sockets.
+    def age_flows(self, idle_s: float, pending_s: float = PENDING_TIMEOUT_S) -> int:
+        """Remove flows idle (no client packet) for longer than idle_s, and pending ones opened longer
+        than pending_s ago, closing their sockets.
 
         The allowance in use is counted exactly as flows come and go: nothing to recount.
         """
-        cutoff = time.monotonic_ns() - int(idle_s * 1e9)
-        stale = [flow for flow in self._flows.values() if flow.last_seen_ns < cutoff]
+        now = time.monotonic_ns()
+        cutoff, pending_cutoff = now - int(idle_s * 1e9), now - int(pending_s * 1e9)
+        stale = [flow for flow in self._flows.values()
+                 if flow.last_seen_ns < cutoff or (flow.pending and flow.created_ns < pending_cutoff)]
         for flow in stale:
             self._remove(flow)
         return len(stale)
@@ -323,7 +327,7 @@ class UserspacePlane(UserspaceRelay):
     def del_session(self, ufrag: str) -> bool:
         """Remove a session and the flows it created; False if it was not there."""
         removed = self._sessions.pop(ufrag, None) is not None
-        if self._ufrag_flows.get(ufrag):
+        if self._ufrag_flows.get(ufrag) or ufrag in self._pending:   # its confirmed or its pending flows
             for flow in [f for f in self._flows.values() if f.ufrag == ufrag]:
                 self._remove(flow)
         return removed

@@ -21,10 +21,13 @@ import asyncio
 import logging
 import socket
 import time
+from collections import deque
 
 from splitrelay.edge import counters as counters_mod
 from splitrelay.edge.records import Backend, DatapathError, RelayConfig, Session
+from splitrelay.bpf import consts
 from splitrelay.edge.routing import RoutingTables, route
+from splitrelay.wire.stun import confirms_flow
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ C_FLOW_FULL = INDEX["IN_DROP_FLOW_FULL"]
 C_IN_REDIRECT = INDEX["IN_DROP_REDIRECT"]
 C_OUT_FWD = INDEX["OUT_FWD"]
 C_OUT_REDIRECT = INDEX["OUT_DROP_REDIRECT"]
+C_PENDING = INDEX["IN_DROP_PENDING"]
+C_OUT_CONFIRM = INDEX["OUT_FWD_CONFIRM"]
+C_OUT_SESSION_FLOWS = INDEX["OUT_DROP_SESSION_FLOWS"]
 
 
 class _Side:
@@ -64,7 +70,7 @@ class LiveFlow:
     """A client flow as the relay holds it: its socket to the backend and its counts."""
 
     __slots__ = ("key", "reply_to", "side", "backend_id", "ufrag", "sock", "fd", "created_ns", "last_seen_ns",
-                 "packets", "bytes", "rx_packets", "rx_bytes")
+                 "packets", "bytes", "rx_packets", "rx_bytes", "pending")
 
     def __init__(self, key: tuple, reply_to: tuple, side: _Side, backend_id: int, ufrag: str,
                  sock: socket.socket, now: int, size: int) -> None:
@@ -81,6 +87,7 @@ class LiveFlow:
         self.bytes = size
         self.rx_packets = 0
         self.rx_bytes = 0
+        self.pending = True      # until its backend answers (wire.stun.confirms_flow): STUN only
 
 
 class UserspaceRelay:
@@ -101,7 +108,8 @@ class UserspaceRelay:
         self._backends: dict[int, Backend] = {}
         self._sessions: dict[str, Session] = {}
         self._flows: dict[tuple, LiveFlow] = {}
-        self._ufrag_flows: dict[str, int] = {}   # live flows per ufrag: each session's allowance in use
+        self._ufrag_flows: dict[str, int] = {}   # live confirmed flows per ufrag: its allowance in use
+        self._pending: dict[str, deque] = {}     # per ufrag, its last PENDING_FLOWS pending flows (relay.c's ring)
         self._tables = RoutingTables(self._sessions, self._backends, self._ufrag_flows)   # the same dicts
         n = len(counters_mod.counter_specs())
         self._packets = [0] * n
@@ -212,6 +220,10 @@ class UserspaceRelay:
                     packets[C_NO_FLOW] += 1
                     bytes_[C_NO_FLOW] += size
                     continue
+                if flow.pending:                      # no media before the backend answered
+                    packets[C_PENDING] += 1
+                    bytes_[C_PENDING] += size
+                    continue
                 if flow.backend_id not in backends:
                     packets[C_NO_BACKEND] += 1
                     bytes_[C_NO_BACKEND] += size
@@ -238,7 +250,7 @@ class UserspaceRelay:
         """A datagram ``routing.route`` decides on; this carries the decision out."""
         flow = self._flows.get(key)
         decision = route(bytes(self._view[:n]), self._tables, family=6 if side.v6 else 4,
-                         flow_backend=flow.backend_id if flow else None,
+                         flow_backend=flow.backend_id if flow else None, flow_pending=bool(flow and flow.pending),
                          flows_full=len(self._flows) >= self.max_flows)
         stat = INDEX[decision.counter]
         if not decision.forwarded:
@@ -258,11 +270,11 @@ class UserspaceRelay:
         if sock is None:
             self._count(refused, size)
             return
-        if flow is not None:                         # the 5-tuple moves to another backend
+        if flow is not None:                         # a pending 5-tuple moves to another backend
             self._remove(flow)
         flow = LiveFlow(key, addr, side, decision.backend_id, decision.ufrag, sock, time.monotonic_ns(), size)
         self._flows[key] = flow
-        self._ufrag_flows[decision.ufrag] = self._ufrag_flows.get(decision.ufrag, 0) + 1
+        self._enter_pending_ring(flow)
         self._loop.add_reader(flow.fd, self._on_flow, flow)
         self._send(flow, n, size, stat)
 
@@ -294,6 +306,21 @@ class UserspaceRelay:
             return
         self._count(stat, size)
 
+    def _confirm(self, flow: LiveFlow, n: int, size: int) -> int | None:
+        """A backend's datagram on a pending flow: the counter it goes out under (confirmed by a STUN
+        answer, charged to the ufrag's allowance), or None when a full allowance drops it."""
+        if not confirms_flow(self._view[:n]):
+            return C_OUT_FWD
+        held = self._ufrag_flows.get(flow.ufrag, 0)
+        limit = self._tables.max_session_flows
+        if limit and held >= limit:
+            self._count(C_OUT_SESSION_FLOWS, size)
+            return None
+        self._ufrag_flows[flow.ufrag] = held + 1
+        self._leave_pending_ring(flow)
+        flow.pending = False
+        return C_OUT_CONFIRM
+
     def _on_flow(self, flow: LiveFlow) -> None:
         """Readable flow socket: the backend's replies go out of the public socket to the client."""
         buf, view = self._buf, self._view
@@ -312,6 +339,9 @@ class UserspaceRelay:
                 return        # closed under us (the flow went), or a transient error
             try:
                 size = n + overhead
+                stat = C_OUT_FWD if not flow.pending else self._confirm(flow, n, size)
+                if stat is None:
+                    continue
                 try:
                     sendto(view[:n], reply_to)
                 except OSError:
@@ -320,8 +350,8 @@ class UserspaceRelay:
                     continue
                 flow.rx_packets += 1
                 flow.rx_bytes += size
-                packets[C_OUT_FWD] += 1
-                bytes_[C_OUT_FWD] += size
+                packets[stat] += 1
+                bytes_[stat] += size
             except Exception:  # noqa: BLE001 - as in _on_public
                 self._internal_error()
 
@@ -335,9 +365,31 @@ class UserspaceRelay:
     # -- flows ---------------------------------------------------------------------------
 
     def _move_ufrag(self, flow: LiveFlow, ufrag: str) -> None:
+        if flow.pending:                      # stays bounded by its new ufrag's ring
+            self._leave_pending_ring(flow)
+            flow.ufrag = ufrag
+            self._enter_pending_ring(flow)
+            return
         self._release_ufrag(flow.ufrag)
         flow.ufrag = ufrag
         self._ufrag_flows[ufrag] = self._ufrag_flows.get(ufrag, 0) + 1
+
+    def _enter_pending_ring(self, flow: LiveFlow) -> None:
+        """A pending flow joins its ufrag's ring; the oldest of a full ring goes if it is still a
+        pending flow of that ufrag (enter_pending_ring in relay.c)."""
+        ring = self._pending.setdefault(flow.ufrag, deque())
+        if len(ring) >= consts.PENDING_FLOWS:
+            old = ring.popleft()
+            if old is not flow and old.pending and old.ufrag == flow.ufrag and self._flows.get(old.key) is old:
+                self._remove(old)
+        ring.append(flow)
+
+    def _leave_pending_ring(self, flow: LiveFlow) -> None:
+        ring = self._pending.get(flow.ufrag)
+        if ring is not None and flow in ring:
+            ring.remove(flow)
+            if not ring:
+                del self._pending[flow.ufrag]
 
     def _release_ufrag(self, ufrag: str) -> None:
         left = self._ufrag_flows.get(ufrag, 0) - 1
@@ -349,7 +401,10 @@ class UserspaceRelay:
     def _remove(self, flow: LiveFlow) -> None:
         if self._flows.get(flow.key) is flow:
             del self._flows[flow.key]
-        self._release_ufrag(flow.ufrag)
+        if flow.pending:
+            self._leave_pending_ring(flow)
+        else:
+            self._release_ufrag(flow.ufrag)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(flow.fd)
         flow.sock.close()

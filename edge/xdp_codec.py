@@ -134,4 +134,5 @@ def flow_from(key, leaf) -> Flow:
         rx_bytes=leaf.rx_bytes,
         internal_port=from_be16(leaf.xlate_port),
         internal_set=leaf.xlate_addr,
+        pending=bool(leaf.pending),
     )

@@ -26,7 +26,7 @@ FORBIDDEN_IFACES = {"eth0", "lo"}
 PROGRAMS = ("xdp_public", "xdp_internal")
 # every bcc table of relay.c, all pinned under pin_dir (their types come from the source, via bcc)
 MAP_NAMES = ("config", "backends", "backend_addrs", "sessions", "flows", "stats", "tx_ports", "port_slots",
-             "port_pool")
+             "port_pool", "pending", "local_addrs")
 VERIFIER_LOG_SIZE = 1 << 24
 ATTACH_MODES = ("auto", "native", "generic")
 

@@ -88,6 +88,7 @@ class XdpPlane(Datapath):
             self.xlate_addrs = max(1, len(relay.internal_sets()))
         self.load()
         self.configure(relay)
+        self.set_local_addrs(_own_addresses(self.common.public_iface, self.common.internal_iface))
         if relay.translate:   # before attaching; over pinned flows, skipping the ports they hold
             log.info("translation: %d free flow ports in %d-%d", self.ports.refill(), *relay.translate_ports)
         mode = self.attach(self.common.public_iface, self.common.internal_iface, mode=self.options.mode)
@@ -115,6 +116,14 @@ class XdpPlane(Datapath):
 
     def internal_mac(self) -> str:
         return neighbours.interface_mac(self.common.internal_iface)
+
+
+def _own_addresses(*ifaces: str | None) -> list[str]:
+    """Every global address of the relay's interfaces: what a backend sends there is for the host
+    (sockets on its internal address), passed to the kernel, never forwarded (blocking)."""
+    from splitrelay.edge.userspace import interface_address_list
+
+    return sorted({addr for iface in dict.fromkeys(ifaces) if iface for _, addr in interface_address_list(iface)})
 
 
 def _internal_addresses(iface: str, o: XdpOptions) -> dict[int, str]:

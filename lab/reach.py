@@ -25,10 +25,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Reach:
-    """A URL and the namespace a request to it must come from (None: this namespace)."""
+    """A URL, the namespace a request to it must come from (None: this namespace) and the file of the
+    bearer token it wants (None: none known)."""
 
     url: str
     netns: str | None = None
+    token: str | None = None        # the lab's admin token, for its agents' control APIs
+    token_file: str | None = None   # the file of a transceiver admin listener's token
 
     def call(self, fn: Callable[[], T]) -> T:
         """``fn()`` with its sockets made in ``netns``."""
@@ -78,9 +81,9 @@ def unreachable_from_here(url: str) -> list[str]:
 
 def control(lab: Lab, url: str | None = None, relay: int = 1) -> Reach:
     """Relay ``relay``'s agent's control API (or ``url``), from that relay's namespace."""
-    from splitrelay.lab.stack import control_url
+    from splitrelay.lab.stack import control_token, control_url
 
-    return Reach(url or control_url(lab, relay), lab.relay(relay).netns)
+    return Reach(url or control_url(lab, relay), lab.relay(relay).netns, control_token(lab))
 
 
 def whip(lab: Lab, url: str | None = None) -> Reach:
@@ -89,3 +92,11 @@ def whip(lab: Lab, url: str | None = None) -> Reach:
     from splitrelay.lab.stack import whip_url
 
     return Reach(url or whip_url(lab.transceivers[0]), lab.client.netns)
+
+
+def admin(lab: Lab, url: str | None = None) -> Reach:
+    """A transceiver's admin listener (default: the first transceiver's), from the client's namespace,
+    with the lab's admin token."""
+    from splitrelay.lab.stack import admin_url
+
+    return Reach(url or admin_url(lab.transceivers[0]), lab.client.netns, str(lab.secret_file("admin.token")))

@@ -7,6 +7,8 @@ stack this way, each daemon as a real process in its own namespace.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
 import sys
 import time
@@ -14,15 +16,21 @@ from ipaddress import ip_address
 from pathlib import Path
 
 from splitrelay.edge.control_client import ControlClient
+from splitrelay.edge.credentials import backend_token
 from splitrelay.edge.xdp_loader import unpin
-from splitrelay.lab import impair
+from splitrelay.lab import impair, udp_block
 from splitrelay.lab.floating import floated
 from splitrelay.lab.impair import Impairment
-from splitrelay.lab.topology import BACKEND_PORT, STATE_DIR, Lab
+from splitrelay.lab.topology import BACKEND_PORT, SECRETS, STATE_DIR, Lab
 from splitrelay.lab.netns import LabError, in_netns
+from splitrelay import tokens
 
 CONTROL_PORT = 8470
 WHIP_PORT = 8080
+ADMIN_PORT = 8081
+BROWSER_ORIGIN = "http://localhost"   # the origin client/browser.py serves its call page from
+LAB_TOKEN_TTL = 3600.0                # a lab_info token outlives any test's call, and no lab's state
+TCP_PORT = 443          # every lab agent's ICE-TCP port (edge serve's default), offered by every transceiver
 READY_TIMEOUT = 120.0  # bounds a failure only: a bcc compile took 31 s at load 12; --relays N compiles N at once
 
 
@@ -36,8 +44,69 @@ def instance(lab: Lab, relay: int = 1) -> str:
     return lab.name if relay == 1 else f"{lab.name}-r{relay}"
 
 
+def control_key_file(lab: Lab) -> Path:
+    """The lab's master control token (made on first use): every agent's --token-file, the admin's token."""
+    path = STATE_DIR / f"{lab.name}-control.key"
+    if not path.exists():
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32) + "\n")
+    return path
+
+
+def control_token(lab: Lab, backend_id: int | None = None) -> str:
+    """The admin token of the lab's agents, or with ``backend_id`` that transceiver's own."""
+    master = control_key_file(lab).read_text().strip()
+    return master if backend_id is None else backend_token(master, backend_id)
+
+
 def whip_url(t) -> str:  # noqa: ANN001
     return f"http://{t.signal_ip4}:{WHIP_PORT}/whip"
+
+
+def admin_url(t) -> str:  # noqa: ANN001
+    """Transceiver ``t``'s admin listener (/sessions, /metrics): on its signaling address, not loopback, so
+    Prometheus and the CLI reach it from another of the lab's namespaces, behind the lab's admin token."""
+    return f"http://{t.signal_ip4}:{ADMIN_PORT}"
+
+
+def make_secrets(lab: Lab) -> None:
+    """The lab's WHIP key and admin token, unless it has them: random, readable by their owner only."""
+    for what in SECRETS:
+        path = lab.secret_file(what)
+        if not path.exists():
+            STATE_DIR.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32) + "\n")
+
+
+def auth_args(lab: Lab) -> list[str]:
+    """`transceiver serve` arguments with the lab's credentials: offer tokens for audience = the lab's
+    name, the lab's browser page's origin, the admin listener behind the admin token."""
+    make_secrets(lab)
+    return ["--whip-key-file", str(lab.secret_file("whip.key")), "--whip-audience", lab.name,
+            "--cors-origin", BROWSER_ORIGIN, "--admin-token-file", str(lab.secret_file("admin.token"))]
+
+
+def admin_get(lab: Lab, url: str, path: str) -> bytes:
+    """GET ``path`` of the admin listener at ``url`` (``admin_url(t)``) with the lab's admin token, from
+    the client's namespace."""
+    import urllib.request
+
+    token = tokens.load_key(lab.secret_file("admin.token")).decode()
+    request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"})
+
+    def get() -> bytes:
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - the lab's own URL
+            return resp.read()
+
+    return in_netns(lab.client.netns, get)
+
+
+def whip_token(lab: Lab, ttl_s: float = LAB_TOKEN_TTL, max_call_s: float | None = LAB_TOKEN_TTL) -> str:
+    """A fresh offer token for the lab's transceivers, as an app backend would mint one."""
+    return tokens.mint(tokens.load_key(lab.secret_file("whip.key")), lab.name, ttl_s, max_call_s)
 
 
 def lab_info(lab: Lab) -> dict:
@@ -50,11 +119,16 @@ def lab_info(lab: Lab) -> dict:
         "relay_public": f"{lab.relay_public.ip4}:{lab.relay_port}",
         "relay_public6": f"[{lab.relay_public.ip6}]:{lab.relay_port}",
         "control_url": control_url(lab),
-        "metrics_urls": [control_url(lab) + "/metrics"] + [
-            whip_url(t).replace("/whip", "/metrics") for t in lab.transceivers],
+        "metrics_urls": [control_url(lab) + "/metrics"] + [admin_url(t) + "/metrics" for t in lab.transceivers],
+        # what a client needs (None for a lab whose transceivers the lab did not start): a token good for
+        # LAB_TOKEN_TTL (mint more with whip_key_file) and the file of the token that opens every admin_url
+        "whip_token": whip_token(lab) if lab.secret_file("whip.key").exists() else None,
+        "whip_key_file": str(lab.secret_file("whip.key")),
+        "whip_audience": lab.name,
+        "admin_token_file": str(lab.secret_file("admin.token")),
         "transceivers": [
             {"netns": t.netns, "backend_id": t.backend_id, "backend": f"{t.ip4}:{BACKEND_PORT}",
-             "whip_url": whip_url(t)}
+             "whip_url": whip_url(t), "admin_url": admin_url(t)}
             for t in lab.transceivers
         ],
         "impaired": {link: {"netns": entry["netns"], **impaired_with(lab, link)}
@@ -62,6 +136,8 @@ def lab_info(lab: Lab) -> dict:
         "floated": move.to_dict() if (move := floated(lab)) else None,   # an address moved (lab/floating.py)
         "router": lab.router.info() if lab.router else None,     # a routed lab's (lab/router.py)
         "transceivers_network": lab.networks.get("transceivers"),   # [IPv4, IPv6] behind it, or None
+        "udp_blocked": udp_block.udp_blocked(lab),   # the client's UDP to the relays is dropped (--block-udp)
+        "tcp_port": TCP_PORT,
         "relays": [
             {"index": r.index, "netns": r.netns, "relay_public": f"{r.public.ip4}:{lab.relay_port}",
              "relay_public6": f"[{r.public.ip6}]:{lab.relay_port}", "control_url": control_url(lab, r.index),
@@ -122,6 +198,10 @@ def spawn_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None =
             "--public-ip", r.public.ip6, "--gateway-ip", r.client.ip4,
             "--listen", f"{r.internal.ip4}:{CONTROL_PORT}", "--instance", instance(lab, relay),
             "--policy", policy, "--port", str(lab.relay_port), "--detach-on-exit", "--datapath", datapath,
+            "--token-file", str(control_key_file(lab)),
+            # behind a router the transceivers are not on the relay's internal network (the default range)
+            *[arg for net in (lab.networks["transceivers"] if lab.router else [])
+              for arg in ("--backend-cidr", net)],
             *(extra_args or [])]
     path = log_file(lab, "agent" if relay == 1 else f"agent{relay}")
     with path.open("w") as log:  # the daemon outlives `lab up`: its output goes to a file, not a pipe
@@ -144,8 +224,9 @@ def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
             "--processes", str(processes), "--backend-id", str(t.backend_id), *bind, "--ip6", t.ip6,
             # every relay, relay 1 (the client's default route) first and so preferred; both of each
             # relay's public addresses: IPv6 clients get a candidate too
-            *relay_args(lab, relays),
-            "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--handler", handler, *(extra_args or [])]
+            *relay_args(lab, relays), "--token", control_token(lab, t.backend_id),
+            "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--admin-listen", admin_url(t).split("//")[1],
+            *auth_args(lab), "--handler", handler, *(extra_args or [])]
     path = log_file(lab, f"t{t.index}")
     with path.open("w") as log:
         proc = lab.popen(t.netns, argv, stderr=log, stdout=log, stdin=subprocess.DEVNULL)
@@ -158,27 +239,34 @@ def relay_args(lab: Lab, relays: list[int] | None = None) -> list[str]:
     with its agent, in relay order."""
     args = []
     for r in lab.relays if relays is None else [lab.relay(i) for i in relays]:
-        args += ["--relay", f"{r.link}={r.public.ip4}:{lab.relay_port},[{r.public.ip6}]:{lab.relay_port}",
-                 "--relay-control", control_url(lab, r.index)]
+        args += ["--relay", relay_spec(lab, r, r.link), "--relay-control", control_url(lab, r.index)]
     return args
+
+
+def relay_spec(lab: Lab, r, name: str | None = None) -> str:  # noqa: ANN001
+    """A `transceiver serve --relay` value for relay ``r``: both public addresses and its TCP port."""
+    return (f"{name}=" if name else "") + \
+        f"{r.public.ip4}:{lab.relay_port},[{r.public.ip6}]:{lab.relay_port},tcp:{TCP_PORT}"
 
 
 def control(lab: Lab, fn, relay: int = 1):
     """Call relay ``relay``'s agent's control API from inside that relay's namespace."""
-    return in_netns(lab.relay(relay).netns, lambda: fn(ControlClient(control_url(lab, relay))))
+    return in_netns(lab.relay(relay).netns,
+                    lambda: fn(ControlClient(control_url(lab, relay), control_token(lab))))
 
 
 def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
               handler: str | list[str] | None = "echo", agent_args: list[str] | None = None,
               hint_key_file: str | None = None, impair: Impairment | None = None, relays: int = 1,
               far: Impairment | None = None, translate: bool = False, routed: bool = False,
-              translate_addrs: int = 1) -> dict:
+              translate_addrs: int = 1, block_udp: bool = False) -> dict:
     """Namespaces, one edge agent per relay and (unless handler is None) one transceiver per host;
     ``impair`` delays/drops UDP on the client's link to relay 1, ``far`` on its link to the last relay;
     ``handler``: one spec for every transceiver, or a list of one spec per transceiver; ``translate``:
     the agents translate both sides and the transceivers have no route to the client (Lab.create);
     ``routed`` (needs ``translate``): the transceivers sit in their own network behind a router;
-    ``translate_addrs`` (with ``translate``): internal addresses per family each relay translates with.
+    ``translate_addrs`` (with ``translate``): internal addresses per family each relay translates with;
+    ``block_udp``: the client's network drops UDP to the relays (lab/udp_block.py), so only ICE-TCP works.
 
     Every transceiver is a backend of every relay: each registers itself and its sessions with every
     relay (one --relay/--relay-control pair per relay, relay 1 preferred), or, with ``handler=None``,
@@ -187,6 +275,7 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
     lab = Lab.create(transceivers=transceivers, name=name, impair=impair, relays=relays, far=far,
                      translate=translate, routed=routed)
     try:
+        make_secrets(lab)   # also when the caller starts the transceivers: lab_info's token needs the key
         key_args = ["--hint-key-file", hint_key_file] if hint_key_file else []
         agent_args = (agent_args or []) + (["--translate"] if translate else [])
         addr_args = {r.index: add_internal_addresses(lab, r, translate_addrs) if translate else []
@@ -195,6 +284,8 @@ def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "str
                   for r in lab.relays]
         for r, (proc, path) in zip(lab.relays, agents, strict=True):
             wait_ready(proc, path, "edge agent ready", _agent_name(r.index))
+        if block_udp:
+            udp_block.block_udp(lab)
         own_source = agent_args and any(a in agent_args for a in ("--backends-file", "--k8s-service"))
         for position, t in enumerate([] if own_source else lab.transceivers):  # else the agents' own source
             if handler is not None:
@@ -231,13 +322,14 @@ def stop_lab(name: str) -> None:
         unpin(instance(lab, r.index))
     for path in STATE_DIR.glob(f"{name}-*.log"):
         path.unlink()
+    (STATE_DIR / f"{name}-control.key").unlink(missing_ok=True)
     (STATE_DIR / f"{name}-floating.state").unlink(missing_ok=True)   # a floated address (lab/floating.py)
 
 
 def probe(lab: Lab, whip_urls: list[str], duration: float, sessions: int = 1) -> subprocess.Popen:
     """Start WHIP voice probes (plain aiortc clients) in the lab's client namespace."""
     argv = [sys.executable, "-m", "splitrelay.client.probe", *whip_urls, "--duration", str(duration),
-            "--sessions", str(sessions)]
+            "--sessions", str(sessions), "--token", whip_token(lab)]
     return lab.popen(lab.client.netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -124,6 +124,7 @@ log = logging.getLogger(__name__)
 STATE_DIR = Path(os.environ.get("SPLITRELAY_LAB_DIR", "/run/splitrelay/labs"))
 DEFAULT_STEM = "sr"
 STEM_ENV = "SPLITRELAY_LAB_STEM"
+SECRETS = ("whip.key", "admin.token")   # per lab, made by lab/stack.py: signs offer tokens, opens admin listeners
 BACKEND_TABLE = 100
 BACKEND_PORT = 5000     # every transceiver's one UDP socket (lab/stack.py starts them on it)
 MAX_TRANSCEIVERS = 50
@@ -622,6 +623,10 @@ class Lab:
         self.pids.clear()
         self.pid_starts.clear()
 
+    def secret_file(self, what: str) -> Path:
+        """Where the lab keeps its ``what`` secret (one of SECRETS, made by lab/stack.py; gone with the lab)."""
+        return STATE_DIR / f"{self.name}-{what}"
+
     def destroy(self) -> None:
         """Stop the lab's processes, delete its namespaces (and so its veths) and its state; idempotent."""
         self.stop_processes()
@@ -636,6 +641,8 @@ class Lab:
                 if exc.errno != errno.ENOENT:
                     errors.append(f"{ns}: {exc}")
         (STATE_DIR / f"{self.name}.json").unlink(missing_ok=True)
+        for what in SECRETS:
+            self.secret_file(what).unlink(missing_ok=True)
         for link in self.impaired:
             for path in (impair.config_path(self, link), impair.stats_path(self, link)):
                 path.unlink(missing_ok=True)

@@ -18,10 +18,10 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 # Every program the code and the tests run is in this list (tests/test_setup_programs.py checks it):
 # iptables for the floating-address fault's edge NAT (lab/floating.py), procps for sysctl, git for the
-# commit a benchmark records.
+# commit a benchmark records, openssl for the self-signed Kubernetes API in tests/test_control_auth.py.
 apt_pkgs=(python3 python3-bpfcc bpfcc-tools linux-headers-amd64 iproute2 ethtool python3-venv python3-dev
           gcc make libc6-dev util-linux prometheus vagrant systemd
-          libespeak-ng1 espeak-ng-data iptables procps git)
+          libespeak-ng1 espeak-ng-data iptables procps git openssl nftables)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -47,6 +47,23 @@ if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'install ok ins
   if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; then
     say "warning: apt-get install chromium failed: the browser tests will skip"
   fi
+fi
+
+# Non-browser WebRTC callers for tests/test_dtls_setup.py and bench/dtls_setup.py: npm's node-datachannel
+# (libdatachannel; its native library ships in the npm package @node-datachannel/linux-x64-gnu, so nothing
+# is fetched from outside the registry) and werift, pinned in client/node/package-lock.json.  Optional:
+# without node those tests skip.
+node_dir=$here/client/node
+if ! command -v npm >/dev/null; then
+  say "installing nodejs and npm (non-browser WebRTC callers)"
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; } \
+    || say "warning: apt-get install nodejs npm failed: the libdatachannel/werift tests will skip"
+fi
+if command -v npm >/dev/null && ! [ "$node_dir/node_modules/.package-lock.json" -nt "$node_dir/package-lock.json" ]; then
+  say "installing the npm WebRTC callers (npm ci in client/node)"
+  (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null) \
+    || say "warning: npm ci in $node_dir failed: the libdatachannel/werift tests will skip"
 fi
 
 # Kernel headers for bcc.

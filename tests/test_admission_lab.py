@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from splitrelay.lab.netns import in_netns
-from splitrelay.lab.stack import start_lab, start_transceiver, stop_lab
+from splitrelay.lab.stack import admin_get, admin_url, start_lab, start_transceiver, stop_lab, whip_token
 from splitrelay.lab.topology import Lab
 
 from .conftest import needs_root, relay_ufrags
@@ -37,10 +37,13 @@ def guarded_lab():
 
 
 def http(lab: Lab, url: str, body: str | None = None) -> tuple[int, str, dict]:
-    """POST an offer (or GET) from the client namespace: (status, body, headers)."""
+    """POST an offer, with a token of the lab's, from the client namespace: (status, body, headers)."""
+    token = whip_token(lab)
+
     def call() -> tuple[int, str, dict]:
         request = urllib.request.Request(url, data=body.encode() if body is not None else None,
-                                         headers={"Content-Type": "application/sdp"})
+                                         headers={"Content-Type": "application/sdp",
+                                                  "Authorization": f"Bearer {token}"})
         try:
             with urllib.request.urlopen(request, timeout=10) as resp:
                 return resp.status, resp.read().decode(), dict(resp.headers)
@@ -54,7 +57,8 @@ def ufrag_of(answer: str) -> str:
 
 
 def metric(lab: Lab, whip_url: str, line_start: str) -> float:
-    text = http(lab, whip_url.replace("/whip", "/metrics"))[1]
+    """A transceiver metric from its admin listener (the WHIP one serves none)."""
+    text = admin_get(lab, admin_url(lab.transceivers[0]), "/metrics").decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
 
 

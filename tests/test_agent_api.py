@@ -81,7 +81,8 @@ def agent_config(links: tuple[str, str], **kw) -> AgentConfig:
     base = dict(public_iface=links[0], internal_iface=links[1], public_ip4=P.PUBLIC_IP4,
                 public_ip6=P.PUBLIC_IP6, relay_port=P.RELAY_PORT, gateway_ip=GATEWAY_IP,
                 instance=f"srE-{secrets.token_hex(4)}", listen_host="127.0.0.1", listen_port=0,
-                ageing_interval_s=0.1, neighbour_timeout_s=0.5, detach_on_exit=True)
+                ageing_interval_s=0.1, neighbour_timeout_s=0.5, detach_on_exit=True,
+                backend_cidrs=("198.18.10.0/24", "fd00:5::/64"))
     base.update(kw)
     return AgentConfig(**base)
 
@@ -151,9 +152,8 @@ async def anonymous(agent):
         yield c
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def state(agent, client):
-    """Backends 1 and 2, session 'existing1' on 1 with one flow; nothing else."""
+def empty_tables(agent: EdgeAgent):
+    """No backend, session or flow left, and nothing the control API remembers of backends."""
     dp = agent.plane
     for b in dp.backends():
         dp.del_backend(b.backend_id)
@@ -162,6 +162,14 @@ async def state(agent, client):
     for f in dp.flows():
         dp.del_flow((f.client_ip, f.client_port))
     agent.api.instances.clear()
+    agent.api.refreshed.clear()
+    return dp
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def state(agent, client):
+    """Backends 1 and 2, session 'existing1' on 1 with one flow; nothing else."""
+    dp = empty_tables(agent)
     for backend_id in (1, 2):
         ip4, ip6, _ = BACKENDS[backend_id]
         await client.put_backend(backend_id, ip4, BACKEND_PORT, ip6)
@@ -179,6 +187,16 @@ async def snapshot(client: AsyncControlClient):
 
 async def scrape(client: AsyncControlClient) -> dict:
     return {f.name: f for f in text_string_to_metric_families(await client.metrics())}
+
+
+async def scrape_after_next_pass(agent: EdgeAgent, client: AsyncControlClient) -> dict:
+    """A scrape whose table sizes were read after now: /metrics answers with the last ageing pass's."""
+    seen = agent.tables.passes
+    for _ in range(400):   # 20 s: a failure, not a wait
+        if agent.tables.passes >= seen + 2:   # the pass under way when we came may have read before now
+            return await scrape(client)
+        await asyncio.sleep(0.05)
+    raise AssertionError("no ageing pass in 20 s")
 
 
 def sample(families: dict, family: str, **labels) -> float:
@@ -484,7 +502,7 @@ async def test_token_rules(client, anonymous, state):
 async def test_metrics_parse_and_match_the_maps(agent, client, state):
     await client.request("PUT", "/v1/sessions/metricSess1", {"backend": 7})   # a 409 with a ufrag in the path
     await client.request("GET", "/v1/nothing/here")
-    families = await scrape(client)
+    families = await scrape_after_next_pass(agent, client)
     expected = {
         "splitrelay_edge_packets": "counter", "splitrelay_edge_bytes": "counter",
         "splitrelay_edge_flows": "gauge", "splitrelay_edge_sessions": "gauge", "splitrelay_edge_backends": "gauge",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from splitrelay.edge.control_client import ControlError
 from splitrelay.lab.netns import in_netns
-from splitrelay.lab.stack import control, control_url, start_lab, stop_lab
+from splitrelay.lab.stack import control, control_token, control_url, start_lab, stop_lab
 from splitrelay.lab.topology import Lab
 from splitrelay.wire import stun
 
@@ -76,7 +77,7 @@ def test_not_json_is_refused(agent_lab):
 
     def raw_put() -> int:
         req = urllib.request.Request(control_url(lab) + "/v1/sessions/someUfrag", data=b"{nope",
-                                     method="PUT")
+                                     method="PUT", headers={"Authorization": f"Bearer {control_token(lab)}"})
         try:
             urllib.request.urlopen(req, timeout=3)
         except urllib.error.HTTPError as exc:
@@ -142,7 +143,8 @@ def test_cli_reads_the_agent_with_json(agent_lab):
     lab, info = agent_lab
     out = subprocess.run(["ip", "netns", "exec", lab.relay_public.netns, sys.executable, "-m",
                           "splitrelay.cli.main", "backends", "list", "--json", "--control", info["control_url"]],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "SPLITRELAY_TOKEN": control_token(lab)}).stdout
     assert [b["id"] for b in json.loads(out)] == [1, 2]
 
 
@@ -181,13 +183,19 @@ def test_demo_runs_a_webrtc_session_through_xdp_and_cleans_up():
     assert report["lab"] not in Lab.names()
 
 
-def test_shipped_prometheus_config_and_dashboard_parse():
+def test_shipped_prometheus_config_and_dashboard_parse(tmp_path):
     import shutil
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "deploy"
     if shutil.which("promtool"):
-        check = subprocess.run(["promtool", "check", "config", str(root / "prometheus.yml")],
+        # promtool also opens the files a config names: the admin token lives on the Prometheus host
+        shipped = (root / "prometheus.yml").read_text()
+        assert "/etc/prometheus/splitrelay-admin.token" in shipped
+        (tmp_path / "admin.token").write_text("t" * 43)
+        (tmp_path / "prometheus.yml").write_text(
+            shipped.replace("/etc/prometheus/splitrelay-admin.token", str(tmp_path / "admin.token")))
+        check = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
                                capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
     dashboard = json.loads((root / "grafana" / "splitrelay.json").read_text())

@@ -118,9 +118,11 @@ def browser_lab():
         stop_lab(info["name"])
 
 
-def transceiver_sessions(lab: Lab, whip_url: str) -> list[dict]:
+def transceiver_sessions(lab: Lab, info: dict) -> list[dict]:
+    """The first transceiver's sessions, from its admin listener (the WHIP one lists none)."""
     cli = lab.run(lab.client.netns, [sys.executable, "-m", "splitrelay.cli.main", "transceiver", "sessions",
-                                     whip_url, "--json"])
+                                     info["transceivers"][0]["admin_url"], "--admin-token-file",
+                                     info["admin_token_file"], "--json"])
     return json.loads(cli.stdout)
 
 
@@ -129,7 +131,7 @@ def transceiver_sessions(lab: Lab, whip_url: str) -> list[dict]:
 def test_chromium_calls_through_xdp_and_hears_its_own_voice_echoed(browser_lab):
     lab, info, browser = browser_lab
     before = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats())["counters"]}
-    call = browser.call(info["whip_url"])
+    call = browser.call(info["whip_url"], token=info["whip_token"])
     try:
         heard = call.wait_audio(seconds=2.0)
         assert heard["pair"]["remote"] == f"{lab.relay_public.ip4}:{lab.relay_port}"   # media via the relay
@@ -138,7 +140,7 @@ def test_chromium_calls_through_xdp_and_hears_its_own_voice_echoed(browser_lab):
         assert heard["outPackets"] > 50 and heard["inPackets"] > 50
         peak = call.echo_peak_hz()
         assert peak is not None and abs(peak - TONE_HZ) < PEAK_TOLERANCE_HZ, peak   # our tone came back
-        [session] = transceiver_sessions(lab, info["whip_url"])
+        [session] = transceiver_sessions(lab, info)
         assert session["stats"]["packets_received"] > 50 and session["stats"]["packets_sent"] > 50
         [flow] = [f for f in control(lab, lambda c: c.flows()) if f["client"] == heard["pair"]["local"]]
         assert flow["ufrag"] == session["ufrag"] and flow["packets"] > 50 and flow["rx_packets"] > 50
@@ -148,7 +150,7 @@ def test_chromium_calls_through_xdp_and_hears_its_own_voice_echoed(browser_lab):
     after = {c["name"]: c["packets"] for c in control(lab, lambda c: c.stats())["counters"]}
     assert after["IN_FWD_FLOW"] - before["IN_FWD_FLOW"] > 100     # the browser's media went through XDP
     assert session["ufrag"] not in relay_ufrags(lab)               # DELETE ended it on the relay too
-    assert transceiver_sessions(lab, info["whip_url"]) == []
+    assert transceiver_sessions(lab, info) == []
 
 
 @contextmanager
@@ -176,7 +178,7 @@ def test_a_browser_with_only_ipv6_calls_through_the_relays_ipv6_address(browser_
     with only_ipv6_media(lab):
         # transceiver 2's one socket is bound to [::] (lab/stack.py: dual_stack), so what the relay forwards
         # to the backend's IPv6 address meets it; signaling keeps its own network
-        call = browser.call(info["whip_urls"][1])
+        call = browser.call(info["whip_urls"][1], token=info["whip_token"])
         try:
             # IPv4 calls are heard within ~3 s here
             heard = call.wait_audio(seconds=1.0, timeout=15)
@@ -191,7 +193,7 @@ def test_a_browser_with_only_ipv6_calls_through_the_relays_ipv6_address(browser_
 def test_a_blackout_behind_the_relay_is_measured_as_the_audio_gap(browser_lab):
     lab, info, browser = browser_lab
     port = f"t{lab.transceivers[0].index}m"      # the transceiver's port on the internal switch
-    call = browser.call(info["whip_url"])
+    call = browser.call(info["whip_url"], token=info["whip_token"])
     dark: list[float] = []      # page ms: the port went dark, and when it was about to come back
 
     def blackout() -> None:
@@ -225,7 +227,7 @@ def ufrag_of(sdp: str) -> str:
 @needs_browser
 def test_an_ice_restart_by_whip_patch_moves_the_call_to_new_credentials_without_a_new_connection(browser_lab):
     lab, info, browser = browser_lab
-    call = browser.call(info["whip_url"])
+    call = browser.call(info["whip_url"], token=info["whip_token"])
     restart: dict = {}
     try:
         before = call.wait_audio(seconds=1.0)
@@ -240,7 +242,7 @@ def test_an_ice_restart_by_whip_patch_moves_the_call_to_new_credentials_without_
         after = call.wait_audio(seconds=1.0)
         assert after["pair"]["remoteUfrag"] == new_ufrag and after["pair"]["remote"] == before["pair"]["remote"]
         # the same call: one session, the same DTLS association (the connection never left "connected")
-        [session] = transceiver_sessions(lab, info["whip_url"])
+        [session] = transceiver_sessions(lab, info)
         assert session["ufrag"] == new_ufrag
         assert [e for e in call.events(restart["started"]) if e["what"] == "connection"] == []
         assert new_ufrag in relay_ufrags(lab)                # registered at the relay, and the old one retired
@@ -260,7 +262,7 @@ def address_of(endpoint: str) -> str:
 def test_a_dead_relay_moves_the_browser_to_the_other_relays_candidate_and_the_call_goes_on(browser_lab):
     lab, info, browser = browser_lab
     near, spare = lab.relay(1), lab.relay(2)
-    call = browser.call(info["whip_url"])
+    call = browser.call(info["whip_url"], token=info["whip_token"])
     try:
         heard = call.wait_audio(seconds=1.0)
         assert heard["pair"]["remote"] == f"{near.public.ip4}:{lab.relay_port}"     # the preferred relay

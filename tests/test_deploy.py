@@ -53,3 +53,37 @@ def test_vagrantfile_validates():
 
 def test_e2e_script_parses():
     assert run(["bash", "-n", str(ROOT / "vagrant" / "run-e2e.sh")]).returncode == 0
+
+
+def test_the_edge_daemonset_translates_and_its_arguments_parse(tmp_path):
+    """Pods get no route back to clients through the relay, so the DaemonSet must run translation mode;
+    and every option it passes must be one `edge serve` takes (the validator cannot see args)."""
+    import yaml
+    from splitrelay.cli.edge import edge_serve
+
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "edge-daemonset.yaml").read_text()))
+    container = docs[0]["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[:2] == ["edge", "serve"] and "--translate" in args
+    assert "--token-file" in args and "--backend-cidr" in args and "--k8s-insecure" not in args
+    (tmp_path / "token").write_text("t" * 64)
+    (tmp_path / "hint.key").write_text("0" * 32)
+    sample = {"$(POD_CIDR)": "10.244.0.0/16", "$(POD_IP)": "10.0.0.5", "/etc/splitrelay/": f"{tmp_path}/"}
+    concrete = []
+    for arg in args[2:]:
+        for name, value in sample.items():
+            arg = arg.replace(name, value)
+        concrete.append(arg)
+    ctx = edge_serve.make_context("serve", concrete)
+    assert ctx.params["translate"] and ctx.params["backend_cidrs"] == ("10.244.0.0/16",)
+
+
+def test_the_shipped_transceivers_demand_offer_tokens_and_guard_their_admin_listener():
+    """A non-loopback WHIP listener without a key would refuse to start (transceiver/service.py); the
+    deploy files must ship the key, and an admin listener off loopback only with its token."""
+    unit = (DEPLOY / "systemd" / "splitrelay-transceiver@.service").read_text()
+    k8s = (DEPLOY / "k8s" / "transceiver.yaml").read_text()
+    for text in (unit, k8s):
+        assert "--whip-key-file" in text and "--admin-listen" in text and "--insecure-open" not in text
+    assert "LoadCredential=whip.key:" in unit
+    assert '"--admin-listen", "$(POD_IP):8081", "--admin-token-file"' in k8s   # off loopback: with its token

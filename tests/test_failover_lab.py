@@ -53,7 +53,7 @@ def test_two_relays_in_one_answer_and_a_switch_to_the_backup_keeps_the_call(two_
     seen: dict = {}
 
     async def scenario() -> None:
-        caller = Caller(info["whip_url"], 700.0, family=4)
+        caller = Caller(info["whip_url"], 700.0, family=4, token=info["whip_token"])
         async with aiohttp.ClientSession() as http:
             await caller.call(http)
             await until(caller.heard_own, "the first echo", 30)

@@ -83,14 +83,17 @@ def test_client_nat_rebinding_moves_the_call_to_the_new_port():
         in_netns(lab.relay_public.netns, datapath.load)
         control(lab, lambda c: c.put_session("rebindMe", t1.backend_id))
         check = stun.build_binding_request("rebindMe:cli1")
+        answer = stun.build_message(stun.BINDING_SUCCESS)   # the transceiver's answer confirms each flow
         old.sendto(check, relay)
         _, first = server.recvfrom(2048)
+        server.sendto(answer, first)
         old.sendto(b"\x80" * 50, relay)
         server.recvfrom(2048)
         # the NAT rebinds: same client, new port; its next packet is a consent check
         new.sendto(check, relay)
         _, second = server.recvfrom(2048)
         assert second[1] == new.getsockname()[1] != first[1]
+        server.sendto(answer, second)
         new.sendto(b"\x80" * 50, relay)
         server.recvfrom(2048)
         flows = {f["client"]: f for f in control(lab, lambda c: c.flows())}

@@ -44,9 +44,11 @@ def float_lab():
         stop_lab(info["name"])
 
 
-def transceiver_sessions(lab: Lab, whip_url: str) -> list[dict]:
+def transceiver_sessions(lab: Lab, info: dict) -> list[dict]:
+    """The first transceiver's sessions, from its admin listener (the WHIP one lists none)."""
     cli = lab.run(lab.client.netns, [sys.executable, "-m", "splitrelay.cli.main", "transceiver", "sessions",
-                                     whip_url, "--json"])
+                                     info["transceivers"][0]["admin_url"], "--admin-token-file",
+                                     info["admin_token_file"], "--json"])
     return json.loads(cli.stdout)
 
 
@@ -59,7 +61,7 @@ def test_an_aiortc_call_goes_on_when_relay_1_dies_and_its_address_floats_to_rela
     seen: dict = {}
 
     async def scenario() -> None:
-        caller = EchoCall(info["whip_url"], family=4)
+        caller = EchoCall(info["whip_url"], family=4, token=info["whip_token"])
         async with aiohttp.ClientSession() as http:
             await caller.call(http)
             try:
@@ -86,7 +88,7 @@ def test_an_aiortc_call_goes_on_when_relay_1_dies_and_its_address_floats_to_rela
     flow = seen["flow"]
     assert flow is not None and flow["packets"] > 20 and flow["rx_packets"] > 20   # but relay 2 carried it
     assert not seen["dropped"] and seen["status"] == 200           # the same call, never dropped
-    assert transceiver_sessions(lab, info["whip_url"]) == []        # ... and ended by its own DELETE
+    assert transceiver_sessions(lab, info) == []        # ... and ended by its own DELETE
     assert floated(lab) is None
 
 
@@ -94,7 +96,7 @@ def test_an_aiortc_call_goes_on_when_relay_1_dies_and_its_address_floats_to_rela
 def test_chromium_keeps_its_call_when_relay_1_dies_and_its_address_floats_to_relay_2(float_lab):
     lab, info = float_lab
     with Browser(nsenter_argv(lab.client.netns, [])) as browser:
-        call = browser.call(info["whip_url"])
+        call = browser.call(info["whip_url"], token=info["whip_token"])
         try:
             before = call.wait_audio(seconds=1.0)
             assert before["pair"]["remote"] == f"{lab.relay(1).public.ip4}:{lab.relay_port}"

@@ -114,14 +114,15 @@ async def test_bad_patches_get_the_right_4xx_and_the_call_goes_on(transceiver):
         await caller.hangup(http)
 
 
-async def test_patch_needs_the_bearer_token_when_one_is_configured():
+async def test_patch_of_a_resource_nobody_was_given_is_404_even_with_the_bearer_token():
     service = Transceiver(TransceiverConfig(backend_id=BACKEND_ID, bind_port=0, whip_port=0, whip_token="s3cret"))
     await service.start()
     try:
         async with aiohttp.ClientSession() as http:
             async with http.patch(service.whip_url + "/sessions/x", data="a=ice-ufrag:abcd\r\n",
-                                  headers={"If-Match": "*", "Content-Type": MEDIA_TYPE}) as resp:
-                assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+                                  headers={"If-Match": "*", "Content-Type": MEDIA_TYPE,
+                                           "Authorization": "Bearer s3cret"}) as resp:
+                assert resp.status == 404 and await resp.text() == "no such session\n"
     finally:
         await service.stop()
 

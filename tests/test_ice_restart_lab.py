@@ -4,6 +4,7 @@ local port (a new network, as a mobile client after a handover) with a WHIP PATC
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from splitrelay.lab.stack import start_lab, stop_lab
+from splitrelay.tokens import TOKEN_ENV
 from splitrelay.lab.topology import Lab
 
 from .conftest import needs_root
@@ -30,7 +32,8 @@ def restart_lab():
 def test_an_ice_restart_through_xdp_moves_media_to_the_new_port(restart_lab):
     lab, info = restart_lab
     argv = [sys.executable, "-m", "splitrelay.client.ice_restart", info["whip_url"], lab.client.ip4, "3"]
-    proc = lab.popen(lab.client.netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = lab.popen(lab.client.netns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                     env={**os.environ, TOKEN_ENV: info["whip_token"]})
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err.strip().splitlines()[-3:]
     runs = json.loads(out)

@@ -14,7 +14,7 @@ from ipaddress import ip_address, ip_network
 import pytest
 from splitrelay.lab.addresses import AddressPlan, choose, host_prefixes
 from splitrelay.lab.netns import LabError
-from splitrelay.lab.stack import start_lab, stop_lab
+from splitrelay.lab.stack import control_token, start_lab, stop_lab
 from splitrelay.lab.topology import Lab
 
 from .conftest import needs_root
@@ -91,7 +91,7 @@ def test_a_lab_address_from_the_host_without_lab_is_refused_in_one_line(reach_la
                            f"does not route: add --lab {lab.name}\n")
     proc = cli("stats", "--control", info["control_url"])   # other labs may hold the same IPv4 address
     assert proc.returncode == 2 and lab.name in proc.stderr and proc.stderr.count("\n") == 1
-    proc = cli("transceiver", "sessions", info["whip_url"])
+    proc = cli("transceiver", "sessions", info["transceivers"][0]["admin_url"])
     assert proc.returncode == 2 and lab.name in proc.stderr and "add --lab" in proc.stderr
     proc = cli("transceiver", "serve", "--backend-id", "9", "--relay-control", info["control_url"])
     assert proc.returncode == 2 and proc.stderr.endswith("run this inside the lab's namespace\n")
@@ -109,7 +109,8 @@ def test_lab_name_reaches_the_agent_and_the_transceiver_from_the_host(reach_lab)
     proc = cli("transceiver", "sessions", "--json", "--lab", lab.name)
     assert proc.returncode == 0 and json.loads(proc.stdout) == []
     # inside the lab, the plain URL works as before
-    proc = cli("sessions", "list", "--json", "--control", info["control_url"], netns=lab.relay_public.netns)
+    proc = cli("sessions", "list", "--json", "--control", info["control_url"], "--token", control_token(lab),
+               netns=lab.relay_public.netns)
     assert proc.returncode == 0, proc.stderr
     # no call yet: only the transceiver's ready ufrags (ufrag_pool.py), which carry no flow
     assert {(s["backend"], s["flows"]) for s in json.loads(proc.stdout)} <= {(1, 0)}

@@ -12,6 +12,7 @@ import aiohttp
 
 from splitrelay.transceiver.service import Transceiver
 from splitrelay.wire import stun
+from splitrelay.wire.whip import SESSION_ID
 
 from .test_ice_restart import connected_caller, hears_itself_again
 from .test_transceiver import offer_sdp
@@ -62,7 +63,7 @@ async def answered(service: Transceiver, http: aiohttp.ClientSession) -> tuple[s
     async with http.post(service.whip_url, data=offer, headers={"Content-Type": "application/sdp"}) as resp:
         assert resp.status == 201
         answer = await resp.text()
-        session_id = resp.headers["Location"].rsplit("/", 1)[1]
+        session_id = resp.headers[SESSION_ID]
     username = f"{attribute(answer, 'ice-ufrag')}:{attribute(offer, 'ice-ufrag')}"
     return username, attribute(answer, "ice-pwd"), session_id
 

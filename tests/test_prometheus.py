@@ -41,12 +41,17 @@ def prom_lab():
     workdir = Path(tempfile.mkdtemp(prefix="splitrelay-prom-"))
     try:
         # Prometheus runs in transceiver 1's namespace: it reaches the agent's internal
-        # address and every transceiver's signaling address from there.
+        # address and every transceiver's admin listener (on its signaling address) from there;
+        # the transceivers' want the lab's admin token
         targets = [u.split("//")[1].split("/")[0] for u in info["metrics_urls"]]
+        edge, transceivers = targets[:1], targets[1:]
         (workdir / "prometheus.yml").write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: splitrelay\n    static_configs:\n"
-            f"      - targets: {json.dumps(targets)}\n"
+            "scrape_configs:\n  - job_name: splitrelay-edge\n    static_configs:\n"
+            f"      - targets: {json.dumps(edge)}\n"
+            "  - job_name: splitrelay-transceiver\n"
+            f"    authorization:\n      credentials_file: {info['admin_token_file']}\n"
+            f"    static_configs:\n      - targets: {json.dumps(transceivers)}\n"
         )
         netns = lab.transceivers[0].netns
         with (workdir / "prometheus.log").open("w") as log:

@@ -10,8 +10,8 @@ import pytest
 from aioice.candidate import candidate_priority
 
 from splitrelay.transceiver.relays import (
-    ByClientPrefix, ByHeader, Relay, RelaySpecError, SignalingFacts, choose, ordered_candidates, parse_relay,
-    relays_from_options,
+    ByClientPrefix, ByHeader, Relay, RelaySpecError, SignalingFacts, TcpAddress, choose, ordered_candidates,
+    parse_relay, relays_from_options,
 )
 from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 
@@ -30,6 +30,30 @@ def test_the_preferred_relay_outranks_every_backup_and_backups_keep_their_order(
     prefs = [p for _, p in ranked]
     assert prefs == sorted(prefs, reverse=True) and len(set(prefs)) == len(prefs)
     assert prefs[0] == 65535 and max(prefs[1:]) < 32768     # a whole band between preferred and backups
+
+
+def test_tcp_candidates_rank_below_every_udp_candidate_and_keep_the_relay_order_among_themselves():
+    near, spare = (Relay(r.name, r.candidates, None, 443) for r in (NEAR, SPARE))
+    ranked = ordered_candidates([near, FAR, spare], preferred=spare)
+    tcp = [(a, p) for a, p in ranked if isinstance(a, TcpAddress)]
+    udp = [(a, p) for a, p in ranked if not isinstance(a, TcpAddress)]
+    assert [a for a, _ in udp] == [a for a, _ in ordered_candidates([NEAR, FAR, SPARE], preferred=SPARE)]
+    assert tcp == [(("192.0.2.77", 443), 16383), (("2001:db8::77", 443), 16382),       # FAR offers no TCP
+                   (("198.51.100.1", 443), 8191 - 256), (("2001:db8::1", 443), 8190 - 256)]
+    assert max(p for _, p in tcp) < min(p for _, p in udp)
+    assert ranked == udp + tcp
+
+
+def test_a_relay_spec_names_its_tcp_port_once():
+    assert parse_relay("near=198.51.100.1:3478,[2001:db8::1]:3478,tcp:443", 0) == Relay(
+        "near", NEAR.candidates, None, 443)
+    for bad in ("198.51.100.1:3478,tcp:0", "198.51.100.1:3478,tcp:x", "198.51.100.1:3478,tcp:443,tcp:444"):
+        with pytest.raises(RelaySpecError) as exc:
+            parse_relay(bad, 0)
+        assert str(exc.value) == f"relay {bad!r}: give one tcp:PORT with PORT 1..65535"
+    with pytest.raises(RelaySpecError) as exc:
+        parse_relay("tcp:443", 0)
+    assert str(exc.value) == "relay 'tcp:443' names no address"
 
 
 def test_the_client_prefix_picks_the_relay_longest_match_first_and_falls_back_to_the_first():

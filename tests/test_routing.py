@@ -75,8 +75,39 @@ def test_media_follows_the_flow_and_its_backend():
 def test_a_full_flow_table_refuses_new_flows_but_not_a_known_client():
     assert route(request("evtj:cli"), tables(), flows_full=True) == Decision("IN_DROP_FLOW_FULL")
     assert route(request("evtj:cli"), tables(), flows_full=True, flow_backend=7).forwarded
-    moved = route(request("evtj:cli"), tables(), flows_full=True, flow_backend=9)   # an existing entry moves
-    assert moved == Decision("IN_FWD_STUN_UFRAG", 7, "evtj", opens_flow=True)
+    moved = route(request("evtj:cli"), tables(), flows_full=True, flow_backend=9, flow_pending=True)
+    assert moved == Decision("IN_FWD_STUN_UFRAG", 7, "evtj", opens_flow=True)   # a pending entry moves
+
+
+def test_a_pending_flow_carries_stun_but_no_media():
+    assert route(RTP, tables(), flow_backend=7, flow_pending=True) == Decision("IN_DROP_PENDING")
+    dtls = bytes([22]) + b"\0" * 20
+    assert route(dtls, tables(), flow_backend=7, flow_pending=True) == Decision("IN_DROP_PENDING")
+    answer = stun.build_message(stun.BINDING_SUCCESS)   # the client's answer to the transceiver's check
+    assert route(answer, tables(), flow_backend=7, flow_pending=True) == Decision("IN_FWD_FLOW", 7)
+    assert route(request("evtj:cli"), tables(), flow_backend=7, flow_pending=True) == \
+        Decision("IN_FWD_STUN_UFRAG", 7, "evtj")
+
+
+def test_a_request_naming_another_backends_session_never_moves_a_confirmed_flow():
+    """RTP-Bleed style: a request from a live call's 5-tuple with a ufrag of a session elsewhere."""
+    assert route(request("only4:cli"), tables(), flow_backend=7) == Decision("IN_DROP_TAKEOVER")
+    assert route(request("only4:cli"), tables(), flow_backend=7, flow_pending=True).opens_flow
+
+
+def test_a_hint_without_a_session_is_held_to_the_allowance_of_confirmed_flows():
+    ufrag = hint.encode(9)
+    full = tables(policy="hint", session_flows={ufrag: consts.DEFAULT_SESSION_FLOWS})
+    assert route(request(ufrag + ":c"), full) == Decision("IN_DROP_SESSION_FLOWS")
+    assert route(request(ufrag + ":c"), full, flow_backend=9).forwarded   # its own flows' checks pass
+
+
+def test_only_a_stun_answer_or_check_confirms_a_pending_flow():
+    assert stun.confirms_flow(stun.build_message(stun.BINDING_SUCCESS))
+    assert stun.confirms_flow(request("cli:evtj"))
+    assert not stun.confirms_flow(stun.build_message(0x0111))   # an error response: MESSAGE-INTEGRITY failed
+    assert not stun.confirms_flow(RTP)
+    assert not stun.confirms_flow(stun.build_message(stun.BINDING_SUCCESS)[:19])
 
 
 def test_an_ipv6_client_of_an_ipv4_only_backend_is_a_family_mismatch():

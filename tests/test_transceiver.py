@@ -23,6 +23,7 @@ from splitrelay.transceiver.handlers import (
 from splitrelay.client.probe import goertzel_power, run_probe, run_probes
 from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 from splitrelay.transceiver.session import OutboundAudio
+from splitrelay.wire.whip import SESSION_ID
 
 BACKEND_ID = 9
 
@@ -113,11 +114,11 @@ async def test_offer_without_ice_credentials_is_refused(transceiver):
             assert resp.status == 400 and "ICE credentials" in await resp.text()
 
 
-async def test_cors_preflight(transceiver):
+async def test_cors_preflight_allows_no_origin_unless_configured(transceiver):
     async with aiohttp.ClientSession() as http:
-        async with http.options(transceiver.whip_url) as resp:
+        async with http.options(transceiver.whip_url, headers={"Origin": "https://evil.example"}) as resp:
             assert resp.status == 204
-            assert resp.headers["Access-Control-Allow-Origin"] == "*"
+            assert "Access-Control-Allow-Origin" not in resp.headers
             assert "Location" in resp.headers["Access-Control-Expose-Headers"]
 
 
@@ -274,6 +275,7 @@ class Caller:
         self.powers: list[dict[float, float]] = []   # per received frame, goertzel power by frequency
         self.location: str | None = None
         self.answer: str | None = None
+        self.public_id: str | None = None
         self._loud_run = 0
         self._tasks: list[asyncio.Task] = []
         self.pc.on("connectionstatechange", self._state)
@@ -314,12 +316,14 @@ class Caller:
             assert resp.content_type == "application/sdp"
             self.answer = await resp.text()
             self.location = str(resp.url.join(URL(resp.headers["Location"])))
+            self.public_id = resp.headers[SESSION_ID]
         await self.pc.setRemoteDescription(RTCSessionDescription(self.answer, "answer"))
 
     @property
     def session_id(self) -> str:
-        assert self.location
-        return self.location.rsplit("/", 1)[1]
+        """The session's public id (logs, the admin listener); its Location holds another, secret one."""
+        assert self.public_id
+        return self.public_id
 
     @property
     def ufrag(self) -> str:
@@ -458,7 +462,7 @@ async def test_session_that_never_connects_times_out():
             async with http.post(service.whip_url, data=await offer_sdp(),
                                  headers={"Content-Type": "application/sdp"}) as resp:
                 assert resp.status == 201
-                session_id = resp.headers["Location"].rsplit("/", 1)[1]
+                session_id = resp.headers[SESSION_ID]
         assert service.mux.sessions == 1
         record = await ended(service, session_id)
         assert record["end_reason"] == "connect timeout"
@@ -517,8 +521,10 @@ async def test_401_names_the_scheme():
     await service.start()
     try:
         async with aiohttp.ClientSession() as http:
-            async with http.delete(service.whip_url + "/sessions/x") as resp:
+            async with http.post(service.whip_url, data=await offer_sdp(),
+                                 headers={"Content-Type": "application/sdp", "Authorization": "Bearer u"}) as resp:
                 assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+                assert await resp.text() == "wrong bearer token\n"
     finally:
         await service.stop()
 

@@ -16,6 +16,7 @@ from yarl import URL
 
 from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 from splitrelay.wire.sdpfrag import MEDIA_TYPE, IceFragment
+from splitrelay.wire.whip import SESSION_ID
 
 from .test_ice_restart import connected_caller, hears_itself_again
 from .test_transceiver import Caller, ended, offer_sdp, until
@@ -71,7 +72,7 @@ async def test_offers_that_never_connect_fill_only_max_pending_and_the_next_gets
             assert session_puts(agent) == puts and len(agent.ufrags()) == 2  # nothing reached the relay
             assert len(service.sessions) == 2 and refused(service, "pending") == 1
             for _, _, h in held:                                             # they time out, slots free up
-                assert (await ended(service, h["Location"].rsplit("/", 1)[1]))["end_reason"] == "connect timeout"
+                assert (await ended(service, h[SESSION_ID]))["end_reason"] == "connect timeout"
             assert agent.ufrags() == {}
             caller = Caller(service.whip_url, 700.0)
             await caller.call(http)
@@ -229,7 +230,7 @@ async def test_an_offer_naming_one_victim_in_fifty_candidates_gets_at_most_sixte
             async with aiohttp.ClientSession() as http:
                 status, _, headers = await post(http, service.whip_url, offer)
             assert status == 201
-            await ended(service, headers["Location"].rsplit("/", 1)[1])
+            await ended(service, headers[SESSION_ID])
             got = victims.received()
             checked = [port for port, datagrams in zip(victims.ports, got, strict=True) if datagrams]
             print(f"offer {len(offer)} bytes; {sum(map(len, got))} checks, "
@@ -296,6 +297,7 @@ async def test_through_a_relay_loopback_link_local_multicast_and_unspecified_tar
                     assert resp.status == 201
                     caller.answer = await resp.text()
                     caller.location = str(resp.url.join(URL(resp.headers["Location"])))
+                    caller.public_id = resp.headers[SESSION_ID]
                 await caller.pc.setRemoteDescription(RTCSessionDescription(caller.answer, "answer"))
                 await until(caller.heard_own, "the echo, connected on the caller's own checks")
                 assert victims.received() == [[]]

@@ -18,6 +18,7 @@ from splitrelay.transceiver.registration import (
     AgentUnreachable, Registrar, RegistrationError, SessionConflict, Unauthorized,
 )
 from splitrelay.transceiver.service import Transceiver, TransceiverConfig
+from splitrelay.wire.whip import SESSION_ID
 
 from .test_transceiver import Caller, ended, offer_sdp, until
 
@@ -142,6 +143,7 @@ async def test_backend_registered_at_start_and_session_before_the_answer(agent, 
             registered_at_answer = agent.ufrags()
             caller.answer = await resp.text()
             caller.location = str(resp.url.join(URL(resp.headers["Location"])))
+            caller.public_id = resp.headers[SESSION_ID]
         assert registered_at_answer == {caller.ufrag: BACKEND_ID}
         await caller.pc.setRemoteDescription(RTCSessionDescription(caller.answer, "answer"))
         await until(caller.heard_own, "echo through a registered session")

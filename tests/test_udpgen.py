@@ -28,6 +28,7 @@ from pyroute2 import netns as pnetns
 from splitrelay.bench import loadgen
 from splitrelay.bench.loadgen import LoadgenError
 from splitrelay.wire import stun
+from splitrelay.wire.udp import internet_checksum
 from splitrelay.lab.netns import in_netns, netns_socket
 
 from .conftest import TEST_STEM, needs_root
@@ -158,12 +159,7 @@ def capture(net: Net) -> Iterator[Capture]:
 
 
 def ones_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
+    return ~internet_checksum(data) & 0xFFFF
 
 
 def parse_udp(frame: bytes) -> tuple[str, int, str, int, bytes, bool]:

@@ -78,7 +78,7 @@ async def test_the_pool_refills_once_the_session_connected_and_the_agent_holds_l
         caller = await connected_caller(service, http)
         await refilled(service, 1)
         assert agent.ufrags() == {caller.ufrag: BACKEND_ID, service.ufrags.ready[0]: BACKEND_ID}
-        async with http.get(service.whip_url.rsplit("/", 1)[0] + "/metrics") as resp:
+        async with http.get(service.admin_url + "/metrics") as resp:
             assert "splitrelay_transceiver_ufrag_pool_ready 1.0" in await resp.text()
         await caller.hangup(http)
         assert agent.ufrags() == {service.ufrags.ready[0]: BACKEND_ID}  # the hang-up deleted its own

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitrelay.lab.stack import (
     BACKEND_PORT,
     control,
+    control_key_file,
     control_url,
     log_file,
     probe,
@@ -33,6 +34,7 @@ from splitrelay.lab.stack import (
     wait_ready,
     whip_url,
 )
+from splitrelay.bpf import consts
 from splitrelay.wire import hint, stun
 from splitrelay.edge.control_client import ControlError
 from splitrelay.edge.counters import counter_specs
@@ -232,7 +234,13 @@ def test_backend_put_needs_no_mac_but_a_route(relay):
     t = relay.lab.transceivers[0]
     answer = relay.call(lambda c: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6))
     assert answer["mac"] == NO_MAC
-    with pytest.raises(ControlError) as err:       # the relay has no route to it: refused, not stored
+    with pytest.raises(ControlError) as err:       # outside the internal networks: refused before routing
+        relay.call(lambda c: c.put_backend(5, "203.0.113.5", BACKEND_PORT))
+    assert err.value.status == 403 and "outside the allowed networks" in str(err.value)
+    relay.ensure("strict", "--backend-cidr", "203.0.113.0/24", *[
+        arg for net in relay.lab.networks["internal"] for arg in ("--backend-cidr", net)])
+    relay.call(lambda c: c.put_backend(t.backend_id, t.ip4, BACKEND_PORT, t.ip6))
+    with pytest.raises(ControlError) as err:       # allowed, but the relay has no route to it: not stored
         relay.call(lambda c: c.put_backend(5, "203.0.113.5", BACKEND_PORT))  # outside every lab network
     assert err.value.status == 422 and "no route" in str(err.value)
     assert [b["id"] for b in relay.call(lambda c: c.backends())] == [t.backend_id]
@@ -269,7 +277,8 @@ def test_first_stun_then_every_class_follows_the_flow(relay, servers, sockets, v
     assert moved == {
         "IN_FWD_STUN_UFRAG": (2, 2 * (len(request) + overhead)),     # the first request and the refresh
         "IN_FWD_FLOW": (len(by_flow), sum(len(p) + overhead for p in by_flow)),
-        "OUT_FWD": (len(sent), sum(len(p) + overhead for p in sent)),
+        "OUT_FWD_CONFIRM": (1, len(request) + overhead),             # the echoed request: the backend's check
+        "OUT_FWD": (len(sent) - 1, sum(len(p) + overhead for p in sent[1:])),
     }
     [flow] = relay.call(lambda c: c.flows())
     client_ip = lab.client.ip6 if v6 else lab.client.ip4
@@ -374,6 +383,29 @@ def test_any_bytes_are_judged_like_the_reference_and_never_stop_the_relay(relay,
     assert servers[(1, 4)].count == 1 + barrier.uses and servers[(2, 4)].count == 0
 
 
+def test_requests_nobody_answers_hold_only_the_pending_ring_and_carry_no_media(relay, sockets):
+    """As in XDP (relay.c enter_pending_ring): a backend that never answers (no server behind it)
+    leaves each flow pending, a ufrag keeps its last PENDING_FLOWS of them, and none carries media."""
+    relay.register(1)
+    relay.call(lambda c: c.put_session("pendSess", 1))
+    spoofers = [sockets() for _ in range(consts.PENDING_FLOWS + 2)]
+    before = relay.stats()
+    for s in spoofers:
+        s.sendto(stun.build_binding_request("pendSess:evil"), relay.public4)
+    wait_for(lambda: delta(before, relay.stats()).get("IN_FWD_STUN_UFRAG", (0, 0))[0] == len(spoofers), 5,
+             "every request forwarded")
+    flows = relay.call(lambda c: c.flows())
+    assert len(flows) == consts.PENDING_FLOWS and all(f["pending"] for f in flows)
+    assert [s["flows_opened"] for s in relay.call(lambda c: c.sessions())] == [0]   # no allowance used
+    for s in spoofers:
+        s.sendto(RTP, relay.public4)
+    wait_for(lambda: delta(before, relay.stats()).get("IN_DROP_PENDING", (0, 0))[0] == consts.PENDING_FLOWS, 5,
+             "media of the pending flows dropped")
+    assert delta(before, relay.stats())["IN_DROP_NO_FLOW"][0] == 2              # the two the ring replaced
+    relay.call(lambda c: c.delete_session("pendSess"))
+    assert relay.call(lambda c: c.flows()) == []                                # pending flows go with it
+
+
 def test_session_flow_allowance_then_session_delete_closes_its_flows(relay, servers, sockets):
     lab = relay.lab
     relay.register(1)
@@ -438,7 +470,8 @@ def test_hint_policy_routes_without_a_session_and_backend_delete_removes_the_flo
     assert ping(client, request, relay.public4)[0] == request
     assert ping(client, RTP, relay.public4)[0] == RTP
     moved = delta(before, relay.stats())
-    assert moved["IN_FWD_STUN_HINT"][0] == 1 and moved["IN_FWD_FLOW"][0] == 1 and moved["OUT_FWD"][0] == 2
+    assert moved["IN_FWD_STUN_HINT"][0] == 1 and moved["IN_FWD_FLOW"][0] == 1 and moved["OUT_FWD"][0] == 1 \
+        and moved["OUT_FWD_CONFIRM"][0] == 1   # the echoed request confirmed the flow
     assert servers[(2, 4)].count == 2 and servers[(1, 4)].count == 0
     assert relay.call(lambda c: c.sessions()) == []
     assert [(f["ufrag"], f["backend"]) for f in relay.call(lambda c: c.flows())] == [(ufrag, 2)]
@@ -470,7 +503,7 @@ def test_keyed_hints_route_and_forged_ones_are_dropped(relay, servers, sockets, 
     wait_for(lambda: {"IN_DROP_FORGED_HINT", "IN_DROP_UNKNOWN_UFRAG"} <= set(delta(before, relay.stats())), 5,
              "the forged and the unkeyed hint dropped")
     moved = delta(before, relay.stats())
-    assert {k: v[0] for k, v in moved.items()} == {"IN_FWD_STUN_HINT": 1, "OUT_FWD": 1,
+    assert {k: v[0] for k, v in moved.items()} == {"IN_FWD_STUN_HINT": 1, "OUT_FWD_CONFIRM": 1,
                                                    "IN_DROP_FORGED_HINT": 1, "IN_DROP_UNKNOWN_UFRAG": 1}
     assert [f["ufrag"] for f in relay.call(lambda c: c.flows())] == [good]
 
@@ -486,7 +519,7 @@ def test_the_userspace_agent_needs_no_bcc(relay_module, servers, sockets):
     argv = [sys.executable, "-c", NO_BCC, "-v", "edge", "serve", lab.relay_public.ifname,
             "--internal", lab.relay_internal.ifname, "--public-ip", lab.relay_public.ip4,
             "--listen", f"{control_url(lab).removeprefix('http://')}", "--instance", lab.name,
-            "--datapath", "userspace"]                # no gateway: the kernel routes
+            "--datapath", "userspace", "--token-file", str(control_key_file(lab))]  # no gateway: kernel routes
     path = log_file(lab, "nobcc")
     with path.open("w") as out:
         proc = lab.popen(lab.relay_public.netns, argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)

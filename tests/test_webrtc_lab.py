@@ -7,10 +7,13 @@ import os
 import subprocess
 import sys
 import signal
+import urllib.error
+import urllib.request
 
 import pytest
 
 from splitrelay.lab.stack import (
+    admin_get,
     control,
     probe,
     probe_result,
@@ -60,7 +63,9 @@ def test_voice_session_through_xdp(voice_lab):
 
     def live_sessions() -> list[dict]:
         cli = subprocess.run(["ip", "netns", "exec", lab.client.netns, sys.executable, "-m",
-                              "splitrelay.cli.main", "transceiver", "sessions", info["whip_urls"][1], "--json"],
+                              "splitrelay.cli.main", "transceiver", "sessions",
+                              info["transceivers"][1]["admin_url"], "--admin-token-file", info["admin_token_file"],
+                              "--json"],
                              capture_output=True, text=True, check=True)
         return [s for s in json.loads(cli.stdout) if s["stats"]["packets_received"] > 0]
 
@@ -74,6 +79,37 @@ def test_voice_session_through_xdp(voice_lab):
     # DELETE ended the session: registration and flows are gone from the relay
     assert flows[0]["ufrag"] not in relay_ufrags(lab)
     assert control(lab, lambda c: c.flows()) == []
+
+
+def test_a_stranger_on_the_client_network_can_neither_list_nor_end_a_call_and_it_goes_on(voice_lab):
+    """Tried from the client's namespace with a valid offer token of its own: the WHIP listener lists
+    nothing, the call's public id opens nothing, the admin listener wants its token; the call's every
+    beep still comes back."""
+    lab, info = voice_lab
+    whip, t = info["whip_urls"][0], info["transceivers"][0]
+    proc = probe(lab, [whip], duration=4)
+    [live] = wait_for(lambda: json.loads(admin_get(lab, t["admin_url"], "/sessions")), 20, "the call listed", proc)
+
+    def stranger() -> list[int]:
+        codes = []
+        for method, url in (("GET", whip.removesuffix("/whip") + "/sessions"),
+                            ("GET", whip.removesuffix("/whip") + "/metrics"),
+                            ("DELETE", f"{whip}/sessions/{live['id']}"),
+                            ("PATCH", f"{whip}/sessions/{live['id']}"),
+                            ("GET", t["admin_url"] + "/sessions")):
+            request = urllib.request.Request(url, method=method, headers={
+                "Authorization": f"Bearer {info['whip_token']}", "If-Match": "*",
+                "Content-Type": "application/trickle-ice-sdpfrag"}, data=b"" if method == "PATCH" else None)
+            try:
+                with urllib.request.urlopen(request, timeout=5) as resp:
+                    codes.append(resp.status)
+            except urllib.error.HTTPError as exc:
+                codes.append(exc.code)
+        return codes
+
+    assert lab.in_netns(lab.client.netns, stranger) == [404, 404, 404, 404, 401]
+    [report] = probe_result(proc, 60)
+    assert_clean_call(report)
 
 
 def test_ten_sessions_across_two_transceivers_each_on_its_owner(voice_lab):

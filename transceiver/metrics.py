@@ -20,6 +20,9 @@ class TransceiverMetrics:
         self.sessions = Gauge("splitrelay_transceiver_sessions", "Live WebRTC sessions", registry=r)
         self.sessions_started = Counter("splitrelay_transceiver_sessions_started", "Sessions answered",
                                         registry=r)
+        self.max_call_ended = Counter("splitrelay_transceiver_sessions_max_call",
+                                      "Sessions ended because their offer token's max_call_s ran out",
+                                      registry=r)
         self.offers_rejected = Counter("splitrelay_transceiver_offers_rejected", "WHIP offers refused",
                                        ["code"], registry=r)
         self.offers_refused = Counter("splitrelay_transceiver_offers_refused",

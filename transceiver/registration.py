@@ -20,6 +20,14 @@ the routing hint in the ufrag alone routes the session there, registration or no
 A relay unreachable at start is watched the same way and gets the backend and every
 live session when it answers.
 
+The token given (``--token``) is normally this backend's own (``splitrelay edge
+token``): it opens this backend and its sessions at the agent, nothing else.  The
+backend is refreshed every ``refresh_interval`` so the agent knows it is live (a
+second process claiming the same id elsewhere gets 409, and the agent does not age
+this backend's idle sessions).  A DELETE that fails is not forgotten: the ufrag
+stays in ``leftover`` and is retried on the watch ticks with a doubling delay
+(capped at ``MAX_RETRY_S``) until the agent has removed it or says it never had it.
+
 Routes and bodies are those of docs/DESIGN.md ("Edge control API").
 """
 
@@ -37,6 +45,8 @@ import aiohttp
 from splitrelay.errors import SplitrelayError
 
 log = logging.getLogger(__name__)
+REFRESH_S = 10.0    # well inside the agent's 30 s liveness window (edge/control.py BACKEND_LIVE_S)
+MAX_RETRY_S = 30.0  # the longest wait between two tries of a failed DELETE
 
 
 class RegistrationError(SplitrelayError):
@@ -60,12 +70,16 @@ class Unauthorized(AgentRefused):
     """401: the control token is missing or wrong."""
 
 
+class Forbidden(AgentRefused):
+    """403: the token is valid but not for this (the token of another backend, or a non-admin one)."""
+
+
 class SessionConflict(AgentRefused):
     """409: the ufrag is owned by another backend, or the agent does not know this backend."""
 
 
 def _refused(method: str, path: str, status: int, reason: str) -> AgentRefused:
-    cls = {401: Unauthorized, 409: SessionConflict}.get(status, AgentRefused)
+    cls = {401: Unauthorized, 403: Forbidden, 409: SessionConflict}.get(status, AgentRefused)
     return cls(method, path, status, reason)
 
 
@@ -74,7 +88,7 @@ class Registrar:
 
     def __init__(self, control_url: str, backend_id: int, backend_ip: str | None, backend_port: int,
                  token: str | None = None, backend_ip6: str | None = None, watch_interval: float = 1.0,
-                 timeout: float = 3.0, name: str = "relay") -> None:
+                 timeout: float = 3.0, name: str = "relay", refresh_interval: float = REFRESH_S) -> None:
         self.base = control_url.rstrip("/")
         self.name = name
         # "instance" tells the agent when a new process took over this backend id (a restart
@@ -86,6 +100,9 @@ class Registrar:
         self.sessions: set[str] = set()
         self.missed: set[str] = set()   # sessions this agent has not accepted yet (retried each tick)
         self.sending: set[str] = set()  # sessions whose PUT is on its way (sent, not answered yet)
+        self.leftover: dict[str, tuple[float, float]] = {}  # failed DELETEs: ufrag -> (next try, delay)
+        self.refresh_interval = refresh_interval
+        self._refreshed = 0.0  # loop time of the last backend PUT
         self.boot_id: str | None = None
         self.reregistrations = 0
         self.watch_interval = watch_interval
@@ -139,6 +156,7 @@ class Registrar:
     async def _put_backend(self) -> None:
         body = {k: v for k, v in self.backend.items() if v is not None}
         await self._call("PUT", f"/v1/backends/{self.backend_id}", body)
+        self._refreshed = asyncio.get_running_loop().time()
 
     @staticmethod
     def _session_path(ufrag: str) -> str:
@@ -165,19 +183,37 @@ class Registrar:
             if ufrag in self.missed:  # never accepted: nothing to delete
                 self.missed.discard(ufrag)
                 return
-            try:
-                await self._call("DELETE", self._session_path(ufrag))
-            except AgentRefused as exc:
-                if exc.status != 404:
-                    log.warning("unregistering %s: %s", ufrag, exc)
-            except RegistrationError as exc:
-                log.warning("unregistering %s: %s", ufrag, exc)
+            await self._delete(ufrag)
+
+    async def _delete(self, ufrag: str) -> bool:
+        """One DELETE of a session; a failure leaves it in ``leftover`` for the watch ticks.  True if gone."""
+        try:
+            await self._call("DELETE", self._session_path(ufrag))
+        except RegistrationError as exc:
+            if not (isinstance(exc, AgentRefused) and exc.status == 404):
+                _, delay = self.leftover.get(ufrag, (0.0, self.watch_interval / 2))
+                delay = min(2 * delay, MAX_RETRY_S)
+                self.leftover[ufrag] = (asyncio.get_running_loop().time() + delay, delay)
+                log.warning("unregistering %s: %s (retrying in %.0f s)", ufrag, exc, delay)
+                return False
+        self.leftover.pop(ufrag, None)
+        return True
+
+    async def _retry_leftover(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for ufrag, (due, _) in list(self.leftover.items()):
+            if due <= now and ufrag not in self.sessions:
+                async with self._lock:
+                    await self._delete(ufrag)
 
     async def check(self) -> bool:
         """One look at the agent's boot_id; re-register everything if it changed.  True if it did."""
         health = await self.health()
         if health["boot_id"] == self.boot_id:
+            if asyncio.get_running_loop().time() - self._refreshed >= self.refresh_interval:
+                await self._put_backend()  # the agent counts this backend live (edge/control.py _live)
             await self._retry_missed()
+            await self._retry_leftover()
             return False
         async with self._lock:
             await self._put_backend()
@@ -211,15 +247,11 @@ class Registrar:
         A restarted agent adopts its pinned maps, so a session that ended while the
         agent was down (its DELETE refused) comes back with it and would stay
         registered forever (seen in the lab: a call hung up during an agent restart)."""
-        listed = await self._call("GET", "/v1/sessions")
+        listed = await self._call("GET", f"/v1/sessions?backend={self.backend_id}")
         for entry in listed if isinstance(listed, list) else []:
             ufrag = entry.get("ufrag") if isinstance(entry, dict) else None
             if entry.get("backend") == self.backend_id and isinstance(ufrag, str) and ufrag not in self.sessions:
-                try:
-                    await self._call("DELETE", self._session_path(ufrag))
-                except AgentRefused as exc:
-                    if exc.status != 404:
-                        log.warning("dropping stale session %s: %s", ufrag, exc)
+                await self._delete(ufrag)
 
     async def _watch_agent(self) -> None:
         while True:
@@ -238,6 +270,11 @@ class Registrar:
             return
         for ufrag in list(self.sessions):
             await self.unregister(ufrag)
+        for ufrag in list(self.leftover):  # a last try each; what still fails the agent ages (session_idle_s)
+            await self._delete(ufrag)
+        if self.leftover:
+            log.warning("%s: %d sessions could not be unregistered; the agent will age them",
+                        self.name, len(self.leftover))
         if unregister_backend:
             try:
                 await self._call("DELETE", f"/v1/backends/{self.backend_id}")

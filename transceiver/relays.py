@@ -11,8 +11,13 @@ deliberate, through ICE candidate priorities (RFC 8445 5.1.2): every candidate i
 
 So every pair through the preferred relay outranks every backup pair for the
 client's (controlling) agent, and a backup wins only when the preferred relay's
-checks fail.  The first-hop latency is what the preference is for, so the choice
-is made per offer, at signaling time, by a chain of ``RelayChooser`` callables:
+checks fail.  A relay with an ICE-TCP port (``tcp:443`` in its spec, edge/ice_tcp.py)
+adds a passive TCP candidate (RFC 6544) per address, ranked the same way in a band
+below every UDP candidate (16383 - i for the preferred relay, 8191 - 256*r - i for
+backups), so UDP wins wherever it works and TCP is the last resort.
+
+The first-hop latency is what the preference is for, so the choice is made per
+offer, at signaling time, by a chain of ``RelayChooser`` callables:
 
 * ``ByClientPrefix`` (the default when ``--prefer`` maps are given): the
   longest prefix that holds the WHIP request's source address names the relay;
@@ -29,6 +34,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from splitrelay.errors import SplitrelayError
 
@@ -37,19 +43,30 @@ Address = tuple[str, int]
 PREFERRED_LOCAL_PREF = 65535
 BACKUP_LOCAL_PREF = 32767
 BACKUP_STEP = 256
+TCP_PREFERRED_LOCAL_PREF = 16383   # below the lowest UDP one (32767 - 256 * 63) for up to 63 backups
+TCP_BACKUP_LOCAL_PREF = 8191
 
 
 class RelaySpecError(SplitrelayError, ValueError):
     """A --relay / --prefer value that cannot be parsed (one-line reason)."""
 
 
+class TcpAddress(NamedTuple):
+    """The address of a passive ICE-TCP candidate: the answer lists it with ``tcptype passive``."""
+
+    host: str
+    port: int
+
+
 @dataclass(frozen=True)
 class Relay:
-    """One relay: its name, its public candidates (IPv4 and/or IPv6) and its edge agent's URL."""
+    """One relay: its name, its public candidates (IPv4 and/or IPv6), its edge agent's URL and the
+    TCP port its agent listens on for ICE-TCP (None: the answer offers no TCP candidate)."""
 
     name: str
     candidates: tuple[Address, ...]
     control_url: str | None = None
+    tcp_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,26 +100,41 @@ def parse_address(text: str) -> Address:
 
 
 def parse_relay(text: str, index: int, control_url: str | None = None) -> Relay:
-    """``[NAME=]ADDR[,ADDR]``: a relay's public candidates, named ``relayN`` (1-based) by default."""
+    """``[NAME=]ADDR[,ADDR][,tcp:PORT]``: a relay's public candidates, named ``relayN`` (1-based) by
+    default; ``tcp:PORT`` also offers a passive ICE-TCP candidate on each address at PORT."""
     name, sep, addresses = text.partition("=")
     if not sep:
         name, addresses = f"relay{index + 1}", text
-    candidates = tuple(parse_address(a) for a in addresses.split(",") if a.strip())
+    items = [a.strip() for a in addresses.split(",") if a.strip()]
+    tcp = [a for a in items if a.startswith("tcp:")]
+    candidates = tuple(parse_address(a) for a in items if a not in tcp)
     if not candidates:
         raise RelaySpecError(f"relay {text!r} names no address")
-    return Relay(name.strip(), candidates, control_url)
+    tcp_port = None
+    if tcp:
+        port = tcp[-1][len("tcp:"):]
+        if len(tcp) > 1 or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise RelaySpecError(f"relay {text!r}: give one tcp:PORT with PORT 1..65535")
+        tcp_port = int(port)
+    return Relay(name.strip(), candidates, control_url, tcp_port)
 
 
 def ordered_candidates(relays: Sequence[Relay], preferred: Relay | None) -> list[tuple[Address, int]]:
-    """Every relay's candidates with their ICE local preference, the preferred relay's first."""
+    """Every relay's candidates with their ICE local preference, the preferred relay's first: the UDP
+    ones, then the TCP ones (as ``TcpAddress``) of relays with a TCP port."""
     if not relays:
         return []
     preferred = preferred if preferred in relays else relays[0]
-    out = [(address, PREFERRED_LOCAL_PREF - i) for i, address in enumerate(preferred.candidates)]
     backups = [r for r in relays if r is not preferred]
-    for rank, relay in enumerate(backups, start=1):
-        base = BACKUP_LOCAL_PREF - BACKUP_STEP * rank
-        out += [(address, base - i) for i, address in enumerate(relay.candidates)]
+    out = []
+    for top, backup_top, tcp in ((PREFERRED_LOCAL_PREF, BACKUP_LOCAL_PREF, False),
+                                 (TCP_PREFERRED_LOCAL_PREF, TCP_BACKUP_LOCAL_PREF, True)):
+        for rank, relay in enumerate([preferred, *backups]):
+            if tcp and relay.tcp_port is None:
+                continue
+            base = top if rank == 0 else backup_top - BACKUP_STEP * rank
+            out += [(TcpAddress(host, relay.tcp_port) if tcp else (host, port), base - i)
+                    for i, (host, port) in enumerate(relay.candidates)]
     return out
 
 

@@ -9,16 +9,23 @@ nothing is registered and, unless public candidates are given, the mux's own
 address is the candidate.  With several relays (``relays``) the answer names all of
 them, the one chosen for this client first (relays.py), and every relay's agent
 gets every session (registration.py).
+
+Two listeners: the public one serves WHIP, ``/healthz`` and ``/readyz``, what a
+caller or a load balancer needs; the admin one (loopback unless told, optionally
+behind a bearer token) serves what would let a stranger watch or map the calls:
+``/sessions`` (``?ended=1``) and ``/metrics``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from ipaddress import ip_address
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +33,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from aioice import Candidate
 
+from splitrelay.errors import SplitrelayError
+from splitrelay.tokens import DEFAULT_AUDIENCE
 from splitrelay.transceiver.handlers import handler_factory
 from splitrelay.transceiver.ice import new_password, restart_ice
 from splitrelay.transceiver.ice_restart import IceRestartFailed
@@ -36,6 +45,7 @@ from splitrelay.transceiver.mux import UdpMux
 from splitrelay.transceiver.registration import Registrar, RegistrationError, RelayRegistrars
 from splitrelay.transceiver.relays import Relay, RelayChooser, SignalingFacts, choose, ordered_candidates
 from splitrelay.transceiver.audio import check_aiortc
+from splitrelay.transceiver.dtls_role import check_dtls_role
 from splitrelay.transceiver.ufrag_pool import UfragPool
 from splitrelay.transceiver.session import DELETED, SHUTDOWN, OfferError, Session, answer_offer
 from splitrelay.transceiver.whip import MAX_OFFER, OfferRejected, WhipConfig, WhipEndpoint
@@ -45,6 +55,7 @@ from splitrelay.wire.sdpfrag import IceFragment, SdpFragError
 log = logging.getLogger(__name__)
 
 ENDED_KEPT = 256  # finished sessions whose record stays readable (tests, /sessions?ended=1)
+MAX_CALL = "max call"   # why a session ended (Session.end_reason): its offer token's max_call_s ran out
 
 
 @dataclass
@@ -57,7 +68,14 @@ class TransceiverConfig:
     whip_host: str = "127.0.0.1"
     whip_port: int = 8080
     whip_path: str = "/whip"
-    whip_token: str | None = None
+    whip_token: str | None = None                    # static WHIP bearer token (simple mode)
+    whip_keys: list[bytes] = field(default_factory=list)  # offer-token signing keys (splitrelay/tokens.py)
+    whip_audience: str = DEFAULT_AUDIENCE            # the pool name offer tokens must carry as aud
+    cors_origins: tuple[str, ...] = ()               # origins whose pages may call WHIP; "*": any
+    admin_host: str = "127.0.0.1"                    # /sessions and /metrics: never on the public listener
+    admin_port: int = 0                              # 0: an ephemeral port (the CLI's default is 8081)
+    admin_token: str | None = None                   # bearer token of the admin listener
+    insecure_open: bool = False                      # serve a non-loopback listener without auth anyway
     relay_control: str | None = None                 # edge agent URL; None = direct mode, no registration
     relay_token: str | None = None
     backend_ip: str | None = None                    # address the relay forwards to (default: bind_host)
@@ -93,11 +111,38 @@ class TransceiverConfig:
         return []
 
 
+class ExposureError(SplitrelayError):
+    """A listener that would face a network with nothing guarding it."""
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False   # a name or a wildcard: assume it reaches the network
+
+
+def refuse_exposure(c: TransceiverConfig) -> None:
+    """Raise ExposureError when a non-loopback listener would serve with no credential, unless
+    ``insecure_open`` says the operator means it."""
+    if c.insecure_open:
+        return
+    if not _loopback(c.whip_host) and not c.whip_token and not c.whip_keys:
+        raise ExposureError(f"refusing to serve WHIP on {c.whip_host}:{c.whip_port} to anyone: give "
+                            "--whip-key-file or --whip-token, or --insecure-open")
+    if not _loopback(c.admin_host) and not c.admin_token:
+        raise ExposureError(f"refusing to serve /sessions and /metrics on {c.admin_host}:{c.admin_port} "
+                            "to anyone: give --admin-token-file, or --insecure-open")
+
+
 class Transceiver:
     def __init__(self, config: TransceiverConfig) -> None:
         self.config = config
         self.make_handler = handler_factory(config.handler)
         self.sessions: dict[str, Session] = {}
+        self._ending: set[asyncio.Task] = set()  # end_session tasks of sessions that ended by themselves
         self.ended: deque[dict[str, Any]] = deque(maxlen=ENDED_KEPT)  # to_dict() of finished sessions
         self.mux: UdpMux | None = None
         self.registrars: RelayRegistrars | None = None
@@ -105,6 +150,8 @@ class Transceiver:
         self.draining = False
         self._runner: web.AppRunner | None = None
         self.whip_port: int | None = None
+        self.admin_port: int | None = None
+        self._admin_runner: web.AppRunner | None = None
         self.metrics = TransceiverMetrics()
         self._exported: dict[str, dict[str, float]] = {}  # per session: what metrics already counted
         self._answering = 0  # offers between admission and their answer: pending too
@@ -113,18 +160,35 @@ class Transceiver:
                                       config.offer_burst, config.offer_sources),
             config.connect_timeout, on_refused=lambda why: self.metrics.offers_refused.labels(why).inc())
         self.whip = WhipEndpoint(self, WhipConfig(config.whip_path, config.whip_token, MAX_OFFER,
-                                                  config.body_timeout),
+                                                  config.body_timeout, list(config.whip_keys),
+                                                  config.whip_audience, tuple(config.cors_origins)),
                                  on_rejected=lambda status: self.metrics.offers_rejected.labels(str(status)).inc())
 
     def app(self) -> web.Application:
+        """The public listener: WHIP and the probes a load balancer needs, nothing that names a call."""
         app = web.Application(client_max_size=MAX_OFFER)
         app.add_routes(self.whip.routes() + [
-            web.get("/sessions", self.list_sessions),
-            web.get("/metrics", self.scrape),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
         ])
         return app
+
+    def admin_app(self) -> web.Application:
+        """The admin listener: every call's record and the metrics, for operators and Prometheus."""
+        app = web.Application(middlewares=[self._admin_auth])
+        app.add_routes([web.get("/sessions", self.list_sessions), web.get("/metrics", self.scrape),
+                        web.get("/healthz", self.healthz)])
+        return app
+
+    @web.middleware
+    async def _admin_auth(self, request: web.Request, handler):  # noqa: ANN001, ANN202
+        token = self.config.admin_token
+        if token:
+            offered = request.headers.get("Authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(offered, f"Bearer {token}".encode()):
+                return web.Response(status=401, text="missing or wrong admin bearer token\n",
+                                    headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
 
     @property
     def registrar(self) -> Registrar | None:
@@ -134,7 +198,9 @@ class Transceiver:
     async def start(self) -> None:
         """Bind the mux, register the backend (if relays are configured), then accept offers."""
         check_aiortc()  # the voice path's aiortc internals: fail at start, not in the first call
+        check_dtls_role()
         c = self.config
+        refuse_exposure(c)
         relays = c.all_relays()
         public = [a for r in relays for a in r.candidates]
         self.mux = await UdpMux.bind(c.bind_host, c.bind_port, public or None, c.address_timeout)
@@ -160,10 +226,21 @@ class Transceiver:
         site = web.TCPSite(self._runner, c.whip_host, c.whip_port)
         await site.start()
         self.whip_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
+        self._admin_runner = web.AppRunner(self.admin_app(), access_log=None, shutdown_timeout=2.0)
+        await self._admin_runner.setup()
+        site = web.TCPSite(self._admin_runner, c.admin_host, c.admin_port)
+        await site.start()
+        self.admin_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
 
     @property
     def whip_url(self) -> str:
         return f"http://{self.config.whip_host}:{self.whip_port}{self.whip.path}"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin listener's base URL: ``/sessions`` and ``/metrics`` are under it."""
+        host = self.config.admin_host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.admin_port}"
 
     # -- sessions (the WHIP endpoint's SessionHost) -----------------------------------
 
@@ -188,18 +265,19 @@ class Transceiver:
         if new_session:
             self.admission.check_capacity(len(self.sessions) + self._answering, self._pending_ages())
 
-    async def open_session(self, sdp: str, offer_at: float,
-                           facts: SignalingFacts | None = None) -> tuple[str, str]:
+    async def open_session(self, sdp: str, offer_at: float, facts: SignalingFacts | None = None,
+                           max_call_s: float | None = None) -> tuple[str, str]:
         assert self.mux is not None
         # again, now that the body is in: other offers may have been admitted while it arrived
         self.admission.check_capacity(len(self.sessions) + self._answering, self._pending_ages())
         self._answering += 1
         try:
-            return await self._answer(sdp, offer_at, facts)
+            return await self._answer(sdp, offer_at, facts, max_call_s)
         finally:
             self._answering -= 1
 
-    async def _answer(self, sdp: str, offer_at: float, facts: SignalingFacts | None) -> tuple[str, str]:
+    async def _answer(self, sdp: str, offer_at: float, facts: SignalingFacts | None,
+                      max_call_s: float | None = None) -> tuple[str, str]:
         assert self.mux is not None
         pooled = self.ufrags.take() if self.ufrags else None  # registered already: the answer waits for no agent
         registered: list[str] = []
@@ -231,10 +309,19 @@ class Transceiver:
             self.ufrags.refill_after(session.connected, session.ended)
         for connection in session.ice_connections:
             connection.paths.on_change = lambda reason, addr: self.metrics.path_changes.labels(reason).inc()
+        if max_call_s is not None:
+            session._tasks.append(asyncio.ensure_future(self._end_at_max_call(session, max_call_s)))
         self.metrics.sessions_started.inc()
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.phase("answer", session.timings.answer_ms)
         return session.session_id, answer
+
+    async def _end_at_max_call(self, session: Session, max_call_s: float) -> None:
+        """The offer token allowed a call this long: end it then, like any other end."""
+        await asyncio.sleep(max_call_s)
+        if session.end(MAX_CALL):
+            self.metrics.max_call_ended.inc()
+            self._ended(session)
 
     def _new_ufrag(self) -> str:
         return hint.encode(self.config.backend_id, key=self.config.hint_key)
@@ -305,13 +392,17 @@ class Transceiver:
         return await self.end_session(session_id, DELETED)
 
     def _ended(self, session: Session) -> None:
-        asyncio.ensure_future(self.end_session(session.session_id, session.end_reason or DELETED))
+        # tracked, and awaited by stop(): the task holds the session's unregistering at the relays
+        task = asyncio.ensure_future(self.end_session(session.session_id, session.end_reason or DELETED))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     async def end_session(self, session_id: str, reason: str = DELETED) -> bool:
         """Close a session and unregister it from the mux and the relay; False if it is unknown."""
         session = self.sessions.pop(session_id, None)
         if session is None:
             return False
+        self.whip.forget(session_id)
         self._export(session)
         self._exported.pop(session_id, None)
         self.metrics.sessions.set(len(self.sessions))
@@ -417,11 +508,15 @@ class Transceiver:
         self.draining = True
         for session_id in list(self.sessions):
             await self.end_session(session_id, SHUTDOWN)
+        if self._ending:  # sessions that ended by themselves finish unregistering before the registrars stop
+            await asyncio.wait(list(self._ending))
         if self.ufrags:
             await self.ufrags.stop()
         if self.registrars:
             await self.registrars.stop()  # also deletes the pool's ready ufrags
         if self._runner:
             await self._runner.cleanup()
+        if self._admin_runner:
+            await self._admin_runner.cleanup()
         if self.mux:
             self.mux.close()

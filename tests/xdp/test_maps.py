@@ -16,6 +16,7 @@ from splitrelay.edge.xdp_loader import MAP_NAMES, PinnedMapMismatch
 
 from .. import packets as P
 from .harness import (
+    confirm_flow,
     BACKEND_ID,
     VETH,
     V,
@@ -52,11 +53,12 @@ def test_maps_survive_a_reload_through_pins(relay):
 
 def test_reload_keeps_maps_and_the_new_program_uses_them(relay):
     public(relay, P.udp_frame(V["2.1"]))
+    confirm_flow(relay)
     old_fd = relay.program_fd("xdp_public")
     relay.reload()  # nothing attached: compiles and loads again over the same pinned maps
     assert relay.program_fd("xdp_public") != old_fd
     assert_forwarded_to_backend(public(relay, P.udp_frame(b"\x80" * 40)))  # the learned flow routes
-    assert counts(relay) == {"IN_FWD_STUN_UFRAG": 1, "IN_FWD_FLOW": 1}
+    assert counts(relay) == {"IN_FWD_STUN_UFRAG": 1, "OUT_FWD_CONFIRM": 1, "IN_FWD_FLOW": 1}
     assert {p.name for p in (relay.pin_dir).iterdir()} == set(MAP_NAMES)
 
 

@@ -15,6 +15,7 @@ from splitrelay.wire import hint, stun
 from .. import packets as P
 from ..vectors import HINT_V2_KEY, hint_v1, hint_v2, rfc7983
 from .harness import (
+    confirm_flow,
     V,
     counts,
     public,
@@ -40,7 +41,8 @@ def test_c_and_python_hint_decoders_agree_on_the_vectors(relay):
 
 
 def test_rfc7983_classes_match_the_python_reference(relay):
-    public(relay, P.udp_frame(V["2.1"]))  # a flow, so every routable class would be forwarded
+    public(relay, P.udp_frame(V["2.1"]))  # a confirmed flow, so every routable class would be forwarded
+    confirm_flow(relay)
     forwardable = {"dtls", "rtp"}
     for first, cls in rfc7983().items():
         assert stun.classify(bytes([first])) == cls

@@ -11,6 +11,7 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
+from splitrelay.bpf import consts
 from splitrelay.bpf.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT
 from splitrelay.edge.datapath import Backend
 
@@ -31,8 +32,9 @@ def reply_frame(payload: bytes, dport: int, *, v6=False, src=None, sport=P.BACKE
                        src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC)
 
 
-def open_flow(dp, *, v6=False, port=P.CLIENT_PORT) -> int:
-    """Send the client's Binding Request; the internal port the backend saw it from."""
+def open_flow(dp, *, v6=False, port=P.CLIENT_PORT, answer=True) -> int:
+    """Send the client's Binding Request (and the backend's answer, confirming the flow); the
+    internal port the backend saw it from."""
     result = public(dp, client_frame(V["2.1"], v6=v6, port=port))
     assert result.verdict == XDP_REDIRECT, result.name
     pkt = Ether(result.data)
@@ -41,6 +43,8 @@ def open_flow(dp, *, v6=False, port=P.CLIENT_PORT) -> int:
     assert l3.dst == (P.BACKEND_IP6 if v6 else P.BACKEND_IP4)
     assert pkt[UDP].dport == P.BACKEND_PORT
     assert P.checksums_valid(result.data)
+    if answer:
+        assert internal(dp, reply_frame(V["2.2"], pkt[UDP].sport, v6=v6)).verdict == XDP_REDIRECT
     return pkt[UDP].sport
 
 
@@ -65,7 +69,7 @@ def test_a_reply_to_the_flows_port_goes_back_to_the_client_from_the_relay(xlate,
     assert (l3.dst, pkt[UDP].dport) == (P.CLIENT_IP6 if v6 else P.CLIENT_IP4, P.CLIENT_PORT)
     assert pkt.dst == P.CLIENT_MAC and pkt.src == P.RELAY_PUB_MAC
     assert P.checksums_valid(result.data)
-    assert xlate.flow((l3.dst, P.CLIENT_PORT)).rx_packets == 1
+    assert xlate.flow((l3.dst, P.CLIENT_PORT)).rx_packets == 2   # the backend's answer, then this
     assert counts(xlate)["OUT_FWD"] == 1
 
 
@@ -143,7 +147,29 @@ def test_a_refill_after_a_restart_skips_the_ports_live_flows_hold(xlate):
 def test_a_packet_to_the_internal_address_outside_the_port_range_is_the_hosts_own(xlate):
     open_flow(xlate)
     assert internal(xlate, reply_frame(RTP, PORTS[1] + 1)).verdict == XDP_PASS
-    assert counts(xlate)["OUT_PASS_OTHER"] == 1
+    assert internal(xlate, reply_frame(RTP, PORTS[1] + 1, src="10.1.0.99")).verdict == XDP_PASS
+    assert counts(xlate)["OUT_PASS_LOCAL"] == 1 and counts(xlate)["OUT_PASS_OTHER"] == 1
+
+
+@pytest.mark.parametrize("spoofs", [4, 64])
+def test_spoofed_requests_cannot_take_the_pool_or_lock_the_client_out(xlate, spoofs):
+    """Attack (a) translating: each spoofed request's pending flow holds a port, but a ufrag holds at
+    most PENDING_FLOWS of them and a new one hands the oldest's port back, so the pool never runs dry
+    and the real client gets a port, then media once its backend answered."""
+    for i in range(spoofs):
+        open_flow(xlate, port=43000 + i, answer=False)
+    assert len(xlate.flows()) == min(spoofs, consts.PENDING_FLOWS) and all(f.pending for f in xlate.flows())
+    port = open_flow(xlate)                          # the real client: a port, and its backend's answer
+    assert Ether(public(xlate, client_frame(RTP)).data)[UDP].sport == port
+    assert "IN_DROP_PORT_POOL_EMPTY" not in counts(xlate)
+
+
+def test_a_backend_talks_to_clients_only_through_a_flows_port(xlate):
+    """Translating, a backend's packet to anywhere but the relay is dropped: no reflector."""
+    frame = P.udp_frame(b"\x80" * 200, src=P.BACKEND_IP4, dst="198.51.100.9", sport=P.BACKEND_PORT, dport=9,
+                        src_mac=P.BACKEND_MAC, dst_mac=P.RELAY_INT_MAC)
+    assert internal(xlate, frame).verdict == XDP_DROP
+    assert counts(xlate) == {"OUT_DROP_NO_FLOW": 1}
 
 
 def test_dnat_mode_is_unchanged_and_takes_no_port(relay):

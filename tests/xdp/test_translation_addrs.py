@@ -17,24 +17,27 @@ from splitrelay.edge.records import DatapathError, check_internal_sets
 from splitrelay.edge.xdp_plane import XdpOptions, _internal_addresses
 
 from .. import packets as P
-from .harness import (INTERNAL_IP4, INTERNAL_IP4_B, INTERNAL_IP6, INTERNAL_IP6_B, PORTS, V, VETH, counts, internal,
-                      public)
+from .harness import (INTERNAL_IP4, INTERNAL_IP4_B, INTERNAL_IP6, INTERNAL_IP6_B, PORTS, RELAY_OWN_IP4, V, VETH,
+                      counts, internal, public)
 
 RTP = bytes([0x80, 0x6F]) + bytes(30)
 PAIRS = 2 * (PORTS[1] - PORTS[0] + 1)   # two address sets x the port range
 
 
 def open_flow(dp, *, v6=False, port=P.CLIENT_PORT) -> tuple[str, int]:
-    """The client's Binding Request; the (internal address, port) the backend saw it from."""
+    """The client's Binding Request and the backend's answer (confirming the flow); the (internal
+    address, port) the backend saw it from."""
     result = public(dp, P.udp_frame(V["2.1"], v6=v6, sport=port))
     assert result.verdict == XDP_REDIRECT, result.name
     pkt = Ether(result.data)
     assert P.checksums_valid(result.data)
-    return (pkt[IPv6] if v6 else pkt[IP]).src, pkt[UDP].sport
+    to = (pkt[IPv6] if v6 else pkt[IP]).src, pkt[UDP].sport
+    assert reply(dp, to, v6=v6, payload=V["2.2"]).verdict == XDP_REDIRECT
+    return to
 
 
-def reply(dp, to: tuple[str, int], *, v6=False, src=None):
-    return internal(dp, P.udp_frame(RTP, v6=v6, src=src or (P.BACKEND_IP6 if v6 else P.BACKEND_IP4), dst=to[0],
+def reply(dp, to: tuple[str, int], *, v6=False, src=None, payload=RTP):
+    return internal(dp, P.udp_frame(payload, v6=v6, src=src or (P.BACKEND_IP6 if v6 else P.BACKEND_IP4), dst=to[0],
                                     sport=P.BACKEND_PORT, dport=to[1], src_mac=P.BACKEND_MAC,
                                     dst_mac=P.RELAY_INT_MAC))
 
@@ -121,9 +124,12 @@ def test_more_address_sets_than_the_maps_hold_are_refused(xlate2):
                               f"{xlate2.instance!r} or use another instance name")
 
 
-def test_a_packet_to_an_address_of_no_set_is_the_hosts_own(xlate2):
+def test_a_backends_packet_to_an_address_of_no_set_passes_only_if_it_is_the_relays_own(xlate2):
     open_flow(xlate2)
-    assert reply(xlate2, ("10.1.0.3", PORTS[0])).verdict == XDP_PASS
+    assert reply(xlate2, (RELAY_OWN_IP4, PORTS[0])).verdict == XDP_PASS
+    assert reply(xlate2, ("10.1.0.3", PORTS[0])).verdict == XDP_DROP   # anywhere else: no reflector
+    assert counts(xlate2) == {"IN_FWD_STUN_UFRAG": 1, "OUT_FWD_CONFIRM": 1, "OUT_PASS_LOCAL": 1,
+                              "OUT_DROP_NO_FLOW": 1}
 
 
 def test_internal_addresses_must_pair_up_by_family():

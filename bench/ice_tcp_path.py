@@ -1,0 +1,331 @@
+"""The TCP path beside the UDP path through one relay, in one run: added latency and relay CPU per packet.
+
+A translating lab (one relay; the backend host runs a UDP echo instead of a
+transceiver) and one session ufrag registered to that backend.  From the lab's
+client namespace one client sends voice-sized packets (172 bytes: RTP header and
+a 20 ms Opus frame), one at a time, each carrying a sequence number, and
+waits for its echo: through the relay's UDP port (XDP) and through its ICE-TCP
+port (edge/ice_tcp.py, RFC 4571 frames over one connection), in alternating
+blocks so that load drift on a shared machine hits both paths alike.  Each path
+is first opened with a Binding Request for the ufrag, as ICE opens it.
+
+CPU per relayed packet (each echo is two: client to backend and back): for UDP,
+the XDP programs' own run time (BPF_ENABLE_STATS); for TCP, the agent process's
+user + system time (/proc), which holds the bridge's Python and its send/recv
+syscalls but not all of the kernel's TCP receive work (softirq, charged to
+whatever runs), so the TCP figure is a lower bound.
+
+    sudo .venv/bin/python -m splitrelay.bench.ice_tcp_path [--count N] [--blocks N] [--json]
+    sudo .venv/bin/python -m splitrelay.bench.ice_tcp_path --calls 200 [--seconds 10]
+    sudo .venv/bin/python -m splitrelay.bench.ice_tcp_path --setup 20     # Chromium, TCP and UDP
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+from splitrelay.bench.forwarding import _prog_ids, _prog_stats
+from splitrelay.bench.system import bpf_run_time_stats, machine, process_cpu_s
+from splitrelay.lab.stack import TCP_PORT, control, start_lab, stop_lab
+from splitrelay.lab.topology import BACKEND_PORT, Lab
+from splitrelay.wire.stun import build_binding_request
+
+UFRAG = "benchtcpufrag"
+PAYLOAD = 172                      # RTP header + a 20 ms Opus frame at ~64 kb/s
+ECHO = ("import socket,sys\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind((sys.argv[1],int(sys.argv[2])))\n"
+        "while True:\n d,a=s.recvfrom(4096); s.sendto(d,a)\n")
+
+
+def _packet(seq: int) -> bytes:
+    return bytes([0x80, 0x6F]) + struct.pack("!I", seq) + bytes(PAYLOAD - 6)
+
+
+class _UdpPath:
+    def __init__(self, relay: tuple[str, int]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(2.0)
+        self.sock.connect(relay)
+        self.exchange(build_binding_request(f"{UFRAG}:benchclient"))
+
+    def exchange(self, data: bytes) -> bytes:
+        self.sock.send(data)
+        return self.sock.recv(4096)
+
+
+class _TcpPath:
+    def __init__(self, relay: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(relay, timeout=2.0)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as browsers do for ICE-TCP
+        self.exchange(build_binding_request(f"{UFRAG}:benchclient"))
+
+    def _read(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("the relay closed the ICE-TCP connection")
+            out += chunk
+        return out
+
+    def exchange(self, data: bytes) -> bytes:
+        self.sock.sendall(len(data).to_bytes(2, "big") + data)
+        return self._read(int.from_bytes(self._read(2), "big"))
+
+
+def _block(path, seqs: range) -> list[float]:  # noqa: ANN001
+    rtts = []
+    for seq in seqs:
+        data = _packet(seq)
+        start = time.perf_counter_ns()
+        if path.exchange(data) != data:
+            raise ConnectionError(f"echo {seq} came back changed")
+        rtts.append((time.perf_counter_ns() - start) / 1000)
+    return rtts
+
+
+def _percentiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+    return {"p50_us": at(0.50), "p99_us": at(0.99), "p999_us": at(0.999),
+            "mean_us": round(statistics.mean(values), 1), "samples": len(values)}
+
+
+def _agent_pid(lab: Lab) -> int:
+    out = lab.run(lab.relay_public.netns, ["ss", "-Htlnp", f"sport = :{TCP_PORT}"]).stdout
+    return int(out.split("pid=")[1].split(",")[0])
+
+
+@contextlib.contextmanager
+def _echo_lab(agent_args: list[str] | None = None) -> Iterator[tuple[Lab, int]]:
+    """A translating lab whose backend host runs the UDP echo, ``UFRAG`` registered to it; yields the
+    lab and its agent's pid, and tears it all down after (the echo with the lab's processes)."""
+    info = start_lab(transceivers=1, translate=True, handler=None, agent_args=agent_args)
+    lab = Lab.load(info["name"])
+    try:
+        t = lab.transceivers[0]
+        lab.popen(t.netns, [sys.executable, "-c", ECHO, t.ip4, str(BACKEND_PORT)],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        control(lab, lambda c: c.put_session(UFRAG, t.backend_id))
+        time.sleep(0.5)   # the echo binds (a lost first request would only be retried by hand)
+        yield lab, _agent_pid(lab)
+    finally:
+        stop_lab(info["name"])
+
+
+def measure(count: int, blocks: int) -> dict:
+    with _echo_lab() as (lab, pid):
+        progs = _prog_ids(lab)
+        per_block = count // blocks
+        rtts: dict[str, list[float]] = {"udp": [], "tcp": []}
+        cpu = {"udp": 0.0, "tcp": 0.0}
+        xdp = {"udp": 0, "tcp": 0}
+
+        def run() -> None:
+            paths = {"udp": _UdpPath((lab.relay_public.ip4, lab.relay_port)),
+                     "tcp": _TcpPath((lab.relay_public.ip4, TCP_PORT))}
+            with bpf_run_time_stats():
+                for b in range(blocks):
+                    for name, path in paths.items():
+                        cpu0, xdp0 = process_cpu_s(pid), _prog_stats(progs).run_time_ns
+                        rtts[name] += _block(path, range(b * per_block, (b + 1) * per_block))
+                        cpu[name] += process_cpu_s(pid) - cpu0
+                        xdp[name] += _prog_stats(progs).run_time_ns - xdp0
+
+        lab.in_netns(lab.client.netns, run, timeout=count * 0.1 + 120)
+        relayed = 2 * per_block * blocks
+        udp, tcp = _percentiles(rtts["udp"]), _percentiles(rtts["tcp"])
+        return {
+            "machine": machine(), "count": per_block * blocks, "blocks": blocks, "payload_bytes": PAYLOAD,
+            "rtt": {"udp_xdp": udp, "tcp_userspace": tcp},
+            "added_rtt_us": {k: round(tcp[k] - udp[k], 1) for k in ("p50_us", "p99_us", "p999_us")},
+            "relay_cpu_ns_per_packet": {
+                "udp_xdp_program": round(xdp["udp"] / relayed),
+                "tcp_agent_process": round(cpu["tcp"] * 1e9 / relayed),
+                "udp_agent_process": round(cpu["udp"] * 1e9 / relayed)},   # ~0: XDP never wakes the agent
+        }
+
+
+async def _calls(relay: tuple[str, int], calls: int, seconds: float, marks: dict) -> dict:
+    """``calls`` ICE-TCP connections, each opened by a Binding Request, then one voice packet per
+    20 ms each for ``seconds``; ``marks`` gets the monotonic times when all were open and when done."""
+    import asyncio
+
+    async def opened() -> tuple:
+        reader, writer = await asyncio.open_connection(*relay)
+        request = build_binding_request(f"{UFRAG}:benchclient")
+        writer.write(len(request).to_bytes(2, "big") + request)
+        await reader.readexactly(2 + len(request))
+        return reader, writer
+
+    conns = []   # 50 at a time: one by one, the first would idle out (30 s) before the last opened
+    for first in range(0, calls, 50):
+        conns += await asyncio.gather(*(opened() for _ in range(first, min(calls, first + 50))))
+    marks["open"] = time.monotonic()
+    sent = received = 0
+
+    data = _packet(0)
+    framed = len(data).to_bytes(2, "big") + data
+
+    async def send(writer) -> None:  # noqa: ANN001
+        nonlocal sent
+        start = time.monotonic()
+        for k in range(int(seconds * 50)):   # on a 20 ms clock; a lost echo stalls nothing
+            await asyncio.sleep(max(0.0, start + 0.02 * k - time.monotonic()))
+            writer.write(framed)
+            sent += 1
+
+    async def receive(reader) -> None:  # noqa: ANN001
+        nonlocal received
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readexactly(len(framed))
+                received += 1
+
+    readers = [asyncio.ensure_future(receive(r)) for r, _ in conns]
+    await asyncio.gather(*(send(w) for _, w in conns))
+    marks["done"] = time.monotonic()
+    await asyncio.sleep(0.5)   # the last echoes
+    for task in readers:
+        task.cancel()
+    for _, writer in conns:
+        writer.close()
+    return {"sent": sent, "received": received}
+
+
+def concurrent(calls: int, seconds: float) -> dict:
+    """Many TCP-carried voice calls at once through one relay: the agent's CPU and memory per call
+    (its process only: the kernel's socket memory is not in it).  A lost echo is counted, not waited
+    for; when the client or the echo cannot keep up, ``packets_per_call_per_s_achieved`` says so."""
+    import asyncio
+
+    with _echo_lab(["--max-session-flows", "0", "--tcp-max-per-source", str(calls + 10),
+                    "--tcp-max-connections", str(calls + 10)]) as (lab, pid):
+        rss0, cpu0 = _rss_kib(pid), process_cpu_s(pid)
+        marks: dict = {}
+        samples: dict = {}
+
+        def run() -> dict:
+            loop = asyncio.new_event_loop()
+            task = loop.create_task(_calls((lab.relay_public.ip4, TCP_PORT), calls, seconds, marks))
+            while "open" not in marks:
+                loop.run_until_complete(asyncio.sleep(0.05))
+            samples.update(rss=_rss_kib(pid), cpu=process_cpu_s(pid))
+            result = loop.run_until_complete(task)
+            samples["cpu_end"] = process_cpu_s(pid)
+            loop.close()
+            return result
+
+        result = lab.in_netns(lab.client.netns, run, timeout=calls * 0.5 + seconds + 120)
+        result["relay_frames"] = control(lab, lambda c: c.health())["ice_tcp"]["frames"]   # in/out/dropped
+        busy = marks["done"] - marks["open"]
+        cpu = samples["cpu_end"] - samples["cpu"]
+        relayed = 2 * result["received"]
+        return {"calls": calls, "seconds": round(busy, 2), "packets_per_call_per_s": 50, **result,   # each way
+                "agent_cpu_fraction": round(cpu / busy, 3),
+                "agent_cpu_ns_per_packet": round(cpu * 1e9 / relayed) if relayed else None,
+                "packets_per_call_per_s_achieved": round(result["received"] / calls / busy, 1),
+                # a call is 100 relayed packets/s (50 each way)
+                "calls_per_core_at_this_cost": round(relayed / (cpu * 100)) if cpu and relayed else None,
+                "agent_rss_kib_per_call": round((samples["rss"] - rss0) / calls, 1),
+                "setup_cpu_s": round(samples["cpu"] - cpu0, 3)}
+
+
+def setup_times(runs: int) -> dict:
+    """Chromium's call setup over ICE-TCP and over UDP through one relay, alternating: the
+    transceiver's own timings from the offer's arrival to ICE and to DTLS connected (ms)."""
+    import urllib.request
+
+    from splitrelay.client.browser import Browser
+    from splitrelay.lab.netns import nsenter_argv
+    from splitrelay.lab.udp_block import block_udp, unblock_udp
+
+    info = start_lab(transceivers=1, translate=True, block_udp=True)
+    lab = Lab.load(info["name"])
+    sessions_url = info["whip_url"].removesuffix("/whip") + "/sessions"
+
+    def session() -> dict | None:
+        def fetch() -> list:
+            with urllib.request.urlopen(sessions_url, timeout=5) as resp:
+                return json.loads(resp.read())
+        live = lab.in_netns(lab.client.netns, fetch)
+        return live[0] if live and live[0].get("dtls_connected_ms") else None
+
+    times: dict[str, list[tuple[float, float]]] = {"tcp": [], "udp": []}
+    try:
+        with Browser(nsenter_argv(lab.client.netns, [])) as browser:
+            for i in range(2 * runs):
+                path = "tcp" if i % 2 == 0 else "udp"
+                (block_udp if path == "tcp" else unblock_udp)(lab)
+                call = browser.call(info["whip_url"])
+                try:
+                    heard = call.wait_audio(seconds=0.5, timeout=45)
+                    if heard["pair"]["protocol"] != path:
+                        raise ConnectionError(f"run {i}: expected {path}, the call took {heard['pair']}")
+                    deadline = time.monotonic() + 10
+                    while (s := session()) is None and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                    times[path].append((s["ice_connected_ms"], s["dtls_connected_ms"]))
+                finally:
+                    call.hang_up()
+                    deadline = time.monotonic() + 10
+                    while session() is not None and time.monotonic() < deadline:
+                        time.sleep(0.1)
+    finally:
+        stop_lab(info["name"])
+
+    def summary(pairs: list[tuple[float, float]]) -> dict:
+        ice, dtls = sorted(p[0] for p in pairs), sorted(p[1] for p in pairs)
+        return {"runs": len(pairs), "ice_p50_ms": round(statistics.median(ice), 1),
+                "ice_p95_ms": round(ice[min(len(ice) - 1, int(0.95 * len(ice)))], 1),
+                "dtls_p50_ms": round(statistics.median(dtls), 1),
+                "dtls_p95_ms": round(dtls[min(len(dtls) - 1, int(0.95 * len(dtls)))], 1)}
+
+    return {"from": "the offer's arrival at the transceiver", "tcp": summary(times["tcp"]),
+            "udp": summary(times["udp"]), "raw": times}
+
+
+def _rss_kib(pid: int) -> int:
+    return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS:"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=6000, help="echoes per path (default 6000)")
+    parser.add_argument("--blocks", type=int, default=6, help="alternating blocks per path (default 6)")
+    parser.add_argument("--calls", type=int, default=0,
+                        help="instead: this many TCP-carried calls at once (50 packets/s each way), the agent's "
+                             "CPU and memory per call")
+    parser.add_argument("--seconds", type=float, default=10.0, help="with --calls: how long they run")
+    parser.add_argument("--setup", type=int, default=0, metavar="RUNS",
+                        help="instead: Chromium's setup time (offer to ICE and to DTLS connected, at the "
+                             "transceiver) over ICE-TCP and over UDP, RUNS calls each, alternating")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.setup:
+        print(json.dumps(setup_times(args.setup), indent=2))
+        return 0
+    if args.calls:
+        print(json.dumps(concurrent(args.calls, args.seconds), indent=2))
+        return 0
+    report = measure(args.count, args.blocks)
+    print(json.dumps(report, indent=2) if args.json else
+          f"RTT p50/p99/p99.9 us: UDP {report['rtt']['udp_xdp']}, TCP {report['rtt']['tcp_userspace']}; "
+          f"added {report['added_rtt_us']}; relay ns/packet {report['relay_cpu_ns_per_packet']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
