@@ -114,7 +114,8 @@ def serve_workers(ctx: click.Context, processes: int, from_ip: bool, config: Tra
              for i, backend_id in enumerate(backend_ids)]
     supervisor = Supervisor(argvs, backend_ids, whip_host, whip_port, drain_timeout, env=_env(ctx),
                             echo=lambda line: click.echo(line, err=True), prefer=prefer if choosers else None,
-                            admission=admission)
+                            admission=admission, admin_host=config.admin_host, admin_port=config.admin_port,
+                            admin_token=config.admin_token, cors_origins=tuple(config.cors_origins))
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -127,9 +128,11 @@ def serve_workers(ctx: click.Context, processes: int, from_ip: bool, config: Tra
             raise CliError(str(exc)) from None
         except OSError as exc:
             await supervisor.stop()
-            raise CliError(f"cannot listen on {whip_host}:{whip_port}: {exc.strerror or exc}") from None
+            raise CliError(f"cannot listen on {whip_host}:{whip_port} or {config.admin_host}:{config.admin_port}: "
+                           f"{exc.strerror or exc}") from None
         pids = " ".join(str(w.pid) for w in supervisor.workers)
-        click.echo(f"transceiver ready: WHIP {supervisor.whip_url} backends {backend_ids[0]}..{backend_ids[-1]} "
+        click.echo(f"transceiver ready: WHIP {supervisor.whip_url} admin {supervisor.admin_url} "
+                   f"backends {backend_ids[0]}..{backend_ids[-1]} "
                    f"in {processes} processes (pids {pids})", err=True)
         try:
             await stop.wait()

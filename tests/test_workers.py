@@ -33,12 +33,13 @@ from splitrelay.wire import hint
 from .conftest import needs_root, relay_ufrags
 from .waiting import wait_for
 
-READY = re.compile(r"transceiver ready: WHIP (http://\S+)/whip backends")
+READY = re.compile(r"transceiver ready: WHIP (http://\S+)/whip admin (http://\S+) backends")
 
 
-def get(url: str, netns: str | None = None):  # noqa: ANN201 - parsed JSON or text
+def get(url: str, netns: str | None = None, token: str | None = None):  # noqa: ANN201 - parsed JSON or text
     def fetch() -> bytes:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+        with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.read()
 
     body = in_netns(netns, fetch) if netns else fetch()
@@ -64,15 +65,16 @@ def alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def serving(tmp_path: Path, *args: str, ready: re.Pattern = READY):
-    """`transceiver serve ARGS` in direct mode on loopback: (process, base URL, log path); stopped after."""
+    """`transceiver serve ARGS` in direct mode on loopback: (process, base URL, admin URL, log path);
+    stopped after."""
     log = tmp_path / "serve.log"
     argv = [sys.executable, "-m", "splitrelay.cli.main", "transceiver", "serve", "--bind", "127.0.0.1:0",
-            "--whip-listen", "127.0.0.1:0", *args]
+            "--whip-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *args]
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
     try:
         found = wait_for(lambda: ready.search(log.read_text()), 60, "the ready line", proc)
-        yield proc, found.group(1), log
+        yield proc, found.group(1), found.group(2), log
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -94,8 +96,8 @@ def children(pid: int) -> list[int]:
 
 
 def test_two_processes_serve_two_offers_on_two_workers_and_stop_leaves_no_child(two_workers):
-    proc, base, log = two_workers
-    workers = get(base + "/workers")
+    proc, base, admin, log = two_workers
+    workers = get(admin + "/workers")
     assert [(w["worker"], w["backend_id"]) for w in workers] == [(0, 40), (1, 41)]
     pids = [w["pid"] for w in workers]
     assert all(alive(pid) for pid in pids) and proc.pid not in pids
@@ -105,10 +107,10 @@ def test_two_processes_serve_two_offers_on_two_workers_and_stop_leaves_no_child(
     locations = sorted(r.location for r in reports)
     # one offer each: the session resource names its worker, and its ufrag that worker's backend
     assert [loc.rsplit("/", 1)[1].split(".")[0] for loc in locations] == ["0", "1"]
-    ended = get(base + "/sessions?ended=1")
+    ended = get(admin + "/sessions?ended=1")
     assert sorted((s["worker"], hint.decode(s["ufrag"])) for s in ended) == [(0, 40), (1, 41)]
     assert all(s["end_reason"] == "deleted" for s in ended), ended   # the client's DELETE reached its owner
-    metrics = get(base + "/metrics")
+    metrics = get(admin + "/metrics")
     assert 'splitrelay_transceiver_sessions_started_total{worker="0"} 1.0' in metrics
     assert 'splitrelay_transceiver_sessions_started_total{worker="1"} 1.0' in metrics
     assert 'splitrelay_transceiver_worker_restarts_total{worker="1"} 0.0' in metrics
@@ -118,21 +120,45 @@ def test_two_processes_serve_two_offers_on_two_workers_and_stop_leaves_no_child(
     assert [pid for pid in pids if alive(pid)] == []
 
 
+def test_the_public_whip_listener_lists_no_worker_session_or_metric(two_workers):
+    _, base, admin, _ = two_workers
+    for path in ("/workers", "/sessions", "/sessions?ended=1", "/metrics"):
+        assert request(base + path, "GET") == (404, "404: Not Found"), path
+        assert request(admin + path, "GET")[0] == 200, path
+    assert request(base + "/healthz", "GET")[0] == request(base + "/readyz", "GET")[0] == 200
+
+
+def test_the_admin_listener_wants_its_token_and_passes_it_to_the_workers_admin_listeners(tmp_path):
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("an-admin-token-of-enough-length-0123456789\n")
+    with serving(tmp_path, "--processes", "2", "--backend-id", "3", "--admin-token-file", str(token_file)) as (
+            proc, base, admin, _):
+        for path in ("/workers", "/sessions", "/metrics"):
+            for wrong in ({}, {"Authorization": "Bearer nope"}):
+                assert request(admin + path, "GET", headers=wrong) == (
+                    401, "missing or wrong admin bearer token\n"), (path, wrong)
+        metrics = get(admin + "/metrics", token="an-admin-token-of-enough-length-0123456789")
+        for worker in ("0", "1"):   # each worker's own admin listener answered the supervisor's token
+            assert f'splitrelay_transceiver_sessions_started_total{{worker="{worker}"}} 0.0' in metrics
+        workers = get(admin + "/workers", token="an-admin-token-of-enough-length-0123456789")
+        assert [w["worker"] for w in workers] == [0, 1]
+
+
 def test_a_worker_dead_by_sigkill_is_restarted_and_counted(two_workers):
-    proc, base, log = two_workers
-    before = get(base + "/workers")[1]["pid"]
+    proc, base, admin, log = two_workers
+    before = get(admin + "/workers")[1]["pid"]
     os.kill(before, signal.SIGKILL)
-    after = wait_for(lambda: (w := get(base + "/workers")[1])["ready"] and w["pid"] != before and w["pid"], 30,
+    after = wait_for(lambda: (w := get(admin + "/workers")[1])["ready"] and w["pid"] != before and w["pid"], 30,
                      "worker 1 restarted")
     assert alive(after)
-    assert 'splitrelay_transceiver_worker_restarts_total{worker="1"} 1.0' in get(base + "/metrics")
-    assert 'splitrelay_transceiver_worker_restarts_total{worker="0"} 0.0' in get(base + "/metrics")
+    assert 'splitrelay_transceiver_worker_restarts_total{worker="1"} 1.0' in get(admin + "/metrics")
+    assert 'splitrelay_transceiver_worker_restarts_total{worker="0"} 0.0' in get(admin + "/metrics")
     assert f"worker 1 (pid {before}, backend 41) exited with -9, taking 0 sessions; restarting" in log.read_text()
 
 
 def test_a_supervisor_killed_outright_leaves_no_worker_behind(two_workers):
-    proc, base, _ = two_workers
-    pids = [w["pid"] for w in get(base + "/workers")]
+    proc, base, admin, _ = two_workers
+    pids = [w["pid"] for w in get(admin + "/workers")]
     proc.kill()                                   # SIGKILL: no cleanup of its own runs
     proc.wait()
     try:
@@ -143,7 +169,7 @@ def test_a_supervisor_killed_outright_leaves_no_worker_behind(two_workers):
 
 
 def test_the_whip_front_refuses_session_paths_that_name_no_worker(two_workers):
-    _, base, _ = two_workers
+    _, base, _, _ = two_workers
     for forged in ("9.abc", "abc", "0.", "-1.abc", "1", "99999999999999999999.x", "%2e%2e.x"):
         assert request(f"{base}/whip/sessions/{forged}", "DELETE") == (404, "no such session\n"), forged
     # a real worker, a session it does not have: the worker's own answer comes back
@@ -156,7 +182,7 @@ def test_the_whip_front_refuses_session_paths_that_name_no_worker(two_workers):
 
 
 def test_the_whip_front_answers_a_slow_body_408_and_holds_no_worker(two_workers):
-    _, base, _ = two_workers
+    _, base, admin, _ = two_workers
     host, port = base.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=20) as conn:
         conn.sendall(b"POST /whip HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\n"
@@ -164,21 +190,22 @@ def test_the_whip_front_answers_a_slow_body_408_and_holds_no_worker(two_workers)
         answer = conn.recv(4096).decode()
     assert answer.startswith("HTTP/1.1 408 "), answer
     assert answer.endswith("the request did not arrive within 5 s\n"), answer
-    assert [w["sessions"] for w in get(base + "/workers")] == [0, 0]
+    assert [w["sessions"] for w in get(admin + "/workers")] == [0, 0]
 
 
 def test_processes_1_is_one_transceiver_process_with_no_supervisor(tmp_path):
-    single = re.compile(r"transceiver ready: WHIP (http://\S+)/whip backend 5 on 127\.0\.0\.1:\d+")
-    with serving(tmp_path, "--processes", "1", "--backend-id", "5", ready=single) as (proc, base, _):
+    single = re.compile(r"transceiver ready: WHIP (http://\S+)/whip admin (http://\S+) backend 5 "
+                        r"on 127\.0\.0\.1:\d+")
+    with serving(tmp_path, "--processes", "1", "--backend-id", "5", ready=single) as (proc, base, admin, _):
         assert children(proc.pid) == []
-        assert request(base + "/workers", "GET")[0] == 404
+        assert request(admin + "/workers", "GET")[0] == 404
         [report] = asyncio.run(run_probes([base + "/whip"], sessions=1, duration=1.5))
-        assert report.ok and hint.decode(get(base + "/sessions?ended=1")[0]["ufrag"]) == 5
+        assert report.ok and hint.decode(get(admin + "/sessions?ended=1")[0]["ufrag"]) == 5
 
 
 def test_tokens_given_on_the_command_line_reach_the_workers_by_environment_not_argv(tmp_path):
     with serving(tmp_path, "--processes", "2", "--backend-id", "3", "--whip-token", "s3cret-whip",
-                 "--token", "s3cret-relay") as (proc, base, _):
+                 "--token", "s3cret-relay") as (proc, base, _, _):
         for pid in children(proc.pid):
             assert b"s3cret" not in Path(f"/proc/{pid}/cmdline").read_bytes()
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -186,7 +213,10 @@ def test_tokens_given_on_the_command_line_reach_the_workers_by_environment_not_a
         # the front passes the client's Authorization through; each worker checks it
         offer = b"v=0\n"
         assert request(base + "/whip", "POST", offer, {"Content-Type": "application/sdp"}) == (
-            401, "missing or wrong bearer token\n")
+            401, "missing bearer token\n")
+        assert request(base + "/whip", "POST", offer, {"Content-Type": "application/sdp",
+                                                       "Authorization": "Bearer s3cret-nope"}) == (
+            401, "wrong bearer token\n")
         reports = asyncio.run(run_probes([base + "/whip"], sessions=2, duration=1.5, token="s3cret-whip"))
         assert [r.ok for r in reports] == [True, True]
 
@@ -216,7 +246,13 @@ def test_processes_refuses_what_it_cannot_serve():
             (["--processes", "4", "--backend-id", "from-ip", "--bind", "10.3.0.0:5000"], 2,
              "--backend-id from-ip with --processes 4: the address's low 16 bits are 0"),
             (["--processes", "2", "--prefer", "10.0.0.0/8", "--relay", "relay1=10.0.0.1:3478"], 1,
-             "'10.0.0.0/8' is not PREFIX=RELAY")):
+             "'10.0.0.0/8' is not PREFIX=RELAY"),
+            (["--processes", "2", "--admin-listen", "0.0.0.0:0"], 1,
+             "refusing to serve /sessions and /metrics on 0.0.0.0:0 to anyone: give --admin-token-file, "
+             "or --insecure-open"),
+            (["--processes", "2", "--whip-listen", "0.0.0.0:0"], 1,
+             "refusing to serve WHIP on 0.0.0.0:0 to anyone: give --whip-key-file or --whip-token, "
+             "or --insecure-open")):
         argv = ["transceiver", "serve", "--backend-id", "1", "--whip-listen", "127.0.0.1:0", *args]
         run = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", *argv], capture_output=True, text=True,
                              timeout=60)
@@ -240,7 +276,7 @@ def preferred_address(answer: str) -> str:
 
 def test_prefer_by_client_prefix_works_behind_the_supervisor_and_a_client_cannot_forge_it(tmp_path):
     with serving(tmp_path, "--processes", "2", "--backend-id", "3", "--relay", "near=192.0.2.1:3478",
-                 "--relay", "far=198.51.100.1:3478", "--prefer", "127.0.0.0/8=far") as (_, base, _):
+                 "--relay", "far=198.51.100.1:3478", "--prefer", "127.0.0.0/8=far") as (_, base, _, _):
         sdp = asyncio.run(offer_sdp()).encode()
         for forged in ({}, {"X-Splitrelay-Relay": "near"}, {"x-splitrelay-relay": "near"}):
             status, answer = request(base + "/whip", "POST", sdp, {"Content-Type": "application/sdp", **forged})
@@ -250,7 +286,7 @@ def test_prefer_by_client_prefix_works_behind_the_supervisor_and_a_client_cannot
 
 def test_the_offer_rate_is_kept_by_the_supervisor_which_sees_the_client_not_by_the_workers(tmp_path):
     with serving(tmp_path, "--processes", "2", "--backend-id", "3", "--offer-rate", "0.01",
-                 "--offer-burst", "2") as (proc, base, _):
+                 "--offer-burst", "2") as (proc, base, admin, _):
         for pid in children(proc.pid):   # every worker's offers come from the supervisor's address
             assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-3:-1] == [b"--offer-rate", b"0"]
         sdp = asyncio.run(offer_sdp()).encode()
@@ -258,7 +294,7 @@ def test_the_offer_rate_is_kept_by_the_supervisor_which_sees_the_client_not_by_t
         assert [status for status, _ in answers] == [201, 201, 429]
         assert answers[2][1] == ("too many offers or ICE restarts from 127.0.0.1: "
                                  "at most 0.01/s after a burst of 2\n")
-        assert 'splitrelay_transceiver_front_offers_refused_total{reason="rate"} 1.0' in get(base + "/metrics")
+        assert 'splitrelay_transceiver_front_offers_refused_total{reason="rate"} 1.0' in get(admin + "/metrics")
 
 
 def test_merge_scrapes_labels_every_sample_with_its_worker():

@@ -137,6 +137,20 @@ def refuse_exposure(c: TransceiverConfig) -> None:
                             "to anyone: give --admin-token-file, or --insecure-open")
 
 
+def admin_auth(token: str | None):  # noqa: ANN201 - an aiohttp middleware
+    """The admin listener's guard: with a token, a request without ``Authorization: Bearer <token>``
+    gets 401 (compared in constant time); without one (loopback), everything passes."""
+    @web.middleware
+    async def guard(request: web.Request, handler):  # noqa: ANN001, ANN202
+        if token:
+            offered = request.headers.get("Authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(offered, f"Bearer {token}".encode()):
+                return web.Response(status=401, text="missing or wrong admin bearer token\n",
+                                    headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+    return guard
+
+
 class Transceiver:
     def __init__(self, config: TransceiverConfig) -> None:
         self.config = config
@@ -175,20 +189,10 @@ class Transceiver:
 
     def admin_app(self) -> web.Application:
         """The admin listener: every call's record and the metrics, for operators and Prometheus."""
-        app = web.Application(middlewares=[self._admin_auth])
+        app = web.Application(middlewares=[admin_auth(self.config.admin_token)])
         app.add_routes([web.get("/sessions", self.list_sessions), web.get("/metrics", self.scrape),
                         web.get("/healthz", self.healthz)])
         return app
-
-    @web.middleware
-    async def _admin_auth(self, request: web.Request, handler):  # noqa: ANN001, ANN202
-        token = self.config.admin_token
-        if token:
-            offered = request.headers.get("Authorization", "").encode("utf-8", "replace")
-            if not hmac.compare_digest(offered, f"Bearer {token}".encode()):
-                return web.Response(status=401, text="missing or wrong admin bearer token\n",
-                                    headers={"WWW-Authenticate": "Bearer"})
-        return await handler(request)
 
     @property
     def registrar(self) -> Registrar | None:

@@ -6,8 +6,12 @@ in its ufrags' routing hint, and its own UDP port) and registers itself and its 
 relay, so relays need nothing new.  The supervisor holds no session: it starts the workers, restarts
 a dead one (counting the restart and the calls it took with it), stops them all on SIGTERM/SIGINT,
 and serves the host's one WHIP URL, passing each offer to the least-loaded worker and each session's
-later requests (DELETE, PATCH) to the worker that owns it.  ``/metrics`` joins every worker's
-metrics under one scrape, each sample labelled with its ``worker``.
+later requests (DELETE, PATCH) to the worker that owns it.  Like a single transceiver it has two
+listeners: the public one serves WHIP, ``/healthz`` and ``/readyz`` only; the admin one (service.py's
+rules and guard) serves ``/workers``, ``/sessions`` and ``/metrics``, which join every worker's admin
+listener (loopback) under one answer, each metric sample labelled with its ``worker``.  Workers check
+offer tokens and answer CORS themselves; the supervisor forwards ``Authorization`` and ``Origin`` and
+shapes its own refusals with the same CORS rule.
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.admission import Admission, Refused
 from splitrelay.transceiver.relays import SignalingFacts
-from splitrelay.transceiver.whip import CORS, MAX_OFFER
+from splitrelay.transceiver.service import admin_auth
+from splitrelay.transceiver.whip import MAX_OFFER, cors_headers
+from splitrelay.wire.whip import SESSION_ID
 
 log = logging.getLogger(__name__)
 
-READY = re.compile(r"transceiver ready: WHIP (http://\S+?)/whip\b")
+READY = re.compile(r"transceiver ready: WHIP (http://\S+?)/whip admin (http://\S+)")
 READY_TIMEOUT = 60.0      # a worker's start (aiortc import, relay registration); bounds failures only
 POLL_INTERVAL = 0.5       # how often each worker's live sessions are read (offer placement, lost calls)
 RESTART_DELAY = 0.5       # between a worker's death and its restart; doubles up to RESTART_DELAY_MAX
@@ -64,6 +70,7 @@ class Worker:
     argv: list[str]
     proc: asyncio.subprocess.Process | None = None
     base_url: str | None = None          # its own WHIP listener, loopback, e.g. http://127.0.0.1:41234
+    admin_url: str | None = None         # its own admin listener, loopback
     sessions: int = 0                    # live sessions at the last poll
     placed: int = 0                      # offers it answered that the last poll may not have seen
     offering: int = 0                    # offers it is answering now
@@ -102,12 +109,6 @@ class SupervisorMetrics:
                         ["worker", "backend"], registry=r)
 
 
-def refusal(status: int, reason: str, retry_after: int | None = None) -> web.Response:
-    """The front's own refusal, shaped as a worker's (whip.py): one line, CORS, Retry-After for 429/503."""
-    headers = {**CORS, **({"Retry-After": str(retry_after)} if retry_after else {})}
-    return web.Response(status=status, text=reason + "\n", headers=headers)
-
-
 def merge_scrapes(texts: dict[str, str]) -> list[Metric]:
     """Every worker's Prometheus text as one set of families, each sample labelled ``worker``."""
     families: dict[str, Metric] = {}
@@ -131,9 +132,12 @@ class Supervisor:
                  drain_timeout: float = 0.0, env: dict[str, str] | None = None,
                  echo: Callable[[str], None] | None = None,
                  prefer: Callable[[SignalingFacts], str | None] | None = None,
-                 admission: Admission | None = None) -> None:
+                 admission: Admission | None = None, admin_host: str = "127.0.0.1", admin_port: int = 0,
+                 admin_token: str | None = None, cors_origins: tuple[str, ...] = ()) -> None:
         self.workers = [Worker(i, b, argv) for i, (argv, b) in enumerate(zip(argvs, backend_ids, strict=True))]
         self.whip_host, self.whip_port = whip_host, whip_port
+        self.admin_host, self.admin_port, self.admin_token = admin_host, admin_port, admin_token
+        self.cors_origins = cors_origins   # the workers' --cors-origin: for the front's own refusals
         self.drain_timeout = drain_timeout
         self.env = env
         self.prefer = prefer      # --prefer/--prefer-header, applied here where the client's address is known
@@ -147,6 +151,7 @@ class Supervisor:
         self.stopping = False
         self._tasks: list[asyncio.Task] = []
         self._runner: web.AppRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
 
     # -- the workers ------------------------------------------------------------------
@@ -171,15 +176,26 @@ class Supervisor:
         site = web.TCPSite(self._runner, self.whip_host, self.whip_port)
         await site.start()
         self.whip_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
+        self._admin_runner = web.AppRunner(self.admin_app(), access_log=None, shutdown_timeout=2.0)
+        await self._admin_runner.setup()
+        site = web.TCPSite(self._admin_runner, self.admin_host, self.admin_port)
+        await site.start()
+        self.admin_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
 
     @property
     def whip_url(self) -> str:
         host = f"[{self.whip_host}]" if ":" in self.whip_host else self.whip_host
         return f"http://{host}:{self.whip_port}/whip"
 
+    @property
+    def admin_url(self) -> str:
+        """The admin listener's base URL: ``/workers``, ``/sessions`` and ``/metrics`` are under it."""
+        host = f"[{self.admin_host}]" if ":" in self.admin_host else self.admin_host
+        return f"http://{host}:{self.admin_port}"
+
     async def _spawn(self, w: Worker) -> None:
         w.ready.clear()
-        w.base_url, w.sessions, w.placed, w.offering, w.last_words = None, 0, 0, 0, None
+        w.base_url, w.admin_url, w.sessions, w.placed, w.offering, w.last_words = None, None, 0, 0, 0, None
         w.started_at = time.monotonic()
         w.proc = await asyncio.create_subprocess_exec(
             *w.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -196,7 +212,7 @@ class Supervisor:
             last = text or last
             if not w.ready.is_set() and (found := READY.search(text)):
                 # not echoed as is: "transceiver ready" is the supervisor's own line, once all are
-                w.base_url = found.group(1)
+                w.base_url, w.admin_url = found.group(1), found.group(2)
                 self.metrics.up.labels(str(w.index), str(w.backend_id)).set(1)
                 w.ready.set()
                 self.echo(f"[worker {w.index}] serving backend {w.backend_id}, pid {w.pid}, WHIP {w.base_url}")
@@ -270,26 +286,44 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.pid, signal.SIGKILL)
                 await w.proc.wait()
-        if self._runner:
-            await self._runner.cleanup()
+        for runner in (self._runner, self._admin_runner):
+            if runner:
+                await runner.cleanup()
         if self._http:
             await self._http.close()
 
     # -- the host's WHIP URL ------------------------------------------------------------
 
     def app(self) -> web.Application:
+        """The public listener: WHIP and the probes a load balancer needs, nothing that names a call."""
         app = web.Application(client_max_size=MAX_OFFER)
         app.add_routes([
             web.post("/whip", self.offer),
             web.options("/whip", self.offer),
             web.route("*", "/whip/sessions/{id}", self.session_request),
-            web.get("/sessions", self.list_sessions),
-            web.get("/metrics", self.scrape),
-            web.get("/workers", self.list_workers),
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
         ])
         return app
+
+    def admin_app(self) -> web.Application:
+        """The admin listener, behind the same guard as a single transceiver's."""
+        app = web.Application(middlewares=[admin_auth(self.admin_token)])
+        app.add_routes([
+            web.get("/sessions", self.list_sessions),
+            web.get("/metrics", self.scrape),
+            web.get("/workers", self.list_workers),
+            web.get("/healthz", self.healthz),
+        ])
+        return app
+
+    def refusal(self, request: web.Request, status: int, reason: str,
+                retry_after: int | None = None) -> web.Response:
+        """The front's own refusal, shaped as a worker's (whip.py): one line, the workers' CORS rule,
+        Retry-After for 429/503."""
+        headers = {**cors_headers(request, self.cors_origins),
+                   **({"Retry-After": str(retry_after)} if retry_after else {})}
+        return web.Response(status=status, text=reason + "\n", headers=headers)
 
     def _choose(self) -> Worker | None:
         ready = [w for w in self.workers if w.ready.is_set() and w.base_url]
@@ -299,12 +333,12 @@ class Supervisor:
         """An offer goes to the worker with the fewest live sessions; its answer names the session
         ``<worker>.<id>`` so that the session's later requests find their way back to it."""
         if request.method == "POST" and self.draining:
-            return refusal(503, "this transceiver is draining; try another", retry_after=5)
+            return self.refusal(request, 503, "this transceiver is draining; try another", retry_after=5)
         if request.method == "POST" and (refused := self._over_rate(request)):
             return refused
         w = self._choose()
         if w is None:
-            return refusal(503, "no worker is ready; try again", retry_after=1)
+            return self.refusal(request, 503, "no worker is ready; try again", retry_after=1)
         if request.method != "POST":
             return await self._forward(request, w, "/whip")
         w.offering += 1
@@ -319,7 +353,7 @@ class Supervisor:
         worker, _, session_id = request.match_info["id"].partition(".")
         w = self.workers[int(worker)] if worker.isdigit() and int(worker) < len(self.workers) else None
         if w is None or not session_id or not w.ready.is_set():
-            return refusal(404, "no such session")
+            return self.refusal(request, 404, "no such session")
         if request.method == "PATCH" and (refused := self._over_rate(request)):
             return refused
         return await self._forward(request, w, f"/whip/sessions/{session_id}")
@@ -332,14 +366,14 @@ class Supervisor:
             self.admission.check_rate(request.remote)
         except Refused as exc:
             self.metrics.refused.labels(exc.why).inc()
-            return refusal(exc.status, exc.reason, exc.retry_after)
+            return self.refusal(request, exc.status, exc.reason, exc.retry_after)
         return None
 
     async def _forward(self, request: web.Request, w: Worker, path: str) -> web.Response:
         try:
             body = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
         except TimeoutError:
-            return refusal(408, f"the request did not arrive within {BODY_TIMEOUT:g} s")
+            return self.refusal(request, 408, f"the request did not arrive within {BODY_TIMEOUT:g} s")
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in HOP_HEADERS and k.lower() != PREFERRED.lower()}   # a client's is forged
         if self.prefer and request.method == "POST" and path == "/whip":
@@ -352,18 +386,23 @@ class Supervisor:
                 answer = await resp.read()
                 out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
         except (aiohttp.ClientError, TimeoutError):
-            return refusal(503, f"worker {w.index} did not answer; try again", retry_after=1)
-        if "Location" in out:
+            return self.refusal(request, 503, f"worker {w.index} did not answer; try again", retry_after=1)
+        if "Location" in out:   # the session's capability, prefixed with its worker: later requests find it
             out["Location"] = out["Location"].replace("/whip/sessions/", f"/whip/sessions/{w.index}.", 1)
+        if SESSION_ID in out:   # its public id, as the admin listener's /sessions names it
+            out[SESSION_ID] = f"{w.index}.{out[SESSION_ID]}"
         return web.Response(status=resp.status, body=answer, headers=out)
 
     async def _each(self, path: str) -> dict[Worker, bytes | None]:
-        """GET ``path`` from every ready worker at once: its body, None if it did not answer 200."""
+        """GET ``path`` from every ready worker's admin listener at once (with the admin token: the
+        workers have it too): its body, None if it did not answer 200."""
         async def one(w: Worker) -> tuple[Worker, bytes | None]:
-            if not (w.ready.is_set() and w.base_url):
+            if not (w.ready.is_set() and w.admin_url):
                 return w, None
+            auth = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
             try:
-                async with self._http.get(w.base_url + path, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                async with self._http.get(w.admin_url + path, headers=auth,
+                                          timeout=aiohttp.ClientTimeout(total=5)) as resp:
                     return w, await resp.read() if resp.status == 200 else None
             except (aiohttp.ClientError, TimeoutError):
                 return w, None
