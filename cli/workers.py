@@ -47,6 +47,21 @@ def worker_backend_ids(base: int, count: int, from_ip: bool) -> list[int]:
     return [(host << bits) | i for i in range(count)]
 
 
+def refuse_narrow_token(token: str | None, backend_ids: list[int]) -> None:
+    """A backend token that does not claim every worker's id would have the agent answer 403 to the
+    workers beyond it, one by one: say so at once, with the command that prints the right one."""
+    from splitrelay.edge.credentials import claim_of, covers
+
+    claim = claim_of(token) if token else None
+    if claim is None:
+        return   # none, the master, a pool token: the agent judges
+    missing = [b for b in backend_ids if not covers(claim[1], b)]
+    if missing:
+        raise CliError(f"the control token is backend {claim[1]}'s; the {len(backend_ids)} workers are backends "
+                       f"{backend_ids[0]}..{backend_ids[-1]}: give the range token of `splitrelay edge token "
+                       f"--backend {backend_ids[0]} --count {len(backend_ids)}`", 2)
+
+
 def _option_args(ctx: click.Context) -> list[str]:
     """Every option the user set, as argv: not the per-worker ones, not those with an environment variable."""
     args: list[str] = []
@@ -102,6 +117,7 @@ def serve_workers(ctx: click.Context, processes: int, from_ip: bool, config: Tra
         raise CliError(f"--bind port {bind_port} with --processes {processes} needs ports up to "
                        f"{bind_port + processes - 1}, beyond 65535", 2)
     backend_ids = worker_backend_ids(backend_id, processes, from_ip)
+    refuse_narrow_token(config.relay_token, backend_ids)
     # the offer rate is per client address, which only the supervisor sees: it limits, the workers do not
     shared = _option_args(ctx) + (["--prefer-header", PREFERRED] if choosers else []) + ["--offer-rate", "0"]
     admission = Admission(AdmissionConfig(0, 0, p["offer_rate"], p["offer_burst"]), None)

@@ -247,6 +247,12 @@ def test_processes_refuses_what_it_cannot_serve():
              "--backend-id from-ip with --processes 4: the address's low 16 bits are 0"),
             (["--processes", "2", "--prefer", "10.0.0.0/8", "--relay", "relay1=10.0.0.1:3478"], 1,
              "'10.0.0.0/8' is not PREFIX=RELAY"),
+            (["--processes", "2", "--backend-id", "3", "--token", "3." + "0" * 64], 2,
+             "the control token is backend 3's; the 2 workers are backends 3..4: give the range token of "
+             "`splitrelay edge token --backend 3 --count 2`"),
+            (["--processes", "3", "--backend-id", "3", "--token", "3+2." + "0" * 64], 2,
+             "the control token is backend 3..4's; the 3 workers are backends 3..5: give the range token of "
+             "`splitrelay edge token --backend 3 --count 3`"),
             (["--processes", "2", "--admin-listen", "0.0.0.0:0"], 1,
              "refusing to serve /sessions and /metrics on 0.0.0.0:0 to anyone: give --admin-token-file, "
              "or --insecure-open"),
