@@ -20,9 +20,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
 
+from splitrelay import tokens
 from splitrelay.client.probe import run_probes
 from splitrelay.lab.netns import in_netns
 from splitrelay.lab.stack import control, probe, probe_result, start_lab, start_transceiver, stop_lab, whip_url
@@ -31,6 +33,8 @@ from splitrelay.transceiver.workers import merge_scrapes
 from splitrelay.wire import hint
 
 from .conftest import needs_root, relay_ufrags
+from .test_ice_restart import hears_itself_again
+from .test_transceiver import Caller, until
 from .waiting import wait_for
 
 READY = re.compile(r"transceiver ready: WHIP (http://\S+)/whip admin (http://\S+) backends")
@@ -263,6 +267,102 @@ def test_processes_refuses_what_it_cannot_serve():
         run = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", *argv], capture_output=True, text=True,
                              timeout=60)
         assert (run.returncode, run.stderr.strip()) == (code, f"splitrelay: error: {message}"), args
+
+
+WHIP_KEY = b"w" * 16 + b"0123456789abcdef0123456789abcdef"
+APP = "https://app.example"
+
+
+@pytest.fixture
+def guarded_workers(tmp_path):
+    """Two workers behind the supervisor as production runs them: signed offer tokens, one origin."""
+    key_file = tmp_path / "whip.key"
+    key_file.write_bytes(WHIP_KEY + b"\n")
+    with serving(tmp_path, "--processes", "2", "--backend-id", "3", "--whip-key-file", str(key_file),
+                 "--whip-audience", "pool-w", "--cors-origin", APP) as running:
+        yield running
+
+
+def test_a_bad_offer_token_is_refused_by_the_workers_through_the_supervisor_with_one_cors_answer(
+        guarded_workers):
+    _, base, admin, _ = guarded_workers
+    sdp = asyncio.run(offer_sdp())
+
+    async def post(headers: dict[str, str]) -> tuple[int, str, aiohttp.typedefs.CIMultiDictProxy]:
+        async with aiohttp.ClientSession() as http, http.post(base + "/whip", data=sdp, headers={
+                "Content-Type": "application/sdp", "Origin": APP, **headers}) as resp:
+            return resp.status, await resp.text(), resp.headers
+
+    for headers, reason in (({}, "missing bearer token"),
+                            ({"Authorization": "Bearer " + tokens.mint(b"x" * 32, "pool-w", 60)},
+                             "token signature does not verify"),
+                            ({"Authorization": "Bearer " + tokens.mint(WHIP_KEY, "pool-other", 60)},
+                             "token is for another audience"),
+                            ({"Authorization": "Bearer " + tokens.mint(WHIP_KEY, "pool-w", 60, now=0)},
+                             "token expired")):
+        status, text, answer = asyncio.run(post(headers))
+        assert (status, text) == (401, reason + "\n"), headers
+        assert answer["WWW-Authenticate"] == "Bearer"
+        assert answer.getall("Access-Control-Allow-Origin") == [APP]   # the worker's, not doubled
+    assert [w["sessions"] for w in get(admin + "/workers")] == [0, 0]
+    status, text, answer = asyncio.run(post({"Authorization": "Bearer " + tokens.mint(WHIP_KEY, "pool-w", 60)}))
+    assert status == 201 and answer.getall("Access-Control-Allow-Origin") == [APP], text
+    # the supervisor's own answers follow the same origin rule
+    assert request(base + "/whip/sessions/9.abc", "DELETE", headers={"Origin": APP}) == (404, "no such session\n")
+    for origin, allowed in ((APP, [APP]), ("https://evil.example", [])):
+        req = urllib.request.Request(base + "/whip/sessions/9.abc", method="DELETE", headers={"Origin": origin})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert refused.value.headers.get_all("Access-Control-Allow-Origin", []) == allowed, origin
+
+
+def test_a_stranger_with_a_good_token_cannot_end_a_call_through_the_supervisor_and_the_call_goes_on(
+        guarded_workers):
+    _, base, admin, _ = guarded_workers
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as http:
+            callers = [Caller(base + "/whip", freq, token=tokens.mint(WHIP_KEY, "pool-w", 60))
+                       for freq in (700.0, 900.0)]
+            try:
+                await calls_survive_strangers(http, callers)
+            finally:
+                for caller in callers:
+                    await caller.hangup()
+
+    async def calls_survive_strangers(http: aiohttp.ClientSession, callers: list[Caller]) -> None:
+        for caller in callers:
+            await caller.call(http)
+        for caller in callers:
+            await until(caller.heard_own, "each caller to hear its echo", 30)
+        resources = [caller.location.rsplit("/", 1)[1] for caller in callers]
+        assert sorted(r.split(".", 1)[0] for r in resources) == ["0", "1"]   # one call on each worker
+        assert [c.session_id.split(".", 1)[0] for c in callers] == [r.split(".", 1)[0] for r in resources]
+        stranger = {"Authorization": "Bearer " + tokens.mint(WHIP_KEY, "pool-w", 60)}
+        for caller, resource in zip(callers, resources, strict=True):
+            worker, secret = resource.split(".", 1)
+            other = "1" if worker == "0" else "0"
+            guessed = [caller.session_id, f"{worker}.{caller.ufrag}", f"{other}.{secret}", secret,
+                       f"{worker}.{secret[:-1]}{'A' if secret[-1] != 'A' else 'B'}",
+                       f"{worker}.{caller.session_id.split('.', 1)[1]}"]
+            for guess in guessed:
+                async with http.delete(f"{base}/whip/sessions/{guess}", headers=stranger) as resp:
+                    assert resp.status == 404, guess        # (a ufrag may hold '/': then no route matches)
+                async with http.patch(f"{base}/whip/sessions/{guess}", headers={
+                        **stranger, "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*"},
+                        data="a=ice-ufrag:abcd\r\na=ice-pwd:" + "p" * 22 + "\r\n") as resp:
+                    assert resp.status == 404, guess
+            async with http.delete(f"{base}/whip/sessions/{caller.session_id}", headers=stranger) as resp:
+                assert await resp.text() == "no such session\n"   # a public id opens nothing, says nothing
+        live = {s["id"] for s in await asyncio.to_thread(get, admin + "/sessions")}
+        assert live == {c.session_id for c in callers}       # the public ids the callers were given
+        for caller in callers:
+            await hears_itself_again(caller, "the echo after every stranger's DELETE and PATCH")
+            await caller.hangup(http)                          # the owner's DELETE: 200
+        ended = {s["id"]: s["end_reason"] for s in await asyncio.to_thread(get, admin + "/sessions?ended=1")}
+        assert ended == {c.session_id: "deleted" for c in callers}
+
+    asyncio.run(scenario())
 
 
 async def offer_sdp() -> str:
