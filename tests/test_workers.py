@@ -27,7 +27,17 @@ from aiortc import RTCPeerConnection
 from splitrelay import tokens
 from splitrelay.client.probe import run_probes
 from splitrelay.lab.netns import in_netns
-from splitrelay.lab.stack import control, probe, probe_result, start_lab, start_transceiver, stop_lab, whip_url
+from splitrelay.lab.stack import (
+    admin_get,
+    admin_url,
+    control,
+    probe,
+    probe_result,
+    start_lab,
+    start_transceiver,
+    stop_lab,
+    whip_url,
+)
 from splitrelay.lab.topology import Lab
 from splitrelay.transceiver.workers import merge_scrapes
 from splitrelay.wire import hint
@@ -421,8 +431,12 @@ def test_two_workers_behind_the_xdp_relay_a_killed_one_takes_only_its_own_calls(
         supervisor = start_transceiver(lab, t, processes=2)
         lab.save()
         url = whip_url(t)
-        base = url.removesuffix("/whip")
-        workers = get(base + "/workers", lab.client.netns)
+
+        def admin(path: str):  # noqa: ANN202 - the supervisor's admin listener, with the lab's admin token
+            body = admin_get(lab, admin_url(t), path)
+            return json.loads(body) if path == "/workers" else body.decode()
+
+        workers = admin("/workers")
         assert [w["backend_id"] for w in workers] == [t.backend_id, t.backend_id + 1]
         backends = {b["id"]: b["port"] for b in control(lab, lambda c: c.backends())}
         assert backends == {t.backend_id: 5000, t.backend_id + 1: 5001}   # each worker its own backend
@@ -450,12 +464,12 @@ def test_two_workers_behind_the_xdp_relay_a_killed_one_takes_only_its_own_calls(
         for report in by_worker["1"]:      # the dead worker's calls lost theirs
             assert not all(report["beep_echoed"]), report["beep_echoed"]
 
-        restarted = wait_for(lambda: (w := get(base + "/workers", lab.client.netns)[1])["ready"]
+        restarted = wait_for(lambda: (w := admin("/workers")[1])["ready"]
                              and w["pid"] != victim and w, 30, "worker 1 restarted")
         # the restarted worker registered anew (a new instance): the relay dropped the dead one's sessions
         dead = {u for u, b in owners.items() if b == 2}
         wait_for(lambda: not dead & relay_ufrags(lab), 15, "the dead worker's sessions gone from the relay")
-        metrics = [line for line in get(base + "/metrics", lab.client.netns).splitlines()
+        metrics = [line for line in admin("/metrics").splitlines()
                    if line.startswith("splitrelay_transceiver_worker_")]
         assert {'splitrelay_transceiver_worker_restarts_total{worker="1"} 1.0',
                 'splitrelay_transceiver_worker_sessions_lost_total{worker="1"} 2.0',
@@ -465,6 +479,6 @@ def test_two_workers_behind_the_xdp_relay_a_killed_one_takes_only_its_own_calls(
         assert sorted(r["location"].rsplit("/", 1)[1].split(".")[0] for r in again) == ["0", "1"]
         for report in again:
             assert report["ok"] and report["beeps_heard"] == report["beeps_sent"] >= 3, report
-        assert restarted["pid"] in {w["pid"] for w in get(base + "/workers", lab.client.netns)}
+        assert restarted["pid"] in {w["pid"] for w in admin("/workers")}
     finally:
         stop_lab(info["name"])
