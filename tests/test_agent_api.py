@@ -33,6 +33,7 @@ from splitrelay.bpf.testrun import XDP_REDIRECT, run_xdp
 
 from . import packets as P
 from .conftest import needs_root
+from .vectors import rfc5769
 
 pytestmark = needs_root
 
@@ -107,6 +108,18 @@ def open_flow(agent: EdgeAgent, ufrag: str, client_ip: str = P.CLIENT_IP4, clien
     return result
 
 
+def confirm_flow(agent: EdgeAgent, backend_id: int = 1, client_ip: str = P.CLIENT_IP4,
+                 client_port: int = P.CLIENT_PORT) -> None:
+    """The backend answers the client's request (a Binding success response through xdp_internal), as a
+    call's transceiver does: the pending flow ``open_flow`` left is confirmed and is no longer aged
+    out as a stranger's would be after a few seconds."""
+    ip4, _, mac = BACKENDS[backend_id]
+    frame = P.udp_frame(rfc5769()["2.2"], src=ip4, dst=client_ip, sport=BACKEND_PORT, dport=client_port,
+                        src_mac=mac, dst_mac=P.RELAY_INT_MAC)
+    result = run_xdp(agent.plane.program_fd("xdp_internal"), frame)
+    assert result.verdict == XDP_REDIRECT, result.name
+
+
 def backdate_flows(agent: EdgeAgent, seconds: float, client_port: int | None = None) -> None:
     """Pretend a flow's last packet came ``seconds`` ago (the plane has no flow writer).
 
@@ -175,6 +188,7 @@ async def state(agent, client):
         await client.put_backend(backend_id, ip4, BACKEND_PORT, ip6)
     await client.put_session("existing1", 1)
     open_flow(agent, "existing1")
+    confirm_flow(agent)
     return dp
 
 
@@ -292,7 +306,9 @@ async def test_flows_stats_and_limit(agent, client, state):
     for f in flows:
         assert f["backend"] == 1 and f["ufrag"] == "existing1" and f["packets"] >= 1 and f["bytes"] > 0
         assert set(f) == {"client", "backend", "ufrag", "age_s", "idle_s", "packets", "bytes", "rx_packets",
-                          "rx_bytes"}
+                          "rx_bytes", "pending"}
+        # the state's flow was answered by its backend; the two new ones were learned from a request alone
+        assert f["pending"] is (f["client"] != f"{P.CLIENT_IP4}:{P.CLIENT_PORT}")
         assert 0 <= f["idle_s"] <= f["age_s"] < 30
     assert len(await client.flows(limit=1)) == 1
     assert [s["flows"] for s in await client.sessions()] == [3]

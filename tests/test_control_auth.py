@@ -33,6 +33,7 @@ from .test_agent_api import (
     agent_config,
     binding_request,
     empty_tables,
+    confirm_flow,
     open_flow,
     url,
     veth_pair,
@@ -156,6 +157,7 @@ async def calls(agent, admin):
         await admin.put_backend(backend_id, ip4, BACKEND_PORT, ip6)
         await admin.put_session(ufrag, backend_id)
         open_flow(agent, ufrag, client_port=port)
+        confirm_flow(agent, backend_id, client_port=port)   # answered, as a call's flow is: not aged as pending
     return dp
 
 
