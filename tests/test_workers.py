@@ -27,17 +27,8 @@ from aiortc import RTCPeerConnection
 from splitrelay import tokens
 from splitrelay.client.probe import run_probes
 from splitrelay.lab.netns import in_netns
-from splitrelay.lab.stack import (
-    admin_get,
-    admin_url,
-    control,
-    probe,
-    probe_result,
-    start_lab,
-    start_transceiver,
-    stop_lab,
-    whip_url,
-)
+from splitrelay.lab.stack import admin_get, admin_url, control, probe, probe_result, start_lab, start_transceiver
+from splitrelay.lab.stack import stop_lab, whip_url
 from splitrelay.lab.topology import Lab
 from splitrelay.transceiver.workers import merge_scrapes
 from splitrelay.wire import hint

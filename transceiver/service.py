@@ -151,6 +151,17 @@ def admin_auth(token: str | None):  # noqa: ANN201 - an aiohttp middleware
     return guard
 
 
+async def serve_app(app: web.Application, host: str, port: int, public: bool = False) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``host``:``port``: its runner and the port it got (``port`` 0: an ephemeral one).
+    ``public``: a client that stops sending must not hold a connection (or our shutdown) for long."""
+    lingering = {"lingering_time": 1.0} if public else {}
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, **lingering)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
+
+
 class Transceiver:
     def __init__(self, config: TransceiverConfig) -> None:
         self.config = config
@@ -224,17 +235,8 @@ class Transceiver:
                 self.ufrags = UfragPool(c.ufrag_pool, self._new_ufrag, self.registrars,
                                         on_empty=self.metrics.ufrag_pool_empty.inc)
                 self.ufrags.refill_after()
-        # a client that stops sending must not hold a connection (or our shutdown) for long
-        self._runner = web.AppRunner(self.app(), access_log=None, lingering_time=1.0, shutdown_timeout=2.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, c.whip_host, c.whip_port)
-        await site.start()
-        self.whip_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
-        self._admin_runner = web.AppRunner(self.admin_app(), access_log=None, shutdown_timeout=2.0)
-        await self._admin_runner.setup()
-        site = web.TCPSite(self._admin_runner, c.admin_host, c.admin_port)
-        await site.start()
-        self.admin_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
+        self._runner, self.whip_port = await serve_app(self.app(), c.whip_host, c.whip_port, public=True)
+        self._admin_runner, self.admin_port = await serve_app(self.admin_app(), c.admin_host, c.admin_port)
 
     @property
     def whip_url(self) -> str:

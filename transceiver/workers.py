@@ -38,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.admission import Admission, Refused
 from splitrelay.transceiver.relays import SignalingFacts
-from splitrelay.transceiver.service import admin_auth
+from splitrelay.transceiver.service import admin_auth, serve_app
 from splitrelay.transceiver.whip import MAX_OFFER, cors_headers
 from splitrelay.wire.whip import SESSION_ID
 
@@ -171,16 +171,8 @@ class Supervisor:
                 late = [w.index for w in self.workers if not w.ready.is_set()]
                 raise SupervisorError(f"workers {late} did not become ready within {READY_TIMEOUT:.0f} s")
             await asyncio.sleep(0.05)
-        self._runner = web.AppRunner(self.app(), access_log=None, lingering_time=1.0, shutdown_timeout=2.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.whip_host, self.whip_port)
-        await site.start()
-        self.whip_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
-        self._admin_runner = web.AppRunner(self.admin_app(), access_log=None, shutdown_timeout=2.0)
-        await self._admin_runner.setup()
-        site = web.TCPSite(self._admin_runner, self.admin_host, self.admin_port)
-        await site.start()
-        self.admin_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
+        self._runner, self.whip_port = await serve_app(self.app(), self.whip_host, self.whip_port, public=True)
+        self._admin_runner, self.admin_port = await serve_app(self.admin_app(), self.admin_host, self.admin_port)
 
     @property
     def whip_url(self) -> str:
