@@ -355,6 +355,11 @@ def test_a_stranger_with_a_good_token_cannot_end_a_call_through_the_supervisor_a
                     assert resp.status == 404, guess
             async with http.delete(f"{base}/whip/sessions/{caller.session_id}", headers=stranger) as resp:
                 assert await resp.text() == "no such session\n"   # a public id opens nothing, says nothing
+            async with http.patch(caller.location, headers={   # the owner's PATCH reaches its session
+                    "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": '"stale"'},
+                    data="a=ice-ufrag:abcd\r\na=ice-pwd:" + "p" * 22 + "\r\n") as resp:
+                assert (resp.status, await resp.text()) == (
+                    412, "If-Match does not name this session's current ETag\n")
         live = {s["id"] for s in await asyncio.to_thread(get, admin + "/sessions")}
         assert live == {c.session_id for c in callers}       # the public ids the callers were given
         for caller in callers:
