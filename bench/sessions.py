@@ -71,7 +71,7 @@ def start_transceiver(lab: Lab, t: Transceiver, tag: str, backend_id: int, backe
     (same flags, the lab's credentials; its admin listener on loopback), in relay mode (registered with
     the lab's agent) or direct mode; pinned to ``cpu``."""
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
-            "--backend-id", str(backend_id), "--bind", f"{t.ip4}:{backend_port}",
+            "--processes", "1", "--backend-id", str(backend_id), "--bind", f"{t.ip4}:{backend_port}",
             "--whip-listen", f"{t.signal_ip4}:{whip_port}", "--admin-listen", "127.0.0.1:0",
             *stack.auth_args(lab), "--handler", "echo"]
     if relay:

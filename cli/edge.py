@@ -306,27 +306,35 @@ def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, 
 @click.option("--key-file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="The agent's master token file (its --token-file).")
 @click.option("--backend", "backend_id", type=int, help="The transceiver's backend id.")
+@click.option("--count", type=click.IntRange(1), default=1, show_default=True, metavar="K",
+              help="The token of K backends, ids ID..ID+K-1: a `transceiver serve --processes K` host's.")
 @click.option("--pool", is_flag=True, help="Instead: the token of transceivers run with --backend-id from-ip.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def edge_token(key_file: str, backend_id: int | None, pool: bool, as_json: bool) -> None:
+def edge_token(key_file: str, backend_id: int | None, count: int, pool: bool, as_json: bool) -> None:
     """Print the control token of one backend: give it to that transceiver only (its --token).
 
     It opens that backend and its sessions, nothing else: "<id>." followed by the 64 hex digits of
     HMAC-SHA256(master, "splitrelay-backend:<id>"). The agent recomputes it, so nothing is stored;
-    a new master token retires every backend token at once (SECURITY.md). With --pool: the one
+    a new master token retires every backend token at once (SECURITY.md). With --count K: the one
+    token of the K workers of `transceiver serve --processes K --backend-id ID`, "<ID>+<K>." and
+    the HMAC of "splitrelay-backend:<ID>+<K>", which opens backends ID..ID+K-1. With --pool: the one
     token of every `--backend-id from-ip` transceiver, which opens only the backend its request's
     source address gives, registered at that address.
 
     \b
     Examples:
       splitrelay edge token --key-file /etc/splitrelay/token --backend 7
+      splitrelay edge token --key-file /etc/splitrelay/token --backend 8 --count 4   # ids 8..11
       splitrelay edge token --key-file /etc/splitrelay/token --pool    # a Kubernetes Secret's
     """
     from splitrelay.edge.credentials import backend_token, pool_token, read_token_file
 
     if (backend_id is None) == (not pool):
         raise CliError("give --backend ID or --pool", 2)
+    if pool and count != 1:
+        raise CliError("--count goes with --backend, not --pool", 2)
     master = read_token_file(key_file)
     data = {"pool": True, "token": pool_token(master)} if pool else {
-        "backend": backend_id, "token": backend_token(master, backend_id)}
+        "backend": backend_id, "token": backend_token(master, backend_id, count),
+        **({"count": count} if count > 1 else {})}
     emit(data, as_json, lambda d: click.echo(d["token"]))

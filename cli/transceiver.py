@@ -139,6 +139,10 @@ def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
 @click.option("--ufrag-pool", default=4, show_default=True, type=click.IntRange(0, 256), metavar="N",
               help="Keep N session ufrags registered with the relays ahead of offers, so an answer waits "
                    "for no agent; 0 registers each session before its answer leaves.")
+@click.option("--processes", type=click.IntRange(0, 1024), default=0, metavar="N",
+              help="Serve with N processes, one per core, each its own backend (ids ID..ID+N-1, UDP ports "
+                   "PORT..PORT+N-1) behind one WHIP URL; 0 (default): the cores this process may use. "
+                   "1 runs one process, no supervisor.")
 @admission_options
 def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], relay_controls: tuple[str, ...],
                       prefer: tuple[str, ...], prefer_header: str | None, whip_listen: str,
@@ -146,7 +150,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
                       whip_audience: str, cors_origins: tuple[str, ...], insecure_open: bool, handler: str,
                       token: str | None, whip_token: str | None,
                       backend_ip: str | None, ip6: str | None, drain_timeout: float,
-                      hint_key_file: str | None, ufrag_pool: int, **limits: float) -> None:
+                      hint_key_file: str | None, ufrag_pool: int, processes: int, **limits: float) -> None:
     """Serve WHIP and every session on one UDP port, registering sessions with the relay.
 
     \b
@@ -165,16 +169,17 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
     bind_host, bind_port = _hostport(bind, "--bind")
     whip_host, whip_port = _hostport(whip_listen, "--whip-listen")
     admin_host, admin_port = _hostport(admin_listen, "--admin-listen")
-    backend_id = _backend_id(backend_id, backend_ip or bind_host)
+    from splitrelay.cli import workers
+
+    processes = processes or workers.default_processes()
+    from_ip, backend_id = backend_id == "from-ip", _backend_id(backend_id, backend_ip or bind_host)
     from splitrelay.transceiver import relays as relay_options
     from splitrelay.wire.hint import HintError, load_key
 
     try:
         hint_key = load_key(hint_key_file) if hint_key_file else None
         relays = relay_options.relays_from_options(relay_specs, relay_controls)
-        choosers = [relay_options.ByHeader(prefer_header)] if prefer_header else []
-        if prefer:
-            choosers.append(relay_options.ByClientPrefix(relay_options.parse_prefix_map(prefer)))
+        choosers = relay_options.choosers_from_options(prefer, prefer_header)
     except (HintError, relay_options.RelaySpecError) as exc:
         raise CliError(str(exc)) from None
     config = TransceiverConfig(
@@ -188,6 +193,9 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
         insecure_open=insecure_open, **limits,
     )
     refuse_exposure(config)
+    if processes > 1:  # a supervisor and its workers, each one of these with --processes 1
+        workers.serve_workers(click.get_current_context(), processes, from_ip, config, drain_timeout)
+        return
     service = Transceiver(config)
 
     async def run() -> None:

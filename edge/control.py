@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 from splitrelay.bpf.consts import MAX_BACKEND_ID
-from splitrelay.edge.credentials import ADMIN, POOL, Credentials
+from splitrelay.edge.credentials import ADMIN, POOL, Credentials, covers
 from splitrelay.edge.plane import DataPlane, NullPlane
 from splitrelay.edge.records import Backend, DatapathError, TableFullError
 from splitrelay.wire.stun import UFRAG_RULE, is_ufrag
@@ -52,7 +52,7 @@ DEFAULT_FLOW_LIMIT = 1000
 MAX_FLOW_LIMIT = 1_000_000
 BACKEND_FIELDS = {"ip", "ip6", "port", "instance"}
 SESSION_FIELDS = {"backend"}
-PRINCIPAL = web.RequestKey("principal", object)  # ADMIN or a backend id: who the middleware found asking
+PRINCIPAL = web.RequestKey("principal", object)  # ADMIN, a backend id or range: who the middleware found asking
 POOL_ADDRESS = web.RequestKey("pool_address", str)  # a pool token's caller: its backend must be at this address
 
 
@@ -309,10 +309,11 @@ class ControlAPI:
             raise ApiError(403, f"backend {request[PRINCIPAL]}'s token cannot do this: it needs the admin token")
 
     def _owner(self, request: web.Request, backend_id: int, where_registered: bool = True) -> None:
-        """The caller must be the admin or backend ``backend_id`` itself (with a pool token: at the
-        address that backend is registered at; two pods whose addresses give one id are two callers)."""
+        """The caller must be the admin, backend ``backend_id`` itself or a range token covering it (with
+        a pool token: at the address that backend is registered at; two pods whose addresses give one
+        id are two callers)."""
         principal = request[PRINCIPAL]
-        if principal != ADMIN and principal != backend_id:
+        if principal != ADMIN and not covers(principal, backend_id):
             raise ApiError(403, f"backend {principal}'s token cannot change backend {backend_id}")
         registered = self.dp.backend(backend_id) if where_registered and POOL_ADDRESS in request else None
         if registered is not None and registered.ip4 != str(_ipv4_of(request[POOL_ADDRESS])):
@@ -496,7 +497,7 @@ class ControlAPI:
             existing = self.dp.session(ufrag)
             if existing is None and not self.deletions.pending(ufrag):
                 raise ApiError(404, "no such session")
-            if existing is not None and existing.backend_id != principal:
+            if existing is not None and not covers(principal, existing.backend_id):
                 raise ApiError(403, f"backend {principal}'s token cannot delete a session of another backend")
             if existing is not None:
                 self._owner(request, existing.backend_id)

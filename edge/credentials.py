@@ -11,6 +11,14 @@ The id in front names the backend the token claims (the agent needs it to know
 which HMAC to recompute, like the ``sub`` of a signed token); the 64 lowercase
 hex digits are what proves it.  Every comparison is constant-time.
 
+A host running ``transceiver serve --processes K`` is K backends (ids first..first+K-1, one per
+worker) that share one token, a *range* token covering exactly those ids:
+
+    range token = "<first>+<count>." + hex(HMAC-SHA256(master, "splitrelay-backend:<first>+<count>"))
+
+The count is inside the HMAC, so a holder cannot widen its range; the label differs from every
+single id's, so no range token is another backend's token.
+
 Where ids are known only at run time (``transceiver serve --backend-id from-ip``
 in a Deployment), every pod holds the one *pool* token instead,
 ``"pool." + hex(HMAC-SHA256(master, "splitrelay-pool"))``: it opens only the
@@ -23,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from dataclasses import dataclass
 from pathlib import Path
 
 from splitrelay.bpf.consts import MAX_BACKEND_ID
@@ -33,6 +42,25 @@ BACKEND_LABEL = b"splitrelay-backend:"
 POOL_LABEL = b"splitrelay-pool"
 ADMIN = "admin"
 POOL = "pool"   # a pool token: the backend is the one the caller's address gives
+
+
+@dataclass(frozen=True)
+class BackendRange:
+    """What a range token opens: backends ``first``..``first + count - 1``."""
+
+    first: int
+    count: int
+
+    def __contains__(self, backend_id: object) -> bool:
+        return isinstance(backend_id, int) and self.first <= backend_id < self.first + self.count
+
+    def __str__(self) -> str:   # as the agent's refusals name the caller: "backend 3..6's token ..."
+        return f"{self.first}..{self.first + self.count - 1}"
+
+
+def covers(principal: object, backend_id: int) -> bool:
+    """Whether a backend principal (an id, or a BackendRange) may act as backend ``backend_id``."""
+    return principal == backend_id or (isinstance(principal, BackendRange) and backend_id in principal)
 
 
 class CredentialError(SplitrelayError):
@@ -68,16 +96,37 @@ def check_master(token: str | None, listen_host: str) -> None:
                               f"{listen_host} (not loopback) needs at least {MIN_TOKEN_BYTES}")
 
 
-def backend_hmac(master: str, backend_id: int) -> str:
-    """The 64 hex digits of backend ``backend_id``'s token."""
-    return hmac.new(master.encode(), BACKEND_LABEL + str(backend_id).encode(), hashlib.sha256).hexdigest()
+def backend_hmac(master: str, claim: int | str) -> str:
+    """The 64 hex digits of the token of ``claim``: a backend id, or ``"<first>+<count>"``."""
+    return hmac.new(master.encode(), BACKEND_LABEL + str(claim).encode(), hashlib.sha256).hexdigest()
 
 
-def backend_token(master: str, backend_id: int) -> str:
-    """What transceiver ``backend_id`` presents: ``"<id>.<hex HMAC>"``."""
+def backend_token(master: str, backend_id: int, count: int = 1) -> str:
+    """What transceiver ``backend_id`` presents: ``"<id>.<hex HMAC>"``; with ``count`` > 1, what the
+    ``count`` workers of ``transceiver serve --processes`` (ids ``backend_id``..) all present."""
     if not 1 <= backend_id <= MAX_BACKEND_ID:
         raise CredentialError(f"backend id must be 1..{MAX_BACKEND_ID}, got {backend_id}")
-    return f"{backend_id}.{backend_hmac(master, backend_id)}"
+    if count < 1 or backend_id + count - 1 > MAX_BACKEND_ID:
+        raise CredentialError(f"backends {backend_id}..{backend_id + count - 1} are not all within "
+                              f"1..{MAX_BACKEND_ID}")
+    claim = str(backend_id) if count == 1 else f"{backend_id}+{count}"
+    return f"{claim}.{backend_hmac(master, claim)}"
+
+
+def claim_of(token: str) -> tuple[str, int | BackendRange, str] | None:
+    """What a backend or range token claims, unverified: (the label its HMAC is over, the backend id
+    or BackendRange, the proof), or None when it has neither form."""
+    claimed, dot, proof = token.partition(".")
+    first, plus, count = claimed.partition("+")
+    if not dot or not all(part.isascii() and part.isdigit() and len(part) <= 7
+                          for part in ((first, count) if plus else (first,))):
+        return None
+    backend_id, count = int(first), int(count) if plus else 1
+    if not 1 <= backend_id <= MAX_BACKEND_ID or count < 1 or backend_id + count - 1 > MAX_BACKEND_ID:
+        return None
+    if not plus:
+        return str(backend_id), backend_id, proof
+    return f"{backend_id}+{count}", BackendRange(backend_id, count), proof
 
 
 def pool_token(master: str) -> str:
@@ -86,24 +135,23 @@ def pool_token(master: str) -> str:
 
 
 class Credentials:
-    """The agent's check of a bearer token: ``principal(token)`` is ADMIN, POOL, a backend id, or None."""
+    """The agent's check of a bearer token: ``principal(token)`` is ADMIN, POOL, a backend id, a
+    BackendRange, or None."""
 
     def __init__(self, master: str) -> None:
         self.master = master
         self._master_bytes = master.encode()
         self._pool_bytes = pool_token(master).encode()
 
-    def principal(self, offered: str) -> str | int | None:
+    def principal(self, offered: str) -> str | int | BackendRange | None:
         raw = offered.encode("utf-8", "replace")
         if hmac.compare_digest(raw, self._master_bytes):
             return ADMIN
         if hmac.compare_digest(raw, self._pool_bytes):
             return POOL
-        claimed, dot, proof = offered.partition(".")
-        if not dot or not claimed.isascii() or not claimed.isdigit() or len(claimed) > 7:
+        claim = claim_of(offered)
+        if claim is None:
             return None
-        backend_id = int(claimed)
-        if not 1 <= backend_id <= MAX_BACKEND_ID:
-            return None
-        expected = backend_hmac(self.master, backend_id).encode()
-        return backend_id if hmac.compare_digest(proof.encode("utf-8", "replace"), expected) else None
+        label, claimed, proof = claim
+        expected = backend_hmac(self.master, label).encode()
+        return claimed if hmac.compare_digest(proof.encode("utf-8", "replace"), expected) else None

@@ -54,10 +54,11 @@ def control_key_file(lab: Lab) -> Path:
     return path
 
 
-def control_token(lab: Lab, backend_id: int | None = None) -> str:
-    """The admin token of the lab's agents, or with ``backend_id`` that transceiver's own."""
+def control_token(lab: Lab, backend_id: int | None = None, count: int = 1) -> str:
+    """The admin token of the lab's agents, or with ``backend_id`` that transceiver's own (with
+    ``count``, the range token of its ``count`` worker processes' backends)."""
     master = control_key_file(lab).read_text().strip()
-    return master if backend_id is None else backend_token(master, backend_id)
+    return master if backend_id is None else backend_token(master, backend_id, count)
 
 
 def whip_url(t) -> str:  # noqa: ANN001
@@ -211,8 +212,9 @@ def spawn_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None =
 
 def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
                       extra_args: list[str] | None = None, dual_stack: bool = False,
-                      relays: list[int] | None = None) -> subprocess.Popen:
-    """Transceiver ``t`` with every relay (or only those numbered in ``relays``).
+                      relays: list[int] | None = None, processes: int = 1) -> subprocess.Popen:
+    """Transceiver ``t`` with every relay (or only those numbered in ``relays``), in ``processes``
+    worker processes (backend ids ``t.backend_id`` + i, UDP ports BACKEND_PORT + i; transceiver/workers.py).
 
     ``dual_stack``: its socket bound to ``[::]``, so IPv6 clients reach
     it through the relays' IPv6 candidates (bound to its IPv4 address, what a relay forwards to its IPv6 one
@@ -220,10 +222,10 @@ def start_transceiver(lab: Lab, t, handler: str = "echo",  # noqa: ANN001
     bind = ["--bind", f"[::]:{BACKEND_PORT}", "--backend-ip", t.ip4] if dual_stack else [
         "--bind", f"{t.ip4}:{BACKEND_PORT}"]
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
-            "--backend-id", str(t.backend_id), *bind, "--ip6", t.ip6,
+            "--processes", str(processes), "--backend-id", str(t.backend_id), *bind, "--ip6", t.ip6,
             # every relay, relay 1 (the client's default route) first and so preferred; both of each
             # relay's public addresses: IPv6 clients get a candidate too
-            *relay_args(lab, relays), "--token", control_token(lab, t.backend_id),
+            *relay_args(lab, relays), "--token", control_token(lab, t.backend_id, processes),
             "--whip-listen", f"{t.signal_ip4}:{WHIP_PORT}", "--admin-listen", admin_url(t).split("//")[1],
             *auth_args(lab), "--handler", handler, *(extra_args or [])]
     path = log_file(lab, f"t{t.index}")

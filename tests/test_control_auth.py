@@ -97,6 +97,24 @@ def test_the_backend_token_command_prints_the_derived_token(tmp_path):
     assert (proc.returncode, proc.stderr) == (2, "splitrelay: error: give --backend ID or --pool\n")
 
 
+def test_the_token_command_prints_a_range_token_for_count_backends(tmp_path):
+    import hashlib
+    import hmac
+    import json
+    key = tmp_path / "token"
+    key.write_text(MASTER + "\n")
+    token = [sys.executable, "-m", "splitrelay.cli.main", "edge", "token", "--key-file", str(key)]
+    proc = subprocess.run([*token, "--backend", "7", "--count", "4", "--json"], capture_output=True, text=True,
+                          check=True)
+    expected = hmac.new(MASTER.encode(), b"splitrelay-backend:7+4", hashlib.sha256).hexdigest()
+    assert json.loads(proc.stdout) == {"backend": 7, "count": 4, "token": f"7+4.{expected}"}
+    assert backend_token(MASTER, 7, 4) == f"7+4.{expected}" and backend_token(MASTER, 7, 1) == backend_token(
+        MASTER, 7)
+    proc = subprocess.run([*token, "--backend", "262143", "--count", "2"], capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr) == (
+        1, "splitrelay: error: backends 262143..262144 are not all within 1..262143\n")
+
+
 # -- a real agent with scoped credentials ----------------------------------------------------------
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -220,6 +238,53 @@ async def test_a_forged_or_renamed_backend_token_is_refused(agent, calls):
             status, _ = await status_of(c, "DELETE", "/v1/sessions/callOfB2",
                                         headers={"Authorization": f"Bearer {token}"})
             assert status == 401, token
+    assert still_routed(agent, "callOfB2", 40002)
+
+
+@needs_root
+@asyncio_module
+async def test_a_range_token_opens_each_backend_of_its_range_and_none_beside_it(agent, calls):
+    """`transceiver serve --processes 2 --backend-id 2`'s token: its workers are backends 2 and 3."""
+    async with AsyncControlClient(url(agent), backend_token(MASTER, 2, 2)) as workers:
+        assert (await workers.put_backend(2, BACKENDS[2][0], BACKEND_PORT, instance="w0"))["id"] == 2
+        assert (await workers.put_backend(3, BACKENDS[3][0], BACKEND_PORT, instance="w1"))["id"] == 3
+        await workers.put_session("newOfW0x", 2)
+        await workers.put_session("newOfW1x", 3)
+        assert {s["ufrag"] for s in await workers.sessions(backend=3)} == {"newOfW1x"}
+        await workers.delete_session("newOfW0x")
+        await workers.delete_session("newOfW1x")
+        # just outside the range, below (backend 1, live) and above (4)
+        assert await status_of(workers, "DELETE", "/v1/sessions/callOfA1") == (
+            403, '{"error": "backend 2..3\'s token cannot delete a session of another backend"}')
+        for backend_id in (1, 4):
+            assert await status_of(workers, "PUT", "/v1/sessions/stolenUfrag", {"backend": backend_id}) == (
+                403, f'{{"error": "backend 2..3\'s token cannot change backend {backend_id}"}}')
+        assert await status_of(workers, "PUT", "/v1/backends/1", {"ip": BACKENDS[1][0], "port": BACKEND_PORT}) == (
+            403, '{"error": "backend 2..3\'s token cannot change backend 1"}')
+        assert await status_of(workers, "GET", "/v1/sessions?backend=1") == (
+            403, '{"error": "backend 2..3\'s token cannot change backend 1"}')
+        assert await status_of(workers, "GET", "/v1/sessions") == (
+            403, '{"error": "backend 2..3\'s token cannot do this: it needs the admin token"}')
+    assert agent.plane.session("stolenUfrag") is None and agent.plane.session("callOfA1").backend_id == 1
+    assert still_routed(agent, "callOfA1", 40001)
+
+
+@needs_root
+@asyncio_module
+async def test_a_range_token_with_a_forged_count_or_first_id_is_refused(agent, calls):
+    proof_of = {claim: backend_hmac(MASTER, claim) for claim in ("2+2", "2+0", "1+262144", "2")}
+    forged = ["2+3." + proof_of["2+2"],          # 2..3's proof, claiming 2..4
+              "1+3." + proof_of["2+2"],          # claiming 1..3
+              "2+1." + proof_of["2+2"],          # a narrower claim is a different label too
+              "2+2." + proof_of["2"],            # backend 2's single proof, claimed as a range
+              "2." + proof_of["2+2"],            # the range's proof, claimed as backend 2 alone
+              "2+0." + proof_of["2+0"],          # an empty range, even with its own HMAC
+              "1+262144." + proof_of["1+262144"],   # past the last backend id
+              "2+." + proof_of["2+2"], "+2." + proof_of["2+2"], "2+-1." + proof_of["2+2"]]
+    async with AsyncControlClient(url(agent)) as c:
+        for token in forged:
+            assert await status_of(c, "DELETE", "/v1/sessions/callOfB2", headers={
+                "Authorization": f"Bearer {token}"}) == (401, '{"error": "missing or wrong bearer token"}'), token
     assert still_routed(agent, "callOfB2", 40002)
 
 

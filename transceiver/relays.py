@@ -185,6 +185,14 @@ def choose(choosers: Sequence[RelayChooser], facts: SignalingFacts, relays: Sequ
     return relays[0] if relays else None
 
 
+def choosers_from_options(prefer: Sequence[str], prefer_header: str | None) -> list[RelayChooser]:
+    """``--prefer-header`` (first) and ``--prefer PREFIX=RELAY`` as a chooser chain."""
+    choosers: list[RelayChooser] = [ByHeader(prefer_header)] if prefer_header else []
+    if prefer:
+        choosers.append(ByClientPrefix(parse_prefix_map(prefer)))
+    return choosers
+
+
 def parse_prefix_map(items: Sequence[str]) -> list[tuple[str, str]]:
     """``PREFIX=RELAY`` strings (``--prefer 198.51.100.0/24=near``)."""
     out = []

@@ -137,6 +137,31 @@ def refuse_exposure(c: TransceiverConfig) -> None:
                             "to anyone: give --admin-token-file, or --insecure-open")
 
 
+def admin_auth(token: str | None):  # noqa: ANN201 - an aiohttp middleware
+    """The admin listener's guard: with a token, a request without ``Authorization: Bearer <token>``
+    gets 401 (compared in constant time); without one (loopback), everything passes."""
+    @web.middleware
+    async def guard(request: web.Request, handler):  # noqa: ANN001, ANN202
+        if token:
+            offered = request.headers.get("Authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(offered, f"Bearer {token}".encode()):
+                return web.Response(status=401, text="missing or wrong admin bearer token\n",
+                                    headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+    return guard
+
+
+async def serve_app(app: web.Application, host: str, port: int, public: bool = False) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on ``host``:``port``: its runner and the port it got (``port`` 0: an ephemeral one).
+    ``public``: a client that stops sending must not hold a connection (or our shutdown) for long."""
+    lingering = {"lingering_time": 1.0} if public else {}
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, **lingering)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
+
+
 class Transceiver:
     def __init__(self, config: TransceiverConfig) -> None:
         self.config = config
@@ -175,20 +200,10 @@ class Transceiver:
 
     def admin_app(self) -> web.Application:
         """The admin listener: every call's record and the metrics, for operators and Prometheus."""
-        app = web.Application(middlewares=[self._admin_auth])
+        app = web.Application(middlewares=[admin_auth(self.config.admin_token)])
         app.add_routes([web.get("/sessions", self.list_sessions), web.get("/metrics", self.scrape),
                         web.get("/healthz", self.healthz)])
         return app
-
-    @web.middleware
-    async def _admin_auth(self, request: web.Request, handler):  # noqa: ANN001, ANN202
-        token = self.config.admin_token
-        if token:
-            offered = request.headers.get("Authorization", "").encode("utf-8", "replace")
-            if not hmac.compare_digest(offered, f"Bearer {token}".encode()):
-                return web.Response(status=401, text="missing or wrong admin bearer token\n",
-                                    headers={"WWW-Authenticate": "Bearer"})
-        return await handler(request)
 
     @property
     def registrar(self) -> Registrar | None:
@@ -220,17 +235,8 @@ class Transceiver:
                 self.ufrags = UfragPool(c.ufrag_pool, self._new_ufrag, self.registrars,
                                         on_empty=self.metrics.ufrag_pool_empty.inc)
                 self.ufrags.refill_after()
-        # a client that stops sending must not hold a connection (or our shutdown) for long
-        self._runner = web.AppRunner(self.app(), access_log=None, lingering_time=1.0, shutdown_timeout=2.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, c.whip_host, c.whip_port)
-        await site.start()
-        self.whip_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
-        self._admin_runner = web.AppRunner(self.admin_app(), access_log=None, shutdown_timeout=2.0)
-        await self._admin_runner.setup()
-        site = web.TCPSite(self._admin_runner, c.admin_host, c.admin_port)
-        await site.start()
-        self.admin_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
+        self._runner, self.whip_port = await serve_app(self.app(), c.whip_host, c.whip_port, public=True)
+        self._admin_runner, self.admin_port = await serve_app(self.admin_app(), c.admin_host, c.admin_port)
 
     @property
     def whip_url(self) -> str:

@@ -65,6 +65,18 @@ _ICE_PWD = re.compile(r"^a=ice-pwd:\S+", re.M)
 _FINGERPRINT = re.compile(r"^a=fingerprint:\S+ \S+", re.M)
 
 
+def cors_headers(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The CORS headers for this request's Origin: allowed ones are echoed, others get none."""
+    origin = request.headers.get("Origin")
+    if origin is None or not allowed:
+        return dict(CORS)
+    if origin in allowed:
+        return {**CORS, "Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    if "*" in allowed:
+        return {**CORS, "Access-Control-Allow-Origin": "*"}
+    return {**CORS, "Vary": "Origin"}
+
+
 class OfferRejected(SplitrelayError):
     """A request the endpoint refuses: an HTTP status, a one-line reason and, for 429/503, the whole
     seconds after which a retry may succeed (``Retry-After``)."""
@@ -163,16 +175,7 @@ class WhipEndpoint:
         return session_id
 
     def cors(self, request: web.Request) -> dict[str, str]:
-        """The CORS headers for this request's Origin: allowed ones are echoed, others get none."""
-        origin = request.headers.get("Origin")
-        allowed = self.config.cors_origins
-        if origin is None or not allowed:
-            return dict(CORS)
-        if origin in allowed:
-            return {**CORS, "Access-Control-Allow-Origin": origin, "Vary": "Origin"}
-        if "*" in allowed:
-            return {**CORS, "Access-Control-Allow-Origin": "*"}
-        return {**CORS, "Vary": "Origin"}
+        return cors_headers(request, self.config.cors_origins)
 
     def routes(self) -> list[web.RouteDef]:
         resource = self.path + "/sessions/{id}"
