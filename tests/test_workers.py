@@ -231,10 +231,10 @@ def test_a_worker_that_cannot_start_stops_the_supervisor_with_its_reason():
     taken.bind(("127.0.0.1", 0))
     port = taken.getsockname()[1]
     with taken:
-        argv = ["transceiver", "serve", "--processes", "2", "--backend-id", "40", "--bind", f"127.0.0.1:{port}",
-                "--whip-listen", "127.0.0.1:0"]
-        run = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", *argv], capture_output=True, text=True,
-                             timeout=120)
+        command = ["transceiver", "serve", "--processes", "2", "--backend-id", "40", "--bind",
+                   f"127.0.0.1:{port}", "--whip-listen", "127.0.0.1:0"]
+        run = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", *command], capture_output=True,
+                             text=True, timeout=120)
     assert run.returncode == 1
     assert run.stderr.splitlines()[-1] == ("splitrelay: error: worker 0 (backend 40) exited before it was ready: "
                                            f"cannot bind UDP 127.0.0.1:{port}: Address already in use")
@@ -264,9 +264,9 @@ def test_processes_refuses_what_it_cannot_serve():
             (["--processes", "2", "--whip-listen", "0.0.0.0:0"], 1,
              "refusing to serve WHIP on 0.0.0.0:0 to anyone: give --whip-key-file or --whip-token, "
              "or --insecure-open")):
-        argv = ["transceiver", "serve", "--backend-id", "1", "--whip-listen", "127.0.0.1:0", *args]
-        run = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", *argv], capture_output=True, text=True,
-                             timeout=60)
+        command = ["transceiver", "serve", "--backend-id", "1", "--whip-listen", "127.0.0.1:0", *args]
+        run = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", *command], capture_output=True,
+                             text=True, timeout=60)
         assert (run.returncode, run.stderr.strip()) == (code, f"splitrelay: error: {message}"), args
 
 
@@ -465,11 +465,14 @@ def test_two_workers_behind_the_xdp_relay_a_killed_one_takes_only_its_own_calls(
         # the restarted worker registered anew (a new instance): the relay dropped the dead one's sessions
         dead = {u for u, b in owners.items() if b == 2}
         wait_for(lambda: not dead & relay_ufrags(lab), 15, "the dead worker's sessions gone from the relay")
-        metrics = [line for line in admin("/metrics").splitlines()
-                   if line.startswith("splitrelay_transceiver_worker_")]
-        assert {'splitrelay_transceiver_worker_restarts_total{worker="1"} 1.0',
-                'splitrelay_transceiver_worker_sessions_lost_total{worker="1"} 2.0',
-                'splitrelay_transceiver_worker_restarts_total{worker="0"} 0.0'} <= set(metrics), metrics
+        metrics = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in admin("/metrics").splitlines()
+                   if line.startswith("splitrelay_transceiver_worker_")}
+        # the supervisor counts a dead worker's calls as of its last 0.5 s poll of that worker, and a loaded
+        # machine may fail a poll or a first restart: 1 restart and 2 calls lost on a quiet one (failed 2 of
+        # ~10 loaded runs when asserted exactly)
+        assert metrics['splitrelay_transceiver_worker_restarts_total{worker="0"}'] == 0, metrics
+        assert metrics['splitrelay_transceiver_worker_restarts_total{worker="1"}'] >= 1, metrics
+        assert 1 <= metrics['splitrelay_transceiver_worker_sessions_lost_total{worker="1"}'] <= 2, metrics
 
         again = probe_result(probe(lab, [url], duration=3, sessions=2), 90)   # new calls: one on each
         assert sorted(r["location"].rsplit("/", 1)[1].split(".")[0] for r in again) == ["0", "1"]
