@@ -6,8 +6,9 @@ call through relay 1 talks (``stack.probe``).  Each reports what it sent, the fl
 for it, the bytes that reached an address that never asked for them, and whether the call kept its
 audio (its echoed beeps); ``defended`` says the defence held.
 
-``ATTACKS`` is a small table (name, what it tries, the function that runs it, whether it needs a
-live call): a branch adding signaling attacks (listing calls, a stranger's DELETE) adds rows.
+``ATTACKS`` is a small table (name, what it tries, the function that runs it).  Besides the data
+plane's, two try the signaling a stranger reaches: listing the calls on the public WHIP listener, and
+ending or moving someone else's call with a valid offer token of the stranger's own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import socket
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -342,6 +344,58 @@ def _post(url: str, sdp: str, token: str) -> str | None:
     return urllib.parse.urljoin(url, location) if location else None
 
 
+def _status(method: str, url: str, token: str | None = None) -> tuple[int, bytes]:
+    """An HTTP request's status and body; an error status is an answer, not an exception."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if method == "PATCH":
+        headers.update({"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*"})
+    body = b"a=ice-ufrag:evil\r\na=ice-pwd:evilevilevilevilevilevil\r\n" if method == "PATCH" else None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method, headers=headers),
+                                    timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def list_calls(target: Target, report: AttackReport) -> None:
+    """§1: with no credential, ask the public WHIP listener for the calls, the ended ones and the metrics."""
+    call = LiveCall(target)
+    base = stack.whip_url(target.owner).removesuffix("/whip")
+    answers = {}
+    for path in ("/sessions", "/sessions?ended=1", "/metrics", "/whip/sessions", "/workers"):
+        status, body = in_netns(target.lab.client.netns, lambda path=path: _status("GET", base + path))
+        answers[path] = status
+        report.packets_sent += 1
+        report.bytes_sent += len(f"GET {path} HTTP/1.1\r\n\r\n")
+        leaked = call.flow["ufrag"].encode() in body
+        answers[path + " names the call"] = leaked
+    report.call_kept_audio, report.details = call.kept_audio()
+    report.details["answers"] = answers
+    report.defended = (all(status == 404 for path, status in answers.items() if not path.endswith("call"))
+                       and not any(v for k, v in answers.items() if k.endswith("call")) and report.call_kept_audio)
+
+
+def stranger_hangup(target: Target, report: AttackReport) -> None:
+    """§1: a stranger with an offer token of its own DELETEs and PATCHes someone's call by every name it
+    could have learnt (its public id from a log, its ufrag from the wire, a guessed capability)."""
+    call = LiveCall(target)
+    mine = [s for s in json.loads(stack.admin_get(target.lab, stack.admin_url(target.owner), "/sessions"))
+            if s["ufrag"] == call.flow["ufrag"]]
+    names = [s["id"] for s in mine] + [call.flow["ufrag"], "0" * 22, "AAAAAAAAAAAAAAAAAAAAAA"]
+    token = stack.whip_token(target.lab)
+    answers = {}
+    for name in names:
+        for method in ("DELETE", "PATCH"):
+            url = f"{stack.whip_url(target.owner)}/sessions/{urllib.parse.quote(name, safe='')}"
+            status, _ = in_netns(target.lab.client.netns, lambda m=method, u=url: _status(m, u, token))
+            answers[f"{method} {name}"] = status
+            report.packets_sent += 1
+    report.call_kept_audio, report.details = call.kept_audio()
+    report.details["answers"] = answers
+    report.defended = all(status == 404 for status in answers.values()) and report.call_kept_audio
+
+
 def _delete(url: str) -> None:
     try:
         urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=5).close()
@@ -367,6 +421,10 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
            reflector_offer),
     Attack("backend-spoof", "a transceiver's source address sent at the public side, toward a third party",
            backend_spoof),
+    Attack("list-calls", "GET the calls, ended calls and metrics from the public WHIP listener, no credential",
+           list_calls),
+    Attack("stranger-hangup", "DELETE and PATCH a live call by its public id, ufrag or a guess, with the "
+           "stranger's own offer token", stranger_hangup),
 )}
 
 
