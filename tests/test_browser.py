@@ -259,11 +259,6 @@ def address_of(endpoint: str) -> str:
 
 @needs_root
 @needs_browser
-@pytest.mark.xfail(strict=False, reason=(
-    "known regression since the 2026-12-07 merges (issue 22): after an earlier call on the same lab (the "
-    "blackout or ICE-restart test) Chromium does not get audio back through relay 2; once relay 2 held no "
-    "session of the transceiver at all (its Binding Requests dropped as unknown_ufrag). Alone, and in the "
-    "two-relay demo's fresh lab, the failover passes. Kept running, not skipped, until it is found"))
 def test_a_dead_relay_moves_the_browser_to_the_other_relays_candidate_and_the_call_goes_on(browser_lab):
     lab, info, browser = browser_lab
     near, spare = lab.relay(1), lab.relay(2)

@@ -88,13 +88,17 @@ class Registrar:
 
     def __init__(self, control_url: str, backend_id: int, backend_ip: str | None, backend_port: int,
                  token: str | None = None, backend_ip6: str | None = None, watch_interval: float = 1.0,
-                 timeout: float = 3.0, name: str = "relay", refresh_interval: float = REFRESH_S) -> None:
+                 timeout: float = 3.0, name: str = "relay", refresh_interval: float = REFRESH_S,
+                 instance: str | None = None) -> None:
         self.base = control_url.rstrip("/")
         self.name = name
         # "instance" tells the agent when a new process took over this backend id (a restart
-        # after a crash): the old process's sessions are gone, so the agent drops them
+        # after a crash): the old process's sessions are gone, so the agent drops them.  One per
+        # transceiver, shared by its registrars: with one each, an agent that heard from two of them
+        # (a relay's control address reached through another) took the second for a restart and
+        # dropped every live session of the backend, so a failover found none at relay 2
         self.backend: dict[str, Any] = {"ip": backend_ip, "ip6": backend_ip6, "port": backend_port,
-                                        "instance": secrets.token_hex(8)}
+                                        "instance": instance or secrets.token_hex(8)}
         self.backend_id = backend_id
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.sessions: set[str] = set()

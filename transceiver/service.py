@@ -226,9 +226,10 @@ class Transceiver:
             backend_ip = c.backend_ip or (host if host not in ("0.0.0.0", "::") else None)
             if backend_ip is None and c.backend_ip6 is None:
                 raise RegistrationError(f"bound to {host}: set backend_ip, the address the relay forwards to")
+            instance = secrets.token_hex(8)   # this process, to every agent (registration.py)
             self.registrars = RelayRegistrars([
                 Registrar(r.control_url, c.backend_id, backend_ip, port, c.relay_token, c.backend_ip6,
-                          watch_interval=c.watch_interval, name=r.name) for r in controlled],
+                          watch_interval=c.watch_interval, name=r.name, instance=instance) for r in controlled],
                 on_missed=lambda relay: self.metrics.registrations_missed.labels(relay).inc())
             await self.registrars.start()
             if c.ufrag_pool:
