@@ -46,7 +46,7 @@ def instance(lab: Lab, relay: int = 1) -> str:
 
 def control_key_file(lab: Lab) -> Path:
     """The lab's master control token (made on first use): every agent's --token-file, the admin's token."""
-    path = STATE_DIR / f"{lab.name}-control.key"
+    path = lab.secret_file("control.key")
     if not path.exists():
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
@@ -323,7 +323,6 @@ def stop_lab(name: str) -> None:
         unpin(instance(lab, r.index))
     for path in STATE_DIR.glob(f"{name}-*.log"):
         path.unlink()
-    (STATE_DIR / f"{name}-control.key").unlink(missing_ok=True)
     (STATE_DIR / f"{name}-floating.state").unlink(missing_ok=True)   # a floated address (lab/floating.py)
 
 

@@ -124,7 +124,8 @@ log = logging.getLogger(__name__)
 STATE_DIR = Path(os.environ.get("SPLITRELAY_LAB_DIR", "/run/splitrelay/labs"))
 DEFAULT_STEM = "sr"
 STEM_ENV = "SPLITRELAY_LAB_STEM"
-SECRETS = ("whip.key", "admin.token")   # per lab, made by lab/stack.py: signs offer tokens, opens admin listeners
+# per lab, made by lab/stack.py: signs offer tokens, opens admin listeners, the agents' master control token
+SECRETS = ("whip.key", "admin.token", "control.key")
 BACKEND_TABLE = 100
 BACKEND_PORT = 5000     # every transceiver's one UDP socket (lab/stack.py starts them on it)
 MAX_TRANSCEIVERS = 50

@@ -146,8 +146,8 @@ def nothing_left_behind():
             (STATE_DIR / f"{state}.json").unlink(missing_ok=True)
     for stray in leftovers(TEST_STEM, [])["namespaces"]:
         pnetns.remove(stray)
-    for log_name in leaked["daemon logs"]:
-        (STATE_DIR / log_name).unlink(missing_ok=True)
+    for file_name in leaked["daemon logs"] + leaked["other lab files"]:
+        (STATE_DIR / file_name).unlink(missing_ok=True)
     for name in leaked_pins:
         unpin(name)
     found = {k: v for k, v in leaked.items() if v}
@@ -157,7 +157,8 @@ def nothing_left_behind():
 
 
 def leftovers(stem: str, labs: list[Lab]) -> dict[str, list[str]]:
-    """Namespaces, host links, lab state files and daemon logs named with this run's stem (or of its labs)."""
+    """Namespaces, host links, lab state files, daemon logs and other lab files (secrets) named with this
+    run's stem (or of its labs)."""
     names = set(list_namespaces())
     with IPRoute() as ipr:
         links = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
@@ -170,11 +171,14 @@ def leftovers(stem: str, labs: list[Lab]) -> dict[str, list[str]]:
             continue  # another run's file, being replaced
         if prefix.startswith(prefixes):
             states.append(path.stem)
-    logs = sorted(p.name for p in STATE_DIR.glob("*.log") if p.name.startswith(prefixes)) \
+    files = sorted(p.name for p in STATE_DIR.iterdir() if p.name.startswith(prefixes)) \
         if STATE_DIR.exists() else []
+    logs = [f for f in files if f.endswith(".log")]
     return {
         "namespaces": sorted(n for n in names if n.startswith(prefixes)),
         "host links": sorted(n for n in links if n.startswith(prefixes)),
         "state files": sorted(states),
         "daemon logs": logs,
+        # keys, tokens, a floated address's state: whatever else a lab keeps beside its .json
+        "other lab files": [f for f in files if not f.endswith((".log", ".json"))],
     }
