@@ -308,7 +308,8 @@ def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, 
 @click.option("--backend", "backend_id", type=int, help="The transceiver's backend id.")
 @click.option("--count", type=click.IntRange(1), default=1, show_default=True, metavar="K",
               help="The token of K backends, ids ID..ID+K-1: a `transceiver serve --processes K` host's.")
-@click.option("--pool", is_flag=True, help="Instead: the token of transceivers run with --backend-id from-ip.")
+@click.option("--pool", is_flag=True, help="Instead: the token of transceivers run with --backend-id from-ip "
+              "(with --count K: those run with --processes K).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def edge_token(key_file: str, backend_id: int | None, count: int, pool: bool, as_json: bool) -> None:
     """Print the control token of one backend: give it to that transceiver only (its --token).
@@ -319,22 +320,22 @@ def edge_token(key_file: str, backend_id: int | None, count: int, pool: bool, as
     token of the K workers of `transceiver serve --processes K --backend-id ID`, "<ID>+<K>." and
     the HMAC of "splitrelay-backend:<ID>+<K>", which opens backends ID..ID+K-1. With --pool: the one
     token of every `--backend-id from-ip` transceiver, which opens only the backend its request's
-    source address gives, registered at that address.
+    source address gives, registered at that address; with --pool --count K, that of hosts running
+    `--backend-id from-ip --processes K`, which opens the K ids the address gives.
 
     \b
     Examples:
       splitrelay edge token --key-file /etc/splitrelay/token --backend 7
       splitrelay edge token --key-file /etc/splitrelay/token --backend 8 --count 4   # ids 8..11
       splitrelay edge token --key-file /etc/splitrelay/token --pool    # a Kubernetes Secret's
+      splitrelay edge token --key-file /etc/splitrelay/token --pool --count 4
     """
     from splitrelay.edge.credentials import backend_token, pool_token, read_token_file
 
     if (backend_id is None) == (not pool):
         raise CliError("give --backend ID or --pool", 2)
-    if pool and count != 1:
-        raise CliError("--count goes with --backend, not --pool", 2)
     master = read_token_file(key_file)
-    data = {"pool": True, "token": pool_token(master)} if pool else {
+    data = {"pool": True, "token": pool_token(master, count), **({"count": count} if count > 1 else {})} if pool else {
         "backend": backend_id, "token": backend_token(master, backend_id, count),
         **({"count": count} if count > 1 else {})}
     emit(data, as_json, lambda d: click.echo(d["token"]))

@@ -39,22 +39,29 @@ def worker_backend_ids(base: int, count: int, from_ip: bool) -> list[int]:
             raise CliError(f"--backend-id {base} with --processes {count} needs ids up to {base + count - 1}, "
                            f"beyond {MAX_BACKEND_ID}", 2)
         return [base + i for i in range(count)]
-    bits = (count - 1).bit_length()
-    host = base & (MAX_BACKEND_ID >> bits)
-    if not host:
+    from splitrelay.edge.credentials import from_ip_backends
+
+    block = from_ip_backends(base, count)
+    if block is None:
+        bits = (count - 1).bit_length()
         raise CliError(f"--backend-id from-ip with --processes {count}: "
                        f"the address's low {18 - bits} bits are 0", 2)
-    return [(host << bits) | i for i in range(count)]
+    return [block.first + i for i in range(count)]
 
 
 def refuse_narrow_token(token: str | None, backend_ids: list[int]) -> None:
     """A backend token that does not claim every worker's id would have the agent answer 403 to the
     workers beyond it, one by one: say so at once, with the command that prints the right one."""
-    from splitrelay.edge.credentials import claim_of, covers
+    from splitrelay.edge.credentials import claim_of, covers, pool_claim
 
+    pool_count = pool_claim(token) if token else None
+    if pool_count is not None and pool_count != len(backend_ids):
+        raise CliError(f"the control token is a pool token for {pool_count} worker(s) per host; the "
+                       f"{len(backend_ids)} workers need `splitrelay edge token --pool --count "
+                       f"{len(backend_ids)}`", 2)
     claim = claim_of(token) if token else None
     if claim is None:
-        return   # none, the master, a pool token: the agent judges
+        return   # none, the master, a pool token of the right count: the agent judges
     missing = [b for b in backend_ids if not covers(claim[1], b)]
     if missing:
         raise CliError(f"the control token is backend {claim[1]}'s; the {len(backend_ids)} workers are backends "

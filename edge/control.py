@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 from splitrelay.bpf.consts import MAX_BACKEND_ID
-from splitrelay.edge.credentials import ADMIN, POOL, Credentials, covers
+from splitrelay.edge.credentials import ADMIN, BackendRange, Credentials, Pool, covers
 from splitrelay.edge.plane import DataPlane, NullPlane
 from splitrelay.edge.records import Backend, DatapathError, TableFullError
 from splitrelay.wire.stun import UFRAG_RULE, is_ufrag
@@ -290,17 +290,18 @@ class ControlAPI:
         ] + (extra_routes or []))
         return app
 
-    def _principal(self, request: web.Request) -> str | int | None:
-        """ADMIN, the backend id whose token was offered (a pool token: the id of the caller's own
-        address), or None (no or wrong token)."""
+    def _principal(self, request: web.Request) -> str | int | BackendRange | None:
+        """ADMIN, the backend id or range whose token was offered (a pool token: the id or ids of the
+        caller's own address), or None (no or wrong token)."""
         if self.credentials is None:
             return ADMIN  # no token configured: loopback only (credentials.check_master)
         scheme, _, offered = request.headers.get("Authorization", "").strip().partition(" ")
         # the scheme is case-insensitive (RFC 7235); tokens are compared in constant time
         principal = self.credentials.principal(offered.strip()) if scheme.lower() == "bearer" else None
-        if principal == POOL:
+        if isinstance(principal, Pool):
             request[POOL_ADDRESS] = request.remote or ""
-            return _id_of_address(request[POOL_ADDRESS])
+            address_id = _id_of_address(request[POOL_ADDRESS])
+            return principal.backends_at(address_id) if address_id is not None else None
         return principal
 
     @staticmethod

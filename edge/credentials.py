@@ -24,6 +24,9 @@ in a Deployment), every pod holds the one *pool* token instead,
 ``"pool." + hex(HMAC-SHA256(master, "splitrelay-pool"))``: it opens only the
 backend whose id the request's own source address gives (its low 18 bits, as
 from-ip computes it), registered at that address, so a pod acts only as itself.
+Hosts that run K workers with from-ip hold ``"pool+<K>." + hex(HMAC(master,
+"splitrelay-pool+<K>"))``, which opens the K ids ``from_ip_backends`` packs for the
+caller's address, and nothing else.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ MIN_TOKEN_BYTES = 32  # 256 bits, the HMAC-SHA256 key size; a shorter master is 
 BACKEND_LABEL = b"splitrelay-backend:"
 POOL_LABEL = b"splitrelay-pool"
 ADMIN = "admin"
-POOL = "pool"   # a pool token: the backend is the one the caller's address gives
+POOL = "pool"   # a pool token's label: the backend is the one the caller's address gives
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,30 @@ class BackendRange:
 
     def __str__(self) -> str:   # as the agent's refusals name the caller: "backend 3..6's token ..."
         return f"{self.first}..{self.first + self.count - 1}"
+
+
+@dataclass(frozen=True)
+class Pool:
+    """What a pool token opens: the ``count`` backends that ``from_ip_backends`` gives its caller's
+    address (1: the single id of ``--backend-id from-ip``)."""
+
+    count: int = 1
+
+    def backends_at(self, address_id: int) -> int | BackendRange | None:
+        """The backend id (count 1) or ids the address whose low 18 bits are ``address_id`` owns."""
+        if self.count == 1:
+            return address_id or None
+        return from_ip_backends(address_id, self.count)
+
+
+def from_ip_backends(address_id: int, count: int) -> BackendRange | None:
+    """The ids of the ``count`` workers of a ``--backend-id from-ip`` host whose address's low 18 bits
+    are ``address_id``: ``(host << b) | i`` for i < count, with b bits for ``count`` workers and host
+    the address's low 18 - b bits, so hosts that differ in those bits never collide (None: they are 0).
+    The one definition the transceiver's CLI packs ids with and the agent checks pool tokens by."""
+    bits = (count - 1).bit_length()
+    host = address_id & (MAX_BACKEND_ID >> bits)
+    return BackendRange(host << bits, count) if host else None
 
 
 def covers(principal: object, backend_id: int) -> bool:
@@ -129,26 +156,49 @@ def claim_of(token: str) -> tuple[str, int | BackendRange, str] | None:
     return f"{backend_id}+{count}", BackendRange(backend_id, count), proof
 
 
-def pool_token(master: str) -> str:
-    """What every from-ip transceiver presents: ``"pool.<hex HMAC>"``."""
-    return "pool." + hmac.new(master.encode(), POOL_LABEL, hashlib.sha256).hexdigest()
+def pool_label(count: int) -> str:
+    """What a pool token of ``count`` workers per host claims: "pool", or "pool+<count>"."""
+    return POOL if count == 1 else f"{POOL}+{count}"
+
+
+def pool_token(master: str, count: int = 1) -> str:
+    """What every from-ip transceiver presents: ``"pool.<hex HMAC>"``; one run with ``--processes
+    count`` > 1: ``"pool+<count>.<hex HMAC>"``."""
+    if not 1 <= count <= MAX_BACKEND_ID:
+        raise CredentialError(f"a pool token covers 1..{MAX_BACKEND_ID} workers per host, not {count}")
+    label = pool_label(count)
+    return f"{label}." + hmac.new(master.encode(), b"splitrelay-" + label.encode(), hashlib.sha256).hexdigest()
+
+
+def pool_claim(token: str) -> int | None:
+    """How many workers per host a pool token claims, unverified (None: not a pool token's form)."""
+    claimed, dot, _ = token.partition(".")
+    if not dot or not claimed.startswith(POOL):
+        return None
+    if claimed == POOL:
+        return 1
+    plus, count = claimed[len(POOL):len(POOL) + 1], claimed[len(POOL) + 1:]
+    if plus != "+" or not (count.isascii() and count.isdigit() and len(count) <= 7 and count[0] != "0"):
+        return None
+    return int(count) if 2 <= int(count) <= MAX_BACKEND_ID else None
 
 
 class Credentials:
-    """The agent's check of a bearer token: ``principal(token)`` is ADMIN, POOL, a backend id, a
+    """The agent's check of a bearer token: ``principal(token)`` is ADMIN, a Pool, a backend id, a
     BackendRange, or None."""
 
     def __init__(self, master: str) -> None:
         self.master = master
         self._master_bytes = master.encode()
-        self._pool_bytes = pool_token(master).encode()
 
-    def principal(self, offered: str) -> str | int | BackendRange | None:
+    def principal(self, offered: str) -> str | int | BackendRange | Pool | None:
         raw = offered.encode("utf-8", "replace")
         if hmac.compare_digest(raw, self._master_bytes):
             return ADMIN
-        if hmac.compare_digest(raw, self._pool_bytes):
-            return POOL
+        pool_count = pool_claim(offered)
+        if pool_count is not None:
+            expected = pool_token(self.master, pool_count).encode()
+            return Pool(pool_count) if hmac.compare_digest(raw, expected) else None
         claim = claim_of(offered)
         if claim is None:
             return None

@@ -22,7 +22,14 @@ from aiohttp import web
 from splitrelay.bpf.testrun import XDP_REDIRECT, run_xdp
 from splitrelay.edge.agent import AgentConfig, EdgeAgent
 from splitrelay.edge.control_client import AsyncControlClient, ControlError
-from splitrelay.edge.credentials import CredentialError, backend_hmac, backend_token, pool_token
+from splitrelay.edge.credentials import (
+    BackendRange,
+    CredentialError,
+    backend_hmac,
+    backend_token,
+    from_ip_backends,
+    pool_token,
+)
 from splitrelay.transceiver.registration import Forbidden, Registrar
 
 from . import packets as P
@@ -113,6 +120,26 @@ def test_the_token_command_prints_a_range_token_for_count_backends(tmp_path):
     proc = subprocess.run([*token, "--backend", "262143", "--count", "2"], capture_output=True, text=True)
     assert (proc.returncode, proc.stderr) == (
         1, "splitrelay: error: backends 262143..262144 are not all within 1..262143\n")
+
+
+def test_the_pool_token_of_k_workers_per_host_is_its_own_hmac(tmp_path):
+    import hashlib
+    import hmac
+    import json
+    key = tmp_path / "token"
+    key.write_text(MASTER + "\n")
+    proc = subprocess.run([sys.executable, "-m", "splitrelay.cli.main", "edge", "token", "--key-file", str(key),
+                           "--pool", "--count", "4", "--json"], capture_output=True, text=True, check=True)
+    expected = hmac.new(MASTER.encode(), b"splitrelay-pool+4", hashlib.sha256).hexdigest()
+    assert json.loads(proc.stdout) == {"pool": True, "count": 4, "token": f"pool+4.{expected}"}
+    assert pool_token(MASTER, 4) == f"pool+4.{expected}" and pool_token(MASTER, 1) == pool_token(MASTER)
+
+
+def test_from_ip_packs_k_workers_into_the_low_bits_of_the_address():
+    assert from_ip_backends(1, 2) == BackendRange(2, 2)              # 127.0.0.1 with 2 workers: 2, 3
+    assert from_ip_backends(0x2_0005, 4) == BackendRange(0x14, 4)    # low 16 bits 5, two bits per host
+    assert from_ip_backends(0x1_0000, 4) is None                     # low 16 bits 0: no id
+    assert from_ip_backends(7, 1) == BackendRange(7, 1)
 
 
 # -- a real agent with scoped credentials ----------------------------------------------------------
@@ -318,6 +345,27 @@ async def test_a_pool_token_acts_only_as_the_backend_of_its_own_address(agent, c
             403, f'{{"error": "a pool token registers only its caller\'s own address (127.0.0.1), not '
                  f'{BACKENDS[1][0]}"}}')
         assert (await status_of(pool, "GET", "/v1/sessions"))[0] == 403
+    assert still_routed(agent, "callOfA1", 40001) and still_routed(agent, "callOfB2", 40002)
+
+
+@needs_root
+@asyncio_module
+async def test_a_pool_token_of_two_workers_covers_its_addresss_two_ids_only(agent, calls):
+    """From 127.0.0.1 (low bits 1) a "pool+2" token is backends 2 and 3 at 127.0.0.1: backend 2's call
+    passes the id check and is refused by address; backend 1's is refused by id.  A token naming another
+    count, or the count with another form, is no token at all."""
+    async with AsyncControlClient(url(agent), pool_token(MASTER, 2)) as pool:
+        assert await status_of(pool, "DELETE", "/v1/sessions/callOfB2") == (
+            403, f'{{"error": "backend 2 is registered at {BACKENDS[2][0]}, not at the caller\'s address '
+                 '127.0.0.1"}')
+        assert await status_of(pool, "DELETE", "/v1/sessions/callOfA1") == (
+            403, '{"error": "backend 2..3\'s token cannot delete a session of another backend"}')
+    proof = pool_token(MASTER, 2).partition(".")[2]
+    for forged in (f"pool+3.{proof}", f"pool+02.{proof}", f"pool+2.{proof[:-1]}0", f"pool2.{proof}",
+                   f"pool+1.{proof}", "pool+2." + "0" * 64):
+        async with AsyncControlClient(url(agent), forged) as nobody:
+            assert await status_of(nobody, "DELETE", "/v1/sessions/callOfB2") == (
+                401, '{"error": "missing or wrong bearer token"}'), forged
     assert still_routed(agent, "callOfA1", 40001) and still_routed(agent, "callOfB2", 40002)
 
 

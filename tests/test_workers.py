@@ -258,6 +258,10 @@ def test_processes_refuses_what_it_cannot_serve():
             (["--processes", "3", "--backend-id", "3", "--token", "3+2." + "0" * 64], 2,
              "the control token is backend 3..4's; the 3 workers are backends 3..5: give the range token of "
              "`splitrelay edge token --backend 3 --count 3`"),
+            (["--processes", "2", "--backend-id", "from-ip", "--bind", "10.3.0.5:5000", "--token",
+              "pool." + "0" * 64], 2,
+             "the control token is a pool token for 1 worker(s) per host; the 2 workers need "
+             "`splitrelay edge token --pool --count 2`"),
             (["--processes", "2", "--admin-listen", "0.0.0.0:0"], 1,
              "refusing to serve /sessions and /metrics on 0.0.0.0:0 to anyone: give --admin-token-file, "
              "or --insecure-open"),
