@@ -335,7 +335,7 @@ def edge_token(key_file: str, backend_id: int | None, count: int, pool: bool, as
     if (backend_id is None) == (not pool):
         raise CliError("give --backend ID or --pool", 2)
     master = read_token_file(key_file)
-    data = {"pool": True, "token": pool_token(master, count), **({"count": count} if count > 1 else {})} if pool else {
-        "backend": backend_id, "token": backend_token(master, backend_id, count),
-        **({"count": count} if count > 1 else {})}
+    data = ({"pool": True, "token": pool_token(master, count)} if pool else
+            {"backend": backend_id, "token": backend_token(master, backend_id, count)})
+    data.update({"count": count} if count > 1 else {})
     emit(data, as_json, lambda d: click.echo(d["token"]))
