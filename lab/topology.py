@@ -1,7 +1,7 @@
 """A relay network on one machine: client, relay and transceiver hosts as network namespaces.
 
-(Over 400 lines on purpose: this docstring is the topology's one description, and the Lab
-dataclass's build, process and teardown steps share its state; netlink steps are lab/links.py.)
+(This docstring is the topology's one description.  The lab's hosts are lab/host.py, building
+it in the kernel is lab/build.py, netlink steps inside a namespace are lab/links.py.)
 
 One module serves the tests, ``splitrelay lab`` and the demo, so all three
 exercise the same topology (``P`` is the lab's random prefix, e.g. ``sr3fa9c1``)::
@@ -93,7 +93,6 @@ in_netns_async(ns, fn)``); ``netns_socket(ns, ...)`` makes one socket there.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
@@ -102,7 +101,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -111,7 +109,7 @@ from typing import Any, TypeVar
 
 from pyroute2 import netns as pnetns
 
-from splitrelay.lab import addresses, impair, procs, router as routing
+from splitrelay.lab import addresses, impair, procs, router as routing, state
 from splitrelay.lab.build import build
 from splitrelay.lab.host import Host, Relay, Transceiver
 from splitrelay.lab.impair import Impairment
@@ -208,7 +206,6 @@ class Lab:
     def _claim(cls, stem: str, name: str | None, transceivers: int, relay_port: int, relays: int,
                impaired: dict[str, Impairment], routed: bool = False) -> Lab:
         """Pick a free prefix and claim the name with an exclusive state file (runs may overlap)."""
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
         plan = addresses.choose()
         for _ in range(32):
             prefix = stem + secrets.token_hex(3)
@@ -217,16 +214,10 @@ class Lab:
             lab = cls._plan(prefix, name or prefix, transceivers, relay_port, plan, relays, routed)
             lab.impaired = {link: {"netns": f"{prefix}-imp" if link == "relay1" else f"{prefix}-i{link[5:]}",
                                    "pid": 0} for link in impaired}
-            try:
-                fd = os.open(STATE_DIR / f"{lab.name}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                if name is not None:
-                    raise LabError(f"a lab named {name!r} is already up (splitrelay lab down --name {name})") \
-                        from None
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(lab.to_json(), f, indent=2)
-            return lab
+            if state.claim(lab.name, lab.to_json()):
+                return lab
+            if name is not None:
+                raise LabError(f"a lab named {name!r} is already up (splitrelay lab down --name {name})")
         raise LabError("could not find a free lab prefix")
 
     @classmethod
@@ -349,10 +340,7 @@ class Lab:
         return asdict(self)
 
     def save(self) -> None:
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = STATE_DIR / f".{self.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        tmp.replace(STATE_DIR / f"{self.name}.json")
+        state.write(self.name, self.to_json())
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Lab:
@@ -374,20 +362,11 @@ class Lab:
 
     @classmethod
     def load(cls, name: str) -> Lab:
-        path = STATE_DIR / f"{name}.json"
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LabError(f"no lab named {name!r} is up") from None
-        except json.JSONDecodeError as exc:
-            raise LabError(f"lab state {path} is unreadable: {exc}") from None
-        return cls.from_json(data)
+        return cls.from_json(state.read(name))
 
     @staticmethod
     def names() -> list[str]:
-        if not STATE_DIR.exists():
-            return []
-        return sorted(p.stem for p in STATE_DIR.glob("*.json"))
+        return state.names()
 
     # -- teardown ------------------------------------------------------------------------
 
@@ -427,7 +406,7 @@ class Lab:
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     errors.append(f"{ns}: {exc}")
-        (STATE_DIR / f"{self.name}.json").unlink(missing_ok=True)
+        state.record(self.name).unlink(missing_ok=True)
         for what in SECRETS:
             self.secret_file(what).unlink(missing_ok=True)
         for link in self.impaired:
