@@ -18,6 +18,7 @@ API (everything else in this module is the forwarder's own business)::
         (``overflow``).  ``directions``: "both", "ab" (A to B only) or "ba".
         ``seed`` makes the loss and jitter draws repeatable.
     Lab.create(..., impair=Impairment(...))         # the client's link (A = client, B = relay)
+    start_forwarder(lab, link, Impairment(...))    # what Lab.create runs for each impaired link
     start_lab(..., impair=Impairment(...)) / `splitrelay lab up --delay-ms --jitter-ms --loss`
     set_impairment(lab, link, Impairment(...))     # change it while the lab runs (SIGHUP)
     read_stats(lab, link) -> {"ab": {...}, "ba": {...}}   # received, forwarded, lost, overflow, queued, peak
@@ -114,7 +115,7 @@ def argv(config: Path, stats: Path, lifetime: float | None = None) -> list[str]:
     return args + (["--lifetime", str(lifetime)] if lifetime else [])
 
 
-def start(lab, link: str, impairment: Impairment) -> None:  # noqa: ANN001 - a lab.topology.Lab
+def start_forwarder(lab, link: str, impairment: Impairment) -> None:  # noqa: ANN001 - a lab.topology.Lab
     """The forwarder of an impaired link, running once its stats file appears."""
     config, stats = config_path(lab, link), stats_path(lab, link)
     config.write_text(json.dumps(impairment.to_json()))

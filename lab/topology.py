@@ -112,7 +112,7 @@ from pyroute2 import netns as pnetns
 from splitrelay.lab import addresses, impair, procs, router as routing, state
 from splitrelay.lab.build import build
 from splitrelay.lab.host import Host, Relay, Transceiver
-from splitrelay.lab.impair import Impairment
+from splitrelay.lab.impair import Impairment, start_forwarder
 from splitrelay.lab.router import ROUTED_NEEDS_TRANSLATE, Router
 from splitrelay.lab.state import STATE_DIR
 from splitrelay.lab import links
@@ -193,7 +193,7 @@ class Lab:
         try:
             build(lab)
             for link, impairment in impaired.items():
-                impair.start(lab, link, impairment)
+                start_forwarder(lab, link, impairment)
         except BaseException as exc:
             lab.destroy()
             if isinstance(exc, Exception) and not isinstance(exc, LabError):
