@@ -95,8 +95,35 @@ class _Sampler:
         return sessions.busy_pct(ends[0][2], ends[1][2]) if ends else {}
 
 
+@dataclass
+class CapacityStep:
+    """One step of the ramp: ``sessions`` echo sessions at once, the probe's JSON reports summed over them."""
+
+    sessions: int
+    connected: int                           # sessions whose DTLS connected
+    ok: int
+    audio_loss: float | None                 # 1 - echoed / sent carrier frames, over every session
+    worst_session_audio_loss: float | None
+    frames_sent: int
+    frames_echoed: int
+    beeps_sent: int
+    beeps_echoed: int
+    audio_rtt_ms: dict[str, Any]             # summary() of every echoed beep's round trip
+    rtp_packets_sent: int | None
+    rtp_lost_uplink: int | None
+    rtp_lost_downlink: int | None
+    udp_rcvbuf_drops: dict[str, int]         # transceiver_netns, client_netns: socket buffer overflows
+    dtls_connected_ms: dict[str, Any]        # summary() of offer sent -> DTLS connected
+    window_s: float                          # the span in which every session talked (CPU is measured over it)
+    transceiver_cpu_pct: float | None
+    probe_cpu_pct: float | None
+    cpu_busy_pct: dict[str, float]           # cpu0, cpu1, ...: each CPU's busy share over the window
+    errors: list[str]
+    other_cpu_pct: dict[str, float | None] = field(default_factory=dict)   # _contention()
+
+
 def _step(lab: Lab, t: Transceiver, url: str, n: int, duration: float, transceiver_pid: int,
-          probe_cpus: set[int] | None) -> dict[str, Any]:
+          probe_cpus: set[int] | None) -> CapacityStep:
     drops = {"transceiver_netns": sessions.rcvbuf_errors(t.netns),
              "client_netns": sessions.rcvbuf_errors(lab.client.netns)}
     probe = sessions.Probe(lab, [url, "--sessions", str(n), "--duration", str(duration), "--carrier",
@@ -129,29 +156,29 @@ def _step(lab: Lab, t: Transceiver, url: str, n: int, duration: float, transceiv
         values = [r[key] for r in reports if r[key] is not None]
         return sum(values) if values else None
 
-    return {
-        "sessions": n,
-        "connected": sum(1 for r in reports if r["dtls_connected_ms"] is not None),
-        "ok": sum(1 for r in reports if r["ok"]),
-        "audio_loss": round(1.0 - echoed / sent, 5) if sent else None,
-        "worst_session_audio_loss": round(max(losses), 5) if losses else None,
-        "frames_sent": sent,
-        "frames_echoed": echoed,
-        "beeps_sent": sum(r["beeps_sent"] for r in reports),
-        "beeps_echoed": sum(sum(r["beep_echoed"]) for r in reports),
-        "audio_rtt_ms": summary(rtts),
-        "rtp_packets_sent": total("packets_sent"),
-        "rtp_lost_uplink": total("packets_lost_uplink"),
-        "rtp_lost_downlink": total("packets_lost_downlink"),
-        "udp_rcvbuf_drops": drops,
-        "dtls_connected_ms": summary([r["dtls_connected_ms"] - r["offer_sent_ms"] for r in reports
-                                      if r["dtls_connected_ms"] is not None and r["offer_sent_ms"] is not None]),
-        "window_s": round(end - start, 2),
-        "transceiver_cpu_pct": sampler.process_pct("transceiver", start, end),
-        "probe_cpu_pct": sampler.process_pct("probe", start, end),
-        "cpu_busy_pct": sampler.cpu_busy_pct(start, end),
-        "errors": sorted({r["error"] for r in reports if r["error"]}),
-    }
+    return CapacityStep(
+        sessions=n,
+        connected=sum(1 for r in reports if r["dtls_connected_ms"] is not None),
+        ok=sum(1 for r in reports if r["ok"]),
+        audio_loss=round(1.0 - echoed / sent, 5) if sent else None,
+        worst_session_audio_loss=round(max(losses), 5) if losses else None,
+        frames_sent=sent,
+        frames_echoed=echoed,
+        beeps_sent=sum(r["beeps_sent"] for r in reports),
+        beeps_echoed=sum(sum(r["beep_echoed"]) for r in reports),
+        audio_rtt_ms=summary(rtts),
+        rtp_packets_sent=total("packets_sent"),
+        rtp_lost_uplink=total("packets_lost_uplink"),
+        rtp_lost_downlink=total("packets_lost_downlink"),
+        udp_rcvbuf_drops=drops,
+        dtls_connected_ms=summary([r["dtls_connected_ms"] - r["offer_sent_ms"] for r in reports
+                                   if r["dtls_connected_ms"] is not None and r["offer_sent_ms"] is not None]),
+        window_s=round(end - start, 2),
+        transceiver_cpu_pct=sampler.process_pct("transceiver", start, end),
+        probe_cpu_pct=sampler.process_pct("probe", start, end),
+        cpu_busy_pct=sampler.cpu_busy_pct(start, end),
+        errors=sorted({r["error"] for r in reports if r["error"]}),
+    )
 
 
 def _fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
@@ -167,24 +194,24 @@ def _fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     return slope, my - slope * mx
 
 
-def _contention(step: dict[str, Any], cpu: int | None, probe_cpus: set[int] | None) -> dict[str, float | None]:
+def _contention(step: CapacityStep, cpu: int | None, probe_cpus: set[int] | None) -> dict[str, float | None]:
     """Busy share of the transceiver's core beyond the transceiver, and of the probe's cores beyond the probe."""
-    busy = step["cpu_busy_pct"]
+    busy = step.cpu_busy_pct
     out: dict[str, float | None] = {"transceiver_core": None, "probe_cores": None}
-    if cpu is not None and f"cpu{cpu}" in busy and step["transceiver_cpu_pct"] is not None:
-        out["transceiver_core"] = round(busy[f"cpu{cpu}"] - step["transceiver_cpu_pct"], 1)
-    if probe_cpus and all(f"cpu{c}" in busy for c in probe_cpus) and step["probe_cpu_pct"] is not None:
-        out["probe_cores"] = round(sum(busy[f"cpu{c}"] for c in probe_cpus) - step["probe_cpu_pct"], 1)
+    if cpu is not None and f"cpu{cpu}" in busy and step.transceiver_cpu_pct is not None:
+        out["transceiver_core"] = round(busy[f"cpu{cpu}"] - step.transceiver_cpu_pct, 1)
+    if probe_cpus and all(f"cpu{c}" in busy for c in probe_cpus) and step.probe_cpu_pct is not None:
+        out["probe_cores"] = round(sum(busy[f"cpu{c}"] for c in probe_cpus) - step.probe_cpu_pct, 1)
     return out
 
 
-def _limited_by(step: dict[str, Any], cpu: int | None,
+def _limited_by(step: CapacityStep, cpu: int | None,
                 probe_cpus: set[int] | None) -> tuple[str | None, str]:
     """Who limited the first step above the loss threshold, and why (one line)."""
-    probe_pct, trx_pct = step["probe_cpu_pct"] or 0.0, step["transceiver_cpu_pct"] or 0.0
-    drops = step["udp_rcvbuf_drops"]
+    probe_pct, trx_pct = step.probe_cpu_pct or 0.0, step.transceiver_cpu_pct or 0.0
+    drops = step.udp_rcvbuf_drops
     other = _contention(step, cpu, probe_cpus)
-    at = (f"at {step['sessions']} sessions (loss {step['audio_loss']:.2%}; transceiver {trx_pct}% of its core, "
+    at = (f"at {step.sessions} sessions (loss {step.audio_loss:.2%}; transceiver {trx_pct}% of its core, "
           f"probe {probe_pct}%, other work on the transceiver's core {other['transceiver_core']}%, "
           f"socket drops {drops})")
     if probe_pct >= SATURATED_PCT and trx_pct >= SATURATED_PCT:
@@ -206,11 +233,7 @@ def _limited_by(step: dict[str, Any], cpu: int | None,
 
 @dataclass(frozen=True)
 class Capacity:
-    """Echo sessions one transceiver core carried at <= ``loss_threshold`` audio loss, step by step.
-
-    A step (``steps``) stays the dict ``_step`` builds from the probe's JSON reports: its keys are
-    the report's, summed over the step's sessions.
-    """
+    """Echo sessions one transceiver core carried at <= ``loss_threshold`` audio loss, step by step."""
 
     cpu: int | None                      # the transceiver's CPU (None: nothing pinned)
     probe_cpus: list[int] | None
@@ -218,7 +241,7 @@ class Capacity:
     loss_threshold: float
     transceiver: dict[str, Any]          # netns, backend_id, backend, whip_url
     host: dict[str, Any]
-    steps: list[dict[str, Any]]
+    steps: list[CapacityStep]
     capacity: int
     capacity_reached: bool               # a step went above the threshold (else capacity is a lower bound)
     limited_by: str | None               # "client", "transceiver" or None, at the first step above it
@@ -245,15 +268,8 @@ def measure_capacity(lab_name: str, steps: list[int], duration: float = 10.0, cp
                      loss_threshold: float = 0.01, transceiver: int = 1,
                      backend_port: int = CAPACITY_BACKEND_PORT, whip_port: int = CAPACITY_WHIP_PORT,
                      progress: Callable[[str], None] | None = None) -> Capacity:
-    """Concurrent echo sessions through the relay that one transceiver core carries with audio loss <= 1%.
-
-    Each of ``Capacity.steps`` is ``{"sessions", "connected", "ok", "audio_loss",
-    "worst_session_audio_loss", "frames_sent", "frames_echoed", "beeps_sent", "beeps_echoed",
-    "audio_rtt_ms": S, "rtp_packets_sent", "rtp_lost_uplink",
-    "rtp_lost_downlink", "udp_rcvbuf_drops": {"transceiver_netns", "client_netns"}, "dtls_connected_ms": S,
-    "window_s", "transceiver_cpu_pct", "probe_cpu_pct", "cpu_busy_pct": {"cpu0", ...},
-    "other_cpu_pct": {"transceiver_core", "probe_cores"}, "errors"}`` and S is ``summary()``'s dict.
-    """
+    """Concurrent echo sessions through the relay that one transceiver core carries with audio loss <= 1%,
+    one ``CapacityStep`` per session count of ``steps``."""
     if not steps or any(n < 1 for n in steps):
         raise SessionBenchError(f"steps must be a non-empty list of positive session counts, got {steps}")
     if duration <= 0:
@@ -272,7 +288,7 @@ def measure_capacity(lab_name: str, steps: list[int], duration: float = 10.0, cp
     proc, log = sessions.start_transceiver(lab, t, "capacity", backend_id, backend_port, whip_port, relay=True,
                                            cpu=cpu)
     url = sessions.whip_url(t.signal_ip4, whip_port)
-    results: list[dict[str, Any]] = []
+    results: list[CapacityStep] = []
     try:
         for n in steps:
             say(f"capacity: {n} sessions for {duration:g} s")
@@ -280,11 +296,11 @@ def measure_capacity(lab_name: str, steps: list[int], duration: float = 10.0, cp
                 step = _step(lab, t, url, n, duration, proc.pid, probe_cpus)
             except SessionBenchError as exc:
                 raise SessionBenchError(f"step {n}: {exc} (transceiver: {sessions.log_tail(log)})") from None
-            step["other_cpu_pct"] = _contention(step, cpu, probe_cpus)
+            step.other_cpu_pct = _contention(step, cpu, probe_cpus)
             results.append(step)
             if proc.poll() is not None:
                 raise SessionBenchError(f"the transceiver exited at step {n}: {sessions.log_tail(log)}")
-            if step["audio_loss"] is None or step["audio_loss"] > loss_threshold:
+            if step.audio_loss is None or step.audio_loss > loss_threshold:
                 break
     finally:
         sessions.stop(lab, proc)
@@ -294,9 +310,9 @@ def measure_capacity(lab_name: str, steps: list[int], duration: float = 10.0, cp
         except Exception:  # noqa: BLE001 - the agent may be gone; nothing else to undo
             pass
 
-    passed = [s for s in results if s["audio_loss"] is not None and s["audio_loss"] <= loss_threshold]
+    passed = [s for s in results if s.audio_loss is not None and s.audio_loss <= loss_threshold]
     failed = [s for s in results if s not in passed]
-    capacity = max((s["sessions"] for s in passed), default=0)
+    capacity = max((s.sessions for s in passed), default=0)
     limited_by = None
     notes = []
     if failed:
@@ -304,15 +320,15 @@ def measure_capacity(lab_name: str, steps: list[int], duration: float = 10.0, cp
         notes.append(why)
     else:
         notes.append(f"no step exceeded {loss_threshold:.0%} loss: capacity is at least {capacity}")
-    saturated = [s["sessions"] for s in passed if (s["probe_cpu_pct"] or 0.0) >= SATURATED_PCT]
+    saturated = [s.sessions for s in passed if (s.probe_cpu_pct or 0.0) >= SATURATED_PCT]
     if saturated:
         notes.append(f"the probe was at >= {SATURATED_PCT:.0f}% of a core at steps {saturated}")
-    contended = [s["sessions"] for s in results
-                 if (s["other_cpu_pct"]["transceiver_core"] or 0.0) >= CONTENDED_PCT]
+    contended = [s.sessions for s in results
+                 if (s.other_cpu_pct["transceiver_core"] or 0.0) >= CONTENDED_PCT]
     if contended:
         notes.append(f"the transceiver's core had >= {CONTENDED_PCT:.0f}% of other work at steps {contended} "
                      "(kernel networking, other processes on this machine)")
-    fit = _fit([(s["sessions"], s["transceiver_cpu_pct"]) for s in passed if s["transceiver_cpu_pct"] is not None])
+    fit = _fit([(s.sessions, s.transceiver_cpu_pct) for s in passed if s.transceiver_cpu_pct is not None])
     per_session = round(fit[0], 2) if fit and fit[0] > 0 else None
     cpu_bound = round((100.0 - fit[1]) / fit[0], 1) if fit and fit[0] > 0 else None
     if cpu is None:

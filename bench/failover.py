@@ -77,8 +77,7 @@ def _carrier(lab, client: str, run: Run, fault_at: float) -> None:  # noqa: ANN0
 
 def _fault(lab, scenario: str, at: list[float]):  # noqa: ANN001, ANN202
     """The fault of ``scenario``; appends the moment it starts (monotonic) to ``at``."""
-    from splitrelay.lab.faults import kill_relay
-    from splitrelay.lab.floating import relay_dies_and_its_address_floats
+    from splitrelay.lab.faults import kill_relay, relay_dies_and_its_address_floats
 
     def fault() -> None:
         at.append(time.monotonic())
@@ -91,7 +90,7 @@ def _fault(lab, scenario: str, at: list[float]):  # noqa: ANN001, ANN202
 
 
 def chromium_run(lab, browser, whip_url: str, scenario: str, phase: random.Random) -> Run:  # noqa: ANN001
-    from splitrelay.lab.floating import heal
+    from splitrelay.lab.faults import heal
 
     from splitrelay.lab.stack import whip_token
 
@@ -124,7 +123,7 @@ def chromium_run(lab, browser, whip_url: str, scenario: str, phase: random.Rando
 
 
 def aiortc_run(lab, whip_url: str, scenario: str, phase: random.Random) -> Run:  # noqa: ANN001
-    from splitrelay.lab.floating import heal
+    from splitrelay.lab.faults import heal
 
     run = Run(scenario, "aiortc", None, None, None, None, dropped=False)
     try:

@@ -30,7 +30,8 @@ from splitrelay.bench.system import (
     xdp_prog_id,
 )
 from splitrelay.bench.system import pinned as pin_process
-from splitrelay.lab.topology import Lab, set_sysctls
+from splitrelay.lab.links import set_sysctls
+from splitrelay.lab.topology import Lab
 from splitrelay.lab.netns import in_netns, nsenter_argv
 
 SINK_PORT = 5000          # the transceiver's mux port: where the relay sends flows

@@ -36,7 +36,8 @@ from collections.abc import Iterator
 from splitrelay.bench.forwarding import _prog_ids, _prog_stats
 from splitrelay.bench.system import bpf_run_time_stats, machine, process_cpu_s
 from splitrelay.lab.stack import TCP_PORT, admin_get, control, start_lab, stop_lab
-from splitrelay.lab.topology import BACKEND_PORT, Lab
+from splitrelay.lab.host import BACKEND_PORT
+from splitrelay.lab.topology import Lab
 from splitrelay.wire.stun import build_binding_request
 
 UFRAG = "benchtcpufrag"

@@ -52,12 +52,13 @@ class LoadgenError(SplitrelayError, RuntimeError):
 def udpgen_path(bench_dir: Path | None = None) -> Path:
     """The udpgen binary, built first when it is missing or older than its source or Makefile.
 
-    Building on demand keeps a fresh clone (or an edited udpgen.c) from silently
+    Building on demand keeps a fresh clone (or an edited udpgen*.c/h) from silently
     benchmarking a stale binary.  ``bench_dir`` is for tests; it defaults to this package.
     """
     here = Path(bench_dir) if bench_dir is not None else BENCH_DIR
     binary, source, makefile = here / "udpgen", here / "udpgen.c", here / "Makefile"
-    inputs = [p.stat().st_mtime for p in (source, makefile) if p.exists()]
+    sources = [*here.glob("udpgen*.[ch]"), makefile]   # udpgen.c (its command line) and its parts
+    inputs = [p.stat().st_mtime for p in sources if p.exists()]
     if binary.exists() and (not inputs or binary.stat().st_mtime >= max(inputs)):
         return binary
     if not source.exists():

@@ -44,10 +44,10 @@ def fault_kill(name: str | None, relay: int, as_json: bool) -> None:
 
     Clients see their consent checks go unanswered; its agent stays up but is cut off."""
     require_root("a lab fault")
-    from splitrelay.lab.faults import kill_relay
+    from splitrelay.lab.faults import RelayDies
 
     lab = _lab(name)
-    kill_relay(lab, relay)
+    RelayDies(lab, relay).apply()
     emit({"lab": lab.name, "killed": relay}, as_json,
          lambda d: click.echo(f"lab {d['lab']}: relay {relay} silenced (heal with: splitrelay lab fault heal "
                               f"--name {d['lab']})"))
@@ -73,10 +73,10 @@ def fault_float(name: str | None, relay: int, standby: int, gateway: bool, as_js
     address and pair and see no change; the standby learns each flow from the
     client's next consent check.  One address floats at a time."""
     require_root("a lab fault")
-    from splitrelay.lab.floating import float_address
+    from splitrelay.lab.faults import AddressFloats
 
     lab = _lab(name)
-    move = float_address(lab, relay, standby, gateway)
+    move = AddressFloats(lab, relay, standby, gateway).apply()
     emit({"lab": lab.name, "floated": move.to_dict()}, as_json,
          lambda d: click.echo(f"lab {d['lab']}: relay {relay}'s {move.public[0]} and {move.public[1]} now reach "
                               f"relay {standby}" + (f" (with the gateway {move.internal[0]})" if gateway else "")))
@@ -86,12 +86,12 @@ def fault_float(name: str | None, relay: int, standby: int, gateway: bool, as_js
 @name_option
 @json_option
 def fault_heal(name: str | None, as_json: bool) -> None:
-    """Every relay forwarding again and a floated address back home; idempotent."""
+    """Undo every fault applied: every relay forwarding again and a floated address back home; idempotent."""
     require_root("a lab fault")
-    from splitrelay.lab.floating import heal
+    from splitrelay.lab.faults import AddressFloats, heal
 
     lab = _lab(name)
-    move = heal(lab)
+    move = next((f.move for f in heal(lab) if isinstance(f, AddressFloats)), None)
     emit({"lab": lab.name, "revived": [r.index for r in lab.relays], "returned": move and move.to_dict()}, as_json,
          lambda d: click.echo(f"lab {d['lab']}: every relay forwarding"
                               + (f", relay {move.relay}'s address home" if move else "")))

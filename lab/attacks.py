@@ -28,7 +28,8 @@ from ipaddress import ip_address
 from splitrelay.bpf import consts
 from splitrelay.lab import stack
 from splitrelay.lab.netns import LabError, in_netns, netns_socket
-from splitrelay.lab.topology import BACKEND_PORT, Lab
+from splitrelay.lab.host import BACKEND_PORT
+from splitrelay.lab.topology import Lab
 from splitrelay.wire import hint, stun
 from splitrelay.wire.udp import ipv4_udp
 

@@ -24,9 +24,10 @@ from the standby's own internal address instead and the transceiver latches onto
 same.  While the gateway is away its relay's control API (which listens on it) is out of
 reach, as a dead relay's is; ``return_address`` brings both back.
 
-``float_address`` and ``return_address`` are the fault and its repair; the record of a
-move lives next to the lab's state (``<name>-floating.state``: not ``.json``, which names
-labs), so ``splitrelay lab fault`` from another process can undo it.  Timings:
+``float_address`` and ``return_address`` are the fault and its repair (lab/faults.py's
+``AddressFloats``); the record of a move lives next to the lab's state
+(``<name>-floating.state``: not ``.json``, which names labs), so ``splitrelay lab fault``
+from another process can undo it.  Timings:
 tests/test_floating.py and bench/failover.py.
 """
 
@@ -38,7 +39,6 @@ import struct
 from dataclasses import asdict, dataclass
 from ipaddress import ip_address
 
-from splitrelay.lab.faults import kill_relay, revive_relay
 from splitrelay.lab.links import IFA_F_NODAD, index, netlink
 from splitrelay.lab.netns import LabError, in_netns
 from splitrelay.lab.topology import STATE_DIR, Host, Lab
@@ -182,18 +182,3 @@ def announce(netns: str, ifname: str, mac: str, ip4: str, ip6: str) -> None:
                              ip_address(ip6).packed, ND_OPT_TARGET_LL_ADDR, 1, hw)
             icmp.sendto(na, (ALL_NODES, 0, 0, socket.if_nametoindex(ifname)))
     in_netns(netns, send)
-
-
-def relay_dies_and_its_address_floats(lab: Lab, relay: int = 1, standby: int = 2,
-                                      gateway: bool = True) -> FloatedAddress:
-    """Scenario 3b as it happens: relay ``relay`` goes silent (lab/faults.py) and its address moves
-    to ``standby`` in the same instant (failure detection, e.g. VRRP's ~1-3 s, is not counted)."""
-    kill_relay(lab, relay)
-    return float_address(lab, relay, standby, gateway)
-
-
-def heal(lab: Lab) -> FloatedAddress | None:
-    """Every relay forwarding again, then the floated address home (announced where it is heard)."""
-    for r in lab.relays:
-        revive_relay(lab, r.index)
-    return return_address(lab)

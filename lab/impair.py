@@ -18,6 +18,7 @@ API (everything else in this module is the forwarder's own business)::
         (``overflow``).  ``directions``: "both", "ab" (A to B only) or "ba".
         ``seed`` makes the loss and jitter draws repeatable.
     Lab.create(..., impair=Impairment(...))         # the client's link (A = client, B = relay)
+    start_forwarder(lab, link, Impairment(...))    # what Lab.create runs for each impaired link
     start_lab(..., impair=Impairment(...)) / `splitrelay lab up --delay-ms --jitter-ms --loss`
     set_impairment(lab, link, Impairment(...))     # change it while the lab runs (SIGHUP)
     read_stats(lab, link) -> {"ab": {...}, "ba": {...}}   # received, forwarded, lost, overflow, queued, peak
@@ -48,10 +49,14 @@ import selectors
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from splitrelay.lab.netns import LabError
+from splitrelay.lab.state import STATE_DIR
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -74,8 +79,6 @@ class Impairment:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        from splitrelay.lab.netns import LabError
-
         if self.delay_ms < 0 or self.jitter_ms < 0:
             raise LabError(f"delay and jitter must be >= 0 ms, got {self.delay_ms} and {self.jitter_ms}")
         if not 0.0 <= self.loss <= 1.0:
@@ -99,8 +102,6 @@ class Impairment:
 # -- driving it from the lab --------------------------------------------------------------
 
 def config_path(lab, link: str) -> Path:  # noqa: ANN001 - a lab.topology.Lab
-    from splitrelay.lab.topology import STATE_DIR
-
     return STATE_DIR / f"{lab.name}-{link}.impair"
 
 
@@ -114,10 +115,24 @@ def argv(config: Path, stats: Path, lifetime: float | None = None) -> list[str]:
     return args + (["--lifetime", str(lifetime)] if lifetime else [])
 
 
+def start_forwarder(lab, link: str, impairment: Impairment) -> None:  # noqa: ANN001 - a lab.topology.Lab
+    """The forwarder of an impaired link, running once its stats file appears."""
+    config, stats = config_path(lab, link), stats_path(lab, link)
+    config.write_text(json.dumps(impairment.to_json()))
+    proc = lab.popen(lab.impaired[link]["netns"], argv(config, stats),
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lab.impaired[link]["pid"] = proc.pid
+    lab.save()
+    deadline = time.monotonic() + 10.0
+    while not stats.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            why = proc.stderr.read().strip() if proc.poll() is not None else "no stats after 10 s"
+            raise LabError(f"impairment forwarder of link {link} did not start: {why}")
+        time.sleep(0.02)
+
+
 def set_impairment(lab, link: str, impairment: Impairment) -> None:  # noqa: ANN001
     """Change a running link's impairment; it applies to frames that arrive from now on."""
-    from splitrelay.lab.netns import LabError
-
     entry = lab.impaired.get(link)
     if entry is None:
         links = ", ".join(lab.impaired) or "none"
@@ -145,8 +160,6 @@ def _stats(lab, link: str) -> dict:  # noqa: ANN001
 def read_stats(lab, link: str) -> dict[str, dict[str, int]]:  # noqa: ANN001
     """Per direction ("ab", "ba"), UDP frames: received, forwarded, lost, overflow (queue full), queued now,
     peak (the most queued since the impairment was last set)."""
-    from splitrelay.lab.netns import LabError
-
     stats = _stats(lab, link)
     if "directions" not in stats:
         raise LabError(f"no stats for impaired link {link!r} of lab {lab.name}")

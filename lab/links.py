@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from pyroute2 import IPRoute
 
+from splitrelay.lab.host import Host
 from splitrelay.lab.netns import LabError, in_netns
-
-if TYPE_CHECKING:
-    from splitrelay.lab.topology import Host
 
 IFA_F_NODAD = 0x02
 T = TypeVar("T")

@@ -23,16 +23,13 @@ the relays still forward nothing in theirs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute
 
 from splitrelay.lab import links
 from splitrelay.lab.addresses import AddressPlan
+from splitrelay.lab.host import Host
 from splitrelay.lab.netns import AF_INET6
-
-if TYPE_CHECKING:
-    from splitrelay.lab.topology import Host   # topology imports this module: Host is imported late below
 
 ROUTED_NEEDS_TRANSLATE = ("--routed needs --translate: with DNAT alone the transceivers behind the router "
                           "would need a route back to the client")
@@ -68,8 +65,6 @@ class Router:
 
 
 def plan(prefix: str, addresses: AddressPlan) -> Router:
-    from splitrelay.lab.topology import Host
-
     ns = f"{prefix}-rtr"
     return Router(Host(ns, "int0", *addresses.host("internal", ON_INTERNAL)),
                   Host(ns, "tr0", *addresses.host("transceivers", ON_TRANSCEIVERS)))
@@ -77,8 +72,6 @@ def plan(prefix: str, addresses: AddressPlan) -> Router:
 
 def from_json(data: dict) -> Router:
     """The router of a lab's state file (Lab.to_json's asdict)."""
-    from splitrelay.lab.topology import Host
-
     return Router(Host(**data["internal"]), Host(**data["transceivers"]))
 
 

@@ -21,7 +21,8 @@ from splitrelay.edge.xdp_loader import unpin
 from splitrelay.lab import impair, udp_block
 from splitrelay.lab.floating import floated
 from splitrelay.lab.impair import Impairment
-from splitrelay.lab.topology import BACKEND_PORT, SECRETS, STATE_DIR, Lab
+from splitrelay.lab.host import BACKEND_PORT
+from splitrelay.lab.topology import SECRETS, STATE_DIR, Lab
 from splitrelay.lab.netns import LabError, in_netns
 from splitrelay import tokens
 

@@ -1,7 +1,7 @@
 """A relay network on one machine: client, relay and transceiver hosts as network namespaces.
 
-(Over 400 lines on purpose: this docstring is the topology's one description, and the Lab
-dataclass's build, process and teardown steps share its state; netlink steps are lab/links.py.)
+(This docstring is the topology's one description.  The lab's hosts are lab/host.py, building
+it in the kernel is lab/build.py, netlink steps inside a namespace are lab/links.py.)
 
 One module serves the tests, ``splitrelay lab`` and the demo, so all three
 exercise the same topology (``P`` is the lab's random prefix, e.g. ``sr3fa9c1``)::
@@ -93,7 +93,6 @@ in_netns_async(ns, fn)``); ``netns_socket(ns, ...)`` makes one socket there.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
@@ -102,83 +101,36 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute, netns as pnetns
+from pyroute2 import netns as pnetns
 
-from splitrelay.lab import addresses, impair, procs, router as routing
-from splitrelay.lab.impair import Impairment
+from splitrelay.lab import addresses, impair, procs, router as routing, state
+from splitrelay.lab.build import build
+from splitrelay.lab.host import Host, Relay, Transceiver
+from splitrelay.lab.impair import Impairment, start_forwarder
 from splitrelay.lab.router import ROUTED_NEEDS_TRANSLATE, Router
+from splitrelay.lab.state import STATE_DIR
 from splitrelay.lab import links
-from splitrelay.lab.links import set_sysctls
-from splitrelay.lab.netns import (AF_INET, AF_INET6, NETNS_DIR, LabError, in_netns, list_namespaces, netns_path,
-                                  netns_socket, nsenter_argv)
+from splitrelay.lab.netns import (AF_INET, NETNS_DIR, LabError, in_netns, list_namespaces, netns_socket,
+                                  nsenter_argv)
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = Path(os.environ.get("SPLITRELAY_LAB_DIR", "/run/splitrelay/labs"))
 DEFAULT_STEM = "sr"
 STEM_ENV = "SPLITRELAY_LAB_STEM"
 # per lab, made by lab/stack.py: signs offer tokens, opens admin listeners, the agents' master control token
 SECRETS = ("whip.key", "admin.token", "control.key")
-BACKEND_TABLE = 100
-BACKEND_PORT = 5000     # every transceiver's one UDP socket (lab/stack.py starts them on it)
 MAX_TRANSCEIVERS = 50
-
-IFF_LOWER_UP = 1 << 16
 
 T = TypeVar("T")
 
 
 # -- the lab ---------------------------------------------------------------------------------
-
-@dataclass
-class Host:
-    netns: str
-    ifname: str
-    ip4: str
-    ip6: str
-    mac: str = ""
-
-
-@dataclass
-class Transceiver(Host):
-    index: int = 0
-    backend_id: int = 0
-    signal_ip4: str = ""
-    signal_ip6: str = ""
-    signal_ifname: str = "sig0"
-    signal_mac: str = ""
-
-
-@dataclass
-class Relay:
-    """One relay host: its public side, its internal side, and the client's end of its public link."""
-
-    index: int
-    public: Host
-    internal: Host
-    client: Host
-
-    @property
-    def netns(self) -> str:
-        return self.public.netns
-
-    @property
-    def switch_port(self) -> str:
-        """Its internal veth's end in the switch namespace (on the bridge br0)."""
-        return "rint" if self.index == 1 else f"r{self.index}int"
-
-    @property
-    def link(self) -> str:
-        """The name of the client's link to it, as impairments name it."""
-        return f"relay{self.index}"
-
 
 @dataclass
 class Lab:
@@ -239,9 +191,9 @@ class Lab:
         lab = cls._claim(stem, name, transceivers, relay_port, relays, impaired, routed)
         lab.translate = translate
         try:
-            lab._build()
+            build(lab)
             for link, impairment in impaired.items():
-                lab._start_impairment(link, impairment)
+                start_forwarder(lab, link, impairment)
         except BaseException as exc:
             lab.destroy()
             if isinstance(exc, Exception) and not isinstance(exc, LabError):
@@ -254,7 +206,6 @@ class Lab:
     def _claim(cls, stem: str, name: str | None, transceivers: int, relay_port: int, relays: int,
                impaired: dict[str, Impairment], routed: bool = False) -> Lab:
         """Pick a free prefix and claim the name with an exclusive state file (runs may overlap)."""
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
         plan = addresses.choose()
         for _ in range(32):
             prefix = stem + secrets.token_hex(3)
@@ -263,16 +214,10 @@ class Lab:
             lab = cls._plan(prefix, name or prefix, transceivers, relay_port, plan, relays, routed)
             lab.impaired = {link: {"netns": f"{prefix}-imp" if link == "relay1" else f"{prefix}-i{link[5:]}",
                                    "pid": 0} for link in impaired}
-            try:
-                fd = os.open(STATE_DIR / f"{lab.name}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                if name is not None:
-                    raise LabError(f"a lab named {name!r} is already up (splitrelay lab down --name {name})") \
-                        from None
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(lab.to_json(), f, indent=2)
-            return lab
+            if state.claim(lab.name, lab.to_json()):
+                return lab
+            if name is not None:
+                raise LabError(f"a lab named {name!r} is already up (splitrelay lab down --name {name})")
         raise LabError("could not find a free lab prefix")
 
     @classmethod
@@ -342,174 +287,6 @@ class Lab:
             ends += [(t.netns, t.ifname), (sw, f"t{t.index}m"), (t.netns, t.signal_ifname), (sw, f"t{t.index}s")]
         return ends + (self.router.veths(sw) if self.router else [])
 
-    def _build(self) -> None:
-        for ns in self.namespaces():
-            try:
-                pnetns.create(ns)
-            except FileExistsError:
-                raise LabError(f"namespace {ns} already exists") from None
-        cli, sw = self.client.netns, self.switch_netns
-        no_ipv6 = {"net/ipv6/conf/all/disable_ipv6": "1", "net/ipv6/conf/default/disable_ipv6": "1"}
-
-        # kernel settings before any interface exists, so per-interface defaults follow them
-        for ns in [sw, *(link["netns"] for link in self.impaired.values())]:
-            set_sysctls(ns, no_ipv6)
-        if self.router:
-            set_sysctls(self.router.netns, routing.FORWARDING)
-        for r in self.relays:
-            set_sysctls(r.netns, {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0",
-                                  "net/ipv6/conf/default/forwarding": "0"})
-
-        def switch_bridges(ipr: IPRoute) -> None:
-            links.up(ipr, "lo")
-            for bridge in ("br0", "sig", *([routing.BRIDGE] if self.router else [])):
-                ipr.link("add", ifname=bridge, kind="bridge", br_forward_delay=0, br_stp_state=0,
-                         br_mcast_snooping=0)  # a plain switch: flood, learn unicast MACs
-
-        links.netlink(sw, switch_bridges)
-        # every veth is created with both ends already in their namespaces
-        for r in self.relays:
-            imp = self.impaired.get(r.link, {}).get("netns")
-            if imp:   # client -- ia [impairment forwarder] ib -- relay: a transparent L2 wire
-                self._veth(cli, r.client.ifname, imp, "ia")
-                self._veth(imp, "ib", r.netns, r.public.ifname)
-                links.netlink(imp, lambda ipr: (links.up(ipr, "ia"), links.up(ipr, "ib")))
-            else:
-                self._veth(cli, r.client.ifname, r.netns, r.public.ifname)
-            self._veth(r.netns, r.internal.ifname, sw, r.switch_port)
-        self._veth(cli, "s0", sw, "scli")
-        for own, (port, _) in routing.SWITCH_PORTS.items() if self.router else ():
-            self._veth(self.router.netns, own, sw, port)
-        for t in self.transceivers:
-            self._veth(t.netns, t.ifname, sw, f"t{t.index}m")
-            self._veth(t.netns, t.signal_ifname, sw, f"t{t.index}s")
-
-        def switch_ports(ipr: IPRoute) -> None:
-            ports = {r.switch_port: "br0" for r in self.relays}
-            ports["scli"] = "sig"
-            media = routing.BRIDGE if self.router else "br0"   # a routed lab's transceivers: behind the router
-            if self.router:
-                ports.update(dict(routing.SWITCH_PORTS.values()))
-            for t in self.transceivers:
-                ports[f"t{t.index}m"] = media
-                ports[f"t{t.index}s"] = "sig"
-            for port, bridge in ports.items():
-                ipr.link("set", index=links.index(ipr, port), master=links.index(ipr, bridge))
-            for dev in (*dict.fromkeys(ports.values()), *ports):
-                links.up(ipr, dev)
-
-        links.netlink(sw, switch_ports)
-        if self.router:
-            routing.configure(self.router)
-        # the transceivers' own network: on-link on their media link
-        int4, int6 = self.networks["transceivers" if self.router else "internal"]
-
-        def client(ipr: IPRoute) -> None:
-            links.up(ipr, "lo")
-            for r in self.relays:   # one link per relay, each on that relay's public network
-                links.addresses(ipr, r.client, 24, 64)
-                r.client.mac = links.mac(ipr, r.client.ifname)
-            links.addresses(ipr, self.signal_host, 24, 64)
-            ipr.route("add", dst="0.0.0.0/0", gateway=self.relay_public.ip4)      # relay 1 is the default
-            ipr.route("add", family=AF_INET6, dst="::/0", gateway=self.relay_public.ip6)
-            self.signal_host.mac = links.mac(ipr, "s0")
-
-        links.netlink(cli, client)
-
-        def relay(ipr: IPRoute, r: Relay) -> None:
-            links.up(ipr, "lo")
-            links.addresses(ipr, r.public, 24, 64)
-            links.addresses(ipr, r.internal, 24, 64)
-            # host firewall: the internal side (control API) is not reachable from the public side
-            for family, own, bits in ((AF_INET, r.internal.ip4, 32), (AF_INET6, r.internal.ip6, 128)):
-                ipr.rule("add", family=family, priority=10, iifname=r.public.ifname, dst=own,
-                         dst_len=bits, action="FR_ACT_PROHIBIT")
-                ipr.rule("add", family=family, priority=20, table=255)   # local, after the firewall rule
-                ipr.rule("del", family=family, priority=0, table=255)
-            r.public.mac = links.mac(ipr, r.public.ifname)
-            r.internal.mac = links.mac(ipr, r.internal.ifname)
-            if self.router:   # the transceivers' network is one hop away
-                routing.route_via(ipr, self.networks["transceivers"], self.router.internal)
-
-        for r in self.relays:
-            links.netlink(r.netns, lambda ipr, r=r: relay(ipr, r))
-        # each relay's public network is reached through that relay (replies leave the way they came)
-        routed_via = [] if self.translate else [(self.public_network(r.index), r.internal) for r in self.relays]
-        if self.router:   # the relays' internal network (their agents, their translated sources): the only route
-            routed_via.append((self.networks["internal"], self.router.transceivers))
-
-        def transceiver(ipr: IPRoute, t: Transceiver) -> None:
-            links.up(ipr, "lo")
-            links.addresses(ipr, t, 24, 64)
-            links.addresses(ipr, Host(t.netns, t.signal_ifname, t.signal_ip4, t.signal_ip6), 24, 64)
-            eth = links.index(ipr, t.ifname)
-            for (pub4, pub6), via in routed_via:
-                ipr.route("add", dst=pub4, gateway=via.ip4)
-                ipr.route("add", family=AF_INET6, dst=pub6, gateway=via.ip6)
-            # a backend address leaves only through a relay (or to the internal net), never otherwise
-            for family, own, bits, net, default in ((AF_INET, t.ip4, 32, int4, "0.0.0.0/0"),
-                                                    (AF_INET6, t.ip6, 128, int6, "::/0")):
-                ipr.rule("add", family=family, priority=BACKEND_TABLE, src=own, src_len=bits,
-                         table=BACKEND_TABLE)
-                ipr.route("add", family=family, dst=net, oif=eth, table=BACKEND_TABLE)
-                for nets, via in routed_via:
-                    v6 = family == AF_INET6
-                    ipr.route("add", family=family, dst=nets[v6], gateway=via.ip6 if v6 else via.ip4,
-                              table=BACKEND_TABLE)
-                ipr.route("add", family=family, dst=default, type="unreachable", table=BACKEND_TABLE)
-            t.mac = links.mac(ipr, t.ifname)
-            t.signal_mac = links.mac(ipr, t.signal_ifname)
-
-        for t in self.transceivers:
-            links.netlink(t.netns, lambda ipr, t=t: transceiver(ipr, t))
-            for family in ("-4", "-6"):   # the backend port too: a socket bound to [::] picks no source
-                procs.run(nsenter_argv(t.netns, ["ip", family, "rule", "add", "priority", str(BACKEND_TABLE),
-                                                 "ipproto", "udp", "sport", str(BACKEND_PORT),
-                                                 "lookup", str(BACKEND_TABLE)]))
-
-        # offloads (ethtool has no netlink equivalent in pyroute2 that we rely on)
-        gro = {(cli, r.client.ifname) for r in self.relays} | {(sw, r.switch_port) for r in self.relays}
-        gro |= {(link["netns"], "ib") for link in self.impaired.values()}
-        for ns, dev in self.veths():
-            argv = ["ethtool", "-K", dev, "tx", "off"]
-            if (ns, dev) in gro:
-                argv += ["gro", "on"]  # frames XDP redirects into pub0/int0 arrive here
-            procs.run(nsenter_argv(ns, argv))
-        self._check_carrier()
-
-    def _start_impairment(self, link: str, impairment: Impairment) -> None:
-        """The forwarder of an impaired link, running once its stats file appears."""
-        config, stats = impair.config_path(self, link), impair.stats_path(self, link)
-        config.write_text(json.dumps(impairment.to_json()))
-        proc = self.popen(self.impaired[link]["netns"], impair.argv(config, stats),
-                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.impaired[link]["pid"] = proc.pid
-        self.save()
-        deadline = time.monotonic() + 10.0
-        while not stats.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                why = proc.stderr.read().strip() if proc.poll() is not None else "no stats after 10 s"
-                raise LabError(f"impairment forwarder of link {link} did not start: {why}")
-            time.sleep(0.02)
-
-    def _veth(self, a_ns: str, a: str, b_ns: str, b: str) -> None:
-        peer_ns = os.open(netns_path(b_ns), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            links.netlink(a_ns, lambda ipr: ipr.link("add", ifname=a, kind="veth",
-                                                peer={"ifname": b, "net_ns_fd": peer_ns}))
-        finally:
-            os.close(peer_ns)
-
-    def _check_carrier(self) -> None:
-        """Every lab veth has carrier (veth raises it synchronously when both ends are up)."""
-        missing = []
-        for ns in dict.fromkeys(ns for ns, _ in self.veths()):
-            up = links.netlink(ns, lambda ipr: {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
-                                           if link["flags"] & IFF_LOWER_UP})
-            missing += [(n, dev) for n, dev in self.veths() if n == ns and dev not in up]
-        if missing:
-            raise LabError(f"no carrier on {missing}")
-
     def mac(self, netns: str, ifname: str) -> str:
         return links.netlink(netns, lambda ipr: links.mac(ipr, ifname))
 
@@ -563,10 +340,7 @@ class Lab:
         return asdict(self)
 
     def save(self) -> None:
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = STATE_DIR / f".{self.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        tmp.replace(STATE_DIR / f"{self.name}.json")
+        state.write(self.name, self.to_json())
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Lab:
@@ -588,20 +362,11 @@ class Lab:
 
     @classmethod
     def load(cls, name: str) -> Lab:
-        path = STATE_DIR / f"{name}.json"
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LabError(f"no lab named {name!r} is up") from None
-        except json.JSONDecodeError as exc:
-            raise LabError(f"lab state {path} is unreadable: {exc}") from None
-        return cls.from_json(data)
+        return cls.from_json(state.read(name))
 
     @staticmethod
     def names() -> list[str]:
-        if not STATE_DIR.exists():
-            return []
-        return sorted(p.stem for p in STATE_DIR.glob("*.json"))
+        return state.names()
 
     # -- teardown ------------------------------------------------------------------------
 
@@ -641,7 +406,7 @@ class Lab:
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     errors.append(f"{ns}: {exc}")
-        (STATE_DIR / f"{self.name}.json").unlink(missing_ok=True)
+        state.record(self.name).unlink(missing_ok=True)
         for what in SECRETS:
             self.secret_file(what).unlink(missing_ok=True)
         for link in self.impaired:

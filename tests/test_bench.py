@@ -11,10 +11,12 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from splitrelay.bench import report, report_markdown
+from splitrelay.bench.capacity import CapacityStep
 from splitrelay.bench.report_file import (HEAD_MARKER, KEEP_MARKER, ReportFileError, replace_section,
                                           section_markers)
 
@@ -113,6 +115,12 @@ def _render(results: Path, markdown: Path) -> subprocess.CompletedProcess:
 def saved_results() -> Path:
     """The figures of the last `make bench`, as the repository keeps them."""
     return Path(__file__).resolve().parents[1] / "docs" / "bench" / "results.json"
+
+
+def test_a_capacity_step_is_written_with_the_keys_the_saved_results_have(saved_results):
+    """Steps are dataclasses, written with asdict: their fields, in order, are the results file's keys."""
+    step = json.loads(saved_results.read_text())["parts"]["sessions"]["capacity"]["steps"][0]
+    assert [f.name for f in fields(CapacityStep)] == list(step)
 
 
 def test_the_report_replaces_the_tables_and_keeps_the_text_below_the_marker(tmp_path, saved_results):

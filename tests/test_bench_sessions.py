@@ -106,17 +106,17 @@ def test_capacity_steps(session_lab):
     assert control(lab, lambda c: c.backends()) == backends   # its backend is unregistered
     assert counters(lab)["IN_FWD_FLOW"] - fwd > 100           # the sessions' media went through XDP
     steps = result.steps
-    assert [s["sessions"] for s in steps] in ([1], [1, 2])   # the ramp stops at the first step above 1%
+    assert [s.sessions for s in steps] in ([1], [1, 2])   # the ramp stops at the first step above 1%
     for step in steps:
-        assert step["connected"] == step["sessions"], step
-        assert 0.0 <= step["audio_loss"] <= 1.0 and 0.0 <= step["worst_session_audio_loss"] <= 1.0
-        assert step["frames_sent"] >= step["sessions"] * 100  # 3 s of 20 ms frames, give or take the start
-        assert 0 <= step["frames_echoed"] <= step["frames_sent"]
-        assert step["window_s"] > 2.0
-        assert step["transceiver_cpu_pct"] > 0 and step["probe_cpu_pct"] > 0
-        assert set(step["cpu_busy_pct"]) == {f"cpu{c}" for c in range(os.cpu_count())}
+        assert step.connected == step.sessions, step
+        assert 0.0 <= step.audio_loss <= 1.0 and 0.0 <= step.worst_session_audio_loss <= 1.0
+        assert step.frames_sent >= step.sessions * 100  # 3 s of 20 ms frames, give or take the start
+        assert 0 <= step.frames_echoed <= step.frames_sent
+        assert step.window_s > 2.0
+        assert step.transceiver_cpu_pct > 0 and step.probe_cpu_pct > 0
+        assert set(step.cpu_busy_pct) == {f"cpu{c}" for c in range(os.cpu_count())}
     assert result.limited_by in (None, "client", "transceiver")
     assert result.capacity in (0, 1, 2)
-    assert result.capacity == max([s["sessions"] for s in steps if s["audio_loss"] <= 0.01], default=0)
+    assert result.capacity == max([s.sessions for s in steps if s.audio_loss <= 0.01], default=0)
     assert result.cpu == 0 and result.sessions_per_core == result.capacity
     assert result.notes and "carrier" in result.method

@@ -21,7 +21,8 @@ import pytest
 from splitrelay.client.browser import Browser, unavailable_reason
 from splitrelay.client.echo_gap import EchoCall
 from splitrelay.client.ice_restart import ice_connection
-from splitrelay.lab.floating import floated, heal, relay_dies_and_its_address_floats
+from splitrelay.lab.faults import heal, relay_dies_and_its_address_floats
+from splitrelay.lab.floating import floated
 from splitrelay.lab.netns import nsenter_argv
 from splitrelay.lab.stack import control, start_lab, stop_lab
 from splitrelay.lab.topology import Lab

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 from splitrelay.edge import neighbours
+from splitrelay.lab import topology
+from splitrelay.lab.build import build
 from splitrelay.lab.topology import STATE_DIR, Lab, destroy
 from splitrelay.lab.netns import LabError, in_netns, in_netns_async, list_namespaces, netns_socket
 from splitrelay.edge.neighbours import NeighbourError
@@ -381,14 +383,13 @@ def test_context_manager_tears_down_on_error():
 
 def test_half_built_lab_leaves_nothing(monkeypatch):
     seen: list[Lab] = []
-    original = Lab._build
 
-    def build_then_fail(self):
-        seen.append(self)
-        original(self)
+    def build_then_fail(lab: Lab) -> None:
+        seen.append(lab)
+        build(lab)
         raise OSError("simulated failure after the build")
 
-    monkeypatch.setattr(Lab, "_build", build_then_fail)
+    monkeypatch.setattr(topology, "build", build_then_fail)
     with pytest.raises(LabError, match="simulated failure"):
         Lab.create(transceivers=1)
     [half] = seen

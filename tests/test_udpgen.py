@@ -236,7 +236,8 @@ def test_help_explains_every_mode_and_option():
     done = udpgen("--help")
     assert done.returncode == 0
     source = (loadgen.BENCH_DIR / "udpgen.c").read_text()
-    table = source[source.index("OPTS[O_NUM]"):source.index("struct cfg {")]
+    table = source[source.index("OPTS[O_NUM]"):]
+    table = table[:table.index("\n};")]
     options = re.findall(r'\] = \{ "([a-z-]+)"', table)
     assert len(options) > 20
     for option in options:
@@ -273,13 +274,15 @@ def test_build_needs_make_and_gcc(tmp_path, monkeypatch):
 
 
 def test_stale_binary_is_rebuilt(tmp_path):
-    for name in ("udpgen.c", "Makefile"):
-        (tmp_path / name).write_bytes((loadgen.BENCH_DIR / name).read_bytes())
+    for source in (*loadgen.BENCH_DIR.glob("udpgen*.[ch]"), loadgen.BENCH_DIR / "Makefile"):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
     built = loadgen.udpgen_path(tmp_path)
     first = built.stat().st_mtime_ns
     assert loadgen.udpgen_path(tmp_path).stat().st_mtime_ns == first        # fresh: not rebuilt
-    os.utime(tmp_path / "udpgen.c", ns=(first + 10**9, first + 10**9))      # source edited after the build
-    assert loadgen.udpgen_path(tmp_path).stat().st_mtime_ns > first
+    for part in ("udpgen_send.c", "udpgen.h", "udpgen.c"):                   # any part edited after the build
+        os.utime(tmp_path / part, ns=(first + 10**9, first + 10**9))
+        assert loadgen.udpgen_path(tmp_path).stat().st_mtime_ns > first, part
+        first = built.stat().st_mtime_ns
 
 
 def test_wait_ready_reports_a_process_that_dies(net, tmp_path, procs):
