@@ -14,7 +14,9 @@ from splitrelay.cli.errors import EXIT_DEPENDENCY, CliError, require_bcc, requir
 PARTS_HELP = ("floor: kernel routing (the latency floor); ceiling: a bare XDP program that only rewrites MACs "
               "and redirects (the local ceiling's rate); xdp / userspace: rate, latency, first packet, "
               "registration through each relay; scale: 1k/100k/1M flows; sessions: WebRTC setup time (1 and 2 "
-              "relays advertised) and transceiver capacity.")
+              "relays advertised) and the old aiortc-client capacity; capacity: calls per transceiver core per "
+              "profile (echo, conversation, voice) with the libdatachannel load client, ramped until the audio "
+              "round trip grows 20 ms or loss passes 1 %.")
 
 
 @click.command("bench")
@@ -49,6 +51,7 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
     Examples:
       splitrelay bench --smoke --json                  # CI: seconds
       splitrelay bench --part xdp --part userspace     # just the two relays
+      splitrelay bench --part capacity --json          # calls per transceiver core
       make bench                                       # all of it, writes BENCHMARKS.md
     """
     from splitrelay.bench import report, report_file, report_plots
