@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from splitrelay.bench import sessions
-from splitrelay.bench.capacity import CAPACITY_BACKEND_ID, _free_backend_id
+from splitrelay.bench.capacity import CAPACITY_BACKEND_ID, _fit, _free_backend_id
 from splitrelay.bench.sessions import CLK_TCK, SessionBenchError, _quantile
 from splitrelay.bench.system import process_cpu_ticks
 from splitrelay.client import load_client
@@ -137,6 +137,7 @@ def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: st
     downlink_loss = 1.0 - report["received"] / report["received_expected"] if report["received_expected"] else None
     losses = [v for v in (pulse_loss, downlink_loss) if v is not None]
     trx = _cpu(sampler.slices("transceiver", start, end), n)
+    client = _cpu(sampler.slices("client", start, end), n)
     busy = sampler.busy_pct(start, end)
     core = busy.get(f"cpu{cpu}") if cpu is not None else None
     return {
@@ -156,8 +157,10 @@ def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: st
         "other_work_on_transceiver_core_pct": (round(core - trx["pct"], 1)
                                                if core is not None and trx["pct"] is not None else None),
         "cpu_busy_pct": busy,
-        "client_cpu": _cpu(sampler.slices("client", start, end), n),
+        "client_cpu": client,
         "client_cpu_self_s": report["client_cpu_s"],
+        "client_over_transceiver_cpu": (round(client["pct"] / trx["pct"], 2)
+                                        if client["pct"] is not None and trx["pct"] else None),
         "loadavg": [round(v, 2) for v in os.getloadavg()],
         "errors": report["errors"],
     }
@@ -244,12 +247,17 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
             except Exception:  # noqa: BLE001 - the agent may be gone; nothing else to undo
                 pass
     good = results[:-1] if stopped else results
+    # the fixed cost (event loop, timers, registration) apart from the per-call one: a line through the steps
+    fit = _fit([(s["sessions"], s["transceiver_cpu"]["pct"]) for s in results if s["transceiver_cpu"]["pct"]])
+    marginal = round(fit[0] * 1e4, 1) if fit and fit[0] > 0 else None     # % of a core per call -> µs/s
     capacity = good[-1]["sessions"] if good else 0
     limited_by = _limited_by(results[-1]) if stopped else None
     return {"profile": profile, "handler": handler, "cpu": cpu,
             "client_cpus": sorted(client_cpus) if client_cpus else None, "duration_s": duration,
             "rtt_margin_ms": rtt_margin, "loss_threshold": loss_threshold,
             "echo_threshold_bytes": frames_info["echo_threshold"], "steps": results, "capacity": capacity,
+            "marginal_us_per_call_s": marginal,
+            "calls_per_core_cpu_bound": round((100.0 - fit[1]) / fit[0], 1) if marginal else None,
             "capacity_reached": bool(stopped), "stopped_because": stopped, "limited_by": limited_by,
             "lower_bound": limited_by != "transceiver", "loadavg_before": loadavg_before, "method": METHOD}
 
@@ -257,6 +265,15 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
 # the ramp per bench profile: the full one goes past the targets (echo 64, conversation 100 per core)
 STEPS = {"full": (1, 8, 16, 32, 48, 64, 80, 100, 128, 160), "smoke": (1, 2)}
 DURATION_S = {"full": 10.0, "smoke": 3.0}
+
+
+def duration_for(bench_profile: str, profile: str) -> float:
+    """A step's talking time: the bench profile's, but two whole cycles for a profile that speaks in cycles
+    (in the first 60 % of a cycle the conversation echoes nothing: no round trip to time)."""
+    _, cycle, share = PROFILES[profile]
+    if bench_profile == "smoke" or not 0 < share < 1:
+        return DURATION_S[bench_profile]
+    return max(DURATION_S[bench_profile], 2 * cycle)
 
 
 def voice_unavailable() -> str | None:
@@ -285,7 +302,7 @@ def measure(bench_profile: str, profiles: tuple[str, ...] = tuple(PROFILES),
     try:
         for profile in profiles:
             out["profiles"][profile] = measure_profile(info["name"], profile, list(STEPS[bench_profile]),
-                                                       DURATION_S[bench_profile], progress=say)
+                                                       duration_for(bench_profile, profile), progress=say)
     finally:
         stack.stop_lab(info["name"])
     return out
@@ -323,7 +340,10 @@ def markdown(part: dict[str, Any] | None) -> list[str]:
         out += [f"#### {name} (handler `{r['handler']}`)\n",
                 "| calls | RTT p50 / p99 ms | loss | transceiver CPU | µs CPU per call-second (p10–p90) | "
                 "client CPU | other work on its core | load |",
-                "|---|---|---|---|---|---|---|---|", *rows, "", f"Capacity: {_verdict_line(r)}.\n"]
+                "|---|---|---|---|---|---|---|---|", *rows, "",
+                f"Capacity: {_verdict_line(r)}. Per call, from a line through the steps: "
+                f"{_fmt(r['marginal_us_per_call_s'])} µs of CPU per call-second (the line meets one core at "
+                f"{_fmt(r['calls_per_core_cpu_bound'])} calls).\n"]
     for name, why in part.get("skipped", {}).items():
         out.append(f"Profile {name} not run: {why}\n")
     return out
