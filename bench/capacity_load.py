@@ -38,12 +38,15 @@ from splitrelay.lab import stack
 from splitrelay.lab.topology import Lab
 from splitrelay.tokens import TOKEN_ENV
 
-# name -> (transceiver handler spec, the caller's speak cycle s and share: which pulses come back)
+# name -> (transceiver handler spec, the agent's speak cycle s and share: which pulses come back)
 PROFILES: dict[str, tuple[str, float, float]] = {
     "echo": ("echo", 0.0, 1.0),
     "conversation": ("conversation:cycle=10,speak_share=0.4", 10.0, 0.4),
-    "voice": ("voice", 10.0, 0.0),     # the agent answers speech, never echoes: no RTT, loss from RTP gaps
+    # the agent answers speech and never echoes: the caller speaks a sentence every 5 s (its recogniser and
+    # replies run), no pulse; no round trip, loss from the RTP gaps
+    "voice": ("voice", 10.0, 0.0),
 }
+SPEAKING_CALLER = {"voice"}   # profiles whose caller sends speech (load_client.make_speech_frames)
 LOAD_BACKEND_PORT = 5003
 LOAD_WHIP_PORT = 8083
 WARMUP_S = 1.0              # the window's first second is left out (calls starting, buffers settling)
@@ -219,7 +222,7 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
     stopped = None
     with tempfile.TemporaryDirectory(prefix="srload-") as tmp:
         frames = Path(tmp) / "frames.json"
-        frames_info = load_client.write_frames(frames)
+        frames_info = load_client.write_frames(frames, speech=profile in SPEAKING_CALLER)
         proc, log = sessions.start_transceiver(lab, t, f"load-{profile}", backend_id, LOAD_BACKEND_PORT,
                                                LOAD_WHIP_PORT, relay=True, cpu=cpu, handler=handler,
                                                extra=("--offer-rate", "0"))
@@ -334,10 +337,11 @@ def markdown(part: dict[str, Any] | None) -> list[str]:
     """The capacity tables (one per profile) for the generated part of BENCHMARKS.md."""
     if not part:
         return []
-    out = ["### 7. Calls per transceiver core, per profile (libdatachannel load client)\n", METHOD + "\n"]
+    out = ["## 7. Calls per transceiver core, per profile (libdatachannel load client)\n",
+           METHOD.replace("``", "`") + "\n"]
     for name, r in part["profiles"].items():
         rows = [_row(s) for s in r["steps"]]
-        out += [f"#### {name} (handler `{r['handler']}`)\n",
+        out += [f"### {name} (handler `{r['handler']}`)\n",
                 "| calls | RTT p50 / p99 ms | loss | transceiver CPU | µs CPU per call-second (p10–p90) | "
                 "client CPU | other work on its core | load |",
                 "|---|---|---|---|---|---|---|---|", *rows, "",

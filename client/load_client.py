@@ -33,6 +33,8 @@ FRAME_MS = 20
 CYCLE_FRAMES = 25           # two pulses a second: an echo later than 500 ms is not matched (counted lost)
 PULSE_INDEX = 12
 PULSE_PEAK = 20000          # white noise: the loudest, widest-band frame, so its echo is the biggest packet
+SPEECH_TEXT = "what is the weather like today in Paris"   # 1.9 s with espeak-ng at 175 words a minute
+SPEECH_PAUSE_S = 3.0        # then silence: the agent's turn (it answers), about 40 % / 60 % of each cycle
 MIN_MARGIN = 8              # bytes between the quiet echo's largest packet and the pulse echo's first
 
 
@@ -73,8 +75,23 @@ def make_frames() -> dict[str, Any]:
             "cycle": [base64.b64encode(p).decode() for p in cycle]}
 
 
-def write_frames(path: Path) -> dict[str, Any]:
-    frames = make_frames()
+def make_speech_frames(text: str = SPEECH_TEXT, pause: float = SPEECH_PAUSE_S) -> dict[str, Any]:
+    """A caller who says ``text`` (espeak-ng, the voice agent's own TTS) then is silent ``pause`` s, over and
+    over: what makes a voice agent run its VAD, recogniser and replies.  No pulse: nothing is timed."""
+    from splitrelay.voice.tts import EspeakTts
+
+    pcm = EspeakTts().synthesize(text)
+    pcm += bytes(-len(pcm) % (2 * FRAME_SAMPLES)) + bytes(2 * FRAME_SAMPLES) * round(pause * 1000 / FRAME_MS)
+    frames = [pcm[i:i + 2 * FRAME_SAMPLES] for i in range(0, len(pcm), 2 * FRAME_SAMPLES)]
+    encoder = OpusEncoder(loss_percent=0)
+    cycle = [encoder.encode(frame) for frame in frames + frames][len(frames):]
+    return {"frame_ms": FRAME_MS, "pulse_index": -1, "echo_threshold": 1 << 30, "speech_s": round(
+        len(pcm) / 2 / 48000 - pause, 2), "cycle": [base64.b64encode(p).decode() for p in cycle]}
+
+
+def write_frames(path: Path, speech: bool = False) -> dict[str, Any]:
+    """The frames file load.js sends: the pulse cycle (``make_frames``), or speech (``make_speech_frames``)."""
+    frames = make_speech_frames() if speech else make_frames()
     path.write_text(json.dumps(frames))
     return frames
 

@@ -63,7 +63,7 @@ def test_echo_calls_report_their_round_trip_loss_and_both_cpus(load_lab):
     assert_cpu_measured(first["client_cpu"])
     assert result["limited_by"] in (None, "client", "transceiver", "contended")
     assert result["lower_bound"] == (result["limited_by"] != "transceiver")
-    assert "### 7." in "\n".join(capacity_load.markdown({"profiles": {"echo": result}}))
+    assert "## 7. Calls per transceiver core" in "\n".join(capacity_load.markdown({"profiles": {"echo": result}}))
 
 
 @needs_root
