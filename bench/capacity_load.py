@@ -243,12 +243,7 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
                 if stopped:
                     break
         finally:
-            sessions.stop(lab, proc)
-            log.unlink(missing_ok=True)
-            try:
-                stack.control(lab, lambda c: c.delete_backend(backend_id))
-            except Exception:  # noqa: BLE001 - the agent may be gone; nothing else to undo
-                pass
+            sessions.stop_transceiver(lab, proc, log, backend_id)
     good = results[:-1] if stopped else results
     # the fixed cost (event loop, timers, registration) apart from the per-call one: a line through the steps
     fit = _fit([(s["sessions"], s["transceiver_cpu"]["pct"]) for s in results if s["transceiver_cpu"]["pct"]])

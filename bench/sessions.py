@@ -91,6 +91,16 @@ def start_transceiver(lab: Lab, t: Transceiver, tag: str, backend_id: int, backe
     return proc, path
 
 
+def stop_transceiver(lab: Lab, proc: subprocess.Popen, log: Path, backend_id: int) -> None:
+    """Undo ``start_transceiver`` in relay mode: stop it, remove its log and its backend at the agent."""
+    stop(lab, proc)
+    log.unlink(missing_ok=True)
+    try:
+        stack.control(lab, lambda c: c.delete_backend(backend_id))
+    except Exception:  # noqa: BLE001 - the agent may be gone; nothing else to undo
+        pass
+
+
 def stop(lab: Lab, proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the process group we started (by its PID), SIGKILL after ``grace``; forget the PID."""
     if proc.poll() is None:
