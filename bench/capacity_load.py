@@ -12,11 +12,14 @@ minus its first second (the calls' start-up):
 * the audio round trip at the client's socket: pulse sent -> first loud packet back (see
   client/load_client.py), p50 and p99 over all calls;
 * loss: the larger of the pulses not echoed (of those the agent echoes) and the downlink's RTP
-  sequence gaps.
+  sequence gaps;
+* for a profile that echoes nothing (voice), the p99 lateness of the transceiver's packets (the gap
+  after the previous one beyond 20 ms) stands in for the round trip.
 
-The ramp stops at the first step whose RTT p50 exceeds the one-call step's by more than ``rtt_margin``
-ms, whose loss exceeds ``loss_threshold``, or where a call did not connect; the step before is the
-capacity.  It is the transceiver's only if the transceiver, not the client, was saturated there.
+The ramp stops at the first step whose RTT p50 (voice: lateness p99) exceeds the one-call step's by
+more than ``rtt_margin`` ms, whose loss exceeds ``loss_threshold``, or where a call did not connect;
+the step before is the capacity.  It is the transceiver's only if the transceiver, not the client, was
+saturated there.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def _run_client(lab: Lab, frames: Path, url: str, n: int, duration: float, profi
         proc = lab.popen(lab.client.netns, argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                          cwd=load_client.NODE_DIR, env={**os.environ, TOKEN_ENV: stack.whip_token(lab)})
         sampler = _Sampler({"transceiver": transceiver_pid, "client": proc.pid})
-        bound = duration + 60.0 + 0.5 * n
+        bound = duration + load_client.CONNECT_PHASE_S + 30.0
         deadline = time.monotonic() + bound
         try:
             while proc.poll() is None:
@@ -135,6 +138,7 @@ def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: st
     drops = sessions.rcvbuf_errors(lab.transceivers[0].netns) - drops
     start, end = report["talk_started_unix"] + WARMUP_S, report["talk_ended_unix"]
     rtts = sorted(v for s in report["per_session"] for v in s["rtt_ms"])
+    lateness = sorted(v for s in report["per_session"] for v in s["gap_lateness_ms"])
     expected = report["pulses_expected"]
     pulse_loss = 1.0 - report["pulses_expected_echoed"] / expected if expected else None
     downlink_loss = 1.0 - report["received"] / report["received_expected"] if report["received_expected"] else None
@@ -148,6 +152,7 @@ def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: st
         "connect_retries": report["connect_retries"],
         "rtt_ms_p50": round(_quantile(rtts, 0.5), 2) if rtts else None,
         "rtt_ms_p99": round(_quantile(rtts, 0.99), 2) if rtts else None, "rtt_samples": len(rtts),
+        "gap_lateness_ms_p99": round(_quantile(lateness, 0.99), 2) if lateness else None,
         "loss": round(max(losses), 5) if losses else None,
         "pulse_loss": round(pulse_loss, 5) if pulse_loss is not None else None,
         "downlink_loss": round(downlink_loss, 5) if downlink_loss is not None else None,
@@ -169,14 +174,19 @@ def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: st
     }
 
 
-def _verdict(step: dict[str, Any], base_rtt: float | None, rtt_margin: float, loss_threshold: float) -> str | None:
-    """Why this step is past capacity (None: it is within)."""
+def _verdict(step: dict[str, Any], base: dict[str, Any], rtt_margin: float, loss_threshold: float) -> str | None:
+    """Why this step is past capacity (None: it is within); ``base``: the one-call step.  A profile without a
+    round trip (voice) is judged by the p99 lateness of the packets it sends instead, with the same margin."""
+    base_rtt = base["rtt_ms_p50"]
     if step["connected"] < step["sessions"]:
         return f"{step['sessions'] - step['connected']} of {step['sessions']} calls did not connect"
     if step["loss"] is None or step["loss"] > loss_threshold:
         return f"loss {step['loss']} > {loss_threshold}"
     if base_rtt is not None and step["rtt_ms_p50"] is not None and step["rtt_ms_p50"] > base_rtt + rtt_margin:
         return f"RTT p50 {step['rtt_ms_p50']} ms > {base_rtt} + {rtt_margin:g} ms"
+    late, base_late = step["gap_lateness_ms_p99"], base["gap_lateness_ms_p99"]
+    if base_rtt is None and late is not None and base_late is not None and late > base_late + rtt_margin:
+        return f"downlink lateness p99 {late} ms > {base_late} + {rtt_margin:g} ms"
     return None
 
 
@@ -230,7 +240,14 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
         try:
             for n in steps:
                 say(f"capacity {profile}: {n} calls for {duration:g} s")
-                step = _step(lab, frames, url, n, duration, profile, proc.pid, cpu, client_cpus)
+                try:
+                    step = _step(lab, frames, url, n, duration, profile, proc.pid, cpu, client_cpus)
+                except SessionBenchError as exc:
+                    if not results:
+                        raise
+                    stopped = f"{n} calls: {exc}"   # the ramp ends here; the steps before stand
+                    say(f"capacity {profile}: {stopped}")
+                    break
                 if step["connected"] < n:
                     step["transceiver_log"] = sessions.log_tail(log, 5)
                 if proc.poll() is not None:
@@ -239,7 +256,7 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
                 say(f"capacity {profile}: {n} calls: RTT p50 {step['rtt_ms_p50']} ms, loss {step['loss']}, "
                     f"transceiver {step['transceiver_cpu']['pct']} % ({step['transceiver_cpu']['us_per_call_s']} "
                     f"µs/call-s), client {step['client_cpu']['pct']} %")
-                stopped = _verdict(step, results[0]["rtt_ms_p50"], rtt_margin, loss_threshold)
+                stopped = _verdict(step, results[0], rtt_margin, loss_threshold)
                 if stopped:
                     break
         finally:
@@ -249,7 +266,7 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
     fit = _fit([(s["sessions"], s["transceiver_cpu"]["pct"]) for s in results if s["transceiver_cpu"]["pct"]])
     marginal = round(fit[0] * 1e4, 1) if fit and fit[0] > 0 else None     # % of a core per call -> µs/s
     capacity = good[-1]["sessions"] if good else 0
-    limited_by = _limited_by(results[-1]) if stopped else None
+    limited_by = _limited_by(results[-1]) if stopped and len(results) > len(good) else None
     return {"profile": profile, "handler": handler, "cpu": cpu,
             "client_cpus": sorted(client_cpus) if client_cpus else None, "duration_s": duration,
             "rtt_margin_ms": rtt_margin, "loss_threshold": loss_threshold,

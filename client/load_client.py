@@ -35,6 +35,7 @@ PULSE_INDEX = 12
 PULSE_PEAK = 20000          # white noise: the loudest, widest-band frame, so its echo is the biggest packet
 SPEECH_TEXT = "what is the weather like today in Paris"   # 1.9 s with espeak-ng at 175 words a minute
 SPEECH_PAUSE_S = 3.0        # then silence: the agent's turn (it answers), about 40 % / 60 % of each cycle
+CONNECT_PHASE_S = 60.0      # load.js --connect-phase-ms: calls not connected by then are counted as failed
 MIN_MARGIN = 8              # bytes between the quiet echo's largest packet and the pulse echo's first
 
 
@@ -109,7 +110,7 @@ def load_argv(frames: Path, url: str, sessions: int, duration: float, speak_cycl
               speak_share: float = 1.0) -> list[str]:
     """load.js's command line (run it in the lab's client namespace, token in ``TOKEN_ENV``)."""
     argv = ["node", str(SCRIPT), "--frames", str(frames), "--sessions", str(sessions),
-            "--duration-s", f"{duration:g}"]
+            "--duration-s", f"{duration:g}", "--connect-phase-ms", str(round(CONNECT_PHASE_S * 1000))]
     if speak_cycle:
         argv += ["--speak-cycle-ms", str(round(speak_cycle * 1000)), "--speak-share", f"{speak_share:g}"]
     return [*argv, url]

@@ -3,7 +3,8 @@
 // Opus and times the echo by packet size, without decoding anything.
 //
 //   node load.js --frames FILE --sessions N --duration-s S [--connect-concurrency K]
-//                [--connect-timeout-ms MS] [--drain-ms MS] [--speak-cycle-ms MS --speak-share F] WHIP_URL
+//                [--connect-timeout-ms MS] [--connect-phase-ms MS] [--drain-ms MS]
+//                [--speak-cycle-ms MS --speak-share F] WHIP_URL
 //
 // FILE (splitrelay.client.load_client.write_frames): {"frame_ms", "cycle": [base64 Opus packets],
 // "pulse_index", "echo_threshold"}: one cycle of a quiet stream with one loud frame (the pulse) at
@@ -12,12 +13,14 @@
 // (checked against the transceiver's own encoder when the file is written), so the first loud packet
 // after a pulse times the audio round trip at the client's socket, with no client jitter buffer.
 //
-// The N calls connect (K at a time), then all talk together for S seconds (each session's frames
+// The N calls connect (K at a time; calls not connected within --connect-phase-ms in all fail), then all talk together for S seconds (each session's frames
 // offset by i/N of a frame, so the transceiver is not hit by N packets at once), then stay up
 // --drain-ms for the echo's tail, DELETE and close. Prints one JSON object: per session and in
 // total, packets sent/received, downlink loss from RTP sequence gaps, pulses sent/echoed, RTT
 // samples; the talking window in Unix seconds (the caller reads other processes' CPU over it) and
 // this process's CPU over that window (process.cpuUsage: every thread, libdatachannel's included).
+// Per session also the lateness of each returned packet (its gap after the previous one, beyond one
+// frame): the transceiver's sending falling behind, for a profile that echoes nothing (voice).
 // --speak-cycle-ms/--speak-share: the agent echoes only in the last share of each cycle of the
 // caller's stream time (transceiver handler "conversation"): pulses outside it are not expected back.
 // The WHIP bearer token comes from SPLITRELAY_WHIP_TOKEN (not argv: any local user can read argv).
@@ -35,10 +38,11 @@ const SMALL_PAYLOAD = 12;   // bytes: an Opus frame of silence at a low bitrate 
 
 function parseArgs(argv) {
   const out = { frames: null, sessions: 1, durationS: 10, concurrency: 8, connectTimeoutMs: 20000,
-                drainMs: 1500, speakCycleMs: 0, speakShare: 1, url: null };
+                drainMs: 1500, speakCycleMs: 0, speakShare: 1, connectPhaseMs: 60000, url: null };
   const num = { "--sessions": "sessions", "--duration-s": "durationS", "--connect-concurrency": "concurrency",
                 "--connect-timeout-ms": "connectTimeoutMs", "--drain-ms": "drainMs",
-                "--speak-cycle-ms": "speakCycleMs", "--speak-share": "speakShare" };
+                "--speak-cycle-ms": "speakCycleMs", "--speak-share": "speakShare",
+                "--connect-phase-ms": "connectPhaseMs" };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--frames") out.frames = argv[++i];
     else if (num[argv[i]]) out[num[argv[i]]] = Number(argv[++i]);
@@ -47,7 +51,8 @@ function parseArgs(argv) {
   if (!out.frames || !out.url || !(out.sessions >= 1) || !(out.durationS > 0) || !(out.concurrency >= 1)
       || !(out.speakShare >= 0 && out.speakShare <= 1) || !(out.speakCycleMs >= 0)) {
     process.stderr.write("usage: node load.js --frames FILE --sessions N --duration-s S [--connect-concurrency K] "
-                         + "[--connect-timeout-ms MS] [--drain-ms MS] [--speak-cycle-ms MS --speak-share F] WHIP_URL\n");
+                         + "[--connect-timeout-ms MS] [--connect-phase-ms MS] [--drain-ms MS] "
+                         + "[--speak-cycle-ms MS --speak-share F] WHIP_URL\n");
     process.exit(2);
   }
   return out;
@@ -81,6 +86,8 @@ class Session {
     this.pulsesEchoed = 0;
     this.pulsesExpectedEchoed = 0;
     this.rtts = [];
+    this.lastArrival = null;
+    this.lateness = [];               // ms each returned packet came after the previous one, beyond a frame
     this.receiving = false;           // counts only while talking + draining
   }
 
@@ -168,6 +175,8 @@ class Session {
     if (pt >= 64 && pt < 96) return;                  // RTCP (200..207 with the marker bit's place)
     const now = performance.now();
     this.received++;
+    if (this.lastArrival !== null) this.lateness.push(Math.round((now - this.lastArrival - this.frames.frameMs) * 100) / 100);
+    this.lastArrival = now;
     const seq16 = buf.readUInt16BE(2);
     if (this.lastSeq16 === null) {
       this.firstSeq = this.maxSeq = seq16;
@@ -208,11 +217,12 @@ class Session {
 
   report() {
     const expected = this.maxSeq === null ? 0 : this.maxSeq - this.firstSeq + 1;
-    return { index: this.index, ok: !this.error, error: this.error, connect_ms: this.connectMs,
+    return { index: this.index, ok: !this.error && this.sent > 0, error: this.error, connect_ms: this.connectMs,
              connect_retries: this.retries, sent: this.sent,
              received: this.received, received_small: this.receivedSmall, received_expected: expected,
              pulses_sent: this.pulsesSent, pulses_expected: this.pulsesExpected, pulses_echoed: this.pulsesEchoed,
-             pulses_expected_echoed: this.pulsesExpectedEchoed, rtt_ms: this.rtts };
+             pulses_expected_echoed: this.pulsesExpectedEchoed, rtt_ms: this.rtts,
+             gap_lateness_ms: this.lateness };
   }
 }
 
@@ -223,10 +233,15 @@ function loadFrames(path) {
            threshold: raw.echo_threshold };
 }
 
-async function connectAll(sessions, concurrency) {
+async function connectAll(sessions, concurrency, phaseMs) {
   let next = 0;
+  const deadline = performance.now() + phaseMs;
   async function worker() {
     while (next < sessions.length) {
+      if (performance.now() > deadline) {
+        sessions[next++].error = `not connected within the connect phase (${phaseMs} ms)`;
+        continue;
+      }
       const s = sessions[next++];
       // one retry on a fresh peer connection: on a loaded host libdatachannel's ICE now and then fails at
       // once; the bench is about calls that run, and counts the retries
@@ -263,7 +278,9 @@ async function main() {
   const frames = loadFrames(args.frames);
   const sessions = Array.from({ length: args.sessions }, (_, i) => new Session(i, frames, args));
   const connectStart = performance.now();
-  await connectAll(sessions, args.concurrency);
+  await Promise.race([connectAll(sessions, args.concurrency, args.connectPhaseMs),
+                      new Promise((resolve) => setTimeout(resolve, args.connectPhaseMs + 1000))]);
+  for (const s of sessions) if (s.connectMs === null && !s.error) s.error = "still connecting at the phase's end";
   const connectS = (performance.now() - connectStart) / 1000;
   await new Promise((resolve) => setTimeout(resolve, 500));
   for (const s of sessions) s.receiving = true;
