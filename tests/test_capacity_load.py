@@ -96,3 +96,14 @@ def test_the_conversation_handler_refuses_a_speak_share_outside_zero_to_one():
         handler_factory("conversation:speak_share=2")
     with pytest.raises(ValueError, match=r"^conversation cycle must be 0\.1\.\.3600 s, got 0$"):
         handler_factory("conversation:cycle=0")
+
+
+@pytest.mark.skipif(capacity_load.voice_unavailable() is not None, reason="no voice extras (espeak-ng)")
+def test_the_voice_caller_speaks_a_sentence_then_pauses_and_sends_no_pulse():
+    frames = load_client.make_speech_frames()
+    cycle = [load_client.base64.b64decode(p) for p in frames["cycle"]]
+    pause = round(load_client.SPEECH_PAUSE_S * 1000 / load_client.FRAME_MS)
+    assert frames["pulse_index"] == -1 and 1.0 < frames["speech_s"] < 4.0
+    assert len(cycle) == pause + round(frames["speech_s"] * 1000 / load_client.FRAME_MS)
+    speech, silence = cycle[:-pause], cycle[-pause + 5:]
+    assert sum(map(len, speech)) / len(speech) > 2 * max(map(len, silence))   # the words cost more bytes
