@@ -158,6 +158,7 @@ def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: st
         "downlink_loss": round(downlink_loss, 5) if downlink_loss is not None else None,
         "packets_sent": report["sent"], "packets_received": report["received"],
         "packets_received_small": report["received_small"],
+        "packets_received_large": report["received_large"],
         "transceiver_udp_rcvbuf_drops": drops,
         "window_s": round(end - start, 2),
         "transceiver_cpu": trx,

@@ -107,3 +107,15 @@ def test_the_voice_caller_speaks_a_sentence_then_pauses_and_sends_no_pulse():
     assert len(cycle) == pause + round(frames["speech_s"] * 1000 / load_client.FRAME_MS)
     speech, silence = cycle[:-pause], cycle[-pause + 5:]
     assert sum(map(len, speech)) / len(speech) > 2 * max(map(len, silence))   # the words cost more bytes
+
+
+@needs_root
+@needs_node
+@pytest.mark.skipif(capacity_load.voice_unavailable() is not None, reason="no voice extras")
+def test_the_voice_agent_answers_the_speaking_caller_and_its_cost_is_measured(load_lab):
+    result = capacity_load.measure_profile(load_lab, "voice", [1], duration=8.0)
+    step = result["steps"][0]
+    assert step["connected"] == 1 and step["errors"] == []
+    assert step["packets_received_large"] >= 25            # its spoken answer: loud packets, not the silence
+    assert step["rtt_samples"] == 0 and step["gap_lateness_ms_p99"] is not None
+    assert_cpu_measured(step["transceiver_cpu"])

@@ -33,6 +33,7 @@ const GATHERING_TIMEOUT_MS = 5000;
 const PAYLOAD_TYPE = 111;
 const CLOCK = 48000;
 const TICK_MS = 5;          // the send timer: frames due are sent together (2 ms cost the same CPU at 20 calls)
+const LARGE_PAYLOAD = 60;   // bytes: from the transceiver's encoder, sound (speech, a pulse's echo); quiet is 35-45
 const SMALL_PAYLOAD = 12;   // bytes: an Opus frame of silence at a low bitrate (handler conversation's comfort
                             // frames are 6-7), where the transceiver's 32 kbit/s encoder spends 35-45
 
@@ -75,6 +76,7 @@ class Session {
     this.sent = 0;
     this.received = 0;
     this.receivedSmall = 0;
+    this.receivedLarge = 0;
     this.firstSeq = null;             // extended sequence numbers of the returned stream
     this.maxSeq = null;
     this.lastSeq16 = null;
@@ -191,6 +193,7 @@ class Session {
     let size = buf.length - header;
     if (buf[0] & 0x20) size -= buf[buf.length - 1];
     if (size <= SMALL_PAYLOAD) this.receivedSmall++;
+    if (size >= LARGE_PAYLOAD) this.receivedLarge++;
     const loud = size >= this.frames.threshold;
     if (loud && !this.loud) this.onset(now);
     this.loud = loud;
@@ -219,7 +222,8 @@ class Session {
     const expected = this.maxSeq === null ? 0 : this.maxSeq - this.firstSeq + 1;
     return { index: this.index, ok: !this.error && this.sent > 0, error: this.error, connect_ms: this.connectMs,
              connect_retries: this.retries, sent: this.sent,
-             received: this.received, received_small: this.receivedSmall, received_expected: expected,
+             received: this.received, received_small: this.receivedSmall, received_large: this.receivedLarge,
+             received_expected: expected,
              pulses_sent: this.pulsesSent, pulses_expected: this.pulsesExpected, pulses_echoed: this.pulsesEchoed,
              pulses_expected_echoed: this.pulsesExpectedEchoed, rtt_ms: this.rtts,
              gap_lateness_ms: this.lateness };
@@ -299,6 +303,7 @@ async function main() {
     connect_s: Math.round(connectS * 100) / 100, talk_started_unix: t0, talk_ended_unix: t1,
     connect_retries: reports.reduce((a, r) => a + r.connect_retries, 0), client_cpu_s: (cpu.user + cpu.system) / 1e6,
     sent: sum("sent"), received: sum("received"), received_small: sum("received_small"),
+    received_large: sum("received_large"),
     received_expected: sum("received_expected"),
     pulses_sent: sum("pulses_sent"), pulses_expected: sum("pulses_expected"), pulses_echoed: sum("pulses_echoed"),
     pulses_expected_echoed: sum("pulses_expected_echoed"),
