@@ -337,12 +337,17 @@ def _row(s: dict[str, Any]) -> str:
             f"{_fmt(s['other_work_on_transceiver_core_pct'])} % | {_fmt(s['loadavg'][0])} |")
 
 
+WHO_LIMITED = {"client": "the client was saturated", "transceiver": "the transceiver was saturated",
+               "contended": "the transceiver's core was busy with other work (a shared machine)",
+               None: "neither side was saturated"}
+
+
 def _verdict_line(r: dict[str, Any]) -> str:
     if not r["capacity_reached"]:
         return f"at least **{r['capacity']}** calls per core (no step failed: a lower bound)"
     if r["lower_bound"]:
         return (f"**{r['capacity']} calls per core**, a lower bound: at the next step "
-                f"{r['limited_by'] or 'nobody'} was saturated ({r['stopped_because']})")
+                f"{WHO_LIMITED[r['limited_by']]} ({r['stopped_because']})")
     return f"**{r['capacity']} calls per core**, limited by the transceiver ({r['stopped_because']})"
 
 

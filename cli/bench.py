@@ -134,9 +134,11 @@ def _summary(figures: dict) -> None:
         verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
         out.write(f"{verdict:6s} {t['target']} (measured {t['measured']})\n")
     capacity = figures.get("parts", {}).get("capacity") or {}
+    if capacity:
+        from splitrelay.bench import capacity_load
     for name, r in capacity.get("profiles", {}).items():
         bound = ("" if not r["lower_bound"] else " (lower bound: no step failed)" if not r["capacity_reached"]
-                 else f" (lower bound: {r['limited_by'] or 'nobody'} saturated)")
+                 else f" (lower bound: {capacity_load.WHO_LIMITED[r['limited_by']]})")
         out.write(f"capacity {name:13s} {r['capacity']:4d} calls per core{bound}; "
                   f"{r['marginal_us_per_call_s']} µs CPU per call-second; stopped: {r['stopped_because']}\n")
     for name, why in capacity.get("skipped", {}).items():
