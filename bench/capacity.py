@@ -303,12 +303,7 @@ def measure_capacity(lab_name: str, steps: list[int], duration: float = 10.0, cp
             if step.audio_loss is None or step.audio_loss > loss_threshold:
                 break
     finally:
-        sessions.stop(lab, proc)
-        log.unlink(missing_ok=True)
-        try:
-            stack.control(lab, lambda c: c.delete_backend(backend_id))
-        except Exception:  # noqa: BLE001 - the agent may be gone; nothing else to undo
-            pass
+        sessions.stop_transceiver(lab, proc, log, backend_id)
 
     passed = [s for s in results if s.audio_loss is not None and s.audio_loss <= loss_threshold]
     failed = [s for s in results if s not in passed]

@@ -163,6 +163,10 @@ def markdown(results: dict, written: list[Path] | None = None, plot_dir_rel: str
         ]
     sessions = parts.get("sessions") or {}
     out += _sessions_markdown(sessions, plot_dir_rel, written)
+    if parts.get("capacity"):
+        from splitrelay.bench import capacity_load    # it brings the lab and the load client: only when needed
+
+        out += capacity_load.markdown(parts["capacity"])
     return "\n".join(out)
 
 

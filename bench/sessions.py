@@ -66,14 +66,15 @@ def log_tail(path: Path, lines: int = 3) -> str:
 
 
 def start_transceiver(lab: Lab, t: Transceiver, tag: str, backend_id: int, backend_port: int,
-                       whip_port: int, relay: bool, cpu: int | None = None) -> tuple[subprocess.Popen, Path]:
-    """A ``splitrelay transceiver serve`` (echo) in ``t``'s namespace, as the lab stack starts the lab's
-    (same flags, the lab's credentials; its admin listener on loopback), in relay mode (registered with
-    the lab's agent) or direct mode; pinned to ``cpu``."""
+                       whip_port: int, relay: bool, cpu: int | None = None,
+                       handler: str = "echo", extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path]:
+    """A ``splitrelay transceiver serve`` (``handler``, echo by default) in ``t``'s namespace, as the lab
+    stack starts the lab's (same flags, the lab's credentials; its admin listener on loopback), in relay
+    mode (registered with the lab's agent) or direct mode; pinned to ``cpu``; ``extra``: more serve flags."""
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "transceiver", "serve",
             "--processes", "1", "--backend-id", str(backend_id), "--bind", f"{t.ip4}:{backend_port}",
             "--whip-listen", f"{t.signal_ip4}:{whip_port}", "--admin-listen", "127.0.0.1:0",
-            *stack.auth_args(lab), "--handler", "echo"]
+            *stack.auth_args(lab), "--handler", handler, *extra]
     if relay:
         argv += ["--relay", f"{lab.relay_public.ip4}:{lab.relay_port}",
                  "--relay-control", stack.control_url(lab), "--token", stack.control_token(lab, backend_id)]
@@ -88,6 +89,16 @@ def start_transceiver(lab: Lab, t: Transceiver, tag: str, backend_id: int, backe
         stop(lab, proc)
         raise
     return proc, path
+
+
+def stop_transceiver(lab: Lab, proc: subprocess.Popen, log: Path, backend_id: int) -> None:
+    """Undo ``start_transceiver`` in relay mode: stop it, remove its log and its backend at the agent."""
+    stop(lab, proc)
+    log.unlink(missing_ok=True)
+    try:
+        stack.control(lab, lambda c: c.delete_backend(backend_id))
+    except Exception:  # noqa: BLE001 - the agent may be gone; nothing else to undo
+        pass
 
 
 def stop(lab: Lab, proc: subprocess.Popen, grace: float = 10.0) -> None:

@@ -35,7 +35,7 @@ from splitrelay.lab import stack
 from splitrelay.lab.topology import Lab
 from splitrelay.errors import SplitrelayError
 
-PARTS = ("floor", "ceiling", "xdp", "userspace", "scale", "sessions")
+PARTS = ("floor", "ceiling", "xdp", "userspace", "scale", "sessions", "capacity")
 
 
 class BenchError(SplitrelayError):
@@ -232,6 +232,10 @@ def run(profile: str = "full", parts: tuple[str, ...] = PARTS, samples_dir: Path
                                                               progress=say, trials=p.trials).to_json()
         if "sessions" in parts:
             results["parts"]["sessions"] = _sessions_part(p, say)
+        if "capacity" in parts:
+            from splitrelay.bench import capacity_load
+
+            results["parts"]["capacity"] = capacity_load.measure(p.name, progress=say)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     return results
 

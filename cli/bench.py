@@ -14,7 +14,9 @@ from splitrelay.cli.errors import EXIT_DEPENDENCY, CliError, require_bcc, requir
 PARTS_HELP = ("floor: kernel routing (the latency floor); ceiling: a bare XDP program that only rewrites MACs "
               "and redirects (the local ceiling's rate); xdp / userspace: rate, latency, first packet, "
               "registration through each relay; scale: 1k/100k/1M flows; sessions: WebRTC setup time (1 and 2 "
-              "relays advertised) and transceiver capacity.")
+              "relays advertised) and the old aiortc-client capacity; capacity: calls per transceiver core per "
+              "profile (echo, conversation, voice) with the libdatachannel load client, ramped until the audio "
+              "round trip grows 20 ms or loss passes 1 %.")
 
 
 @click.command("bench")
@@ -49,6 +51,7 @@ def bench(smoke: bool, parts: tuple[str, ...], as_json: bool, markdown: Path | N
     Examples:
       splitrelay bench --smoke --json                  # CI: seconds
       splitrelay bench --part xdp --part userspace     # just the two relays
+      splitrelay bench --part capacity --json          # calls per transceiver core
       make bench                                       # all of it, writes BENCHMARKS.md
     """
     from splitrelay.bench import report, report_file, report_plots
@@ -130,3 +133,13 @@ def _summary(figures: dict) -> None:
     for t in figures["targets"]:
         verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
         out.write(f"{verdict:6s} {t['target']} (measured {t['measured']})\n")
+    capacity = figures.get("parts", {}).get("capacity") or {}
+    if capacity:
+        from splitrelay.bench import capacity_load
+    for name, r in capacity.get("profiles", {}).items():
+        bound = ("" if not r["lower_bound"] else " (lower bound: no step failed)" if not r["capacity_reached"]
+                 else f" (lower bound: {capacity_load.WHO_LIMITED[r['limited_by']]})")
+        out.write(f"capacity {name:13s} {r['capacity']:4d} calls per core{bound}; "
+                  f"{r['marginal_us_per_call_s']} µs CPU per call-second; stopped: {r['stopped_because']}\n")
+    for name, why in capacity.get("skipped", {}).items():
+        out.write(f"capacity {name:13s} not run: {why}\n")

@@ -68,7 +68,7 @@ def test_smoke_bench_measures_every_part(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     figures = json.loads(proc.stdout)
     parts = figures["parts"]
-    assert set(parts) == {"kernel", "ceiling", "xdp", "userspace", "scale", "sessions"}
+    assert set(parts) == {"kernel", "ceiling", "xdp", "userspace", "scale", "sessions", "capacity"}
     for name in ("kernel", "xdp", "userspace"):
         assert parts[name]["latency"]["received"] > 0, name
         assert parts[name]["first_packet"]["received"] > 0, name
@@ -85,11 +85,14 @@ def test_smoke_bench_measures_every_part(tmp_path):
         setup = parts["sessions"][key]
         assert all(setup["paths"][p]["dtls_connected_ms"]["n"] >= 1 for p in ("relay", "direct")), key
     assert parts["sessions"]["capacity"]["steps"]
+    echo = parts["capacity"]["profiles"]["echo"]["steps"][0]
+    assert echo["rtt_ms_p50"] > 0 and echo["transceiver_cpu"]["us_per_call_s"] > 0
     assert set(figures["ratios"]) >= {"rate_xdp_over_userspace", "added_p99_us_xdp_over_userspace",
                                       "rate_xdp_over_ceiling", "setup_relay_over_direct_2_relays"}
     text = md.read_text()
     for heading in ("## 1. Forwarding rate", "## 2. Added latency", "## 3. First-packet", "## 4. Scale",
-                    "## 5. Session setup", "## 6. Transceiver capacity", "## Targets"):
+                    "## 5. Session setup", "## 6. Transceiver capacity", "## 7. Calls per transceiver core",
+                    "## Targets"):
         assert heading in text
     assert {p.name for p in plots.iterdir()} >= {"forwarding-rate.png", "latency-ccdf.png", "scale.png"}
 

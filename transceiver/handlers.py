@@ -268,3 +268,7 @@ class _NullIO:
     def send_text(self, text: str) -> None: ...
 
     def send_bytes(self, data: bytes) -> None: ...
+
+
+# built-in handlers kept in their own modules (registered on import; they import this module first)
+from splitrelay.transceiver import conversation  # noqa: E402,F401
