@@ -15,7 +15,8 @@ from aioice.ice import Connection
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 
 from splitrelay.transceiver.audio import (
-    AIORTC_JITTER_BUFFER, FRAME_BYTES, LEAD, QUIET_PEAK, REPLY_LEAD, OutboundAudio, VoiceReceiver, check_aiortc,
+    AIORTC_JITTER_BUFFER, FRAME_BYTES, LEAD, QUIET_PEAK, REPLY_LEAD, OutboundAudio, VoiceReceiver, _quiet,
+    check_aiortc,
 )
 from splitrelay.transceiver.handlers import FRAME_SAMPLES, FRAME_SECONDS, PcmFrame
 from splitrelay.transceiver.jitter import MAX_CONCEALED, AdaptiveJitterBuffer
@@ -217,3 +218,14 @@ async def test_a_queue_of_live_audio_sheds_its_quiet_frames_but_never_a_tone_or_
     assert max(peaks) > 4000                                 # the tone went out
     assert all(p < 1000 for p in peaks[:2])                  # and the pause before it was shortened, not closed
     out.stop()
+
+
+@pytest.mark.parametrize("peak_sample", [0, 1, 255, 256, 1023, -1, -256, -1024, 1024, -1025, 2000, -30000, 32767,
+                                         -32768])
+@pytest.mark.parametrize("at", [0, 480, FRAME_SAMPLES - 1])
+def test_a_frame_is_quiet_exactly_when_every_sample_is_within_the_quiet_peak(peak_sample, at):
+    # the high-byte test in _quiet against its definition, one loud sample anywhere in a low-level frame
+    samples = [((n * 37) % 1800) - 900 for n in range(FRAME_SAMPLES)]
+    samples[at] = peak_sample
+    pcm = struct.pack(f"<{FRAME_SAMPLES}h", *samples)
+    assert _quiet(pcm) == _quiet(bytearray(pcm)) == all(-QUIET_PEAK <= s < QUIET_PEAK for s in samples)
