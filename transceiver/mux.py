@@ -27,7 +27,7 @@ Each session's aioice ``StunProtocol`` gets a ``MuxTransport``, a per-session
 view of the shared socket: what a session sends to an address it has no binding
 for is remembered only so that the answer to its check finds it.
 
-``MuxedConnection`` is the seam into aioice: it replaces candidate gathering
+``MuxedConnection`` (ice_connection.py) is the seam into aioice: it replaces candidate gathering
 (binding one socket per interface) with one host candidate per *public
 candidate* (the relay's address or addresses, IPv4 and/or IPv6), all on the
 mux, so no transceiver address ever reaches the SDP and a session costs no
@@ -342,21 +342,27 @@ class UdpMux(asyncio.DatagramProtocol):
     # -- receiving -------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """Media (RFC 7983: first byte above 3) from a bound address goes straight to its session's
+        connection; only STUN goes through aioice's StunProtocol, which tries every datagram as STUN
+        first (by its length field alone: an RTP packet whose sequence number is its length - 20 is
+        parsed on) and hands media on from the ValueError: an exception per media packet, 1.8 % of an
+        echo transceiver's samples with the calls around it (py-spy, 12 calls, docs/bench/profile.md)."""
         self.datagrams_in += 1
-        source = self._from_socket(addr)
+        source = self._from_socket(addr) if self._v6_socket else addr
         bound = self.by_addr.get(source)
         if bound is not None:
             self.last_heard[source] = asyncio.get_running_loop().time()
-        if ref_stun.classify(data) == ref_stun.STUN:
-            protocol = self._route_stun(data, source, bound)
-        elif bound is None:
-            self.drops[NOT_STUN] += 1
+        if not data or data[0] > 3:
+            if bound is None:
+                self.drops[NOT_STUN] += 1
+                return
+            connection = bound.receiver  # a MuxedConnection: what MuxProtocol.datagram_received does for media
+            connection.paths.heard(source, data)
+            connection.data_received(data, bound.local_candidate.component)
             return
-        else:
-            protocol = bound
-        if protocol is None:
-            return
-        protocol.datagram_received(data, source)
+        protocol = self._route_stun(data, source, bound)
+        if protocol is not None:
+            protocol.datagram_received(data, source)
 
     def _route_stun(self, data: bytes, source: Address, bound: StunProtocol | None) -> StunProtocol | None:
         """A Binding Request goes to the session its ufrag names (which authenticates it), a response
