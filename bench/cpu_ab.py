@@ -6,7 +6,8 @@ N times that window (µs of CPU per call-second).  On this shared machine the fi
 other work on it, so the variants run under the same load in one run and *alternate*: round r runs
 them in order, round r+1 in reverse (ABBA...), and each variant's median over the rounds is compared.
 A variant is environment for the transceiver's process: ``PYTHONPATH`` at a checkout of another commit
-(the "before" build), or ``SPLITRELAY_EVENT_LOOP`` (transceiver/loop.py).
+(the "before" build: run this from outside the worktree, or ``-m`` puts the worktree's own package first
+on the path), or ``SPLITRELAY_EVENT_LOOP`` (transceiver/loop.py).  Each run keeps its ready line.
 
 Each step is ``capacity._step``: the transceiver (relay mode, echo handler, pinned to ``cpu``) and the
 project's aiortc probe (``--carrier --together``, pinned to the other CPUs) in a lab the caller started.
@@ -22,7 +23,7 @@ transceiver and the probe alike, so both variants get the same share of a busy m
 With ``profile_dir``, py-spy samples the transceiver of each variant's first round (``--format raw``:
 collapsed stacks, for ``top_frames``).
 
-    python -m splitrelay.bench.cpu_ab --lab fa1 --sessions 12 --rounds 3 \\
+    cd /tmp && python -m splitrelay.bench.cpu_ab --lab fa1 --sessions 12 --rounds 3 \\
         --variant before:PYTHONPATH=/tmp/base --variant after:
 """
 
@@ -135,6 +136,7 @@ def measure(lab_name: str, variants: dict[str, dict[str, str]], n: int = 12, dur
                     step = capacity._step(lab, t, url, n, duration, proc.pid, probe_cpus)
                 finally:
                     sessions.stop(lab, proc)
+                    ready = next((ln for ln in log.read_text().splitlines() if "transceiver ready" in ln), "")
                     log.unlink(missing_ok=True)
                     if spy is not None:
                         spy.wait(timeout=30)
@@ -143,7 +145,7 @@ def measure(lab_name: str, variants: dict[str, dict[str, str]], n: int = 12, dur
                     "round": r, "us_per_call_s": round(pct / 100.0 * 1e6 / n) if pct is not None else None,
                     "transceiver_cpu_pct": pct, "probe_cpu_pct": step["probe_cpu_pct"],
                     "audio_loss": step["audio_loss"], "audio_rtt_p50_ms": step["audio_rtt_ms"]["median"],
-                    "window_s": step["window_s"], "loadavg_1m": round(os.getloadavg()[0], 2)})
+                    "window_s": step["window_s"], "loadavg_1m": round(os.getloadavg()[0], 2), "ready": ready})
                 loads.append(os.getloadavg()[0])
                 print(json.dumps({name: runs[name][-1]}), file=sys.stderr, flush=True)
     finally:
