@@ -110,52 +110,96 @@ def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen | None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def measure(lab_name: str, variants: dict[str, dict[str, str]], n: int = 12, duration: float = 10.0,
+def _round(lab: Lab, urls: dict[str, str], pids: dict[str, int], n: int, duration: float,
+           probe_cpus: set[int] | None) -> dict[str, dict[str, Any]]:
+    """One probe run: ``n`` echo sessions per variant, all talking together; each variant's CPU and loss."""
+    probe = sessions.Probe(lab, [*urls.values(), "--sessions", str(n * len(urls)), "--duration", str(duration),
+                                 "--carrier", "--together"], probe_cpus)
+    sampler = capacity._Sampler({**pids, "probe": probe.proc.pid})
+    reports = probe.wait(duration + sessions.CONNECT_TIMEOUT_S + 33.0 + 0.5 * n * len(urls), sampler.sample)
+    talking = [r for r in reports if r["talk_started_mono"] is not None and r["talk_ended_mono"] is not None]
+    start = max((r["talk_started_mono"] for r in talking), default=0.0)
+    end = min((r["talk_ended_mono"] for r in talking), default=0.0)
+    rows = {}
+    for name, url in urls.items():
+        mine = [r for r in reports if r["whip_url"] == url]
+        sent = sum(r["carrier_frames_sent"] or round(duration / capacity.FRAME_S) for r in mine)
+        echoed = sum(min(r["carrier_frames_echoed"], r["carrier_frames_sent"]) for r in mine)
+        pct = sampler.process_pct(name, start, end)
+        rows[name] = {"transceiver_cpu_pct": pct, "audio_loss": round(1.0 - echoed / sent, 5) if sent else None,
+                      "audio_rtt_p50_ms": sessions.summary([v for r in mine for v in r["audio_rtt_ms"]])["median"]}
+    rows["probe"] = {"cpu_pct": sampler.process_pct("probe", start, end), "window_s": round(end - start, 2)}
+    return rows
+
+
+def _idle_pct(pids: dict[str, int], seconds: float = 4.0) -> dict[str, float | None]:
+    """Each transceiver's CPU with no call (timers, registration): subtracted from its share under calls."""
+    sampler = capacity._Sampler(pids)
+    sampler.sample()
+    time.sleep(seconds)
+    sampler.sample()
+    return {name: sampler.process_pct(name, 0.0, time.monotonic()) for name in pids}
+
+
+def measure(lab_name: str, variants: dict[str, dict[str, str]], n: int = 4, duration: float = 10.0,
             rounds: int = 3, cpu: int = 0, profile_dir: Path | None = None, nice: int = 0) -> dict[str, Any]:
-    """Per variant: each round's µs of transceiver CPU per call-second, their median and spread."""
+    """Per variant: each round's µs of transceiver CPU per call-second (net of its idle CPU), their median
+    and spread.  All variants run at once on ``cpu``, ``n`` calls each from one probe, so a busy moment of
+    the shared machine hits them all alike; the order of their URLs (which gets the probe's first session)
+    rotates each round."""
     if nice:
         os.nice(nice)
     lab = Lab.load(lab_name)
     t = lab.transceivers[0]
     probe_cpus = (os.sched_getaffinity(0) - {cpu}) or None
-    backend_id = capacity._free_backend_id(lab, capacity.CAPACITY_BACKEND_ID)
-    url = sessions.whip_url(t.signal_ip4, AB_WHIP_PORT)
+    first = capacity._free_backend_id(lab, capacity.CAPACITY_BACKEND_ID + 100)
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+    urls = {name: sessions.whip_url(t.signal_ip4, AB_WHIP_PORT + i) for i, name in enumerate(variants)}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     loads = [os.getloadavg()[0]]
+    spies = []
     try:
+        for i, name in enumerate(variants):
+            with _environment(variants[name]):
+                procs[name] = sessions.start_transceiver(lab, t, f"ab-{i}", first + i, AB_BACKEND_PORT + i,
+                                                         AB_WHIP_PORT + i, relay=True, cpu=cpu)
+        pids = {name: proc.pid for name, (proc, _) in procs.items()}
+        idle = _idle_pct(pids)
         for r in range(rounds):
-            for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-                with _environment(variants[name]):
-                    proc, log = sessions.start_transceiver(lab, t, f"ab-{name}", backend_id, AB_BACKEND_PORT,
-                                                           AB_WHIP_PORT, relay=True, cpu=cpu)
-                spy = None
-                if profile_dir is not None and r < 2:
-                    profile_dir.mkdir(parents=True, exist_ok=True)
-                    spy = _profile(proc.pid, duration + 8, profile_dir / f"{name}.raw")
-                try:
-                    step = capacity._step(lab, t, url, n, duration, proc.pid, probe_cpus)
-                finally:
-                    sessions.stop(lab, proc)
-                    ready = next((ln for ln in log.read_text().splitlines() if "transceiver ready" in ln), "")
-                    log.unlink(missing_ok=True)
-                    if spy is not None:
-                        spy.wait(timeout=30)
-                pct = step["transceiver_cpu_pct"]
-                runs[name].append({
-                    "round": r, "us_per_call_s": round(pct / 100.0 * 1e6 / n) if pct is not None else None,
-                    "transceiver_cpu_pct": pct, "probe_cpu_pct": step["probe_cpu_pct"],
-                    "audio_loss": step["audio_loss"], "audio_rtt_p50_ms": step["audio_rtt_ms"]["median"],
-                    "window_s": step["window_s"], "loadavg_1m": round(os.getloadavg()[0], 2), "ready": ready})
-                loads.append(os.getloadavg()[0])
-                print(json.dumps({name: runs[name][-1]}), file=sys.stderr, flush=True)
+            order = list(variants)[r % len(variants):] + list(variants)[:r % len(variants)]
+            if profile_dir is not None and r == 0:
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                spies = [spy for name in variants
+                         if (spy := _profile(pids[name], duration + 8, profile_dir / f"{name}.raw"))]
+            rows = _round(lab, {name: urls[name] for name in order}, pids, n, duration, probe_cpus)
+            for spy in spies:
+                spy.wait(timeout=60)
+            spies = []
+            for name in variants:
+                row = rows[name]
+                pct = row["transceiver_cpu_pct"]
+                row.update(round=r, probe_cpu_pct=rows["probe"]["cpu_pct"], window_s=rows["probe"]["window_s"],
+                           loadavg_1m=round(os.getloadavg()[0], 2),
+                           us_per_call_s=round((pct - (idle[name] or 0.0)) / 100.0 * 1e6 / n)
+                           if pct is not None else None)
+                runs[name].append(row)
+            loads.append(os.getloadavg()[0])
+            print(json.dumps({name: runs[name][-1]["us_per_call_s"] for name in variants} | rows["probe"]),
+                  file=sys.stderr, flush=True)
     finally:
-        try:
-            stack.control(lab, lambda c: c.delete_backend(backend_id))
-        except Exception:  # noqa: BLE001 - the agent may be gone; nothing else to undo
-            pass
-    out: dict[str, Any] = {"sessions": n, "duration_s": duration, "rounds": rounds, "cpu": cpu, "nice": nice,
-                           "loadavg_1m": {"min": round(min(loads), 2), "max": round(max(loads), 2)},
-                           "variants": {}}
+        for i, (name, (proc, log)) in enumerate(procs.items()):
+            sessions.stop(lab, proc)
+            runs.setdefault(name, [])
+            variants[name] = variants[name] | {"ready": next(
+                (ln for ln in log.read_text().splitlines() if "transceiver ready" in ln), "")}
+            log.unlink(missing_ok=True)
+            try:
+                stack.control(lab, lambda c, backend=first + i: c.delete_backend(backend))
+            except Exception:  # noqa: BLE001 - the agent may be gone; nothing else to undo
+                pass
+    out: dict[str, Any] = {"sessions_per_variant": n, "duration_s": duration, "rounds": rounds, "cpu": cpu,
+                           "nice": nice, "loadavg_1m": {"min": round(min(loads), 2), "max": round(max(loads), 2)},
+                           "idle_cpu_pct": idle, "variants": {}}
     for name, rows in runs.items():
         values = [row["us_per_call_s"] for row in rows
                   if row["us_per_call_s"] is not None and (row["audio_loss"] or 0.0) <= MAX_LOSS]
@@ -173,7 +217,7 @@ def main() -> None:  # pragma: no cover - run by hand as root against a lab
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lab", required=True)
     parser.add_argument("--variant", action="append", required=True, help="name:KEY=VALUE,... (twice or more)")
-    parser.add_argument("--sessions", type=int, default=12)
+    parser.add_argument("--sessions", type=int, default=4, help="calls per variant")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cpu", type=int, default=0)

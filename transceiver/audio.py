@@ -104,7 +104,8 @@ KEEP_QUIET = 2
 
 # A s16le sample is in -1024..1023 exactly when its high byte is -4..3: deleting those bytes from the frame's
 # high bytes leaves nothing for a quiet frame.  Two C passes instead of 960 Python ints twice (array, max and
-# min): 4.4 µs a frame instead of 71 µs, measured on this machine; every frame sent is checked.
+# min): 1.3 µs of CPU a frame instead of 20 µs (process_time, best of 3, this machine); every frame sent is
+# checked, so ~0.9 ms per call-second, ~5 % of an echo call's transceiver CPU.
 _QUIET_HIGH_BYTES = bytes([0, 1, 2, 3, 0xFC, 0xFD, 0xFE, 0xFF])
 
 

@@ -139,8 +139,8 @@ class AdaptiveJitterBuffer:
         window.append((seq, transit))
         while window[0][0] <= seq - WINDOW:
             window.popleft()
-        # kept sorted as it goes (a C memmove each way) rather than sorted per packet: 2.5 µs a packet
-        # instead of 23 µs, measured on this machine, at 50 packets per call-second
+        # kept sorted as it goes (a C memmove each way) rather than sorted per packet: 0.4 µs of CPU a packet
+        # instead of 3.9 µs (process_time, best of 3, this machine), at 50 packets per call-second
         lateness = transit - window[0][1]
         ordered = self._lateness_sorted
         if len(self._lateness) == WINDOW:
