@@ -1,30 +1,27 @@
-"""A transceiver's CPU per call-second, two builds or settings of it side by side in one run (issue 24).
+"""A transceiver's CPU per call-second, two or more builds or settings of it side by side in one run (issue 24).
 
 An optimization of the per-packet path is judged by the transceiver's own CPU per second of call:
-utime+stime of its process (all threads) over the window in which all N echo sessions talk, divided by
-N times that window (µs of CPU per call-second).  On this shared machine the figure drifts with the
-other work on it, so the variants run under the same load in one run and *alternate*: round r runs
-them in order, round r+1 in reverse (ABBA...), and each variant's median over the rounds is compared.
-A variant is environment for the transceiver's process: ``PYTHONPATH`` at a checkout of another commit
-(the "before" build: run this from outside the worktree, or ``-m`` puts the worktree's own package first
-on the path), or ``SPLITRELAY_EVENT_LOOP`` (transceiver/loop.py).  Each run keeps its ready line.
+utime+stime of its process (all threads) over the window in which all calls talk, less what the same
+process spends with no call, divided by the calls and that window (µs of CPU per call-second).  On
+this shared machine (8 helpers, load 10-27 on 2 cores while this was written) the figure moves by
+±30 % from one minute to the next, so the variants run *at once*: one transceiver per variant, all
+pinned to ``cpu``, each taking ``n`` echo calls of one probe run (pinned to the other CPUs), so a busy
+moment hits them all alike; the order of their URLs rotates each round, and each variant's median over
+the rounds is compared.  A variant is environment for its transceiver's process: ``PYTHONPATH`` at a
+copy of another commit's packages (the "before" build: run this from outside the worktree, or ``-m``
+puts the worktree's own package first on the path), or ``SPLITRELAY_EVENT_LOOP`` (transceiver/loop.py).
+Each variant keeps its ready line, which names its loop.
 
-Each step is ``capacity._step``: the transceiver (relay mode, echo handler, pinned to ``cpu``) and the
-project's aiortc probe (``--carrier --together``, pinned to the other CPUs) in a lab the caller started.
-Keep N modest (8-16): the aiortc client costs more per session than the transceiver, and the figure
-holds only while the client keeps up (audio loss and the probe's CPU are reported beside it).
+The figure holds only while the client keeps up: the transceiver encodes silence in place of audio it
+did not get, and libopus encodes silence far cheaper than a tone, so a client starved of CPU makes the
+transceiver look cheap.  A round with audio loss above ``MAX_LOSS`` is kept in the runs but left out of
+the medians.  ``nice`` (negative: root) is inherited by the transceivers and the probe alike.
 
-The figure holds only for a step whose audio came back whole: the transceiver encodes silence in place
-of audio it did not get, and libopus encodes silence far cheaper than a tone, so a client starved of CPU
-(this machine is shared) makes the transceiver look cheap.  A step with audio loss above ``MAX_LOSS``
-is kept in the runs but left out of the medians.  ``nice`` (negative: root) is inherited by the
-transceiver and the probe alike, so both variants get the same share of a busy machine.
-
-With ``profile_dir``, py-spy samples the transceiver of each variant's first round (``--format raw``:
+With ``profile_dir``, py-spy samples every variant's transceiver in the first round (``--format raw``:
 collapsed stacks, for ``top_frames``).
 
-    cd /tmp && python -m splitrelay.bench.cpu_ab --lab fa1 --sessions 12 --rounds 3 \\
-        --variant before:PYTHONPATH=/tmp/base --variant after:
+    cd /tmp && python -m splitrelay.bench.cpu_ab --lab fa1 --sessions 3 --rounds 6 --nice -10 \\
+        --variant before:PYTHONPATH=/tmp/base/py --variant after:
 """
 
 from __future__ import annotations
