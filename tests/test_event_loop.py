@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import pytest
 
 from splitrelay.client.probe import run_probes
 from splitrelay.transceiver import loop
 
-from .test_workers import serving
+from .test_workers import children, serving
 
 
 def ready_on(name: str) -> re.Pattern:
@@ -50,3 +51,12 @@ def test_serve_runs_calls_on_the_loop_it_was_told(tmp_path, monkeypatch, args, e
         _, base, _, _ = running
         [report] = asyncio.run(run_probes([base + "/whip"], sessions=1, duration=2.0))
         assert report.ok and report.beeps_heard == report.beeps_sent >= 2, report
+
+
+def test_the_loop_given_to_a_supervisor_reaches_every_worker(tmp_path, monkeypatch):
+    monkeypatch.delenv(loop.EVENT_LOOP_ENV, raising=False)
+    with serving(tmp_path, "--processes", "2", "--backend-id", "44", "--event-loop", "asyncio") as (proc, *_):
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        for pid in workers:   # the option travels in the environment, which each worker's serve reads
+            assert b"SPLITRELAY_EVENT_LOOP=asyncio" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
