@@ -3,9 +3,11 @@
 Every packet of every call is a callback of this loop (the mux's socket read, the SRTP and RTP
 layers' tasks, each frame's pacing timer), so the loop's own cost per callback is paid ~200 times
 per call-second.  uvloop (libuv, in C) runs those callbacks, its timers and the UDP socket's reads
-and writes with less Python in between; measured side by side in one run (bench/cpu_ab.py, echo,
-12 calls, docs/bench/profile.md): see that file for the figure.  ``asyncio`` stays selectable
-(``--event-loop asyncio``, env SPLITRELAY_EVENT_LOOP), e.g. to rule the loop out when debugging.
+and writes with less Python in between: 1-3 % less transceiver CPU per echo call than asyncio's loop,
+measured side by side in one run (bench/cpu_ab.py, two runs, docs/bench/profile.md) -- a small gain,
+since libopus and aiortc's own per-packet Python are most of a call's cost.  ``asyncio`` stays
+selectable (``--event-loop asyncio``, env SPLITRELAY_EVENT_LOOP), e.g. to rule the loop out when
+debugging.
 
 uvloop's clock is libuv's: the same CLOCK_MONOTONIC as ``time.monotonic()``, which the voice path
 mixes with ``loop.call_at``, but kept in whole milliseconds, so a timer may fire up to a
