@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import struct
 
 import pytest
@@ -15,10 +16,11 @@ from aioice.ice import Connection
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 
 from splitrelay.transceiver.audio import (
-    AIORTC_JITTER_BUFFER, FRAME_BYTES, LEAD, QUIET_PEAK, REPLY_LEAD, OutboundAudio, VoiceReceiver, check_aiortc,
+    AIORTC_JITTER_BUFFER, FRAME_BYTES, LEAD, QUIET_PEAK, REPLY_LEAD, OutboundAudio, VoiceReceiver, _quiet,
+    check_aiortc,
 )
 from splitrelay.transceiver.handlers import FRAME_SAMPLES, FRAME_SECONDS, PcmFrame
-from splitrelay.transceiver.jitter import MAX_CONCEALED, AdaptiveJitterBuffer
+from splitrelay.transceiver.jitter import MAX_CONCEALED, WINDOW, AdaptiveJitterBuffer
 from splitrelay.transceiver.opus import OpusDecoder, OpusEncoder, packet_samples
 
 T0 = 1000.0
@@ -80,6 +82,19 @@ def test_the_buffer_grows_only_when_jitter_is_measured():
     assert buffer.delay == pytest.approx(0.03 + FRAME_SECONDS / 2)
     assert buffer.concealed == 0 and buffer.late == 0         # in order, so nothing was missing
     assert buffer.wait == pytest.approx(FRAME_SECONDS)        # and a gap is still waited for one frame only
+
+
+def test_the_jitter_is_the_95th_percentile_of_the_last_window_of_lateness_as_packets_keep_coming():
+    # the sorted copy the percentile is read from follows the window packet by packet, ties and evictions included
+    rng = random.Random(24)
+    buffer = AdaptiveJitterBuffer()
+    for i in range(3 * WINDOW + 7):
+        late = rng.choice([0.0, 0.0, 0.004, 0.012]) if i < 2 * WINDOW else rng.random() * 0.05
+        buffer.put(i, i * FRAME_SAMPLES, PACKETS[i % len(PACKETS)], T0 + i * FRAME_SECONDS + late)
+        window = sorted(buffer._lateness)
+        assert len(window) == min(i + 1, WINDOW) and buffer._lateness_sorted == window
+        assert buffer.jitter == window[int(0.95 * (len(window) - 1))]
+    assert buffer.jitter > 0.04
 
 
 def test_a_gap_waits_the_measured_delay_only_once_the_path_has_reordered():
@@ -217,3 +232,14 @@ async def test_a_queue_of_live_audio_sheds_its_quiet_frames_but_never_a_tone_or_
     assert max(peaks) > 4000                                 # the tone went out
     assert all(p < 1000 for p in peaks[:2])                  # and the pause before it was shortened, not closed
     out.stop()
+
+
+@pytest.mark.parametrize("peak_sample", [0, 1, 255, 256, 1023, -1, -256, -1024, 1024, -1025, 2000, -30000, 32767,
+                                         -32768])
+@pytest.mark.parametrize("at", [0, 480, FRAME_SAMPLES - 1])
+def test_a_frame_is_quiet_exactly_when_every_sample_is_within_the_quiet_peak(peak_sample, at):
+    # the high-byte test in _quiet against its definition, one loud sample anywhere in a low-level frame
+    samples = [((n * 37) % 1800) - 900 for n in range(FRAME_SAMPLES)]
+    samples[at] = peak_sample
+    pcm = struct.pack(f"<{FRAME_SAMPLES}h", *samples)
+    assert _quiet(pcm) == _quiet(bytearray(pcm)) == all(-QUIET_PEAK <= s < QUIET_PEAK for s in samples)

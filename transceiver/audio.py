@@ -96,15 +96,21 @@ def check_aiortc() -> None:
 # that carry their packet's arrival time) waiting for its RTP time with another frame behind it is
 # dropped when quiet (like NetEq's accelerate, which also picks low-energy audio); speech and tones are
 # never dropped, and generated audio (a TTS reply, no arrival time) is paced whole.
-QUIET_PEAK = 1000  # of 32767, about -30 dBFS
+QUIET_PEAK = 1024  # of 32767, about -30 dBFS: a frame is quiet when every sample is in -1024..1023
 # Frames of each pause that are always sent: shedding a whole pause glued two echoed beeps into one
 # (the probe then heard one beep fewer); speech keeps a 40 ms gap between its words.
 KEEP_QUIET = 2
 
 
+# A s16le sample is in -1024..1023 exactly when its high byte is -4..3: deleting those bytes from the frame's
+# high bytes leaves nothing for a quiet frame.  Two C passes instead of 960 Python ints twice (array, max and
+# min): 1.3 µs of CPU a frame instead of 20 µs (process_time, best of 3, this machine); every frame sent is
+# checked, so ~0.9 ms per call-second, ~5 % of an echo call's transceiver CPU.
+_QUIET_HIGH_BYTES = bytes([0, 1, 2, 3, 0xFC, 0xFD, 0xFE, 0xFF])
+
+
 def _quiet(pcm: bytes | bytearray) -> bool:
-    samples = array("h", pcm)
-    return not samples or max(max(samples), -min(samples)) < QUIET_PEAK
+    return not pcm[1::2].translate(None, _QUIET_HIGH_BYTES)
 
 
 def _wake(waiter: asyncio.Future) -> None:

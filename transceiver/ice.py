@@ -32,7 +32,8 @@ from aioice.ice import CandidatePair
 
 from splitrelay.wire.hint import ALPHABET
 from splitrelay.transceiver.ice_restart import begin_generation, run_generation
-from splitrelay.transceiver.mux import MuxedConnection, UdpMux
+from splitrelay.transceiver.ice_connection import MuxedConnection
+from splitrelay.transceiver.mux import UdpMux
 
 _session: ContextVar[tuple[UdpMux, str, str, list, list[MuxedConnection]] | None] = ContextVar(
     "splitrelay_ice_session", default=None)

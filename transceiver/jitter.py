@@ -32,6 +32,7 @@ Pure bookkeeping with the time passed in, so its behaviour is tested without a n
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
 
@@ -85,7 +86,8 @@ class AdaptiveJitterBuffer:
         self._first_ts: int | None = None
         self._last_ts = 0
         self._transits: deque[tuple[int, float]] = deque()  # (seq, transit), increasing transit
-        self._lateness: deque[float] = deque(maxlen=WINDOW)
+        self._lateness: deque[float] = deque()  # the last WINDOW packets' lateness, in arrival order...
+        self._lateness_sorted: list[float] = []  # ...and the same values sorted, for the percentile
         self._reordered: deque[bool] = deque(maxlen=WINDOW)  # per packet: it came after a later one
         self._highest: int | None = None
 
@@ -137,8 +139,14 @@ class AdaptiveJitterBuffer:
         window.append((seq, transit))
         while window[0][0] <= seq - WINDOW:
             window.popleft()
-        self._lateness.append(transit - window[0][1])
-        ordered = sorted(self._lateness)
+        # kept sorted as it goes (a C memmove each way) rather than sorted per packet: 0.4 µs of CPU a packet
+        # instead of 3.9 µs (process_time, best of 3, this machine), at 50 packets per call-second
+        lateness = transit - window[0][1]
+        ordered = self._lateness_sorted
+        if len(self._lateness) == WINDOW:
+            del ordered[bisect_left(ordered, self._lateness.popleft())]
+        self._lateness.append(lateness)
+        insort(ordered, lateness)
         self.jitter = ordered[int(0.95 * (len(ordered) - 1))]
         self.delay = min(self.max_delay, max(self.min_delay, self.jitter + FRAME / self.rate / 2))
 

@@ -28,7 +28,8 @@ from splitrelay.transceiver.handlers import SAMPLE_RATE, Handler, PcmFrame
 from splitrelay.transceiver.history import StateChange, StateHistory
 from splitrelay.transceiver.ice import new_password, session_ice
 from splitrelay.transceiver import limits
-from splitrelay.transceiver.mux import MuxedConnection, UdpMux
+from splitrelay.transceiver.ice_connection import MuxedConnection
+from splitrelay.transceiver.mux import UdpMux
 from splitrelay.errors import SplitrelayError
 
 log = logging.getLogger(__name__)
