@@ -22,12 +22,13 @@ from __future__ import annotations
 from array import array
 from functools import cache
 
+from splitrelay.transceiver.audio import QUIET_PEAK
 from splitrelay.transceiver.handlers import (FRAME_SAMPLES, SAMPLE_RATE, Handler, PcmFrame, SessionIO,
                                              register_handler)
 from splitrelay.transceiver.opus import OpusEncoder
 
 SILENCE = bytes(2 * FRAME_SAMPLES)
-SPEECH_PEAK = 1000      # of 32767 (about -30 dBFS), audio.QUIET_PEAK's level: above it a frame is speech
+SPEECH_PEAK = QUIET_PEAK   # a frame whose peak reaches the level the send path calls not quiet is speech
 COMFORT_BITRATE = 6000  # silence in 6-7 bytes a packet at 6 kbit/s (35-36 at the outbound 32 kbit/s)
 
 
