@@ -26,9 +26,9 @@ from pathlib import Path
 
 from splitrelay.bpf import SOURCE_DIR, syscall
 from splitrelay.bpf.testrun import XDP_TX, run_xdp
-from splitrelay.edge import xdp_codec as codec
+from splitrelay.edge.xdp import codec
 from splitrelay.edge.records import Backend, RelayConfig
-from splitrelay.edge.xdp_loader import PROGRAMS, load_program
+from splitrelay.edge.xdp.loader import PROGRAMS, load_program
 from splitrelay.wire import stun
 
 from .translate_cost import BACKEND_IP, BACKEND_PORT, CLIENT_IP, CLIENT_PORT, LO, MAC, PUBLIC_IP, RELAY_PORT, RTP

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from splitrelay.bpf import syscall
 from splitrelay.bpf.testrun import XDP_TX, run_xdp
-from splitrelay.edge.datapath import Backend, Datapath, RelayConfig
+from splitrelay.edge.xdp.maps import Backend, Datapath, RelayConfig
 from splitrelay.wire import stun
 from splitrelay.wire.byteorder import mac_bytes
 from splitrelay.wire.udp import ipv4_udp

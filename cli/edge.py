@@ -146,8 +146,8 @@ def edge_detach(ifaces: tuple[str, ...], instance: str, keep_maps: bool) -> None
     """
     require_root("detaching XDP")
     require_bcc()
-    from splitrelay.edge.datapath import Datapath
-    from splitrelay.edge.xdp_loader import unpin
+    from splitrelay.edge.xdp.maps import Datapath
+    from splitrelay.edge.xdp.loader import unpin
 
     Datapath(instance=instance).detach(list(ifaces))
     removed = False if keep_maps else unpin(instance)
@@ -176,8 +176,8 @@ def _xdp_attachments() -> list[dict]:
 def edge_status(as_json: bool) -> None:
     """XDP programs attached in this network namespace and pinned relay instances with their map fill."""
     require_root("reading BPF maps")
-    from splitrelay.edge.datapath import Datapath
-    from splitrelay.edge.xdp_loader import pinned_instances
+    from splitrelay.edge.xdp.maps import Datapath
+    from splitrelay.edge.xdp.loader import pinned_instances
 
     data = {"attached": _xdp_attachments(), "instances": []}
     for name in pinned_instances():

@@ -41,9 +41,9 @@ from splitrelay.edge import ice_tcp
 from splitrelay.edge.metrics import EdgeMetrics
 from splitrelay.edge.plane import DataPlane, PlaneConfig
 from splitrelay.edge.records import POLICIES, Backend, DatapathError
-from splitrelay.edge.userspace import UserspaceOptions, UserspacePlane
-from splitrelay.edge.xdp_loader import PIN_ROOT
-from splitrelay.edge.xdp_plane import XdpOptions, XdpPlane
+from splitrelay.edge.userspace.plane import UserspaceOptions, UserspacePlane
+from splitrelay.edge.xdp.loader import PIN_ROOT
+from splitrelay.edge.xdp.plane import XdpOptions, XdpPlane
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class AgentConfig(PlaneConfig):
     backend_ports: tuple[int, int] = (1, 65535)
     session_idle_s: float = 600.0         # a session with no flow this long, of a backend gone quiet, goes
     backend_live_s: float = BACKEND_LIVE_S
-    datapath: str = "xdp"                 # "xdp" | "userspace" (edge/userspace.py)
+    datapath: str = "xdp"                 # "xdp" | "userspace" (edge/userspace/plane.py)
     internal_ip4: str | None = None       # userspace: where flow sockets bind (default: from internal_iface)
     internal_ip6: str | None = None
     internal_more: tuple[str, ...] = ()   # xdp --translate: further internal addresses (edge/records.py sets)

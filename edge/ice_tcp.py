@@ -46,7 +46,7 @@ from splitrelay.edge.counters import counter_specs
 from splitrelay.edge.plane import DataPlane
 from splitrelay.edge.records import DatapathError
 from splitrelay.edge.routing import RoutingTables, route
-from splitrelay.edge.userspace import interface_addresses
+from splitrelay.edge.userspace.plane import interface_addresses
 
 log = logging.getLogger(__name__)
 

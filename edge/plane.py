@@ -1,9 +1,9 @@
 """The contract between the edge agent and a data plane, and the planes' shared settings.
 
 The agent, the control API and the metrics hold one ``DataPlane`` and never
-ask which kind it is.  Two implement it: ``xdp_plane.XdpPlane`` (the programs
+ask which kind it is.  Two implement it: ``xdp.plane.XdpPlane`` (the programs
 of ``bpf/relay.c``, state in pinned BPF maps that outlive the agent) and
-``userspace.UserspacePlane`` (the same decisions on UDP sockets, state in this
+``userspace.plane.UserspacePlane`` (the same decisions on UDP sockets, state in this
 process).  ``NullPlane`` is the default where no plane is given: it holds
 nothing and relays nothing.
 

@@ -1,6 +1,6 @@
 """What every data plane stores and answers with: the relay's config, backends, sessions and flows.
 
-Both planes (``xdp_plane.py``, ``userspace.py``) take and return these
+Both planes (``xdp/plane.py``, ``userspace/plane.py``) take and return these
 dataclasses, so the control API, the metrics and the agent never see how a
 plane keeps them (BPF maps or Python dicts).  Each validates itself on
 construction with a one-line ``DatapathError``.
@@ -151,7 +151,7 @@ class Flow:
 
     @property
     def internal_pair(self) -> int:
-        """The (address set, port) pair the flow holds in the translation pool (edge/ports.py); 0: none."""
+        """The (address set, port) pair the flow holds in the translation pool (edge/xdp/ports.py); 0: none."""
         return (self.internal_set << 16) | self.internal_port if self.internal_port else 0
 
     @property

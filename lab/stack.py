@@ -17,7 +17,7 @@ from pathlib import Path
 
 from splitrelay.edge.control_client import ControlClient
 from splitrelay.edge.credentials import backend_token
-from splitrelay.edge.xdp_loader import unpin
+from splitrelay.edge.xdp.loader import unpin
 from splitrelay.lab import impair, udp_block
 from splitrelay.lab.floating import floated
 from splitrelay.lab.impair import Impairment

@@ -11,9 +11,9 @@ from ipaddress import ip_address
 import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as pnetns
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import Datapath
 from splitrelay.edge.records import Backend, RelayConfig
-from splitrelay.edge.xdp_loader import pinned_instances, unpin
+from splitrelay.edge.xdp.loader import pinned_instances, unpin
 from splitrelay.lab.topology import STATE_DIR, STEM_ENV, Lab
 from splitrelay.lab.netns import in_netns, list_namespaces
 

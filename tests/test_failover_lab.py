@@ -14,7 +14,7 @@ import pytest
 
 from splitrelay.client.ice_failover import nominate_like_a_browser, switch_to
 from splitrelay.client.ice_restart import ice_connection
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import Datapath
 from splitrelay.lab.netns import in_netns
 from splitrelay.lab.stack import control, instance, start_lab, stop_lab
 from splitrelay.lab.topology import Lab

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from splitrelay.lab.stack import control, probe, probe_result, start_agent, start_lab, stop_lab
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import Datapath
 from splitrelay.lab.topology import Lab
 from splitrelay.lab.netns import in_netns
 

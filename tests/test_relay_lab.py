@@ -9,7 +9,7 @@ import time
 import pytest
 from splitrelay.bpf import consts
 from splitrelay.wire import hint, stun
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import Datapath
 from splitrelay.lab.netns import in_netns
 
 from .conftest import needs_root

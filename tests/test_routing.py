@@ -13,7 +13,7 @@ from splitrelay.bpf import consts
 from splitrelay.edge.plane import DataPlane, NullPlane, PlaneConfig
 from splitrelay.edge.records import Backend, DatapathError, RelayConfig, Session, check_ufrag
 from splitrelay.edge.routing import Decision, RoutingTables, route
-from splitrelay.edge.userspace import UserspacePlane
+from splitrelay.edge.userspace.plane import UserspacePlane
 from splitrelay.errors import SplitrelayError
 from splitrelay.wire import hint, stun
 

@@ -13,7 +13,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import Datapath
 from splitrelay.lab.netns import in_netns
 
 from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab

@@ -1,4 +1,4 @@
-"""The userspace relay (edge/userspace.py) with real packets across a lab.
+"""The userspace relay (edge/userspace/plane.py) with real packets across a lab.
 
 Three parts: the agent as a process (``edge serve --datapath userspace``) in a
 lab, driven through the control API and plain UDP sockets in the client and
@@ -42,7 +42,7 @@ from splitrelay.edge.records import Backend, DatapathError, RelayConfig
 from splitrelay.lab.topology import Lab
 from splitrelay.edge.plane import PlaneConfig
 from splitrelay.edge.routing import RoutingTables, route
-from splitrelay.edge.userspace import NO_MAC, OVERHEAD, TableFullError, UserspaceOptions, UserspacePlane
+from splitrelay.edge.userspace.plane import NO_MAC, OVERHEAD, TableFullError, UserspaceOptions, UserspacePlane
 
 from .conftest import needs_root, relay_ufrags
 from .test_relay_lab import EchoServer, client_socket, ping

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import Datapath
 from splitrelay.edge.records import Backend, RelayConfig
 
 from .. import packets as P

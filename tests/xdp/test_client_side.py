@@ -9,7 +9,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from splitrelay.bpf import consts
 from splitrelay.bpf.testrun import XDP_DROP, XDP_REDIRECT, XDP_TX
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import Datapath
 from splitrelay.edge.records import Backend, RelayConfig
 from splitrelay.wire import hint, stun
 

@@ -10,9 +10,9 @@ import pytest
 from splitrelay.bpf import SOURCE_DIR, syscall
 from splitrelay.bpf.testrun import XDP_PASS
 from splitrelay.edge.counters import counter_specs
-from splitrelay.edge.datapath import WALK_CHUNK, Datapath
+from splitrelay.edge.xdp.maps import WALK_CHUNK, Datapath
 from splitrelay.edge.records import DatapathError
-from splitrelay.edge.xdp_loader import MAP_NAMES, PinnedMapMismatch
+from splitrelay.edge.xdp.loader import MAP_NAMES, PinnedMapMismatch
 
 from .. import packets as P
 from .harness import (

@@ -14,7 +14,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from splitrelay.bpf.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT
 from splitrelay.edge.records import DatapathError, check_internal_sets
-from splitrelay.edge.xdp_plane import XdpOptions, _internal_addresses
+from splitrelay.edge.xdp.plane import XdpOptions, _internal_addresses
 
 from .. import packets as P
 from .harness import (INTERNAL_IP4, INTERNAL_IP4_B, INTERNAL_IP6, INTERNAL_IP6_B, PORTS, RELAY_OWN_IP4, V, VETH,

@@ -1,6 +1,6 @@
 """The XDP data plane (``bpf/relay.c``) as a ``DataPlane``: what the agent needs beyond the maps.
 
-``datapath.Datapath`` loads, attaches and reads the maps; this adds the
+``maps.Datapath`` loads, attaches and reads the maps; this adds the
 plane's life around an agent: the next hops it must resolve (the gateway on
 the public side, each backend on the internal side, since XDP writes Ethernet
 headers itself), the mode it attaches in, and what stays when the agent exits
@@ -16,10 +16,10 @@ import logging
 from dataclasses import dataclass
 
 from splitrelay.edge import neighbours
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import Datapath
 from splitrelay.edge.plane import PlaneConfig
 from splitrelay.edge.records import DatapathError, RelayConfig, check_internal_sets
-from splitrelay.edge.xdp_loader import ATTACH_MODES, PIN_ROOT, refuse_host_links
+from splitrelay.edge.xdp.loader import ATTACH_MODES, PIN_ROOT, refuse_host_links
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class XdpPlane(Datapath):
 def _own_addresses(*ifaces: str | None) -> list[str]:
     """Every global address of the relay's interfaces: what a backend sends there is for the host
     (sockets on its internal address), passed to the kernel, never forwarded (blocking)."""
-    from splitrelay.edge.userspace import interface_address_list
+    from splitrelay.edge.userspace.plane import interface_address_list
 
     return sorted({addr for iface in dict.fromkeys(ifaces) if iface for _, addr in interface_address_list(iface)})
 
@@ -129,7 +129,7 @@ def _own_addresses(*ifaces: str | None) -> list[str]:
 def _internal_addresses(iface: str, o: XdpOptions) -> dict[int, str]:
     """Translation's first internal address of each family: the given ones, each of which (and of
     ``internal_more``) must be on ``iface``, else the interface's first of each family (blocking)."""
-    from splitrelay.edge.userspace import interface_address_list, interface_addresses
+    from splitrelay.edge.userspace.plane import interface_address_list, interface_addresses
 
     given = [ip for ip in (o.internal_ip4, o.internal_ip6, *o.internal_more) if ip]
     if not given:

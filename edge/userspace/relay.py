@@ -12,7 +12,7 @@ wakeup, and cannot be created synchronously for a flow's first packet;
 ``add_reader`` on plain sockets avoids all three.)  No callback raises and
 nothing is logged per packet.
 
-The tables and the control calls over them are ``userspace.UserspacePlane``'s.
+The tables and the control calls over them are ``plane.UserspacePlane``'s.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """The XDP data plane of one relay instance, as Python sees it: its tables in the kernel's maps.
 
 (Just over 400 lines: every map's read and write lives beside the pinning that keeps them;
-encoding is ``xdp_codec``, loading ``xdp_loader``, the port pool ``ports``.)
+encoding is ``codec``, loading ``loader``, the port pool ``ports``.)
 
-Loads ``bpf/relay.c`` (``xdp_loader``), keeps every map pinned under
+Loads ``bpf/relay.c`` (``loader``), keeps every map pinned under
 ``/sys/fs/bpf/splitrelay/<instance>`` so an agent restart or a program reload
 keeps all sessions and flows, attaches the two programs, and reads and writes
 the maps with the ctypes types bcc derives from ``bpf/splitrelay.h`` (never a
-second copy of the structs; ``xdp_codec`` fills them).  Policy (what to
+second copy of the structs; ``codec`` fills them).  Policy (what to
 register, when to age) is the caller's; this module only moves values in and
-out of the kernel.  ``xdp_plane.XdpPlane`` makes it a ``DataPlane``.
+out of the kernel.  ``plane.XdpPlane`` makes it a ``DataPlane``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pathlib import Path
 
 from splitrelay.bpf import consts, syscall
 from splitrelay.edge import counters as counters_mod
-from splitrelay.edge import xdp_codec as codec
-from splitrelay.edge import xdp_loader as loader
+from splitrelay.edge.xdp import codec
+from splitrelay.edge.xdp import loader
 from splitrelay.edge.plane import PENDING_TIMEOUT_S
-from splitrelay.edge.ports import PortPool, flow_pair
+from splitrelay.edge.xdp.ports import PortPool, flow_pair
 from splitrelay.edge.records import (
     INTERNAL_SLOT,
     PUBLIC_SLOT,
@@ -38,7 +38,7 @@ from splitrelay.edge.records import (
     Session,
     check_ufrag,
 )
-from splitrelay.edge.xdp_loader import PIN_ROOT, unpin
+from splitrelay.edge.xdp.loader import PIN_ROOT, unpin
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Datapath:
     attachments: list[Attachment] = field(default_factory=list)
     max_flows: int | None = None   # flow table size (default SR_MAX_FLOWS); fixed when first pinned
     port_range: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)   # configure() sets it
-    port_quarantine_s: float = 60.0   # translate: > the agent's idle timeout (edge/ports.py)
+    port_quarantine_s: float = 60.0   # translate: > the agent's idle timeout (edge/xdp/ports.py)
     xlate_addrs: int = 1   # translate: internal address sets the pool and reverse array hold; fixed when pinned
 
     def __post_init__(self) -> None:
@@ -65,7 +65,7 @@ class Datapath:
 
     @property
     def ports(self) -> PortPool:
-        """The translation port pool (edge/ports.py) on this instance's maps."""
+        """The translation port pool (edge/xdp/ports.py) on this instance's maps."""
         if self._ports is None or self._ports.bpf is not self.bpf:
             held = self._ports.quarantined if self._ports else {}
             if self._ports is None:   # a restarted agent before configure(): the pinned config's range and sets

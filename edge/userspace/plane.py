@@ -44,7 +44,7 @@ be on the wire (UDP payload + 8 + 20 or 40 + 14), what XDP counts for an
 untagged frame without IP options, so byte rates compare across data paths.
 Flow times are ``time.monotonic_ns()``, the clock of ``bpf_ktime_get_ns``.
 
-The hot path is ``userspace_relay.py``; this module is the plane around it:
+The hot path is ``relay.py``; this module is the plane around it:
 the tables' control calls, the limits, and the agent's lifecycle.
 """
 
@@ -72,7 +72,7 @@ from splitrelay.edge.records import (
     TableFullError,
     check_ufrag,
 )
-from splitrelay.edge.userspace_relay import OVERHEAD, UserspaceRelay, LiveFlow
+from splitrelay.edge.userspace.relay import OVERHEAD, UserspaceRelay, LiveFlow
 
 log = logging.getLogger(__name__)
 

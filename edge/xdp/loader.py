@@ -3,7 +3,7 @@
 What can go wrong here is told in one line: a compile error, a verifier
 rejection (the full log saved to a file), a pinned map an older build left
 with another layout, an interface that is missing or is the host's own link.
-The maps' contents are ``datapath.py``'s business.
+The maps' contents are ``maps.py``'s business.
 """
 
 from __future__ import annotations
