@@ -96,7 +96,7 @@ def _agent(lab: Lab, datapath: str) -> subprocess.Popen:
     # flows of a benchmark must not age out between its parts, nor its registered sessions (no transceiver
     # refreshes their backend)
     args = ["--idle-timeout", "600", "--session-idle", "7200"]
-    return stack.start_agent(lab, "strict", args, datapath=datapath)
+    return stack.start_agent(lab, "strict", args, plane=datapath)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from splitrelay.bpf import syscall
 from splitrelay.bpf.testrun import XDP_TX, run_xdp
-from splitrelay.edge.xdp.maps import Backend, Datapath, RelayConfig
+from splitrelay.edge.xdp.maps import Backend, XdpMaps, RelayConfig
 from splitrelay.wire import stun
 from splitrelay.wire.byteorder import mac_bytes
 from splitrelay.wire.udp import ipv4_udp
@@ -52,7 +52,7 @@ def memlock(map_fd: int) -> int:
     raise OSError(f"no memlock in fdinfo of map fd {map_fd}")
 
 
-def _prepare(dp: Datapath, cfg: RelayConfig) -> tuple[bytes, bytes]:
+def _prepare(dp: XdpMaps, cfg: RelayConfig) -> tuple[bytes, bytes]:
     """Configure, open the client's flow; (its media frame inbound, the backend's reply outbound)."""
     dp.bpf[b"flows"].clear()
     dp.ports.clear_slots()
@@ -84,7 +84,7 @@ def _ns_per_run(prog_fd: int, pkt: bytes, runs: int) -> float:
 def measure(runs: int = 20_000, trials: int = 5, addrs: int = 1) -> dict:
     """``addrs``: internal addresses the relay translates with (the maps sized for them, all configured)."""
     pin_root = f"/sys/fs/bpf/srbench-{uuid.uuid4().hex[:8]}"
-    dp = Datapath(instance="xlate-cost", pin_root=pin_root, xlate_addrs=addrs)
+    dp = XdpMaps(instance="xlate-cost", pin_root=pin_root, xlate_addrs=addrs)
     try:
         dp.load()
         dp.set_tx_slot(0, LO)

@@ -42,7 +42,7 @@ def _agent_options(f):
         click.option("--translate", is_flag=True,
                      help="xdp: translate both sides: the transceiver sees the relay's internal address and a "
                           "per-flow port instead of the client, and needs no route back to clients "
-                          "(docs/DESIGN.md). The userspace datapath always does."),
+                          "(docs/DESIGN.md). The userspace plane always does."),
         click.option("--translate-ports", default=f"{XLATE_PORT_MIN}-{XLATE_PORT_MAX}", show_default=True,
                      metavar="FIRST-LAST", help="--translate: the internal UDP ports flows take (one flow each); "
                                                 "keep them clear of this host's own ephemeral ports."),
@@ -86,7 +86,7 @@ def _agent_config(**kw):
 
 INTERNAL_IP_OPTION = click.option(
     "--internal-ip", "internal_ips", multiple=True,
-    help="--translate (or serve --datapath userspace): the relay's address on the internal side that flows come "
+    help="--translate (or serve --plane userspace): the relay's address on the internal side that flows come "
          "from (repeat for IPv4 and IPv6); default: the --internal interface's first global address "
          "of each family. Give it when that interface holds several. With --translate, repeat it for "
          "several addresses per family (each must be on --internal; up to 16; the i-th IPv4 pairs "
@@ -98,7 +98,7 @@ def _internal_addresses(kw: dict, internal_ips: tuple[str, ...], refusal: str) -
     XDP without --translate, which forwards with the client's address and so has no use for them."""
     from ipaddress import ip_address
 
-    if internal_ips and kw.get("datapath", "xdp") == "xdp" and not kw["translate"]:
+    if internal_ips and kw.get("plane_kind", "xdp") == "xdp" and not kw["translate"]:
         raise CliError(refusal, 2)
     try:
         parsed = [ip_address(ip) for ip in internal_ips]
@@ -106,7 +106,7 @@ def _internal_addresses(kw: dict, internal_ips: tuple[str, ...], refusal: str) -
         raise CliError(str(exc), 2) from None
     kw["internal_ip4"] = next((str(a) for a in parsed if a.version == 4), None)
     kw["internal_ip6"] = next((str(a) for a in parsed if a.version == 6), None)
-    if kw.get("datapath") == "userspace" and len(parsed) > len({a.version for a in parsed}):
+    if kw.get("plane_kind") == "userspace" and len(parsed) > len({a.version for a in parsed}):
         raise CliError("--internal-ip: the userspace relay takes one address per family", 2)
     kw["internal_more"] = tuple(str(a) for a in parsed if str(a) not in (kw["internal_ip4"], kw["internal_ip6"]))
 
@@ -130,7 +130,7 @@ def edge_attach(internal_ips: tuple[str, ...], **kw) -> None:
     agent = EdgeAgent(_agent_config(**kw))
     mode = agent.attach()
     click.echo(f"attached ({mode}) to {kw['public_iface']} and {kw['internal_iface']}; "
-               f"maps pinned at {agent.datapath.pin_dir}")
+               f"maps pinned at {agent.plane.pin_dir}")
 
 
 @edge.command("detach")
@@ -146,10 +146,10 @@ def edge_detach(ifaces: tuple[str, ...], instance: str, keep_maps: bool) -> None
     """
     require_root("detaching XDP")
     require_bcc()
-    from splitrelay.edge.xdp.maps import Datapath
+    from splitrelay.edge.xdp.maps import XdpMaps
     from splitrelay.edge.xdp.loader import unpin
 
-    Datapath(instance=instance).detach(list(ifaces))
+    XdpMaps(instance=instance).detach(list(ifaces))
     removed = False if keep_maps else unpin(instance)
     click.echo(f"detached from {', '.join(ifaces)}" + ("; pinned maps removed" if removed else ""))
 
@@ -176,16 +176,16 @@ def _xdp_attachments() -> list[dict]:
 def edge_status(as_json: bool) -> None:
     """XDP programs attached in this network namespace and pinned relay instances with their map fill."""
     require_root("reading BPF maps")
-    from splitrelay.edge.xdp.maps import Datapath
+    from splitrelay.edge.xdp.maps import XdpMaps
     from splitrelay.edge.xdp.loader import pinned_instances
 
     data = {"attached": _xdp_attachments(), "instances": []}
     for name in pinned_instances():
-        dp = Datapath(instance=name)
-        fill = dp.map_fill()
-        cfg = dp.config()
+        maps = XdpMaps(instance=name)
+        fill = maps.map_fill()
+        cfg = maps.config()
         data["instances"].append({
-            "instance": name, "pin_dir": str(dp.pin_dir),
+            "instance": name, "pin_dir": str(maps.pin_dir),
             "relay_port": cfg.relay_port if cfg else None, "policy": cfg.policy if cfg else None,
             "maps": {k: {"entries": v[0], "capacity": v[1]} for k, v in fill.items()},
         })
@@ -200,7 +200,7 @@ def edge_status(as_json: bool) -> None:
     emit(data, as_json, human)
 
 
-DATAPATH_HELP = (
+PLANE_HELP = (
     "xdp: the relay runs in the kernel's XDP hook (needs root, bcc and `make setup`); packets never enter "
     "the relay's network stack, the transceiver sees each client's own address, and calls survive agent "
     "restarts (maps stay pinned). userspace: an asyncio relay on plain UDP sockets in this process, for hosts "
@@ -212,8 +212,8 @@ DATAPATH_HELP = (
 
 @edge.command("serve")
 @_agent_options
-@click.option("--datapath", type=click.Choice(["xdp", "userspace"]), default="xdp", show_default=True,
-              help=DATAPATH_HELP)
+@click.option("--plane", "--datapath", "plane_kind", type=click.Choice(["xdp", "userspace"]), default="xdp",
+              show_default=True, help=PLANE_HELP + " (--datapath: the same option's former name.)")
 @INTERNAL_IP_OPTION
 @click.option("--max-flows", type=click.IntRange(1, 1 << 24),
               help="Flow table size. xdp: default 1048576, fixed when the maps are first pinned. userspace: one "
@@ -267,12 +267,12 @@ def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, 
       splitrelay edge serve pub0 --internal int0 --public-ip 203.0.113.1 \\
           --gateway-ip 203.0.113.254 --listen 10.0.0.1:8470 --token-file /etc/splitrelay/token
       splitrelay edge serve eth1 --internal eth2 --public-ip 203.0.113.1 \\
-          --datapath userspace --listen 10.0.0.1:8470     # no XDP on this host
+          --plane userspace --listen 10.0.0.1:8470     # no XDP on this host
     """
-    if kw["datapath"] == "xdp":
+    if kw["plane_kind"] == "xdp":
         require_root("the edge agent")
         require_bcc()
-    _internal_addresses(kw, internal_ips, "--internal-ip is for --datapath userspace or --translate (XDP "
+    _internal_addresses(kw, internal_ips, "--internal-ip is for --plane userspace or --translate (XDP "
                                           "forwards with the client's address)")
     from splitrelay.edge.agent import EdgeAgent
 

@@ -40,14 +40,14 @@ from splitrelay.edge.credentials import check_master
 from splitrelay.edge import ice_tcp
 from splitrelay.edge.metrics import EdgeMetrics
 from splitrelay.edge.plane import DataPlane, PlaneConfig
-from splitrelay.edge.records import POLICIES, Backend, DatapathError
+from splitrelay.edge.records import POLICIES, Backend, DataPlaneError
 from splitrelay.edge.userspace.plane import UserspaceOptions, UserspacePlane
 from splitrelay.edge.xdp.loader import PIN_ROOT
 from splitrelay.edge.xdp.plane import XdpOptions, XdpPlane
 
 log = logging.getLogger(__name__)
 
-DATAPATHS = ("xdp", "userspace")
+PLANE_KINDS = ("xdp", "userspace")
 MIN_IDLE_S = 15.0  # consent checks come every ~5 s (RFC 7675): never age a live flow
 MIN_AGEING_INTERVAL_S = 0.05
 
@@ -79,7 +79,7 @@ class AgentConfig(PlaneConfig):
     backend_ports: tuple[int, int] = (1, 65535)
     session_idle_s: float = 600.0         # a session with no flow this long, of a backend gone quiet, goes
     backend_live_s: float = BACKEND_LIVE_S
-    datapath: str = "xdp"                 # "xdp" | "userspace" (edge/userspace/plane.py)
+    plane_kind: str = "xdp"               # "xdp" | "userspace" (edge/userspace/plane.py)
     internal_ip4: str | None = None       # userspace: where flow sockets bind (default: from internal_iface)
     internal_ip6: str | None = None
     internal_more: tuple[str, ...] = ()   # xdp --translate: further internal addresses (edge/records.py sets)
@@ -96,7 +96,7 @@ class AgentConfig(PlaneConfig):
         return PlaneConfig(**{f.name: getattr(self, f.name) for f in fields(PlaneConfig)})
 
     def plane_options(self) -> XdpOptions | UserspaceOptions:
-        if self.datapath == "userspace":
+        if self.plane_kind == "userspace":
             return UserspaceOptions(internal_ip4=self.internal_ip4, internal_ip6=self.internal_ip6)
         return XdpOptions(gateway_ip=self.gateway_ip, gateway_mac=self.gateway_mac,
                           gateway_timeout_s=self.gateway_timeout_s, neighbour_timeout_s=self.neighbour_timeout_s,
@@ -112,39 +112,39 @@ class AgentConfig(PlaneConfig):
         return XdpPlane(self.plane_config(), options)
 
     def __post_init__(self) -> None:
-        if self.datapath not in DATAPATHS:
-            raise DatapathError(f"datapath must be one of {', '.join(DATAPATHS)}, got {self.datapath!r}")
+        if self.plane_kind not in PLANE_KINDS:
+            raise DataPlaneError(f"plane must be one of {', '.join(PLANE_KINDS)}, got {self.plane_kind!r}")
         if self.max_flows is not None and self.max_flows < 1:
-            raise DatapathError(f"flow table size must be >= 1, got {self.max_flows}")
+            raise DataPlaneError(f"flow table size must be >= 1, got {self.max_flows}")
         if self.idle_timeout_s < MIN_IDLE_S:
-            raise DatapathError(f"idle timeout must be >= {MIN_IDLE_S:.0f} s (consent checks every 5 s)")
+            raise DataPlaneError(f"idle timeout must be >= {MIN_IDLE_S:.0f} s (consent checks every 5 s)")
         if not MIN_AGEING_INTERVAL_S <= self.ageing_interval_s <= self.idle_timeout_s / 2:
-            raise DatapathError(f"ageing interval must be {MIN_AGEING_INTERVAL_S}..{self.idle_timeout_s / 2:g} s "
+            raise DataPlaneError(f"ageing interval must be {MIN_AGEING_INTERVAL_S}..{self.idle_timeout_s / 2:g} s "
                                 f"(half the idle timeout), got {self.ageing_interval_s}")
         self.plane_options().check(self.plane_config())
         self.ice_tcp_config().check()
         first, last = self.translate_ports
         if not 1 <= first <= last <= 65535:
-            raise DatapathError(f"translation ports must be a range within 1..65535, got {first}-{last}")
+            raise DataPlaneError(f"translation ports must be a range within 1..65535, got {first}-{last}")
         if self.policy not in POLICIES:
-            raise DatapathError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+            raise DataPlaneError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         if not 1 <= self.relay_port <= 65535:
-            raise DatapathError(f"relay port must be 1..65535, got {self.relay_port}")
+            raise DataPlaneError(f"relay port must be 1..65535, got {self.relay_port}")
         check_master(self.token, self.listen_host)
         first, last = self.backend_ports
         if not 1 <= first <= last <= 65535:
-            raise DatapathError(f"backend ports must be a range within 1..65535, got {first}-{last}")
+            raise DataPlaneError(f"backend ports must be a range within 1..65535, got {first}-{last}")
         for cidr in self.backend_cidrs:
             try:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
-                raise DatapathError(f"not a network: {cidr!r}") from None
+                raise DataPlaneError(f"not a network: {cidr!r}") from None
         if not self.session_idle_s > 0:
-            raise DatapathError(f"session idle time must be > 0 s, got {self.session_idle_s:g}")
+            raise DataPlaneError(f"session idle time must be > 0 s, got {self.session_idle_s:g}")
         if not 0 <= self.listen_port <= 65535:
-            raise DatapathError(f"listen port must be 0..65535, got {self.listen_port}")
+            raise DataPlaneError(f"listen port must be 0..65535, got {self.listen_port}")
         if not (self.public_ip4 or self.public_ip6):
-            raise DatapathError("a relay needs a public IPv4 or IPv6 address")
+            raise DataPlaneError("a relay needs a public IPv4 or IPv6 address")
         for value, version in ((self.public_ip4, 4), (self.public_ip6, 6), (self.gateway_ip, None),
                                (self.internal_ip4, 4), (self.internal_ip6, 6)):
             if value is None:
@@ -152,9 +152,9 @@ class AgentConfig(PlaneConfig):
             try:
                 addr = ipaddress.ip_address(value)
             except ValueError:
-                raise DatapathError(f"not an IP address: {value!r}") from None
+                raise DataPlaneError(f"not an IP address: {value!r}") from None
             if version and addr.version != version:
-                raise DatapathError(f"{value} is not an IPv{version} address")
+                raise DataPlaneError(f"{value} is not an IPv{version} address")
 
 
 def interface_networks(ifname: str) -> list[str]:
@@ -182,7 +182,7 @@ class TableSnapshot:
 
     def map_fill(self) -> dict[str, tuple[int, int]]:
         if self.fill is None:
-            raise DatapathError("no ageing pass has read the tables yet")
+            raise DataPlaneError("no ageing pass has read the tables yet")
         return self.fill
 
 
@@ -214,11 +214,6 @@ class EdgeAgent:
         self.session_quiet_since: dict[str, int] = {}    # ufrag -> monotonic ns it was first seen flowless
         self.limits: BackendLimits | None = None
 
-    @property
-    def datapath(self) -> DataPlane:
-        """The plane under the name the CLI and tools read (``agent.datapath.pin_dir``)."""
-        return self.plane
-
     # -- data plane --------------------------------------------------------------------
 
     def attach(self) -> str:
@@ -231,7 +226,7 @@ class EdgeAgent:
         c = self.config
         for iface in (c.public_iface, c.internal_iface):
             if not _iface_exists(iface):
-                raise DatapathError(f"no interface named {iface!r} in this network namespace")
+                raise DataPlaneError(f"no interface named {iface!r} in this network namespace")
         return self.plane.setup()
 
     def health(self) -> dict:
@@ -265,7 +260,7 @@ class EdgeAgent:
         internal_mac = await loop.run_in_executor(None, self.plane.internal_mac)
         networks = list(c.backend_cidrs) or await loop.run_in_executor(None, interface_networks, c.internal_iface)
         if not networks:
-            raise DatapathError(f"{c.internal_iface} has no global address to take the backends' networks from: "
+            raise DataPlaneError(f"{c.internal_iface} has no global address to take the backends' networks from: "
                                 "give --backend-cidr")
         self.limits = BackendLimits(networks, c.backend_ports)
         self.ice_tcp = await ice_tcp.serve(

@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from splitrelay.bpf import consts
 from splitrelay.edge.counters import Counter, counter_specs
-from splitrelay.edge.records import NO_MAC, Attachment, Backend, DatapathError, Flow, RelayConfig, Session
+from splitrelay.edge.records import NO_MAC, Attachment, Backend, DataPlaneError, Flow, RelayConfig, Session
 
 # A pending flow (opened by a client's request) whose backend has not answered in this long is a
 # spoofed or forged request's: it goes at the next ageing pass.  ICE answers in one round trip.
@@ -107,7 +107,7 @@ class DataPlane(Protocol):
         """Remove a backend with its sessions and every flow to it; False (not an error) when absent."""
 
     def set_session(self, ufrag: str, backend_id: int) -> None:
-        """Route Binding Requests for ``ufrag`` to the backend; a bad ufrag raises DatapathError."""
+        """Route Binding Requests for ``ufrag`` to the backend; a bad ufrag raises DataPlaneError."""
 
     def session(self, ufrag: str) -> Session | None:
         """One session with the flows it holds of its allowance, or None."""
@@ -158,7 +158,7 @@ class NullPlane:
     attachments: Sequence[Attachment] = ()
 
     def _refuse(self) -> None:
-        raise DatapathError("this relay has no data plane")
+        raise DataPlaneError("this relay has no data plane")
 
     def setup(self) -> str:
         return self.kind

@@ -3,7 +3,7 @@
 Both planes (``xdp/plane.py``, ``userspace/plane.py``) take and return these
 dataclasses, so the control API, the metrics and the agent never see how a
 plane keeps them (BPF maps or Python dicts).  Each validates itself on
-construction with a one-line ``DatapathError``.
+construction with a one-line ``DataPlaneError``.
 """
 
 from __future__ import annotations
@@ -22,23 +22,23 @@ INTERNAL_SLOT = 1
 NO_MAC = "00:00:00:00:00:00"   # a plane that writes no Ethernet headers (userspace) needs no MACs
 
 
-class DatapathError(SplitrelayError):
+class DataPlaneError(SplitrelayError):
     """The data plane could not do what was asked (one-line reason)."""
 
 
-class TableFullError(DatapathError):
+class TableFullError(DataPlaneError):
     """A backend or session table is full (the control API answers 503, as for a full BPF map)."""
 
 
 def check_ufrag(ufrag: str) -> str:
-    """``ufrag`` if the relay can route by it (``wire.stun.is_ufrag``), else DatapathError."""
+    """``ufrag`` if the relay can route by it (``wire.stun.is_ufrag``), else DataPlaneError."""
     if not is_ufrag(ufrag):
-        raise DatapathError(f"{UFRAG_RULE}, got {ufrag!r}")
+        raise DataPlaneError(f"{UFRAG_RULE}, got {ufrag!r}")
     return ufrag
 
 
 def check_internal_sets(ip4: str | None, ip6: str | None, more=()) -> None:
-    """One-line DatapathError unless the internal addresses pair up into at most MAX_XLATE_ADDRS sets.
+    """One-line DataPlaneError unless the internal addresses pair up into at most MAX_XLATE_ADDRS sets.
 
     Set i is the i-th IPv4 with the i-th IPv6 and a flow holds one (set, port) pair whatever its
     family, so the families give as many addresses each, or one family none.
@@ -48,17 +48,17 @@ def check_internal_sets(ip4: str | None, ip6: str | None, more=()) -> None:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
-            raise DatapathError(f"not an IP address: {ip!r}") from None
+            raise DataPlaneError(f"not an IP address: {ip!r}") from None
         by[addr.version].append(str(addr))
     n4, n6 = len(by[4]), len(by[6])
     if n4 and n6 and n4 != n6:
-        raise DatapathError(f"internal addresses pair up by position: give as many IPv4 as IPv6 "
+        raise DataPlaneError(f"internal addresses pair up by position: give as many IPv4 as IPv6 "
                             f"(or none of one family), got {n4} IPv4 and {n6} IPv6")
     if max(n4, n6) > consts.MAX_XLATE_ADDRS:
-        raise DatapathError(f"at most {consts.MAX_XLATE_ADDRS} internal addresses per family, got {max(n4, n6)}")
+        raise DataPlaneError(f"at most {consts.MAX_XLATE_ADDRS} internal addresses per family, got {max(n4, n6)}")
     for version, ips in by.items():
         if len(set(ips)) != len(ips):
-            raise DatapathError(f"an internal IPv{version} address is given twice: {', '.join(ips)}")
+            raise DataPlaneError(f"an internal IPv{version} address is given twice: {', '.join(ips)}")
 
 
 @dataclass
@@ -89,20 +89,20 @@ class RelayConfig:
     def __post_init__(self) -> None:
         first, last = self.translate_ports
         if not 1 <= first <= last <= 65535:
-            raise DatapathError(f"translation ports must be a range within 1..65535, got {first}-{last}")
+            raise DataPlaneError(f"translation ports must be a range within 1..65535, got {first}-{last}")
         if self.translate and self.internal_ip4 is None and self.internal_ip6 is None:
-            raise DatapathError("translation needs the relay's internal IPv4 or IPv6 address")
+            raise DataPlaneError("translation needs the relay's internal IPv4 or IPv6 address")
         check_internal_sets(self.internal_ip4, self.internal_ip6, self.internal_more)
         if self.hint_key is not None and len(self.hint_key) != 16:
-            raise DatapathError(f"hint key must be 16 bytes, got {len(self.hint_key)}")
+            raise DataPlaneError(f"hint key must be 16 bytes, got {len(self.hint_key)}")
         if not 0 <= self.max_session_flows <= 65535:
-            raise DatapathError(f"max session flows must be 0..65535, got {self.max_session_flows}")
+            raise DataPlaneError(f"max session flows must be 0..65535, got {self.max_session_flows}")
         if not 1 <= self.relay_port <= 65535:
-            raise DatapathError(f"relay port must be 1..65535, got {self.relay_port}")
+            raise DataPlaneError(f"relay port must be 1..65535, got {self.relay_port}")
         if self.policy not in POLICIES:
-            raise DatapathError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+            raise DataPlaneError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         if self.public_ip4 is None and self.public_ip6 is None:
-            raise DatapathError("a relay needs a public IPv4 or IPv6 address")
+            raise DataPlaneError("a relay needs a public IPv4 or IPv6 address")
 
 
 @dataclass
@@ -117,11 +117,11 @@ class Backend:
 
     def __post_init__(self) -> None:
         if not 1 <= self.backend_id <= consts.MAX_BACKEND_ID:
-            raise DatapathError(f"backend id must be 1..{consts.MAX_BACKEND_ID}, got {self.backend_id}")
+            raise DataPlaneError(f"backend id must be 1..{consts.MAX_BACKEND_ID}, got {self.backend_id}")
         if not 1 <= self.port <= 65535:
-            raise DatapathError(f"backend port must be 1..65535, got {self.port}")
+            raise DataPlaneError(f"backend port must be 1..65535, got {self.port}")
         if self.ip4 is None and self.ip6 is None:
-            raise DatapathError("a backend needs an IPv4 or IPv6 address")
+            raise DataPlaneError("a backend needs an IPv4 or IPv6 address")
 
 
 @dataclass

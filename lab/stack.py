@@ -179,9 +179,9 @@ def log_file(lab: Lab, daemon: str) -> Path:
 
 
 def start_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None = None,
-                datapath: str = "xdp", relay: int = 1) -> subprocess.Popen:
+                plane: str = "xdp", relay: int = 1) -> subprocess.Popen:
     """The edge agent in relay ``relay``'s namespace, on the XDP data plane or the userspace relay."""
-    proc, path = spawn_agent(lab, policy, extra_args, datapath, relay)
+    proc, path = spawn_agent(lab, policy, extra_args, plane, relay)
     wait_ready(proc, path, "edge agent ready", _agent_name(relay))
     return proc
 
@@ -191,14 +191,14 @@ def _agent_name(relay: int) -> str:
 
 
 def spawn_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None = None,
-                datapath: str = "xdp", relay: int = 1) -> tuple[subprocess.Popen, Path]:
+                plane: str = "xdp", relay: int = 1) -> tuple[subprocess.Popen, Path]:
     """Start relay ``relay``'s agent without waiting (several compile their XDP programs at once)."""
     r = lab.relay(relay)
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "edge", "serve", r.public.ifname,
             "--internal", r.internal.ifname, "--public-ip", r.public.ip4,
             "--public-ip", r.public.ip6, "--gateway-ip", r.client.ip4,
             "--listen", f"{r.internal.ip4}:{CONTROL_PORT}", "--instance", instance(lab, relay),
-            "--policy", policy, "--port", str(lab.relay_port), "--detach-on-exit", "--datapath", datapath,
+            "--policy", policy, "--port", str(lab.relay_port), "--detach-on-exit", "--plane", plane,
             "--token-file", str(control_key_file(lab)),
             # behind a router the transceivers are not on the relay's internal network (the default range)
             *[arg for net in (lab.networks["transceivers"] if lab.router else [])

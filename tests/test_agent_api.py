@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitrelay.edge.agent import AgentConfig, EdgeAgent
 from splitrelay.edge.control_client import AsyncControlClient, ControlError
 from splitrelay.edge.counters import counter_specs
-from splitrelay.edge.plane import DatapathError
+from splitrelay.edge.plane import DataPlaneError
 from splitrelay.edge.neighbours import NeighbourError
 from splitrelay.bpf.testrun import XDP_REDIRECT, run_xdp
 
@@ -612,7 +612,7 @@ def test_config_refuses_ageing_below_consent_freshness_and_other_mistakes():
         ({"gateway_ip": "gw"}, "not an IP address"),
     ]
     for change, message in bad:
-        with pytest.raises(DatapathError, match=message):
+        with pytest.raises(DataPlaneError, match=message):
             AgentConfig(**{**ok, **change})
 
 

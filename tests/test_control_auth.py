@@ -46,7 +46,7 @@ asyncio_module = pytest.mark.asyncio(loop_scope="module")
 # -- starting: no token, a short one, an empty file ------------------------------------------------
 
 def config(**kw) -> AgentConfig:
-    base = dict(public_iface="p0", internal_iface="i0", public_ip4=P.PUBLIC_IP4, datapath="userspace",
+    base = dict(public_iface="p0", internal_iface="i0", public_ip4=P.PUBLIC_IP4, plane_kind="userspace",
                 listen_host="198.18.1.1", token=MASTER)
     return AgentConfig(**{**base, **kw})
 

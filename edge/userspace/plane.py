@@ -65,7 +65,7 @@ from splitrelay.edge.records import (
     NO_MAC,
     Attachment,
     Backend,
-    DatapathError,
+    DataPlaneError,
     Flow,
     RelayConfig,
     Session,
@@ -122,7 +122,7 @@ def interface_address_list(ifname: str) -> list[tuple[int, str]]:
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
-            raise DatapathError(f"no interface named {ifname!r} in this network namespace")
+            raise DataPlaneError(f"no interface named {ifname!r} in this network namespace")
         for msg in ipr.get_addr(index=found[0]):
             if msg["scope"] != 0:   # link-local, host: not an address a backend routes back to
                 continue
@@ -137,7 +137,7 @@ def _normal_ip(ip: str) -> tuple[int, str]:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
-        raise DatapathError(f"not an IP address: {ip!r}") from None
+        raise DataPlaneError(f"not an IP address: {ip!r}") from None
     family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
     return family, socket.inet_ntop(family, addr.packed)
 
@@ -209,7 +209,7 @@ class UserspacePlane(UserspaceRelay):
         """What a backend PUT asks instead of a next-hop MAC: is ``ip`` routable from the internal side?
 
         The kernel routes every forwarded packet, so no MAC is needed; returns ``NO_MAC`` or raises
-        DatapathError with the kernel's reason (no route, address not on this host).
+        DataPlaneError with the kernel's reason (no route, address not on this host).
         """
         family, ip = _normal_ip(ip)
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
@@ -218,7 +218,7 @@ class UserspacePlane(UserspaceRelay):
                     probe.bind((self.internal_ips[family], 0))
                 probe.connect((ip, 9))   # a route lookup; nothing is sent
             except OSError as exc:
-                raise DatapathError(f"no route to {ip}: {exc.strerror or exc}") from None
+                raise DataPlaneError(f"no route to {ip}: {exc.strerror or exc}") from None
         return NO_MAC
 
     def internal_mac(self) -> str:

@@ -24,7 +24,7 @@ import time
 from collections import deque
 
 from splitrelay.edge import counters as counters_mod
-from splitrelay.edge.records import Backend, DatapathError, RelayConfig, Session
+from splitrelay.edge.records import Backend, DataPlaneError, RelayConfig, Session
 from splitrelay.bpf import consts
 from splitrelay.edge.routing import RoutingTables, route
 from splitrelay.wire.stun import confirms_flow
@@ -100,7 +100,7 @@ class UserspaceRelay:
 
     def __init__(self, max_flows: int, internal_ip4: str | None = None, internal_ip6: str | None = None) -> None:
         if max_flows < 1:
-            raise DatapathError(f"flow table size must be >= 1, got {max_flows}")
+            raise DataPlaneError(f"flow table size must be >= 1, got {max_flows}")
         self.max_flows = max_flows
         self.internal_ips = {socket.AF_INET: internal_ip4, socket.AF_INET6: internal_ip6}
         self.internal_errors = 0              # bugs caught on the hot path (never raised out of a callback)
@@ -128,7 +128,7 @@ class UserspaceRelay:
         """Set the relay's config; policy, allowance and hint key apply at once, addresses at ``start``."""
         if self.running and self._cfg and (cfg.relay_port, cfg.public_ip4, cfg.public_ip6) != (
                 self._cfg.relay_port, self._cfg.public_ip4, self._cfg.public_ip6):
-            raise DatapathError("the public address and port of a running userspace relay cannot change")
+            raise DataPlaneError("the public address and port of a running userspace relay cannot change")
         self._cfg = cfg
         self._tables.policy = cfg.policy
         self._tables.max_session_flows = cfg.max_session_flows
@@ -140,11 +140,11 @@ class UserspaceRelay:
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> list[tuple[str, int]]:
         """Bind the public sockets and start relaying on ``loop`` (default: the running one).
 
-        Returns the bound (address, port) pairs; raises DatapathError (nothing left bound) when
+        Returns the bound (address, port) pairs; raises DataPlaneError (nothing left bound) when
         an address cannot be bound.
         """
         if self._cfg is None:
-            raise DatapathError("configure the relay before starting it")
+            raise DataPlaneError("configure the relay before starting it")
         if self.running:
             return [side.address for side in self._sides]
         self._loop = loop or asyncio.get_running_loop()
@@ -173,7 +173,7 @@ class UserspaceRelay:
         except OSError as exc:
             sock.close()
             host = f"[{ip}]" if family == socket.AF_INET6 else ip
-            raise DatapathError(f"cannot bind the relay port {host}:{self._cfg.relay_port}: "
+            raise DataPlaneError(f"cannot bind the relay port {host}:{self._cfg.relay_port}: "
                                 f"{exc.strerror or exc}") from None
         return sock
 

@@ -32,7 +32,7 @@ from splitrelay.edge.records import (
     PUBLIC_SLOT,
     Attachment,
     Backend,
-    DatapathError,
+    DataPlaneError,
     Flow,
     RelayConfig,
     Session,
@@ -47,7 +47,7 @@ Counter = counters_mod.Counter   # the counters' dataclass lives next to their s
 
 
 @dataclass
-class Datapath:
+class XdpMaps:
     instance: str = "default"
     pin_root: str = PIN_ROOT
     attachments: list[Attachment] = field(default_factory=list)
@@ -58,7 +58,7 @@ class Datapath:
 
     def __post_init__(self) -> None:
         if not self.instance or "/" in self.instance or self.instance.startswith("."):
-            raise DatapathError(f"bad instance name {self.instance!r}")
+            raise DataPlaneError(f"bad instance name {self.instance!r}")
         self._bpf = None
         self._ports: PortPool | None = None
         self.flows_after_ageing: int | None = None   # the flow count the last age_flows walk left
@@ -121,7 +121,7 @@ class Datapath:
     def attach(self, public: str, internal: str | None = None, mode: str = "auto") -> str:
         """Attach xdp_public (and xdp_internal) and fill the redirect ports; returns the mode used."""
         if mode not in loader.ATTACH_MODES:
-            raise DatapathError(f"mode must be auto, native or generic, got {mode!r}")
+            raise DataPlaneError(f"mode must be auto, native or generic, got {mode!r}")
         ifaces = [(public, "xdp_public", PUBLIC_SLOT)]
         if internal and internal != public:
             ifaces.append((internal, "xdp_internal", INTERNAL_SLOT))
@@ -134,7 +134,7 @@ class Datapath:
             for ifname, program, _ in ifaces:
                 used = self._attach_one(ifname, program, mode)
                 attached.append(Attachment(ifname, indexes[ifname], program, used))
-        except DatapathError:
+        except DataPlaneError:
             self.detach([a.ifname for a in attached])
             raise
         self.attachments = attached
@@ -179,7 +179,7 @@ class Datapath:
         sets = max(1, len(cfg.internal_sets())) if cfg.translate else 1
         capacity = syscall.map_info(self.bpf[b"port_slots"].map_fd).max_entries // consts.PORT_SLOTS
         if sets > capacity:
-            raise DatapathError(f"{sets} internal address sets, but the pinned translation maps hold {capacity}: "
+            raise DataPlaneError(f"{sets} internal address sets, but the pinned translation maps hold {capacity}: "
                                 f"destroy instance {self.instance!r} or use another instance name")
         table = self.bpf[b"config"]
         table[ct.c_uint32(0)] = codec.config_leaf(table.Leaf(), cfg)
@@ -318,14 +318,14 @@ class Datapath:
             if exc.errno in (errno.EINVAL, syscall.ENOTSUPP):
                 yield from table.items()
                 return
-            raise DatapathError(str(exc)) from None
+            raise DataPlaneError(str(exc)) from None
         if first is None:
             return
         yield first
         try:
             yield from batches
         except syscall.BpfError as exc:
-            raise DatapathError(str(exc)) from None
+            raise DataPlaneError(str(exc)) from None
 
     def flows(self, limit: int | None = None) -> list[Flow]:
         out = []

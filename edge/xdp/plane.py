@@ -1,6 +1,6 @@
 """The XDP data plane (``bpf/relay.c``) as a ``DataPlane``: what the agent needs beyond the maps.
 
-``maps.Datapath`` loads, attaches and reads the maps; this adds the
+``maps.XdpMaps`` loads, attaches and reads the maps; this adds the
 plane's life around an agent: the next hops it must resolve (the gateway on
 the public side, each backend on the internal side, since XDP writes Ethernet
 headers itself), the mode it attaches in, and what stays when the agent exits
@@ -16,9 +16,9 @@ import logging
 from dataclasses import dataclass
 
 from splitrelay.edge import neighbours
-from splitrelay.edge.xdp.maps import Datapath
+from splitrelay.edge.xdp.maps import XdpMaps
 from splitrelay.edge.plane import PlaneConfig
-from splitrelay.edge.records import DatapathError, RelayConfig, check_internal_sets
+from splitrelay.edge.records import DataPlaneError, RelayConfig, check_internal_sets
 from splitrelay.edge.xdp.loader import ATTACH_MODES, PIN_ROOT, refuse_host_links
 
 log = logging.getLogger(__name__)
@@ -41,16 +41,16 @@ class XdpOptions:
     port_quarantine_s: float = 60.0         # translate: a freed port waits longer than the idle timeout
 
     def check(self, common: PlaneConfig) -> None:
-        """One-line DatapathError for what this plane cannot run with."""
+        """One-line DataPlaneError for what this plane cannot run with."""
         check_internal_sets(self.internal_ip4, self.internal_ip6, self.internal_more)
         refuse_host_links(common.public_iface, common.internal_iface)
         if not (self.gateway_ip or self.gateway_mac):
-            raise DatapathError("the public side needs a next hop: give a gateway IP or MAC")
+            raise DataPlaneError("the public side needs a next hop: give a gateway IP or MAC")
         if self.mode not in ATTACH_MODES:
-            raise DatapathError(f"mode must be auto, native or generic, got {self.mode!r}")
+            raise DataPlaneError(f"mode must be auto, native or generic, got {self.mode!r}")
 
 
-class XdpPlane(Datapath):
+class XdpPlane(XdpMaps):
     """A ``DataPlane`` (edge/plane.py) on the XDP programs and their pinned maps."""
 
     kind = "xdp"
@@ -137,5 +137,5 @@ def _internal_addresses(iface: str, o: XdpOptions) -> dict[int, str]:
     present = {ipaddress.ip_address(addr) for _, addr in interface_address_list(iface)}
     for ip in given:
         if ipaddress.ip_address(ip) not in present:
-            raise DatapathError(f"internal address {ip} is not configured on {iface}")
+            raise DataPlaneError(f"internal address {ip} is not configured on {iface}")
     return {4: o.internal_ip4, 6: o.internal_ip6}

@@ -1,6 +1,6 @@
 """Fixtures of the XDP tests: one namespace, one pin root and one loaded relay for the whole package.
 
-Compiling relay.c takes seconds, so the package shares one ``Datapath``; the
+Compiling relay.c takes seconds, so the package shares one ``XdpMaps``; the
 ``relay`` fixture gives each test fresh maps and counters on it.
 """
 
@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from splitrelay.edge.xdp.maps import Datapath
+from splitrelay.edge.xdp.maps import XdpMaps
 from splitrelay.edge.records import Backend, RelayConfig
 
 from .. import packets as P
@@ -56,7 +56,7 @@ def links():
 def dp(links, pin_root):
     # sized for two internal address sets: the one-set tests run on it configured with one (the
     # default), the several-address tests (test_translation_addrs.py) with both
-    datapath = Datapath(instance=instance_name(), pin_root=pin_root, xlate_addrs=2)
+    datapath = XdpMaps(instance=instance_name(), pin_root=pin_root, xlate_addrs=2)
     try:
         datapath.load()
         yield datapath
@@ -88,7 +88,7 @@ def xlate(relay):
                                         internal_ip6=INTERNAL_IP6, max_session_flows=0,
                                         translate_ports=PORTS))
     relay.ports.clear_slots()
-    relay.ports.quarantined.clear()   # the package shares one Datapath: no port held back by another test
+    relay.ports.quarantined.clear()   # the package shares one XdpMaps: no port held back by another test
     relay.ports.refill()
     return relay
 

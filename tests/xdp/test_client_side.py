@@ -9,7 +9,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from splitrelay.bpf import consts
 from splitrelay.bpf.testrun import XDP_DROP, XDP_REDIRECT, XDP_TX
-from splitrelay.edge.xdp.maps import Datapath
+from splitrelay.edge.xdp.maps import XdpMaps
 from splitrelay.edge.records import Backend, RelayConfig
 from splitrelay.wire import hint, stun
 
@@ -300,7 +300,7 @@ def test_answers_beyond_the_allowance_confirm_nothing(relay):
 
 
 def test_full_flow_table_refuses_new_flows_and_keeps_live_ones(links, pin_root):
-    small = Datapath(instance=instance_name(), pin_root=pin_root, max_flows=8)
+    small = XdpMaps(instance=instance_name(), pin_root=pin_root, max_flows=8)
     try:
         small.load()
         set_slots(small, links)
