@@ -130,7 +130,7 @@ def edge_attach(internal_ips: tuple[str, ...], **kw) -> None:
     agent = EdgeAgent(_agent_config(**kw))
     mode = agent.attach()
     click.echo(f"attached ({mode}) to {kw['public_iface']} and {kw['internal_iface']}; "
-               f"maps pinned at {agent.plane.pin_dir}")
+               f"maps pinned at {agent.plane.maps.pin_dir}")
 
 
 @edge.command("detach")

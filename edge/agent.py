@@ -40,6 +40,7 @@ from splitrelay.edge.credentials import check_master
 from splitrelay.edge import ice_tcp
 from splitrelay.edge.metrics import EdgeMetrics
 from splitrelay.edge.plane import DataPlane, PlaneConfig
+from splitrelay.edge import interfaces
 from splitrelay.edge.records import POLICIES, Backend, DataPlaneError
 from splitrelay.edge.userspace.plane import UserspaceOptions, UserspacePlane
 from splitrelay.edge.xdp.loader import PIN_ROOT
@@ -157,20 +158,6 @@ class AgentConfig(PlaneConfig):
                 raise DataPlaneError(f"{value} is not an IPv{version} address")
 
 
-def interface_networks(ifname: str) -> list[str]:
-    """The networks ``ifname``'s global addresses are on (blocking: netlink): the default backend range."""
-    from pyroute2 import IPRoute
-
-    out = []
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-        for msg in ipr.get_addr(index=found[0]) if found else []:
-            if msg["scope"] == 0:
-                addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-                out.append(str(ipaddress.ip_network(f"{addr}/{msg['prefixlen']}", strict=False)))
-    return out
-
-
 class TableSnapshot:
     """Table sizes as the ager last read them, for /metrics: a scrape never walks a table.
 
@@ -184,14 +171,6 @@ class TableSnapshot:
         if self.fill is None:
             raise DataPlaneError("no ageing pass has read the tables yet")
         return self.fill
-
-
-def _iface_exists(name: str) -> bool:
-    try:
-        socket.if_nametoindex(name)
-    except OSError:
-        return False
-    return True
 
 
 class EdgeAgent:
@@ -225,7 +204,7 @@ class EdgeAgent:
         """
         c = self.config
         for iface in (c.public_iface, c.internal_iface):
-            if not _iface_exists(iface):
+            if not interfaces.exists(iface):
                 raise DataPlaneError(f"no interface named {iface!r} in this network namespace")
         return self.plane.setup()
 
@@ -258,7 +237,7 @@ class EdgeAgent:
         self.metrics = EdgeMetrics(self.plane, info, kind=self.plane.kind,
                                    tables=self.tables if self.plane.reads_block else None)
         internal_mac = await loop.run_in_executor(None, self.plane.internal_mac)
-        networks = list(c.backend_cidrs) or await loop.run_in_executor(None, interface_networks, c.internal_iface)
+        networks = list(c.backend_cidrs) or await loop.run_in_executor(None, interfaces.networks, c.internal_iface)
         if not networks:
             raise DataPlaneError(f"{c.internal_iface} has no global address to take the backends' networks from: "
                                 "give --backend-cidr")

@@ -37,7 +37,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 from splitrelay.bpf.consts import MAX_BACKEND_ID
 from splitrelay.edge.credentials import ADMIN, POOL, Credentials, covers
-from splitrelay.edge.plane import DataPlane, NullPlane
+from splitrelay.edge.null_plane import NullPlane
+from splitrelay.edge.plane import DataPlane
 from splitrelay.edge.records import Backend, DataPlaneError, TableFullError
 from splitrelay.wire.stun import UFRAG_RULE, is_ufrag
 

@@ -46,7 +46,7 @@ from splitrelay.edge.counters import counter_specs
 from splitrelay.edge.plane import DataPlane
 from splitrelay.edge.records import DataPlaneError
 from splitrelay.edge.routing import RoutingTables, route
-from splitrelay.edge.userspace.plane import interface_addresses
+from splitrelay.edge import interfaces
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,7 @@ async def serve(plane: DataPlane, config: IceTcpConfig, public_iface: str, inter
     if config.port < 1024 and config.port not in BROWSER_LOW_PORTS:
         log.warning("ICE-TCP on port %d: Chromium dials no ICE-TCP candidate below 1024 but 80 and 443",
                     config.port)
-    found = await asyncio.get_running_loop().run_in_executor(None, interface_addresses, internal_iface)
+    found = await asyncio.get_running_loop().run_in_executor(None, interfaces.addresses, internal_iface)
     version = {socket.AF_INET: 4, socket.AF_INET6: 6}
     listener = IceTcpListener(plane, config, public_iface, [f for f in version if public_ips.get(f)],
                               {f: internal_ips.get(f) or found.get(v) for f, v in version.items()}, flow_ports)

@@ -1,11 +1,12 @@
 """The contract between the edge agent and a data plane, and the planes' shared settings.
 
 The agent, the control API and the metrics hold one ``DataPlane`` and never
-ask which kind it is.  Two implement it: ``xdp.plane.XdpPlane`` (the programs
-of ``bpf/relay.c``, state in pinned BPF maps that outlive the agent) and
-``userspace.plane.UserspacePlane`` (the same decisions on UDP sockets, state in this
-process).  ``NullPlane`` is the default where no plane is given: it holds
-nothing and relays nothing.
+ask which kind it is.  One file per plane implements it (STUNner's offload
+engines are the model): ``xdp.plane.XdpPlane`` (the programs of
+``bpf/relay.c``, state in pinned BPF maps that outlive the agent),
+``userspace.plane.UserspacePlane`` (the same decisions on UDP sockets, state in
+this process) and ``null_plane.NullPlane``, the default where no plane is given,
+which holds nothing and relays nothing.
 
 A plane owns its tables: the agent asks it to store, list, age and delete
 entries, never how they are kept, so a plane may keep more than it shows
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from splitrelay.bpf import consts
-from splitrelay.edge.counters import Counter, counter_specs
-from splitrelay.edge.records import NO_MAC, Attachment, Backend, DataPlaneError, Flow, RelayConfig, Session
+from splitrelay.edge.counters import Counter
+from splitrelay.edge.records import Attachment, Backend, Flow, RelayConfig, Session
 
 # A pending flow (opened by a client's request) whose backend has not answered in this long is a
 # spoofed or forged request's: it goes at the next ageing pass.  ICE answers in one round trip.
@@ -145,86 +146,3 @@ class DataPlane(Protocol):
     def reset_counters(self) -> None:
         """Set every counter to zero."""
 
-
-class NullPlane:
-    """A plane that relays nothing: reads are empty, removals find nothing, writes are refused.
-
-    The default where no plane is given (a control API or metrics under test, an agent
-    being built); every write says in one line that there is no data plane.
-    """
-
-    kind = "none"
-    reads_block = False
-    attachments: Sequence[Attachment] = ()
-
-    def _refuse(self) -> None:
-        raise DataPlaneError("this relay has no data plane")
-
-    def setup(self) -> str:
-        return self.kind
-
-    def activate(self, loop: asyncio.AbstractEventLoop) -> str:
-        return "no data plane: nothing is forwarded"
-
-    def shutdown(self) -> None:
-        pass
-
-    def next_hop_mac(self, ip: str) -> str:
-        return NO_MAC
-
-    def internal_mac(self) -> str:
-        return NO_MAC
-
-    def configure(self, cfg: RelayConfig) -> None:
-        self._refuse()
-
-    def config(self) -> RelayConfig | None:
-        return None
-
-    def set_backend(self, backend: Backend) -> None:
-        self._refuse()
-
-    def backend(self, backend_id: int) -> Backend | None:
-        return None
-
-    def backends(self) -> list[Backend]:
-        return []
-
-    def del_backend(self, backend_id: int) -> bool:
-        return False
-
-    def set_session(self, ufrag: str, backend_id: int) -> None:
-        self._refuse()
-
-    def session(self, ufrag: str) -> Session | None:
-        return None
-
-    def sessions(self) -> list[Session]:
-        return []
-
-    def del_sessions(self, ufrags: list[str]) -> dict[str, bool]:
-        return {ufrag: False for ufrag in ufrags}
-
-    def del_session(self, ufrag: str) -> bool:
-        return False
-
-    def flows(self, limit: int | None = None) -> list[Flow]:
-        return []
-
-    def flow(self, client: tuple[str, int]) -> Flow | None:
-        return None
-
-    def del_flow(self, client: tuple[str, int]) -> bool:
-        return False
-
-    def age_flows(self, idle_s: float, pending_s: float = PENDING_TIMEOUT_S) -> int:
-        return 0
-
-    def map_fill(self) -> dict[str, tuple[int, int]]:
-        return {name: (0, 0) for name in ("backends", "backend_addrs", "sessions", "flows")}
-
-    def counters(self) -> dict[str, Counter]:
-        return {spec.name: Counter(spec) for spec in counter_specs()}
-
-    def reset_counters(self) -> None:
-        pass

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 from splitrelay.bpf import consts
-from splitrelay.edge.plane import DataPlane, NullPlane, PlaneConfig
+from splitrelay.edge.null_plane import NullPlane
+from splitrelay.edge.plane import DataPlane, PlaneConfig
 from splitrelay.edge.records import Backend, DataPlaneError, RelayConfig, Session, check_ufrag
 from splitrelay.edge.routing import Decision, RoutingTables, route
 from splitrelay.edge.userspace.plane import UserspacePlane

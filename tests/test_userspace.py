@@ -553,11 +553,11 @@ def run_relay_here(lab: Lab, scenario, max_flows: int | None = None):
                                  public_ip6=lab.relay_public.ip6))
         for t in lab.transceivers:
             dp.set_backend(Backend(t.backend_id, BACKEND_PORT, NO_MAC, NO_MAC, ip4=t.ip4, ip6=t.ip6))
-        dp.start()
+        dp.relay.start()
         try:
             return await asyncio.wait_for(scenario(dp), 30)
         finally:
-            dp.close()
+            dp.relay.close()
 
     return lab.in_netns(lab.relay_public.netns, lambda: asyncio.run(main()), timeout=60)
 
@@ -643,8 +643,8 @@ def test_a_taken_relay_port_fails_start_and_leaves_nothing_bound(relay_module):
                                          public_ip6=lab.relay_public.ip6))
                 taken_port = re.escape(f"cannot bind the relay port [{lab.relay_public.ip6}]:3490")
                 with pytest.raises(DataPlaneError, match=taken_port):
-                    dp.start()
-                assert not dp.running
+                    dp.relay.start()
+                assert not dp.relay.running
             asyncio.run(main())
         finally:
             taken.close()
@@ -671,7 +671,7 @@ def test_tables_refuse_when_full_with_typed_errors():
     assert dp.map_fill() == {"backends": (1, 1), "backend_addrs": (1, 2), "sessions": (2, 2), "flows": (0, 8)}
     assert [c.packets for c in dp.counters().values()] == [0] * len(counter_specs())
     with pytest.raises(DataPlaneError):
-        dp.start()                                  # not configured
+        dp.relay.start()                                  # not configured
 
 
 # -- a real WebRTC call -------------------------------------------------------------------------

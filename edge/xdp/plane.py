@@ -1,11 +1,12 @@
 """The XDP data plane (``bpf/relay.c``) as a ``DataPlane``: what the agent needs beyond the maps.
 
-``maps.XdpMaps`` loads, attaches and reads the maps; this adds the
-plane's life around an agent: the next hops it must resolve (the gateway on
-the public side, each backend on the internal side, since XDP writes Ethernet
-headers itself), the mode it attaches in, and what stays when the agent exits
-(by default everything: programs attached, maps pinned, so a restarted agent
-adopts every call; ``detach_on_exit`` removes what this agent attached).
+It holds ``maps.XdpMaps`` (``maps``: loads, attaches, reads and writes the
+maps; the contract's table calls are its) and adds the plane's life around an
+agent: the next hops it must resolve (the gateway on the public side, each
+backend on the internal side, since XDP writes Ethernet headers itself), the
+mode it attaches in, and what stays when the agent exits (by default
+everything: programs attached, maps pinned, so a restarted agent adopts every
+call; ``detach_on_exit`` removes what this agent attached).
 """
 
 from __future__ import annotations
@@ -15,10 +16,19 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 
-from splitrelay.edge import neighbours
+from splitrelay.edge import interfaces, neighbours
+from splitrelay.edge.counters import Counter
+from splitrelay.edge.plane import PENDING_TIMEOUT_S, PlaneConfig
+from splitrelay.edge.records import (
+    Attachment,
+    Backend,
+    DataPlaneError,
+    Flow,
+    RelayConfig,
+    Session,
+    check_internal_sets,
+)
 from splitrelay.edge.xdp.maps import XdpMaps
-from splitrelay.edge.plane import PlaneConfig
-from splitrelay.edge.records import DataPlaneError, RelayConfig, check_internal_sets
 from splitrelay.edge.xdp.loader import ATTACH_MODES, PIN_ROOT, refuse_host_links
 
 log = logging.getLogger(__name__)
@@ -50,16 +60,16 @@ class XdpOptions:
             raise DataPlaneError(f"mode must be auto, native or generic, got {self.mode!r}")
 
 
-class XdpPlane(XdpMaps):
-    """A ``DataPlane`` (edge/plane.py) on the XDP programs and their pinned maps."""
+class XdpPlane:
+    """A ``DataPlane`` (edge/plane.py) on the XDP programs and their pinned maps (``maps``)."""
 
     kind = "xdp"
     reads_block = True   # a million-flow walk takes seconds: the agent runs it off the loop
 
     def __init__(self, common: PlaneConfig, options: XdpOptions | None = None) -> None:
         o = options or XdpOptions()
-        super().__init__(instance=common.instance, pin_root=o.pin_root, max_flows=common.max_flows,
-                         port_range=common.translate_ports, port_quarantine_s=o.port_quarantine_s)
+        self.maps = XdpMaps(instance=common.instance, pin_root=o.pin_root, max_flows=common.max_flows,
+                            port_range=common.translate_ports, port_quarantine_s=o.port_quarantine_s)
         self.common = common
         self.options = options or XdpOptions()
         self._attached = False   # this plane attached the programs (so detach_on_exit may remove them)
@@ -85,13 +95,13 @@ class XdpPlane(XdpMaps):
         """Load (adopting pinned maps), configure, then attach; returns the XDP mode used."""
         relay = self.relay_config()
         if relay.translate:   # the pool and reverse array are sized for the address sets
-            self.xlate_addrs = max(1, len(relay.internal_sets()))
-        self.load()
-        self.configure(relay)
-        self.set_local_addrs(_own_addresses(self.common.public_iface, self.common.internal_iface))
+            self.maps.xlate_addrs = max(1, len(relay.internal_sets()))
+        self.maps.load()
+        self.maps.configure(relay)
+        self.maps.set_local_addrs(_own_addresses(self.common.public_iface, self.common.internal_iface))
         if relay.translate:   # before attaching; over pinned flows, skipping the ports they hold
-            log.info("translation: %d free flow ports in %d-%d", self.ports.refill(), *relay.translate_ports)
-        mode = self.attach(self.common.public_iface, self.common.internal_iface, mode=self.options.mode)
+            log.info("translation: %d free flow ports in %d-%d", self.maps.ports.refill(), *relay.translate_ports)
+        mode = self.maps.attach(self.common.public_iface, self.common.internal_iface, mode=self.options.mode)
         self._attached = True
         return mode
 
@@ -105,10 +115,10 @@ class XdpPlane(XdpMaps):
             return    # a failed start (say, maps pinned by another build) must not wipe a relay it never owned
         self._attached = False
         if self.options.detach_on_exit:
-            self.destroy([self.common.public_iface, self.common.internal_iface])
-            log.info("detached XDP and removed pinned maps of %s", self.instance)
+            self.maps.destroy([self.common.public_iface, self.common.internal_iface])
+            log.info("detached XDP and removed pinned maps of %s", self.maps.instance)
         else:
-            log.info("left XDP attached and maps pinned (%s): a restarted agent adopts them", self.pin_dir)
+            log.info("left XDP attached and maps pinned (%s): a restarted agent adopts them", self.maps.pin_dir)
 
     def next_hop_mac(self, ip: str) -> str:
         timeout = self.options.neighbour_timeout_s
@@ -117,24 +127,85 @@ class XdpPlane(XdpMaps):
     def internal_mac(self) -> str:
         return neighbours.interface_mac(self.common.internal_iface)
 
+    # -- tables: the maps' (edge/xdp/maps.py) ------------------------------------------------
+
+    @property
+    def attachments(self) -> list[Attachment]:
+        return self.maps.attachments
+
+    @property
+    def flows_after_ageing(self) -> int | None:
+        """The flow count the last ``age_flows`` walk left (/metrics reads it instead of walking)."""
+        return self.maps.flows_after_ageing
+
+    def configure(self, cfg: RelayConfig) -> None:
+        self.maps.configure(cfg)
+
+    def config(self) -> RelayConfig | None:
+        return self.maps.config()
+
+    def set_backend(self, backend: Backend) -> None:
+        self.maps.set_backend(backend)
+
+    def backend(self, backend_id: int) -> Backend | None:
+        return self.maps.backend(backend_id)
+
+    def backends(self) -> list[Backend]:
+        return self.maps.backends()
+
+    def del_backend(self, backend_id: int) -> bool:
+        return self.maps.del_backend(backend_id)
+
+    def set_session(self, ufrag: str, backend_id: int) -> None:
+        self.maps.set_session(ufrag, backend_id)
+
+    def session(self, ufrag: str) -> Session | None:
+        return self.maps.session(ufrag)
+
+    def sessions(self) -> list[Session]:
+        return self.maps.sessions()
+
+    def del_sessions(self, ufrags: list[str]) -> dict[str, bool]:
+        return self.maps.del_sessions(ufrags)
+
+    def del_session(self, ufrag: str) -> bool:
+        return self.maps.del_session(ufrag)
+
+    def flows(self, limit: int | None = None) -> list[Flow]:
+        return self.maps.flows(limit)
+
+    def flow(self, client: tuple[str, int]) -> Flow | None:
+        return self.maps.flow(client)
+
+    def del_flow(self, client: tuple[str, int]) -> bool:
+        return self.maps.del_flow(client)
+
+    def age_flows(self, idle_s: float, pending_s: float = PENDING_TIMEOUT_S) -> int:
+        return self.maps.age_flows(idle_s, pending_s)
+
+    def map_fill(self, known: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+        return self.maps.map_fill(known)
+
+    def counters(self) -> dict[str, Counter]:
+        return self.maps.counters()
+
+    def reset_counters(self) -> None:
+        self.maps.reset_counters()
+
 
 def _own_addresses(*ifaces: str | None) -> list[str]:
     """Every global address of the relay's interfaces: what a backend sends there is for the host
     (sockets on its internal address), passed to the kernel, never forwarded (blocking)."""
-    from splitrelay.edge.userspace.plane import interface_address_list
-
-    return sorted({addr for iface in dict.fromkeys(ifaces) if iface for _, addr in interface_address_list(iface)})
+    return sorted({addr for iface in dict.fromkeys(ifaces) if iface for _, addr in interfaces.address_list(iface)})
 
 
 def _internal_addresses(iface: str, o: XdpOptions) -> dict[int, str]:
     """Translation's first internal address of each family: the given ones, each of which (and of
     ``internal_more``) must be on ``iface``, else the interface's first of each family (blocking)."""
-    from splitrelay.edge.userspace.plane import interface_address_list, interface_addresses
-
     given = [ip for ip in (o.internal_ip4, o.internal_ip6, *o.internal_more) if ip]
     if not given:
-        return interface_addresses(iface)
-    present = {ipaddress.ip_address(addr) for _, addr in interface_address_list(iface)}
+        return interfaces.addresses(iface)
+    present = {ipaddress.ip_address(addr) for _, addr in interfaces.address_list(iface)}
     for ip in given:
         if ipaddress.ip_address(ip) not in present:
             raise DataPlaneError(f"internal address {ip} is not configured on {iface}")
