@@ -26,6 +26,7 @@ import statistics
 import uuid
 from pathlib import Path
 
+from splitrelay import defaults
 from splitrelay.bpf import syscall
 from splitrelay.bpf.testrun import XDP_TX, run_xdp
 from splitrelay.edge.xdp.maps import Backend, XdpMaps, RelayConfig
@@ -34,7 +35,7 @@ from splitrelay.wire.byteorder import mac_bytes
 from splitrelay.wire.udp import ipv4_udp
 
 PUBLIC_IP, INTERNAL_IP, CLIENT_IP, BACKEND_IP = "198.18.0.1", "198.18.1.1", "198.18.0.2", "198.18.1.11"
-RELAY_PORT, BACKEND_PORT, CLIENT_PORT = 3478, 5000, 40000
+RELAY_PORT, BACKEND_PORT, CLIENT_PORT = defaults.RELAY_PORT, 5000, 40000
 MAC = "02:00:00:00:00:01"
 RTP = bytes([0x80, 0x6F]) + bytes(158)   # a 20 ms Opus frame's size, about
 LO = 1

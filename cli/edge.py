@@ -6,7 +6,7 @@ import asyncio
 import os
 
 import click
-from splitrelay.bpf.consts import DEFAULT_SESSION_FLOWS, XLATE_PORT_MAX, XLATE_PORT_MIN
+from splitrelay import defaults
 from splitrelay.cli.common import emit, stop_on_signals, table
 from splitrelay.cli.errors import CliError, require_bcc, require_root
 
@@ -17,23 +17,28 @@ def edge() -> None:
 
 
 
+_RANGE = "{}-{}"   # FIRST-LAST, as _port_range reads it
+
+
 def _agent_options(f):
     options = [
         click.argument("public_iface"),
         click.option("--internal", "internal_iface", required=True, help="Interface toward the transceivers."),
-        click.option("--port", "relay_port", default=3478, show_default=True, type=click.IntRange(1, 65535),
+        click.option("--port", "relay_port", default=defaults.RELAY_PORT, show_default=True,
+                     type=click.IntRange(1, 65535),
                      help="The one public UDP port."),
         click.option("--public-ip", "public_ips", multiple=True, required=True,
                      help="Relay public address (repeat for IPv4 and IPv6)."),
         click.option("--gateway-ip", help="Public next hop (its MAC is read from the neighbour table)."),
         click.option("--gateway-mac", help="Public next hop MAC, instead of --gateway-ip."),
-        click.option("--policy", type=click.Choice(["strict", "hint"]), default="strict", show_default=True,
+        click.option("--policy", type=click.Choice(defaults.POLICY_NAMES), default=defaults.POLICY.value,
+                     show_default=True,
                      help="strict: only registered ufrags open flows; hint: the ufrag's routing hint may."),
         click.option("--mode", type=click.Choice(["auto", "native", "generic"]), default="auto",
                      show_default=True, help="XDP mode; auto falls back to generic with a warning."),
-        click.option("--instance", default="default", show_default=True,
+        click.option("--instance", default=defaults.INSTANCE, show_default=True,
                      help="Names the pinned maps: /sys/fs/bpf/splitrelay/<instance>."),
-        click.option("--max-session-flows", default=DEFAULT_SESSION_FLOWS, show_default=True,
+        click.option("--max-session-flows", default=defaults.SESSION_FLOWS, show_default=True,
                      type=click.IntRange(0, 65535),
                      help="Client 5-tuples one session may open (0 = unlimited): caps stolen-ufrag floods."),
         click.option("--hint-key-file", type=click.Path(exists=True, dir_okay=False),
@@ -43,7 +48,7 @@ def _agent_options(f):
                      help="xdp: translate both sides: the transceiver sees the relay's internal address and a "
                           "per-flow port instead of the client, and needs no route back to clients "
                           "(docs/DESIGN.md). The userspace plane always does."),
-        click.option("--translate-ports", default=f"{XLATE_PORT_MIN}-{XLATE_PORT_MAX}", show_default=True,
+        click.option("--translate-ports", default=_RANGE.format(*defaults.TRANSLATE_PORTS), show_default=True,
                      metavar="FIRST-LAST", help="--translate: the internal UDP ports flows take (one flow each); "
                                                 "keep them clear of this host's own ephemeral ports."),
     ]
@@ -65,7 +70,7 @@ def _agent_config(**kw):
     from splitrelay.edge.agent import AgentConfig
 
     ips = kw.pop("public_ips")
-    kw["translate_ports"] = _port_range(kw.pop("translate_ports", f"{XLATE_PORT_MIN}-{XLATE_PORT_MAX}"),
+    kw["translate_ports"] = _port_range(kw.pop("translate_ports", _RANGE.format(*defaults.TRANSLATE_PORTS)),
                                         "--translate-ports")
     key_file = kw.pop("hint_key_file", None)
     if key_file:
@@ -135,7 +140,7 @@ def edge_attach(internal_ips: tuple[str, ...], **kw) -> None:
 
 @edge.command("detach")
 @click.argument("ifaces", nargs=-1, required=True)
-@click.option("--instance", default="default", show_default=True)
+@click.option("--instance", default=defaults.INSTANCE, show_default=True)
 @click.option("--keep-maps", is_flag=True, help="Keep the pinned maps (sessions, flows) for a later attach.")
 def edge_detach(ifaces: tuple[str, ...], instance: str, keep_maps: bool) -> None:
     """Remove the XDP programs from IFACES (and the pinned maps unless --keep-maps).
@@ -212,13 +217,13 @@ PLANE_HELP = (
 
 @edge.command("serve")
 @_agent_options
-@click.option("--plane", "--datapath", "plane_kind", type=click.Choice(["xdp", "userspace"]), default="xdp",
-              show_default=True, help=PLANE_HELP + " (--datapath: the same option's former name.)")
+@click.option("--plane", "--datapath", "plane_kind", type=click.Choice(defaults.PLANE_KINDS),
+              default=defaults.PLANE, show_default=True, help=PLANE_HELP + " (--datapath: its former name.)")
 @INTERNAL_IP_OPTION
 @click.option("--max-flows", type=click.IntRange(1, 1 << 24),
               help="Flow table size. xdp: default 1048576, fixed when the maps are first pinned. userspace: one "
                    "socket per flow, default min(65536, open-file limit - 256).")
-@click.option("--listen", default="127.0.0.1:8470", show_default=True,
+@click.option("--listen", default=f"{defaults.CONTROL_HOST}:{defaults.CONTROL_PORT}", show_default=True,
               help="host:port of the control API and /metrics (use the internal address).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
               help="File holding the control API's master (admin) token, >= 32 bytes (or set SPLITRELAY_TOKEN); "

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 from aiohttp import web
+from splitrelay import defaults
 from prometheus_client import CONTENT_TYPE_LATEST
 from splitrelay.edge.backend_sources import BackendFollower, BackendSpec, file_reader, kubernetes_reader
 from splitrelay.edge.control import BACKEND_LIVE_S, BackendLimits, ControlAPI, off_loop
@@ -48,7 +49,7 @@ from splitrelay.edge.xdp.plane import XdpOptions, XdpPlane
 
 log = logging.getLogger(__name__)
 
-PLANE_KINDS = ("xdp", "userspace")
+PLANE_KINDS = defaults.PLANE_KINDS
 MIN_IDLE_S = 15.0  # consent checks come every ~5 s (RFC 7675): never age a live flow
 MIN_AGEING_INTERVAL_S = 0.05
 
@@ -61,8 +62,8 @@ class AgentConfig(PlaneConfig):
     gateway_ip: str | None = None
     gateway_mac: str | None = None
     pin_root: str = PIN_ROOT
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 8470                 # 0 = an ephemeral port (read EdgeAgent.port after start)
+    listen_host: str = defaults.CONTROL_HOST
+    listen_port: int = defaults.CONTROL_PORT   # 0 = an ephemeral port (read EdgeAgent.port after start)
     token: str | None = None
     idle_timeout_s: float = 30.0
     ageing_interval_s: float = 2.0
@@ -80,7 +81,7 @@ class AgentConfig(PlaneConfig):
     backend_ports: tuple[int, int] = (1, 65535)
     session_idle_s: float = 600.0         # a session with no flow this long, of a backend gone quiet, goes
     backend_live_s: float = BACKEND_LIVE_S
-    plane_kind: str = "xdp"               # "xdp" | "userspace" (edge/userspace/plane.py)
+    plane_kind: str = defaults.PLANE      # "xdp" | "userspace" (edge/userspace/plane.py)
     internal_ip4: str | None = None       # userspace: where flow sockets bind (default: from internal_iface)
     internal_ip6: str | None = None
     internal_more: tuple[str, ...] = ()   # xdp --translate: further internal addresses (edge/records.py sets)

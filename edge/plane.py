@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from splitrelay.bpf import consts
+from splitrelay import defaults
 from splitrelay.edge.counters import Counter
 from splitrelay.edge.records import Attachment, Backend, Flow, RelayConfig, Session
 
@@ -37,14 +37,14 @@ class PlaneConfig:
     internal_iface: str
     public_ip4: str | None = None
     public_ip6: str | None = None
-    relay_port: int = 3478
-    policy: str = "strict"
-    instance: str = "default"
-    max_session_flows: int = consts.DEFAULT_SESSION_FLOWS
+    relay_port: int = defaults.RELAY_PORT
+    policy: str = defaults.POLICY
+    instance: str = defaults.INSTANCE
+    max_session_flows: int = defaults.SESSION_FLOWS
     hint_key: bytes | None = None
     max_flows: int | None = None     # flow table size (default: the plane's own)
     translate: bool = False          # xdp: translation on both sides (issue 12 §1); userspace always does
-    translate_ports: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)
+    translate_ports: tuple[int, int] = defaults.TRANSLATE_PORTS
 
 
 @runtime_checkable

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from splitrelay import defaults
 from splitrelay.bpf import consts
 from splitrelay.wire.stun import UFRAG_RULE, is_ufrag
 
@@ -68,14 +69,14 @@ class RelayConfig:
     gateway_mac: str
     public_ip4: str | None = None
     public_ip6: str | None = None
-    policy: str = "strict"
-    max_session_flows: int = consts.DEFAULT_SESSION_FLOWS   # client 5-tuples one session may open; 0 = unlimited
+    policy: str = defaults.POLICY
+    max_session_flows: int = defaults.SESSION_FLOWS   # client 5-tuples one session may open; 0 = unlimited
     hint_key: bytes | None = None  # with a key only keyed (v2) routing hints route
     translate: bool = False        # both sides translated (issue 12 §1); False: DNAT, the client's address kept
     internal_ip4: str | None = None   # translate: the relay's internal addresses flows come from
     internal_ip6: str | None = None
     internal_more: tuple[str, ...] = ()   # translate: further internal addresses, either family, in order
-    translate_ports: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)   # inclusive
+    translate_ports: tuple[int, int] = defaults.TRANSLATE_PORTS   # inclusive
 
     def internal_sets(self) -> list[tuple[str | None, str | None]]:
         """The translation address sets: the i-th internal IPv4 with the i-th IPv6 (sr_config's arrays)."""

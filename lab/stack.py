@@ -23,9 +23,9 @@ from splitrelay.lab.floating import floated
 from splitrelay.lab.impair import Impairment
 from splitrelay.lab.topology import BACKEND_PORT, SECRETS, STATE_DIR, Lab
 from splitrelay.lab.netns import LabError, in_netns
-from splitrelay import tokens
+from splitrelay import defaults, tokens
 
-CONTROL_PORT = 8470
+CONTROL_PORT = defaults.CONTROL_PORT
 WHIP_PORT = 8080
 ADMIN_PORT = 8081
 BROWSER_ORIGIN = "http://localhost"   # the origin client/browser.py serves its call page from
@@ -178,7 +178,7 @@ def log_file(lab: Lab, daemon: str) -> Path:
     return STATE_DIR / f"{lab.name}-{daemon}.log"
 
 
-def start_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None = None,
+def start_agent(lab: Lab, policy: str = defaults.POLICY, extra_args: list[str] | None = None,
                 plane: str = "xdp", relay: int = 1) -> subprocess.Popen:
     """The edge agent in relay ``relay``'s namespace, on the XDP data plane or the userspace relay."""
     proc, path = spawn_agent(lab, policy, extra_args, plane, relay)
@@ -190,7 +190,7 @@ def _agent_name(relay: int) -> str:
     return "edge agent" if relay == 1 else f"edge agent of relay {relay}"
 
 
-def spawn_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None = None,
+def spawn_agent(lab: Lab, policy: str = defaults.POLICY, extra_args: list[str] | None = None,
                 plane: str = "xdp", relay: int = 1) -> tuple[subprocess.Popen, Path]:
     """Start relay ``relay``'s agent without waiting (several compile their XDP programs at once)."""
     r = lab.relay(relay)
@@ -256,7 +256,7 @@ def control(lab: Lab, fn, relay: int = 1):
                     lambda: fn(ControlClient(control_url(lab, relay), control_token(lab))))
 
 
-def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
+def start_lab(transceivers: int = 2, name: str | None = None, policy: str = defaults.POLICY,
               handler: str | list[str] | None = "echo", agent_args: list[str] | None = None,
               hint_key_file: str | None = None, impair: Impairment | None = None, relays: int = 1,
               far: Impairment | None = None, translate: bool = False, routed: bool = False,

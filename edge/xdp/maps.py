@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitrelay import defaults
 from splitrelay.bpf import consts, syscall
 from splitrelay.edge import counters as counters_mod
 from splitrelay.edge.xdp import codec
@@ -48,11 +49,11 @@ Counter = counters_mod.Counter   # the counters' dataclass lives next to their s
 
 @dataclass
 class XdpMaps:
-    instance: str = "default"
+    instance: str = defaults.INSTANCE
     pin_root: str = PIN_ROOT
     attachments: list[Attachment] = field(default_factory=list)
     max_flows: int | None = None   # flow table size (default SR_MAX_FLOWS); fixed when first pinned
-    port_range: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)   # configure() sets it
+    port_range: tuple[int, int] = defaults.TRANSLATE_PORTS   # configure() sets it
     port_quarantine_s: float = 60.0   # translate: > the agent's idle timeout (edge/xdp/ports.py)
     xlate_addrs: int = 1   # translate: internal address sets the pool and reverse array hold; fixed when pinned
 
