@@ -60,7 +60,7 @@ class Relay:
         self.fds = {name: load_program(self.bpf, name).fd for name in PROGRAMS}
         config = self.bpf[b"config"]
         config[ct.c_uint32(0)] = codec.config_leaf(config.Leaf(), RelayConfig(
-            RELAY_PORT, MAC, MAC, public_ip4=PUBLIC_IP, max_session_flows=0))
+            relay_port=RELAY_PORT, public_mac=MAC, gateway_mac=MAC, public_ip4=PUBLIC_IP, max_session_flows=0))
         tx = self.bpf[b"tx_ports"]
         for slot in (0, 1):
             tx[tx.Key(slot)] = tx.Leaf(LO)

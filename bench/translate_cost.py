@@ -90,7 +90,8 @@ def measure(runs: int = 20_000, trials: int = 5, addrs: int = 1) -> dict:
         dp.load()
         dp.set_tx_slot(0, LO)
         dp.set_tx_slot(1, LO)
-        base = RelayConfig(RELAY_PORT, MAC, MAC, public_ip4=PUBLIC_IP, max_session_flows=0)
+        base = RelayConfig(relay_port=RELAY_PORT, public_mac=MAC, gateway_mac=MAC, public_ip4=PUBLIC_IP,
+                           max_session_flows=0)
         more = tuple(str(ipaddress.ip_address(INTERNAL_IP) + k) for k in range(1, addrs))
         modes = {"dnat": base, "translate": dataclasses.replace(base, translate=True, internal_ip4=INTERNAL_IP,
                                                                 internal_more=more)}

@@ -22,29 +22,47 @@ from typing import Protocol, runtime_checkable
 
 from splitrelay import defaults
 from splitrelay.edge.counters import Counter
-from splitrelay.edge.records import Attachment, Backend, Flow, RelayConfig, Session
+from splitrelay.edge.records import (
+    Attachment,
+    Backend,
+    DataPlaneError,
+    Flow,
+    RelayConfig,
+    RelaySettings,
+    Session,
+    parse_ip,
+)
 
 # A pending flow (opened by a client's request) whose backend has not answered in this long is a
 # spoofed or forged request's: it goes at the next ageing pass.  ICE answers in one round trip.
 PENDING_TIMEOUT_S = 5.0
 
 
-@dataclass
-class PlaneConfig:
-    """What every plane needs to know of its relay (each plane adds its own options)."""
+@dataclass(kw_only=True)
+class PlaneConfig(RelaySettings):
+    """What a plane is built with: the relay's settings (``records.RelaySettings``), its interfaces and
+    tables, and the options only one plane reads (the others ignore them), each declared once."""
 
     public_iface: str
     internal_iface: str
-    public_ip4: str | None = None
-    public_ip6: str | None = None
-    relay_port: int = defaults.RELAY_PORT
-    policy: str = defaults.POLICY
     instance: str = defaults.INSTANCE
-    max_session_flows: int = defaults.SESSION_FLOWS
-    hint_key: bytes | None = None
-    max_flows: int | None = None     # flow table size (default: the plane's own)
-    translate: bool = False          # xdp: translation on both sides (issue 12 §1); userspace always does
-    translate_ports: tuple[int, int] = defaults.TRANSLATE_PORTS
+    max_flows: int | None = None            # flow table size (default: the plane's own)
+    # xdp: it writes Ethernet headers, attaches programs and pins maps
+    gateway_ip: str | None = None           # the public next hop, resolved to a MAC at setup
+    gateway_mac: str | None = None          # ... or given
+    gateway_timeout_s: float = 3.0
+    neighbour_timeout_s: float = 1.5        # a backend PUT answers 422 before a 2 s client gives up
+    mode: str = "auto"                      # auto | native | generic
+    pin_root: str = defaults.PIN_ROOT
+    detach_on_exit: bool = False
+    port_quarantine_s: float = 60.0         # translate: a freed port waits longer than the idle timeout
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_flows is not None and self.max_flows < 1:
+            raise DataPlaneError(f"flow table size must be >= 1, got {self.max_flows}")
+        if self.gateway_ip is not None:
+            parse_ip(self.gateway_ip)
 
 
 @runtime_checkable

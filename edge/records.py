@@ -9,7 +9,7 @@ construction with a one-line ``DataPlaneError``.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from splitrelay import defaults
 from splitrelay.bpf import consts
@@ -38,6 +38,24 @@ def check_ufrag(ufrag: str) -> str:
     return ufrag
 
 
+def parse_ip(value: str, version: int | None = None) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``value`` as an address (of IP ``version`` when given), else one-line DataPlaneError."""
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise DataPlaneError(f"not an IP address: {value!r}") from None
+    if version and addr.version != version:
+        raise DataPlaneError(f"{value} is not an IPv{version} address")
+    return addr
+
+
+def check_range(name: str, pair: tuple[int, int]) -> None:
+    """One-line DataPlaneError unless ``pair`` is a port range (first <= last) within 1..65535."""
+    first, last = pair
+    if not 1 <= first <= last <= 65535:
+        raise DataPlaneError(f"{name} must be a range within 1..65535, got {first}-{last}")
+
+
 def check_internal_sets(ip4: str | None, ip6: str | None, more=()) -> None:
     """One-line DataPlaneError unless the internal addresses pair up into at most MAX_XLATE_ADDRS sets.
 
@@ -46,10 +64,7 @@ def check_internal_sets(ip4: str | None, ip6: str | None, more=()) -> None:
     """
     by: dict[int, list[str]] = {4: [ip4] if ip4 else [], 6: [ip6] if ip6 else []}
     for ip in more:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            raise DataPlaneError(f"not an IP address: {ip!r}") from None
+        addr = parse_ip(ip)
         by[addr.version].append(str(addr))
     n4, n6 = len(by[4]), len(by[6])
     if n4 and n6 and n4 != n6:
@@ -62,11 +77,15 @@ def check_internal_sets(ip4: str | None, ip6: str | None, more=()) -> None:
             raise DataPlaneError(f"an internal IPv{version} address is given twice: {', '.join(ips)}")
 
 
-@dataclass
-class RelayConfig:
-    relay_port: int
-    public_mac: str
-    gateway_mac: str
+@dataclass(kw_only=True)
+class RelaySettings:
+    """A relay's settings as its operator gives them, declared and validated here once.
+
+    The agent's config and every plane's (``edge/plane.py`` ``PlaneConfig``) are these plus their
+    own; what a plane writes (``RelayConfig``) is these plus what it resolved (MACs, addresses).
+    """
+
+    relay_port: int = defaults.RELAY_PORT
     public_ip4: str | None = None
     public_ip6: str | None = None
     policy: str = defaults.POLICY
@@ -74,25 +93,12 @@ class RelayConfig:
     hint_key: bytes | None = None  # with a key only keyed (v2) routing hints route
     translate: bool = False        # both sides translated (issue 12 §1); False: DNAT, the client's address kept
     internal_ip4: str | None = None   # translate: the relay's internal addresses flows come from
-    internal_ip6: str | None = None
+    internal_ip6: str | None = None   # (the userspace plane: where its flow sockets bind)
     internal_more: tuple[str, ...] = ()   # translate: further internal addresses, either family, in order
     translate_ports: tuple[int, int] = defaults.TRANSLATE_PORTS   # inclusive
 
-    def internal_sets(self) -> list[tuple[str | None, str | None]]:
-        """The translation address sets: the i-th internal IPv4 with the i-th IPv6 (sr_config's arrays)."""
-        by = {4: [self.internal_ip4] if self.internal_ip4 else [],
-              6: [self.internal_ip6] if self.internal_ip6 else []}
-        for ip in self.internal_more:
-            by[ipaddress.ip_address(ip).version].append(ip)
-        n = max(len(by[4]), len(by[6]))
-        return [(by[4][i] if by[4] else None, by[6][i] if by[6] else None) for i in range(n)]
-
     def __post_init__(self) -> None:
-        first, last = self.translate_ports
-        if not 1 <= first <= last <= 65535:
-            raise DataPlaneError(f"translation ports must be a range within 1..65535, got {first}-{last}")
-        if self.translate and self.internal_ip4 is None and self.internal_ip6 is None:
-            raise DataPlaneError("translation needs the relay's internal IPv4 or IPv6 address")
+        check_range("translation ports", self.translate_ports)
         check_internal_sets(self.internal_ip4, self.internal_ip6, self.internal_more)
         if self.hint_key is not None and len(self.hint_key) != 16:
             raise DataPlaneError(f"hint key must be 16 bytes, got {len(self.hint_key)}")
@@ -104,6 +110,38 @@ class RelayConfig:
             raise DataPlaneError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         if self.public_ip4 is None and self.public_ip6 is None:
             raise DataPlaneError("a relay needs a public IPv4 or IPv6 address")
+        for value, version in ((self.public_ip4, 4), (self.public_ip6, 6), (self.internal_ip4, 4),
+                               (self.internal_ip6, 6)):
+            if value is not None:
+                parse_ip(value, version)
+
+    def relay_config(self, public_mac: str = NO_MAC, gateway_mac: str = NO_MAC, **resolved) -> RelayConfig:
+        """What a plane writes: these settings with the MACs it resolved and, in ``resolved``, what it
+        decided in place of a setting (translation's internal addresses, say)."""
+        given = {f.name: getattr(self, f.name) for f in fields(RelaySettings)}
+        return RelayConfig(**{**given, **resolved}, public_mac=public_mac, gateway_mac=gateway_mac)
+
+
+@dataclass(kw_only=True)
+class RelayConfig(RelaySettings):
+    """A relay's config as a plane holds it (``sr_config``): its settings and the MACs it resolved."""
+
+    public_mac: str = NO_MAC
+    gateway_mac: str = NO_MAC
+
+    def internal_sets(self) -> list[tuple[str | None, str | None]]:
+        """The translation address sets: the i-th internal IPv4 with the i-th IPv6 (sr_config's arrays)."""
+        by = {4: [self.internal_ip4] if self.internal_ip4 else [],
+              6: [self.internal_ip6] if self.internal_ip6 else []}
+        for ip in self.internal_more:
+            by[ipaddress.ip_address(ip).version].append(ip)
+        n = max(len(by[4]), len(by[6]))
+        return [(by[4][i] if by[4] else None, by[6][i] if by[6] else None) for i in range(n)]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.translate and self.internal_ip4 is None and self.internal_ip6 is None:
+            raise DataPlaneError("translation needs the relay's internal IPv4 or IPv6 address")
 
 
 @dataclass

@@ -17,10 +17,8 @@ CONTROL_HOST = "127.0.0.1"   # loopback: no token needed (edge/credentials.py), 
 POLICY = Policy.STRICT       # only registered ufrags open flows
 POLICY_NAMES = [p.value for p in Policy]   # what --policy takes, from bpf/splitrelay.h
 INSTANCE = "default"         # names the pinned maps: /sys/fs/bpf/splitrelay/<instance>
+PIN_ROOT = "/sys/fs/bpf/splitrelay"   # where every instance's maps are pinned (bpffs)
 PLANE_KINDS = ("xdp", "userspace")   # the data planes an agent can run (edge/agent.py builds them)
 PLANE = "xdp"
 SESSION_FLOWS = DEFAULT_SESSION_FLOWS
 TRANSLATE_PORTS = (XLATE_PORT_MIN, XLATE_PORT_MAX)
-
-__all__ = ["CONTROL_HOST", "CONTROL_PORT", "INSTANCE", "PLANE", "PLANE_KINDS", "POLICY", "POLICY_NAMES", "Policy",
-           "RELAY_PORT", "SESSION_FLOWS", "TRANSLATE_PORTS"]

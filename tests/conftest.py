@@ -77,7 +77,8 @@ def attach_relay(lab: Lab, policy: str = "strict", instance: str | None = None,
             subprocess.run(["ip", "addr", "add", f"{ip}/32", "dev", lab.relay_internal.ifname], check=True)
         dp.load()
         dp.attach(lab.relay_public.ifname, lab.relay_internal.ifname, mode="native")
-        dp.configure(RelayConfig(lab.relay_port, lab.relay_public.mac, lab.client.mac,
+        dp.configure(RelayConfig(relay_port=lab.relay_port, public_mac=lab.relay_public.mac,
+                                 gateway_mac=lab.client.mac,
                                  public_ip4=lab.relay_public.ip4, public_ip6=lab.relay_public.ip6,
                                  policy=policy, translate=bool(translate), internal_ip4=lab.relay_internal.ip4,
                                  internal_ip6=None if more else lab.relay_internal.ip6, internal_more=more))

@@ -46,6 +46,12 @@ def test_the_policies_are_the_headers_list():
     assert consts.Policy.HINT == "hint" and defaults.POLICY == "strict"
 
 
+def test_the_cli_offers_the_planes_the_agent_builds():
+    from splitrelay.edge.agent import PLANES
+
+    assert tuple(PLANES) == defaults.PLANE_KINDS and defaults.PLANE in PLANES
+
+
 def test_the_deploy_files_name_the_default_ports():
     daemonset = (ROOT / "deploy" / "k8s" / "edge-daemonset.yaml").read_text()
     assert f'"--port", "{defaults.RELAY_PORT}"' in daemonset

@@ -154,7 +154,7 @@ def test_error_texts_are_pinned():
         check_ufrag("ev-j")
     assert str(exc.value) == "ufrag must be 4..32 ice-chars (A-Z a-z 0-9 + /), got 'ev-j'"
     with pytest.raises(DataPlaneError) as exc:
-        RelayConfig(3478, MAC, MAC, policy="loose", public_ip4="192.0.2.1")
+        RelayConfig(relay_port=3478, public_mac=MAC, gateway_mac=MAC, policy="loose", public_ip4="192.0.2.1")
     assert str(exc.value) == "policy must be one of ['hint', 'strict'], got 'loose'"
     with pytest.raises(DataPlaneError) as exc:
         Backend(0, 5000, MAC, MAC, ip4="10.0.0.1")
@@ -189,7 +189,8 @@ def test_every_library_error_is_a_splitrelay_error():
 
 def test_both_planes_and_the_null_plane_declare_the_contract():
     assert isinstance(NullPlane(), DataPlane)
-    assert isinstance(UserspacePlane(PlaneConfig("pub", "int", max_flows=4)), DataPlane)
+    config = PlaneConfig(public_iface="pub", internal_iface="int", public_ip4="192.0.2.1", max_flows=4)
+    assert isinstance(UserspacePlane(config), DataPlane)
 
 
 def test_the_null_plane_holds_nothing_and_refuses_writes_in_one_line():

@@ -42,7 +42,7 @@ from splitrelay.edge.records import Backend, DataPlaneError, RelayConfig
 from splitrelay.lab.topology import Lab
 from splitrelay.edge.plane import PlaneConfig
 from splitrelay.edge.routing import RoutingTables, route
-from splitrelay.edge.userspace.plane import NO_MAC, OVERHEAD, TableFullError, UserspaceOptions, UserspacePlane
+from splitrelay.edge.userspace.plane import NO_MAC, OVERHEAD, TableFullError, UserspacePlane
 
 from .conftest import needs_root, relay_ufrags
 from .test_relay_lab import EchoServer, client_socket, ping
@@ -546,10 +546,11 @@ def run_relay_here(lab: Lab, scenario, max_flows: int | None = None):
     """``scenario(dp)`` on a fresh event loop in the relay namespace, with a UserspacePlane on
     INPROC_PORT (beside the agent's), every socket closed after."""
     async def main():
-        common = PlaneConfig(lab.relay_public.ifname, lab.relay_internal.ifname, instance="inproc",
-                             max_flows=max_flows)
-        dp = UserspacePlane(common, UserspaceOptions(lab.relay_internal.ip4, lab.relay_internal.ip6))
-        dp.configure(RelayConfig(INPROC_PORT, NO_MAC, NO_MAC, public_ip4=lab.relay_public.ip4,
+        common = PlaneConfig(public_iface=lab.relay_public.ifname, internal_iface=lab.relay_internal.ifname,
+                             public_ip4=lab.relay_public.ip4, instance="inproc", max_flows=max_flows,
+                             internal_ip4=lab.relay_internal.ip4, internal_ip6=lab.relay_internal.ip6)
+        dp = UserspacePlane(common)
+        dp.configure(RelayConfig(relay_port=INPROC_PORT, public_ip4=lab.relay_public.ip4,
                                  public_ip6=lab.relay_public.ip6))
         for t in lab.transceivers:
             dp.set_backend(Backend(t.backend_id, BACKEND_PORT, NO_MAC, NO_MAC, ip4=t.ip4, ip6=t.ip6))
@@ -638,8 +639,9 @@ def test_a_taken_relay_port_fails_start_and_leaves_nothing_bound(relay_module):
         taken.bind((lab.relay_public.ip6, INPROC_PORT))
         try:
             async def main() -> None:
-                dp = UserspacePlane(PlaneConfig("pub", "int", max_flows=4))
-                dp.configure(RelayConfig(INPROC_PORT, NO_MAC, NO_MAC, public_ip4=lab.relay_public.ip4,
+                dp = UserspacePlane(PlaneConfig(public_iface="pub", internal_iface="int", public_ip4="192.0.2.1",
+                                                max_flows=4))
+                dp.configure(RelayConfig(relay_port=INPROC_PORT, public_ip4=lab.relay_public.ip4,
                                          public_ip6=lab.relay_public.ip6))
                 taken_port = re.escape(f"cannot bind the relay port [{lab.relay_public.ip6}]:3490")
                 with pytest.raises(DataPlaneError, match=taken_port):
@@ -655,7 +657,7 @@ def test_a_taken_relay_port_fails_start_and_leaves_nothing_bound(relay_module):
 
 
 def test_tables_refuse_when_full_with_typed_errors():
-    dp = UserspacePlane(PlaneConfig("pub", "int", max_flows=8))
+    dp = UserspacePlane(PlaneConfig(public_iface="pub", internal_iface="int", public_ip4="192.0.2.1", max_flows=8))
     dp.max_sessions, dp.max_backends = 2, 1
     dp.set_backend(Backend(1, 5000, NO_MAC, NO_MAC, ip4="198.18.0.1"))
     with pytest.raises(TableFullError):

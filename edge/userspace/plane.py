@@ -51,13 +51,12 @@ the tables' control calls, the limits, and the agent's lifecycle.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import resource
 import socket
 import time
-from dataclasses import dataclass
 
+from splitrelay import defaults
 from splitrelay.bpf import consts
 from splitrelay.edge import counters as counters_mod
 from splitrelay.edge import interfaces
@@ -72,6 +71,7 @@ from splitrelay.edge.records import (
     Session,
     TableFullError,
     check_ufrag,
+    parse_ip,
 )
 from splitrelay.edge.userspace.relay import OVERHEAD, UserspaceRelay, LiveFlow
 
@@ -106,23 +106,9 @@ def default_max_flows() -> int:
 
 def _normal_ip(ip: str) -> tuple[int, str]:
     """(family, the address as recvfrom spells it): the flow table's key form."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        raise DataPlaneError(f"not an IP address: {ip!r}") from None
+    addr = parse_ip(ip)
     family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
     return family, socket.inet_ntop(family, addr.packed)
-
-
-@dataclass
-class UserspaceOptions:
-    """What only the userspace plane needs: where flow sockets bind (default: the internal interface's)."""
-
-    internal_ip4: str | None = None
-    internal_ip6: str | None = None
-
-    def check(self, common: PlaneConfig) -> None:
-        """Nothing to refuse: the plane only binds sockets (any interface, no next hop to resolve)."""
 
 
 class UserspacePlane:
@@ -133,15 +119,17 @@ class UserspacePlane:
     reads_block = False            # the tables live on the loop: they are read there
     attachments: tuple[Attachment, ...] = ()   # nothing is attached to any interface
 
-    def __init__(self, common: PlaneConfig, options: UserspaceOptions | None = None) -> None:
-        options = options or UserspaceOptions()
-        self.relay = UserspaceRelay(int(common.max_flows) if common.max_flows else default_max_flows(),
-                                    options.internal_ip4, options.internal_ip6)
-        self.common = common
-        self.options = options
-        self.instance = common.instance
+    def __init__(self, plane_config: PlaneConfig) -> None:
+        c = self.plane_config = plane_config
+        self.relay = UserspaceRelay(int(c.max_flows) if c.max_flows else default_max_flows(),
+                                    c.internal_ip4, c.internal_ip6)
+        self.instance = c.instance
         self.max_backends = consts.MAX_BACKENDS
         self.max_sessions = consts.MAX_SESSIONS
+
+    @staticmethod
+    def check(c: PlaneConfig) -> None:
+        """Nothing to refuse: the plane only binds sockets (any interface, no next hop to resolve)."""
 
     # -- lifecycle (DataPlane) -------------------------------------------------------------
 
@@ -151,19 +139,18 @@ class UserspacePlane:
         Flow sockets bind to the internal address of their family, so backends see (and
         answer) the relay's internal address; without one the kernel picks the source.
         """
-        c, o = self.common, self.options
+        c = self.plane_config
         found = interfaces.addresses(c.internal_iface)
-        self.relay.internal_ips[socket.AF_INET] = o.internal_ip4 or found.get(4)
-        self.relay.internal_ips[socket.AF_INET6] = o.internal_ip6 or found.get(6)
+        self.relay.internal_ips[socket.AF_INET] = c.internal_ip4 or found.get(4)
+        self.relay.internal_ips[socket.AF_INET6] = c.internal_ip6 or found.get(6)
         for family, public in ((socket.AF_INET, c.public_ip4), (socket.AF_INET6, c.public_ip6)):
             version = 4 if family == socket.AF_INET else 6
             if public and not self.relay.internal_ips[family]:
                 log.warning("%s has no IPv%d address: IPv%d flows leave from whatever source the kernel picks",
                             c.internal_iface, version, version)
-        self.configure(RelayConfig(   # no Ethernet headers to write: no MACs
-            relay_port=c.relay_port, public_mac=NO_MAC, gateway_mac=NO_MAC, public_ip4=c.public_ip4,
-            public_ip6=c.public_ip6, policy=c.policy, max_session_flows=c.max_session_flows,
-            hint_key=c.hint_key))
+        # no Ethernet headers to write: no MACs; it translates by its sockets, not by sr_config's sets
+        self.configure(c.relay_config(translate=False, internal_ip4=None, internal_ip6=None, internal_more=(),
+                                      translate_ports=defaults.TRANSLATE_PORTS))
         return KIND
 
     def activate(self, loop: asyncio.AbstractEventLoop) -> str:
@@ -340,5 +327,5 @@ class UserspacePlane:
         self.relay.byte_counts[:] = [0] * n
 
 
-__all__ = ["KIND", "NO_MAC", "OVERHEAD", "TableFullError", "UserspaceOptions",
+__all__ = ["KIND", "NO_MAC", "OVERHEAD", "TableFullError",
            "UserspacePlane", "default_max_flows", "table_sizes"]

@@ -99,9 +99,7 @@ class UserspaceRelay:
     """
 
     def __init__(self, max_flows: int, internal_ip4: str | None = None, internal_ip6: str | None = None) -> None:
-        if max_flows < 1:
-            raise DataPlaneError(f"flow table size must be >= 1, got {max_flows}")
-        self.max_flows = max_flows
+        self.max_flows = max_flows   # >= 1: PlaneConfig checked it
         self.internal_ips = {socket.AF_INET: internal_ip4, socket.AF_INET6: internal_ip6}
         self.internal_errors = 0              # bugs caught on the hot path (never raised out of a callback)
         self._cfg: RelayConfig | None = None

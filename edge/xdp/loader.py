@@ -15,13 +15,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from splitrelay import defaults
 from splitrelay.bpf import SOURCE_DIR
 from splitrelay.bpf.syscall import map_info
 from splitrelay.edge.records import DataPlaneError
 
 log = logging.getLogger(__name__)
 
-PIN_ROOT = "/sys/fs/bpf/splitrelay"
+PIN_ROOT = defaults.PIN_ROOT
 FORBIDDEN_IFACES = {"eth0", "lo"}
 PROGRAMS = ("xdp_public", "xdp_internal")
 # every bcc table of relay.c, all pinned under pin_dir (their types come from the source, via bcc)
@@ -135,6 +136,12 @@ def ifindex(ifname: str) -> int:
     if not found:
         raise DataPlaneError(f"no interface named {ifname!r} in this network namespace")
     return found
+
+
+def check_mode(mode: str) -> None:
+    """One-line DataPlaneError unless ``mode`` is an XDP attach mode."""
+    if mode not in ATTACH_MODES:
+        raise DataPlaneError(f"mode must be auto, native or generic, got {mode!r}")
 
 
 def refuse_host_links(*ifnames: str | None) -> None:

@@ -121,8 +121,7 @@ class XdpMaps:
 
     def attach(self, public: str, internal: str | None = None, mode: str = "auto") -> str:
         """Attach xdp_public (and xdp_internal) and fill the redirect ports; returns the mode used."""
-        if mode not in loader.ATTACH_MODES:
-            raise DataPlaneError(f"mode must be auto, native or generic, got {mode!r}")
+        loader.check_mode(mode)
         ifaces = [(public, "xdp_public", PUBLIC_SLOT)]
         if internal and internal != public:
             ifaces.append((internal, "xdp_internal", INTERNAL_SLOT))

@@ -72,7 +72,7 @@ def relay(dp, links):
         dp.bpf[table.encode()].clear()
     set_slots(dp, links)
     dp.reset_counters()
-    dp.configure(RelayConfig(P.RELAY_PORT, P.RELAY_PUB_MAC, P.GATEWAY_MAC,
+    dp.configure(RelayConfig(relay_port=P.RELAY_PORT, public_mac=P.RELAY_PUB_MAC, gateway_mac=P.GATEWAY_MAC,
                              public_ip4=P.PUBLIC_IP4, public_ip6=P.PUBLIC_IP6))
     dp.set_backend(Backend(BACKEND_ID, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC,
                            ip4=P.BACKEND_IP4, ip6=P.BACKEND_IP6))

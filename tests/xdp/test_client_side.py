@@ -304,7 +304,8 @@ def test_full_flow_table_refuses_new_flows_and_keeps_live_ones(links, pin_root):
     try:
         small.load()
         set_slots(small, links)
-        small.configure(RelayConfig(P.RELAY_PORT, P.RELAY_PUB_MAC, P.GATEWAY_MAC, public_ip4=P.PUBLIC_IP4,
+        small.configure(RelayConfig(relay_port=P.RELAY_PORT, public_mac=P.RELAY_PUB_MAC, gateway_mac=P.GATEWAY_MAC,
+                                    public_ip4=P.PUBLIC_IP4,
                                     max_session_flows=0))
         small.set_backend(Backend(BACKEND_ID, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC, ip4=P.BACKEND_IP4))
         small.set_session("evtj", BACKEND_ID)

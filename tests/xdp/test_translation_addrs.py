@@ -14,7 +14,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from splitrelay.bpf.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT
 from splitrelay.edge.records import DataPlaneError, check_internal_sets
-from splitrelay.edge.xdp.plane import XdpOptions, _internal_addresses
+from splitrelay.edge.plane import PlaneConfig
+from splitrelay.edge.xdp.plane import _internal_addresses
 
 from .. import packets as P
 from .harness import (INTERNAL_IP4, INTERNAL_IP4_B, INTERNAL_IP6, INTERNAL_IP6_B, PORTS, RELAY_OWN_IP4, V, VETH,
@@ -147,7 +148,8 @@ def test_an_internal_address_not_on_the_internal_interface_is_refused_in_one_lin
     iface = VETH[1]
     subprocess.run(["ip", "addr", "add", f"{INTERNAL_IP4}/24", "dev", iface], check=True)
     try:
-        options = XdpOptions(gateway_mac=P.GATEWAY_MAC, internal_ip4=INTERNAL_IP4, internal_more=(INTERNAL_IP4_B,))
+        options = PlaneConfig(public_iface=VETH[0], internal_iface=iface, public_ip4=P.PUBLIC_IP4,
+                              internal_ip4=INTERNAL_IP4, internal_more=(INTERNAL_IP4_B,))
         with pytest.raises(DataPlaneError) as exc:
             _internal_addresses(iface, options)
         assert str(exc.value) == f"internal address {INTERNAL_IP4_B} is not configured on {iface}"
