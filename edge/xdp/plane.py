@@ -17,15 +17,7 @@ import logging
 from splitrelay.edge import interfaces, neighbours
 from splitrelay.edge.counters import Counter
 from splitrelay.edge.plane import PENDING_TIMEOUT_S, PlaneConfig
-from splitrelay.edge.records import (
-    Attachment,
-    Backend,
-    DataPlaneError,
-    Flow,
-    RelayConfig,
-    RelaySettings,
-    Session,
-)
+from splitrelay.edge.records import Attachment, Backend, DataPlaneError, Flow, RelayConfig, RelaySettings, Session
 from splitrelay.edge.xdp.maps import XdpMaps
 from splitrelay.edge.xdp.loader import check_mode, refuse_host_links
 
