@@ -26,9 +26,9 @@ from pathlib import Path
 
 from splitrelay.bpf import SOURCE_DIR, syscall
 from splitrelay.bpf.testrun import XDP_TX, run_xdp
-from splitrelay.edge import xdp_codec as codec
+from splitrelay.edge.xdp import codec
 from splitrelay.edge.records import Backend, RelayConfig
-from splitrelay.edge.xdp_loader import PROGRAMS, load_program
+from splitrelay.edge.xdp.loader import PROGRAMS, load_program
 from splitrelay.wire import stun
 
 from .translate_cost import BACKEND_IP, BACKEND_PORT, CLIENT_IP, CLIENT_PORT, LO, MAC, PUBLIC_IP, RELAY_PORT, RTP
@@ -60,7 +60,7 @@ class Relay:
         self.fds = {name: load_program(self.bpf, name).fd for name in PROGRAMS}
         config = self.bpf[b"config"]
         config[ct.c_uint32(0)] = codec.config_leaf(config.Leaf(), RelayConfig(
-            RELAY_PORT, MAC, MAC, public_ip4=PUBLIC_IP, max_session_flows=0))
+            relay_port=RELAY_PORT, public_mac=MAC, gateway_mac=MAC, public_ip4=PUBLIC_IP, max_session_flows=0))
         tx = self.bpf[b"tx_ports"]
         for slot in (0, 1):
             tx[tx.Key(slot)] = tx.Leaf(LO)

@@ -133,7 +133,7 @@ def scale(lab: Lab, sizes: list[int], duration: float, pinned: bool = True,
     runs = []
     try:
         lab.in_netns(relay.netns, agent.attach)
-        dp = agent.datapath
+        dp = agent.plane.maps
         backend_mac = lab.in_netns(relay.netns, lambda: agent.resolve_backend_mac(t.ip4))
         relay_mac = lab.mac(relay.netns, lab.relay_internal.ifname)
         dp.set_backend(Backend(1, forwarding.SINK_PORT, backend_mac, relay_mac, ip4=t.ip4))
@@ -165,4 +165,4 @@ def scale(lab: Lab, sizes: list[int], duration: float, pinned: bool = True,
         return ScaleFigures(runs, table.max_entries, memlock, ct.sizeof(table.Key), ct.sizeof(table.Leaf),
                             os.cpu_count())
     finally:
-        lab.in_netns(relay.netns, lambda: agent.datapath.destroy([relay.ifname, lab.relay_internal.ifname]))
+        lab.in_netns(relay.netns, lambda: agent.plane.maps.destroy([relay.ifname, lab.relay_internal.ifname]))

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from splitrelay import defaults
 from splitrelay.bench import ceiling, control, forwarding, scale, system
 from splitrelay.lab import stack
 from splitrelay.lab.topology import Lab
@@ -96,7 +97,7 @@ def _agent(lab: Lab, datapath: str) -> subprocess.Popen:
     # flows of a benchmark must not age out between its parts, nor its registered sessions (no transceiver
     # refreshes their backend)
     args = ["--idle-timeout", "600", "--session-idle", "7200"]
-    return stack.start_agent(lab, "strict", args, datapath=datapath)
+    return stack.start_agent(lab, defaults.POLICY, args, plane=datapath)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -26,15 +26,16 @@ import statistics
 import uuid
 from pathlib import Path
 
+from splitrelay import defaults
 from splitrelay.bpf import syscall
 from splitrelay.bpf.testrun import XDP_TX, run_xdp
-from splitrelay.edge.datapath import Backend, Datapath, RelayConfig
+from splitrelay.edge.xdp.maps import Backend, XdpMaps, RelayConfig
 from splitrelay.wire import stun
 from splitrelay.wire.byteorder import mac_bytes
 from splitrelay.wire.udp import ipv4_udp
 
 PUBLIC_IP, INTERNAL_IP, CLIENT_IP, BACKEND_IP = "198.18.0.1", "198.18.1.1", "198.18.0.2", "198.18.1.11"
-RELAY_PORT, BACKEND_PORT, CLIENT_PORT = 3478, 5000, 40000
+RELAY_PORT, BACKEND_PORT, CLIENT_PORT = defaults.RELAY_PORT, 5000, 40000
 MAC = "02:00:00:00:00:01"
 RTP = bytes([0x80, 0x6F]) + bytes(158)   # a 20 ms Opus frame's size, about
 LO = 1
@@ -52,7 +53,7 @@ def memlock(map_fd: int) -> int:
     raise OSError(f"no memlock in fdinfo of map fd {map_fd}")
 
 
-def _prepare(dp: Datapath, cfg: RelayConfig) -> tuple[bytes, bytes]:
+def _prepare(dp: XdpMaps, cfg: RelayConfig) -> tuple[bytes, bytes]:
     """Configure, open the client's flow; (its media frame inbound, the backend's reply outbound)."""
     dp.bpf[b"flows"].clear()
     dp.ports.clear_slots()
@@ -84,12 +85,13 @@ def _ns_per_run(prog_fd: int, pkt: bytes, runs: int) -> float:
 def measure(runs: int = 20_000, trials: int = 5, addrs: int = 1) -> dict:
     """``addrs``: internal addresses the relay translates with (the maps sized for them, all configured)."""
     pin_root = f"/sys/fs/bpf/srbench-{uuid.uuid4().hex[:8]}"
-    dp = Datapath(instance="xlate-cost", pin_root=pin_root, xlate_addrs=addrs)
+    dp = XdpMaps(instance="xlate-cost", pin_root=pin_root, xlate_addrs=addrs)
     try:
         dp.load()
         dp.set_tx_slot(0, LO)
         dp.set_tx_slot(1, LO)
-        base = RelayConfig(RELAY_PORT, MAC, MAC, public_ip4=PUBLIC_IP, max_session_flows=0)
+        base = RelayConfig(relay_port=RELAY_PORT, public_mac=MAC, gateway_mac=MAC, public_ip4=PUBLIC_IP,
+                           max_session_flows=0)
         more = tuple(str(ipaddress.ip_address(INTERNAL_IP) + k) for k in range(1, addrs))
         modes = {"dnat": base, "translate": dataclasses.replace(base, translate=True, internal_ip4=INTERNAL_IP,
                                                                 internal_more=more)}

@@ -3,12 +3,16 @@
 Every ``#define SR_<NAME> <integer>`` of the header becomes ``<NAME>`` here
 (``SR_UFRAG_MAX`` -> ``UFRAG_MAX``), so a limit changed in the header changes
 for the agent, the wire parsers, the userspace relay and the CLI at once.  The
-counter list (the ``SR_STATS`` X-macro) is read by ``edge/counters.py``.
+counter list (the ``SR_STATS`` X-macro) is read by ``edge/counters.py``; the
+routing policies are every ``SR_POLICY_<NAME>`` (``Policy``), so a policy added
+to the header is a name the CLI offers and the agent writes, with no string to
+keep in step.
 """
 
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from functools import lru_cache
 
 from splitrelay.bpf import SOURCE_DIR
@@ -45,7 +49,11 @@ FAMILY_V4: int = _D["FAMILY_V4"]
 FAMILY_V6: int = _D["FAMILY_V6"]
 BACKEND_V4: int = _D["BACKEND_V4"]       # sr_backend.flags
 BACKEND_V6: int = _D["BACKEND_V6"]
-POLICIES: dict[str, int] = {"strict": _D["POLICY_STRICT"], "hint": _D["POLICY_HINT"]}   # sr_config.policy
+# sr_config.policy: each SR_POLICY_<NAME> of the header, by its lower-case name ("strict": 0, ...)
+POLICIES: dict[str, int] = {name[len("POLICY_"):].lower(): value for name, value in _D.items()
+                            if name.startswith("POLICY_")}
+# a policy by name: Policy.STRICT == "strict" (a str, so JSON, the CLI and health read it unchanged)
+Policy = StrEnum("Policy", [(name.upper(), name) for name in POLICIES])
 HINT_V1: int = _D["HINT_V1"]
 HINT_V2: int = _D["HINT_V2"]
 HINT_V1_LEN: int = _D["HINT_V1_LEN"]

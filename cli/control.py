@@ -6,12 +6,13 @@ import os
 import time
 
 import click
+from splitrelay import defaults
 from splitrelay.bpf.consts import MAX_BACKEND_ID
 from splitrelay.cli.common import emit, table
 from splitrelay.cli.errors import CliError
 from splitrelay.cli.reach import InNamespace, lab_option, lab_relay, resolve
 
-DEFAULT_CONTROL = os.environ.get("SPLITRELAY_CONTROL", "http://127.0.0.1:8470")
+DEFAULT_CONTROL = os.environ.get("SPLITRELAY_CONTROL", f"http://{defaults.CONTROL_HOST}:{defaults.CONTROL_PORT}")
 
 
 def _control_options(f):

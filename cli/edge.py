@@ -6,7 +6,7 @@ import asyncio
 import os
 
 import click
-from splitrelay.bpf.consts import DEFAULT_SESSION_FLOWS, XLATE_PORT_MAX, XLATE_PORT_MIN
+from splitrelay import defaults
 from splitrelay.cli.common import emit, stop_on_signals, table
 from splitrelay.cli.errors import CliError, require_bcc, require_root
 
@@ -17,23 +17,28 @@ def edge() -> None:
 
 
 
+_RANGE = "{}-{}"   # FIRST-LAST, as _port_range reads it
+
+
 def _agent_options(f):
     options = [
         click.argument("public_iface"),
         click.option("--internal", "internal_iface", required=True, help="Interface toward the transceivers."),
-        click.option("--port", "relay_port", default=3478, show_default=True, type=click.IntRange(1, 65535),
+        click.option("--port", "relay_port", default=defaults.RELAY_PORT, show_default=True,
+                     type=click.IntRange(1, 65535),
                      help="The one public UDP port."),
         click.option("--public-ip", "public_ips", multiple=True, required=True,
                      help="Relay public address (repeat for IPv4 and IPv6)."),
         click.option("--gateway-ip", help="Public next hop (its MAC is read from the neighbour table)."),
         click.option("--gateway-mac", help="Public next hop MAC, instead of --gateway-ip."),
-        click.option("--policy", type=click.Choice(["strict", "hint"]), default="strict", show_default=True,
+        click.option("--policy", type=click.Choice(defaults.POLICY_NAMES), default=defaults.POLICY.value,
+                     show_default=True,
                      help="strict: only registered ufrags open flows; hint: the ufrag's routing hint may."),
         click.option("--mode", type=click.Choice(["auto", "native", "generic"]), default="auto",
                      show_default=True, help="XDP mode; auto falls back to generic with a warning."),
-        click.option("--instance", default="default", show_default=True,
+        click.option("--instance", default=defaults.INSTANCE, show_default=True,
                      help="Names the pinned maps: /sys/fs/bpf/splitrelay/<instance>."),
-        click.option("--max-session-flows", default=DEFAULT_SESSION_FLOWS, show_default=True,
+        click.option("--max-session-flows", default=defaults.SESSION_FLOWS, show_default=True,
                      type=click.IntRange(0, 65535),
                      help="Client 5-tuples one session may open (0 = unlimited): caps stolen-ufrag floods."),
         click.option("--hint-key-file", type=click.Path(exists=True, dir_okay=False),
@@ -42,8 +47,8 @@ def _agent_options(f):
         click.option("--translate", is_flag=True,
                      help="xdp: translate both sides: the transceiver sees the relay's internal address and a "
                           "per-flow port instead of the client, and needs no route back to clients "
-                          "(docs/DESIGN.md). The userspace datapath always does."),
-        click.option("--translate-ports", default=f"{XLATE_PORT_MIN}-{XLATE_PORT_MAX}", show_default=True,
+                          "(docs/DESIGN.md). The userspace plane always does."),
+        click.option("--translate-ports", default=_RANGE.format(*defaults.TRANSLATE_PORTS), show_default=True,
                      metavar="FIRST-LAST", help="--translate: the internal UDP ports flows take (one flow each); "
                                                 "keep them clear of this host's own ephemeral ports."),
     ]
@@ -65,7 +70,7 @@ def _agent_config(**kw):
     from splitrelay.edge.agent import AgentConfig
 
     ips = kw.pop("public_ips")
-    kw["translate_ports"] = _port_range(kw.pop("translate_ports", f"{XLATE_PORT_MIN}-{XLATE_PORT_MAX}"),
+    kw["translate_ports"] = _port_range(kw.pop("translate_ports", _RANGE.format(*defaults.TRANSLATE_PORTS)),
                                         "--translate-ports")
     key_file = kw.pop("hint_key_file", None)
     if key_file:
@@ -86,7 +91,7 @@ def _agent_config(**kw):
 
 INTERNAL_IP_OPTION = click.option(
     "--internal-ip", "internal_ips", multiple=True,
-    help="--translate (or serve --datapath userspace): the relay's address on the internal side that flows come "
+    help="--translate (or serve --plane userspace): the relay's address on the internal side that flows come "
          "from (repeat for IPv4 and IPv6); default: the --internal interface's first global address "
          "of each family. Give it when that interface holds several. With --translate, repeat it for "
          "several addresses per family (each must be on --internal; up to 16; the i-th IPv4 pairs "
@@ -98,7 +103,7 @@ def _internal_addresses(kw: dict, internal_ips: tuple[str, ...], refusal: str) -
     XDP without --translate, which forwards with the client's address and so has no use for them."""
     from ipaddress import ip_address
 
-    if internal_ips and kw.get("datapath", "xdp") == "xdp" and not kw["translate"]:
+    if internal_ips and kw.get("plane_kind", "xdp") == "xdp" and not kw["translate"]:
         raise CliError(refusal, 2)
     try:
         parsed = [ip_address(ip) for ip in internal_ips]
@@ -106,7 +111,7 @@ def _internal_addresses(kw: dict, internal_ips: tuple[str, ...], refusal: str) -
         raise CliError(str(exc), 2) from None
     kw["internal_ip4"] = next((str(a) for a in parsed if a.version == 4), None)
     kw["internal_ip6"] = next((str(a) for a in parsed if a.version == 6), None)
-    if kw.get("datapath") == "userspace" and len(parsed) > len({a.version for a in parsed}):
+    if kw.get("plane_kind") == "userspace" and len(parsed) > len({a.version for a in parsed}):
         raise CliError("--internal-ip: the userspace relay takes one address per family", 2)
     kw["internal_more"] = tuple(str(a) for a in parsed if str(a) not in (kw["internal_ip4"], kw["internal_ip6"]))
 
@@ -130,12 +135,12 @@ def edge_attach(internal_ips: tuple[str, ...], **kw) -> None:
     agent = EdgeAgent(_agent_config(**kw))
     mode = agent.attach()
     click.echo(f"attached ({mode}) to {kw['public_iface']} and {kw['internal_iface']}; "
-               f"maps pinned at {agent.datapath.pin_dir}")
+               f"maps pinned at {agent.plane.maps.pin_dir}")
 
 
 @edge.command("detach")
 @click.argument("ifaces", nargs=-1, required=True)
-@click.option("--instance", default="default", show_default=True)
+@click.option("--instance", default=defaults.INSTANCE, show_default=True)
 @click.option("--keep-maps", is_flag=True, help="Keep the pinned maps (sessions, flows) for a later attach.")
 def edge_detach(ifaces: tuple[str, ...], instance: str, keep_maps: bool) -> None:
     """Remove the XDP programs from IFACES (and the pinned maps unless --keep-maps).
@@ -146,10 +151,10 @@ def edge_detach(ifaces: tuple[str, ...], instance: str, keep_maps: bool) -> None
     """
     require_root("detaching XDP")
     require_bcc()
-    from splitrelay.edge.datapath import Datapath
-    from splitrelay.edge.xdp_loader import unpin
+    from splitrelay.edge.xdp.maps import XdpMaps
+    from splitrelay.edge.xdp.loader import unpin
 
-    Datapath(instance=instance).detach(list(ifaces))
+    XdpMaps(instance=instance).detach(list(ifaces))
     removed = False if keep_maps else unpin(instance)
     click.echo(f"detached from {', '.join(ifaces)}" + ("; pinned maps removed" if removed else ""))
 
@@ -176,16 +181,16 @@ def _xdp_attachments() -> list[dict]:
 def edge_status(as_json: bool) -> None:
     """XDP programs attached in this network namespace and pinned relay instances with their map fill."""
     require_root("reading BPF maps")
-    from splitrelay.edge.datapath import Datapath
-    from splitrelay.edge.xdp_loader import pinned_instances
+    from splitrelay.edge.xdp.maps import XdpMaps
+    from splitrelay.edge.xdp.loader import pinned_instances
 
     data = {"attached": _xdp_attachments(), "instances": []}
     for name in pinned_instances():
-        dp = Datapath(instance=name)
-        fill = dp.map_fill()
-        cfg = dp.config()
+        maps = XdpMaps(instance=name)
+        fill = maps.map_fill()
+        cfg = maps.config()
         data["instances"].append({
-            "instance": name, "pin_dir": str(dp.pin_dir),
+            "instance": name, "pin_dir": str(maps.pin_dir),
             "relay_port": cfg.relay_port if cfg else None, "policy": cfg.policy if cfg else None,
             "maps": {k: {"entries": v[0], "capacity": v[1]} for k, v in fill.items()},
         })
@@ -200,7 +205,7 @@ def edge_status(as_json: bool) -> None:
     emit(data, as_json, human)
 
 
-DATAPATH_HELP = (
+PLANE_HELP = (
     "xdp: the relay runs in the kernel's XDP hook (needs root, bcc and `make setup`); packets never enter "
     "the relay's network stack, the transceiver sees each client's own address, and calls survive agent "
     "restarts (maps stay pinned). userspace: an asyncio relay on plain UDP sockets in this process, for hosts "
@@ -212,13 +217,13 @@ DATAPATH_HELP = (
 
 @edge.command("serve")
 @_agent_options
-@click.option("--datapath", type=click.Choice(["xdp", "userspace"]), default="xdp", show_default=True,
-              help=DATAPATH_HELP)
+@click.option("--plane", "--datapath", "plane_kind", type=click.Choice(defaults.PLANE_KINDS),
+              default=defaults.PLANE, show_default=True, help=PLANE_HELP + " (--datapath: its former name.)")
 @INTERNAL_IP_OPTION
 @click.option("--max-flows", type=click.IntRange(1, 1 << 24),
               help="Flow table size. xdp: default 1048576, fixed when the maps are first pinned. userspace: one "
                    "socket per flow, default min(65536, open-file limit - 256).")
-@click.option("--listen", default="127.0.0.1:8470", show_default=True,
+@click.option("--listen", default=f"{defaults.CONTROL_HOST}:{defaults.CONTROL_PORT}", show_default=True,
               help="host:port of the control API and /metrics (use the internal address).")
 @click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
               help="File holding the control API's master (admin) token, >= 32 bytes (or set SPLITRELAY_TOKEN); "
@@ -267,12 +272,12 @@ def edge_serve(listen: str, token_file: str | None, k8s_token_file: str | None, 
       splitrelay edge serve pub0 --internal int0 --public-ip 203.0.113.1 \\
           --gateway-ip 203.0.113.254 --listen 10.0.0.1:8470 --token-file /etc/splitrelay/token
       splitrelay edge serve eth1 --internal eth2 --public-ip 203.0.113.1 \\
-          --datapath userspace --listen 10.0.0.1:8470     # no XDP on this host
+          --plane userspace --listen 10.0.0.1:8470     # no XDP on this host
     """
-    if kw["datapath"] == "xdp":
+    if kw["plane_kind"] == "xdp":
         require_root("the edge agent")
         require_bcc()
-    _internal_addresses(kw, internal_ips, "--internal-ip is for --datapath userspace or --translate (XDP "
+    _internal_addresses(kw, internal_ips, "--internal-ip is for --plane userspace or --translate (XDP "
                                           "forwards with the client's address)")
     from splitrelay.edge.agent import EdgeAgent
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from splitrelay import defaults
 from splitrelay.cli.common import emit, table
 from splitrelay.cli.errors import EXIT_USAGE, CliError, require_bcc, require_root
 
@@ -15,7 +16,8 @@ def lab() -> None:
 @lab.command("up")
 @click.option("--transceivers", default=2, show_default=True, type=click.IntRange(1, 50))
 @click.option("--name", help="Lab name (default: a fresh random one).")
-@click.option("--policy", type=click.Choice(["strict", "hint"]), default="strict", show_default=True)
+@click.option("--policy", type=click.Choice(defaults.POLICY_NAMES), default=defaults.POLICY.value,
+              show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--delay-ms", type=click.FloatRange(0, 10000), default=0.0,
               help="One-way delay added to UDP on the client's link, each way (the round trip grows twice this).")

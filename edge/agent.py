@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 from aiohttp import web
+from splitrelay import defaults
 from prometheus_client import CONTENT_TYPE_LATEST
 from splitrelay.edge.backend_sources import BackendFollower, BackendSpec, file_reader, kubernetes_reader
 from splitrelay.edge.control import BACKEND_LIVE_S, BackendLimits, ControlAPI, off_loop
@@ -40,35 +41,30 @@ from splitrelay.edge.credentials import check_master
 from splitrelay.edge import ice_tcp
 from splitrelay.edge.metrics import EdgeMetrics
 from splitrelay.edge.plane import DataPlane, PlaneConfig
-from splitrelay.edge.records import POLICIES, Backend, DatapathError
-from splitrelay.edge.userspace import UserspaceOptions, UserspacePlane
-from splitrelay.edge.xdp_loader import PIN_ROOT
-from splitrelay.edge.xdp_plane import XdpOptions, XdpPlane
+from splitrelay.edge import interfaces
+from splitrelay.edge.records import Backend, DataPlaneError, check_range
+from splitrelay.edge.userspace.plane import UserspacePlane
+from splitrelay.edge.xdp.plane import XdpPlane
 
 log = logging.getLogger(__name__)
 
-DATAPATHS = ("xdp", "userspace")
 MIN_IDLE_S = 15.0  # consent checks come every ~5 s (RFC 7675): never age a live flow
 MIN_AGEING_INTERVAL_S = 0.05
 
 
+PLANES = {plane.kind: plane for plane in (XdpPlane, UserspacePlane)}   # by kind: defaults.PLANE_KINDS
+
+
 @dataclass
 class AgentConfig(PlaneConfig):
-    """Every flag of ``edge serve``, flat (one per CLI option): the ones every plane needs
-    (``PlaneConfig``), the agent's own, and each plane's options (``plane_options``)."""
+    """Every flag of ``edge serve``, flat (one per CLI option): the plane's (``PlaneConfig``, which holds
+    the relay's settings) and the agent's own, each declared once."""
 
-    gateway_ip: str | None = None
-    gateway_mac: str | None = None
-    pin_root: str = PIN_ROOT
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 8470                 # 0 = an ephemeral port (read EdgeAgent.port after start)
+    listen_host: str = defaults.CONTROL_HOST
+    listen_port: int = defaults.CONTROL_PORT   # 0 = an ephemeral port (read EdgeAgent.port after start)
     token: str | None = None
     idle_timeout_s: float = 30.0
     ageing_interval_s: float = 2.0
-    neighbour_timeout_s: float = 1.5        # a backend PUT answers 422 before a 2 s client gives up
-    gateway_timeout_s: float = 3.0
-    mode: str = "auto"
-    detach_on_exit: bool = False
     backends_file: str | None = None      # follow a JSON backend table
     k8s_service: str | None = None        # follow the endpoints of namespace/service
     k8s_api: str | None = None            # API URL when not in a pod (tests, out-of-cluster)
@@ -79,10 +75,7 @@ class AgentConfig(PlaneConfig):
     backend_ports: tuple[int, int] = (1, 65535)
     session_idle_s: float = 600.0         # a session with no flow this long, of a backend gone quiet, goes
     backend_live_s: float = BACKEND_LIVE_S
-    datapath: str = "xdp"                 # "xdp" | "userspace" (edge/userspace.py)
-    internal_ip4: str | None = None       # userspace: where flow sockets bind (default: from internal_iface)
-    internal_ip6: str | None = None
-    internal_more: tuple[str, ...] = ()   # xdp --translate: further internal addresses (edge/records.py sets)
+    plane_kind: str = defaults.PLANE      # "xdp" | "userspace" (PLANES)
     tcp_port: int = 0                     # ICE-TCP (edge/ice_tcp.py); `edge serve --tcp-port` defaults to 443
     tcp_max_connections: int = ice_tcp.IceTcpConfig.max_connections
     tcp_max_per_source: int = ice_tcp.IceTcpConfig.max_per_source
@@ -92,83 +85,37 @@ class AgentConfig(PlaneConfig):
                                     max_per_source=self.tcp_max_per_source, idle_s=self.idle_timeout_s)
 
     def plane_config(self) -> PlaneConfig:
-        """What every plane needs, and nothing of the agent's or another plane's."""
-        return PlaneConfig(**{f.name: getattr(self, f.name) for f in fields(PlaneConfig)})
-
-    def plane_options(self) -> XdpOptions | UserspaceOptions:
-        if self.datapath == "userspace":
-            return UserspaceOptions(internal_ip4=self.internal_ip4, internal_ip6=self.internal_ip6)
-        return XdpOptions(gateway_ip=self.gateway_ip, gateway_mac=self.gateway_mac,
-                          gateway_timeout_s=self.gateway_timeout_s, neighbour_timeout_s=self.neighbour_timeout_s,
-                          mode=self.mode, pin_root=self.pin_root, detach_on_exit=self.detach_on_exit,
-                          internal_ip4=self.internal_ip4, internal_ip6=self.internal_ip6,
-                          internal_more=self.internal_more, port_quarantine_s=2 * self.idle_timeout_s)
+        """What the plane is built with, and nothing of the agent's: a freed translation port waits
+        twice the idle timeout, so a late reply never reaches its next client."""
+        given = {f.name: getattr(self, f.name) for f in fields(PlaneConfig)}
+        return PlaneConfig(**{**given, "port_quarantine_s": 2 * self.idle_timeout_s})
 
     def plane(self) -> DataPlane:
         """The data plane this config asks for: the one place that knows the kinds."""
-        options = self.plane_options()
-        if isinstance(options, UserspaceOptions):
-            return UserspacePlane(self.plane_config(), options)
-        return XdpPlane(self.plane_config(), options)
+        return PLANES[self.plane_kind](self.plane_config())
 
     def __post_init__(self) -> None:
-        if self.datapath not in DATAPATHS:
-            raise DatapathError(f"datapath must be one of {', '.join(DATAPATHS)}, got {self.datapath!r}")
-        if self.max_flows is not None and self.max_flows < 1:
-            raise DatapathError(f"flow table size must be >= 1, got {self.max_flows}")
+        super().__post_init__()   # the relay's settings and the plane's
+        if self.plane_kind not in PLANES:
+            raise DataPlaneError(f"plane must be one of {', '.join(PLANES)}, got {self.plane_kind!r}")
         if self.idle_timeout_s < MIN_IDLE_S:
-            raise DatapathError(f"idle timeout must be >= {MIN_IDLE_S:.0f} s (consent checks every 5 s)")
+            raise DataPlaneError(f"idle timeout must be >= {MIN_IDLE_S:.0f} s (consent checks every 5 s)")
         if not MIN_AGEING_INTERVAL_S <= self.ageing_interval_s <= self.idle_timeout_s / 2:
-            raise DatapathError(f"ageing interval must be {MIN_AGEING_INTERVAL_S}..{self.idle_timeout_s / 2:g} s "
+            raise DataPlaneError(f"ageing interval must be {MIN_AGEING_INTERVAL_S}..{self.idle_timeout_s / 2:g} s "
                                 f"(half the idle timeout), got {self.ageing_interval_s}")
-        self.plane_options().check(self.plane_config())
+        PLANES[self.plane_kind].check(self)
         self.ice_tcp_config().check()
-        first, last = self.translate_ports
-        if not 1 <= first <= last <= 65535:
-            raise DatapathError(f"translation ports must be a range within 1..65535, got {first}-{last}")
-        if self.policy not in POLICIES:
-            raise DatapathError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
-        if not 1 <= self.relay_port <= 65535:
-            raise DatapathError(f"relay port must be 1..65535, got {self.relay_port}")
         check_master(self.token, self.listen_host)
-        first, last = self.backend_ports
-        if not 1 <= first <= last <= 65535:
-            raise DatapathError(f"backend ports must be a range within 1..65535, got {first}-{last}")
+        check_range("backend ports", self.backend_ports)
         for cidr in self.backend_cidrs:
             try:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
-                raise DatapathError(f"not a network: {cidr!r}") from None
+                raise DataPlaneError(f"not a network: {cidr!r}") from None
         if not self.session_idle_s > 0:
-            raise DatapathError(f"session idle time must be > 0 s, got {self.session_idle_s:g}")
+            raise DataPlaneError(f"session idle time must be > 0 s, got {self.session_idle_s:g}")
         if not 0 <= self.listen_port <= 65535:
-            raise DatapathError(f"listen port must be 0..65535, got {self.listen_port}")
-        if not (self.public_ip4 or self.public_ip6):
-            raise DatapathError("a relay needs a public IPv4 or IPv6 address")
-        for value, version in ((self.public_ip4, 4), (self.public_ip6, 6), (self.gateway_ip, None),
-                               (self.internal_ip4, 4), (self.internal_ip6, 6)):
-            if value is None:
-                continue
-            try:
-                addr = ipaddress.ip_address(value)
-            except ValueError:
-                raise DatapathError(f"not an IP address: {value!r}") from None
-            if version and addr.version != version:
-                raise DatapathError(f"{value} is not an IPv{version} address")
-
-
-def interface_networks(ifname: str) -> list[str]:
-    """The networks ``ifname``'s global addresses are on (blocking: netlink): the default backend range."""
-    from pyroute2 import IPRoute
-
-    out = []
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-        for msg in ipr.get_addr(index=found[0]) if found else []:
-            if msg["scope"] == 0:
-                addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-                out.append(str(ipaddress.ip_network(f"{addr}/{msg['prefixlen']}", strict=False)))
-    return out
+            raise DataPlaneError(f"listen port must be 0..65535, got {self.listen_port}")
 
 
 class TableSnapshot:
@@ -182,16 +129,8 @@ class TableSnapshot:
 
     def map_fill(self) -> dict[str, tuple[int, int]]:
         if self.fill is None:
-            raise DatapathError("no ageing pass has read the tables yet")
+            raise DataPlaneError("no ageing pass has read the tables yet")
         return self.fill
-
-
-def _iface_exists(name: str) -> bool:
-    try:
-        socket.if_nametoindex(name)
-    except OSError:
-        return False
-    return True
 
 
 class EdgeAgent:
@@ -214,11 +153,6 @@ class EdgeAgent:
         self.session_quiet_since: dict[str, int] = {}    # ufrag -> monotonic ns it was first seen flowless
         self.limits: BackendLimits | None = None
 
-    @property
-    def datapath(self) -> DataPlane:
-        """The plane under the name the CLI and tools read (``agent.datapath.pin_dir``)."""
-        return self.plane
-
     # -- data plane --------------------------------------------------------------------
 
     def attach(self) -> str:
@@ -230,8 +164,8 @@ class EdgeAgent:
         """
         c = self.config
         for iface in (c.public_iface, c.internal_iface):
-            if not _iface_exists(iface):
-                raise DatapathError(f"no interface named {iface!r} in this network namespace")
+            if not interfaces.exists(iface):
+                raise DataPlaneError(f"no interface named {iface!r} in this network namespace")
         return self.plane.setup()
 
     def health(self) -> dict:
@@ -263,9 +197,9 @@ class EdgeAgent:
         self.metrics = EdgeMetrics(self.plane, info, kind=self.plane.kind,
                                    tables=self.tables if self.plane.reads_block else None)
         internal_mac = await loop.run_in_executor(None, self.plane.internal_mac)
-        networks = list(c.backend_cidrs) or await loop.run_in_executor(None, interface_networks, c.internal_iface)
+        networks = list(c.backend_cidrs) or await loop.run_in_executor(None, interfaces.networks, c.internal_iface)
         if not networks:
-            raise DatapathError(f"{c.internal_iface} has no global address to take the backends' networks from: "
+            raise DataPlaneError(f"{c.internal_iface} has no global address to take the backends' networks from: "
                                 "give --backend-cidr")
         self.limits = BackendLimits(networks, c.backend_ports)
         self.ice_tcp = await ice_tcp.serve(

@@ -37,8 +37,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 from splitrelay.bpf.consts import MAX_BACKEND_ID
 from splitrelay.edge.credentials import ADMIN, BackendRange, Credentials, Pool, covers
-from splitrelay.edge.plane import DataPlane, NullPlane
-from splitrelay.edge.records import Backend, DatapathError, TableFullError
+from splitrelay.edge.null_plane import NullPlane
+from splitrelay.edge.plane import DataPlane
+from splitrelay.edge.records import Backend, DataPlaneError, TableFullError
 from splitrelay.wire.stun import UFRAG_RULE, is_ufrag
 
 log = logging.getLogger(__name__)
@@ -196,8 +197,8 @@ class SessionDeletions:
     answer still comes after the flows are gone.
     """
 
-    def __init__(self, datapath: DataPlane, walker: Executor | None = None) -> None:
-        self.dp = datapath
+    def __init__(self, plane: DataPlane, walker: Executor | None = None) -> None:
+        self.plane = plane
         self.walker = walker
         self._pending: dict[str, asyncio.Future[bool]] = {}
         self._sweeping: set[str] = set()
@@ -227,7 +228,7 @@ class SessionDeletions:
             batch, self._pending = self._pending, {}
             self._sweeping = set(batch)
             try:
-                removed = await off_loop(self.walker, self.dp.del_sessions, list(batch))
+                removed = await off_loop(self.walker, self.plane.del_sessions, list(batch))
             except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
                 for future in batch.values():
                     if not future.done():
@@ -251,7 +252,7 @@ class ControlAPI:
 
     def __init__(
         self,
-        datapath: DataPlane | None = None,
+        plane: DataPlane | None = None,
         resolve_mac: Callable[[str], str] | None = None,
         relay_mac: str = "00:00:00:00:00:00",
         token: str | None = None,
@@ -261,9 +262,9 @@ class ControlAPI:
         limits: BackendLimits | None = None,
         backend_live_s: float = BACKEND_LIVE_S,
     ) -> None:
-        self.dp = datapath if datapath is not None else NullPlane()
+        self.plane = plane if plane is not None else NullPlane()
         self.walker = walker
-        self.resolve_mac = resolve_mac or self.dp.next_hop_mac
+        self.resolve_mac = resolve_mac or self.plane.next_hop_mac
         self.relay_mac = relay_mac
         self.credentials = Credentials(token) if token else None
         self.limits = limits or BackendLimits()
@@ -272,7 +273,7 @@ class ControlAPI:
         self.health_info = health or dict
         self.observe = observe
         self.instances: dict[int, str] = {}  # backend id -> the process that registered it last
-        self.deletions = SessionDeletions(self.dp, walker)
+        self.deletions = SessionDeletions(self.plane, walker)
 
     def app(self, extra_routes: list[web.RouteDef] | None = None) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
@@ -316,7 +317,7 @@ class ControlAPI:
         principal = request[PRINCIPAL]
         if principal != ADMIN and not covers(principal, backend_id):
             raise ApiError(403, f"backend {principal}'s token cannot change backend {backend_id}")
-        registered = self.dp.backend(backend_id) if where_registered and POOL_ADDRESS in request else None
+        registered = self.plane.backend(backend_id) if where_registered and POOL_ADDRESS in request else None
         if registered is not None and registered.ip4 != str(_ipv4_of(request[POOL_ADDRESS])):
             raise ApiError(403, f"backend {backend_id} is registered at {registered.ip4}, "
                                 f"not at the caller's address {request[POOL_ADDRESS]}")
@@ -342,7 +343,7 @@ class ControlAPI:
                 raise
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             raise ApiError(exc.status, exc.reason, headers) from None
-        except DatapathError as exc:
+        except DataPlaneError as exc:
             status = 422
             raise ApiError(422, str(exc)) from None
         except Exception as exc:  # a map operation failed: one line to the caller, the trace to the log
@@ -365,7 +366,7 @@ class ControlAPI:
 
     async def list_backends(self, request: web.Request) -> web.Response:
         self._admin(request)
-        return web.json_response([self._backend_json(b) for b in self.dp.backends()])
+        return web.json_response([self._backend_json(b) for b in self.plane.backends()])
 
     async def put_backend(self, request: web.Request) -> web.Response:
         backend_id = _backend_id(request.match_info["id"])
@@ -391,7 +392,7 @@ class ControlAPI:
             raise ApiError(422, f"cannot reach backend {next_hop}: {exc}") from None
         backend = Backend(backend_id, port, mac, self.relay_mac, ip4=ip4, ip6=ip6)
         # from here on no await: nothing else runs between these checks and the writes
-        current = self.dp.backend(backend_id)
+        current = self.plane.backend(backend_id)
         existed = current is not None
         previous = self.instances.get(backend_id)
         if existed and instance and previous and previous != instance and self._live(backend_id) \
@@ -401,10 +402,10 @@ class ControlAPI:
             raise ApiError(409, f"backend {backend_id} is live at another address "
                                 f"({current.ip4 or current.ip6}:{current.port}, instance {previous})")
         try:
-            self.dp.set_backend(backend)
+            self.plane.set_backend(backend)
         except TableFullError as exc:
             raise ApiError(503, f"cannot store backend {backend_id}: {exc}") from None
-        except DatapathError:
+        except DataPlaneError:
             raise
         except Exception as exc:  # backends map full (E2BIG)
             raise ApiError(503, f"cannot store backend {backend_id}: {exc}") from None
@@ -428,17 +429,17 @@ class ControlAPI:
         return time.monotonic() - self.refreshed.get(backend_id, float("-inf")) <= self.backend_live_s
 
     def _drop_sessions_of(self, backend_id: int) -> int:
-        doomed = [s.ufrag for s in self.dp.sessions() if s.backend_id == backend_id]
-        dropped = sum(self.dp.del_sessions(doomed).values()) if doomed else 0  # their flows go too
-        for flow in self.dp.flows():  # flows opened by a routing hint have no session
+        doomed = [s.ufrag for s in self.plane.sessions() if s.backend_id == backend_id]
+        dropped = sum(self.plane.del_sessions(doomed).values()) if doomed else 0  # their flows go too
+        for flow in self.plane.flows():  # flows opened by a routing hint have no session
             if flow.backend_id == backend_id:
-                self.dp.del_flow((flow.client_ip, flow.client_port))
+                self.plane.del_flow((flow.client_ip, flow.client_port))
         return dropped
 
     async def delete_backend(self, request: web.Request) -> web.Response:
         backend_id = _backend_id(request.match_info["id"])
         self._owner(request, backend_id)
-        if not self.dp.del_backend(backend_id):  # its sessions and flows go too
+        if not self.plane.del_backend(backend_id):  # its sessions and flows go too
             raise ApiError(404, f"no backend {backend_id}")
         self.instances.pop(backend_id, None)
         self.refreshed.pop(backend_id, None)
@@ -455,9 +456,9 @@ class ControlAPI:
 
         def read() -> tuple[dict[str, int], list]:
             flows: dict[str, int] = {}
-            for f in self.dp.flows():
+            for f in self.plane.flows():
                 flows[f.ufrag] = flows.get(f.ufrag, 0) + 1
-            return flows, [s for s in self.dp.sessions() if only is None or s.backend_id == only]
+            return flows, [s for s in self.plane.sessions() if only is None or s.backend_id == only]
 
         flows, sessions = await off_loop(self.walker, read)
         now = time.monotonic_ns()
@@ -472,20 +473,20 @@ class ControlAPI:
         body = await _json_object(request, SESSION_FIELDS)
         backend_id = _int_field(body, "backend", 1, MAX_BACKEND_ID)
         self._owner(request, backend_id)
-        if self.dp.backend(backend_id) is None:
+        if self.plane.backend(backend_id) is None:
             raise ApiError(409, f"backend {backend_id} is not registered")
         if self.deletions.pending(ufrag):
             raise ApiError(409, "session is being deleted")
-        existing = self.dp.session(ufrag)
+        existing = self.plane.session(ufrag)
         if existing is not None:
             if existing.backend_id != backend_id:
                 raise ApiError(409, f"ufrag is owned by backend {existing.backend_id}")
             return web.json_response({"ufrag": ufrag, "backend": backend_id}, status=200)
         try:
-            self.dp.set_session(ufrag, backend_id)
+            self.plane.set_session(ufrag, backend_id)
         except TableFullError as exc:
             raise ApiError(503, f"cannot store session: {exc}") from None
-        except DatapathError:
+        except DataPlaneError:
             raise
         except Exception as exc:  # sessions map full (E2BIG)
             raise ApiError(503, f"cannot store session: {exc}") from None
@@ -495,7 +496,7 @@ class ControlAPI:
         ufrag = _ufrag(request.match_info["ufrag"])
         principal = request[PRINCIPAL]
         if principal != ADMIN:
-            existing = self.dp.session(ufrag)
+            existing = self.plane.session(ufrag)
             if existing is None and not self.deletions.pending(ufrag):
                 raise ApiError(404, "no such session")
             if existing is not None and not covers(principal, existing.backend_id):
@@ -511,7 +512,7 @@ class ControlAPI:
         raw = request.query.get("limit", str(DEFAULT_FLOW_LIMIT))
         if not DIGITS_RE.fullmatch(raw) or not 1 <= int(raw) <= MAX_FLOW_LIMIT:
             raise ApiError(400, f"limit must be an integer 1..{MAX_FLOW_LIMIT}")
-        flows = await off_loop(self.walker, self.dp.flows, int(raw))
+        flows = await off_loop(self.walker, self.plane.flows, int(raw))
         now = time.monotonic_ns()
         return web.json_response([
             {"client": f.client, "backend": f.backend_id, "ufrag": f.ufrag,
@@ -528,5 +529,5 @@ class ControlAPI:
         return web.json_response({"counters": [
             {"name": name, "direction": c.spec.direction, "verdict": c.spec.verdict,
              "reason": c.spec.reason, "packets": c.packets, "bytes": c.bytes}
-            for name, c in self.dp.counters().items()
+            for name, c in self.plane.counters().items()
         ]})

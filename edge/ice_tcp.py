@@ -44,9 +44,9 @@ from prometheus_client.registry import Collector
 from splitrelay.bpf import consts
 from splitrelay.edge.counters import counter_specs
 from splitrelay.edge.plane import DataPlane
-from splitrelay.edge.records import DatapathError
+from splitrelay.edge.records import DataPlaneError
 from splitrelay.edge.routing import RoutingTables, route
-from splitrelay.edge.userspace import interface_addresses
+from splitrelay.edge import interfaces
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +88,18 @@ class IceTcpConfig:
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise DatapathError(f"TCP port must be 0..65535 (0: no ICE-TCP), got {self.port}")
+            raise DataPlaneError(f"TCP port must be 0..65535 (0: no ICE-TCP), got {self.port}")
         if self.max_connections < 1 or self.max_per_source < 1:
-            raise DatapathError("TCP connection limits must be >= 1")
+            raise DataPlaneError("TCP connection limits must be >= 1")
         if self.first_frame_s <= 0 or self.idle_s < self.first_frame_s:
-            raise DatapathError("TCP timeouts must be > 0, the idle one >= the first-frame one")
+            raise DataPlaneError("TCP timeouts must be > 0, the idle one >= the first-frame one")
 
 
 def _lookup(get: Callable, key):  # noqa: ANN001, ANN202
     """One entry of a plane's table, None when absent or when the key is not one the table holds."""
     try:
         return get(key)
-    except (DatapathError, ValueError, OSError):
+    except (DataPlaneError, ValueError, OSError):
         return None
 
 
@@ -261,7 +261,7 @@ class IceTcpListener:
                 if isinstance(exc, OSError):
                     v = 6 if family == socket.AF_INET6 else 4
                     where = f"{self.public_iface} IPv{v} port {self.config.port}"
-                    raise DatapathError(f"cannot listen for ICE-TCP on {where}: {exc.strerror or exc} "
+                    raise DataPlaneError(f"cannot listen for ICE-TCP on {where}: {exc.strerror or exc} "
                                         "(--tcp-port 0 turns it off)") from None
                 raise
             self._servers.append(server)
@@ -443,7 +443,7 @@ async def serve(plane: DataPlane, config: IceTcpConfig, public_iface: str, inter
     if config.port < 1024 and config.port not in BROWSER_LOW_PORTS:
         log.warning("ICE-TCP on port %d: Chromium dials no ICE-TCP candidate below 1024 but 80 and 443",
                     config.port)
-    found = await asyncio.get_running_loop().run_in_executor(None, interface_addresses, internal_iface)
+    found = await asyncio.get_running_loop().run_in_executor(None, interfaces.addresses, internal_iface)
     version = {socket.AF_INET: 4, socket.AF_INET6: 6}
     listener = IceTcpListener(plane, config, public_iface, [f for f in version if public_ips.get(f)],
                               {f: internal_ips.get(f) or found.get(v) for f, v in version.items()}, flow_ports)

@@ -92,10 +92,10 @@ class TableSizes(Protocol):
 class EdgeCollector(Collector):
     """Reads the counters on every scrape (made monotonic), and the table sizes from ``tables``."""
 
-    def __init__(self, datapath: DataPlane, attach_info: Iterable[tuple[str, str, str]],
+    def __init__(self, plane: DataPlane, attach_info: Iterable[tuple[str, str, str]],
                  kind: str = "xdp", tables: TableSizes | None = None) -> None:
-        self.dp = datapath
-        self.tables = tables if tables is not None else datapath
+        self.plane = plane
+        self.tables = tables if tables is not None else plane
         self.attach_info = list(attach_info)  # (iface, program, mode)
         self.kind = kind
         self.totals = MonotonicCounters()
@@ -107,7 +107,7 @@ class EdgeCollector(Collector):
     def collect(self):
         f = _families()
         try:
-            counters = self.dp.counters()
+            counters = self.plane.counters()
             fill = self.tables.map_fill()
         except Exception as exc:  # noqa: BLE001 - a scrape must still answer
             log.warning("cannot read the data plane for /metrics: %s", exc)
@@ -133,10 +133,10 @@ class EdgeCollector(Collector):
 class EdgeMetrics:
     """The agent's registry: the data-plane collector plus the agent's own instruments."""
 
-    def __init__(self, datapath: DataPlane, attach_info: Iterable[tuple[str, str, str]],
+    def __init__(self, plane: DataPlane, attach_info: Iterable[tuple[str, str, str]],
                  kind: str = "xdp", tables: TableSizes | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.collector = EdgeCollector(datapath, attach_info, kind, tables)
+        self.collector = EdgeCollector(plane, attach_info, kind, tables)
         self.registry.register(self.collector)
         self.requests = Histogram(
             "splitrelay_edge_control_request_duration_seconds", "Control API request latency by route template",

@@ -1,11 +1,12 @@
 """The contract between the edge agent and a data plane, and the planes' shared settings.
 
 The agent, the control API and the metrics hold one ``DataPlane`` and never
-ask which kind it is.  Two implement it: ``xdp_plane.XdpPlane`` (the programs
-of ``bpf/relay.c``, state in pinned BPF maps that outlive the agent) and
-``userspace.UserspacePlane`` (the same decisions on UDP sockets, state in this
-process).  ``NullPlane`` is the default where no plane is given: it holds
-nothing and relays nothing.
+ask which kind it is.  One file per plane implements it (STUNner's offload
+engines are the model): ``xdp.plane.XdpPlane`` (the programs of
+``bpf/relay.c``, state in pinned BPF maps that outlive the agent),
+``userspace.plane.UserspacePlane`` (the same decisions on UDP sockets, state in
+this process) and ``null_plane.NullPlane``, the default where no plane is given,
+which holds nothing and relays nothing.
 
 A plane owns its tables: the agent asks it to store, list, age and delete
 entries, never how they are kept, so a plane may keep more than it shows
@@ -19,31 +20,49 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from splitrelay.bpf import consts
-from splitrelay.edge.counters import Counter, counter_specs
-from splitrelay.edge.records import NO_MAC, Attachment, Backend, DatapathError, Flow, RelayConfig, Session
+from splitrelay import defaults
+from splitrelay.edge.counters import Counter
+from splitrelay.edge.records import (
+    Attachment,
+    Backend,
+    DataPlaneError,
+    Flow,
+    RelayConfig,
+    RelaySettings,
+    Session,
+    parse_ip,
+)
 
 # A pending flow (opened by a client's request) whose backend has not answered in this long is a
 # spoofed or forged request's: it goes at the next ageing pass.  ICE answers in one round trip.
 PENDING_TIMEOUT_S = 5.0
 
 
-@dataclass
-class PlaneConfig:
-    """What every plane needs to know of its relay (each plane adds its own options)."""
+@dataclass(kw_only=True)
+class PlaneConfig(RelaySettings):
+    """What a plane is built with: the relay's settings (``records.RelaySettings``), its interfaces and
+    tables, and the options only one plane reads (the others ignore them), each declared once."""
 
     public_iface: str
     internal_iface: str
-    public_ip4: str | None = None
-    public_ip6: str | None = None
-    relay_port: int = 3478
-    policy: str = "strict"
-    instance: str = "default"
-    max_session_flows: int = consts.DEFAULT_SESSION_FLOWS
-    hint_key: bytes | None = None
-    max_flows: int | None = None     # flow table size (default: the plane's own)
-    translate: bool = False          # xdp: translation on both sides (issue 12 §1); userspace always does
-    translate_ports: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)
+    instance: str = defaults.INSTANCE
+    max_flows: int | None = None            # flow table size (default: the plane's own)
+    # xdp: it writes Ethernet headers, attaches programs and pins maps
+    gateway_ip: str | None = None           # the public next hop, resolved to a MAC at setup
+    gateway_mac: str | None = None          # ... or given
+    gateway_timeout_s: float = 3.0
+    neighbour_timeout_s: float = 1.5        # a backend PUT answers 422 before a 2 s client gives up
+    mode: str = "auto"                      # auto | native | generic
+    pin_root: str = defaults.PIN_ROOT
+    detach_on_exit: bool = False
+    port_quarantine_s: float = 60.0         # translate: a freed port waits longer than the idle timeout
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_flows is not None and self.max_flows < 1:
+            raise DataPlaneError(f"flow table size must be >= 1, got {self.max_flows}")
+        if self.gateway_ip is not None:
+            parse_ip(self.gateway_ip)
 
 
 @runtime_checkable
@@ -107,7 +126,7 @@ class DataPlane(Protocol):
         """Remove a backend with its sessions and every flow to it; False (not an error) when absent."""
 
     def set_session(self, ufrag: str, backend_id: int) -> None:
-        """Route Binding Requests for ``ufrag`` to the backend; a bad ufrag raises DatapathError."""
+        """Route Binding Requests for ``ufrag`` to the backend; a bad ufrag raises DataPlaneError."""
 
     def session(self, ufrag: str) -> Session | None:
         """One session with the flows it holds of its allowance, or None."""
@@ -145,86 +164,3 @@ class DataPlane(Protocol):
     def reset_counters(self) -> None:
         """Set every counter to zero."""
 
-
-class NullPlane:
-    """A plane that relays nothing: reads are empty, removals find nothing, writes are refused.
-
-    The default where no plane is given (a control API or metrics under test, an agent
-    being built); every write says in one line that there is no data plane.
-    """
-
-    kind = "none"
-    reads_block = False
-    attachments: Sequence[Attachment] = ()
-
-    def _refuse(self) -> None:
-        raise DatapathError("this relay has no data plane")
-
-    def setup(self) -> str:
-        return self.kind
-
-    def activate(self, loop: asyncio.AbstractEventLoop) -> str:
-        return "no data plane: nothing is forwarded"
-
-    def shutdown(self) -> None:
-        pass
-
-    def next_hop_mac(self, ip: str) -> str:
-        return NO_MAC
-
-    def internal_mac(self) -> str:
-        return NO_MAC
-
-    def configure(self, cfg: RelayConfig) -> None:
-        self._refuse()
-
-    def config(self) -> RelayConfig | None:
-        return None
-
-    def set_backend(self, backend: Backend) -> None:
-        self._refuse()
-
-    def backend(self, backend_id: int) -> Backend | None:
-        return None
-
-    def backends(self) -> list[Backend]:
-        return []
-
-    def del_backend(self, backend_id: int) -> bool:
-        return False
-
-    def set_session(self, ufrag: str, backend_id: int) -> None:
-        self._refuse()
-
-    def session(self, ufrag: str) -> Session | None:
-        return None
-
-    def sessions(self) -> list[Session]:
-        return []
-
-    def del_sessions(self, ufrags: list[str]) -> dict[str, bool]:
-        return {ufrag: False for ufrag in ufrags}
-
-    def del_session(self, ufrag: str) -> bool:
-        return False
-
-    def flows(self, limit: int | None = None) -> list[Flow]:
-        return []
-
-    def flow(self, client: tuple[str, int]) -> Flow | None:
-        return None
-
-    def del_flow(self, client: tuple[str, int]) -> bool:
-        return False
-
-    def age_flows(self, idle_s: float, pending_s: float = PENDING_TIMEOUT_S) -> int:
-        return 0
-
-    def map_fill(self) -> dict[str, tuple[int, int]]:
-        return {name: (0, 0) for name in ("backends", "backend_addrs", "sessions", "flows")}
-
-    def counters(self) -> dict[str, Counter]:
-        return {spec.name: Counter(spec) for spec in counter_specs()}
-
-    def reset_counters(self) -> None:
-        pass

@@ -27,7 +27,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from splitrelay import defaults
 from splitrelay.bpf import consts
+from splitrelay.bpf.consts import Policy
 from splitrelay.edge.counters import counter_specs
 from splitrelay.edge.records import Backend, Session
 from splitrelay.wire.hint import FORGED
@@ -59,9 +61,9 @@ class RoutingTables:
     sessions: Mapping[str, Session] = field(default_factory=dict)
     backends: Mapping[int, Backend] = field(default_factory=dict)
     session_flows: Mapping[str, int] = field(default_factory=dict)   # ufrag -> its confirmed flows
-    policy: str = "strict"
+    policy: Policy = defaults.POLICY
     hint_key: bytes | None = None
-    max_session_flows: int = consts.DEFAULT_SESSION_FLOWS          # 0 = unlimited
+    max_session_flows: int = defaults.SESSION_FLOWS          # 0 = unlimited
 
     @classmethod
     def snapshot(cls, plane) -> RoutingTables:
@@ -124,7 +126,7 @@ def _binding_request(ufrag: str, tables: RoutingTables, family: int, flow_backen
             return Decision("IN_DROP_UNKNOWN_UFRAG")
         if hinted not in tables.backends:
             return Decision("IN_DROP_NO_BACKEND")   # a hint naming an unknown backend: in any policy
-        if tables.policy != "hint":
+        if tables.policy != Policy.HINT:
             return Decision("IN_DROP_UNKNOWN_UFRAG")
         backend_id, counter = hinted, "IN_FWD_STUN_HINT"
     backend = tables.backends.get(backend_id)

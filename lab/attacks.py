@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from ipaddress import ip_address
 
 from splitrelay.bpf import consts
+from splitrelay.bpf.consts import Policy
 from splitrelay.lab import stack
 from splitrelay.lab.netns import LabError, in_netns, netns_socket
 from splitrelay.lab.host import BACKEND_PORT
@@ -221,7 +222,7 @@ def takeover(target: Target, report: AttackReport) -> None:
 
 def hint_flood(target: Target, report: AttackReport) -> None:
     """(c) under the hint policy, one routing-hint ufrag no session holds, from 100 ports."""
-    if target.policy() != "hint":
+    if target.policy() != Policy.HINT:
         report.skipped = "needs a lab with --policy hint"
         return
     call = LiveCall(target)

@@ -17,16 +17,16 @@ from pathlib import Path
 
 from splitrelay.edge.control_client import ControlClient
 from splitrelay.edge.credentials import backend_token
-from splitrelay.edge.xdp_loader import unpin
+from splitrelay.edge.xdp.loader import unpin
 from splitrelay.lab import impair, udp_block
 from splitrelay.lab.floating import floated
 from splitrelay.lab.impair import Impairment
 from splitrelay.lab.host import BACKEND_PORT
 from splitrelay.lab.topology import SECRETS, STATE_DIR, Lab
 from splitrelay.lab.netns import LabError, in_netns
-from splitrelay import tokens
+from splitrelay import defaults, tokens
 
-CONTROL_PORT = 8470
+CONTROL_PORT = defaults.CONTROL_PORT
 WHIP_PORT = 8080
 ADMIN_PORT = 8081
 BROWSER_ORIGIN = "http://localhost"   # the origin client/browser.py serves its call page from
@@ -179,10 +179,10 @@ def log_file(lab: Lab, daemon: str) -> Path:
     return STATE_DIR / f"{lab.name}-{daemon}.log"
 
 
-def start_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None = None,
-                datapath: str = "xdp", relay: int = 1) -> subprocess.Popen:
+def start_agent(lab: Lab, policy: str = defaults.POLICY, extra_args: list[str] | None = None,
+                plane: str = "xdp", relay: int = 1) -> subprocess.Popen:
     """The edge agent in relay ``relay``'s namespace, on the XDP data plane or the userspace relay."""
-    proc, path = spawn_agent(lab, policy, extra_args, datapath, relay)
+    proc, path = spawn_agent(lab, policy, extra_args, plane, relay)
     wait_ready(proc, path, "edge agent ready", _agent_name(relay))
     return proc
 
@@ -191,15 +191,15 @@ def _agent_name(relay: int) -> str:
     return "edge agent" if relay == 1 else f"edge agent of relay {relay}"
 
 
-def spawn_agent(lab: Lab, policy: str = "strict", extra_args: list[str] | None = None,
-                datapath: str = "xdp", relay: int = 1) -> tuple[subprocess.Popen, Path]:
+def spawn_agent(lab: Lab, policy: str = defaults.POLICY, extra_args: list[str] | None = None,
+                plane: str = "xdp", relay: int = 1) -> tuple[subprocess.Popen, Path]:
     """Start relay ``relay``'s agent without waiting (several compile their XDP programs at once)."""
     r = lab.relay(relay)
     argv = [sys.executable, "-m", "splitrelay.cli.main", "-v", "edge", "serve", r.public.ifname,
             "--internal", r.internal.ifname, "--public-ip", r.public.ip4,
             "--public-ip", r.public.ip6, "--gateway-ip", r.client.ip4,
             "--listen", f"{r.internal.ip4}:{CONTROL_PORT}", "--instance", instance(lab, relay),
-            "--policy", policy, "--port", str(lab.relay_port), "--detach-on-exit", "--datapath", datapath,
+            "--policy", policy, "--port", str(lab.relay_port), "--detach-on-exit", "--plane", plane,
             "--token-file", str(control_key_file(lab)),
             # behind a router the transceivers are not on the relay's internal network (the default range)
             *[arg for net in (lab.networks["transceivers"] if lab.router else [])
@@ -257,7 +257,7 @@ def control(lab: Lab, fn, relay: int = 1):
                     lambda: fn(ControlClient(control_url(lab, relay), control_token(lab))))
 
 
-def start_lab(transceivers: int = 2, name: str | None = None, policy: str = "strict",
+def start_lab(transceivers: int = 2, name: str | None = None, policy: str = defaults.POLICY,
               handler: str | list[str] | None = "echo", agent_args: list[str] | None = None,
               hint_key_file: str | None = None, impair: Impairment | None = None, relays: int = 1,
               far: Impairment | None = None, translate: bool = False, routed: bool = False,

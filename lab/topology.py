@@ -109,6 +109,7 @@ from typing import Any, TypeVar
 
 from pyroute2 import netns as pnetns
 
+from splitrelay import defaults
 from splitrelay.lab import addresses, impair, procs, router as routing, state
 from splitrelay.lab.build import build
 from splitrelay.lab.host import Host, Relay, Transceiver
@@ -144,7 +145,7 @@ class Lab:
     client_signal: Host | None = None
     pids: list[int] = field(default_factory=list)
     pid_starts: dict[str, int] = field(default_factory=dict)
-    relay_port: int = 3478
+    relay_port: int = defaults.RELAY_PORT
     networks: dict[str, list[str]] = field(default_factory=dict)
     created_at: float = 0.0
     impaired: dict[str, dict] = field(default_factory=dict)   # link -> {"netns", "pid"} (lab/impair.py)
@@ -155,7 +156,7 @@ class Lab:
     # -- building ------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, transceivers: int = 2, name: str | None = None, relay_port: int = 3478,
+    def create(cls, transceivers: int = 2, name: str | None = None, relay_port: int = defaults.RELAY_PORT,
                stem: str | None = None, impair: Impairment | None = None, relays: int = 1,
                far: Impairment | None = None, translate: bool = False, routed: bool = False) -> Lab:
         """Build a lab with ``transceivers`` transceiver hosts and ``relays`` relays in front of them;

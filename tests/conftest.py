@@ -11,9 +11,9 @@ from ipaddress import ip_address
 import pytest
 from pyroute2 import IPRoute
 from pyroute2 import netns as pnetns
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import XdpMaps
 from splitrelay.edge.records import Backend, RelayConfig
-from splitrelay.edge.xdp_loader import pinned_instances, unpin
+from splitrelay.edge.xdp.loader import pinned_instances, unpin
 from splitrelay.lab.topology import STATE_DIR, STEM_ENV, Lab
 from splitrelay.lab.netns import in_netns, list_namespaces
 
@@ -65,19 +65,20 @@ def lab():
 
 
 def attach_relay(lab: Lab, policy: str = "strict", instance: str | None = None,
-                 translate: bool | int = False) -> Datapath:
+                 translate: bool | int = False) -> XdpMaps:
     """Load and attach the data plane inside the lab's relay and register every transceiver;
     ``translate`` = N > 1: translating over N internal IPv4 addresses (the extra ones added to int0)."""
     sets = int(translate)
     more = tuple(str(ip_address(lab.relay_internal.ip4) + 100 + 10 * j) for j in range(sets - 1))
-    dp = Datapath(instance=instance or lab.name, xlate_addrs=max(1, sets))
+    dp = XdpMaps(instance=instance or lab.name, xlate_addrs=max(1, sets))
 
     def setup() -> None:
         for ip in more:
             subprocess.run(["ip", "addr", "add", f"{ip}/32", "dev", lab.relay_internal.ifname], check=True)
         dp.load()
         dp.attach(lab.relay_public.ifname, lab.relay_internal.ifname, mode="native")
-        dp.configure(RelayConfig(lab.relay_port, lab.relay_public.mac, lab.client.mac,
+        dp.configure(RelayConfig(relay_port=lab.relay_port, public_mac=lab.relay_public.mac,
+                                 gateway_mac=lab.client.mac,
                                  public_ip4=lab.relay_public.ip4, public_ip6=lab.relay_public.ip6,
                                  policy=policy, translate=bool(translate), internal_ip4=lab.relay_internal.ip4,
                                  internal_ip6=None if more else lab.relay_internal.ip6, internal_more=more))
@@ -114,7 +115,7 @@ def nothing_left_behind():
     labs: list[Lab] = []
     instances: set[str] = set()
     original_create = Lab.create.__func__
-    original_load = Datapath.load
+    original_load = XdpMaps.load
 
     def create(cls, *args, **kwargs):
         lab = original_create(cls, *args, **kwargs)
@@ -127,12 +128,12 @@ def nothing_left_behind():
         return original_load(self)
 
     Lab.create = classmethod(create)
-    Datapath.load = load
+    XdpMaps.load = load
     try:
         yield
     finally:
         Lab.create = classmethod(original_create)
-        Datapath.load = original_load
+        XdpMaps.load = original_load
     if os.geteuid() != 0:
         return
     leaked = leftovers(TEST_STEM, labs)

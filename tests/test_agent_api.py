@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitrelay.edge.agent import AgentConfig, EdgeAgent
 from splitrelay.edge.control_client import AsyncControlClient, ControlError
 from splitrelay.edge.counters import counter_specs
-from splitrelay.edge.plane import DatapathError
+from splitrelay.edge.records import DataPlaneError
 from splitrelay.edge.neighbours import NeighbourError
 from splitrelay.bpf.testrun import XDP_REDIRECT, run_xdp
 
@@ -103,7 +103,7 @@ def binding_request(username: str) -> bytes:
 def open_flow(agent: EdgeAgent, ufrag: str, client_ip: str = P.CLIENT_IP4, client_port: int = P.CLIENT_PORT):
     frame = P.udp_frame(binding_request(f"{ufrag}:cli1"), src=client_ip, sport=client_port,
                         v6=":" in client_ip)
-    result = run_xdp(agent.plane.program_fd("xdp_public"), frame)
+    result = run_xdp(agent.plane.maps.program_fd("xdp_public"), frame)
     assert result.verdict == XDP_REDIRECT, result.name
     return result
 
@@ -116,7 +116,7 @@ def confirm_flow(agent: EdgeAgent, backend_id: int = 1, client_ip: str = P.CLIEN
     ip4, _, mac = BACKENDS[backend_id]
     frame = P.udp_frame(rfc5769()["2.2"], src=ip4, dst=client_ip, sport=BACKEND_PORT, dport=client_port,
                         src_mac=mac, dst_mac=P.RELAY_INT_MAC)
-    result = run_xdp(agent.plane.program_fd("xdp_internal"), frame)
+    result = run_xdp(agent.plane.maps.program_fd("xdp_internal"), frame)
     assert result.verdict == XDP_REDIRECT, result.name
 
 
@@ -126,7 +126,7 @@ def backdate_flows(agent: EdgeAgent, seconds: float, client_port: int | None = N
     Never before the clock's zero: ``now - seconds`` on a machine up for less than that would
     wrap the u64 field to the far future (a flow that never ages), so it stops at boot.
     """
-    table = agent.plane.bpf[b"flows"]
+    table = agent.plane.maps.bpf[b"flows"]
     for key, leaf in list(table.items()):
         if client_port is None or socket.ntohs(key.port) == client_port:
             leaf.last_seen_ns = max(0, time.monotonic_ns() - int(seconds * 1e9))
@@ -149,7 +149,7 @@ async def agent(links):
         yield edge
     finally:
         await edge.stop()
-        assert not edge.plane.pin_dir.exists()
+        assert not edge.plane.maps.pin_dir.exists()
         assert not any(xdp_attached(name) for name in links)
 
 
@@ -612,7 +612,7 @@ def test_config_refuses_ageing_below_consent_freshness_and_other_mistakes():
         ({"gateway_ip": "gw"}, "not an IP address"),
     ]
     for change, message in bad:
-        with pytest.raises(DatapathError, match=message):
+        with pytest.raises(DataPlaneError, match=message):
             AgentConfig(**{**ok, **change})
 
 
@@ -638,7 +638,7 @@ async def test_restart_keeps_xdp_and_adopts_the_pinned_maps(spare_links):
     second = None
     try:
         assert all(xdp_attached(name) for name in spare_links)          # calls keep flowing meanwhile
-        assert first.plane.pin_dir.exists()
+        assert first.plane.maps.pin_dir.exists()
         async with AsyncControlClient(url(first), timeout=0.5) as c:
             with pytest.raises(ControlError) as err:
                 await c.health()
@@ -654,8 +654,8 @@ async def test_restart_keeps_xdp_and_adopts_the_pinned_maps(spare_links):
         if second is not None:
             await second.stop()
         else:
-            first.plane.destroy(list(spare_links))
-    assert not first.plane.pin_dir.exists() and not any(xdp_attached(n) for n in spare_links)
+            first.plane.maps.destroy(list(spare_links))
+    assert not first.plane.maps.pin_dir.exists() and not any(xdp_attached(n) for n in spare_links)
 
 
 @asyncio_module
@@ -666,9 +666,9 @@ async def test_a_failed_start_leaves_nothing_running(spare_links):
         edge = EdgeAgent(agent_config(spare_links, listen_port=taken.getsockname()[1]))
         with pytest.raises(OSError):
             await edge.start()
-    assert not edge.plane.pin_dir.exists() and not any(xdp_attached(n) for n in spare_links)
+    assert not edge.plane.maps.pin_dir.exists() and not any(xdp_attached(n) for n in spare_links)
     # a gateway that does not answer fails before anything is loaded or pinned
     edge = EdgeAgent(agent_config(spare_links, gateway_ip="198.51.100.253", gateway_timeout_s=0.2))
     with pytest.raises(NeighbourError):
         await edge.start()
-    assert not edge.plane.pin_dir.exists() and not any(xdp_attached(n) for n in spare_links)
+    assert not edge.plane.maps.pin_dir.exists() and not any(xdp_attached(n) for n in spare_links)

@@ -53,7 +53,7 @@ asyncio_module = pytest.mark.asyncio(loop_scope="module")
 # -- starting: no token, a short one, an empty file ------------------------------------------------
 
 def config(**kw) -> AgentConfig:
-    base = dict(public_iface="p0", internal_iface="i0", public_ip4=P.PUBLIC_IP4, datapath="userspace",
+    base = dict(public_iface="p0", internal_iface="i0", public_ip4=P.PUBLIC_IP4, plane_kind="userspace",
                 listen_host="198.18.1.1", token=MASTER)
     return AgentConfig(**{**base, **kw})
 
@@ -196,7 +196,7 @@ async def status_of(client: AsyncControlClient, method: str, path: str, body=Non
 def still_routed(agent: EdgeAgent, ufrag: str, port: int) -> bool:
     """B's call keeps working: its client's next packet is still redirected to its backend by XDP."""
     frame = P.udp_frame(binding_request(f"{ufrag}:cli1"), src=P.CLIENT_IP4, sport=port)
-    return run_xdp(agent.plane.program_fd("xdp_public"), frame).verdict == XDP_REDIRECT \
+    return run_xdp(agent.plane.maps.program_fd("xdp_public"), frame).verdict == XDP_REDIRECT \
         and agent.plane.flow((P.CLIENT_IP4, port)) is not None
 
 
@@ -418,7 +418,7 @@ async def test_a_scrape_flood_never_walks_the_tables_nor_holds_the_deletes(agent
     once per pass, and the scrapes share the sizes its passes leave."""
     walks: list[tuple[str, bool]] = []      # (thread, whether it was the flow map)
     sweeps: list[int] = []
-    plane = agent.plane
+    plane = agent.plane.maps   # the XDP maps: their walks and deletions
     real_walk, real_del_sessions = plane._walk, plane.del_sessions
     flows_fd = plane.bpf[b"flows"].map_fd
 

@@ -14,7 +14,7 @@ import pytest
 
 from splitrelay.client.ice_failover import nominate_like_a_browser, switch_to
 from splitrelay.client.ice_restart import ice_connection
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import XdpMaps
 from splitrelay.lab.netns import in_netns
 from splitrelay.lab.stack import control, instance, start_lab, stop_lab
 from splitrelay.lab.topology import Lab
@@ -43,7 +43,7 @@ def kill_relay(lab: Lab, index: int) -> None:
     os.kill(agent, signal.SIGKILL)
     os.waitpid(agent, 0)
     lab.pids.remove(agent)
-    datapath = Datapath(instance=instance(lab, index))
+    datapath = XdpMaps(instance=instance(lab, index))
     in_netns(r.netns, lambda: datapath.destroy([r.public.ifname, r.internal.ifname]))
 
 

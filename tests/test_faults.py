@@ -9,7 +9,7 @@ import time
 import pytest
 
 from splitrelay.lab.stack import control, probe, probe_result, start_agent, start_lab, stop_lab
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import XdpMaps
 from splitrelay.lab.topology import Lab
 from splitrelay.lab.netns import in_netns
 
@@ -41,7 +41,7 @@ def test_wiped_relay_recovers_on_the_next_consent_check(policy, keyed, tmp_path)
         os.kill(agent, signal.SIGKILL)
         os.waitpid(agent, 0)
         lab.pids.remove(agent)
-        in_netns(lab.relay_public.netns, lambda: Datapath(instance=lab.name).destroy(["pub0", "int0"]))
+        in_netns(lab.relay_public.netns, lambda: XdpMaps(instance=lab.name).destroy(["pub0", "int0"]))
         wiped = time.monotonic()
         # a fresh relay: no backend, session or flow
         start_agent(lab, policy, ["--hint-key-file", str(key_file)] if key_file else None)
@@ -78,7 +78,7 @@ def test_client_nat_rebinding_moves_the_call_to_the_new_port():
                 for _ in range(2))
     # compile and adopt the maps before the clock starts: at load 12 a bcc compile took over 30 s, the
     # agent's idle timeout, and the agent aged both flows away before this test could
-    datapath = Datapath(instance=lab.name)
+    datapath = XdpMaps(instance=lab.name)
     try:
         in_netns(lab.relay_public.netns, datapath.load)
         control(lab, lambda c: c.put_session("rebindMe", t1.backend_id))

@@ -9,7 +9,7 @@ import time
 import pytest
 from splitrelay.bpf import consts
 from splitrelay.wire import hint, stun
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import XdpMaps
 from splitrelay.lab.netns import in_netns
 
 from .conftest import needs_root
@@ -172,7 +172,7 @@ def test_reload_and_agent_restart_lose_no_packet(relay_lab):
                 time.sleep(0.01)
             in_netns(lab.relay_public.netns, dp.reload)
             swaps += 1
-            restarted = Datapath(instance=dp.instance)  # what a restarted agent does
+            restarted = XdpMaps(instance=dp.instance)  # what a restarted agent does
             in_netns(lab.relay_public.netns, restarted.load)
             if translating:
                 in_netns(lab.relay_public.netns, restarted.ports.refill)

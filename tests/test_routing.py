@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 from splitrelay.bpf import consts
-from splitrelay.edge.plane import DataPlane, NullPlane, PlaneConfig
-from splitrelay.edge.records import Backend, DatapathError, RelayConfig, Session, check_ufrag
+from splitrelay.edge.null_plane import NullPlane
+from splitrelay.edge.plane import DataPlane, PlaneConfig
+from splitrelay.edge.records import Backend, DataPlaneError, RelayConfig, Session, check_ufrag
 from splitrelay.edge.routing import Decision, RoutingTables, route
-from splitrelay.edge.userspace import UserspacePlane
+from splitrelay.edge.userspace.plane import UserspacePlane
 from splitrelay.errors import SplitrelayError
 from splitrelay.wire import hint, stun
 
@@ -142,20 +143,20 @@ def test_one_ufrag_syntax_for_the_parser_the_planes_and_the_api(ufrag, ok):
     if ok:
         assert check_ufrag(ufrag) == ufrag
     else:
-        with pytest.raises(DatapathError):
+        with pytest.raises(DataPlaneError):
             check_ufrag(ufrag)
 
 
 # -- exact error texts ---------------------------------------------------------------------------
 
 def test_error_texts_are_pinned():
-    with pytest.raises(DatapathError) as exc:
+    with pytest.raises(DataPlaneError) as exc:
         check_ufrag("ev-j")
     assert str(exc.value) == "ufrag must be 4..32 ice-chars (A-Z a-z 0-9 + /), got 'ev-j'"
-    with pytest.raises(DatapathError) as exc:
-        RelayConfig(3478, MAC, MAC, policy="loose", public_ip4="192.0.2.1")
+    with pytest.raises(DataPlaneError) as exc:
+        RelayConfig(relay_port=3478, public_mac=MAC, gateway_mac=MAC, policy="loose", public_ip4="192.0.2.1")
     assert str(exc.value) == "policy must be one of ['hint', 'strict'], got 'loose'"
-    with pytest.raises(DatapathError) as exc:
+    with pytest.raises(DataPlaneError) as exc:
         Backend(0, 5000, MAC, MAC, ip4="10.0.0.1")
     assert str(exc.value) == "backend id must be 1..262143, got 0"
     with pytest.raises(stun.StunError) as exc:
@@ -179,7 +180,7 @@ def test_every_library_error_is_a_splitrelay_error():
     from splitrelay.transceiver.mux import MuxError
     from splitrelay.transceiver.registration import RegistrationError
 
-    for cls in (DatapathError, stun.StunError, hint.HintError, BpfError, ControlError, NeighbourError, LabError,
+    for cls in (DataPlaneError, stun.StunError, hint.HintError, BpfError, ControlError, NeighbourError, LabError,
                 MuxError, RegistrationError, ProbeError, RestartRefused, CallError, LoadgenError, BenchError):
         assert issubclass(cls, SplitrelayError), cls
 
@@ -188,7 +189,8 @@ def test_every_library_error_is_a_splitrelay_error():
 
 def test_both_planes_and_the_null_plane_declare_the_contract():
     assert isinstance(NullPlane(), DataPlane)
-    assert isinstance(UserspacePlane(PlaneConfig("pub", "int", max_flows=4)), DataPlane)
+    config = PlaneConfig(public_iface="pub", internal_iface="int", public_ip4="192.0.2.1", max_flows=4)
+    assert isinstance(UserspacePlane(config), DataPlane)
 
 
 def test_the_null_plane_holds_nothing_and_refuses_writes_in_one_line():
@@ -196,6 +198,6 @@ def test_the_null_plane_holds_nothing_and_refuses_writes_in_one_line():
     assert plane.backends() == [] and plane.flows() == [] and plane.config() is None
     assert plane.del_backend(1) is False and plane.del_sessions(["evtj"]) == {"evtj": False}
     assert plane.age_flows(30) == 0 and all(c.packets == 0 for c in plane.counters().values())
-    with pytest.raises(DatapathError) as exc:
+    with pytest.raises(DataPlaneError) as exc:
         plane.set_session("evtj", 1)
     assert str(exc.value) == "this relay has no data plane"

@@ -13,7 +13,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import XdpMaps
 from splitrelay.lab.netns import in_netns
 
 from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab
@@ -100,10 +100,10 @@ UNPAIRED_MESSAGE = ("internal addresses pair up by position: give as many IPv4 a
 @pytest.mark.parametrize("command, args, message", [
     ("serve", UNPAIRED, UNPAIRED_MESSAGE),
     ("attach", UNPAIRED, UNPAIRED_MESSAGE),
-    ("serve", ["--datapath", "userspace", "--internal-ip", "10.9.0.1", "--internal-ip", "10.9.0.2"],
+    ("serve", ["--plane", "userspace", "--internal-ip", "10.9.0.1", "--internal-ip", "10.9.0.2"],
      "--internal-ip: the userspace relay takes one address per family"),
     ("serve", ["--internal-ip", "10.9.0.1"],
-     "--internal-ip is for --datapath userspace or --translate (XDP forwards with the client's address)"),
+     "--internal-ip is for --plane userspace or --translate (XDP forwards with the client's address)"),
     ("attach", ["--internal-ip", "10.9.0.1"],
      "--internal-ip is for --translate (XDP forwards with the client's address)"),
     ("attach", ["--translate", "--internal-ip", "10.9.0.300"], "'10.9.0.300' does not appear to be an IPv4 or "
@@ -130,7 +130,7 @@ def test_edge_attach_translates_over_every_internal_address_it_is_given(lab):
             "--gateway-mac", created.client.mac, "--instance", created.name, "--translate",
             "--internal-ip", internal.ip4, "--internal-ip", second], check=False, timeout=300)
         assert proc.returncode == 0, proc.stderr
-        config = in_netns(pub.netns, lambda: Datapath(instance=created.name).config())
+        config = in_netns(pub.netns, lambda: XdpMaps(instance=created.name).config())
         assert config.translate and config.internal_sets() == [(internal.ip4, None), (second, None)]
     finally:
         created.run(pub.netns, cli + ["detach", pub.ifname, internal.ifname, "--instance", created.name],

@@ -1,6 +1,6 @@
-"""The userspace relay (edge/userspace.py) with real packets across a lab.
+"""The userspace relay (edge/userspace/plane.py) with real packets across a lab.
 
-Three parts: the agent as a process (``edge serve --datapath userspace``) in a
+Three parts: the agent as a process (``edge serve --plane userspace``) in a
 lab, driven through the control API and plain UDP sockets in the client and
 transceiver namespaces; the ``UserspacePlane`` in this process (on its own
 event loop in the relay namespace) for what the agent's 15 s minimum idle time
@@ -38,11 +38,11 @@ from splitrelay.bpf import consts
 from splitrelay.wire import hint, stun
 from splitrelay.edge.control_client import ControlError
 from splitrelay.edge.counters import counter_specs
-from splitrelay.edge.records import Backend, DatapathError, RelayConfig
+from splitrelay.edge.records import Backend, DataPlaneError, RelayConfig
 from splitrelay.lab.topology import Lab
 from splitrelay.edge.plane import PlaneConfig
 from splitrelay.edge.routing import RoutingTables, route
-from splitrelay.edge.userspace import NO_MAC, OVERHEAD, TableFullError, UserspaceOptions, UserspacePlane
+from splitrelay.edge.userspace.plane import NO_MAC, OVERHEAD, TableFullError, UserspacePlane
 
 from .conftest import needs_root, relay_ufrags
 from .test_relay_lab import EchoServer, client_socket, ping
@@ -79,7 +79,7 @@ class Relay:
         if self.proc is not None and self.proc.poll() is None and self.options == (policy, extra):
             return
         self.stop()
-        self.proc = start_agent(self.lab, policy, list(extra), datapath="userspace")
+        self.proc = start_agent(self.lab, policy, list(extra), plane="userspace")
         self.options = (policy, extra)
 
     def stop(self) -> None:
@@ -519,7 +519,7 @@ def test_the_userspace_agent_needs_no_bcc(relay_module, servers, sockets):
     argv = [sys.executable, "-c", NO_BCC, "-v", "edge", "serve", lab.relay_public.ifname,
             "--internal", lab.relay_internal.ifname, "--public-ip", lab.relay_public.ip4,
             "--listen", f"{control_url(lab).removeprefix('http://')}", "--instance", lab.name,
-            "--datapath", "userspace", "--token-file", str(control_key_file(lab))]  # no gateway: kernel routes
+            "--plane", "userspace", "--token-file", str(control_key_file(lab))]  # no gateway: kernel routes
     path = log_file(lab, "nobcc")
     with path.open("w") as out:
         proc = lab.popen(lab.relay_public.netns, argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
@@ -546,18 +546,19 @@ def run_relay_here(lab: Lab, scenario, max_flows: int | None = None):
     """``scenario(dp)`` on a fresh event loop in the relay namespace, with a UserspacePlane on
     INPROC_PORT (beside the agent's), every socket closed after."""
     async def main():
-        common = PlaneConfig(lab.relay_public.ifname, lab.relay_internal.ifname, instance="inproc",
-                             max_flows=max_flows)
-        dp = UserspacePlane(common, UserspaceOptions(lab.relay_internal.ip4, lab.relay_internal.ip6))
-        dp.configure(RelayConfig(INPROC_PORT, NO_MAC, NO_MAC, public_ip4=lab.relay_public.ip4,
+        common = PlaneConfig(public_iface=lab.relay_public.ifname, internal_iface=lab.relay_internal.ifname,
+                             public_ip4=lab.relay_public.ip4, instance="inproc", max_flows=max_flows,
+                             internal_ip4=lab.relay_internal.ip4, internal_ip6=lab.relay_internal.ip6)
+        dp = UserspacePlane(common)
+        dp.configure(RelayConfig(relay_port=INPROC_PORT, public_ip4=lab.relay_public.ip4,
                                  public_ip6=lab.relay_public.ip6))
         for t in lab.transceivers:
             dp.set_backend(Backend(t.backend_id, BACKEND_PORT, NO_MAC, NO_MAC, ip4=t.ip4, ip6=t.ip6))
-        dp.start()
+        dp.relay.start()
         try:
             return await asyncio.wait_for(scenario(dp), 30)
         finally:
-            dp.close()
+            dp.relay.close()
 
     return lab.in_netns(lab.relay_public.netns, lambda: asyncio.run(main()), timeout=60)
 
@@ -638,13 +639,14 @@ def test_a_taken_relay_port_fails_start_and_leaves_nothing_bound(relay_module):
         taken.bind((lab.relay_public.ip6, INPROC_PORT))
         try:
             async def main() -> None:
-                dp = UserspacePlane(PlaneConfig("pub", "int", max_flows=4))
-                dp.configure(RelayConfig(INPROC_PORT, NO_MAC, NO_MAC, public_ip4=lab.relay_public.ip4,
+                dp = UserspacePlane(PlaneConfig(public_iface="pub", internal_iface="int", public_ip4="192.0.2.1",
+                                                max_flows=4))
+                dp.configure(RelayConfig(relay_port=INPROC_PORT, public_ip4=lab.relay_public.ip4,
                                          public_ip6=lab.relay_public.ip6))
                 taken_port = re.escape(f"cannot bind the relay port [{lab.relay_public.ip6}]:3490")
-                with pytest.raises(DatapathError, match=taken_port):
-                    dp.start()
-                assert not dp.running
+                with pytest.raises(DataPlaneError, match=taken_port):
+                    dp.relay.start()
+                assert not dp.relay.running
             asyncio.run(main())
         finally:
             taken.close()
@@ -655,7 +657,7 @@ def test_a_taken_relay_port_fails_start_and_leaves_nothing_bound(relay_module):
 
 
 def test_tables_refuse_when_full_with_typed_errors():
-    dp = UserspacePlane(PlaneConfig("pub", "int", max_flows=8))
+    dp = UserspacePlane(PlaneConfig(public_iface="pub", internal_iface="int", public_ip4="192.0.2.1", max_flows=8))
     dp.max_sessions, dp.max_backends = 2, 1
     dp.set_backend(Backend(1, 5000, NO_MAC, NO_MAC, ip4="198.18.0.1"))
     with pytest.raises(TableFullError):
@@ -666,12 +668,12 @@ def test_tables_refuse_when_full_with_typed_errors():
     dp.set_session("first1", 1)
     with pytest.raises(TableFullError):
         dp.set_session("third3", 1)
-    with pytest.raises(DatapathError):
+    with pytest.raises(DataPlaneError):
         dp.set_session("abc", 1)
     assert dp.map_fill() == {"backends": (1, 1), "backend_addrs": (1, 2), "sessions": (2, 2), "flows": (0, 8)}
     assert [c.packets for c in dp.counters().values()] == [0] * len(counter_specs())
-    with pytest.raises(DatapathError):
-        dp.start()                                  # not configured
+    with pytest.raises(DataPlaneError):
+        dp.relay.start()                                  # not configured
 
 
 # -- a real WebRTC call -------------------------------------------------------------------------
@@ -680,7 +682,7 @@ def test_tables_refuse_when_full_with_typed_errors():
 def voice_lab():
     lab = Lab.create(transceivers=1)
     try:
-        start_agent(lab, datapath="userspace")
+        start_agent(lab, plane="userspace")
         start_transceiver(lab, lab.transceivers[0], "echo")
         yield lab
     finally:

@@ -1,6 +1,6 @@
 """Fixtures of the XDP tests: one namespace, one pin root and one loaded relay for the whole package.
 
-Compiling relay.c takes seconds, so the package shares one ``Datapath``; the
+Compiling relay.c takes seconds, so the package shares one ``XdpMaps``; the
 ``relay`` fixture gives each test fresh maps and counters on it.
 """
 
@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import XdpMaps
 from splitrelay.edge.records import Backend, RelayConfig
 
 from .. import packets as P
@@ -56,7 +56,7 @@ def links():
 def dp(links, pin_root):
     # sized for two internal address sets: the one-set tests run on it configured with one (the
     # default), the several-address tests (test_translation_addrs.py) with both
-    datapath = Datapath(instance=instance_name(), pin_root=pin_root, xlate_addrs=2)
+    datapath = XdpMaps(instance=instance_name(), pin_root=pin_root, xlate_addrs=2)
     try:
         datapath.load()
         yield datapath
@@ -72,7 +72,7 @@ def relay(dp, links):
         dp.bpf[table.encode()].clear()
     set_slots(dp, links)
     dp.reset_counters()
-    dp.configure(RelayConfig(P.RELAY_PORT, P.RELAY_PUB_MAC, P.GATEWAY_MAC,
+    dp.configure(RelayConfig(relay_port=P.RELAY_PORT, public_mac=P.RELAY_PUB_MAC, gateway_mac=P.GATEWAY_MAC,
                              public_ip4=P.PUBLIC_IP4, public_ip6=P.PUBLIC_IP6))
     dp.set_backend(Backend(BACKEND_ID, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC,
                            ip4=P.BACKEND_IP4, ip6=P.BACKEND_IP6))
@@ -88,7 +88,7 @@ def xlate(relay):
                                         internal_ip6=INTERNAL_IP6, max_session_flows=0,
                                         translate_ports=PORTS))
     relay.ports.clear_slots()
-    relay.ports.quarantined.clear()   # the package shares one Datapath: no port held back by another test
+    relay.ports.quarantined.clear()   # the package shares one XdpMaps: no port held back by another test
     relay.ports.refill()
     return relay
 

@@ -119,7 +119,8 @@ def test_empty_public_slot_is_a_counted_redirect_failure(relay, links):
 
 
 def test_reply_without_a_public_address_of_its_family_is_dropped(relay):
-    relay.configure(RelayConfig(P.RELAY_PORT, P.RELAY_PUB_MAC, P.GATEWAY_MAC, public_ip4=P.PUBLIC_IP4))
+    relay.configure(RelayConfig(relay_port=P.RELAY_PORT, public_mac=P.RELAY_PUB_MAC, gateway_mac=P.GATEWAY_MAC,
+                                public_ip4=P.PUBLIC_IP4))
     public(relay, P.udp_frame(V["2.1"], v6=True))
     assert internal(relay, backend_reply_frame(b"\x80" * 20, v6=True)).verdict == XDP_DROP
     assert counts(relay) == {"IN_FWD_STUN_UFRAG": 1, "OUT_DROP_FAMILY": 1}

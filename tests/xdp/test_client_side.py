@@ -9,7 +9,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from splitrelay.bpf import consts
 from splitrelay.bpf.testrun import XDP_DROP, XDP_REDIRECT, XDP_TX
-from splitrelay.edge.datapath import Datapath
+from splitrelay.edge.xdp.maps import XdpMaps
 from splitrelay.edge.records import Backend, RelayConfig
 from splitrelay.wire import hint, stun
 
@@ -300,11 +300,12 @@ def test_answers_beyond_the_allowance_confirm_nothing(relay):
 
 
 def test_full_flow_table_refuses_new_flows_and_keeps_live_ones(links, pin_root):
-    small = Datapath(instance=instance_name(), pin_root=pin_root, max_flows=8)
+    small = XdpMaps(instance=instance_name(), pin_root=pin_root, max_flows=8)
     try:
         small.load()
         set_slots(small, links)
-        small.configure(RelayConfig(P.RELAY_PORT, P.RELAY_PUB_MAC, P.GATEWAY_MAC, public_ip4=P.PUBLIC_IP4,
+        small.configure(RelayConfig(relay_port=P.RELAY_PORT, public_mac=P.RELAY_PUB_MAC, gateway_mac=P.GATEWAY_MAC,
+                                    public_ip4=P.PUBLIC_IP4,
                                     max_session_flows=0))
         small.set_backend(Backend(BACKEND_ID, P.BACKEND_PORT, P.BACKEND_MAC, P.RELAY_INT_MAC, ip4=P.BACKEND_IP4))
         small.set_session("evtj", BACKEND_ID)

@@ -10,9 +10,9 @@ import pytest
 from splitrelay.bpf import SOURCE_DIR, syscall
 from splitrelay.bpf.testrun import XDP_PASS
 from splitrelay.edge.counters import counter_specs
-from splitrelay.edge.datapath import WALK_CHUNK, Datapath
-from splitrelay.edge.records import DatapathError
-from splitrelay.edge.xdp_loader import MAP_NAMES, PinnedMapMismatch
+from splitrelay.edge.xdp.maps import WALK_CHUNK, XdpMaps
+from splitrelay.edge.records import DataPlaneError
+from splitrelay.edge.xdp.loader import MAP_NAMES, PinnedMapMismatch
 
 from .. import packets as P
 from .harness import (
@@ -45,7 +45,7 @@ def test_unconfigured_relay_counts_what_it_passes(dp):
 
 def test_maps_survive_a_reload_through_pins(relay):
     public(relay, P.udp_frame(V["2.1"]))
-    again = Datapath(instance=relay.instance, pin_root=relay.pin_root)
+    again = XdpMaps(instance=relay.instance, pin_root=relay.pin_root)
     again.load()
     assert [s.ufrag for s in again.sessions()] == ["evtj"]
     assert again.flow((P.CLIENT_IP4, P.CLIENT_PORT)).backend_id == BACKEND_ID
@@ -64,7 +64,7 @@ def test_reload_keeps_maps_and_the_new_program_uses_them(relay):
 
 def test_pinned_map_of_another_layout_is_refused(dp):
     """bcc adopts pinned maps blindly; a stale layout must be an error, not garbage."""
-    other = Datapath(instance=instance_name(), pin_root=dp.pin_root)
+    other = XdpMaps(instance=instance_name(), pin_root=dp.pin_root)
     try:
         other.pin_dir.mkdir(parents=True)
         fd = syscall.map_create(map_type=6, key_size=4, value_size=8, max_entries=4)   # an 'older build'
@@ -80,14 +80,14 @@ def test_pinned_map_of_another_layout_is_refused(dp):
 
 
 def test_refuses_hosts_own_interfaces(dp):
-    with pytest.raises(DatapathError, match="eth0"):
+    with pytest.raises(DataPlaneError, match="eth0"):
         dp.attach("eth0")
 
 
 def test_internal_interface_slot_must_exist(dp):
-    with pytest.raises(DatapathError, match="no interface"):
+    with pytest.raises(DataPlaneError, match="no interface"):
         dp.attach("srA-does-not-exist")
-    with pytest.raises(DatapathError, match="lo"):
+    with pytest.raises(DataPlaneError, match="lo"):
         dp.attach(VETH[0], "lo")
 
 

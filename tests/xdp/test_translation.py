@@ -13,7 +13,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from splitrelay.bpf import consts
 from splitrelay.bpf.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT
-from splitrelay.edge.datapath import Backend
+from splitrelay.edge.xdp.maps import Backend
 
 from .. import packets as P
 from .harness import INTERNAL_IP4, INTERNAL_IP6, PORTS, V, counts, internal, public

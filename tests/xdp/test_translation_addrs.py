@@ -13,8 +13,9 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from splitrelay.bpf.testrun import XDP_DROP, XDP_PASS, XDP_REDIRECT
-from splitrelay.edge.records import DatapathError, check_internal_sets
-from splitrelay.edge.xdp_plane import XdpOptions, _internal_addresses
+from splitrelay.edge.records import DataPlaneError, check_internal_sets
+from splitrelay.edge.plane import PlaneConfig
+from splitrelay.edge.xdp.plane import _internal_addresses
 
 from .. import packets as P
 from .harness import (INTERNAL_IP4, INTERNAL_IP4_B, INTERNAL_IP6, INTERNAL_IP6_B, PORTS, RELAY_OWN_IP4, V, VETH,
@@ -118,7 +119,7 @@ def test_the_config_reads_back_every_internal_address(xlate2):
 
 def test_more_address_sets_than_the_maps_hold_are_refused(xlate2):
     cfg = dataclasses.replace(xlate2.config(), internal_more=("10.1.0.2", "10.1.0.3", "fd00:1::2", "fd00:1::3"))
-    with pytest.raises(DatapathError) as exc:
+    with pytest.raises(DataPlaneError) as exc:
         xlate2.configure(cfg)
     assert str(exc.value) == (f"3 internal address sets, but the pinned translation maps hold 2: destroy instance "
                               f"{xlate2.instance!r} or use another instance name")
@@ -133,12 +134,12 @@ def test_a_backends_packet_to_an_address_of_no_set_passes_only_if_it_is_the_rela
 
 
 def test_internal_addresses_must_pair_up_by_family():
-    with pytest.raises(DatapathError) as exc:
+    with pytest.raises(DataPlaneError) as exc:
         check_internal_sets("10.1.0.1", "fd00:1::1", ("10.1.0.2",))
     assert str(exc.value) == ("internal addresses pair up by position: give as many IPv4 as IPv6 "
                               "(or none of one family), got 2 IPv4 and 1 IPv6")
     many = tuple(f"10.1.0.{i}" for i in range(2, 18))
-    with pytest.raises(DatapathError, match="^at most 16 internal addresses per family, got 17$"):
+    with pytest.raises(DataPlaneError, match="^at most 16 internal addresses per family, got 17$"):
         check_internal_sets("10.1.0.1", None, many)
     check_internal_sets("10.1.0.1", None, many[:15])
 
@@ -147,8 +148,9 @@ def test_an_internal_address_not_on_the_internal_interface_is_refused_in_one_lin
     iface = VETH[1]
     subprocess.run(["ip", "addr", "add", f"{INTERNAL_IP4}/24", "dev", iface], check=True)
     try:
-        options = XdpOptions(gateway_mac=P.GATEWAY_MAC, internal_ip4=INTERNAL_IP4, internal_more=(INTERNAL_IP4_B,))
-        with pytest.raises(DatapathError) as exc:
+        options = PlaneConfig(public_iface=VETH[0], internal_iface=iface, public_ip4=P.PUBLIC_IP4,
+                              internal_ip4=INTERNAL_IP4, internal_more=(INTERNAL_IP4_B,))
+        with pytest.raises(DataPlaneError) as exc:
             _internal_addresses(iface, options)
         assert str(exc.value) == f"internal address {INTERNAL_IP4_B} is not configured on {iface}"
         subprocess.run(["ip", "addr", "add", f"{INTERNAL_IP4_B}/24", "dev", iface], check=True)

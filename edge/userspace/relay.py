@@ -12,7 +12,7 @@ wakeup, and cannot be created synchronously for a flow's first packet;
 ``add_reader`` on plain sockets avoids all three.)  No callback raises and
 nothing is logged per packet.
 
-The tables and the control calls over them are ``userspace.UserspacePlane``'s.
+The control calls over its tables are ``plane.UserspacePlane``'s, which holds it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from collections import deque
 
 from splitrelay.edge import counters as counters_mod
-from splitrelay.edge.records import Backend, DatapathError, RelayConfig, Session
+from splitrelay.edge.records import Backend, DataPlaneError, RelayConfig, Session
 from splitrelay.bpf import consts
 from splitrelay.edge.routing import RoutingTables, route
 from splitrelay.wire.stun import confirms_flow
@@ -99,21 +99,19 @@ class UserspaceRelay:
     """
 
     def __init__(self, max_flows: int, internal_ip4: str | None = None, internal_ip6: str | None = None) -> None:
-        if max_flows < 1:
-            raise DatapathError(f"flow table size must be >= 1, got {max_flows}")
-        self.max_flows = max_flows
+        self.max_flows = max_flows   # >= 1: PlaneConfig checked it
         self.internal_ips = {socket.AF_INET: internal_ip4, socket.AF_INET6: internal_ip6}
         self.internal_errors = 0              # bugs caught on the hot path (never raised out of a callback)
         self._cfg: RelayConfig | None = None
-        self._backends: dict[int, Backend] = {}
-        self._sessions: dict[str, Session] = {}
-        self._flows: dict[tuple, LiveFlow] = {}
-        self._ufrag_flows: dict[str, int] = {}   # live confirmed flows per ufrag: its allowance in use
-        self._pending: dict[str, deque] = {}     # per ufrag, its last PENDING_FLOWS pending flows (relay.c's ring)
-        self._tables = RoutingTables(self._sessions, self._backends, self._ufrag_flows)   # the same dicts
+        self.backends: dict[int, Backend] = {}
+        self.sessions: dict[str, Session] = {}
+        self.flows: dict[tuple, LiveFlow] = {}
+        self.ufrag_flows: dict[str, int] = {}   # live confirmed flows per ufrag: its allowance in use
+        self.pending_rings: dict[str, deque] = {}   # per ufrag: its last PENDING_FLOWS pending flows (relay.c)
+        self._tables = RoutingTables(self.sessions, self.backends, self.ufrag_flows)   # the same dicts
         n = len(counters_mod.counter_specs())
-        self._packets = [0] * n
-        self._bytes = [0] * n
+        self.packet_counts = [0] * n
+        self.byte_counts = [0] * n
         self._sides: list[_Side] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._buf = bytearray(RECV_SIZE)
@@ -128,7 +126,7 @@ class UserspaceRelay:
         """Set the relay's config; policy, allowance and hint key apply at once, addresses at ``start``."""
         if self.running and self._cfg and (cfg.relay_port, cfg.public_ip4, cfg.public_ip6) != (
                 self._cfg.relay_port, self._cfg.public_ip4, self._cfg.public_ip6):
-            raise DatapathError("the public address and port of a running userspace relay cannot change")
+            raise DataPlaneError("the public address and port of a running userspace relay cannot change")
         self._cfg = cfg
         self._tables.policy = cfg.policy
         self._tables.max_session_flows = cfg.max_session_flows
@@ -140,11 +138,11 @@ class UserspaceRelay:
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> list[tuple[str, int]]:
         """Bind the public sockets and start relaying on ``loop`` (default: the running one).
 
-        Returns the bound (address, port) pairs; raises DatapathError (nothing left bound) when
+        Returns the bound (address, port) pairs; raises DataPlaneError (nothing left bound) when
         an address cannot be bound.
         """
         if self._cfg is None:
-            raise DatapathError("configure the relay before starting it")
+            raise DataPlaneError("configure the relay before starting it")
         if self.running:
             return [side.address for side in self._sides]
         self._loop = loop or asyncio.get_running_loop()
@@ -173,14 +171,14 @@ class UserspaceRelay:
         except OSError as exc:
             sock.close()
             host = f"[{ip}]" if family == socket.AF_INET6 else ip
-            raise DatapathError(f"cannot bind the relay port {host}:{self._cfg.relay_port}: "
+            raise DataPlaneError(f"cannot bind the relay port {host}:{self._cfg.relay_port}: "
                                 f"{exc.strerror or exc}") from None
         return sock
 
     def close(self) -> None:
         """Stop relaying: close every flow and public socket (tables and counters stay readable)."""
-        for flow in list(self._flows.values()):
-            self._remove(flow)
+        for flow in list(self.flows.values()):
+            self.remove(flow)
         sides, self._sides = self._sides, []
         for side in sides:
             if self._loop is not None and not self._loop.is_closed():
@@ -198,7 +196,7 @@ class UserspaceRelay:
         """
         buf, view = self._buf, self._view
         recv = side.sock.recvfrom_into
-        flows, backends, packets, bytes_ = self._flows, self._backends, self._packets, self._bytes
+        flows, backends, packets, bytes_ = self.flows, self.backends, self.packet_counts, self.byte_counts
         overhead, v6 = side.overhead, side.v6
         monotonic_ns = time.monotonic_ns
         for _ in range(BATCH):
@@ -243,15 +241,15 @@ class UserspaceRelay:
                 self._internal_error()
 
     def _count(self, index: int, size: int) -> None:
-        self._packets[index] += 1
-        self._bytes[index] += size
+        self.packet_counts[index] += 1
+        self.byte_counts[index] += size
 
     def _judge(self, side: _Side, n: int, key: tuple, addr: tuple, size: int) -> None:
         """A datagram ``routing.route`` decides on; this carries the decision out."""
-        flow = self._flows.get(key)
+        flow = self.flows.get(key)
         decision = route(bytes(self._view[:n]), self._tables, family=6 if side.v6 else 4,
                          flow_backend=flow.backend_id if flow else None, flow_pending=bool(flow and flow.pending),
-                         flows_full=len(self._flows) >= self.max_flows)
+                         flows_full=len(self.flows) >= self.max_flows)
         stat = INDEX[decision.counter]
         if not decision.forwarded:
             self._count(stat, size)
@@ -264,16 +262,16 @@ class UserspaceRelay:
                 self._move_ufrag(flow, decision.ufrag)
             self._send(flow, n, size, stat)
             return
-        backend = self._backends[decision.backend_id]
+        backend = self.backends[decision.backend_id]
         target = backend.ip6 if side.v6 else backend.ip4
         sock, refused = self._flow_socket(side, target, backend.port)
         if sock is None:
             self._count(refused, size)
             return
         if flow is not None:                         # a pending 5-tuple moves to another backend
-            self._remove(flow)
+            self.remove(flow)
         flow = LiveFlow(key, addr, side, decision.backend_id, decision.ufrag, sock, time.monotonic_ns(), size)
-        self._flows[key] = flow
+        self.flows[key] = flow
         self._enter_pending_ring(flow)
         self._loop.add_reader(flow.fd, self._on_flow, flow)
         self._send(flow, n, size, stat)
@@ -311,12 +309,12 @@ class UserspaceRelay:
         answer, charged to the ufrag's allowance), or None when a full allowance drops it."""
         if not confirms_flow(self._view[:n]):
             return C_OUT_FWD
-        held = self._ufrag_flows.get(flow.ufrag, 0)
+        held = self.ufrag_flows.get(flow.ufrag, 0)
         limit = self._tables.max_session_flows
         if limit and held >= limit:
             self._count(C_OUT_SESSION_FLOWS, size)
             return None
-        self._ufrag_flows[flow.ufrag] = held + 1
+        self.ufrag_flows[flow.ufrag] = held + 1
         self._leave_pending_ring(flow)
         flow.pending = False
         return C_OUT_CONFIRM
@@ -327,7 +325,7 @@ class UserspaceRelay:
         recv = flow.sock.recv_into
         sendto = flow.side.sock.sendto
         reply_to, overhead = flow.reply_to, flow.side.overhead
-        packets, bytes_ = self._packets, self._bytes
+        packets, bytes_ = self.packet_counts, self.byte_counts
         for _ in range(BATCH):
             try:
                 n = recv(buf)
@@ -372,35 +370,35 @@ class UserspaceRelay:
             return
         self._release_ufrag(flow.ufrag)
         flow.ufrag = ufrag
-        self._ufrag_flows[ufrag] = self._ufrag_flows.get(ufrag, 0) + 1
+        self.ufrag_flows[ufrag] = self.ufrag_flows.get(ufrag, 0) + 1
 
     def _enter_pending_ring(self, flow: LiveFlow) -> None:
         """A pending flow joins its ufrag's ring; the oldest of a full ring goes if it is still a
         pending flow of that ufrag (enter_pending_ring in relay.c)."""
-        ring = self._pending.setdefault(flow.ufrag, deque())
+        ring = self.pending_rings.setdefault(flow.ufrag, deque())
         if len(ring) >= consts.PENDING_FLOWS:
             old = ring.popleft()
-            if old is not flow and old.pending and old.ufrag == flow.ufrag and self._flows.get(old.key) is old:
-                self._remove(old)
+            if old is not flow and old.pending and old.ufrag == flow.ufrag and self.flows.get(old.key) is old:
+                self.remove(old)
         ring.append(flow)
 
     def _leave_pending_ring(self, flow: LiveFlow) -> None:
-        ring = self._pending.get(flow.ufrag)
+        ring = self.pending_rings.get(flow.ufrag)
         if ring is not None and flow in ring:
             ring.remove(flow)
             if not ring:
-                del self._pending[flow.ufrag]
+                del self.pending_rings[flow.ufrag]
 
     def _release_ufrag(self, ufrag: str) -> None:
-        left = self._ufrag_flows.get(ufrag, 0) - 1
+        left = self.ufrag_flows.get(ufrag, 0) - 1
         if left > 0:
-            self._ufrag_flows[ufrag] = left
+            self.ufrag_flows[ufrag] = left
         else:
-            self._ufrag_flows.pop(ufrag, None)
+            self.ufrag_flows.pop(ufrag, None)
 
-    def _remove(self, flow: LiveFlow) -> None:
-        if self._flows.get(flow.key) is flow:
-            del self._flows[flow.key]
+    def remove(self, flow: LiveFlow) -> None:
+        if self.flows.get(flow.key) is flow:
+            del self.flows[flow.key]
         if flow.pending:
             self._leave_pending_ring(flow)
         else:

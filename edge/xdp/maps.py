@@ -1,15 +1,15 @@
 """The XDP data plane of one relay instance, as Python sees it: its tables in the kernel's maps.
 
 (Just over 400 lines: every map's read and write lives beside the pinning that keeps them;
-encoding is ``xdp_codec``, loading ``xdp_loader``, the port pool ``ports``.)
+encoding is ``codec``, loading ``loader``, the port pool ``ports``.)
 
-Loads ``bpf/relay.c`` (``xdp_loader``), keeps every map pinned under
+Loads ``bpf/relay.c`` (``loader``), keeps every map pinned under
 ``/sys/fs/bpf/splitrelay/<instance>`` so an agent restart or a program reload
 keeps all sessions and flows, attaches the two programs, and reads and writes
 the maps with the ctypes types bcc derives from ``bpf/splitrelay.h`` (never a
-second copy of the structs; ``xdp_codec`` fills them).  Policy (what to
+second copy of the structs; ``codec`` fills them).  Policy (what to
 register, when to age) is the caller's; this module only moves values in and
-out of the kernel.  ``xdp_plane.XdpPlane`` makes it a ``DataPlane``.
+out of the kernel.  ``plane.XdpPlane`` makes it a ``DataPlane``.
 """
 
 from __future__ import annotations
@@ -21,24 +21,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitrelay import defaults
 from splitrelay.bpf import consts, syscall
 from splitrelay.edge import counters as counters_mod
-from splitrelay.edge import xdp_codec as codec
-from splitrelay.edge import xdp_loader as loader
+from splitrelay.edge.xdp import codec
+from splitrelay.edge.xdp import loader
 from splitrelay.edge.plane import PENDING_TIMEOUT_S
-from splitrelay.edge.ports import PortPool, flow_pair
+from splitrelay.edge.xdp.ports import PortPool, flow_pair
 from splitrelay.edge.records import (
     INTERNAL_SLOT,
     PUBLIC_SLOT,
     Attachment,
     Backend,
-    DatapathError,
+    DataPlaneError,
     Flow,
     RelayConfig,
     Session,
     check_ufrag,
 )
-from splitrelay.edge.xdp_loader import PIN_ROOT, unpin
+from splitrelay.edge.xdp.loader import PIN_ROOT, unpin
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +48,25 @@ Counter = counters_mod.Counter   # the counters' dataclass lives next to their s
 
 
 @dataclass
-class Datapath:
-    instance: str = "default"
+class XdpMaps:
+    instance: str = defaults.INSTANCE
     pin_root: str = PIN_ROOT
     attachments: list[Attachment] = field(default_factory=list)
     max_flows: int | None = None   # flow table size (default SR_MAX_FLOWS); fixed when first pinned
-    port_range: tuple[int, int] = (consts.XLATE_PORT_MIN, consts.XLATE_PORT_MAX)   # configure() sets it
-    port_quarantine_s: float = 60.0   # translate: > the agent's idle timeout (edge/ports.py)
+    port_range: tuple[int, int] = defaults.TRANSLATE_PORTS   # configure() sets it
+    port_quarantine_s: float = 60.0   # translate: > the agent's idle timeout (edge/xdp/ports.py)
     xlate_addrs: int = 1   # translate: internal address sets the pool and reverse array hold; fixed when pinned
 
     def __post_init__(self) -> None:
         if not self.instance or "/" in self.instance or self.instance.startswith("."):
-            raise DatapathError(f"bad instance name {self.instance!r}")
+            raise DataPlaneError(f"bad instance name {self.instance!r}")
         self._bpf = None
         self._ports: PortPool | None = None
         self.flows_after_ageing: int | None = None   # the flow count the last age_flows walk left
 
     @property
     def ports(self) -> PortPool:
-        """The translation port pool (edge/ports.py) on this instance's maps."""
+        """The translation port pool (edge/xdp/ports.py) on this instance's maps."""
         if self._ports is None or self._ports.bpf is not self.bpf:
             held = self._ports.quarantined if self._ports else {}
             if self._ports is None:   # a restarted agent before configure(): the pinned config's range and sets
@@ -120,8 +121,7 @@ class Datapath:
 
     def attach(self, public: str, internal: str | None = None, mode: str = "auto") -> str:
         """Attach xdp_public (and xdp_internal) and fill the redirect ports; returns the mode used."""
-        if mode not in loader.ATTACH_MODES:
-            raise DatapathError(f"mode must be auto, native or generic, got {mode!r}")
+        loader.check_mode(mode)
         ifaces = [(public, "xdp_public", PUBLIC_SLOT)]
         if internal and internal != public:
             ifaces.append((internal, "xdp_internal", INTERNAL_SLOT))
@@ -134,7 +134,7 @@ class Datapath:
             for ifname, program, _ in ifaces:
                 used = self._attach_one(ifname, program, mode)
                 attached.append(Attachment(ifname, indexes[ifname], program, used))
-        except DatapathError:
+        except DataPlaneError:
             self.detach([a.ifname for a in attached])
             raise
         self.attachments = attached
@@ -179,7 +179,7 @@ class Datapath:
         sets = max(1, len(cfg.internal_sets())) if cfg.translate else 1
         capacity = syscall.map_info(self.bpf[b"port_slots"].map_fd).max_entries // consts.PORT_SLOTS
         if sets > capacity:
-            raise DatapathError(f"{sets} internal address sets, but the pinned translation maps hold {capacity}: "
+            raise DataPlaneError(f"{sets} internal address sets, but the pinned translation maps hold {capacity}: "
                                 f"destroy instance {self.instance!r} or use another instance name")
         table = self.bpf[b"config"]
         table[ct.c_uint32(0)] = codec.config_leaf(table.Leaf(), cfg)
@@ -318,14 +318,14 @@ class Datapath:
             if exc.errno in (errno.EINVAL, syscall.ENOTSUPP):
                 yield from table.items()
                 return
-            raise DatapathError(str(exc)) from None
+            raise DataPlaneError(str(exc)) from None
         if first is None:
             return
         yield first
         try:
             yield from batches
         except syscall.BpfError as exc:
-            raise DatapathError(str(exc)) from None
+            raise DataPlaneError(str(exc)) from None
 
     def flows(self, limit: int | None = None) -> list[Flow]:
         out = []

@@ -3,7 +3,7 @@
 What can go wrong here is told in one line: a compile error, a verifier
 rejection (the full log saved to a file), a pinned map an older build left
 with another layout, an interface that is missing or is the host's own link.
-The maps' contents are ``datapath.py``'s business.
+The maps' contents are ``maps.py``'s business.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from splitrelay import defaults
 from splitrelay.bpf import SOURCE_DIR
 from splitrelay.bpf.syscall import map_info
-from splitrelay.edge.records import DatapathError
+from splitrelay.edge.records import DataPlaneError
 
 log = logging.getLogger(__name__)
 
-PIN_ROOT = "/sys/fs/bpf/splitrelay"
+PIN_ROOT = defaults.PIN_ROOT
 FORBIDDEN_IFACES = {"eth0", "lo"}
 PROGRAMS = ("xdp_public", "xdp_internal")
 # every bcc table of relay.c, all pinned under pin_dir (their types come from the source, via bcc)
@@ -35,7 +36,7 @@ XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 
 
-class VerifierError(DatapathError):
+class VerifierError(DataPlaneError):
     """The kernel verifier rejected a program; the full log is saved at ``log_path``."""
 
     def __init__(self, program: str, log_path: str, reason: str = "") -> None:
@@ -45,7 +46,7 @@ class VerifierError(DatapathError):
         self.log_path = log_path
 
 
-class PinnedMapMismatch(DatapathError):
+class PinnedMapMismatch(DataPlaneError):
     """A map pinned by an older build has another layout than the source being loaded."""
 
 
@@ -55,9 +56,9 @@ def compile_relay(pin_dir: Path, max_flows: int | None = None, xlate_addrs: int 
     try:
         from bcc import BPF
     except ImportError as exc:
-        raise DatapathError("bcc is not importable: run `make setup`") from exc
+        raise DataPlaneError("bcc is not importable: run `make setup`") from exc
     if not Path("/sys/fs/bpf").is_mount():
-        raise DatapathError("bpffs is not mounted on /sys/fs/bpf: run `make setup`")
+        raise DataPlaneError("bpffs is not mounted on /sys/fs/bpf: run `make setup`")
     pin_dir.mkdir(parents=True, exist_ok=True)
     cflags = [
         f"-I{SOURCE_DIR}",
@@ -69,7 +70,7 @@ def compile_relay(pin_dir: Path, max_flows: int | None = None, xlate_addrs: int 
     try:
         bpf = BPF(src_file=str(SOURCE_DIR / "relay.c").encode(), cflags=cflags)
     except Exception as exc:  # bcc raises bare Exception for compile errors
-        raise DatapathError(f"cannot compile {SOURCE_DIR / 'relay.c'}: {exc}") from exc
+        raise DataPlaneError(f"cannot compile {SOURCE_DIR / 'relay.c'}: {exc}") from exc
     check_pinned_layout(bpf, pin_dir)
     return bpf, {name: load_program(bpf, name) for name in PROGRAMS}
 
@@ -127,20 +128,26 @@ def load_program(bpf, name: str):
 
 
 def ifindex(ifname: str) -> int:
-    """The index of ``ifname`` in this network namespace, or DatapathError."""
+    """The index of ``ifname`` in this network namespace, or DataPlaneError."""
     try:
         found = ct.CDLL(None).if_nametoindex(ifname.encode())
     except OSError:
         found = 0
     if not found:
-        raise DatapathError(f"no interface named {ifname!r} in this network namespace")
+        raise DataPlaneError(f"no interface named {ifname!r} in this network namespace")
     return found
+
+
+def check_mode(mode: str) -> None:
+    """One-line DataPlaneError unless ``mode`` is an XDP attach mode."""
+    if mode not in ATTACH_MODES:
+        raise DataPlaneError(f"mode must be auto, native or generic, got {mode!r}")
 
 
 def refuse_host_links(*ifnames: str | None) -> None:
     for ifname in ifnames:
         if ifname in FORBIDDEN_IFACES:
-            raise DatapathError(f"refusing to attach XDP to {ifname}: it is this host's own link")
+            raise DataPlaneError(f"refusing to attach XDP to {ifname}: it is this host's own link")
 
 
 def attach_one(fn, ifname: str, program: str, mode: str) -> str:
@@ -153,12 +160,12 @@ def attach_one(fn, ifname: str, program: str, mode: str) -> str:
             return "native"
         except Exception as exc:
             if mode == "native":
-                raise DatapathError(f"native XDP attach to {ifname} failed: {exc}") from exc
+                raise DataPlaneError(f"native XDP attach to {ifname} failed: {exc}") from exc
             log.warning("native XDP unavailable on %s (%s); using generic XDP", ifname, exc)
     try:
         BPF.attach_xdp(ifname.encode(), fn, XDP_FLAGS_SKB_MODE)
     except Exception as exc:
-        raise DatapathError(f"generic XDP attach to {ifname} failed: {exc}") from exc
+        raise DataPlaneError(f"generic XDP attach to {ifname} failed: {exc}") from exc
     return "generic"
 
 

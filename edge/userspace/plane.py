@@ -44,35 +44,36 @@ be on the wire (UDP payload + 8 + 20 or 40 + 14), what XDP counts for an
 untagged frame without IP options, so byte rates compare across data paths.
 Flow times are ``time.monotonic_ns()``, the clock of ``bpf_ktime_get_ns``.
 
-The hot path is ``userspace_relay.py``; this module is the plane around it:
+The hot path is ``relay.py``; this module is the plane around it:
 the tables' control calls, the limits, and the agent's lifecycle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import resource
 import socket
 import time
-from dataclasses import dataclass
 
+from splitrelay import defaults
 from splitrelay.bpf import consts
 from splitrelay.edge import counters as counters_mod
+from splitrelay.edge import interfaces
 from splitrelay.edge.plane import PENDING_TIMEOUT_S, PlaneConfig
 from splitrelay.edge.records import (
     NO_MAC,
     Attachment,
     Backend,
-    DatapathError,
+    DataPlaneError,
     Flow,
     RelayConfig,
     Session,
     TableFullError,
     check_ufrag,
+    parse_ip,
 )
-from splitrelay.edge.userspace_relay import OVERHEAD, UserspaceRelay, LiveFlow
+from splitrelay.edge.userspace.relay import OVERHEAD, UserspaceRelay, LiveFlow
 
 log = logging.getLogger(__name__)
 
@@ -103,72 +104,32 @@ def default_max_flows() -> int:
     return max(1, min(consts.MAX_FLOWS, DEFAULT_MAX_FLOWS, budget))
 
 
-def interface_addresses(ifname: str) -> dict[int, str]:
-    """The first global IPv4 and IPv6 address of ``ifname`` ({4: ip, 6: ip}); blocking (netlink).
-
-    Call it off the event loop: pyroute2's synchronous API refuses to run on a loop's thread.
-    """
-    out: dict[int, str] = {}
-    for version, addr in interface_address_list(ifname):
-        out.setdefault(version, addr)
-    return out
-
-
-def interface_address_list(ifname: str) -> list[tuple[int, str]]:
-    """Every global (version, address) of ``ifname``, in the kernel's order; blocking (netlink)."""
-    from pyroute2 import IPRoute
-
-    out: list[tuple[int, str]] = []
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            raise DatapathError(f"no interface named {ifname!r} in this network namespace")
-        for msg in ipr.get_addr(index=found[0]):
-            if msg["scope"] != 0:   # link-local, host: not an address a backend routes back to
-                continue
-            version = 4 if msg["family"] == socket.AF_INET else 6
-            addr = msg.get_attr("IFA_LOCAL") if version == 4 else None
-            out.append((version, addr or msg.get_attr("IFA_ADDRESS")))
-    return out
-
-
 def _normal_ip(ip: str) -> tuple[int, str]:
     """(family, the address as recvfrom spells it): the flow table's key form."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        raise DatapathError(f"not an IP address: {ip!r}") from None
+    addr = parse_ip(ip)
     family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
     return family, socket.inet_ntop(family, addr.packed)
 
 
-@dataclass
-class UserspaceOptions:
-    """What only the userspace plane needs: where flow sockets bind (default: the internal interface's)."""
-
-    internal_ip4: str | None = None
-    internal_ip6: str | None = None
-
-    def check(self, common: PlaneConfig) -> None:
-        """Nothing to refuse: the plane only binds sockets (any interface, no next hop to resolve)."""
-
-
-class UserspacePlane(UserspaceRelay):
-    """A ``DataPlane`` (edge/plane.py) on UDP sockets: the relay plus its tables' control calls."""
+class UserspacePlane:
+    """A ``DataPlane`` (edge/plane.py) on UDP sockets: it holds the relay (``relay``: the sockets, the
+    hot path and the tables they are judged by) and answers the tables' control calls."""
 
     kind = KIND
     reads_block = False            # the tables live on the loop: they are read there
     attachments: tuple[Attachment, ...] = ()   # nothing is attached to any interface
 
-    def __init__(self, common: PlaneConfig, options: UserspaceOptions | None = None) -> None:
-        options = options or UserspaceOptions()
-        super().__init__(int(common.max_flows) if common.max_flows else default_max_flows(),
-                         options.internal_ip4, options.internal_ip6)
-        self.common = common
-        self.options = options
-        self.instance = common.instance
+    def __init__(self, plane_config: PlaneConfig) -> None:
+        c = self.plane_config = plane_config
+        self.relay = UserspaceRelay(int(c.max_flows) if c.max_flows else default_max_flows(),
+                                    c.internal_ip4, c.internal_ip6)
+        self.instance = c.instance
         self.max_backends = consts.MAX_BACKENDS
         self.max_sessions = consts.MAX_SESSIONS
+
+    @staticmethod
+    def check(c: PlaneConfig) -> None:
+        """Nothing to refuse: the plane only binds sockets (any interface, no next hop to resolve)."""
 
     # -- lifecycle (DataPlane) -------------------------------------------------------------
 
@@ -178,51 +139,58 @@ class UserspacePlane(UserspaceRelay):
         Flow sockets bind to the internal address of their family, so backends see (and
         answer) the relay's internal address; without one the kernel picks the source.
         """
-        c, o = self.common, self.options
-        found = interface_addresses(c.internal_iface)
-        self.internal_ips[socket.AF_INET] = o.internal_ip4 or found.get(4)
-        self.internal_ips[socket.AF_INET6] = o.internal_ip6 or found.get(6)
+        c = self.plane_config
+        found = interfaces.addresses(c.internal_iface)
+        self.relay.internal_ips[socket.AF_INET] = c.internal_ip4 or found.get(4)
+        self.relay.internal_ips[socket.AF_INET6] = c.internal_ip6 or found.get(6)
         for family, public in ((socket.AF_INET, c.public_ip4), (socket.AF_INET6, c.public_ip6)):
             version = 4 if family == socket.AF_INET else 6
-            if public and not self.internal_ips[family]:
+            if public and not self.relay.internal_ips[family]:
                 log.warning("%s has no IPv%d address: IPv%d flows leave from whatever source the kernel picks",
                             c.internal_iface, version, version)
-        self.configure(RelayConfig(   # no Ethernet headers to write: no MACs
-            relay_port=c.relay_port, public_mac=NO_MAC, gateway_mac=NO_MAC, public_ip4=c.public_ip4,
-            public_ip6=c.public_ip6, policy=c.policy, max_session_flows=c.max_session_flows,
-            hint_key=c.hint_key))
+        # no Ethernet headers to write: no MACs; it translates by its sockets, not by sr_config's sets
+        self.configure(c.relay_config(translate=False, internal_ip4=None, internal_ip6=None, internal_more=(),
+                                      translate_ports=defaults.TRANSLATE_PORTS))
         return KIND
 
     def activate(self, loop: asyncio.AbstractEventLoop) -> str:
-        bound = self.start(loop)
+        bound = self.relay.start(loop)
         where = ", ".join(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip, port in bound)
-        internal = ", ".join(ip for ip in self.internal_ips.values() if ip) or "kernel-chosen"
+        internal = ", ".join(ip for ip in self.relay.internal_ips.values() if ip) or "kernel-chosen"
         return f"userspace relay on {where}, flows from {internal}"
 
     def shutdown(self) -> None:
         """The relay lives in this process: its sockets close with it, whatever the agent's options say."""
-        if self.running:
-            self.close()
+        if self.relay.running:
+            self.relay.close()
             log.info("userspace relay of %s stopped: its flows and sessions are gone", self.instance)
 
     def next_hop_mac(self, ip: str) -> str:
         """What a backend PUT asks instead of a next-hop MAC: is ``ip`` routable from the internal side?
 
         The kernel routes every forwarded packet, so no MAC is needed; returns ``NO_MAC`` or raises
-        DatapathError with the kernel's reason (no route, address not on this host).
+        DataPlaneError with the kernel's reason (no route, address not on this host).
         """
         family, ip = _normal_ip(ip)
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
             try:
-                if self.internal_ips[family]:
-                    probe.bind((self.internal_ips[family], 0))
+                if self.relay.internal_ips[family]:
+                    probe.bind((self.relay.internal_ips[family], 0))
                 probe.connect((ip, 9))   # a route lookup; nothing is sent
             except OSError as exc:
-                raise DatapathError(f"no route to {ip}: {exc.strerror or exc}") from None
+                raise DataPlaneError(f"no route to {ip}: {exc.strerror or exc}") from None
         return NO_MAC
 
     def internal_mac(self) -> str:
         return NO_MAC
+
+    # -- config (the relay's own) ----------------------------------------------------------
+
+    def configure(self, cfg: RelayConfig) -> None:
+        self.relay.configure(cfg)
+
+    def config(self) -> RelayConfig | None:
+        return self.relay.config()
 
     # -- flows -----------------------------------------------------------------------------
 
@@ -234,11 +202,11 @@ class UserspacePlane(UserspaceRelay):
                     pending=flow.pending)
 
     def _find(self, client: tuple[str, int]) -> LiveFlow | None:
-        return self._flows.get((_normal_ip(client[0])[1], int(client[1])))
+        return self.relay.flows.get((_normal_ip(client[0])[1], int(client[1])))
 
     def flows(self, limit: int | None = None) -> list[Flow]:
         out = []
-        for flow in self._flows.values():
+        for flow in self.relay.flows.values():
             if limit is not None and len(out) >= limit:
                 break
             out.append(self._flow_record(flow))
@@ -257,7 +225,7 @@ class UserspacePlane(UserspaceRelay):
         found = self._find(client)
         if found is None:
             return False
-        self._remove(found)
+        self.relay.remove(found)
         return True
 
     def age_flows(self, idle_s: float, pending_s: float = PENDING_TIMEOUT_S) -> int:
@@ -268,68 +236,69 @@ class UserspacePlane(UserspaceRelay):
         """
         now = time.monotonic_ns()
         cutoff, pending_cutoff = now - int(idle_s * 1e9), now - int(pending_s * 1e9)
-        stale = [flow for flow in self._flows.values()
+        stale = [flow for flow in self.relay.flows.values()
                  if flow.last_seen_ns < cutoff or (flow.pending and flow.created_ns < pending_cutoff)]
         for flow in stale:
-            self._remove(flow)
+            self.relay.remove(flow)
         return len(stale)
 
     # -- backends and sessions -------------------------------------------------------------
 
     def set_backend(self, b: Backend) -> None:
-        old = self._backends.get(b.backend_id)
-        if old is None and len(self._backends) >= self.max_backends:
+        old = self.relay.backends.get(b.backend_id)
+        if old is None and len(self.relay.backends) >= self.max_backends:
             raise TableFullError(f"the backend table is full ({self.max_backends} entries)")
-        self._backends[b.backend_id] = b
+        self.relay.backends[b.backend_id] = b
         if old is not None and (old.ip4, old.ip6, old.port) != (b.ip4, b.ip6, b.port):
             # XDP looks the backend up per packet; here each flow's socket is pointed at it again
-            for flow in [f for f in self._flows.values() if f.backend_id == b.backend_id]:
+            for flow in [f for f in self.relay.flows.values() if f.backend_id == b.backend_id]:
                 target = b.ip6 if flow.side.v6 else b.ip4
                 try:
                     if target is None:
                         raise OSError("the backend has no address of the flow's family")
                     flow.sock.connect((target, b.port))
                 except OSError:
-                    self._remove(flow)
+                    self.relay.remove(flow)
 
     def backend(self, backend_id: int) -> Backend | None:
-        return self._backends.get(backend_id)
+        return self.relay.backends.get(backend_id)
 
     def backends(self) -> list[Backend]:
-        return sorted(self._backends.values(), key=lambda b: b.backend_id)
+        return sorted(self.relay.backends.values(), key=lambda b: b.backend_id)
 
     def del_backend(self, backend_id: int) -> bool:
         """Remove a backend with its sessions and flows; False if it was not there."""
-        if self._backends.pop(backend_id, None) is None:
+        if self.relay.backends.pop(backend_id, None) is None:
             return False
-        for ufrag in [u for u, s in self._sessions.items() if s.backend_id == backend_id]:
+        for ufrag in [u for u, s in self.relay.sessions.items() if s.backend_id == backend_id]:
             self.del_session(ufrag)
-        for flow in [f for f in self._flows.values() if f.backend_id == backend_id]:
-            self._remove(flow)
+        for flow in [f for f in self.relay.flows.values() if f.backend_id == backend_id]:
+            self.relay.remove(flow)
         return True
 
     def set_session(self, ufrag: str, backend_id: int) -> None:
         check_ufrag(ufrag)
-        if ufrag not in self._sessions and len(self._sessions) >= self.max_sessions:
+        if ufrag not in self.relay.sessions and len(self.relay.sessions) >= self.max_sessions:
             raise TableFullError(f"the session table is full ({self.max_sessions} entries)")
-        self._sessions[ufrag] = Session(ufrag, backend_id, time.monotonic_ns())
+        self.relay.sessions[ufrag] = Session(ufrag, backend_id, time.monotonic_ns())
 
     def session(self, ufrag: str) -> Session | None:
-        found = self._sessions.get(ufrag)
+        found = self.relay.sessions.get(ufrag)
         if found is None:
             return None
-        return Session(found.ufrag, found.backend_id, found.created_ns, self._ufrag_flows.get(ufrag, 0))
+        return Session(found.ufrag, found.backend_id, found.created_ns, self.relay.ufrag_flows.get(ufrag, 0))
 
     def sessions(self) -> list[Session]:
-        return [Session(s.ufrag, s.backend_id, s.created_ns, self._ufrag_flows.get(s.ufrag, 0))
-                for s in self._sessions.values()]
+        return [Session(s.ufrag, s.backend_id, s.created_ns, self.relay.ufrag_flows.get(s.ufrag, 0))
+                for s in self.relay.sessions.values()]
 
     def del_session(self, ufrag: str) -> bool:
         """Remove a session and the flows it created; False if it was not there."""
-        removed = self._sessions.pop(ufrag, None) is not None
-        if self._ufrag_flows.get(ufrag) or ufrag in self._pending:   # its confirmed or its pending flows
-            for flow in [f for f in self._flows.values() if f.ufrag == ufrag]:
-                self._remove(flow)
+        relay = self.relay
+        removed = relay.sessions.pop(ufrag, None) is not None
+        if relay.ufrag_flows.get(ufrag) or ufrag in relay.pending_rings:   # its confirmed or its pending flows
+            for flow in [f for f in relay.flows.values() if f.ufrag == ufrag]:
+                relay.remove(flow)
         return removed
 
     def del_sessions(self, ufrags: list[str]) -> dict[str, bool]:
@@ -340,22 +309,23 @@ class UserspacePlane(UserspaceRelay):
 
     def map_fill(self) -> dict[str, tuple[int, int]]:
         """Entries and capacity of each table, under the XDP map names."""
-        addrs = sum((b.ip4 is not None) + (b.ip6 is not None) for b in self._backends.values())
-        return {"backends": (len(self._backends), self.max_backends),
+        addrs = sum((b.ip4 is not None) + (b.ip6 is not None) for b in self.relay.backends.values())
+        return {"backends": (len(self.relay.backends), self.max_backends),
                 "backend_addrs": (addrs, 2 * self.max_backends),
-                "sessions": (len(self._sessions), self.max_sessions),
-                "flows": (len(self._flows), self.max_flows)}
+                "sessions": (len(self.relay.sessions), self.max_sessions),
+                "flows": (len(self.relay.flows), self.relay.max_flows)}
 
     def counters(self) -> dict[str, counters_mod.Counter]:
         """Every counter, keyed by its enum name, in the order of SR_STATS (as the XDP plane's)."""
-        return {spec.name: counters_mod.Counter(spec, self._packets[spec.index], self._bytes[spec.index])
+        packets, bytes_ = self.relay.packet_counts, self.relay.byte_counts
+        return {spec.name: counters_mod.Counter(spec, packets[spec.index], bytes_[spec.index])
                 for spec in counters_mod.counter_specs()}
 
     def reset_counters(self) -> None:
-        n = len(self._packets)
-        self._packets[:] = [0] * n
-        self._bytes[:] = [0] * n
+        n = len(self.relay.packet_counts)
+        self.relay.packet_counts[:] = [0] * n
+        self.relay.byte_counts[:] = [0] * n
 
 
-__all__ = ["KIND", "NO_MAC", "OVERHEAD", "TableFullError", "UserspaceOptions",
-           "UserspacePlane", "default_max_flows", "interface_addresses", "table_sizes"]
+__all__ = ["KIND", "NO_MAC", "OVERHEAD", "TableFullError",
+           "UserspacePlane", "default_max_flows", "table_sizes"]

@@ -1,0 +1,1 @@
+"""The userspace data plane: ``plane`` (the ``DataPlane`` and its tables) and ``relay`` (the sockets)."""
