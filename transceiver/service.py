@@ -47,7 +47,7 @@ from splitrelay.transceiver.relays import Relay, RelayChooser, SignalingFacts, c
 from splitrelay.transceiver.audio import check_aiortc
 from splitrelay.transceiver.dtls_role import check_dtls_role
 from splitrelay.transceiver.ufrag_pool import UfragPool
-from splitrelay.transceiver.session import DELETED, SHUTDOWN, OfferError, Session, answer_offer
+from splitrelay.transceiver.session import DELETED, SHUTDOWN, OfferError, Session
 from splitrelay.transceiver.whip import MAX_OFFER, OfferRejected, WhipConfig, WhipEndpoint
 from splitrelay.wire import hint
 from splitrelay.wire.sdpfrag import IceFragment, SdpFragError
@@ -293,14 +293,11 @@ class Transceiver:
             await self.registrars.register(session.ufrag)  # type: ignore[union-attr]
             registered.append(session.ufrag)
 
+        session = Session.for_offer(pooled or self._new_ufrag(), self.make_handler, offer_at, self._ended)
         try:
-            session, answer = await answer_offer(
-                sdp, self.mux, self.config.backend_id, self.make_handler,
-                before_answer=register if self.registrars and not pooled else None,
-                on_end=self._ended, hint_key=self.config.hint_key,
-                offer_at=offer_at, connect_timeout=self.config.connect_timeout,
-                candidates=self.candidates_for(facts), ufrag=pooled,
-            )
+            answer = await session.answer(sdp, self.mux, self.candidates_for(facts),
+                                          register if self.registrars and not pooled else None,
+                                          self.config.connect_timeout)
         except BaseException as exc:
             if pooled and self.ufrags:  # no answer named it: still as good as new
                 self.ufrags.give_back(pooled)
@@ -317,7 +314,7 @@ class Transceiver:
         for connection in session.ice_connections:
             connection.paths.on_change = lambda reason, addr: self.metrics.path_changes.labels(reason).inc()
         if max_call_s is not None:
-            session._tasks.append(asyncio.ensure_future(self._end_at_max_call(session, max_call_s)))
+            session.keep(self._end_at_max_call(session, max_call_s))
         self.metrics.sessions_started.inc()
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.phase("answer", session.timings.answer_ms)
@@ -375,7 +372,7 @@ class Transceiver:
             session.retired_ufrags.append(session.ufrag)
             session.ufrag = ufrag
             session.etag = secrets.token_urlsafe(12)
-            session._tasks.append(asyncio.ensure_future(self._retire_after(session, generation, restarted_at)))
+            session.keep(self._retire_after(session, generation, restarted_at))
         answer = IceFragment(ufrag=ufrag, pwd=password, candidates=[f"candidate:{c.to_sdp()}" for c in local],
                              mid=fragment.mid, media=fragment.media, end_of_candidates=True)
         return answer.serialize(), session.etag
