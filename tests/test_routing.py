@@ -173,7 +173,7 @@ def test_every_library_error_is_a_splitrelay_error():
     from splitrelay.client.caller import CallError
     from splitrelay.client.whip import RestartRefused, WhipError
     from splitrelay.client.probe import ProbeError
-    from splitrelay.edge.control_client import ControlError
+    from splitrelay.wire.control_client import ControlError
     from splitrelay.edge.neighbours import NeighbourError
     from splitrelay.lab.netns import LabError
     from splitrelay.transceiver.mux import MuxError
