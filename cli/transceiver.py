@@ -164,7 +164,8 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
     from splitrelay.transceiver.mux import MuxError
     from splitrelay.transceiver.registration import RegistrationError
     from splitrelay import tokens
-    from splitrelay.transceiver.service import Transceiver, TransceiverConfig, refuse_exposure
+    from splitrelay.transceiver.listeners import refuse_exposure
+    from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 
     bind_host, bind_port = _hostport(bind, "--bind")
     whip_host, whip_port = _hostport(whip_listen, "--whip-listen")

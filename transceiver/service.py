@@ -19,13 +19,11 @@ behind a bearer token) serves what would let a stranger watch or map the calls:
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from ipaddress import ip_address
 from typing import Any
 
 from aiohttp import web
@@ -33,11 +31,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from aioice import Candidate
 
-from splitrelay.errors import SplitrelayError
 from splitrelay.tokens import DEFAULT_AUDIENCE
 from splitrelay.transceiver.handlers import handler_factory
 from splitrelay.transceiver.ice import new_password, restart_ice
 from splitrelay.transceiver.ice_restart import IceRestartFailed
+from splitrelay.transceiver.listeners import admin_auth, refuse_exposure, serve_app
 from splitrelay.transceiver.paths import RESTARTED
 from splitrelay.transceiver.metrics import TransceiverMetrics
 from splitrelay.transceiver import admission, limits
@@ -109,57 +107,6 @@ class TransceiverConfig:
         if self.candidates() or self.relay_control:
             return [Relay("relay1", tuple(self.candidates()), self.relay_control)]
         return []
-
-
-class ExposureError(SplitrelayError):
-    """A listener that would face a network with nothing guarding it."""
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False   # a name or a wildcard: assume it reaches the network
-
-
-def refuse_exposure(c: TransceiverConfig) -> None:
-    """Raise ExposureError when a non-loopback listener would serve with no credential, unless
-    ``insecure_open`` says the operator means it."""
-    if c.insecure_open:
-        return
-    if not _loopback(c.whip_host) and not c.whip_token and not c.whip_keys:
-        raise ExposureError(f"refusing to serve WHIP on {c.whip_host}:{c.whip_port} to anyone: give "
-                            "--whip-key-file or --whip-token, or --insecure-open")
-    if not _loopback(c.admin_host) and not c.admin_token:
-        raise ExposureError(f"refusing to serve /sessions and /metrics on {c.admin_host}:{c.admin_port} "
-                            "to anyone: give --admin-token-file, or --insecure-open")
-
-
-def admin_auth(token: str | None):  # noqa: ANN201 - an aiohttp middleware
-    """The admin listener's guard: with a token, a request without ``Authorization: Bearer <token>``
-    gets 401 (compared in constant time); without one (loopback), everything passes."""
-    @web.middleware
-    async def guard(request: web.Request, handler):  # noqa: ANN001, ANN202
-        if token:
-            offered = request.headers.get("Authorization", "").encode("utf-8", "replace")
-            if not hmac.compare_digest(offered, f"Bearer {token}".encode()):
-                return web.Response(status=401, text="missing or wrong admin bearer token\n",
-                                    headers={"WWW-Authenticate": "Bearer"})
-        return await handler(request)
-    return guard
-
-
-async def serve_app(app: web.Application, host: str, port: int, public: bool = False) -> tuple[web.AppRunner, int]:
-    """Serve ``app`` on ``host``:``port``: its runner and the port it got (``port`` 0: an ephemeral one).
-    ``public``: a client that stops sending must not hold a connection (or our shutdown) for long."""
-    lingering = {"lingering_time": 1.0} if public else {}
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, **lingering)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
 
 
 class Transceiver:
