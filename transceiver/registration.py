@@ -290,6 +290,16 @@ class RelayRegistrars:
         self.on_missed = on_missed
         self.pending: dict[str, dict[Registrar, asyncio.Task]] = {}
 
+    @classmethod
+    def of_backend(cls, relays: list[tuple[str, str]], backend_id: int, backend_ip: str | None,
+                   backend_port: int, token: str | None = None, backend_ip6: str | None = None,
+                   watch_interval: float = 1.0, on_missed: Callable[[str], None] | None = None) -> RelayRegistrars:
+        """One registrar per relay ``(name, control URL)`` for one backend, all with one ``instance``:
+        this process (see ``Registrar``)."""
+        instance = secrets.token_hex(8)
+        return cls([Registrar(url, backend_id, backend_ip, backend_port, token, backend_ip6, watch_interval,
+                              name=name, instance=instance) for name, url in relays], on_missed)
+
     async def start(self) -> None:
         """Start every registrar; raises only if no relay's agent could be reached."""
         errors = []

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from aioice import Candidate
+from aioice.ice import CandidatePair
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
@@ -25,9 +27,11 @@ from splitrelay.transceiver.audio import OutboundAudio, RtpArrivals, StageTimes,
 from splitrelay.transceiver.dtls_role import answer_passive, dtls_transports
 from splitrelay.transceiver.handlers import SAMPLE_RATE, Handler, PcmFrame
 from splitrelay.transceiver.history import StateChange, StateHistory
-from splitrelay.transceiver.ice import new_password, session_ice
+from splitrelay.transceiver.ice import new_password, restart_ice, session_ice
 from splitrelay.transceiver import limits
 from splitrelay.transceiver.mux import MuxedConnection, UdpMux
+from splitrelay.transceiver.whip import OfferRejected
+from splitrelay.wire.sdpfrag import IceFragment, SdpFragError
 from splitrelay.errors import SplitrelayError
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ FAILED = "failed"                    # ICE or DTLS failed
 CONSENT_EXPIRED = "consent expired"  # the client stopped answering consent checks (RFC 7675)
 CONNECT_TIMEOUT = "connect timeout"  # answered, but never connected
 SHUTDOWN = "shutdown"                # the transceiver stopped
+MAX_CALL = "max call"                # its offer token's max_call_s ran out
 
 
 class OfferError(SplitrelayError, ValueError):
@@ -57,6 +62,16 @@ class SessionTimings:
 
     def since_offer(self) -> float:
         return (time.monotonic() - self.offer_at) * 1000.0
+
+
+@dataclass
+class IceRestart:
+    """A restart under way: our SDP fragment for the client, the task that ends with the new
+    generation's nominated pair, and when it started (loop time)."""
+
+    fragment: str
+    generation: asyncio.Task[CandidatePair]
+    started: float
 
 
 @dataclass
@@ -186,6 +201,40 @@ class Session:
             await asyncio.wait_for(self.connected.wait(), timeout)
         except TimeoutError:
             self._ended_by_itself(CONNECT_TIMEOUT)
+
+    # -- ICE restart (RFC 9725 4.3.2) --------------------------------------------------
+
+    async def restart_ice(self, if_match: str, fragment: IceFragment, mux: UdpMux,
+                          new_ufrag: Callable[[], Awaitable[str]]) -> IceRestart:
+        """Move the call to a new ICE generation with the client's ``fragment``; ``new_ufrag`` gives
+        the generation's ufrag (registered with the relays).  Raises OfferRejected (412, 400, 409,
+        422, or ``new_ufrag``'s) and then the call goes on untouched on its current pair."""
+        if if_match.strip() != "*" and if_match.strip() != f'"{self.etag}"':
+            raise OfferRejected(412, "If-Match does not name this session's current ETag")
+        try:
+            remote_ufrag, remote_pwd = fragment.check_credentials()
+            remote_candidates = [Candidate.from_sdp(c[len("candidate:"):]) for c in fragment.candidates]
+        except SdpFragError as exc:
+            raise OfferRejected(400, str(exc)) from None
+        except (ValueError, IndexError):
+            raise OfferRejected(400, "the fragment has an a=candidate line that is not a candidate") from None
+        async with self.restart_lock:
+            connections = [c for c in self.ice_connections if not c._closing]  # BUNDLE closed the others
+            if not connections or self.ended.is_set():
+                raise OfferRejected(409, "the session has no ICE transport to restart")
+            if remote_ufrag == connections[0].remote_username:
+                raise OfferRejected(422, "the fragment's ICE ufrag is the current one: trickle ICE is not "
+                                         "supported, an ICE restart needs a new ufrag and password")
+            ufrag, password = await new_ufrag(), new_password()
+            started = asyncio.get_running_loop().time()
+            local, generation = restart_ice(connections, mux, ufrag, password, remote_ufrag, remote_pwd,
+                                            remote_candidates)
+            self.retired_ufrags.append(self.ufrag)
+            self.ufrag = ufrag
+            self.etag = secrets.token_urlsafe(12)
+        answer = IceFragment(ufrag=ufrag, pwd=password, candidates=[f"candidate:{c.to_sdp()}" for c in local],
+                             mid=fragment.mid, media=fragment.media, end_of_candidates=True)
+        return IceRestart(answer.serialize(), generation, started)
 
     # -- the peer connection's events ------------------------------------------------
 
