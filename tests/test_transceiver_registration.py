@@ -14,6 +14,7 @@ from yarl import URL
 
 from splitrelay.edge.control import ControlAPI
 from splitrelay.edge.records import Backend, Session
+from splitrelay.transceiver.listeners import serve_app
 from splitrelay.transceiver.registration import (
     AgentUnreachable, Registrar, RegistrationError, SessionConflict, Unauthorized,
 )
@@ -253,11 +254,8 @@ async def test_a_control_url_that_is_no_agent_is_unreachable_for_the_registrar_a
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", page)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # noqa: SLF001
+    runner, port = await serve_app(app, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{port}"
     try:
         with pytest.raises(AgentUnreachable) as err:
             await Registrar(url, BACKEND_ID, BACKEND_IP, 5000, token=TOKEN).start()
