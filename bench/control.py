@@ -11,7 +11,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from splitrelay.edge.control_client import AsyncControlClient
+from splitrelay.wire.control_client import AsyncControlClient
 from splitrelay.lab.stack import control_token
 from splitrelay.lab.topology import Lab
 from splitrelay.lab.netns import in_netns

@@ -24,7 +24,7 @@ def _control_options(f):
 
 def _client(control: str, token: str | None):
     """The agent's control client; with --lab, each request is made inside the lab's relay namespace."""
-    from splitrelay.edge.control_client import ControlClient
+    from splitrelay.wire.control_client import ControlClient
     from splitrelay.lab import reach
 
     where = resolve(control, "control", lambda lab, url: reach.control(lab, url, lab_relay()))

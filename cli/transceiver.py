@@ -169,7 +169,8 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
     from splitrelay.transceiver.mux import MuxError
     from splitrelay.transceiver.registration import RegistrationError
     from splitrelay import tokens
-    from splitrelay.transceiver.service import Transceiver, TransceiverConfig, refuse_exposure
+    from splitrelay.transceiver.listeners import refuse_exposure
+    from splitrelay.transceiver.service import Transceiver, TransceiverConfig
     from splitrelay.transceiver.loop import EventLoopError, loop_name
     from splitrelay.transceiver.loop import run as run_on
 

@@ -36,6 +36,7 @@ from av import AudioFrame
 
 from splitrelay.errors import SplitrelayError
 from splitrelay.client.beeps import s16_frame
+from splitrelay.client.whip import WhipClient, WhipError
 from splitrelay.voice.audio import FRAME_BYTES, FRAME_SAMPLES, frames_of, rms
 from splitrelay.voice.tts import EspeakTts
 
@@ -44,7 +45,7 @@ FRAME_SECONDS = 0.02
 
 
 class CallError(SplitrelayError):
-    """The call could not be set up or the agent never answered (one-line reason)."""
+    """The agent never said it was ready (one-line reason; a refused offer is a ``WhipError``)."""
 
 
 def voice_span(pcm: bytes) -> tuple[int, int]:
@@ -185,10 +186,12 @@ class Caller:
         self._event_added = asyncio.Event()
         self._location: str | None = None
         self._http: aiohttp.ClientSession | None = None
+        self._whip: WhipClient | None = None
         self._tasks: list[asyncio.Task] = []
 
     async def connect(self, timeout: float = 20.0) -> dict:
-        """Open the call and wait for the agent's ``ready`` event (its models loaded)."""
+        """Open the call and wait for the agent's ``ready`` event (its models loaded); WhipError if the
+        endpoint refuses the offer or does not answer, CallError if the agent is never ready."""
         self.pc.addTrack(self.track)
         channel = self.pc.createDataChannel("voice")
 
@@ -219,20 +222,11 @@ class Caller:
                 self._tasks.append(asyncio.ensure_future(self._listen(remote)))
 
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        self._whip = WhipClient(self._http, self.token)
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        headers = {"Content-Type": "application/sdp"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        try:
-            async with self._http.post(self.whip_url, data=self.pc.localDescription.sdp, headers=headers) as resp:
-                body = await resp.text()
-                if resp.status != 201:
-                    raise CallError(f"WHIP {self.whip_url} answered {resp.status}: {body.strip()[:200]}")
-                location = resp.headers.get("Location")
-                self._location = str(resp.url.join(aiohttp.client.URL(location))) if location else None
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise CallError(f"WHIP request to {self.whip_url} failed: {type(exc).__name__}: {exc}") from None
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+        answer = await self._whip.offer(self.whip_url, self.pc.localDescription.sdp)
+        self._location = answer.location
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
         ready = await self.wait_event("ready", since=0.0, timeout=timeout)
         if ready is None:
             raise CallError(f"the agent sent no 'ready' event within {timeout:.0f} s (is it --handler voice?)")
@@ -371,12 +365,10 @@ class Caller:
         return result
 
     async def close(self) -> None:
-        if self._location and self._http is not None:
+        if self._location and self._whip is not None:
             try:
-                headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-                async with self._http.delete(self._location, headers=headers) as resp:
-                    await resp.read()
-            except (TimeoutError, aiohttp.ClientError, OSError):
+                await self._whip.delete(self._location)
+            except WhipError:
                 pass
         if self._http is not None:
             await self._http.close()
@@ -403,7 +395,7 @@ async def run_call(whip_url: str, phrases: list[str], barge_ins: int = 1, token:
         report.ok = all(t.error is None for t in report.turns) and all(b.error is None for b in report.barge_ins)
         if not report.ok:
             report.error = next(x.error for x in [*report.turns, *report.barge_ins] if x.error)
-    except CallError as exc:
+    except (CallError, WhipError) as exc:
         report.error = str(exc)
     finally:
         await caller.close()

@@ -22,10 +22,10 @@ import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
-from yarl import URL
 
 from splitrelay.client.beeps import FRAME_SAMPLES, SAMPLE_RATE, mono_samples, tone_power
 from splitrelay.client.browser import TONE_HZ, AudioGap, audio_gap, flowing_since
+from splitrelay.client.whip import WhipClient
 from splitrelay.errors import SplitrelayError
 
 SAMPLE_MS = 100.0     # as the browser page samples getStats()
@@ -33,7 +33,7 @@ FRAME_S = FRAME_SAMPLES / SAMPLE_RATE
 
 
 class EchoCallError(SplitrelayError):
-    """The call failed or the echo did not come back in time (one-line reason)."""
+    """The echo did not come back in time (one-line reason; a refused offer is a ``WhipError``)."""
 
 
 class ToneTrack(MediaStreamTrack):
@@ -98,14 +98,8 @@ class EchoCall:
         if self.family:   # only candidates of one address family
             offer = "\r\n".join(line for line in offer.split("\r\n") if not line.startswith("a=candidate:")
                                 or (":" in line.split()[4]) == (self.family == 6))
-        headers = {"Content-Type": "application/sdp"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        async with http.post(self.whip_url, data=offer, headers=headers) as resp:
-            if resp.status != 201:
-                raise EchoCallError(f"WHIP POST {self.whip_url}: {resp.status} {(await resp.text())[:200]}")
-            self.answer = await resp.text()
-            self.location = str(resp.url.join(URL(resp.headers["Location"])))
+        answer = await WhipClient(http, self.token).offer(self.whip_url, offer)
+        self.answer, self.location = answer.sdp, answer.location
         await self.pc.setRemoteDescription(RTCSessionDescription(self.answer, "answer"))
         self._tasks.append(asyncio.ensure_future(self._sample()))
 
@@ -161,8 +155,7 @@ class EchoCall:
         self._hung_up = True   # the states of our own closing are not a drop
         try:
             if self.location:
-                async with http.delete(self.location) as resp:
-                    status = resp.status
+                status = await WhipClient(http, self.token).delete(self.location)
         finally:
             for task in self._tasks:
                 task.cancel()

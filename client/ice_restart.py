@@ -23,20 +23,11 @@ from aioice import Candidate
 from aioice.ice import CandidatePair, Connection
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack
-from yarl import URL
 
-from splitrelay.errors import SplitrelayError
+from splitrelay.client.whip import WhipClient, WhipError
 from splitrelay.tokens import TOKEN_ENV
 from splitrelay.transceiver.ice_restart import begin_generation, new_credentials, run_generation
-from splitrelay.wire.sdpfrag import MEDIA_TYPE, IceFragment
-
-
-class RestartRefused(SplitrelayError):
-    """The WHIP session answered the PATCH with an error."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"ICE restart refused: {status} {reason}")
-        self.status = status
+from splitrelay.wire.sdpfrag import IceFragment
 
 
 @dataclass
@@ -64,32 +55,28 @@ async def restart_ice(pc: RTCPeerConnection, session_url: str, http: aiohttp.Cli
                       if_match: str = "*", candidates: list[Candidate] | None = None,
                       token: str | None = None, timeout: float = 10.0) -> RestartResult:
     """Restart ICE through WHIP.  ``candidates``: the ones to offer (default: every local one;
-    pass only a new network's to leave the old one behind)."""
+    pass only a new network's to leave the old one behind).  A refused or unanswered PATCH
+    (``RestartRefused``, ``WhipUnreachable``) leaves the old credentials in place."""
     connection = ice_connection(pc)
     ufrag, password = new_credentials()
     offered = connection.local_candidates if candidates is None else candidates
     mid = pc.getTransceivers()[0].mid if pc.getTransceivers() else None
     body = IceFragment(ufrag=ufrag, pwd=password, candidates=[f"candidate:{c.to_sdp()}" for c in offered],
                        mid=mid, end_of_candidates=True).serialize()
-    headers = {"Content-Type": MEDIA_TYPE, "If-Match": if_match}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
     started = time.monotonic()
     previous = connection.local_username, connection.local_password
     begin_generation(connection, ufrag, password)
-    async with http.patch(session_url, data=body, headers=headers) as resp:
-        text = await resp.text()
-        if resp.status != 200:  # back to the old credentials: the selected pair carries on
-            begin_generation(connection, *previous)
-            raise RestartRefused(resp.status, text.strip())
-        etag = resp.headers.get("ETag")
+    try:
+        restarted = await WhipClient(http, token).restart(session_url, body, if_match)
+    except WhipError:  # refused or unanswered: back to the old credentials, the selected pair carries on
+        begin_generation(connection, *previous)
+        raise
     patch_ms = (time.monotonic() - started) * 1000.0
-    answer = IceFragment.parse(text)
+    answer = IceFragment.parse(restarted.fragment)
     remote_ufrag, remote_pwd = answer.check_credentials()
     remote = [Candidate.from_sdp(c[len("candidate:"):]) for c in answer.candidates]
     pair = await run_generation(connection, remote_ufrag, remote_pwd, remote, timeout, local=candidates)
-    return RestartResult(etag, pair, patch_ms, (time.monotonic() - started) * 1000.0)
-
+    return RestartResult(restarted.etag, pair, patch_ms, (time.monotonic() - started) * 1000.0)
 
 
 async def _call(http: aiohttp.ClientSession, whip_url: str, timeout: float,
@@ -105,16 +92,10 @@ async def _call(http: aiohttp.ClientSession, whip_url: str, timeout: float,
             connected.set()
 
     await pc.setLocalDescription(await pc.createOffer())
-    headers = {"Content-Type": "application/sdp"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    async with http.post(whip_url, data=pc.localDescription.sdp, headers=headers) as resp:
-        if resp.status != 201:
-            raise RestartRefused(resp.status, (await resp.text()).strip())
-        answer, location = await resp.text(), str(resp.url.join(URL(resp.headers["Location"])))
-    await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+    answer = await WhipClient(http, token).offer(whip_url, pc.localDescription.sdp)
+    await pc.setRemoteDescription(RTCSessionDescription(answer.sdp, "answer"))
     await asyncio.wait_for(connected.wait(), timeout)
-    return pc, location
+    return pc, answer.location
 
 
 async def measure(whip_url: str, new_host: str, runs: int = 5, timeout: float = 20.0,
@@ -142,8 +123,7 @@ async def measure(whip_url: str, new_host: str, runs: int = 5, timeout: float = 
             media_at = await asyncio.wait_for(first_media, timeout)
             results.append({"patch_ms": round(result.patch_ms, 1), "nominated_ms": round(result.nominated_ms, 1),
                             "media_ms": round((media_at - started) * 1000.0, 1)})
-            async with http.delete(location):
-                pass
+            await WhipClient(http, token).delete(location)
             await pc.close()
     return results
 

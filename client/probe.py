@@ -1,9 +1,5 @@
 """A plain aiortc WHIP client that measures a voice session end to end.
 
-(Over 400 lines on purpose: ``Probe`` is one session's life, offer to DELETE, and its setup
-times, beep detection, carrier count and stats share that state; the report and the talk gate
-are classes of their own.)
-
 The demo, the tests and the benchmarks all need the same thing: a standard
 WebRTC client (nothing splitrelay-specific on the wire) that opens a session
 with one HTTP request, talks, and reports how fast the session came up and how
@@ -31,9 +27,8 @@ packet that carried it: the far end, the network, the codec) and
 ``client_buffer_ms`` (packet in -> frame out of this client's own receive path).
 ``Probe`` is one call in four steps (connect / talk / drain / close); with
 ``low_latency`` it receives through the transceiver's voice path instead of
-aiortc's 4-frame buffer.  What it speaks and hears is in ``beeps.py``.  (This
-module is ~500 lines: the report, the call's steps and the command line that the
-lab and the bench drive, which belong together.)
+aiortc's 4-frame buffer.  What it speaks and hears is in ``beeps.py``, what it reports in
+``probe_report.py``, and its requests in ``whip.py``.
 
 Times: ``offer_sent_ms``, ``ice_connected_ms`` and ``dtls_connected_ms`` count
 from the creation of the peer connection (before createOffer and candidate
@@ -50,7 +45,6 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
@@ -59,8 +53,9 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from splitrelay.client.beeps import BeepDetector, BeepTrack, CarrierCounter, ClientBuffering, _np, mono_samples
 from splitrelay.client.beeps import goertzel_power  # noqa: F401 - re-exported (the tests measure tones with it)
+from splitrelay.client.probe_report import ProbeReport, collect_stats
+from splitrelay.client.whip import WhipClient, WhipError
 from splitrelay.tokens import TOKEN_ENV
-from splitrelay.wire.whip import SESSION_ID
 from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.audio import VoiceReceiver
 from splitrelay.transceiver.history import StateHistory
@@ -68,83 +63,6 @@ from splitrelay.transceiver.history import StateHistory
 
 class ProbeError(SplitrelayError):
     """The probe could not open or run its session (one-line reason)."""
-
-
-@dataclass
-class ProbeReport:
-    whip_url: str
-    ok: bool = False
-    error: str | None = None
-    location: str | None = None       # the session's resource: a capability, only its caller holds it
-    session_id: str | None = None     # its public id (what the transceiver's logs and /sessions name)
-    offer_to_answer_ms: float | None = None
-    ice_connected_ms: float | None = None
-    dtls_connected_ms: float | None = None
-    ice_states: list[str] = field(default_factory=list)
-    connection_states: list[str] = field(default_factory=list)
-    beeps_sent: int = 0
-    beeps_heard: int = 0
-    beep_echoed: list[bool] = field(default_factory=list)  # per beep sent, in order
-    audio_rtt_ms: list[float] = field(default_factory=list)
-    datachannel_rtt_ms: list[float] = field(default_factory=list)
-    frames_received: int = 0
-    rtcp_rtt_ms: float | None = None
-    packets_sent: int = 0
-    packets_received: int = 0
-    # peer connection created -> offer POSTed (createOffer + setLocalDescription, i.e. candidate gathering)
-    offer_sent_ms: float | None = None
-    # the talk phase (connected -> end of duration) in CLOCK_MONOTONIC seconds, shared by all processes
-    talk_started_mono: float | None = None
-    talk_ended_mono: float | None = None
-    frames_sent: int = 0                      # audio frames handed to the encoder (20 ms each)
-    carrier_frames_sent: int = 0              # with carrier: frames sent carrying it
-    carrier_frames_echoed: int = 0            # with carrier: frames received carrying it (>= half amplitude)
-    audio_loss: float | None = None           # with carrier: 1 - echoed / sent (clamped to 0..1)
-    packets_lost_uplink: int | None = None    # RTP lost client -> peer, from the peer's RTCP receiver reports
-    packets_lost_downlink: int | None = None  # RTP lost peer -> client (inbound-rtp packetsLost)
-    # per beep heard: sent -> arrival of the echo packet whose frame showed it (the round trip without
-    # this client's own receive buffering: the far end, the network, and the codec)
-    echo_arrival_ms: list[float] = field(default_factory=list)
-    client_buffer_ms: dict[str, float] | None = None  # packet arrival -> frame out here: p50, p99, n
-    frames_concealed: int | None = None        # low_latency: frames this client concealed
-
-    @staticmethod
-    def _median(values: list[float]) -> float | None:
-        if not values:
-            return None
-        ordered = sorted(values)
-        return ordered[len(ordered) // 2]
-
-    @property
-    def audio_rtt_median_ms(self) -> float | None:
-        return self._median(self.audio_rtt_ms)
-
-    @property
-    def datachannel_rtt_median_ms(self) -> float | None:
-        return self._median(self.datachannel_rtt_ms)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["audio_rtt_median_ms"] = self.audio_rtt_median_ms
-        data["datachannel_rtt_median_ms"] = self.datachannel_rtt_median_ms
-        return data
-
-
-async def _post_offer(
-    session: aiohttp.ClientSession, url: str, sdp: str, token: str | None
-) -> tuple[str, str | None, str | None]:
-    """The answer, the session's resource URL and its public id."""
-    headers = {"Content-Type": "application/sdp"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    async with session.post(url, data=sdp, headers=headers) as resp:
-        body = await resp.text()
-        if resp.status != 201:
-            raise ProbeError(f"WHIP {url} answered {resp.status}: {body.strip()[:200]}")
-        location = resp.headers.get("Location")
-        if location:
-            location = str(resp.url.join(aiohttp.client.URL(location)))
-        return body, location, resp.headers.get(SESSION_ID)
 
 
 class TalkGate:
@@ -205,6 +123,7 @@ class Probe:
         self.connected = asyncio.Event()
         self.failed = asyncio.Event()
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=connect_timeout))
+        self.whip = WhipClient(self.http, token)
         self._tasks: list[asyncio.Task] = []
         self._pending_pings: dict[str, float] = {}
         self.pc.on("iceconnectionstatechange", self._ice_state)
@@ -283,15 +202,16 @@ class Probe:
     # -- the call --------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Offer, POST, answer, and wait until connected; ProbeError if it does not connect in time."""
+        """Offer, POST, answer, and wait until connected; WhipError if the endpoint refuses or does not
+        answer, ProbeError if the session does not connect in time."""
         report = self.report
         await self.pc.setLocalDescription(await self.pc.createOffer())
         t_offer = time.monotonic()
         report.offer_sent_ms = (t_offer - self.states.origin) * 1000.0
-        answer, report.location, report.session_id = await _post_offer(
-            self.http, self.whip_url, self.pc.localDescription.sdp, self.token)
+        answer = await self.whip.offer(self.whip_url, self.pc.localDescription.sdp)
+        report.location, report.session_id = answer.location, answer.session_id
         report.offer_to_answer_ms = (time.monotonic() - t_offer) * 1000.0
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer.sdp, type="answer"))
         up = asyncio.ensure_future(self.connected.wait())
         bad = asyncio.ensure_future(self.failed.wait())
         done, _ = await asyncio.wait({up, bad}, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -345,7 +265,7 @@ class Probe:
     async def finish(self) -> None:
         """Collect RTCP figures and settle which beeps count as sent and heard."""
         report, detector = self.report, self.detector
-        await _collect_stats(self.pc, report)
+        await collect_stats(self.pc, report)
         # beeps sent in the last RTT cannot have come back yet: do not count them as sent
         horizon = time.monotonic() - (max(detector.rtts_ms) / 1000.0 if detector.rtts_ms else 1.0) - 0.1
         # ...unless it did come back (a fast last echo under a slow earlier maximum RTT)
@@ -369,10 +289,8 @@ class Probe:
             report.frames_concealed = self.voice.buffer.concealed
         if report.location and not self.http.closed:
             try:
-                headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-                async with self.http.delete(report.location, headers=headers) as resp:
-                    await resp.read()
-            except (TimeoutError, aiohttp.ClientError, OSError):
+                await self.whip.delete(report.location)
+            except WhipError:
                 pass
         await self.http.close()
         for task in self._tasks:
@@ -417,37 +335,13 @@ async def run_probe(
         await probe.talk(duration, on_progress)
         await probe.drain(max_drain)
         await probe.finish()
-    except ProbeError as exc:
+    except (ProbeError, WhipError) as exc:
         report.error = str(exc)
-        if gate is not None:
-            gate.failed()
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        report.error = f"WHIP request to {whip_url} failed: {exc.__class__.__name__}: {exc}".rstrip(": ")
         if gate is not None:
             gate.failed()
     finally:
         await probe.close()
     return report
-
-
-async def _collect_stats(pc: RTCPeerConnection, report: ProbeReport) -> None:
-    for sender in pc.getSenders():
-        if sender.track is None:
-            continue
-        stats = await sender.getStats()
-        for item in stats.values():
-            if item.type == "outbound-rtp":
-                report.packets_sent = item.packetsSent
-            elif item.type == "remote-inbound-rtp":
-                report.packets_lost_uplink = item.packetsLost
-                if item.roundTripTime is not None:
-                    report.rtcp_rtt_ms = item.roundTripTime * 1000.0
-    for receiver in pc.getReceivers():
-        stats = await receiver.getStats()
-        for item in stats.values():
-            if item.type == "inbound-rtp":
-                report.packets_received = item.packetsReceived
-                report.packets_lost_downlink = item.packetsLost
 
 
 async def run_probes(whip_urls: list[str], sessions: int, duration: float, token: str | None = None,

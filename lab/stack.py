@@ -15,7 +15,7 @@ import time
 from ipaddress import ip_address
 from pathlib import Path
 
-from splitrelay.edge.control_client import ControlClient
+from splitrelay.wire.control_client import ControlClient
 from splitrelay.edge.credentials import backend_token
 from splitrelay.edge.xdp.loader import unpin
 from splitrelay.lab import impair, udp_block

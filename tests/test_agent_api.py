@@ -25,7 +25,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 from splitrelay.edge.agent import AgentConfig, EdgeAgent
-from splitrelay.edge.control_client import AsyncControlClient, ControlError
+from splitrelay.wire.control_client import AsyncControlClient, ControlError
 from splitrelay.edge.counters import counter_specs
 from splitrelay.edge.records import DataPlaneError
 from splitrelay.edge.neighbours import NeighbourError

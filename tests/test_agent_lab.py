@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from splitrelay.edge.control_client import ControlError
+from splitrelay.wire.control_client import ControlError
 from splitrelay.lab.netns import in_netns
 from splitrelay.lab.stack import control, control_token, control_url, start_lab, stop_lab
 from splitrelay.lab.topology import Lab

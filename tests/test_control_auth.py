@@ -21,7 +21,7 @@ import pytest_asyncio
 from aiohttp import web
 from splitrelay.bpf.testrun import XDP_REDIRECT, run_xdp
 from splitrelay.edge.agent import AgentConfig, EdgeAgent
-from splitrelay.edge.control_client import AsyncControlClient, ControlError
+from splitrelay.wire.control_client import AsyncControlClient, ControlError
 from splitrelay.edge.credentials import (
     BackendRange,
     CredentialError,

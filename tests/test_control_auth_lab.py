@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from splitrelay.bpf.consts import MAX_BACKEND_ID
-from splitrelay.edge.control_client import ControlClient, ControlError
+from splitrelay.wire.control_client import ControlClient, ControlError
 from splitrelay.edge.credentials import pool_token
 from splitrelay.lab.netns import LabError, in_netns
 from splitrelay.lab.stack import (

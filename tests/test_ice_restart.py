@@ -9,7 +9,8 @@ import time
 import aiohttp
 import pytest
 
-from splitrelay.client.ice_restart import RestartRefused, add_host_candidates, ice_connection, restart_ice
+from splitrelay.client.ice_restart import add_host_candidates, ice_connection, restart_ice
+from splitrelay.client.whip import RestartRefused
 from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 from splitrelay.wire import hint
 from splitrelay.wire.sdpfrag import MEDIA_TYPE, IceFragment

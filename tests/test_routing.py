@@ -172,16 +172,17 @@ def test_every_library_error_is_a_splitrelay_error():
     from splitrelay.bench.suite import BenchError
     from splitrelay.bpf.syscall import BpfError
     from splitrelay.client.caller import CallError
-    from splitrelay.client.ice_restart import RestartRefused
+    from splitrelay.client.whip import RestartRefused, WhipError
     from splitrelay.client.probe import ProbeError
-    from splitrelay.edge.control_client import ControlError
+    from splitrelay.wire.control_client import ControlError
     from splitrelay.edge.neighbours import NeighbourError
     from splitrelay.lab.netns import LabError
     from splitrelay.transceiver.mux import MuxError
     from splitrelay.transceiver.registration import RegistrationError
 
     for cls in (DataPlaneError, stun.StunError, hint.HintError, BpfError, ControlError, NeighbourError, LabError,
-                MuxError, RegistrationError, ProbeError, RestartRefused, CallError, LoadgenError, BenchError):
+                MuxError, RegistrationError, ProbeError, RestartRefused, WhipError, CallError, LoadgenError,
+                BenchError):
         assert issubclass(cls, SplitrelayError), cls
 
 

@@ -403,7 +403,7 @@ async def test_state_history_timings_and_data_channel(transceiver):
         caller.channel.send(b"\x00\x01binary")
         assert await asyncio.wait_for(caller.messages.get(), 5) == b"\x00\x01binary"
         await until(caller.heard_own, "echo")
-        stats = await transceiver.session_stats(caller.session_id)
+        stats = await transceiver.sessions[caller.session_id].stats()
         assert stats["packets_received"] > 0 and stats["packets_sent"] > 0 and stats["bytes_sent"] > 0
         assert stats["jitter_ms"] is not None
         live = transceiver.find(caller.session_id)

@@ -14,10 +14,12 @@ from yarl import URL
 
 from splitrelay.edge.control import ControlAPI
 from splitrelay.edge.records import Backend, Session
+from splitrelay.transceiver.listeners import serve_app
 from splitrelay.transceiver.registration import (
     AgentUnreachable, Registrar, RegistrationError, SessionConflict, Unauthorized,
 )
 from splitrelay.transceiver.service import Transceiver, TransceiverConfig
+from splitrelay.wire.control_client import AsyncControlClient, ControlError
 from splitrelay.wire.whip import SESSION_ID
 
 from .test_transceiver import Caller, ended, offer_sdp, until
@@ -243,6 +245,27 @@ async def test_typed_errors(agent):
         await registrar.unregister("a/b+cdefgh")            # already gone: 404 is not an error
     finally:
         await registrar.stop()
+
+
+async def test_a_control_url_that_is_no_agent_is_unreachable_for_the_registrar_and_the_control_client():
+    """A web server that answers 200 with a page (a wrong --relay-control) is not taken for an agent."""
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<html>not an agent</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", page)
+    runner, port = await serve_app(app, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with pytest.raises(AgentUnreachable) as err:
+            await Registrar(url, BACKEND_ID, BACKEND_IP, 5000, token=TOKEN).start()
+        assert str(err.value) == f"{url}/v1/health answered with something that is not JSON: not an edge agent"
+        async with AsyncControlClient(url, TOKEN) as client:
+            with pytest.raises(ControlError) as err:
+                await client.put_session("someUfrag", BACKEND_ID)
+        assert err.value.status == 0 and "not an edge agent" in str(err.value)
+    finally:
+        await runner.cleanup()
 
 
 async def test_direct_mode_registers_nothing():

@@ -36,7 +36,7 @@ from splitrelay.lab.stack import (
 )
 from splitrelay.bpf import consts
 from splitrelay.wire import hint, stun
-from splitrelay.edge.control_client import ControlError
+from splitrelay.wire.control_client import ControlError
 from splitrelay.edge.counters import counter_specs
 from splitrelay.edge.records import Backend, DataPlaneError, RelayConfig
 from splitrelay.lab.topology import Lab

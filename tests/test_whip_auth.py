@@ -20,7 +20,8 @@ import aiohttp
 import pytest
 
 from splitrelay import tokens
-from splitrelay.transceiver.service import ExposureError, Transceiver, TransceiverConfig, refuse_exposure
+from splitrelay.transceiver.listeners import ExposureError, refuse_exposure
+from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 from splitrelay.wire.whip import SESSION_ID
 
 from .test_ice_restart import hears_itself_again

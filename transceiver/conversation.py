@@ -22,13 +22,12 @@ from __future__ import annotations
 from array import array
 from functools import cache
 
-from splitrelay.transceiver.audio import QUIET_PEAK
+from splitrelay.transceiver import audio   # a module, not its names: audio -> handlers -> here is a cycle
 from splitrelay.transceiver.handlers import (FRAME_SAMPLES, SAMPLE_RATE, Handler, PcmFrame, SessionIO,
                                              register_handler)
 from splitrelay.transceiver.opus import OpusEncoder
 
 SILENCE = bytes(2 * FRAME_SAMPLES)
-SPEECH_PEAK = QUIET_PEAK   # a frame whose peak reaches the level the send path calls not quiet is speech
 COMFORT_BITRATE = 6000  # silence in 6-7 bytes a packet at 6 kbit/s (35-36 at the outbound 32 kbit/s)
 
 
@@ -82,7 +81,7 @@ class ConversationHandler(Handler):
     async def on_audio(self, frame: PcmFrame) -> None:
         self.frames_heard += 1
         samples = array("h", frame.samples)
-        if samples and max(max(samples), -min(samples)) >= SPEECH_PEAK:
+        if samples and max(max(samples), -min(samples)) >= audio.QUIET_PEAK:   # speech: the send path's not quiet
             self.speech_frames += 1
         if not self.listening(frame.pts or 0):
             self.io.send_audio(frame)

@@ -38,11 +38,11 @@ import logging
 import secrets
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
-
-import aiohttp
 
 from splitrelay.errors import SplitrelayError
+from splitrelay.wire.control_client import (
+    AsyncControlClient, ControlError, backend_body, backend_path, session_path, sessions_path,
+)
 
 log = logging.getLogger(__name__)
 REFRESH_S = 10.0    # well inside the agent's 30 s liveness window (edge/control.py BACKEND_LIVE_S)
@@ -60,8 +60,8 @@ class AgentUnreachable(RegistrationError):
 class AgentRefused(RegistrationError):
     """The agent answered 4xx/5xx; ``status`` and the agent's one-line ``reason``."""
 
-    def __init__(self, method: str, path: str, status: int, reason: str) -> None:
-        super().__init__(f"{method} {path}: {status} {reason}")
+    def __init__(self, message: str, status: int, reason: str) -> None:
+        super().__init__(message)
         self.status = status
         self.reason = reason
 
@@ -78,9 +78,12 @@ class SessionConflict(AgentRefused):
     """409: the ufrag is owned by another backend, or the agent does not know this backend."""
 
 
-def _refused(method: str, path: str, status: int, reason: str) -> AgentRefused:
-    cls = {401: Unauthorized, 403: Forbidden, 409: SessionConflict}.get(status, AgentRefused)
-    return cls(method, path, status, reason)
+def _typed(exc: ControlError) -> RegistrationError:
+    """The control client's error as the registration's own type (the transceiver acts on these)."""
+    if exc.status == 0:
+        return AgentUnreachable(exc.message)
+    cls = {401: Unauthorized, 403: Forbidden, 409: SessionConflict}.get(exc.status, AgentRefused)
+    return cls(exc.message, exc.status, exc.reason)
 
 
 class Registrar:
@@ -100,7 +103,7 @@ class Registrar:
         self.backend: dict[str, Any] = {"ip": backend_ip, "ip6": backend_ip6, "port": backend_port,
                                         "instance": instance or secrets.token_hex(8)}
         self.backend_id = backend_id
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.token = token
         self.sessions: set[str] = set()
         self.missed: set[str] = set()   # sessions this agent has not accepted yet (retried each tick)
         self.sending: set[str] = set()  # sessions whose PUT is on its way (sent, not answered yet)
@@ -112,26 +115,18 @@ class Registrar:
         self.watch_interval = watch_interval
         self.timeout = timeout
         self.boot_changed = asyncio.Event()  # set after each re-registration (tests, metrics)
-        self._http: aiohttp.ClientSession | None = None
+        self.control: AsyncControlClient | None = None   # while started
         self._watch: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # a re-registration and a new session do not interleave
 
     async def _call(self, method: str, path: str, body: dict | None = None) -> Any:  # noqa: ANN401
-        if self._http is None:
+        """One request of the control API through ``control``; its errors as RegistrationError."""
+        if self.control is None:
             raise AgentUnreachable("registrar is not started")
         try:
-            async with self._http.request(method, self.base + path, json=body, headers=self.headers) as resp:
-                try:
-                    data = await resp.json(content_type=None) if resp.status != 204 else None
-                except ValueError:
-                    data = None
-                if resp.status >= 400:
-                    reason = data.get("error") if isinstance(data, dict) else resp.reason
-                    raise _refused(method, path, resp.status, str(reason))
-                return data
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            detail = str(exc) or type(exc).__name__
-            raise AgentUnreachable(f"edge agent at {self.base} unreachable: {detail}") from None
+            return await self.control.call(method, path, body)
+        except ControlError as exc:
+            raise _typed(exc) from None
 
     async def health(self) -> dict[str, Any]:
         health = await self._call("GET", "/v1/health")
@@ -143,34 +138,29 @@ class Registrar:
         """Check the agent and register the backend; raises RegistrationError if it cannot.  With
         ``required=False`` an unreachable agent is only logged and watched: the backend and the
         sessions are registered when it answers (the error is still raised, after the watch starts)."""
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        self.control = AsyncControlClient(self.base, self.token, self.timeout)
         try:
             boot_id = (await self.health())["boot_id"]
             await self._put_backend()
             self.boot_id = boot_id
         except RegistrationError:
             if required:
-                await self._http.close()
-                self._http = None
+                await self.control.close()
+                self.control = None
                 raise
             self._watch = asyncio.create_task(self._watch_agent())
             raise
         self._watch = asyncio.create_task(self._watch_agent())
 
     async def _put_backend(self) -> None:
-        body = {k: v for k, v in self.backend.items() if v is not None}
-        await self._call("PUT", f"/v1/backends/{self.backend_id}", body)
+        await self._call("PUT", backend_path(self.backend_id), backend_body(**self.backend))
         self._refreshed = asyncio.get_running_loop().time()
-
-    @staticmethod
-    def _session_path(ufrag: str) -> str:
-        return f"/v1/sessions/{quote(ufrag, safe='')}"  # ufrags may hold '/' and '+'
 
     async def register(self, ufrag: str) -> None:
         async with self._lock:
             self.sending.add(ufrag)
             try:
-                await self._call("PUT", self._session_path(ufrag), {"backend": self.backend_id})
+                await self._call("PUT", session_path(ufrag), {"backend": self.backend_id})
             finally:
                 self.sending.discard(ufrag)
             self.sessions.add(ufrag)
@@ -192,7 +182,7 @@ class Registrar:
     async def _delete(self, ufrag: str) -> bool:
         """One DELETE of a session; a failure leaves it in ``leftover`` for the watch ticks.  True if gone."""
         try:
-            await self._call("DELETE", self._session_path(ufrag))
+            await self._call("DELETE", session_path(ufrag))
         except RegistrationError as exc:
             if not (isinstance(exc, AgentRefused) and exc.status == 404):
                 _, delay = self.leftover.get(ufrag, (0.0, self.watch_interval / 2))
@@ -225,7 +215,7 @@ class Registrar:
             self.missed.clear()
             for ufrag in list(self.sessions):
                 try:
-                    await self._call("PUT", self._session_path(ufrag), {"backend": self.backend_id})
+                    await self._call("PUT", session_path(ufrag), {"backend": self.backend_id})
                 except SessionConflict as exc:  # another backend took it meanwhile: not ours anymore
                     log.warning("re-registering %s: %s", ufrag, exc)
                     self.sessions.discard(ufrag)
@@ -251,7 +241,7 @@ class Registrar:
         A restarted agent adopts its pinned maps, so a session that ended while the
         agent was down (its DELETE refused) comes back with it and would stay
         registered forever (seen in the lab: a call hung up during an agent restart)."""
-        listed = await self._call("GET", f"/v1/sessions?backend={self.backend_id}")
+        listed = await self._call("GET", sessions_path(self.backend_id))
         for entry in listed if isinstance(listed, list) else []:
             ufrag = entry.get("ufrag") if isinstance(entry, dict) else None
             if entry.get("backend") == self.backend_id and isinstance(ufrag, str) and ufrag not in self.sessions:
@@ -270,7 +260,7 @@ class Registrar:
         if self._watch:
             self._watch.cancel()
             self._watch = None
-        if self._http is None:
+        if self.control is None:
             return
         for ufrag in list(self.sessions):
             await self.unregister(ufrag)
@@ -281,11 +271,11 @@ class Registrar:
                         self.name, len(self.leftover))
         if unregister_backend:
             try:
-                await self._call("DELETE", f"/v1/backends/{self.backend_id}")
+                await self._call("DELETE", backend_path(self.backend_id))
             except RegistrationError as exc:
                 log.warning("unregistering backend %d: %s", self.backend_id, exc)
-        await self._http.close()
-        self._http = None
+        await self.control.close()
+        self.control = None
 
 
 class RelayRegistrars:
@@ -299,6 +289,16 @@ class RelayRegistrars:
         self.registrars = registrars
         self.on_missed = on_missed
         self.pending: dict[str, dict[Registrar, asyncio.Task]] = {}
+
+    @classmethod
+    def of_backend(cls, relays: list[tuple[str, str]], backend_id: int, backend_ip: str | None,
+                   backend_port: int, token: str | None = None, backend_ip6: str | None = None,
+                   watch_interval: float = 1.0, on_missed: Callable[[str], None] | None = None) -> RelayRegistrars:
+        """One registrar per relay ``(name, control URL)`` for one backend, all with one ``instance``:
+        this process (see ``Registrar``)."""
+        instance = secrets.token_hex(8)
+        return cls([Registrar(url, backend_id, backend_ip, backend_port, token, backend_ip6, watch_interval,
+                              name=name, instance=instance) for name, url in relays], on_missed)
 
     async def start(self) -> None:
         """Start every registrar; raises only if no relay's agent could be reached."""

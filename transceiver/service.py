@@ -19,25 +19,20 @@ behind a bearer token) serves what would let a stranger watch or map the calls:
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from ipaddress import ip_address
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from aioice import Candidate
 
-from splitrelay.errors import SplitrelayError
 from splitrelay.tokens import DEFAULT_AUDIENCE
 from splitrelay.transceiver.handlers import handler_factory
-from splitrelay.transceiver.ice import new_password, restart_ice
 from splitrelay.transceiver.ice_restart import IceRestartFailed
+from splitrelay.transceiver.listeners import admin_auth, refuse_exposure, serve_app
 from splitrelay.transceiver.paths import RESTARTED
 from splitrelay.transceiver.metrics import TransceiverMetrics
 from splitrelay.transceiver import admission, limits
@@ -47,15 +42,14 @@ from splitrelay.transceiver.relays import Relay, RelayChooser, SignalingFacts, c
 from splitrelay.transceiver.audio import check_aiortc
 from splitrelay.transceiver.dtls_role import check_dtls_role
 from splitrelay.transceiver.ufrag_pool import UfragPool
-from splitrelay.transceiver.session import DELETED, SHUTDOWN, OfferError, Session, answer_offer
+from splitrelay.transceiver.session import DELETED, MAX_CALL, SHUTDOWN, IceRestart, OfferError, Session
 from splitrelay.transceiver.whip import MAX_OFFER, OfferRejected, WhipConfig, WhipEndpoint
 from splitrelay.wire import hint
-from splitrelay.wire.sdpfrag import IceFragment, SdpFragError
+from splitrelay.wire.sdpfrag import IceFragment
 
 log = logging.getLogger(__name__)
 
 ENDED_KEPT = 256  # finished sessions whose record stays readable (tests, /sessions?ended=1)
-MAX_CALL = "max call"   # why a session ended (Session.end_reason): its offer token's max_call_s ran out
 
 
 @dataclass
@@ -109,57 +103,6 @@ class TransceiverConfig:
         if self.candidates() or self.relay_control:
             return [Relay("relay1", tuple(self.candidates()), self.relay_control)]
         return []
-
-
-class ExposureError(SplitrelayError):
-    """A listener that would face a network with nothing guarding it."""
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False   # a name or a wildcard: assume it reaches the network
-
-
-def refuse_exposure(c: TransceiverConfig) -> None:
-    """Raise ExposureError when a non-loopback listener would serve with no credential, unless
-    ``insecure_open`` says the operator means it."""
-    if c.insecure_open:
-        return
-    if not _loopback(c.whip_host) and not c.whip_token and not c.whip_keys:
-        raise ExposureError(f"refusing to serve WHIP on {c.whip_host}:{c.whip_port} to anyone: give "
-                            "--whip-key-file or --whip-token, or --insecure-open")
-    if not _loopback(c.admin_host) and not c.admin_token:
-        raise ExposureError(f"refusing to serve /sessions and /metrics on {c.admin_host}:{c.admin_port} "
-                            "to anyone: give --admin-token-file, or --insecure-open")
-
-
-def admin_auth(token: str | None):  # noqa: ANN201 - an aiohttp middleware
-    """The admin listener's guard: with a token, a request without ``Authorization: Bearer <token>``
-    gets 401 (compared in constant time); without one (loopback), everything passes."""
-    @web.middleware
-    async def guard(request: web.Request, handler):  # noqa: ANN001, ANN202
-        if token:
-            offered = request.headers.get("Authorization", "").encode("utf-8", "replace")
-            if not hmac.compare_digest(offered, f"Bearer {token}".encode()):
-                return web.Response(status=401, text="missing or wrong admin bearer token\n",
-                                    headers={"WWW-Authenticate": "Bearer"})
-        return await handler(request)
-    return guard
-
-
-async def serve_app(app: web.Application, host: str, port: int, public: bool = False) -> tuple[web.AppRunner, int]:
-    """Serve ``app`` on ``host``:``port``: its runner and the port it got (``port`` 0: an ephemeral one).
-    ``public``: a client that stops sending must not hold a connection (or our shutdown) for long."""
-    lingering = {"lingering_time": 1.0} if public else {}
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, **lingering)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - ephemeral port
 
 
 class Transceiver:
@@ -226,10 +169,9 @@ class Transceiver:
             backend_ip = c.backend_ip or (host if host not in ("0.0.0.0", "::") else None)
             if backend_ip is None and c.backend_ip6 is None:
                 raise RegistrationError(f"bound to {host}: set backend_ip, the address the relay forwards to")
-            instance = secrets.token_hex(8)   # this process, to every agent (registration.py)
-            self.registrars = RelayRegistrars([
-                Registrar(r.control_url, c.backend_id, backend_ip, port, c.relay_token, c.backend_ip6,
-                          watch_interval=c.watch_interval, name=r.name, instance=instance) for r in controlled],
+            self.registrars = RelayRegistrars.of_backend(
+                [(r.name, r.control_url) for r in controlled], c.backend_id, backend_ip, port, c.relay_token,
+                c.backend_ip6, c.watch_interval,
                 on_missed=lambda relay: self.metrics.registrations_missed.labels(relay).inc())
             await self.registrars.start()
             if c.ufrag_pool:
@@ -259,24 +201,25 @@ class Transceiver:
         preferred = choose(self.config.choosers, facts or SignalingFacts(), relays)
         return ordered_candidates(relays, preferred)
 
-    def _pending_ages(self) -> list[float]:
-        """Seconds since each unconnected session's offer (0 for offers still being answered)."""
+    def _check_capacity(self) -> None:
+        """503 at the session limits (admission.py); the pending ages are seconds since each unconnected
+        session's offer, 0 for offers still being answered."""
         now = time.monotonic()
-        return [0.0] * self._answering + [now - s.timings.offer_at for s in self.sessions.values()
-                                          if not s.connected.is_set() and not s.ended.is_set()]
+        pending = [0.0] * self._answering + [now - s.timings.offer_at for s in self.sessions.values()
+                                             if not s.connected.is_set() and not s.ended.is_set()]
+        self.admission.check_capacity(len(self.sessions) + self._answering, pending)
 
     def admit(self, remote: str | None, new_session: bool = True) -> None:
         """The WHIP endpoint's first question about an offer or an ICE restart (admission.py): raises
         429 or 503.  Restarts share their source's offer rate: each one checks new candidates."""
         self.admission.check_rate(remote)
         if new_session:
-            self.admission.check_capacity(len(self.sessions) + self._answering, self._pending_ages())
+            self._check_capacity()
 
     async def open_session(self, sdp: str, offer_at: float, facts: SignalingFacts | None = None,
                            max_call_s: float | None = None) -> tuple[str, str]:
         assert self.mux is not None
-        # again, now that the body is in: other offers may have been admitted while it arrived
-        self.admission.check_capacity(len(self.sessions) + self._answering, self._pending_ages())
+        self._check_capacity()  # again, now that the body is in: others may have been admitted meanwhile
         self._answering += 1
         try:
             return await self._answer(sdp, offer_at, facts, max_call_s)
@@ -293,14 +236,11 @@ class Transceiver:
             await self.registrars.register(session.ufrag)  # type: ignore[union-attr]
             registered.append(session.ufrag)
 
+        session = Session.for_offer(pooled or self._new_ufrag(), self.make_handler, offer_at, self._ended)
         try:
-            session, answer = await answer_offer(
-                sdp, self.mux, self.config.backend_id, self.make_handler,
-                before_answer=register if self.registrars and not pooled else None,
-                on_end=self._ended, hint_key=self.config.hint_key,
-                offer_at=offer_at, connect_timeout=self.config.connect_timeout,
-                candidates=self.candidates_for(facts), ufrag=pooled,
-            )
+            answer = await session.answer(sdp, self.mux, self.candidates_for(facts),
+                                          register if self.registrars and not pooled else None,
+                                          self.config.connect_timeout)
         except BaseException as exc:
             if pooled and self.ufrags:  # no answer named it: still as good as new
                 self.ufrags.give_back(pooled)
@@ -317,7 +257,7 @@ class Transceiver:
         for connection in session.ice_connections:
             connection.paths.on_change = lambda reason, addr: self.metrics.path_changes.labels(reason).inc()
         if max_call_s is not None:
-            session._tasks.append(asyncio.ensure_future(self._end_at_max_call(session, max_call_s)))
+            session.keep(self._end_at_max_call(session, max_call_s))
         self.metrics.sessions_started.inc()
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.phase("answer", session.timings.answer_ms)
@@ -339,55 +279,37 @@ class Transceiver:
 
     async def restart_session_ice(self, session_id: str, if_match: str, fragment: IceFragment) -> tuple[str, str]:
         """ICE restart (RFC 9725 4.3.2): returns (our SDP fragment, the new ETag); raises OfferRejected
-        (404, 412, 400, 422, 503) and then the call goes on untouched on its current pair."""
+        (404, 412, 400, 409, 422, 503) and then the call goes on untouched on its current pair."""
         session = self.sessions.get(session_id)
         if session is None:
             raise OfferRejected(404, "no such session")
-        if if_match.strip() != "*" and if_match.strip() != f'"{session.etag}"':
-            raise OfferRejected(412, "If-Match does not name this session's current ETag")
-        try:
-            remote_ufrag, remote_pwd = fragment.check_credentials()
-            remote_candidates = [Candidate.from_sdp(c[len("candidate:"):]) for c in fragment.candidates]
-        except SdpFragError as exc:
-            raise OfferRejected(400, str(exc)) from None
-        except (ValueError, IndexError):
-            raise OfferRejected(400, "the fragment has an a=candidate line that is not a candidate") from None
-        async with session.restart_lock:
-            connections = [c for c in session.ice_connections if not c._closing]  # BUNDLE closed the others
-            if not connections or session.ended.is_set():
-                raise OfferRejected(409, "the session has no ICE transport to restart")
-            if remote_ufrag == connections[0].remote_username:
-                raise OfferRejected(422, "the fragment's ICE ufrag is the current one: trickle ICE is not "
-                                         "supported, an ICE restart needs a new ufrag and password")
-            pooled = self.ufrags.take() if self.ufrags else None
-            ufrag, password = pooled or self._new_ufrag(), new_password()
-            if pooled and self.ufrags:
-                self.ufrags.refill_after()
-            elif self.registrars:
-                try:
-                    await self.registrars.register(ufrag)
-                except RegistrationError as exc:
-                    raise OfferRejected(503, f"the relay did not accept the new ufrag: {exc}") from None
-            assert self.mux is not None
-            restarted_at = asyncio.get_running_loop().time()
-            local, generation = restart_ice(connections, self.mux, ufrag, password, remote_ufrag, remote_pwd,
-                                            remote_candidates)
-            session.retired_ufrags.append(session.ufrag)
-            session.ufrag = ufrag
-            session.etag = secrets.token_urlsafe(12)
-            session._tasks.append(asyncio.ensure_future(self._retire_after(session, generation, restarted_at)))
-        answer = IceFragment(ufrag=ufrag, pwd=password, candidates=[f"candidate:{c.to_sdp()}" for c in local],
-                             mid=fragment.mid, media=fragment.media, end_of_candidates=True)
-        return answer.serialize(), session.etag
+        assert self.mux is not None
+        restart = await session.restart_ice(if_match, fragment, self.mux, self._restart_ufrag)
+        session.keep(self._retire_after(session, restart))
+        return restart.fragment, session.etag
 
-    async def _retire_after(self, session: Session, generation: asyncio.Task, restarted_at: float) -> None:
+    async def _restart_ufrag(self) -> str:
+        """A new ICE generation's ufrag, registered with the relays (the pool's, when it has one)."""
+        pooled = self.ufrags.take() if self.ufrags else None
+        if pooled and self.ufrags:
+            self.ufrags.refill_after()
+            return pooled
+        ufrag = self._new_ufrag()
+        if self.registrars:
+            try:
+                await self.registrars.register(ufrag)
+            except RegistrationError as exc:
+                raise OfferRejected(503, f"the relay did not accept the new ufrag: {exc}") from None
+        return ufrag
+
+    async def _retire_after(self, session: Session, restart: IceRestart) -> None:
         """Once the new generation is nominated, the relays forget the old ufrag(s)."""
         try:
-            pair = await generation
+            pair = await restart.generation
         except IceRestartFailed as exc:
             log.warning("session %s: ICE restart failed: %s", session.session_id, exc)
             return
-        took = (asyncio.get_running_loop().time() - restarted_at) * 1000.0
+        took = (asyncio.get_running_loop().time() - restart.started) * 1000.0
         pair.protocol.receiver.paths.note(RESTARTED, pair.remote_addr)
         self.metrics.ice_restart.observe(took / 1000.0)
         log.info("session %s: ICE restarted in %.0f ms", session.session_id, took)
@@ -428,11 +350,6 @@ class Transceiver:
         if session_id in self.sessions:
             return self.sessions[session_id].to_dict()
         return next((d for d in reversed(self.ended) if d["id"] == session_id), None)
-
-    async def session_stats(self, session_id: str) -> dict[str, Any] | None:
-        """aiortc's media figures for one live session (RTT, jitter, loss, packets, bytes)."""
-        session = self.sessions.get(session_id)
-        return await session.stats() if session else None
 
     async def stats(self) -> dict[str, dict[str, Any]]:
         """Every live session's record with its media figures, by session id."""

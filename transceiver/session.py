@@ -18,18 +18,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from aioice import Candidate
+from aioice.ice import CandidatePair
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
-from splitrelay.wire import hint
 from splitrelay.transceiver.audio import OutboundAudio, RtpArrivals, StageTimes, VoiceReceiver
 from splitrelay.transceiver.dtls_role import answer_passive, dtls_transports
 from splitrelay.transceiver.handlers import SAMPLE_RATE, Handler, PcmFrame
 from splitrelay.transceiver.history import StateChange, StateHistory
-from splitrelay.transceiver.ice import new_password, session_ice
+from splitrelay.transceiver.ice import new_password, restart_ice, session_ice
 from splitrelay.transceiver import limits
 from splitrelay.transceiver.ice_connection import MuxedConnection
 from splitrelay.transceiver.mux import UdpMux
+from splitrelay.transceiver.whip import OfferRejected
+from splitrelay.wire.sdpfrag import IceFragment, SdpFragError
 from splitrelay.errors import SplitrelayError
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,7 @@ FAILED = "failed"                    # ICE or DTLS failed
 CONSENT_EXPIRED = "consent expired"  # the client stopped answering consent checks (RFC 7675)
 CONNECT_TIMEOUT = "connect timeout"  # answered, but never connected
 SHUTDOWN = "shutdown"                # the transceiver stopped
+MAX_CALL = "max call"                # its offer token's max_call_s ran out
 
 
 class OfferError(SplitrelayError, ValueError):
@@ -59,6 +63,16 @@ class SessionTimings:
 
     def since_offer(self) -> float:
         return (time.monotonic() - self.offer_at) * 1000.0
+
+
+@dataclass
+class IceRestart:
+    """A restart under way: our SDP fragment for the client, the task that ends with the new
+    generation's nominated pair, and when it started (loop time)."""
+
+    fragment: str
+    generation: asyncio.Task[CandidatePair]
+    started: float
 
 
 @dataclass
@@ -86,6 +100,7 @@ class Session:
     etag: str = field(default_factory=lambda: secrets.token_urlsafe(12))  # this ICE generation (RFC 9725)
     retired_ufrags: list[str] = field(default_factory=list)  # earlier generations' ufrags (ICE restarts)
     restart_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    on_end: Callable[[Session], None] | None = None  # called once when the session ends by itself
     _channel: Any = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _closed: bool = False
@@ -108,6 +123,164 @@ class Session:
         if self._channel is not None and self._channel.readyState == "open":
             self._channel.send(message)
             self.messages_out += 1
+
+    # -- answering an offer (``for_offer``, then ``answer``) ---------------------------
+
+    @classmethod
+    def for_offer(cls, ufrag: str, make_handler: Callable[[Session], Handler], offer_at: float | None = None,
+                  on_end: Callable[[Session], None] | None = None) -> Session:
+        """A new session for an offer that arrived at ``offer_at`` (time.monotonic(), the origin of the
+        setup timings), with ``ufrag`` as its server ufrag and its own handler.  ``on_end`` is called
+        once when the session ends by itself (failure, consent expiry, client hang-up, connect
+        timeout); ``end_reason`` says which."""
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no public STUN: the relay is the candidate
+        session = cls(session_id=secrets.token_urlsafe(12), ufrag=ufrag, pc=pc, on_end=on_end,
+                      timings=SessionTimings(offer_at if offer_at is not None else time.monotonic()))
+        session.handler = make_handler(session)
+        pc.on("iceconnectionstatechange", session._ice_changed)
+        pc.on("icegatheringstatechange", session._gathering_changed)
+        pc.on("connectionstatechange", session._connection_changed)
+        pc.on("track", session._track_added)
+        pc.on("datachannel", session._channel_opened)
+        return session
+
+    async def answer(self, offer_sdp: str, mux: UdpMux,
+                     candidates: list[tuple[tuple[str, int], int]] | None = None,
+                     before_answer: Callable[[Session], Awaitable[None]] | None = None,
+                     connect_timeout: float | None = limits.CONNECT_TIMEOUT) -> str:
+        """The complete SDP answer to ``offer_sdp``; OfferError if aiortc cannot use the offer.
+
+        ``candidates``: the (address, ICE local preference) pairs to advertise
+        (relays.ordered_candidates), default the mux's public candidates.  ``before_answer`` runs once
+        the answer is made and before it is set (that is where the session is registered with the
+        relay); if it raises, the session is torn down and the exception propagates.  A session that
+        has not connected ``connect_timeout`` seconds after the answer ends by itself."""
+        pc = self.pc
+        try:
+            if not _bundled(offer_sdp):
+                raise OfferError("the offer's m-lines are not all in one BUNDLE group (WHIP requires BUNDLE)")
+            with session_ice(mux, self.ufrag, new_password(), candidates) as self.ice_connections:
+                try:
+                    await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+                except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds on bad SDP
+                    raise OfferError(f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
+                if not any(t.kind == "audio" for t in pc.getTransceivers()):
+                    raise OfferError("the offer has no audio m-line")
+                for connection in self.ice_connections:  # created by setRemoteDescription
+                    self.arrivals.watch(connection)
+                for dtls in dtls_transports(pc):  # one transport with BUNDLE
+                    dtls.on("statechange", lambda dtls=dtls: self.record("dtls", dtls.state))
+                answer_passive(pc)  # the client starts DTLS once its own ICE is done (dtls_role.py)
+                pc.addTrack(self.outbound)
+                answer = await pc.createAnswer()
+                if before_answer:
+                    await before_answer(self)
+                await pc.setLocalDescription(answer)  # gathers: instant, the candidates are the public ones
+        except BaseException:
+            self.end(DELETED)
+            self._closed = True
+            await pc.close()
+            mux.unregister(self.ufrag)
+            raise
+        self.timings.answer_ms = self.timings.since_offer()
+        if connect_timeout:
+            self.keep(self._end_unless_connected(connect_timeout))
+        return pc.localDescription.sdp
+
+    def keep(self, coro: Awaitable[None]) -> asyncio.Task:
+        """Run ``coro`` for as long as the session lives (cancelled when it closes)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        return task
+
+    def _ended_by_itself(self, reason: str) -> None:
+        if self.end(reason) and self.on_end:
+            self.on_end(self)
+
+    async def _end_unless_connected(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError:
+            self._ended_by_itself(CONNECT_TIMEOUT)
+
+    # -- ICE restart (RFC 9725 4.3.2) --------------------------------------------------
+
+    async def restart_ice(self, if_match: str, fragment: IceFragment, mux: UdpMux,
+                          new_ufrag: Callable[[], Awaitable[str]]) -> IceRestart:
+        """Move the call to a new ICE generation with the client's ``fragment``; ``new_ufrag`` gives
+        the generation's ufrag (registered with the relays).  Raises OfferRejected (412, 400, 409,
+        422, or ``new_ufrag``'s) and then the call goes on untouched on its current pair."""
+        if if_match.strip() != "*" and if_match.strip() != f'"{self.etag}"':
+            raise OfferRejected(412, "If-Match does not name this session's current ETag")
+        try:
+            remote_ufrag, remote_pwd = fragment.check_credentials()
+            remote_candidates = [Candidate.from_sdp(c[len("candidate:"):]) for c in fragment.candidates]
+        except SdpFragError as exc:
+            raise OfferRejected(400, str(exc)) from None
+        except (ValueError, IndexError):
+            raise OfferRejected(400, "the fragment has an a=candidate line that is not a candidate") from None
+        async with self.restart_lock:
+            connections = [c for c in self.ice_connections if not c._closing]  # BUNDLE closed the others
+            if not connections or self.ended.is_set():
+                raise OfferRejected(409, "the session has no ICE transport to restart")
+            if remote_ufrag == connections[0].remote_username:
+                raise OfferRejected(422, "the fragment's ICE ufrag is the current one: trickle ICE is not "
+                                         "supported, an ICE restart needs a new ufrag and password")
+            ufrag, password = await new_ufrag(), new_password()
+            started = asyncio.get_running_loop().time()
+            local, generation = restart_ice(connections, mux, ufrag, password, remote_ufrag, remote_pwd,
+                                            remote_candidates)
+            self.retired_ufrags.append(self.ufrag)
+            self.ufrag = ufrag
+            self.etag = secrets.token_urlsafe(12)
+        answer = IceFragment(ufrag=ufrag, pwd=password, candidates=[f"candidate:{c.to_sdp()}" for c in local],
+                             mid=fragment.mid, media=fragment.media, end_of_candidates=True)
+        return IceRestart(answer.serialize(), generation, started)
+
+    # -- the peer connection's events ------------------------------------------------
+
+    def _ice_changed(self) -> None:
+        state = self.pc.iceConnectionState
+        self.record("ice", state)
+        if state in ("connected", "completed") and self.timings.ice_connected_ms is None:
+            self.timings.ice_connected_ms = self.timings.since_offer()
+
+    def _gathering_changed(self) -> None:
+        self.record("gathering", self.pc.iceGatheringState)
+
+    async def _connection_changed(self) -> None:
+        state = self.pc.connectionState
+        self.record("connection", state)
+        if state == "connected" and self.timings.dtls_connected_ms is None:
+            self.timings.dtls_connected_ms = self.timings.since_offer()
+            self.connected.set()
+            assert self.handler is not None
+            await self._guard(self.handler.on_start())
+        elif state in ("failed", "closed"):  # and not closed by us: close() ends first
+            if any(c.consent_expired for c in self.ice_connections):
+                self._ended_by_itself(CONSENT_EXPIRED)
+            else:  # "closed" without a consent expiry: the client's DTLS close_notify
+                self._ended_by_itself(FAILED if state == "failed" else CLIENT_CLOSED)
+
+    def _track_added(self, track: MediaStreamTrack) -> None:
+        # fired inside setRemoteDescription, before any packet can arrive: the voice path takes the
+        # receiver's audio from its first packet
+        receiver = next((t.receiver for t in self.pc.getTransceivers() if t.receiver.track is track), None)
+        if track.kind == "audio" and receiver is not None and self.voice is None:
+            self.voice = VoiceReceiver(receiver, self.arrivals, self.stages)
+            self.keep(self._consume(self.voice))
+
+    def _channel_opened(self, channel: Any) -> None:  # noqa: ANN401 - RTCDataChannel
+        self._channel = channel
+        channel.on("message", self._message)
+
+    def _message(self, message: str | bytes) -> None:
+        self.messages_in += 1
+        assert self.handler is not None
+        coro = self.handler.on_text(message) if isinstance(message, str) else self.handler.on_bytes(message)
+        # finished message tasks are let go: a data-channel flood must not grow this list without bound
+        self._tasks[:] = [t for t in self._tasks if not t.done()]
+        self.keep(self._guard(coro))
 
     # -- state -----------------------------------------------------------------------
 
@@ -232,129 +405,3 @@ def _bundled(sdp: str) -> bool:
         return True
     groups = [line.split()[1:] for line in lines if line.startswith("a=group:BUNDLE")]
     return any(set(mids) <= set(group) for group in groups)
-
-
-async def answer_offer(
-    offer_sdp: str,
-    mux: UdpMux,
-    backend_id: int,
-    make_handler: Callable[[Session], Handler],
-    before_answer: Callable[[Session], Awaitable[None]] | None = None,
-    on_end: Callable[[Session], None] | None = None,
-    hint_key: bytes | None = None,
-    offer_at: float | None = None,
-    connect_timeout: float | None = limits.CONNECT_TIMEOUT,
-    candidates: list[tuple[tuple[str, int], int]] | None = None,
-    ufrag: str | None = None,
-) -> tuple[Session, str]:
-    """Create a session for an offer; returns it with the complete SDP answer.
-
-    ``before_answer`` runs once the ufrag is known and before the answer leaves
-    (that is where the session is registered with the relay); if it raises, the
-    session is torn down and the exception propagates.  ``on_end`` is called once
-    when the session ends on its own (failure, consent expiry, client hang-up,
-    connect timeout); ``end_reason`` says which.  ``offer_at`` (time.monotonic())
-    is when the offer arrived, the origin of the setup timings.  ``candidates``: the
-    (address, ICE local preference) pairs to advertise (relays.ordered_candidates), default
-    the mux's public candidates.  ``ufrag``: the session's server ufrag, already registered
-    (ufrag_pool.py); default a new one.
-    """
-    if not _bundled(offer_sdp):
-        raise OfferError("the offer's m-lines are not all in one BUNDLE group (WHIP requires BUNDLE)")
-    ufrag = ufrag or hint.encode(backend_id, key=hint_key)
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # no public STUN: the relay is the candidate
-    session = Session(session_id=secrets.token_urlsafe(12), ufrag=ufrag, pc=pc,
-                      timings=SessionTimings(offer_at if offer_at is not None else time.monotonic()))
-    session.handler = make_handler(session)
-
-    def ended_by_itself(reason: str) -> None:
-        if session.end(reason) and on_end:
-            on_end(session)
-
-    @pc.on("iceconnectionstatechange")
-    def _ice() -> None:
-        state = pc.iceConnectionState
-        session.record("ice", state)
-        if state in ("connected", "completed") and session.timings.ice_connected_ms is None:
-            session.timings.ice_connected_ms = session.timings.since_offer()
-
-    @pc.on("icegatheringstatechange")
-    def _gathering() -> None:
-        session.record("gathering", pc.iceGatheringState)
-
-    @pc.on("connectionstatechange")
-    async def _conn() -> None:
-        state = pc.connectionState
-        session.record("connection", state)
-        if state == "connected" and session.timings.dtls_connected_ms is None:
-            session.timings.dtls_connected_ms = session.timings.since_offer()
-            session.connected.set()
-            await session._guard(session.handler.on_start())
-        elif state in ("failed", "closed"):  # and not closed by us: session.close() ends first
-            if any(c.consent_expired for c in session.ice_connections):
-                ended_by_itself(CONSENT_EXPIRED)
-            else:  # "closed" without a consent expiry: the client's DTLS close_notify
-                ended_by_itself(FAILED if state == "failed" else CLIENT_CLOSED)
-
-    @pc.on("track")
-    def _track(track: MediaStreamTrack) -> None:
-        # fired inside setRemoteDescription, before any packet can arrive: the voice path takes the
-        # receiver's audio from its first packet
-        receiver = next((t.receiver for t in pc.getTransceivers() if t.receiver.track is track), None)
-        if track.kind == "audio" and receiver is not None and session.voice is None:
-            session.voice = VoiceReceiver(receiver, session.arrivals, session.stages)
-            session._tasks.append(asyncio.ensure_future(session._consume(session.voice)))
-
-    @pc.on("datachannel")
-    def _datachannel(channel: Any) -> None:  # noqa: ANN401 - RTCDataChannel
-        session._channel = channel
-
-        @channel.on("message")
-        def _message(message: str | bytes) -> None:
-            session.messages_in += 1
-            handler = session.handler
-            coro = handler.on_text(message) if isinstance(message, str) else handler.on_bytes(message)
-            # finished message tasks are let go: a data-channel flood must not grow this list without bound
-            session._tasks[:] = [t for t in session._tasks if not t.done()]
-            session._tasks.append(asyncio.ensure_future(session._guard(coro)))
-
-    try:
-        with session_ice(mux, ufrag, new_password(), candidates) as session.ice_connections:
-            try:
-                await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-            except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds on bad SDP
-                raise OfferError(f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from None
-            if not any(t.kind == "audio" for t in pc.getTransceivers()):
-                raise OfferError("the offer has no audio m-line")
-            for connection in session.ice_connections:  # created by setRemoteDescription
-                session.arrivals.watch(connection)
-            _watch_dtls(session, pc)
-            answer_passive(pc)  # the client starts DTLS once its own ICE is done (dtls_role.py)
-            pc.addTrack(session.outbound)
-            answer = await pc.createAnswer()
-            if before_answer:
-                await before_answer(session)
-            await pc.setLocalDescription(answer)  # gathers: instant, the candidates are the public ones
-    except BaseException:
-        session.end(DELETED)
-        session._closed = True
-        await pc.close()
-        mux.unregister(ufrag)
-        raise
-    session.timings.answer_ms = session.timings.since_offer()
-    if connect_timeout:
-        session._tasks.append(asyncio.ensure_future(_connect_watchdog(session, connect_timeout, ended_by_itself)))
-    return session, pc.localDescription.sdp
-
-
-def _watch_dtls(session: Session, pc: RTCPeerConnection) -> None:
-    """Record the DTLS transport's states (one transport with BUNDLE)."""
-    for dtls in dtls_transports(pc):
-        dtls.on("statechange", lambda dtls=dtls: session.record("dtls", dtls.state))
-
-
-async def _connect_watchdog(session: Session, timeout: float, end: Callable[[str], None]) -> None:
-    try:
-        await asyncio.wait_for(session.connected.wait(), timeout)
-    except TimeoutError:
-        end(CONNECT_TIMEOUT)

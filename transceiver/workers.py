@@ -38,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.admission import Admission, Refused
 from splitrelay.transceiver.relays import SignalingFacts
-from splitrelay.transceiver.service import admin_auth, serve_app
+from splitrelay.transceiver.listeners import admin_auth, serve_app
 from splitrelay.transceiver.whip import MAX_OFFER, cors_headers
 from splitrelay.wire.whip import SESSION_ID
 

@@ -1,9 +1,11 @@
 """Clients of the edge control API (docs/DESIGN.md): one async, one synchronous, same methods.
 
-``AsyncControlClient`` (aiohttp) is for code on an event loop (transceivers, tests);
-``ControlClient`` (urllib, no loop) is what the CLI and the lab helpers call.  Both
-raise ``ControlError(status, message)``: status is the HTTP code of a refusal
-(>= 400) or 0 when the agent could not be reached; message is one line.
+``AsyncControlClient`` (aiohttp) is for code on an event loop (the transceiver's ``Registrar``,
+the bench, tests); ``ControlClient`` (urllib, no loop) is what the CLI and the lab helpers call.
+Both raise ``ControlError(status, message)``: status is the HTTP code of a refusal (>= 400, with
+the agent's one-line ``reason``) or 0 when no agent answered; message is one line.  They live
+in ``wire`` because the edge tooling and the transceiver both speak this API and the transceiver
+may not import ``edge``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote
 
@@ -20,19 +23,45 @@ DEFAULT_TIMEOUT = 2.0
 
 
 class ControlError(SplitrelayError):
-    """The agent refused a request (status >= 400) or could not be reached (status 0)."""
+    """The agent refused a request (status >= 400) or could not be reached (status 0); ``reason`` is
+    the agent's own one-line reason for a refusal."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.reason = message if reason is None else reason
 
 
-def _session_path(ufrag: str) -> str:
+def _refused(method: str, path: str, status: int, raw: bytes) -> ControlError:
+    reason = _error_message(raw, _phrase(status))
+    return ControlError(status, f"{method} {path}: {status} {reason}", reason)
+
+
+def _answer(raw: bytes, url: str) -> Any:
+    """A success's JSON body (None when empty); status 0 when it is not JSON: no agent answered."""
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        raise ControlError(0, f"{url} answered with something that is not JSON: not an edge agent") from None
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
+
+
+def backend_path(backend_id: int) -> str:
+    return f"/v1/backends/{backend_id}"
+
+
+def session_path(ufrag: str) -> str:
     return f"/v1/sessions/{quote(ufrag, safe='')}"  # ufrags may hold '/' and '+'
 
 
-def _sessions_path(backend: int | None) -> str:
+def sessions_path(backend: int | None) -> str:
     """All sessions (the admin token), or one backend's (its own token suffices)."""
     return "/v1/sessions" if backend is None else f"/v1/sessions?backend={int(backend)}"
 
@@ -41,7 +70,7 @@ def _flows_path(limit: int | None) -> str:
     return "/v1/flows" if limit is None else f"/v1/flows?limit={int(limit)}"
 
 
-def _backend_body(ip: str | None, port: int, ip6: str | None, instance: str | None) -> dict:
+def backend_body(ip: str | None, port: int, ip6: str | None, instance: str | None) -> dict:
     body: dict[str, Any] = {"ip": ip, "port": port}
     if ip6 is not None:
         body["ip6"] = ip6
@@ -105,39 +134,40 @@ class AsyncControlClient:
             reason = str(exc) or type(exc).__name__
             raise ControlError(0, f"edge agent at {self.base_url} is unreachable: {reason}") from None
 
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        """Any request of the API: the decoded JSON answer, or ControlError."""
         status, raw = await self.request(method, path, body)
         if status >= 400:
-            raise ControlError(status, f"{method} {path}: {status} {_error_message(raw, 'error')}")
-        return json.loads(raw) if raw else None
+            raise _refused(method, path, status, raw)
+        return _answer(raw, self.base_url + path)
 
     async def health(self) -> dict:
-        return await self._call("GET", "/v1/health")
+        return await self.call("GET", "/v1/health")
 
     async def put_backend(self, backend_id: int, ip: str | None, port: int, ip6: str | None = None,
                           instance: str | None = None) -> dict:
-        return await self._call("PUT", f"/v1/backends/{backend_id}", _backend_body(ip, port, ip6, instance))
+        return await self.call("PUT", backend_path(backend_id), backend_body(ip, port, ip6, instance))
 
     async def delete_backend(self, backend_id: int) -> None:
-        await self._call("DELETE", f"/v1/backends/{backend_id}")
+        await self.call("DELETE", backend_path(backend_id))
 
     async def backends(self) -> list[dict]:
-        return await self._call("GET", "/v1/backends")
+        return await self.call("GET", "/v1/backends")
 
     async def put_session(self, ufrag: str, backend_id: int) -> dict:
-        return await self._call("PUT", _session_path(ufrag), {"backend": backend_id})
+        return await self.call("PUT", session_path(ufrag), {"backend": backend_id})
 
     async def delete_session(self, ufrag: str) -> None:
-        await self._call("DELETE", _session_path(ufrag))
+        await self.call("DELETE", session_path(ufrag))
 
     async def sessions(self, backend: int | None = None) -> list[dict]:
-        return await self._call("GET", _sessions_path(backend))
+        return await self.call("GET", sessions_path(backend))
 
     async def flows(self, limit: int | None = None) -> list[dict]:
-        return await self._call("GET", _flows_path(limit))
+        return await self.call("GET", _flows_path(limit))
 
     async def stats(self) -> dict:
-        return await self._call("GET", "/v1/stats")
+        return await self.call("GET", "/v1/stats")
 
     async def metrics(self) -> str:
         status, raw = await self.request("GET", "/metrics")
@@ -165,38 +195,36 @@ class ControlClient:
             with urllib.request.urlopen(request, timeout=self.timeout) as resp:
                 return resp.read()
         except urllib.error.HTTPError as exc:
-            message = _error_message(exc.read(), str(exc.reason))
-            raise ControlError(exc.code, f"{method} {path}: {exc.code} {message}") from None
+            raise _refused(method, path, exc.code, exc.read()) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ControlError(0, f"edge agent at {self.base_url} is unreachable: {reason}") from None
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """Any request of the API: the decoded JSON answer, or ControlError."""
-        raw = self._request(method, path, body)
-        return json.loads(raw) if raw else None
+        return _answer(self._request(method, path, body), self.base_url + path)
 
     def health(self) -> dict:
         return self.call("GET", "/v1/health")
 
     def put_backend(self, backend_id: int, ip: str | None, port: int, ip6: str | None = None,
                     instance: str | None = None) -> dict:
-        return self.call("PUT", f"/v1/backends/{backend_id}", _backend_body(ip, port, ip6, instance))
+        return self.call("PUT", backend_path(backend_id), backend_body(ip, port, ip6, instance))
 
     def delete_backend(self, backend_id: int) -> None:
-        self.call("DELETE", f"/v1/backends/{backend_id}")
+        self.call("DELETE", backend_path(backend_id))
 
     def backends(self) -> list[dict]:
         return self.call("GET", "/v1/backends")
 
     def put_session(self, ufrag: str, backend_id: int) -> dict:
-        return self.call("PUT", _session_path(ufrag), {"backend": backend_id})
+        return self.call("PUT", session_path(ufrag), {"backend": backend_id})
 
     def delete_session(self, ufrag: str) -> None:
-        self.call("DELETE", _session_path(ufrag))
+        self.call("DELETE", session_path(ufrag))
 
     def sessions(self, backend: int | None = None) -> list[dict]:
-        return self.call("GET", _sessions_path(backend))
+        return self.call("GET", sessions_path(backend))
 
     def flows(self, limit: int | None = None) -> list[dict]:
         return self.call("GET", _flows_path(limit))
