@@ -11,6 +11,7 @@ import json
 import click
 
 from splitrelay.cli.errors import CliError
+from splitrelay.tokens import TOKEN_ENV
 
 DICTATION = ["the quick brown fox jumps over the lazy dog",
              "please send the report to my office before noon",
@@ -34,7 +35,7 @@ def command_phrases() -> list[str]:
                    "(for --handler voice:stt=whisper,reply=echo).")
 @click.option("--barge-ins", default=1, show_default=True, type=click.IntRange(0, 100),
               help="After the turns: ask for a story and interrupt it this many times.")
-@click.option("--token", envvar="SPLITRELAY_WHIP_TOKEN", help="Bearer token for WHIP.")
+@click.option("--token", envvar=TOKEN_ENV, help="Bearer token for WHIP.")
 @click.option("--low-latency", is_flag=True,
               help="Receive through the transceiver's voice path (adaptive buffer) instead of aiortc's 4-frame "
                    "buffer: what a low-latency client hears.")

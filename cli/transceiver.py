@@ -7,7 +7,7 @@ import json
 
 import click
 from splitrelay.bpf.consts import MAX_BACKEND_ID
-from splitrelay.tokens import DEFAULT_AUDIENCE
+from splitrelay.tokens import DEFAULT_AUDIENCE, TOKEN_ENV
 from splitrelay.cli.common import emit, stop_on_signals, table
 from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError
 from splitrelay.cli.reach import lab_option, refuse_lab_address, resolve
@@ -126,7 +126,7 @@ def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
 @click.option("--token", envvar="SPLITRELAY_TOKEN",
               help="Edge control API token: this backend's own (`splitrelay edge token --backend ID` on the "
                    "relay), which opens only this backend and its sessions (env SPLITRELAY_TOKEN).")
-@click.option("--whip-token", envvar="SPLITRELAY_WHIP_TOKEN",
+@click.option("--whip-token", envvar=TOKEN_ENV,
               help="A static bearer token clients send to WHIP (the simple mode; tokens from --whip-key-file "
                    "expire and bound the call).")
 @click.option("--backend-ip", help="The IPv4 address relays forward to, when --bind is a wildcard ([::]:PORT "
