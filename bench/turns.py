@@ -148,6 +148,12 @@ class TurnTaking:
     wait_ms: list[float] | None = None     # smart: pause -> the model's answer back on the event loop
     said_complete_early: bool = False      # smart: a judgement before the caller's voice ended said "complete"
                                            # (a false endpoint wherever the inference beats the pause)
+    stages_ms: dict[str, float] | None = None  # the caller's voice end -> each step of the answer (STAGES)
+
+
+# where voice-to-voice goes: the caller's voice end -> the agent's event that closes each step
+STAGES = (("asked", "turn_judged"), ("turn_end", "turn_end"), ("transcript", "transcript"),
+          ("reply", "reply"), ("speaking", "speaking"))
 
 
 async def run_one(spec: str, pcm: bytes, u: Utterance, tail: float = 2.5) -> TurnTaking:
@@ -192,6 +198,8 @@ async def run_one(spec: str, pcm: bytes, u: Utterance, tail: float = 2.5) -> Tur
         result.scores = [e["score"] for e in judged]
         result.infer_ms, result.cpu_ms = [e["infer_ms"] for e in judged], [e["cpu_ms"] for e in judged]
         result.wait_ms = [e["wait_ms"] for e in judged]
+        result.stages_ms = {name: round(1000 * (later[0] - voice_end), 1) for name, kind in STAGES
+                            if (later := [at for at, _ in io.of(kind) if at >= voice_end])}
     finally:
         await handler.on_stop()
     return result
@@ -281,7 +289,10 @@ def summary(results: list[TurnTaking]) -> dict:
             "paused": len(paused), "false_endpoints": sum(r.false_endpoint for r in paused),
             "false_endpoints_complete": sum(r.false_endpoint for r in complete),
             "said_complete_early": sum(r.said_complete_early for r in paused),
-            "voice_to_voice_p50_ms": _pct(v2v, 0.5), "voice_to_voice_p95_ms": _pct(v2v, 0.95)}
+            "voice_to_voice_p50_ms": _pct(v2v, 0.5), "voice_to_voice_p95_ms": _pct(v2v, 0.95),
+            "stages_p50_ms": {name: _pct(sorted(r.stages_ms[name] for r in complete
+                                                if r.stages_ms and name in r.stages_ms), 0.5)
+                              for name, _ in STAGES}}
 
 
 def _pct(values: list[float], p: float) -> float | None:
@@ -314,6 +325,12 @@ def markdown(reports: dict[str, dict]) -> str:
                      + (f"{s['said_complete_early']}/{s['paused']} | {s['inferences_per_turn']} | "
                         f"{ms(s['infer_p50_ms'])} / {ms(s['infer_p95_ms'])} | {ms(s['infer_cpu_p50_ms'])} |"
                         if s["infer_p50_ms"] is not None else "– | – | – | – |"))
+    lines += ["", "Where the time goes, complete utterances, p50 from the caller's voice end (ms): the verdict "
+              "back (smart), the turn's end, the transcript, the reply's text, its first audio frame.", "",
+              "| agent | " + " | ".join(name for name, _ in STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
+    for spec, r in reports.items():
+        lines.append(f"| `{spec}` | " + " | ".join(ms(r["summary"]["stages_p50_ms"][name]) for name, _ in STAGES)
+                     + " |")
     return "\n".join(lines)
 
 

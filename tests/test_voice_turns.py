@@ -59,7 +59,9 @@ def test_the_model_hears_a_finished_question_and_an_unfinished_one(speech):
 
 @pytest.mark.parametrize("options, error", [
     ("turn=sometimes", "unknown turn 'sometimes'; choose fixed or smart"),
-    ("turn=smart,pause_ms=20", "pause must be 64..max_wait_ms (1500) ms, got 20"),
+    ("turn=smart,ask_ms=20", "ask_ms must be 32..pause_ms (96) ms, got 20"),
+    ("turn=smart,ask_ms=200", "ask_ms must be 32..pause_ms (96) ms, got 200"),
+    ("turn=smart,pause_ms=2000", "pause must be ask_ms..max_wait_ms (1500) ms, got 2000"),
     ("turn=smart,max_wait_ms=9000", "max wait must be 200..5000 ms, got 9000"),
     ("turn=smart,complete=1.5", "complete must be between 0 and 1, got 1.5"),
 ])
@@ -123,7 +125,7 @@ async def test_the_model_runs_on_its_own_thread_never_on_the_event_loop(speech, 
         assert io.of("turn_end")[0][1]["reason"] == "complete"
         assert threads and all(t is not threading.main_thread() and t.name.startswith("turn-") for t in threads)
         judged = io.of("turn_judged")[0][1]
-        assert judged["decision"] == "end" and judged["infer_ms"] > 0 and 128 <= judged["pause_ms"] < 400
+        assert judged["decision"] == "end" and judged["infer_ms"] > 0 and 32 <= judged["pause_ms"] < 400
     finally:
         await handler.on_stop()
 
@@ -172,9 +174,9 @@ async def test_a_call_that_ends_mid_inference_leaves_no_thread_and_sends_nothing
     for i, frame in enumerate(frames):  # until the model has been asked, then hang up at once
         await handler.on_audio(PcmFrame(frame, 1, 48000, pts=i * 960, time=time.monotonic()))
         await asyncio.sleep(0.02)
-        if handler._judging:
+        if handler.judge.judging:
             break
-    assert handler._judging, "the model was never asked"
+    assert handler.judge.judging, "the model was never asked"
     await handler.on_stop()
     count = len(io.events)
     deadline = time.monotonic() + 10
@@ -238,7 +240,7 @@ async def test_a_caller_who_pauses_every_few_hundred_ms_gets_one_inference_at_a_
         word = speech.segment("and then")
         await feed(handler, (word + bytes(2 * 48 * 200)) * 16)   # "and then", 200 ms of silence, 16 times
         deadline = time.monotonic() + 15
-        while (handler._judging or handler._judge_next) and time.monotonic() < deadline:
+        while (handler.judge.judging or handler.judge.waiting) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         judged = [e for _, e in io.of("turn_judged")]
         assert handler.turns.pauses >= 8 and most[0] == 1
