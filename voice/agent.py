@@ -33,7 +33,7 @@ channel, one JSON object per message (JSON lines): ``ready``,
 Options (``--handler voice:stt=whisper,silence_ms=500``): ``stt`` (sphinx |
 whisper), ``tts`` (espeak | piper), ``reply`` (rules | echo |
 package.module:function), ``turn`` (fixed | smart), ``silence_ms`` (fixed),
-``ask_ms``, ``pause_ms``, ``max_wait_ms``, ``complete`` (smart), ``backchannel`` (on |
+``ask_ms``, ``pause_ms``, ``max_wait_ms``, ``complete``, ``model_nice`` (smart), ``backchannel`` (on |
 off), ``backchannel_ms``, ``min_speech_ms``,
 ``max_turn_ms``, ``threshold``, ``reply_timeout`` (seconds).
 """
@@ -73,7 +73,7 @@ class VoiceHandler(Handler):
     def __init__(self, io: SessionIO, stt: str = "sphinx", tts: str = "espeak", reply: str | ReplyHook = "rules",
                  turn: str = "fixed", silence_ms: int = 400, ask_ms: int = 64, pause_ms: int = 96,
                  max_wait_ms: int = 1500,
-                 complete: float = 0.5, backchannel: str = "off", backchannel_ms: int = 700,
+                 complete: float = 0.5, model_nice: int = 0, backchannel: str = "off", backchannel_ms: int = 700,
                  min_speech_ms: int = 150, max_turn_ms: int = 15000,
                  threshold: float = 0.5, reply_timeout: float = 5.0) -> None:
         super().__init__(io)
@@ -87,6 +87,9 @@ class VoiceHandler(Handler):
                              min_speech_ms=int(min_speech_ms), max_turn_ms=int(max_turn_ms), turn=str(turn),
                              ask_ms=int(ask_ms), pause_ms=int(pause_ms), max_wait_ms=int(max_wait_ms),
                              complete=float(complete))
+        if not -20 <= int(model_nice) <= 19:
+            raise ValueError(f"model_nice must be -20..19, got {model_nice}")
+        self.model_nice = int(model_nice)
         if backchannel not in ("on", "off"):
             raise ValueError(f"backchannel must be on or off, got {backchannel!r}")
         if not 200 <= int(backchannel_ms) <= 2000:
@@ -131,7 +134,7 @@ class VoiceHandler(Handler):
         self.stt = await loop.run_in_executor(self._worker, make_stt, self.stt_name, phrases)
         self.tts = make_tts(self.tts_name)
         if self.rule.turn == "smart":
-            self.judge = TurnJudge(self.io.session_id, self._judged)
+            self.judge = TurnJudge(self.io.session_id, self._judged, self.model_nice)
             await self.judge.load()
         if hasattr(self.tts, "load"):  # piper: load the voice now, not at the first answer (~1 s)
             await loop.run_in_executor(None, self.tts.load)
