@@ -144,8 +144,8 @@ def demo(seconds: float, relays: int, as_json: bool) -> None:
         voice = report.voice or {}
         for turn in voice.get("turns", []):
             click.echo(f"voice agent (WHIP {voice['whip_url']}): heard {turn['transcript']!r}, answered "
-                       f"{turn['reply']!r}; voice-to-voice {turn['voice_to_voice_ms']} ms "
-                       f"(silence window {turn['silence_ms']} ms)")
+                       f"{turn['reply']!r}; voice-to-voice {turn['voice_to_voice_ms']} ms")
+            click.echo(f"  turn decision: {turn_decision(turn)}")
         if voice.get("error"):
             click.echo(f"voice agent: {voice['error']}")
         echo_barge_in(report)
@@ -153,6 +153,22 @@ def demo(seconds: float, relays: int, as_json: bool) -> None:
         click.echo("  " + ", ".join(f"{k} {v}" for k, v in report.counters.items()))
     if not report.ok:
         raise CliError(f"the demo session failed: {report.error}")
+
+
+def turn_decision(turn: dict) -> str:
+    """Why the agent answered when it did, in words: the pause it heard, the model's score, the wait."""
+    heard = turn.get("endpoint_ms")
+    model = turn.get("model")
+    if heard is None:
+        return "none (the agent detected no end of turn)"
+    if turn.get("reason") == "silence":
+        return f"{heard:.0f} ms of silence heard, the fixed window is {turn.get('silence_ms')} ms (turn=fixed)"
+    said = "" if not model else (f"; the model, asked after {model['pause_ms']:.0f} ms of it, scored "
+                                 + ("nothing (it failed)" if model["score"] is None else f"{model['score']:.2f}")
+                                 + f" in {model['infer_ms']:.0f} ms")
+    why = {"complete": "the model said finished", "max_wait": "the model said unfinished; waited the longest",
+           "max_length": "the turn reached its cap"}.get(turn.get("reason") or "", turn.get("reason"))
+    return f"{heard:.0f} ms of silence heard, ended because {why}{said} (turn=smart)"
 
 
 def echo_barge_in(report: DemoReport) -> None:

@@ -127,6 +127,7 @@ async def test_the_model_runs_on_its_own_thread_never_on_the_event_loop(speech, 
         assert threads and all(t is not threading.main_thread() and t.name.startswith("turn-") for t in threads)
         judged = io.of("turn_judged")[0][1]
         assert judged["decision"] == "end" and judged["infer_ms"] > 0 and 32 <= judged["pause_ms"] < 400
+        assert io.of("turn_end")[0][1]["model"] == {k: judged[k] for k in ("score", "pause_ms", "infer_ms")}
     finally:
         await handler.on_stop()
 

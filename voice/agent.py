@@ -106,6 +106,7 @@ class VoiceHandler(Handler):
         self._pre_roll: deque[bytes] = deque()
         self._worker: ThreadPoolExecutor | None = None
         self.judge: TurnJudge | None = None   # turn=smart: the end-of-turn model's side of the call
+        self._verdict: dict | None = None     # its last verdict in this turn
         self._stopped = False
         self._stt_backlog = 0
         self._turn_index = 0
@@ -247,6 +248,7 @@ class VoiceHandler(Handler):
         self._to_stt("begin")
         if self.judge is not None:
             self.judge.begin()
+            self._verdict = None
         for window in self._pre_roll:
             self._to_stt("feed", window)
             self._keep_turn_audio(window)
@@ -262,8 +264,9 @@ class VoiceHandler(Handler):
         current = self.turns.pause_current(v.pause)
         complete = v.score is not None and v.score >= self.rule.complete
         now = time.monotonic()
-        self.emit("turn_judged", turn=self._turn_index, score=None if v.score is None else round(v.score, 3),
-                  pause_ms=_ms(v.asked.at - v.asked.last_speech_at), infer_ms=_ms(v.infer), cpu_ms=_ms(v.cpu),
+        self._verdict = {"score": None if v.score is None else round(v.score, 3),
+                         "pause_ms": _ms(v.asked.at - v.asked.last_speech_at), "infer_ms": _ms(v.infer)}
+        self.emit("turn_judged", turn=self._turn_index, **self._verdict, cpu_ms=_ms(v.cpu),
                   wait_ms=_ms(now - v.asked.at),
                   decision="stale" if not current else "end" if complete else "wait")
         ended = self.turns.judged(v.pause, complete, now)
@@ -280,8 +283,11 @@ class VoiceHandler(Handler):
             return
         index = self._turn_index
         self._turn_index += 1
+        # the decision, for a person to read (make demo): the silence heard and the model's last verdict
         self.emit("turn_end", turn=index, reason=event.reason, speech_ms=round(event.speech_ms),
-                  silence_ms=self._window_ms, endpoint_ms=_ms(event.at - event.last_speech_at))
+                  silence_ms=self._window_ms, endpoint_ms=_ms(event.at - event.last_speech_at),
+                  model=self._verdict)
+        self._verdict = None
         transcript = self._transcribe(index, event.at)
         if self._held is not None:  # backchannel=on and the caller spoke over the answer: which was it?
             self._settle = asyncio.ensure_future(self._backchannel_or_not(transcript, index))
