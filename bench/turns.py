@@ -148,6 +148,12 @@ class TurnTaking:
     wait_ms: list[float] | None = None     # smart: pause -> the model's answer back on the event loop
     said_complete_early: bool = False      # smart: a judgement before the caller's voice ended said "complete"
                                            # (a false endpoint wherever the inference beats the pause)
+    stages_ms: dict[str, float] | None = None  # the caller's voice end -> each step of the answer (STAGES)
+
+
+# where voice-to-voice goes: the caller's voice end -> the agent's event that closes each step
+STAGES = (("verdict", "turn_judged"), ("turn_end", "turn_end"), ("transcript", "transcript"),
+          ("reply", "reply"), ("speaking", "speaking"))
 
 
 async def run_one(spec: str, pcm: bytes, u: Utterance, tail: float = 2.5) -> TurnTaking:
@@ -192,6 +198,11 @@ async def run_one(spec: str, pcm: bytes, u: Utterance, tail: float = 2.5) -> Tur
         result.scores = [e["score"] for e in judged]
         result.infer_ms, result.cpu_ms = [e["infer_ms"] for e in judged], [e["cpu_ms"] for e in judged]
         result.wait_ms = [e["wait_ms"] for e in judged]
+        result.stages_ms = {name: round(1000 * (later[0] - voice_end), 1) for name, kind in STAGES
+                            if (later := [at for at, _ in io.of(kind) if at >= voice_end])}
+        verdicts = [(at, e) for at, e in io.of("turn_judged") if at >= voice_end]
+        if verdicts:  # when the model was asked: its verdict's arrival less the pause -> verdict wait
+            result.stages_ms["asked"] = round(1000 * (verdicts[0][0] - voice_end) - verdicts[0][1]["wait_ms"], 1)
     finally:
         await handler.on_stop()
     return result
@@ -281,7 +292,21 @@ def summary(results: list[TurnTaking]) -> dict:
             "paused": len(paused), "false_endpoints": sum(r.false_endpoint for r in paused),
             "false_endpoints_complete": sum(r.false_endpoint for r in complete),
             "said_complete_early": sum(r.said_complete_early for r in paused),
-            "voice_to_voice_p50_ms": _pct(v2v, 0.5), "voice_to_voice_p95_ms": _pct(v2v, 0.95)}
+            "voice_to_voice_p50_ms": _pct(v2v, 0.5), "voice_to_voice_p95_ms": _pct(v2v, 0.95),
+            "stages_p50_ms": {name: _pct(sorted(r.stages_ms[name] for r in complete
+                                                if r.stages_ms and name in r.stages_ms), 0.5)
+                              for name, _ in (*STAGES, ("asked", ""))},
+            "idle_projection_p50_ms": _pct(sorted(p for r in complete if (p := _idle(r)) is not None), 0.5)}
+
+
+def _idle(r: TurnTaking) -> float | None:
+    """Voice-to-voice had the model's thread not waited for a core (a projection, not a measurement): the
+    pause until the model was asked, its CPU time, and what followed the turn's end (recogniser, reply,
+    first audio); for a turn that ended otherwise, what was measured."""
+    s = r.stages_ms or {}
+    if r.reason != "complete" or not r.cpu_ms or "asked" not in s or "speaking" not in s:
+        return r.voice_to_voice_ms
+    return round(s["asked"] + r.cpu_ms[0] + s["speaking"] - s["turn_end"], 1)
 
 
 def _pct(values: list[float], p: float) -> float | None:
@@ -290,13 +315,15 @@ def _pct(values: list[float], p: float) -> float | None:
 
 
 async def measure(specs: list[str], short: bool = False, cache: str | None = None) -> dict[str, dict]:
+    """Each utterance to each spec in turn (interleaved: on a shared machine the load changes by the
+    minute, and spec after spec would give each its own minutes)."""
     speech = PiperSpeech(cache)
     said = [(u, speech.say(u)) for u in utterances(short)]
-    out = {}
-    for spec in specs:
-        results = [await run_one(spec, pcm, u) for u, pcm in said]
-        out[spec] = {"summary": summary(results), "turns": [asdict(r) for r in results]}
-    return out
+    results: dict[str, list[TurnTaking]] = {spec: [] for spec in specs}
+    for u, pcm in said:
+        for spec in specs:
+            results[spec].append(await run_one(spec, pcm, u))
+    return {spec: {"summary": summary(rs), "turns": [asdict(r) for r in rs]} for spec, rs in results.items()}
 
 
 def markdown(reports: dict[str, dict]) -> str:
@@ -314,6 +341,15 @@ def markdown(reports: dict[str, dict]) -> str:
                      + (f"{s['said_complete_early']}/{s['paused']} | {s['inferences_per_turn']} | "
                         f"{ms(s['infer_p50_ms'])} / {ms(s['infer_p95_ms'])} | {ms(s['infer_cpu_p50_ms'])} |"
                         if s["infer_p50_ms"] is not None else "– | – | – | – |"))
+    lines += ["", "Where the time goes, complete utterances, p50 from the caller's voice end (ms): the model "
+              "asked and its verdict back (smart), the turn's end, the transcript, the reply's text, its first "
+              "audio frame; the idle projection: asked + the inference's CPU time + turn end -> audio.", "",
+              "| agent | asked | " + " | ".join(name for name, _ in STAGES) + " | idle projection |",
+              "|---" * (len(STAGES) + 3) + "|"]
+    for spec, r in reports.items():
+        stages = r["summary"]["stages_p50_ms"]
+        lines.append(f"| `{spec}` | {ms(stages['asked'])} | " + " | ".join(ms(stages[name]) for name, _ in STAGES)
+                     + f" | {ms(r['summary']['idle_projection_p50_ms'])} |")
     return "\n".join(lines)
 
 

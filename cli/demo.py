@@ -53,12 +53,14 @@ def _counters(lab: Lab) -> dict[str, int]:
             for c in control(lab, lambda client: client.stats())["counters"] if c["packets"]}
 
 
-def run_demo(seconds: float = 10.0, on_status: Callable[[str], None] | None = None) -> DemoReport:
+def run_demo(seconds: float = 10.0, on_status: Callable[[str], None] | None = None,
+             turn: str | None = None) -> DemoReport:
     from splitrelay.lab.stack import control, probe, probe_result, start_lab, stop_lab
     from splitrelay.lab.topology import Lab
 
     status = on_status or (lambda line: None)
-    info = start_lab(transceivers=2, handler=["voice", "echo"])  # the echo session uses the last one
+    voice = f"voice:turn={turn}" if turn else "voice"   # None: the agent's default end of turn
+    info = start_lab(transceivers=2, handler=[voice, "echo"])  # the echo session uses the last one
     lab = Lab.load(info["name"])
     report = DemoReport(lab=lab.name, relay_public=info["relay_public"], whip_url=info["whip_urls"][-1],
                         seconds=seconds)
@@ -102,8 +104,11 @@ def run_demo(seconds: float = 10.0, on_status: Callable[[str], None] | None = No
 @click.option("--relays", default=1, show_default=True, type=click.IntRange(1, 8),
               help="Relays in front of the transceiver; 2 or more: a Chromium call loses relay 1 "
                    "mid-call and the demo prints the gap until audio flows via another relay.")
+@click.option("--turn", type=click.Choice(["fixed", "smart"]), default=None,
+              help="The voice agent's end of turn: fixed silence window or the Smart Turn model "
+                   "(default: the agent's, fixed; docs/VOICE.md says why).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary as JSON.")
-def demo(seconds: float, relays: int, as_json: bool) -> None:
+def demo(seconds: float, relays: int, turn: str | None, as_json: bool) -> None:
     """Lab up, one real WebRTC voice session through XDP with a live status line, summary, teardown.
 
     With --relays 2 or more, the client is headless Chromium (Debian's chromium, driven by
@@ -115,6 +120,7 @@ def demo(seconds: float, relays: int, as_json: bool) -> None:
     \b
     Examples:
       sudo splitrelay demo --seconds 5
+      sudo splitrelay demo --turn smart     # the turn decision with the model's score
       sudo splitrelay demo --relays 2 --json
     """
     require_root("the demo")
@@ -128,7 +134,7 @@ def demo(seconds: float, relays: int, as_json: bool) -> None:
         return
     if not as_json:
         click.echo("building lab: client, relay (XDP), 2 transceivers (aiortc: voice, echo) ...", err=True)
-    report = run_demo(seconds, status)
+    report = run_demo(seconds, status, turn)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -144,8 +150,8 @@ def demo(seconds: float, relays: int, as_json: bool) -> None:
         voice = report.voice or {}
         for turn in voice.get("turns", []):
             click.echo(f"voice agent (WHIP {voice['whip_url']}): heard {turn['transcript']!r}, answered "
-                       f"{turn['reply']!r}; voice-to-voice {turn['voice_to_voice_ms']} ms "
-                       f"(silence window {turn['silence_ms']} ms)")
+                       f"{turn['reply']!r}; voice-to-voice {turn['voice_to_voice_ms']} ms")
+            click.echo(f"  turn decision: {turn_decision(turn)}")
         if voice.get("error"):
             click.echo(f"voice agent: {voice['error']}")
         echo_barge_in(report)
@@ -153,6 +159,22 @@ def demo(seconds: float, relays: int, as_json: bool) -> None:
         click.echo("  " + ", ".join(f"{k} {v}" for k, v in report.counters.items()))
     if not report.ok:
         raise CliError(f"the demo session failed: {report.error}")
+
+
+def turn_decision(turn: dict) -> str:
+    """Why the agent answered when it did, in words: the pause it heard, the model's score, the wait."""
+    heard = turn.get("endpoint_ms")
+    model = turn.get("model")
+    if heard is None:
+        return "none (the agent detected no end of turn)"
+    if turn.get("reason") == "silence":
+        return f"{heard:.0f} ms of silence heard, the fixed window is {turn.get('silence_ms')} ms (turn=fixed)"
+    said = "" if not model else (f"; the model, asked after {model['pause_ms']:.0f} ms of it, scored "
+                                 + ("nothing (it failed)" if model["score"] is None else f"{model['score']:.2f}")
+                                 + f" in {model['infer_ms']:.0f} ms")
+    why = {"complete": "the model said finished", "max_wait": "the model said unfinished; waited the longest",
+           "max_length": "the turn reached its cap"}.get(turn.get("reason") or "", turn.get("reason"))
+    return f"{heard:.0f} ms of silence heard, ended because {why}{said} (turn=smart)"
 
 
 def echo_barge_in(report: DemoReport) -> None:

@@ -265,6 +265,10 @@ class BrowserCall:
     def events(self, since: float = 0.0) -> list[dict]:
         return self.invoke("events", since)
 
+    def levels(self, since: float = 0.0) -> list[dict]:
+        """When the caller's outgoing audio and the audio the page plays crossed -40 dBFS: {t, which, loud}."""
+        return self.invoke("levels", since)
+
     def latest(self) -> dict | None:
         samples = self.samples(self.now() - 1000)
         return samples[-1] if samples else None

@@ -12,7 +12,30 @@ const MAX_SAMPLES = 6000;          // 10 min at 100 ms: a bounded page whatever 
 const GATHERING_TIMEOUT_MS = 5000;
 
 const call = { pc: null, whipUrl: null, location: null, etag: null, samples: [], events: [], timer: null,
-               analyser: null };
+               analyser: null, ctx: null, local: null, levels: [] };
+const LEVEL_BUFFER = 256;          // samples per level reading: 5.3 ms at 48 kHz
+const LOUD = 0.01;                 // RMS, -40 dBFS: the caller's and the agent's speech are far above it
+const MAX_LEVELS = 20000;
+
+// Barge-in at the browser's output: the moments the caller's outgoing audio and the decoded audio the
+// browser plays cross -40 dBFS, on one clock (performance.now()), from one AudioContext's callbacks.
+function watchLevel(stream, which) {
+  const ctx = call.ctx;
+  const node = ctx.createScriptProcessor(LEVEL_BUFFER, 1, 1);
+  let loud = false;
+  node.onaudioprocess = (e) => {
+    const x = e.inputBuffer.getChannelData(0);
+    let sum = 0;
+    for (let i = 0; i < x.length; i++) sum += x[i] * x[i];
+    const now = Math.sqrt(sum / x.length) >= LOUD;
+    if (now !== loud && call.levels.length < MAX_LEVELS) call.levels.push({ t: performance.now(), which, loud: now });
+    loud = now;
+  };
+  const mute = ctx.createGain();
+  mute.gain.value = 0;
+  ctx.createMediaStreamSource(stream).connect(node);
+  node.connect(mute).connect(ctx.destination);   // a processor runs only while connected to an output
+}
 
 function event(what, value) {
   call.events.push({ t: performance.now(), what, value });
@@ -55,11 +78,13 @@ function listenTo(track) {
   audio.srcObject = stream;
   audio.play().catch((e) => event("play", String(e)));
   try {
-    const ctx = new AudioContext();
+    const ctx = call.ctx = new AudioContext();
     call.analyser = ctx.createAnalyser();
     call.analyser.fftSize = 4096;
     ctx.createMediaStreamSource(stream).connect(call.analyser);
     ctx.resume().catch(() => {});
+    watchLevel(stream, "agent");
+    if (call.local) watchLevel(call.local, "caller");
   } catch (e) {
     event("webaudio", String(e));
   }
@@ -125,6 +150,7 @@ window.splitrelay = {
       audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
     const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle" });
     call.pc = pc;
+    call.local = stream;
     call.whipUrl = whipUrl;
     pc.addTransceiver(stream.getAudioTracks()[0], { direction: "sendrecv", streams: [stream] });
     pc.ontrack = (e) => listenTo(e.track);
@@ -178,4 +204,6 @@ window.splitrelay = {
   // Samples (and events) recorded at or after time t (performance.now() milliseconds).
   samples(t = 0) { return call.samples.filter((s) => s.t >= t); },
   events(t = 0) { return call.events.filter((e) => e.t >= t); },
+  // Level crossings ({t, which: "caller" | "agent", loud}) at or after time t.
+  levels(t = 0) { return call.levels.filter((l) => l.t >= t); },
 };

@@ -108,6 +108,8 @@ class TurnResult:
     voice_to_voice_ms: float | None = None   # end of caller voice -> first audible agent audio (client)
     silence_ms: float | None = None          # the agent's silence window (its share of the above)
     endpoint_ms: float | None = None         # agent: last speech window -> end of turn decided
+    reason: str | None = None                # agent: what ended the turn (silence, complete, max_wait, ...)
+    model: dict | None = None                # agent (turn=smart): the model's last verdict (score, pause_ms)
     stt_ms: float | None = None              # agent: end of turn -> transcript
     reply_ms: float | None = None            # agent: transcript -> reply text
     tts_ms: float | None = None              # agent: reply text -> first synthesised frame
@@ -307,6 +309,7 @@ class Caller:
             return result
         index = end["turn"]
         result.endpoint_ms, result.silence_ms = end.get("endpoint_ms"), end.get("silence_ms")
+        result.reason, result.model = end.get("reason"), end.get("model")
         transcript = await self.wait_event("transcript", asked, timeout, index)
         if transcript is None:
             result.error = "no transcript"

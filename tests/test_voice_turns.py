@@ -59,9 +59,12 @@ def test_the_model_hears_a_finished_question_and_an_unfinished_one(speech):
 
 @pytest.mark.parametrize("options, error", [
     ("turn=sometimes", "unknown turn 'sometimes'; choose fixed or smart"),
-    ("turn=smart,pause_ms=20", "pause must be 64..max_wait_ms (1500) ms, got 20"),
+    ("turn=smart,ask_ms=20", "ask_ms must be 32..pause_ms (96) ms, got 20"),
+    ("turn=smart,ask_ms=200", "ask_ms must be 32..pause_ms (96) ms, got 200"),
+    ("turn=smart,pause_ms=2000", "pause must be ask_ms..max_wait_ms (1500) ms, got 2000"),
     ("turn=smart,max_wait_ms=9000", "max wait must be 200..5000 ms, got 9000"),
     ("turn=smart,complete=1.5", "complete must be between 0 and 1, got 1.5"),
+    ("turn=smart,model_nice=-30", "model_nice must be -20..19, got -30"),
 ])
 def test_a_bad_turn_option_is_refused_when_the_handler_is_configured(options, error):
     with pytest.raises(ValueError) as exc:
@@ -123,7 +126,20 @@ async def test_the_model_runs_on_its_own_thread_never_on_the_event_loop(speech, 
         assert io.of("turn_end")[0][1]["reason"] == "complete"
         assert threads and all(t is not threading.main_thread() and t.name.startswith("turn-") for t in threads)
         judged = io.of("turn_judged")[0][1]
-        assert judged["decision"] == "end" and judged["infer_ms"] > 0 and 128 <= judged["pause_ms"] < 400
+        assert judged["decision"] == "end" and judged["infer_ms"] > 0 and 32 <= judged["pause_ms"] < 400
+        assert io.of("turn_end")[0][1]["model"] == {k: judged[k] for k in ("score", "pause_ms", "infer_ms")}
+    finally:
+        await handler.on_stop()
+
+
+async def test_model_nice_reprioritises_the_model_thread_alone():
+    import os
+
+    handler, _ = await smart_agent(model_nice=7)
+    try:
+        [thread] = [t for t in turn_threads() if t.name.startswith(f"turn-{handler.io.session_id[:6]}")]
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == 7
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 7   # the event loop's is not
     finally:
         await handler.on_stop()
 
@@ -172,9 +188,9 @@ async def test_a_call_that_ends_mid_inference_leaves_no_thread_and_sends_nothing
     for i, frame in enumerate(frames):  # until the model has been asked, then hang up at once
         await handler.on_audio(PcmFrame(frame, 1, 48000, pts=i * 960, time=time.monotonic()))
         await asyncio.sleep(0.02)
-        if handler._judging:
+        if handler.judge.judging:
             break
-    assert handler._judging, "the model was never asked"
+    assert handler.judge.judging, "the model was never asked"
     await handler.on_stop()
     count = len(io.events)
     deadline = time.monotonic() + 10
@@ -238,7 +254,7 @@ async def test_a_caller_who_pauses_every_few_hundred_ms_gets_one_inference_at_a_
         word = speech.segment("and then")
         await feed(handler, (word + bytes(2 * 48 * 200)) * 16)   # "and then", 200 ms of silence, 16 times
         deadline = time.monotonic() + 15
-        while (handler._judging or handler._judge_next) and time.monotonic() < deadline:
+        while (handler.judge.judging or handler.judge.waiting) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         judged = [e for _, e in io.of("turn_judged")]
         assert handler.turns.pauses >= 8 and most[0] == 1
@@ -247,3 +263,34 @@ async def test_a_caller_who_pauses_every_few_hundred_ms_gets_one_inference_at_a_
         assert max(e["wait_ms"] for e in judged) < 2 * longest + 500   # at most one inference ahead of any
     finally:
         await handler.on_stop()
+
+
+
+class ScriptedVad:
+    """Scores given in advance, one per window: what is tested is the detector's rule, not Silero."""
+
+    window_samples = 512  # 32 ms
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = iter(scores)
+
+    def score(self, window: bytes) -> float:
+        return next(self.scores)
+
+
+@pytest.mark.parametrize("after, heard", [
+    ([0.0] * 5, ["", "", "end:complete"]),                       # silence goes on: ends at 160 ms, not before
+    ([0.0, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0], ["", "", "", "pause", "", "", ""]),  # the caller went on: spent
+])
+def test_the_models_early_complete_ends_the_turn_once_the_pause_is_long_enough_unless_the_caller_goes_on(
+        after, heard):
+    from splitrelay.voice.vad import TurnDetector, TurnRule
+
+    detector = TurnDetector(ScriptedVad([0.9] * 8 + [0.0, 0.0] + after),
+                            TurnRule(turn="smart", ask_ms=64, pause_ms=160))
+    kinds = [[e.kind for e in detector.push(b"", 0.032 * i)] for i in range(10)]
+    assert kinds[-1] == ["pause"]                                   # asked after 64 ms of silence...
+    assert detector.judged(detector.pauses, True, 0.32) is None     # ...said "complete" at once: not yet
+    got = [",".join(f"{e.kind}:{e.reason}" if e.reason else e.kind for e in detector.push(b"", 0.032 * i))
+           for i in range(10, 10 + len(after))]
+    assert got[:len(heard)] == heard

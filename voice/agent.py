@@ -9,9 +9,9 @@ Each stage is small and replaceable (``vad.py``, ``stt.py``, ``reply.py``,
   the recogniser's final step is left;
 * end of turn: a fixed silence window (``turn=fixed``), or (``turn=smart``) a
   short pause that asks Smart Turn v3.2 whether the caller has finished, on a
-  worker thread of its own; its answer ends the turn only if the caller is
-  still silent when it comes (``turn_judged`` event), else the turn ends after
-  ``max_wait_ms`` of silence;
+  worker thread of its own (``judge.py``); its answer ends the turn only if the
+  caller is still silent when it comes (``turn_judged`` event), else the turn
+  ends after ``max_wait_ms`` of silence;
 * the reply runs in a task with a time limit; its text is spoken frame by
   frame as it is synthesised, at most ``AHEAD`` seconds ahead of the
   listener, so a barge-in has little queued audio to drop;
@@ -33,7 +33,7 @@ channel, one JSON object per message (JSON lines): ``ready``,
 Options (``--handler voice:stt=whisper,silence_ms=500``): ``stt`` (sphinx |
 whisper), ``tts`` (espeak | piper), ``reply`` (rules | echo |
 package.module:function), ``turn`` (fixed | smart), ``silence_ms`` (fixed),
-``pause_ms``, ``max_wait_ms``, ``complete`` (smart), ``backchannel`` (on |
+``ask_ms``, ``pause_ms``, ``max_wait_ms``, ``complete``, ``model_nice`` (smart), ``backchannel`` (on |
 off), ``backchannel_ms``, ``min_speech_ms``,
 ``max_turn_ms``, ``threshold``, ``reply_timeout`` (seconds).
 """
@@ -50,9 +50,8 @@ from typing import Any
 
 from splitrelay.transceiver.handlers import Handler, PcmFrame, SessionIO, register_handler
 from splitrelay.voice.audio import MODEL_RATE, Resampler
+from splitrelay.voice.judge import TurnJudge, Verdict
 from splitrelay.voice.reply import BACKCHANNELS, COMMANDS, ReplyHook, Turn, load_reply, reply_pieces
-from splitrelay.voice.smart_turn import SECONDS as MODEL_SECONDS
-from splitrelay.voice.smart_turn import SmartTurn
 from splitrelay.voice.stt import Stt, make_stt
 from splitrelay.voice.tts import Tts, make_tts
 from splitrelay.voice.vad import SileroVad, TurnDetector, TurnEvent, TurnRule
@@ -72,8 +71,9 @@ class VoiceHandler(Handler):
     """A voice agent: command recognition and rule replies by default, every stage replaceable."""
 
     def __init__(self, io: SessionIO, stt: str = "sphinx", tts: str = "espeak", reply: str | ReplyHook = "rules",
-                 turn: str = "fixed", silence_ms: int = 400, pause_ms: int = 160, max_wait_ms: int = 1500,
-                 complete: float = 0.5, backchannel: str = "off", backchannel_ms: int = 700,
+                 turn: str = "fixed", silence_ms: int = 400, ask_ms: int = 64, pause_ms: int = 96,
+                 max_wait_ms: int = 1500,
+                 complete: float = 0.5, model_nice: int = 0, backchannel: str = "off", backchannel_ms: int = 700,
                  min_speech_ms: int = 150, max_turn_ms: int = 15000,
                  threshold: float = 0.5, reply_timeout: float = 5.0) -> None:
         super().__init__(io)
@@ -85,7 +85,11 @@ class VoiceHandler(Handler):
             raise ValueError(f"reply_timeout must be 0.1..60 s, got {reply_timeout}")
         self.rule = TurnRule(threshold=float(threshold), silence_ms=int(silence_ms),
                              min_speech_ms=int(min_speech_ms), max_turn_ms=int(max_turn_ms), turn=str(turn),
-                             pause_ms=int(pause_ms), max_wait_ms=int(max_wait_ms), complete=float(complete))
+                             ask_ms=int(ask_ms), pause_ms=int(pause_ms), max_wait_ms=int(max_wait_ms),
+                             complete=float(complete))
+        if not -20 <= int(model_nice) <= 19:
+            raise ValueError(f"model_nice must be -20..19, got {model_nice}")
+        self.model_nice = int(model_nice)
         if backchannel not in ("on", "off"):
             raise ValueError(f"backchannel must be on or off, got {backchannel!r}")
         if not 200 <= int(backchannel_ms) <= 2000:
@@ -101,11 +105,8 @@ class VoiceHandler(Handler):
         self._pending = bytearray()          # 16 kHz audio not yet scored
         self._pre_roll: deque[bytes] = deque()
         self._worker: ThreadPoolExecutor | None = None
-        self.model: SmartTurn | None = None
-        self._judge: ThreadPoolExecutor | None = None   # the model's own thread: never behind the recogniser
-        self._judging = False                          # one inference in flight per call...
-        self._judge_next: tuple[int, bytes, TurnEvent] | None = None  # ...and the newest pause waiting for it
-        self._turn_audio = bytearray()                 # the turn so far (its last MODEL_SECONDS), for the model
+        self.judge: TurnJudge | None = None   # turn=smart: the end-of-turn model's side of the call
+        self._verdict: dict | None = None     # its last verdict in this turn
         self._stopped = False
         self._stt_backlog = 0
         self._turn_index = 0
@@ -134,9 +135,8 @@ class VoiceHandler(Handler):
         self.stt = await loop.run_in_executor(self._worker, make_stt, self.stt_name, phrases)
         self.tts = make_tts(self.tts_name)
         if self.rule.turn == "smart":
-            self._judge = ThreadPoolExecutor(1, thread_name_prefix=f"turn-{self.io.session_id[:6]}")
-            self.model = await loop.run_in_executor(self._judge, SmartTurn)
-            await loop.run_in_executor(self._judge, self.model.warm_up)
+            self.judge = TurnJudge(self.io.session_id, self._judged, self.model_nice)
+            await self.judge.load()
         if hasattr(self.tts, "load"):  # piper: load the voice now, not at the first answer (~1 s)
             await loop.run_in_executor(None, self.tts.load)
         self.turns = TurnDetector(SileroVad(), self.rule)
@@ -158,9 +158,10 @@ class VoiceHandler(Handler):
         for task in (self._answer, self._typed_task, self._settle):
             if task is not None:
                 task.cancel()
-        for worker in (self._worker, self._judge):
-            if worker is not None:
-                worker.shutdown(wait=False, cancel_futures=True)
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+        if self.judge is not None:
+            self.judge.stop()
 
     def emit(self, event: str, **fields: Any) -> None:  # noqa: ANN401
         self.io.send_text(json.dumps({"event": event, **fields}, separators=(",", ":")))
@@ -199,8 +200,8 @@ class VoiceHandler(Handler):
                     self.barge_in(event.at)
             elif event.kind == "start":
                 self._turn_started(event)
-            elif event.kind == "pause":
-                self._ask_model(event)
+            elif event.kind == "pause" and self.judge is not None:
+                self.judge.ask(self.turns.pauses, event)
             else:
                 self._turn_ended(event)
         if self._held is not None and self._settle is None:
@@ -240,16 +241,14 @@ class VoiceHandler(Handler):
         self._stt_backlog -= size
 
     def _keep_turn_audio(self, window: bytes) -> None:
-        if self.model is None:
-            return
-        self._turn_audio += window
-        excess = len(self._turn_audio) - 2 * MODEL_RATE * MODEL_SECONDS
-        if excess > 0:
-            del self._turn_audio[:excess]
+        if self.judge is not None:
+            self.judge.keep(window)
 
     def _turn_started(self, event: TurnEvent) -> None:
         self._to_stt("begin")
-        self._turn_audio.clear()
+        if self.judge is not None:
+            self.judge.begin()
+            self._verdict = None
         for window in self._pre_roll:
             self._to_stt("feed", window)
             self._keep_turn_audio(window)
@@ -258,57 +257,21 @@ class VoiceHandler(Handler):
 
     # -- the end-of-turn model (turn=smart) ---------------------------------------------------------
 
-    def _ask_model(self, event: TurnEvent) -> None:
-        """A pause: ask the model about the turn so far, on its thread (the newest pause waits its turn)."""
-        assert self.turns is not None
-        self._judge_next = (self.turns.pauses, bytes(self._turn_audio), event)
-        if not self._judging:
-            self._judge_one()
-
-    def _judge_one(self) -> None:
-        if self._judge_next is None or self._judge is None or self.model is None or self._stopped:
-            return
-        pause, audio, asked = self._judge_next
-        self._judge_next = None
-        loop = asyncio.get_running_loop()
-        model = self.model
-
-        def run() -> tuple[float, float, float]:  # score, wall and CPU seconds of the inference
-            started, cpu = time.monotonic(), time.thread_time()
-            score = model.complete(audio)
-            return score, time.monotonic() - started, time.thread_time() - cpu
-
-        try:
-            future = self._judge.submit(run)
-        except RuntimeError:  # shut down: the call has ended
-            return
-        self._judging = True
-
-        def done(f: object) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(self._judged, pause, asked, future)
-
-        future.add_done_callback(done)
-
-    def _judged(self, pause: int, asked: TurnEvent, future: Any) -> None:  # noqa: ANN401 - concurrent Future
-        self._judging = False
+    def _judged(self, v: Verdict) -> None:
+        """The model's verdict, on the loop: a "complete" ends the turn now or at ``pause_ms`` of silence."""
         if self._stopped or self.turns is None:
             return
-        if future.cancelled() or future.exception() is not None:
-            log.warning("end-of-turn model failed in session %s: %s", self.io.session_id,
-                        None if future.cancelled() else future.exception())
-            score, infer, cpu = None, 0.0, 0.0
-        else:
-            score, infer, cpu = future.result()
-        current = self.turns.pause_current(pause)
-        complete = score is not None and score >= self.rule.complete
+        current = self.turns.pause_current(v.pause)
+        complete = v.score is not None and v.score >= self.rule.complete
         now = time.monotonic()
-        self.emit("turn_judged", turn=self._turn_index, score=None if score is None else round(score, 3),
-                  pause_ms=_ms(asked.at - asked.last_speech_at), infer_ms=_ms(infer), cpu_ms=_ms(cpu),
-                  wait_ms=_ms(now - asked.at), decision="stale" if not current else "end" if complete else "wait")
-        if current and complete:
-            self._turn_ended(self.turns.end_now(now, "complete"))
-        self._judge_one()
+        self._verdict = {"score": None if v.score is None else round(v.score, 3),
+                         "pause_ms": _ms(v.asked.at - v.asked.last_speech_at), "infer_ms": _ms(v.infer)}
+        self.emit("turn_judged", turn=self._turn_index, **self._verdict, cpu_ms=_ms(v.cpu),
+                  wait_ms=_ms(now - v.asked.at),
+                  decision="stale" if not current else "end" if complete else "wait")
+        ended = self.turns.judged(v.pause, complete, now)
+        if ended is not None:
+            self._turn_ended(ended)
 
     def _turn_ended(self, event: TurnEvent) -> None:
         if event.kind == "ignored":
@@ -320,8 +283,11 @@ class VoiceHandler(Handler):
             return
         index = self._turn_index
         self._turn_index += 1
+        # the decision, for a person to read (make demo): the silence heard and the model's last verdict
         self.emit("turn_end", turn=index, reason=event.reason, speech_ms=round(event.speech_ms),
-                  silence_ms=self._window_ms, endpoint_ms=_ms(event.at - event.last_speech_at))
+                  silence_ms=self._window_ms, endpoint_ms=_ms(event.at - event.last_speech_at),
+                  model=self._verdict)
+        self._verdict = None
         transcript = self._transcribe(index, event.at)
         if self._held is not None:  # backchannel=on and the caller spoke over the answer: which was it?
             self._settle = asyncio.ensure_future(self._backchannel_or_not(transcript, index))

