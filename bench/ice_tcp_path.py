@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from splitrelay.bench.forwarding import _prog_ids, _prog_stats
 from splitrelay.bench.system import bpf_run_time_stats, machine, process_cpu_s
@@ -40,6 +41,7 @@ from splitrelay.lab.topology import BACKEND_PORT, Lab
 from splitrelay.wire.stun import build_binding_request
 
 UFRAG = "benchtcpufrag"
+SPLICE_PORT = 8443                 # the splice experiment's listener, beside the agent's TCP_PORT
 PAYLOAD = 172                      # RTP header + a 20 ms Opus frame at ~64 kb/s
 ECHO = ("import socket,sys\n"
         "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind((sys.argv[1],int(sys.argv[2])))\n"
@@ -109,53 +111,129 @@ def _agent_pid(lab: Lab) -> int:
 
 
 @contextlib.contextmanager
-def _echo_lab(agent_args: list[str] | None = None) -> Iterator[tuple[Lab, int]]:
+def _echo_lab(agent_args: list[str] | None = None) -> Iterator[tuple[Lab, int, int]]:
     """A translating lab whose backend host runs the UDP echo, ``UFRAG`` registered to it; yields the
-    lab and its agent's pid, and tears it all down after (the echo with the lab's processes)."""
+    lab, its agent's pid and the echo's, and tears it all down after (the echo with the lab's processes)."""
     info = start_lab(transceivers=1, translate=True, handler=None, agent_args=agent_args)
     lab = Lab.load(info["name"])
     try:
         t = lab.transceivers[0]
-        lab.popen(t.netns, [sys.executable, "-c", ECHO, t.ip4, str(BACKEND_PORT)],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        echo = lab.popen(t.netns, [sys.executable, "-c", ECHO, t.ip4, str(BACKEND_PORT)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         control(lab, lambda c: c.put_session(UFRAG, t.backend_id))
         time.sleep(0.5)   # the echo binds (a lost first request would only be retried by hand)
-        yield lab, _agent_pid(lab)
+        yield lab, _agent_pid(lab), echo.pid
     finally:
         stop_lab(info["name"])
 
 
-def measure(count: int, blocks: int) -> dict:
-    with _echo_lab() as (lab, pid):
+@contextlib.contextmanager
+def _splice_bridge(lab: Lab) -> Iterator[tuple[int, list[int]]]:
+    """edge/ice_tcp_splice.py in the relay's namespace on ``SPLICE_PORT``, toward the echo; yields its
+    pid, its two verdict programs' ids and a dict that gets its counters when it stops."""
+    t = lab.transceivers[0]
+    proc = lab.popen(lab.relay_public.netns,
+                     [sys.executable, "-m", "splitrelay.edge.ice_tcp_splice",
+                      "--listen", f"{lab.relay_public.ip4}:{SPLICE_PORT}", "--bind", lab.relay_internal.ip4,
+                      "--backend", f"{t.ip4}:{BACKEND_PORT}"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().split()   # "ready ID ID", or nothing when it failed
+        if not line or line[0] != "ready":
+            raise ConnectionError(f"the splice bridge did not start (exit {proc.wait(10)})")
+        stats: dict = {}
+        yield proc.pid, [int(x) for x in line[1:]], stats
+    finally:
+        proc.terminate()
+        with contextlib.suppress(ValueError, subprocess.TimeoutExpired):
+            stats.update(json.loads(proc.communicate(timeout=10)[0].strip().splitlines()[-1]))
+
+
+def measure(count: int, blocks: int, splice: bool = False) -> dict:
+    """Round trips and relay CPU per packet, UDP (XDP) and TCP (the agent's bridge), and with
+    ``splice`` also TCP through the kernel splice (edge/ice_tcp_splice.py), in alternating blocks."""
+    with _echo_lab() as (lab, pid, echo_pid), contextlib.ExitStack() as stack:
         progs = _prog_ids(lab)
         per_block = count // blocks
-        rtts: dict[str, list[float]] = {"udp": [], "tcp": []}
-        cpu = {"udp": 0.0, "tcp": 0.0}
-        xdp = {"udp": 0, "tcp": 0}
+        names = ["udp", "tcp"] + (["splice"] if splice else [])
+        rtts: dict[str, list[float]] = {name: [] for name in names}
+        cpu = dict.fromkeys(names, 0)
+        xdp = dict.fromkeys(names, 0)
+        kernel = dict.fromkeys(names, 0)
+        spliced = {"pid": None, "progs": []}
+        if splice:
+            spliced["pid"], spliced["progs"], spliced["stats"] = stack.enter_context(_splice_bridge(lab))
+        owner = {"udp": pid, "tcp": pid, "splice": spliced["pid"]}
+        pipeline = dict.fromkeys(names, 0)   # ns: client thread + echo + relay process + kernel threads
+
+        def pipeline_ns(name: str) -> int:
+            return (time.thread_time_ns() + _schedstat_ns(echo_pid) + _schedstat_ns(owner[name])
+                    + _kernel_threads_ns())
 
         def run() -> None:
             paths = {"udp": _UdpPath((lab.relay_public.ip4, lab.relay_port)),
                      "tcp": _TcpPath((lab.relay_public.ip4, TCP_PORT))}
+            if splice:
+                paths["splice"] = _TcpPath((lab.relay_public.ip4, SPLICE_PORT))
             with bpf_run_time_stats():
                 for b in range(blocks):
                     for name, path in paths.items():
-                        cpu0, xdp0 = process_cpu_s(pid), _prog_stats(progs).run_time_ns
+                        cpu0, xdp0 = _schedstat_ns(owner[name]), _prog_stats(progs).run_time_ns
+                        k0, p0 = _kernel_threads_ns(), pipeline_ns(name)
                         rtts[name] += _block(path, range(b * per_block, (b + 1) * per_block))
-                        cpu[name] += process_cpu_s(pid) - cpu0
+                        cpu[name] += _schedstat_ns(owner[name]) - cpu0
                         xdp[name] += _prog_stats(progs).run_time_ns - xdp0
+                        kernel[name] += _kernel_threads_ns() - k0
+                        pipeline[name] += pipeline_ns(name) - p0
+                splice_prog = _prog_stats(spliced["progs"]) if splice else None
+            spliced["prog_ns"] = splice_prog.run_time_ns if splice_prog else 0
 
-        lab.in_netns(lab.client.netns, run, timeout=count * 0.1 + 120)
+        lab.in_netns(lab.client.netns, run, timeout=count * 0.15 + 120)
+        stack.close()   # the splice bridge reports its counters as it stops
         relayed = 2 * per_block * blocks
-        udp, tcp = _percentiles(rtts["udp"]), _percentiles(rtts["tcp"])
-        return {
+        rtt = {name: _percentiles(values) for name, values in rtts.items()}
+        report = {
             "machine": machine(), "count": per_block * blocks, "blocks": blocks, "payload_bytes": PAYLOAD,
-            "rtt": {"udp_xdp": udp, "tcp_userspace": tcp},
-            "added_rtt_us": {k: round(tcp[k] - udp[k], 1) for k in ("p50_us", "p99_us", "p999_us")},
+            "rtt": {"udp_xdp": rtt["udp"], "tcp_userspace": rtt["tcp"]},
+            "added_rtt_us": {k: round(rtt["tcp"][k] - rtt["udp"][k], 1) for k in ("p50_us", "p99_us", "p999_us")},
             "relay_cpu_ns_per_packet": {
                 "udp_xdp_program": round(xdp["udp"] / relayed),
-                "tcp_agent_process": round(cpu["tcp"] * 1e9 / relayed),
-                "udp_agent_process": round(cpu["udp"] * 1e9 / relayed)},   # ~0: XDP never wakes the agent
+                "tcp_agent_process": round(cpu["tcp"] / relayed),
+                "udp_agent_process": round(cpu["udp"] / relayed)},   # ~0: XDP never wakes the agent
+            # everything a round trip costs the machine, ns per relayed packet (module docstring)
+            "pipeline_cpu_ns_per_packet": {name: round(pipeline[name] / relayed) for name in names},
+            "kernel_threads_ns_per_packet": {name: round(kernel[name] / relayed) for name in names},
         }
+        if splice:
+            report["rtt"]["tcp_splice"] = rtt["splice"]
+            report["added_rtt_us_splice"] = {k: round(rtt["splice"][k] - rtt["udp"][k], 1)
+                                             for k in ("p50_us", "p99_us", "p999_us")}
+            report["relay_cpu_ns_per_packet"].update(
+                tcp_splice_programs=round(spliced["prog_ns"] / relayed),   # the two verdicts alone
+                tcp_splice_process=round(cpu["splice"] / relayed))         # its sweeps only
+            report["splice_counters"] = spliced["stats"]   # edge/ice_tcp_splice.py STATS
+        return report
+
+
+def _schedstat_ns(pid: int) -> int:
+    """Nanoseconds a process (all its threads) has run (/proc/PID/task/*/schedstat: exact, not ticks).
+    Without IRQ time accounting (this kernel) a softirq counts to whatever task it interrupted: with
+    veth, the receiving side's protocol work runs in the sender's own send."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(stat.read_text().split()[0])
+    return total
+
+
+def _kernel_threads_ns() -> int:
+    """Run time of every kworker and ksoftirqd (where a sockmap redirect is sent, and deferred
+    softirqs run); the machine's other work lands here too, spread over the alternating blocks."""
+    total = 0
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if comm.read_text().startswith(("kworker", "ksoftirqd")):
+                total += int((comm.parent / "schedstat").read_text().split()[0])
+    return total
 
 
 async def _calls(relay: tuple[str, int], calls: int, seconds: float, marks: dict) -> dict:
@@ -212,7 +290,7 @@ def concurrent(calls: int, seconds: float) -> dict:
     import asyncio
 
     with _echo_lab(["--max-session-flows", "0", "--tcp-max-per-source", str(calls + 10),
-                    "--tcp-max-connections", str(calls + 10)]) as (lab, pid):
+                    "--tcp-max-connections", str(calls + 10)]) as (lab, pid, _echo):
         rss0, cpu0 = _rss_kib(pid), process_cpu_s(pid)
         marks: dict = {}
         samples: dict = {}
@@ -307,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setup", type=int, default=0, metavar="RUNS",
                         help="instead: Chromium's setup time (offer to ICE and to DTLS connected, at the "
                              "transceiver) over ICE-TCP and over UDP, RUNS calls each, alternating")
+    parser.add_argument("--splice", action="store_true",
+                        help="also the in-kernel splice (edge/ice_tcp_splice.py, sockhash + sk_skb verdicts) as a "
+                             "third path in the same blocks")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.setup:
@@ -315,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.calls:
         print(json.dumps(concurrent(args.calls, args.seconds), indent=2))
         return 0
-    report = measure(args.count, args.blocks)
+    report = measure(args.count, args.blocks, splice=args.splice)
     print(json.dumps(report, indent=2) if args.json else
           f"RTT p50/p99/p99.9 us: UDP {report['rtt']['udp_xdp']}, TCP {report['rtt']['tcp_userspace']}; "
           f"added {report['added_rtt_us']}; relay ns/packet {report['relay_cpu_ns_per_packet']}")
