@@ -288,8 +288,9 @@ def voice_under_loss(loss: float, seconds: float, blocks: int, splice: bool = Fa
 
     with _echo_lab(impair=Impairment(loss=loss, tcp=True, seed=20)) as (lab, _pid, _echo), \
             contextlib.ExitStack() as stack:
+        counters: dict = {}
         if splice:
-            stack.enter_context(_splice_bridge(lab))
+            counters = stack.enter_context(_splice_bridge(lab))[2]
         names = ["udp", "tcp"] + (["splice"] if splice else [])
         rtts: dict[str, dict] = {name: {} for name in names}
 
@@ -305,10 +306,12 @@ def voice_under_loss(loss: float, seconds: float, blocks: int, splice: bool = Fa
                         path.sock.close()
 
         lab.in_netns(lab.client.netns, run, timeout=len(names) * (seconds + 5 * blocks) + 120)
-        return {"machine": machine(), "loss_each_way": loss, "seconds_per_path": seconds,
+        stack.close()   # the splice bridge's counters: a desynced connection was framed by its 50 ms sweeps
+        return {"splice_counters": counters, "machine": machine(),
+                "loss_each_way": loss, "seconds_per_path": seconds,
                 "jitter_buffer_ms_each_way": JITTER_BUFFER_MS,
                 "paths": {name: _loss_summary(values) for name, values in rtts.items()},
-                "link": read_stats(lab, "client")}
+                "link": {link: read_stats(lab, link) for link in lab.impaired}}
 
 
 def _schedstat_ns(pid: int) -> int:
