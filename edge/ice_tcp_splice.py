@@ -88,19 +88,22 @@ class Splice:
         return {name: table[ct.c_int(i)].value for i, name in enumerate(STATS)}
 
 
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from a stream socket (ConnectionError when it closes first)."""
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed in the middle of a frame")
+        out += chunk
+    return out
+
+
 def _read_frame(sock: socket.socket) -> bytes:
-    def exactly(n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            chunk = sock.recv(n - len(out))
-            if not chunk:
-                raise ConnectionError("closed before its first frame")
-            out += chunk
-        return out
-    size = int.from_bytes(exactly(2), "big")
+    size = int.from_bytes(read_exactly(sock, 2), "big")
     if not 0 < size <= MAX_FRAME:
         raise ConnectionError("oversized first frame")
-    return exactly(size)
+    return read_exactly(sock, size)
 
 
 def serve(listen: tuple[str, int], bind_ip: str, backend: tuple[str, int], ready=None,  # noqa: ANN001

