@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import ctypes as ct
 import json
+import os
 import select
 import signal
 import socket
@@ -29,12 +30,16 @@ import time
 
 from splitrelay.bpf import SOURCE_DIR
 from splitrelay.edge.ice_tcp import MAX_FRAME
-from splitrelay.edge.records import DatapathError
+from splitrelay.errors import SplitrelayError
 
 SO_COOKIE = 57                       # asm-generic/socket.h
 SK_SKB_VERDICT = 38                  # enum bpf_attach_type BPF_SK_SKB_VERDICT (bcc 0.26 names it too)
 SWEEP_S = 0.05                       # how often the benchmark's bridge looks at its spliced connections
 STATS = ("spliced_in", "spliced_out", "unpaired", "desynced", "passed", "bad")   # tcp_splice.c S_*
+
+
+class SpliceError(SplitrelayError):
+    """The splice could not be loaded or a socket not paired (one-line reason)."""
 
 
 def cookie(sock: socket.socket) -> int:
@@ -55,7 +60,7 @@ class Splice:
             self.tcp_fn = self.bpf.load_func(b"tcp_verdict", BPF.SK_SKB)
             self.udp_fn = self.bpf.load_func(b"udp_verdict", BPF.SK_SKB)
         except Exception as exc:
-            raise DatapathError(f"cannot load {SOURCE_DIR / 'tcp_splice.c'}: {exc}") from exc
+            raise SpliceError(f"cannot load {SOURCE_DIR / 'tcp_splice.c'}: {exc}") from exc
         self.udp_of_tcp = lib.bpf_table_fd(self.bpf.module, b"udp_of_tcp")   # bcc 0.26 has no SOCKHASH Table
         self.tcp_of_udp = lib.bpf_table_fd(self.bpf.module, b"tcp_of_udp")
         BPF.attach_func(self.tcp_fn, self.tcp_of_udp, SK_SKB_VERDICT)   # TCP sockets are tcp_of_udp's values
@@ -70,7 +75,7 @@ class Splice:
     def _put(self, map_fd: int, key: int, fd: int) -> None:
         k, v = ct.c_uint64(key), ct.c_int(fd)
         if self._lib.bpf_update_elem(map_fd, ct.byref(k), ct.byref(v), 0) < 0:
-            raise DatapathError(f"cannot add a socket to a sockhash: {ct.get_errno()}")
+            raise SpliceError(f"cannot add a socket to a sockhash: {os.strerror(ct.get_errno())}")
 
     def pair(self, tcp: socket.socket, udp: socket.socket) -> None:
         """From now on the kernel carries this pair (the UDP socket first: no reply is framed before
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     try:
         splice = serve(args.listen, args.bind, args.backend, ready, stop=lambda: bool(stopping))
-    except DatapathError as exc:
+    except SpliceError as exc:
         print(f"ice_tcp_splice: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(splice.stats()), flush=True)   # the benchmark reads this last line
