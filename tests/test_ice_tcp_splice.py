@@ -100,6 +100,38 @@ def test_the_splice_carries_frames_both_ways_with_the_length_popped_and_pushed(s
         relay_tcp.recv(100)
 
 
+def test_a_connection_reaches_only_its_own_transceiver_socket(spliced):
+    """Each verdict redirects by the receiving socket's own cookie: what one caller sends cannot be
+    steered into another caller's pair, whatever it contains."""
+    splice, client, _relay_tcp, _udp, _echo = spliced
+    other_backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other_backend.bind(("127.0.0.1", 0))
+    other_backend.settimeout(0.3)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    other_client = socket.create_connection(server.getsockname(), timeout=5)
+    other_tcp, _ = server.accept()
+    other_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other_udp.bind(("127.0.0.1", 0))
+    other_udp.connect(other_backend.getsockname())
+    try:
+        splice.pair(other_tcp, other_udp)
+        for seq in range(20):
+            packet = bytes([0x80, 0x6F]) + struct.pack("!I", seq) + bytes(100)
+            client.sendall(_frame(packet))
+            size = int.from_bytes(_read_exactly(client, 2), "big")
+            assert _read_exactly(client, size) == packet
+        with pytest.raises(TimeoutError):
+            other_backend.recv(2048)
+        other_client.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            other_client.recv(10)
+    finally:
+        for sock in (other_backend, server, other_client, other_tcp, other_udp):
+            sock.close()
+
+
 def test_a_frame_split_across_segments_desyncs_the_connection_and_the_process_frames_it(spliced):
     from splitrelay.edge.ice_tcp_splice import _sweep, cookie
 
