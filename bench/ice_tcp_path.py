@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from splitrelay.bench.forwarding import _prog_ids, _prog_stats
 from splitrelay.bench.system import bpf_run_time_stats, machine, process_cpu_s
@@ -41,6 +42,7 @@ from splitrelay.lab.topology import Lab
 from splitrelay.wire.stun import build_binding_request
 
 UFRAG = "benchtcpufrag"
+SPLICE_PORT = 8443                 # the splice experiment's listener, beside the agent's TCP_PORT
 PAYLOAD = 172                      # RTP header + a 20 ms Opus frame at ~64 kb/s
 ECHO = ("import socket,sys\n"
         "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind((sys.argv[1],int(sys.argv[2])))\n"
@@ -59,7 +61,13 @@ class _UdpPath:
         self.exchange(build_binding_request(f"{UFRAG}:benchclient"))
 
     def exchange(self, data: bytes) -> bytes:
+        self.send(data)
+        return self.receive()
+
+    def send(self, data: bytes) -> None:
         self.sock.send(data)
+
+    def receive(self) -> bytes:
         return self.sock.recv(4096)
 
 
@@ -79,7 +87,13 @@ class _TcpPath:
         return out
 
     def exchange(self, data: bytes) -> bytes:
+        self.send(data)
+        return self.receive()
+
+    def send(self, data: bytes) -> None:
         self.sock.sendall(len(data).to_bytes(2, "big") + data)
+
+    def receive(self) -> bytes:
         return self._read(int.from_bytes(self._read(2), "big"))
 
 
@@ -110,58 +124,224 @@ def _agent_pid(lab: Lab) -> int:
 
 
 @contextlib.contextmanager
-def _echo_lab(agent_args: list[str] | None = None) -> Iterator[tuple[Lab, int]]:
+def _echo_lab(agent_args: list[str] | None = None, impair=None) -> Iterator[tuple[Lab, int, int]]:  # noqa: ANN001
     """A translating lab whose backend host runs the UDP echo, ``UFRAG`` registered to it; yields the
-    lab and its agent's pid, and tears it all down after (the echo with the lab's processes)."""
-    info = start_lab(transceivers=1, translate=True, handler=None, agent_args=agent_args)
+    lab, its agent's pid and the echo's, and tears it all down after (the echo with the lab's processes)."""
+    info = start_lab(transceivers=1, translate=True, handler=None, agent_args=agent_args, impair=impair)
     lab = Lab.load(info["name"])
     try:
         t = lab.transceivers[0]
-        lab.popen(t.netns, [sys.executable, "-c", ECHO, t.ip4, str(BACKEND_PORT)],
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        echo = lab.popen(t.netns, [sys.executable, "-c", ECHO, t.ip4, str(BACKEND_PORT)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         control(lab, lambda c: c.put_session(UFRAG, t.backend_id))
         time.sleep(0.5)   # the echo binds (a lost first request would only be retried by hand)
-        yield lab, _agent_pid(lab)
+        yield lab, _agent_pid(lab), echo.pid
     finally:
         stop_lab(info["name"])
 
 
-def measure(count: int, blocks: int) -> dict:
-    with _echo_lab() as (lab, pid):
+@contextlib.contextmanager
+def _splice_bridge(lab: Lab) -> Iterator[tuple[int, list[int]]]:
+    """edge/ice_tcp_splice.py in the relay's namespace on ``SPLICE_PORT``, toward the echo; yields its
+    pid, its two verdict programs' ids and a dict that gets its counters when it stops."""
+    t = lab.transceivers[0]
+    proc = lab.popen(lab.relay_public.netns,
+                     [sys.executable, "-m", "splitrelay.edge.ice_tcp_splice",
+                      "--listen", f"{lab.relay_public.ip4}:{SPLICE_PORT}", "--bind", lab.relay_internal.ip4,
+                      "--backend", f"{t.ip4}:{BACKEND_PORT}"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().split()   # "ready ID ID", or nothing when it failed
+        if not line or line[0] != "ready":
+            raise ConnectionError(f"the splice bridge did not start (exit {proc.wait(10)})")
+        stats: dict = {}
+        yield proc.pid, [int(x) for x in line[1:]], stats
+    finally:
+        proc.terminate()
+        with contextlib.suppress(ValueError, subprocess.TimeoutExpired):
+            stats.update(json.loads(proc.communicate(timeout=10)[0].strip().splitlines()[-1]))
+
+
+def measure(count: int, blocks: int, splice: bool = False) -> dict:
+    """Round trips and relay CPU per packet, UDP (XDP) and TCP (the agent's bridge), and with
+    ``splice`` also TCP through the kernel splice (edge/ice_tcp_splice.py), in alternating blocks."""
+    with _echo_lab() as (lab, pid, echo_pid), contextlib.ExitStack() as stack:
         progs = _prog_ids(lab)
         per_block = count // blocks
-        rtts: dict[str, list[float]] = {"udp": [], "tcp": []}
-        cpu = {"udp": 0.0, "tcp": 0.0}
-        xdp = {"udp": 0, "tcp": 0}
+        names = ["udp", "tcp"] + (["splice"] if splice else [])
+        rtts: dict[str, list[float]] = {name: [] for name in names}
+        cpu = dict.fromkeys(names, 0)
+        xdp = dict.fromkeys(names, 0)
+        kernel = dict.fromkeys(names, 0)
+        spliced = {"pid": None, "progs": []}
+        if splice:
+            spliced["pid"], spliced["progs"], spliced["stats"] = stack.enter_context(_splice_bridge(lab))
+        owner = {"udp": pid, "tcp": pid, "splice": spliced["pid"]}
+        pipeline = dict.fromkeys(names, 0)   # ns: client thread + echo + relay process + kernel threads
+
+        def pipeline_ns(name: str) -> int:
+            return (time.thread_time_ns() + _schedstat_ns(echo_pid) + _schedstat_ns(owner[name])
+                    + _kernel_threads_ns())
 
         def run() -> None:
             paths = {"udp": _UdpPath((lab.relay_public.ip4, lab.relay_port)),
                      "tcp": _TcpPath((lab.relay_public.ip4, TCP_PORT))}
+            if splice:
+                paths["splice"] = _TcpPath((lab.relay_public.ip4, SPLICE_PORT))
             with bpf_run_time_stats():
                 for b in range(blocks):
                     for name, path in paths.items():
-                        cpu0, xdp0 = process_cpu_s(pid), _prog_stats(progs).run_time_ns
+                        cpu0, xdp0 = _schedstat_ns(owner[name]), _prog_stats(progs).run_time_ns
+                        k0, p0 = _kernel_threads_ns(), pipeline_ns(name)
                         rtts[name] += _block(path, range(b * per_block, (b + 1) * per_block))
-                        cpu[name] += process_cpu_s(pid) - cpu0
+                        cpu[name] += _schedstat_ns(owner[name]) - cpu0
                         xdp[name] += _prog_stats(progs).run_time_ns - xdp0
+                        kernel[name] += _kernel_threads_ns() - k0
+                        pipeline[name] += pipeline_ns(name) - p0
+                splice_prog = _prog_stats(spliced["progs"]) if splice else None
+            spliced["prog_ns"] = splice_prog.run_time_ns if splice_prog else 0
 
-        lab.in_netns(lab.client.netns, run, timeout=count * 0.1 + 120)
+        lab.in_netns(lab.client.netns, run, timeout=count * 0.15 + 120)
+        stack.close()   # the splice bridge reports its counters as it stops
         relayed = 2 * per_block * blocks
-        udp, tcp = _percentiles(rtts["udp"]), _percentiles(rtts["tcp"])
-        return {
+        rtt = {name: _percentiles(values) for name, values in rtts.items()}
+        report = {
             "machine": machine(), "count": per_block * blocks, "blocks": blocks, "payload_bytes": PAYLOAD,
-            "rtt": {"udp_xdp": udp, "tcp_userspace": tcp},
-            "added_rtt_us": {k: round(tcp[k] - udp[k], 1) for k in ("p50_us", "p99_us", "p999_us")},
+            "rtt": {"udp_xdp": rtt["udp"], "tcp_userspace": rtt["tcp"]},
+            "added_rtt_us": {k: round(rtt["tcp"][k] - rtt["udp"][k], 1) for k in ("p50_us", "p99_us", "p999_us")},
             "relay_cpu_ns_per_packet": {
                 "udp_xdp_program": round(xdp["udp"] / relayed),
-                "tcp_agent_process": round(cpu["tcp"] * 1e9 / relayed),
-                "udp_agent_process": round(cpu["udp"] * 1e9 / relayed)},   # ~0: XDP never wakes the agent
+                "tcp_agent_process": round(cpu["tcp"] / relayed),
+                "udp_agent_process": round(cpu["udp"] / relayed)},   # ~0: XDP never wakes the agent
+            # everything a round trip costs the machine, ns per relayed packet (module docstring)
+            "pipeline_cpu_ns_per_packet": {name: round(pipeline[name] / relayed) for name in names},
+            "kernel_threads_ns_per_packet": {name: round(kernel[name] / relayed) for name in names},
         }
+        if splice:
+            report["rtt"]["tcp_splice"] = rtt["splice"]
+            report["added_rtt_us_splice"] = {k: round(rtt["splice"][k] - rtt["udp"][k], 1)
+                                             for k in ("p50_us", "p99_us", "p999_us")}
+            report["relay_cpu_ns_per_packet"].update(
+                tcp_splice_programs=round(spliced["prog_ns"] / relayed),   # the two verdicts alone
+                tcp_splice_process=round(cpu["splice"] / relayed))         # its sweeps only
+            report["splice_counters"] = spliced["stats"]   # edge/ice_tcp_splice.py STATS
+        return report
 
 
-async def _calls(relay: tuple[str, int], calls: int, seconds: float, marks: dict) -> dict:
-    """``calls`` ICE-TCP connections, each opened by a Binding Request, then one voice packet per
-    20 ms each for ``seconds``; ``marks`` gets the monotonic times when all were open and when done."""
+JITTER_BUFFER_MS = 60   # one way: a voice client plays a packet that arrives within this of its time
+
+
+def _stream(path, seconds: float, first_seq: int) -> dict:  # noqa: ANN001
+    """One voice stream through ``path``: a packet every 20 ms on a fixed clock, echoed; per packet
+    its round trip, or None when it never came back (UDP's loss; TCP loses nothing, it is late)."""
+    import threading
+
+    sent: dict[int, int] = {}
+    back: dict[int, int] = {}
+    total = int(seconds * 50)
+    done = threading.Event()
+
+    def receive() -> None:
+        while len(back) < total and not done.is_set():
+            try:
+                data = path.receive()
+            except (OSError, ConnectionError):   # the shutdown below
+                return
+            if len(data) < 6:
+                return
+            back[struct.unpack_from("!I", data, 2)[0]] = time.perf_counter_ns()
+
+    path.sock.settimeout(None)   # a TCP frame is never cut by a timeout; the shutdown ends the reader
+    reader = threading.Thread(target=receive, daemon=True)
+    reader.start()
+    start = time.perf_counter_ns()
+    for k in range(total):
+        time.sleep(max(0.0, (start + k * 20_000_000 - time.perf_counter_ns()) / 1e9))
+        seq = first_seq + k
+        sent[seq] = time.perf_counter_ns()
+        path.send(_packet(seq))
+    time.sleep(2.0)   # what is late by more than this counts as lost
+    done.set()
+    with contextlib.suppress(OSError):
+        path.sock.shutdown(socket.SHUT_RDWR)
+    reader.join(3)
+    return {seq: ((back[seq] - at) / 1000 if seq in back else None) for seq, at in sent.items()}
+
+
+def _loss_summary(rtts: dict[int, float | None]) -> dict:
+    """Delivered, late (beyond a 60 ms jitter buffer each way), the longest run of consecutive packets
+    that did not play (lost or late) in ms of audio, and the round trips of those that came back."""
+    limit_us = 2 * JITTER_BUFFER_MS * 1000 + 20_000   # both ways, on top of the path's own ~0
+    played = [rtt is not None and rtt <= limit_us for _, rtt in sorted(rtts.items())]
+    longest = run = 0
+    for ok in played:
+        run = 0 if ok else run + 1
+        longest = max(longest, run)
+    came = [rtt for rtt in rtts.values() if rtt is not None]
+    return {"packets": len(rtts), "delivered": round(len(came) / len(rtts), 4),
+            "played": round(sum(played) / len(rtts), 4), "longest_gap_ms": 20 * longest,
+            "rtt": _percentiles(came) if came else None}
+
+
+def voice_under_loss(loss: float, seconds: float, blocks: int, splice: bool = False) -> dict:
+    """Voice streams (50 packets/s, echoed) through UDP and ICE-TCP (and the splice) in alternating
+    blocks, the client's link dropping ``loss`` of the frames each way, TCP's as well as UDP's."""
+    from splitrelay.lab.impair import Impairment, read_stats
+
+    with _echo_lab(impair=Impairment(loss=loss, tcp=True, seed=20)) as (lab, _pid, _echo), \
+            contextlib.ExitStack() as stack:
+        counters: dict = {}
+        if splice:
+            counters = stack.enter_context(_splice_bridge(lab))[2]
+        names = ["udp", "tcp"] + (["splice"] if splice else [])
+        rtts: dict[str, dict] = {name: {} for name in names}
+
+        def run() -> None:
+            ports = {"udp": None, "tcp": TCP_PORT, "splice": SPLICE_PORT}
+            for b in range(blocks):
+                for name in names:
+                    path = (_UdpPath((lab.relay_public.ip4, lab.relay_port)) if name == "udp"
+                            else _TcpPath((lab.relay_public.ip4, ports[name])))
+                    try:
+                        rtts[name].update(_stream(path, seconds / blocks, b * 100_000))
+                    finally:
+                        path.sock.close()
+
+        lab.in_netns(lab.client.netns, run, timeout=len(names) * (seconds + 5 * blocks) + 120)
+        stack.close()   # the splice bridge's counters: a desynced connection was framed by its 50 ms sweeps
+        return {"splice_counters": counters, "machine": machine(),
+                "loss_each_way": loss, "seconds_per_path": seconds,
+                "jitter_buffer_ms_each_way": JITTER_BUFFER_MS,
+                "paths": {name: _loss_summary(values) for name, values in rtts.items()},
+                "link": {link: read_stats(lab, link) for link in lab.impaired}}
+
+
+def _schedstat_ns(pid: int) -> int:
+    """Nanoseconds a process (all its threads) has run (/proc/PID/task/*/schedstat: exact, not ticks).
+    Without IRQ time accounting (this kernel) a softirq counts to whatever task it interrupted: with
+    veth, the receiving side's protocol work runs in the sender's own send."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(stat.read_text().split()[0])
+    return total
+
+
+def _kernel_threads_ns() -> int:
+    """Run time of every kworker and ksoftirqd (where a sockmap redirect is sent, and deferred
+    softirqs run); the machine's other work lands here too, spread over the alternating blocks."""
+    total = 0
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if comm.read_text().startswith(("kworker", "ksoftirqd")):
+                total += int((comm.parent / "schedstat").read_text().split()[0])
+    return total
+
+
+async def _calls(relay: tuple[str, int], calls: int, seconds: float, marks: dict, idle: int = 0) -> dict:
+    """``idle`` ICE-TCP connections opened by a Binding Request and then silent (``marks["idle"]``
+    once open; the caller samples memory then, ``marks["go"]`` set lets it go on), then ``calls`` more,
+    each sending one voice packet per 20 ms for ``seconds``; ``marks`` gets the monotonic times when
+    all were open and when done."""
     import asyncio
 
     async def opened() -> tuple:
@@ -171,9 +351,17 @@ async def _calls(relay: tuple[str, int], calls: int, seconds: float, marks: dict
         await reader.readexactly(2 + len(request))
         return reader, writer
 
-    conns = []   # 50 at a time: one by one, the first would idle out (30 s) before the last opened
-    for first in range(0, calls, 50):
-        conns += await asyncio.gather(*(opened() for _ in range(first, min(calls, first + 50))))
+    async def batch(n: int) -> list:   # 50 at a time: one by one, the first would idle out (30 s) first
+        out = []
+        for first in range(0, n, 50):
+            out += await asyncio.gather(*(opened() for _ in range(first, min(n, first + 50))))
+        return out
+
+    silent = await batch(idle)
+    marks["idle"] = time.monotonic()
+    while idle and "go" not in marks:
+        await asyncio.sleep(0.05)
+    conns = await batch(calls)
     marks["open"] = time.monotonic()
     sent = received = 0
 
@@ -201,29 +389,61 @@ async def _calls(relay: tuple[str, int], calls: int, seconds: float, marks: dict
     await asyncio.sleep(0.5)   # the last echoes
     for task in readers:
         task.cancel()
-    for _, writer in conns:
+    for _, writer in conns + silent:
         writer.close()
     return {"sent": sent, "received": received}
 
 
-def concurrent(calls: int, seconds: float) -> dict:
-    """Many TCP-carried voice calls at once through one relay: the agent's CPU and memory per call
-    (its process only: the kernel's socket memory is not in it).  A lost echo is counted, not waited
-    for; when the client or the echo cannot keep up, ``packets_per_call_per_s_achieved`` says so."""
+def _socket_memory(lab: Lab) -> dict:
+    """The relay namespace's TCP connections on the ICE-TCP port and its connected UDP sockets: how
+    many, and the bytes their buffers hold (ss skmem r + f + w + o + bl), plus the size of one TCP
+    and one UDP socket object (/proc/slabinfo, the kernel's own per-socket cost)."""
+    def held(argv: list[str]) -> tuple[int, int]:
+        out = lab.run(lab.relay_public.netns, argv).stdout
+        count = total = 0
+        for skmem in out.split("skmem:(")[1:]:
+            fields = dict((k.rstrip("0123456789"), int(k[len(k.rstrip("0123456789")):]))
+                          for k in skmem.split(")")[0].split(","))
+            count += 1
+            total += sum(fields.get(k, 0) for k in ("r", "f", "w", "o", "bl"))
+        return count, total
+
+    tcp_n, tcp_b = held(["ss", "-Htmn", "state", "established", f"sport = :{TCP_PORT}"])
+    udp_n, udp_b = held(["ss", "-Humn", "state", "established"])
+    objsize = {}
+    for line in open("/proc/slabinfo"):
+        fields = line.split()
+        if fields and fields[0] in ("TCP", "UDP", "TCPv6", "UDPv6"):
+            objsize[fields[0]] = int(fields[3])
+    return {"tcp_connections": tcp_n, "tcp_buffer_bytes": tcp_b, "udp_sockets": udp_n, "udp_buffer_bytes": udp_b,
+            "socket_object_bytes": objsize}
+
+
+def concurrent(calls: int, seconds: float, idle: int = 0) -> dict:
+    """Many TCP-carried voice calls at once through one relay: the agent's CPU and memory per call,
+    and the kernel's socket memory.  With ``idle``, that many routed connections that send nothing
+    more are opened first and the memory sampled then (per idle connection).  A lost echo is counted,
+    not waited for; when the client or the echo cannot keep up, ``packets_per_call_per_s_achieved``
+    says so."""
     import asyncio
 
-    with _echo_lab(["--max-session-flows", "0", "--tcp-max-per-source", str(calls + 10),
-                    "--tcp-max-connections", str(calls + 10)]) as (lab, pid):
+    limit = str(calls + idle + 10)
+    with _echo_lab(["--max-session-flows", "0", "--tcp-max-per-source", limit,
+                    "--tcp-max-connections", limit]) as (lab, pid, _echo):
         rss0, cpu0 = _rss_kib(pid), process_cpu_s(pid)
         marks: dict = {}
         samples: dict = {}
 
         def run() -> dict:
             loop = asyncio.new_event_loop()
-            task = loop.create_task(_calls((lab.relay_public.ip4, TCP_PORT), calls, seconds, marks))
+            task = loop.create_task(_calls((lab.relay_public.ip4, TCP_PORT), calls, seconds, marks, idle))
+            while "idle" not in marks:
+                loop.run_until_complete(asyncio.sleep(0.05))
+            samples.update(idle_rss=_rss_kib(pid), idle_kernel=_socket_memory(lab))
+            marks["go"] = True
             while "open" not in marks:
                 loop.run_until_complete(asyncio.sleep(0.05))
-            samples.update(rss=_rss_kib(pid), cpu=process_cpu_s(pid))
+            samples.update(rss=_rss_kib(pid), cpu=process_cpu_s(pid), kernel=_socket_memory(lab))
             result = loop.run_until_complete(task)
             samples["cpu_end"] = process_cpu_s(pid)
             loop.close()
@@ -234,13 +454,19 @@ def concurrent(calls: int, seconds: float) -> dict:
         busy = marks["done"] - marks["open"]
         cpu = samples["cpu_end"] - samples["cpu"]
         relayed = 2 * result["received"]
-        return {"calls": calls, "seconds": round(busy, 2), "packets_per_call_per_s": 50, **result,   # each way
+        kernel = samples["kernel"]
+        per_conn = kernel["tcp_buffer_bytes"] + kernel["udp_buffer_bytes"]
+        return {"calls": calls, "idle": idle, "seconds": round(busy, 2), "packets_per_call_per_s": 50,   # each way
+                **result, "kernel_sockets": kernel, "kernel_sockets_idle": samples["idle_kernel"],
+                "agent_rss_kib_per_idle_connection": (round((samples["idle_rss"] - rss0) / idle, 1)
+                                                      if idle else None),
+                "kernel_buffer_bytes_per_connection": round(per_conn / max(1, kernel["tcp_connections"])),
                 "agent_cpu_fraction": round(cpu / busy, 3),
                 "agent_cpu_ns_per_packet": round(cpu * 1e9 / relayed) if relayed else None,
                 "packets_per_call_per_s_achieved": round(result["received"] / calls / busy, 1),
                 # a call is 100 relayed packets/s (50 each way)
                 "calls_per_core_at_this_cost": round(relayed / (cpu * 100)) if cpu and relayed else None,
-                "agent_rss_kib_per_call": round((samples["rss"] - rss0) / calls, 1),
+                "agent_rss_kib_per_call": round((samples["rss"] - samples["idle_rss"]) / calls, 1),
                 "setup_cpu_s": round(samples["cpu"] - cpu0, 3)}
 
 
@@ -304,19 +530,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=0,
                         help="instead: this many TCP-carried calls at once (50 packets/s each way), the agent's "
                              "CPU and memory per call")
-    parser.add_argument("--seconds", type=float, default=10.0, help="with --calls: how long they run")
+    parser.add_argument("--seconds", type=float, default=10.0, help="with --calls or --loss: how long they run")
+    parser.add_argument("--idle", type=int, default=0,
+                        help="with --calls: first this many routed connections that then send nothing (memory "
+                             "per idle connection)")
     parser.add_argument("--setup", type=int, default=0, metavar="RUNS",
                         help="instead: Chromium's setup time (offer to ICE and to DTLS connected, at the "
                              "transceiver) over ICE-TCP and over UDP, RUNS calls each, alternating")
+    parser.add_argument("--splice", action="store_true",
+                        help="also the in-kernel splice (edge/ice_tcp_splice.py, sockhash + sk_skb verdicts) as a "
+                             "third path in the same blocks")
+    parser.add_argument("--loss", type=float, default=0.0,
+                        help="instead: voice streams under this loss (0.02 = 2 %%) each way on the client's link, "
+                             "TCP's frames too, --seconds per path: delivered, played, longest gap")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.setup:
         print(json.dumps(setup_times(args.setup), indent=2))
         return 0
-    if args.calls:
-        print(json.dumps(concurrent(args.calls, args.seconds), indent=2))
+    if args.loss:
+        report = voice_under_loss(args.loss, args.seconds, max(1, args.blocks // 3), args.splice)
+        print(json.dumps(report, indent=2))
         return 0
-    report = measure(args.count, args.blocks)
+    if args.calls:
+        print(json.dumps(concurrent(args.calls, args.seconds, args.idle), indent=2))
+        return 0
+    report = measure(args.count, args.blocks, splice=args.splice)
     print(json.dumps(report, indent=2) if args.json else
           f"RTT p50/p99/p99.9 us: UDP {report['rtt']['udp_xdp']}, TCP {report['rtt']['tcp_userspace']}; "
           f"added {report['added_rtt_us']}; relay ns/packet {report['relay_cpu_ns_per_packet']}")

@@ -16,7 +16,7 @@ API (everything else in this module is the forwarder's own business)::
         of it, as a jitter buffer sees a real path).  A direction holds at most
         ``queue`` frames; a frame arriving at a full queue is dropped and counted
         (``overflow``).  ``directions``: "both", "ab" (A to B only) or "ba".
-        ``seed`` makes the loss and jitter draws repeatable.
+        ``seed`` makes the loss and jitter draws repeatable; ``tcp`` impairs TCP as well.
     Lab.create(..., impair=Impairment(...))         # the client's link (A = client, B = relay)
     start_forwarder(lab, link, Impairment(...))    # what Lab.create runs for each impaired link
     start_lab(..., impair=Impairment(...)) / `splitrelay lab up --delay-ms --jitter-ms --loss`
@@ -24,7 +24,7 @@ API (everything else in this module is the forwarder's own business)::
     read_stats(lab, link) -> {"ab": {...}, "ba": {...}}   # received, forwarded, lost, overflow, queued, peak
     ``link`` names an impaired link of the lab: "client" (relay 1's), or "relayN" (lab/topology.py).
 
-Only UDP (IPv4 protocol 17, IPv6 next header 17) is impaired; ARP, neighbour
+Only UDP (IPv4 protocol 17, IPv6 next header 17), and TCP with ``tcp``, is impaired; ARP, neighbour
 discovery and everything else cross at once, so a lossy link never breaks
 neighbour resolution (netem would: the agent resolves its gateway at start).
 The delay is one-way: with "both", a round trip grows by twice ``delay_ms``.
@@ -77,6 +77,7 @@ class Impairment:
     queue: int = 1000
     directions: str = "both"
     seed: int | None = None
+    tcp: bool = False              # TCP too (ICE-TCP's head-of-line blocking; issue 20)
 
     def __post_init__(self) -> None:
         if self.delay_ms < 0 or self.jitter_ms < 0:
@@ -168,15 +169,16 @@ def read_stats(lab, link: str) -> dict[str, dict[str, int]]:  # noqa: ANN001
 
 # -- the forwarder ------------------------------------------------------------------------
 
-def _is_udp(frame: bytes) -> bool:
+def _ip_protocol(frame: bytes) -> int | None:
+    """The IPv4 protocol or IPv6 next header of an Ethernet frame (17 UDP, 6 TCP), None if not IP."""
     ethertype, offset = struct.unpack_from("!H", frame, 12)[0], 14
     if ethertype == 0x8100 and len(frame) >= 18:      # one 802.1Q tag
         ethertype, offset = struct.unpack_from("!H", frame, 16)[0], 18
     if ethertype == 0x0800 and len(frame) > offset + 9:
-        return frame[offset + 9] == 17
+        return frame[offset + 9]
     if ethertype == 0x86DD and len(frame) > offset + 6:
-        return frame[offset + 6] == 17
-    return False
+        return frame[offset + 6]
+    return None
 
 
 def _packet_socket(ifname: str) -> socket.socket:
@@ -222,7 +224,7 @@ class Forwarder:
             if addr[2] == PACKET_OUTGOING:
                 continue       # our own transmission on this interface
             imp = self.impairment
-            if not (imp.applies(direction) and _is_udp(frame)):
+            if not (imp.applies(direction) and _ip_protocol(frame) in ((17, 6) if imp.tcp else (17,))):
                 self._send(outbound, frame)
                 continue
             count = self.counts[direction]

@@ -124,6 +124,41 @@ def test_the_queue_is_bounded_and_what_overflows_is_counted(link):
     assert delta["ab"]["forwarded"] + delta["ab"]["overflow"] == 50 and delta["ab"]["forwarded"] == len(got)
 
 
+def test_tcp_crosses_unimpaired_unless_asked_and_then_is_held_like_udp(link):
+    """ICE-TCP's head-of-line blocking is measured through this (bench/ice_tcp_path.py --loss)."""
+    def tcp_exchange() -> float:
+        server = link.socket_in(link.relay_public.netns, type=socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # the last exchange's TIME_WAIT
+        server.bind((link.relay_public.ip4, PORT + 1))
+        server.listen()
+        client = link.socket_in(link.client.netns, type=socket.SOCK_STREAM)
+        try:
+            start = time.monotonic()
+            client.connect((link.relay_public.ip4, PORT + 1))   # the SYN crosses "ab"
+            took = time.monotonic() - start
+            conn, _ = server.accept()
+            client.sendall(b"x" * 100)
+            assert conn.recv(100)
+            conn.close()
+            return took
+        finally:
+            client.close()
+            server.close()
+
+    def received_ab() -> int:
+        time.sleep(impair.STATS_EVERY * 2)   # the forwarder writes its stats every 0.2 s
+        return read_stats(link, "relay1")["ab"]["received"]
+
+    set_impairment(link, "relay1", Impairment(delay_ms=40, directions="ab"))
+    before = received_ab()
+    tcp_exchange()
+    assert received_ab() == before                 # not one TCP frame was counted, let alone held
+    set_impairment(link, "relay1", Impairment(delay_ms=40, directions="ab", tcp=True))
+    before = received_ab()
+    assert tcp_exchange() >= 0.040                 # the SYN was held
+    assert received_ab() - before >= 3             # SYN, ACK, data at least
+
+
 def test_the_forwarder_stops_by_itself_after_its_lifetime(link):
     entry = link.impaired["relay1"]
     procs.signal_group(entry["pid"], 15)
