@@ -222,6 +222,10 @@ class Soak:
         """Keep ``concurrency`` callers up: the first spread over the shortest call, then one new caller
         whenever one ends, while a call still fits before the end (so the last minutes drain)."""
         p, rng, running = self.plan, random.Random(os.getpid()), set()
+        # arrivals at most twice the steady rate (concurrency / mean length): slots freed together, say by
+        # refusals while the agent was down, do not all set up at once
+        self._spacing = (p.call_min_s + p.call_max_s) / 2 / p.concurrency / 2
+        self._next_start = 0.0
         for i in range(p.concurrency):
             running.add(asyncio.ensure_future(self._call(rng, delay=i * p.call_min_s / p.concurrency)))
         while running:
@@ -234,6 +238,9 @@ class Soak:
     async def _call(self, rng: random.Random, delay: float = 0.0) -> bool:
         """One caller from offer to hang-up; True when it connected."""
         await asyncio.sleep(delay)
+        start = max(time.monotonic(), self._next_start)
+        self._next_start = start + self._spacing
+        await asyncio.sleep(start - time.monotonic())
         left = self.plan.duration_s - self.now() - 5.0
         hold = round(min(rng.uniform(self.plan.call_min_s, self.plan.call_max_s), max(left, 1.0)), 1)
         call = {"index": len(self.calls), "hold_s": hold, "started_at": time.time(), "report": None}
@@ -354,8 +361,10 @@ def call_worker(report: dict) -> int | None:
 def classify(call: dict, kill: dict | None, agent_down: list[dict]) -> str:
     """completed: connected, heard its echo, never silent for DROP_GAP_MS; killed: it was on the killed
     worker while it died (or could reach no worker then); refused: it could not connect while the agent
-    was down (no ready ufrag left to answer with, strict policy: the transceiver answers 503); failed:
-    it could not connect at another time; dropped: it connected and lost its echo for DROP_GAP_MS or more."""
+    was down (no ready ufrag left to answer with, strict policy: the transceiver answers 503); rejected:
+    its offer was refused at another time; failed: answered, but it never connected (see RELIABILITY.md:
+    libdatachannel callers that start together); dropped: it connected and lost its echo for
+    DROP_GAP_MS or more."""
     r = call["report"] or {}
     audio = r.get("audio")
     long_gaps = [g for g in (audio or {}).get("gaps", []) if g[1] - g[0] >= DROP_GAP_MS]
@@ -366,8 +375,9 @@ def classify(call: dict, kill: dict | None, agent_down: list[dict]) -> str:
         return "killed"
     if audio is not None:
         return "dropped"
-    down = any(call["started_at"] <= e["done"] and call["ended_at"] >= e["at"] for e in agent_down)
-    return "refused" if down else "failed"
+    if any(call["started_at"] <= e["done"] and call["ended_at"] >= e["at"] for e in agent_down):
+        return "refused"
+    return "rejected" if (r.get("error") or "").startswith(("WHIP POST", "the caller gave")) else "failed"
 
 
 def growth(samples: list[dict], p: SoakPlan) -> dict[str, dict]:
@@ -419,7 +429,7 @@ def counters_went_back(samples: list[dict]) -> list[str]:
 def summary(results: dict) -> dict:
     p = SoakPlan(**results["plan"])
     kills = [e for e in results["events"] if e["what"] == "worker_kill"]
-    kinds: dict[str, int] = {"completed": 0, "killed": 0, "refused": 0, "failed": 0, "dropped": 0}
+    kinds: dict[str, int] = {"completed": 0, "killed": 0, "refused": 0, "rejected": 0, "failed": 0, "dropped": 0}
     agent_down = [e for e in results["events"] if e["what"] == "agent_restart"]
     gaps = []
     for call in results["calls"]:
@@ -455,7 +465,7 @@ def assess(results: dict, s: dict | None = None) -> list[str]:
     wrong = []
     if s["calls_started"] <= p.concurrency:
         wrong.append(f"no churn: {s['calls_started']} calls started for {p.concurrency} slots")
-    for kind in ("dropped", "failed"):
+    for kind in ("dropped", "rejected"):
         if s[f"calls_{kind}"]:
             bad = [c for c in results["calls"] if c.get("class") == kind][:3]
             wrong.append(f"{s[f'calls_{kind}']} calls {kind}, e.g. " + "; ".join(
@@ -593,8 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         s = results["summary"]
         print(f"soak {p.minutes:g} min: {s['calls_started']} calls started, {s['calls_completed']} completed, "
-              f"{s['calls_dropped']} dropped, {s['calls_failed']} failed, {s['calls_killed']} taken by the worker "
-              f"kill, {s['calls_refused']} refused while the agent was down; events {s['events']}; "
+              f"{s['calls_dropped']} dropped, {s['calls_killed']} taken by the worker kill, {s['calls_refused']} "
+              f"refused while the agent was down, {s['calls_rejected']} rejected, {s['calls_failed']} failed to "
+              f"connect; events {s['events']}; "
               f"final fill {s['final_fill']}")
         for line in results["failures"]:
             print(f"FAIL: {line}")
