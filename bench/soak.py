@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitrelay.client.node_call import NODE_DIR, SCRIPT, unavailable_reason
+from splitrelay.edge.control_client import ControlError
 from splitrelay.lab.netns import nsenter_argv
 from splitrelay.lab.stack import admin_get, admin_url, control, spawn_agent, start_lab, start_transceiver
 from splitrelay.lab.stack import stop_lab, wait_ready, whip_token, whip_url
@@ -46,9 +47,10 @@ DROP_GAP_MS = 1000            # an echo silent this long is a dropped call
 GROWTH_LIMIT = 0.05           # RSS and open files, last samples over the first after the warm-up
 SETTLE_S = 30.0               # after the last call: sessions and flows gone within this
 CONNECT_TIMEOUT_S = 30.0      # a caller's offer to DTLS-connected; covers an agent restart's compile
-COMPILE_NICE = 19             # the reload's and the restarted agent's bcc compile: a relay host does not share
+COMPILE_NICE = 10             # the reload's and the restarted agent's bcc compile: a relay host does not share
                               # its cores with transceivers; here a compile at normal priority took one of
-                              # the 2 cores and the echo of 4 calls stalled 1.2-1.4 s (load 10)
+                              # the 2 cores and the echo of 4 calls stalled 1.2-1.4 s (load 10); at nice 19
+                              # a reload took 76 s at load 10
 SETUP_BACKOFF_S = 2.0         # a slot whose call failed to connect waits this long before its next call
 FORWARDED = {"ingress": "in_forwarded_pps", "egress": "out_forwarded_pps"}
 
@@ -133,6 +135,7 @@ class Soak:
         self.t0 = time.time()
         self.killed_worker: int | None = None
         self.baseline_sessions = 0
+        self.draining = False   # no call starts, no disturbance begins: the run is ending
 
     def now(self) -> float:
         return time.time() - self.t0
@@ -205,18 +208,17 @@ class Soak:
     async def run(self) -> None:
         self.t0 = time.time()
         self.baseline_sessions = len(await asyncio.to_thread(control, self.lab, lambda c: c.sessions()))
-        tasks = [asyncio.ensure_future(self._sampler()), asyncio.ensure_future(self._faults())]
+        sampler, faults = asyncio.ensure_future(self._sampler()), asyncio.ensure_future(self._faults())
         try:
             await self._churn()
+            self.draining = True
+            await faults          # the disturbance under way ends (the agent serves again); no other begins
             await self._settle()
         finally:
-            for task in tasks:
+            for task in (sampler, faults):
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(sampler, faults, return_exceptions=True)
         self.samples.append(await asyncio.to_thread(self.sample))
-        for task in tasks:
-            if not task.cancelled() and task.exception():
-                raise task.exception()
 
     async def _churn(self) -> None:
         """Keep ``concurrency`` callers up: the first spread over the shortest call, then one new caller
@@ -232,7 +234,7 @@ class Soak:
             done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 connected = task.result()
-                if p.duration_s - self.now() >= p.call_min_s + CONNECT_TIMEOUT_S / 3:
+                if p.duration_s - self.now() >= p.call_min_s + CONNECT_TIMEOUT_S / 3 and not self.draining:
                     running.add(asyncio.ensure_future(self._call(rng, 0.0 if connected else SETUP_BACKOFF_S)))
 
     async def _call(self, rng: random.Random, delay: float = 0.0) -> bool:
@@ -275,14 +277,26 @@ class Soak:
         reloads = [k * p.reload_every_s for k in range(1, int(p.duration_s // p.reload_every_s) + 1)
                    if k * p.reload_every_s < p.duration_s - p.call_min_s and k * p.reload_every_s not in restarts]
         schedule = sorted([(t, "reload", self.reload_program) for t in reloads]
-                          + [(t, "agent_restart", self.restart_agent) for t in restarts]
-                          + [(p.kill_at_s, "worker_kill", self.kill_worker)], key=lambda e: e[0])
-        for at, what, action in schedule:
-            await asyncio.sleep(max(0.0, at - self.now()))
-            started = time.time()
-            detail = await asyncio.to_thread(action)
-            self.events.append({"what": what, "at": started, "done": time.time(), **(detail or {})})
-            self.log(f"{what} done in {time.time() - started:.1f} s")
+                          + [(t, "agent_restart", self.restart_agent) for t in restarts], key=lambda e: e[0])
+        kill = asyncio.ensure_future(self._disturb(p.kill_at_s, "worker_kill", self.kill_worker))
+        try:   # the relay's, one at a time; one more than half a reload late (a slow compile) is skipped
+            for at, what, action in schedule:
+                if self.now() - at > p.reload_every_s / 2:
+                    self.log(f"{what} of {at:.0f} s skipped: the one before ended late")
+                    continue
+                await self._disturb(at, what, action)
+            await kill
+        finally:
+            kill.cancel()
+
+    async def _disturb(self, at: float, what: str, action) -> None:  # noqa: ANN001
+        await asyncio.sleep(max(0.0, at - self.now()))
+        if self.draining:
+            return
+        started = time.time()
+        detail = await asyncio.to_thread(action)
+        self.events.append({"what": what, "at": started, "done": time.time(), **(detail or {})})
+        self.log(f"{what} done in {time.time() - started:.1f} s")
 
     async def _sampler(self) -> None:
         while True:
@@ -295,9 +309,10 @@ class Soak:
     async def _settle(self) -> None:
         deadline = time.monotonic() + SETTLE_S
         while time.monotonic() < deadline:
-            fill = await asyncio.to_thread(self.map_fill)
-            if fill["flows"] == fill["call_sessions"] == 0:
-                return
+            with contextlib.suppress(ControlError):
+                fill = await asyncio.to_thread(self.map_fill)
+                if fill["flows"] == fill["call_sessions"] == 0:
+                    return
             await asyncio.sleep(1.0)
 
     # -- what is measured -------------------------------------------------------------------
@@ -326,7 +341,7 @@ class Soak:
         usage["soak"] = {"pid": os.getpid(), "rss_kib": own[0], "fds": own[1]}
         sample = {"t": at - self.t0, "calls_live": len(self.clients), "calls_started": len(self.calls),
                   "transceiver_sessions": live_sessions, "procs": usage}
-        with contextlib.suppress(Exception):   # the agent being restarted
+        with contextlib.suppress(ControlError):   # the agent being restarted
             counters = control(self.lab, lambda c: c.stats())["counters"]
             sample["counters"] = {c["name"]: c["packets"] for c in counters}
             sample["verdicts"] = {}

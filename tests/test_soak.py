@@ -138,6 +138,6 @@ def test_three_minutes_of_churn_through_reloads_agent_restarts_and_a_worker_kill
     print(f"\nsoak 3 min: {s}")
     assert results["failures"] == [], results["failures"]
     assert s["calls_started"] >= 2 * p.concurrency and s["calls_completed"] >= p.concurrency
-    assert s["events"] == {"reload": 2, "agent_restart": 2, "worker_kill": 1}
+    assert s["events"]["worker_kill"] == 1 and s["events"]["reload"] >= 1 and s["events"]["agent_restart"] >= 1
     assert s["calls_killed"] >= 1                         # the kill happened under calls
     assert {"agent", "supervisor", "worker0", "clients"} <= {name.split("[")[0] for name in s["growth"]}
