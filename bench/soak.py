@@ -110,13 +110,15 @@ def write_tone(path: Path, seconds: float = 1.0, frequency: float = 440.0) -> Pa
     return path
 
 
-def proc_usage(pid: int) -> tuple[int, int] | None:
-    """(RSS in KiB, open file descriptors) of a live process, None when it is gone."""
+def proc_usage(pid: int) -> tuple[int, int, float] | None:
+    """(RSS in KiB, open file descriptors, CPU seconds) of a live process, None when it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-        return rss, len(os.listdir(f"/proc/{pid}/fd"))
-    except (OSError, StopIteration, ValueError):
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+        return rss, len(os.listdir(f"/proc/{pid}/fd")), cpu
+    except (OSError, StopIteration, ValueError, IndexError):
         return None
 
 
@@ -332,7 +334,7 @@ class Soak:
             workers = self.workers()
             live_sessions = sum(w["sessions"] for w in workers)
             procs.update({f"worker{w['worker']}": w["pid"] for w in workers if w["pid"]})
-        usage = {name: {"pid": pid, "rss_kib": u[0], "fds": u[1]} for name, pid in procs.items()
+        usage = {name: {"pid": pid, "rss_kib": u[0], "fds": u[1], "cpu_s": u[2]} for name, pid in procs.items()
                  if pid and (u := proc_usage(pid))}
         clients = [u for pid in list(self.clients) if (u := proc_usage(pid))]
         usage["clients"] = {"count": len(clients), "rss_kib": sum(u[0] for u in clients),
@@ -340,6 +342,7 @@ class Soak:
         own = proc_usage(os.getpid())
         usage["soak"] = {"pid": os.getpid(), "rss_kib": own[0], "fds": own[1]}
         sample = {"t": at - self.t0, "calls_live": len(self.clients), "calls_started": len(self.calls),
+                  "loadavg": float(Path("/proc/loadavg").read_text().split()[0]),   # the host is shared
                   "transceiver_sessions": live_sessions, "procs": usage}
         with contextlib.suppress(ControlError):   # the agent being restarted
             counters = control(self.lab, lambda c: c.stats())["counters"]

@@ -5,6 +5,7 @@ verdict's own tests feed it runs that went wrong in each way it must catch."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -128,14 +129,15 @@ def test_a_run_without_the_worker_kill_or_without_churn_fails():
 
 @needs_root
 @pytest.mark.timeout(900)
-def test_three_minutes_of_churn_through_reloads_agent_restarts_and_a_worker_kill_lose_no_call():
+def test_three_minutes_of_churn_through_reloads_agent_restarts_and_a_worker_kill_lose_no_call(tmp_path):
     reason = unavailable_reason("libdatachannel")
     if reason:
         pytest.skip(reason)
     p = plan(3)
     results = run_soak(p)
     s = results["summary"]
-    print(f"\nsoak 3 min: {s}")
+    (tmp_path / "soak.json").write_text(json.dumps(results, indent=1))   # every call, event and sample
+    print(f"\nsoak 3 min ({tmp_path / 'soak.json'}): {s}")
     assert results["failures"] == [], results["failures"]
     assert s["calls_started"] >= 2 * p.concurrency and s["calls_completed"] >= p.concurrency
     assert s["events"]["worker_kill"] == 1 and s["events"]["reload"] >= 1 and s["events"]["agent_restart"] >= 1
