@@ -400,9 +400,11 @@ def classify(call: dict, kill: dict | None, agent_down: list[dict]) -> str:
 
 def growth(samples: list[dict], p: SoakPlan) -> dict[str, dict]:
     """Per process (and per life of it: a restarted agent or worker is a new one), RSS and open files
-    from the first samples after the warm-up (its own, for one started later) to the last before the
-    drain (the first call cut short by the end), as a fraction: median of the last 3 over median of the
-    first 3.  Callers are one aggregate, per live caller (their number moves)."""
+    from the first samples after the warm-up to the last before the drain (the first call cut short by
+    the end), as a fraction: median of the last 3 over median of the first 3.  A process started during
+    the run has its own warm-up: a worker the run's (it fills with calls), an agent one sample after its
+    control API first answered (it holds no call; what it allocates comes with its compile).  Callers are one aggregate, per live caller
+    (their number moves).  A life with fewer than 4 samples in its window is not judged."""
     from statistics import median
 
     lives: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
@@ -415,8 +417,11 @@ def growth(samples: list[dict], p: SoakPlan) -> dict[str, dict]:
                 key, rss, fds = ("clients", 0), u["rss_kib"] / u["count"], u["fds"] / u["count"]
             else:
                 key, rss, fds = (name, u["pid"]), u["rss_kib"], u["fds"]
-            born.setdefault(key, s["t"] if s["t"] > p.sample_s * 1.5 else 0.0)
-            if max(p.warmup_s, born[key] + p.warmup_s) <= s["t"] <= p.duration_s - p.call_max_s:
+            if name == "agent" and "counters" not in s:
+                continue       # still compiling: it serves from the first sample its control API answered
+            born.setdefault(key, s["t"] if s["t"] > p.sample_s * 1.5 else None)
+            own = 0.0 if born[key] is None else born[key] + (p.sample_s if name == "agent" else p.warmup_s)
+            if max(p.warmup_s, own) <= s["t"] <= p.duration_s - p.call_max_s:
                 lives.setdefault(key, []).append((s["t"], rss, fds))
     out = {}
     for (name, pid), points in lives.items():
