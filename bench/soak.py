@@ -403,8 +403,9 @@ def growth(samples: list[dict], p: SoakPlan) -> dict[str, dict]:
     from the first samples after the warm-up to the last before the drain (the first call cut short by
     the end), as a fraction: median of the last 3 over median of the first 3.  A process started during
     the run has its own warm-up: a worker the run's (it fills with calls), an agent one sample after its
-    control API first answered (it holds no call; what it allocates comes with its compile).  Callers are one aggregate, per live caller
-    (their number moves).  A life with fewer than 4 samples in its window is not judged."""
+    control API first answered (it holds no call; what it allocates comes with its compile).  Callers are
+    one aggregate, per live caller (their number moves).  A life with fewer than 4 samples in its window
+    is not judged."""
     from statistics import median
 
     lives: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
