@@ -33,6 +33,7 @@ from pathlib import Path
 
 from splitrelay.client.node_call import NODE_DIR, SCRIPT, unavailable_reason
 from splitrelay.edge.control_client import ControlError
+from splitrelay.errors import SplitrelayError
 from splitrelay.lab.netns import nsenter_argv
 from splitrelay.lab.stack import admin_get, admin_url, control, spawn_agent, start_lab, start_transceiver
 from splitrelay.lab.stack import stop_lab, wait_ready, whip_token, whip_url
@@ -53,6 +54,10 @@ COMPILE_NICE = 10             # the reload's and the restarted agent's bcc compi
                               # a reload took 76 s at load 10
 SETUP_BACKOFF_S = 2.0         # a slot whose call failed to connect waits this long before its next call
 FORWARDED = {"ingress": "in_forwarded_pps", "egress": "out_forwarded_pps"}
+
+
+class SoakError(SplitrelayError):
+    """The soak could not run or a disturbance could not be applied (one-line reason)."""
 
 
 @dataclass
@@ -137,6 +142,7 @@ class Soak:
         self.agent_pid = self.supervisor_pid = 0
         self.t0 = time.time()
         self.killed_worker: int | None = None
+        self.url, self.tone = "", Path()
         self.baseline_sessions = 0
         self.draining = False   # no call starts, no disturbance begins: the run is ending
 
@@ -177,7 +183,7 @@ class Soak:
         run = subprocess.run(nsenter_argv(r.netns, ["nice", "-n", str(COMPILE_NICE), *argv]), capture_output=True,
                              text=True, timeout=300)
         if run.returncode != 0:
-            raise RuntimeError(f"edge attach exited {run.returncode}: {run.stderr.strip()[-300:]}")
+            raise SoakError(f"edge attach exited {run.returncode}: {run.stderr.strip()[-300:]}")
 
     def restart_agent(self) -> dict:
         """SIGKILL, then a new agent that adopts the pinned maps; it serves no control request meanwhile."""
@@ -204,7 +210,7 @@ class Soak:
             if w["ready"] and w["pid"] not in (None, victim["pid"]):
                 return {"worker": victim["worker"], "pid": victim["pid"], "new_pid": w["pid"]}
             time.sleep(0.2)
-        raise RuntimeError(f"worker {victim['worker']} was not restarted within 60 s")
+        raise SoakError(f"worker {victim['worker']} was not restarted within 60 s")
 
     # -- the run --------------------------------------------------------------------------
 
@@ -570,11 +576,10 @@ def run_soak(p: SoakPlan, name: str | None = None, progress=None) -> dict:  # no
 
     reason = unavailable_reason("libdatachannel")
     if reason:
-        raise RuntimeError(reason)
+        raise SoakError(reason)
     soak = Soak(p, name, progress)
     with tempfile.TemporaryDirectory(prefix="splitrelay-soak-") as tmp:
         tone = write_tone(Path(tmp) / "tone.opus")
-        os.chmod(tmp, 0o755)
         try:
             soak.start(tone)
             soak.log(f"lab {soak.lab.name} up; {p.concurrency} callers of {p.call_min_s:g}-{p.call_max_s:g} s for "
@@ -630,7 +635,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", type=Path, help="write soak-<minutes>min.png into this directory")
     args = parser.parse_args(argv)
     p = plan(args.minutes, args.concurrency, args.call_seconds)
-    results = run_soak(p, args.name)
+    try:
+        results = run_soak(p, args.name)
+    except SplitrelayError as exc:
+        print(f"soak: error: {exc}", file=sys.stderr)
+        return 2
     if args.results:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(compact(results), indent=None, separators=(",", ":")) + "\n")
