@@ -317,10 +317,11 @@ class Soak:
 
     async def _settle(self) -> None:
         deadline = time.monotonic() + SETTLE_S
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:   # the supervisor counts each worker's sessions every 0.5 s
             with contextlib.suppress(ControlError):
                 fill = await asyncio.to_thread(self.map_fill)
-                if fill["flows"] == fill["call_sessions"] == 0:
+                live = sum(w["sessions"] for w in await asyncio.to_thread(self.workers))
+                if fill["flows"] == fill["call_sessions"] == live == 0:
                     return
             await asyncio.sleep(1.0)
 
