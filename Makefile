@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup test demo bench bench-smoke bench-audio bench-failover lint fuzz clean vm-deps vm-box vm-test vm-matrix vm-check
+.PHONY: setup test demo bench bench-smoke bench-audio bench-failover soak lint fuzz clean vm-deps vm-box vm-test vm-matrix vm-check
 
 $(STAMP): scripts/setup.sh pyproject.toml client/node/package-lock.json
 	bash scripts/setup.sh
@@ -35,6 +35,12 @@ bench-failover: $(STAMP)
 
 bench-audio: $(STAMP)
 	$(PY) -m splitrelay.bench.audio --section --duration $${AUDIO_SECONDS:-8}
+
+# issue 24's soak: call churn through the XDP relay, program reloads, agent restarts, one worker killed
+# (bench/soak.py; intervals scale with SOAK_MINUTES); root; exit 1 on a dropped call, growth or a leak
+soak: $(STAMP)
+	$(PY) -m splitrelay.bench.soak --minutes $${SOAK_MINUTES:-60} --results docs/bench/soak-$${SOAK_MINUTES:-60}min.json \
+		--plots docs/bench
 
 # Any number of cases runs to the end: no per-test timeout, a progress line every 10 s, the count at the end.
 fuzz: $(STAMP)

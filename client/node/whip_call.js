@@ -1,7 +1,7 @@
 // One WHIP call (RFC 9725) from a standard non-browser WebRTC stack, timed at the client.
 //
 //   node whip_call.js --stack libdatachannel|werift [--timeout-ms N] [--calls N] [--hold-ms N]
-//                     [--dead-candidate IP:PORT] WHIP_URL
+//                     [--dead-candidate IP:PORT] [--send-opus FILE] WHIP_URL
 //
 // Offers one sendrecv Opus audio m-line (what the transceiver requires, transceiver/whip.py check_offer)
 // with all candidates (no trickle), POSTs it, applies the answer and waits for the client's own ICE
@@ -12,33 +12,45 @@
 
 const STACKS = ["libdatachannel", "werift"];
 const GATHERING_TIMEOUT_MS = 5000;
+const OPUS_PT = 111;
+const FRAME_MS = 20;            // one pre-encoded Opus frame per RTP packet, 960 samples at 48 kHz
+const VOICED_MIN_BYTES = 55;    // an Opus payload at least this long carries the tone: the transceiver sends
+                                // 32-40 byte frames of silence when the echo has nothing, the tone is 74-115
+const GAP_REPORT_MS = 200;      // gaps in the heard audio at least this long are listed (absolute times)
+const GAPS_LISTED = 100;
 
 function parseArgs(argv) {
-  const out = { stack: null, timeoutMs: 20000, calls: 1, holdMs: 0, deadCandidate: null, url: null };
+  const out = { stack: null, timeoutMs: 20000, calls: 1, holdMs: 0, deadCandidate: null, sendOpus: null, url: null };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--stack") out.stack = argv[++i];
     else if (argv[i] === "--timeout-ms") out.timeoutMs = Number(argv[++i]);
     else if (argv[i] === "--calls") out.calls = Number(argv[++i]);
     else if (argv[i] === "--hold-ms") out.holdMs = Number(argv[++i]);
     else if (argv[i] === "--dead-candidate") out.deadCandidate = argv[++i];
+    else if (argv[i] === "--send-opus") out.sendOpus = argv[++i];
     else out.url = argv[i];
   }
-  if (!STACKS.includes(out.stack) || !out.url || !(out.timeoutMs > 0) || !(out.calls >= 1) || !(out.holdMs >= 0)) {
-    process.stderr.write(`usage: node whip_call.js --stack ${STACKS.join("|")} [--timeout-ms N] [--calls N] [--hold-ms N] [--dead-candidate IP:PORT] WHIP_URL\n`);
+  const sendOk = out.sendOpus === null || out.stack === "libdatachannel";
+  if (!STACKS.includes(out.stack) || !out.url || !(out.timeoutMs > 0) || !(out.calls >= 1) || !(out.holdMs >= 0) || !sendOk) {
+    process.stderr.write(`usage: node whip_call.js --stack ${STACKS.join("|")} [--timeout-ms N] [--calls N] [--hold-ms N] [--dead-candidate IP:PORT] [--send-opus FILE (libdatachannel)] WHIP_URL\n`);
     process.exit(2);
   }
   return out;
 }
 
 // Both stacks behind one face: offer() -> SDP with candidates, answer(sdp), on(kind, state), close().
-function libdatachannel(record) {
+function libdatachannel(record, onRtp) {
   const ndc = require("node-datachannel");
   const pc = new ndc.PeerConnection("splitrelay", { iceServers: [] });
   const audio = new ndc.Audio("0", "SendRecv");
-  audio.addOpusCodec(111);
-  audio.addSSRC(1 + Math.floor(Math.random() * 0xfffffff0), "splitrelay", "splitrelay", "audio");
+  const ssrc = 1 + Math.floor(Math.random() * 0xfffffff0);
+  audio.addOpusCodec(OPUS_PT);
+  audio.addSSRC(ssrc, "splitrelay", "splitrelay", "audio");
   const track = pc.addTrack(audio);
-  track.onMessage(() => record("rtp", null));   // the transceiver's audio (it sends silence when quiet)
+  track.onMessage((msg) => {   // the transceiver's audio (it sends silence when quiet)
+    record("rtp", null);
+    if (onRtp) onRtp(msg);
+  });
   pc.onIceStateChange((s) => record("ice", s));
   pc.onStateChange((s) => record("connection", s));
   return {
@@ -54,6 +66,8 @@ function libdatachannel(record) {
     },
     async answer(sdp) { pc.setRemoteDescription(sdp, "answer"); },
     close() { pc.close(); },  // ndc.cleanup() here segfaults node-datachannel 0.33.4 (exit 139)
+    ssrc,
+    send(packet) { return track.sendMessageBinary(packet); },   // a whole RTP packet: libdatachannel adds SRTP
   };
 }
 
@@ -104,7 +118,8 @@ async function oneCall(args) {
   };
   const result = { stack: args.stack, ok: false, ice_connected_ms: null, dtls_connected_ms: null, gap_ms: null,
                    answer_ms: null, answer_setup: null, delete_status: null, events, error: null };
-  const peer = args.stack === "werift" ? werift(record) : libdatachannel(record);
+  const heard = args.sendOpus ? new HeardAudio() : null;
+  const peer = args.stack === "werift" ? werift(record) : libdatachannel(record, heard && ((m) => heard.packet(m)));
   result.version = peer.version;
   let location = null;
   let timer = null;
@@ -145,7 +160,10 @@ async function oneCall(args) {
   }
   clearTimeout(timer);
   if (!result.error && args.holdMs > 0) {   // --hold-ms: stay in the call, count the audio that comes
+    const sender = heard ? new OpusSender(args.sendOpus, peer) : null;
+    if (heard) heard.start();
     await new Promise((resolve) => setTimeout(resolve, args.holdMs));
+    if (sender) result.audio = { frames_sent: sender.stop(), ...heard.stop() };
     if (firstAt("connection", ["failed", "closed", "disconnected"]) !== null) result.error = "the call dropped";
   }
   const rtp = events.filter((e) => e.what === "rtp" && e.t !== null);
@@ -153,11 +171,100 @@ async function oneCall(args) {
   result.last_rtp_ms = rtp.length ? rtp[rtp.length - 1].t : null;
   result.events = events.filter((e) => e.what !== "rtp");
   if (result.error) result.ok = false;
+  result.location = location;
   if (location) {
     try { result.delete_status = (await fetch(location, { method: "DELETE" })).status; } catch (e) { /* stays null */ }
   }
   try { await peer.close(); } catch (e) { /* closing a failed peer */ }
   return result;
+}
+
+// --send-opus FILE: frames of pre-encoded Opus (each a 2-byte big-endian length, then the packet), sent
+// in a loop, one every FRAME_MS, as RTP from the SSRC the offer declared. Pre-encoded so that a call
+// costs the caller no codec: the bench measures the relay and the transceiver, not this process.
+class OpusSender {
+  constructor(file, peer) {
+    const data = require("fs").readFileSync(file);
+    this.frames = [];
+    for (let i = 0; i + 2 <= data.length; i += 2 + data.readUInt16BE(i)) {
+      this.frames.push(data.subarray(i + 2, i + 2 + data.readUInt16BE(i)));
+    }
+    if (!this.frames.length) throw new Error(`${file} holds no Opus frame`);
+    this.peer = peer;
+    this.sent = 0;
+    this.seq = Math.floor(Math.random() * 0x10000);
+    this.ts = Math.floor(Math.random() * 0x100000000);
+    this.t0 = performance.now();
+    this.timer = setInterval(() => this.tick(), FRAME_MS);
+  }
+
+  tick() {   // what is due by the clock; after a stall of more than 5 frames, skip ahead instead of bursting
+    let due = Math.floor((performance.now() - this.t0) / FRAME_MS) + 1 - this.sent;
+    if (due > 5) { this.t0 += (due - 1) * FRAME_MS; due = 1; }
+    for (; due > 0; due--) {
+      const payload = this.frames[this.sent % this.frames.length];
+      const packet = Buffer.alloc(12 + payload.length);
+      packet[0] = 0x80;
+      packet[1] = OPUS_PT;
+      packet.writeUInt16BE(this.seq, 2);
+      packet.writeUInt32BE(this.ts >>> 0, 4);
+      packet.writeUInt32BE(this.peer.ssrc >>> 0, 8);
+      payload.copy(packet, 12);
+      try { this.peer.send(packet); } catch (e) { /* the track closed under us: the report says so */ }
+      this.seq = (this.seq + 1) & 0xffff;
+      this.ts = (this.ts + 48 * FRAME_MS) % 0x100000000;
+      this.sent++;
+    }
+  }
+
+  stop() { clearInterval(this.timer); return this.sent; }
+}
+
+// The echo this caller hears: RTP payloads of VOICED_MIN_BYTES or more (its own tone, decoded and
+// encoded again by the transceiver), and the gaps between them, in wall-clock ms (Date.now()) so the
+// bench can set them against what it did to the relay and the transceiver at that time.
+class HeardAudio {
+  constructor() { Object.assign(this, { rtpIn: 0, voicedIn: 0, startedAt: null, last: null, firstMs: null,
+                                        maxGap: 0, gaps: [] }); }
+
+  start() { this.startedAt = this.last = Date.now(); }
+
+  packet(msg) {
+    const size = rtpPayloadSize(msg);
+    if (size < 0) return;
+    this.rtpIn++;
+    if (size < VOICED_MIN_BYTES || this.startedAt === null) return;
+    const now = Date.now();
+    if (this.firstMs === null) this.firstMs = now - this.startedAt;
+    this.gap(now);
+    this.voicedIn++;
+    this.last = now;
+  }
+
+  gap(now) {
+    const gap = now - this.last;
+    this.maxGap = Math.max(this.maxGap, gap);
+    if (gap >= GAP_REPORT_MS && this.gaps.length < GAPS_LISTED) this.gaps.push([this.last, now]);
+  }
+
+  stop() {   // the silence at the end counts too: a call whose echo stopped for good has one long last gap
+    if (this.startedAt !== null) this.gap(Date.now());
+    return { rtp_in: this.rtpIn, voiced_in: this.voicedIn, first_voiced_ms: this.firstMs, max_gap_ms: this.maxGap,
+             gaps: this.gaps, started_at: this.startedAt, ended_at: Date.now() };
+  }
+}
+
+// An RTP packet's payload size (RFC 3550: CSRCs, header extension, padding), or -1 for RTCP and non-RTP.
+function rtpPayloadSize(msg) {
+  if (msg.length < 12 || (msg[0] >> 6) !== 2) return -1;
+  if ((msg[1] & 0x7f) >= 72 && (msg[1] & 0x7f) <= 79) return -1;   // RTCP packet types 200..207
+  let offset = 12 + 4 * (msg[0] & 0x0f);
+  if (msg[0] & 0x10) {
+    if (msg.length < offset + 4) return -1;
+    offset += 4 + 4 * msg.readUInt16BE(offset + 2);
+  }
+  const size = msg.length - offset - ((msg[0] & 0x20) ? msg[msg.length - 1] : 0);
+  return size >= 0 ? size : -1;
 }
 
 // --dead-candidate IP:PORT: the answer gets one more server candidate, of the highest priority, at an
@@ -167,8 +274,9 @@ function withDeadCandidate(sdp, hostPort) {
   return sdp.replace(/^(a=candidate:.*)$/m, `a=candidate:deadpath 1 udp 2147483647 ${host} ${port} typ host\r\n$1`);
 }
 
-// --hold-ms N: each call stays up N ms once connected (rtp_in, last_rtp_ms: the audio werift's track
-// received; libdatachannel's track reports none here, though the transceiver sends it audio).
+// --hold-ms N: each call stays up N ms once connected (rtp_in, last_rtp_ms: the audio its track
+// received); with --send-opus it sends that audio meanwhile and reports the echo it heard (audio: frames
+// sent, voiced packets heard, the gaps between them).
 // --calls N: N calls one after another in this process, one JSON line each (a long-running agent's
 // view: the first call also pays for loading and compiling the stack's JavaScript and crypto code).
 async function main() {
