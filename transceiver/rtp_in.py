@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # pylibsrtp 1.0 unprotects in a 1500-byte buffer and raises ValueError (not pylibsrtp.Error) past it; aiortc's
 # DTLS task catches only pylibsrtp.Error, so one longer SRTP/SRTCP-range datagram from a session's bound
-# address (its caller, or anyone who spoofs the caller's address) ended that task and the call's audio with it.
+# address (its caller, or anyone who spoofs the caller's address) ended that task, and the session with it.
 SRTP_MAX_BYTES = 1500
 RX_BYTES = "_RTCDtlsTransport__rx_bytes"
 RX_PACKETS = "_RTCDtlsTransport__rx_packets"
