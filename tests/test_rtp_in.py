@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
+import pylibsrtp
 import pytest
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
@@ -133,3 +134,12 @@ def test_the_aiortc_and_aioice_internals_the_direct_path_uses_are_there(monkeypa
         check_aiortc()
     assert "lacks RTCDtlsTransport.__rx_bytes/__rx_packets;" in str(exc.value)
     assert callable(RTCDtlsTransport._handle_rtp_data)
+
+
+def test_pylibsrtp_takes_exactly_what_the_direct_path_lets_through():
+    session = pylibsrtp.Session(pylibsrtp.Policy(key=bytes(30), ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND))
+    with pytest.raises(pylibsrtp.Error):   # unauthenticated: an error aiortc's task survives
+        session.unprotect(bytes([0x80, 111]) + bytes(rtp_in.SRTP_MAX_BYTES - 2))
+    with pytest.raises(ValueError) as exc:  # one byte more: the error that ended aiortc's task
+        session.unprotect(bytes([0x80, 111]) + bytes(rtp_in.SRTP_MAX_BYTES - 1))
+    assert str(exc.value) == "packet is too long"
