@@ -42,6 +42,8 @@ from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.handlers import FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE, PcmFrame
 from splitrelay.transceiver.jitter import AdaptiveJitterBuffer
 from splitrelay.transceiver.opus import OpusDecoder, OpusEncoder
+from splitrelay.transceiver import rtp_in
+from splitrelay.transceiver.rtp_in import DirectRtp
 
 MAX_BACKLOG = 50  # frames (1 s) of handler audio waiting to be sent
 FRAME_BYTES = 2 * FRAME_SAMPLES
@@ -76,13 +78,14 @@ def check_aiortc() -> None:
     * ``RTCRtpReceiver.__jitter_buffer`` (name-mangled), set in ``__init__`` and fed by
       ``_handle_rtp_packet`` with each depayloaded packet as ``add(packet) -> (pli, frame)``;
     * aioice ``Connection.data_received(data, component)``, which the mux's protocol calls
-      for every non-STUN datagram (wrapped per connection to stamp RTP arrival at the mux).
+      for every non-STUN datagram (wrapped per connection to stamp RTP arrival at the mux);
+    * those ``DirectRtp`` takes SRTP past aioice's queue with (rtp_in.py).
     """
     missing = [name for name, ok in (
         ("RTCRtpReceiver.__jitter_buffer", AIORTC_JITTER_BUFFER in RTCRtpReceiver.__init__.__code__.co_names
          and AIORTC_JITTER_BUFFER in RTCRtpReceiver._handle_rtp_packet.__code__.co_names),
         ("aioice Connection.data_received", callable(getattr(Connection, "data_received", None))),
-    ) if not ok]
+    ) if not ok] + rtp_in.missing_internals()
     if missing:
         import aiortc
 
@@ -185,9 +188,13 @@ class VoiceReceiver:
         self.arrivals = arrivals
         self.stages = stages
         self._waiter: asyncio.Future | None = None
+        self.direct: DirectRtp | None = None  # its SRTP from the mux's callback, past aioice's queue (rtp_in.py)
         if receiver is not None:
             check_aiortc()
             setattr(receiver, AIORTC_JITTER_BUFFER, _Feed(self))
+            self.direct = DirectRtp(receiver)
+            if not self.direct.attach():
+                self.direct = None
 
     def put(self, seq: int, timestamp: int, payload: bytes) -> None:
         now = time.monotonic()
