@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from splitrelay.client.node_call import NODE_DIR, SCRIPT, unavailable_reason
-from splitrelay.edge.control_client import ControlError
+from splitrelay.wire.control_client import ControlError
 from splitrelay.errors import SplitrelayError
 from splitrelay.lab.netns import nsenter_argv
 from splitrelay.lab.stack import admin_get, admin_url, control, spawn_agent, start_lab, start_transceiver
