@@ -34,7 +34,7 @@ from pathlib import Path
 from splitrelay.bench.soak_plan import NOMINAL_MINUTES, SoakPlan, plan
 from splitrelay.bench.soak_report import assess, compact, plot, summary
 from splitrelay.client.node_call import NODE_DIR, SCRIPT, unavailable_reason
-from splitrelay.edge.control_client import ControlError
+from splitrelay.wire.control_client import ControlError
 from splitrelay.errors import SplitrelayError
 from splitrelay.lab.netns import nsenter_argv
 from splitrelay.lab.stack import admin_get, admin_url, control, spawn_agent, start_lab, start_transceiver
