@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from splitrelay.bench.ice_tcp_echo import UFRAG, _echo_lab, _packet
+from splitrelay.bench.ice_tcp_echo import UFRAG, echo_lab, voice_packet
 from splitrelay.bench.system import process_cpu_s
 from splitrelay.lab.stack import TCP_PORT, control
 from splitrelay.lab.topology import Lab
@@ -43,7 +43,7 @@ async def _calls(relay: tuple[str, int], calls: int, seconds: float, marks: dict
     marks["open"] = time.monotonic()
     sent = received = 0
 
-    data = _packet(0)
+    data = voice_packet(0)
     framed = len(data).to_bytes(2, "big") + data
 
     async def send(writer) -> None:  # noqa: ANN001
@@ -106,7 +106,7 @@ def concurrent(calls: int, seconds: float, idle: int = 0) -> dict:
     import asyncio
 
     limit = str(calls + idle + 10)
-    with _echo_lab(["--max-session-flows", "0", "--tcp-max-per-source", limit,
+    with echo_lab(["--max-session-flows", "0", "--tcp-max-per-source", limit,
                     "--tcp-max-connections", limit]) as (lab, pid, _echo):
         rss0, cpu0 = _rss_kib(pid), process_cpu_s(pid)
         marks: dict = {}

@@ -29,11 +29,11 @@ ECHO = ("import socket,sys\n"
         "while True:\n d,a=s.recvfrom(4096); s.sendto(d,a)\n")
 
 
-def _packet(seq: int) -> bytes:
+def voice_packet(seq: int) -> bytes:
     return bytes([0x80, 0x6F]) + struct.pack("!I", seq) + bytes(PAYLOAD - 6)
 
 
-class _UdpPath:
+class UdpPath:
     def __init__(self, relay: tuple[str, int]) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.settimeout(2.0)
@@ -51,7 +51,7 @@ class _UdpPath:
         return self.sock.recv(4096)
 
 
-class _TcpPath:
+class TcpPath:
     def __init__(self, relay: tuple[str, int]) -> None:
         self.sock = socket.create_connection(relay, timeout=2.0)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as browsers do for ICE-TCP
@@ -77,10 +77,10 @@ class _TcpPath:
         return self._read(int.from_bytes(self._read(2), "big"))
 
 
-def _block(path, seqs: range) -> list[float]:  # noqa: ANN001
+def echo_block(path, seqs: range) -> list[float]:  # noqa: ANN001
     rtts = []
     for seq in seqs:
-        data = _packet(seq)
+        data = voice_packet(seq)
         start = time.perf_counter_ns()
         if path.exchange(data) != data:
             raise ConnectionError(f"echo {seq} came back changed")
@@ -88,7 +88,7 @@ def _block(path, seqs: range) -> list[float]:  # noqa: ANN001
     return rtts
 
 
-def _percentiles(values: list[float]) -> dict:
+def percentiles(values: list[float]) -> dict:
     ordered = sorted(values)
 
     def at(q: float) -> float:
@@ -104,7 +104,7 @@ def _agent_pid(lab: Lab) -> int:
 
 
 @contextlib.contextmanager
-def _echo_lab(agent_args: list[str] | None = None, impair=None) -> Iterator[tuple[Lab, int, int]]:  # noqa: ANN001
+def echo_lab(agent_args: list[str] | None = None, impair=None) -> Iterator[tuple[Lab, int, int]]:  # noqa: ANN001
     """A translating lab whose backend host runs the UDP echo, ``UFRAG`` registered to it; yields the
     lab, its agent's pid and the echo's, and tears it all down after (the echo with the lab's processes)."""
     info = start_lab(transceivers=1, translate=True, handler=None, agent_args=agent_args, impair=impair)
@@ -121,7 +121,7 @@ def _echo_lab(agent_args: list[str] | None = None, impair=None) -> Iterator[tupl
 
 
 @contextlib.contextmanager
-def _splice_bridge(lab: Lab) -> Iterator[tuple[int, list[int]]]:
+def splice_bridge(lab: Lab) -> Iterator[tuple[int, list[int]]]:
     """edge/ice_tcp_splice.py in the relay's namespace on ``SPLICE_PORT``, toward the echo; yields its
     pid, its two verdict programs' ids and a dict that gets its counters when it stops."""
     t = lab.transceivers[0]

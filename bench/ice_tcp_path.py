@@ -34,8 +34,8 @@ from pathlib import Path
 
 from splitrelay.bench.forwarding import _prog_ids, _prog_stats
 from splitrelay.bench.ice_tcp_calls import concurrent
-from splitrelay.bench.ice_tcp_echo import PAYLOAD, SPLICE_PORT, _block, _echo_lab, _packet, _percentiles
-from splitrelay.bench.ice_tcp_echo import _splice_bridge, _TcpPath, _UdpPath
+from splitrelay.bench.ice_tcp_echo import PAYLOAD, SPLICE_PORT, TcpPath, UdpPath, echo_block, echo_lab
+from splitrelay.bench.ice_tcp_echo import percentiles, splice_bridge, voice_packet
 from splitrelay.bench.system import bpf_run_time_stats, machine
 from splitrelay.lab.stack import TCP_PORT, admin_get, start_lab, stop_lab
 from splitrelay.lab.topology import Lab
@@ -44,7 +44,7 @@ from splitrelay.lab.topology import Lab
 def measure(count: int, blocks: int, splice: bool = False) -> dict:
     """Round trips and relay CPU per packet, UDP (XDP) and TCP (the agent's bridge), and with
     ``splice`` also TCP through the kernel splice (edge/ice_tcp_splice.py), in alternating blocks."""
-    with _echo_lab() as (lab, pid, echo_pid), contextlib.ExitStack() as stack:
+    with echo_lab() as (lab, pid, echo_pid), contextlib.ExitStack() as stack:
         progs = _prog_ids(lab)
         per_block = count // blocks
         names = ["udp", "tcp"] + (["splice"] if splice else [])
@@ -54,7 +54,7 @@ def measure(count: int, blocks: int, splice: bool = False) -> dict:
         kernel = dict.fromkeys(names, 0)
         spliced = {"pid": None, "progs": []}
         if splice:
-            spliced["pid"], spliced["progs"], spliced["stats"] = stack.enter_context(_splice_bridge(lab))
+            spliced["pid"], spliced["progs"], spliced["stats"] = stack.enter_context(splice_bridge(lab))
         owner = {"udp": pid, "tcp": pid, "splice": spliced["pid"]}
         pipeline = dict.fromkeys(names, 0)   # ns: client thread + echo + relay process + kernel threads
 
@@ -63,16 +63,16 @@ def measure(count: int, blocks: int, splice: bool = False) -> dict:
                     + _kernel_threads_ns())
 
         def run() -> None:
-            paths = {"udp": _UdpPath((lab.relay_public.ip4, lab.relay_port)),
-                     "tcp": _TcpPath((lab.relay_public.ip4, TCP_PORT))}
+            paths = {"udp": UdpPath((lab.relay_public.ip4, lab.relay_port)),
+                     "tcp": TcpPath((lab.relay_public.ip4, TCP_PORT))}
             if splice:
-                paths["splice"] = _TcpPath((lab.relay_public.ip4, SPLICE_PORT))
+                paths["splice"] = TcpPath((lab.relay_public.ip4, SPLICE_PORT))
             with bpf_run_time_stats():
                 for b in range(blocks):
                     for name, path in paths.items():
                         cpu0, xdp0 = _schedstat_ns(owner[name]), _prog_stats(progs).run_time_ns
                         k0, p0 = _kernel_threads_ns(), pipeline_ns(name)
-                        rtts[name] += _block(path, range(b * per_block, (b + 1) * per_block))
+                        rtts[name] += echo_block(path, range(b * per_block, (b + 1) * per_block))
                         cpu[name] += _schedstat_ns(owner[name]) - cpu0
                         xdp[name] += _prog_stats(progs).run_time_ns - xdp0
                         kernel[name] += _kernel_threads_ns() - k0
@@ -83,7 +83,7 @@ def measure(count: int, blocks: int, splice: bool = False) -> dict:
         lab.in_netns(lab.client.netns, run, timeout=count * 0.15 + 120)
         stack.close()   # the splice bridge reports its counters as it stops
         relayed = 2 * per_block * blocks
-        rtt = {name: _percentiles(values) for name, values in rtts.items()}
+        rtt = {name: percentiles(values) for name, values in rtts.items()}
         report = {
             "machine": machine(), "count": per_block * blocks, "blocks": blocks, "payload_bytes": PAYLOAD,
             "rtt": {"udp_xdp": rtt["udp"], "tcp_userspace": rtt["tcp"]},
@@ -138,7 +138,7 @@ def _stream(path, seconds: float, first_seq: int) -> dict:  # noqa: ANN001
         time.sleep(max(0.0, (start + k * 20_000_000 - time.perf_counter_ns()) / 1e9))
         seq = first_seq + k
         sent[seq] = time.perf_counter_ns()
-        path.send(_packet(seq))
+        path.send(voice_packet(seq))
     time.sleep(2.0)   # what is late by more than this counts as lost
     done.set()
     with contextlib.suppress(OSError):
@@ -159,7 +159,7 @@ def _loss_summary(rtts: dict[int, float | None]) -> dict:
     came = [rtt for rtt in rtts.values() if rtt is not None]
     return {"packets": len(rtts), "delivered": round(len(came) / len(rtts), 4),
             "played": round(sum(played) / len(rtts), 4), "longest_gap_ms": 20 * longest,
-            "rtt": _percentiles(came) if came else None}
+            "rtt": percentiles(came) if came else None}
 
 
 def voice_under_loss(loss: float, seconds: float, blocks: int, splice: bool = False) -> dict:
@@ -167,11 +167,11 @@ def voice_under_loss(loss: float, seconds: float, blocks: int, splice: bool = Fa
     blocks, the client's link dropping ``loss`` of the frames each way, TCP's as well as UDP's."""
     from splitrelay.lab.impair import Impairment, read_stats
 
-    with _echo_lab(impair=Impairment(loss=loss, tcp=True, seed=20)) as (lab, _pid, _echo), \
+    with echo_lab(impair=Impairment(loss=loss, tcp=True, seed=20)) as (lab, _pid, _echo), \
             contextlib.ExitStack() as stack:
         counters: dict = {}
         if splice:
-            counters = stack.enter_context(_splice_bridge(lab))[2]
+            counters = stack.enter_context(splice_bridge(lab))[2]
         names = ["udp", "tcp"] + (["splice"] if splice else [])
         rtts: dict[str, dict] = {name: {} for name in names}
 
@@ -179,8 +179,8 @@ def voice_under_loss(loss: float, seconds: float, blocks: int, splice: bool = Fa
             ports = {"udp": None, "tcp": TCP_PORT, "splice": SPLICE_PORT}
             for b in range(blocks):
                 for name in names:
-                    path = (_UdpPath((lab.relay_public.ip4, lab.relay_port)) if name == "udp"
-                            else _TcpPath((lab.relay_public.ip4, ports[name])))
+                    path = (UdpPath((lab.relay_public.ip4, lab.relay_port)) if name == "udp"
+                            else TcpPath((lab.relay_public.ip4, ports[name])))
                     try:
                         rtts[name].update(_stream(path, seconds / blocks, b * 100_000))
                     finally:

@@ -33,8 +33,8 @@ from concurrent.futures import Executor
 from aiohttp import web
 from splitrelay.bpf.consts import MAX_BACKEND_ID
 from splitrelay.edge.control_requests import BACKEND_FIELDS, DIGITS_RE, MAX_BODY, SESSION_FIELDS, ApiError
-from splitrelay.edge.control_requests import BackendLimits, _backend_id, _instance_field, _int_field, _ip_field
-from splitrelay.edge.control_requests import _json_object, _ufrag
+from splitrelay.edge.control_requests import BackendLimits, checked_backend_id, checked_ufrag
+from splitrelay.edge.control_requests import instance_field, int_field, ip_field, json_object
 from splitrelay.edge.credentials import ADMIN, BackendRange, Credentials, Pool, covers
 from splitrelay.edge.null_plane import NullPlane
 from splitrelay.edge.plane import DataPlane
@@ -199,15 +199,15 @@ class ControlAPI:
         return web.json_response([self._backend_json(b) for b in self.plane.backends()])
 
     async def put_backend(self, request: web.Request) -> web.Response:
-        backend_id = _backend_id(request.match_info["id"])
+        backend_id = checked_backend_id(request.match_info["id"])
         self._owner(request, backend_id, where_registered=False)  # a pool caller: its own address, below
-        body = await _json_object(request, BACKEND_FIELDS)
-        ip4 = _ip_field(body, "ip", 4)
-        ip6 = _ip_field(body, "ip6", 6)
+        body = await json_object(request, BACKEND_FIELDS)
+        ip4 = ip_field(body, "ip", 4)
+        ip6 = ip_field(body, "ip6", 6)
         if not ip4 and not ip6:
             raise ApiError(400, "a backend needs 'ip' (IPv4) or 'ip6'")
-        port = _int_field(body, "port", 1, 65535)
-        instance = _instance_field(body)
+        port = int_field(body, "port", 1, 65535)
+        instance = instance_field(body)
         refusal = self.limits.refusal(ip4, ip6, port)
         if refusal:
             raise ApiError(403, refusal)
@@ -267,7 +267,7 @@ class ControlAPI:
         return dropped
 
     async def delete_backend(self, request: web.Request) -> web.Response:
-        backend_id = _backend_id(request.match_info["id"])
+        backend_id = checked_backend_id(request.match_info["id"])
         self._owner(request, backend_id)
         if not self.plane.del_backend(backend_id):  # its sessions and flows go too
             raise ApiError(404, f"no backend {backend_id}")
@@ -278,7 +278,7 @@ class ControlAPI:
     async def list_sessions(self, request: web.Request) -> web.Response:
         """Every session (admin), or with ``?backend=N`` one backend's (its own token suffices)."""
         raw = request.query.get("backend")
-        only = _backend_id(raw) if raw is not None else None
+        only = checked_backend_id(raw) if raw is not None else None
         if only is None:
             self._admin(request)
         else:
@@ -299,9 +299,9 @@ class ControlAPI:
         ])
 
     async def put_session(self, request: web.Request) -> web.Response:
-        ufrag = _ufrag(request.match_info["ufrag"])
-        body = await _json_object(request, SESSION_FIELDS)
-        backend_id = _int_field(body, "backend", 1, MAX_BACKEND_ID)
+        ufrag = checked_ufrag(request.match_info["ufrag"])
+        body = await json_object(request, SESSION_FIELDS)
+        backend_id = int_field(body, "backend", 1, MAX_BACKEND_ID)
         self._owner(request, backend_id)
         if self.plane.backend(backend_id) is None:
             raise ApiError(409, f"backend {backend_id} is not registered")
@@ -323,7 +323,7 @@ class ControlAPI:
         return web.json_response({"ufrag": ufrag, "backend": backend_id}, status=201)
 
     async def delete_session(self, request: web.Request) -> web.Response:
-        ufrag = _ufrag(request.match_info["ufrag"])
+        ufrag = checked_ufrag(request.match_info["ufrag"])
         principal = request[PRINCIPAL]
         if principal != ADMIN:
             existing = self.plane.session(ufrag)

@@ -52,22 +52,19 @@ class ApiError(web.HTTPException):
                          headers=headers)
 
 
-BadRequest = ApiError  # the name earlier code used
-
-
-def _backend_id(raw: str) -> int:
+def checked_backend_id(raw: str) -> int:
     if not DIGITS_RE.fullmatch(raw) or not 1 <= int(raw) <= MAX_BACKEND_ID:
         raise ApiError(400, f"backend id must be an integer 1..{MAX_BACKEND_ID}")
     return int(raw)
 
 
-def _ufrag(raw: str) -> str:
+def checked_ufrag(raw: str) -> str:
     if not is_ufrag(raw):
         raise ApiError(400, UFRAG_RULE)
     return raw
 
 
-async def _json_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+async def json_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
     if request.content_length and request.content_length > MAX_BODY:
         raise ApiError(413, f"body larger than {MAX_BODY} bytes")
     try:
@@ -82,14 +79,14 @@ async def _json_object(request: web.Request, allowed: set[str]) -> dict[str, Any
     return body
 
 
-def _int_field(body: dict, name: str, low: int, high: int) -> int:
+def int_field(body: dict, name: str, low: int, high: int) -> int:
     value = body.get(name)
     if type(value) is not int or not low <= value <= high:  # bool is an int subclass: refused too
         raise ApiError(400, f"'{name}' must be an integer {low}..{high}")
     return value
 
 
-def _ip_field(body: dict, name: str, version: int) -> str | None:
+def ip_field(body: dict, name: str, version: int) -> str | None:
     """An optional unicast address of one family (null or absent = not given)."""
     value = body.get(name)
     if value is None:
@@ -106,7 +103,7 @@ def _ip_field(body: dict, name: str, version: int) -> str | None:
     return str(addr)
 
 
-def _instance_field(body: dict) -> str | None:
+def instance_field(body: dict) -> str | None:
     value = body.get("instance")
     if value is None:
         return None

@@ -373,8 +373,9 @@ class IceTcpCollector(Collector):
             "connections": GaugeMetricFamily("splitrelay_edge_tcp_connections",
                                              "ICE-TCP connections open (routed or awaiting their first frame)"),
             "closed": CounterMetricFamily("splitrelay_edge_tcp_closed",
-                                          "ICE-TCP connections closed, by reason (ice_tcp.CLOSE_REASONS, or the "
-                                          "routing counter that refused the first frame)", labels=["reason"]),
+                                          "ICE-TCP connections closed, by reason (ice_tcp_limits.CLOSE_REASONS, "
+                                          "or the routing counter that refused the first frame)",
+                                          labels=["reason"]),
             "frames": CounterMetricFamily("splitrelay_edge_tcp_frames",
                                           "RFC 4571 frames carried: in (client to transceiver), out, dropped",
                                           labels=["direction"]),
