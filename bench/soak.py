@@ -7,7 +7,8 @@ process per call, pre-encoded Opus so callers cost no codec) that holds a random
 gaps in the echo it hears.  Meanwhile the relay's XDP program is reloaded (``edge attach`` over the
 running relay, as a deploy of a new build does), the edge agent is restarted, and one transceiver worker
 is killed once.  Every ``sample_s`` it reads RSS and open files of every process, the agent's counters
-and map fill, and the live calls.  ``assess`` turns that into the pass/fail lines the CI test asserts.
+and map fill, and the live calls.  ``assess`` (bench/soak_report.py) turns that into the pass/fail lines
+the CI test asserts.
 
 The agent restart is a crash (SIGKILL) and a new agent: the lab's agents run with ``--detach-on-exit``
 (so ``lab down`` leaves nothing pinned), which a SIGTERM would honour by removing the maps.  The maps,
