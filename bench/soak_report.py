@@ -14,6 +14,9 @@ DROP_GAP_MS = 1000            # an echo silent this long is a dropped call
 GROWTH_LIMIT = 0.05           # RSS and open files, last samples over the first after the warm-up
 
 
+# -- the verdict ------------------------------------------------------------------------------------
+
+
 def call_worker(report: dict) -> int | None:
     """The worker that answered the call (its session resource is ``<worker>.<secret>``)."""
     location = report.get("location")
