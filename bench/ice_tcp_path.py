@@ -28,143 +28,23 @@ import json
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from splitrelay.bench.forwarding import _prog_ids, _prog_stats
-from splitrelay.bench.system import bpf_run_time_stats, machine, process_cpu_s
-from splitrelay.lab.stack import TCP_PORT, admin_get, control, start_lab, stop_lab
-from splitrelay.lab.host import BACKEND_PORT
+from splitrelay.bench.ice_tcp_calls import concurrent
+from splitrelay.bench.ice_tcp_echo import PAYLOAD, SPLICE_PORT, TcpPath, UdpPath, echo_block, echo_lab
+from splitrelay.bench.ice_tcp_echo import percentiles, splice_bridge, voice_packet
+from splitrelay.bench.system import bpf_run_time_stats, machine
+from splitrelay.lab.stack import TCP_PORT, admin_get, start_lab, stop_lab
 from splitrelay.lab.topology import Lab
-from splitrelay.wire.stun import build_binding_request
-
-UFRAG = "benchtcpufrag"
-SPLICE_PORT = 8443                 # the splice experiment's listener, beside the agent's TCP_PORT
-PAYLOAD = 172                      # RTP header + a 20 ms Opus frame at ~64 kb/s
-ECHO = ("import socket,sys\n"
-        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind((sys.argv[1],int(sys.argv[2])))\n"
-        "while True:\n d,a=s.recvfrom(4096); s.sendto(d,a)\n")
-
-
-def _packet(seq: int) -> bytes:
-    return bytes([0x80, 0x6F]) + struct.pack("!I", seq) + bytes(PAYLOAD - 6)
-
-
-class _UdpPath:
-    def __init__(self, relay: tuple[str, int]) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.settimeout(2.0)
-        self.sock.connect(relay)
-        self.exchange(build_binding_request(f"{UFRAG}:benchclient"))
-
-    def exchange(self, data: bytes) -> bytes:
-        self.send(data)
-        return self.receive()
-
-    def send(self, data: bytes) -> None:
-        self.sock.send(data)
-
-    def receive(self) -> bytes:
-        return self.sock.recv(4096)
-
-
-class _TcpPath:
-    def __init__(self, relay: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(relay, timeout=2.0)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as browsers do for ICE-TCP
-        self.exchange(build_binding_request(f"{UFRAG}:benchclient"))
-
-    def _read(self, n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            chunk = self.sock.recv(n - len(out))
-            if not chunk:
-                raise ConnectionError("the relay closed the ICE-TCP connection")
-            out += chunk
-        return out
-
-    def exchange(self, data: bytes) -> bytes:
-        self.send(data)
-        return self.receive()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(len(data).to_bytes(2, "big") + data)
-
-    def receive(self) -> bytes:
-        return self._read(int.from_bytes(self._read(2), "big"))
-
-
-def _block(path, seqs: range) -> list[float]:  # noqa: ANN001
-    rtts = []
-    for seq in seqs:
-        data = _packet(seq)
-        start = time.perf_counter_ns()
-        if path.exchange(data) != data:
-            raise ConnectionError(f"echo {seq} came back changed")
-        rtts.append((time.perf_counter_ns() - start) / 1000)
-    return rtts
-
-
-def _percentiles(values: list[float]) -> dict:
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
-
-    return {"p50_us": at(0.50), "p99_us": at(0.99), "p999_us": at(0.999),
-            "mean_us": round(statistics.mean(values), 1), "samples": len(values)}
-
-
-def _agent_pid(lab: Lab) -> int:
-    out = lab.run(lab.relay_public.netns, ["ss", "-Htlnp", f"sport = :{TCP_PORT}"]).stdout
-    return int(out.split("pid=")[1].split(",")[0])
-
-
-@contextlib.contextmanager
-def _echo_lab(agent_args: list[str] | None = None, impair=None) -> Iterator[tuple[Lab, int, int]]:  # noqa: ANN001
-    """A translating lab whose backend host runs the UDP echo, ``UFRAG`` registered to it; yields the
-    lab, its agent's pid and the echo's, and tears it all down after (the echo with the lab's processes)."""
-    info = start_lab(transceivers=1, translate=True, handler=None, agent_args=agent_args, impair=impair)
-    lab = Lab.load(info["name"])
-    try:
-        t = lab.transceivers[0]
-        echo = lab.popen(t.netns, [sys.executable, "-c", ECHO, t.ip4, str(BACKEND_PORT)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        control(lab, lambda c: c.put_session(UFRAG, t.backend_id))
-        time.sleep(0.5)   # the echo binds (a lost first request would only be retried by hand)
-        yield lab, _agent_pid(lab), echo.pid
-    finally:
-        stop_lab(info["name"])
-
-
-@contextlib.contextmanager
-def _splice_bridge(lab: Lab) -> Iterator[tuple[int, list[int]]]:
-    """edge/ice_tcp_splice.py in the relay's namespace on ``SPLICE_PORT``, toward the echo; yields its
-    pid, its two verdict programs' ids and a dict that gets its counters when it stops."""
-    t = lab.transceivers[0]
-    proc = lab.popen(lab.relay_public.netns,
-                     [sys.executable, "-m", "splitrelay.edge.ice_tcp_splice",
-                      "--listen", f"{lab.relay_public.ip4}:{SPLICE_PORT}", "--bind", lab.relay_internal.ip4,
-                      "--backend", f"{t.ip4}:{BACKEND_PORT}"], stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline().split()   # "ready ID ID", or nothing when it failed
-        if not line or line[0] != "ready":
-            raise ConnectionError(f"the splice bridge did not start (exit {proc.wait(10)})")
-        stats: dict = {}
-        yield proc.pid, [int(x) for x in line[1:]], stats
-    finally:
-        proc.terminate()
-        with contextlib.suppress(ValueError, subprocess.TimeoutExpired):
-            stats.update(json.loads(proc.communicate(timeout=10)[0].strip().splitlines()[-1]))
 
 
 def measure(count: int, blocks: int, splice: bool = False) -> dict:
     """Round trips and relay CPU per packet, UDP (XDP) and TCP (the agent's bridge), and with
     ``splice`` also TCP through the kernel splice (edge/ice_tcp_splice.py), in alternating blocks."""
-    with _echo_lab() as (lab, pid, echo_pid), contextlib.ExitStack() as stack:
+    with echo_lab() as (lab, pid, echo_pid), contextlib.ExitStack() as stack:
         progs = _prog_ids(lab)
         per_block = count // blocks
         names = ["udp", "tcp"] + (["splice"] if splice else [])
@@ -174,7 +54,7 @@ def measure(count: int, blocks: int, splice: bool = False) -> dict:
         kernel = dict.fromkeys(names, 0)
         spliced = {"pid": None, "progs": []}
         if splice:
-            spliced["pid"], spliced["progs"], spliced["stats"] = stack.enter_context(_splice_bridge(lab))
+            spliced["pid"], spliced["progs"], spliced["stats"] = stack.enter_context(splice_bridge(lab))
         owner = {"udp": pid, "tcp": pid, "splice": spliced["pid"]}
         pipeline = dict.fromkeys(names, 0)   # ns: client thread + echo + relay process + kernel threads
 
@@ -183,16 +63,16 @@ def measure(count: int, blocks: int, splice: bool = False) -> dict:
                     + _kernel_threads_ns())
 
         def run() -> None:
-            paths = {"udp": _UdpPath((lab.relay_public.ip4, lab.relay_port)),
-                     "tcp": _TcpPath((lab.relay_public.ip4, TCP_PORT))}
+            paths = {"udp": UdpPath((lab.relay_public.ip4, lab.relay_port)),
+                     "tcp": TcpPath((lab.relay_public.ip4, TCP_PORT))}
             if splice:
-                paths["splice"] = _TcpPath((lab.relay_public.ip4, SPLICE_PORT))
+                paths["splice"] = TcpPath((lab.relay_public.ip4, SPLICE_PORT))
             with bpf_run_time_stats():
                 for b in range(blocks):
                     for name, path in paths.items():
                         cpu0, xdp0 = _schedstat_ns(owner[name]), _prog_stats(progs).run_time_ns
                         k0, p0 = _kernel_threads_ns(), pipeline_ns(name)
-                        rtts[name] += _block(path, range(b * per_block, (b + 1) * per_block))
+                        rtts[name] += echo_block(path, range(b * per_block, (b + 1) * per_block))
                         cpu[name] += _schedstat_ns(owner[name]) - cpu0
                         xdp[name] += _prog_stats(progs).run_time_ns - xdp0
                         kernel[name] += _kernel_threads_ns() - k0
@@ -203,7 +83,7 @@ def measure(count: int, blocks: int, splice: bool = False) -> dict:
         lab.in_netns(lab.client.netns, run, timeout=count * 0.15 + 120)
         stack.close()   # the splice bridge reports its counters as it stops
         relayed = 2 * per_block * blocks
-        rtt = {name: _percentiles(values) for name, values in rtts.items()}
+        rtt = {name: percentiles(values) for name, values in rtts.items()}
         report = {
             "machine": machine(), "count": per_block * blocks, "blocks": blocks, "payload_bytes": PAYLOAD,
             "rtt": {"udp_xdp": rtt["udp"], "tcp_userspace": rtt["tcp"]},
@@ -258,7 +138,7 @@ def _stream(path, seconds: float, first_seq: int) -> dict:  # noqa: ANN001
         time.sleep(max(0.0, (start + k * 20_000_000 - time.perf_counter_ns()) / 1e9))
         seq = first_seq + k
         sent[seq] = time.perf_counter_ns()
-        path.send(_packet(seq))
+        path.send(voice_packet(seq))
     time.sleep(2.0)   # what is late by more than this counts as lost
     done.set()
     with contextlib.suppress(OSError):
@@ -279,7 +159,7 @@ def _loss_summary(rtts: dict[int, float | None]) -> dict:
     came = [rtt for rtt in rtts.values() if rtt is not None]
     return {"packets": len(rtts), "delivered": round(len(came) / len(rtts), 4),
             "played": round(sum(played) / len(rtts), 4), "longest_gap_ms": 20 * longest,
-            "rtt": _percentiles(came) if came else None}
+            "rtt": percentiles(came) if came else None}
 
 
 def voice_under_loss(loss: float, seconds: float, blocks: int, splice: bool = False) -> dict:
@@ -287,11 +167,11 @@ def voice_under_loss(loss: float, seconds: float, blocks: int, splice: bool = Fa
     blocks, the client's link dropping ``loss`` of the frames each way, TCP's as well as UDP's."""
     from splitrelay.lab.impair import Impairment, read_stats
 
-    with _echo_lab(impair=Impairment(loss=loss, tcp=True, seed=20)) as (lab, _pid, _echo), \
+    with echo_lab(impair=Impairment(loss=loss, tcp=True, seed=20)) as (lab, _pid, _echo), \
             contextlib.ExitStack() as stack:
         counters: dict = {}
         if splice:
-            counters = stack.enter_context(_splice_bridge(lab))[2]
+            counters = stack.enter_context(splice_bridge(lab))[2]
         names = ["udp", "tcp"] + (["splice"] if splice else [])
         rtts: dict[str, dict] = {name: {} for name in names}
 
@@ -299,8 +179,8 @@ def voice_under_loss(loss: float, seconds: float, blocks: int, splice: bool = Fa
             ports = {"udp": None, "tcp": TCP_PORT, "splice": SPLICE_PORT}
             for b in range(blocks):
                 for name in names:
-                    path = (_UdpPath((lab.relay_public.ip4, lab.relay_port)) if name == "udp"
-                            else _TcpPath((lab.relay_public.ip4, ports[name])))
+                    path = (UdpPath((lab.relay_public.ip4, lab.relay_port)) if name == "udp"
+                            else TcpPath((lab.relay_public.ip4, ports[name])))
                     try:
                         rtts[name].update(_stream(path, seconds / blocks, b * 100_000))
                     finally:
@@ -335,139 +215,6 @@ def _kernel_threads_ns() -> int:
             if comm.read_text().startswith(("kworker", "ksoftirqd")):
                 total += int((comm.parent / "schedstat").read_text().split()[0])
     return total
-
-
-async def _calls(relay: tuple[str, int], calls: int, seconds: float, marks: dict, idle: int = 0) -> dict:
-    """``idle`` ICE-TCP connections opened by a Binding Request and then silent (``marks["idle"]``
-    once open; the caller samples memory then, ``marks["go"]`` set lets it go on), then ``calls`` more,
-    each sending one voice packet per 20 ms for ``seconds``; ``marks`` gets the monotonic times when
-    all were open and when done."""
-    import asyncio
-
-    async def opened() -> tuple:
-        reader, writer = await asyncio.open_connection(*relay)
-        request = build_binding_request(f"{UFRAG}:benchclient")
-        writer.write(len(request).to_bytes(2, "big") + request)
-        await reader.readexactly(2 + len(request))
-        return reader, writer
-
-    async def batch(n: int) -> list:   # 50 at a time: one by one, the first would idle out (30 s) first
-        out = []
-        for first in range(0, n, 50):
-            out += await asyncio.gather(*(opened() for _ in range(first, min(n, first + 50))))
-        return out
-
-    silent = await batch(idle)
-    marks["idle"] = time.monotonic()
-    while idle and "go" not in marks:
-        await asyncio.sleep(0.05)
-    conns = await batch(calls)
-    marks["open"] = time.monotonic()
-    sent = received = 0
-
-    data = _packet(0)
-    framed = len(data).to_bytes(2, "big") + data
-
-    async def send(writer) -> None:  # noqa: ANN001
-        nonlocal sent
-        start = time.monotonic()
-        for k in range(int(seconds * 50)):   # on a 20 ms clock; a lost echo stalls nothing
-            await asyncio.sleep(max(0.0, start + 0.02 * k - time.monotonic()))
-            writer.write(framed)
-            sent += 1
-
-    async def receive(reader) -> None:  # noqa: ANN001
-        nonlocal received
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                await reader.readexactly(len(framed))
-                received += 1
-
-    readers = [asyncio.ensure_future(receive(r)) for r, _ in conns]
-    await asyncio.gather(*(send(w) for _, w in conns))
-    marks["done"] = time.monotonic()
-    await asyncio.sleep(0.5)   # the last echoes
-    for task in readers:
-        task.cancel()
-    for _, writer in conns + silent:
-        writer.close()
-    return {"sent": sent, "received": received}
-
-
-def _socket_memory(lab: Lab) -> dict:
-    """The relay namespace's TCP connections on the ICE-TCP port and its connected UDP sockets: how
-    many, and the bytes their buffers hold (ss skmem r + f + w + o + bl), plus the size of one TCP
-    and one UDP socket object (/proc/slabinfo, the kernel's own per-socket cost)."""
-    def held(argv: list[str]) -> tuple[int, int]:
-        out = lab.run(lab.relay_public.netns, argv).stdout
-        count = total = 0
-        for skmem in out.split("skmem:(")[1:]:
-            fields = dict((k.rstrip("0123456789"), int(k[len(k.rstrip("0123456789")):]))
-                          for k in skmem.split(")")[0].split(","))
-            count += 1
-            total += sum(fields.get(k, 0) for k in ("r", "f", "w", "o", "bl"))
-        return count, total
-
-    tcp_n, tcp_b = held(["ss", "-Htmn", "state", "established", f"sport = :{TCP_PORT}"])
-    udp_n, udp_b = held(["ss", "-Humn", "state", "established"])
-    objsize = {}
-    for line in open("/proc/slabinfo"):
-        fields = line.split()
-        if fields and fields[0] in ("TCP", "UDP", "TCPv6", "UDPv6"):
-            objsize[fields[0]] = int(fields[3])
-    return {"tcp_connections": tcp_n, "tcp_buffer_bytes": tcp_b, "udp_sockets": udp_n, "udp_buffer_bytes": udp_b,
-            "socket_object_bytes": objsize}
-
-
-def concurrent(calls: int, seconds: float, idle: int = 0) -> dict:
-    """Many TCP-carried voice calls at once through one relay: the agent's CPU and memory per call,
-    and the kernel's socket memory.  With ``idle``, that many routed connections that send nothing
-    more are opened first and the memory sampled then (per idle connection).  A lost echo is counted,
-    not waited for; when the client or the echo cannot keep up, ``packets_per_call_per_s_achieved``
-    says so."""
-    import asyncio
-
-    limit = str(calls + idle + 10)
-    with _echo_lab(["--max-session-flows", "0", "--tcp-max-per-source", limit,
-                    "--tcp-max-connections", limit]) as (lab, pid, _echo):
-        rss0, cpu0 = _rss_kib(pid), process_cpu_s(pid)
-        marks: dict = {}
-        samples: dict = {}
-
-        def run() -> dict:
-            loop = asyncio.new_event_loop()
-            task = loop.create_task(_calls((lab.relay_public.ip4, TCP_PORT), calls, seconds, marks, idle))
-            while "idle" not in marks:
-                loop.run_until_complete(asyncio.sleep(0.05))
-            samples.update(idle_rss=_rss_kib(pid), idle_kernel=_socket_memory(lab))
-            marks["go"] = True
-            while "open" not in marks:
-                loop.run_until_complete(asyncio.sleep(0.05))
-            samples.update(rss=_rss_kib(pid), cpu=process_cpu_s(pid), kernel=_socket_memory(lab))
-            result = loop.run_until_complete(task)
-            samples["cpu_end"] = process_cpu_s(pid)
-            loop.close()
-            return result
-
-        result = lab.in_netns(lab.client.netns, run, timeout=calls * 0.5 + seconds + 120)
-        result["relay_frames"] = control(lab, lambda c: c.health())["ice_tcp"]["frames"]   # in/out/dropped
-        busy = marks["done"] - marks["open"]
-        cpu = samples["cpu_end"] - samples["cpu"]
-        relayed = 2 * result["received"]
-        kernel = samples["kernel"]
-        per_conn = kernel["tcp_buffer_bytes"] + kernel["udp_buffer_bytes"]
-        return {"calls": calls, "idle": idle, "seconds": round(busy, 2), "packets_per_call_per_s": 50,   # each way
-                **result, "kernel_sockets": kernel, "kernel_sockets_idle": samples["idle_kernel"],
-                "agent_rss_kib_per_idle_connection": (round((samples["idle_rss"] - rss0) / idle, 1)
-                                                      if idle else None),
-                "kernel_buffer_bytes_per_connection": round(per_conn / max(1, kernel["tcp_connections"])),
-                "agent_cpu_fraction": round(cpu / busy, 3),
-                "agent_cpu_ns_per_packet": round(cpu * 1e9 / relayed) if relayed else None,
-                "packets_per_call_per_s_achieved": round(result["received"] / calls / busy, 1),
-                # a call is 100 relayed packets/s (50 each way)
-                "calls_per_core_at_this_cost": round(relayed / (cpu * 100)) if cpu and relayed else None,
-                "agent_rss_kib_per_call": round((samples["rss"] - samples["idle_rss"]) / calls, 1),
-                "setup_cpu_s": round(samples["cpu"] - cpu0, 3)}
 
 
 def setup_times(runs: int) -> dict:
@@ -517,10 +264,6 @@ def setup_times(runs: int) -> dict:
 
     return {"from": "the offer's arrival at the transceiver", "tcp": summary(times["tcp"]),
             "udp": summary(times["udp"]), "raw": times}
-
-
-def _rss_kib(pid: int) -> int:
-    return next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS:"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ process per call, pre-encoded Opus so callers cost no codec) that holds a random
 gaps in the echo it hears.  Meanwhile the relay's XDP program is reloaded (``edge attach`` over the
 running relay, as a deploy of a new build does), the edge agent is restarted, and one transceiver worker
 is killed once.  Every ``sample_s`` it reads RSS and open files of every process, the agent's counters
-and map fill, and the live calls.  ``assess`` turns that into the pass/fail lines the CI test asserts.
+and map fill, and the live calls.  ``assess`` (bench/soak_report.py) turns that into the pass/fail lines
+the CI test asserts.
 
 The agent restart is a crash (SIGKILL) and a new agent: the lab's agents run with ``--detach-on-exit``
 (so ``lab down`` leaves nothing pinned), which a SIGTERM would honour by removing the maps.  The maps,
@@ -28,9 +29,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+from splitrelay.bench.soak_plan import NOMINAL_MINUTES, SoakPlan, plan
+from splitrelay.bench.soak_report import assess, compact, plot, summary
 from splitrelay.client.node_call import NODE_DIR, SCRIPT, unavailable_reason
 from splitrelay.wire.control_client import ControlError
 from splitrelay.errors import SplitrelayError
@@ -40,12 +43,6 @@ from splitrelay.lab.stack import stop_lab, wait_ready, whip_token, whip_url
 from splitrelay.lab.topology import Lab
 from splitrelay.tokens import TOKEN_ENV
 
-NOMINAL_MINUTES = 60.0
-RELOAD_EVERY_S, RESTART_EVERY_S = 300.0, 900.0    # the nominal hour's: every 5 and every 15 minutes
-RELOAD_FLOOR_S, RESTART_FLOOR_S = 30.0, 60.0      # each costs a bcc compile: ~4-10 s of a core on this host
-CALL_MIN_S, CALL_MAX_S = 10.0, 120.0
-DROP_GAP_MS = 1000            # an echo silent this long is a dropped call
-GROWTH_LIMIT = 0.05           # RSS and open files, last samples over the first after the warm-up
 SETTLE_S = 30.0               # after the last call: sessions and flows gone within this
 CONNECT_TIMEOUT_S = 30.0      # a caller's offer to DTLS-connected; covers an agent restart's compile
 COMPILE_NICE = 10             # the reload's and the restarted agent's bcc compile: a relay host does not share
@@ -58,45 +55,6 @@ FORWARDED = {"ingress": "in_forwarded_pps", "egress": "out_forwarded_pps"}
 
 class SoakError(SplitrelayError):
     """The soak could not run or a disturbance could not be applied (one-line reason)."""
-
-
-@dataclass
-class SoakPlan:
-    """What a run does and when; ``plan()`` scales the nominal hour to ``minutes``."""
-
-    minutes: float
-    concurrency: int
-    call_min_s: float
-    call_max_s: float
-    reload_every_s: float
-    restart_every_s: float
-    kill_at_s: float
-    sample_s: float
-    warmup_s: float
-
-    @property
-    def duration_s(self) -> float:
-        return self.minutes * 60.0
-
-
-def plan(minutes: float, concurrency: int | None = None, call_s: tuple[float, float] | None = None) -> SoakPlan:
-    """The nominal hour (30 calls of 10-120 s; reload every 5 min, agent restart every 15, one worker
-    kill; a sample a minute; 5 minutes warm-up) scaled to ``minutes``: every interval times minutes/60,
-    but a reload not more often than every 30 s and a restart every 60 s (each compiles the program);
-    calls at most a sixth of the run (so each slot churns several times), at least 10-20 s; concurrency
-    30 from 10 minutes, 3 below (the CI's 3 minutes on this 2-core host, shared: 9 callers dropped calls
-    at load 9-13, 3 did not; RELIABILITY.md); sample every minutes/60 min, at least 5 s; the warm-up
-    is the first fifth of a shorter run.  The worker kill is half a reload interval after the middle,
-    so it never meets a reload or a restart."""
-    scale = minutes / NOMINAL_MINUTES
-    lo, hi = call_s or (CALL_MIN_S, max(CALL_MIN_S + 10.0, min(CALL_MAX_S, minutes * 60.0 / 6)))
-    reload_every = max(RELOAD_FLOOR_S, RELOAD_EVERY_S * scale)
-    concurrency = concurrency or (30 if minutes >= 10 else 3)
-    return SoakPlan(minutes=minutes, concurrency=concurrency,
-                    call_min_s=lo, call_max_s=hi, reload_every_s=reload_every,
-                    restart_every_s=max(RESTART_FLOOR_S, RESTART_EVERY_S * scale),
-                    kill_at_s=minutes * 30.0 + reload_every / 2, sample_s=max(5.0, 60.0 * scale),
-                    warmup_s=min(300.0, minutes * 12.0))
 
 
 def write_tone(path: Path, seconds: float = 1.0, frequency: float = 440.0) -> Path:
@@ -375,200 +333,6 @@ class Soak:
                 "events": self.events, "calls": self.calls, "samples": self.samples}
 
 
-# -- the verdict ------------------------------------------------------------------------------------
-
-
-def call_worker(report: dict) -> int | None:
-    """The worker that answered the call (its session resource is ``<worker>.<secret>``)."""
-    location = report.get("location")
-    return int(location.rsplit("/", 1)[1].split(".", 1)[0]) if location else None
-
-
-def classify(call: dict, kill: dict | None, agent_down: list[dict]) -> str:
-    """completed: connected, heard its echo, never silent for DROP_GAP_MS; killed: it was on the killed
-    worker while it died (or could reach no worker then); refused: it could not connect while the agent
-    was down (no ready ufrag left to answer with, strict policy: the transceiver answers 503); rejected:
-    its offer was refused at another time; failed: answered, but it never connected (see RELIABILITY.md:
-    libdatachannel callers that start together); dropped: it connected and lost its echo for
-    DROP_GAP_MS or more."""
-    r = call["report"] or {}
-    audio = r.get("audio")
-    long_gaps = [g for g in (audio or {}).get("gaps", []) if g[1] - g[0] >= DROP_GAP_MS]
-    if r.get("ok") and audio and audio["voiced_in"] and not long_gaps:
-        return "completed"
-    if kill and call["started_at"] <= kill["done"] + 2.0 and call["ended_at"] >= kill["at"] \
-            and call_worker(r) in (kill["worker"], None):
-        return "killed"
-    if audio is not None:
-        return "dropped"
-    if any(call["started_at"] <= e["done"] and call["ended_at"] >= e["at"] for e in agent_down):
-        return "refused"
-    return "rejected" if (r.get("error") or "").startswith(("WHIP POST", "the caller gave")) else "failed"
-
-
-def growth(samples: list[dict], p: SoakPlan) -> dict[str, dict]:
-    """Per process (and per life of it: a restarted agent or worker is a new one), RSS and open files
-    from the first samples after the warm-up to the last before the drain (the first call cut short by
-    the end), as a fraction: median of the last 3 over median of the first 3.  A process started during
-    the run has its own warm-up: a worker the run's (it fills with calls), an agent one sample after its
-    control API first answered (it holds no call; what it allocates comes with its compile).  Callers are
-    one aggregate, per live caller (their number moves).  A life with fewer than 4 samples in its window
-    is not judged."""
-    from statistics import median
-
-    lives: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
-    born: dict[tuple[str, int], float] = {}
-    for s in samples:
-        for name, u in s["procs"].items():
-            if name == "clients":
-                if not u["count"]:
-                    continue
-                key, rss, fds = ("clients", 0), u["rss_kib"] / u["count"], u["fds"] / u["count"]
-            else:
-                key, rss, fds = (name, u["pid"]), u["rss_kib"], u["fds"]
-            if name == "agent" and "counters" not in s:
-                continue       # still compiling: it serves from the first sample its control API answered
-            born.setdefault(key, s["t"] if s["t"] > p.sample_s * 1.5 else None)
-            own = 0.0 if born[key] is None else born[key] + (p.sample_s if name == "agent" else p.warmup_s)
-            if max(p.warmup_s, own) <= s["t"] <= p.duration_s - p.call_max_s:
-                lives.setdefault(key, []).append((s["t"], rss, fds))
-    out = {}
-    for (name, pid), points in lives.items():
-        if len(points) < 4:
-            continue
-        first, last = points[:3], points[-3:]
-        rss0, rss1 = median(x[1] for x in first), median(x[1] for x in last)
-        fds0, fds1 = median(x[2] for x in first), median(x[2] for x in last)
-        out[f"{name}" + (f"[{pid}]" if pid else "")] = {
-            "from_s": round(points[0][0], 1), "to_s": round(points[-1][0], 1), "samples": len(points),
-            "rss_kib": [round(rss0), round(rss1)], "rss_growth": round(rss1 / rss0 - 1, 4),
-            "fds": [round(fds0, 1), round(fds1, 1)], "fds_growth": round(fds1 / fds0 - 1, 4) if fds0 else 0.0}
-    return out
-
-
-def counters_went_back(samples: list[dict]) -> list[str]:
-    """Every counter that read less than at an earlier sample (the maps are pinned: none may)."""
-    last: dict[str, tuple[float, int]] = {}
-    back = []
-    for s in samples:
-        for name, value in s.get("counters", {}).items():
-            if name in last and value < last[name][1]:
-                back.append(f"{name}: {last[name][1]} at {last[name][0]:.0f} s, {value} at {s['t']:.0f} s")
-            last[name] = (s["t"], value)
-    return back
-
-
-def summary(results: dict) -> dict:
-    p = SoakPlan(**results["plan"])
-    kills = [e for e in results["events"] if e["what"] == "worker_kill"]
-    kinds: dict[str, int] = {"completed": 0, "killed": 0, "refused": 0, "rejected": 0, "failed": 0, "dropped": 0}
-    agent_down = [e for e in results["events"] if e["what"] == "agent_restart"]
-    gaps = []
-    for call in results["calls"]:
-        kind = classify(call, kills[0] if kills else None, agent_down)
-        call["class"] = kind
-        kinds[kind] += 1
-        if kind == "completed":
-            gaps.append(call["report"]["audio"]["max_gap_ms"])
-    gaps.sort()
-    final = results["samples"][-1] if results["samples"] else {}
-    steady = [s for s in results["samples"] if p.warmup_s <= s["t"] <= p.duration_s - p.call_max_s]
-    return {
-        "calls_started": len(results["calls"]), **{f"calls_{k}": v for k, v in kinds.items()},
-        "concurrent_mean": round(sum(s["calls_live"] for s in steady) / len(steady), 1) if steady else None,
-        "echo_gap_ms_max_p50": gaps[len(gaps) // 2] if gaps else None,
-        "echo_gap_ms_max_max": gaps[-1] if gaps else None,
-        "events": {what: sum(1 for e in results["events"] if e["what"] == what)
-                   for what in ("reload", "agent_restart", "worker_kill")},
-        "agent_down_s": [e.get("down_s") for e in agent_down],
-        "reload_s": [round(e["done"] - e["at"], 1) for e in results["events"] if e["what"] == "reload"],
-        "growth": growth(results["samples"], p),
-        "final_fill": {k: final.get(k) for k in ("flows", "pending", "call_sessions", "sessions",
-                                                 "transceiver_sessions")},
-        "baseline_sessions": results["baseline_sessions"],
-        "counters_went_back": counters_went_back(results["samples"]),
-        "samples_without_counters": sum(1 for s in results["samples"] if "counters" not in s),
-    }
-
-
-def assess(results: dict, s: dict | None = None) -> list[str]:
-    """What is wrong with the run, one line each (empty: it passed)."""
-    p, s = SoakPlan(**results["plan"]), s or summary(results)
-    wrong = []
-    if s["calls_started"] <= p.concurrency:
-        wrong.append(f"no churn: {s['calls_started']} calls started for {p.concurrency} slots")
-    for kind in ("dropped", "rejected"):
-        if s[f"calls_{kind}"]:
-            bad = [c for c in results["calls"] if c.get("class") == kind][:3]
-            wrong.append(f"{s[f'calls_{kind}']} calls {kind}, e.g. " + "; ".join(
-                f"#{c['index']} worker {call_worker(c['report'] or {})}: {(c['report'] or {}).get('error')}, "
-                f"gaps {[round(g[1] - g[0]) for g in ((c['report'] or {}).get('audio') or {}).get('gaps', [])]}"
-                for c in bad))
-    if s["events"]["worker_kill"] != 1 or not s["events"]["agent_restart"] or not s["events"]["reload"]:
-        wrong.append(f"not every disturbance happened: {s['events']}")
-    for name, g in s["growth"].items():
-        if g["rss_growth"] > GROWTH_LIMIT:
-            wrong.append(f"{name} RSS grew {g['rss_growth']:.1%} ({g['rss_kib'][0]} -> {g['rss_kib'][1]} KiB "
-                         f"from {g['from_s']} to {g['to_s']} s)")
-        if g["fds_growth"] > GROWTH_LIMIT and g["fds"][1] - g["fds"][0] > 2:
-            wrong.append(f"{name} open files grew {g['fds_growth']:.1%} ({g['fds'][0]} -> {g['fds'][1]})")
-    fill = s["final_fill"]
-    if (fill["flows"], fill["pending"], fill["call_sessions"], fill["transceiver_sessions"]) != (0, 0, 0, 0):
-        wrong.append(f"the relay's maps did not empty: {fill}")
-    if fill["sessions"] is not None and fill["sessions"] > s["baseline_sessions"]:
-        wrong.append(f"{fill['sessions']} sessions at the end, {s['baseline_sessions']} ready ufrags at the start")
-    if s["counters_went_back"]:
-        wrong.append("counters went back: " + "; ".join(s["counters_went_back"][:5]))
-    return wrong
-
-
-# -- the report -------------------------------------------------------------------------------------
-
-
-def plot(results: dict, out_dir: Path) -> Path:
-    """RSS of every process, live calls and the relay's packet rates over the run, one PNG; the
-    disturbances are vertical lines (reload dotted, agent restart dashed, worker kill solid)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    samples, p = results["samples"], SoakPlan(**results["plan"])
-    minutes = [s["t"] / 60 for s in samples]
-    fig, (rss_ax, calls_ax, pps_ax) = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True)
-    for name in ("agent", "supervisor", "worker0", "worker1", "clients", "soak"):
-        values = [s["procs"][name]["rss_kib"] / 1024 if name in s["procs"] else float("nan") for s in samples]
-        label = "callers (sum)" if name == "clients" else ("this bench" if name == "soak" else name)
-        rss_ax.plot(minutes, values, label=label)
-    rss_ax.set_ylabel("RSS (MiB)")
-    rss_ax.set_yscale("log")
-    rss_ax.legend(fontsize=7, ncol=3)
-    calls_ax.plot(minutes, [s["calls_live"] for s in samples], label="callers live")
-    def series(key: str) -> list[float]:   # a gap where the agent or a worker could not be read
-        return [float("nan") if s.get(key) is None else s[key] for s in samples]
-
-    calls_ax.plot(minutes, series("transceiver_sessions"), label="transceiver sessions")
-    calls_ax.plot(minutes, series("flows"), label="relay flows")
-    calls_ax.set_ylabel("calls")
-    calls_ax.legend(fontsize=7)
-    for key, label in (("in_forwarded_pps", "client -> transceiver"),
-                       ("out_forwarded_pps", "transceiver -> client")):
-        pps_ax.plot(minutes, series(key), label=label)
-    pps_ax.set_ylabel("forwarded pkt/s")
-    pps_ax.set_xlabel("minutes")
-    pps_ax.legend(fontsize=7)
-    styles = {"reload": ":", "agent_restart": "--", "worker_kill": "-"}
-    for ax in (rss_ax, calls_ax, pps_ax):
-        for e in results["events"]:
-            ax.axvline((e["at"] - results["t0"]) / 60, color="grey", linestyle=styles[e["what"]], linewidth=0.8)
-    rss_ax.set_title(f"Soak, {p.minutes:g} min: reloads dotted, agent restarts dashed, worker kill solid")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"soak-{p.minutes:g}min.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
 
 def run_soak(p: SoakPlan, name: str | None = None, progress=None) -> dict:  # noqa: ANN001
     """Run the soak described by ``p`` in a new lab (removed after); returns its results with ``summary``
@@ -593,20 +357,6 @@ def run_soak(p: SoakPlan, name: str | None = None, progress=None) -> dict:  # no
     results["summary"] = summary(results)
     results["failures"] = assess(results, results["summary"])
     return results
-
-
-def compact(results: dict) -> dict:
-    """The results to keep in a file: each call by its class, worker, times, error and gaps of 1 s or more
-    (an hour holds ~1,700 calls; their every 200 ms gap and log tail made 0.5 MB in 10 minutes)."""
-    def call(c: dict) -> dict:
-        r, audio = c["report"] or {}, (c["report"] or {}).get("audio") or {}
-        return {"index": c["index"], "class": c.get("class"), "worker": call_worker(r), "hold_s": c["hold_s"],
-                "started_at": round(c["started_at"], 2), "ended_at": round(c["ended_at"], 2),
-                "error": r.get("error"), "voiced_in": audio.get("voiced_in"),
-                "max_gap_ms": audio.get("max_gap_ms"),
-                "gaps": [g for g in audio.get("gaps", []) if g[1] - g[0] >= DROP_GAP_MS]}
-
-    return {**results, "calls": [call(c) for c in results["calls"]]}
 
 
 def _call_range(text: str) -> tuple[float, float]:

@@ -36,13 +36,16 @@ from aiohttp import web
 from splitrelay import defaults
 from prometheus_client import CONTENT_TYPE_LATEST
 from splitrelay.edge.backend_sources import BackendFollower, BackendSpec, file_reader, kubernetes_reader
-from splitrelay.edge.control import BACKEND_LIVE_S, BackendLimits, ControlAPI, off_loop
+from splitrelay.edge.control import BACKEND_LIVE_S, ControlAPI
+from splitrelay.edge.control_requests import BackendLimits
 from splitrelay.edge.credentials import check_master
 from splitrelay.edge import ice_tcp
+from splitrelay.edge.ice_tcp_limits import IceTcpConfig
 from splitrelay.edge.metrics import EdgeMetrics
 from splitrelay.edge.plane import DataPlane, PlaneConfig
 from splitrelay.edge import interfaces
 from splitrelay.edge.records import Backend, DataPlaneError, check_range
+from splitrelay.edge.session_deletions import off_loop
 from splitrelay.edge.userspace.plane import UserspacePlane
 from splitrelay.edge.xdp.plane import XdpPlane
 
@@ -77,11 +80,11 @@ class AgentConfig(PlaneConfig):
     backend_live_s: float = BACKEND_LIVE_S
     plane_kind: str = defaults.PLANE      # "xdp" | "userspace" (PLANES)
     tcp_port: int = 0                     # ICE-TCP (edge/ice_tcp.py); `edge serve --tcp-port` defaults to 443
-    tcp_max_connections: int = ice_tcp.IceTcpConfig.max_connections
-    tcp_max_per_source: int = ice_tcp.IceTcpConfig.max_per_source
+    tcp_max_connections: int = IceTcpConfig.max_connections
+    tcp_max_per_source: int = IceTcpConfig.max_per_source
 
-    def ice_tcp_config(self) -> ice_tcp.IceTcpConfig:
-        return ice_tcp.IceTcpConfig(port=self.tcp_port, max_connections=self.tcp_max_connections,
+    def ice_tcp_config(self) -> IceTcpConfig:
+        return IceTcpConfig(port=self.tcp_port, max_connections=self.tcp_max_connections,
                                     max_per_source=self.tcp_max_per_source, idle_s=self.idle_timeout_s)
 
     def plane_config(self) -> PlaneConfig:

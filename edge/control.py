@@ -24,35 +24,28 @@ token cannot turn the relay into a forwarder toward any address it likes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
-import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from typing import Any, TypeVar
 
 from aiohttp import web
 from splitrelay.bpf.consts import MAX_BACKEND_ID
+from splitrelay.edge.control_requests import BACKEND_FIELDS, DIGITS_RE, MAX_BODY, SESSION_FIELDS, ApiError
+from splitrelay.edge.control_requests import BackendLimits, checked_backend_id, checked_ufrag
+from splitrelay.edge.control_requests import instance_field, int_field, ip_field, json_object
 from splitrelay.edge.credentials import ADMIN, BackendRange, Credentials, Pool, covers
 from splitrelay.edge.null_plane import NullPlane
 from splitrelay.edge.plane import DataPlane
 from splitrelay.edge.records import Backend, DataPlaneError, TableFullError
-from splitrelay.wire.stun import UFRAG_RULE, is_ufrag
+from splitrelay.edge.session_deletions import SessionDeletions, off_loop
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-DIGITS_RE = re.compile(r"[0-9]{1,7}")  # ASCII only: str.isdigit() also takes '١' and 5000-digit strings
 OPEN_PATHS = {"/metrics", "/v1/health"}
-MAX_BODY = 16 * 1024
-MAX_INSTANCE_LEN = 64
 DEFAULT_FLOW_LIMIT = 1000
 MAX_FLOW_LIMIT = 1_000_000
-BACKEND_FIELDS = {"ip", "ip6", "port", "instance"}
-SESSION_FIELDS = {"backend"}
 PRINCIPAL = web.RequestKey("principal", object)  # ADMIN, a backend id or range: who the middleware found asking
 POOL_ADDRESS = web.RequestKey("pool_address", str)  # a pool token's caller: its backend must be at this address
 
@@ -74,171 +67,8 @@ def _id_of_address(remote: str) -> int | None:
 BACKEND_LIVE_S = 30.0  # a backend refreshed this recently is live: another instance cannot take its id
 
 
-class BackendLimits:
-    """Where backends may be: addresses within ``networks`` (empty: anywhere) and ports within ``ports``."""
-
-    def __init__(self, networks: list[str] | tuple[str, ...] = (), ports: tuple[int, int] = (1, 65535)) -> None:
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
-        self.ports = ports
-
-    def refusal(self, ip4: str | None, ip6: str | None, port: int) -> str | None:
-        """Why a backend at these addresses and port is not allowed (one line), or None."""
-        first, last = self.ports
-        if not first <= port <= last:
-            return f"backend port {port} is outside the allowed range {first}-{last}"
-        for ip in (ip4, ip6):
-            addr = ipaddress.ip_address(ip) if ip else None
-            if addr is not None and self.networks and not any(addr in n for n in self.networks):
-                allowed = ", ".join(str(n) for n in self.networks)
-                return f"backend address {ip} is outside the allowed networks ({allowed})"
-        return None
-
-
-class ApiError(web.HTTPException):
-    """An answer with a JSON body ``{"error": message}``; raised anywhere in a handler."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        self.status_code = status
-        message = " ".join(str(message).split()) or "error"  # one line, always
-        super().__init__(text=json.dumps({"error": message}), content_type="application/json",
-                         headers=headers)
-
-
-BadRequest = ApiError  # the name earlier code used
-
-
-def _backend_id(raw: str) -> int:
-    if not DIGITS_RE.fullmatch(raw) or not 1 <= int(raw) <= MAX_BACKEND_ID:
-        raise ApiError(400, f"backend id must be an integer 1..{MAX_BACKEND_ID}")
-    return int(raw)
-
-
-def _ufrag(raw: str) -> str:
-    if not is_ufrag(raw):
-        raise ApiError(400, UFRAG_RULE)
-    return raw
-
-
-async def _json_object(request: web.Request, allowed: set[str]) -> dict[str, Any]:
-    if request.content_length and request.content_length > MAX_BODY:
-        raise ApiError(413, f"body larger than {MAX_BODY} bytes")
-    try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError, RecursionError):  # JSONDecodeError is a ValueError
-        raise ApiError(400, "body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
-    return body
-
-
-def _int_field(body: dict, name: str, low: int, high: int) -> int:
-    value = body.get(name)
-    if type(value) is not int or not low <= value <= high:  # bool is an int subclass: refused too
-        raise ApiError(400, f"'{name}' must be an integer {low}..{high}")
-    return value
-
-
-def _ip_field(body: dict, name: str, version: int) -> str | None:
-    """An optional unicast address of one family (null or absent = not given)."""
-    value = body.get(name)
-    if value is None:
-        return None
-    try:
-        addr = ipaddress.ip_address(value) if isinstance(value, str) else None
-    except ValueError:
-        addr = None
-    if addr is None or addr.version != version or (version == 6 and addr.scope_id):
-        raise ApiError(400, f"'{name}' must be an IPv{version} address")
-    if addr.is_unspecified or addr.is_multicast or addr.is_loopback or (
-            version == 4 and addr == ipaddress.IPv4Address("255.255.255.255")):
-        raise ApiError(400, f"'{name}' must be a unicast address a relay can forward to, not {addr}")
-    return str(addr)
-
-
-def _instance_field(body: dict) -> str | None:
-    value = body.get("instance")
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_INSTANCE_LEN or not value.isprintable():
-        raise ApiError(400, f"'instance' must be a printable string of 1..{MAX_INSTANCE_LEN} characters")
-    return value
-
-
 def _age_s(now_ns: int, then_ns: int) -> float:
     return round(max(0, now_ns - then_ns) / 1e9, 3)
-
-
-async def off_loop(walker: Executor | None, fn: Callable[..., T], *args: Any) -> T:
-    """Run a call that reads a whole map in the agent's table-walker thread (or here, when it has none).
-
-    A read of a large flow table takes milliseconds to seconds; on the event loop it
-    would hold up every registration (a new call's setup) behind it.  The XDP agent
-    gives one single-thread executor, so walks never overlap each other; the
-    userspace relay's tables live on the loop, so it gives none.
-    """
-    if walker is None:
-        return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(walker, fn, *args)
-
-
-class SessionDeletions:
-    """Session DELETEs that arrive together share one pass over the flow table.
-
-    Finding a session's flows means reading the whole flow map (XDP learns flows
-    without telling the agent); at tens of thousands of flows one read takes
-    milliseconds, so deleting calls one by one would cap hang-ups per second.  A
-    DELETE joins the pending set and waits; one sweep at a time removes the whole
-    set with ``del_sessions`` (one read), and the requests that arrived while it
-    ran form the next (no fixed window: at low rates a DELETE is not delayed, and
-    under load the requests queued during one read make the next batch).  The
-    answer still comes after the flows are gone.
-    """
-
-    def __init__(self, plane: DataPlane, walker: Executor | None = None) -> None:
-        self.plane = plane
-        self.walker = walker
-        self._pending: dict[str, asyncio.Future[bool]] = {}
-        self._sweeping: set[str] = set()
-        self._sweeper: asyncio.Task | None = None
-
-    def pending(self, ufrag: str) -> bool:
-        return ufrag in self._pending or ufrag in self._sweeping
-
-    async def delete(self, ufrag: str) -> bool:
-        """Remove the session and its flows; False if there was no such session."""
-        future = self._pending.get(ufrag)
-        if future is None:
-            future = self._pending[ufrag] = asyncio.get_running_loop().create_future()
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.create_task(self._sweep(), name="session-deletions")
-        return await asyncio.shield(future)  # a client that hangs up does not cancel the others' sweep
-
-    async def close(self) -> None:
-        """Let the sweep in progress finish (its DELETEs were accepted: their sessions must go)."""
-        if self._sweeper is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._sweeper)
-
-    async def _sweep(self) -> None:
-        while self._pending:
-            await asyncio.sleep(0)  # the DELETEs whose handlers are already running join this batch
-            batch, self._pending = self._pending, {}
-            self._sweeping = set(batch)
-            try:
-                removed = await off_loop(self.walker, self.plane.del_sessions, list(batch))
-            except Exception as exc:  # noqa: BLE001 - every waiter gets the failure
-                for future in batch.values():
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            finally:
-                self._sweeping = set()
-            for ufrag, future in batch.items():
-                if not future.done():
-                    future.set_result(removed[ufrag])
 
 
 class ControlAPI:
@@ -369,15 +199,15 @@ class ControlAPI:
         return web.json_response([self._backend_json(b) for b in self.plane.backends()])
 
     async def put_backend(self, request: web.Request) -> web.Response:
-        backend_id = _backend_id(request.match_info["id"])
+        backend_id = checked_backend_id(request.match_info["id"])
         self._owner(request, backend_id, where_registered=False)  # a pool caller: its own address, below
-        body = await _json_object(request, BACKEND_FIELDS)
-        ip4 = _ip_field(body, "ip", 4)
-        ip6 = _ip_field(body, "ip6", 6)
+        body = await json_object(request, BACKEND_FIELDS)
+        ip4 = ip_field(body, "ip", 4)
+        ip6 = ip_field(body, "ip6", 6)
         if not ip4 and not ip6:
             raise ApiError(400, "a backend needs 'ip' (IPv4) or 'ip6'")
-        port = _int_field(body, "port", 1, 65535)
-        instance = _instance_field(body)
+        port = int_field(body, "port", 1, 65535)
+        instance = instance_field(body)
         refusal = self.limits.refusal(ip4, ip6, port)
         if refusal:
             raise ApiError(403, refusal)
@@ -437,7 +267,7 @@ class ControlAPI:
         return dropped
 
     async def delete_backend(self, request: web.Request) -> web.Response:
-        backend_id = _backend_id(request.match_info["id"])
+        backend_id = checked_backend_id(request.match_info["id"])
         self._owner(request, backend_id)
         if not self.plane.del_backend(backend_id):  # its sessions and flows go too
             raise ApiError(404, f"no backend {backend_id}")
@@ -448,7 +278,7 @@ class ControlAPI:
     async def list_sessions(self, request: web.Request) -> web.Response:
         """Every session (admin), or with ``?backend=N`` one backend's (its own token suffices)."""
         raw = request.query.get("backend")
-        only = _backend_id(raw) if raw is not None else None
+        only = checked_backend_id(raw) if raw is not None else None
         if only is None:
             self._admin(request)
         else:
@@ -469,9 +299,9 @@ class ControlAPI:
         ])
 
     async def put_session(self, request: web.Request) -> web.Response:
-        ufrag = _ufrag(request.match_info["ufrag"])
-        body = await _json_object(request, SESSION_FIELDS)
-        backend_id = _int_field(body, "backend", 1, MAX_BACKEND_ID)
+        ufrag = checked_ufrag(request.match_info["ufrag"])
+        body = await json_object(request, SESSION_FIELDS)
+        backend_id = int_field(body, "backend", 1, MAX_BACKEND_ID)
         self._owner(request, backend_id)
         if self.plane.backend(backend_id) is None:
             raise ApiError(409, f"backend {backend_id} is not registered")
@@ -493,7 +323,7 @@ class ControlAPI:
         return web.json_response({"ufrag": ufrag, "backend": backend_id}, status=201)
 
     async def delete_session(self, request: web.Request) -> web.Response:
-        ufrag = _ufrag(request.match_info["ufrag"])
+        ufrag = checked_ufrag(request.match_info["ufrag"])
         principal = request[PRINCIPAL]
         if principal != ADMIN:
             existing = self.plane.session(ufrag)

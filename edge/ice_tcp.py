@@ -36,63 +36,19 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from splitrelay.bpf import consts
-from splitrelay.edge.counters import counter_specs
+from splitrelay.edge.ice_tcp_limits import BATCH, BROWSER_LOW_PORTS, CLOSE_REASONS, MAX_FRAME, MAX_PENDING
+from splitrelay.edge.ice_tcp_limits import PORT_TRIES, ROUTING_REASON, SESSION_CHECK_SWEEPS, SWEEP_S, IceTcpConfig
 from splitrelay.edge.plane import DataPlane
 from splitrelay.edge.records import DataPlaneError
 from splitrelay.edge.routing import RoutingTables, route
 from splitrelay.edge import interfaces
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PORT = 443
-BROWSER_LOW_PORTS = (80, 443)   # measured in the lab: Chromium connected to 80, 443, 3478, and not to 1000
-MAX_FRAME = 2048           # bytes: a DTLS flight fragment, SRTP or STUN is < 1500; anything longer is refused
-MAX_PENDING = 256 << 10    # reply bytes queued toward a client that reads slowly; beyond: replies dropped
-BATCH = 64                 # datagrams read from a transceiver per wakeup
-PORT_TRIES = 8             # ephemeral ports drawn before a connection is refused (all inside the flow pool)
-SWEEP_S = 1.0              # how often timeouts are checked (their resolution)
-SESSION_CHECK_SWEEPS = 5   # every 5th sweep, connections routed by a session check that it still exists
-
-CLOSE_REASONS = {          # reason label -> what happened (each closes the connection)
-    "limit_relay": "the relay already holds max_connections TCP connections",
-    "limit_source": "the source address already holds max_per_source connections",
-    "first_frame_timeout": "no complete first frame within first_frame_s (slowloris)",
-    "not_stun": "the first frame is not STUN",
-    "oversized": "a frame longer than MAX_FRAME (or empty)",
-    "truncated": "the client closed in the middle of a frame",
-    "idle": "no frame for idle_s (consent has expired at the client by then)",
-    "no_port": "no UDP socket toward the transceiver could be opened",
-    "session_gone": "its session was deleted (a hang-up): as the UDP path removes the session's flows",
-    "closed": "the client closed between frames (the normal end)",
-}
-
-# a first frame the routing decision refuses closes its connection under that counter's reason
-ROUTING_REASON = {spec.name: spec.reason for spec in counter_specs()}
-
-
-@dataclass
-class IceTcpConfig:
-    """The listener's limits (``edge serve --tcp-*``)."""
-
-    port: int = DEFAULT_PORT            # 0: no listener
-    max_connections: int = 20000
-    max_per_source: int = 256           # a NAT or a proxy puts many clients behind one address
-    first_frame_s: float = 5.0          # browsers send their first check at once
-    idle_s: float = 30.0                # RFC 7675: a client's consent expires after 30 s without a response
-
-    def check(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise DataPlaneError(f"TCP port must be 0..65535 (0: no ICE-TCP), got {self.port}")
-        if self.max_connections < 1 or self.max_per_source < 1:
-            raise DataPlaneError("TCP connection limits must be >= 1")
-        if self.first_frame_s <= 0 or self.idle_s < self.first_frame_s:
-            raise DataPlaneError("TCP timeouts must be > 0, the idle one >= the first-frame one")
 
 
 def _lookup(get: Callable, key):  # noqa: ANN001, ANN202
@@ -417,8 +373,9 @@ class IceTcpCollector(Collector):
             "connections": GaugeMetricFamily("splitrelay_edge_tcp_connections",
                                              "ICE-TCP connections open (routed or awaiting their first frame)"),
             "closed": CounterMetricFamily("splitrelay_edge_tcp_closed",
-                                          "ICE-TCP connections closed, by reason (ice_tcp.CLOSE_REASONS, or the "
-                                          "routing counter that refused the first frame)", labels=["reason"]),
+                                          "ICE-TCP connections closed, by reason (ice_tcp_limits.CLOSE_REASONS, "
+                                          "or the routing counter that refused the first frame)",
+                                          labels=["reason"]),
             "frames": CounterMetricFamily("splitrelay_edge_tcp_frames",
                                           "RFC 4571 frames carried: in (client to transceiver), out, dropped",
                                           labels=["direction"]),

@@ -29,7 +29,7 @@ import sys
 import time
 
 from splitrelay.bpf import SOURCE_DIR
-from splitrelay.edge.ice_tcp import MAX_FRAME
+from splitrelay.edge.ice_tcp_limits import MAX_FRAME
 from splitrelay.errors import SplitrelayError
 
 SO_COOKIE = 57                       # asm-generic/socket.h

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from splitrelay.edge.ice_tcp import MAX_FRAME
+from splitrelay.edge.ice_tcp_limits import MAX_FRAME
 from splitrelay.edge.ice_tcp_splice import read_exactly as _read_exactly
 from tests.netns import private_netns
 

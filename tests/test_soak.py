@@ -9,7 +9,9 @@ import json
 
 import pytest
 
-from splitrelay.bench.soak import assess, classify, plan, run_soak, summary
+from splitrelay.bench.soak import run_soak
+from splitrelay.bench.soak_plan import plan
+from splitrelay.bench.soak_report import assess, classify, summary
 from splitrelay.client.node_call import unavailable_reason
 
 from .conftest import needs_root
