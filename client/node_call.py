@@ -46,7 +46,9 @@ def node_calls(stack: str, whip_url: str, wrapper: list[str] | None = None, call
     """``calls`` calls by ``stack`` to ``whip_url``, one after another in one node process, each
     connected (or failed) and hung up; one report per call: ``ok``, ``error``, ``ice_connected_ms``,
     ``dtls_connected_ms`` (from the POST leaving), ``gap_ms``, ``answer_setup``, ``delete_status``,
-    ``events``; with ``hold`` (s) each call stays up that long once connected and reports the audio it
+    ``events``, ``answer_fingerprints`` ([algorithm, value] per line) and, for libdatachannel,
+    ``certificate`` (the server certificate's fingerprint as its DTLS hashed it, once one arrived); with
+    ``hold`` (s) each call stays up that long once connected and reports the audio it
     received (``rtp_in``, ``last_rtp_ms``); ``dead_candidate`` ("ip:port"): the client sees one more
     server candidate there, of the highest priority, which never answers; ``token``: the WHIP bearer
     token, handed over in the environment (not argv, which any local user can read).  Raises NodeCallError when

@@ -24,6 +24,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
 from splitrelay.transceiver.audio import OutboundAudio, RtpArrivals, StageTimes, VoiceReceiver
+from splitrelay.transceiver.dtls_fingerprint import sha256_only
 from splitrelay.transceiver.dtls_role import answer_passive, dtls_transports
 from splitrelay.transceiver.handlers import SAMPLE_RATE, Handler, PcmFrame
 from splitrelay.transceiver.history import StateChange, StateHistory
@@ -185,7 +186,7 @@ class Session:
         self.timings.answer_ms = self.timings.since_offer()
         if connect_timeout:
             self.keep(self._end_unless_connected(connect_timeout))
-        return pc.localDescription.sdp
+        return sha256_only(pc.localDescription).sdp  # one fingerprint (dtls_fingerprint.py)
 
     def keep(self, coro: Awaitable[None]) -> asyncio.Task:
         """Run ``coro`` for as long as the session lives (cancelled when it closes)."""

@@ -6,7 +6,8 @@
 // Offers one sendrecv Opus audio m-line (what the transceiver requires, transceiver/whip.py check_offer)
 // with all candidates (no trickle), POSTs it, applies the answer and waits for the client's own ICE
 // "connected" and its peer connection "connected" (= DTLS done: the SRTP keys exist), then DELETEs the
-// session and prints one JSON object (a line) on stdout. Times are ms from the POST leaving
+// session and prints one JSON object (a line) on stdout (with libdatachannel, "certificate": what its
+// DTLS hashed our certificate to, under which algorithm, also when it refused it). Times are ms from the POST leaving
 // (performance.now()). Everything here is the stack's public API: nothing about the call is staged.
 "use strict";
 
@@ -66,6 +67,10 @@ function libdatachannel(record, onRtp) {
     },
     async answer(sdp) { pc.setRemoteDescription(sdp, "answer"); },
     close() { pc.close(); },  // ndc.cleanup() here segfaults node-datachannel 0.33.4 (exit 139)
+    certificate() {   // the server certificate's fingerprint as its DTLS computed it, once one arrived
+      const f = pc.remoteFingerprint();
+      return f && f.value ? { algorithm: f.algorithm, value: f.value } : null;
+    },
     ssrc,
     send(packet) { return track.sendMessageBinary(packet); },   // a whole RTP packet: libdatachannel adds SRTP
   };
@@ -117,7 +122,8 @@ async function oneCall(args) {
     return e ? e.t : null;
   };
   const result = { stack: args.stack, ok: false, ice_connected_ms: null, dtls_connected_ms: null, gap_ms: null,
-                   answer_ms: null, answer_setup: null, delete_status: null, events, error: null };
+                   answer_ms: null, answer_setup: null, answer_fingerprints: [], certificate: null,
+                   delete_status: null, events, error: null };
   const heard = args.sendOpus ? new HeardAudio() : null;
   const peer = args.stack === "werift" ? werift(record) : libdatachannel(record, heard && ((m) => heard.packet(m)));
   result.version = peer.version;
@@ -140,6 +146,7 @@ async function oneCall(args) {
     location = new URL(response.headers.get("Location"), args.url).href;
     const setup = /^a=setup:(\S+)/m.exec(answer);
     result.answer_setup = setup ? setup[1] : null;
+    result.answer_fingerprints = [...answer.matchAll(/^a=fingerprint:(\S+) (\S+?)\r?$/gm)].map((m) => [m[1], m[2]]);
     await peer.answer(args.deadCandidate ? withDeadCandidate(answer, args.deadCandidate) : answer);
     for (;;) {
       const ice = firstAt("ice", ["connected", "completed"]);
@@ -159,6 +166,9 @@ async function oneCall(args) {
     result.error = String(e && e.message || e).split("\n")[0];
   }
   clearTimeout(timer);
+  if (peer.certificate) {
+    try { result.certificate = peer.certificate(); } catch (e) { /* a closed peer: stays null */ }
+  }
   if (!result.error && args.holdMs > 0) {   // --hold-ms: stay in the call, count the audio that comes
     const sender = heard ? new OpusSender(args.sendOpus, peer) : null;
     if (heard) heard.start();
