@@ -1,7 +1,9 @@
 """Setup time to DTLS connected, per client stack, through the XDP relay (issue 20 §3).
 
-Four standard WebRTC stacks call one echo transceiver through one relay (XDP, ``strict`` policy),
-one call at a time: each client's calls one after another in one process (one browser, one node
+Four standard WebRTC stacks call an echo transceiver through one relay (XDP, ``strict`` policy),
+one call at a time, once per DTLS role strategy (``--dtls-role``, transceiver/dtls_role.py: one
+transceiver per role in the same lab, each client's calls to the one then the other).  Each
+client's calls run one after another in one process (one browser, one node
 process, one aiortc probe), the first of them a warm-up that is not counted, as a long-running agent
 or app would run them and as bench/session_setup.py runs aiortc.  Each call is timed by the client
 itself, from the moment its offer is POSTed: *ICE* until its own ICE is connected, *DTLS* until its
@@ -10,6 +12,7 @@ where a dropped ClientHello shows as a retransmission timer (1 s and more).  Eac
 (WHIP DELETE) as soon as it is connected.
 
     python -m splitrelay.bench.dtls_setup --runs 20            # a markdown table on stdout
+    python -m splitrelay.bench.dtls_setup --runs 20 --dtls-role passive   # one strategy only
     python -m splitrelay.bench.dtls_setup --runs 20 --json     # every call and the summary
     python -m splitrelay.bench.dtls_setup --section --into BENCHMARKS.md
 """
@@ -28,6 +31,7 @@ from dataclasses import asdict, dataclass
 from splitrelay.bench import report_file
 from splitrelay.bench.sessions import _quantile
 from splitrelay.tokens import TOKEN_ENV
+from splitrelay.transceiver.dtls_role import ROLES
 
 CLIENTS = ("chromium", "libdatachannel", "werift", "aiortc")
 GAP_TARGET_MS = 50.0          # issue 20: DTLS connected within 50 ms of ICE connected at the client ...
@@ -46,6 +50,7 @@ class Setup:
     dtls_ms: float | None
     answer_setup: str | None = None     # the answer's a=setup (who sends the ClientHello)
     error: str | None = None
+    dtls_role: str | None = None        # the transceiver's --dtls-role (None: a run before the option)
 
     @property
     def gap_ms(self) -> float | None:
@@ -111,21 +116,26 @@ def aiortc_setups(whip_url: str, runs: int, wrapper: list[str], token: str | Non
             else Setup("aiortc", None, None, error=r["error"]) for r in reports]
 
 
-def measure(runs: int, clients: tuple[str, ...] = CLIENTS, warmup: int = 1,
+def measure(runs: int, clients: tuple[str, ...] = CLIENTS, warmup: int = 1, roles: tuple[str, ...] = ROLES,
             progress: Callable[[str], None] = lambda line: None) -> list[Setup]:
-    """``runs`` calls per client through a fresh one-relay lab, which is torn down at the end; each
-    client's first ``warmup`` calls (its code and crypto loading, compiling) are not counted."""
+    """``runs`` calls per client and role through a fresh one-relay lab with one transceiver per
+    ``--dtls-role``, torn down at the end; each client's first ``warmup`` calls to each (its code and
+    crypto loading, compiling) are not counted."""
     from splitrelay.lab.netns import nsenter_argv
-    from splitrelay.lab.stack import start_lab, stop_lab
+    from splitrelay.lab.stack import start_lab, start_transceiver, stop_lab, whip_url
     from splitrelay.lab.topology import Lab
 
-    info = start_lab(transceivers=1, relays=1)
+    info = start_lab(transceivers=len(roles), relays=1, handler=None)
     lab = Lab.load(info["name"])
-    url, wrapper, calls = info["whip_url"], nsenter_argv(lab.client.netns, []), runs + warmup
-    token = info["whip_token"]
+    wrapper, calls, token = nsenter_argv(lab.client.netns, []), runs + warmup, info["whip_token"]
     results: list[Setup] = []
     try:
-        for client in clients:
+        urls = {}
+        for t, role in zip(lab.transceivers, roles, strict=True):
+            start_transceiver(lab, t, "echo", ["--dtls-role", role])
+            urls[role] = whip_url(t)
+        for client, role in ((c, r) for c in clients for r in roles):
+            url = urls[role]
             if client == "chromium":
                 from splitrelay.client.browser import Browser
 
@@ -135,19 +145,22 @@ def measure(runs: int, clients: tuple[str, ...] = CLIENTS, warmup: int = 1,
                 setups = aiortc_setups(url, calls, wrapper, token)
             else:
                 setups = node_setups(client, url, wrapper, calls, token)
+            for setup in setups:
+                setup.dtls_role = role
             results += setups[warmup:] if len(setups) == calls else setups
             gaps = (f"{s.gap_ms:.0f}" if s.gap_ms is not None else s.error or "?" for s in setups)
-            progress(f"{client} gaps (ms, the first a warm-up): {', '.join(gaps)}")
+            progress(f"{client} --dtls-role {role} gaps (ms, the first a warm-up): {', '.join(gaps)}")
     finally:
         stop_lab(lab.name)
     return results
 
 
 def summarize(results: list[Setup]) -> list[dict]:
-    """Per client: p50/p95 of ICE and DTLS setup, the gap, how many gaps met the target."""
+    """Per client and role: p50/p95 of ICE and DTLS setup, the gap, how many gaps met the target."""
     rows = []
-    for client in dict.fromkeys(r.client for r in results):
-        done = [r for r in results if r.client == client and r.gap_ms is not None]
+    for client, role in dict.fromkeys((r.client, r.dtls_role) for r in results):
+        mine = [r for r in results if (r.client, r.dtls_role) == (client, role)]
+        done = [r for r in mine if r.gap_ms is not None]
         ice, dtls, gap = (sorted(getattr(r, name) for r in done) for name in ("ice_ms", "dtls_ms", "gap_ms"))
 
         def q(values: list[float], p: float) -> float | None:
@@ -155,7 +168,7 @@ def summarize(results: list[Setup]) -> list[dict]:
 
         target = round(1.2 * q(ice, 0.95) + 50.0, 1) if ice else None
         rows.append({
-            "client": client, "runs": sum(r.client == client for r in results), "connected": len(done),
+            "client": client, "dtls_role": role, "runs": len(mine), "connected": len(done),
             "answer_setup": sorted({r.answer_setup for r in done if r.answer_setup}),
             "ice_p50_ms": q(ice, 0.5), "ice_p95_ms": q(ice, 0.95),
             "dtls_p50_ms": q(dtls, 0.5), "dtls_p95_ms": q(dtls, 0.95),
@@ -163,7 +176,7 @@ def summarize(results: list[Setup]) -> list[dict]:
             "within_50ms": sum(g <= GAP_TARGET_MS for g in gap),
             "retransmissions": sum(g >= RETRANSMISSION_MS for g in gap),
             "dtls_p95_target_ms": target,
-            "ok": bool(done) and len(done) == sum(r.client == client for r in results)
+            "ok": bool(done) and len(done) == len(mine)
             and sum(g <= GAP_TARGET_MS for g in gap) >= GAP_TARGET_SHARE * len(done)
             and q(dtls, 0.95) <= target,
         })
@@ -171,10 +184,12 @@ def summarize(results: list[Setup]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| client | answer | connected | ICE p50 / p95 ms | DTLS p50 / p95 ms | gap p50 / p95 / max ms "
-            "| gap ≤ 50 ms | retransmissions | DTLS p95 target ms | met |\n" + "|---" * 10 + "|\n")
+    head = ("| client | --dtls-role | answer | connected "
+            "| ICE p50 / p95 ms | DTLS p50 / p95 ms | gap p50 / p95 / max ms "
+            "| gap ≤ 50 ms | retransmissions | DTLS p95 target ms | met |\n" + "|---" * 11 + "|\n")
     return head + "".join(
-        f"| {r['client']} | {'/'.join(r['answer_setup']) or '-'} | {r['connected']}/{r['runs']} "
+        f"| {r['client']} | {r.get('dtls_role') or '-'} | {'/'.join(r['answer_setup']) or '-'} "
+        f"| {r['connected']}/{r['runs']} "
         f"| {r['ice_p50_ms']} / {r['ice_p95_ms']} | {r['dtls_p50_ms']} / {r['dtls_p95_ms']} "
         f"| {r['gap_p50_ms']} / {r['gap_p95_ms']} / {r['gap_max_ms']} | {r['within_50ms']}/{r['connected']} "
         f"| {r['retransmissions']} | {r['dtls_p95_target_ms']} | {'yes' if r['ok'] else 'NO'} |\n" for r in rows)
@@ -215,6 +230,8 @@ def main() -> None:  # pragma: no cover - a thin command line
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=20, help="calls per client (default 20)")
     parser.add_argument("--client", action="append", choices=CLIENTS, help="repeat; default: all four")
+    parser.add_argument("--dtls-role", action="append", choices=ROLES,
+                        help="repeat; default: both, each its own transceiver in the one lab")
     parser.add_argument("--warmup", type=int, default=1, help="each client's first calls, not counted (default 1)")
     parser.add_argument("--json", action="store_true", help="every call and the summary as JSON")
     parser.add_argument("--section", action="store_true", help="a BENCHMARKS.md section (markdown)")
@@ -233,7 +250,7 @@ def main() -> None:  # pragma: no cover - a thin command line
         seconds = data.get("seconds")
     else:
         started = time.monotonic()
-        results = measure(args.runs, tuple(args.client or CLIENTS), args.warmup,
+        results = measure(args.runs, tuple(args.client or CLIENTS), args.warmup, tuple(args.dtls_role or ROLES),
                           progress=lambda line: print(line, file=sys.stderr, flush=True))
         seconds = round(time.monotonic() - started, 1)
     rows = summarize(results)

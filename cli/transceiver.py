@@ -140,6 +140,10 @@ def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
 @click.option("--ufrag-pool", default=4, show_default=True, type=click.IntRange(0, 256), metavar="N",
               help="Keep N session ufrags registered with the relays ahead of offers, so an answer waits "
                    "for no agent; 0 registers each session before its answer leaves.")
+@click.option("--dtls-role", type=click.Choice(["passive", "active"]), default="passive", show_default=True,
+              help="The answer's a=setup where the offer leaves it to us: passive, the client starts DTLS "
+                   "once its own ICE is done; active, we send the ClientHello, and again just after the "
+                   "client nominates (transceiver/dtls_role.py).")
 @click.option("--processes", type=click.IntRange(0, 1024), default=0, metavar="N",
               help="Serve with N processes, one per core, each its own backend (ids ID..ID+N-1, UDP ports "
                    "PORT..PORT+N-1) behind one WHIP URL; 0 (default): the cores this process may use. "
@@ -155,8 +159,8 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
                       whip_audience: str, cors_origins: tuple[str, ...], insecure_open: bool, handler: str,
                       token: str | None, whip_token: str | None,
                       backend_ip: str | None, ip6: str | None, drain_timeout: float,
-                      hint_key_file: str | None, ufrag_pool: int, processes: int, event_loop: str,
-                      **limits: float) -> None:
+                      hint_key_file: str | None, ufrag_pool: int, dtls_role: str, processes: int,
+                      event_loop: str, **limits: float) -> None:
     """Serve WHIP and every session on one UDP port, registering sessions with the relay.
 
     \b
@@ -195,7 +199,8 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
         backend_id=backend_id, bind_host=bind_host, bind_port=bind_port, relays=relays, choosers=choosers,
         whip_host=whip_host, whip_port=whip_port, relay_token=token,
         whip_token=whip_token, handler=handler, backend_ip=backend_ip, backend_ip6=ip6, hint_key=hint_key,
-        ufrag_pool=ufrag_pool, whip_keys=[tokens.load_key(f) for f in whip_key_files], whip_audience=whip_audience,
+        ufrag_pool=ufrag_pool, dtls_role=dtls_role,
+        whip_keys=[tokens.load_key(f) for f in whip_key_files], whip_audience=whip_audience,
         cors_origins=cors_origins or (("*",) if insecure_open else ()), admin_host=admin_host,
         admin_port=admin_port,
         admin_token=tokens.load_key(admin_token_file).decode() if admin_token_file else None,

@@ -18,11 +18,15 @@ start if aiortc moved that.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 from aiortc import RTCPeerConnection
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from splitrelay.errors import SplitrelayError
 
+ROLES = ("passive", "active")   # the answer's a=setup where the offer leaves it to us (--dtls-role)
 AUTO = "auto"        # RTCDtlsTransport._role before the offer chose one (it said actpass)
 SERVER = "server"    # written as a=setup:passive (aiortc.sdp.DTLS_ROLE_SETUP)
 
@@ -67,3 +71,73 @@ def check_dtls_role() -> None:
 
         raise DtlsRoleError(f"aiortc {getattr(aiortc, '__version__', '?')} lacks {', '.join(missing)}; "
                             "the transceiver's passive DTLS answer needs aiortc 1.16")
+
+
+# the first flight's resends after the client's nomination, seconds after it: werift builds its DTLS
+# server a few ms after its nominating check is answered (its ICE connect() returns then)
+RESEND_AFTER_NOMINATION = (0.005, 0.020, 0.050)
+HANDSHAKE, CLIENT_HELLO = 22, 1   # DTLS record content type, handshake message type (RFC 6347 4.1, 4.2)
+
+
+def is_client_hello(datagram: bytes) -> bool:
+    """A DTLS record holding a ClientHello: content type at 0, handshake type after the 13-byte header."""
+    return len(datagram) > 13 and datagram[0] == HANDSHAKE and datagram[13] == CLIENT_HELLO
+
+
+def is_dtls(datagram: bytes) -> bool:
+    """RFC 7983 demultiplexing: a first byte in 20..63 is DTLS."""
+    return bool(datagram) and 20 <= datagram[0] <= 63
+
+
+class FirstFlightResender:
+    """As the DTLS client (``--dtls-role active``), send our first flight (the ClientHello as OpenSSL
+    wrote it) again shortly after the client nominates, until the client answers with any DTLS.
+
+    Our side of ICE connects on the first valid pair, before the client's: werift and libdatachannel
+    drop a ClientHello that arrives before their own ICE is done, and then wait for our 1 s
+    retransmission timer.  An identical copy of a flight is what a DTLS retransmission is (RFC 6347
+    4.2.4), so the resend changes nothing for a client that already had it.  One burst per
+    connection: a nomination repeated on later checks (consent) does not send it again."""
+
+    def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
+        self._send = send
+        self.flight: bytes | None = None      # our first ClientHello, once sent
+        self.nominated = False                # the client's USE-CANDIDATE came
+        self.heard = False                    # the client sent DTLS: the handshake is under way
+        self.resent = 0                       # copies sent
+        self._task: asyncio.Task | None = None
+
+    def sent(self, datagram: bytes) -> None:
+        if self.flight is None and is_client_hello(datagram):
+            self.flight = datagram
+            self._maybe_start()
+
+    def received(self, datagram: bytes) -> None:
+        if not self.heard and is_dtls(datagram):
+            self.heard = True
+
+    def nomination(self) -> None:
+        if not self.nominated:
+            self.nominated = True
+            self._maybe_start()
+
+    def _maybe_start(self) -> None:
+        if self.flight is not None and self.nominated and not self.heard and self._task is None:
+            self._task = asyncio.ensure_future(self._resend(self.flight))
+
+    async def _resend(self, flight: bytes) -> None:
+        waited = 0.0
+        for after in RESEND_AFTER_NOMINATION:
+            await asyncio.sleep(after - waited)
+            waited = after
+            if self.heard:
+                return
+            try:
+                await self._send(flight)
+            except ConnectionError:   # the connection closed meanwhile
+                return
+            self.resent += 1
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

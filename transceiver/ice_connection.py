@@ -11,6 +11,7 @@ from aioice.candidate import candidate_foundation, candidate_priority
 from aioice.ice import CandidatePair, Connection, StunProtocol
 
 from splitrelay.transceiver.candidates import ignored_because
+from splitrelay.transceiver.dtls_role import FirstFlightResender
 from splitrelay.transceiver.mux import Address, MuxTransport, UdpMux
 from splitrelay.transceiver.paths import MuxProtocol, PathFollower
 from splitrelay.transceiver.relays import TcpAddress
@@ -31,6 +32,7 @@ class MuxedConnection(Connection):
         self._candidates_generation: str | None = None  # local ufrag the count below is for
         self._candidates_checked = 0                    # remote candidates let through in that generation
         self._client_heard = asyncio.Event()  # the client's first check authenticated: ours may start
+        self.first_flight = FirstFlightResender(lambda data: self.sendto(data, 1))  # dtls_role.py
 
     def check_incoming(self, message: Any, addr: tuple[str, int], protocol: StunProtocol) -> None:  # noqa: ANN401
         """aioice's, plus RFC 8445 7.3.1.4: a check received on a pair whose own check is In-Progress
@@ -38,6 +40,8 @@ class MuxedConnection(Connection):
         transceiver's first check of a new ICE generation was lost (it left before the client's
         new flow existed) and every restart took 530 ms instead of ~50 ms."""
         super().check_incoming(message, addr, protocol)
+        if "USE-CANDIDATE" in message.attributes and not self.ice_controlling:
+            self.first_flight.nomination()
         pair = next((p for p in self._check_list if p.protocol is protocol and p.remote_addr == addr), None)
         if pair is not None and pair.state == CandidatePair.State.IN_PROGRESS and pair.task is not None:
             pair.task.cancel()
@@ -47,7 +51,12 @@ class MuxedConnection(Connection):
 
     async def sendto(self, data: bytes, component: int) -> None:
         self.paths.sending()   # probes a selected path gone silent (paths.py)
+        self.first_flight.sent(data)
         await super().sendto(data, component)
+
+    def data_received(self, data: bytes, component: int) -> None:
+        self.first_flight.received(data)
+        super().data_received(data, component)
 
     def check_complete(self, pair: CandidatePair) -> None:
         """aioice's, plus: the first valid pair is selected at once, before the client nominates one
@@ -114,6 +123,7 @@ class MuxedConnection(Connection):
         if self._consent_running and self._query_consent_task is None and not self._closing:
             self.consent_expired = True
         self._consent_running = False
+        self.first_flight.close()
         await super().close()
 
     async def get_component_candidates(self, component: int, addresses: list[str],

@@ -88,6 +88,7 @@ class TransceiverConfig:
     relays: list[Relay] = field(default_factory=list)  # several relays (overrides the three fields above)
     choosers: list[RelayChooser] = field(default_factory=list)  # who picks a client's preferred relay
     ufrag_pool: int = 4                              # ufrags registered ahead of offers; 0 = on the answer's path
+    dtls_role: str = "passive"                       # our a=setup if the offer lets us choose (dtls_role.py)
 
     def candidates(self) -> list[tuple[str, int]]:
         """The public candidates, [] for direct mode."""
@@ -240,7 +241,7 @@ class Transceiver:
         try:
             answer = await session.answer(sdp, self.mux, self.candidates_for(facts),
                                           register if self.registrars and not pooled else None,
-                                          self.config.connect_timeout)
+                                          self.config.connect_timeout, self.config.dtls_role)
         except BaseException as exc:
             if pooled and self.ufrags:  # no answer named it: still as good as new
                 self.ufrags.give_back(pooled)

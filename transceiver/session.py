@@ -148,14 +148,15 @@ class Session:
     async def answer(self, offer_sdp: str, mux: UdpMux,
                      candidates: list[tuple[tuple[str, int], int]] | None = None,
                      before_answer: Callable[[Session], Awaitable[None]] | None = None,
-                     connect_timeout: float | None = limits.CONNECT_TIMEOUT) -> str:
+                     connect_timeout: float | None = limits.CONNECT_TIMEOUT, dtls_role: str = "passive") -> str:
         """The complete SDP answer to ``offer_sdp``; OfferError if aiortc cannot use the offer.
 
         ``candidates``: the (address, ICE local preference) pairs to advertise
         (relays.ordered_candidates), default the mux's public candidates.  ``before_answer`` runs once
         the answer is made and before it is set (that is where the session is registered with the
         relay); if it raises, the session is torn down and the exception propagates.  A session that
-        has not connected ``connect_timeout`` seconds after the answer ends by itself."""
+        has not connected ``connect_timeout`` seconds after the answer ends by itself.  ``dtls_role``:
+        our a=setup where the offer lets us choose (dtls_role.ROLES)."""
         pc = self.pc
         try:
             if not _bundled(offer_sdp):
@@ -171,7 +172,8 @@ class Session:
                     self.arrivals.watch(connection)
                 for dtls in dtls_transports(pc):  # one transport with BUNDLE
                     dtls.on("statechange", lambda dtls=dtls: self.record("dtls", dtls.state))
-                answer_passive(pc)  # the client starts DTLS once its own ICE is done (dtls_role.py)
+                if dtls_role == "passive":
+                    answer_passive(pc)  # the client starts DTLS once its own ICE is done (dtls_role.py)
                 pc.addTrack(self.outbound)
                 answer = await pc.createAnswer()
                 if before_answer:
