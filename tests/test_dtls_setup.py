@@ -31,14 +31,25 @@ from .conftest import needs_root
 CALLS = 5   # per client; each one that waited for a retransmission fails the test
 
 
-@pytest.fixture
-async def transceiver():
-    service = Transceiver(TransceiverConfig(backend_id=9, bind_port=0, whip_port=0))
+async def serving(dtls_role: str = "passive"):
+    service = Transceiver(TransceiverConfig(backend_id=9, bind_port=0, whip_port=0, dtls_role=dtls_role))
     await service.start()
     try:
         yield service
     finally:
         await service.stop()
+
+
+@pytest.fixture
+async def transceiver():
+    async for service in serving():
+        yield service
+
+
+@pytest.fixture
+async def active_transceiver():
+    async for service in serving("active"):
+        yield service
 
 
 async def call(whip_url: str, offered_setup: str | None = None) -> tuple[str, str]:
@@ -102,6 +113,66 @@ async def test_the_transceivers_ice_connects_on_the_first_valid_pair_before_the_
         [connection] = [c for c in session.ice_connections if not c._closing]
         [selected] = connection._nominated.values()
         assert not selected.nominated and not selected.remote_nominated   # no USE-CANDIDATE came
+    finally:
+        await pc.close()
+
+
+def nominating_late(request, nominated: list[float]):  # noqa: ANN001, ANN201 - StunProtocol.request
+    """``request``, with a nominating check sent 50 ms late; ``nominated`` gets when it was answered."""
+    async def late(message, *args, **kwargs):  # noqa: ANN001, ANN202
+        if "USE-CANDIDATE" not in message.attributes:
+            return await request(message, *args, **kwargs)
+        await asyncio.sleep(0.05)
+        answered = await request(message, *args, **kwargs)
+        nominated.append(asyncio.get_running_loop().time())
+        return answered
+    return late
+
+
+async def test_as_the_dtls_client_the_transceiver_resends_its_clienthello_when_a_client_that_dropped_it_nominates(
+        active_transceiver):
+    # an aiortc client made to behave as werift does: it nominates regularly (a check, then one with
+    # USE-CANDIDATE), and as the DTLS server it drops DTLS that arrives before that nomination is done.
+    # Our ClientHello leaves on our first valid pair, before that; its copy sent just after the
+    # nomination is what the handshake runs on.  Without the resend, the handshake waits for OpenSSL's
+    # first retransmission: 1.0 s
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio")
+    dtls_done, dropped, nominated = asyncio.Event(), [], []
+    pc.on("connectionstatechange", lambda: dtls_done.set() if pc.connectionState == "connected" else None)
+    await pc.setLocalDescription(await pc.createOffer())
+    client = pc.getTransceivers()[0].sender.transport.transport._connection
+    # aioice nominates regularly only for an ice-lite peer (aiortc sets the flag as ICE starts)
+    client.__class__ = type("RegularNomination", (type(client),),
+                            {"remote_is_lite": property(lambda _: True, lambda _, value: None)})
+    for protocol in client._protocols:   # and late: on loopback it would beat our ClientHello
+        protocol.request = nominating_late(protocol.request, nominated)
+    received = client.data_received
+
+    def werift_like(data: bytes, component: int) -> None:
+        if not client._nominated:
+            dropped.append(data)
+            return
+        received(data, component)
+
+    client.data_received = werift_like
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(active_transceiver.whip_url, data=pc.localDescription.sdp,
+                                 headers={"Content-Type": "application/sdp"}) as resp:
+                assert resp.status == 201
+                answer = await resp.text()
+        assert "a=setup:active" in answer
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await asyncio.wait_for(dtls_done.wait(), 10)
+        gap_ms = 1000 * (asyncio.get_running_loop().time() - nominated[0])
+        [session] = active_transceiver.sessions.values()
+        [connection] = [c for c in session.ice_connections if not c._closing]
+        print(f"dropped {len(dropped)} early datagrams; DTLS {gap_ms:.1f} ms after the nomination; "
+              f"{connection.first_flight.resent} resends")
+        assert dropped and all(dtls_role.is_client_hello(d) for d in dropped)   # it did drop our first one
+        assert gap_ms < RETRANSMISSION_MS   # 1.0 s without the resend; 1.6 ms here on loopback
+        assert connection.first_flight.resent >= 1
     finally:
         await pc.close()
 
