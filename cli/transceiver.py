@@ -11,6 +11,7 @@ from splitrelay.tokens import DEFAULT_AUDIENCE, TOKEN_ENV
 from splitrelay.cli.common import emit, stop_on_signals, table
 from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError
 from splitrelay.cli.reach import lab_option, refuse_lab_address, resolve
+from splitrelay.transceiver.dtls_role import DEFAULT_ROLE, ROLES
 
 
 def _hostport(value: str, what: str) -> tuple[str, int]:
@@ -140,7 +141,7 @@ def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
 @click.option("--ufrag-pool", default=4, show_default=True, type=click.IntRange(0, 256), metavar="N",
               help="Keep N session ufrags registered with the relays ahead of offers, so an answer waits "
                    "for no agent; 0 registers each session before its answer leaves.")
-@click.option("--dtls-role", type=click.Choice(["passive", "active"]), default="passive", show_default=True,
+@click.option("--dtls-role", type=click.Choice(ROLES), default=DEFAULT_ROLE, show_default=True,
               help="The answer's a=setup where the offer leaves it to us: passive, the client starts DTLS "
                    "once its own ICE is done; active, we send the ClientHello, and again just after the "
                    "client nominates (transceiver/dtls_role.py).")

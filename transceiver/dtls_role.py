@@ -21,12 +21,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from aiortc import RTCPeerConnection
-from aiortc.rtcdtlstransport import RTCDtlsTransport
+from typing import TYPE_CHECKING
 
 from splitrelay.errors import SplitrelayError
 
-ROLES = ("passive", "active")   # the answer's a=setup where the offer leaves it to us (--dtls-role)
+if TYPE_CHECKING:   # aiortc is imported where it is used: the CLI reads ROLES without loading it
+    from aiortc import RTCPeerConnection
+    from aiortc.rtcdtlstransport import RTCDtlsTransport
+
+PASSIVE, ACTIVE = "passive", "active"   # the answer's a=setup where the offer leaves it to us (--dtls-role)
+ROLES = (PASSIVE, ACTIVE)
+DEFAULT_ROLE = PASSIVE
 AUTO = "auto"        # RTCDtlsTransport._role before the offer chose one (it said actpass)
 SERVER = "server"    # written as a=setup:passive (aiortc.sdp.DTLS_ROLE_SETUP)
 
@@ -57,7 +62,8 @@ def answer_passive(pc: RTCPeerConnection) -> None:
 
 def check_dtls_role() -> None:
     """Fail loudly, at start, if the aiortc internals ``answer_passive`` uses have moved."""
-    from aiortc import sdp
+    from aiortc import RTCPeerConnection, sdp
+    from aiortc.rtcdtlstransport import RTCDtlsTransport
 
     missing = [name for name, ok in (
         ("RTCDtlsTransport._role", "_role" in RTCDtlsTransport.__init__.__code__.co_names),

@@ -40,7 +40,7 @@ from splitrelay.transceiver.mux import UdpMux
 from splitrelay.transceiver.registration import Registrar, RegistrationError, RelayRegistrars
 from splitrelay.transceiver.relays import Relay, RelayChooser, SignalingFacts, choose, ordered_candidates
 from splitrelay.transceiver.audio import check_aiortc
-from splitrelay.transceiver.dtls_role import check_dtls_role
+from splitrelay.transceiver.dtls_role import DEFAULT_ROLE, check_dtls_role
 from splitrelay.transceiver.ufrag_pool import UfragPool
 from splitrelay.transceiver.session import DELETED, MAX_CALL, SHUTDOWN, IceRestart, OfferError, Session
 from splitrelay.transceiver.whip import MAX_OFFER, OfferRejected, WhipConfig, WhipEndpoint
@@ -88,7 +88,7 @@ class TransceiverConfig:
     relays: list[Relay] = field(default_factory=list)  # several relays (overrides the three fields above)
     choosers: list[RelayChooser] = field(default_factory=list)  # who picks a client's preferred relay
     ufrag_pool: int = 4                              # ufrags registered ahead of offers; 0 = on the answer's path
-    dtls_role: str = "passive"                       # our a=setup if the offer lets us choose (dtls_role.py)
+    dtls_role: str = DEFAULT_ROLE                    # our a=setup if the offer lets us choose (dtls_role.py)
 
     def candidates(self) -> list[tuple[str, int]]:
         """The public candidates, [] for direct mode."""

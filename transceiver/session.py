@@ -25,7 +25,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from splitrelay.transceiver.audio import OutboundAudio, RtpArrivals, StageTimes, VoiceReceiver
 from splitrelay.transceiver.dtls_fingerprint import sha256_only
-from splitrelay.transceiver.dtls_role import answer_passive, dtls_transports
+from splitrelay.transceiver.dtls_role import DEFAULT_ROLE, PASSIVE, answer_passive, dtls_transports
 from splitrelay.transceiver.handlers import SAMPLE_RATE, Handler, PcmFrame
 from splitrelay.transceiver.history import StateChange, StateHistory
 from splitrelay.transceiver.ice import new_password, restart_ice, session_ice
@@ -148,7 +148,7 @@ class Session:
     async def answer(self, offer_sdp: str, mux: UdpMux,
                      candidates: list[tuple[tuple[str, int], int]] | None = None,
                      before_answer: Callable[[Session], Awaitable[None]] | None = None,
-                     connect_timeout: float | None = limits.CONNECT_TIMEOUT, dtls_role: str = "passive") -> str:
+                     connect_timeout: float | None = limits.CONNECT_TIMEOUT, dtls_role: str = DEFAULT_ROLE) -> str:
         """The complete SDP answer to ``offer_sdp``; OfferError if aiortc cannot use the offer.
 
         ``candidates``: the (address, ICE local preference) pairs to advertise
@@ -172,7 +172,7 @@ class Session:
                     self.arrivals.watch(connection)
                 for dtls in dtls_transports(pc):  # one transport with BUNDLE
                     dtls.on("statechange", lambda dtls=dtls: self.record("dtls", dtls.state))
-                if dtls_role == "passive":
+                if dtls_role == PASSIVE:
                     answer_passive(pc)  # the client starts DTLS once its own ICE is done (dtls_role.py)
                 pc.addTrack(self.outbound)
                 answer = await pc.createAnswer()
