@@ -31,7 +31,7 @@ from .conftest import needs_root
 CALLS = 5   # per client; each one that waited for a retransmission fails the test
 
 
-async def serving(dtls_role: str = "passive"):
+async def serving(dtls_role: str):
     service = Transceiver(TransceiverConfig(backend_id=9, bind_port=0, whip_port=0, dtls_role=dtls_role))
     await service.start()
     try:
@@ -42,13 +42,19 @@ async def serving(dtls_role: str = "passive"):
 
 @pytest.fixture
 async def transceiver():
-    async for service in serving():
+    async for service in serving(dtls_role.PASSIVE):
         yield service
 
 
 @pytest.fixture
 async def active_transceiver():
-    async for service in serving("active"):
+    async for service in serving(dtls_role.ACTIVE):
+        yield service
+
+
+@pytest.fixture(params=dtls_role.ROLES)
+async def either_transceiver(request):
+    async for service in serving(request.param):
         yield service
 
 
@@ -77,15 +83,21 @@ async def call(whip_url: str, offered_setup: str | None = None) -> tuple[str, st
         await pc.close()
 
 
-async def test_the_answer_says_passive_so_the_client_sends_the_first_dtls_flight(transceiver):
+async def test_with_the_passive_role_the_answer_says_passive_so_the_client_sends_the_first_dtls_flight(
+        transceiver):
     assert await call(transceiver.whip_url) == ("passive", "client")
+
+
+async def test_with_the_active_role_the_answer_says_active_and_the_transceiver_sends_the_first_dtls_flight(
+        active_transceiver):
+    assert await call(active_transceiver.whip_url) == ("active", "server")
 
 
 @pytest.mark.parametrize("offered,answered,client_role", [("active", "passive", "client"),
                                                          ("passive", "active", "server")])
-async def test_an_offer_that_insists_on_a_dtls_role_keeps_it_and_connects(transceiver, offered, answered,
+async def test_an_offer_that_insists_on_a_dtls_role_keeps_it_and_connects(either_transceiver, offered, answered,
                                                                           client_role):
-    assert await call(transceiver.whip_url, offered) == (answered, client_role)
+    assert await call(either_transceiver.whip_url, offered) == (answered, client_role)
 
 
 async def test_the_transceivers_ice_connects_on_the_first_valid_pair_before_the_client_nominates(transceiver):
@@ -189,17 +201,20 @@ def test_the_start_check_names_the_aiortc_internal_that_moved(monkeypatch):
 
 
 def test_the_bench_counts_gaps_within_50_ms_and_retransmissions_and_judges_the_target():
-    def calls(*gaps: float) -> list[Setup]:
-        return [Setup("werift", 60.0, 60.0 + gap) for gap in gaps]
+    def calls(*gaps: float, role: str = "active") -> list[Setup]:
+        return [Setup("werift", 60.0, 60.0 + gap, dtls_role=role) for gap in gaps]
 
     [row] = summarize(calls(*[10.0] * 19, 70.0))
     assert (row["connected"], row["within_50ms"], row["retransmissions"]) == (20, 19, 0)
     assert (row["dtls_p95_ms"], row["dtls_p95_target_ms"], row["ok"]) == (73.0, 122.0, True)
-    assert "| werift | - | 20/20 | 60.0 / 60.0 | 70.0 / 73.0 | 10.0 / 13.0 / 70.0 | 19/20 | 0 | 122.0 | yes |" \
-        in markdown([row])
+    assert ("| werift | active | - | 20/20 | 60.0 / 60.0 | 70.0 / 73.0 | 10.0 / 13.0 / 70.0 | 19/20 | 0 | 122.0 "
+            "| yes |") in markdown([row])
+    passive, active = summarize(calls(*[110.0] * 20, role="passive") + calls(*[10.0] * 20))   # a row per role
+    assert [(r["dtls_role"], r["runs"], r["within_50ms"], r["ok"]) for r in (passive, active)] == [
+        ("passive", 20, 0, False), ("active", 20, 20, True)]
     [row] = summarize(calls(*[10.0] * 18, 45.0, 1040.0))   # 19 of 20 within 50 ms, but one retransmission
     assert (row["within_50ms"], row["retransmissions"], row["dtls_p95_ms"], row["ok"]) == (19, 1, 154.8, False)
-    [row] = summarize(calls(*[10.0] * 20) + [Setup("werift", None, None, error="timeout")])
+    [row] = summarize(calls(*[10.0] * 20) + [Setup("werift", None, None, error="timeout", dtls_role="active")])
     assert (row["runs"], row["connected"], row["ok"]) == (21, 20, False)
 
 
