@@ -117,15 +117,18 @@ def aiortc_setups(whip_url: str, runs: int, wrapper: list[str], token: str | Non
 
 
 def measure(runs: int, clients: tuple[str, ...] = CLIENTS, warmup: int = 1, roles: tuple[str, ...] = ROLES,
-            progress: Callable[[str], None] = lambda line: None) -> list[Setup]:
+            progress: Callable[[str], None] = lambda line: None, delay_ms: float = 0.0) -> list[Setup]:
     """``runs`` calls per client and role through a fresh one-relay lab with one transceiver per
     ``--dtls-role``, torn down at the end; each client's first ``warmup`` calls to each (its code and
-    crypto loading, compiling) are not counted."""
+    crypto loading, compiling) are not counted.  ``delay_ms``: one-way delay on the client's link
+    (lab/impair.py), a round trip longer than the resends' spacing (dtls_role.py)."""
     from splitrelay.lab.netns import nsenter_argv
+    from splitrelay.lab.impair import Impairment
     from splitrelay.lab.stack import start_lab, start_transceiver, stop_lab, whip_url
     from splitrelay.lab.topology import Lab
 
-    info = start_lab(transceivers=len(roles), relays=1, handler=None)
+    info = start_lab(transceivers=len(roles), relays=1, handler=None,
+                     impair=Impairment(delay_ms=delay_ms) if delay_ms else None)
     lab = Lab.load(info["name"])
     wrapper, calls, token = nsenter_argv(lab.client.netns, []), runs + warmup, info["whip_token"]
     results: list[Setup] = []
@@ -232,6 +235,8 @@ def main() -> None:  # pragma: no cover - a thin command line
     parser.add_argument("--client", action="append", choices=CLIENTS, help="repeat; default: all four")
     parser.add_argument("--dtls-role", action="append", choices=ROLES,
                         help="repeat; default: both, each its own transceiver in the one lab")
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="one-way delay on the client's link (default 0: the lab's own, well under 1 ms)")
     parser.add_argument("--warmup", type=int, default=1, help="each client's first calls, not counted (default 1)")
     parser.add_argument("--json", action="store_true", help="every call and the summary as JSON")
     parser.add_argument("--section", action="store_true", help="a BENCHMARKS.md section (markdown)")
@@ -251,7 +256,7 @@ def main() -> None:  # pragma: no cover - a thin command line
     else:
         started = time.monotonic()
         results = measure(args.runs, tuple(args.client or CLIENTS), args.warmup, tuple(args.dtls_role or ROLES),
-                          progress=lambda line: print(line, file=sys.stderr, flush=True))
+                          progress=lambda line: print(line, file=sys.stderr, flush=True), delay_ms=args.delay_ms)
         seconds = round(time.monotonic() - started, 1)
     rows = summarize(results)
 
