@@ -1,10 +1,13 @@
-"""DTLS ready when ICE is (issue 20 §3): the transceiver answers ``setup:passive``, so each client starts
-the handshake once its own ICE is done, and no standard stack waits for a DTLS retransmission.
+"""DTLS ready when ICE is (issue 20 §3): the transceiver answers ``setup:active`` (``--dtls-role``, default)
+and sends its ClientHello again just after the client nominates, or ``setup:passive`` so the client starts
+the handshake; no standard stack waits for a DTLS retransmission, and each is connected within 50 ms of
+its own ICE.
 
-First with aiortc peers on loopback (the role in the answer, offers that insist on a role, the start
-check), then through a one-relay XDP lab with the stacks that dropped our early ClientHello
-(libdatachannel and werift, from npm) and Chromium, a few calls each.  The 20-run figures are
-bench/dtls_setup.py's (BENCHMARKS.md).
+First with aiortc peers on loopback (the role in the answer, offers that insist on a role, a client
+that drops our early ClientHello as werift does, the start check), then through a one-relay XDP lab
+with the default role and the stacks that dropped our early ClientHello (libdatachannel and werift,
+from npm) and Chromium, a few calls each.  The 20-run figures are bench/dtls_setup.py's
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
-from splitrelay.bench.dtls_setup import RETRANSMISSION_MS, Setup, chromium_setup, markdown, summarize
+from splitrelay.bench.dtls_setup import (GAP_TARGET_MS, RETRANSMISSION_MS, Setup, chromium_setup, markdown,
+                                         summarize)
 from splitrelay.client import node_call
 from splitrelay.client.browser import Browser, unavailable_reason as browser_unavailable
 from splitrelay.lab.netns import nsenter_argv
@@ -28,7 +32,14 @@ from splitrelay.transceiver.service import Transceiver, TransceiverConfig
 
 from .conftest import needs_root
 
-CALLS = 5   # per client; each one that waited for a retransmission fails the test
+CALLS = 5   # per client; each one that waited for a retransmission fails the test, and so do two over 50 ms
+
+
+def assert_within_target(stack: str, gaps: list[float]) -> None:
+    """Issue 20's 19 of 20 within 50 ms, in short: all but one of ``CALLS``, and none a retransmission.
+    werift with the passive answer: 0 of 20 (113-118 ms p50, its own 100 ms wait as the DTLS client)."""
+    assert max(gaps) < RETRANSMISSION_MS, (stack, gaps)
+    assert sum(gap <= GAP_TARGET_MS for gap in gaps) >= CALLS - 1, (stack, gaps)
 
 
 async def serving(dtls_role: str):
@@ -231,7 +242,7 @@ def relay_lab():
 
 @needs_root
 @pytest.mark.parametrize("stack", node_call.STACKS)
-def test_a_node_stack_reaches_dtls_through_the_relay_without_a_retransmission(relay_lab, stack):
+def test_a_node_stack_reaches_dtls_through_the_relay_within_50_ms_of_its_ice(relay_lab, stack):
     if reason := node_call.unavailable_reason(stack):
         pytest.skip(reason)
     lab, whip_url, token = relay_lab
@@ -242,11 +253,11 @@ def test_a_node_stack_reaches_dtls_through_the_relay_without_a_retransmission(re
     assert [r["error"] for r in reports] == [None] * (1 + CALLS)
     gaps = [round(r["gap_ms"], 1) for r in reports[1:]]
     print(f"{stack} ICE connected -> DTLS connected, ms: {gaps} (warm-up {reports[0]['gap_ms']:.1f})")
-    assert {r["answer_setup"] for r in reports} == {"passive"}
+    assert {r["answer_setup"] for r in reports} == {dtls_role.DEFAULT_ROLE}
     assert all(r["delete_status"] == 200 for r in reports)
-    # before: 2.0 s (libdatachannel, waiting for its nomination) in 17 of 20 calls, 1.0-1.1 s (werift, a
-    # dropped ClientHello) in 5 of 20
-    assert max(gaps) < RETRANSMISSION_MS, gaps
+    # before issue 20: 2.0 s (libdatachannel, waiting for its nomination) in 17 of 20 calls, 1.0-1.1 s
+    # (werift, a dropped ClientHello) in 5 of 20
+    assert_within_target(stack, gaps)
 
 
 @needs_root
@@ -272,7 +283,7 @@ def test_libdatachannel_with_a_dead_best_pair_reaches_dtls_at_once_and_stays_up_
 
 
 @needs_root
-def test_chromium_reaches_dtls_through_the_relay_without_a_retransmission(relay_lab):
+def test_chromium_reaches_dtls_through_the_relay_within_50_ms_of_its_ice(relay_lab):
     if reason := browser_unavailable():
         pytest.skip(f"no browser: {reason}")
     lab, whip_url, token = relay_lab
@@ -281,5 +292,5 @@ def test_chromium_reaches_dtls_through_the_relay_without_a_retransmission(relay_
     assert [s.error for s in setups] == [None] * (1 + CALLS)
     gaps = [round(s.gap_ms, 1) for s in setups[1:]]
     print(f"chromium ICE connected -> DTLS connected, ms: {gaps} (warm-up {setups[0].gap_ms:.1f})")
-    assert {s.answer_setup for s in setups} == {"passive"}
-    assert max(gaps) < RETRANSMISSION_MS, gaps
+    assert {s.answer_setup for s in setups} == {dtls_role.DEFAULT_ROLE}
+    assert_within_target("chromium", gaps)

@@ -1,26 +1,31 @@
-"""The transceiver answers ``a=setup:passive``: the client, which knows when its own ICE is done, starts DTLS.
+"""Who sends the first DTLS flight (``--dtls-role``): the transceiver, resent at the client's nomination
+(``active``, the default), or the client (``passive``).
 
-As the DTLS client (aiortc's default answer, ``setup:active``) the transceiver sent its ClientHello
-as soon as *its* side of ICE was connected.  werift drops DTLS that arrives before its own ICE is
-connected, so its handshake waited for our first retransmission: measured through the XDP relay,
-DTLS connected 1.0-1.15 s after werift's ICE in 5 and 11 of 20 calls (two runs).  As the DTLS
-server we never send first; what the client sends before our ICE is connected waits in aioice's
-queue (``Connection.data_received``) until the handshake reads it.  An offer that insists on a
-role keeps it: after ``setup:active`` aiortc has already made us the server; after ``setup:passive``
-we stay the client (``answer_passive`` must look at the offer for that: aiortc leaves our role
-"auto" in both the actpass and the passive case).
+``active`` (aiortc's own answer, ``setup:active``): we send our ClientHello as soon as *our* side of ICE
+is connected, on the first valid pair (ice_connection.py), which is before the client's side: werift
+and libdatachannel drop a ClientHello that arrives before their own ICE is done, and waited for our
+1 s (OpenSSL) retransmission, 1.0-1.15 s in 5 and 11 of 20 werift calls.  ``FirstFlightResender``
+therefore sends the same datagram again 5, 20 and 50 ms after the client's nominating check (the
+moment werift's ICE, and with it its DTLS server, comes up), until the client answers with any DTLS.
+Measured through the XDP relay (BENCHMARKS.md): werift's gap 17 ms p50, 19-20 of 20 within 50 ms.
 
-aiortc has no public way to choose the answerer's role: ``createAnswer`` writes ``setup:active``
-for any DTLS transport whose private ``_role`` is still ``"auto"``.  ``answer_passive`` sets
-``"server"`` on those between setRemoteDescription and createAnswer; ``check_dtls_role`` fails at
-start if aiortc moved that.
+``passive``: the client, which knows when its own ICE is done, starts DTLS; what it sends before our
+ICE is connected waits in aioice's queue (``Connection.data_received``).  Chromium and libdatachannel
+are as quick either way, but werift as the DTLS *client* sleeps 100 ms before its ClientHello (its
+``dtls.js`` ``start()``): 113-118 ms p50, 0 of 20 within 50 ms.
+
+An offer that insists on a role keeps it: after ``setup:active`` aiortc has already made us the
+server; after ``setup:passive`` we stay the client (``answer_passive`` must look at the offer for that:
+aiortc leaves our role "auto" in both the actpass and the passive case).  aiortc has no public way to
+choose the answerer's role: ``createAnswer`` writes ``setup:active`` for any DTLS transport whose private
+``_role`` is still ``"auto"``.  ``answer_passive`` sets ``"server"`` on those between
+setRemoteDescription and createAnswer; ``check_dtls_role`` fails at start if aiortc moved that.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-
 from typing import TYPE_CHECKING
 
 from splitrelay.errors import SplitrelayError
@@ -31,7 +36,7 @@ if TYPE_CHECKING:   # aiortc is imported where it is used: the CLI reads ROLES w
 
 PASSIVE, ACTIVE = "passive", "active"   # the answer's a=setup where the offer leaves it to us (--dtls-role)
 ROLES = (PASSIVE, ACTIVE)
-DEFAULT_ROLE = PASSIVE
+DEFAULT_ROLE = ACTIVE
 AUTO = "auto"        # RTCDtlsTransport._role before the offer chose one (it said actpass)
 SERVER = "server"    # written as a=setup:passive (aiortc.sdp.DTLS_ROLE_SETUP)
 
@@ -96,14 +101,12 @@ def is_dtls(datagram: bytes) -> bool:
 
 
 class FirstFlightResender:
-    """As the DTLS client (``--dtls-role active``), send our first flight (the ClientHello as OpenSSL
-    wrote it) again shortly after the client nominates, until the client answers with any DTLS.
-
-    Our side of ICE connects on the first valid pair, before the client's: werift and libdatachannel
-    drop a ClientHello that arrives before their own ICE is done, and then wait for our 1 s
-    retransmission timer.  An identical copy of a flight is what a DTLS retransmission is (RFC 6347
-    4.2.4), so the resend changes nothing for a client that already had it.  One burst per
-    connection: a nomination repeated on later checks (consent) does not send it again."""
+    """As the DTLS client, send our first flight (the ClientHello as OpenSSL wrote it, seen leaving
+    at the ICE connection's send) again shortly after the client nominates, until the client answers
+    with any DTLS.  An identical copy of a flight is what a DTLS retransmission is (RFC 6347 4.2.4),
+    so a client that already had it treats it as one.  One burst per connection: a nomination
+    repeated on later checks does not send it again; as the DTLS server we send no ClientHello, so
+    ``passive`` never resends."""
 
     def __init__(self, send: Callable[[bytes], Awaitable[None]]) -> None:
         self._send = send
