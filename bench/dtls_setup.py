@@ -207,10 +207,13 @@ Target (issue 20): gap ≤ 50 ms in ≥ 19 of 20 runs, and DTLS p95 ≤ 1.2 × t
 `node-datachannel`, werift npm `werift` (versions in `client/node/package-lock.json`,
 `client/node/whip_call.js`); aiortc is `splitrelay.client.probe` (with a data channel, as a voice call
 has).  Each client makes its calls one after another in one process (one browser), and its first
-call, which also loads and compiles the stack, is not counted.  The before table comes from the same
-command run while the lab's transceiver ran the code before issue 20; both runs are kept in
-`docs/bench/dtls_setup.json` and `dtls_setup_before.json` (`--from-json`, `--before`).  The machine
-was shared with other jobs (2 cores, load average 6-12 during these runs), so absolute times carry
+call, which also loads and compiles the stack, is not counted.  *--dtls-role*: the lab runs one
+transceiver per role (`transceiver serve --dtls-role`), each client calls the passive one 21 times,
+then the active one (which resends its ClientHello 5, 20 and 50 ms after the client's nomination).
+The before table comes from the same command run while the lab's transceiver ran the code before
+issue 20 (answer `setup:active`, no resend); both runs are kept in `docs/bench/dtls_setup.json` and
+`dtls_setup_before.json` (`--from-json`, `--before`).  The machine
+was shared with other jobs (2 cores, load average 4-12 during these runs), so absolute times carry
 that load; the gap is what the change is about.
 """
 
@@ -220,7 +223,8 @@ def section(rows: list[dict], runs: int, before: list[dict] | None = None) -> st
     earlier transceiver, ``--before FILE``) beside it when given."""
     text = ("\n## DTLS ready when ICE is: setup per client (`python -m splitrelay.bench.dtls_setup`)\n\n"
             f"Reproduce with `python -m splitrelay.bench.dtls_setup --runs {runs}` (root, Debian's chromium, "
-            "`make setup` for the npm clients; ~5 min).  One relay (XDP) in front of one echo transceiver.\n\n"
+            "`make setup` for the npm clients; ~10 min).  One relay (XDP) in front of one echo transceiver "
+            "per `--dtls-role`.\n\n"
             f"{markdown(rows)}\n")
     if before:
         text += ("Before (the same bench against the transceiver before issue 20: answer `setup:active`, DTLS "

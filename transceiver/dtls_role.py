@@ -87,6 +87,9 @@ def check_dtls_role() -> None:
 # the first flight's resends after the client's nomination, seconds after it: werift builds its DTLS
 # server a few ms after its nominating check is answered (its ICE connect() returns then)
 RESEND_AFTER_NOMINATION = (0.005, 0.020, 0.050)
+# and after the flight itself, for a client whose nomination comes late: libdatachannel with a dead best
+# pair dropped our ClientHello and nominated only 2 s later; it waited 0.9 s for OpenSSL's retransmission
+RESEND_AFTER_FLIGHT = (0.025, 0.050, 0.100, 0.200)
 HANDSHAKE, CLIENT_HELLO = 22, 1   # DTLS record content type, handshake message type (RFC 6347 4.1, 4.2)
 
 
@@ -103,7 +106,8 @@ def is_dtls(datagram: bytes) -> bool:
 class FirstFlightResender:
     """As the DTLS client, send our first flight (the ClientHello as OpenSSL wrote it, seen leaving
     at the ICE connection's send) again shortly after the client nominates, until the client answers
-    with any DTLS.  An identical copy of a flight is what a DTLS retransmission is (RFC 6347 4.2.4),
+    with any DTLS; and 25, 50, 100 and 200 ms after the flight itself, for a client that nominates
+    late.  An identical copy of a flight is what a DTLS retransmission is (RFC 6347 4.2.4),
     so a client that already had it treats it as one.  One burst per connection: a nomination
     repeated on later checks does not send it again; as the DTLS server we send no ClientHello, so
     ``passive`` never resends."""
@@ -114,11 +118,12 @@ class FirstFlightResender:
         self.nominated = False                # the client's USE-CANDIDATE came
         self.heard = False                    # the client sent DTLS: the handshake is under way
         self.resent = 0                       # copies sent
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     def sent(self, datagram: bytes) -> None:
         if self.flight is None and is_client_hello(datagram):
             self.flight = datagram
+            self._tasks.append(asyncio.ensure_future(self._resend(datagram, RESEND_AFTER_FLIGHT)))
             self._maybe_start()
 
     def received(self, datagram: bytes) -> None:
@@ -131,12 +136,12 @@ class FirstFlightResender:
             self._maybe_start()
 
     def _maybe_start(self) -> None:
-        if self.flight is not None and self.nominated and not self.heard and self._task is None:
-            self._task = asyncio.ensure_future(self._resend(self.flight))
+        if self.flight is not None and self.nominated and not self.heard and len(self._tasks) == 1:
+            self._tasks.append(asyncio.ensure_future(self._resend(self.flight, RESEND_AFTER_NOMINATION)))
 
-    async def _resend(self, flight: bytes) -> None:
+    async def _resend(self, flight: bytes, schedule: tuple[float, ...]) -> None:
         waited = 0.0
-        for after in RESEND_AFTER_NOMINATION:
+        for after in schedule:
             await asyncio.sleep(after - waited)
             waited = after
             if self.heard:
@@ -148,5 +153,5 @@ class FirstFlightResender:
             self.resent += 1
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
