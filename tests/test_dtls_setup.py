@@ -94,6 +94,17 @@ async def call(whip_url: str, offered_setup: str | None = None) -> tuple[str, st
         await pc.close()
 
 
+async def answered(pc: RTCPeerConnection, whip_url: str) -> str:
+    """POST ``pc``'s offer as it is, apply the answer, return it."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(whip_url, data=pc.localDescription.sdp,
+                             headers={"Content-Type": "application/sdp"}) as resp:
+            assert resp.status == 201, await resp.text()
+            answer = await resp.text()
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+    return answer
+
+
 async def test_with_the_passive_role_the_answer_says_passive_so_the_client_sends_the_first_dtls_flight(
         transceiver):
     assert await call(transceiver.whip_url) == ("passive", "client")
@@ -121,12 +132,7 @@ async def test_the_transceivers_ice_connects_on_the_first_valid_pair_before_the_
     build = client.build_request
     client.build_request = lambda pair, nominate: build(pair, nominate=False)
     try:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(transceiver.whip_url, data=pc.localDescription.sdp,
-                                 headers={"Content-Type": "application/sdp"}) as resp:
-                assert resp.status == 201
-                answer = await resp.text()
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await answered(pc, transceiver.whip_url)
         [session] = transceiver.sessions.values()
         for _ in range(200):   # 10 s at most; ~50 ms on loopback
             if session.timings.ice_connected_ms is not None:
@@ -180,13 +186,7 @@ async def test_as_the_dtls_client_the_transceiver_resends_its_clienthello_when_a
 
     client.data_received = werift_like
     try:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(active_transceiver.whip_url, data=pc.localDescription.sdp,
-                                 headers={"Content-Type": "application/sdp"}) as resp:
-                assert resp.status == 201
-                answer = await resp.text()
-        assert "a=setup:active" in answer
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        assert "a=setup:active" in await answered(pc, active_transceiver.whip_url)
         await asyncio.wait_for(dtls_done.wait(), 10)
         gap_ms = 1000 * (asyncio.get_running_loop().time() - nominated[0])
         [session] = active_transceiver.sessions.values()
