@@ -212,9 +212,9 @@ transceiver per role (`transceiver serve --dtls-role`), each client calls the pa
 then the active one (which resends its ClientHello 5, 20 and 50 ms after the client's nomination).
 The before table comes from the same command run while the lab's transceiver ran the code before
 issue 20 (answer `setup:active`, no resend); both runs are kept in `docs/bench/dtls_setup.json` and
-`dtls_setup_before.json` (`--from-json`, `--before`).  The machine
-was shared with other jobs (2 cores, load average 4-12 during these runs), so absolute times carry
-that load; the gap is what the change is about.
+`dtls_setup_before.json` (`--from-json`, `--before`).  The machine was shared with other jobs (2
+cores, load average 1-12 during these runs; 1-3 for the table above), so absolute times carry that
+load; the gap is what the change is about.
 """
 
 
