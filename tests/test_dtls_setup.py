@@ -294,3 +294,40 @@ def test_chromium_reaches_dtls_through_the_relay_within_50_ms_of_its_ice(relay_l
     print(f"chromium ICE connected -> DTLS connected, ms: {gaps} (warm-up {setups[0].gap_ms:.1f})")
     assert {s.answer_setup for s in setups} == {dtls_role.DEFAULT_ROLE}
     assert_within_target("chromium", gaps)
+
+
+async def test_the_clienthello_resends_are_bounded_identical_and_stop_at_the_clients_first_dtls():
+    # what a client (or anyone who can nominate: USE-CANDIDATE counts only on a check aioice has
+    # authenticated) gets out of the resends: at most 7 copies of our own ClientHello per connection,
+    # sent where ICE already sends, never anything for a ServerHello (the passive role)
+    hello = bytes([dtls_role.HANDSHAKE]) + bytes(12) + bytes([dtls_role.CLIENT_HELLO]) + b"hello"
+    server_hello = hello[:13] + b"\x02" + hello[14:]
+    sent: list[bytes] = []
+
+    async def send(data: bytes) -> None:
+        sent.append(data)
+
+    schedules = dtls_role.RESEND_AFTER_FLIGHT + dtls_role.RESEND_AFTER_NOMINATION
+    unanswered = dtls_role.FirstFlightResender(send)
+    unanswered.sent(server_hello)
+    unanswered.sent(hello)
+    unanswered.sent(hello[:13] + b"\x01other")   # OpenSSL's own retransmission: not a new first flight
+    for _ in range(3):
+        unanswered.nomination()                  # repeated on every later check
+    await asyncio.sleep(max(schedules) + 0.1)
+    assert sent == [hello] * len(schedules) == [hello] * 7
+    assert unanswered.resent == 7
+
+    sent.clear()
+    answered = dtls_role.FirstFlightResender(send)
+    answered.sent(hello)
+    answered.nomination()
+    answered.received(b"\x16" + bytes(20))       # the client's HelloVerifyRequest or ServerHello
+    await asyncio.sleep(max(schedules) + 0.1)
+    assert sent == [] and answered.resent == 0
+
+    passive = dtls_role.FirstFlightResender(send)
+    passive.sent(server_hello)
+    passive.nomination()
+    await asyncio.sleep(max(schedules) + 0.1)
+    assert sent == [] and passive.flight is None
