@@ -14,7 +14,7 @@ setup:
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/splitrelay demo
