@@ -12,7 +12,7 @@ Measured through the XDP relay (BENCHMARKS.md): werift's gap 17 ms p50, 19-20 of
 ``passive``: the client, which knows when its own ICE is done, starts DTLS; what it sends before our
 ICE is connected waits in aioice's queue (``Connection.data_received``).  Chromium and libdatachannel
 are as quick either way, but werift as the DTLS *client* sleeps 100 ms before its ClientHello (its
-``dtls.js`` ``start()``): 113-118 ms p50, 0 of 20 within 50 ms.
+``RTCDtlsTransport.start()``): 113-118 ms p50, 0 of 20 within 50 ms.
 
 An offer that insists on a role keeps it: after ``setup:active`` aiortc has already made us the
 server; after ``setup:passive`` we stay the client (``answer_passive`` must look at the offer for that:
