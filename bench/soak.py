@@ -2,9 +2,9 @@
 
 ``python -m splitrelay.bench.soak --minutes 60`` (``make soak``) builds a lab with one XDP relay and one
 transceiver of two worker processes (``transceiver serve --processes 2``, echo handler), and keeps about
-``concurrency`` calls up: each a libdatachannel caller (client/node/whip_call.js ``--send-opus``, one
-process per call, pre-encoded Opus so callers cost no codec) that holds a random time and reports the
-gaps in the echo it hears.  Meanwhile the relay's XDP program is reloaded (``edge attach`` over the
+``concurrency`` calls up: each a libdatachannel call (client/node/whip_call.js ``--serve --send-opus``:
+one node process places every call, pre-encoded Opus so callers cost no codec) that holds a random time
+and reports the gaps in the echo it hears.  Meanwhile the relay's XDP program is reloaded (``edge attach`` over the
 running relay, as a deploy of a new build does), the edge agent is restarted, and one transceiver worker
 is killed once.  Every ``sample_s`` it reads RSS and open files of every process, the agent's counters
 and map fill, and the live calls.  ``assess`` (bench/soak_report.py) turns that into the pass/fail lines
@@ -86,6 +86,69 @@ def proc_usage(pid: int) -> tuple[int, int, float] | None:
         return None
 
 
+class Callers:
+    """One node process that places every call (whip_call.js ``--serve``): a request line per call, its
+    report a line back.  A node process per call, as before, took a third of a core each to start and
+    ~40 MiB: 30 of them starved the two workers of this 2-core host (106 of 374 calls dropped in 10
+    minutes, RELIABILITY.md).  A process that exits fails its calls in progress; the next call starts a
+    new one."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.argv, self.env = argv, env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.reader: asyncio.Task | None = None
+        self.stderr_tail = b""
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc and self.proc.returncode is None else None
+
+    async def call(self, index: int, hold_ms: int, timeout_s: float) -> dict:
+        """The call's report (whip_call.js's JSON), or a report of why there is none."""
+        if self.pid is None:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=NODE_DIR,
+                env=self.env, limit=1 << 22)
+            self.reader = asyncio.ensure_future(self._read(self.proc))
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[index] = future
+        try:
+            self.proc.stdin.write(json.dumps({"id": index, "hold_ms": hold_ms}).encode() + b"\n")
+            await self.proc.stdin.drain()
+            return await asyncio.wait_for(future, timeout_s)
+        except (TimeoutError, ConnectionError):
+            return {"ok": False, "error": f"the caller gave no report within {timeout_s:.0f} s"}
+        finally:
+            self.waiting.pop(index, None)
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        stderr = asyncio.ensure_future(proc.stderr.read())
+        while line := await proc.stdout.readline():
+            with contextlib.suppress(json.JSONDecodeError, AttributeError):
+                report = json.loads(line)
+                future = self.waiting.get(report.pop("id", None))
+                if future and not future.done():
+                    future.set_result(report)
+        await proc.wait()
+        self.stderr_tail = (await stderr)[-500:]
+        why = f"the caller gave no report (its process exited {proc.returncode}: " \
+              f"{self.stderr_tail.decode(errors='replace')})"
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_result({"ok": False, "error": why})
+
+    async def close(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.stdin.close()      # it exits once its calls in progress have reported
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+        if self.reader:
+            await asyncio.gather(self.reader, return_exceptions=True)
+
+
 class Soak:
     """One run: the lab, the callers, the disturbances and the samples (``results()``)."""
 
@@ -96,7 +159,8 @@ class Soak:
         self.calls: list[dict] = []
         self.events: list[dict] = []
         self.samples: list[dict] = []
-        self.clients: dict[int, asyncio.subprocess.Process] = {}
+        self.callers: Callers | None = None
+        self.calls_live = 0
         self.agent_pid = self.supervisor_pid = 0
         self.t0 = time.time()
         self.killed_worker: int | None = None
@@ -122,9 +186,9 @@ class Soak:
         self.url, self.tone = whip_url(t), tone
 
     def stop(self) -> None:
-        for proc in list(self.clients.values()):
+        if self.callers and self.callers.pid:
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                self.callers.proc.kill()
         if self.lab is not None:
             stop_lab(self.lab.name)
 
@@ -175,11 +239,16 @@ class Soak:
     async def run(self) -> None:
         self.t0 = time.time()
         self.baseline_sessions = len(await asyncio.to_thread(control, self.lab, lambda c: c.sessions()))
+        argv = nsenter_argv(self.lab.client.netns, [
+            "node", str(SCRIPT), "--serve", "--stack", "libdatachannel", "--timeout-ms",
+            str(int(CONNECT_TIMEOUT_S * 1000)), "--send-opus", str(self.tone), self.url])
+        self.callers = Callers(argv, {**os.environ, TOKEN_ENV: whip_token(self.lab)})   # the token: not in argv
         sampler, faults = asyncio.ensure_future(self._sampler()), asyncio.ensure_future(self._faults())
         try:
             await self._churn()
             self.draining = True
             await faults          # the disturbance under way ends (the agent serves again); no other begins
+            await self.callers.close()
             await self._settle()
         finally:
             for task in (sampler, faults):
@@ -214,27 +283,16 @@ class Soak:
         hold = round(min(rng.uniform(self.plan.call_min_s, self.plan.call_max_s), max(left, 1.0)), 1)
         call = {"index": len(self.calls), "hold_s": hold, "started_at": time.time(), "report": None}
         self.calls.append(call)
-        argv = nsenter_argv(self.lab.client.netns, [
-            "node", str(SCRIPT), "--stack", "libdatachannel", "--timeout-ms", str(int(CONNECT_TIMEOUT_S * 1000)),
-            "--hold-ms", str(int(hold * 1000)), "--send-opus", str(self.tone), self.url])
-        env = {**os.environ, TOKEN_ENV: whip_token(self.lab)}   # the offer token: not in argv
-        proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                    cwd=NODE_DIR, env=env)
-        self.clients[proc.pid] = proc
+        self.calls_live += 1
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), hold + CONNECT_TIMEOUT_S + 30)
-            report = json.loads(out.decode().splitlines()[0])
-            report.pop("events", None)
-            if not report.get("ok"):
-                report["stderr"] = err.decode(errors="replace")[-500:]
-            call["report"] = report
-        except (TimeoutError, json.JSONDecodeError, IndexError):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            call["report"] = {"ok": False, "error": f"the caller gave no report (exit {proc.returncode})"}
+            report = await self.callers.call(call["index"], int(hold * 1000), hold + CONNECT_TIMEOUT_S + 30)
         finally:
-            self.clients.pop(proc.pid, None)
+            self.calls_live -= 1
             call["ended_at"] = time.time()
+        report.pop("events", None)
+        if not report.get("ok") and self.callers.stderr_tail:
+            report.setdefault("stderr", self.callers.stderr_tail.decode(errors="replace"))
+        call["report"] = report
         return "audio" in call["report"]
 
     async def _faults(self) -> None:
@@ -302,12 +360,13 @@ class Soak:
             procs.update({f"worker{w['worker']}": w["pid"] for w in workers if w["pid"]})
         usage = {name: {"pid": pid, "rss_kib": u[0], "fds": u[1], "cpu_s": u[2]} for name, pid in procs.items()
                  if pid and (u := proc_usage(pid))}
-        clients = [u for pid in list(self.clients) if (u := proc_usage(pid))]
-        usage["clients"] = {"count": len(clients), "rss_kib": sum(u[0] for u in clients),
-                            "fds": sum(u[1] for u in clients)}
+        callers = proc_usage(self.callers.pid) if self.callers and self.callers.pid else None
+        if callers:
+            usage["callers"] = {"pid": self.callers.pid, "rss_kib": callers[0], "fds": callers[1],
+                                "cpu_s": callers[2], "calls": self.calls_live}
         own = proc_usage(os.getpid())
         usage["soak"] = {"pid": os.getpid(), "rss_kib": own[0], "fds": own[1]}
-        sample = {"t": at - self.t0, "calls_live": len(self.clients), "calls_started": len(self.calls),
+        sample = {"t": at - self.t0, "calls_live": self.calls_live, "calls_started": len(self.calls),
                   "loadavg": float(Path("/proc/loadavg").read_text().split()[0]),   # the host is shared
                   "transceiver_sessions": live_sessions, "procs": usage}
         with contextlib.suppress(ControlError):   # the agent being restarted

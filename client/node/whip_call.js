@@ -1,6 +1,6 @@
 // One WHIP call (RFC 9725) from a standard non-browser WebRTC stack, timed at the client.
 //
-//   node whip_call.js --stack libdatachannel|werift [--timeout-ms N] [--calls N] [--hold-ms N]
+//   node whip_call.js --stack libdatachannel|werift [--timeout-ms N] [--calls N | --serve] [--hold-ms N]
 //                     [--dead-candidate IP:PORT] [--send-opus FILE] WHIP_URL
 //
 // Offers one sendrecv Opus audio m-line (what the transceiver requires, transceiver/whip.py check_offer)
@@ -21,7 +21,8 @@ const GAP_REPORT_MS = 200;      // gaps in the heard audio at least this long ar
 const GAPS_LISTED = 100;
 
 function parseArgs(argv) {
-  const out = { stack: null, timeoutMs: 20000, calls: 1, holdMs: 0, deadCandidate: null, sendOpus: null, url: null };
+  const out = { stack: null, timeoutMs: 20000, calls: 1, holdMs: 0, deadCandidate: null, sendOpus: null, serve: false,
+                url: null };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--stack") out.stack = argv[++i];
     else if (argv[i] === "--timeout-ms") out.timeoutMs = Number(argv[++i]);
@@ -29,11 +30,12 @@ function parseArgs(argv) {
     else if (argv[i] === "--hold-ms") out.holdMs = Number(argv[++i]);
     else if (argv[i] === "--dead-candidate") out.deadCandidate = argv[++i];
     else if (argv[i] === "--send-opus") out.sendOpus = argv[++i];
+    else if (argv[i] === "--serve") out.serve = true;
     else out.url = argv[i];
   }
   const sendOk = out.sendOpus === null || out.stack === "libdatachannel";
   if (!STACKS.includes(out.stack) || !out.url || !(out.timeoutMs > 0) || !(out.calls >= 1) || !(out.holdMs >= 0) || !sendOk) {
-    process.stderr.write(`usage: node whip_call.js --stack ${STACKS.join("|")} [--timeout-ms N] [--calls N] [--hold-ms N] [--dead-candidate IP:PORT] [--send-opus FILE (libdatachannel)] WHIP_URL\n`);
+    process.stderr.write(`usage: node whip_call.js --stack ${STACKS.join("|")} [--timeout-ms N] [--calls N | --serve] [--hold-ms N] [--dead-candidate IP:PORT] [--send-opus FILE (libdatachannel)] WHIP_URL\n`);
     process.exit(2);
   }
   return out;
@@ -289,8 +291,40 @@ function withDeadCandidate(sdp, hostPort) {
 // sent, voiced packets heard, the gaps between them).
 // --calls N: N calls one after another in this process, one JSON line each (a long-running agent's
 // view: the first call also pays for loading and compiling the stack's JavaScript and crypto code).
+// --serve: calls on demand, many at once, in this one process (bench/soak.py: ~30 callers, each a node
+// process of its own, starved the transceiver of this 2-core host; one process of them costs what
+// load.js does). Each stdin line {"id": ID, "hold_ms": N} starts a call with those; its report is one
+// stdout line with "id" added. Exits once stdin ends and every call has reported.
+async function serve(args) {
+  const running = new Set();
+  let buffered = "";
+  const start = (line) => {
+    let request;
+    try { request = JSON.parse(line); } catch (e) {
+      process.stdout.write(JSON.stringify({ id: null, ok: false, error: `not a JSON request: ${line.slice(0, 80)}` }) + "\n");
+      return;
+    }
+    const holdMs = Number(request.hold_ms);
+    const call = oneCall({ ...args, holdMs: holdMs >= 0 ? holdMs : args.holdMs })
+      .then((result) => process.stdout.write(JSON.stringify({ id: request.id, ...result }) + "\n"));
+    running.add(call);
+    call.finally(() => running.delete(call));
+  };
+  process.stdin.setEncoding("utf8");
+  process.stdin.on("data", (chunk) => {
+    buffered += chunk;
+    const lines = buffered.split("\n");
+    buffered = lines.pop();
+    for (const line of lines) if (line.trim()) start(line);
+  });
+  await new Promise((resolve) => process.stdin.on("end", resolve));
+  while (running.size) await Promise.allSettled([...running]);
+  process.exit(0);
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2));
+  if (args.serve) return serve(args);
   let failed = false;
   for (let i = 0; i < args.calls; i++) {
     const result = await oneCall(args);
