@@ -120,7 +120,7 @@ def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
               help="Serve non-loopback listeners without any credential, CORS for any origin (tests, demos).")
 @click.option("--handler", default="echo", show_default=True, callback=_handler_spec, metavar="NAME[:k=v,...]",
               help="What answers the caller: echo[:delay=S], tone[:frequency=HZ], voice[:stt=sphinx|whisper,"
-                   "tts=espeak|piper,silence_ms=MS,turn=fixed|smart,ask_ms=MS,pause_ms=MS,max_wait_ms=MS,model_nice=N,"
+                   "tts=espeak|piper,silence_ms=MS,turn=fixed|smart,ask_ms=MS,pause_ms=MS,reask_ms=MS,max_wait_ms=MS,model_nice=N,"
                    "backchannel=on,"
                    "reply=module:function] (splitrelay[voice]; turn=smart asks an end-of-turn model after a short "
                    "pause, docs/VOICE.md), "

@@ -63,6 +63,7 @@ def test_the_model_hears_a_finished_question_and_an_unfinished_one(speech):
     ("turn=smart,ask_ms=200", "ask_ms must be 32..pause_ms (96) ms, got 200"),
     ("turn=smart,pause_ms=2000", "pause must be ask_ms..max_wait_ms (1500) ms, got 2000"),
     ("turn=smart,max_wait_ms=9000", "max wait must be 200..5000 ms, got 9000"),
+    ("turn=smart,reask_ms=10", "reask_ms must be 0 or 32..max_wait_ms (1500) ms, got 10"),
     ("turn=smart,complete=1.5", "complete must be between 0 and 1, got 1.5"),
     ("turn=smart,model_nice=-30", "model_nice must be -20..19, got -30"),
 ])
@@ -294,3 +295,28 @@ def test_the_models_early_complete_ends_the_turn_once_the_pause_is_long_enough_u
     got = [",".join(f"{e.kind}:{e.reason}" if e.reason else e.kind for e in detector.push(b"", 0.032 * i))
            for i in range(10, 10 + len(after))]
     assert got[:len(heard)] == heard
+
+
+def test_the_model_is_asked_again_while_the_silence_lasts_at_most_three_times_and_an_earlier_answer_still_counts():
+    from splitrelay.voice.vad import MAX_ASKS, TurnDetector, TurnRule
+
+    detector = TurnDetector(ScriptedVad([0.9] * 8 + [0.0] * 30),
+                            TurnRule(turn="smart", ask_ms=64, pause_ms=96, reask_ms=160, max_wait_ms=1500))
+    for i in range(8):
+        detector.push(b"", 0.032 * i)
+    asked = [i for i in range(8, 30) if [e.kind for e in detector.push(b"", 0.032 * i)] == ["pause"]]
+    assert MAX_ASKS == 3 and [(i - 7) * 32 for i in asked] == [64, 224, 384]   # ms of silence at each ask
+    assert detector.pause_current(1) and detector.pause_current(3)            # every ask of this silence...
+    ended = detector.judged(1, True, 0.032 * 30)                               # ...the first one's answer too
+    assert ended is not None and ended.reason == "complete"
+
+
+def test_speech_after_a_pause_makes_its_asks_stale_and_the_next_silence_asks_afresh():
+    from splitrelay.voice.vad import TurnDetector, TurnRule
+
+    detector = TurnDetector(ScriptedVad([0.9] * 8 + [0.0] * 8 + [0.9] * 4 + [0.0] * 3),
+                            TurnRule(turn="smart", ask_ms=64, pause_ms=96, reask_ms=96))
+    kinds = [[e.kind for e in detector.push(b"", 0.032 * i)] for i in range(23)]
+    assert [i for i, k in enumerate(kinds) if k == ["pause"]] == [9, 12, 15, 21]
+    assert not detector.pause_current(3) and detector.pause_current(4)
+    assert detector.judged(3, True, 0.7) is None                                # stale: the caller went on

@@ -33,9 +33,9 @@ channel, one JSON object per message (JSON lines): ``ready``,
 Options (``--handler voice:stt=whisper,silence_ms=500``): ``stt`` (sphinx |
 whisper), ``tts`` (espeak | piper), ``reply`` (rules | echo |
 package.module:function), ``turn`` (fixed | smart), ``silence_ms`` (fixed),
-``ask_ms``, ``pause_ms``, ``max_wait_ms``, ``complete``, ``model_nice`` (smart), ``backchannel`` (on |
-off), ``backchannel_ms``, ``min_speech_ms``,
-``max_turn_ms``, ``threshold``, ``reply_timeout`` (seconds).
+``ask_ms``, ``pause_ms``, ``reask_ms``, ``max_wait_ms``, ``complete``, ``model_nice`` (smart),
+``backchannel`` (on | off), ``backchannel_ms``, ``min_speech_ms``, ``max_turn_ms``, ``threshold``,
+``reply_timeout`` (seconds).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class VoiceHandler(Handler):
 
     def __init__(self, io: SessionIO, stt: str = "sphinx", tts: str = "espeak", reply: str | ReplyHook = "rules",
                  turn: str = "fixed", silence_ms: int = 400, ask_ms: int = 64, pause_ms: int = 96,
-                 max_wait_ms: int = 1500,
+                 max_wait_ms: int = 1500, reask_ms: int = 0,
                  complete: float = 0.5, model_nice: int = 0, backchannel: str = "off", backchannel_ms: int = 700,
                  min_speech_ms: int = 150, max_turn_ms: int = 15000,
                  threshold: float = 0.5, reply_timeout: float = 5.0) -> None:
@@ -86,7 +86,7 @@ class VoiceHandler(Handler):
         self.rule = TurnRule(threshold=float(threshold), silence_ms=int(silence_ms),
                              min_speech_ms=int(min_speech_ms), max_turn_ms=int(max_turn_ms), turn=str(turn),
                              ask_ms=int(ask_ms), pause_ms=int(pause_ms), max_wait_ms=int(max_wait_ms),
-                             complete=float(complete))
+                             reask_ms=int(reask_ms), complete=float(complete))
         if not -20 <= int(model_nice) <= 19:
             raise ValueError(f"model_nice must be -20..19, got {model_nice}")
         self.model_nice = int(model_nice)

