@@ -326,6 +326,43 @@ async def measure(specs: list[str], short: bool = False, cache: str | None = Non
     return {spec: {"summary": summary(rs), "turns": [asdict(r) for r in rs]} for spec, rs in results.items()}
 
 
+SCORED_SILENCES_MS = (64, 232, 400)    # turn=smart's asks with reask_ms=168: where its verdicts can come from
+
+
+def model_scores(cache: str | None = None, silences_ms: tuple[int, ...] = SCORED_SILENCES_MS) -> dict:
+    """The end-of-turn model alone, no agent and no clock: its score for each complete utterance and each
+    paused one's first part, followed by each of ``silences_ms`` of silence.  What a ``complete`` bar can
+    and cannot separate on this set, whatever the load (the agent's figures also carry its timing)."""
+    from splitrelay.voice.audio import MODEL_RATE
+    from splitrelay.voice.smart_turn import SmartTurn
+
+    speech, model = PiperSpeech(cache), SmartTurn()
+    model.warm_up()
+
+    def scores(text: str) -> list[float]:
+        pcm = resample(speech.segment(text), SAMPLE_RATE, MODEL_RATE)
+        return [round(model.complete(pcm + bytes(2 * MODEL_RATE * ms // 1000)), 3) for ms in silences_ms]
+
+    return {"silences_ms": list(silences_ms),
+            "complete": {t: scores(t) for t in COMPLETE},
+            "paused": {f"{a}…": scores(a) for a, _ in PAUSED}}
+
+
+def scores_markdown(table: dict, bars: tuple[float, ...] = (0.5, 0.7, 0.9)) -> str:
+    """How many of each kind the model calls finished at each silence and bar (a paused one so called is a
+    cut-off wherever its pause outlasts the verdict)."""
+    silences = table["silences_ms"]
+    lines = ["| bar | " + " | ".join(f"complete ≥ bar after {ms} ms" for ms in silences) + " | "
+             + " | ".join(f"paused ≥ bar after {ms} ms" for ms in silences) + " |",
+             "|---" * (1 + 2 * len(silences)) + "|"]
+    for bar in bars:
+        done = [sum(v[i] >= bar for v in table["complete"].values()) for i in range(len(silences))]
+        cut = [sum(v[i] >= bar for v in table["paused"].values()) for i in range(len(silences))]
+        lines.append(f"| {bar} | " + " | ".join(f"{n}/{len(table['complete'])}" for n in done) + " | "
+                     + " | ".join(f"{n}/{len(table['paused'])}" for n in cut) + " |")
+    return "\n".join(lines)
+
+
 def markdown(reports: dict[str, dict]) -> str:
     def ms(v: float | None) -> str:
         return "–" if v is None else f"{v:.0f}"
@@ -370,8 +407,17 @@ def main() -> None:  # pragma: no cover - minutes of real-time audio
     parser.add_argument("--short", action="store_true", help="the test suite's 9 utterances instead of 44")
     parser.add_argument("--barge", action="store_true",
                         help="instead: backchannels and interruptions spoken over the agent's answer")
+    parser.add_argument("--scores", action="store_true",
+                        help="instead: the model alone, each utterance's score after 64, 232, 400 ms of silence")
     parser.add_argument("--results", help="save every utterance's figures here (JSON)")
     args = parser.parse_args()
+    if args.scores:
+        table = model_scores()
+        if args.results:
+            with open(args.results, "w") as f:
+                json.dump(table, f, indent=1)
+        print(scores_markdown(table))
+        return
     reports = asyncio.run(measure_barge(args.specs) if args.barge else measure(args.specs, args.short))
     if args.results:
         with open(args.results, "w") as f:

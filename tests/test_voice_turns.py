@@ -320,3 +320,13 @@ def test_speech_after_a_pause_makes_its_asks_stale_and_the_next_silence_asks_afr
     assert [i for i, k in enumerate(kinds) if k == ["pause"]] == [9, 12, 15, 21]
     assert not detector.pause_current(3) and detector.pause_current(4)
     assert detector.judged(3, True, 0.7) is None                                # stale: the caller went on
+
+
+def test_the_score_table_counts_each_kind_at_or_above_each_bar_after_each_silence():
+    from splitrelay.bench.turns import scores_markdown
+
+    table = {"silences_ms": [64, 400], "complete": {"a": [0.95, 0.6], "b": [0.4, 0.91]},
+             "paused": {"c…": [0.5, 0.2], "d…": [0.1, 0.7]}}
+    rows = scores_markdown(table, bars=(0.5, 0.9)).splitlines()
+    assert rows[2] == "| 0.5 | 1/2 | 2/2 | 1/2 | 1/2 |"
+    assert rows[3] == "| 0.9 | 1/2 | 1/2 | 0/2 | 0/2 |"
