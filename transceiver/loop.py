@@ -17,6 +17,7 @@ millisecond early; the voice path re-checks the time on waking and waits again (
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -57,3 +58,36 @@ def run(main: Coroutine[Any, Any, T], name: str = DEFAULT_EVENT_LOOP) -> T:
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     """Which of ``EVENT_LOOPS`` ``loop`` is (what the transceiver reports it runs on)."""
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+LAG_INTERVAL = 0.05   # s between two wake-ups: 20 timer callbacks a second, nothing next to a call's ~200
+
+
+class LoopLag:
+    """How late the event loop runs a timer that was due: the saturation signal of a one-loop process.
+
+    Every packet and frame of every call is a callback of the one loop, so a loop that is late is late
+    for every call at once, whatever its core's average says: in the capacity bench, conversation calls
+    lost audio at 64 calls with the core 83 % busy (BENCHMARKS.md).  ``observe`` gets each lateness
+    in seconds (uvloop's timers are whole milliseconds: up to ~1 ms of it is the clock).
+    """
+
+    def __init__(self, observe: Callable[[float], None], interval: float = LAG_INTERVAL) -> None:
+        self.observe, self.interval = observe, interval
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+
+    def start(self) -> None:
+        self._due = time.monotonic() + self.interval
+        self._handle = asyncio.get_running_loop().call_later(self.interval, self._woke)
+
+    def _woke(self) -> None:
+        now = time.monotonic()
+        self.observe(max(0.0, now - self._due))
+        self._due = now + self.interval
+        self._handle = asyncio.get_running_loop().call_later(self.interval, self._woke)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None

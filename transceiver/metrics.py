@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 SETUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# a frame is 20 ms: a loop late by more than that delays every call's audio by a frame or more
+LOOP_LAG_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class TransceiverMetrics:
@@ -75,6 +77,9 @@ class TransceiverMetrics:
         self.ufrag_pool_empty = Counter("splitrelay_transceiver_ufrag_pool_empty",
                                         "Offers and ICE restarts that found the ufrag pool empty and "
                                         "registered on the answer's path", registry=r)
+        self.loop_lag = Histogram("splitrelay_transceiver_event_loop_lag_seconds",
+                                  "How late the event loop ran a timer that was due (every call waits as long)",
+                                  buckets=LOOP_LAG_BUCKETS, registry=r)
         self.ice_restart = Histogram("splitrelay_transceiver_ice_restart_seconds",
                                      "WHIP PATCH until the new ICE generation's pair is nominated",
                                      buckets=SETUP_BUCKETS, registry=r)

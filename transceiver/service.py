@@ -34,6 +34,7 @@ from splitrelay.transceiver.handlers import handler_factory
 from splitrelay.transceiver.ice_restart import IceRestartFailed
 from splitrelay.transceiver.listeners import admin_auth, refuse_exposure, serve_app
 from splitrelay.transceiver.paths import RESTARTED
+from splitrelay.transceiver.loop import LoopLag
 from splitrelay.transceiver.metrics import TransceiverMetrics
 from splitrelay.transceiver import admission, limits
 from splitrelay.transceiver.mux import UdpMux
@@ -118,10 +119,10 @@ class Transceiver:
         self.ufrags: UfragPool | None = None
         self.draining = False
         self._runner: web.AppRunner | None = None
-        self.whip_port: int | None = None
-        self.admin_port: int | None = None
         self._admin_runner: web.AppRunner | None = None
+        self.whip_port, self.admin_port = None, None   # int once serving
         self.metrics = TransceiverMetrics()
+        self.loop_lag = LoopLag(self.metrics.loop_lag.observe)
         self._exported: dict[str, dict[str, float]] = {}  # per session: what metrics already counted
         self._answering = 0  # offers between admission and their answer: pending too
         self.admission = admission.Admission(
@@ -160,6 +161,7 @@ class Transceiver:
         check_dtls_role()
         c = self.config
         refuse_exposure(c)
+        self.loop_lag.start()
         relays = c.all_relays()
         public = [a for r in relays for a in r.candidates]
         self.mux = await UdpMux.bind(c.bind_host, c.bind_port, public or None, c.address_timeout)
@@ -431,6 +433,7 @@ class Transceiver:
         """Graceful: refuse offers, end every session (unregistering it), stop the registrar, the
         HTTP server and the mux."""
         self.draining = True
+        self.loop_lag.stop()
         for session_id in list(self.sessions):
             await self.end_session(session_id, SHUTDOWN)
         if self._ending:  # sessions that ended by themselves finish unregistering before the registrars stop
