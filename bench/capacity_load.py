@@ -19,11 +19,16 @@ minus its first second (the calls' start-up):
 The ramp stops at the first step whose RTT p50 (voice: lateness p99) exceeds the one-call step's by
 more than ``rtt_margin`` ms, whose loss exceeds ``loss_threshold``, or where a call did not connect;
 the step before is the capacity.  It is the transceiver's only if the transceiver, not the client, was
-saturated there.
+saturated there: its process at ``SATURATED_PCT`` of its core, or its event loop late by more than
+``rtt_margin`` at the 99th percentile (``splitrelay_transceiver_event_loop_lag_seconds``, read from its
+/metrics once a second over the same window) while the client was not saturated and nothing else
+held its core: one loop serves every call, so it saturates by lateness before its core's average
+reads full.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -63,16 +68,29 @@ METHOD = __doc__.split("\n\n", 1)[1].strip()
 
 class _Sampler:
     """CPU ticks of some processes and every CPU's busy time, sampled on the wall clock (the client
-    reports Unix times)."""
+    reports Unix times); ``lag``: the transceiver's loop-lag buckets, read every ``LAG_EVERY`` samples (a
+    scrape costs the transceiver CPU too)."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
+    def __init__(self, pids: dict[str, int], lag: Callable[[], dict[float, float]] | None = None) -> None:
+        self.pids, self.lag = pids, lag
         self.samples: list[tuple[float, dict[str, int | None]]] = []
         self.cpus: list[tuple[float, sessions.CpuTimes]] = []
+        self.lags: list[tuple[float, dict[float, float]]] = []
 
     def sample(self) -> None:
         self.samples.append((time.time(), {k: process_cpu_ticks(pid) for k, pid in self.pids.items()}))
         self.cpus.append((time.time(), sessions.cpu_times()))
+        if self.lag is not None and len(self.samples) % LAG_EVERY == 1:
+            with contextlib.suppress(OSError, ValueError):   # a scrape that failed: the next one counts
+                self.lags.append((time.time(), self.lag()))
+
+    def lag_ms_p99(self, start: float, end: float) -> float | None:
+        """The loop lag's 99th percentile over [start, end], as the upper bound of its bucket (ms);
+        None without two scrapes in the window or any lag sample between them."""
+        inside = [b for t, b in self.lags if start <= t <= end]
+        if len(inside) < 2:
+            return None
+        return lag_p99_ms(inside[0], inside[-1])
 
     def busy_pct(self, start: float, end: float) -> dict[str, float]:
         """Each CPU's non-idle share over [start, end] (everything on the machine, not only ours)."""
@@ -92,6 +110,35 @@ class _Sampler:
         return out
 
 
+LAG_EVERY = 2               # samples (0.25 s apart): two /metrics scrapes a second (~1 ms of its CPU each)
+LAG_METRIC = "splitrelay_transceiver_event_loop_lag_seconds_bucket"
+
+
+def lag_buckets(metrics_text: str) -> dict[float, float]:
+    """The loop-lag histogram's cumulative bucket counts (upper bound in s -> count) from a /metrics page."""
+    out: dict[float, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(LAG_METRIC + "{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = out.get(float(le), 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def lag_p99_ms(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The 99th percentile of the lag samples taken between two scrapes: the upper bound of the first
+    bucket holding 99 % of them, in ms (inf: beyond the largest bucket); None: no sample between."""
+    bounds = sorted(after)
+    if not bounds:
+        return None
+    total = after[bounds[-1]] - before.get(bounds[-1], 0.0)
+    if total <= 0:
+        return None
+    for le in bounds:
+        if after[le] - before.get(le, 0.0) >= 0.99 * total:
+            return le * 1000.0
+    return None
+
+
 def _cpu(slices: list[tuple[float, float]], calls: int) -> dict[str, float | None]:
     """CPU % of one core over the slices, and µs of CPU per call-second: overall and its spread."""
     wall = sum(w for w, _ in slices)
@@ -105,8 +152,31 @@ def _cpu(slices: list[tuple[float, float]], calls: int) -> dict[str, float | Non
             "slices": len(slices)}
 
 
+def _lag_reader(lab: Lab, t: Any, log: Path) -> Callable[[], dict[float, float]]:  # noqa: ANN401 - a lab Transceiver
+    """A function that scrapes the bench's transceiver's loop-lag buckets (its admin listener is on
+    loopback in its namespace, at the address its ready line gives)."""
+    import urllib.request
+
+    from splitrelay import tokens
+    from splitrelay.lab.netns import in_netns
+    from splitrelay.transceiver.workers import READY
+
+    found = READY.search(log.read_text())
+    if found is None:
+        raise SessionBenchError(f"no ready line with the admin URL in {log}")
+    token = tokens.load_key(lab.secret_file("admin.token")).decode()
+    request = urllib.request.Request(found.group(2) + "/metrics", headers={"Authorization": f"Bearer {token}"})
+
+    def scrape() -> dict[float, float]:
+        with urllib.request.urlopen(request, timeout=2) as resp:  # noqa: S310 - the lab's own URL
+            return lag_buckets(resp.read().decode())
+
+    return lambda: in_netns(t.netns, scrape)
+
+
 def _run_client(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: str,
-                transceiver_pid: int, client_cpus: set[int] | None) -> tuple[dict[str, Any], _Sampler, int]:
+                transceiver_pid: int, client_cpus: set[int] | None,
+                lag: Callable[[], dict[float, float]] | None = None) -> tuple[dict[str, Any], _Sampler, int]:
     _, cycle, share = PROFILES[profile]
     argv = load_client.load_argv(frames, url, n, duration, cycle, share)
     if client_cpus:
@@ -114,7 +184,7 @@ def _run_client(lab: Lab, frames: Path, url: str, n: int, duration: float, profi
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = lab.popen(lab.client.netns, argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                          cwd=load_client.NODE_DIR, env={**os.environ, TOKEN_ENV: stack.whip_token(lab)})
-        sampler = _Sampler({"transceiver": transceiver_pid, "client": proc.pid})
+        sampler = _Sampler({"transceiver": transceiver_pid, "client": proc.pid}, lag)
         bound = duration + load_client.CONNECT_PHASE_S + 30.0
         deadline = time.monotonic() + bound
         try:
@@ -132,9 +202,10 @@ def _run_client(lab: Lab, frames: Path, url: str, n: int, duration: float, profi
 
 
 def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: str, transceiver_pid: int,
-          cpu: int | None, client_cpus: set[int] | None) -> dict[str, Any]:
+          cpu: int | None, client_cpus: set[int] | None,
+          lag: Callable[[], dict[float, float]] | None = None) -> dict[str, Any]:
     drops = sessions.rcvbuf_errors(lab.transceivers[0].netns)
-    report, sampler, _ = _run_client(lab, frames, url, n, duration, profile, transceiver_pid, client_cpus)
+    report, sampler, _ = _run_client(lab, frames, url, n, duration, profile, transceiver_pid, client_cpus, lag)
     drops = sessions.rcvbuf_errors(lab.transceivers[0].netns) - drops
     start, end = report["talk_started_unix"] + WARMUP_S, report["talk_ended_unix"]
     rtts = sorted(v for s in report["per_session"] for v in s["rtt_ms"])
@@ -162,6 +233,7 @@ def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: st
         "transceiver_udp_rcvbuf_drops": drops,
         "window_s": round(end - start, 2),
         "transceiver_cpu": trx,
+        "transceiver_loop_lag_ms_p99": sampler.lag_ms_p99(start, end),
         "transceiver_core_busy_pct": core,
         "other_work_on_transceiver_core_pct": (round(core - trx["pct"], 1)
                                                if core is not None and trx["pct"] is not None else None),
@@ -191,9 +263,10 @@ def _verdict(step: dict[str, Any], base: dict[str, Any], rtt_margin: float, loss
     return None
 
 
-def _limited_by(step: dict[str, Any]) -> str | None:
-    """Who was saturated at the step past capacity: "client", "transceiver", "contended" (the transceiver's
-    core was busy with other work: a shared machine), or None (nobody: see the step)."""
+def _limited_by(step: dict[str, Any], rtt_margin: float = RTT_MARGIN_MS) -> str | None:
+    """Who was saturated at the step past capacity: "client", "transceiver" (its core full, or its event
+    loop late by more than ``rtt_margin`` p99), "contended" (the transceiver's core was busy with other
+    work: a shared machine), or None (nobody: see the step)."""
     trx, client = step["transceiver_cpu"]["pct"] or 0.0, step["client_cpu"]["pct"] or 0.0
     if client >= SATURATED_PCT:
         return "client"
@@ -201,6 +274,8 @@ def _limited_by(step: dict[str, Any]) -> str | None:
         return "transceiver"
     if (step["other_work_on_transceiver_core_pct"] or 0.0) >= CONTENDED_PCT:
         return "contended"
+    if (step.get("transceiver_loop_lag_ms_p99") or 0.0) > rtt_margin:
+        return "transceiver"
     return None
 
 
@@ -238,11 +313,12 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
                                                LOAD_WHIP_PORT, relay=True, cpu=cpu, handler=handler,
                                                extra=("--offer-rate", "0"))
         url = sessions.whip_url(t.signal_ip4, LOAD_WHIP_PORT)
+        lag = _lag_reader(lab, t, log)
         try:
             for n in steps:
                 say(f"capacity {profile}: {n} calls for {duration:g} s")
                 try:
-                    step = _step(lab, frames, url, n, duration, profile, proc.pid, cpu, client_cpus)
+                    step = _step(lab, frames, url, n, duration, profile, proc.pid, cpu, client_cpus, lag)
                 except SessionBenchError as exc:
                     if not results:
                         raise
@@ -267,7 +343,7 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
     fit = _fit([(s["sessions"], s["transceiver_cpu"]["pct"]) for s in results if s["transceiver_cpu"]["pct"]])
     marginal = round(fit[0] * 1e4, 1) if fit and fit[0] > 0 else None     # % of a core per call -> µs/s
     capacity = good[-1]["sessions"] if good else 0
-    limited_by = _limited_by(results[-1]) if stopped and len(results) > len(good) else None
+    limited_by = _limited_by(results[-1], rtt_margin) if stopped and len(results) > len(good) else None
     return {"profile": profile, "handler": handler, "cpu": cpu,
             "client_cpus": sorted(client_cpus) if client_cpus else None, "duration_s": duration,
             "rtt_margin_ms": rtt_margin, "loss_threshold": loss_threshold,
@@ -333,11 +409,13 @@ def _row(s: dict[str, Any]) -> str:
     loss = None if s["loss"] is None else round(100 * s["loss"], 2)
     spread = f"{_fmt(t['us_per_call_s_p10'])}–{_fmt(t['us_per_call_s_p90'])}"
     return (f"| {s['sessions']} | {_fmt(s['rtt_ms_p50'])} / {_fmt(s['rtt_ms_p99'])} | {_fmt(loss)} % | "
-            f"{_fmt(t['pct'])} % | {_fmt(t['us_per_call_s'])} ({spread}) | {_fmt(c['pct'])} % | "
+            f"{_fmt(t['pct'])} % | {_fmt(s.get('transceiver_loop_lag_ms_p99'))} | {_fmt(t['us_per_call_s'])} "
+            f"({spread}) | {_fmt(c['pct'])} % | "
             f"{_fmt(s['other_work_on_transceiver_core_pct'])} % | {_fmt(s['loadavg'][0])} |")
 
 
-WHO_LIMITED = {"client": "the client was saturated", "transceiver": "the transceiver was saturated",
+WHO_LIMITED = {"client": "the client was saturated",
+               "transceiver": "the transceiver was saturated (its core, or its event loop late)",
                "contended": "the transceiver's core was busy with other work (a shared machine)",
                None: "neither side was saturated"}
 
@@ -360,9 +438,9 @@ def markdown(part: dict[str, Any] | None) -> list[str]:
     for name, r in part["profiles"].items():
         rows = [_row(s) for s in r["steps"]]
         out += [f"### {name} (handler `{r['handler']}`)\n",
-                "| calls | RTT p50 / p99 ms | loss | transceiver CPU | µs CPU per call-second (p10–p90) | "
-                "client CPU | other work on its core | load |",
-                "|---|---|---|---|---|---|---|---|", *rows, "",
+                "| calls | RTT p50 / p99 ms | loss | transceiver CPU | its loop late, p99 ms | "
+                "µs CPU per call-second (p10–p90) | client CPU | other work on its core | load |",
+                "|---|---|---|---|---|---|---|---|---|", *rows, "",
                 f"Capacity: {_verdict_line(r)}. Per call, from a line through the steps: "
                 f"{_fmt(r['marginal_us_per_call_s'])} µs of CPU per call-second (the line meets one core at "
                 f"{_fmt(r['calls_per_core_cpu_bound'])} calls).\n"]

@@ -61,6 +61,7 @@ def test_echo_calls_report_their_round_trip_loss_and_both_cpus(load_lab):
     assert first["window_s"] >= 1.5
     assert_cpu_measured(first["transceiver_cpu"])
     assert_cpu_measured(first["client_cpu"])
+    assert 0 < first["transceiver_loop_lag_ms_p99"] <= 1000     # scraped from its /metrics over the window
     assert result["limited_by"] in (None, "client", "transceiver", "contended")
     assert result["lower_bound"] == (result["limited_by"] != "transceiver")
     assert "## 7. Calls per transceiver core" in "\n".join(capacity_load.markdown({"profiles": {"echo": result}}))
@@ -119,3 +120,35 @@ def test_the_voice_agent_answers_the_speaking_caller_and_its_cost_is_measured(lo
     assert step["packets_received_large"] >= 25            # its spoken answer: loud packets, not the silence
     assert step["rtt_samples"] == 0 and step["gap_lateness_ms_p99"] is not None
     assert_cpu_measured(step["transceiver_cpu"])
+
+
+METRICS = """# HELP splitrelay_transceiver_event_loop_lag_seconds How late
+splitrelay_transceiver_event_loop_lag_seconds_bucket{le="0.002"} %d
+splitrelay_transceiver_event_loop_lag_seconds_bucket{le="0.02"} %d
+splitrelay_transceiver_event_loop_lag_seconds_bucket{le="0.05"} %d
+splitrelay_transceiver_event_loop_lag_seconds_bucket{le="+Inf"} %d
+splitrelay_transceiver_event_loop_lag_seconds_count %d
+"""
+
+
+def test_the_loop_lag_p99_is_read_from_the_buckets_between_two_scrapes():
+    before = capacity_load.lag_buckets(METRICS % (500, 600, 600, 600, 600))
+    assert before == {0.002: 500.0, 0.02: 600.0, 0.05: 600.0, float("inf"): 600.0}
+    quiet = capacity_load.lag_buckets(METRICS % (699, 800, 800, 800, 800))
+    late = capacity_load.lag_buckets(METRICS % (650, 760, 798, 800, 800))   # 2 of 200 past 20 ms
+    assert capacity_load.lag_p99_ms(before, quiet) == 2.0
+    assert capacity_load.lag_p99_ms(before, late) == 50.0
+    assert capacity_load.lag_p99_ms(before, before) is None                  # no sample between
+
+
+def step_at(trx_pct: float, client_pct: float, other_pct: float, lag_ms: float | None) -> dict:
+    return {"transceiver_cpu": {"pct": trx_pct}, "client_cpu": {"pct": client_pct},
+            "other_work_on_transceiver_core_pct": other_pct, "transceiver_loop_lag_ms_p99": lag_ms}
+
+
+def test_a_late_loop_makes_the_step_the_transceivers_unless_the_client_or_other_work_was_the_limit():
+    assert capacity_load._limited_by(step_at(83, 40, 2, 50.0)) == "transceiver"
+    assert capacity_load._limited_by(step_at(83, 40, 2, 10.0)) is None
+    assert capacity_load._limited_by(step_at(83, 40, 2, None)) is None
+    assert capacity_load._limited_by(step_at(83, 95, 2, 50.0)) == "client"
+    assert capacity_load._limited_by(step_at(60, 40, 30, 50.0)) == "contended"
