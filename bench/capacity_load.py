@@ -355,7 +355,7 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
 
 
 # the ramp per bench profile: the full one goes past the targets (echo 64, conversation 100 per core)
-STEPS = {"full": (1, 8, 16, 32, 48, 64, 80, 100, 128, 160), "smoke": (1, 2)}
+STEPS = {"full": (1, 8, 16, 32, 40, 48, 56, 64, 72, 80, 100, 128, 160), "smoke": (1, 2)}
 DURATION_S = {"full": 10.0, "smoke": 3.0}
 
 
