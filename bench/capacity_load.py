@@ -21,7 +21,7 @@ more than ``rtt_margin`` ms, whose loss exceeds ``loss_threshold``, or where a c
 the step before is the capacity.  It is the transceiver's only if the transceiver, not the client, was
 saturated there: its process at ``SATURATED_PCT`` of its core, or its event loop late by more than
 ``rtt_margin`` at the 99th percentile (``splitrelay_transceiver_event_loop_lag_seconds``, read from its
-/metrics once a second over the same window) while the client was not saturated and nothing else
+/metrics every 2 s over the same window) while the client was not saturated and nothing else
 held its core: one loop serves every call, so it saturates by lateness before its core's average
 reads full.
 """
@@ -68,8 +68,7 @@ METHOD = __doc__.split("\n\n", 1)[1].strip()
 
 class _Sampler:
     """CPU ticks of some processes and every CPU's busy time, sampled on the wall clock (the client
-    reports Unix times); ``lag``: the transceiver's loop-lag buckets, read every ``LAG_EVERY`` samples (a
-    scrape costs the transceiver CPU too)."""
+    reports Unix times); ``lag``: the transceiver's loop-lag buckets, read every ``LAG_EVERY_S``."""
 
     def __init__(self, pids: dict[str, int], lag: Callable[[], dict[float, float]] | None = None) -> None:
         self.pids, self.lag = pids, lag
@@ -80,7 +79,7 @@ class _Sampler:
     def sample(self) -> None:
         self.samples.append((time.time(), {k: process_cpu_ticks(pid) for k, pid in self.pids.items()}))
         self.cpus.append((time.time(), sessions.cpu_times()))
-        if self.lag is not None and len(self.samples) % LAG_EVERY == 1:
+        if self.lag is not None and (not self.lags or time.time() - self.lags[-1][0] >= LAG_EVERY_S):
             with contextlib.suppress(OSError, ValueError):   # a scrape that failed: the next one counts
                 self.lags.append((time.time(), self.lag()))
 
@@ -110,7 +109,8 @@ class _Sampler:
         return out
 
 
-LAG_EVERY = 2               # samples (0.25 s apart): two /metrics scrapes a second (~1 ms of its CPU each)
+LAG_EVERY_S = 2.0           # s between /metrics scrapes: a scrape reads every session's stats (aiortc
+                            # getStats), CPU of the transceiver's that the step would count as the calls'
 LAG_METRIC = "splitrelay_transceiver_event_loop_lag_seconds_bucket"
 
 
