@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpHeaderExtensionParameters, RTCRtpSendParameters
 from aiortc.rtp import (
     RTCP_RTPFB_NACK, HeaderExtensionsMap, RtcpPsfbPacket, RtcpRtpfbPacket, RtcpSrPacket, RtpPacket,
@@ -259,12 +260,18 @@ def test_the_sender_report_s_ntp_time_is_aiortc_s_clock():
 
 def test_the_aiortc_internals_the_direct_send_path_uses_are_there_and_a_bad_path_is_refused(monkeypatch):
     assert rtp_out.missing_internals() == []
-    check_aiortc()
-    monkeypatch.setattr(rtp_out, "PACKET_COUNT", "_RTCRtpSender__renamed")
+    counters = "RTCRtpSender.__packet_count/__octet_count/__ntp_timestamp/__rtp_timestamp"
+    for name in ("PACKET_COUNT", "OCTET_COUNT", "NTP_TIMESTAMP", "RTP_TIMESTAMP"):   # each one renamed
+        with monkeypatch.context() as renamed:
+            renamed.setattr(rtp_out, name, "_RTCRtpSender__renamed")
+            assert rtp_out.missing_internals() == [counters]
+    monkeypatch.setattr(RTCDtlsTransport, "_send_rtp", None)
     with pytest.raises(AudioPathError) as exc:
         check_aiortc()
-    assert "lacks RTCRtpSender.__packet_count/__octet_count/__ntp_timestamp/__rtp_timestamp;" in str(exc.value)
+    assert str(exc.value).split(" lacks ")[1] == ("RTCDtlsTransport._send_rtp; "
+                                                  "the transceiver's voice path needs aiortc 1.9..1.16")
     monkeypatch.undo()
+    check_aiortc()
     monkeypatch.setenv(rtp_out.SEND_PATH_ENV, "fast")
     with pytest.raises(AudioPathError) as exc:
         check_aiortc()
