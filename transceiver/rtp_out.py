@@ -135,6 +135,7 @@ class DirectSend:
         self.suspended = 0                 # sends that awaited something and were finished by a task
         self.dropped = 0                   # frames not sent: too many sends were suspended
         self.finished: asyncio.Future[None] | None = None   # done once this path stops for good
+        self._started = self._stopped = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._soon: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -153,11 +154,11 @@ class DirectSend:
 
     @property
     def running(self) -> bool:
-        return self.finished is not None and not self.finished.done()
+        return self._started and not self._stopped
 
     def start(self) -> bool:
         """Take the sending over from aiortc's task (its first ``recv()``); False: leave it to that task."""
-        if self.finished is not None:
+        if self._started or self._stopped:
             return self.running
         parameters = self.parameters
         if parameters is None or not parameters.codecs:
@@ -172,6 +173,7 @@ class DirectSend:
         self._send_rtp: Callable[[bytes], Any] = self.sender.transport._send_rtp
         self._loop = loop = asyncio.get_running_loop()
         self.finished = loop.create_future()
+        self._started = True
         self._soon = loop.call_soon(self._on_soon)
         return True
 
@@ -182,9 +184,11 @@ class DirectSend:
 
     def stop(self) -> None:
         """Stop for good: no timer, callback or send task is left behind."""
-        if self.finished is None or self.finished.done():
+        if self._stopped:   # not ``finished.done()``: cancelling aiortc's task cancels ``finished`` too
             return
-        self.finished.set_result(None)
+        self._stopped = True
+        if self.finished is not None and not self.finished.done():
+            self.finished.set_result(None)
         for handle in (self._soon, self._timer):
             if handle is not None:
                 handle.cancel()
