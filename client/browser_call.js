@@ -100,12 +100,16 @@ async function sample() {
   report.forEach((r) => {
     if (r.type === "inbound-rtp" && r.kind === "audio") {
       s.inPackets = r.packetsReceived || 0;
+      s.inLost = r.packetsLost || 0;
       s.inEnergy = r.totalAudioEnergy || 0;
       s.inLevel = r.audioLevel || 0;
       // NetEQ, Chrome's receive buffer (cumulative over emitted samples): what plays after a barge-in
       s.jbDelay = r.jitterBufferDelay || 0;
       s.jbTarget = r.jitterBufferTargetDelay || 0;
       s.jbEmitted = r.jitterBufferEmittedCount || 0;
+    } else if (r.type === "remote-outbound-rtp" && r.kind === "audio") {   // the transceiver's RTCP SRs
+      s.srPackets = r.packetsSent || 0;
+      s.srReports = r.reportsSent || 0;
     } else if (r.type === "outbound-rtp" && r.kind === "audio") {
       s.outPackets = r.packetsSent || 0;
     } else if (r.type === "transport" && r.selectedCandidatePairId) {

@@ -42,7 +42,8 @@ def unavailable_reason(stack: str) -> str | None:
 
 def node_calls(stack: str, whip_url: str, wrapper: list[str] | None = None, calls: int = 1,
                timeout: float = CALL_TIMEOUT, hold: float = 0.0,
-               dead_candidate: str | None = None, token: str | None = None) -> list[dict[str, Any]]:
+               dead_candidate: str | None = None, token: str | None = None,
+               send_opus: Path | None = None) -> list[dict[str, Any]]:
     """``calls`` calls by ``stack`` to ``whip_url``, one after another in one node process, each
     connected (or failed) and hung up; one report per call: ``ok``, ``error``, ``ice_connected_ms``,
     ``dtls_connected_ms`` (from the POST leaving), ``gap_ms``, ``answer_setup``, ``delete_status``,
@@ -51,13 +52,16 @@ def node_calls(stack: str, whip_url: str, wrapper: list[str] | None = None, call
     ``hold`` (s) each call stays up that long once connected and reports the audio it
     received (``rtp_in``, ``last_rtp_ms``); ``dead_candidate`` ("ip:port"): the client sees one more
     server candidate there, of the highest priority, which never answers; ``token``: the WHIP bearer
-    token, handed over in the environment (not argv, which any local user can read).  Raises NodeCallError when
+    token, handed over in the environment (not argv, which any local user can read); ``send_opus``
+    (libdatachannel, with ``hold``): a file of pre-encoded Opus frames it sends meanwhile, and ``audio`` in
+    the report says what it heard back (whip_call.js HeardAudio).  Raises NodeCallError when
     the process gave no report for every call."""
     if stack not in STACKS:
         raise NodeCallError(f"unknown stack {stack!r} (one of {', '.join(STACKS)})")
     argv = [*(wrapper or []), "node", str(SCRIPT), "--stack", stack, "--timeout-ms", str(int(timeout * 1000)),
             "--calls", str(calls), "--hold-ms", str(int(hold * 1000)),
-            *(["--dead-candidate", dead_candidate] if dead_candidate else []), whip_url]
+            *(["--dead-candidate", dead_candidate] if dead_candidate else []),
+            *(["--send-opus", str(send_opus)] if send_opus else []), whip_url]
     limit = calls * (timeout + hold + 5) + 10
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit, cwd=NODE_DIR,

@@ -138,6 +138,8 @@ def test_chromium_calls_through_xdp_and_hears_its_own_voice_echoed(browser_lab):
         assert heard["pair"]["local"].startswith(lab.client.ip4 + ":")
         assert heard["pair"]["remoteUfrag"] == call.whip["answer"].split("a=ice-ufrag:")[1].split()[0]
         assert heard["outPackets"] > 50 and heard["inPackets"] > 50
+        assert heard["inLost"] == 0                               # every RTP sequence number came
+        assert heard["srReports"] >= 1 and 0 < heard["srPackets"] <= heard["inPackets"]   # SRs count what was sent
         peak = call.echo_peak_hz()
         assert peak is not None and abs(peak - TONE_HZ) < PEAK_TOLERANCE_HZ, peak   # our tone came back
         [session] = transceiver_sessions(lab, info)

@@ -17,8 +17,9 @@ frame crossed two thread hops (decoder thread, encoder executor).  Here:
   a late frame never delays the ones after it (no sleep that adds up).  The lead is
   three frames for live audio (a caller's bursts) and one for generated audio (a
   reply: what was sent ahead still plays after a barge-in); ``clear()`` drops every
-  frame not yet sent at once.  It hands aiortc encoded packets (encoded on the loop),
-  which aiortc packs without its executor.
+  frame not yet sent at once.  It encodes on the loop and sends from loop callbacks straight
+  to the DTLS transport (rtp_out.py), or with ``SPLITRELAY_SEND_PATH=aiortc`` hands aiortc's
+  sender task encoded packets, which it packs without its executor.
 * ``StageTimes`` records where each frame's time goes (RTP at the mux, buffer,
   decode, handler, outbound queue, encode), reported in ``Session.to_dict()["audio"]``
   and by ``splitrelay bench-audio``.
@@ -36,14 +37,16 @@ from typing import Any
 from aioice.ice import Connection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
+from aiortc.rtcrtpsender import RTCRtpSender
 from av.packet import Packet
 
 from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.handlers import FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE, PcmFrame
 from splitrelay.transceiver.jitter import AdaptiveJitterBuffer
 from splitrelay.transceiver.opus import OpusDecoder, OpusEncoder
-from splitrelay.transceiver import rtp_in
+from splitrelay.transceiver import rtp_in, rtp_out
 from splitrelay.transceiver.rtp_in import DirectRtp
+from splitrelay.transceiver.rtp_out import DirectSend
 
 MAX_BACKLOG = 50  # frames (1 s) of handler audio waiting to be sent
 FRAME_BYTES = 2 * FRAME_SAMPLES
@@ -79,13 +82,16 @@ def check_aiortc() -> None:
       ``_handle_rtp_packet`` with each depayloaded packet as ``add(packet) -> (pli, frame)``;
     * aioice ``Connection.data_received(data, component)``, which the mux's protocol calls
       for every non-STUN datagram (wrapped per connection to stamp RTP arrival at the mux);
-    * those ``DirectRtp`` takes SRTP past aioice's queue with (rtp_in.py).
+    * those ``DirectRtp`` takes SRTP past aioice's queue with (rtp_in.py);
+    * those ``DirectSend`` sends RTP past aiortc's sender task with (rtp_out.py), and that
+      ``$SPLITRELAY_SEND_PATH`` names a send path.
     """
+    rtp_out.send_path()
     missing = [name for name, ok in (
         ("RTCRtpReceiver.__jitter_buffer", AIORTC_JITTER_BUFFER in RTCRtpReceiver.__init__.__code__.co_names
          and AIORTC_JITTER_BUFFER in RTCRtpReceiver._handle_rtp_packet.__code__.co_names),
         ("aioice Connection.data_received", callable(getattr(Connection, "data_received", None))),
-    ) if not ok] + rtp_in.missing_internals()
+    ) if not ok] + rtp_in.missing_internals() + rtp_out.missing_internals()
     if missing:
         import aiortc
 
@@ -267,6 +273,14 @@ class OutboundAudio(MediaStreamTrack):
         self._cleared_at: float | None = None  # when clear() cut audio being sent, until the next frame leaves
         self._marks: deque[tuple[int, float, float | None]] = deque()  # (stream offset, pushed at, received)
         self._mark: tuple[int, float, float | None] | None = None      # the one of the frame being sent
+        self.direct: DirectSend | None = None  # sends past aiortc's sender task (rtp_out.py), once bound
+
+    def bind(self, sender: RTCRtpSender) -> None:
+        """The aiortc sender this track was added to: unless ``$SPLITRELAY_SEND_PATH`` is ``aiortc``, its
+        first ``recv()`` hands the sending to ``DirectSend``."""
+        if rtp_out.send_path() == "direct":
+            check_aiortc()
+            self.direct = DirectSend(self, sender, FRAME_SAMPLES)
 
     def push(self, pcm: PcmFrame) -> None:
         if pcm.sample_rate != SAMPLE_RATE:
@@ -285,8 +299,11 @@ class OutboundAudio(MediaStreamTrack):
             drop = -(-excess // FRAME_BYTES) * FRAME_BYTES
             self._drop(drop)
             self.overflow_frames += drop // FRAME_BYTES
-        if len(self.buffer) >= FRAME_BYTES and self._waiter is not None:
-            _wake(self._waiter)
+        if len(self.buffer) >= FRAME_BYTES:
+            if self._waiter is not None:
+                _wake(self._waiter)
+            elif self.direct is not None:
+                self.direct.wake()
 
     def _drop(self, count: int) -> None:
         del self.buffer[:count]
@@ -374,17 +391,33 @@ class OutboundAudio(MediaStreamTrack):
             raise MediaStreamError
         if self._anchor is None:
             self._anchor = time.monotonic()
+        if self.direct is not None and self.direct.start():
+            try:   # aiortc's sender task waits here while the direct path sends (rtp_out.py)
+                await self.direct.finished  # type: ignore[misc]
+            finally:
+                self.direct.stop()
+            raise MediaStreamError
         while True:
             now = time.monotonic()
             pcm, when = self._next_pcm(now)
             if pcm is not None:
                 break
             await self._until(when)
+        packet = Packet(self._take(pcm, now))
+        packet.pts = (self._index - 1) * FRAME_SAMPLES
+        packet.time_base = TIME_BASE
+        return packet
+
+    def stop(self) -> None:
+        super().stop()
+        if self.direct is not None:
+            self.direct.stop()
+
+    def _take(self, pcm: bytes, now: float) -> bytes:
+        """The Opus packet of the frame ``_next_pcm`` gave at ``now`` (RTP time ``_index``, then counted)."""
         if self._encoder is None:
             self._encoder = OpusEncoder()
-        packet = Packet(self._encoder.encode(pcm))
-        packet.pts = self._index * FRAME_SAMPLES
-        packet.time_base = TIME_BASE
+        payload = self._encoder.encode(pcm)
         self._index += 1
         self.frames_out += 1
         mark = self._mark
@@ -401,4 +434,4 @@ class OutboundAudio(MediaStreamTrack):
             self.stages.add("encode", done - now)
             if mark[2] is not None:
                 self.stages.add("in_to_out", done - mark[2])
-        return packet
+        return payload

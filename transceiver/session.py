@@ -174,7 +174,7 @@ class Session:
                     dtls.on("statechange", lambda dtls=dtls: self.record("dtls", dtls.state))
                 if dtls_role == PASSIVE:
                     answer_passive(pc)  # the client starts DTLS once its own ICE is done (dtls_role.py)
-                pc.addTrack(self.outbound)
+                self.outbound.bind(pc.addTrack(self.outbound))  # its RTP: audio.py, rtp_out.py
                 answer = await pc.createAnswer()
                 if before_answer:
                     await before_answer(self)

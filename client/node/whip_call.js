@@ -237,7 +237,7 @@ class OpusSender {
 // bench can set them against what it did to the relay and the transceiver at that time.
 class HeardAudio {
   constructor() { Object.assign(this, { rtpIn: 0, voicedIn: 0, startedAt: null, last: null, firstMs: null,
-                                        maxGap: 0, gaps: [] }); }
+                                        maxGap: 0, gaps: [], seq: null, ts: null, seqJumps: 0, tsJumps: 0 }); }
 
   start() { this.startedAt = this.last = Date.now(); }
 
@@ -245,12 +245,22 @@ class HeardAudio {
     const size = rtpPayloadSize(msg);
     if (size < 0) return;
     this.rtpIn++;
+    this.continuity(msg.readUInt16BE(2), msg.readUInt32BE(4));
     if (size < VOICED_MIN_BYTES || this.startedAt === null) return;
     const now = Date.now();
     if (this.firstMs === null) this.firstMs = now - this.startedAt;
     this.gap(now);
     this.voicedIn++;
     this.last = now;
+  }
+
+  continuity(seq, ts) {   // packets whose sequence number is not the last one's + 1, or whose timestamp is
+    if (this.seq !== null) {   // not one 20 ms frame (960 at 48 kHz) after the last one's
+      if (seq !== ((this.seq + 1) & 0xffff)) this.seqJumps++;
+      if (((ts - this.ts) >>> 0) !== 48 * FRAME_MS) this.tsJumps++;
+    }
+    this.seq = seq;
+    this.ts = ts;
   }
 
   gap(now) {
@@ -262,7 +272,8 @@ class HeardAudio {
   stop() {   // the silence at the end counts too: a call whose echo stopped for good has one long last gap
     if (this.startedAt !== null) this.gap(Date.now());
     return { rtp_in: this.rtpIn, voiced_in: this.voicedIn, first_voiced_ms: this.firstMs, max_gap_ms: this.maxGap,
-             gaps: this.gaps, started_at: this.startedAt, ended_at: Date.now() };
+             gaps: this.gaps, started_at: this.startedAt, ended_at: Date.now(), seq_jumps: this.seqJumps,
+             ts_jumps: this.tsJumps };
   }
 }
 
