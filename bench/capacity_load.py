@@ -114,14 +114,29 @@ LAG_EVERY_S = 2.0           # s between /metrics scrapes: a scrape reads every s
 LAG_METRIC = "splitrelay_transceiver_event_loop_lag_seconds_bucket"
 
 
-def lag_buckets(metrics_text: str) -> dict[float, float]:
-    """The loop-lag histogram's cumulative bucket counts (upper bound in s -> count) from a /metrics page."""
-    out: dict[float, float] = {}
+def lag_buckets(metrics_text: str, by: str | None = None) -> dict:
+    """The loop-lag histogram's cumulative bucket counts (upper bound in s -> count) from a /metrics page;
+    with ``by`` (a label, e.g. a supervisor's ``worker``), one such dict per value of that label."""
+    out: dict = {}
     for line in metrics_text.splitlines():
         if line.startswith(LAG_METRIC + "{"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            out[float(le)] = out.get(float(le), 0.0) + float(line.rsplit(" ", 1)[1])
+            labels = line[len(LAG_METRIC) + 1:line.rindex("}")]
+            le = float(labels.split('le="', 1)[1].split('"', 1)[0])
+            into = out.setdefault(labels.split(f'{by}="', 1)[1].split('"', 1)[0], {}) if by else out
+            into[le] = into.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
+
+
+def lag_worst_ms(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The largest lateness between two scrapes, as the upper bound of the highest bucket that gained a
+    sample (ms; inf: beyond the largest bucket); None: no sample between, or the histogram started over."""
+    bounds = sorted(after)
+    gained = [le for le in bounds if after[le] - before.get(le, 0.0) > 0]
+    if not gained or any(after[le] < before.get(le, 0.0) for le in bounds):
+        return None
+    below = [le for i, le in enumerate(bounds)     # cumulative: the first bound holding every new sample
+             if after[le] - before.get(le, 0.0) >= after[bounds[-1]] - before.get(bounds[-1], 0.0)]
+    return below[0] * 1000.0 if below else None
 
 
 def lag_p99_ms(before: dict[float, float], after: dict[float, float]) -> float | None:

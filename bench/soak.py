@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from splitrelay.bench.capacity_load import lag_buckets
 from splitrelay.bench.soak_plan import NOMINAL_MINUTES, SoakPlan, plan
 from splitrelay.bench.soak_report import assess, compact, plot, summary
 from splitrelay.client.node_call import NODE_DIR, SCRIPT, unavailable_reason
@@ -383,6 +384,10 @@ class Soak:
             for direction, key in FORWARDED.items():
                 sample[key] = (sample["verdicts"].get(f"{direction}_forwarded", 0)
                                - previous["verdicts"].get(f"{direction}_forwarded", 0)) / dt
+        with contextlib.suppress(Exception):   # a worker being restarted: the next sample has it
+            text = admin_get(self.lab, admin_url(self.lab.transceivers[0]), "/metrics").decode()
+            sample["loop_lag"] = {w: {str(le): n for le, n in b.items()}
+                                  for w, b in lag_buckets(text, by="worker").items()}
         sample.setdefault("flows", None)
         return sample
 
@@ -464,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['calls_dropped']} dropped, {s['calls_killed']} taken by the worker kill, {s['calls_refused']} "
               f"refused while the agent was down, {s['calls_rejected']} rejected, {s['calls_failed']} failed to "
               f"connect; events {s['events']}; "
-              f"final fill {s['final_fill']}")
+              f"final fill {s['final_fill']}; worker loops late by 250 ms or more: {s['loop_stalls'] or 'never'}")
         for line in results["failures"]:
             print(f"FAIL: {line}")
     return 1 if results["failures"] else 0

@@ -93,6 +93,25 @@ def counters_went_back(samples: list[dict]) -> list[str]:
     return back
 
 
+def loop_stalls(samples: list[dict], at_least_ms: float = 250.0) -> list[dict]:
+    """Each sample interval in which a worker's event loop ran a timer ``at_least_ms`` late or more
+    (its lag histogram, scraped each sample through the supervisor): when, which worker, how late at
+    most (the bucket's upper bound).  What a dropped call's silence is set against."""
+    from splitrelay.bench.capacity_load import lag_worst_ms
+
+    out, last = [], {}
+    for s in samples:
+        for worker, buckets in (s.get("loop_lag") or {}).items():
+            now = {float(le): n for le, n in buckets.items()}
+            if worker in last:
+                worst = lag_worst_ms(last[worker][1], now)
+                if worst is not None and worst >= at_least_ms:
+                    out.append({"from_s": round(last[worker][0], 1), "to_s": round(s["t"], 1), "worker": worker,
+                                "late_ms_up_to": worst})
+            last[worker] = (s["t"], now)
+    return out
+
+
 def summary(results: dict) -> dict:
     p = SoakPlan(**results["plan"])
     kills = [e for e in results["events"] if e["what"] == "worker_kill"]
@@ -122,6 +141,7 @@ def summary(results: dict) -> dict:
                                                  "transceiver_sessions")},
         "baseline_sessions": results["baseline_sessions"],
         "counters_went_back": counters_went_back(results["samples"]),
+        "loop_stalls": loop_stalls(results["samples"]),
         "samples_without_counters": sum(1 for s in results["samples"] if "counters" not in s),
     }
 

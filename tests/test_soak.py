@@ -11,7 +11,7 @@ import pytest
 
 from splitrelay.bench.soak import run_soak
 from splitrelay.bench.soak_plan import plan
-from splitrelay.bench.soak_report import assess, classify, summary
+from splitrelay.bench.soak_report import assess, classify, loop_stalls, summary
 from splitrelay.client.node_call import unavailable_reason
 
 from .conftest import needs_root
@@ -153,3 +153,17 @@ def test_three_minutes_of_churn_through_reloads_agent_restarts_and_a_worker_kill
     assert s["events"]["worker_kill"] == 1 and s["events"]["reload"] >= 1 and s["events"]["agent_restart"] >= 1
     assert s["calls_killed"] >= 1                         # the kill happened under calls
     assert {"agent", "supervisor", "worker0", "callers"} <= {name.split("[")[0] for name in s["growth"]}
+    assert any(set(sample.get("loop_lag", {})) == {"0", "1"} for sample in results["samples"])   # both loops read
+
+
+def test_a_worker_loop_late_by_a_second_between_two_samples_is_listed_with_its_worker_and_time():
+    def lag(fast: int, slow: int) -> dict:   # cumulative buckets, as the supervisor's scrape gives them
+        return {"0.01": fast, "0.25": fast, "1.0": fast, "inf": fast + slow}
+
+    samples = [{"t": 0.0, "loop_lag": {"0": lag(100, 0), "1": lag(100, 0)}},
+               {"t": 60.0, "loop_lag": {"0": lag(1300, 1), "1": lag(1300, 0)}},   # worker 0: one > 1 s
+               {"t": 120.0, "loop_lag": {"0": lag(2500, 1), "1": lag(10, 0)}}]    # worker 1 restarted
+    assert loop_stalls(samples) == [{"from_s": 0.0, "to_s": 60.0, "worker": "0", "late_ms_up_to": float("inf")}]
+    samples[1]["loop_lag"]["0"] = {"0.01": 1299, "0.25": 1300, "1.0": 1300, "inf": 1300}   # 250 ms at most
+    assert loop_stalls(samples)[0]["late_ms_up_to"] == 250.0
+    assert loop_stalls(samples, at_least_ms=300.0) == []
