@@ -38,16 +38,25 @@ def test_a_callback_that_holds_the_loop_80_ms_shows_as_lateness_and_an_idle_loop
     assert seen[-1] >= 0.06                         # late by the block, less the interval it overlapped
 
 
-async def test_every_transceiver_exports_its_loop_lag_and_stops_measuring_when_it_stops():
+async def test_every_transceiver_exports_its_loop_lag_and_gc_pauses_and_stops_measuring_when_it_stops():
+    import gc
+
     service = Transceiver(TransceiverConfig(backend_id=9, bind_port=0, whip_port=0))
+    hooks = len(gc.callbacks)
     await service.start()
     try:
         await asyncio.sleep(0.2)
+        gc.collect()
         async with aiohttp.ClientSession() as http, http.get(service.admin_url + "/metrics") as resp:
             text = await resp.text()
-        count = next(float(line.split()[-1]) for line in text.splitlines()
-                     if line.startswith("splitrelay_transceiver_event_loop_lag_seconds_count"))
-        assert count >= 2
+        values = {line.split()[0]: float(line.split()[-1])
+                  for line in text.splitlines() if not line.startswith("#")}
+        assert values["splitrelay_transceiver_event_loop_lag_seconds_count"] >= 2
+        assert values['splitrelay_transceiver_gc_pause_seconds_count{generation="2"}'] >= 1
     finally:
         await service.stop()
-    assert service.loop_lag._handle is None
+    assert len(gc.callbacks) == hooks
+    lag_count = "splitrelay_transceiver_event_loop_lag_seconds_count"
+    count = service.metrics.registry.get_sample_value(lag_count)
+    await asyncio.sleep(0.15)
+    assert service.metrics.registry.get_sample_value(lag_count) == count     # no wake-up after the stop

@@ -91,3 +91,31 @@ class LoopLag:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+
+class GcPauses:
+    """How long each garbage collection held the process (and its loop), by generation: a full
+    collection walks every live object, and a worker carrying many calls has many; ``observe`` gets
+    (generation, seconds).  Hooks ``gc.callbacks`` between ``start`` and ``stop``."""
+
+    def __init__(self, observe: Callable[[int, float], None]) -> None:
+        self.observe = observe
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.observe(info["generation"], time.perf_counter() - self._started)
+
+    def start(self) -> None:
+        import gc
+
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        import gc
+
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)

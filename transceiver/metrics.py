@@ -7,7 +7,7 @@ from aiortc's stats.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
@@ -80,9 +80,28 @@ class TransceiverMetrics:
         self.loop_lag = Histogram("splitrelay_transceiver_event_loop_lag_seconds",
                                   "How late the event loop ran a timer that was due (every call waits as long)",
                                   buckets=LOOP_LAG_BUCKETS, registry=r)
+        self.gc_pause = Histogram("splitrelay_transceiver_gc_pause_seconds",
+                                  "Garbage collections by generation: how long each held the event loop",
+                                  ["generation"], buckets=LOOP_LAG_BUCKETS, registry=r)
         self.ice_restart = Histogram("splitrelay_transceiver_ice_restart_seconds",
                                      "WHIP PATCH until the new ICE generation's pair is nominated",
                                      buckets=SETUP_BUCKETS, registry=r)
+
+    def watch_process(self) -> Callable[[], None]:
+        """Observe the running event loop's lateness and the garbage collector's pauses from now on;
+        returns the function that stops both."""
+        from splitrelay.transceiver.loop import GcPauses, LoopLag
+
+        lag = LoopLag(self.loop_lag.observe)
+        pauses = GcPauses(lambda generation, seconds: self.gc_pause.labels(str(generation)).observe(seconds))
+        lag.start()
+        pauses.start()
+
+        def stop() -> None:
+            lag.stop()
+            pauses.stop()
+
+        return stop
 
     def follow(self, counter: Counter, totals: Mapping[str, int]) -> None:
         """Bring a labelled counter up to running totals kept elsewhere (label -> total so far)."""

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,6 @@ from splitrelay.transceiver.handlers import handler_factory
 from splitrelay.transceiver.ice_restart import IceRestartFailed
 from splitrelay.transceiver.listeners import admin_auth, refuse_exposure, serve_app
 from splitrelay.transceiver.paths import RESTARTED
-from splitrelay.transceiver.loop import LoopLag
 from splitrelay.transceiver.metrics import TransceiverMetrics
 from splitrelay.transceiver import admission, limits
 from splitrelay.transceiver.mux import UdpMux
@@ -122,7 +122,7 @@ class Transceiver:
         self._admin_runner: web.AppRunner | None = None
         self.whip_port, self.admin_port = None, None   # int once serving
         self.metrics = TransceiverMetrics()
-        self.loop_lag = LoopLag(self.metrics.loop_lag.observe)
+        self._unwatch: Callable[[], None] = lambda: None   # the loop's and the collector's watch (metrics)
         self._exported: dict[str, dict[str, float]] = {}  # per session: what metrics already counted
         self._answering = 0  # offers between admission and their answer: pending too
         self.admission = admission.Admission(
@@ -161,7 +161,7 @@ class Transceiver:
         check_dtls_role()
         c = self.config
         refuse_exposure(c)
-        self.loop_lag.start()
+        self._unwatch = self.metrics.watch_process()
         relays = c.all_relays()
         public = [a for r in relays for a in r.candidates]
         self.mux = await UdpMux.bind(c.bind_host, c.bind_port, public or None, c.address_timeout)
@@ -433,7 +433,7 @@ class Transceiver:
         """Graceful: refuse offers, end every session (unregistering it), stop the registrar, the
         HTTP server and the mux."""
         self.draining = True
-        self.loop_lag.stop()
+        self._unwatch()
         for session_id in list(self.sessions):
             await self.end_session(session_id, SHUTDOWN)
         if self._ending:  # sessions that ended by themselves finish unregistering before the registrars stop
