@@ -128,20 +128,22 @@ def lag_buckets(metrics_text: str, by: str | None = None) -> dict:
 
 
 def lag_worst_ms(before: dict[float, float], after: dict[float, float]) -> float | None:
-    """The largest lateness between two scrapes, as the upper bound of the highest bucket that gained a
-    sample (ms; inf: beyond the largest bucket); None: no sample between, or the histogram started over."""
-    bounds = sorted(after)
-    gained = [le for le in bounds if after[le] - before.get(le, 0.0) > 0]
-    if not gained or any(after[le] < before.get(le, 0.0) for le in bounds):
+    """The largest lateness between two scrapes, as the upper bound of the bucket holding every sample
+    taken between them (ms; inf: beyond the largest bucket); None: no sample between, or the histogram
+    started over (a restarted process)."""
+    if any(n < before.get(le, 0.0) for le, n in after.items()):
         return None
-    below = [le for i, le in enumerate(bounds)     # cumulative: the first bound holding every new sample
-             if after[le] - before.get(le, 0.0) >= after[bounds[-1]] - before.get(bounds[-1], 0.0)]
-    return below[0] * 1000.0 if below else None
+    return lag_quantile_ms(before, after, 1.0)
 
 
 def lag_p99_ms(before: dict[float, float], after: dict[float, float]) -> float | None:
-    """The 99th percentile of the lag samples taken between two scrapes: the upper bound of the first
-    bucket holding 99 % of them, in ms (inf: beyond the largest bucket); None: no sample between."""
+    """The 99th percentile of the lag samples taken between two scrapes (ms; see ``lag_quantile_ms``)."""
+    return lag_quantile_ms(before, after, 0.99)
+
+
+def lag_quantile_ms(before: dict[float, float], after: dict[float, float], share: float) -> float | None:
+    """The upper bound of the first bucket holding ``share`` of the samples taken between two scrapes of
+    the cumulative histogram, in ms (inf: beyond the largest bucket); None: no sample between."""
     bounds = sorted(after)
     if not bounds:
         return None
@@ -149,7 +151,7 @@ def lag_p99_ms(before: dict[float, float], after: dict[float, float]) -> float |
     if total <= 0:
         return None
     for le in bounds:
-        if after[le] - before.get(le, 0.0) >= 0.99 * total:
+        if after[le] - before.get(le, 0.0) >= share * total:
             return le * 1000.0
     return None
 

@@ -17,6 +17,7 @@ millisecond early; the voice path re-checks the time on waking and waits again (
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -109,13 +110,9 @@ class GcPauses:
             self.observe(info["generation"], time.perf_counter() - self._started)
 
     def start(self) -> None:
-        import gc
-
         if self._callback not in gc.callbacks:
             gc.callbacks.append(self._callback)
 
     def stop(self) -> None:
-        import gc
-
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
