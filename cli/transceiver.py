@@ -172,6 +172,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
     """
     for relay_control in relay_controls:
         refuse_lab_address(relay_control)
+    from splitrelay.transceiver import garbage
     from splitrelay.transceiver.mux import MuxError
     from splitrelay.transceiver.registration import RegistrationError
     from splitrelay import tokens
@@ -223,6 +224,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
         except OSError as exc:
             await service.stop()
             raise CliError(f"cannot listen on {whip_listen} or {admin_listen}: {exc.strerror or exc}") from None
+        garbage.freeze()  # what the process is once up stays out of every later collection (garbage.py)
         click.echo(f"transceiver ready: WHIP {service.whip_url} admin {service.admin_url} backend {backend_id} "
                    f"on {bind_host}:{service.mux.local_address[1]} ({loop_name(asyncio.get_running_loop())} loop)",
                    err=True)

@@ -83,6 +83,8 @@ class TransceiverMetrics:
         self.gc_pause = Histogram("splitrelay_transceiver_gc_pause_seconds",
                                   "Garbage collections by generation: how long each held the event loop",
                                   ["generation"], buckets=LOOP_LAG_BUCKETS, registry=r)
+        self.sessions_unfreed = Gauge("splitrelay_transceiver_sessions_unfreed",
+                                      "Ended sessions whose objects are still in memory (garbage.py)", registry=r)
         self.ice_restart = Histogram("splitrelay_transceiver_ice_restart_seconds",
                                      "WHIP PATCH until the new ICE generation's pair is nominated",
                                      buckets=SETUP_BUCKETS, registry=r)

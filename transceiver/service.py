@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
 from splitrelay.tokens import DEFAULT_AUDIENCE
+from splitrelay.transceiver.garbage import SessionCollector
 from splitrelay.transceiver.handlers import handler_factory
 from splitrelay.transceiver.ice_restart import IceRestartFailed
 from splitrelay.transceiver.listeners import admin_auth, refuse_exposure, serve_app
@@ -114,6 +115,7 @@ class Transceiver:
         self.sessions: dict[str, Session] = {}
         self._ending: set[asyncio.Task] = set()  # end_session tasks of sessions that ended by themselves
         self.ended: deque[dict[str, Any]] = deque(maxlen=ENDED_KEPT)  # to_dict() of finished sessions
+        self.collector = SessionCollector()  # frees each ended session's cycle soon (garbage.py)
         self.mux: UdpMux | None = None
         self.registrars: RelayRegistrars | None = None
         self.ufrags: UfragPool | None = None
@@ -122,6 +124,7 @@ class Transceiver:
         self._admin_runner: web.AppRunner | None = None
         self.whip_port, self.admin_port = None, None   # int once serving
         self.metrics = TransceiverMetrics()
+        self.metrics.sessions_unfreed.set_function(lambda: self.collector.unfreed)
         self._unwatch: Callable[[], None] = lambda: None   # the loop's and the collector's watch (metrics)
         self._exported: dict[str, dict[str, float]] = {}  # per session: what metrics already counted
         self._answering = 0  # offers between admission and their answer: pending too
@@ -345,6 +348,7 @@ class Transceiver:
             for ufrag in [*session.retired_ufrags, session.ufrag]:  # an ICE restart leaves one per generation
                 await self.registrars.unregister(ufrag)
         self.ended.append(session.to_dict())
+        self.collector.session_ended(session)
         log.info("session %s ended (%s)", session_id, session.end_reason)
         return True
 
@@ -448,3 +452,4 @@ class Transceiver:
             await self._admin_runner.cleanup()
         if self.mux:
             self.mux.close()
+        self.collector.stop()

@@ -1,0 +1,94 @@
+"""Ended sessions are freed by the collection their end asks for (transceiver/garbage.py), with real aiortc
+callers; the interpreter's own collector is off while a test looks, so nothing else can free them."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import subprocess
+import sys
+import weakref
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from splitrelay.transceiver.garbage import GC_ENV, GcModeError, SessionCollector
+
+from . import test_transceiver
+from .test_transceiver import Caller, ended, until
+
+transceiver = test_transceiver.transceiver
+
+
+@contextlib.contextmanager
+def no_automatic_collection() -> Iterator[None]:
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+async def call_and_hang_up(service, http: aiohttp.ClientSession) -> weakref.ref:
+    """A call whose echo came back, hung up and ended: a weak reference to its session."""
+    caller = Caller(service.whip_url, 700.0)
+    try:
+        await caller.call(http)
+        await until(caller.heard_own, "the echo of the caller's tone")
+        ref = weakref.ref(service.sessions[caller.session_id])
+    finally:
+        await caller.hangup(http)
+    await ended(service, caller.session_id)
+    return ref
+
+
+async def test_an_ended_call_s_session_is_freed_by_the_collections_its_end_asks_for(transceiver):
+    collector = transceiver.collector
+    with no_automatic_collection():
+        async with aiohttp.ClientSession() as http:
+            ref = await call_and_hang_up(transceiver, http)
+            assert ref() is not None, "a session ends as a cycle: only a collection frees it"
+            assert collector.unfreed == 1
+            await until(collector.all_freed, "the collections the end asked for", 45)
+            assert ref() is None and collector.unfreed == 0
+            assert 1 <= collector.collections <= 3   # 6 s, then 12 and 24 s later while it is held
+            metrics = (await (await http.get(f"{transceiver.admin_url}/metrics")).text()).splitlines()
+            assert "splitrelay_transceiver_sessions_unfreed 0.0" in metrics
+
+
+async def test_the_ends_of_one_window_share_its_collection(transceiver):
+    collector = transceiver.collector
+    with no_automatic_collection():
+        async with aiohttp.ClientSession() as http:
+            refs = [await call_and_hang_up(transceiver, http) for _ in range(3)]
+            await until(collector.all_freed, "the collections the ends asked for", 45)
+            assert [r() for r in refs] == [None, None, None] and collector.collections <= 5
+
+
+async def test_with_the_interpreter_s_collection_an_ended_session_waits_for_it(transceiver, monkeypatch):
+    monkeypatch.setenv(GC_ENV, "interpreter")
+    transceiver.collector = SessionCollector()
+    with no_automatic_collection():
+        async with aiohttp.ClientSession() as http:
+            ref = await call_and_hang_up(transceiver, http)
+        assert transceiver.collector._handle is None and ref() is not None
+        assert transceiver.collector.unfreed == 1 and transceiver.collector.collections == 0
+
+
+def test_a_collection_mode_that_does_not_exist_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv(GC_ENV, "never")
+    with pytest.raises(GcModeError) as exc:
+        SessionCollector()
+    assert str(exc.value) == "SPLITRELAY_GC='never': choose from sessions, interpreter"
+
+
+@pytest.mark.parametrize(("mode", "frozen"), [("sessions", True), ("interpreter", False)])
+def test_a_serving_process_freezes_what_it_is_once_up_unless_told_not_to(mode, frozen):
+    # in a process of its own: freezing this test process would keep its objects out of every collection
+    code = "from splitrelay.transceiver import garbage; import gc; print(garbage.freeze(), gc.get_freeze_count())"
+    out = subprocess.run([sys.executable, "-c", code], env={GC_ENV: mode, "PATH": ""}, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    assert (int(out[0]) > 1000, int(out[1]) > 1000) == (frozen, frozen)
