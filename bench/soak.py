@@ -33,6 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from splitrelay.bench.capacity_load import lag_buckets
+from splitrelay.bench.soak_report import UNFREED_METRIC, gauge_by_worker
 from splitrelay.bench.soak_plan import NOMINAL_MINUTES, SoakPlan, plan
 from splitrelay.bench.soak_report import assess, compact, plot, summary
 from splitrelay.client.node_call import NODE_DIR, SCRIPT, unavailable_reason
@@ -388,6 +389,7 @@ class Soak:
             text = admin_get(self.lab, admin_url(self.lab.transceivers[0]), "/metrics").decode()
             sample["loop_lag"] = {w: {str(le): n for le, n in b.items()}
                                   for w, b in lag_buckets(text, by="worker").items()}
+            sample["unfreed"] = gauge_by_worker(text, UNFREED_METRIC)
         sample.setdefault("flows", None)
         return sample
 
@@ -469,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['calls_dropped']} dropped, {s['calls_killed']} taken by the worker kill, {s['calls_refused']} "
               f"refused while the agent was down, {s['calls_rejected']} rejected, {s['calls_failed']} failed to "
               f"connect; events {s['events']}; "
-              f"final fill {s['final_fill']}; worker loops late by 250 ms or more: {s['loop_stalls'] or 'never'}")
+              f"final fill {s['final_fill']}; ended sessions still in memory at most {s['unfreed_max']}; "
+              f"worker loops late by 250 ms or more: {s['loop_stalls'] or 'never'}")
         for line in results["failures"]:
             print(f"FAIL: {line}")
     return 1 if results["failures"] else 0

@@ -93,6 +93,27 @@ def counters_went_back(samples: list[dict]) -> list[str]:
     return back
 
 
+UNFREED_METRIC = "splitrelay_transceiver_sessions_unfreed"
+
+
+def gauge_by_worker(metrics_text: str, name: str) -> dict[str, float]:
+    """A gauge's value per worker from the supervisor's merged /metrics page."""
+    out = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "{") and 'worker="' in line:
+            out[line.split('worker="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def unfreed_max(samples: list[dict]) -> dict[str, float]:
+    """Per worker, the most ended sessions ever sampled still in memory (the collector's backlog)."""
+    out: dict[str, float] = {}
+    for s in samples:
+        for worker, n in (s.get("unfreed") or {}).items():
+            out[worker] = max(out.get(worker, 0.0), n)
+    return out
+
+
 def loop_stalls(samples: list[dict], at_least_ms: float = 250.0) -> list[dict]:
     """Each sample interval in which a worker's event loop ran a timer ``at_least_ms`` late or more
     (its lag histogram, scraped each sample through the supervisor): when, which worker, how late at
@@ -142,6 +163,7 @@ def summary(results: dict) -> dict:
         "baseline_sessions": results["baseline_sessions"],
         "counters_went_back": counters_went_back(results["samples"]),
         "loop_stalls": loop_stalls(results["samples"]),
+        "unfreed_max": unfreed_max(results["samples"]),
         "samples_without_counters": sum(1 for s in results["samples"] if "counters" not in s),
     }
 
