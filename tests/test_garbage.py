@@ -3,6 +3,7 @@ callers; the interpreter's own collector is off while a test looks, so nothing e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import subprocess
@@ -76,6 +77,35 @@ async def test_with_the_interpreter_s_collection_an_ended_session_waits_for_it(t
             ref = await call_and_hang_up(transceiver, http)
         assert transceiver.collector._handle is None and ref() is not None
         assert transceiver.collector.unfreed == 1 and transceiver.collector.collections == 0
+
+
+class Cycle:
+    """Stands in for a session: an object only a collection frees once it is let go."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_a_collection_frees_what_ended_and_backs_off_while_something_is_still_held():
+    collector = SessionCollector(after=30.0)
+    loop = asyncio.get_running_loop()
+    with no_automatic_collection():
+        held, garbage = Cycle(), Cycle()
+        collector.session_ended(held)
+        collector.session_ended(garbage)
+        del garbage
+        assert collector.unfreed == 2 and collector._handle.when() <= loop.time() + 30.0
+        collector._handle.cancel()
+        collector._collect()                      # what the timer does
+        assert collector.unfreed == 1 and not collector.all_freed.is_set()
+        assert collector._handle.when() > loop.time() + 59.0   # still held: again in 60 s, not 30
+        collector.session_ended(Cycle())          # a new end does not wait for that retry
+        assert collector._handle.when() <= loop.time() + 30.0
+        del held
+        collector._handle.cancel()
+        collector._collect()
+        assert collector.unfreed == 0 and collector.all_freed.is_set() and collector._handle is None
+    collector.stop()
 
 
 def test_a_collection_mode_that_does_not_exist_is_refused_in_one_line(monkeypatch):

@@ -60,21 +60,27 @@ class SessionCollector:
     def __init__(self, after: float = COLLECT_AFTER) -> None:
         self.after = after
         self.enabled = gc_mode() == "sessions"
-        self.unfreed = 0        # sessions ended whose objects are still in memory
         self.collections = 0
         self.all_freed = asyncio.Event()  # set by a collection that leaves no ended session unfreed
+        # id -> a weak reference whose callback drops the entry: dict.pop is one step under the GIL, and a
+        # session may be freed on any thread (the voice agent's threads collect too)
+        self._held: dict[int, weakref.ref] = {}
         self._delay = after
         self._handle: asyncio.TimerHandle | None = None
 
-    def session_ended(self, session: object) -> None:
-        self.unfreed += 1
-        self.all_freed.clear()
-        weakref.finalize(session, self._freed)
-        self._delay = self.after
-        self._schedule()
+    @property
+    def unfreed(self) -> int:
+        """Sessions ended whose objects are still in memory."""
+        return len(self._held)
 
-    def _freed(self) -> None:  # a finalizer: runs wherever the session is freed, even inside a collection
-        self.unfreed -= 1
+    def session_ended(self, session: object) -> None:
+        key = id(session)
+        self._held[key] = weakref.ref(session, lambda _: self._held.pop(key, None))
+        self.all_freed.clear()
+        self._delay = self.after
+        if self._handle is not None and self._handle.when() > asyncio.get_running_loop().time() + self.after:
+            self.stop()   # a backed-off retry: this end's collection comes first
+        self._schedule()
 
     def _schedule(self) -> None:
         if self.enabled and self._handle is None:
@@ -84,7 +90,7 @@ class SessionCollector:
         self._handle = None
         self.collections += 1
         gc.collect()
-        if self.unfreed:
+        if self._held:
             self._delay = min(self._delay * 2, COLLECT_MAX)
             self._schedule()
         else:
