@@ -478,6 +478,9 @@ def test_two_workers_behind_the_xdp_relay_a_killed_one_takes_only_its_own_calls(
         assert metrics['splitrelay_transceiver_worker_restarts_total{worker="1"}'] >= 1, metrics
         assert 1 <= metrics['splitrelay_transceiver_worker_sessions_lost_total{worker="1"}'] <= 2, metrics
 
+        # offers go by the supervisor's polled counts: worker 0's finished calls must be counted gone first
+        # (once, in a fresh clone, both new calls went to worker 1 while worker 0 still counted its 2)
+        wait_for(lambda: admin("/workers")[0]["sessions"] == 0, 45, "worker 0's finished calls counted")
         again = probe_result(probe(lab, [url], duration=3, sessions=2), 90)   # new calls: one on each
         assert sorted(r["location"].rsplit("/", 1)[1].split(".")[0] for r in again) == ["0", "1"]
         for report in again:
