@@ -33,9 +33,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from splitrelay.bench.capacity_load import lag_buckets
-from splitrelay.bench.soak_report import UNFREED_METRIC, gauge_by_worker
 from splitrelay.bench.soak_plan import NOMINAL_MINUTES, SoakPlan, plan
-from splitrelay.bench.soak_report import assess, compact, plot, summary
+from splitrelay.bench.soak_report import UNFREED_METRIC, assess, compact, gauge_by_worker, plot, summary
 from splitrelay.client.node_call import NODE_DIR, SCRIPT, unavailable_reason
 from splitrelay.wire.control_client import ControlError
 from splitrelay.errors import SplitrelayError
