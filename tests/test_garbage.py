@@ -108,6 +108,22 @@ async def test_a_collection_frees_what_ended_and_backs_off_while_something_is_st
     collector.stop()
 
 
+async def test_a_stranger_ending_a_thousand_calls_at_once_costs_one_collection(monkeypatch):
+    # anyone who may place calls can end them at the rate limit's pace: the ends share one collection
+    collector = SessionCollector(after=30.0)
+    handles = []
+    real = asyncio.get_running_loop().call_later
+    monkeypatch.setattr(asyncio.get_running_loop(), "call_later",
+                        lambda *a: handles.append(real(*a)) or handles[-1])
+    with no_automatic_collection():
+        for _ in range(1000):
+            collector.session_ended(Cycle())
+        assert len(handles) == 1 and collector.unfreed == 1000
+        handles[0].cancel()
+        collector._collect()
+        assert collector.collections == 1 and collector.unfreed == 0 and collector._handle is None
+
+
 def test_a_collection_mode_that_does_not_exist_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv(GC_ENV, "never")
     with pytest.raises(GcModeError) as exc:
