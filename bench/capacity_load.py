@@ -16,6 +16,10 @@ minus its first second (the calls' start-up):
 * for a profile that echoes nothing (voice), the p99 lateness of the transceiver's packets (the gap
   after the previous one beyond 20 ms) stands in for the round trip.
 
+The calls of a profile that speaks in cycles (conversation, voice) are not in step: call i starts talking
+i/N of a cycle before the window (``phase_spread``), so at any moment the agent speaks in its share of
+the calls, as in an operator's fleet, not in all of them at once.
+
 The ramp stops at the first step whose RTT p50 (voice: lateness p99) exceeds the one-call step's by
 more than ``rtt_margin`` ms, whose loss exceeds ``loss_threshold``, or where a call did not connect;
 the step before is the capacity.  It is the transceiver's only if the transceiver, not the client, was
@@ -193,16 +197,17 @@ def _lag_reader(lab: Lab, t: Any, log: Path) -> Callable[[], dict[float, float]]
 
 def _run_client(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: str,
                 transceiver_pid: int, client_cpus: set[int] | None,
-                lag: Callable[[], dict[float, float]] | None = None) -> tuple[dict[str, Any], _Sampler, int]:
+                lag: Callable[[], dict[float, float]] | None = None,
+                spread: float = 0.0) -> tuple[dict[str, Any], _Sampler, int]:
     _, cycle, share = PROFILES[profile]
-    argv = load_client.load_argv(frames, url, n, duration, cycle, share)
+    argv = load_client.load_argv(frames, url, n, duration, cycle, share, spread)
     if client_cpus:
         argv = ["taskset", "-c", ",".join(map(str, sorted(client_cpus))), *argv]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = lab.popen(lab.client.netns, argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                          cwd=load_client.NODE_DIR, env={**os.environ, TOKEN_ENV: stack.whip_token(lab)})
         sampler = _Sampler({"transceiver": transceiver_pid, "client": proc.pid}, lag)
-        bound = duration + load_client.CONNECT_PHASE_S + 30.0
+        bound = duration + spread + load_client.CONNECT_PHASE_S + 30.0
         deadline = time.monotonic() + bound
         try:
             while proc.poll() is None:
@@ -220,9 +225,10 @@ def _run_client(lab: Lab, frames: Path, url: str, n: int, duration: float, profi
 
 def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: str, transceiver_pid: int,
           cpu: int | None, client_cpus: set[int] | None,
-          lag: Callable[[], dict[float, float]] | None = None) -> dict[str, Any]:
+          lag: Callable[[], dict[float, float]] | None = None, spread: float = 0.0) -> dict[str, Any]:
     drops = sessions.rcvbuf_errors(lab.transceivers[0].netns)
-    report, sampler, _ = _run_client(lab, frames, url, n, duration, profile, transceiver_pid, client_cpus, lag)
+    report, sampler, _ = _run_client(lab, frames, url, n, duration, profile, transceiver_pid, client_cpus, lag,
+                                     spread)
     drops = sessions.rcvbuf_errors(lab.transceivers[0].netns) - drops
     start, end = report["talk_started_unix"] + WARMUP_S, report["talk_ended_unix"]
     rtts = sorted(v for s in report["per_session"] for v in s["rtt_ms"])
@@ -244,6 +250,7 @@ def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: st
         "loss": round(max(losses), 5) if losses else None,
         "pulse_loss": round(pulse_loss, 5) if pulse_loss is not None else None,
         "downlink_loss": round(downlink_loss, 5) if downlink_loss is not None else None,
+        "pulses_expected_per_call": [s["pulses_expected"] for s in report["per_session"]],
         "packets_sent": report["sent"], "packets_received": report["received"],
         "packets_received_small": report["received_small"],
         "packets_received_large": report["received_large"],
@@ -296,6 +303,20 @@ def _limited_by(step: dict[str, Any], rtt_margin: float = RTT_MARGIN_MS) -> str 
     return None
 
 
+def phase_spread(profile: str, frames_info: dict[str, Any]) -> float:
+    """Over how many seconds the calls' phases are spread (load.js ``--phase-spread-ms``): one agent cycle
+    (conversation), one caller's sentence and pause (voice), none for the echo (every frame costs the same).
+
+    In step, every call of a conversation speaks in the same 4 s of 10: those 4 s are an echo of all N
+    calls, past the core from 56 echo calls on, and their backlog (1.4 MB in the transceiver's socket at
+    64 calls, 2026-12-07) made the 210 ms round trip of the 16:08 run with the core 80 % busy on average.
+    An operator's calls are not in step; spread over a cycle, 40 % of them speak at any moment."""
+    _, cycle, share = PROFILES[profile]
+    if profile in SPEAKING_CALLER:
+        return round(len(frames_info["cycle"]) * frames_info["frame_ms"] / 1000.0, 3)
+    return cycle if 0 < share < 1 else 0.0
+
+
 def measure_profile(lab_name: str, profile: str, steps: list[int], duration: float = 10.0, cpu: int | None = 0,
                     rtt_margin: float = RTT_MARGIN_MS, loss_threshold: float = LOSS_THRESHOLD,
                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -326,6 +347,7 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
     with tempfile.TemporaryDirectory(prefix="srload-") as tmp:
         frames = Path(tmp) / "frames.json"
         frames_info = load_client.write_frames(frames, speech=profile in SPEAKING_CALLER)
+        spread = phase_spread(profile, frames_info)
         proc, log = sessions.start_transceiver(lab, t, f"load-{profile}", backend_id, LOAD_BACKEND_PORT,
                                                LOAD_WHIP_PORT, relay=True, cpu=cpu, handler=handler,
                                                extra=("--offer-rate", "0"))
@@ -335,7 +357,7 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
             for n in steps:
                 say(f"capacity {profile}: {n} calls for {duration:g} s")
                 try:
-                    step = _step(lab, frames, url, n, duration, profile, proc.pid, cpu, client_cpus, lag)
+                    step = _step(lab, frames, url, n, duration, profile, proc.pid, cpu, client_cpus, lag, spread)
                 except SessionBenchError as exc:
                     if not results:
                         raise
@@ -363,6 +385,7 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
     limited_by = _limited_by(results[-1], rtt_margin) if stopped and len(results) > len(good) else None
     return {"profile": profile, "handler": handler, "cpu": cpu,
             "client_cpus": sorted(client_cpus) if client_cpus else None, "duration_s": duration,
+            "phase_spread_s": spread,
             "rtt_margin_ms": rtt_margin, "loss_threshold": loss_threshold,
             "echo_threshold_bytes": frames_info["echo_threshold"], "steps": results, "capacity": capacity,
             "marginal_us_per_call_s": marginal,

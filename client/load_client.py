@@ -107,12 +107,17 @@ def unavailable_reason() -> str | None:
 
 
 def load_argv(frames: Path, url: str, sessions: int, duration: float, speak_cycle: float = 0.0,
-              speak_share: float = 1.0) -> list[str]:
-    """load.js's command line (run it in the lab's client namespace, token in ``TOKEN_ENV``)."""
+              speak_share: float = 1.0, phase_spread: float = 0.0) -> list[str]:
+    """load.js's command line (run it in the lab's client namespace, token in ``TOKEN_ENV``).
+
+    ``phase_spread``: call i starts talking i/N of it (s) before the measured window, so the calls are
+    not in step (a conversation's phases, a caller's sentences)."""
     argv = ["node", str(SCRIPT), "--frames", str(frames), "--sessions", str(sessions),
             "--duration-s", f"{duration:g}", "--connect-phase-ms", str(round(CONNECT_PHASE_S * 1000))]
     if speak_cycle:
         argv += ["--speak-cycle-ms", str(round(speak_cycle * 1000)), "--speak-share", f"{speak_share:g}"]
+    if phase_spread:
+        argv += ["--phase-spread-ms", str(round(phase_spread * 1000))]
     return [*argv, url]
 
 

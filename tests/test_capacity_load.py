@@ -83,11 +83,48 @@ def test_a_handler_that_does_not_echo_loses_every_pulse(load_lab, monkeypatch):
 def test_the_conversation_echoes_only_while_it_speaks_and_sends_comfort_frames_while_it_listens(load_lab):
     # the cycle is 10 s, speaking from 6 s of the caller's stream: 8 s of talk has ~2 s of speaking
     result = capacity_load.measure_profile(load_lab, "conversation", [1], duration=8.0)
+    assert result["phase_spread_s"] == 10.0
     step = result["steps"][0]
     assert step["connected"] == 1 and step["errors"] == []
     assert step["packets_received_small"] >= 200         # the 6-7 byte comfort frames, ~6 s of them
     assert step["rtt_samples"] >= 2 and step["rtt_ms_p50"] > 0
     assert step["pulse_loss"] <= 0.5                      # pulses sent while it speaks come back
+    assert 2 <= step["pulses_expected_per_call"][0] <= 5
+
+
+def test_the_conversation_calls_are_not_in_step_the_second_speaks_twice_as_long_in_the_window(load_lab):
+    # 2 calls, spread over the 10 s cycle: the second started 5 s before the window, so the window's 8 s are
+    # its stream's 5-13 s (4 s of speaking, 6-10 s) against the first's 0-8 s (2 s): all in step, both got ~4
+    result = capacity_load.measure_profile(load_lab, "conversation", [1, 2], duration=8.0)
+    assert len(result["steps"]) == 2, result["stopped_because"]
+    first, second = result["steps"][1]["pulses_expected_per_call"]
+    assert 2 <= first <= 5 and second >= first + 3
+    assert result["steps"][1]["pulse_loss"] <= 0.5
+
+
+def test_the_conversation_hears_speech_in_a_frame_with_one_loud_sample_and_echoes_only_while_it_speaks():
+    import asyncio
+
+    from splitrelay.transceiver.conversation import ConversationHandler
+    from splitrelay.transceiver.handlers import FRAME_SAMPLES, PcmFrame
+
+    class Io:
+        sent: list = []
+
+        def send_audio(self, frame: PcmFrame) -> None:
+            self.sent.append(frame.pts)
+
+    handler = ConversationHandler(Io(), cycle=1.0, speak_share=0.5)   # listens 0-0.5 s, speaks 0.5-1 s
+    quiet, loud = [0] * FRAME_SAMPLES, [0] * FRAME_SAMPLES
+    quiet[500], loud[500] = 1023, -1025                                 # the VAD's bar: a peak of 1024
+
+    async def hear() -> None:
+        for pts, samples in ((0, quiet), (960, loud), (24000, quiet), (24960, loud)):
+            await handler.on_audio(PcmFrame(PcmFrame.from_array(samples).samples, pts=pts))
+
+    asyncio.run(hear())
+    assert handler.frames_heard == 4 and handler.speech_frames == 2
+    assert Io.sent == [24000, 24960]
 
 
 def test_the_conversation_handler_refuses_a_speak_share_outside_zero_to_one():

@@ -16,7 +16,7 @@ from aioice.ice import Connection
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 
 from splitrelay.transceiver.audio import (
-    AIORTC_JITTER_BUFFER, FRAME_BYTES, LEAD, QUIET_PEAK, REPLY_LEAD, OutboundAudio, VoiceReceiver, _quiet,
+    AIORTC_JITTER_BUFFER, FRAME_BYTES, LEAD, QUIET_PEAK, REPLY_LEAD, OutboundAudio, VoiceReceiver, quiet,
     check_aiortc,
 )
 from splitrelay.transceiver.handlers import FRAME_SAMPLES, FRAME_SECONDS, PcmFrame
@@ -238,8 +238,8 @@ async def test_a_queue_of_live_audio_sheds_its_quiet_frames_but_never_a_tone_or_
                                          -32768])
 @pytest.mark.parametrize("at", [0, 480, FRAME_SAMPLES - 1])
 def test_a_frame_is_quiet_exactly_when_every_sample_is_within_the_quiet_peak(peak_sample, at):
-    # the high-byte test in _quiet against its definition, one loud sample anywhere in a low-level frame
+    # the high-byte test in quiet against its definition, one loud sample anywhere in a low-level frame
     samples = [((n * 37) % 1800) - 900 for n in range(FRAME_SAMPLES)]
     samples[at] = peak_sample
     pcm = struct.pack(f"<{FRAME_SAMPLES}h", *samples)
-    assert _quiet(pcm) == _quiet(bytearray(pcm)) == all(-QUIET_PEAK <= s < QUIET_PEAK for s in samples)
+    assert quiet(pcm) == quiet(bytearray(pcm)) == all(-QUIET_PEAK <= s < QUIET_PEAK for s in samples)

@@ -118,7 +118,7 @@ KEEP_QUIET = 2
 _QUIET_HIGH_BYTES = bytes([0, 1, 2, 3, 0xFC, 0xFD, 0xFE, 0xFF])
 
 
-def _quiet(pcm: bytes | bytearray) -> bool:
+def quiet(pcm: bytes | bytearray) -> bool:
     return not pcm[1::2].translate(None, _QUIET_HIGH_BYTES)
 
 
@@ -363,13 +363,13 @@ class OutboundAudio(MediaStreamTrack):
             due = self._anchor + self._index * FRAME_SECONDS - self._lead()
             if now < due:
                 if (self._quiet_run >= KEEP_QUIET and self._live_head() and len(self.buffer) >= 2 * FRAME_BYTES
-                        and _quiet(self.buffer[:FRAME_BYTES])):
+                        and quiet(self.buffer[:FRAME_BYTES])):
                     self._drop(FRAME_BYTES)
                     self.skipped_frames += 1
                     return None, now
                 return None, due
             pcm = bytes(self.buffer[:FRAME_BYTES])
-            self._quiet_run = self._quiet_run + 1 if _quiet(pcm) else 0
+            self._quiet_run = self._quiet_run + 1 if quiet(pcm) else 0
             # the push that starts in this frame, if any: its timing follows the frame to the wire
             self._mark = mark = next((m for m in self._marks if m[0] < self._taken + FRAME_BYTES), None)
             # generated audio that waited for its slot: how late the sender woke up for it (REPLY_LEAD's figure)

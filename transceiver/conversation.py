@@ -19,7 +19,6 @@ buffer and the relay's flow timers fed too.  The swap goes through ``OutboundAud
 
 from __future__ import annotations
 
-from array import array
 from functools import cache
 
 from splitrelay.transceiver import audio   # a module, not its names: audio -> handlers -> here is a cycle
@@ -80,8 +79,9 @@ class ConversationHandler(Handler):
 
     async def on_audio(self, frame: PcmFrame) -> None:
         self.frames_heard += 1
-        samples = array("h", frame.samples)
-        if samples and max(max(samples), -min(samples)) >= audio.QUIET_PEAK:   # speech: the send path's not quiet
+        # speech: the send path's "not quiet" (a peak of QUIET_PEAK or more), from the samples' high bytes:
+        # 1.4 µs a frame instead of 23 for array + max/min (process_time, this VM), ~10 % of a call's CPU
+        if frame.samples and not audio.quiet(frame.samples):
             self.speech_frames += 1
         if not self.listening(frame.pts or 0):
             self.io.send_audio(frame)

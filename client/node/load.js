@@ -4,7 +4,7 @@
 //
 //   node load.js --frames FILE --sessions N --duration-s S [--connect-concurrency K]
 //                [--connect-timeout-ms MS] [--connect-phase-ms MS] [--drain-ms MS]
-//                [--speak-cycle-ms MS --speak-share F] WHIP_URL
+//                [--speak-cycle-ms MS --speak-share F] [--phase-spread-ms MS] WHIP_URL
 //
 // FILE (splitrelay.client.load_client.write_frames): {"frame_ms", "cycle": [base64 Opus packets],
 // "pulse_index", "echo_threshold"}: one cycle of a quiet stream with one loud frame (the pulse) at
@@ -23,6 +23,9 @@
 // frame): the transceiver's sending falling behind, for a profile that echoes nothing (voice).
 // --speak-cycle-ms/--speak-share: the agent echoes only in the last share of each cycle of the
 // caller's stream time (transceiver handler "conversation"): pulses outside it are not expected back.
+// --phase-spread-ms MS: session i starts talking i/N of MS before the window, so at the window's start
+// the calls' streams (and a conversation's phases) are spread over MS instead of in step; only the
+// window is measured (its packets, pulses and CPU).
 // The WHIP bearer token comes from SPLITRELAY_WHIP_TOKEN (not argv: any local user can read argv).
 "use strict";
 
@@ -39,21 +42,21 @@ const SMALL_PAYLOAD = 12;   // bytes: an Opus frame of silence at a low bitrate 
 
 function parseArgs(argv) {
   const out = { frames: null, sessions: 1, durationS: 10, concurrency: 8, connectTimeoutMs: 20000,
-                drainMs: 1500, speakCycleMs: 0, speakShare: 1, connectPhaseMs: 60000, url: null };
+                drainMs: 1500, speakCycleMs: 0, speakShare: 1, connectPhaseMs: 60000, phaseSpreadMs: 0, url: null };
   const num = { "--sessions": "sessions", "--duration-s": "durationS", "--connect-concurrency": "concurrency",
                 "--connect-timeout-ms": "connectTimeoutMs", "--drain-ms": "drainMs",
                 "--speak-cycle-ms": "speakCycleMs", "--speak-share": "speakShare",
-                "--connect-phase-ms": "connectPhaseMs" };
+                "--connect-phase-ms": "connectPhaseMs", "--phase-spread-ms": "phaseSpreadMs" };
   for (let i = 0; i < argv.length; i++) {
     if (argv[i] === "--frames") out.frames = argv[++i];
     else if (num[argv[i]]) out[num[argv[i]]] = Number(argv[++i]);
     else out.url = argv[i];
   }
   if (!out.frames || !out.url || !(out.sessions >= 1) || !(out.durationS > 0) || !(out.concurrency >= 1)
-      || !(out.speakShare >= 0 && out.speakShare <= 1) || !(out.speakCycleMs >= 0)) {
+      || !(out.speakShare >= 0 && out.speakShare <= 1) || !(out.speakCycleMs >= 0) || !(out.phaseSpreadMs >= 0)) {
     process.stderr.write("usage: node load.js --frames FILE --sessions N --duration-s S [--connect-concurrency K] "
                          + "[--connect-timeout-ms MS] [--connect-phase-ms MS] [--drain-ms MS] "
-                         + "[--speak-cycle-ms MS --speak-share F] WHIP_URL\n");
+                         + "[--speak-cycle-ms MS --speak-share F] [--phase-spread-ms MS] WHIP_URL\n");
     process.exit(2);
   }
   return out;
@@ -150,7 +153,7 @@ class Session {
     packet.writeUInt32BE((this.k * f.samples) >>> 0, 4);
     packet.writeUInt32BE(this.ssrc >>> 0, 8);
     payload.copy(packet, 12);
-    if (pos === f.pulseIndex) {
+    if (pos === f.pulseIndex && this.receiving) {   // a pulse of the measured window
       const expected = this.speaking(this.k);
       this.pulses.push({ t: now, expected, echoed: false });
       this.pulsesSent++;
@@ -258,18 +261,28 @@ async function connectAll(sessions, concurrency, phaseMs) {
   await Promise.all(Array.from({ length: Math.min(concurrency, sessions.length) }, worker));
 }
 
-// every session's frame k is due at start + offset_i + k * frame: one timer for all, TICK_MS apart
-function talk(sessions, frames, durationMs) {
+// session i's frame k is due at start - lead_i + offset_i + k * frame (lead_i: i/N of the phase spread,
+// offset_i: i/N of a frame, so the transceiver is not hit by N packets at once); one timer for all,
+// TICK_MS apart. Resolves with the window's start and end (Unix s) and this process's CPU over it.
+function talk(sessions, frames, durationMs, spreadMs) {
   return new Promise((resolve) => {
     const live = sessions.filter((s) => !s.error);
-    const start = performance.now() + 5;
+    const start = performance.now() + 5 + (spreadMs * (live.length - 1)) / Math.max(1, live.length);
     const end = start + durationMs;
-    const offsets = live.map((_, i) => (i * frames.frameMs) / Math.max(1, live.length));
+    const begins = live.map((_, i) => start - (i * spreadMs) / live.length + (i * frames.frameMs) / live.length);
+    let window = null;
     const tick = () => {
       const now = performance.now();
-      if (now >= end) { resolve(); return; }
+      if (window === null && now >= start) {
+        for (const s of sessions) s.receiving = true;
+        window = { t0: unixNow(), cpu0: process.cpuUsage() };
+      }
+      if (now >= end) {
+        resolve({ t0: window.t0, t1: unixNow(), cpu: process.cpuUsage(window.cpu0) });
+        return;
+      }
       live.forEach((s, i) => {
-        while (s.k * frames.frameMs + start + offsets[i] <= now && s.k * frames.frameMs < durationMs) s.sendFrame(now);
+        while (s.k * frames.frameMs + begins[i] <= now && s.k * frames.frameMs + begins[i] < end) s.sendFrame(now);
       });
       setTimeout(tick, TICK_MS);
     };
@@ -287,12 +300,7 @@ async function main() {
   for (const s of sessions) if (s.connectMs === null && !s.error) s.error = "still connecting at the phase's end";
   const connectS = (performance.now() - connectStart) / 1000;
   await new Promise((resolve) => setTimeout(resolve, 500));
-  for (const s of sessions) s.receiving = true;
-  const cpu0 = process.cpuUsage();
-  const t0 = unixNow();
-  await talk(sessions, frames, args.durationS * 1000);
-  const t1 = unixNow();
-  const cpu = process.cpuUsage(cpu0);
+  const { t0, t1, cpu } = await talk(sessions, frames, args.durationS * 1000, args.phaseSpreadMs);
   await new Promise((resolve) => setTimeout(resolve, args.drainMs));
   for (const s of sessions) s.receiving = false;
   const reports = sessions.map((s) => s.report());
