@@ -14,7 +14,7 @@ minus its first second (the calls' start-up):
 * loss: the larger of the pulses not echoed (of those the agent echoes) and the downlink's RTP
   sequence gaps;
 * for a profile that echoes nothing (voice), the p99 lateness of the transceiver's packets (the gap
-  after the previous one beyond 20 ms) stands in for the round trip.
+  after the previous one beyond the RTP time between them) stands in for the round trip.
 
 The calls of a profile that speaks in cycles (conversation, voice) are not in step: call i starts talking
 i/N of a cycle before the window (``phase_spread``), so at any moment the agent speaks in its share of

@@ -212,6 +212,23 @@ async def test_clear_drops_every_frame_not_yet_sent_and_the_stream_goes_on_with_
     out.stop()
 
 
+async def test_dtx_sends_one_silent_frame_in_twenty_and_the_rtp_time_runs_on_through_the_pause():
+    out = OutboundAudio()
+    out.dtx = True
+    out.push(PcmFrame(LOUD * 2))                             # a 40 ms reply, then nothing to say
+    loop = asyncio.get_running_loop()
+    packets, times = [], []
+    for _ in range(4):
+        packets.append(await asyncio.wait_for(out.recv(), 2))
+        times.append(loop.time())
+    assert [p.pts // FRAME_SAMPLES for p in packets] == [0, 1, 2, 22]   # the pause's frames 0 and 20 only
+    assert times[3] - times[2] >= 19 * FRAME_SECONDS                  # the slots between passed, unsent
+    assert out.silent_frames == 2 and out.dtx_slots == 19
+    out.push(PcmFrame(LOUD))                                 # the reply goes on at the RTP time of now
+    assert (await asyncio.wait_for(out.recv(), 1)).pts == 23 * FRAME_SAMPLES
+    out.stop()
+
+
 async def test_a_queue_of_live_audio_sheds_its_quiet_frames_but_never_a_tone_or_a_reply():
     out = OutboundAudio()
     out.push(PcmFrame(bytes(FRAME_BYTES), received=0.0))

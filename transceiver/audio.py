@@ -65,6 +65,11 @@ LEAD = 3 * FRAME_SECONDS
 REPLY_LEAD = FRAME_SECONDS
 GRACE = 3 * FRAME_SECONDS   # silence replaces the handler's audio once it is this late (loss concealment
 #                             in the receive buffer makes an echoed frame up to ~1 frame late)
+# Discontinuous transmission (RFC 7587 section 3.1.3; what Chrome sends with ``usedtx=1``), for a handler that
+# asks for it: in a pause only every DTX_EVERY-th silent frame goes out, 400 ms apart like libopus's own DTX
+# updates, and the RTP time still advances over the slots left empty, so the listener's buffer sees a pause
+# (no sequence gap: nothing counts as lost) and plays comfort noise or silence through it.
+DTX_EVERY = 20
 TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 AIORTC_JITTER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
 STAGES = ("mux_to_receiver", "jitter_buffer", "decode", "handler", "outbound_queue", "encode", "in_to_out",
@@ -260,6 +265,9 @@ class OutboundAudio(MediaStreamTrack):
         self.overflow_frames = 0  # dropped because the handler ran more than 1 s ahead
         self.cleared_frames = 0   # dropped by clear_audio()
         self.skipped_frames = 0   # quiet live audio dropped to catch up after a burst
+        self.dtx = False          # send one silent frame in DTX_EVERY in a pause (set by a handler that wants it)
+        self.dtx_slots = 0        # silent frames left unsent by DTX
+        self._pause_slots = 0     # silent slots since the last frame of the handler's audio
         self._quiet_run = 0       # quiet frames sent in a row (a pause is shortened, never closed)
         self._encoder: OpusEncoder | None = None
         self._anchor: float | None = None
@@ -354,7 +362,8 @@ class OutboundAudio(MediaStreamTrack):
             self._waiter = None
 
     def _next_pcm(self, now: float) -> tuple[bytes | None, float]:
-        """The frame to send at ``now`` (None: not yet) and otherwise when to look again."""
+        """The frame to send at ``now`` (None: not yet) and otherwise when to look again (``now``: a slot
+        passed without a frame, shed or left empty by DTX)."""
         assert self._anchor is not None
         if len(self.buffer) >= FRAME_BYTES:
             if self._idle:  # the first frame after silence leaves now and sets the clock
@@ -375,6 +384,7 @@ class OutboundAudio(MediaStreamTrack):
             # generated audio that waited for its slot: how late the sender woke up for it (REPLY_LEAD's figure)
             self._late = now - due if mark is not None and mark[2] is None and mark[1] <= due else None
             self._flushed = False
+            self._pause_slots = 0
             self._drop(FRAME_BYTES)
             return pcm, now
         due = self._anchor + self._index * FRAME_SECONDS + (-self._lead() if self._flushed else GRACE)
@@ -382,8 +392,13 @@ class OutboundAudio(MediaStreamTrack):
             return None, due
         self._idle = True
         self._quiet_run += 1
-        self.silent_frames += 1
         self._mark = None
+        self._pause_slots += 1
+        if self.dtx and (self._pause_slots - 1) % DTX_EVERY:   # a slot DTX leaves empty: its RTP time passes
+            self._index += 1
+            self.dtx_slots += 1
+            return None, now
+        self.silent_frames += 1
         return bytes(FRAME_BYTES), now
 
     async def recv(self) -> Packet:

@@ -1,20 +1,19 @@
 """Handler ``conversation``: what a voice agent's transport costs, without the agent (issue 24, profile b).
 
-A voice agent listens most of the time: it decodes every inbound frame for its VAD, and sends audio
-back all the time (a WebRTC audio track never stops).  This handler does that on a fixed schedule of
+A voice agent listens most of the time: it decodes every inbound frame for its VAD, and keeps its
+audio track going while it is silent.  This handler does that on a fixed schedule of
 the caller's stream time (``frame.pts``, so a load client knows the phase without a side channel):
 for the first ``1 - speak_share`` of each ``cycle`` seconds it listens, then it "speaks" by sending
 back what it hears (the same encoder work as a TTS reply, and the caller can time it).  Every inbound
 frame goes through an energy VAD (its peak, over a threshold) like a real agent's first stage.
 
-While listening it sends the cheapest valid audio: a pre-encoded Opus frame of digital silence,
-encoded once per process, instead of running the encoder on silence every 20 ms.  Every browser
-decodes it like any other Opus packet (it *is* one, from libopus: a 48 kHz mono CELT/SILK frame).
-The cheaper DTX (RFC 7587 section 3.1.3: no packet for up to 400 ms, which Chrome sends with
-``usedtx=1`` and every browser's NetEq conceals as comfort noise) would need the outbound track to
-skip a slot, which transceiver/audio.py does not offer; a frame per slot keeps the caller's jitter
-buffer and the relay's flow timers fed too.  The swap goes through ``OutboundAudio``'s encoder
-(``_encoder``, created lazily there): speech is still encoded by the real encoder.
+While listening it sends the cheapest valid audio: discontinuous transmission (``OutboundAudio.dtx``:
+one silent frame in 20, 400 ms apart, the RTP time running on; RFC 7587 section 3.1.3, what Chrome sends
+with ``usedtx=1`` and every browser's NetEq plays through as comfort noise), and the frame it does send is
+a pre-encoded Opus frame of digital silence, encoded once per process, instead of running the encoder on
+silence.  Browsers decode it like any other Opus packet (it *is* one, from libopus: a 48 kHz mono frame).
+The swap goes through ``OutboundAudio``'s encoder (``_encoder``, created lazily there): speech is still
+encoded by the real encoder.
 """
 
 from __future__ import annotations
@@ -60,12 +59,14 @@ class ConversationHandler(Handler):
     """Listens ``1 - speak_share`` of every ``cycle`` s (VAD on every frame, comfort frames out), then
     speaks (sends back what it hears) for the rest."""
 
-    def __init__(self, io: SessionIO, cycle: float = 10.0, speak_share: float = 0.4) -> None:
+    def __init__(self, io: SessionIO, cycle: float = 10.0, speak_share: float = 0.4, dtx: int = 1) -> None:
         super().__init__(io)
         if not 0.1 <= cycle <= 3600:
             raise ValueError(f"conversation cycle must be 0.1..3600 s, got {cycle}")
         if not 0.0 <= speak_share <= 1.0:
             raise ValueError(f"conversation speak_share must be 0..1, got {speak_share}")
+        if dtx not in (0, 1):
+            raise ValueError(f"conversation dtx must be 0 or 1, got {dtx!r}")
         self.cycle_samples = round(cycle * SAMPLE_RATE)
         self.listen_samples = round(self.cycle_samples * (1.0 - speak_share))
         self.speech_frames = 0
@@ -73,6 +74,7 @@ class ConversationHandler(Handler):
         outbound = getattr(io, "outbound", None)
         if outbound is not None and hasattr(outbound, "_encoder"):
             outbound._encoder = ComfortEncoder()
+            outbound.dtx = bool(dtx)   # dtx=0: a comfort frame in every slot (what this handler sent before DTX)
 
     def listening(self, pts: int) -> bool:
         return pts % self.cycle_samples < self.listen_samples

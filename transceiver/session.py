@@ -396,7 +396,8 @@ class Session:
         out = self.voice.to_dict() if self.voice else {}
         out.update(frames_silent=self.outbound.silent_frames, frames_cleared=self.outbound.cleared_frames,
                    frames_overflow=self.outbound.overflow_frames,
-                   frames_skipped=self.outbound.skipped_frames, stages=self.stages.summary())
+                   frames_skipped=self.outbound.skipped_frames, frames_dtx=self.outbound.dtx_slots,
+                   stages=self.stages.summary())
         return out
 
 

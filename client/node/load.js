@@ -19,8 +19,8 @@
 // total, packets sent/received, downlink loss from RTP sequence gaps, pulses sent/echoed, RTT
 // samples; the talking window in Unix seconds (the caller reads other processes' CPU over it) and
 // this process's CPU over that window (process.cpuUsage: every thread, libdatachannel's included).
-// Per session also the lateness of each returned packet (its gap after the previous one, beyond one
-// frame): the transceiver's sending falling behind, for a profile that echoes nothing (voice).
+// Per session also the lateness of each returned packet (its gap after the previous one, beyond the
+// RTP time between them): the transceiver's sending falling behind, for a profile that echoes nothing (voice).
 // --speak-cycle-ms/--speak-share: the agent echoes only in the last share of each cycle of the
 // caller's stream time (transceiver handler "conversation"): pulses outside it are not expected back.
 // --phase-spread-ms MS: session i starts talking i/N of MS before the window, so at the window's start
@@ -92,7 +92,8 @@ class Session {
     this.pulsesExpectedEchoed = 0;
     this.rtts = [];
     this.lastArrival = null;
-    this.lateness = [];               // ms each returned packet came after the previous one, beyond a frame
+    this.lastTs = 0;
+    this.lateness = [];               // ms each returned packet came after the previous one, beyond its RTP time
     this.receiving = false;           // counts only while talking + draining
   }
 
@@ -180,8 +181,11 @@ class Session {
     if (pt >= 64 && pt < 96) return;                  // RTCP (200..207 with the marker bit's place)
     const now = performance.now();
     this.received++;
-    if (this.lastArrival !== null) this.lateness.push(Math.round((now - this.lastArrival - this.frames.frameMs) * 100) / 100);
+    const ts = buf.readUInt32BE(4);
+    // the gap after the previous packet beyond the RTP time between them (a pause sent as DTX is not late)
+    if (this.lastArrival !== null) this.lateness.push(Math.round((now - this.lastArrival - ((ts - this.lastTs) >>> 0) * 1000 / CLOCK) * 100) / 100);
     this.lastArrival = now;
+    this.lastTs = ts;
     const seq16 = buf.readUInt16BE(2);
     if (this.lastSeq16 === null) {
       this.firstSeq = this.maxSeq = seq16;
