@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import click
 from splitrelay.bpf.consts import MAX_BACKEND_ID
@@ -12,6 +13,7 @@ from splitrelay.cli.common import emit, stop_on_signals, table
 from splitrelay.cli.errors import EXIT_UNREACHABLE, CliError
 from splitrelay.cli.reach import lab_option, refuse_lab_address, resolve
 from splitrelay.transceiver.dtls_role import DEFAULT_ROLE, ROLES
+from splitrelay.transceiver.opus import DEFAULT_OPUS_MODE, OPUS_MODE_ENV, OPUS_MODES
 
 
 def _hostport(value: str, what: str) -> tuple[str, int]:
@@ -153,6 +155,12 @@ def admission_options(command):  # noqa: ANN001, ANN201 - a click decorator
               envvar="SPLITRELAY_EVENT_LOOP",
               help="The event loop every packet of every call runs through: uvloop costs less CPU per call "
                    "(transceiver/loop.py); asyncio is Python's own (env SPLITRELAY_EVENT_LOOP).")
+@click.option("--opus-mode", type=click.Choice(list(OPUS_MODES)), default=DEFAULT_OPUS_MODE, show_default=True,
+              envvar=OPUS_MODE_ENV,
+              help="What the outbound encoder is: voip (SILK+CELT for speech, in-band FEC for a lossy downlink, "
+                   "6.5 ms lookahead) or lowdelay (CELT only, no FEC, 2.5 ms lookahead, about a third of the "
+                   "encoder's CPU: more calls per core on clean links; transceiver/opus.py; env "
+                   "SPLITRELAY_OPUS_MODE).")
 @admission_options
 def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], relay_controls: tuple[str, ...],
                       prefer: tuple[str, ...], prefer_header: str | None, whip_listen: str,
@@ -161,7 +169,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
                       token: str | None, whip_token: str | None,
                       backend_ip: str | None, ip6: str | None, drain_timeout: float,
                       hint_key_file: str | None, ufrag_pool: int, dtls_role: str, processes: int,
-                      event_loop: str, **limits: float) -> None:
+                      event_loop: str, opus_mode: str, **limits: float) -> None:
     """Serve WHIP and every session on one UDP port, registering sessions with the relay.
 
     \b
@@ -173,6 +181,8 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
     for relay_control in relay_controls:
         refuse_lab_address(relay_control)
     from splitrelay.transceiver import garbage
+
+    os.environ[OPUS_MODE_ENV] = opus_mode   # read where each session's encoder is made (transceiver/opus.py)
     from splitrelay.transceiver.mux import MuxError
     from splitrelay.transceiver.registration import RegistrationError
     from splitrelay import tokens

@@ -26,7 +26,7 @@ from aiortc.rtp import (
 
 from splitrelay.client import node_call
 from splitrelay.client.beeps import goertzel_power
-from splitrelay.transceiver import rtp_out
+from splitrelay.transceiver import opus, rtp_out
 from splitrelay.transceiver.audio import AudioPathError, check_aiortc
 from splitrelay.transceiver.handlers import FRAME_SAMPLES, SAMPLE_RATE, PcmFrame
 from splitrelay.transceiver.opus import OpusDecoder, OpusEncoder
@@ -155,6 +155,39 @@ async def test_clear_drops_a_queued_reply_within_one_frame_on_either_path(transc
     assert max(p for a, p in reply if a == 0) > 0.01          # the reply was playing when it was cleared
     assert max(p for a, p in reply if a >= 2) < 0.001         # one frame later (the codec's tail), it was gone
     assert errors == []
+
+
+@pytest.mark.parametrize("mode", list(opus.OPUS_MODES))
+async def test_the_caller_hears_celt_only_from_a_lowdelay_encoder_and_hybrid_speech_from_voip(transceiver, mode,
+                                                                                                monkeypatch):
+    monkeypatch.setenv(opus.OPUS_MODE_ENV, mode)
+    async with call(transceiver, "direct", monkeypatch) as (caller, session, heard, errors):
+        start = len(heard.rtp)
+        session.send_audio(PcmFrame(speechlike(25)))       # 500 ms of a voiced sound, as TTS would send
+        for _ in range(200):
+            if len(heard.rtp) >= start + 25:
+                break
+            await asyncio.sleep(0.02)
+        got = list(heard.rtp)[start:]
+    configs = {p.payload[0] >> 3 for p in got if len(p.payload) > 10}   # RFC 6716 TOC: 16-31 are CELT only
+    assert configs and (all(c >= 16 for c in configs) if mode == "lowdelay" else any(c < 16 for c in configs))
+    assert errors == []
+
+
+def speechlike(frames: int) -> bytes:
+    """A vowel-like sound: a 140 Hz pulse train through three formants (what makes libopus pick SILK)."""
+    out = []
+    for n in range(frames * FRAME_SAMPLES):
+        t = n / SAMPLE_RATE
+        out.append(int(sum(a * math.sin(2 * math.pi * f * t) for f, a in ((140, 3000), (280, 2500), (700, 2000),
+                                                                           (1200, 1200), (2600, 600)))))
+    return struct.pack(f"<{len(out)}h", *out)
+
+
+def test_a_bad_opus_mode_is_refused_with_the_choices(monkeypatch):
+    monkeypatch.setenv(opus.OPUS_MODE_ENV, "opus")
+    with pytest.raises(opus.OpusError, match=r"^SPLITRELAY_OPUS_MODE='opus': choose from voip, lowdelay$"):
+        opus.outbound_application()
 
 
 async def test_a_session_that_ends_between_frames_leaves_no_timer_callback_or_task(transceiver, monkeypatch):

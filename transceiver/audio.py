@@ -43,8 +43,8 @@ from av.packet import Packet
 from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.handlers import FRAME_SAMPLES, FRAME_SECONDS, SAMPLE_RATE, PcmFrame
 from splitrelay.transceiver.jitter import AdaptiveJitterBuffer
+from splitrelay.transceiver import opus, rtp_in, rtp_out
 from splitrelay.transceiver.opus import OpusDecoder, OpusEncoder
-from splitrelay.transceiver import rtp_in, rtp_out
 from splitrelay.transceiver.rtp_in import DirectRtp
 from splitrelay.transceiver.rtp_out import DirectSend
 
@@ -286,6 +286,7 @@ class OutboundAudio(MediaStreamTrack):
     def bind(self, sender: RTCRtpSender) -> None:
         """The aiortc sender this track was added to: unless ``$SPLITRELAY_SEND_PATH`` is ``aiortc``, its
         first ``recv()`` hands the sending to ``DirectSend``."""
+        opus.outbound_application()   # a bad $SPLITRELAY_OPUS_MODE fails the session's setup, not its first frame
         if rtp_out.send_path() == "direct":
             check_aiortc()
             self.direct = DirectSend(self, sender, FRAME_SAMPLES)
@@ -431,7 +432,7 @@ class OutboundAudio(MediaStreamTrack):
     def _take(self, pcm: bytes, now: float) -> bytes:
         """The Opus packet of the frame ``_next_pcm`` gave at ``now`` (RTP time ``_index``, then counted)."""
         if self._encoder is None:
-            self._encoder = OpusEncoder()
+            self._encoder = OpusEncoder(application=opus.outbound_application())
         payload = self._encoder.encode(pcm)
         self._index += 1
         self.frames_out += 1

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from splitrelay.transceiver import audio   # a module, not its names: audio -> handlers -> here is a cycle
+from splitrelay.transceiver import audio, opus   # modules, not their names: audio -> handlers -> here is a cycle
 from splitrelay.transceiver.handlers import (FRAME_SAMPLES, SAMPLE_RATE, Handler, PcmFrame, SessionIO,
                                              register_handler)
 from splitrelay.transceiver.opus import OpusEncoder
@@ -43,7 +43,7 @@ class ComfortEncoder:
     """The outbound encoder, but for 20 ms of digital silence: the pre-encoded comfort frame."""
 
     def __init__(self) -> None:
-        self.real = OpusEncoder()
+        self.real = OpusEncoder(application=opus.outbound_application())
         self.comfort = comfort_packet()
         self.comfort_frames = 0
 

@@ -25,6 +25,15 @@ SAMPLE_RATE = 48000
 MAX_PACKET = 1500                  # bytes: one RTP payload
 MAX_FRAME_SAMPLES = 5760           # 120 ms at 48 kHz, the longest Opus frame
 APPLICATION_VOIP = 2048
+APPLICATION_RESTRICTED_LOWDELAY = 2051
+# What the transceiver's outbound encoder is, by ``$SPLITRELAY_OPUS_MODE`` (``transceiver serve --opus-mode``):
+# voip: SILK+CELT hybrid for speech, in-band FEC for a lossy downlink, 6.5 ms lookahead; lowdelay: CELT only,
+# no in-band FEC, 2.5 ms lookahead, and about a third of the CPU a frame (46-53 µs against 137 for espeak-ng
+# speech at complexity 5, process_time best of 3 on this VM).  voip stays the default: FEC is what a
+# caller on a lossy link hears; an operator whose calls are CPU-bound and whose links are clean may choose.
+OPUS_MODE_ENV = "SPLITRELAY_OPUS_MODE"
+OPUS_MODES = {"voip": APPLICATION_VOIP, "lowdelay": APPLICATION_RESTRICTED_LOWDELAY}
+DEFAULT_OPUS_MODE = "voip"
 SET_BITRATE = 4002
 SET_INBAND_FEC = 4012
 SET_PACKET_LOSS_PERC = 4014
@@ -33,6 +42,14 @@ SET_COMPLEXITY = 4010
 
 class OpusError(SplitrelayError):
     """libopus is missing or refused a call (one-line reason)."""
+
+
+def outbound_application() -> int:
+    """The libopus application ``$SPLITRELAY_OPUS_MODE`` asks for (``DEFAULT_OPUS_MODE`` when unset)."""
+    name = os.environ.get(OPUS_MODE_ENV) or DEFAULT_OPUS_MODE
+    if name not in OPUS_MODES:
+        raise OpusError(f"{OPUS_MODE_ENV}={name!r}: choose from {', '.join(OPUS_MODES)}")
+    return OPUS_MODES[name]
 
 
 @cache
@@ -102,12 +119,14 @@ class OpusDecoder:
 
 
 class OpusEncoder:
-    """48 kHz mono s16le into Opus packets, VoIP mode, with in-band FEC for a lossy uplink's peer."""
+    """48 kHz mono s16le into Opus packets: VoIP mode with in-band FEC for a lossy link's peer, or
+    ``APPLICATION_RESTRICTED_LOWDELAY`` (CELT only: the FEC setting then does nothing)."""
 
-    def __init__(self, bitrate: int = 32000, complexity: int = 5, loss_percent: int = 5) -> None:
+    def __init__(self, bitrate: int = 32000, complexity: int = 5, loss_percent: int = 5,
+                 application: int = APPLICATION_VOIP) -> None:
         err = ctypes.c_int()
         self._lib = libopus()
-        self._state = self._lib.opus_encoder_create(SAMPLE_RATE, 1, APPLICATION_VOIP, ctypes.byref(err))
+        self._state = self._lib.opus_encoder_create(SAMPLE_RATE, 1, application, ctypes.byref(err))
         if err.value != 0 or not self._state:
             raise OpusError(f"opus_encoder_create failed ({err.value})")
         for request, value in ((SET_BITRATE, bitrate), (SET_COMPLEXITY, complexity),
