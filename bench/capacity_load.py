@@ -13,6 +13,9 @@ minus its first second (the calls' start-up):
   client/load_client.py), p50 and p99 over all calls;
 * loss: the larger of the pulses not echoed (of those the agent echoes) and the downlink's RTP
   sequence gaps;
+* the transceiver encodes in its default ``--opus-mode`` (voip): a CELT-only encoder (lowdelay) spends
+  nearly the same bytes on every frame (constrained VBR: ~81 on the quiet stream, a pulse's echo sinking
+  from ~120 to ~95 over a call), so its echo cannot be timed by size; ``cpu_ab`` compares its CPU;
 * for a profile that echoes nothing (voice), the p99 lateness of the transceiver's packets (the gap
   after the previous one beyond the RTP time between them) stands in for the round trip.
 
@@ -49,7 +52,6 @@ from splitrelay.client import load_client
 from splitrelay.lab import stack
 from splitrelay.lab.topology import Lab
 from splitrelay.tokens import TOKEN_ENV
-from splitrelay.transceiver import opus
 
 # name -> (transceiver handler spec, the agent's speak cycle s and share: which pulses come back)
 PROFILES: dict[str, tuple[str, float, float]] = {
@@ -320,18 +322,14 @@ def phase_spread(profile: str, frames_info: dict[str, Any]) -> float:
 
 def measure_profile(lab_name: str, profile: str, steps: list[int], duration: float = 10.0, cpu: int | None = 0,
                     rtt_margin: float = RTT_MARGIN_MS, loss_threshold: float = LOSS_THRESHOLD,
-                    progress: Callable[[str], None] | None = None,
-                    opus_mode: str = opus.DEFAULT_OPUS_MODE) -> dict[str, Any]:
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Ramp ``steps`` calls of ``profile`` through the lab's relay into one pinned transceiver; the table.
-    ``opus_mode``: the transceiver's ``--opus-mode`` (the load client's echo threshold follows it).
 
     Returns ``{"profile", "handler", "cpu", "client_cpus", "duration_s", "steps": [step...],
     "capacity", "capacity_reached", "limited_by", "lower_bound", "stopped_because", "loadavg_before"}``;
     each step is ``_step``'s dict."""
     if profile not in PROFILES:
         raise SessionBenchError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
-    if opus_mode not in opus.OPUS_MODES:
-        raise SessionBenchError(f"unknown opus mode {opus_mode!r}; choose from {', '.join(opus.OPUS_MODES)}")
     if not steps or steps[0] != 1 or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
         raise SessionBenchError(f"steps must rise from 1 (the one-call baseline), got {steps}")
     reason = load_client.unavailable_reason()
@@ -351,12 +349,11 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
     stopped = None
     with tempfile.TemporaryDirectory(prefix="srload-") as tmp:
         frames = Path(tmp) / "frames.json"
-        frames_info = load_client.write_frames(frames, speech=profile in SPEAKING_CALLER,
-                                               application=opus.OPUS_MODES[opus_mode])
+        frames_info = load_client.write_frames(frames, speech=profile in SPEAKING_CALLER)
         spread = phase_spread(profile, frames_info)
         proc, log = sessions.start_transceiver(lab, t, f"load-{profile}", backend_id, LOAD_BACKEND_PORT,
                                                LOAD_WHIP_PORT, relay=True, cpu=cpu, handler=handler,
-                                               extra=("--offer-rate", "0", "--opus-mode", opus_mode))
+                                               extra=("--offer-rate", "0"))
         url = sessions.whip_url(t.signal_ip4, LOAD_WHIP_PORT)
         lag = _lag_reader(lab, t, log)
         try:
@@ -391,7 +388,7 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
     limited_by = _limited_by(results[-1], rtt_margin) if stopped and len(results) > len(good) else None
     return {"profile": profile, "handler": handler, "cpu": cpu,
             "client_cpus": sorted(client_cpus) if client_cpus else None, "duration_s": duration,
-            "phase_spread_s": spread, "opus_mode": opus_mode,
+            "phase_spread_s": spread,
             "rtt_margin_ms": rtt_margin, "loss_threshold": loss_threshold,
             "echo_threshold_bytes": frames_info["echo_threshold"], "steps": results, "capacity": capacity,
             "marginal_us_per_call_s": marginal,

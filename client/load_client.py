@@ -25,7 +25,7 @@ from typing import Any
 
 from splitrelay.errors import SplitrelayError
 from splitrelay.transceiver.handlers import FRAME_SAMPLES
-from splitrelay.transceiver.opus import APPLICATION_VOIP, OpusDecoder, OpusEncoder
+from splitrelay.transceiver.opus import OpusDecoder, OpusEncoder
 
 NODE_DIR = Path(__file__).with_name("node")
 SCRIPT = NODE_DIR / "load.js"
@@ -50,25 +50,22 @@ def _cycle_pcm() -> list[bytes]:
     return [pulse if i == PULSE_INDEX else bytes(2 * FRAME_SAMPLES) for i in range(CYCLE_FRAMES)]
 
 
-def echo_sizes(cycle: list[bytes], cycles: int = 3, application: int = APPLICATION_VOIP) -> list[int]:
+def echo_sizes(cycle: list[bytes], cycles: int = 3) -> list[int]:
     """Packet sizes the transceiver's echo sends back for ``cycles`` repeats of ``cycle``: its decoder
-    and its encoder (as transceiver/audio.py builds them, in ``application``: its ``--opus-mode``), one
-    frame in, one out."""
-    decoder, encoder = OpusDecoder(), OpusEncoder(application=application)
+    and its encoder (default settings, as transceiver/audio.py builds them), one frame in, one out."""
+    decoder, encoder = OpusDecoder(), OpusEncoder()
     return [len(encoder.encode(decoder.decode(p))) for _ in range(cycles) for p in cycle]
 
 
-def make_frames(application: int = APPLICATION_VOIP) -> dict[str, Any]:
-    """One cycle of pre-encoded frames and the packet size that marks the pulse's echo from a transceiver
-    whose encoder is in ``application`` (CELT only, lowdelay, spends ~81 bytes on the quiet stream and
-    110-113 on the pulse; VoIP 38-44 and 71-77).
+def make_frames() -> dict[str, Any]:
+    """One cycle of pre-encoded frames and the packet size that marks the pulse's echo.
 
     Raises LoadClientError when the transceiver's echo of the quiet stream is not smaller than the
     echo of the pulse by ``MIN_MARGIN`` bytes (another encoder setting could do that)."""
     encoder = OpusEncoder(loss_percent=0)
     pcm = _cycle_pcm()
     cycle = [encoder.encode(frame) for frame in pcm + pcm][CYCLE_FRAMES:]   # the second: settled state
-    sizes = echo_sizes(cycle, application=application)[CYCLE_FRAMES:]      # likewise
+    sizes = echo_sizes(cycle)[CYCLE_FRAMES:]                               # likewise
     quiet = max(s for i, s in enumerate(sizes) if not 0 <= (i % CYCLE_FRAMES) - PULSE_INDEX < 6)
     pulse = sizes[PULSE_INDEX]
     if pulse - quiet < MIN_MARGIN:
@@ -93,10 +90,9 @@ def make_speech_frames(text: str = SPEECH_TEXT, pause: float = SPEECH_PAUSE_S) -
         len(pcm) / 2 / 48000 - pause, 2), "cycle": [base64.b64encode(p).decode() for p in cycle]}
 
 
-def write_frames(path: Path, speech: bool = False, application: int = APPLICATION_VOIP) -> dict[str, Any]:
-    """The frames file load.js sends: the pulse cycle (``make_frames``, its echo threshold for a transceiver
-    encoding in ``application``), or speech (``make_speech_frames``)."""
-    frames = make_speech_frames() if speech else make_frames(application)
+def write_frames(path: Path, speech: bool = False) -> dict[str, Any]:
+    """The frames file load.js sends: the pulse cycle (``make_frames``), or speech (``make_speech_frames``)."""
+    frames = make_speech_frames() if speech else make_frames()
     path.write_text(json.dumps(frames))
     return frames
 
