@@ -181,8 +181,6 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
     for relay_control in relay_controls:
         refuse_lab_address(relay_control)
     from splitrelay.transceiver import garbage
-
-    os.environ[OPUS_MODE_ENV] = opus_mode   # read where each session's encoder is made (transceiver/opus.py)
     from splitrelay.transceiver.mux import MuxError
     from splitrelay.transceiver.registration import RegistrationError
     from splitrelay import tokens
@@ -191,6 +189,7 @@ def transceiver_serve(backend_id: str, bind: str, relay_specs: tuple[str, ...], 
     from splitrelay.transceiver.loop import EventLoopError, loop_name
     from splitrelay.transceiver.loop import run as run_on
 
+    os.environ[OPUS_MODE_ENV] = opus_mode   # read where each session's encoder is made (transceiver/opus.py)
     bind_host, bind_port = _hostport(bind, "--bind")
     whip_host, whip_port = _hostport(whip_listen, "--whip-listen")
     admin_host, admin_port = _hostport(admin_listen, "--admin-listen")

@@ -14,6 +14,7 @@ import math
 import re
 import struct
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -35,6 +36,7 @@ from splitrelay.transceiver.session import Session
 
 from . import test_transceiver
 from .test_transceiver import Caller, ended, until
+from .test_workers import children, serving
 
 transceiver = test_transceiver.transceiver   # the fixture: a transceiver on loopback, direct mode
 PATHS = pytest.mark.parametrize("path", rtp_out.SEND_PATHS)
@@ -182,6 +184,15 @@ def speechlike(frames: int) -> bytes:
         out.append(int(sum(a * math.sin(2 * math.pi * f * t) for f, a in ((140, 3000), (280, 2500), (700, 2000),
                                                                            (1200, 1200), (2600, 600)))))
     return struct.pack(f"<{len(out)}h", *out)
+
+
+def test_the_opus_mode_given_to_a_supervisor_reaches_every_worker(tmp_path, monkeypatch):
+    monkeypatch.delenv(opus.OPUS_MODE_ENV, raising=False)
+    with serving(tmp_path, "--processes", "2", "--backend-id", "46", "--opus-mode", "lowdelay") as (proc, *_):
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        for pid in workers:   # in the environment each worker's serve reads (and passes on to opus.py)
+            assert b"SPLITRELAY_OPUS_MODE=lowdelay" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
 
 
 def test_a_bad_opus_mode_is_refused_with_the_choices(monkeypatch):
