@@ -214,7 +214,8 @@ class Session {
     if (!p || p.echoed) return;
     p.echoed = true;
     this.pulsesEchoed++;
-    if (p.expected) this.pulsesExpectedEchoed++;
+    if (!p.expected) return;   // sent while the agent listened: the loud run is its speech starting, not an echo
+    this.pulsesExpectedEchoed++;
     this.rtts.push(Math.round((now - p.t) * 100) / 100);
   }
 
