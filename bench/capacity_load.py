@@ -16,6 +16,8 @@ minus its first second (the calls' start-up):
 * the transceiver encodes in its default ``--opus-mode`` (voip): a CELT-only encoder (lowdelay) spends
   nearly the same bytes on every frame (constrained VBR: ~81 on the quiet stream, a pulse's echo sinking
   from ~120 to ~95 over a call), so its echo cannot be timed by size; ``cpu_ab`` compares its CPU;
+* the transceiver's own share of the echo, per frame (its packet at the mux to the echo's packet leaving),
+  p99 from ``splitrelay_transceiver_media_in_to_out_seconds`` read with the loop lag;
 * for a profile that echoes nothing (voice), the p99 lateness of the transceiver's packets (the gap
   after the previous one beyond the RTP time between them) stands in for the round trip.
 
@@ -75,13 +77,14 @@ METHOD = __doc__.split("\n\n", 1)[1].strip()
 
 class _Sampler:
     """CPU ticks of some processes and every CPU's busy time, sampled on the wall clock (the client
-    reports Unix times); ``lag``: the transceiver's loop-lag buckets, read every ``LAG_EVERY_S``."""
+    reports Unix times); ``lag``: the transceiver's histograms (``_lag_reader``), read every ``LAG_EVERY_S``."""
 
-    def __init__(self, pids: dict[str, int], lag: Callable[[], dict[float, float]] | None = None) -> None:
+    def __init__(self, pids: dict[str, int],
+                 lag: Callable[[], dict[str, dict[float, float]]] | None = None) -> None:
         self.pids, self.lag = pids, lag
         self.samples: list[tuple[float, dict[str, int | None]]] = []
         self.cpus: list[tuple[float, sessions.CpuTimes]] = []
-        self.lags: list[tuple[float, dict[float, float]]] = []
+        self.lags: list[tuple[float, dict[str, dict[float, float]]]] = []
 
     def sample(self) -> None:
         self.samples.append((time.time(), {k: process_cpu_ticks(pid) for k, pid in self.pids.items()}))
@@ -90,10 +93,11 @@ class _Sampler:
             with contextlib.suppress(OSError, ValueError):   # a scrape that failed: the next one counts
                 self.lags.append((time.time(), self.lag()))
 
-    def lag_ms_p99(self, start: float, end: float) -> float | None:
-        """The loop lag's 99th percentile over [start, end], as the upper bound of its bucket (ms);
-        None without two scrapes in the window or any lag sample between them."""
-        inside = [b for t, b in self.lags if start <= t <= end]
+    def lag_ms_p99(self, start: float, end: float, histogram: str = "lag") -> float | None:
+        """A histogram's 99th percentile over [start, end] (``lag``: the loop's lateness; ``in_to_out``: live
+        audio's time in the transceiver), as the upper bound of its bucket (ms); None without two scrapes
+        in the window or any sample between them."""
+        inside = [b[histogram] for t, b in self.lags if start <= t <= end]
         if len(inside) < 2:
             return None
         return lag_p99_ms(inside[0], inside[-1])
@@ -119,15 +123,16 @@ class _Sampler:
 LAG_EVERY_S = 2.0           # s between /metrics scrapes: a scrape reads every session's stats (aiortc
                             # getStats), CPU of the transceiver's that the step would count as the calls'
 LAG_METRIC = "splitrelay_transceiver_event_loop_lag_seconds_bucket"
+IN_TO_OUT_METRIC = "splitrelay_transceiver_media_in_to_out_seconds_bucket"
 
 
-def lag_buckets(metrics_text: str, by: str | None = None) -> dict:
-    """The loop-lag histogram's cumulative bucket counts (upper bound in s -> count) from a /metrics page;
-    with ``by`` (a label, e.g. a supervisor's ``worker``), one such dict per value of that label."""
+def lag_buckets(metrics_text: str, by: str | None = None, metric: str = LAG_METRIC) -> dict:
+    """A histogram's cumulative bucket counts (upper bound in s -> count) from a /metrics page, the loop
+    lag's by default; with ``by`` (a label, e.g. a supervisor's ``worker``), one such dict per value of it."""
     out: dict = {}
     for line in metrics_text.splitlines():
-        if line.startswith(LAG_METRIC + "{"):
-            labels = line[len(LAG_METRIC) + 1:line.rindex("}")]
+        if line.startswith(metric + "{"):
+            labels = line[len(metric) + 1:line.rindex("}")]
             le = float(labels.split('le="', 1)[1].split('"', 1)[0])
             into = out.setdefault(labels.split(f'{by}="', 1)[1].split('"', 1)[0], {}) if by else out
             into[le] = into.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -176,9 +181,10 @@ def _cpu(slices: list[tuple[float, float]], calls: int) -> dict[str, float | Non
             "slices": len(slices)}
 
 
-def _lag_reader(lab: Lab, t: Any, log: Path) -> Callable[[], dict[float, float]]:  # noqa: ANN401 - a lab Transceiver
-    """A function that scrapes the bench's transceiver's loop-lag buckets (its admin listener is on
-    loopback in its namespace, at the address its ready line gives)."""
+def _lag_reader(lab: Lab, t: Any, log: Path) -> Callable[[], dict[str, dict[float, float]]]:  # noqa: ANN401
+    """A function that scrapes the bench's transceiver's loop-lag and in-to-out buckets, ``{"lag": ...,
+    "in_to_out": ...}`` (its admin listener is on loopback in its namespace, at the address its ready line
+    gives): one scrape for both, as a scrape costs the transceiver every session's stats."""
     import urllib.request
 
     from splitrelay import tokens
@@ -191,16 +197,17 @@ def _lag_reader(lab: Lab, t: Any, log: Path) -> Callable[[], dict[float, float]]
     token = tokens.load_key(lab.secret_file("admin.token")).decode()
     request = urllib.request.Request(found.group(2) + "/metrics", headers={"Authorization": f"Bearer {token}"})
 
-    def scrape() -> dict[float, float]:
+    def scrape() -> dict[str, dict[float, float]]:
         with urllib.request.urlopen(request, timeout=2) as resp:  # noqa: S310 - the lab's own URL
-            return lag_buckets(resp.read().decode())
+            text = resp.read().decode()
+        return {"lag": lag_buckets(text), "in_to_out": lag_buckets(text, metric=IN_TO_OUT_METRIC)}
 
     return lambda: in_netns(t.netns, scrape)
 
 
 def _run_client(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: str,
                 transceiver_pid: int, client_cpus: set[int] | None,
-                lag: Callable[[], dict[float, float]] | None = None,
+                lag: Callable[[], dict[str, dict[float, float]]] | None = None,
                 spread: float = 0.0) -> tuple[dict[str, Any], _Sampler, int]:
     _, cycle, share = PROFILES[profile]
     argv = load_client.load_argv(frames, url, n, duration, cycle, share, spread)
@@ -228,7 +235,7 @@ def _run_client(lab: Lab, frames: Path, url: str, n: int, duration: float, profi
 
 def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: str, transceiver_pid: int,
           cpu: int | None, client_cpus: set[int] | None,
-          lag: Callable[[], dict[float, float]] | None = None, spread: float = 0.0) -> dict[str, Any]:
+          lag: Callable[[], dict[str, dict[float, float]]] | None = None, spread: float = 0.0) -> dict[str, Any]:
     drops = sessions.rcvbuf_errors(lab.transceivers[0].netns)
     report, sampler, _ = _run_client(lab, frames, url, n, duration, profile, transceiver_pid, client_cpus, lag,
                                      spread)
@@ -261,6 +268,7 @@ def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: st
         "window_s": round(end - start, 2),
         "transceiver_cpu": trx,
         "transceiver_loop_lag_ms_p99": sampler.lag_ms_p99(start, end),
+        "transceiver_in_to_out_ms_p99": sampler.lag_ms_p99(start, end, "in_to_out"),
         "transceiver_core_busy_pct": core,
         "other_work_on_transceiver_core_pct": (round(core - trx["pct"], 1)
                                                if core is not None and trx["pct"] is not None else None),

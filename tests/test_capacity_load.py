@@ -62,6 +62,7 @@ def test_echo_calls_report_their_round_trip_loss_and_both_cpus(load_lab):
     assert_cpu_measured(first["transceiver_cpu"])
     assert_cpu_measured(first["client_cpu"])
     assert 0 < first["transceiver_loop_lag_ms_p99"] <= 1000     # scraped from its /metrics over the window
+    assert 0 < first["transceiver_in_to_out_ms_p99"] <= 1000    # the echo's frames through the transceiver
     assert result["limited_by"] in (None, "client", "transceiver", "contended")
     assert result["lower_bound"] == (result["limited_by"] != "transceiver")
     assert "## 7. Calls per transceiver core" in "\n".join(capacity_load.markdown({"profiles": {"echo": result}}))

@@ -32,6 +32,7 @@ import fractions
 import time
 from array import array
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from aioice.ice import Connection
@@ -137,9 +138,17 @@ class StageTimes:
 
     def __init__(self, keep: int = 500) -> None:  # 10 s of frames: ~100 KB a session for all stages
         self.samples: dict[str, deque[float]] = {stage: deque(maxlen=keep) for stage in STAGES}
+        self._observers: dict[str, Callable[[float], None]] = {}
+
+    def watch(self, stage: str, observe: Callable[[float], None]) -> None:
+        """Also hand every sample of ``stage`` (seconds) to ``observe`` (a Prometheus histogram's)."""
+        self._observers[stage] = observe
 
     def add(self, stage: str, seconds: float) -> None:
         self.samples[stage].append(seconds * 1000.0)
+        observe = self._observers.get(stage)
+        if observe is not None:
+            observe(seconds)
 
     def summary(self) -> dict[str, dict[str, float]]:
         out = {}

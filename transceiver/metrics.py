@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summ
 SETUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # a frame is 20 ms: a loop late by more than that delays every call's audio by a frame or more
 LOOP_LAG_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+IN_TO_OUT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 
 
 class TransceiverMetrics:
@@ -80,6 +81,10 @@ class TransceiverMetrics:
         self.loop_lag = Histogram("splitrelay_transceiver_event_loop_lag_seconds",
                                   "How late the event loop ran a timer that was due (every call waits as long)",
                                   buckets=LOOP_LAG_BUCKETS, registry=r)
+        self.media_in_to_out = Histogram(
+            "splitrelay_transceiver_media_in_to_out_seconds",
+            "Live audio sent back (an echo, a forward), per frame: its packet at the mux to its packet leaving, "
+            "the transceiver's share of the caller's round trip", buckets=IN_TO_OUT_BUCKETS, registry=r)
         self.gc_pause = Histogram("splitrelay_transceiver_gc_pause_seconds",
                                   "Garbage collections by generation: how long each held the event loop",
                                   ["generation"], buckets=LOOP_LAG_BUCKETS, registry=r)

@@ -243,6 +243,7 @@ class Transceiver:
             registered.append(session.ufrag)
 
         session = Session.for_offer(pooled or self._new_ufrag(), self.make_handler, offer_at, self._ended)
+        session.stages.watch("in_to_out", self.metrics.media_in_to_out.observe)
         try:
             answer = await session.answer(sdp, self.mux, self.candidates_for(facts),
                                           register if self.registrars and not pooled else None,
