@@ -46,6 +46,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from splitrelay.bench import sessions
 from splitrelay.bench.capacity import CAPACITY_BACKEND_ID, _fit, _free_backend_id
 from splitrelay.bench.sessions import CLK_TCK, SessionBenchError, _quantile
@@ -130,12 +132,12 @@ def lag_buckets(metrics_text: str, by: str | None = None, metric: str = LAG_METR
     """A histogram's cumulative bucket counts (upper bound in s -> count) from a /metrics page, the loop
     lag's by default; with ``by`` (a label, e.g. a supervisor's ``worker``), one such dict per value of it."""
     out: dict = {}
-    for line in metrics_text.splitlines():
-        if line.startswith(metric + "{"):
-            labels = line[len(metric) + 1:line.rindex("}")]
-            le = float(labels.split('le="', 1)[1].split('"', 1)[0])
-            into = out.setdefault(labels.split(f'{by}="', 1)[1].split('"', 1)[0], {}) if by else out
-            into[le] = into.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == metric:
+                le = float(sample.labels["le"])
+                into = out.setdefault(sample.labels[by], {}) if by else out
+                into[le] = into.get(le, 0.0) + sample.value
     return out
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from splitrelay.bench.soak_plan import SoakPlan
 
 DROP_GAP_MS = 1000            # an echo silent this long is a dropped call
@@ -98,11 +100,8 @@ UNFREED_METRIC = "splitrelay_transceiver_sessions_unfreed"
 
 def gauge_by_worker(metrics_text: str, name: str) -> dict[str, float]:
     """A gauge's value per worker from the supervisor's merged /metrics page."""
-    out = {}
-    for line in metrics_text.splitlines():
-        if line.startswith(name + "{") and 'worker="' in line:
-            out[line.split('worker="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
-    return out
+    return {sample.labels["worker"]: sample.value for family in text_string_to_metric_families(metrics_text)
+            for sample in family.samples if sample.name == name and "worker" in sample.labels}
 
 
 def unfreed_max(samples: list[dict]) -> dict[str, float]:
