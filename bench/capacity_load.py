@@ -79,7 +79,8 @@ METHOD = __doc__.split("\n\n", 1)[1].strip()
 
 class _Sampler:
     """CPU ticks of some processes and every CPU's busy time, sampled on the wall clock (the client
-    reports Unix times); ``lag``: the transceiver's histograms (``_lag_reader``), read every ``LAG_EVERY_S``."""
+    reports Unix times); ``lag``: the transceiver's histograms (``_histogram_reader``), read every
+    ``LAG_EVERY_S``."""
 
     def __init__(self, pids: dict[str, int],
                  lag: Callable[[], dict[str, dict[float, float]]] | None = None) -> None:
@@ -95,7 +96,7 @@ class _Sampler:
             with contextlib.suppress(OSError, ValueError):   # a scrape that failed: the next one counts
                 self.lags.append((time.time(), self.lag()))
 
-    def lag_ms_p99(self, start: float, end: float, histogram: str = "lag") -> float | None:
+    def p99_ms(self, start: float, end: float, histogram: str) -> float | None:
         """A histogram's 99th percentile over [start, end] (``lag``: the loop's lateness; ``in_to_out``: live
         audio's time in the transceiver), as the upper bound of its bucket (ms); None without two scrapes
         in the window or any sample between them."""
@@ -183,7 +184,7 @@ def _cpu(slices: list[tuple[float, float]], calls: int) -> dict[str, float | Non
             "slices": len(slices)}
 
 
-def _lag_reader(lab: Lab, t: Any, log: Path) -> Callable[[], dict[str, dict[float, float]]]:  # noqa: ANN401
+def _histogram_reader(lab: Lab, t: Any, log: Path) -> Callable[[], dict[str, dict[float, float]]]:  # noqa: ANN401
     """A function that scrapes the bench's transceiver's loop-lag and in-to-out buckets, ``{"lag": ...,
     "in_to_out": ...}`` (its admin listener is on loopback in its namespace, at the address its ready line
     gives): one scrape for both, as a scrape costs the transceiver every session's stats."""
@@ -269,8 +270,8 @@ def _step(lab: Lab, frames: Path, url: str, n: int, duration: float, profile: st
         "transceiver_udp_rcvbuf_drops": drops,
         "window_s": round(end - start, 2),
         "transceiver_cpu": trx,
-        "transceiver_loop_lag_ms_p99": sampler.lag_ms_p99(start, end),
-        "transceiver_in_to_out_ms_p99": sampler.lag_ms_p99(start, end, "in_to_out"),
+        "transceiver_loop_lag_ms_p99": sampler.p99_ms(start, end, "lag"),
+        "transceiver_in_to_out_ms_p99": sampler.p99_ms(start, end, "in_to_out"),
         "transceiver_core_busy_pct": core,
         "other_work_on_transceiver_core_pct": (round(core - trx["pct"], 1)
                                                if core is not None and trx["pct"] is not None else None),
@@ -365,7 +366,7 @@ def measure_profile(lab_name: str, profile: str, steps: list[int], duration: flo
                                                LOAD_WHIP_PORT, relay=True, cpu=cpu, handler=handler,
                                                extra=("--offer-rate", "0"))
         url = sessions.whip_url(t.signal_ip4, LOAD_WHIP_PORT)
-        lag = _lag_reader(lab, t, log)
+        lag = _histogram_reader(lab, t, log)
         try:
             for n in steps:
                 say(f"capacity {profile}: {n} calls for {duration:g} s")
