@@ -7,27 +7,39 @@ the middle one's collections.  Measured in a worker under churn (4-minute soak, 
 sessions, and up to 164 dead ones waiting; RSS grew about 0.3 MiB for each, and glibc kept the high-water
 mark, so the hour soak's workers grew 22-27 % over 12 minutes before going flat.
 
-So each ended session asks for one full collection, ``COLLECT_AFTER`` later (its closing tasks have let
-go of it by then), and the ends of that window share it.  ``freeze()`` moves what exists once a process is up
-(modules, classes, the service) out of every later collection, so a full one walks the calls' objects
-only.  ``SPLITRELAY_GC=interpreter`` leaves collection to the interpreter (to compare).
+So each ended session is let go of ``COLLECT_AFTER`` later (its closing tasks have let go of it by then),
+and the ends of that window share the work.  A full collection walks every live call's objects too: it held
+the loop 11-19 ms with 48 echo calls up (2026-12-08), and every call's audio waits as long.  So the
+collector first breaks each ended session's cycles (``Session.release`` with ``break_cycles``: 1-2 ms for
+one session, whatever else is up) and reference counting frees it; a full collection runs only for a
+session that is still held after that.  ``freeze()`` moves what exists once a process is up (modules,
+classes, the service) out of every later collection, so a full one walks the calls' objects only.
+``SPLITRELAY_GC=collect`` makes every pass a full collection, as before releases; ``interpreter`` leaves
+collection to the interpreter (both to compare).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import os
+import time
+import types
 import weakref
+from collections.abc import Callable
 
 from splitrelay.errors import SplitrelayError
 
 GC_ENV = "SPLITRELAY_GC"
-GC_MODES = ("sessions", "interpreter")
+GC_MODES = ("sessions", "collect", "interpreter")   # collect: a full collection per pass, no release (as before)
 # after its end a session is still held for 3.7-5.6 s (4 loopback calls, a collection every 0.25 s): by
 # something of aiortc's that a loop callback keeps, which the collector cannot see
 COLLECT_AFTER = 6.0
 COLLECT_MAX = 60.0
+# sessions released per loop step: 0.4-0.5 ms each (2 of them in 1.0 ms with 48 echo calls up, 48 in one
+# step 18.5 ms, 2026-12-08), so a mass hang-up holds the loop ~4 ms at a time, not once for all of them
+RELEASE_BATCH = 8
 
 
 class GcModeError(SplitrelayError):
@@ -35,7 +47,7 @@ class GcModeError(SplitrelayError):
 
 
 def gc_mode() -> str:
-    """The mode $SPLITRELAY_GC asks for: ``sessions`` (default) or ``interpreter``."""
+    """The mode $SPLITRELAY_GC asks for: ``sessions`` (default), ``collect`` or ``interpreter``."""
     mode = os.environ.get(GC_ENV, "").strip() or GC_MODES[0]
     if mode not in GC_MODES:
         raise GcModeError(f"{GC_ENV}={mode!r}: choose from {', '.join(GC_MODES)}")
@@ -46,21 +58,68 @@ def freeze() -> int:
     """Collect what is garbage now, then leave every object left out of later collections; returns how
     many were frozen.  For a process that serves calls and nothing else (``transceiver serve``), once it is
     up: a test process freezing its own objects would keep any cycle they later form."""
-    if gc_mode() != "sessions":
+    if gc_mode() == "interpreter":
         return 0
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
 
 
-class SessionCollector:
-    """A full collection ``after`` seconds after a session ends, shared by the ends in between, and again,
-    backing off to ``COLLECT_MAX``, while an ended session is still held."""
+_CONTAINERS = (dict, list, tuple, set, frozenset, collections.deque)
 
-    def __init__(self, after: float = COLLECT_AFTER) -> None:
+
+def break_cycles(root: object, owned: tuple[type, ...]) -> int:
+    """Empty the attributes of ``root`` and of every instance of ``owned`` reachable from it; how many.
+
+    The walk enters only instances of ``owned``, containers, bound methods (their object) and closures (their
+    cells): never a module, a class, a coroutine or any other object, so what a session shares with others
+    (the service, the mux, the handler's models) is not reached, let alone emptied.  ``owned`` must be types
+    whose instances one session makes for itself alone; a second instance of ``root``'s own type (another
+    session's peer connection in a shared container) is not entered either."""
+    seen, found, todo = {id(root)}, [root], [root]
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, types.MethodType):
+            children = [obj.__self__]
+        elif isinstance(obj, types.FunctionType):
+            children = [cell.cell_contents for cell in obj.__closure__ or () if _filled(cell)]
+        else:
+            children = gc.get_referents(obj)
+        for child in children:
+            if id(child) in seen:
+                continue
+            if isinstance(child, owned) and not isinstance(child, type) and type(child) is not type(root):
+                found.append(child)
+            elif not isinstance(child, (*_CONTAINERS, types.MethodType, types.FunctionType)):
+                continue
+            seen.add(id(child))
+            todo.append(child)
+    for obj in found:
+        if hasattr(obj, "__dict__"):
+            obj.__dict__.clear()
+    return len(found)
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+class SessionCollector:
+    """``after`` seconds after a session ends, shared by the ends in between: each ended session's
+    ``release()``, then a full collection if one is still held, and again, backing off to ``COLLECT_MAX``,
+    while one is."""
+
+    def __init__(self, after: float = COLLECT_AFTER, observe: Callable[[float], None] | None = None) -> None:
         self.after = after
-        self.enabled = gc_mode() == "sessions"
-        self.collections = 0
+        self.enabled = gc_mode() != "interpreter"
+        self.release = gc_mode() == "sessions"   # else each pass is a full collection (``collect``)
+        self.collections = 0     # full collections: for sessions still held after their release
+        self.released = 0        # ended sessions whose cycles were broken (``release()``)
+        self.observe = observe   # seconds each pass held the loop (releases and any collection)
         self.all_freed = asyncio.Event()  # set by a collection that leaves no ended session unfreed
         # id -> a weak reference whose callback drops the entry: dict.pop is one step under the GIL, and a
         # session may be freed on any thread (the voice agent's threads collect too)
@@ -88,13 +147,33 @@ class SessionCollector:
 
     def _collect(self) -> None:
         self._handle = None
-        self.collections += 1
-        gc.collect()
+        started = time.perf_counter()
+        released = 0
+        for ref in list(self._held.values()):
+            if released == RELEASE_BATCH or not self.release:
+                break
+            session = ref()
+            if session is not None and hasattr(session, "release") and session.release():
+                released += 1
+            del session  # the last reference: a released session is freed here
+        self.released += released
+        if released == RELEASE_BATCH:   # maybe more: the next step, after the packets waiting now
+            self._observe(started)
+            self._handle = asyncio.get_running_loop().call_later(0, self._collect)
+            return
+        if self._held:
+            self.collections += 1
+            gc.collect()
+        self._observe(started)
         if self._held:
             self._delay = min(self._delay * 2, COLLECT_MAX)
             self._schedule()
         else:
             self.all_freed.set()
+
+    def _observe(self, started: float) -> None:
+        if self.observe is not None:
+            self.observe(time.perf_counter() - started)
 
     def stop(self) -> None:
         if self._handle is not None:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summ
 SETUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # a frame is 20 ms: a loop late by more than that delays every call's audio by a frame or more
 LOOP_LAG_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+RELEASE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
 IN_TO_OUT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -88,6 +89,10 @@ class TransceiverMetrics:
         self.gc_pause = Histogram("splitrelay_transceiver_gc_pause_seconds",
                                   "Garbage collections by generation: how long each held the event loop",
                                   ["generation"], buckets=LOOP_LAG_BUCKETS, registry=r)
+        self.session_release = Histogram(
+            "splitrelay_transceiver_session_release_seconds",
+            "Ended sessions let go of (garbage.py): how long each pass held the event loop (their release, and "
+            "a full collection if one was still held)", buckets=RELEASE_BUCKETS, registry=r)
         self.sessions_unfreed = Gauge("splitrelay_transceiver_sessions_unfreed",
                                       "Ended sessions whose objects are still in memory (garbage.py)", registry=r)
         self.ice_restart = Histogram("splitrelay_transceiver_ice_restart_seconds",

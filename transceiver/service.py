@@ -125,6 +125,7 @@ class Transceiver:
         self.whip_port, self.admin_port = None, None   # int once serving
         self.metrics = TransceiverMetrics()
         self.metrics.sessions_unfreed.set_function(lambda: self.collector.unfreed)
+        self.collector.observe = self.metrics.session_release.observe
         self._unwatch: Callable[[], None] = lambda: None   # the loop's and the collector's watch (metrics)
         self._exported: dict[str, dict[str, float]] = {}  # per session: what metrics already counted
         self._answering = 0  # offers between admission and their answer: pending too

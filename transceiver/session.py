@@ -20,17 +20,20 @@ from typing import Any
 
 from aioice import Candidate
 from aioice.ice import CandidatePair
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import (RTCConfiguration, RTCDataChannel, RTCDtlsTransport, RTCIceTransport, RTCPeerConnection,
+                    RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver, RTCSctpTransport, RTCSessionDescription)
 from aiortc.mediastreams import MediaStreamTrack
 
 from splitrelay.transceiver.audio import OutboundAudio, RtpArrivals, StageTimes, VoiceReceiver
 from splitrelay.transceiver.dtls_fingerprint import sha256_only
 from splitrelay.transceiver.dtls_role import DEFAULT_ROLE, PASSIVE, answer_passive, dtls_transports
+from splitrelay.transceiver.garbage import break_cycles
 from splitrelay.transceiver.handlers import SAMPLE_RATE, Handler, PcmFrame
 from splitrelay.transceiver.history import StateChange, StateHistory
 from splitrelay.transceiver.ice import new_password, restart_ice, session_ice
 from splitrelay.transceiver import limits
 from splitrelay.transceiver.ice_connection import MuxedConnection
+from splitrelay.transceiver.rtp_in import DirectRtp
 from splitrelay.transceiver.mux import UdpMux
 from splitrelay.transceiver.whip import OfferRejected
 from splitrelay.wire.sdpfrag import IceFragment, SdpFragError
@@ -105,6 +108,7 @@ class Session:
     _channel: Any = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _closed: bool = False
+    _released: bool = False
 
     # -- SessionIO for the handler ----------------------------------------------------
 
@@ -336,6 +340,24 @@ class Session:
             frame = await voice.recv()
             self.frames_in += 1
             await self._guard(self.handler.on_audio(frame))
+
+    # what one session makes for itself alone (garbage.break_cycles empties them at its release)
+    OWNED = (RTCPeerConnection, RTCRtpTransceiver, RTCRtpSender, RTCRtpReceiver, RTCDtlsTransport, RTCIceTransport,
+             RTCSctpTransport, RTCDataChannel, MuxedConnection, DirectRtp)
+
+    def release(self) -> bool:
+        """Break the cycles an ended session is made of (its peer connection, its transports and their
+        callbacks, its handler), so that reference counting frees it and no full collection, which walks
+        every live call, is needed (garbage.py).  Only for a closed session whose closing tasks are done:
+        it leaves nothing usable.  True the first time."""
+        if not self._closed or self._released:
+            return False
+        self._released = True
+        break_cycles(self.pc, self.OWNED)
+        self.handler = self.voice = self._channel = self.on_end = None
+        self.ice_connections.clear()
+        self._tasks.clear()
+        return True
 
     async def close(self, reason: str = DELETED) -> None:
         """End the call: stop the handler, close the peer connection (which frees its mux routes)."""
