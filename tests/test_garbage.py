@@ -46,8 +46,29 @@ async def call_and_hang_up(service, http: aiohttp.ClientSession) -> weakref.ref:
     return ref
 
 
-async def test_an_ended_call_s_session_is_freed_by_its_release_without_a_full_collection(transceiver):
+def releasing(transceiver, monkeypatch) -> SessionCollector:
+    """The service's collector in ``release`` mode (opt-in), its passes timed into its metrics."""
+    monkeypatch.setenv(GC_ENV, "release")
+    transceiver.collector = SessionCollector(observe=transceiver.metrics.session_release.observe)
+    return transceiver.collector
+
+
+async def test_an_ended_call_s_session_is_freed_by_the_collections_its_end_asks_for(transceiver):
     collector = transceiver.collector
+    with no_automatic_collection():
+        async with aiohttp.ClientSession() as http:
+            ref = await call_and_hang_up(transceiver, http)
+            assert ref() is not None, "a session ends as a cycle: only a collection frees it"
+            assert collector.unfreed == 1
+            await until(collector.all_freed, "the collections the end asked for", 45)
+            assert ref() is None and collector.unfreed == 0
+            assert 1 <= collector.collections <= 3 and collector.released == 0   # 6 s, then 12 and 24 s later
+            metrics = (await (await http.get(f"{transceiver.admin_url}/metrics")).text()).splitlines()
+            assert "splitrelay_transceiver_sessions_unfreed 0.0" in metrics
+
+
+async def test_released_an_ended_call_s_session_is_freed_without_a_full_collection(transceiver, monkeypatch):
+    collector = releasing(transceiver, monkeypatch)
     with no_automatic_collection():
         async with aiohttp.ClientSession() as http:
             ref = await call_and_hang_up(transceiver, http)
@@ -61,8 +82,8 @@ async def test_an_ended_call_s_session_is_freed_by_its_release_without_a_full_co
             assert "splitrelay_transceiver_session_release_seconds_count 1.0" in metrics
 
 
-async def test_the_ends_of_one_window_share_one_pass(transceiver):
-    collector = transceiver.collector
+async def test_released_the_ends_of_one_window_share_one_pass(transceiver, monkeypatch):
+    collector = releasing(transceiver, monkeypatch)
     with no_automatic_collection():
         async with aiohttp.ClientSession() as http:
             refs = [await call_and_hang_up(transceiver, http) for _ in range(3)]
@@ -71,13 +92,13 @@ async def test_the_ends_of_one_window_share_one_pass(transceiver):
             assert collector.released == 3 and collector.collections == 0
 
 
-async def test_a_release_leaves_the_live_calls_beside_it_working_and_raises_nothing(transceiver):
+async def test_a_release_leaves_the_live_calls_beside_it_working_and_raises_nothing(transceiver, monkeypatch):
     # the release empties objects: one of another call's, or one a callback still used, would show here
     loop = asyncio.get_running_loop()
     errors: list[dict] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _, context: errors.append(context))
-    collector = transceiver.collector
+    collector = releasing(transceiver, monkeypatch)
     live = Caller(transceiver.whip_url, 500.0)
     try:
         with no_automatic_collection():
@@ -97,16 +118,6 @@ async def test_a_release_leaves_the_live_calls_beside_it_working_and_raises_noth
     finally:
         loop.set_exception_handler(previous)
     assert errors == []
-
-
-async def test_in_collect_mode_an_ended_session_is_freed_by_a_full_collection_as_before(transceiver, monkeypatch):
-    monkeypatch.setenv(GC_ENV, "collect")
-    transceiver.collector = collector = SessionCollector()
-    with no_automatic_collection():
-        async with aiohttp.ClientSession() as http:
-            ref = await call_and_hang_up(transceiver, http)
-            await until(collector.all_freed, "the collection its end asked for", 45)
-    assert ref() is None and collector.released == 0 and 1 <= collector.collections <= 3
 
 
 class Shared:
@@ -213,7 +224,8 @@ class Releasable(Cycle):
         return True
 
 
-async def test_a_mass_hang_up_is_released_a_batch_per_loop_step_and_needs_no_collection():
+async def test_a_mass_hang_up_is_released_a_batch_per_loop_step_and_needs_no_collection(monkeypatch):
+    monkeypatch.setenv(GC_ENV, "release")
     collector = SessionCollector(after=30.0)
     with no_automatic_collection():
         for _ in range(2 * RELEASE_BATCH + 3):
@@ -231,10 +243,10 @@ def test_a_collection_mode_that_does_not_exist_is_refused_in_one_line(monkeypatc
     monkeypatch.setenv(GC_ENV, "never")
     with pytest.raises(GcModeError) as exc:
         SessionCollector()
-    assert str(exc.value) == "SPLITRELAY_GC='never': choose from sessions, collect, interpreter"
+    assert str(exc.value) == "SPLITRELAY_GC='never': choose from sessions, release, interpreter"
 
 
-@pytest.mark.parametrize(("mode", "frozen"), [("sessions", True), ("collect", True), ("interpreter", False)])
+@pytest.mark.parametrize(("mode", "frozen"), [("sessions", True), ("release", True), ("interpreter", False)])
 def test_a_serving_process_freezes_what_it_is_once_up_unless_told_not_to(mode, frozen):
     # in a process of its own: freezing this test process would keep its objects out of every collection
     code = "from splitrelay.transceiver import garbage; import gc; print(garbage.freeze(), gc.get_freeze_count())"

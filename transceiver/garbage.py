@@ -7,15 +7,17 @@ the middle one's collections.  Measured in a worker under churn (4-minute soak, 
 sessions, and up to 164 dead ones waiting; RSS grew about 0.3 MiB for each, and glibc kept the high-water
 mark, so the hour soak's workers grew 22-27 % over 12 minutes before going flat.
 
-So each ended session is let go of ``COLLECT_AFTER`` later (its closing tasks have let go of it by then),
-and the ends of that window share the work.  A full collection walks every live call's objects too: it held
-the loop 11-19 ms with 48 echo calls up (2026-12-08), and every call's audio waits as long.  So the
-collector first breaks each ended session's cycles (``Session.release`` with ``break_cycles``: 1-2 ms for
-one session, whatever else is up) and reference counting frees it; a full collection runs only for a
-session that is still held after that.  ``freeze()`` moves what exists once a process is up (modules,
-classes, the service) out of every later collection, so a full one walks the calls' objects only.
-``SPLITRELAY_GC=collect`` makes every pass a full collection, as before releases; ``interpreter`` leaves
-collection to the interpreter (both to compare).
+So each ended session asks for one full collection ``COLLECT_AFTER`` later (its closing tasks have let
+go of it by then), and the ends of that window share it.  That collection walks every live call's objects
+too: it held the loop 11-19 ms with 48 echo calls up (2026-12-08), and every call's audio waited as long.
+``SPLITRELAY_GC=release`` (opt-in) first breaks each ended session's cycles (``Session.release`` with
+``break_cycles``: ~1 ms a pass, whatever else is up) and lets reference counting free it, collecting only
+for a session still held.  It is not the default: in a 30-minute soak (2026-12-08) the workers' RSS rose
+to 139 MiB, 18 % over the 5th minute's, against 116 flat with a collection per pass.  The release frees
+the session, but not the other cyclic garbage of the process that each full collection also took.
+``freeze()`` moves what exists once a process is up (modules, classes, the service) out of every later
+collection, so a full one walks the calls' objects only.  ``interpreter`` leaves collection to the
+interpreter (to compare).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import Callable
 from splitrelay.errors import SplitrelayError
 
 GC_ENV = "SPLITRELAY_GC"
-GC_MODES = ("sessions", "collect", "interpreter")   # collect: a full collection per pass, no release (as before)
+GC_MODES = ("sessions", "release", "interpreter")   # release: break cycles first (opt-in, see above)
 # after its end a session is still held for 3.7-5.6 s (4 loopback calls, a collection every 0.25 s): by
 # something of aiortc's that a loop callback keeps, which the collector cannot see
 COLLECT_AFTER = 6.0
@@ -47,7 +49,7 @@ class GcModeError(SplitrelayError):
 
 
 def gc_mode() -> str:
-    """The mode $SPLITRELAY_GC asks for: ``sessions`` (default), ``collect`` or ``interpreter``."""
+    """The mode $SPLITRELAY_GC asks for: ``sessions`` (default), ``release`` or ``interpreter``."""
     mode = os.environ.get(GC_ENV, "").strip() or GC_MODES[0]
     if mode not in GC_MODES:
         raise GcModeError(f"{GC_ENV}={mode!r}: choose from {', '.join(GC_MODES)}")
@@ -116,7 +118,7 @@ class SessionCollector:
     def __init__(self, after: float = COLLECT_AFTER, observe: Callable[[float], None] | None = None) -> None:
         self.after = after
         self.enabled = gc_mode() != "interpreter"
-        self.release = gc_mode() == "sessions"   # else each pass is a full collection (``collect``)
+        self.release = gc_mode() == "release"   # else each pass is a full collection
         self.collections = 0     # full collections: for sessions still held after their release
         self.released = 0        # ended sessions whose cycles were broken (``release()``)
         self.observe = observe   # seconds each pass held the loop (releases and any collection)
