@@ -111,9 +111,9 @@ def _filled(cell: types.CellType) -> bool:
 
 
 class SessionCollector:
-    """``after`` seconds after a session ends, shared by the ends in between: each ended session's
-    ``release()``, then a full collection if one is still held, and again, backing off to ``COLLECT_MAX``,
-    while one is."""
+    """``after`` seconds after a session ends, shared by the ends in between: a full collection (``release``
+    mode: each ended session's ``release()`` first, and a collection only if one is still held), and again,
+    backing off to ``COLLECT_MAX``, while one is."""
 
     def __init__(self, after: float = COLLECT_AFTER, observe: Callable[[float], None] | None = None) -> None:
         self.after = after
@@ -151,8 +151,8 @@ class SessionCollector:
         self._handle = None
         started = time.perf_counter()
         released = 0
-        for ref in list(self._held.values()):
-            if released == RELEASE_BATCH or not self.release:
+        for ref in list(self._held.values()) if self.release else ():
+            if released == RELEASE_BATCH:
                 break
             session = ref()
             if session is not None and hasattr(session, "release") and session.release():
